@@ -1,0 +1,43 @@
+"""Typed surface of the compiled loader extension (checked by mypy in `make lint`)."""
+
+from typing import Any
+
+class CancelToken:
+    def __init__(self) -> None: ...
+    def cancel(self) -> None: ...
+    @property
+    def cancelled(self) -> bool: ...
+
+def set_error_types(checksum_error: type[BaseException], cancelled_error: type[BaseException]) -> None: ...
+def crc32c(data: Any, crc: int = 0) -> int: ...
+def crc32c_ptr(ptr: int, nbytes: int, crc: int = 0) -> int: ...
+def crc32c_hardware() -> bool: ...
+def cuda_available() -> bool: ...
+def cuda_compiled() -> bool: ...
+def read_to_host(
+    path: str,
+    file_offset: int,
+    dst: int,
+    length: int,
+    chunk_bytes: int,
+    threads: int,
+    direct: bool = True,
+    block_bytes: int = 0,
+    block_crcs: list[int] = ...,
+    cancel: CancelToken | None = None,
+) -> dict[str, Any]: ...
+def read_to_device(
+    path: str,
+    file_offset: int,
+    device: int,
+    dptr: int,
+    length: int,
+    chunk_bytes: int,
+    threads: int,
+    direct: bool = True,
+    pinned_bytes: int = 268435456,
+    streams: int = 4,
+    block_bytes: int = 0,
+    block_crcs: list[int] = ...,
+    cancel: CancelToken | None = None,
+) -> dict[str, Any]: ...

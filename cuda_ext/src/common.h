@@ -1,0 +1,109 @@
+// Shared declarations of the sllm-knative loader extension.
+// The extension deals only in raw pointers, byte counts and file paths: it never
+// includes or links PyTorch, so it survives torch upgrades (see docs/format.md).
+#pragma once
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace sllm {
+
+constexpr uint64_t kDirectAlign = 4096;
+
+// A load can be cancelled from another thread; readers poll it between chunks.
+struct CancelToken {
+  std::atomic<bool> cancelled{false};
+  void cancel() { cancelled.store(true); }
+  bool is_cancelled() const { return cancelled.load(); }
+};
+
+// An I/O failure: the Python layer turns it into OSError(errno, message, path).
+struct IoError : std::runtime_error {
+  int err;
+  std::string path;
+  uint64_t offset;
+  IoError(int e, const std::string& msg, std::string p, uint64_t off)
+      : std::runtime_error(msg), err(e), path(std::move(p)), offset(off) {}
+};
+
+// A block whose crc32c differs from the index: the Python layer raises ChecksumError.
+struct ChecksumMismatch : std::runtime_error {
+  std::string path;
+  uint64_t block;
+  uint64_t offset;
+  uint32_t expected, actual;
+  ChecksumMismatch(std::string p, uint64_t b, uint64_t off, uint32_t e, uint32_t a)
+      : std::runtime_error("checksum mismatch"), path(std::move(p)), block(b), offset(off), expected(e), actual(a) {}
+};
+
+struct Cancelled : std::runtime_error {
+  Cancelled() : std::runtime_error("load cancelled") {}
+};
+
+struct ReadOptions {
+  uint64_t chunk_bytes = 16ull << 20;  // one pread
+  int threads = 8;                     // concurrent preads in flight
+  bool direct = true;                  // try O_DIRECT, fall back to buffered
+  // Verification: crc32c of every block_bytes-sized block of the range. Empty = no check.
+  uint64_t block_bytes = 0;
+  std::vector<uint32_t> block_crcs;
+};
+
+struct ReadStats {
+  uint64_t bytes = 0;
+  double seconds = 0;
+  bool direct = false;
+  int threads = 0;
+  uint64_t chunk_bytes = 0;
+};
+
+uint32_t crc32c(uint32_t crc, const void* data, size_t n);
+bool crc32c_hardware();
+
+// A file opened for the reader: O_DIRECT when the file system allows it.
+struct OpenFile {
+  int fd = -1;
+  bool direct = false;
+  uint64_t size = 0;
+  std::string path;
+  OpenFile(const std::string& p, bool want_direct);
+  ~OpenFile();
+  OpenFile(const OpenFile&) = delete;
+  OpenFile& operator=(const OpenFile&) = delete;
+  // Read exactly n bytes at off into dst (dst aligned to 4096 when direct). Short reads at
+  // end of file raise IoError(ENODATA). Unaligned tails are read through a bounce buffer.
+  void read_exact(void* dst, uint64_t off, uint64_t n) const;
+};
+
+// Work distribution shared by the host and device readers: the range [0, length) is cut
+// into units (a checksum block when verifying, else a chunk); threads claim units in order.
+struct UnitPlan {
+  uint64_t length;
+  uint64_t unit;
+  uint64_t count() const { return unit == 0 ? 0 : (length + unit - 1) / unit; }
+  uint64_t start(uint64_t i) const { return i * unit; }
+  uint64_t size(uint64_t i) const {
+    uint64_t s = start(i);
+    return (s + unit <= length) ? unit : length - s;
+  }
+};
+UnitPlan plan_units(uint64_t length, const ReadOptions& o);
+
+// Runs fn(thread_index) on n threads and rethrows the first exception after all joined.
+void run_threads(int n, const std::function<void(int)>& fn, std::atomic<bool>& failed);
+
+ReadStats read_to_host(const std::string& path, uint64_t file_offset, void* dst, uint64_t length,
+                       const ReadOptions& o, CancelToken* cancel);
+
+#ifdef SLLM_WITH_CUDA
+int cuda_device_count();
+ReadStats read_to_device(const std::string& path, uint64_t file_offset, int device, void* dptr,
+                         uint64_t length, const ReadOptions& o, uint64_t pinned_bytes, int streams,
+                         CancelToken* cancel);
+#endif
+
+}  // namespace sllm

@@ -1,0 +1,155 @@
+// Python binding of the loader extension: a handful of functions over raw pointers.
+// The GIL is released for every read; C++ errors become Python exceptions here, in one place.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cerrno>
+
+#include "common.h"
+
+namespace py = pybind11;
+using namespace sllm;
+
+namespace {
+
+// sllm_knative's ChecksumError and LoadCancelled, injected by set_error_types. Held as
+// owned raw references on purpose: they must outlive interpreter shutdown order.
+PyObject* g_checksum_error = nullptr;
+PyObject* g_cancelled_error = nullptr;
+
+py::object or_builtin(PyObject* cls, const char* name) {
+  return cls ? py::reinterpret_borrow<py::object>(cls) : py::module_::import("builtins").attr(name);
+}
+
+py::dict to_dict(const ReadStats& s) {
+  py::dict d;
+  d["bytes"] = s.bytes;
+  d["seconds"] = s.seconds;
+  d["direct"] = s.direct;
+  d["threads"] = s.threads;
+  d["chunk_bytes"] = s.chunk_bytes;
+  return d;
+}
+
+ReadOptions options(uint64_t chunk_bytes, int threads, bool direct, uint64_t block_bytes,
+                    std::vector<uint32_t> crcs) {
+  ReadOptions o;
+  o.chunk_bytes = chunk_bytes;
+  o.threads = threads;
+  o.direct = direct;
+  o.block_bytes = block_bytes;
+  o.block_crcs = std::move(crcs);
+  if (!o.block_crcs.empty() && (block_bytes == 0 || block_bytes % chunk_bytes != 0))
+    throw std::invalid_argument("block_bytes must be a positive multiple of chunk_bytes when verifying");
+  return o;
+}
+
+template <class F>
+py::dict guarded(F&& f) {
+  ReadStats s;
+  {
+    py::gil_scoped_release nogil;
+    s = f();
+  }
+  return to_dict(s);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sllm-knative loader extension: chunked multi-threaded direct reads into host or device memory";
+
+  py::class_<CancelToken>(m, "CancelToken")
+      .def(py::init<>())
+      .def("cancel", &CancelToken::cancel, "Ask every read using this token to stop at its next chunk.")
+      .def_property_readonly("cancelled", &CancelToken::is_cancelled);
+
+  m.def(
+      "set_error_types",
+      [](py::object checksum_error, py::object cancelled_error) {
+        g_checksum_error = checksum_error.inc_ref().ptr();
+        g_cancelled_error = cancelled_error.inc_ref().ptr();
+      },
+      "Install the Python exception classes raised for checksum mismatches and cancellations.");
+
+  m.def(
+      "crc32c", [](py::buffer b, uint32_t crc) {
+        py::buffer_info info = b.request();
+        uint64_t n = static_cast<uint64_t>(info.size) * static_cast<uint64_t>(info.itemsize);
+        py::gil_scoped_release nogil;
+        return crc32c(crc, info.ptr, n);
+      },
+      py::arg("data"), py::arg("crc") = 0, "crc32c of a buffer, continuing from crc.");
+
+  m.def(
+      "crc32c_ptr", [](uint64_t ptr, uint64_t n, uint32_t crc) {
+        py::gil_scoped_release nogil;
+        return crc32c(crc, reinterpret_cast<const void*>(ptr), n);
+      },
+      py::arg("ptr"), py::arg("nbytes"), py::arg("crc") = 0, "crc32c of host memory at ptr.");
+
+  m.def("crc32c_hardware", &crc32c_hardware);
+
+  m.def(
+      "read_to_host",
+      [](const std::string& path, uint64_t file_offset, uint64_t dst, uint64_t length, uint64_t chunk_bytes,
+         int threads, bool direct, uint64_t block_bytes, std::vector<uint32_t> crcs, CancelToken* cancel) {
+        ReadOptions o = options(chunk_bytes, threads, direct, block_bytes, std::move(crcs));
+        return guarded([&] { return read_to_host(path, file_offset, reinterpret_cast<void*>(dst), length, o, cancel); });
+      },
+      py::arg("path"), py::arg("file_offset"), py::arg("dst"), py::arg("length"), py::arg("chunk_bytes"),
+      py::arg("threads"), py::arg("direct") = true, py::arg("block_bytes") = 0,
+      py::arg("block_crcs") = std::vector<uint32_t>{}, py::arg("cancel") = nullptr,
+      "Read [file_offset, file_offset+length) of path into host memory at dst (4096-aligned for direct I/O).");
+
+  m.def("cuda_available", [] {
+#ifdef SLLM_WITH_CUDA
+    return cuda_device_count() > 0;
+#else
+    return false;
+#endif
+  });
+  m.def("cuda_compiled", [] {
+#ifdef SLLM_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+
+#ifdef SLLM_WITH_CUDA
+  m.def(
+      "read_to_device",
+      [](const std::string& path, uint64_t file_offset, int device, uint64_t dptr, uint64_t length,
+         uint64_t chunk_bytes, int threads, bool direct, uint64_t pinned_bytes, int streams, uint64_t block_bytes,
+         std::vector<uint32_t> crcs, CancelToken* cancel) {
+        ReadOptions o = options(chunk_bytes, threads, direct, block_bytes, std::move(crcs));
+        return guarded([&] {
+          return read_to_device(path, file_offset, device, reinterpret_cast<void*>(dptr), length, o, pinned_bytes,
+                                streams, cancel);
+        });
+      },
+      py::arg("path"), py::arg("file_offset"), py::arg("device"), py::arg("dptr"), py::arg("length"),
+      py::arg("chunk_bytes"), py::arg("threads"), py::arg("direct") = true, py::arg("pinned_bytes") = 256ull << 20,
+      py::arg("streams") = 4, py::arg("block_bytes") = 0, py::arg("block_crcs") = std::vector<uint32_t>{},
+      py::arg("cancel") = nullptr,
+      "Read a file range into device memory at dptr through a bounded ring of pinned buffers.");
+#endif
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const IoError& e) {
+      py::object err = py::module_::import("builtins").attr("OSError")(e.err, e.what(), e.path);
+      err.attr("offset") = e.offset;
+      PyErr_SetObject(PyExc_OSError, err.ptr());
+    } catch (const ChecksumMismatch& e) {
+      py::object cls = or_builtin(g_checksum_error, "ValueError");
+      py::object err = cls(e.path, e.block, e.offset, e.expected, e.actual);
+      PyErr_SetObject(cls.ptr(), err.ptr());
+    } catch (const Cancelled& e) {
+      py::object cls = or_builtin(g_cancelled_error, "RuntimeError");
+      PyErr_SetObject(cls.ptr(), cls(e.what()).ptr());
+    }
+  });
+}

@@ -1,0 +1,1 @@
+"""sllm_knative."""

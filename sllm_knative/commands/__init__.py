@@ -1,0 +1,1 @@
+"""Subcommands of the sllm-knative CLI, one module each (see sllm_knative/cli.py)."""
