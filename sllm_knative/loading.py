@@ -1,0 +1,295 @@
+"""Loading a checkpoint (docs/format.md) into host or device memory.
+
+One allocation per partition on the target device; every tensor is a view at its offset in
+that allocation, tied tensors are views of one storage. The bytes are read by the compiled
+extension (`cuda_ext._C`): many threads, large chunks, O_DIRECT into 4096-aligned host
+memory, or through a bounded ring of pinned buffers into device memory. On the CPU a
+partition that already lives in memory (tmpfs: the DRAM tier) is mapped, not copied.
+
+    load_state_dict(path, device)  -> {name: tensor}
+    load_model(path, device)       -> transformers model (meta-built, weights assigned)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import mmap
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cuda_ext import _C
+from sllm_knative import format as fmt
+from sllm_knative.log import get_logger
+
+if TYPE_CHECKING:
+    import torch
+
+_log = get_logger("sllm_knative.loading")
+
+
+class LoadCancelled(RuntimeError):
+    """A load stopped because its CancelToken was cancelled."""
+
+
+_C.set_error_types(fmt.ChecksumError, LoadCancelled)
+CancelToken = _C.CancelToken
+
+_TMPFS_MAGIC = {0x01021994, 0x858458F6}  # tmpfs, ramfs
+_MADV_POPULATE_READ = 22
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    """Knobs of a load. Defaults measured by bench/loading.py on the reference machine."""
+
+    chunk_bytes: int = 16 << 20
+    threads: int = 8
+    direct: bool = True
+    # None: verify checksums when reading from disk, not when mapping the DRAM tier (the
+    # loader sidecar verified those bytes when it filled the tier).
+    verify: bool | None = None
+    # True: map partitions that live on tmpfs instead of copying them (CPU only).
+    map_memory_files: bool = True
+    pinned_bytes: int = 256 << 20
+    streams: int = 4
+
+    def __post_init__(self) -> None:
+        if self.chunk_bytes <= 0 or self.chunk_bytes % fmt.PAGE:
+            raise ValueError(f"chunk_bytes = {self.chunk_bytes}, must be a positive multiple of {fmt.PAGE}")
+        if self.threads < 1:
+            raise ValueError(f"threads = {self.threads}, must be at least 1")
+        if self.streams < 1:
+            raise ValueError(f"streams = {self.streams}, must be at least 1")
+
+
+@dataclasses.dataclass
+class PartitionLoad:
+    file: str
+    bytes: int
+    seconds: float
+    method: str  # "direct", "buffered", "mmap", "device"
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    state_dict: dict[str, torch.Tensor]
+    partitions: list[PartitionLoad]
+    seconds: float
+    # The one allocation (or mapping) per partition that the tensors view.
+    buffers: list[Any]
+
+    @property
+    def bytes(self) -> int:
+        return sum(p.bytes for p in self.partitions)
+
+
+def is_memory_fs(path: str | os.PathLike[str]) -> bool:
+    """True if path lives on tmpfs/ramfs (already in memory: map it, do not read it)."""
+    buf = (ctypes.c_long * 32)()
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.statfs(os.fsencode(str(path)), buf) != 0:
+        return False
+    return (buf[0] & 0xFFFFFFFF) in _TMPFS_MAGIC
+
+
+def aligned_empty(nbytes: int, alignment: int = fmt.PAGE) -> torch.Tensor:
+    """An uninitialised uint8 host tensor whose data pointer is `alignment`-aligned."""
+    import torch
+
+    raw = torch.empty(nbytes + alignment, dtype=torch.uint8)
+    pad = (-raw.data_ptr()) % alignment
+    return raw[pad: pad + nbytes]
+
+
+def _device(device: Any) -> torch.device:
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not _C.cuda_compiled():
+            raise RuntimeError("cuda_ext was built without CUDA (nvcc was not found at install time)")
+        if not _C.cuda_available():
+            raise RuntimeError("no CUDA device is available to the loader extension")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r}: only 'cpu' and 'cuda[:N]' are supported")
+    return dev
+
+
+def _read_partition(path: Path, part: fmt.Partition, dev: torch.device, opts: LoadOptions,
+                    cancel: Any) -> tuple[Any, torch.Tensor, PartitionLoad]:
+    import torch
+
+    t0 = time.perf_counter()
+    on_memory_fs = is_memory_fs(path)
+    verify = (not on_memory_fs) if opts.verify is None else opts.verify
+    crcs = list(part.checksums) if verify else []
+    block = part.block_size if verify else 0
+    chunk = min(opts.chunk_bytes, part.block_size) if verify else opts.chunk_bytes
+    if verify and part.block_size % chunk:
+        chunk = fmt.PAGE  # block sizes are multiples of 4096 (validated)
+    if dev.type == "cpu" and on_memory_fs and opts.map_memory_files and not verify:
+        keep, buf = _map(path, part.size)
+        method = "mmap"
+    elif dev.type == "cpu":
+        buf = aligned_empty(part.size)
+        keep = buf
+        stats = _C.read_to_host(str(path), 0, buf.data_ptr(), part.size, chunk, opts.threads, opts.direct,
+                                block, crcs, cancel)
+        method = "direct" if stats["direct"] else "buffered"
+        if not stats["direct"]:
+            _log.debug("O_DIRECT refused, read buffered", file=str(path))
+    else:
+        buf = torch.empty(part.size, dtype=torch.uint8, device=dev)
+        keep = buf
+        _C.read_to_device(str(path), 0, dev.index, buf.data_ptr(), part.size, chunk, opts.threads, opts.direct,
+                          opts.pinned_bytes, opts.streams, block, crcs, cancel)
+        method = "device"
+    return keep, buf, PartitionLoad(part.file, part.size, time.perf_counter() - t0, method)
+
+
+def _map(path: Path, size: int) -> tuple[mmap.mmap, torch.Tensor]:
+    """Map a memory-resident partition copy-on-write and pre-fault its page tables."""
+    import torch
+
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    with contextlib.suppress(OSError):  # kernels before 5.14: pages fault in lazily instead
+        mm.madvise(_MADV_POPULATE_READ)
+    return mm, torch.frombuffer(mm, dtype=torch.uint8)
+
+
+def _views(index: fmt.Index, buffers: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    import torch
+
+    storages: dict[int, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for t in index.tensors:
+        dtype = getattr(torch, t.dtype)
+        key = t.storage
+        base = storages.get(key)
+        if base is None or base.dtype != dtype:
+            s = index.storages[key]
+            base = buffers[s.partition][s.offset: s.offset + s.nbytes].view(dtype)
+            storages.setdefault(key, base)
+        out[t.name] = base.as_strided(t.shape, t.stride, base.storage_offset() + t.storage_offset)
+    return out
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: Any = "cpu", *, options: LoadOptions | None = None,
+                    cancel: Any = None) -> LoadedCheckpoint:
+    """Load every partition of a checkpoint onto device; tensors are views of one buffer per partition."""
+    opts = options or LoadOptions()
+    root = Path(path)
+    index = fmt.read_index(root)
+    dev = _device(device)
+    t0 = time.perf_counter()
+    keep, buffers, parts = [], [], []
+    for part in index.partitions:
+        k, buf, stat = _read_partition(root / part.file, part, dev, opts, cancel)
+        keep.append(k)
+        buffers.append(buf)
+        parts.append(stat)
+    sd = _views(index, buffers)
+    seconds = time.perf_counter() - t0
+    _log.debug("checkpoint loaded", path=str(root), device=str(dev), bytes=index.total_bytes,
+               seconds=round(seconds, 4), methods=",".join(p.method for p in parts))
+    return LoadedCheckpoint(sd, parts, seconds, keep)
+
+
+def load_state_dict(path: str | os.PathLike[str], device: Any = "cpu", *, options: LoadOptions | None = None,
+                    cancel: Any = None) -> dict[str, torch.Tensor]:
+    """{name: tensor} of a checkpoint, bit-identical to the converted source."""
+    return load_checkpoint(path, device, options=options, cancel=cancel).state_dict
+
+
+def verify_file(path: str, partition: fmt.Partition, *, threads: int = 4) -> None:
+    """Check every block's crc32c of a partition file, reading a few blocks at a time."""
+    window = max(1, threads) * partition.block_size
+    size = os.stat(path).st_size
+    if size != partition.size:
+        raise fmt.PartitionSizeMismatch(path, f"is {size} bytes, the index records {partition.size}")
+    buf = aligned_empty(min(window, max(partition.size, fmt.PAGE)))
+    per_window = window // partition.block_size
+    for first in range(0, len(partition.checksums), per_window):
+        off = first * partition.block_size
+        length = min(window, partition.size - off)
+        crcs = list(partition.checksums[first: first + per_window])
+        try:
+            _C.read_to_host(path, off, buf.data_ptr(), length, partition.block_size, threads, True,
+                            partition.block_size, crcs, None)
+        except fmt.ChecksumError as exc:
+            raise fmt.ChecksumError(path, exc.block + first, exc.offset, exc.expected, exc.actual) from None
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules with parameters on the meta device and buffers (rotary tables) for real.
+
+    Parameters are created, moved to meta at registration, and their random init then runs on
+    meta (free). Patches nn.Module.register_parameter for the duration: not thread-safe.
+    """
+    import torch
+
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: Any) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            p = module._parameters[name]
+            assert p is not None
+            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def load_model(path: str | os.PathLike[str], device: Any = "cpu", *, options: LoadOptions | None = None,
+               cancel: Any = None) -> Any:
+    """A transformers causal LM whose weights are the checkpoint's tensors, never copied again.
+
+    `path` is a converted checkpoint directory, or a plain Hugging Face directory (then
+    loaded with from_pretrained, for standalone use).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    root = Path(path)
+    if not fmt.is_checkpoint(root):
+        if not (root / "config.json").is_file():
+            raise FileNotFoundError(2, "neither a sllm-knative checkpoint nor a Hugging Face model directory",
+                                    str(root))
+        model = AutoModelForCausalLM.from_pretrained(str(root))
+        return model.to(torch.device(device)).eval()
+    loaded = load_checkpoint(root, device, options=options, cancel=cancel)
+    config = AutoConfig.from_pretrained(str(root))
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = model.load_state_dict(loaded.state_dict, strict=False, assign=True)
+    if unexpected:
+        _log.debug("checkpoint tensors not used by the model", path=str(root), names=",".join(unexpected[:8]))
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if still_meta:
+        raise fmt.FormatError(str(root), f"checkpoint lacks {len(still_meta)} model parameters, e.g. "
+                                         f"{', '.join(still_meta[:3])} (missing: {', '.join(missing[:3])})")
+    model.to(loaded.state_dict[next(iter(loaded.state_dict))].device)  # buffers only: params are there
+    if (root / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(root))
+    model.eval()
+    model._sllm_buffers = loaded.buffers  # keep the mappings alive as long as the model
+    return model
