@@ -357,7 +357,7 @@ def _parse_storages(items: list[Any], partitions: tuple[Partition, ...], alignme
             by_part.setdefault(s.partition, []).append((s.offset, s.offset + s.nbytes, i))
     for spans in by_part.values():
         spans.sort()
-        for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+        for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:], strict=False):
             if start_b < end_a:
                 raise OverlappingStorages(f"storages[{b}]", f"overlaps storages[{a}] (shared data must be one storage)")
     return tuple(out)
@@ -384,6 +384,8 @@ def _parse_tensors(items: list[Any], storages: tuple[Storage, ...]) -> tuple[Ten
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise BadField(f"{where}.dtype", f"unknown dtype {_short(dtype)}")
         shape = _dims(d["shape"], f"{where}.shape")
+        if math.prod(shape) > MAX_BYTES:
+            raise BadField(f"{where}.shape", f"element count of {list(shape)} overflows")
         stride = _dims(d["stride"], f"{where}.stride")
         if len(stride) != len(shape):
             raise BadField(f"{where}.stride", f"has {len(stride)} entries for {len(shape)} dimensions")
@@ -413,10 +415,7 @@ def _dims(v: Any, where: str) -> tuple[int, ...]:
     items = _list(v, where)
     if len(items) > MAX_DIMS:
         raise BadField(where, f"has {len(items)} dimensions, at most {MAX_DIMS}")
-    dims = tuple(_int(x, f"{where}[{j}]", 0, MAX_BYTES) for j, x in enumerate(items))
-    if math.prod(max(d, 1) for d in dims) > MAX_BYTES:
-        raise BadField(where, "product overflows")
-    return dims
+    return tuple(_int(x, f"{where}[{j}]", 0, MAX_BYTES) for j, x in enumerate(items))
 
 
 # -- files -------------------------------------------------------------------------------------

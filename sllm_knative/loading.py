@@ -191,8 +191,8 @@ def load_checkpoint(path: str | os.PathLike[str], device: Any = "cpu", *, option
     """Load every partition of a checkpoint onto device; tensors are views of one buffer per partition."""
     opts = options or LoadOptions()
     root = Path(path)
-    index = fmt.read_index(root)
     dev = _device(device)
+    index = fmt.read_index(root)
     t0 = time.perf_counter()
     keep, buffers, parts = [], [], []
     for part in index.partitions:

@@ -1,0 +1,83 @@
+"""The index parser fuzzed: any bytes either parse into a consistent Index or raise FormatError."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sllm_knative import format as fmt
+from tests.checkpoint.conftest import valid_index_doc
+
+EXAMPLES = 10_000
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(1 << 70), max_value=1 << 70)
+    | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=8,
+)
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, (*prefix, i))
+
+
+ALL_PATHS = [p for p in _paths(valid_index_doc()) if p]
+
+
+@st.composite
+def mutated_docs(draw) -> bytes:
+    doc = valid_index_doc()
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(ALL_PATHS))
+        node = doc
+        try:
+            for k in path[:-1]:
+                node = node[k]
+            if draw(st.booleans()) and isinstance(node, dict):
+                node.pop(path[-1], None)
+            else:
+                node[path[-1]] = draw(json_values)
+        except (KeyError, IndexError, TypeError):
+            continue
+    raw = json.dumps(doc).encode()
+    mode = draw(st.sampled_from(["json", "truncate", "flip"]))
+    if mode == "truncate":
+        raw = raw[: draw(st.integers(0, len(raw)))]
+    elif mode == "flip":
+        i = draw(st.integers(0, len(raw) - 1))
+        raw = raw[:i] + bytes([raw[i] ^ draw(st.integers(1, 255))]) + raw[i + 1:]
+    return raw
+
+
+def _check(raw: bytes) -> None:
+    try:
+        idx = fmt.parse_index(raw)
+    except fmt.FormatError:
+        return
+    # Whatever parses must satisfy the invariants the loader relies on.
+    for s in idx.storages:
+        assert s.offset % idx.alignment == 0
+        assert s.offset + s.nbytes <= idx.partitions[s.partition].size
+    for t in idx.tensors:
+        assert t.extent_bytes() <= idx.storages[t.storage].nbytes
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(mutated_docs())
+def test_mutated_indexes_never_crash(raw: bytes) -> None:
+    _check(raw)
+
+
+@settings(max_examples=2_000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(st.binary(max_size=512))
+def test_random_bytes_never_crash(raw: bytes) -> None:
+    _check(raw)

@@ -1,0 +1,251 @@
+"""Loading: errors with file/offset/errno, checksums, tmpfs, concurrency, cancellation, models."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from cuda_ext import _C
+from sllm_knative import format as fmt
+from sllm_knative.loading import (
+    CancelToken,
+    LoadCancelled,
+    LoadOptions,
+    aligned_empty,
+    is_memory_fs,
+    load_checkpoint,
+    load_model,
+    load_state_dict,
+)
+
+
+@pytest.fixture()
+def ckpt_copy(tiny_ckpt: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_ckpt, tmp_path / "ckpt"))
+
+
+@pytest.fixture()
+def shm_dir():
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm on this machine")
+    d = Path(os.environ.get("SLLM_TEST_SHM", "/dev/shm")) / f"sllm-test-{os.getpid()}-{threading.get_ident()}"
+    d.mkdir(parents=True)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_crc32c_matches_reference_vectors() -> None:
+    assert _C.crc32c(b"123456789") == 0xE3069283
+    assert _C.crc32c(b"") == 0
+    assert _C.crc32c(b"6789", _C.crc32c(b"12345")) == 0xE3069283  # incremental
+    data = os.urandom(100_003)
+    buf = aligned_empty(len(data))
+    buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    assert _C.crc32c_ptr(buf.data_ptr(), len(data)) == _C.crc32c(data)
+
+
+def test_direct_read_keeps_unaligned_tail(tmp_path: Path) -> None:
+    """A direct-I/O read whose length is not a multiple of 4096 must not lose the tail."""
+    data = os.urandom(3 * 4096 + 123)
+    p = tmp_path / "f"
+    p.write_bytes(data)
+    buf = aligned_empty(len(data))
+    stats = _C.read_to_host(str(p), 0, buf.data_ptr(), len(data), 4096, 3, True)
+    assert bytes(buf.numpy()) == data
+    assert stats["bytes"] == len(data)
+
+
+def test_checkpoint_loads_with_direct_io_and_identical_logits(tiny_src: Path, tiny_ckpt: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    loaded = load_checkpoint(tiny_ckpt)
+    assert loaded.partitions[0].method in ("direct", "buffered")
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_src)).eval()
+    model = load_model(tiny_ckpt)
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    # Every parameter is a view into the one partition allocation.
+    lo = loaded.buffers[0].data_ptr()
+    state = load_checkpoint(tiny_ckpt)
+    base = state.buffers[0].data_ptr()
+    for t in state.state_dict.values():
+        assert base <= t.data_ptr() < base + state.partitions[0].bytes
+    assert lo != base  # two loads, two allocations
+
+
+def test_tied_model_weights_share_one_storage(tmp_path: Path) -> None:
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    from sllm_knative.convert import convert
+    from sllm_knative.models import TINY, build_model
+
+    src = build_model(tmp_path / "src", dataclasses.replace(TINY, tie_word_embeddings=True), weights="bin")
+    dst = convert(src, tmp_path / "dst")
+    model = load_model(dst)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    ref = AutoModelForCausalLM.from_pretrained(str(src)).eval()
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_plain_hf_directory_loads_through_from_pretrained(tiny_src: Path) -> None:
+    model = load_model(tiny_src)
+    assert not model.training
+
+
+def test_truncated_partition_is_reported(ckpt_copy: Path) -> None:
+    part = ckpt_copy / "partition-0.bin"
+    size = part.stat().st_size
+    os.truncate(part, size - 4096)
+    with pytest.raises(fmt.PartitionSizeMismatch, match="truncated"):
+        load_state_dict(ckpt_copy)
+    # The extension itself refuses to read past the end and names file, offset and errno.
+    buf = aligned_empty(size)
+    with pytest.raises(OSError) as info:
+        _C.read_to_host(str(part), 0, buf.data_ptr(), size, 1 << 20, 2, True)
+    assert info.value.errno == errno.ENODATA
+    assert info.value.filename == str(part)
+    assert "truncated" in str(info.value)
+
+
+def test_flipped_byte_fails_checksum(ckpt_copy: Path) -> None:
+    part = ckpt_copy / "partition-0.bin"
+    idx = fmt.read_index(ckpt_copy)
+    offset = idx.storages[-1].offset + 5
+    with open(part, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x40]))
+    with pytest.raises(fmt.ChecksumError) as info:
+        load_state_dict(ckpt_copy)
+    assert info.value.block == offset // idx.partitions[0].block_size
+    assert str(part) in str(info.value)
+    with pytest.raises(fmt.ChecksumError):
+        fmt.verify_partition(part, idx.partitions[0])
+    # Verification can be switched off explicitly (the bytes then load as they are).
+    load_state_dict(ckpt_copy, options=LoadOptions(verify=False))
+
+
+def test_missing_files_are_reported(ckpt_copy: Path, tmp_path: Path) -> None:
+    (ckpt_copy / "partition-0.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="partition 0 missing"):
+        load_state_dict(ckpt_copy)
+    with pytest.raises(FileNotFoundError, match="not a sllm-knative checkpoint"):
+        load_state_dict(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="neither"):
+        load_model(tmp_path)
+
+
+def test_tmpfs_partition_is_mapped_or_read_buffered(tiny_ckpt: Path, shm_dir: Path) -> None:
+    dram = Path(shutil.copytree(tiny_ckpt, shm_dir / "ckpt"))
+    assert is_memory_fs(dram) and not is_memory_fs(tiny_ckpt)
+    ref = load_state_dict(tiny_ckpt)
+    mapped = load_checkpoint(dram)
+    assert mapped.partitions[0].method == "mmap"
+    # Verified reads go through the reader (tmpfs accepts O_DIRECT since Linux 6.6).
+    verified = load_checkpoint(dram, options=LoadOptions(verify=True))
+    assert verified.partitions[0].method in ("direct", "buffered")
+    for k, v in ref.items():
+        assert torch.equal(mapped.state_dict[k], v) and torch.equal(verified.state_dict[k], v)
+    # Mapped tensors are copy-on-write: writing one does not change the DRAM-tier file.
+    name = next(iter(mapped.state_dict))
+    mapped.state_dict[name].zero_()
+    assert torch.equal(load_state_dict(dram)[name], ref[name])
+
+
+@pytest.fixture()
+def no_direct_fs(tmp_path: Path):
+    """A ramfs mount: a file system that refuses O_DIRECT (needs root to mount)."""
+    import subprocess
+
+    mnt = tmp_path / "ramfs"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "ramfs", "none", str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a ramfs here (not root?): the O_DIRECT fallback is not exercised")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_direct_io_refused_falls_back_to_buffered(tiny_ckpt: Path, no_direct_fs: Path) -> None:
+    ckpt = Path(shutil.copytree(tiny_ckpt, no_direct_fs / "ckpt"))
+    with pytest.raises(OSError):
+        os.close(os.open(ckpt / "partition-0.bin", os.O_RDONLY | os.O_DIRECT))
+    loaded = load_checkpoint(ckpt, options=LoadOptions(verify=True))
+    assert loaded.partitions[0].method == "buffered"
+    ref = load_state_dict(tiny_ckpt)
+    assert all(torch.equal(loaded.state_dict[k], v) for k, v in ref.items())
+
+
+def test_two_loads_at_once(tiny_ckpt: Path) -> None:
+    ref = load_state_dict(tiny_ckpt)
+    results: list[dict] = [{}, {}, {}, {}]
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = load_state_dict(tiny_ckpt, options=LoadOptions(threads=3, chunk_bytes=4096))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for r in results:
+        assert all(torch.equal(r[k], v) for k, v in ref.items())
+
+
+def test_cancel_stops_a_load(tmp_path: Path) -> None:
+    p = tmp_path / "big"
+    with open(p, "wb") as f:
+        f.truncate(256 << 20)
+    token = CancelToken()
+    token.cancel()
+    buf = aligned_empty(256 << 20)
+    with pytest.raises(LoadCancelled):
+        _C.read_to_host(str(p), 0, buf.data_ptr(), 256 << 20, 1 << 20, 2, True, 0, [], token)
+    # Cancelled from another thread while reading.
+    token2 = CancelToken()
+    timer = threading.Timer(0.01, token2.cancel)
+    timer.start()
+    with pytest.raises(LoadCancelled):
+        for _ in range(200):
+            _C.read_to_host(str(p), 0, buf.data_ptr(), 256 << 20, 1 << 16, 1, False, 0, [], token2)
+    timer.join()
+
+
+def test_bad_options_are_rejected() -> None:
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        LoadOptions(chunk_bytes=1000)
+    with pytest.raises(ValueError, match="threads"):
+        LoadOptions(threads=0)
+    with pytest.raises(ValueError, match="only 'cpu' and 'cuda"):
+        load_state_dict("/nonexistent", device="mps")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _C.cuda_available(), reason="no CUDA device visible to the loader extension")
+def test_cuda_load_matches_cpu(tiny_ckpt: Path) -> None:
+    ref = load_state_dict(tiny_ckpt)
+    opts = LoadOptions(chunk_bytes=64 << 10, threads=4, pinned_bytes=256 << 10, streams=3)
+    on_gpu = load_checkpoint(tiny_ckpt, "cuda", options=opts)
+    assert on_gpu.partitions[0].method == "device"
+    for k, v in ref.items():
+        assert torch.equal(on_gpu.state_dict[k].cpu(), v), k
+    model = load_model(tiny_ckpt, "cuda")
+    ids = torch.tensor([[1, 2, 3]], device="cuda")
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
