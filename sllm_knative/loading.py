@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from cuda_ext import _C
 from sllm_knative import format as fmt
 from sllm_knative.log import get_logger
+from sllm_knative.pagecache import resident_fraction
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +43,7 @@ CancelToken = _C.CancelToken
 
 _TMPFS_MAGIC = {0x01021994, 0x858458F6}  # tmpfs, ramfs
 _MADV_POPULATE_READ = 22
+_HUGE_PAGE = 2 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +52,9 @@ class LoadOptions:
 
     chunk_bytes: int = 16 << 20
     threads: int = 8
-    direct: bool = True
+    # None: O_DIRECT unless most of the file is already in the page cache (then buffered
+    # reads copy from the cache instead of going to the disk again).
+    direct: bool | None = None
     # None: verify checksums when reading from disk, not when mapping the DRAM tier (the
     # loader sidecar verified those bytes when it filled the tier).
     verify: bool | None = None
@@ -99,9 +103,19 @@ def is_memory_fs(path: str | os.PathLike[str]) -> bool:
 
 
 def aligned_empty(nbytes: int, alignment: int = fmt.PAGE) -> torch.Tensor:
-    """An uninitialised uint8 host tensor whose data pointer is `alignment`-aligned."""
+    """An uninitialised uint8 host tensor whose data pointer is `alignment`-aligned.
+
+    Large buffers are anonymous mappings advised to use transparent huge pages: the first
+    touch of fresh memory (the kernel zeroing it) is a large part of a cold load's CPU time,
+    and 2 MiB pages cut the number of faults by 512.
+    """
     import torch
 
+    if nbytes >= _HUGE_PAGE and alignment <= mmap.PAGESIZE:
+        mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        with contextlib.suppress(OSError, AttributeError):
+            mm.madvise(mmap.MADV_HUGEPAGE)
+        return torch.frombuffer(mm, dtype=torch.uint8)  # the tensor keeps the mapping alive
     raw = torch.empty(nbytes + alignment, dtype=torch.uint8)
     pad = (-raw.data_ptr()) % alignment
     return raw[pad: pad + nbytes]
@@ -135,21 +149,22 @@ def _read_partition(path: Path, part: fmt.Partition, dev: torch.device, opts: Lo
     chunk = min(opts.chunk_bytes, part.block_size) if verify else opts.chunk_bytes
     if verify and part.block_size % chunk:
         chunk = fmt.PAGE  # block sizes are multiples of 4096 (validated)
+    direct = opts.direct if opts.direct is not None else resident_fraction(path) < 0.5
     if dev.type == "cpu" and on_memory_fs and opts.map_memory_files and not verify:
         keep, buf = _map(path, part.size)
         method = "mmap"
     elif dev.type == "cpu":
         buf = aligned_empty(part.size)
         keep = buf
-        stats = _C.read_to_host(str(path), 0, buf.data_ptr(), part.size, chunk, opts.threads, opts.direct,
+        stats = _C.read_to_host(str(path), 0, buf.data_ptr(), part.size, chunk, opts.threads, direct,
                                 block, crcs, cancel)
         method = "direct" if stats["direct"] else "buffered"
-        if not stats["direct"]:
-            _log.debug("O_DIRECT refused, read buffered", file=str(path))
+        if direct and not stats["direct"]:
+            _log.debug("O_DIRECT refused by the file system, read buffered", file=str(path))
     else:
         buf = torch.empty(part.size, dtype=torch.uint8, device=dev)
         keep = buf
-        _C.read_to_device(str(path), 0, dev.index, buf.data_ptr(), part.size, chunk, opts.threads, opts.direct,
+        _C.read_to_device(str(path), 0, dev.index, buf.data_ptr(), part.size, chunk, opts.threads, direct,
                           opts.pinned_bytes, opts.streams, block, crcs, cancel)
         method = "device"
     return keep, buf, PartitionLoad(part.file, part.size, time.perf_counter() - t0, method)

@@ -40,6 +40,24 @@ def shm_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
+def _crc32c_reference(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    return crc ^ 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 3 * 8192 - 1, 3 * 8192, 3 * 8192 + 1, 6 * 8192 + 13, 70_001])
+def test_crc32c_all_paths_match_bitwise_reference(n: int) -> None:
+    """Covers the 3-stream combine (>= 24 KiB), the 8-byte loop and the byte tail."""
+    data = os.urandom(n)
+    assert _C.crc32c(data) == _crc32c_reference(data)
+    cut = n // 3
+    assert _C.crc32c(data[cut:], _C.crc32c(data[:cut])) == _crc32c_reference(data)
+
+
 def test_crc32c_matches_reference_vectors() -> None:
     assert _C.crc32c(b"123456789") == 0xE3069283
     assert _C.crc32c(b"") == 0
@@ -181,7 +199,7 @@ def test_direct_io_refused_falls_back_to_buffered(tiny_ckpt: Path, no_direct_fs:
     ckpt = Path(shutil.copytree(tiny_ckpt, no_direct_fs / "ckpt"))
     with pytest.raises(OSError):
         os.close(os.open(ckpt / "partition-0.bin", os.O_RDONLY | os.O_DIRECT))
-    loaded = load_checkpoint(ckpt, options=LoadOptions(verify=True))
+    loaded = load_checkpoint(ckpt, options=LoadOptions(verify=True, direct=True))
     assert loaded.partitions[0].method == "buffered"
     ref = load_state_dict(tiny_ckpt)
     assert all(torch.equal(loaded.state_dict[k], v) for k, v in ref.items())

@@ -1,0 +1,354 @@
+"""Checkpoint loading: sllm_knative side by side with the other loaders, cold, warm and DRAM.
+
+    .venv/bin/python -m bench.loading --model-gb 2.5 --out DIR
+
+writes DIR/loading.json and DIR/loading.png. Every loader reads the same tensors (a
+Llama-like random model of about --model-gb), prepared before timing. "Loaded" means every
+byte is in the target memory: every loader's result has one byte per page read back
+(lazy loaders fault their pages in; for eager ones it is a cheap pass). Cold runs evict
+the files first and check with mincore that nothing is resident. The disk limit comes
+from fio (sequential direct reads on the same file, 16 MiB blocks, io_uring and libaio,
+queue depth 8 and 16, one job per core on disjoint parts; best of those), or, without
+fio, from our own direct reader at high queue depth (then `tool` says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench._common import evict, machine, median_runs, resident_fraction, write_json
+
+LOADERS = ["sllm_knative", "safetensors", "torch_load_mmap", "transformers_from_pretrained",
+           "runai_model_streamer", "tensorizer", "fastsafetensors"]
+
+
+# -- preparation -------------------------------------------------------------------------------
+
+
+def prepare(work: Path, model_gb: float) -> dict[str, Path]:
+    """Build the model once (cached by size), then every loader's file from the same tensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sllm_knative.convert import convert
+    from sllm_knative.models import build_model, spec_for_size
+
+    spec = spec_for_size(int(model_gb * 2**30))
+    root = work / f"model-{model_gb:g}gb"
+    hf = root / "hf"
+    if not (hf / "config.json").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        print(f"building a random {spec.nbytes() / 2**30:.2f} GiB Llama-like model in {hf}", flush=True)
+        build_model(hf, spec)
+    paths = {"hf": hf, "safetensors": hf / "model.safetensors", "sllm": root / "sllm"}
+    if not (paths["sllm"] / "sllm-index.json").exists():
+        convert(hf, paths["sllm"], overwrite=True, progress=True)
+    paths["bin"] = root / "pytorch_model.bin"
+    paths["tensorizer"] = root / "model.tensors"
+    if not paths["bin"].exists() or not paths["tensorizer"].exists():
+        sd = load_file(str(paths["safetensors"]))
+        if not paths["bin"].exists():
+            torch.save(sd, paths["bin"].with_suffix(".part"))
+            os.replace(paths["bin"].with_suffix(".part"), paths["bin"])
+        if not paths["tensorizer"].exists():
+            from tensorizer import TensorSerializer
+
+            ser = TensorSerializer(str(paths["tensorizer"].with_suffix(".part")))
+            ser.write_state_dict(sd)
+            ser.close()
+            os.replace(paths["tensorizer"].with_suffix(".part"), paths["tensorizer"])
+        del sd
+        gc.collect()
+    return paths
+
+
+def files_of(loader: str, paths: dict[str, Path]) -> list[Path]:
+    if loader == "sllm_knative":
+        return sorted(paths["sllm"].glob("partition-*.bin"))
+    if loader == "torch_load_mmap":
+        return [paths["bin"]]
+    if loader == "tensorizer":
+        return [paths["tensorizer"]]
+    return [paths["safetensors"]]
+
+
+# -- loaders: each returns {name: tensor} on the CPU with every byte in memory ------------------
+
+
+def _touch(tensors: dict[str, Any]) -> int:
+    """Read one byte per 4 KiB page of every tensor (faults lazy loaders' pages in)."""
+    import torch
+
+    total = 0
+    for t in tensors.values():
+        if t.numel() == 0:
+            continue
+        flat = t.detach().reshape(-1).view(torch.uint8) if t.is_contiguous() else t.contiguous().view(-1)
+        total += int(flat[::4096].sum())
+    return total
+
+
+def load_with(loader: str, paths: dict[str, Path], source_dir: Path | None = None) -> dict[str, Any]:
+    import torch
+
+    if loader == "sllm_knative":
+        from sllm_knative.loading import load_state_dict
+
+        return load_state_dict(source_dir or paths["sllm"])
+    if loader == "safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(source_dir / "model.safetensors" if source_dir else paths["safetensors"]))
+    if loader == "torch_load_mmap":
+        return torch.load(str(paths["bin"]), mmap=True, weights_only=True)
+    if loader == "transformers_from_pretrained":
+        from transformers import AutoModelForCausalLM
+
+        return dict(AutoModelForCausalLM.from_pretrained(str(paths["hf"])).state_dict())
+    if loader == "runai_model_streamer":
+        from runai_model_streamer import SafetensorsStreamer
+
+        with SafetensorsStreamer() as s:
+            s.stream_file(str(paths["safetensors"]))
+            return {k: v.clone() for k, v in s.get_tensors()}  # the streamer reuses its buffer
+    if loader == "tensorizer":
+        from tensorizer import TensorDeserializer
+
+        return dict(TensorDeserializer(str(paths["tensorizer"]), device="cpu", lazy_load=False))
+    if loader == "fastsafetensors":
+        from fastsafetensors import SafeTensorsFileLoader, SingleGroup
+
+        ld = SafeTensorsFileLoader(SingleGroup(), "cpu", nogds=True)
+        ld.add_filenames({0: [str(paths["safetensors"])]})
+        fb = ld.copy_files_to_device()
+        out = {k: fb.get_tensor(k).clone() for k in fb.key_to_rank_lidx}
+        fb.close()
+        ld.close()
+        return out
+    raise ValueError(f"unknown loader {loader!r}")
+
+
+def timed_load(loader: str, paths: dict[str, Path], scenario: str, source_dir: Path | None = None) -> float:
+    files = files_of(loader, paths) if source_dir is None else sorted(source_dir.glob("*"))
+    if scenario == "cold":
+        evict(*files)
+        resident = max(resident_fraction(f) for f in files)
+        if resident > 0.01:
+            raise RuntimeError(f"{loader}: {resident:.0%} of a file is still cached after eviction")
+    gc.collect()
+    t0 = time.perf_counter()
+    out = load_with(loader, paths, source_dir)
+    _touch(out)
+    seconds = time.perf_counter() - t0
+    del out
+    gc.collect()
+    return seconds
+
+
+# -- machine limits ----------------------------------------------------------------------------
+
+
+def fio_limit(path: Path) -> tuple[float, str] | None:
+    if shutil.which("fio") is None:
+        return None
+    size = path.stat().st_size
+    jobs = max(1, os.cpu_count() or 1)
+    part = size // jobs // (16 << 20) * (16 << 20)
+    best, best_cfg = 0.0, ""
+    for engine in ("io_uring", "libaio"):
+        for depth in (8, 16):
+            evict(path)
+            cmd = ["fio", "--name=seqread", f"--filename={path}", "--rw=read", "--direct=1", f"--ioengine={engine}",
+                   "--bs=16m", f"--iodepth={depth}", f"--numjobs={jobs}", f"--size={part}",
+                   f"--offset_increment={part}", "--group_reporting", "--output-format=json"]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                continue
+            doc = json.loads(r.stdout[r.stdout.index("{"):])
+            gbps = doc["jobs"][0]["read"]["bw_bytes"] / 1e9
+            if gbps > best:
+                best, best_cfg = gbps, f"fio {engine} iodepth={depth} numjobs={jobs} bs=16m direct=1"
+    return (best, best_cfg) if best else None
+
+
+def own_direct_limit(path: Path) -> tuple[float, str]:
+    from cuda_ext import _C
+    from sllm_knative.loading import aligned_empty
+
+    size = path.stat().st_size // 4096 * 4096
+    buf = aligned_empty(size)
+    best = 0.0
+    for _ in range(3):
+        evict(path)
+        s = _C.read_to_host(str(path), 0, buf.data_ptr(), size, 16 << 20, 16, True)
+        best = max(best, size / s["seconds"] / 1e9)
+    return best, "sllm_knative direct reader, 16 threads x 16 MiB (fio not installed)"
+
+
+def memcpy_limit() -> float:
+    import torch
+
+    n = 1 << 30
+    src = torch.ones(n, dtype=torch.uint8)
+    dst = torch.empty(n, dtype=torch.uint8)
+    dst.copy_(src)
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = max(best, n / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    work = Path(args.work)
+    paths = prepare(work, args.model_gb)
+    part0 = files_of("sllm_knative", paths)[0]
+    nbytes = sum(f.stat().st_size for f in files_of("sllm_knative", paths))
+    limit = fio_limit(part0) or own_direct_limit(part0)
+    limits = {"disk_direct_gbps": round(limit[0], 3), "tool": limit[1], "memcpy_gbps": round(memcpy_limit(), 3)}
+    print(f"limits: {limits}", flush=True)
+    rows: list[dict[str, Any]] = []
+
+    def add(loader: str, scenario: str, fn: Callable[[], float], device: str = "cpu") -> None:
+        try:
+            r = median_runs(fn, args.runs)
+        except Exception as exc:  # a peer that cannot run here gets a row that says why
+            rows.append({"loader": loader, "scenario": scenario, "device": device,
+                         "skipped": f"{type(exc).__name__}: {exc}"[:300]})
+            print(f"{loader:30s} {scenario:5s} skipped: {exc}", flush=True)
+            return
+        gbps = nbytes / r["seconds"] / 1e9
+        rows.append({"loader": loader, "scenario": scenario, "device": device, "seconds": round(r["seconds"], 4),
+                     "gbps": round(gbps, 3), "first_s": round(r["first_s"], 4),
+                     "runs_s": [round(x, 4) for x in r["runs_s"]]})
+        print(f"{loader:30s} {scenario:5s} {r['seconds']:7.3f} s {gbps:6.2f} GB/s (first {r['first_s']:.3f} s)",
+              flush=True)
+
+    for loader in args.loaders:
+        for scenario in ("cold", "warm"):
+            if scenario == "warm":
+                for f in files_of(loader, paths):
+                    with open(f, "rb") as fh:
+                        while fh.read(64 << 20):
+                            pass
+            add(loader, scenario, lambda lo=loader, sc=scenario: timed_load(lo, paths, sc))
+    # DRAM tier: the checkpoint on tmpfs, mapped; safetensors from the same tmpfs for reference.
+    shm = Path(args.shm) / f"sllm-bench-{os.getpid()}"
+    try:
+        shutil.copytree(paths["sllm"], shm / "sllm")
+        add("sllm_knative", "dram", lambda: timed_load("sllm_knative", paths, "dram", shm / "sllm"))
+        if "safetensors" in args.loaders:
+            (shm / "st").mkdir()
+            shutil.copy(paths["safetensors"], shm / "st" / "model.safetensors")
+            add("safetensors", "dram", lambda: timed_load("safetensors", paths, "dram", shm / "st"))
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+    # GPU rows: only where a CUDA device is visible.
+    from cuda_ext import _C
+
+    if not _C.cuda_available():
+        rows.append({"loader": "sllm_knative", "scenario": "dram", "device": "cuda",
+                     "skipped": "no CUDA device on this machine (GPU numbers owed)"})
+    sweep = []
+    if args.sweep:
+        from sllm_knative.loading import LoadOptions, load_state_dict
+
+        for threads in (2, 4, 8, 16):
+            for chunk_mb in (4, 16):
+                def one(t: int = threads, c: int = chunk_mb) -> float:
+                    evict(part0)
+                    t0 = time.perf_counter()
+                    load_state_dict(paths["sllm"], options=LoadOptions(threads=t, chunk_bytes=c << 20))
+                    return time.perf_counter() - t0
+                r = median_runs(one, 2)
+                sweep.append({"threads": threads, "chunk_mb": chunk_mb, "gbps": round(nbytes / r["seconds"] / 1e9, 3)})
+                print(f"sweep threads={threads:2d} chunk={chunk_mb:2d} MiB {sweep[-1]['gbps']:.2f} GB/s", flush=True)
+    ratios = _ratios(rows, limits)
+    return {"benchmark": "loading", "model_bytes": nbytes, "machine": machine(), "limits": limits,
+            "rows": rows, "ratios": ratios, "sweep": sweep,
+            "command": " ".join([".venv/bin/python -m bench.loading", *sys.argv[1:]])}
+
+
+def _ratios(rows: list[dict[str, Any]], limits: dict[str, Any]) -> dict[str, float]:
+    def sec(loader: str, scenario: str) -> float | None:
+        for r in rows:
+            if r["loader"] == loader and r["scenario"] == scenario and r.get("device") == "cpu" and "seconds" in r:
+                return r["seconds"]
+        return None
+
+    out: dict[str, float] = {}
+    ours_cold, st_cold = sec("sllm_knative", "cold"), sec("safetensors", "cold")
+    ours_dram, st_warm = sec("sllm_knative", "dram"), sec("safetensors", "warm")
+    for r in rows:
+        if r["loader"] == "sllm_knative" and r["scenario"] == "cold" and "gbps" in r:
+            out["cold_fraction_of_disk"] = round(r["gbps"] / limits["disk_direct_gbps"], 3)
+    if ours_cold and st_cold:
+        out["cold_speedup_vs_safetensors"] = round(st_cold / ours_cold, 2)
+    if ours_dram and st_warm:
+        out["dram_time_over_safetensors_warm"] = round(ours_dram / st_warm, 3)
+    return out
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in doc["rows"] if "gbps" in r]
+    scenarios = ["cold", "warm", "dram"]
+    loaders = [lo for lo in LOADERS if any(r["loader"] == lo for r in rows)]
+    fig, ax = plt.subplots(figsize=(11, 5))
+    width = 0.27
+    for i, sc in enumerate(scenarios):
+        vals = [next((r["gbps"] for r in rows if r["loader"] == lo and r["scenario"] == sc), 0) for lo in loaders]
+        ax.bar([x + (i - 1) * width for x in range(len(loaders))], vals, width, label=sc)
+    ax.axhline(doc["limits"]["disk_direct_gbps"], color="k", ls="--", lw=1,
+               label=f"disk direct read limit ({doc['limits']['disk_direct_gbps']:.2f} GB/s)")
+    ax.set_xticks(range(len(loaders)))
+    ax.set_xticklabels([lo.replace("_", "\n", 1) for lo in loaders], fontsize=8)
+    ax.set_ylabel("GB/s (higher is better)")
+    ax.set_title(f"Loading a {doc['model_bytes'] / 2**30:.2f} GiB checkpoint into host memory "
+                 f"({doc['machine']['cpus']} cores)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-gb", type=float, default=2.5)
+    p.add_argument("--out", required=True)
+    p.add_argument("--runs", type=int, default=5, help="timed runs after the first (median reported)")
+    p.add_argument("--work", default=".bench/loading", help="where models are built and cached")
+    p.add_argument("--shm", default="/dev/shm", help="tmpfs directory for the DRAM scenario")
+    p.add_argument("--loaders", nargs="+", default=LOADERS, choices=LOADERS)
+    p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the threads x chunk sweep")
+    args = p.parse_args(argv)
+    doc = run(args)
+    out = Path(args.out)
+    write_json(out, "loading", doc)
+    plot(doc, out / "loading.png")
+    print(json.dumps({"limits": doc["limits"], "ratios": doc["ratios"]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
