@@ -13,8 +13,6 @@ partition that already lives in memory (tmpfs: the DRAM tier) is mapped, not cop
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
 import mmap
 import os
@@ -26,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from cuda_ext import _C
 from sllm_knative import format as fmt
 from sllm_knative.log import get_logger
-from sllm_knative.pagecache import resident_fraction
+from sllm_knative.pagecache import is_memory_fs, resident_fraction
 
 if TYPE_CHECKING:
     import torch
@@ -41,7 +39,6 @@ class LoadCancelled(RuntimeError):
 _C.set_error_types(fmt.ChecksumError, LoadCancelled)
 CancelToken = _C.CancelToken
 
-_TMPFS_MAGIC = {0x01021994, 0x858458F6}  # tmpfs, ramfs
 _MADV_POPULATE_READ = 22
 _HUGE_PAGE = 2 << 20
 
@@ -93,15 +90,6 @@ class LoadedCheckpoint:
         return sum(p.bytes for p in self.partitions)
 
 
-def is_memory_fs(path: str | os.PathLike[str]) -> bool:
-    """True if path lives on tmpfs/ramfs (already in memory: map it, do not read it)."""
-    buf = (ctypes.c_long * 32)()
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if libc.statfs(os.fsencode(str(path)), buf) != 0:
-        return False
-    return (buf[0] & 0xFFFFFFFF) in _TMPFS_MAGIC
-
-
 def aligned_empty(nbytes: int, alignment: int = fmt.PAGE) -> torch.Tensor:
     """An uninitialised uint8 host tensor whose data pointer is `alignment`-aligned.
 
@@ -149,11 +137,11 @@ def _read_partition(path: Path, part: fmt.Partition, dev: torch.device, opts: Lo
     chunk = min(opts.chunk_bytes, part.block_size) if verify else opts.chunk_bytes
     if verify and part.block_size % chunk:
         chunk = fmt.PAGE  # block sizes are multiples of 4096 (validated)
-    direct = opts.direct if opts.direct is not None else resident_fraction(path) < 0.5
     if dev.type == "cpu" and on_memory_fs and opts.map_memory_files and not verify:
         keep, buf = _map(path, part.size)
-        method = "mmap"
-    elif dev.type == "cpu":
+        return keep, buf, PartitionLoad(part.file, part.size, time.perf_counter() - t0, "mmap")
+    direct = opts.direct if opts.direct is not None else resident_fraction(path) < 0.5
+    if dev.type == "cpu":
         buf = aligned_empty(part.size)
         keep = buf
         stats = _C.read_to_host(str(path), 0, buf.data_ptr(), part.size, chunk, opts.threads, direct,

@@ -12,6 +12,7 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_MEMORY_FS_MAGIC = {0x01021994, 0x858458F6}  # tmpfs, ramfs
 
 
 def resident_fraction(path: str | os.PathLike[str]) -> float:
@@ -29,11 +30,20 @@ def resident_fraction(path: str | os.PathLike[str]) -> float:
             vec = (ctypes.c_ubyte * pages)()
             if _libc.mincore(addr, size, vec) != 0:
                 raise OSError(ctypes.get_errno(), "mincore failed", str(path))
-            return sum(b & 1 for b in bytes(vec)) / pages
+            flags = bytes(vec)  # bit 0 = resident; the other bits are reserved (zero)
+            return (pages - flags.count(0)) / pages
         finally:
             _libc.munmap(addr, size)
     finally:
         os.close(fd)
+
+
+def is_memory_fs(path: str | os.PathLike[str]) -> bool:
+    """True if path lives on tmpfs/ramfs: already in memory, to be mapped rather than read."""
+    buf = (ctypes.c_long * 32)()
+    if _libc.statfs(os.fsencode(str(path)), buf) != 0:
+        return False
+    return (buf[0] & 0xFFFFFFFF) in _MEMORY_FS_MAGIC
 
 
 def evict(*paths: str | os.PathLike[str]) -> None:

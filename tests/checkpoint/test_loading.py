@@ -18,11 +18,11 @@ from sllm_knative.loading import (
     LoadCancelled,
     LoadOptions,
     aligned_empty,
-    is_memory_fs,
     load_checkpoint,
     load_model,
     load_state_dict,
 )
+from sllm_knative.pagecache import is_memory_fs
 
 
 @pytest.fixture()
