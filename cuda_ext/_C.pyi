@@ -25,6 +25,7 @@ def read_to_host(
     block_bytes: int = 0,
     block_crcs: list[int] = ...,
     cancel: CancelToken | None = None,
+    prefault: bool = False,
 ) -> dict[str, Any]: ...
 def read_to_device(
     path: str,

@@ -144,8 +144,9 @@ def _read_partition(path: Path, part: fmt.Partition, dev: torch.device, opts: Lo
     if dev.type == "cpu":
         buf = aligned_empty(part.size)
         keep = buf
+        # The buffer is fresh memory: fault it in on a separate thread ahead of the readers.
         stats = _C.read_to_host(str(path), 0, buf.data_ptr(), part.size, chunk, opts.threads, direct,
-                                block, crcs, cancel)
+                                block, crcs, cancel, True)
         method = "direct" if stats["direct"] else "buffered"
         if direct and not stats["direct"]:
             _log.debug("O_DIRECT refused by the file system, read buffered", file=str(path))

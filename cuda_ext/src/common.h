@@ -48,6 +48,10 @@ struct ReadOptions {
   uint64_t chunk_bytes = 16ull << 20;  // one pread
   int threads = 8;                     // concurrent preads in flight
   bool direct = true;                  // try O_DIRECT, fall back to buffered
+  // Fault the destination in ahead of the readers (host reads into fresh memory): the kernel
+  // then does the page allocation/zeroing on its own thread instead of inside each pread,
+  // so the disk queue does not drain while readers fault.
+  bool prefault = false;
   // Verification: crc32c of every block_bytes-sized block of the range. Empty = no check.
   uint64_t block_bytes = 0;
   std::vector<uint32_t> block_crcs;

@@ -32,8 +32,9 @@ py::dict to_dict(const ReadStats& s) {
 }
 
 ReadOptions options(uint64_t chunk_bytes, int threads, bool direct, uint64_t block_bytes,
-                    std::vector<uint32_t> crcs) {
+                    std::vector<uint32_t> crcs, bool prefault = false) {
   ReadOptions o;
+  o.prefault = prefault;
   o.chunk_bytes = chunk_bytes;
   o.threads = threads;
   o.direct = direct;
@@ -93,14 +94,16 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "read_to_host",
       [](const std::string& path, uint64_t file_offset, uint64_t dst, uint64_t length, uint64_t chunk_bytes,
-         int threads, bool direct, uint64_t block_bytes, std::vector<uint32_t> crcs, CancelToken* cancel) {
-        ReadOptions o = options(chunk_bytes, threads, direct, block_bytes, std::move(crcs));
+         int threads, bool direct, uint64_t block_bytes, std::vector<uint32_t> crcs, CancelToken* cancel,
+         bool prefault) {
+        ReadOptions o = options(chunk_bytes, threads, direct, block_bytes, std::move(crcs), prefault);
         return guarded([&] { return read_to_host(path, file_offset, reinterpret_cast<void*>(dst), length, o, cancel); });
       },
       py::arg("path"), py::arg("file_offset"), py::arg("dst"), py::arg("length"), py::arg("chunk_bytes"),
       py::arg("threads"), py::arg("direct") = true, py::arg("block_bytes") = 0,
-      py::arg("block_crcs") = std::vector<uint32_t>{}, py::arg("cancel") = nullptr,
-      "Read [file_offset, file_offset+length) of path into host memory at dst (4096-aligned for direct I/O).");
+      py::arg("block_crcs") = std::vector<uint32_t>{}, py::arg("cancel") = nullptr, py::arg("prefault") = false,
+      "Read [file_offset, file_offset+length) of path into host memory at dst (4096-aligned for direct I/O).\n"
+      "prefault: fault fresh destination pages in on a separate thread, ahead of the readers.");
 
   m.def("cuda_available", [] {
 #ifdef SLLM_WITH_CUDA
