@@ -1,1 +1,1 @@
-"""activator."""
+"""The activator: HTTP entry, holds requests through cold starts, routes, streams (see app.py)."""

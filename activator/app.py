@@ -1,0 +1,295 @@
+"""The activator's two HTTP apps, assembled in one place.
+
+Public app (what clients and Knative's ingress reach), one request through the layers:
+
+    size limit -> route (Host, else OpenAI `model`) -> count (concurrency window)
+      -> hold until an instance with room is ready (cold start: poke the autoscaler first)
+      -> forward with the instance's breaker slot held, first body chunk fetched before the
+         response starts (a failure before it is retried once on another instance)
+      -> stream the rest chunk by chunk (no buffering of SSE); slot released at the end
+
+Admin app (loopback only, never the public port): the autoscaler pushes services and their
+ready instances, and reads stats and metrics. Errors become responses in exactly one place
+(`_error_response`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from activator import errors, metrics
+from activator.balancer import Instance
+from activator.registry import Registry, Service
+from activator.routing import OPENAI_PATHS, ServiceKey, model_from_body, service_from_host, service_from_model
+from sllm_knative.log import get_logger
+
+_log = get_logger("activator")
+
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+                        "transfer-encoding", "upgrade", "host", "content-length"})
+# Paths of the instances' internal (migration) API: never forwarded from the public port.
+INTERNAL_PREFIXES = ("/internal", "/admin")
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivatorConfig:
+    autoscaler_url: str | None = None
+    cold_start_timeout_s: float = 120.0
+    max_body_bytes: int = 10 << 20
+    max_held_per_service: int = 1000
+    report_interval_s: float = 1.0
+    default_namespace: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.cold_start_timeout_s <= 0:
+            raise ValueError(f"cold_start_timeout_s = {self.cold_start_timeout_s}, must be > 0")
+        if self.max_body_bytes <= 0:
+            raise ValueError(f"max_body_bytes = {self.max_body_bytes}, must be > 0")
+        if self.max_held_per_service < 1:
+            raise ValueError(f"max_held_per_service = {self.max_held_per_service}, must be >= 1")
+
+
+class Activator:
+    """State shared by the two apps: the registry, the HTTP client, the autoscaler link."""
+
+    def __init__(self, config: ActivatorConfig) -> None:
+        self.config = config
+        self.registry = Registry()
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None, write=30.0),
+                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+        self._reporter: asyncio.Task[None] | None = None
+
+    # -- autoscaler link -------------------------------------------------------------------
+
+    async def _demand(self, svc: Service) -> None:
+        """Scale from zero reacts to the first request at once: tell the autoscaler now."""
+        if not self.config.autoscaler_url:
+            return
+        body = {"namespace": svc.key.namespace, "name": svc.key.name, "in_flight": svc.window.in_flight}
+        try:
+            await self.client.post(f"{self.config.autoscaler_url}/v1/demand", json=body, timeout=5.0)
+        except httpx.HTTPError as exc:
+            _log.warning("could not reach the autoscaler", service=str(svc.key), error=str(exc))
+
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.report_interval_s)
+            if not self.config.autoscaler_url:
+                continue
+            try:
+                await self.client.post(f"{self.config.autoscaler_url}/v1/stats", json=self.stats(reset=True),
+                                       timeout=5.0)
+            except httpx.HTTPError as exc:
+                _log.debug("stats report failed", error=str(exc))
+
+    def stats(self, reset: bool = False) -> dict[str, Any]:
+        """Per-service concurrency; reset=True closes the window (only the autoscaler report does)."""
+        now = time.monotonic()
+        out = []
+        for svc in self.registry.services():
+            r = svc.window.report(now, reset=reset)
+            out.append({"namespace": svc.key.namespace, "name": svc.key.name,
+                        "average_concurrency": r.average_concurrency, "requests": r.requests,
+                        "in_flight": r.in_flight, "held": svc.held, "seconds": r.seconds,
+                        "instances": [{"id": i.id, "outstanding": i.outstanding} for i in svc.instances]})
+        return {"services": out}
+
+    async def start(self) -> None:
+        self._reporter = asyncio.create_task(self._report_loop())
+
+    async def stop(self) -> None:
+        if self._reporter:
+            self._reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reporter
+        await self.client.aclose()
+
+    # -- the request path ------------------------------------------------------------------
+
+    def route(self, request: Request, body: bytes) -> Service:
+        known = self.registry.known
+        key = service_from_host(request.headers.get("host"), known)
+        if key is None and request.url.path in OPENAI_PATHS:
+            key = service_from_model(model_from_body(body), known, self.config.default_namespace)
+        if key is None:
+            model = model_from_body(body) if request.url.path in OPENAI_PATHS else None
+            what = f"model {model!r}" if model else f"host {request.headers.get('host')!r}"
+            raise errors.NotFound(f"no service serves {what}")
+        return self.registry.get(key)
+
+    async def handle(self, request: Request) -> Response:
+        if request.headers.get("k-network-probe"):  # Knative's network probe contract
+            return Response("activator", headers={"k-network-hash": request.headers.get("k-network-hash", "")})
+        if request.url.path.startswith(INTERNAL_PREFIXES):
+            raise errors.NotFound(f"no route for {request.url.path}")
+        body = await _read_body(request, self.config.max_body_bytes)
+        svc = self.route(request, body)
+        svc.window.change(+1, time.monotonic())
+        metrics.IN_FLIGHT.labels(str(svc.key)).inc()
+        stack = contextlib.AsyncExitStack()
+        stack.callback(self._done, svc)
+        try:
+            return await self._forward(request, body, svc, stack)
+        except BaseException:
+            await stack.aclose()
+            raise
+
+    def _done(self, svc: Service) -> None:
+        svc.window.change(-1, time.monotonic())
+        metrics.IN_FLIGHT.labels(str(svc.key)).dec()
+
+    async def _acquire(self, svc: Service, exclude: frozenset[str], deadline: float) -> Instance:
+        if not svc.instances:
+            metrics.COLD_STARTS.labels(str(svc.key)).inc()
+            await self._demand(svc)
+        if svc.held >= self.config.max_held_per_service:
+            raise errors.Overloaded(f"{svc.key}: {svc.held} requests already waiting")
+        t0 = time.monotonic()
+        svc.held += 1
+        try:
+            inst = await self.registry.wait_for_instance(svc, deadline, exclude)
+        finally:
+            svc.held -= 1
+        metrics.QUEUE_SECONDS.labels(str(svc.key)).observe(time.monotonic() - t0)
+        if inst is None:
+            raise errors.ColdStartTimeout(
+                f"{svc.key}: no instance became ready within {self.config.cold_start_timeout_s:g}s",
+                retry_after=max(1, int(self.config.cold_start_timeout_s // 10)))
+        return inst
+
+    async def _forward(self, request: Request, body: bytes, svc: Service,
+                       stack: contextlib.AsyncExitStack) -> Response:
+        deadline = time.monotonic() + self.config.cold_start_timeout_s
+        headers = [(k, v) for k, v in request.headers.items() if k not in HOP_BY_HOP]
+        headers.append(("knative-serving-namespace", svc.key.namespace))
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        tried: set[str] = set()
+        for attempt in range(2):
+            inst = await self._acquire(svc, frozenset(tried), deadline)
+            slot = contextlib.AsyncExitStack()
+            await slot.enter_async_context(svc.breaker.slot(inst))
+            t0 = time.perf_counter()
+            resp = None
+            try:
+                req = self.client.build_request(request.method, inst.url + target, headers=headers, content=body)
+                resp = await self.client.send(req, stream=True)
+                chunks = resp.aiter_raw()
+                first = await anext(chunks, b"")
+            except (httpx.TransportError, httpx.StreamError) as exc:
+                if resp is not None:
+                    await resp.aclose()
+                await slot.aclose()
+                tried.add(inst.id)
+                _log.warning("instance failed before the first byte", service=str(svc.key), instance=inst.id,
+                             node=inst.node, attempt=attempt, error=f"{type(exc).__name__}: {exc}")
+                await self.registry.drop_instance(svc.key, inst.id)
+                if attempt == 0:
+                    metrics.RETRIES.labels(str(svc.key)).inc()
+                continue
+            metrics.PROXY_SECONDS.labels(str(svc.key)).observe(time.perf_counter() - t0)
+            metrics.REQUESTS.labels(str(svc.key), str(resp.status_code)).inc()
+            stack.push_async_callback(slot.aclose)
+            stack.push_async_callback(resp.aclose)
+            out_headers = {k: v for k, v in resp.headers.items() if k not in HOP_BY_HOP}
+            out_headers["x-sllm-instance"] = inst.id
+            return StreamingResponse(_relay(first, chunks, stack), status_code=resp.status_code, headers=out_headers)
+        raise errors.UpstreamFailed(f"{svc.key}: instances failed before responding ({', '.join(sorted(tried))})")
+
+
+async def _relay(first: bytes, rest: AsyncIterator[bytes], stack: contextlib.AsyncExitStack) -> AsyncIterator[bytes]:
+    """Pass the upstream body through chunk by chunk; release the slot however it ends."""
+    try:
+        if first:
+            yield first
+        async for chunk in rest:
+            yield chunk
+    except httpx.HTTPError as exc:
+        _log.warning("upstream stream broke after the first byte", error=f"{type(exc).__name__}: {exc}")
+    finally:
+        await stack.aclose()
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise errors.TooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit")
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise errors.TooLarge(f"request body exceeds the {limit}-byte limit")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _error_response(exc: errors.ActivatorError) -> Response:
+    return Response(errors.error_body(exc), status_code=exc.status,
+                    headers={k.decode(): v.decode() for k, v in errors.error_headers(exc)})
+
+
+def build_public_app(act: Activator) -> Starlette:
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await act.handle(request)
+        except errors.ActivatorError as exc:
+            if exc.status >= 500:
+                _log.warning("request failed", status=exc.status, error=exc.message)
+            return _error_response(exc)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await act.start()
+        try:
+            yield
+        finally:
+            await act.stop()
+
+    methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+    return Starlette(routes=[Route("/{path:path}", endpoint, methods=methods)], lifespan=lifespan)
+
+
+def build_admin_app(act: Activator) -> Starlette:
+    async def put_service(request: Request) -> Response:
+        key = ServiceKey(request.path_params["namespace"], request.path_params["name"])
+        try:
+            doc = await request.json()
+            cc = int(doc.get("container_concurrency", 0))
+            endpoints = doc.get("instances", [])
+            if cc < 0 or not isinstance(endpoints, list) or not all(
+                    isinstance(e, dict) and isinstance(e.get("id"), str) and isinstance(e.get("url"), str)
+                    for e in endpoints):
+                raise ValueError("instances must be a list of {id, url[, node, capacity]}")
+        except (ValueError, TypeError) as exc:
+            return JSONResponse({"error": f"bad service update for {key}: {exc}"}, status_code=400)
+        act.registry.set_service(key, cc)
+        await act.registry.set_endpoints(key, endpoints)
+        return JSONResponse({"service": str(key), "instances": len(endpoints)})
+
+    async def delete_service(request: Request) -> Response:
+        act.registry.remove_service(ServiceKey(request.path_params["namespace"], request.path_params["name"]))
+        return Response(status_code=204)
+
+    async def get_stats(request: Request) -> Response:
+        return JSONResponse(act.stats())
+
+    async def get_metrics(request: Request) -> Response:
+        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(routes=[
+        Route("/internal/services/{namespace}/{name}", put_service, methods=["PUT"]),
+        Route("/internal/services/{namespace}/{name}", delete_service, methods=["DELETE"]),
+        Route("/internal/stats", get_stats, methods=["GET"]),
+        Route("/metrics", get_metrics, methods=["GET"]),
+    ])

@@ -1,0 +1,62 @@
+"""Instance choice and per-instance capacity.
+
+`pick` is pure: least outstanding requests among instances with a free slot, ties broken by
+the order given (stable, so tests are deterministic). `Breaker` holds one instance's
+capacity (Knative's containerConcurrency; 0 means unlimited); capacity is only ever taken
+inside `async with breaker.slot()`, so it is released on every path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Sequence
+
+
+@dataclasses.dataclass
+class Instance:
+    id: str
+    url: str
+    node: str = ""
+    capacity: int = 0  # 0 = unlimited
+    outstanding: int = 0
+
+    def has_room(self) -> bool:
+        return self.capacity == 0 or self.outstanding < self.capacity
+
+
+def pick(instances: Sequence[Instance], exclude: frozenset[str] = frozenset()) -> Instance | None:
+    best: Instance | None = None
+    for inst in instances:
+        if inst.id in exclude or not inst.has_room():
+            continue
+        if best is None or inst.outstanding < best.outstanding:
+            best = inst
+    return best
+
+
+class Breaker:
+    """Capacity of one service's instances; waiters are woken as slots free up."""
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, inst: Instance) -> AsyncIterator[Instance]:
+        inst.outstanding += 1
+        try:
+            yield inst
+        finally:
+            inst.outstanding -= 1
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def wait_for_change(self, timeout: float) -> None:
+        async with self._changed:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout)
+
+    async def poke(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()

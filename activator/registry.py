@@ -1,0 +1,82 @@
+"""Services the activator fronts, their ready instances, and waiting for one.
+
+The autoscaler pushes each service's ready instances (`set_endpoints`); requests for a
+service with none wait on `wait_for_instance`, which returns a slot-holding instance or
+raises after the deadline. Instance objects are kept across updates so their outstanding
+counts survive an endpoint refresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+from activator.balancer import Breaker, Instance, pick
+from activator.routing import ServiceKey
+from activator.stats import ConcurrencyWindow
+
+
+@dataclasses.dataclass
+class Service:
+    key: ServiceKey
+    container_concurrency: int = 0
+    instances: list[Instance] = dataclasses.field(default_factory=list)
+    breaker: Breaker = dataclasses.field(default_factory=Breaker)
+    window: ConcurrencyWindow = dataclasses.field(default_factory=lambda: ConcurrencyWindow(time.monotonic()))
+    held: int = 0
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._services: dict[ServiceKey, Service] = {}
+        self._models: dict[str, ServiceKey] = {}
+        self.known: set[ServiceKey] = set()
+
+    def get(self, key: ServiceKey) -> Service:
+        return self._services[key]
+
+    def services(self) -> list[Service]:
+        return list(self._services.values())
+
+    def set_service(self, key: ServiceKey, container_concurrency: int = 0) -> Service:
+        svc = self._services.get(key)
+        if svc is None:
+            svc = self._services[key] = Service(key)
+            self.known.add(key)
+        svc.container_concurrency = container_concurrency
+        return svc
+
+    def remove_service(self, key: ServiceKey) -> None:
+        self._services.pop(key, None)
+        self.known.discard(key)
+
+    async def set_endpoints(self, key: ServiceKey, endpoints: Sequence[dict]) -> None:
+        svc = self._services[key]
+        old = {i.id: i for i in svc.instances}
+        fresh = []
+        for e in endpoints:
+            inst = old.get(e["id"]) or Instance(e["id"], e["url"].rstrip("/"), e.get("node", ""))
+            inst.url = e["url"].rstrip("/")
+            inst.capacity = int(e.get("capacity", svc.container_concurrency))
+            fresh.append(inst)
+        svc.instances = fresh
+        await svc.breaker.poke()
+
+    async def drop_instance(self, key: ServiceKey, instance_id: str) -> None:
+        """Take a failed instance out of rotation until the autoscaler says otherwise."""
+        svc = self._services.get(key)
+        if svc:
+            svc.instances = [i for i in svc.instances if i.id != instance_id]
+            await svc.breaker.poke()
+
+    async def wait_for_instance(self, svc: Service, deadline: float, exclude: frozenset[str]) -> Instance | None:
+        """An instance with room, waiting (cold start or full breakers) until the deadline."""
+        while True:
+            inst = pick(svc.instances, exclude)
+            if inst is not None:
+                return inst
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            await svc.breaker.wait_for_change(min(left, 1.0))

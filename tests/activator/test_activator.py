@@ -1,0 +1,213 @@
+"""The activator as a process in front of real HTTP upstream processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+HERE = Path(__file__).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=0.5)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise TimeoutError(url)
+
+
+class Upstream:
+    def __init__(self, name: str) -> None:
+        self.name, self.port = name, free_port()
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "upstream.py"), str(self.port)],
+                                     env={**os.environ, "UPSTREAM_NAME": name})
+        wait_http(f"http://127.0.0.1:{self.port}/")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+class DemandRecorder(BaseHTTPRequestHandler):
+    """Stands in for the autoscaler's HTTP endpoint: records what the activator reports."""
+
+    seen: list[tuple[str, dict]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server API
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        DemandRecorder.seen.append((self.path, body))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def recorder() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), DemandRecorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def activator(recorder: str) -> Iterator[tuple[str, str]]:
+    port, admin = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "activator", "--port", str(port), "--admin-port", str(admin),
+                             "--autoscaler-url", recorder, "--cold-start-timeout", "3", "--max-body-bytes", "4096",
+                             "--report-interval", "0.2"])
+    wait_http(f"http://127.0.0.1:{admin}/metrics")
+    yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def upstreams() -> Iterator[list[Upstream]]:
+    ups = [Upstream("a"), Upstream("b")]
+    yield ups
+    for u in ups:
+        u.stop()
+
+
+def put(admin: str, name: str, instances: list[dict], cc: int = 0, ns: str = "default") -> None:
+    r = httpx.put(f"{admin}/internal/services/{ns}/{name}", json={"container_concurrency": cc, "instances": instances})
+    assert r.status_code == 200, r.text
+
+
+def test_routes_by_host_and_by_model(activator, upstreams) -> None:
+    public, admin = activator
+    put(admin, "llama", [{"id": "a", "url": upstreams[0].url}])
+    r = httpx.post(f"{public}/v1/completions", json={"model": "llama"})
+    assert r.status_code == 200 and r.json()["instance"] == "a"
+    assert r.headers["x-sllm-instance"] == "a"
+    r = httpx.post(f"{public}/v1/completions", json={}, headers={"host": "llama.default.example.com"})
+    assert r.status_code == 200 and r.json()["instance"] == "a"
+
+
+@pytest.mark.parametrize(("kwargs", "status", "code"), [
+    pytest.param({"json": {"model": "nope"}}, 404, "model_not_found", id="unknown-model"),
+    pytest.param({"json": {}, "headers": {"host": "nope.default.example.com"}}, 404, "model_not_found",
+                 id="unknown-host"),
+    pytest.param({"content": b"x" * 5000}, 413, "request_too_large", id="body-too-large"),
+])
+def test_bad_requests_get_openai_errors(activator, kwargs, status, code) -> None:
+    public, _ = activator
+    r = httpx.post(f"{public}/v1/completions", **kwargs)
+    assert r.status_code == status
+    assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
+
+
+def test_internal_paths_are_not_forwarded(activator, upstreams) -> None:
+    public, admin = activator
+    put(admin, "llama", [{"id": "a", "url": upstreams[0].url}])
+    r = httpx.get(f"{public}/internal/export", headers={"host": "llama.default.example.com"})
+    assert r.status_code == 404
+    assert "secret" not in r.text
+
+
+def test_streams_pass_through_chunk_by_chunk(activator, upstreams) -> None:
+    public, admin = activator
+    put(admin, "llama", [{"id": "a", "url": upstreams[0].url}])
+    arrivals = []
+    t0 = time.monotonic()
+    with httpx.stream("POST", f"{public}/v1/completions",
+                      json={"model": "llama", "stream": True, "n_chunks": 4, "delay": 0.3}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                arrivals.append(time.monotonic() - t0)
+    assert len(arrivals) == 5  # 4 chunks + [DONE]
+    assert arrivals[0] < 0.25, "the first chunk must not wait for the rest"
+    assert arrivals[3] - arrivals[0] > 0.7
+
+
+def test_cold_start_holds_then_forwards_and_reports_demand(activator, upstreams) -> None:
+    public, admin = activator
+    put(admin, "cold", [])
+    DemandRecorder.seen.clear()
+
+    def later() -> None:
+        time.sleep(0.8)
+        put(admin, "cold", [{"id": "b", "url": upstreams[1].url}])
+
+    threading.Thread(target=later).start()
+    t0 = time.monotonic()
+    r = httpx.post(f"{public}/v1/completions", json={"model": "cold"}, timeout=10)
+    assert r.status_code == 200 and r.json()["instance"] == "b"
+    assert time.monotonic() - t0 >= 0.7
+    demands = [b for p, b in DemandRecorder.seen if p == "/v1/demand"]
+    assert demands and demands[0]["name"] == "cold"
+    time.sleep(0.5)
+    stats = [b for p, b in DemandRecorder.seen if p == "/v1/stats"]
+    assert any(s["name"] == "cold" for doc in stats for s in doc["services"])
+
+
+def test_cold_start_timeout_is_503_with_retry_after(activator) -> None:
+    public, admin = activator
+    put(admin, "never", [])
+    r = httpx.post(f"{public}/v1/completions", json={"model": "never"}, timeout=10)
+    assert r.status_code == 503
+    assert int(r.headers["retry-after"]) >= 1
+    assert r.json()["error"]["code"] == "cold_start_timeout"
+
+
+def test_instance_dead_before_first_byte_is_retried_once(activator, upstreams) -> None:
+    public, admin = activator
+    doomed = Upstream("doomed")
+    put(admin, "retry", [{"id": "doomed", "url": doomed.url}, {"id": "b", "url": upstreams[1].url}])
+    # Least-outstanding with a tie picks the first listed: the doomed instance dies mid-request.
+    r = httpx.post(f"{public}/v1/completions", json={"model": "retry", "die": "doomed"}, timeout=10)
+    doomed.proc.wait(5)
+    assert r.status_code == 200 and r.json()["instance"] == "b"
+    metrics = httpx.get(f"{admin}/metrics").text
+    assert 'activator_retries_total{service="default/retry"} 1.0' in metrics
+
+
+def test_container_concurrency_spreads_and_queues(activator, upstreams) -> None:
+    public, admin = activator
+    put(admin, "cc", [{"id": "a", "url": upstreams[0].url}, {"id": "b", "url": upstreams[1].url}], cc=1)
+
+    async def run() -> list[tuple[str, float]]:
+        async with httpx.AsyncClient(timeout=10) as c:
+            async def one() -> tuple[str, float]:
+                t0 = time.monotonic()
+                r = await c.post(f"{public}/v1/completions", json={"model": "cc", "delay": 0.5})
+                return r.json()["instance"], time.monotonic() - t0
+            return await asyncio.gather(*(one() for _ in range(3)))
+
+    results = asyncio.run(run())
+    assert {i for i, _ in results} == {"a", "b"}  # least outstanding spreads the load
+    durations = sorted(d for _, d in results)
+    assert durations[2] >= 0.9, "the third request waits for a slot (containerConcurrency=1, 2 instances)"
+
+
+def test_admin_rejects_bad_updates(activator) -> None:
+    _, admin = activator
+    r = httpx.put(f"{admin}/internal/services/default/x", json={"instances": [{"id": 1}]})
+    assert r.status_code == 400 and "instances" in r.json()["error"]
