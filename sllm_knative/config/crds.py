@@ -1,0 +1,251 @@
+"""The CustomResourceDefinitions of group `serving.sllm-knative.io`, as data.
+
+This module is the single source of the ScalingPolicy and NodeCache schemas: the parsers
+validate against them, and `manifests/crds/*.yaml` are rendered from them:
+
+    python -m sllm_knative.config crds manifests/crds
+
+(a test fails when the files and this module disagree). Every field has a description, so
+`kubectl explain scalingpolicy.spec.keepAlive` answers.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sllm_knative.config.schema import PATTERN_DNS1035, PATTERN_DURATION
+
+GROUP = "serving.sllm-knative.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+_DURATION = PATTERN_DURATION
+_DNS1035 = PATTERN_DNS1035
+_TIER_NAMES = ["device", "dram", "ssd", "remote"]
+
+
+def _s(description: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "string", "description": description, **extra}
+
+
+def _i(description: str, minimum: int | None = None, fmt: str = "int64") -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "integer", "format": fmt, "description": description}
+    if minimum is not None:
+        out["minimum"] = minimum
+    return out
+
+
+def _obj(description: str, properties: dict[str, Any], required: list[str] | None = None, **extra: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "object", "description": description, "properties": properties}
+    if required:
+        out["required"] = required
+    out.update(extra)
+    return out
+
+
+def _root(description: str, spec: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+    return _obj(description, {
+        "apiVersion": _s("APIVersion defines the versioned schema of this representation of an object."),
+        "kind": _s("Kind is a string value representing the REST resource this object represents."),
+        "metadata": {"type": "object"},
+        "spec": spec,
+        "status": status,
+    }, required=["spec"])
+
+
+_LABEL_SELECTOR = _obj(
+    "A label query over the Knative Services of the policy's namespace (the Service's metadata.labels). "
+    "The requirements are ANDed; an empty selector matches every Service of the namespace.",
+    {
+        "matchLabels": {
+            "type": "object",
+            "description": "Labels a Service must carry, each with exactly this value.",
+            "additionalProperties": {"type": "string"},
+        },
+        "matchExpressions": {
+            "type": "array",
+            "description": "Label requirements, ANDed.",
+            "items": _obj("A label requirement.", {
+                "key": _s("The label key."),
+                "operator": _s("How the key relates to the values.", enum=["In", "NotIn", "Exists", "DoesNotExist"]),
+                "values": {
+                    "type": "array",
+                    "description": "Values for In and NotIn (non-empty); must be empty for Exists and DoesNotExist.",
+                    "items": {"type": "string"},
+                },
+            }, required=["key", "operator"]),
+        },
+    },
+)
+
+SCALING_POLICY_SCHEMA = _root(
+    "ScalingPolicy adds ServerlessLLM scaling behaviour to Knative Services of its namespace: keep-alive, "
+    "scale bounds, target concurrency, priority and live migration. Where a field is set it overrides the "
+    "Service's autoscaling.knative.dev annotation of the same meaning.",
+    _obj("The policy and the Services it applies to.", {
+        "target": _obj(
+            "The Services the policy applies to: exactly one of serviceName or selector. A policy naming a "
+            "Service wins over policies that select it by labels.",
+            {"serviceName": _s("The name of one Knative Service in the policy's namespace.",
+                               pattern=_DNS1035, maxLength=63),
+             "selector": _LABEL_SELECTOR},
+            oneOf=[{"required": ["serviceName"]}, {"required": ["selector"]}],
+        ),
+        "keepAlive": _s("How long an idle instance stays after the last request before the Service scales to "
+                        "zero, as a duration (\"30s\", \"5m\"). Replaces Knative's stable-window and "
+                        "scale-to-zero grace timing for the last instance. Unset: Knative's rules apply.",
+                        pattern=_DURATION),
+        "minScale": _i("The fewest instances (overrides autoscaling.knative.dev/min-scale).", 0, "int32"),
+        "maxScale": _i("The most instances, 0 for no limit (overrides autoscaling.knative.dev/max-scale).",
+                       0, "int32"),
+        "targetConcurrency": {
+            "type": "number", "minimum": 0.01,
+            "description": "Concurrent requests per instance the autoscaler aims at before target utilisation "
+                           "applies (overrides autoscaling.knative.dev/target).",
+        },
+        "priority": _i("Higher values win capacity: placement may stop or migrate instances of Services "
+                       "with a priority no higher than the one it starts. Default 0.", None, "int32"),
+        "migration": {"type": "boolean",
+                      "description": "Whether in-flight generations of these Services may be live-migrated to "
+                                     "free a slot or on scale-down. Default true."},
+    }, required=["target"]),
+    _obj("Observed state, written by the autoscaler.", {
+        "observedGeneration": _i("The generation of the spec last acted on.", 0),
+        "services": {"type": "array", "description": "Names of the Services the policy currently applies to.",
+                     "items": {"type": "string"}},
+    }),
+)
+
+_TIER = _s("A cache tier: device (resident in device memory), dram (host memory, tmpfs), ssd (local disk) "
+           "or remote (the model store).", enum=_TIER_NAMES)
+
+NODE_CACHE_SCHEMA = _root(
+    "NodeCache is the checkpoint inventory of one node, published by its loader: the cache tiers with their "
+    "capacity and measured bandwidth, the checkpoints each tier holds and the loads queued. Placement reads "
+    "it to estimate where a model starts fastest.",
+    _obj("The node this inventory describes.", {
+        "nodeName": _s("The Kubernetes Node (or local node) name.", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+                       maxLength=253),
+    }, required=["nodeName"]),
+    _obj("The inventory, written by the node's loader.", {
+        "observedTime": _s("When the loader took this inventory (RFC 3339).", format="date-time"),
+        "tiers": {
+            "type": "array",
+            "description": "One entry per tier the node has, each listed once. The remote entry gives the "
+                           "node's bandwidth from the model store and has no capacity.",
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["name"],
+            "items": _obj("A cache tier of the node.", {
+                "name": _TIER,
+                "capacityBytes": _i("Bytes the tier may hold (absent for remote).", 0),
+                "usedBytes": _i("Bytes the tier holds now.", 0),
+                "bandwidthBytesPerSecond": {
+                    "type": "number", "minimum": 0, "exclusiveMinimum": True,
+                    "description": "Measured rate of loading from this tier into the device, bytes per second "
+                                   "(profiled at start, updated from observed loads).",
+                },
+            }, required=["name", "bandwidthBytesPerSecond"]),
+        },
+        "checkpoints": {
+            "type": "array",
+            "description": "The checkpoints cached on the node, each listed once.",
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["model"],
+            "items": _obj("A cached checkpoint.", {
+                "model": _s("The checkpoint URI (the sllm-knative.io/model annotation)."),
+                "sizeBytes": _i("Total size of the checkpoint's partitions.", 1),
+                "tiers": {"type": "array", "description": "The tiers holding a complete copy.",
+                          "minItems": 1, "items": _TIER},
+                "lastUsedTime": _s("When an instance last loaded it (RFC 3339).", format="date-time"),
+            }, required=["model", "sizeBytes", "tiers"]),
+        },
+        "loadQueue": {
+            "type": "array",
+            "description": "Loads queued on the node's loader, in order; the first is running.",
+            "items": _obj("A queued load.", {
+                "model": _s("The checkpoint URI being loaded."),
+                "tier": _TIER,
+                "remainingBytes": _i("Bytes still to load.", 0),
+            }, required=["model", "tier", "remainingBytes"]),
+        },
+    }),
+)
+
+
+def _crd(kind: str, plural: str, short: list[str], scope: str, schema: dict[str, Any],
+         columns: list[dict[str, str]]) -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{plural}.{GROUP}",
+            "labels": {"app.kubernetes.io/name": "sllm-knative", "app.kubernetes.io/component": "crd"},
+        },
+        "spec": {
+            "group": GROUP,
+            "names": {
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": short,
+                "categories": ["sllm-knative"],
+            },
+            "scope": scope,
+            "versions": [{
+                "name": VERSION,
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": columns + [
+                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}],
+                "schema": {"openAPIV3Schema": schema},
+            }],
+        },
+    }
+
+
+SCALING_POLICY_CRD = _crd("ScalingPolicy", "scalingpolicies", ["slp"], "Namespaced", SCALING_POLICY_SCHEMA, [
+    {"name": "Service", "type": "string", "jsonPath": ".spec.target.serviceName"},
+    {"name": "KeepAlive", "type": "string", "jsonPath": ".spec.keepAlive"},
+    {"name": "Min", "type": "integer", "jsonPath": ".spec.minScale"},
+    {"name": "Max", "type": "integer", "jsonPath": ".spec.maxScale"},
+    {"name": "Priority", "type": "integer", "jsonPath": ".spec.priority"},
+])
+
+NODE_CACHE_CRD = _crd("NodeCache", "nodecaches", ["ncache"], "Cluster", NODE_CACHE_SCHEMA, [
+    {"name": "Node", "type": "string", "jsonPath": ".spec.nodeName"},
+    {"name": "Observed", "type": "date", "jsonPath": ".status.observedTime"},
+])
+
+#: file name in manifests/crds -> CRD
+CRDS: dict[str, dict[str, Any]] = {
+    "scalingpolicy.yaml": SCALING_POLICY_CRD,
+    "nodecache.yaml": NODE_CACHE_CRD,
+}
+
+_HEADER = "# Generated by `python -m sllm_knative.config crds manifests/crds` from sllm_knative/config/crds.py.\n"
+
+
+def render(crd: dict[str, Any]) -> str:
+    """The CRD as the YAML file committed under manifests/crds."""
+    return _HEADER + yaml.safe_dump(crd, sort_keys=False, width=100, allow_unicode=True)
+
+
+def write(directory: Path) -> list[Path]:
+    """Render every CRD into `directory` (atomically: temporary file, then rename)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, crd in CRDS.items():
+        target = directory / name
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(render(crd))
+        os.replace(tmp, target)
+        written.append(target)
+    return written

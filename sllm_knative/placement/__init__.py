@@ -1,0 +1,55 @@
+"""Load-time model and placement (pure functions; see docs/placement.md).
+
+    place(request, nodes, calibration) -> Placement      where to start a new instance
+    startup(request, node) -> Estimate                   the load-time model for one node
+    choose_victims(instances, count)                     whom to remove on scale-down
+    observe_load / observe_start / observe_migration      online calibration updates
+"""
+
+from sllm_knative.placement.calibration import (
+    Calibration,
+    LoadObservation,
+    MigrationCost,
+    MigrationObservation,
+    ewma,
+    fit_migration_cost,
+    observe_load,
+    observe_migration,
+    observe_start,
+)
+from sllm_knative.placement.decide import Action, Option, Placement, choose_victims, place
+from sllm_knative.placement.model import (
+    TIERS,
+    Estimate,
+    Instance,
+    ModelRequest,
+    NodeInventory,
+    QueuedLoad,
+    Tier,
+    startup,
+)
+
+__all__ = [
+    "TIERS",
+    "Action",
+    "Calibration",
+    "Estimate",
+    "Instance",
+    "LoadObservation",
+    "MigrationCost",
+    "MigrationObservation",
+    "ModelRequest",
+    "NodeInventory",
+    "Option",
+    "Placement",
+    "QueuedLoad",
+    "Tier",
+    "choose_victims",
+    "ewma",
+    "fit_migration_cost",
+    "observe_load",
+    "observe_migration",
+    "observe_start",
+    "place",
+    "startup",
+]

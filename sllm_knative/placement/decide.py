@@ -1,0 +1,192 @@
+"""Placement: choose where a new instance starts, as a pure function returning a decision value.
+
+Every node yields options, each with an estimated time until the instance is ready:
+
+- PLACE: the node has a free slot: `startup(m, n)`.
+- EVICT: no free slot, but an idle instance of another model (kept alive, not serving) with a
+  priority no higher than the request's can stop at once: `startup(m, n)`.
+- MIGRATE: no free slot; a busy, migratable instance of another model with a priority no
+  higher than the request's moves its in-flight generations away, either onto an instance
+  of its own model with room for them (cost `a * tokens + b`) or onto a free slot of another
+  node (that node's startup time for its model, plus the same cost). The slot frees when the
+  migration ends: `max(migration, queue_wait) + load + overhead`.
+- WAIT: no free slot; the node's instance expected to finish first frees its slot after
+  `remaining_s`: `max(remaining, queue_wait) + load + overhead`.
+
+The option with the smallest estimate wins; ties go to the least disruptive action (PLACE,
+EVICT, WAIT, MIGRATE), then the faster tier, then the node name. Instances of the requested
+model itself are never displaced (the caller routes to them instead).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from sllm_knative.placement.calibration import Calibration, MigrationCost
+from sllm_knative.placement.model import Estimate, Instance, ModelRequest, NodeInventory, startup
+
+
+class Action(str, Enum):
+    PLACE = "place"
+    EVICT = "evict"
+    WAIT = "wait"
+    MIGRATE = "migrate"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_DISRUPTION = {Action.PLACE: 0, Action.EVICT: 1, Action.WAIT: 2, Action.MIGRATE: 3}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to start the model on `node`. `free_s` is the time until a slot is free there
+    (0 with a free slot); `victim` the instance stopped, migrated or waited for;
+    `destination` the instance or node that receives a migrated instance's generations."""
+
+    action: Action
+    estimate: Estimate
+    free_s: float = 0.0
+    victim: str | None = None
+    destination: str | None = None
+    reason: str = ""
+
+    @property
+    def node(self) -> str:
+        return self.estimate.node
+
+    @property
+    def total_s(self) -> float:
+        e = self.estimate
+        return max(self.free_s, e.queue_wait_s) + e.load_s + e.overhead_s
+
+    def _key(self) -> tuple[float, int, int, str]:
+        return (self.total_s, _DISRUPTION[self.action], self.estimate.tier.rank, self.node)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The decision. `options` holds every option considered, best first; `estimates` the best
+    option of each node; `reasons` says why the chosen one won and why each node lost.
+    With no option at all, `action` is WAIT, `node` None and `estimate_s` infinite."""
+
+    action: Action
+    node: str | None
+    estimate_s: float
+    chosen: Option | None
+    options: tuple[Option, ...]
+    reasons: tuple[str, ...]
+
+    @property
+    def estimates(self) -> tuple[Option, ...]:
+        return _best_per_node(self.options)
+
+
+def _best_per_node(options: Sequence[Option]) -> tuple[Option, ...]:
+    """The first (best) option of each node, in the order given."""
+    seen: set[str] = set()
+    best: list[Option] = []
+    for o in options:
+        if o.node not in seen:
+            seen.add(o.node)
+            best.append(o)
+    return tuple(best)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _describe(request: ModelRequest, node: NodeInventory, e: Estimate) -> str:
+    if e.joined:
+        return f"joins the queued load of {request.model} from {e.tier} ({e.queue_wait_s:.2f}s), start {e.overhead_s:.2f}s"
+    parts = []
+    if e.queue_wait_s > 0:
+        parts.append(f"queue {e.queue_wait_s:.2f}s")
+    if e.load_s > 0:
+        bw = node.bandwidth[e.tier]
+        parts.append(f"load {e.load_s:.2f}s from {e.tier} ({_gb(request.size_bytes)} at {bw / 1e9:.2f} GB/s)")
+    else:
+        parts.append(f"checkpoint resident on the {e.tier}")
+    parts.append(f"start {e.overhead_s:.2f}s")
+    return ", ".join(parts)
+
+
+def _migration_targets(victim: Instance, home: NodeInventory, nodes: Sequence[NodeInventory],
+                       cost: MigrationCost) -> tuple[float, str, str] | None:
+    """The cheapest place for `victim`'s generations: (seconds, destination, how)."""
+    move = cost.seconds(victim.tokens)
+    best: tuple[float, str, str] | None = None
+    for n in nodes:
+        for other in n.instances:
+            if other.name != victim.name and other.model == victim.model and other.spare() >= victim.inflight:
+                cand = (move, other.name, f"onto instance {other.name} on {n.name}")
+                best = cand if best is None or cand[0] < best[0] else best
+    for n in nodes:
+        if n.name == home.name or n.free_slots <= 0:
+            continue
+        e = startup(ModelRequest(victim.model, victim.size_bytes), n)
+        cand = (e.total_s + move, n.name, f"onto a new instance on {n.name} ({e.total_s:.2f}s to start)")
+        best = cand if best is None or cand[0] < best[0] else best
+    return best
+
+
+def _options(request: ModelRequest, node: NodeInventory, nodes: Sequence[NodeInventory],
+             cost: MigrationCost) -> Iterable[Option]:
+    e = startup(request, node)
+    base = _describe(request, node, e)
+    if node.free_slots > 0:
+        yield Option(Action.PLACE, e, reason=f"free slot; {base}")
+        return
+    ending = [i for i in node.instances if i.remaining_s is not None]
+    if ending:
+        first = min(ending, key=lambda i: (i.remaining_s, i.name))
+        yield Option(Action.WAIT, e, free_s=first.remaining_s or 0.0, victim=first.name,
+                     reason=f"no free slot; {first.name} expected to finish in {first.remaining_s:.2f}s; {base}")
+    for inst in node.instances:
+        if inst.model == request.model or inst.priority > request.priority:
+            continue
+        if inst.idle:
+            yield Option(Action.EVICT, e, victim=inst.name,
+                         reason=f"no free slot; stop idle instance {inst.name} ({inst.model}); {base}")
+        elif inst.migratable:
+            target = _migration_targets(inst, node, nodes, cost)
+            if target is None:
+                continue
+            seconds, dest, how = target
+            yield Option(Action.MIGRATE, e, free_s=seconds, victim=inst.name, destination=dest,
+                         reason=f"no free slot; migrate {inst.name} ({inst.inflight} generation(s), "
+                                f"{inst.tokens} tokens) {how} in {seconds:.2f}s; {base}")
+
+
+def place(request: ModelRequest, nodes: Sequence[NodeInventory], calibration: Calibration | None = None) -> Placement:
+    """Choose the node (and, with no free slot, the instance to evict, migrate or wait for)
+    that starts `request` soonest. Calibrated bandwidths and overheads replace the inventory's."""
+    cal = calibration or Calibration()
+    names = [n.name for n in nodes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"node names must be unique, got {names}")
+    nodes = [cal.apply(n) for n in nodes]
+    options = sorted((o for n in nodes for o in _options(request, n, nodes, cal.migration_cost)), key=Option._key)
+    if not options:
+        why = "no nodes" if not nodes else (
+            "no free slot, no instance that can be stopped or migrated, and no instance with a known end")
+        return Placement(Action.WAIT, None, math.inf, None, (), (f"wait for capacity: {why}",))
+    best = options[0]
+    reasons = [f"{best.action} on {best.node}: {best.total_s:.2f}s ({best.reason})"]
+    for o in _best_per_node(options)[1:]:
+        reasons.append(f"not {o.node}: {o.total_s:.2f}s, {o.total_s - best.total_s:.2f}s slower ({o.action}: {o.reason})")
+    return Placement(best.action, best.node, best.total_s, best, tuple(options), tuple(reasons))
+
+
+def choose_victims(instances: Sequence[Instance], count: int) -> tuple[Instance, ...]:
+    """The `count` instances to remove on scale-down: idle ones first, then those with the
+    fewest in-flight generations and tokens (the cheapest to drain or migrate), then by name."""
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    ranked = sorted(instances, key=lambda i: (not i.idle, i.inflight, i.tokens, i.name))
+    return tuple(ranked[:count])

@@ -1,0 +1,169 @@
+"""The load-time model: node inventories in, estimated startup time out. Pure, no I/O.
+
+    startup(m, n) = queue_wait(n) + S / bandwidth(n, tier(m, n)) + instance_overhead(n)
+
+`tier(m, n)` is the fastest tier of node n holding model m (device = already resident, DRAM,
+SSD, else the remote store); `bandwidth(n, t)` is the node's measured rate for loading from
+tier t into the device (bytes/s; see `calibration` for the online updates); `queue_wait(n)`
+is the time for the loads already queued on n to finish: the node's loader runs one load at
+a time, first in first out. A model that is already in n's queue is not loaded twice: the new
+instance waits for that load to finish.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Tier(str, Enum):
+    """Where a checkpoint is, fastest first."""
+
+    DEVICE = "device"
+    DRAM = "dram"
+    SSD = "ssd"
+    REMOTE = "remote"
+
+    @property
+    def rank(self) -> int:
+        """0 for the fastest tier (device), 3 for the remote store."""
+        return TIERS.index(self)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TIERS = (Tier.DEVICE, Tier.DRAM, Tier.SSD, Tier.REMOTE)
+
+
+@dataclass(frozen=True)
+class QueuedLoad:
+    """A load waiting for (or running on) a node's loader: `remaining_bytes` still to move from `tier`."""
+
+    model: str
+    remaining_bytes: int
+    tier: Tier
+
+    def __post_init__(self) -> None:
+        if self.remaining_bytes < 0:
+            raise ValueError(f"queued load of {self.model}: remaining_bytes must be >= 0, got {self.remaining_bytes}")
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A running instance occupying a slot. `tokens` counts the prompt and generated tokens of
+    its in-flight generations (what a migration must recompute); `remaining_s` is the expected
+    time until they all end (None when unknown); `capacity` is its containerConcurrency
+    (0 = unlimited)."""
+
+    name: str
+    model: str
+    size_bytes: int
+    inflight: int = 0
+    tokens: int = 0
+    capacity: int = 0
+    remaining_s: float | None = None
+    priority: int = 0
+    migratable: bool = True
+
+    def __post_init__(self) -> None:
+        if self.size_bytes <= 0:
+            raise ValueError(f"instance {self.name}: size_bytes must be > 0, got {self.size_bytes}")
+        if self.inflight < 0 or self.tokens < 0 or self.capacity < 0:
+            raise ValueError(f"instance {self.name}: inflight, tokens and capacity must be >= 0")
+        if self.remaining_s is not None and not (self.remaining_s >= 0 and math.isfinite(self.remaining_s)):
+            raise ValueError(f"instance {self.name}: remaining_s must be a finite number >= 0, got {self.remaining_s}")
+
+    @property
+    def idle(self) -> bool:
+        return self.inflight == 0
+
+    def spare(self) -> float:
+        """How many more generations it can take (inf when its concurrency is unlimited)."""
+        return math.inf if self.capacity == 0 else max(0, self.capacity - self.inflight)
+
+
+@dataclass(frozen=True)
+class NodeInventory:
+    """What the planner knows about one node. `bandwidth` maps a tier to bytes/s for loading
+    from it into the device; it must cover the remote store and every tier named in
+    `checkpoints` and `load_queue` (a device-resident checkpoint needs no bandwidth: it loads
+    in no time unless `bandwidth[DEVICE]` says otherwise)."""
+
+    name: str
+    bandwidth: Mapping[Tier, float]
+    checkpoints: Mapping[str, Tier] = field(default_factory=dict)
+    load_queue: tuple[QueuedLoad, ...] = ()
+    free_slots: int = 1
+    instances: tuple[Instance, ...] = ()
+    instance_overhead_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("node name cannot be empty")
+        for tier, bw in self.bandwidth.items():
+            if not (bw > 0 and math.isfinite(bw)):
+                raise ValueError(f"node {self.name}: bandwidth[{tier}] must be a finite number > 0, got {bw}")
+        needed = {Tier.REMOTE} | {t for t in self.checkpoints.values() if t != Tier.DEVICE}
+        needed |= {q.tier for q in self.load_queue if q.tier != Tier.DEVICE}
+        missing = sorted(str(t) for t in needed - set(self.bandwidth))
+        if missing:
+            raise ValueError(f"node {self.name}: no bandwidth for tier(s) {', '.join(missing)}")
+        if self.free_slots < 0:
+            raise ValueError(f"node {self.name}: free_slots must be >= 0, got {self.free_slots}")
+        if not (self.instance_overhead_s >= 0 and math.isfinite(self.instance_overhead_s)):
+            raise ValueError(f"node {self.name}: instance_overhead_s must be >= 0, got {self.instance_overhead_s}")
+
+    def tier_of(self, model: str) -> Tier:
+        """The fastest tier of this node holding `model` (REMOTE when it holds none)."""
+        return self.checkpoints.get(model, Tier.REMOTE)
+
+    def load_seconds(self, size_bytes: int, tier: Tier) -> float:
+        if tier == Tier.DEVICE and Tier.DEVICE not in self.bandwidth:
+            return 0.0
+        return size_bytes / self.bandwidth[tier]
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """The model to start: its key (the checkpoint URI), its size, its service's priority."""
+
+    model: str
+    size_bytes: int
+    priority: int = 0
+
+    def __post_init__(self) -> None:
+        if self.size_bytes <= 0:
+            raise ValueError(f"model {self.model}: size_bytes must be > 0, got {self.size_bytes}")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """startup(m, n) split into its terms. When `joined` is true the model is already in the
+    node's load queue: `queue_wait_s` runs until that load ends and `load_s` is 0."""
+
+    node: str
+    tier: Tier
+    queue_wait_s: float
+    load_s: float
+    overhead_s: float
+    joined: bool = False
+
+    @property
+    def total_s(self) -> float:
+        return self.queue_wait_s + self.load_s + self.overhead_s
+
+
+def startup(request: ModelRequest, node: NodeInventory) -> Estimate:
+    """The estimated time to start `request.model` on `node`, assuming a free slot."""
+    waited = 0.0
+    for q in node.load_queue:
+        waited += node.load_seconds(q.remaining_bytes, q.tier)
+        if q.model == request.model:
+            return Estimate(node.name, q.tier, waited, 0.0, node.instance_overhead_s, joined=True)
+    tier = node.tier_of(request.model)
+    # A resident checkpoint needs no I/O, so it does not queue behind the loader.
+    queue = 0.0 if tier == Tier.DEVICE else waited
+    return Estimate(node.name, tier, queue, node.load_seconds(request.size_bytes, tier), node.instance_overhead_s)

@@ -1,0 +1,119 @@
+"""Online calibration: bandwidth and start-time averages, the least-squares migration cost, and
+their effect on placement."""
+
+from __future__ import annotations
+
+import pytest
+
+from sllm_knative.placement import (
+    Calibration,
+    LoadObservation,
+    MigrationCost,
+    MigrationObservation,
+    ModelRequest,
+    NodeInventory,
+    Tier,
+    ewma,
+    fit_migration_cost,
+    observe_load,
+    observe_migration,
+    observe_start,
+    place,
+)
+
+GB = 10**9
+PRIOR = MigrationCost(a=1e-3, b=0.4)
+
+
+@pytest.mark.parametrize("old,new,alpha,want", [
+    pytest.param(None, 5.0, 0.3, 5.0, id="first-observation"),
+    pytest.param(10.0, 0.0, 0.3, 7.0, id="moves-by-alpha"),
+    pytest.param(10.0, 20.0, 1.0, 20.0, id="alpha-one-forgets"),
+])
+def test_ewma(old: float | None, new: float, alpha: float, want: float) -> None:
+    assert ewma(old, new, alpha) == pytest.approx(want)
+
+
+def test_observe_load_updates_one_node_and_tier() -> None:
+    cal = observe_load(Calibration(), LoadObservation("a", Tier.SSD, 4 * GB, 2.0))
+    assert cal.bandwidth == {("a", Tier.SSD): pytest.approx(2 * GB)}
+    cal = observe_load(cal, LoadObservation("a", Tier.SSD, 1 * GB, 1.0))  # 1 GB/s observed
+    assert cal.bandwidth[("a", Tier.SSD)] == pytest.approx(2 * GB + 0.3 * (1 * GB - 2 * GB))
+    seeded = observe_load(Calibration(), LoadObservation("b", Tier.DRAM, GB, 1.0), profile_bandwidth=11 * GB)
+    assert seeded.bandwidth[("b", Tier.DRAM)] == pytest.approx(11 * GB + 0.3 * (GB - 11 * GB))
+
+
+@pytest.mark.parametrize("obs", [
+    pytest.param(LoadObservation("a", Tier.SSD, 0, 1.0), id="no-bytes"),
+    pytest.param(LoadObservation("a", Tier.SSD, GB, 0.0), id="no-time"),
+    pytest.param(LoadObservation("a", Tier.SSD, GB, float("inf")), id="infinite-time"),
+])
+def test_observe_load_rejects(obs: LoadObservation) -> None:
+    with pytest.raises(ValueError, match="must be a finite number > 0"):
+        observe_load(Calibration(), obs)
+
+
+def test_calibration_changes_the_placement() -> None:
+    request = ModelRequest("hf://org/m", 4 * GB)
+    nodes = [
+        NodeInventory("a", {Tier.SSD: 4 * GB, Tier.REMOTE: GB}, {"hf://org/m": Tier.SSD}),
+        NodeInventory("b", {Tier.REMOTE: 2 * GB}),
+    ]
+    assert place(request, nodes).node == "a"  # profile: 1 s from a's SSD vs 2 s from the store on b
+    cal = Calibration()
+    for _ in range(6):  # a's disk turns out to be shared and slow: 0.5 GB/s
+        cal = observe_load(cal, LoadObservation("a", Tier.SSD, 4 * GB, 8.0), profile_bandwidth=4 * GB)
+    assert cal.bandwidth[("a", Tier.SSD)] < 1.2 * GB
+    p = place(request, nodes, cal)
+    assert p.node == "b" and p.estimate_s == pytest.approx(2.0)
+    # Start times count too: b's instances are slow to start.
+    cal = observe_start(cal, "b", 4.0)
+    assert place(request, nodes, cal).node == "a"
+
+
+def test_apply_leaves_unknown_nodes_alone() -> None:
+    n = NodeInventory("c", {Tier.REMOTE: GB}, instance_overhead_s=0.5)
+    cal = observe_start(observe_load(Calibration(), LoadObservation("a", Tier.SSD, GB, 1.0)), "a", 1.0)
+    assert cal.apply(n) is n
+
+
+def _obs(*pairs: tuple[int, float]) -> list[MigrationObservation]:
+    return [MigrationObservation(t, s) for t, s in pairs]
+
+
+@pytest.mark.parametrize("observations,want", [
+    pytest.param([], PRIOR, id="no-data-uses-prior"),
+    pytest.param(_obs((1000, 1.5), (3000, 3.5), (5000, 5.5)), MigrationCost(1e-3, 0.5), id="exact-line"),
+    pytest.param(_obs((2000, 2.0), (2000, 3.0)), MigrationCost(1e-3, 0.5), id="one-token-count-keeps-prior-slope"),
+    pytest.param(_obs((1000, 3.0), (5000, 1.0)), MigrationCost(0.0, 2.0), id="negative-slope-clamped"),
+    pytest.param(_obs((1000, 0.5), (3000, 2.5)), MigrationCost(2.5 * 3000 / (1000**2 + 3000**2) + 0.5 * 1000 / (1000**2 + 3000**2), 0.0),
+                 id="negative-intercept-refit-through-origin"),
+])
+def test_fit_migration_cost(observations: list[MigrationObservation], want: MigrationCost) -> None:
+    got = fit_migration_cost(observations, PRIOR)
+    assert (got.a, got.b) == (pytest.approx(want.a), pytest.approx(want.b))
+
+
+def test_fit_recovers_a_noisy_line() -> None:
+    noise = [0.05, -0.04, 0.02, -0.03, 0.01, -0.02, 0.04, -0.05]
+    obs = [MigrationObservation(t, 2e-4 * t + 0.3 + e) for t, e in zip(range(500, 8500, 1000), noise, strict=True)]
+    got = fit_migration_cost(obs, PRIOR)
+    assert got.a == pytest.approx(2e-4, rel=0.05) and got.b == pytest.approx(0.3, abs=0.05)
+
+
+def test_observe_migration_refits_over_the_most_recent() -> None:
+    cal = Calibration(prior=PRIOR, migration_cost=PRIOR)
+    for t, s in [(1000, 100.0), (2000, 200.0)]:  # an old regime, pushed out below
+        cal = observe_migration(cal, MigrationObservation(t, s), keep=3)
+    for t in (1000, 2000, 3000):
+        cal = observe_migration(cal, MigrationObservation(t, 1e-3 * t + 0.5), keep=3)
+    assert len(cal.migrations) == 3
+    assert (cal.migration_cost.a, cal.migration_cost.b) == (pytest.approx(1e-3), pytest.approx(0.5))
+    assert cal.migration_cost.seconds(4000) == pytest.approx(4.5)
+    with pytest.raises(ValueError, match="tokens"):
+        observe_migration(cal, MigrationObservation(-1, 1.0))
+
+
+def test_bad_alpha() -> None:
+    with pytest.raises(ValueError, match="alpha"):
+        Calibration(alpha=0.0)

@@ -1,0 +1,184 @@
+"""Placement: the load-time model picks the node where the model starts soonest, and with no
+free slot weighs waiting, evicting an idle instance and migrating a busy one."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import pytest
+
+from sllm_knative.placement import (
+    Action,
+    Calibration,
+    Instance,
+    MigrationCost,
+    ModelRequest,
+    NodeInventory,
+    QueuedLoad,
+    Tier,
+    choose_victims,
+    place,
+    startup,
+)
+
+GB = 10**9
+M = "hf://org/llama"  # the model to start, 5 GB
+OTHER = "hf://org/other"  # a 1 GB model other instances serve
+REQ = ModelRequest(M, 5 * GB)
+BW: Mapping[Tier, float] = {Tier.DRAM: 10 * GB, Tier.SSD: 2 * GB, Tier.REMOTE: 0.5 * GB}
+COST = Calibration(migration_cost=MigrationCost(a=2e-4, b=0.5))
+
+
+def node(name: str, tier: Tier | None = None, *, free: int = 1, queue: tuple[QueuedLoad, ...] = (),
+         instances: tuple[Instance, ...] = (), bw: Mapping[Tier, float] | None = None,
+         overhead: float = 0.3) -> NodeInventory:
+    return NodeInventory(name, dict(bw or BW), {M: tier} if tier else {}, queue, free, instances, overhead)
+
+
+def busy(name: str, *, tokens: int = 10_000, remaining: float | None = 60.0, migratable: bool = True,
+         priority: int = 0, model: str = OTHER, capacity: int = 4, inflight: int = 2) -> Instance:
+    return Instance(name, model, 1 * GB, inflight=inflight, tokens=tokens, capacity=capacity, remaining_s=remaining,
+                    priority=priority, migratable=migratable)
+
+
+def idle(name: str, *, model: str = OTHER, priority: int = 0) -> Instance:
+    return Instance(name, model, 1 * GB, priority=priority)
+
+
+@pytest.mark.parametrize("nodes,want_node,want_tier,want_s", [
+    pytest.param([node("ssd", Tier.SSD), node("remote"), node("dram", Tier.DRAM), node("resident", Tier.DEVICE)],
+                 "resident", Tier.DEVICE, 0.3, id="resident-beats-dram"),
+    pytest.param([node("ssd", Tier.SSD), node("remote"), node("dram", Tier.DRAM)],
+                 "dram", Tier.DRAM, 0.8, id="dram-beats-ssd"),
+    pytest.param([node("remote"), node("ssd", Tier.SSD)], "ssd", Tier.SSD, 2.8, id="ssd-beats-remote"),
+    pytest.param([node("remote")], "remote", Tier.REMOTE, 10.3, id="remote-only"),
+    pytest.param([node("dram", Tier.DRAM, queue=(QueuedLoad("hf://org/big", 20 * GB, Tier.SSD),)),
+                  node("ssd", Tier.SSD)], "ssd", Tier.SSD, 2.8, id="queue-behind-a-big-load-changes-the-choice"),
+    pytest.param([node("dram", Tier.DRAM, queue=(QueuedLoad("hf://org/small", GB, Tier.DRAM),)),
+                  node("ssd", Tier.SSD)], "dram", Tier.DRAM, 0.9, id="short-queue-keeps-the-choice"),
+    pytest.param([node("ssd", Tier.SSD, queue=(QueuedLoad("hf://org/x", 2 * GB, Tier.REMOTE), QueuedLoad(M, GB, Tier.REMOTE))),
+                  node("remote")], "ssd", Tier.REMOTE, 6.3, id="joins-its-own-queued-load"),
+    pytest.param([node("slow-disk", Tier.SSD, bw={**BW, Tier.SSD: 0.25 * GB}), node("dram", Tier.DRAM)],
+                 "dram", Tier.DRAM, 0.8, id="slow-disk-vs-dram-copy-elsewhere"),
+    pytest.param([node("slow-disk", Tier.SSD, bw={**BW, Tier.SSD: 0.25 * GB}),
+                  node("fast-net", bw={**BW, Tier.REMOTE: 2.5 * GB})],
+                 "fast-net", Tier.REMOTE, 2.3, id="slow-disk-loses-to-a-fast-network"),
+    pytest.param([node("dram", Tier.DRAM, free=0), node("ssd", Tier.SSD)], "ssd", Tier.SSD, 2.8,
+                 id="full-node-with-nothing-to-free-is-skipped"),
+    pytest.param([node("dram", Tier.DRAM, overhead=5.0), node("ssd", Tier.SSD, overhead=0.1)], "ssd", Tier.SSD, 2.6,
+                 id="instance-overhead-counts"),
+    pytest.param([node("b", Tier.DRAM), node("a", Tier.DRAM)], "a", Tier.DRAM, 0.8, id="tie-goes-to-node-name"),
+])
+def test_place_picks_the_fastest_start(nodes: list[NodeInventory], want_node: str, want_tier: Tier,
+                                       want_s: float) -> None:
+    p = place(REQ, nodes, COST)
+    assert p.action == Action.PLACE and p.node == want_node
+    assert p.chosen is not None and p.chosen.estimate.tier == want_tier
+    assert p.estimate_s == pytest.approx(want_s)
+    totals = [o.total_s for o in p.estimates]
+    assert totals == sorted(totals) and len(p.estimates) == len({o.node for o in p.options})
+    assert p.reasons[0].startswith(f"place on {want_node}: {want_s:.2f}s")
+    assert len(p.reasons) == len(p.estimates)
+
+
+@pytest.mark.parametrize("nodes,action,want_node,victim,destination,want_s", [
+    pytest.param([node("a", Tier.DRAM, free=0, instances=(busy("x"),)),
+                  node("b", free=0, instances=(busy("y", remaining=30.0),))],
+                 Action.MIGRATE, "a", "x", "y", 2.5 + 0.8, id="migrate-onto-an-instance-of-its-model"),
+    pytest.param([node("a", Tier.DRAM, free=0, instances=(busy("x", remaining=1.0),)),
+                  node("b", free=0, instances=(busy("y", remaining=30.0),))],
+                 Action.WAIT, "a", "x", None, 1.0 + 0.8, id="wait-when-the-generation-ends-soon"),
+    pytest.param([node("a", Tier.DRAM, free=0, instances=(busy("x", tokens=200_000),)),
+                  node("b", free=0, instances=(busy("y", remaining=5.0, migratable=False),))],
+                 Action.WAIT, "b", "y", None, 5.0 + 10.3, id="wait-elsewhere-when-migration-is-dear"),
+    pytest.param([node("a", Tier.DRAM, free=0, instances=(busy("x", migratable=False, remaining=None),)),
+                  node("b", free=0, instances=(busy("y", remaining=20.0, migratable=False),))],
+                 Action.WAIT, "b", "y", None, 20.0 + 10.3, id="migration-disabled-by-policy"),
+    pytest.param([node("a", Tier.DRAM, free=0, instances=(busy("x", priority=5, remaining=None),)),
+                  node("b", free=0, instances=(busy("y", remaining=20.0, migratable=False),))],
+                 Action.WAIT, "b", "y", None, 20.0 + 10.3, id="higher-priority-is-not-displaced"),
+    pytest.param([node("a", Tier.DRAM, free=0, instances=(idle("x"),)),
+                  node("b", free=0, instances=(busy("y"),))],
+                 Action.EVICT, "a", "x", None, 0.8, id="evict-an-idle-instance"),
+    pytest.param([node("a", Tier.DRAM, free=0, instances=(idle("x", model=M),)),
+                  node("b", Tier.SSD, free=0, instances=(idle("z"),))],
+                 Action.EVICT, "b", "z", None, 2.8, id="never-evict-its-own-model"),
+    pytest.param([node("a", Tier.DRAM, free=0, instances=(busy("x", inflight=3),)),
+                  node("b", free=0, instances=(busy("y", capacity=4, inflight=2, remaining=30.0),))],
+                 Action.WAIT, "b", "y", None, 30.0 + 10.3, id="no-room-for-its-generations"),
+    pytest.param([node("a", Tier.DRAM, free=0, instances=(busy("x", tokens=1000),)), node("b")],
+                 Action.MIGRATE, "a", "x", "b", (2.0 + 0.3) + (0.2 + 0.5) + 0.8,
+                 id="locality-move-a-busy-instance-to-a-free-node"),
+])
+def test_no_free_slot(nodes: list[NodeInventory], action: Action, want_node: str, victim: str,
+                      destination: str | None, want_s: float) -> None:
+    p = place(REQ, nodes, COST)
+    assert (p.action, p.node) == (action, want_node), p.reasons
+    assert p.chosen is not None and p.chosen.victim == victim and p.chosen.destination == destination
+    assert p.estimate_s == pytest.approx(want_s)
+
+
+def test_migration_cost_decides_between_migrate_and_place() -> None:
+    nodes = [node("a", Tier.DRAM, free=0, instances=(busy("x", tokens=1000),)), node("b")]
+    assert place(REQ, nodes, COST).action == Action.MIGRATE
+    dear = Calibration(migration_cost=MigrationCost(a=0.01, b=2.0))  # 12 s to move 1000 tokens
+    p = place(REQ, nodes, dear)
+    assert (p.action, p.node, p.estimate_s) == (Action.PLACE, "b", pytest.approx(10.3))
+    # x would start on b (2.3 s) and move (12 s) before M loads from a's DRAM (0.8 s).
+    assert any(o.action == Action.MIGRATE and o.total_s == pytest.approx(2.3 + 12.0 + 0.8) for o in p.options)
+
+
+def test_nothing_possible_is_a_wait_for_capacity() -> None:
+    p = place(REQ, [node("a", free=0, instances=(busy("x", migratable=False, remaining=None),))], COST)
+    assert (p.action, p.node, p.chosen, p.options) == (Action.WAIT, None, None, ())
+    assert math.isinf(p.estimate_s) and "wait for capacity" in p.reasons[0]
+    assert place(REQ, [], COST).reasons == ("wait for capacity: no nodes",)
+
+
+def test_reasons_explain_the_choice() -> None:
+    p = place(REQ, [node("ssd", Tier.SSD), node("dram", Tier.DRAM,
+                                                  queue=(QueuedLoad("hf://org/z", GB, Tier.DRAM),))], COST)
+    assert p.reasons[0] == ("place on dram: 0.90s (free slot; queue 0.10s, load 0.50s from dram "
+                            "(5.00 GB at 10.00 GB/s), start 0.30s)")
+    assert p.reasons[1].startswith("not ssd: 2.80s, 1.90s slower (place: free slot; load 2.50s from ssd")
+
+
+def test_startup_formula() -> None:
+    n = node("n", Tier.SSD, queue=(QueuedLoad("hf://org/q", 4 * GB, Tier.REMOTE),), overhead=0.25)
+    e = startup(REQ, n)
+    assert (e.queue_wait_s, e.load_s, e.overhead_s, e.total_s) == pytest.approx((8.0, 2.5, 0.25, 10.75))
+    resident = startup(REQ, node("r", Tier.DEVICE, queue=n.load_queue))
+    assert (resident.queue_wait_s, resident.load_s) == (0.0, 0.0)  # no I/O, no queue
+    measured = startup(REQ, node("r", Tier.DEVICE, bw={**BW, Tier.DEVICE: 50 * GB}))
+    assert measured.load_s == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("make,message", [
+    pytest.param(lambda: NodeInventory("n", {Tier.SSD: GB}), "no bandwidth for tier", id="remote-bandwidth-required"),
+    pytest.param(lambda: NodeInventory("n", dict(BW), {M: Tier.DRAM} | {"x": Tier.DEVICE}, free_slots=-1),
+                 "free_slots", id="negative-slots"),
+    pytest.param(lambda: NodeInventory("n", {Tier.REMOTE: 0.0}), "bandwidth", id="zero-bandwidth"),
+    pytest.param(lambda: NodeInventory("n", {Tier.REMOTE: GB}, {M: Tier.SSD}), "no bandwidth for tier\\(s\\) ssd",
+                 id="checkpoint-tier-without-bandwidth"),
+    pytest.param(lambda: ModelRequest(M, 0), "size_bytes", id="empty-model"),
+    pytest.param(lambda: Instance("i", M, GB, remaining_s=-1.0), "remaining_s", id="negative-remaining"),
+    pytest.param(lambda: QueuedLoad(M, -1, Tier.SSD), "remaining_bytes", id="negative-queue"),
+    pytest.param(lambda: place(REQ, [node("a"), node("a")]), "unique", id="duplicate-nodes"),
+])
+def test_bad_inputs_are_rejected(make: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("instances,count,want", [
+    pytest.param([busy("b", tokens=10), idle("a"), busy("c", tokens=5)], 1, ["a"], id="idle-first"),
+    pytest.param([busy("b", tokens=10), busy("c", tokens=5)], 1, ["c"], id="fewest-tokens"),
+    pytest.param([busy("b", tokens=10, inflight=1), busy("c", tokens=5, inflight=3)], 1, ["b"],
+                 id="fewest-generations-first"),
+    pytest.param([idle("z"), idle("y"), busy("x")], 2, ["y", "z"], id="name-breaks-ties"),
+    pytest.param([idle("a")], 3, ["a"], id="more-than-there-are"),
+    pytest.param([idle("a")], 0, [], id="none"),
+])
+def test_choose_victims(instances: list[Instance], count: int, want: list[str]) -> None:
+    assert [i.name for i in choose_victims(instances, count)] == want
