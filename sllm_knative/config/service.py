@@ -305,9 +305,10 @@ def parse_service(doc: Any, *, defaults: AutoscalerConfig | None = None, source:
     name = meta.get("name", "")
     if not name:
         errors.add(("metadata", "name"), "required field is missing")
-    elif not _DNS1035.match(name):
+    elif not _DNS1035.match(name) or len(name) > 63:
         errors.add(("metadata", "name"),
-                   f"must be a DNS-1035 label (lowercase letters, digits, '-', starting with a letter), got {show(name)}")
+                   f"must be a DNS-1035 label (at most 63 lowercase letters, digits, '-', starting with a letter), "
+                   f"got {show(name)}")
     namespace = meta.get("namespace") or "default"
     annotations: dict[str, str] = dict(meta.get("annotations") or {})
     spec = doc.get("spec") or {}

@@ -175,6 +175,8 @@ MIN = 'spec.template.metadata.annotations["autoscaling.knative.dev/min-scale"]'
                  ['metadata.annotations["sllm-knative.io/model"]: set on both'], id="model-conflict"),
     pytest.param([(("metadata", "name"), "9llama")],
                  ['metadata.name: must be a DNS-1035 label'], id="name-starts-with-digit"),
+    pytest.param([(("metadata", "name"), "a" * 64)],
+                 ['metadata.name: must be a DNS-1035 label (at most 63'], id="name-too-long"),
     pytest.param([(("metadata", "name"), "Llama")],
                  ["metadata.name: must be a lowercase DNS name"], id="name-uppercase"),
     pytest.param([(("metadata", "name"), DELETE)], ["metadata.name: required field is missing"], id="name-missing"),
