@@ -1,0 +1,57 @@
+"""`python -m functions.llm`: start loading the model at once, serve meanwhile.
+
+Imports before the load starts are the standard library, the configuration and logging;
+torch and transformers are imported by the loading thread while the HTTP servers come up.
+`main(argv)` also serves a pre-imported runtime (a process that imported torch and
+transformers ahead of time and then calls it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+
+def _process_start() -> float:
+    """Wall-clock time at which this process started (from /proc; now if unavailable)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        import os
+
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = _process_start()
+    from functions.llm import config
+    from sllm_knative import log
+
+    try:
+        cfg, level = config.parse(argv)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    log.setup(level)
+    logger = log.get_logger("functions.llm", model=cfg.model_name, instance=cfg.instance, node=cfg.node)
+    from functions.llm.service import Service
+
+    service = Service(cfg, started, logger)
+    service.start_loading()
+    from functions.llm import server
+
+    try:
+        asyncio.run(server.serve(service))
+    except OSError as exc:  # e.g. the port is taken
+        logger.error("cannot serve", error=str(exc))
+        return 2
+    return 3 if service.status == "failed" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Configuration of one function instance: defaults, then environment, then flags, then validate.
+
+Knative sets `PORT`; everything else has an `SLLM_*` variable and a flag (flags win):
+
+| flag                  | environment                                   | default                  |
+|-----------------------|-----------------------------------------------|--------------------------|
+| --model DIR           | SLLM_MODEL_DIR                                | (required)               |
+| --served-model-name   | SLLM_MODEL_NAME                               | basename of DIR          |
+| --device              | SLLM_DEVICE                                   | cpu                      |
+| --host / --port       | SLLM_HOST / PORT                              | 0.0.0.0 / 8080           |
+| --internal-host/-port | SLLM_INTERNAL_HOST / SLLM_INTERNAL_PORT       | 0.0.0.0 / port + 1       |
+| (token)               | SLLM_INTERNAL_TOKEN                           | none (no token required) |
+| --max-concurrency     | SLLM_MAX_CONCURRENCY, else CONTAINER_CONCURRENCY | 8                     |
+| --parked-slots        | SLLM_PARKED_SLOTS                             | max-concurrency          |
+| --max-model-len       | SLLM_MAX_MODEL_LEN                            | 4096 (capped by the model) |
+| --numerics            | SLLM_NUMERICS                                 | exact on cpu, fast on cuda |
+| --tile-rows           | SLLM_TILE_ROWS                                | 2                        |
+| --step-tokens         | SLLM_STEP_TOKENS                              | 256                      |
+| --max-body-bytes      | SLLM_MAX_BODY_BYTES                           | 4194304                  |
+| --no-warmup           | SLLM_WARMUP=0                                 | warm-up on               |
+
+The internal token is read from the environment only, so it never shows in a process list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    model_dir: Path
+    model_name: str
+    device: str = "cpu"
+    host: str = "0.0.0.0"
+    port: int = 8080
+    internal_host: str = "0.0.0.0"
+    internal_port: int = 8081
+    internal_token: str | None = None
+    max_concurrency: int = 8
+    parked_slots: int = 8
+    max_model_len: int = 4096
+    numerics: str = "exact"
+    tile_rows: int = 2
+    step_tokens: int = 256
+    max_body_bytes: int = 4 << 20
+    warmup: bool = True
+    instance: str | None = None
+    node: str | None = None
+
+    @property
+    def kv_slots(self) -> int:
+        return self.max_concurrency + self.parked_slots
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m functions.llm",
+                                description="OpenAI-compatible LLM inference function (sllm-knative)")
+    p.add_argument("--model", dest="model_dir")
+    p.add_argument("--served-model-name", dest="model_name")
+    p.add_argument("--device")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--internal-host")
+    p.add_argument("--internal-port", type=int)
+    p.add_argument("--max-concurrency", type=int)
+    p.add_argument("--parked-slots", type=int)
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--numerics", choices=["exact", "fast"])
+    p.add_argument("--tile-rows", type=int)
+    p.add_argument("--step-tokens", type=int)
+    p.add_argument("--max-body-bytes", type=int)
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None)
+    p.add_argument("--log-level")
+    return p
+
+
+def _env_int(env: Mapping[str, str], *names: str) -> int | None:
+    for name in names:
+        raw = env.get(name, "").strip()
+        if raw:
+            try:
+                return int(raw)
+            except ValueError:
+                raise ValueError(f"{name} = {raw!r}, must be an integer") from None
+    return None
+
+
+def parse(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> tuple[ServeConfig, str | None]:
+    """(config, log level) from flags and environment; raises ValueError naming the bad setting."""
+    env = os.environ if env is None else env
+    args = _parser().parse_args(argv)
+
+    def pick(flag: object, *names: str) -> str | None:
+        if flag is not None:
+            return str(flag)
+        for name in names:
+            if env.get(name, "").strip():
+                return env[name].strip()
+        return None
+
+    model_dir = pick(args.model_dir, "SLLM_MODEL_DIR")
+    if not model_dir:
+        raise ValueError("model directory: pass --model DIR or set SLLM_MODEL_DIR")
+    path = Path(model_dir)
+    device = pick(args.device, "SLLM_DEVICE") or "cpu"
+    port = args.port if args.port is not None else _env_int(env, "PORT")
+    port = 8080 if port is None else port
+    internal_port = args.internal_port if args.internal_port is not None else _env_int(env, "SLLM_INTERNAL_PORT")
+    max_conc = args.max_concurrency if args.max_concurrency is not None else _env_int(
+        env, "SLLM_MAX_CONCURRENCY", "CONTAINER_CONCURRENCY")
+    if max_conc == 0:  # Knative: containerConcurrency 0 means unlimited; we still need a bound for KV slots
+        max_conc = None
+    parked = args.parked_slots if args.parked_slots is not None else _env_int(env, "SLLM_PARKED_SLOTS")
+    warmup = args.warmup if args.warmup is not None else env.get("SLLM_WARMUP", "1").strip() not in ("0", "false")
+
+    def num(flag: int | None, name: str, default: int) -> int:
+        value = flag if flag is not None else _env_int(env, name)
+        return default if value is None else value
+
+    cfg = ServeConfig(
+        model_dir=path,
+        model_name=pick(args.model_name, "SLLM_MODEL_NAME") or path.resolve().name,
+        device=device,
+        host=pick(args.host, "SLLM_HOST") or "0.0.0.0",
+        port=port,
+        internal_host=pick(args.internal_host, "SLLM_INTERNAL_HOST") or "0.0.0.0",
+        internal_port=port + 1 if internal_port is None else internal_port,
+        internal_token=env.get("SLLM_INTERNAL_TOKEN") or None,
+        max_concurrency=8 if max_conc is None else max_conc,
+        parked_slots=parked if parked is not None else (8 if max_conc is None else max_conc),
+        max_model_len=num(args.max_model_len, "SLLM_MAX_MODEL_LEN", 4096),
+        numerics=pick(args.numerics, "SLLM_NUMERICS") or ("fast" if device.startswith("cuda") else "exact"),
+        tile_rows=num(args.tile_rows, "SLLM_TILE_ROWS", 2),
+        step_tokens=num(args.step_tokens, "SLLM_STEP_TOKENS", 256),
+        max_body_bytes=num(args.max_body_bytes, "SLLM_MAX_BODY_BYTES", 4 << 20),
+        warmup=warmup,
+        instance=env.get("SLLM_INSTANCE") or env.get("HOSTNAME") or None,
+        node=env.get("SLLM_NODE") or env.get("NODE_NAME") or None,
+    )
+    validate(cfg)
+    return cfg, args.log_level
+
+
+def validate(cfg: ServeConfig) -> None:
+    """Raise ValueError with every problem of cfg, one per line."""
+    problems = []
+
+    def at_least(name: str, value: int, low: int) -> None:
+        if value < low:
+            problems.append(f"{name} = {value}, must be at least {low}")
+
+    if not cfg.model_dir.is_dir():
+        problems.append(f"model directory {str(cfg.model_dir)!r} does not exist")
+    if not cfg.model_name:
+        problems.append("served model name must not be empty")
+    if cfg.device != "cpu" and not (cfg.device == "cuda" or cfg.device.startswith("cuda:")):
+        problems.append(f"device = {cfg.device!r}, must be 'cpu', 'cuda' or 'cuda:N'")
+    for name, port in (("port", cfg.port), ("internal-port", cfg.internal_port)):
+        if not 0 <= port <= 65535:
+            problems.append(f"{name} = {port}, must be between 0 and 65535")
+    if cfg.port == cfg.internal_port and cfg.port != 0:
+        problems.append(f"internal-port = {cfg.internal_port}, must differ from port")
+    at_least("max-concurrency", cfg.max_concurrency, 1)
+    at_least("parked-slots", cfg.parked_slots, 0)
+    at_least("max-model-len", cfg.max_model_len, 16)
+    at_least("tile-rows", cfg.tile_rows, 1)
+    at_least("step-tokens", cfg.step_tokens, 1)
+    at_least("max-body-bytes", cfg.max_body_bytes, 1024)
+    if cfg.numerics not in ("exact", "fast"):
+        problems.append(f"numerics = {cfg.numerics!r}, must be 'exact' or 'fast'")
+    if problems:
+        raise ValueError("; ".join(problems))

@@ -1,0 +1,216 @@
+"""The packed forward pass: one transformers forward for the new rows of many sequences.
+
+A step feeds each scheduled sequence some of its tokens (a prefill chunk, or the one token
+of a decode step). The rows are packed into one batch of one long "sequence" with each row's
+own position id; the model's layers (embedding, norms, projections, MLP, rotary) run on the
+packed rows unchanged, and attention is routed to `numerics.packed_attention`, which writes
+each row's key and value into its sequence's slot of the KV cache and attends the row to its
+own sequence only. Only the rows whose logits are wanted reach the LM head.
+
+The KV cache is one tensor per layer for keys and one for values, `[slots + 1, kv_heads,
+max_len, head_dim]`: slot i is the cache of whichever sequence holds it, the last slot is the
+scratch target of padding rows.
+
+Works with transformers decoder models that route attention through the attention interface
+(Llama, Mistral, Qwen2/3 and most current causal LMs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+
+from functions.llm import numerics
+
+_ATTN_NAME = "sllm_packed"
+AttentionInterface.register(_ATTN_NAME, numerics.packed_attention)
+
+
+@dataclasses.dataclass(frozen=True)
+class Feed:
+    """Tokens of one sequence for one step.
+
+    slot: its KV-cache slot; start: position of tokens[0]; logits_from: index into tokens
+    from which logits are returned (len(tokens) - 1 for the next-token row only; None for none).
+    """
+
+    slot: int
+    start: int
+    tokens: Sequence[int]
+    logits_from: int | None
+
+
+@dataclasses.dataclass
+class PrefillSegment:
+    """Consecutive rows of one sequence; attends to its cache slot (keys 0..length-1)."""
+
+    slot: int
+    row: int
+    count: int
+    length: int
+    masked: torch.Tensor
+
+
+@dataclasses.dataclass
+class DecodeGroup:
+    """Single rows of different sequences, attended together against their gathered caches.
+
+    rows: row indices into the step, or None when the group is every row of the step.
+    """
+
+    rows: torch.Tensor | None
+    slots: torch.Tensor
+    length: int
+    masked: torch.Tensor
+
+
+@dataclasses.dataclass
+class StepBatch:
+    """What the attention function needs to know about a step (shared by all layers)."""
+
+    mode: str
+    cache: KVCache
+    slots: torch.Tensor
+    positions: torch.Tensor
+    decode: DecodeGroup | None
+    prefills: list[PrefillSegment]
+
+
+class KVCache:
+    def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (slots + 1, kv_heads, numerics.round_up(max_len, numerics.KEY_PAD), head_dim)
+        # zeros: padded key positions must hold finite values (they are masked, then multiplied by 0)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.slots = slots
+        self.scratch = slots
+        self.max_len = max_len
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def _text_config(config: Any) -> Any:
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+class ModelRunner:
+    """Owns the model, the KV cache and the numerics; runs one packed step at a time.
+
+    Not thread-safe: the engine thread is its only caller.
+    """
+
+    def __init__(self, model: Any, *, slots: int, max_len: int, mode: str = numerics.EXACT,
+                 tile_rows: int = 2) -> None:
+        if mode not in numerics.MODES:
+            raise ValueError(f"numerics = {mode!r}, must be one of {', '.join(numerics.MODES)}")
+        if tile_rows < 1:
+            raise ValueError(f"tile_rows = {tile_rows}, must be at least 1")
+        cfg = _text_config(model.config)
+        if not getattr(model, "_supports_attention_backend", False):
+            raise ValueError(f"{type(model).__name__} does not route attention through the transformers "
+                             "attention interface; it cannot be served with continuous batching")
+        self.model = model
+        self.mode = mode
+        self.tile_rows = tile_rows
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        self.vocab_size = cfg.vocab_size
+        self.max_len = min(max_len, getattr(cfg, "max_position_embeddings", max_len))
+        if mode == numerics.EXACT and self.max_len > 65536:
+            raise ValueError(f"max_len = {self.max_len}: exact numerics supports at most 65536 positions")
+        self.row_multiple = 1
+        if mode == numerics.EXACT:  # whole tiles for the linear layers, no scalar tails elsewhere
+            self.row_multiple = math.lcm(tile_rows, numerics.row_multiple(
+                [cfg.hidden_size, getattr(cfg, "intermediate_size", cfg.hidden_size), head_dim, heads * head_dim]))
+        model.config._attn_implementation = _ATTN_NAME
+        if mode == numerics.EXACT:
+            numerics.tile_linears(model, tile_rows)
+            torch.set_num_threads(1)  # see numerics: a thread split point must not depend on the batch
+        self.cache = KVCache(cfg.num_hidden_layers, slots, kv_heads, self.max_len, head_dim, self.dtype,
+                             self.device)
+
+    @property
+    def slots(self) -> int:
+        return self.cache.slots
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must match between two instances for exact resumption (see docs/function.md)."""
+        return {"mode": self.mode, "tile_rows": self.tile_rows, "device": self.device.type,
+                "dtype": str(self.dtype).removeprefix("torch."), "torch": torch.__version__.split("+")[0]}
+
+    @torch.inference_mode()
+    def step(self, feeds: Sequence[Feed]) -> list[torch.Tensor | None]:
+        """Run one packed step; per feed, float32 CPU logits [rows, vocab] from logits_from on."""
+        if not feeds:
+            return []
+        tokens: list[int] = []
+        slots: list[int] = []
+        positions: list[int] = []
+        keep: list[int] = []
+        decode_rows: list[int] = []
+        prefills: list[PrefillSegment] = []
+        for f in feeds:
+            n = len(f.tokens)
+            if n == 0:
+                raise ValueError(f"slot {f.slot}: a feed needs at least one token")
+            if f.start + n > self.max_len:
+                raise ValueError(f"slot {f.slot}: positions {f.start}..{f.start + n - 1} exceed max_len {self.max_len}")
+            row = len(tokens)
+            tokens.extend(f.tokens)
+            slots.extend([f.slot] * n)
+            positions.extend(range(f.start, f.start + n))
+            if f.logits_from is not None:
+                keep.extend(range(row + f.logits_from, row + n))
+            if n == 1:
+                decode_rows.append(row)
+            else:
+                length = numerics.round_up(f.start + n, numerics.KEY_PAD)
+                pos = torch.arange(f.start, f.start + n, device=self.device)
+                prefills.append(PrefillSegment(f.slot, row, n, length, numerics.key_mask(pos, length)))
+        pad = numerics.round_up(len(tokens), self.row_multiple) - len(tokens)
+        tokens += [0] * pad
+        slots += [self.cache.scratch] * pad
+        positions += [0] * pad
+        dev = self.device
+        slots_t = torch.tensor(slots, device=dev)
+        pos_t = torch.tensor(positions, device=dev)
+        decode = None
+        if decode_rows:
+            length = numerics.round_up(max(positions[r] for r in decode_rows) + 1, numerics.KEY_PAD)
+            if len(decode_rows) == len(tokens):
+                decode = DecodeGroup(None, slots_t, length, numerics.key_mask(pos_t, length))
+            else:
+                rows_t = torch.tensor(decode_rows, device=dev)
+                decode = DecodeGroup(rows_t, slots_t[rows_t], length, numerics.key_mask(pos_t[rows_t], length))
+        batch = StepBatch(mode=self.mode, cache=self.cache, slots=slots_t, positions=pos_t, decode=decode,
+                          prefills=prefills)
+        kept = len(keep)
+        keep = keep or [0]
+        keep += keep[-1:] * (numerics.round_up(len(keep), self.row_multiple) - len(keep))
+        out = self.model(input_ids=torch.tensor([tokens], device=dev), position_ids=pos_t.unsqueeze(0),
+                         use_cache=False, logits_to_keep=torch.tensor(keep, device=dev),
+                         sllm_batch=batch)
+        logits = out.logits[0, :kept].float().cpu() if kept else None
+        result: list[torch.Tensor | None] = []
+        at = 0
+        for f in feeds:
+            if f.logits_from is None:
+                result.append(None)
+                continue
+            n = len(f.tokens) - f.logits_from
+            assert logits is not None
+            result.append(logits[at: at + n])
+            at += n
+        return result

@@ -1,0 +1,63 @@
+"""Two uvicorn servers (public, internal) on one event loop, with one shutdown path.
+
+SIGTERM or SIGINT (Knative sends SIGTERM when it scales a revision down) stops both servers
+gracefully: they stop accepting, in-flight responses finish (up to `GRACE_S`), then the engine
+stops and fails whatever is left with 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+
+from functions.llm import app as public_app
+from functions.llm import internal as internal_app
+from functions.llm.service import Service
+
+GRACE_S = 30
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:  # one handler for both servers, installed in serve()
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def serve(service: Service) -> None:
+    cfg = service.cfg
+    listeners = [(public_app.build(service), _bind(cfg.host, cfg.port)),
+                 (internal_app.build(service), _bind(cfg.internal_host, cfg.internal_port))]
+    servers = []
+    for app, sock in listeners:
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=GRACE_S, timeout_keep_alive=75)
+        servers.append((_Server(config), sock))
+    ports = [sock.getsockname()[1] for _, sock in servers]
+    service.log.info("listening", port=ports[0], internal_port=ports[1])
+
+    def stop() -> None:
+        for server, _ in servers:
+            server.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    try:
+        await asyncio.gather(*(server.serve(sockets=[sock]) for server, sock in servers))
+    finally:
+        await asyncio.to_thread(service.shutdown)

@@ -1,0 +1,206 @@
+"""One instance's lifecycle: load in the background, then serve through the engine.
+
+`Service.start_loading()` starts a thread that imports torch and transformers, loads the
+weights from the `WeightsSource`, builds the runner and the engine and warms them up; the HTTP
+servers start meanwhile (liveness answers at once, readiness and generation requests answer
+503 until the model is ready). Modules that need torch are imported by that thread only, so
+the server's own startup never waits for them.
+
+A model that cannot be loaded ends the process (exit status 3) with the error logged, so the
+orchestrator restarts or reports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from functions.llm.config import ServeConfig
+from functions.llm.errors import BadRequest, TooManyRequests, Unavailable
+from functions.llm.metrics import Metrics, Stopwatch
+from functions.llm.params import Output
+from functions.llm.weights import LocalDirectory, WeightsSource
+from sllm_knative.log import Logger
+
+if TYPE_CHECKING:
+    from functions.llm.engine import Engine
+    from functions.llm.protocol import Request
+
+
+class Permit:
+    """One concurrency slot; release() is idempotent."""
+
+    def __init__(self, limiter: Limiter) -> None:
+        self._limiter = limiter
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._limiter._release()
+
+
+class Limiter:
+    """The instance's concurrency limit (Knative containerConcurrency). Event-loop thread only."""
+
+    def __init__(self, limit: int, metrics: Metrics) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._metrics = metrics
+
+    def acquire(self) -> Permit:
+        if self.in_use >= self.limit:
+            raise TooManyRequests(f"This instance is serving its limit of {self.limit} concurrent requests; "
+                                  "retry later or on another instance.")
+        self.in_use += 1
+        self._metrics.in_flight.set(self.in_use)
+        return Permit(self)
+
+    def _release(self) -> None:
+        self.in_use -= 1
+        self._metrics.in_flight.set(self.in_use)
+
+
+class Service:
+    def __init__(self, cfg: ServeConfig, process_start: float, log: Logger,
+                 source: WeightsSource | None = None) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.metrics = Metrics()
+        self.stopwatch = Stopwatch(process_start)
+        self.source: WeightsSource = source or LocalDirectory(cfg.model_dir)
+        self.limiter = Limiter(cfg.max_concurrency, self.metrics)
+        self.status = "loading"
+        self.error: str | None = None
+        self.engine: Engine | None = None
+        self.tokenizer: Any = None
+        self.max_len = 0
+        self.vocab_size = 0
+        self._resources = contextlib.ExitStack()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start_loading(self) -> None:
+        self._thread = threading.Thread(target=self._load_or_exit, name="sllm-load", daemon=True)
+        self._thread.start()
+
+    def _load_or_exit(self) -> None:
+        try:
+            self.load()
+        except BaseException as exc:
+            self.status = "failed"
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.log.error("model load failed", exc_info=True, path=str(self.cfg.model_dir))
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def load(self) -> None:
+        watch = self.stopwatch
+        import torch  # noqa: F401  (timed: the imports are a phase of the startup)
+
+        from functions.llm import weights
+        from functions.llm.engine import Engine
+        from functions.llm.runner import ModelRunner
+        watch.lap("imports")
+        path = self._resources.enter_context(self.source.acquire())
+        model, tokenizer = weights.load(path, self.cfg.device)
+        watch.lap("load")
+        runner = ModelRunner(model, slots=self.cfg.kv_slots, max_len=self.cfg.max_model_len,
+                             mode=self.cfg.numerics, tile_rows=self.cfg.tile_rows)
+        engine = Engine(runner, tokenizer, eos_ids=weights.eos_ids(model, tokenizer),
+                        step_tokens=self.cfg.step_tokens, parked_slots=self.cfg.parked_slots, log=self.log,
+                        metrics=self.metrics)
+        if self.cfg.warmup:
+            _warm_up(runner, tokenizer)
+        engine.start()
+        watch.lap("warmup")
+        self.tokenizer = tokenizer
+        self.max_len = runner.max_len
+        self.vocab_size = runner.vocab_size
+        self.engine = engine
+        self.status = "ready"
+        for phase, seconds in watch.phases.items():
+            self.metrics.startup.labels(phase).set(seconds)
+        self.metrics.startup.labels("total").set(watch.total())
+        self.metrics.ready.set(1)
+        self.log.info("ready", seconds=round(watch.total(), 3), kv_slots=self.cfg.kv_slots,
+                      kv_cache_bytes=runner.cache.nbytes, numerics=runner.mode, max_len=runner.max_len,
+                      **{f"{k}_s": round(v, 3) for k, v in watch.phases.items()})
+
+    def shutdown(self) -> None:
+        self.status = "stopping" if self.status == "ready" else self.status
+        if self.engine is not None:
+            self.engine.stop()
+        self._resources.close()
+
+    @property
+    def live(self) -> bool:
+        return self.status != "failed" and (self.engine is None or self.engine.failed is None)
+
+    def startup_report(self) -> dict[str, Any]:
+        phases = {f"{k}_s": round(v, 4) for k, v in self.stopwatch.phases.items()}
+        total = round(self.stopwatch.total(), 4) if self.status == "ready" else None
+        return {"status": self.status, "model": self.cfg.model_name, "startup": {"total_s": total, **phases}}
+
+    # -- requests (event-loop thread) ---------------------------------------------------
+    def require_engine(self) -> Engine:
+        if self.status == "ready" and self.engine is not None:
+            if self.engine.failed is not None:
+                raise Unavailable("The inference engine failed; this instance must be restarted.",
+                                  code="engine_failed")
+            return self.engine
+        if self.status == "loading":
+            raise Unavailable(f"The model `{self.cfg.model_name}` is still loading.", code="model_not_ready")
+        raise Unavailable("This instance is shutting down.", code="shutting_down")
+
+    def prompt_ids(self, req: Request) -> list[int]:
+        tok = self.tokenizer
+        if req.kind == "chat":
+            if not getattr(tok, "chat_template", None):
+                raise BadRequest(f"The model `{self.cfg.model_name}` has no chat template; use /v1/completions.",
+                                 param="messages", code="no_chat_template")
+            text = tok.apply_chat_template(list(req.messages), add_generation_prompt=True, tokenize=False)
+            return list(tok.encode(text, add_special_tokens=False))
+        if req.prompt_ids is not None:
+            bad = [t for t in req.prompt_ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise BadRequest(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
+                                 param="prompt", code="invalid_value")
+            return list(req.prompt_ids)
+        return list(tok.encode(req.prompt_text, add_special_tokens=True))
+
+    def new_sequence(self, req: Request, prompt: list[int], max_tokens: int, sink: Callable[[Output], None]) -> Any:
+        from functions.llm.sequence import Sequence  # torch is loaded once the engine is ready
+
+        echo = None
+        if req.echo:
+            echo = req.prompt_text if req.prompt_text is not None else self.tokenizer.decode(
+                prompt, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return Sequence.from_request(kind=req.kind, model=req.model, prompt=prompt,
+                                     params=dataclasses.replace(req.sampling, max_tokens=max_tokens),
+                                     tokenizer=self.tokenizer, stream=req.stream, include_usage=req.include_usage,
+                                     echo_text=echo, sink=sink)
+
+    def token_text(self, token: int) -> str:
+        return str(self.tokenizer.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+
+
+def _warm_up(runner: Any, tokenizer: Any) -> None:
+    """One prefill, two decode steps and the sampling path, on the scratch slot."""
+    from functions.llm.params import SamplingParams
+    from functions.llm.runner import Feed
+    from functions.llm.sampling import choose, new_generator, token_logprob
+
+    ids = list(tokenizer.encode("warm up the model", add_special_tokens=True))[:8] or [0]
+    scratch = runner.cache.scratch
+    logits = runner.step([Feed(scratch, 0, ids, len(ids) - 1)])[0]
+    gen = new_generator(0)
+    for i in range(2):
+        token = choose(logits[-1], SamplingParams(temperature=1.0, top_p=0.9, top_k=8), gen)
+        token_logprob(logits[-1], token, 2)
+        logits = runner.step([Feed(scratch, len(ids) + i, [token], 0)])[0]
+    tokenizer.decode(ids)

@@ -1,0 +1,103 @@
+"""Session fixtures: the tiny model, and real `python -m functions.llm` server processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+MAX_MODEL_LEN = 256
+MAX_CONCURRENCY = 4
+MAX_BODY_BYTES = 65536
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """One inference-function process on free loopback ports."""
+
+    def __init__(self, model_dir: Path, log_path: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.internal_port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.internal_url = f"http://127.0.0.1:{self.internal_port}"
+        self.log_path = log_path
+        args = [sys.executable, "-m", "functions.llm", "--model", str(model_dir), "--served-model-name", "tiny",
+                "--host", "127.0.0.1", "--internal-host", "127.0.0.1", "--port", str(self.port),
+                "--internal-port", str(self.internal_port), "--max-model-len", str(MAX_MODEL_LEN),
+                "--max-concurrency", str(MAX_CONCURRENCY), "--parked-slots", "3",
+                "--max-body-bytes", str(MAX_BODY_BYTES), "--step-tokens", "64", *extra]
+        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(args, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+    def wait_ready(self, timeout: float = 90.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+            try:
+                r = httpx.get(f"{self.url}/health/ready", timeout=2)
+                if r.status_code == 200:
+                    return r.json()
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log_path.read_text()}")
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from sllm_knative.models import build_model
+
+    return build_model(tmp_path_factory.mktemp("llm-tiny") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def server_pair(tiny_model, tmp_path_factory) -> Iterator[tuple[Server, Server]]:
+    """Two instances of the same model (A and B), started together; migration moves between them."""
+    logs = tmp_path_factory.mktemp("llm-logs")
+    a = Server(tiny_model, logs / "a.log")
+    b = Server(tiny_model, logs / "b.log")
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.fixture(scope="session")
+def server(server_pair) -> Server:
+    return server_pair[0]

@@ -1,0 +1,57 @@
+"""Instance configuration (functions.llm.config): flags over environment over defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from functions.llm.config import ServeConfig, parse
+
+
+@pytest.fixture()
+def model_dir(tmp_path):
+    d = tmp_path / "my-model"
+    d.mkdir()
+    return d
+
+
+def test_defaults(model_dir):
+    cfg, level = parse([], {"SLLM_MODEL_DIR": str(model_dir)})
+    assert cfg == ServeConfig(model_dir=model_dir, model_name="my-model")
+    assert level is None and cfg.kv_slots == 16
+
+
+@pytest.mark.parametrize("argv,env,expected", [
+    pytest.param([], {"PORT": "9000"}, dict(port=9000, internal_port=9001), id="knative-port"),
+    pytest.param(["--port", "7000"], {"PORT": "9000"}, dict(port=7000, internal_port=7001), id="flag-wins"),
+    pytest.param([], {"CONTAINER_CONCURRENCY": "3"}, dict(max_concurrency=3, parked_slots=3), id="knative-cc"),
+    pytest.param([], {"CONTAINER_CONCURRENCY": "0"}, dict(max_concurrency=8), id="cc-0-unlimited"),
+    pytest.param([], {"SLLM_MAX_CONCURRENCY": "2", "CONTAINER_CONCURRENCY": "5"}, dict(max_concurrency=2),
+                 id="sllm-over-knative"),
+    pytest.param(["--device", "cuda"], {}, dict(device="cuda", numerics="fast"), id="cuda-fast"),
+    pytest.param(["--device", "cuda:1", "--numerics", "exact"], {}, dict(numerics="exact"), id="cuda-exact"),
+    pytest.param([], {"SLLM_INTERNAL_TOKEN": "s3cret", "SLLM_WARMUP": "0"},
+                 dict(internal_token="s3cret", warmup=False), id="token-env-only"),
+    pytest.param(["--served-model-name", "llama"], {"HOSTNAME": "pod-1", "NODE_NAME": "n1"},
+                 dict(model_name="llama", instance="pod-1", node="n1"), id="names"),
+])
+def test_parse(model_dir, argv, env, expected):
+    cfg, _ = parse(["--model", str(model_dir), *argv], env)
+    for name, value in expected.items():
+        assert getattr(cfg, name) == value, name
+
+
+@pytest.mark.parametrize("with_model,argv,env,message", [
+    pytest.param(False, [], {}, "pass --model DIR", id="no-model"),
+    pytest.param(False, ["--model", "/nonexistent/dir"], {}, "does not exist", id="missing-dir"),
+    pytest.param(True, ["--max-concurrency", "-1"], {}, "max-concurrency = -1, must be at least 1", id="concurrency"),
+    pytest.param(True, ["--port", "70000"], {}, "port = 70000", id="port-range"),
+    pytest.param(True, ["--port", "9000", "--internal-port", "9000"], {}, "must differ", id="same-ports"),
+    pytest.param(True, ["--device", "tpu"], {}, "device = 'tpu'", id="device"),
+    pytest.param(True, [], {"PORT": "eighty"}, "PORT = 'eighty', must be an integer", id="port-env"),
+    pytest.param(True, ["--tile-rows", "0", "--step-tokens", "0"], {}, "tile-rows = 0, .*step-tokens = 0",
+                 id="all-problems-reported"),
+])
+def test_rejects(model_dir, with_model, argv, env, message):
+    args = ["--model", str(model_dir), *argv] if with_model else argv
+    with pytest.raises(ValueError, match=message):
+        parse(args, env)

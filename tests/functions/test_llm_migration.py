@@ -1,0 +1,209 @@
+"""Resumable generation across two server processes: export, prefill, detach, resume.
+
+The guarantee under test (docs/function.md): a generation exported at any position on
+instance A and resumed on instance B produces exactly the tokens (and logprobs, bit for bit)
+of the uninterrupted generation, for greedy and seeded sampling, while both instances
+batch other requests.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.functions.conftest import Server
+
+PROMPT = "Knative routes requests to revisions; the activator"
+
+
+class Collected:
+    def __init__(self) -> None:
+        self.id: str | None = None
+        self.text = ""
+        self.tokens: list[str] = []
+        self.logprobs: list[float] = []
+        self.events: list[str] = []
+        self.done = False
+        self.usage: dict | None = None
+
+
+def _frames(response: httpx.Response) -> Iterator[tuple[str | None, str]]:
+    event = None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            yield event, line[6:]
+            event = None
+
+
+def consume(response: httpx.Response, out: Collected, on_chunk=None) -> Collected:
+    for event, data in _frames(response):
+        if event is not None:
+            out.events.append(event)
+            continue
+        if data == "[DONE]":
+            out.done = True
+            continue
+        chunk = json.loads(data)
+        assert "error" not in chunk, chunk
+        out.id = out.id or chunk["id"]
+        if chunk.get("usage"):
+            out.usage = chunk["usage"]
+        for choice in chunk["choices"]:
+            out.text += choice["text"]
+            if choice.get("logprobs"):
+                out.tokens += choice["logprobs"]["tokens"]
+                out.logprobs += choice["logprobs"]["token_logprobs"]
+        if on_chunk is not None:
+            on_chunk(out)
+    return out
+
+
+def body(**over) -> dict:
+    return {"model": "tiny", "prompt": PROMPT, "max_tokens": 150, "stream": True, "ignore_eos": True, "logprobs": 1,
+            "stream_options": {"include_usage": True}, **over}
+
+
+SAMPLING = [
+    pytest.param({"temperature": 0}, id="greedy"),
+    pytest.param({"temperature": 1.0, "top_p": 0.95, "top_k": 100, "seed": 42}, id="seeded"),
+]
+
+
+class Load:
+    """Other streaming requests on a server, so the migrated sequence shares its batch."""
+
+    def __init__(self, server: Server, n: int) -> None:
+        self._threads = []
+        for i in range(n):
+            b = body(prompt=f"Background request {i}: " + "tokens " * (3 * i), max_tokens=100 + 40 * i,
+                     temperature=0.7, seed=i, logprobs=None)
+            t = threading.Thread(target=self._run, args=(server, b), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    @staticmethod
+    def _run(server: Server, b: dict) -> None:
+        with httpx.Client(timeout=60) as c, c.stream("POST", f"{server.url}/v1/completions", json=b) as r:
+            consume(r, Collected())
+
+    def join(self) -> None:
+        for t in self._threads:
+            t.join(60)
+
+
+def export(server: Server, gen_id: str) -> dict:
+    r = httpx.get(f"{server.internal_url}/internal/v1/generations/{gen_id}", timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def resume(server: Server, state: dict) -> Collected:
+    with httpx.Client(timeout=60) as c, c.stream("POST", f"{server.internal_url}/internal/v1/resume",
+                                                 json={"state": state}) as r:
+        assert r.status_code == 200, r.read()
+        return consume(r, Collected())
+
+
+@pytest.mark.parametrize("sampling", SAMPLING)
+def test_export_anywhere_resume_elsewhere_is_exact(server_pair, sampling):
+    a, b = server_pair
+    load_a, load_b = Load(a, 2), Load(b, 2)
+    snapshots: list[dict] = []
+    take_at = {1, 20, 60}
+
+    def on_chunk(out: Collected) -> None:
+        if len(out.tokens) in take_at:
+            take_at.discard(len(out.tokens))
+            snapshots.append(export(a, out.id))
+
+    with httpx.Client(timeout=60) as c, c.stream("POST", f"{a.url}/v1/completions", json=body(**sampling)) as r:
+        reference = consume(r, Collected(), on_chunk)
+    assert reference.done and len(reference.tokens) == 150
+    positions = [s["position"] for s in snapshots]
+    assert len(set(positions)) == 3, positions
+    prompt_len = snapshots[0]["prompt_len"]
+    # Resume all three at once: they share B's batch too (as copies: one id runs once per instance).
+    copies = [{**s, "id": f"{s['id']}-{i}"} for i, s in enumerate(snapshots)]
+    with ThreadPoolExecutor(len(copies)) as pool:
+        resumed = list(pool.map(lambda s: resume(b, s), copies))
+    for state, got in zip(copies, resumed, strict=True):
+        skip = state["position"] - prompt_len
+        assert got.tokens == reference.tokens[skip:], f"position {state['position']}"
+        assert got.logprobs == reference.logprobs[skip:], f"position {state['position']}"  # bit for bit
+        assert got.text == reference.text[state["text_offset"]:]
+        assert got.done and got.usage == reference.usage and got.id == state["id"]
+    load_a.join()
+    load_b.join()
+
+
+def test_detach_with_prefill_rounds_continues_the_stream(server_pair):
+    """The activator's handoff: prefill B while A generates, detach A at a position, resume on B."""
+    a, b = server_pair
+    sampling = {"temperature": 0.8, "seed": 7}
+    with httpx.Client(timeout=60) as c, c.stream("POST", f"{a.url}/v1/completions", json=body(**sampling)) as r:
+        reference = consume(r, Collected())
+    load_a, load_b = Load(a, 2), Load(b, 1)
+    first = Collected()
+    steps: dict = {}
+
+    def on_chunk(out: Collected) -> None:
+        if len(out.tokens) == 2:
+            st = export(a, out.id)
+            steps["round1"] = st
+            r1 = httpx.post(f"{b.internal_url}/internal/v1/prefill",
+                            json={"id": st["id"], "start": 0, "tokens": st["tokens"]}, timeout=30)
+            assert r1.status_code == 200, r1.text
+            assert r1.json() == {"id": st["id"], "cached": len(st["tokens"]) - 1, "tokens": len(st["tokens"])}
+            now = export(a, out.id)["position"]
+            target = now + 30
+            d = httpx.post(f"{a.internal_url}/internal/v1/generations/{out.id}/detach", json={"position": target},
+                           timeout=30)
+            assert d.status_code == 200, d.text
+            steps["final"] = d.json()
+            assert steps["final"]["position"] == target and steps["final"]["finish_reason"] is None
+
+    with httpx.Client(timeout=60) as c, c.stream("POST", f"{a.url}/v1/completions", json=body(**sampling)) as r:
+        consume(r, first, on_chunk)
+    final = steps["final"]
+    assert first.events == ["sllm.detached"] and not first.done  # A's stream ends without [DONE]
+    assert len(first.tokens) == final["position"] - final["prompt_len"]
+    listed = httpx.get(f"{b.internal_url}/internal/v1/generations").json()["data"]
+    assert {"id": final["id"], "status": "parked", "position": len(steps["round1"]["tokens"]),
+            "cached": len(steps["round1"]["tokens"]) - 1} in listed
+    start = len(steps["round1"]["tokens"])
+    r2 = httpx.post(f"{b.internal_url}/internal/v1/prefill",
+                    json={"id": final["id"], "start": start, "tokens": final["tokens"][start:]}, timeout=30)
+    assert r2.status_code == 200 and r2.json()["cached"] == final["position"] - 1, r2.text
+    second = resume(b, final)
+    assert first.text + second.text == reference.text
+    assert first.tokens + second.tokens == reference.tokens
+    assert first.logprobs + second.logprobs == reference.logprobs
+    assert second.done and second.usage == reference.usage
+    load_a.join()
+    load_b.join()
+
+
+def test_internal_errors(server_pair):
+    a, b = server_pair
+    base = f"{a.internal_url}/internal/v1"
+    assert httpx.get(f"{base}/generations/cmpl-missing").status_code == 404
+    r = httpx.post(f"{base}/generations/cmpl-missing/detach", json={"position": 3})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "generation_not_found"
+    r = httpx.post(f"{base}/prefill", json={"id": "g1", "start": 5, "tokens": [3, 4]})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "prefill_out_of_order"
+    r = httpx.post(f"{base}/prefill", json={"id": "g1", "start": 0, "tokens": [3, 99999]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+    r = httpx.post(f"{base}/resume", json={"state": {"version": 9}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "state.version"
+    assert httpx.post(f"{base}/prefill", json={"id": "g2", "tokens": [3, 4, 5]}).status_code == 200
+    assert httpx.delete(f"{base}/prefill/g2").status_code == 200
+    assert httpx.delete(f"{base}/prefill/g2").status_code == 404
+    # the internal API is not on the public port
+    assert httpx.post(f"{a.url}/internal/v1/resume", json={"state": {}}).status_code == 404

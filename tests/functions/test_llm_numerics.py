@@ -1,0 +1,108 @@
+"""The packed forward pass (functions.llm.runner) and its batch-invariant numerics.
+
+The exact mode's claim, checked bit for bit: the logits of a sequence do not depend on how its
+tokens were chunked into steps, on decode versus prefill, or on which other sequences (of
+other lengths, at other positions) share the steps.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from functions.llm import numerics
+from functions.llm.runner import Feed, ModelRunner
+from sllm_knative.loading import load_model
+
+VOCAB = 512
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_threads():
+    threads = torch.get_num_threads()  # the exact runner pins intra-op threads to one, process-wide
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model):
+    return load_model(tiny_model)
+
+
+def _runner(tiny_model, mode: str, tile_rows: int = 2) -> ModelRunner:
+    return ModelRunner(load_model(tiny_model), slots=6, max_len=256, mode=mode, tile_rows=tile_rows)
+
+
+def _scrambled_logits(runner: ModelRunner, seq: list[int], rng: random.Random) -> torch.Tensor:
+    """Logits of every position of seq, fed in random chunks among random other sequences."""
+    others = {s: 0 for s in range(1, 6)}
+    got = []
+    i = 0
+    while i < len(seq):
+        n = min(rng.choice([1, 1, 1, 2, 3, 7, 16]), len(seq) - i)
+        feeds = [Feed(0, i, seq[i:i + n], 0)]
+        for s in others:
+            if rng.random() < 0.6:
+                m = rng.choice([1, 1, 4, 19])
+                if others[s] + m < 250:
+                    feeds.append(Feed(s, others[s], [rng.randrange(3, VOCAB) for _ in range(m)],
+                                      rng.choice([None, m - 1, 0])))
+                    others[s] += m
+        rng.shuffle(feeds)
+        out = runner.step(feeds)
+        got.append(out[[f.slot for f in feeds].index(0)])
+        i += n
+    return torch.cat(got)
+
+
+@pytest.mark.parametrize("tile_rows", [2, 5])
+def test_exact_logits_are_batch_invariant(tiny_model, tile_rows):
+    runner = _runner(tiny_model, numerics.EXACT, tile_rows)
+    rng = random.Random(tile_rows)
+    seq = [rng.randrange(3, VOCAB) for _ in range(90)]
+    whole = runner.step([Feed(0, 0, seq, 0)])[0]
+    for trial in range(3):
+        assert torch.equal(_scrambled_logits(runner, seq, random.Random(trial)), whole), f"trial {trial}"
+
+
+@pytest.mark.parametrize("mode", numerics.MODES)
+def test_runner_matches_transformers(tiny_model, hf_model, mode):
+    runner = _runner(tiny_model, mode)
+    seq = list(range(3, 60))
+    ours = runner.step([Feed(2, 0, seq, 0)])[0]
+    with torch.inference_mode():
+        ref = hf_model(torch.tensor([seq])).logits[0].float()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_feed_validation(tiny_model):
+    runner = _runner(tiny_model, numerics.EXACT)
+    with pytest.raises(ValueError, match="at least one token"):
+        runner.step([Feed(0, 0, [], None)])
+    with pytest.raises(ValueError, match="exceed max_len"):
+        runner.step([Feed(0, 250, list(range(3, 13)), None)])
+    with pytest.raises(ValueError, match="numerics"):
+        ModelRunner(load_model(tiny_model), slots=1, max_len=64, mode="approximate")
+
+
+@pytest.mark.parametrize("dims,multiple", [
+    pytest.param([4096, 11008, 128, 4096], 1, id="llama-7b"),
+    pytest.param([64, 128, 16, 64], 2, id="tiny"),
+    pytest.param([100, 300, 25], 32, id="odd"),
+    pytest.param([48, 96], 2, id="multiple-of-16"),
+])
+def test_row_multiple(dims, multiple):
+    assert numerics.row_multiple(dims) == multiple
+
+
+def test_tiled_linear_is_a_linear():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 40)
+    tiled = numerics.TiledLinear(lin, 4)
+    x = torch.randn(3, 7, 24)
+    torch.testing.assert_close(tiled(x), lin(x))
+    assert tiled.weight is lin.weight  # shared, not copied
+    rows = torch.randn(13, 24)
+    assert torch.equal(tiled(rows)[5], tiled(torch.cat([rows[5:6], rows[:3]]))[0])  # a row is a row
