@@ -1,1 +1,14 @@
-"""loader_sidecar."""
+"""The loader sidecar: one node's checkpoint tiers (remote -> SSD -> DRAM) over gRPC.
+
+Modules, outside in:
+    __main__   `python -m loader_sidecar` (flags in config.py)
+    server     gRPC adapter (grpc.aio) and the error -> status table; Sidecar = node + server
+    node       the core API: acquire/release, prefetch, evict, inventory
+    fetch      remote -> SSD (+DRAM at once), SSD -> DRAM; one flight per checkpoint
+    stores/    one module per store kind (file, http, hf, s3) behind stores.base.Store
+    tiers      a budgeted cache directory: LRU that never evicts in-use entries, markers, recovery
+    fills, watermarks, leases, profile, inventory, metrics, refs, config, errors
+    client     synchronous client for instances and the CLI
+    testing    nginx, a fault-injecting TCP proxy and an in-process sidecar, for tests and benchmarks
+See docs/sidecar.md.
+"""

@@ -1,0 +1,63 @@
+"""The loader sidecar's exception tree; the gRPC status of each is chosen in server.py.
+
+    LoaderError
+     ├── BadRequest            a model reference, tier or device that is not valid here
+     ├── NotFound              the store has no such checkpoint / file (HTTP 404, NoSuchKey, ENOENT)
+     ├── AccessDenied          the store refused us (HTTP 401/403, S3 AccessDenied)
+     ├── StoreUnavailable      the store kept failing after every retry (5xx, refused, cut)
+     │    └── Stalled          no bytes arrived within the read timeout, after every retry
+     ├── CorruptData           bytes that do not match the checkpoint's checksums or sizes
+     ├── TierFull              a tier cannot make room without evicting leased / in-use entries
+ ├── DiskError             a local tier file could not be written or read (ENOSPC, EIO)
+     ├── InUse                 an eviction of a checkpoint that is leased, being read or filling
+     └── UnknownLease          release of a lease id this sidecar does not hold
+
+Foreign errors (httpx, botocore, OSError, sllm_knative.format) are translated where they
+occur (stores/, fetch.py); nothing else leaves the core.
+"""
+
+from __future__ import annotations
+
+
+class LoaderError(Exception):
+    """Base of every error the sidecar reports to a client."""
+
+
+class BadRequest(LoaderError):
+    pass
+
+
+class NotFound(LoaderError):
+    pass
+
+
+class AccessDenied(LoaderError):
+    pass
+
+
+class StoreUnavailable(LoaderError):
+    """A transient store failure; the fetcher retries these and raises the last one."""
+
+
+class Stalled(StoreUnavailable):
+    pass
+
+
+class CorruptData(LoaderError):
+    pass
+
+
+class TierFull(LoaderError):
+    pass
+
+
+class DiskError(LoaderError):
+    pass
+
+
+class InUse(LoaderError):
+    pass
+
+
+class UnknownLease(LoaderError):
+    pass

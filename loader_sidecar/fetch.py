@@ -1,0 +1,619 @@
+"""Moving checkpoints into the tiers: remote -> SSD (and DRAM at once), SSD -> DRAM.
+
+One flight per checkpoint and hop: `Fetcher.fill_dram(ref)` and `Fetcher.fill_ssd(ref)` return or join
+the fill already under way. A remote fetch of a loading-optimized checkpoint cuts its
+partitions into spans of whole checksum blocks and hands them, in order, to `connections`
+workers; each span is one range request that resumes where it broke (cut connection, 5xx,
+stall) up to `retries` times. Every block's crc32c is computed as its bytes stream in and
+compared with the index before the block counts: the watermark covers verified bytes only.
+The same bytes are written to the SSD staging copy and, when an instance is waiting, to the
+DRAM tier, so a cold remote load costs one transfer, not three in a row.
+
+A store holding a plain Hugging Face checkpoint is downloaded once to SSD staging and
+converted there (`sllm_knative.convert`), then filled into DRAM from SSD like any SSD hit.
+SSD -> DRAM fills use the extension's direct reads (many threads, O_DIRECT) into the
+mapped tmpfs file, segment by segment, each segment verified before the watermark moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ctypes
+import dataclasses
+import functools
+import json
+import mmap
+import os
+import re
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cuda_ext import _C
+from loader_sidecar.config import Config
+from loader_sidecar.errors import CorruptData, DiskError, LoaderError, NotFound, StoreUnavailable
+from loader_sidecar.fills import Fill, Layout
+from loader_sidecar.metrics import Metrics
+from loader_sidecar.profile import Profile
+from loader_sidecar.refs import ModelRef
+from loader_sidecar.stores import Store, open_store
+from loader_sidecar.tiers import Entry, Tier
+from loader_sidecar.watermarks import Watermarks
+from sllm_knative import format as fmt
+from sllm_knative import loading  # noqa: F401  (installs the extension's error types)
+from sllm_knative.log import get_logger
+
+# Small files that travel with the weights; probed by name so every store kind (even plain
+# HTTP, which cannot list a directory) finds the same set.
+AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+             "chat_template.jinja", "chat_template.json", "preprocessor_config.json")
+HF_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+HF_SINGLE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+MAX_META_BYTES = 64 << 20
+CORRUPT_RETRIES = 1
+_PLAIN_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+
+T = TypeVar("T")
+_log = get_logger("loader_sidecar.fetch")
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    """Bytes [start, end) of target `target`, a whole number of its blocks (the last may be short)."""
+
+    target: int
+    start: int
+    end: int
+
+
+def plan_spans(sizes: Sequence[int], block_sizes: Sequence[int], chunk_bytes: int) -> list[Span]:
+    """Range requests for files of `sizes`: in file order, each a multiple of the file's block size."""
+    spans = []
+    for t, (size, bs) in enumerate(zip(sizes, block_sizes, strict=True)):
+        unit = max(1, chunk_bytes // bs) * bs
+        spans += [Span(t, s, min(s + unit, size)) for s in range(0, size, unit)]
+    return spans
+
+
+@dataclasses.dataclass
+class _Target:
+    """One file being downloaded: where its bytes go and how its blocks are checked."""
+
+    name: str
+    size: int
+    block_size: int
+    checksums: tuple[int, ...] | None
+    fds: list[int]
+    on_block: Callable[[int], None]
+
+
+class _BadBlock(Exception):
+    def __init__(self, block: int, offset: int, expected: int, actual: int) -> None:
+        super().__init__(block, offset, expected, actual)
+        self.block, self.offset, self.expected, self.actual = block, offset, expected, actual
+
+
+async def _all_or_first_error(coros: Sequence[Awaitable[None]]) -> None:
+    """Run coroutines concurrently; on the first failure cancel the rest and raise it."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for t in tasks:
+        if t in done and not t.cancelled() and t.exception() is not None:
+            raise t.exception()  # type: ignore[misc]
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any, cancel: Any = None) -> T:
+    """Run fn in a worker thread; on cancellation, stop it (CancelToken) and wait before unwinding,
+    so memory it writes into (a mapping) is never released under it."""
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        if cancel is not None:
+            cancel.cancel()
+        with contextlib.suppress(BaseException):
+            await fut
+        raise
+
+
+def _create(path: Path, size: int) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+
+
+def _fsync_all(paths: Sequence[Path]) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class Fetcher:
+    """Fills the SSD and DRAM tiers of one node; every method runs on the event loop."""
+
+    def __init__(self, config: Config, ssd: Tier, dram: Tier, profile: Profile, metrics: Metrics,
+                 on_progress: Callable[[], None]) -> None:
+        self.config = config
+        self.ssd = ssd
+        self.dram = dram
+        self.profile = profile
+        self.metrics = metrics
+        self._on_progress = on_progress
+        self._stores: dict[str, Store] = {}
+        self._fills: dict[str, Fill] = {}
+        self._ssd_jobs: dict[str, asyncio.Task[None]] = {}
+
+    async def aclose(self) -> None:
+        tasks = [f.task for f in self._fills.values() if f.task] + list(self._ssd_jobs.values())
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        for s in self._stores.values():
+            await s.aclose()
+
+    def _store(self, ref: ModelRef) -> Store:
+        store = self._stores.get(ref.store.uri)
+        if store is None:
+            store = self._stores[ref.store.uri] = open_store(ref.store, self.config)
+        return store
+
+    def in_flight(self, key: str) -> bool:
+        return key in self._fills or key in self._ssd_jobs
+
+    # -- entry points --------------------------------------------------------------------------
+
+    def fill_dram(self, ref: ModelRef) -> Fill:
+        """The DRAM fill of ref: a completed one on a hit, the one under way, or a new one."""
+        key = ref.key
+        entry = self.dram.ready(key)
+        if entry is not None:
+            self.metrics.hits.labels("dram").inc()
+            self.dram.touch(key)
+            directory = self.dram.path(key)
+            layout = Layout(directory, fmt.read_index(directory), dict(entry.files), "dram")
+            return Fill.completed(ref, self.dram, entry, layout)
+        fill = self._fills.get(key)
+        if fill is not None and not fill.done.done():  # a finished fill whose entry is gone is stale
+            return fill
+        self.metrics.misses.labels("dram").inc()
+        fill = self._fills[key] = Fill(ref, self.dram)
+        fill.task = asyncio.create_task(self._run_dram(ref, fill), name=f"dram-fill {ref.uri}")
+        return fill
+
+    async def fill_ssd(self, ref: ModelRef) -> str:
+        """Make sure the SSD tier holds ref; returns where it came from ("ssd" hit or "remote")."""
+        key = ref.key
+        while True:
+            if self.ssd.ready(key) is not None:
+                self.metrics.hits.labels("ssd").inc()
+                self.ssd.touch(key)
+                return "ssd"
+            job = self._ssd_jobs.get(key)
+            if job is not None:
+                await asyncio.shield(job)
+                continue
+            self.metrics.misses.labels("ssd").inc()
+            await asyncio.shield(self._start_remote(ref, None))
+            return "remote"
+
+    def _start_remote(self, ref: ModelRef, fill: Fill | None) -> asyncio.Task[None]:
+        key = ref.key
+        task = asyncio.create_task(self._fetch_remote(ref, fill), name=f"fetch {ref.uri}")
+        self._ssd_jobs[key] = task
+        task.add_done_callback(lambda t: self._ssd_jobs.pop(key, None) if self._ssd_jobs.get(key) is t else None)
+        return task
+
+    async def _run_dram(self, ref: ModelRef, fill: Fill) -> None:
+        key = ref.key
+        try:
+            while not fill.done.done():
+                if self.ssd.ready(key) is not None:
+                    self.metrics.hits.labels("ssd").inc()
+                    await self._fill_from_ssd(ref, fill)
+                    break
+                job = self._ssd_jobs.get(key)
+                if job is None:
+                    self.metrics.misses.labels("ssd").inc()
+                    job = self._start_remote(ref, fill)
+                # A remote fetch that fills DRAM too finishes the fill before its SSD copy is
+                # flushed and published: stop waiting as soon as either happens.
+                await asyncio.wait({job, fill.done}, return_when=asyncio.FIRST_COMPLETED)
+                if job.done() and not fill.done.done():
+                    job.result()  # raises the fetch's error
+        except BaseException as exc:
+            self._failed(ref, "dram", exc)
+            fill.fail(exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            if self._fills.get(key) is fill:
+                del self._fills[key]
+
+    def _failed(self, ref: ModelRef, hop: str, exc: BaseException) -> None:
+        kind = type(exc).__name__ if isinstance(exc, LoaderError) else "Cancelled" \
+            if isinstance(exc, asyncio.CancelledError) else "Internal"
+        self.metrics.failures.labels(kind).inc()
+        _log.warning("fill failed", model=ref.uri, hop=hop, error=kind, detail=str(exc))
+
+    # -- remote -> SSD (+ DRAM) ----------------------------------------------------------------
+
+    async def _meta(self, store: Store, ref: ModelRef, name: str) -> bytes | None:
+        try:
+            return await self._retrying(store, lambda: store.read_all(ref, name, MAX_META_BYTES))
+        except NotFound:
+            return None
+
+    async def _retrying(self, store: Store, call: Callable[[], Awaitable[T]]) -> T:
+        """A whole small request (HEAD, metadata file) with the transient-failure retries."""
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except StoreUnavailable as exc:
+                attempt += 1
+                if attempt > self.config.retries:
+                    raise
+                self.metrics.retries.labels(store.root.uri).inc()
+                _log.info("retrying", store=store.root.uri, attempt=attempt, error=str(exc))
+                await asyncio.sleep(self.config.retry_backoff_s * 2 ** (attempt - 1))
+
+    async def _aux(self, store: Store, ref: ModelRef) -> dict[str, bytes]:
+        found = await asyncio.gather(*(self._meta(store, ref, name) for name in AUX_FILES))
+        return {name: data for name, data in zip(AUX_FILES, found, strict=True) if data is not None}
+
+    async def _fetch_remote(self, ref: ModelRef, fill: Fill | None) -> None:
+        store = self._store(ref)
+        try:
+            raw = await self._meta(store, ref, fmt.INDEX_NAME)
+            if raw is None:
+                await self._fetch_hf(store, ref)
+                return
+            try:
+                index = fmt.parse_index(raw)
+            except fmt.FormatError as exc:
+                raise CorruptData(f"{store.location(ref, fmt.INDEX_NAME)}: {exc}") from exc
+            aux = await self._aux(store, ref)
+            await self._fetch_checkpoint(store, ref, raw, index, aux, fill)
+        except BaseException as exc:
+            self._failed(ref, "remote", exc)
+            raise
+
+    async def _fetch_checkpoint(self, store: Store, ref: ModelRef, raw: bytes, index: fmt.Index,
+                                aux: dict[str, bytes], fill: Fill | None) -> None:
+        key = ref.key
+        small = {fmt.INDEX_NAME: raw, **aux}
+        files = {**{n: len(d) for n, d in small.items()}, **{p.file: p.size for p in index.partitions}}
+        total = sum(files.values())
+        dram_dir: Path | None = None
+        if fill is not None:
+            fill.attach(self.dram.reserve(key, ref.uri, total))
+            dram_dir = self.dram.path(key)
+        try:
+            self.ssd.reserve(key, ref.uri, total)
+        except BaseException:
+            if fill is not None:
+                self.dram.abort(key)
+            raise
+        staging = self.ssd.staging_dir(key)
+        dirs = [staging] + ([dram_dir] if dram_dir else [])
+        fds: list[list[int]] = []
+        dram_done = False
+        try:
+            for d in dirs:
+                d.mkdir(parents=True, exist_ok=True)
+                for name, data in small.items():
+                    _write_file(d / name, data)
+            for p in index.partitions:
+                fds.append([_create(d / p.file, p.size) for d in dirs])
+            parts = index.partitions
+            wm = Watermarks([p.size for p in parts], [p.block_size for p in parts])
+            if fill is not None and dram_dir is not None:
+                fill.ready(Layout(dram_dir, index, files, "remote"), wm)
+            targets = [_Target(p.file, p.size, p.block_size, p.checksums, fds[i],
+                               functools.partial(self._block_done, wm, i, key=key, to_dram=fill is not None))
+                       for i, p in enumerate(parts)]
+            self.metrics.fetches.labels("remote").inc()
+            t0 = time.perf_counter()
+            await self._download(store, ref, targets)
+            seconds = time.perf_counter() - t0
+            if not wm.complete:  # every block verified, or nothing is published
+                raise CorruptData(f"{ref.uri}: the download ended with unverified blocks ({wm.filled} of {wm.sizes})")
+            self.profile.observe(f"remote:{store.root.uri}", index.total_bytes, seconds)
+            self.metrics.transfer("remote", index.total_bytes, seconds)
+            _log.info("fetched", model=ref.uri, bytes=index.total_bytes, seconds=round(seconds, 3),
+                      to="ssd+dram" if fill else "ssd")
+            for pair in fds:
+                if len(pair) > 1:
+                    os.close(pair.pop())  # the DRAM copy: tmpfs, nothing to flush
+            if fill is not None and dram_dir is not None:
+                self.dram.publish(key, dram_dir, files)
+                dram_done = True
+                fill.finish()
+            await _in_thread(_fsync_all, [staging / n for n in files])
+            self.ssd.publish(key, staging, files)
+        except BaseException:
+            self.ssd.abort(key, staging)
+            if fill is not None and not dram_done:
+                self.dram.abort(key)
+            raise
+        finally:
+            for pair in fds:
+                for fd in pair:
+                    os.close(fd)
+
+    def _block_done(self, wm: Watermarks, partition: int, block: int, *, key: str, to_dram: bool) -> None:
+        wm.mark_block(partition, block)
+        self.ssd.progress(key, wm.total)
+        if to_dram:
+            self.dram.progress(key, wm.total)
+        self._on_progress()
+
+    async def _download(self, store: Store, ref: ModelRef, targets: list[_Target]) -> None:
+        spans = collections.deque(plan_spans([t.size for t in targets], [t.block_size for t in targets],
+                                             self.config.chunk_bytes))
+
+        async def worker() -> None:
+            while spans:
+                span = spans.popleft()
+                await self._fetch_span(store, ref, targets[span.target], span)
+
+        await _all_or_first_error([worker() for _ in range(min(self.config.connections, len(spans)))])
+
+    async def _fetch_span(self, store: Store, ref: ModelRef, t: _Target, span: Span) -> None:
+        """One range request with resume after transient failures and per-block verification."""
+        where = store.location(ref, t.name)
+        bs = t.block_size
+        pos = span.start
+        block, crc = pos // bs, 0
+        attempts = corrupt = 0
+        while pos < span.end:
+            try:
+                async for data in store.read(ref, t.name, pos, span.end):
+                    if len(data) > span.end - pos:
+                        raise CorruptData(f"{where}: the store sent more bytes than asked for")
+                    for fd in t.fds:
+                        self._pwrite(fd, data, pos, t.name)
+                    view = memoryview(data)
+                    while view:
+                        block_end = min((block + 1) * bs, t.size)
+                        take = min(len(view), block_end - pos)
+                        if t.checksums is not None:
+                            crc = _C.crc32c(view[:take], crc)
+                        pos += take
+                        view = view[take:]
+                        if pos == block_end:
+                            if t.checksums is not None and crc != t.checksums[block]:
+                                raise _BadBlock(block, block * bs, t.checksums[block], crc)
+                            t.on_block(block)
+                            block, crc = block + 1, 0
+                if pos < span.end:
+                    raise StoreUnavailable(f"{where}: the response ended at byte {pos}, expected {span.end}")
+            except StoreUnavailable as exc:
+                attempts += 1
+                if attempts > self.config.retries:
+                    raise type(exc)(f"{exc} (gave up after {attempts} attempts)") from exc
+                self.metrics.retries.labels(store.root.uri).inc()
+                _log.info("resuming range", model=ref.uri, file=t.name, offset=pos, attempt=attempts,
+                          error=str(exc))
+                await asyncio.sleep(self.config.retry_backoff_s * 2 ** (attempts - 1))
+                pos = max(pos, block * bs)  # resume mid-block: the running crc covers [block start, pos)
+            except _BadBlock as bad:
+                corrupt += 1
+                if corrupt > CORRUPT_RETRIES:
+                    raise CorruptData(
+                        f"{where}: block {bad.block} at offset {bad.offset} has crc32c {bad.actual:#010x}, "
+                        f"the index records {bad.expected:#010x} (the store's copy is corrupt)") from None
+                _log.warning("checksum mismatch, fetching the block again", model=ref.uri, file=t.name,
+                             block=bad.block)
+                pos, crc = block * bs, 0
+
+    @staticmethod
+    def _pwrite(fd: int, data: bytes, offset: int, name: str) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as exc:
+            raise DiskError(f"writing {name} at offset {offset}: {exc.strerror or exc}") from exc
+
+    # -- plain Hugging Face checkpoints: download once, convert on the node --------------------
+
+    async def _hf_weights(self, store: Store, ref: ModelRef) -> dict[str, bytes | None]:
+        """Weight files of a plain HF checkpoint: {name: bytes of small index files, None for weights}."""
+        for idx_name in HF_WEIGHT_INDEXES:
+            raw = await self._meta(store, ref, idx_name)
+            if raw is None:
+                continue
+            where = store.location(ref, idx_name)
+            try:
+                weight_map = json.loads(raw).get("weight_map")
+            except (ValueError, AttributeError) as exc:
+                raise CorruptData(f"{where}: not a JSON object with a weight_map") from exc
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CorruptData(f"{where}: 'weight_map' must be a non-empty object")
+            names = sorted(set(weight_map.values()))
+            bad = [n for n in names if not isinstance(n, str) or not _PLAIN_FILE.match(n)]
+            if bad:
+                raise CorruptData(f"{where}: weight file {bad[0]!r} is not a plain file name")
+            return {idx_name: raw, **dict.fromkeys(names)}
+        for name in HF_SINGLE_WEIGHTS:
+            if await self._retrying(store, functools.partial(store.size, ref, name)) is not None:
+                return {name: None}
+        raise NotFound(f"{ref.uri}: the store has neither {fmt.INDEX_NAME} nor Hugging Face weights "
+                       f"(looked for {', '.join(HF_WEIGHT_INDEXES + HF_SINGLE_WEIGHTS)} under "
+                       f"{store.location(ref, '')})")
+
+    async def _fetch_hf(self, store: Store, ref: ModelRef) -> None:
+        key = ref.key
+        aux = await self._aux(store, ref)
+        if "config.json" not in aux:
+            raise NotFound(f"{ref.uri}: neither {fmt.INDEX_NAME} nor config.json found under "
+                           f"{store.location(ref, '')}")
+        weights = await self._hf_weights(store, ref)
+        sizes: dict[str, int] = {}
+        for name, data in weights.items():
+            size = len(data) if data is not None else \
+                await self._retrying(store, functools.partial(store.size, ref, name))
+            if size is None:
+                raise NotFound(f"{store.location(ref, name)}: listed in the weight index but not found")
+            sizes[name] = size
+        source_bytes = sum(sizes.values()) + sum(len(d) for d in aux.values())
+        self.ssd.reserve(key, ref.uri, 2 * source_bytes)  # the download and its converted copy
+        staging = self.ssd.staging_dir(key)
+        src, out = staging / "hf", staging / "checkpoint"
+        try:
+            src.mkdir()
+            for name, data in {**aux, **{n: d for n, d in weights.items() if d is not None}}.items():
+                _write_file(src / name, data)
+            big = [n for n, d in weights.items() if d is None]
+            fds = [_create(src / n, sizes[n]) for n in big]
+            try:
+                targets = [_Target(n, sizes[n], self.config.chunk_bytes, None, [fd], lambda b: None)
+                           for n, fd in zip(big, fds, strict=True)]
+                self.metrics.fetches.labels("remote").inc()
+                t0 = time.perf_counter()
+                await self._download(store, ref, targets)
+                seconds = time.perf_counter() - t0
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            nbytes = sum(sizes[n] for n in big)
+            self.profile.observe(f"remote:{store.root.uri}", nbytes, seconds)
+            self.metrics.transfer("remote", nbytes, seconds)
+            await self._convert(ref, src, out)
+            shutil.rmtree(src)
+            files = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file() and not p.name.startswith(".")}
+            self.ssd.resize(key, sum(files.values()))
+            self.ssd.publish(key, out, files)
+            shutil.rmtree(staging, ignore_errors=True)
+        except BaseException:
+            self.ssd.abort(key, staging)
+            raise
+
+    async def _convert(self, ref: ModelRef, src: Path, out: Path) -> None:
+        from sllm_knative import convert
+
+        t0 = time.perf_counter()
+        try:
+            await _in_thread(convert.convert, src, out)
+        except (ValueError, OSError) as exc:  # ConversionError and FormatError are ValueErrors
+            raise CorruptData(f"{ref.uri}: the Hugging Face checkpoint cannot be converted: {exc}") from exc
+        _log.info("converted on the node", model=ref.uri, seconds=round(time.perf_counter() - t0, 3))
+
+    # -- SSD -> DRAM ---------------------------------------------------------------------------
+
+    async def _fill_from_ssd(self, ref: ModelRef, fill: Fill) -> None:
+        key = ref.key
+        src_entry = self.ssd.entries[key]
+        self.ssd.add_reader(key, 1)
+        self.ssd.touch(key)
+        reserved = False
+        try:
+            src = self.ssd.path(key)
+            try:
+                index = fmt.read_index(src)
+            except (fmt.FormatError, OSError) as exc:
+                raise CorruptData(f"SSD copy of {ref.uri}: {exc}") from exc
+            files = dict(src_entry.files)
+            fill.attach(self.dram.reserve(key, ref.uri, sum(files.values())))
+            reserved = True
+            dst = self.dram.path(key)
+            dst.mkdir(parents=True, exist_ok=True)
+            partition_names = {p.file for p in index.partitions}
+            for name in files:
+                if name not in partition_names:
+                    shutil.copyfile(src / name, dst / name)
+            for p in index.partitions:
+                os.close(_create(dst / p.file, p.size))
+            parts = index.partitions
+            wm = Watermarks([p.size for p in parts], [p.block_size for p in parts])
+            fill.ready(Layout(dst, index, files, "ssd"), wm)
+            self.metrics.fetches.labels("ssd_to_dram").inc()
+            t0 = time.perf_counter()
+            for i, p in enumerate(parts):
+                await self._copy_partition(src / p.file, dst / p.file, p, i, wm, key)
+            seconds = time.perf_counter() - t0
+            self.profile.observe("disk_read", index.total_bytes, seconds)
+            self.metrics.transfer("ssd_to_dram", index.total_bytes, seconds)
+            _log.info("filled from ssd", model=ref.uri, bytes=index.total_bytes, seconds=round(seconds, 3))
+            self.dram.publish(key, dst, files)
+            fill.finish()
+        except BaseException as exc:
+            if reserved:
+                self.dram.abort(key)
+            if isinstance(exc, CorruptData | fmt.ChecksumError):
+                self._drop_corrupt_ssd(key, src_entry)
+            if isinstance(exc, fmt.ChecksumError):
+                raise CorruptData(f"SSD copy of {ref.uri} failed verification and was dropped: {exc}") from exc
+            raise
+        finally:
+            if self.ssd.entries.get(key) is src_entry:
+                self.ssd.add_reader(key, -1)
+
+    def _drop_corrupt_ssd(self, key: str, entry: Entry) -> None:
+        """Evict an SSD copy that failed verification, unless someone else is reading it too."""
+        if self.ssd.entries.get(key) is entry and entry.readers <= 1 and entry.leases == 0:
+            entry.readers = 0
+            self.ssd.evict(key)
+            _log.warning("dropped a corrupt SSD copy", model=entry.model)
+
+    async def _copy_partition(self, src: Path, dst: Path, p: fmt.Partition, i: int, wm: Watermarks,
+                              key: str) -> None:
+        if p.size == 0:
+            return
+        bs = p.block_size
+        chunk = min(16 << 20, bs)
+        if bs % chunk:
+            chunk = fmt.PAGE
+        segment = max(bs, self.config.fill_segment_bytes // bs * bs)
+        fd = os.open(dst, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            mm = mmap.mmap(fd, p.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        window = (ctypes.c_char * p.size).from_buffer(mm)
+        try:
+            addr = ctypes.addressof(window)
+            cancel = _C.CancelToken()
+            for off in range(0, p.size, segment):
+                n = min(segment, p.size - off)
+                first, last = off // bs, -(-(off + n) // bs)
+                try:
+                    await _in_thread(_C.read_to_host, str(src), off, addr + off, n, chunk, self.config.read_threads,
+                                     True, bs, list(p.checksums[first:last]), cancel, cancel=cancel)
+                except fmt.ChecksumError as exc:
+                    raise fmt.ChecksumError(str(src), exc.block + first, exc.offset, exc.expected,
+                                            exc.actual) from None
+                except OSError as exc:
+                    raise DiskError(f"reading {src} at offset {off}: {exc.strerror or exc}") from exc
+                wm.advance(i, off + n)
+                self.dram.progress(key, wm.total)
+                self._on_progress()
+        finally:
+            del window
+            mm.close()

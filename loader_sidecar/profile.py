@@ -1,0 +1,143 @@
+"""The node's bandwidth profile: measured at start, then a moving average of observed transfers.
+
+Hops (bytes per second):
+    disk_read        direct reads of a scratch file in the SSD tier (then every SSD -> DRAM fill)
+    dram_copy        reads of a scratch file in the DRAM tier into process memory (the CPU
+                     device hop's upper bound: a copy; mapping costs less)
+    host_to_device   pinned host -> GPU copy (only measured when a GPU is present)
+    remote:<store>   a store's throughput, from its first transfer on
+
+Numbers feed the load-time model, so nothing here is a constant: a hop without a measurement
+is absent, never guessed. `Ewma` and `rate` are pure; the `measure_*` functions are the I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cuda_ext import _C
+from sllm_knative.log import get_logger
+
+ALPHA = 0.3
+MIN_SAMPLE_BYTES = 1 << 20
+_log = get_logger("loader_sidecar.profile")
+
+
+@dataclasses.dataclass
+class Ewma:
+    """Exponentially weighted moving average; the first sample is taken as is."""
+
+    alpha: float = ALPHA
+    value: float | None = None
+    samples: int = 0
+
+    def update(self, x: float) -> float:
+        self.value = x if self.value is None else self.alpha * x + (1 - self.alpha) * self.value
+        self.samples += 1
+        return self.value
+
+
+def rate(nbytes: int, seconds: float, min_bytes: int = MIN_SAMPLE_BYTES) -> float | None:
+    """Bytes per second of a transfer, or None when it is too small or too fast to mean anything."""
+    if nbytes < min_bytes or seconds <= 0:
+        return None
+    return nbytes / seconds
+
+
+class Profile:
+    def __init__(self, alpha: float = ALPHA, min_bytes: int = MIN_SAMPLE_BYTES) -> None:
+        self.hops: dict[str, Ewma] = {}
+        self._alpha = alpha
+        self._min_bytes = min_bytes
+
+    def observe(self, hop: str, nbytes: int, seconds: float) -> float | None:
+        """Fold one observed transfer into the hop's average; returns the new value (None: ignored)."""
+        r = rate(nbytes, seconds, self._min_bytes)
+        if r is None:
+            return None
+        return self.hops.setdefault(hop, Ewma(self._alpha)).update(r)
+
+    def get(self, hop: str) -> float | None:
+        e = self.hops.get(hop)
+        return e.value if e else None
+
+    def snapshot(self) -> dict[str, tuple[float, int]]:
+        return {k: (e.value, e.samples) for k, e in sorted(self.hops.items()) if e.value is not None}
+
+    def measure_start(self, ssd_dir: Path, dram_dir: Path, nbytes: int, threads: int) -> None:
+        """Run the start-up probes (each failure is logged and leaves its hop unmeasured)."""
+        probes = [("disk_read", lambda: measure_file_read(ssd_dir, nbytes, threads, direct=True)),
+                  ("dram_copy", lambda: measure_file_read(dram_dir, nbytes, threads, direct=False))]
+        if _C.cuda_compiled() and _C.cuda_available():
+            probes.append(("host_to_device", lambda: measure_host_to_device(nbytes)))
+        for hop, probe in probes:
+            try:
+                n, secs = probe()
+            except (OSError, RuntimeError) as exc:
+                _log.warning("bandwidth probe failed", hop=hop, error=str(exc))
+                continue
+            # The start-up probe may be smaller than MIN_SAMPLE_BYTES in tests: always keep it.
+            self.hops.setdefault(hop, Ewma(self._alpha)).update(n / max(secs, 1e-9))
+            _log.info("bandwidth measured", hop=hop, bytes=n, seconds=round(secs, 4),
+                      gbps=round(n / max(secs, 1e-9) / 1e9, 3))
+
+
+def aligned_buffer(nbytes: int, alignment: int = 4096) -> tuple[np.ndarray, int]:
+    """A numpy byte buffer and the address of its first `alignment`-aligned byte."""
+    raw = np.empty(nbytes + alignment, dtype=np.uint8)
+    addr = raw.ctypes.data
+    pad = (-addr) % alignment
+    return raw, addr + pad
+
+
+def _write_scratch(path: Path, nbytes: int) -> None:
+    block = os.urandom(1 << 20)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        left = nbytes
+        while left:
+            n = min(left, len(block))
+            os.write(fd, block[:n])
+            left -= n
+        os.fsync(fd)
+        if hasattr(os, "posix_fadvise"):  # drop it from the page cache: measure the disk
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def measure_file_read(directory: Path, nbytes: int, threads: int, *, direct: bool) -> tuple[int, float]:
+    """Write a scratch file in `directory`, read it back with the extension; (bytes, seconds)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f".profile-scratch-{os.getpid()}"
+    try:
+        _write_scratch(path, nbytes)
+        raw, addr = aligned_buffer(nbytes)
+        chunk = min(nbytes, 16 << 20)
+        t0 = time.perf_counter()
+        _C.read_to_host(str(path), 0, addr, nbytes, chunk, threads, direct)
+        seconds = time.perf_counter() - t0
+        del raw
+        return nbytes, seconds
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def measure_host_to_device(nbytes: int) -> tuple[int, float]:
+    """Pinned host -> device copy of nbytes (GPU nodes only; torch is imported here only)."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)  # warm up the context and the copy engine
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    return nbytes, time.perf_counter() - t0
+

@@ -1,0 +1,22 @@
+"""`hf://org/name@revision` store: the Hugging Face Hub's resolve URLs.
+
+`{HF_ENDPOINT}/{org}/{name}/resolve/{revision}/{file}`, with `Authorization: Bearer $HF_TOKEN`
+when a token is set (httpx drops it on the redirect to the CDN, which is what the Hub wants).
+Any server with that layout works, which is how the tests run it against nginx.
+"""
+
+from __future__ import annotations
+
+from loader_sidecar.refs import ModelRef, StoreRoot
+from loader_sidecar.stores.http import HttpStore
+
+
+class HfStore(HttpStore):
+    def __init__(self, root: StoreRoot, *, endpoint: str, token: str | None, timeout_s: float,
+                 connections: int) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        super().__init__(root, timeout_s=timeout_s, connections=connections, headers=headers)
+        self._endpoint = endpoint.rstrip("/")
+
+    def url(self, ref: ModelRef, file: str) -> str:
+        return f"{self._endpoint}/{ref.path}/resolve/{ref.revision}/{file}"

@@ -1,0 +1,293 @@
+"""Real servers for tests and benchmarks of the sidecar: nginx, a fault-injecting TCP proxy,
+and a sidecar running on its own event loop in a thread.
+
+    with Nginx(root, slow_rate="256k") as web:          # http://127.0.0.1:PORT/models/...
+        with CutProxy(web.port, after=100_000, faulty=2) as proxy:
+            ...                                          # 2 partition responses die after 100 kB
+
+Nginx serves `root` at `/`, `root` again at `/slow/` with `limit_rate`, `/err500/` always 500,
+and the Hugging Face resolve layout `/hf/{org}/{name}/resolve/{rev}/{file}` from
+`root/hf/{org}/{name}/{rev}/{file}` (with a bearer token check when `hf_token` is set).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from loader_sidecar.config import Config
+from loader_sidecar.node import Node
+from loader_sidecar.server import Sidecar
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s") from None
+            time.sleep(0.02)
+
+
+def nginx_path() -> str | None:
+    return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
+                                          if Path(p).exists()), None)
+
+
+_CONF = """
+daemon off;
+master_process off;
+worker_processes 1;
+pid {work}/nginx.pid;
+error_log {work}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log {work}/access.log;
+  client_body_temp_path {work}/body; proxy_temp_path {work}/proxy; fastcgi_temp_path {work}/fastcgi;
+  uwsgi_temp_path {work}/uwsgi; scgi_temp_path {work}/scgi;
+  default_type application/octet-stream;
+  sendfile on;
+  keepalive_requests 100000;
+  server {{
+    listen 127.0.0.1:{port};
+    root {root};
+    location /slow/ {{ alias {root}/; limit_rate {slow_rate}; }}
+    location /err500/ {{ return 500; }}
+    location ~ ^/hf/([^/]+)/([^/]+)/resolve/([^/]+)/(.+)$ {{
+      {auth}
+      alias {root}/hf/$1/$2/$3/$4;
+    }}
+  }}
+}}
+"""
+
+
+class Nginx:
+    """nginx from the distribution, on a free loopback port, serving `root` (see module doc)."""
+
+    def __init__(self, root: Path, *, slow_rate: str = "256k", hf_token: str | None = None) -> None:
+        binary = nginx_path()
+        if binary is None:
+            raise FileNotFoundError("nginx is not installed (apt-get install nginx-light)")
+        self.binary = binary
+        self.root = Path(root).resolve()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.work = Path(tempfile.mkdtemp(prefix="sllm-nginx-"))
+        auth = f'if ($http_authorization != "Bearer {hf_token}") {{ return 401; }}' if hf_token else ""
+        self.conf = self.work / "nginx.conf"
+        self.conf.write_text(_CONF.format(work=self.work, port=self.port, root=self.root, slow_rate=slow_rate,
+                                          auth=auth))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Nginx:
+        self.proc = subprocess.Popen([self.binary, "-e", str(self.work / "error.log"), "-p", str(self.work),
+                                      "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_port(self.port)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"nginx did not start: {(self.work / 'error.log').read_text()}") from None
+        return self
+
+    def requests(self, needle: str = "") -> list[str]:
+        """Access-log lines (one per request) containing `needle`."""
+        log = self.work / "access.log"
+        lines = log.read_text().splitlines() if log.exists() else []
+        return [line for line in lines if needle in line]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def __enter__(self) -> Nginx:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+
+class _Conn:
+    def __init__(self) -> None:
+        self.armed = False
+        self.sent = 0
+
+
+class CutProxy:
+    """A TCP proxy to 127.0.0.1:upstream that breaks `faulty` responses, then passes everything.
+
+    A connection is armed when a request containing `match` goes through it (and breaks are
+    left); it then breaks after `after` more response bytes. mode "cut": close the connection;
+    "stall": stop sending and keep the connection open (a hung server).
+    """
+
+    def __init__(self, upstream: int, *, after: int, faulty: int = 1, mode: str = "cut",
+                 match: bytes = b"partition-") -> None:
+        if mode not in ("cut", "stall"):
+            raise ValueError(f"mode {mode!r}: 'cut' or 'stall'")
+        self.upstream = upstream
+        self.after = after
+        self.left = faulty
+        self.mode = mode
+        self.match = match
+        self.connections = 0
+        self.broken = 0
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = int(self._listener.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True, name="cut-proxy")
+
+    def __enter__(self) -> CutProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        self._listener.close()
+        with self._lock:
+            for s in self._sockets:
+                with contextlib.suppress(OSError):
+                    s.close()
+        self._thread.join(5)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            conn = _Conn()
+            with self._lock:
+                self.connections += 1
+                self._sockets += [client, upstream]
+            threading.Thread(target=self._requests, args=(client, upstream, conn), daemon=True).start()
+            threading.Thread(target=self._responses, args=(upstream, client, conn), daemon=True).start()
+
+    def _requests(self, src: socket.socket, dst: socket.socket, conn: _Conn) -> None:
+        try:
+            while data := src.recv(65536):
+                if self.match in data and not conn.armed:
+                    with self._lock:
+                        if self.left > 0:
+                            self.left -= 1
+                            conn.armed, conn.sent = True, 0
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            self._close(src, dst)
+
+    def _responses(self, src: socket.socket, dst: socket.socket, conn: _Conn) -> None:
+        try:
+            while data := src.recv(65536):
+                if conn.armed and conn.sent + len(data) >= self.after:
+                    dst.sendall(data[: self.after - conn.sent])
+                    with self._lock:
+                        self.broken += 1
+                    if self.mode == "stall":
+                        self._stop.wait()
+                    break
+                if conn.armed:
+                    conn.sent += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            self._close(src, dst)
+
+    @staticmethod
+    def _close(*socks: socket.socket) -> None:
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+_LOOP: asyncio.AbstractEventLoop | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def shared_loop() -> asyncio.AbstractEventLoop:
+    """One event loop thread for every in-process sidecar: grpc.aio binds its completion queue
+    to the first loop that uses it, so a second loop in the same process would never be woken."""
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            _LOOP = asyncio.new_event_loop()
+            threading.Thread(target=_LOOP.run_forever, daemon=True, name="sidecar-loop").start()
+        return _LOOP
+
+
+class SidecarThread:
+    """A sidecar (the real gRPC server) on the process's sidecar loop thread (see shared_loop)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.loop = shared_loop()
+        self.sidecar: Sidecar | None = None
+        self.address = ""
+
+    def start(self) -> SidecarThread:
+        async def make() -> str:
+            self.sidecar = Sidecar(self.config)  # built on the loop: its asyncio objects belong there
+            return await self.sidecar.start()
+
+        self.address = self.call(make())
+        return self
+
+    @property
+    def node(self) -> Node:
+        assert self.sidecar is not None
+        return self.sidecar.node
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+        """Run a coroutine on the sidecar's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self.sidecar is not None:
+            self.call(self.sidecar.stop(grace=0.2), timeout=30)
+            self.sidecar = None
+
+    def __enter__(self) -> SidecarThread:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()

@@ -1,0 +1,294 @@
+"""A cache tier: a directory with a byte budget, one subdirectory per checkpoint.
+
+Entry lifecycle: `reserve` (room is made now, evicting idle entries least recently used first)
+-> FILLING -> `publish` (the verified marker is written, the entry is READY) or `abort` (files
+removed). A checkpoint directory counts as complete only when its marker `.sllm-entry.json`
+exists; the marker is written (temporary name, fsync, rename) after every byte was checked
+against the format's checksums, so a restart after `kill -9` drops whatever has no marker.
+
+    SSD tier:  bytes land in `.staging/<key>-<nonce>/`; the marker is written there and the
+               directory is renamed to `<key>/` (temporary name, verify, rename).
+    DRAM tier: partition files are created at full size in `<key>/` and filled in place,
+               because instances map them while they fill (a rename would break open-by-path);
+               readers only touch bytes below the watermark, which only covers verified bytes,
+               and the marker written at the end plays the part of the rename.
+
+Eviction never touches an entry that is leased, being read (a fill source) or filling.
+`plan_eviction` is the pure decision; `Tier` applies it to the directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from loader_sidecar.errors import InUse, TierFull
+from sllm_knative.log import get_logger
+
+MARKER = ".sllm-entry.json"
+STAGING = ".staging"
+MARKER_VERSION = 1
+_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}-[0-9a-f]{12}$")
+
+_log = get_logger("loader_sidecar.tiers")
+
+
+class State(str, enum.Enum):
+    FILLING = "filling"
+    READY = "ready"
+
+
+@dataclasses.dataclass
+class Entry:
+    key: str
+    model: str
+    size: int
+    state: State
+    last_use: float
+    filled: int = 0
+    leases: int = 0
+    readers: int = 0
+    files: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def evictable(self) -> bool:
+        return self.state is State.READY and self.leases == 0 and self.readers == 0
+
+
+def _describe(e: Entry) -> str:
+    why = "filling" if e.state is State.FILLING else f"{e.leases} leases, {e.readers} readers"
+    return f"{e.model} ({e.size} bytes, {why})"
+
+
+def plan_eviction(entries: Iterable[Entry], budget: int, need: int, tier: str = "tier") -> list[str]:
+    """Keys to evict, least recently used first, so that `need` more bytes fit in `budget`.
+
+    Raises TierFull (naming what holds the space) when even evicting every idle entry is not enough.
+    """
+    entries = list(entries)
+    free = budget - sum(e.size for e in entries)
+    if need <= free:
+        return []
+    if need > budget:
+        raise TierFull(f"{tier} tier: needs {need} bytes but its whole budget is {budget} bytes")
+    victims: list[str] = []
+    for e in sorted((e for e in entries if e.evictable), key=lambda e: (e.last_use, e.key)):
+        victims.append(e.key)
+        free += e.size
+        if free >= need:
+            return victims
+    held = [e for e in entries if not e.evictable]
+    raise TierFull(f"{tier} tier: needs {need} bytes, only {free} of {budget} can be freed; in use: "
+                   + "; ".join(_describe(e) for e in held))
+
+
+def is_key(name: str) -> bool:
+    return bool(_KEY.match(name))
+
+
+def write_json_atomic(path: Path, doc: dict) -> None:
+    """Write JSON to a temporary name in the same directory, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+
+
+def read_marker(entry_dir: Path) -> dict | None:
+    """The marker of a complete entry, or None when it is missing, unreadable or inconsistent."""
+    try:
+        doc = json.loads((entry_dir / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("version") != MARKER_VERSION or doc.get("key") != entry_dir.name:
+        return None
+    files = doc.get("files")
+    if not isinstance(files, dict) or not isinstance(doc.get("model"), str) or doc.get("verified") is not True:
+        return None
+    for name, size in files.items():
+        if "/" in name or name.startswith(".") or not isinstance(size, int):
+            return None
+        try:
+            if (entry_dir / name).stat().st_size != size:
+                return None
+        except OSError:
+            return None
+    return doc
+
+
+class Tier:
+    """One tier's directory, budget and entries. Not thread-safe: used from the event loop."""
+
+    def __init__(self, name: str, root: Path, budget: int, *, clock: Callable[[], float] = time.time,
+                 on_change: Callable[[], None] = lambda: None,
+                 on_evict: Callable[[str, Entry], None] = lambda tier, e: None) -> None:
+        self.name = name
+        self.root = root
+        self.budget = budget
+        self.entries: dict[str, Entry] = {}
+        self._clock = clock
+        self._on_change = on_change
+        self._on_evict = on_evict
+
+    # -- accounting ----------------------------------------------------------------------------
+
+    @property
+    def used(self) -> int:
+        return sum(e.size for e in self.entries.values())
+
+    @property
+    def free(self) -> int:
+        return max(0, self.budget - self.used)
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def ready(self, key: str) -> Entry | None:
+        e = self.entries.get(key)
+        return e if e is not None and e.state is State.READY else None
+
+    # -- recovery ------------------------------------------------------------------------------
+
+    def recover(self) -> list[str]:
+        """Rebuild the entries from disk after a start or crash; returns what was dropped."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        dropped = []
+        staging = self.root / STAGING
+        if staging.exists():
+            for p in staging.iterdir():
+                dropped.append(f"{STAGING}/{p.name}")
+            shutil.rmtree(staging, ignore_errors=True)
+        for p in sorted(self.root.iterdir()):
+            if p.name.startswith("."):
+                continue
+            if not p.is_dir() or not is_key(p.name):
+                _log.warning("not a cache entry, left alone", tier=self.name, path=str(p))
+                continue
+            doc = read_marker(p)
+            if doc is None:
+                shutil.rmtree(p, ignore_errors=True)
+                dropped.append(p.name)
+                continue
+            files = {str(k): int(v) for k, v in doc["files"].items()}
+            self.entries[p.name] = Entry(p.name, doc["model"], sum(files.values()), State.READY,
+                                         (p / MARKER).stat().st_mtime, filled=sum(files.values()), files=files)
+        for key in plan_eviction(self.entries.values(), self.budget, 0, self.name):
+            self._remove(key, reason="over budget after restart")
+        if dropped:
+            _log.warning("dropped unverified or partial entries", tier=self.name, entries=",".join(dropped))
+        self._on_change()
+        return dropped
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def reserve(self, key: str, model: str, size: int) -> Entry:
+        """Make room for `size` bytes (evicting idle entries, LRU first) and add a FILLING entry."""
+        if key in self.entries:
+            raise InUse(f"{self.name} tier: {model} already has an entry ({self.entries[key].state.value})")
+        for victim in plan_eviction(self.entries.values(), self.budget, size, self.name):
+            self._remove(victim, reason="evicted for room")
+        entry = Entry(key, model, size, State.FILLING, self._clock())
+        self.entries[key] = entry
+        self._on_change()
+        return entry
+
+    def resize(self, key: str, size: int) -> None:
+        """Change a FILLING entry's reservation (e.g. once a conversion's output size is known)."""
+        entry = self.entries[key]
+        others = [e for e in self.entries.values() if e.key != key]
+        for victim in plan_eviction(others, self.budget, size, self.name):
+            self._remove(victim, reason="evicted for room")
+        entry.size = size
+        self._on_change()
+
+    def staging_dir(self, key: str) -> Path:
+        d = self.root / STAGING / f"{key}.{uuid.uuid4().hex[:8]}"
+        d.mkdir(parents=True)
+        return d
+
+    def publish(self, key: str, directory: Path, files: dict[str, int]) -> Entry:
+        """Mark a filled, verified entry complete: marker in `directory`, then rename it into place."""
+        entry = self.entries[key]
+        now = self._clock()
+        write_json_atomic(directory / MARKER, {"version": MARKER_VERSION, "key": key, "model": entry.model,
+                                               "files": files, "verified": True})
+        os.utime(directory / MARKER, (now, now))  # the marker's mtime is the entry's last use
+        final = self.path(key)
+        if directory != final:
+            os.rename(directory, final)
+        _fsync_dir(self.root)
+        entry.files = dict(files)
+        entry.size = sum(files.values())
+        entry.filled = entry.size
+        entry.state = State.READY
+        entry.last_use = now
+        self._on_change()
+        return entry
+
+    def abort(self, key: str, directory: Path | None = None) -> None:
+        """Drop a FILLING entry and its bytes (a failed or cancelled fill)."""
+        self.entries.pop(key, None)
+        for d in (self.path(key), directory):
+            if d is not None:
+                shutil.rmtree(d, ignore_errors=True)
+        self._on_change()
+
+    def evict(self, key: str) -> Entry:
+        entry = self.entries.get(key)
+        if entry is None:
+            raise KeyError(key)
+        if not entry.evictable:
+            raise InUse(f"{self.name} tier: cannot evict {_describe(entry)}")
+        self._remove(key, reason="requested")
+        return entry
+
+    def _remove(self, key: str, reason: str) -> None:
+        entry = self.entries.pop(key)
+        shutil.rmtree(self.path(key), ignore_errors=True)
+        _log.info("evicted", tier=self.name, model=entry.model, bytes=entry.size, reason=reason)
+        self._on_evict(self.name, entry)
+        self._on_change()
+
+    # -- use -----------------------------------------------------------------------------------
+
+    def touch(self, key: str) -> None:
+        """Record a use (LRU order); persisted as the marker's mtime so it survives restarts."""
+        entry = self.entries[key]
+        entry.last_use = self._clock()
+        if entry.state is State.READY:
+            try:
+                os.utime(self.path(key) / MARKER, (entry.last_use, entry.last_use))
+            except OSError:
+                pass
+        self._on_change()
+
+    def add_lease(self, key: str, delta: int) -> None:
+        self.entries[key].leases += delta
+        self._on_change()
+
+    def add_reader(self, key: str, delta: int) -> None:
+        self.entries[key].readers += delta
+        self._on_change()
+
+    def progress(self, key: str, filled: int) -> None:
+        entry = self.entries.get(key)
+        if entry is not None:
+            entry.filled = filled
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,73 @@
+"""Configuration: defaults -> parse -> normalise -> validate, with messages naming the flag."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from loader_sidecar.config import add_arguments, from_args, parse_size
+from loader_sidecar.errors import BadRequest
+
+
+@pytest.mark.parametrize("text, expected", [
+    pytest.param("1048576", 1 << 20, id="plain-bytes"),
+    pytest.param("512MiB", 512 << 20, id="mib"),
+    pytest.param("2GiB", 2 << 30, id="gib"),
+    pytest.param("10GB", 10 * 10**9, id="gb-decimal"),
+    pytest.param("1.5G", int(1.5e9), id="fraction"),
+    pytest.param("64k", 64_000, id="lowercase-k"),
+    pytest.param("4 KiB", 4096, id="space"),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text, "x") == expected
+
+
+@pytest.mark.parametrize("text", [pytest.param("", id="empty"), pytest.param("-1", id="negative"),
+                                  pytest.param("12XB", id="unit"), pytest.param("MiB", id="no-number")])
+def test_parse_size_rejects(text):
+    with pytest.raises(BadRequest, match=r"ssd-bytes = .*expected a byte count"):
+        parse_size(text, "ssd-bytes")
+
+
+def _parse(*argv: str, env: dict | None = None):
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return from_args(p.parse_args(list(argv)), env=env or {})
+
+
+def test_defaults_are_local_and_per_node(tmp_path):
+    c = _parse("--store", "file:///models", "--node", "n1", env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert c.listen == "unix:///tmp/sllm-knative/n1/loader.sock"
+    assert c.dram_dir == Path("/dev/shm/sllm-knative/n1")
+    assert c.ssd_dir == tmp_path / "sllm-knative" / "n1" / "ssd"
+    assert c.ssd_bytes > 0 and c.dram_bytes > 0
+    assert (c.connections, c.chunk_bytes, c.retries) == (4, 16 << 20, 5)
+    assert c.hf_endpoint == "https://huggingface.co" and c.hf_token is None
+
+
+def test_environment_supplies_hf_and_s3_settings():
+    c = _parse("--store", "hf://", env={"HF_ENDPOINT": "http://127.0.0.1:9/hf/", "HF_TOKEN": "hf_secret",
+                                        "AWS_ENDPOINT_URL": "http://127.0.0.1:5000"})
+    assert (c.hf_endpoint, c.hf_token, c.s3_endpoint) == ("http://127.0.0.1:9/hf", "hf_secret",
+                                                          "http://127.0.0.1:5000")
+    assert "hf_secret" not in repr(c)  # the token never shows in logs
+
+
+@pytest.mark.parametrize("argv, message", [
+    pytest.param([], "at least one --store", id="no-store"),
+    pytest.param(["--store", "ftp://x"], "scheme", id="bad-store"),
+    pytest.param(["--connections", "0"], "connections = 0, must be in", id="connections"),
+    pytest.param(["--chunk-bytes", "1000"], "chunk-bytes = 1000, must be a positive multiple of 4096", id="chunk"),
+    pytest.param(["--timeout", "0"], "timeout = 0.0, must be greater than 0", id="timeout"),
+    pytest.param(["--node", "a/b"], "node = 'a/b'", id="node"),
+    pytest.param(["--listen", "unix://rel.sock"], "absolute path", id="listen-relative-unix"),
+    pytest.param(["--listen", "nohost"], "expected host:port", id="listen-no-port"),
+    pytest.param(["--metrics", "9100"], "expected host:port", id="metrics"),
+    pytest.param(["--dram-bytes", "0"], "dram-bytes = 0, must be positive", id="dram-zero"),
+])
+def test_invalid_flags_are_rejected(argv, message):
+    store = [] if any(a == "--store" for a in argv) or argv == [] else ["--store", "file:///m"]
+    with pytest.raises(BadRequest, match=message):
+        _parse(*store, *argv, "--ssd-bytes", "1GiB", *([] if "--dram-bytes" in argv else ["--dram-bytes", "1GiB"]))

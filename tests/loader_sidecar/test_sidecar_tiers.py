@@ -1,0 +1,109 @@
+"""Tiers: LRU eviction that never touches leased/in-use entries, markers, restart recovery."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loader_sidecar.errors import InUse, TierFull
+from loader_sidecar.tiers import MARKER, Entry, State, Tier, plan_eviction, read_marker
+
+
+def E(key: str, size: int, last_use: float, state: State = State.READY, leases: int = 0, readers: int = 0) -> Entry:
+    return Entry(key, f"file:///m/{key}", size, state, last_use, leases=leases, readers=readers)
+
+
+@pytest.mark.parametrize("entries, budget, need, victims", [
+    pytest.param([], 100, 100, [], id="empty-fits-exactly"),
+    pytest.param([E("a", 40, 1)], 100, 60, [], id="fits-in-free"),
+    pytest.param([E("a", 40, 2), E("b", 40, 1)], 100, 50, ["b"], id="oldest-first"),
+    pytest.param([E("a", 40, 1), E("b", 40, 2)], 100, 90, ["a", "b"], id="two-victims"),
+    pytest.param([E("a", 40, 1, leases=1), E("b", 40, 2)], 100, 50, ["b"], id="skips-leased"),
+    pytest.param([E("a", 40, 1, readers=1), E("b", 40, 2)], 100, 50, ["b"], id="skips-read"),
+    pytest.param([E("a", 40, 1, state=State.FILLING), E("b", 40, 2)], 100, 50, ["b"], id="skips-filling"),
+    pytest.param([E("b", 30, 1), E("a", 30, 1)], 100, 50, ["a"], id="tie-broken-by-key"),
+    pytest.param([E("a", 10, 1)], 100, 0, [], id="nothing-needed"),
+])
+def test_plan_eviction(entries, budget, need, victims):
+    assert plan_eviction(entries, budget, need) == victims
+
+
+@pytest.mark.parametrize("entries, budget, need, message", [
+    pytest.param([], 100, 101, "whole budget is 100", id="larger-than-budget"),
+    pytest.param([E("a", 60, 1, leases=1)], 100, 50, r"only 40 of 100 can be freed.*1 leases", id="leased"),
+    pytest.param([E("a", 60, 1, state=State.FILLING)], 100, 50, "filling", id="filling"),
+])
+def test_plan_eviction_full(entries, budget, need, message):
+    with pytest.raises(TierFull, match=message):
+        plan_eviction(entries, budget, need, "dram")
+
+
+def _fill(tier: Tier, key: str, size: int) -> None:
+    tier.reserve(key, f"file:///m/{key}", size)
+    d = tier.path(key)
+    d.mkdir(parents=True)
+    (d / "partition-0.bin").write_bytes(b"x" * size)
+    tier.publish(key, d, {"partition-0.bin": size})
+
+
+def test_reserve_evicts_lru_and_keeps_leased(tmp_path):
+    clock = iter(range(100)).__next__
+    evicted = []
+    tier = Tier("ssd", tmp_path, 100, clock=lambda: float(clock()), on_evict=lambda t, e: evicted.append(e.key))
+    for key in ("a-000000000000", "b-000000000000", "c-000000000000"):
+        _fill(tier, key, 30)
+    tier.touch("a-000000000000")           # a is now the most recently used
+    tier.add_lease("b-000000000000", 1)    # b is leased: never evicted
+    tier.reserve("d-000000000000", "file:///m/d", 40)
+    assert evicted == ["c-000000000000"]
+    assert not tier.path("c-000000000000").exists()
+    with pytest.raises(TierFull, match="in use"):
+        tier.reserve("e-000000000000", "file:///m/e", 70)
+    with pytest.raises(InUse, match="1 leases"):
+        tier.evict("b-000000000000")
+    tier.add_lease("b-000000000000", -1)
+    assert tier.evict("b-000000000000").size == 30
+
+
+def test_published_entry_has_verified_marker(tmp_path):
+    tier = Tier("ssd", tmp_path, 1000)
+    tier.reserve("k-0123456789ab", "file:///m/k", 10)
+    staging = tier.staging_dir("k-0123456789ab")
+    (staging / "partition-0.bin").write_bytes(b"y" * 10)
+    tier.publish("k-0123456789ab", staging, {"partition-0.bin": 10})
+    assert not staging.exists()
+    doc = read_marker(tmp_path / "k-0123456789ab")
+    assert doc is not None and doc["verified"] is True and doc["files"] == {"partition-0.bin": 10}
+    assert tier.entries["k-0123456789ab"].state is State.READY
+
+
+def test_recover_drops_partial_and_unverified(tmp_path):
+    tier = Tier("dram", tmp_path, 1000)
+    _fill(tier, "good-0123456789ab", 10)
+    _fill(tier, "short-0123456789ab", 10)
+    (tmp_path / "short-0123456789ab" / "partition-0.bin").write_bytes(b"x" * 5)   # truncated after marker
+    (tmp_path / "nomarker-0123456789ab").mkdir()                                 # killed mid-fill
+    (tmp_path / "nomarker-0123456789ab" / "partition-0.bin").write_bytes(b"z" * 10)
+    bad = tmp_path / "badmarker-0123456789ab"
+    bad.mkdir()
+    (bad / MARKER).write_text(json.dumps({"version": 1, "key": "other", "model": "m", "files": {}, "verified": True}))
+    (tmp_path / ".staging" / "x-0123456789ab.abcd").mkdir(parents=True)        # SSD download in flight
+    (tmp_path / "notes.txt").write_text("not ours")                            # left alone
+    fresh = Tier("dram", tmp_path, 1000)
+    dropped = fresh.recover()
+    assert sorted(fresh.entries) == ["good-0123456789ab"]
+    assert sorted(dropped) == [".staging/x-0123456789ab.abcd", "badmarker-0123456789ab", "nomarker-0123456789ab",
+                               "short-0123456789ab"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good-0123456789ab", "notes.txt"]
+
+
+def test_recover_keeps_lru_order_and_budget(tmp_path):
+    clock = iter(range(100)).__next__
+    tier = Tier("ssd", tmp_path, 100, clock=lambda: 1_000_000.0 + clock())
+    for key in ("a-000000000000", "b-000000000000", "c-000000000000"):
+        _fill(tier, key, 30)
+    tier.touch("a-000000000000")
+    smaller = Tier("ssd", tmp_path, 60)   # restarted with a smaller budget
+    smaller.recover()
+    assert sorted(smaller.entries) == ["a-000000000000", "c-000000000000"]  # b was least recently used
