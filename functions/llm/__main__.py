@@ -9,21 +9,23 @@ transformers ahead of time and then calls it).
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 
 
 def _process_start() -> float:
-    """Wall-clock time at which this process started (from /proc; now if unavailable)."""
+    """Wall-clock time at which this process started (10 ms resolution; now if unknown).
+
+    /proc/self/stat gives the start in clock ticks since boot; CLOCK_BOOTTIME gives the time
+    since boot precisely (the boot time in /proc/stat is rounded to whole seconds).
+    """
     try:
         with open("/proc/self/stat") as f:
             ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        import os
-
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - age
+    except (OSError, ValueError, IndexError, AttributeError):
         return time.time()
 
 
