@@ -25,6 +25,8 @@ SCHEMES = ("file", "http", "https", "hf", "s3")
 MAX_SEGMENTS = 4
 DEFAULT_REVISION = "main"
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+# Store roots come from the operator: hidden directories are fine there, '.' and '..' are not.
+_ROOT_SEGMENT = re.compile(r"^(?!\.\.?$)[A-Za-z0-9._-]{1,255}$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _HOST = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
@@ -75,12 +77,12 @@ class ModelRef:
         return f"{readable[:120]}-{digest}"
 
 
-def _segments(path: str, where: str) -> list[str]:
+def _segments(path: str, where: str, pattern: re.Pattern[str] = _SEGMENT) -> list[str]:
     if "%" in path or "\\" in path:
         raise BadRequest(f"{where}: escapes and backslashes are not allowed, got {path!r}")
     parts = path.split("/")
     for seg in parts:
-        if not _SEGMENT.match(seg):
+        if not pattern.match(seg):
             raise BadRequest(f"{where}: segment {seg!r} of {path!r} is not a valid name "
                              "(letters, digits, '._-', starting with a letter or digit)")
     return parts
@@ -101,7 +103,7 @@ def parse_store(uri: str) -> StoreRoot:
             raise BadRequest(f"{where}: file URIs name a local path (file:///abs/dir)")
         if not parts.path.startswith("/") or not path:
             raise BadRequest(f"{where}: needs an absolute directory, e.g. file:///models")
-        _segments(path, where)
+        _segments(path, where, _ROOT_SEGMENT)
         return StoreRoot("file", "", path)
     if scheme == "hf":
         org = "/".join(p for p in (parts.netloc, path) if p)
@@ -115,7 +117,7 @@ def parse_store(uri: str) -> StoreRoot:
     elif not parts.netloc or not _HOST.match(parts.netloc):
         raise BadRequest(f"{where}: needs a host, e.g. http://models.internal:8080/prefix")
     if path:
-        _segments(path, where)
+        _segments(path, where, _ROOT_SEGMENT)
     return StoreRoot(scheme, parts.netloc, path)
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -14,7 +19,8 @@ from loader_sidecar import loader_pb2 as pb
 from loader_sidecar import loader_pb2_grpc as pb_grpc
 from loader_sidecar.client import LoaderClient
 from loader_sidecar.testing import free_port
-from sllm_knative import cli
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def wait_for(predicate, timeout: float = 10.0):  # type: ignore[no-untyped-def]
@@ -120,18 +126,24 @@ def test_metrics_endpoint(nginx, sidecar):
     assert 'sllm_loader_tier_bytes{tier="ssd"} 0.0' not in text
 
 
-def test_cli_cache_ls_prefetch_evict(nginx, sidecar, capsys):
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sllm_knative.cli", *args], capture_output=True, text=True,
+                          timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_cli_cache_ls_prefetch_evict(nginx, sidecar):
     thread, _ = sidecar([f"{nginx.url}/models"])
     base = ["cache", "--loader", thread.address]
-    assert cli.main([*base, "prefetch", "small", "--tier", "ssd"]) == 0
-    assert "small: ssd tier ready (from remote)" in capsys.readouterr().out
-    assert cli.main([*base, "prefetch", "tiny"]) == 0
-    assert cli.main([*base, "ls"]) == 0
-    out = capsys.readouterr().out
-    assert "SSD" in out and "DRAM" in out and "/models/small" in out and "ready" in out and "4.3 MiB" in out
-    assert cli.main([*base, "ls", "--json"]) == 0
-    assert '"name": "dram"' in capsys.readouterr().out
-    assert cli.main([*base, "evict", "tiny", "--tier", "dram"]) == 0
-    assert "evicted from dram" in capsys.readouterr().out
-    assert cli.main([*base, "evict", "tiny", "--tier", "dram"]) == 1
-    assert "error: " in capsys.readouterr().err
+    out = _cli(*base, "prefetch", "small", "--tier", "ssd")
+    assert out.returncode == 0 and "small: ssd tier ready (from remote)" in out.stdout
+    assert _cli(*base, "prefetch", "tiny").returncode == 0
+    out = _cli(*base, "ls")
+    assert out.returncode == 0
+    for text in ("SSD", "DRAM", "/models/small", "/models/tiny", "ready", "4.3 MiB", "device     cpu:0"):
+        assert text in out.stdout, text
+    out = _cli(*base, "ls", "--json")
+    assert json.loads(out.stdout)["node"] == "test"
+    out = _cli(*base, "evict", "tiny", "--tier", "dram")
+    assert out.returncode == 0 and "evicted from dram" in out.stdout
+    out = _cli(*base, "evict", "tiny", "--tier", "dram")
+    assert out.returncode == 1 and "error: " in out.stderr and "not in the dram tier" in out.stderr

@@ -112,7 +112,11 @@ def test_eviction_racing_acquire(nginx, sidecar, store_root):
     stop.set()
     ev.join(30)
     assert unexpected == []
-    assert served["small"] > 0 and served["tiny"] > 0
+    assert served["small"] + served["tiny"] > 0  # (no fairness promised: one model may starve the other)
+    for model in ("tiny", "small", "tiny"):  # once the race is over, each evicts the other in turn
+        with client.acquire(model) as lease:
+            lease.wait_complete(timeout=60)
+            assert [Path(p.path).read_bytes() for p in lease.partitions] == expected[model]
     inv = client.inventory()
     assert not inv.leases
     dram = next(t for t in inv.tiers if t.name == "dram")

@@ -14,6 +14,7 @@ STORES = [parse_store(s) for s in ("http://models.local:8080/ckpt", "hf://", "s3
 @pytest.mark.parametrize("uri, canonical", [
     pytest.param("file:///mnt/models/", "file:///mnt/models", id="file-trailing-slash"),
     pytest.param("file://localhost/mnt/m", "file:///mnt/m", id="file-localhost"),
+    pytest.param("file:///home/u/.cache/models", "file:///home/u/.cache/models", id="file-hidden-dir"),
     pytest.param("http://h:1/a/b", "http://h:1/a/b", id="http-prefix"),
     pytest.param("https://h", "https://h", id="https-no-prefix"),
     pytest.param("hf://", "hf://", id="hf-hub"),
@@ -29,6 +30,7 @@ def test_parse_store_accepts(uri, canonical):
     pytest.param("file://host/x", "local path", id="file-remote-host"),
     pytest.param("file:///", "absolute directory", id="file-root"),
     pytest.param("file:///a/../b", "not a valid name", id="file-dotdot"),
+    pytest.param("file:///a/./b", "not a valid name", id="file-dot"),
     pytest.param("http:///x", "needs a host", id="http-no-host"),
     pytest.param("http://u:p@h/x", "credentials", id="http-credentials"),
     pytest.param("http://h/x?y=1", "queries", id="http-query"),
