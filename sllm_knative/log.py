@@ -47,6 +47,10 @@ def setup(level: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel((level or os.environ.get("SLLM_LOG_LEVEL", "INFO")).upper())
+    # Libraries that log every request at INFO (httpx) would put a line and a formatting
+    # cost on every proxied request: keep them to warnings.
+    for noisy in ("httpx", "httpcore", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     _CONFIGURED = True
 
 
