@@ -72,6 +72,10 @@ class Calibration:
         """`node` with its bandwidths and instance overhead replaced by the calibrated ones."""
         learnt = {tier: bw for (name, tier), bw in self.bandwidth.items() if name == node.name}
         overhead = self.overhead.get(node.name)
+        if overhead is None and node.instance_overhead_s == 0 and self.overhead:
+            # Nodes run the same instance runtime: one with no observation (and no profile)
+            # starts instances about as fast as the others, not for free.
+            overhead = sum(self.overhead.values()) / len(self.overhead)
         if not learnt and overhead is None:
             return node
         return dataclasses.replace(

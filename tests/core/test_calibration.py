@@ -66,9 +66,21 @@ def test_calibration_changes_the_placement() -> None:
     assert cal.bandwidth[("a", Tier.SSD)] < 1.2 * GB
     p = place(request, nodes, cal)
     assert p.node == "b" and p.estimate_s == pytest.approx(2.0)
-    # Start times count too: b's instances are slow to start.
-    cal = observe_start(cal, "b", 4.0)
+    # Start times count too: b's instances are slow to start, a's fast.
+    cal = observe_start(observe_start(cal, "a", 0.1), "b", 4.0)
     assert place(request, nodes, cal).node == "a"
+
+
+def test_unobserved_node_gets_the_mean_start_overhead() -> None:
+    """A node never seen starting an instance is not assumed to start it for free."""
+    cal = observe_start(observe_start(Calibration(), "a", 0.2), "b", 0.4)
+    fresh = cal.apply(NodeInventory("c", {Tier.REMOTE: GB}))
+    assert fresh.instance_overhead_s == pytest.approx(0.3)
+    # So a checkpoint in a's DRAM still beats a remote load on a node with no history.
+    request = ModelRequest("m", GB // 10)
+    nodes = [NodeInventory("a", {Tier.REMOTE: GB, Tier.DRAM: 10 * GB}, checkpoints={"m": Tier.DRAM}),
+             NodeInventory("c", {Tier.REMOTE: GB})]
+    assert place(request, nodes, observe_start(Calibration(), "a", 0.2)).node == "a"
 
 
 def test_apply_leaves_unknown_nodes_alone() -> None:

@@ -1,0 +1,179 @@
+"""The local backend: nodes are loader sidecars plus a zygote each; instances are processes.
+
+What the control loop asks of a backend: the nodes' inventories (for placement), warm a
+checkpoint on a node now, start an instance of a service on a node, wait until it is ready,
+stop it. Kubernetes would do the same through pods, scheduling gates and NodeCaches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from sllm_knative.config import ServiceConfig
+from sllm_knative.local import procs, zygote
+from sllm_knative.log import get_logger
+from sllm_knative.placement import NodeInventory, Tier
+
+_log = get_logger("autoscaler.backend")
+
+# Used until a node has measured the hop (the sidecar probes disk and DRAM at start; the
+# remote store is measured on its first transfer).
+FALLBACK_BANDWIDTH = {Tier.REMOTE: 100e6, Tier.SSD: 500e6, Tier.DRAM: 5e9}
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    name: str
+    loader: str  # gRPC target of its loader sidecar
+    zygote: str  # Unix socket of its pre-imported runtime
+    slots: int
+    logs: Path
+
+
+@dataclasses.dataclass
+class InstanceRecord:
+    id: str
+    service: str
+    node: str
+    port: int
+    internal_port: int
+    pid: int = 0
+    state: str = "starting"  # starting -> ready -> stopping
+    started_at: float = 0.0  # wall clock
+    ready_at: float | None = None
+    tier: str = ""  # where the checkpoint was when the instance was placed
+    report: dict[str, Any] = dataclasses.field(default_factory=dict)  # the instance's startup report
+    timing_path: str = ""
+    lease: dict[str, Any] = dataclasses.field(default_factory=dict)  # when its checkpoint lease completed
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def internal_url(self) -> str:
+        return f"http://127.0.0.1:{self.internal_port}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def inventory_to_node(node: Node, inv: Any, running: int, size_hint: dict[str, int]) -> NodeInventory:
+    """A loader's Inventory message as the planner's NodeInventory (pure)."""
+    bw = dict(FALLBACK_BANDWIDTH)
+    hops = {b.hop: b.bytes_per_second for b in inv.bandwidths if b.bytes_per_second > 0}
+    if "disk_read" in hops:
+        bw[Tier.SSD] = hops["disk_read"]
+    # DRAM tier -> device: the pinned copy on a GPU node, the memory copy (or map) on the CPU.
+    if "host_to_device" in hops or "dram_copy" in hops:
+        bw[Tier.DRAM] = hops.get("host_to_device", hops.get("dram_copy", 0.0))
+    remote = [v for k, v in hops.items() if k.startswith("remote:")]
+    if remote:
+        bw[Tier.REMOTE] = max(remote)
+    checkpoints: dict[str, Tier] = {}
+    for tier in inv.tiers:
+        t = Tier.DRAM if tier.name == "dram" else Tier.SSD
+        for e in tier.entries:
+            if e.state == "ready":
+                size_hint[e.model] = int(e.size)
+                if e.model not in checkpoints or t.rank < checkpoints[e.model].rank:
+                    checkpoints[e.model] = t
+    return NodeInventory(name=node.name, bandwidth=bw, checkpoints=checkpoints,
+                         free_slots=max(0, node.slots - running))
+
+
+class LocalBackend:
+    def __init__(self, nodes: list[Node], device: str = "cpu") -> None:
+        self.nodes = {n.name: n for n in nodes}
+        self.device = device
+        self.http = httpx.AsyncClient(timeout=5.0)
+        self.model_sizes: dict[str, int] = {}
+
+    async def inventory(self, node: str) -> Any:
+        from loader_sidecar.client import LoaderClient
+
+        def get() -> Any:
+            with LoaderClient(self.nodes[node].loader) as c:
+                return c.inventory()
+
+        return await asyncio.to_thread(get)
+
+    async def inventories(self, running: dict[str, int]) -> list[NodeInventory]:
+        out = []
+        for name, node in self.nodes.items():
+            try:
+                inv = await self.inventory(name)
+            except Exception as exc:  # a node whose loader does not answer is not a candidate
+                _log.warning("node inventory unavailable", node=name, error=str(exc))
+                continue
+            out.append(inventory_to_node(node, inv, running.get(name, 0), self.model_sizes))
+        return out
+
+    async def warm(self, node: str, model: str) -> None:
+        """Tell the node's loader to start moving the checkpoint into DRAM now (no wait)."""
+        from loader_sidecar.client import LoaderClient
+
+        def prefetch() -> None:
+            with LoaderClient(self.nodes[node].loader) as c:
+                c.prefetch(model, tier="dram", wait=False)
+
+        try:
+            await asyncio.to_thread(prefetch)
+        except Exception as exc:  # the instance's own acquire will retry and report
+            _log.warning("warming failed", node=node, model=model, error=str(exc))
+
+    async def start(self, svc: ServiceConfig, node: str, instance_id: str, tier: str) -> InstanceRecord:
+        n = self.nodes[node]
+        rec = InstanceRecord(instance_id, svc.key, node, free_port(), free_port(), tier=tier, started_at=time.time())
+        argv = ["--served-model-name", svc.name, "--device", self.device,
+                "--host", "127.0.0.1", "--port", str(rec.port),
+                "--internal-host", "127.0.0.1", "--internal-port", str(rec.internal_port)]
+        if svc.container_concurrency:
+            argv += ["--max-concurrency", str(svc.container_concurrency)]
+        log = n.logs / f"{instance_id}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = {"SLLM_INSTANCE": instance_id, "SLLM_NODE": node}
+        lease = {"loader": n.loader, "model": svc.model.uri if svc.model else "", "device": self.device,
+                 "instance": instance_id}
+        rec.timing_path = str(log.with_suffix(".timing.json"))
+        rec.pid = await asyncio.to_thread(zygote.spawn_via, n.zygote, argv, str(log), env, lease, rec.timing_path)
+        _log.info("instance starting", model=svc.key, instance=instance_id, node=node, pid=rec.pid, tier=tier)
+        return rec
+
+    async def wait_ready(self, rec: InstanceRecord, timeout_s: float = 300.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and rec.state == "starting":
+            if not procs.alive(rec.pid):
+                return False
+            try:
+                r = await self.http.get(f"{rec.url}/health/ready", timeout=2.0)
+                if r.status_code == 200:
+                    rec.report = r.json()
+                    rec.ready_at = time.time()
+                    with contextlib.suppress(OSError, ValueError):
+                        rec.lease = json.loads(Path(rec.timing_path).read_text())
+                    return True
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.02)
+        return False
+
+    async def stop(self, rec: InstanceRecord, grace_s: float = 10.0) -> None:
+        rec.state = "stopping"
+        await asyncio.to_thread(procs.stop, rec.pid, grace_s, False)
+        _log.info("instance stopped", model=rec.service, instance=rec.id, node=rec.node)
+
+    async def close(self) -> None:
+        await self.http.aclose()

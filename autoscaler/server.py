@@ -1,0 +1,92 @@
+"""The autoscaler's HTTP API (loopback): the activator's reports and the CLI's requests.
+
+    POST   /v1/stats                     activator: per-service concurrency every second
+    POST   /v1/demand                    activator: a request waits for a service at zero
+    POST   /v1/apply                     CLI: YAML (Knative Services, ScalingPolicies)
+    DELETE /v1/services/{ns}/{name}      CLI
+    GET    /v1/services                  CLI: desired/ready scale, instances, placements
+    GET    /v1/nodes                     CLI: the nodes' tiers and slots
+    GET    /metrics                      Prometheus
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from autoscaler.controller import Autoscaler
+from sllm_knative.config import ConfigError, parse_manifest
+from sllm_knative.log import get_logger
+
+_log = get_logger("autoscaler")
+
+
+def build_app(scaler: Autoscaler) -> Starlette:
+    registry = CollectorRegistry()
+    desired = Gauge("autoscaler_desired_scale", "Instances the decider wants", ["service"], registry=registry)
+    ready = Gauge("autoscaler_ready_instances", "Instances ready", ["service"], registry=registry)
+
+    async def stats(request: Request) -> Response:
+        scaler.on_stats(await request.json())
+        return Response(status_code=204)
+
+    async def demand(request: Request) -> Response:
+        doc = await request.json()
+        await scaler.on_demand(f"{doc['namespace']}/{doc['name']}", int(doc.get("in_flight", 1)))
+        return Response(status_code=204)
+
+    async def apply(request: Request) -> Response:
+        text = (await request.body()).decode("utf-8", errors="replace")
+        try:
+            manifest = parse_manifest(text, source=request.query_params.get("source", "<request>"))
+        except ConfigError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        if not manifest.services and not manifest.policies:
+            return JSONResponse({"error": "no Service or ScalingPolicy in the document"}, status_code=400)
+        return JSONResponse({"changes": await scaler.apply(manifest)})
+
+    async def delete(request: Request) -> Response:
+        key = f"{request.path_params['namespace']}/{request.path_params['name']}"
+        if not await scaler.delete(key):
+            return JSONResponse({"error": f"service {key} not found"}, status_code=404)
+        return JSONResponse({"changes": [f"service/{key} deleted"]})
+
+    async def services(request: Request) -> Response:
+        return JSONResponse(scaler.snapshot())
+
+    async def nodes(request: Request) -> Response:
+        out: list[dict[str, Any]] = []
+        running = scaler._running_per_node()
+        for name, node in scaler.backend.nodes.items():
+            entry: dict[str, Any] = {"name": name, "slots": node.slots, "running": running.get(name, 0)}
+            try:
+                inv = await scaler.backend.inventory(name)
+                entry["tiers"] = [{"name": t.name, "capacity": t.capacity, "used": t.used,
+                                   "checkpoints": [{"model": e.model, "size": e.size, "state": e.state}
+                                                   for e in t.entries]} for t in inv.tiers]
+                entry["bandwidths"] = {b.hop: b.bytes_per_second for b in inv.bandwidths}
+            except Exception as exc:  # shown to the user as the node's state
+                entry["error"] = str(exc)
+            out.append(entry)
+        return JSONResponse({"nodes": out})
+
+    async def metrics(request: Request) -> Response:
+        for key, rt in scaler.services.items():
+            desired.labels(key).set(rt.state.scale)
+            ready.labels(key).set(len(rt.ready()))
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(routes=[
+        Route("/v1/stats", stats, methods=["POST"]),
+        Route("/v1/demand", demand, methods=["POST"]),
+        Route("/v1/apply", apply, methods=["POST"]),
+        Route("/v1/services/{namespace}/{name}", delete, methods=["DELETE"]),
+        Route("/v1/services", services, methods=["GET"]),
+        Route("/v1/nodes", nodes, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ])

@@ -1,0 +1,253 @@
+"""`sllm-knative up`: a local cluster of the real components as processes.
+
+    up process (this module)
+     ├── loader sidecar per node     python -m loader_sidecar      (SSD + DRAM tiers, gRPC on a Unix socket)
+     ├── zygote per node             python -m sllm_knative.local.zygote   (forks instances)
+     ├── activator                   python -m activator           (public port; admin on loopback)
+     └── autoscaler                  python -m autoscaler          (control loop, API for the CLI)
+
+Everything lives under a state directory (cluster.json, logs, each node's SSD cache); the DRAM
+tiers live on tmpfs. Every child dies with the up process (PR_SET_PDEATHSIG and process
+groups), `down` or Ctrl-C stops them all, and a new `up` first cleans what a killed one left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sllm_knative.local import procs
+from sllm_knative.log import get_logger
+
+_log = get_logger("sllm_knative.local")
+PY = sys.executable
+
+
+@dataclasses.dataclass(frozen=True)
+class UpOptions:
+    state_dir: Path
+    nodes: int = 2
+    slots: int = 2
+    dram_bytes: int = 2 << 30
+    ssd_bytes: int = 8 << 30
+    stores: tuple[str, ...] = ()
+    port: int = 8080
+    dram_root: Path = Path("/dev/shm")
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.nodes <= 64:
+            raise ValueError(f"--nodes = {self.nodes}, must be between 1 and 64")
+        if self.slots < 1:
+            raise ValueError(f"--slots = {self.slots}, must be at least 1")
+        if self.dram_bytes <= 0 or self.ssd_bytes <= 0:
+            raise ValueError("--dram-gb and --ssd-gb must be > 0")
+
+
+def cluster_file(state_dir: Path) -> Path:
+    return state_dir / "cluster.json"
+
+
+def read_cluster(state_dir: Path) -> dict[str, Any]:
+    p = cluster_file(state_dir)
+    try:
+        doc = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(2, "no local cluster here: run `sllm-knative up` first", str(p)) from None
+    if not doc.get("ready") or not procs.alive(int(doc.get("pid", 0))):
+        raise FileNotFoundError(2, "the local cluster is not running: run `sllm-knative up`", str(p))
+    return doc
+
+
+def _free_port() -> int:
+    from autoscaler.backend import free_port
+
+    return free_port()
+
+
+def _tag(state_dir: Path) -> str:
+    return hashlib.sha1(str(state_dir.resolve()).encode()).hexdigest()[:10]
+
+
+def _dram_dir(opts: UpOptions) -> Path:
+    return opts.dram_root / f"sllm-knative-{_tag(opts.state_dir)}"
+
+
+def _socket_dir(state_dir: Path) -> Path:
+    """Unix socket paths are limited to 107 bytes: keep them short, outside the state dir."""
+    return Path("/tmp") / f"sllm-knative-{_tag(state_dir)}"
+
+
+def clean_stale(state_dir: Path, dram: Path) -> None:
+    """Stop what a killed `up` left behind (its recorded process groups), drop sockets and DRAM files."""
+    p = cluster_file(state_dir)
+    if p.exists():
+        with contextlib.suppress(ValueError, OSError):
+            doc = json.loads(p.read_text())
+            if procs.alive(int(doc.get("pid", 0))):
+                raise RuntimeError(f"a local cluster is already running (pid {doc['pid']}); "
+                                   "run `sllm-knative down` first")
+            for pgid in doc.get("groups", []):
+                procs.stop(int(pgid), grace_s=2.0)
+        p.unlink(missing_ok=True)
+    shutil.rmtree(_socket_dir(state_dir), ignore_errors=True)
+    shutil.rmtree(dram, ignore_errors=True)
+
+
+def _wait(what: str, check: Any, timeout: float, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(f"{what} exited with code {proc.returncode}; last log lines:\n{tail}")
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} did not become ready within {timeout:.0f}s (see {log})")
+
+
+def _http_ok(url: str) -> bool:
+    import httpx
+
+    return httpx.get(url, timeout=1.0).status_code < 500
+
+
+def up(opts: UpOptions, on_ready: Any = None) -> int:
+    """Start the cluster, block until SIGTERM/SIGINT, then stop everything."""
+    state = opts.state_dir.resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    dram = _dram_dir(opts)
+    clean_stale(state, dram)
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    doc: dict[str, Any] = {"pid": os.getpid(), "ready": False, "groups": [], "state_dir": str(state),
+                           "device": opts.device, "nodes": []}
+
+    def save() -> None:
+        tmp = cluster_file(state).with_suffix(".part")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, cluster_file(state))
+
+    def start(name: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+        proc = procs.spawn(argv, log)
+        children.append((name, proc))
+        doc["groups"].append(proc.pid)
+        save()
+        return proc
+
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        from loader_sidecar.client import LoaderClient
+
+        logs = state / "logs"
+        node_procs: list[tuple[dict[str, Any], subprocess.Popen[bytes], subprocess.Popen[bytes]]] = []
+        for i in range(1, opts.nodes + 1):
+            node = f"node-{i}"
+            ndir = state / "nodes" / node
+            ndir.mkdir(parents=True, exist_ok=True)
+            sdir = _socket_dir(state) / node
+            sdir.mkdir(parents=True, exist_ok=True)
+            loader = f"unix://{sdir / 'loader.sock'}"
+            argv = [PY, "-m", "loader_sidecar", "--node", node, "--listen", loader,
+                    "--ssd-dir", str(ndir / "ssd"), "--ssd-bytes", str(opts.ssd_bytes),
+                    "--dram-dir", str(dram / node), "--dram-bytes", str(opts.dram_bytes)]
+            for s in opts.stores:
+                argv += ["--store", s]
+            lp = start(f"loader {node}", argv, logs / f"loader-{node}.log")
+            zp = start(f"zygote {node}", [PY, "-m", "sllm_knative.local.zygote", str(sdir / "zygote.sock")],
+                       logs / f"zygote-{node}.log")
+            doc["nodes"].append({"name": node, "loader": loader, "zygote": str(sdir / "zygote.sock"),
+                                 "slots": opts.slots, "logs": str(logs / "instances")})
+            node_procs.append((doc["nodes"][-1], lp, zp))
+        port, admin, scaler = opts.port, _free_port(), _free_port()
+        doc.update(activator=f"http://127.0.0.1:{port}", activator_admin=f"http://127.0.0.1:{admin}",
+                   autoscaler=f"http://127.0.0.1:{scaler}")
+        act = start("activator", [PY, "-m", "activator", "--port", str(port), "--admin-port", str(admin),
+                                  "--autoscaler-url", doc["autoscaler"]], logs / "activator.log")
+        save()
+        sc = start("autoscaler", [PY, "-m", "autoscaler", "--cluster", str(cluster_file(state)),
+                                  "--port", str(scaler)], logs / "autoscaler.log")
+        for n, lp, zp in node_procs:
+            def check(target: str = n["loader"]) -> bool:
+                with LoaderClient(target, timeout=1.0) as c:
+                    c.inventory()
+                return True
+            _wait(f"loader {n['name']}", check, 120, lp, logs / f"loader-{n['name']}.log")
+            _wait(f"zygote {n['name']}", lambda p=n["zygote"]: Path(p).exists(), 120, zp,
+                  logs / f"zygote-{n['name']}.log")
+        _wait("activator", lambda: _http_ok(f"{doc['activator_admin']}/metrics"), 30, act, logs / "activator.log")
+        _wait("autoscaler", lambda: _http_ok(f"{doc['autoscaler']}/v1/services"), 30, sc, logs / "autoscaler.log")
+        doc["ready"] = True
+        save()
+        _log.info("local cluster up", nodes=opts.nodes, activator=doc["activator"], state=str(state))
+        if on_ready:
+            on_ready(doc)
+        while not stopping:
+            for name, proc in children:
+                if proc.poll() is not None:
+                    _log.error("component exited; stopping the cluster", component=name, code=proc.returncode)
+                    stopping = True
+            time.sleep(0.2)
+        return 0
+    finally:
+        for _name, proc in reversed(children):
+            procs.stop(proc.pid, grace_s=5.0)
+        shutil.rmtree(dram, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            cluster_file(state).unlink()
+        shutil.rmtree(_socket_dir(state), ignore_errors=True)
+
+
+def up_detached(argv: list[str], state_dir: Path, timeout: float = 300.0) -> dict[str, Any]:
+    """Run `sllm-knative up ARGV` in its own session and return once the cluster is ready."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log = state_dir / "up.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([PY, "-m", "sllm_knative.cli", "up", *argv], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"`up` exited with code {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            doc = json.loads(cluster_file(state_dir).read_text())
+            if doc.get("ready") and doc.get("pid") == proc.pid:
+                return doc
+        time.sleep(0.1)
+    procs.stop(proc.pid)
+    raise TimeoutError(f"the local cluster did not come up within {timeout:.0f}s (see {log})")
+
+
+def down(state_dir: Path, timeout: float = 30.0) -> bool:
+    p = cluster_file(state_dir)
+    try:
+        pid = int(json.loads(p.read_text())["pid"])
+    except (FileNotFoundError, ValueError, KeyError):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while procs.alive(pid) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.1)
+    if procs.alive(pid):
+        procs.stop(pid, grace_s=0.0, group=False)
+    return True
