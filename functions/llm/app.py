@@ -106,7 +106,7 @@ async def metrics(request: Request) -> Response:
 
 
 class CountRequests:
-    """Counts finished requests by endpoint and status in sllm_function_requests_total."""
+    """Counts finished API requests in sllm_function_requests_total, by endpoint function and status."""
 
     def __init__(self, app: ASGIApp, service: Service) -> None:
         self.app = app
@@ -127,7 +127,8 @@ class CountRequests:
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            self.counter.labels(scope["path"], str(status)).inc()
+            endpoint = scope.get("endpoint")  # set by the router; a label per route, not per path
+            self.counter.labels(getattr(endpoint, "__name__", "unmatched"), str(status)).inc()
 
 
 # ApiError and HTTPException are answered by Starlette's ExceptionMiddleware; anything else by

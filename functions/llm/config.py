@@ -15,6 +15,7 @@ Knative sets `PORT`; everything else has an `SLLM_*` variable and a flag (flags 
 | --max-model-len       | SLLM_MAX_MODEL_LEN                            | 4096 (capped by the model) |
 | --numerics            | SLLM_NUMERICS                                 | exact on cpu, fast on cuda |
 | --tile-rows           | SLLM_TILE_ROWS                                | 2                        |
+| --forward             | SLLM_FORWARD                                  | auto (lean Llama-family path) |
 | --step-tokens         | SLLM_STEP_TOKENS                              | 256                      |
 | --max-body-bytes      | SLLM_MAX_BODY_BYTES                           | 4194304                  |
 | --no-warmup           | SLLM_WARMUP=0                                 | warm-up on               |
@@ -46,6 +47,7 @@ class ServeConfig:
     max_model_len: int = 4096
     numerics: str = "exact"
     tile_rows: int = 2
+    forward: str = "auto"
     step_tokens: int = 256
     max_body_bytes: int = 4 << 20
     warmup: bool = True
@@ -72,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--numerics", choices=["exact", "fast"])
     p.add_argument("--tile-rows", type=int)
+    p.add_argument("--forward", choices=["auto", "transformers"])
     p.add_argument("--step-tokens", type=int)
     p.add_argument("--max-body-bytes", type=int)
     p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None)
@@ -136,6 +139,7 @@ def parse(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = Non
         max_model_len=num(args.max_model_len, "SLLM_MAX_MODEL_LEN", 4096),
         numerics=pick(args.numerics, "SLLM_NUMERICS") or ("fast" if device.startswith("cuda") else "exact"),
         tile_rows=num(args.tile_rows, "SLLM_TILE_ROWS", 2),
+        forward=pick(args.forward, "SLLM_FORWARD") or "auto",
         step_tokens=num(args.step_tokens, "SLLM_STEP_TOKENS", 256),
         max_body_bytes=num(args.max_body_bytes, "SLLM_MAX_BODY_BYTES", 4 << 20),
         warmup=warmup,
@@ -173,5 +177,7 @@ def validate(cfg: ServeConfig) -> None:
     at_least("max-body-bytes", cfg.max_body_bytes, 1024)
     if cfg.numerics not in ("exact", "fast"):
         problems.append(f"numerics = {cfg.numerics!r}, must be 'exact' or 'fast'")
+    if cfg.forward not in ("auto", "transformers"):
+        problems.append(f"forward = {cfg.forward!r}, must be 'auto' or 'transformers'")
     if problems:
         raise ValueError("; ".join(problems))

@@ -24,7 +24,7 @@ from functions.llm.errors import ApiError, Conflict, NotFound, TooManyRequests, 
 from functions.llm.params import Output, TokenLogprob
 from functions.llm.runner import Feed, ModelRunner
 from functions.llm.sampling import choose, token_logprob
-from functions.llm.sequence import Sequence, Status
+from functions.llm.sequence import Sequence, Status, stop_reason
 from functions.llm.state import GenerationState
 from sllm_knative.log import Logger
 
@@ -33,12 +33,13 @@ T = TypeVar("T")
 
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer: Any, *, eos_ids: set[int], step_tokens: int,
-                 parked_slots: int, log: Logger, metrics: Any = None) -> None:
+                 parked_slots: int, log: Logger, metrics: Any = None, parked_ttl_s: float = 120.0) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids)
         self.step_tokens = step_tokens
         self.parked_limit = parked_slots
+        self.parked_ttl_s = parked_ttl_s  # a parked prefill untouched this long is dropped
         self.numerics = runner.fingerprint()
         self._log = log
         self._metrics = metrics
@@ -52,7 +53,6 @@ class Engine:
         self._active: list[Sequence] = []  # RUNNING and PARKED, in arrival order
         self._waiting: list[Sequence] = []
         self._by_id: dict[str, Sequence] = {}
-        self.steps = 0
         self.failed: BaseException | None = None
         self.batch_size = 0  # running (non-parked) sequences after the last boundary
         self.parked = 0
@@ -68,10 +68,6 @@ class Engine:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     def submit(self, seq: Sequence) -> None:
         with self._cv:
@@ -125,6 +121,7 @@ class Engine:
                 raise TooManyRequests(f"all {self.parked_limit} parked slots are in use", code="no_parked_slot")
             seq = Sequence.parked(gen_id, tokens, self.tokenizer)
             self._place(seq)
+            self._log.info("prefill for a migration", id=gen_id, tokens=len(tokens))
         else:
             if seq.status is not Status.PARKED:
                 raise Conflict(f"generation {gen_id} is running here; it cannot be prefilled",
@@ -133,6 +130,7 @@ class Engine:
                 raise Conflict(f"prefill for {gen_id} has {len(seq.tokens)} tokens; the next prefill must start "
                                f"there, not at {start}", param="start", code="prefill_out_of_order")
             seq.tokens.extend(tokens)
+        seq.touched = time.monotonic()
         if len(seq.tokens) > self.runner.max_len:
             self._release(seq, Status.CANCELLED)
             raise Conflict(f"prefill of {len(seq.tokens)} tokens exceeds the context of {self.runner.max_len}",
@@ -264,14 +262,29 @@ class Engine:
                 keep.append((target, fut))
         seq.prefill_waiters = keep
 
+    def _expire_parked(self) -> float | None:
+        """Drop parked prefills untouched for parked_ttl_s; seconds until the next expiry, if any."""
+        now = time.monotonic()
+        next_in = None
+        for seq in [s for s in self._active if s.status is Status.PARKED]:
+            left = seq.touched + self.parked_ttl_s - now
+            if left <= 0:
+                self._log.warning("parked prefill expired", id=seq.id, tokens=len(seq.tokens))
+                self._release(seq, Status.CANCELLED)
+            else:
+                next_in = left if next_in is None else min(next_in, left)
+        return next_in
+
     def _boundary(self) -> bool:
         """Take calls and submissions; False when the engine must stop."""
+        expiry = self._expire_parked()
         with self._cv:
             while (not self._inbox and not self._calls and not self._stopping
                    and not any(s.cancelled for s in self._active + self._waiting)
                    and not (self._waiting and self._free)
                    and not any(s.pending() for s in self._active)):
-                self._cv.wait()
+                if not self._cv.wait(expiry):
+                    break  # a parked prefill is due to expire
             inbox, self._inbox = self._inbox, []
             calls, self._calls = self._calls, []
             stopping = self._stopping
@@ -313,6 +326,7 @@ class Engine:
         return True
 
     def _run(self) -> None:
+        self.runner.bind_thread()
         try:
             while self._boundary():
                 self._step()
@@ -342,7 +356,6 @@ class Engine:
             feeds.append(Feed(seq.slot, start, seq.tokens[start:end], logits_from))  # type: ignore[arg-type]
         t0 = time.perf_counter()
         results = self.runner.step(feeds)
-        self.steps += 1
         if self._metrics is not None:
             self._metrics.step(time.perf_counter() - t0, sum(len(f.tokens) for f in feeds))
         for (key, rows), feed, logits in zip(plan, feeds, results, strict=True):
@@ -383,14 +396,13 @@ class Engine:
                 seq.logprob_log.append(entry)
         if seq.want_prompt_logprobs:
             out.prompt_logprobs, seq.want_prompt_logprobs = seq.prompt_logprobs, False
-        if token in self.eos_ids and not seq.params.ignore_eos:
-            self._finish(seq, "stop", out)
-            return
-        out.text = seq.text.add(token)
-        if seq.text.stopped:
-            self._finish(seq, "stop", out)
-        elif seq.generated >= seq.params.max_tokens or len(seq.tokens) >= self.runner.max_len:
-            self._finish(seq, "length", out)
+        is_eos = token in self.eos_ids and not seq.params.ignore_eos
+        if not is_eos:
+            out.text = seq.text.add(token)
+        reason = stop_reason(is_eos=is_eos, text_stopped=seq.text.stopped, generated=seq.generated,
+                             max_tokens=seq.params.max_tokens, length=len(seq.tokens), max_len=self.runner.max_len)
+        if reason is not None:
+            self._finish(seq, reason, out)
         else:
             self._emit(seq, out)
             if seq.detach_at is not None and len(seq.tokens) >= seq.detach_at:

@@ -29,6 +29,7 @@ checks the exact mode bit for bit.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -61,11 +62,32 @@ def row_multiple(dims: list[int]) -> int:
     return _VECTOR_TAIL // math.gcd(_VECTOR_TAIL, g or _VECTOR_TAIL)
 
 
-class TiledLinear(nn.Module):
-    """nn.Linear whose rows always go through a matrix multiply of `tile_rows` rows.
+def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile_rows: int) -> torch.Tensor:
+    """x @ weight.T + bias with every row in a matrix multiply of exactly tile_rows rows.
 
-    Shares the weight and bias of the module it replaces (no copy).
+    x: [rows, in]; weight: [out, in] (used as a transposed view, never copied).
     """
+    m, k = x.shape
+    padded = round_up(max(m, 1), tile_rows)
+    if padded != m:  # the runner sends whole tiles; this keeps the function usable on its own
+        x = nn.functional.pad(x, (0, 0, 0, padded - m))
+    tiles = padded // tile_rows
+    w = weight.t().unsqueeze(0).expand(tiles, k, weight.shape[0])
+    x3 = x.view(tiles, tile_rows, k)
+    y = (torch.baddbmm(bias, x3, w) if bias is not None else torch.bmm(x3, w)).view(padded, weight.shape[0])
+    return y if padded == m else y[:m]
+
+
+def linear_function(mode: str, tile_rows: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None],
+                                                           torch.Tensor]:
+    """The linear layer of a numerics mode: (x [rows, in], weight, bias) -> [rows, out]."""
+    if mode == EXACT:
+        return lambda x, w, b: tiled_linear(x, w, b, tile_rows)
+    return nn.functional.linear
+
+
+class TiledLinear(nn.Module):
+    """nn.Linear through `tiled_linear`; shares the weight and bias of the module it replaces."""
 
     def __init__(self, linear: nn.Linear, tile_rows: int) -> None:
         super().__init__()
@@ -76,18 +98,8 @@ class TiledLinear(nn.Module):
         self.out_features = linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = x.shape[-1]
-        rows = x.reshape(-1, k)
-        m = rows.shape[0]
-        padded = round_up(max(m, 1), self.tile_rows)
-        if padded != m:  # the runner sends whole tiles; this keeps the module usable on its own
-            rows = nn.functional.pad(rows, (0, 0, 0, padded - m))
-        tiles = padded // self.tile_rows
-        w = self.weight.t().expand(tiles, k, self.out_features)
-        x3 = rows.view(tiles, self.tile_rows, k)
-        y = torch.baddbmm(self.bias, x3, w) if self.bias is not None else torch.bmm(x3, w)
-        y = y.view(padded, self.out_features)
-        return (y if padded == m else y[:m]).view(*x.shape[:-1], self.out_features)
+        y = tiled_linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias, self.tile_rows)
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 def tile_linears(module: nn.Module, tile_rows: int) -> int:
@@ -146,40 +158,47 @@ def key_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
     return (keys[None, :] > positions[:, None])[:, None, None, :]
 
 
-def packed_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
-                     **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers attention-interface function for a packed step (see runner.StepBatch).
+def attend_step(batch: StepBatch, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                scaling: float) -> torch.Tensor:
+    """One layer's attention for all rows of a packed step.
 
-    query: [1, heads, T, d]; key, value: [1, kv_heads, T, d] for the T new rows of the step
-    (rotary already applied). Writes the new keys and values into each row's KV-cache slot,
-    then attends every row to its own sequence.
+    q: [T, heads, d]; k, v: [T, kv_heads, d] (rotary applied). Writes k and v into each row's
+    KV-cache slot at its position, then attends each row to its own sequence. Returns [T, heads, d].
     """
-    batch: StepBatch = kwargs["sllm_batch"]
-    layer = module.layer_idx
     cache_k, cache_v = batch.cache.k[layer], batch.cache.v[layer]
-    t, d = query.shape[2], query.shape[3]
-    kvh = key.shape[1]
-    cache_k[batch.slots, :, batch.positions] = key[0].transpose(0, 1).to(cache_k.dtype)
-    cache_v[batch.slots, :, batch.positions] = value[0].transpose(0, 1).to(cache_v.dtype)
-    q = query[0].transpose(0, 1).reshape(t, kvh, -1, d)
-    scale = module.scaling if scaling is None else scaling
+    t, heads, d = q.shape
+    kvh = k.shape[1]
+    cache_k[batch.slots, :, batch.positions] = k.to(cache_k.dtype)
+    cache_v[batch.slots, :, batch.positions] = v.to(cache_v.dtype)
+    q4 = q.view(t, kvh, heads // kvh, d)
     attend = exact_attention if batch.mode == EXACT else fast_attention
     parts = []
     if batch.decode is not None:
         dec = batch.decode
-        k = cache_k[dec.slots, :, :dec.length]
-        v = cache_v[dec.slots, :, :dec.length]
-        parts.append((dec.rows, attend(q if dec.rows is None else q[dec.rows], k, v, dec.masked, scale)))
+        keys = cache_k[dec.slots, :, :dec.length]
+        values = cache_v[dec.slots, :, :dec.length]
+        parts.append((dec.rows, attend(q4 if dec.rows is None else q4[dec.rows], keys, values, dec.masked, scaling)))
     for seg in batch.prefills:
-        k = cache_k[seg.slot, :, :seg.length].unsqueeze(0)
-        v = cache_v[seg.slot, :, :seg.length].unsqueeze(0)
+        keys = cache_k[seg.slot, :, :seg.length].unsqueeze(0)
+        values = cache_v[seg.slot, :, :seg.length].unsqueeze(0)
         parts.append((slice(seg.row, seg.row + seg.count),
-                      attend(q[seg.row: seg.row + seg.count], k, v, seg.masked, scale)))
-    if len(parts) == 1 and parts[0][0] is None:  # every row is a decode row: no scatter needed
+                      attend(q4[seg.row: seg.row + seg.count], keys, values, seg.masked, scaling)))
+    if len(parts) == 1 and parts[0][0] is None:  # every row is in the decode group: no scatter
         out = parts[0][1]
     else:
-        out = torch.zeros_like(q)  # padding rows attend to nothing; their output is never used
+        out = torch.zeros_like(q4)  # rows in no group are padding; their output is never used
         for rows, o in parts:
             out[rows] = o
-    return out.reshape(1, t, -1, d), None
+    return out.view(t, heads, d)
+
+
+def packed_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
+                     **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface function for a packed step (the generic forward path).
+
+    query: [1, heads, T, d]; key, value: [1, kv_heads, T, d]. Returns ([1, T, heads, d], None).
+    """
+    out = attend_step(kwargs["sllm_batch"], module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1),
+                      value[0].transpose(0, 1), module.scaling if scaling is None else scaling)
+    return out.unsqueeze(0), None

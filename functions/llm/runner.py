@@ -1,18 +1,19 @@
-"""The packed forward pass: one transformers forward for the new rows of many sequences.
+"""The packed forward pass: one forward for the new rows of many sequences.
 
 A step feeds each scheduled sequence some of its tokens (a prefill chunk, or the one token
-of a decode step). The rows are packed into one batch of one long "sequence" with each row's
-own position id; the model's layers (embedding, norms, projections, MLP, rotary) run on the
-packed rows unchanged, and attention is routed to `numerics.packed_attention`, which writes
-each row's key and value into its sequence's slot of the KV cache and attends the row to its
-own sequence only. Only the rows whose logits are wanted reach the LM head.
+of a decode step). The rows are packed into one batch, each with its own position, and run
+through the model together; attention (`numerics.attend_step`) writes each row's key and
+value into its sequence's slot of the KV cache and attends the row to its own sequence only.
+Only the rows whose logits are wanted reach the LM head.
+
+Two forward paths compute the same thing:
+* "decoder": the lean loop of decoder.py for the Llama family (Llama, Mistral, Qwen2);
+* "transformers": the model's own modules, with attention routed to `numerics.packed_attention`
+  through the transformers attention interface (any decoder that uses that interface).
 
 The KV cache is one tensor per layer for keys and one for values, `[slots + 1, kv_heads,
 max_len, head_dim]`: slot i is the cache of whichever sequence holds it, the last slot is the
 scratch target of padding rows.
-
-Works with transformers decoder models that route attention through the attention interface
-(Llama, Mistral, Qwen2/3 and most current causal LMs).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
-from functions.llm import numerics
+from functions.llm import decoder, numerics
 
 _ATTN_NAME = "sllm_packed"
+FORWARDS = ("auto", "transformers")  # auto: the lean decoder forward when the model supports it
 AttentionInterface.register(_ATTN_NAME, numerics.packed_attention)
 
 
@@ -109,15 +111,18 @@ class ModelRunner:
     """
 
     def __init__(self, model: Any, *, slots: int, max_len: int, mode: str = numerics.EXACT,
-                 tile_rows: int = 2) -> None:
+                 tile_rows: int = 2, forward: str = "auto") -> None:
         if mode not in numerics.MODES:
             raise ValueError(f"numerics = {mode!r}, must be one of {', '.join(numerics.MODES)}")
         if tile_rows < 1:
             raise ValueError(f"tile_rows = {tile_rows}, must be at least 1")
+        if forward not in FORWARDS:
+            raise ValueError(f"forward = {forward!r}, must be one of {', '.join(FORWARDS)}")
         cfg = _text_config(model.config)
-        if not getattr(model, "_supports_attention_backend", False):
-            raise ValueError(f"{type(model).__name__} does not route attention through the transformers "
-                             "attention interface; it cannot be served with continuous batching")
+        window = getattr(cfg, "sliding_window", None)
+        if window and window < min(max_len, getattr(cfg, "max_position_embeddings", max_len)):
+            raise ValueError(f"sliding_window = {window} is shorter than the context; sliding-window attention "
+                             f"is not supported: pass a max-model-len of at most {window}")
         self.model = model
         self.mode = mode
         self.tile_rows = tile_rows
@@ -134,12 +139,27 @@ class ModelRunner:
         if mode == numerics.EXACT:  # whole tiles for the linear layers, no scalar tails elsewhere
             self.row_multiple = math.lcm(tile_rows, numerics.row_multiple(
                 [cfg.hidden_size, getattr(cfg, "intermediate_size", cfg.hidden_size), head_dim, heads * head_dim]))
-        model.config._attn_implementation = _ATTN_NAME
-        if mode == numerics.EXACT:
-            numerics.tile_linears(model, tile_rows)
-            torch.set_num_threads(1)  # see numerics: a thread split point must not depend on the batch
+        # exact: one intra-op thread (see numerics: a thread split point must not depend on the batch)
+        self.threads = 1 if mode == numerics.EXACT else None
+        why_not = decoder.unsupported(model)
+        self.forward_kind = "decoder" if forward == "auto" and why_not is None else "transformers"
+        if self.forward_kind == "decoder":
+            self._lean = decoder.DecoderForward(model, numerics.linear_function(mode, tile_rows))
+        else:
+            if not getattr(model, "_supports_attention_backend", False):
+                raise ValueError(f"{type(model).__name__} does not route attention through the transformers "
+                                 "attention interface; it cannot be served with continuous batching")
+            model.config._attn_implementation = _ATTN_NAME
+            if mode == numerics.EXACT:
+                numerics.tile_linears(model, tile_rows)
+        self.bind_thread()
         self.cache = KVCache(cfg.num_hidden_layers, slots, kv_heads, self.max_len, head_dim, self.dtype,
                              self.device)
+
+    def bind_thread(self) -> None:
+        """Apply the intra-op thread setting to the calling thread (OpenMP settings are per thread)."""
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
 
     @property
     def slots(self) -> int:
@@ -147,7 +167,8 @@ class ModelRunner:
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match between two instances for exact resumption (see docs/function.md)."""
-        return {"mode": self.mode, "tile_rows": self.tile_rows, "device": self.device.type,
+        return {"mode": self.mode, "tile_rows": self.tile_rows, "forward": self.forward_kind,
+                "device": self.device.type,
                 "dtype": str(self.dtype).removeprefix("torch."), "torch": torch.__version__.split("+")[0]}
 
     @torch.inference_mode()
@@ -180,6 +201,8 @@ class ModelRunner:
                 pos = torch.arange(f.start, f.start + n, device=self.device)
                 prefills.append(PrefillSegment(f.slot, row, n, length, numerics.key_mask(pos, length)))
         pad = numerics.round_up(len(tokens), self.row_multiple) - len(tokens)
+        if pad and len(decode_rows) == len(tokens):  # padding rows join the decode group (scratch slot)
+            decode_rows.extend(range(len(tokens), len(tokens) + pad))
         tokens += [0] * pad
         slots += [self.cache.scratch] * pad
         positions += [0] * pad
@@ -199,10 +222,14 @@ class ModelRunner:
         kept = len(keep)
         keep = keep or [0]
         keep += keep[-1:] * (numerics.round_up(len(keep), self.row_multiple) - len(keep))
-        out = self.model(input_ids=torch.tensor([tokens], device=dev), position_ids=pos_t.unsqueeze(0),
-                         use_cache=False, logits_to_keep=torch.tensor(keep, device=dev),
-                         sllm_batch=batch)
-        logits = out.logits[0, :kept].float().cpu() if kept else None
+        tokens_t = torch.tensor(tokens, device=dev)
+        keep_t = torch.tensor(keep, device=dev)
+        if self.forward_kind == "decoder":
+            out = self._lean(tokens_t, pos_t, batch, keep_t)
+        else:
+            out = self.model(input_ids=tokens_t.unsqueeze(0), position_ids=pos_t.unsqueeze(0), use_cache=False,
+                             logits_to_keep=keep_t, sllm_batch=batch).logits[0]
+        logits = out[:kept].float().cpu() if kept else None
         result: list[torch.Tensor | None] = []
         at = 0
         for f in feeds:

@@ -31,6 +31,16 @@ class Status(enum.Enum):
     DETACHED = "detached"
 
 
+def stop_reason(*, is_eos: bool, text_stopped: bool, generated: int, max_tokens: int, length: int,
+                max_len: int) -> str | None:
+    """Why a generation ends after its latest token ("stop" or "length"), or None if it goes on."""
+    if is_eos or text_stopped:
+        return "stop"
+    if generated >= max_tokens or length >= max_len:
+        return "length"
+    return None
+
+
 def new_id(kind: str) -> str:
     return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
 
@@ -66,6 +76,7 @@ class Sequence:
         self.prompt_logprobs: list[TokenLogprob] = [TokenLogprob(tokens[0], None, ())] if tokens else []
         self.finish_reason: str | None = None
         self.submitted = time.monotonic()
+        self.touched = self.submitted  # last prefill activity of a parked sequence
         self.first_token_at: float | None = None
 
     @classmethod

@@ -110,7 +110,7 @@ class Service:
         model, tokenizer = weights.load(path, self.cfg.device)
         watch.lap("load")
         runner = ModelRunner(model, slots=self.cfg.kv_slots, max_len=self.cfg.max_model_len,
-                             mode=self.cfg.numerics, tile_rows=self.cfg.tile_rows)
+                             mode=self.cfg.numerics, tile_rows=self.cfg.tile_rows, forward=self.cfg.forward)
         engine = Engine(runner, tokenizer, eos_ids=weights.eos_ids(model, tokenizer),
                         step_tokens=self.cfg.step_tokens, parked_slots=self.cfg.parked_slots, log=self.log,
                         metrics=self.metrics)
@@ -128,7 +128,8 @@ class Service:
         self.metrics.startup.labels("total").set(watch.total())
         self.metrics.ready.set(1)
         self.log.info("ready", seconds=round(watch.total(), 3), kv_slots=self.cfg.kv_slots,
-                      kv_cache_bytes=runner.cache.nbytes, numerics=runner.mode, max_len=runner.max_len,
+                      kv_cache_bytes=runner.cache.nbytes, numerics=runner.mode, forward=runner.forward_kind,
+                      max_len=runner.max_len,
                       **{f"{k}_s": round(v, 3) for k, v in watch.phases.items()})
 
     def shutdown(self) -> None:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-MAX_MODEL_LEN = 256
+MAX_MODEL_LEN = 1024
 MAX_CONCURRENCY = 4
 MAX_BODY_BYTES = 65536
 

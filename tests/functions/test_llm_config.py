@@ -29,6 +29,7 @@ def test_defaults(model_dir):
                  id="sllm-over-knative"),
     pytest.param(["--device", "cuda"], {}, dict(device="cuda", numerics="fast"), id="cuda-fast"),
     pytest.param(["--device", "cuda:1", "--numerics", "exact"], {}, dict(numerics="exact"), id="cuda-exact"),
+    pytest.param([], {"SLLM_FORWARD": "transformers"}, dict(forward="transformers"), id="forward"),
     pytest.param([], {"SLLM_INTERNAL_TOKEN": "s3cret", "SLLM_WARMUP": "0"},
                  dict(internal_token="s3cret", warmup=False), id="token-env-only"),
     pytest.param(["--served-model-name", "llama"], {"HOSTNAME": "pod-1", "NODE_NAME": "n1"},

@@ -31,8 +31,8 @@ def hf_model(tiny_model):
     return load_model(tiny_model)
 
 
-def _runner(tiny_model, mode: str, tile_rows: int = 2) -> ModelRunner:
-    return ModelRunner(load_model(tiny_model), slots=6, max_len=256, mode=mode, tile_rows=tile_rows)
+def _runner(tiny_model, mode: str, tile_rows: int = 2, forward: str = "auto") -> ModelRunner:
+    return ModelRunner(load_model(tiny_model), slots=6, max_len=256, mode=mode, tile_rows=tile_rows, forward=forward)
 
 
 def _scrambled_logits(runner: ModelRunner, seq: list[int], rng: random.Random) -> torch.Tensor:
@@ -57,9 +57,14 @@ def _scrambled_logits(runner: ModelRunner, seq: list[int], rng: random.Random) -
     return torch.cat(got)
 
 
-@pytest.mark.parametrize("tile_rows", [2, 5])
-def test_exact_logits_are_batch_invariant(tiny_model, tile_rows):
-    runner = _runner(tiny_model, numerics.EXACT, tile_rows)
+@pytest.mark.parametrize("forward,tile_rows", [
+    pytest.param("auto", 2, id="decoder"),
+    pytest.param("auto", 5, id="decoder-tile-5"),
+    pytest.param("transformers", 2, id="transformers"),
+])
+def test_exact_logits_are_batch_invariant(tiny_model, forward, tile_rows):
+    runner = _runner(tiny_model, numerics.EXACT, tile_rows, forward)
+    assert runner.forward_kind == ("decoder" if forward == "auto" else "transformers")
     rng = random.Random(tile_rows)
     seq = [rng.randrange(3, VOCAB) for _ in range(90)]
     whole = runner.step([Feed(0, 0, seq, 0)])[0]
@@ -67,9 +72,10 @@ def test_exact_logits_are_batch_invariant(tiny_model, tile_rows):
         assert torch.equal(_scrambled_logits(runner, seq, random.Random(trial)), whole), f"trial {trial}"
 
 
+@pytest.mark.parametrize("forward", ["auto", "transformers"])
 @pytest.mark.parametrize("mode", numerics.MODES)
-def test_runner_matches_transformers(tiny_model, hf_model, mode):
-    runner = _runner(tiny_model, mode)
+def test_runner_matches_transformers(tiny_model, hf_model, mode, forward):
+    runner = _runner(tiny_model, mode, forward=forward)
     seq = list(range(3, 60))
     ours = runner.step([Feed(2, 0, seq, 0)])[0]
     with torch.inference_mode():
@@ -85,6 +91,25 @@ def test_feed_validation(tiny_model):
         runner.step([Feed(0, 250, list(range(3, 13)), None)])
     with pytest.raises(ValueError, match="numerics"):
         ModelRunner(load_model(tiny_model), slots=1, max_len=64, mode="approximate")
+    with pytest.raises(ValueError, match="forward"):
+        ModelRunner(load_model(tiny_model), slots=1, max_len=64, forward="fastest")
+
+
+def test_lean_decoder_support():
+    from functions.llm.decoder import unsupported
+
+    class Cfg:
+        model_type, hidden_act, rope_parameters, mlp_bias = "llama", "silu", {"rope_type": "default"}, False
+
+    class Model:
+        config, model, lm_head = Cfg(), type("Inner", (), {"layers": []})(), None
+
+    assert unsupported(Model()) is None
+    for field, value, why in [("model_type", "gpt2", "model_type"), ("hidden_act", "gelu", "hidden_act"),
+                              ("rope_parameters", {"rope_type": "yarn"}, "rope_type"), ("mlp_bias", True, "mlp_bias")]:
+        m = Model()
+        m.config = type("C", (Cfg,), {field: value})()
+        assert why in unsupported(m)
 
 
 @pytest.mark.parametrize("dims,multiple", [
@@ -106,3 +131,14 @@ def test_tiled_linear_is_a_linear():
     assert tiled.weight is lin.weight  # shared, not copied
     rows = torch.randn(13, 24)
     assert torch.equal(tiled(rows)[5], tiled(torch.cat([rows[5:6], rows[:3]]))[0])  # a row is a row
+
+
+def test_converted_checkpoint_serves_the_same_logits(tiny_model, tmp_path):
+    """The function loads the loading-optimised format through sllm_knative.loading: same bits."""
+    from sllm_knative.convert import convert
+
+    ckpt = convert(tiny_model, tmp_path / "ckpt", partitions=2)
+    seq = list(range(3, 40))
+    a = _runner(tiny_model, numerics.EXACT).step([Feed(0, 0, seq, 0)])[0]
+    b = ModelRunner(load_model(ckpt), slots=2, max_len=256).step([Feed(1, 0, seq, 0)])[0]
+    assert torch.equal(a, b)
