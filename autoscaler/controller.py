@@ -38,6 +38,7 @@ from sllm_knative.placement import (
 
 _log = get_logger("autoscaler")
 DEFAULT_MODEL_BYTES = 1 << 30  # until a node has seen the checkpoint
+MIN_CALIBRATION_BYTES = 64 << 20
 
 
 @dataclasses.dataclass
@@ -214,7 +215,8 @@ class Autoscaler:
         if lease.get("lease_complete") and lease.get("lease_requested"):
             load_s = max(0.0, lease["lease_complete"] - lease["lease_requested"])
             tier = {"dram": Tier.DRAM, "ssd": Tier.SSD, "remote": Tier.REMOTE}.get(lease.get("source", ""))
-            if tier is not None and load_s > 0 and lease.get("bytes", 0) > 0:
+            # A small transfer measures latency, not bandwidth: only large ones calibrate it.
+            if tier is not None and load_s > 0 and lease.get("bytes", 0) >= MIN_CALIBRATION_BYTES:
                 self.calibration = observe_load(self.calibration, LoadObservation(rec.node, tier, lease["bytes"],
                                                                                   load_s))
         overhead = max(0.0, rec.ready_at - rec.started_at - load_s)

@@ -1,0 +1,176 @@
+"""The local cluster end to end: real processes (loader sidecars, zygotes, function instances,
+activator, autoscaler), real HTTP and gRPC, the official openai client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sllm_knative.commands.resources import invoke
+from sllm_knative.local import procs
+
+CLI = [sys.executable, "-m", "sllm_knative.cli"]
+
+
+def cli(state: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([*CLI, *args, "--state-dir", str(state)], capture_output=True, text=True, timeout=120)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{args}: {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def service_yaml(name: str, model: str, keep_alive: str = "3s", max_scale: int = 2, cc: int = 1) -> str:
+    return textwrap.dedent(f"""\
+        apiVersion: serving.knative.dev/v1
+        kind: Service
+        metadata:
+          name: {name}
+          namespace: default
+        spec:
+          template:
+            metadata:
+              annotations:
+                autoscaling.knative.dev/class: llm.autoscaling.sllm-knative.io
+                autoscaling.knative.dev/window: "6s"
+                autoscaling.knative.dev/max-scale: "{max_scale}"
+                sllm-knative.io/model: {model}
+            spec:
+              containerConcurrency: {cc}
+              containers:
+                - image: sllm-knative/llm-function
+        ---
+        apiVersion: serving.sllm-knative.io/v1alpha1
+        kind: ScalingPolicy
+        metadata:
+          name: {name}-keepalive
+          namespace: default
+        spec:
+          target:
+            serviceName: {name}
+          keepAlive: {keep_alive}
+        """)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    from sllm_knative.convert import convert
+    from sllm_knative.models import build_model
+
+    root = tmp_path_factory.mktemp("store")
+    convert(build_model(root.parent / "hf-tiny"), root / "tiny")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cluster(store: Path, tmp_path_factory) -> Iterator[tuple[Path, dict]]:
+    state = tmp_path_factory.mktemp("state")
+    port = _free_port()
+    cli(state, "up", "--detach", "--nodes", "2", "--slots", "2", "--store", f"file://{store}",
+        "--port", str(port), "--dram-gb", "1", "--ssd-gb", "1")
+    doc = json.loads((state / "cluster.json").read_text())
+    (state / "svc.yaml").write_text(service_yaml("tiny", f"file://{store}/tiny"))
+    out = cli(state, "apply", "-f", str(state / "svc.yaml")).stdout
+    assert "service/default/tiny created" in out
+    yield state, doc
+    cli(state, "down", check=False)
+
+
+def _free_port() -> int:
+    from autoscaler.backend import free_port
+
+    return free_port()
+
+
+def services(doc: dict) -> dict:
+    return {s["key"]: s for s in httpx.get(f"{doc['autoscaler']}/v1/services").json()["services"]}
+
+
+def wait_for(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_cold_then_warm_invoke(cluster) -> None:
+    state, doc = cluster
+    cold = invoke(doc["activator"], "tiny", "default", "Hello", 6, seed=1)
+    warm = invoke(doc["activator"], "tiny", "default", "Hello", 6, seed=1)
+    assert cold["text"] and cold["text"] == warm["text"]  # greedy: the same answer
+    assert warm["instance"] == cold["instance"]
+    assert warm["ttft_s"] < cold["ttft_s"]
+    listing = cli(state, "get", "instances").stdout
+    assert "ready" in listing and cold["instance"] in listing
+
+
+def test_openai_client_streams_through_the_activator(cluster) -> None:
+    from openai import OpenAI
+
+    _, doc = cluster
+    client = OpenAI(base_url=f"{doc['activator']}/v1", api_key="unused")
+    stream = client.completions.create(model="tiny", prompt="Serverless", max_tokens=5, stream=True, temperature=0)
+    pieces = [c.choices[0].text for c in stream if c.choices]
+    plain = client.completions.create(model="tiny", prompt="Serverless", max_tokens=5, temperature=0)
+    assert "".join(pieces) == plain.choices[0].text
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert chat.choices[0].message.role == "assistant"
+
+
+def test_unknown_model_and_host_are_404(cluster) -> None:
+    _, doc = cluster
+    r = httpx.post(f"{doc['activator']}/v1/completions", json={"model": "missing", "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(f"{doc['activator']}/v1/completions", json={"prompt": "x"},
+                   headers={"host": "missing.default.example.com"})
+    assert r.status_code == 404
+
+
+def test_load_scales_to_two_then_back_and_to_zero_then_cold_start_lands_on_dram(cluster) -> None:
+    state, doc = cluster
+    # containerConcurrency 1, target 70%: six streams at once ask for more than max-scale 2.
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda i: invoke(doc["activator"], "tiny", "default", f"load {i}", 48), range(6)))
+    assert all(r["text"] for r in results)
+    wait_for(lambda: services(doc)["default/tiny"]["ready"] == 2, 30, "two ready instances")
+    nodes = {i["node"] for i in services(doc)["default/tiny"]["instances"]}
+    # Load gone: back down, then to zero after the keep-alive (3 s).
+    wait_for(lambda: services(doc)["default/tiny"]["ready"] == 0 and not services(doc)["default/tiny"]["instances"],
+             60, "scale to zero")
+    inv = httpx.get(f"{doc['autoscaler']}/v1/nodes").json()["nodes"]
+    in_dram = {n["name"] for n in inv for t in n.get("tiers", []) if t["name"] == "dram" and t["checkpoints"]}
+    assert in_dram and in_dram <= nodes | in_dram
+    again = invoke(doc["activator"], "tiny", "default", "again", 4)
+    placed = services(doc)["default/tiny"]["placements"][-1]
+    assert placed["node"] in in_dram, json.dumps(services(doc)["default/tiny"]["placements"], indent=1)
+    assert placed["tier"] == "dram", placed
+    assert again["text"]
+
+
+def test_kill_9_of_up_leaves_no_orphans_and_a_new_up_cleans(store: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    cli(state, "up", "--detach", "--nodes", "1", "--store", f"file://{store}", "--port", str(_free_port()),
+        "--dram-gb", "1", "--ssd-gb", "1")
+    doc = json.loads((state / "cluster.json").read_text())
+    children = doc["groups"]
+    assert children and all(procs.alive(p) for p in children)
+    os.kill(doc["pid"], signal.SIGKILL)
+    wait_for(lambda: not any(procs.alive(p) for p in children), 20, "children to die with up")
+    r = cli(state, "get", "services", check=False)
+    assert r.returncode == 2 and "not running" in r.stderr
+    cli(state, "up", "--detach", "--nodes", "1", "--store", f"file://{store}", "--port", str(_free_port()),
+        "--dram-gb", "1", "--ssd-gb", "1")
+    assert "no local cluster" not in cli(state, "down").stdout
+    assert not (state / "cluster.json").exists()
