@@ -48,7 +48,9 @@ class CorruptData(LoaderError):
 
 
 class TierFull(LoaderError):
-    pass
+    """`transient`: the room is held only by entries being read, so it frees up by itself."""
+
+    transient = False
 
 
 class DiskError(LoaderError):

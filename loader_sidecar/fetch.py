@@ -6,8 +6,9 @@ partitions into spans of whole checksum blocks and hands them, in order, to `con
 workers; each span is one range request that resumes where it broke (cut connection, 5xx,
 stall) up to `retries` times. Every block's crc32c is computed as its bytes stream in and
 compared with the index before the block counts: the watermark covers verified bytes only.
-The same bytes are written to the SSD staging copy and, when an instance is waiting, to the
-DRAM tier, so a cold remote load costs one transfer, not three in a row.
+When an instance is waiting, the bytes go straight to the DRAM tier and the SSD copy is made
+from the verified DRAM copy right after (kernel copy, off the instance's path); otherwise they
+go straight to SSD staging. Either way a cold remote load costs one transfer, not three in a row.
 
 A store holding a plain Hugging Face checkpoint is downloaded once to SSD staging and
 converted there (`sllm_knative.convert`), then filled into DRAM from SSD like any SSD hit.
@@ -320,13 +321,15 @@ class Fetcher:
 
     async def _fetch_checkpoint(self, store: Store, ref: ModelRef, raw: bytes, index: fmt.Index,
                                 aux: dict[str, bytes], fill: Fill | None) -> None:
+        """Download into DRAM when an instance waits (then copy DRAM -> SSD off the critical
+        path), else straight into the SSD staging directory; publish each copy once verified."""
         key = ref.key
         small = {fmt.INDEX_NAME: raw, **aux}
         files = {**{n: len(d) for n, d in small.items()}, **{p.file: p.size for p in index.partitions}}
         total = sum(files.values())
         dram_dir: Path | None = None
         if fill is not None:
-            fill.attach(self.dram.reserve(key, ref.uri, total))
+            fill.attach(await self.dram.reserve_when_free(key, ref.uri, total, self.config.timeout_s))
             dram_dir = self.dram.path(key)
         try:
             self.ssd.reserve(key, ref.uri, total)
@@ -335,21 +338,20 @@ class Fetcher:
                 self.dram.abort(key)
             raise
         staging = self.ssd.staging_dir(key)
-        dirs = [staging] + ([dram_dir] if dram_dir else [])
-        fds: list[list[int]] = []
+        target_dir = dram_dir or staging
+        fds: list[int] = []
         dram_done = False
         try:
-            for d in dirs:
+            for d in {staging, target_dir}:
                 d.mkdir(parents=True, exist_ok=True)
                 for name, data in small.items():
                     _write_file(d / name, data)
-            for p in index.partitions:
-                fds.append([_create(d / p.file, p.size) for d in dirs])
             parts = index.partitions
+            fds = [_create(target_dir / p.file, p.size) for p in parts]
             wm = Watermarks([p.size for p in parts], [p.block_size for p in parts])
             if fill is not None and dram_dir is not None:
                 fill.ready(Layout(dram_dir, index, files, "remote"), wm)
-            targets = [_Target(p.file, p.size, p.block_size, p.checksums, fds[i],
+            targets = [_Target(p.file, p.size, p.block_size, p.checksums, [fds[i]],
                                functools.partial(self._block_done, wm, i, key=key, to_dram=fill is not None))
                        for i, p in enumerate(parts)]
             self.metrics.fetches.labels("remote").inc()
@@ -361,14 +363,14 @@ class Fetcher:
             self.profile.observe(f"remote:{store.root.uri}", index.total_bytes, seconds)
             self.metrics.transfer("remote", index.total_bytes, seconds)
             _log.info("fetched", model=ref.uri, bytes=index.total_bytes, seconds=round(seconds, 3),
-                      to="ssd+dram" if fill else "ssd")
-            for pair in fds:
-                if len(pair) > 1:
-                    os.close(pair.pop())  # the DRAM copy: tmpfs, nothing to flush
+                      to="dram" if fill else "ssd")
+            while fds:
+                os.close(fds.pop())
             if fill is not None and dram_dir is not None:
                 self.dram.publish(key, dram_dir, files)
                 dram_done = True
                 fill.finish()
+                await self._copy_to_ssd(ref, dram_dir, staging, [p.file for p in parts])
             await _in_thread(_fsync_all, [staging / n for n in files])
             self.ssd.publish(key, staging, files)
         except BaseException:
@@ -377,9 +379,25 @@ class Fetcher:
                 self.dram.abort(key)
             raise
         finally:
-            for pair in fds:
-                for fd in pair:
-                    os.close(fd)
+            for fd in fds:
+                os.close(fd)
+
+    async def _copy_to_ssd(self, ref: ModelRef, dram_dir: Path, staging: Path, names: list[str]) -> None:
+        """The SSD copy of a checkpoint just verified in DRAM, made by the kernel (sendfile), with the
+        DRAM entry pinned meanwhile; the instance already has its bytes, so this is off its path."""
+        entry = self.dram.entries[ref.key]
+        self.dram.add_reader(ref.key, 1)
+        try:
+            t0 = time.perf_counter()
+            for name in names:
+                await _in_thread(shutil.copyfile, dram_dir / name, staging / name)
+            self.metrics.transfer("dram_to_ssd", sum((staging / n).stat().st_size for n in names),
+                                  time.perf_counter() - t0)
+        except OSError as exc:
+            raise DiskError(f"writing the SSD copy of {ref.uri}: {exc.strerror or exc}") from exc
+        finally:
+            if self.dram.entries.get(ref.key) is entry:
+                self.dram.add_reader(ref.key, -1)
 
     def _block_done(self, wm: Watermarks, partition: int, block: int, *, key: str, to_dram: bool) -> None:
         wm.mark_block(partition, block)
@@ -556,7 +574,7 @@ class Fetcher:
             except (fmt.FormatError, OSError) as exc:
                 raise CorruptData(f"SSD copy of {ref.uri}: {exc}") from exc
             files = dict(src_entry.files)
-            fill.attach(self.dram.reserve(key, ref.uri, sum(files.values())))
+            fill.attach(await self.dram.reserve_when_free(key, ref.uri, sum(files.values()), self.config.timeout_s))
             reserved = True
             dst = self.dram.path(key)
             dst.mkdir(parents=True, exist_ok=True)

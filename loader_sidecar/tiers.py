@@ -19,6 +19,8 @@ Eviction never touches an entry that is leased, being read (a fill source) or fi
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import enum
 import json
@@ -86,8 +88,13 @@ def plan_eviction(entries: Iterable[Entry], budget: int, need: int, tier: str = 
         if free >= need:
             return victims
     held = [e for e in entries if not e.evictable]
-    raise TierFull(f"{tier} tier: needs {need} bytes, only {free} of {budget} can be freed; in use: "
+    # Entries that are only being read (a fill's source, the SSD copy of a fresh fetch) free up
+    # by themselves soon: a caller may wait and try again.
+    reading = sum(e.size for e in held if e.state is State.READY and e.leases == 0)
+    err = TierFull(f"{tier} tier: needs {need} bytes, only {free} of {budget} can be freed; in use: "
                    + "; ".join(_describe(e) for e in held))
+    err.transient = free + reading >= need
+    raise err
 
 
 def is_key(name: str) -> bool:
@@ -139,6 +146,25 @@ class Tier:
         self._clock = clock
         self._on_change = on_change
         self._on_evict = on_evict
+        self._changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+        self._on_change()
+
+    async def reserve_when_free(self, key: str, model: str, size: int, timeout: float) -> Entry:
+        """`reserve`, waiting up to `timeout` s while the room is held only by entries being read."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.reserve(key, model, size)
+            except TierFull as exc:
+                left = deadline - time.monotonic()
+                if not exc.transient or left <= 0:
+                    raise
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), left)
 
     # -- accounting ----------------------------------------------------------------------------
 
@@ -186,7 +212,7 @@ class Tier:
             self._remove(key, reason="over budget after restart")
         if dropped:
             _log.warning("dropped unverified or partial entries", tier=self.name, entries=",".join(dropped))
-        self._on_change()
+        self._notify()
         return dropped
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -199,7 +225,7 @@ class Tier:
             self._remove(victim, reason="evicted for room")
         entry = Entry(key, model, size, State.FILLING, self._clock())
         self.entries[key] = entry
-        self._on_change()
+        self._notify()
         return entry
 
     def resize(self, key: str, size: int) -> None:
@@ -209,7 +235,7 @@ class Tier:
         for victim in plan_eviction(others, self.budget, size, self.name):
             self._remove(victim, reason="evicted for room")
         entry.size = size
-        self._on_change()
+        self._notify()
 
     def staging_dir(self, key: str) -> Path:
         d = self.root / STAGING / f"{key}.{uuid.uuid4().hex[:8]}"
@@ -232,7 +258,7 @@ class Tier:
         entry.filled = entry.size
         entry.state = State.READY
         entry.last_use = now
-        self._on_change()
+        self._notify()
         return entry
 
     def abort(self, key: str, directory: Path | None = None) -> None:
@@ -241,7 +267,7 @@ class Tier:
         for d in (self.path(key), directory):
             if d is not None:
                 shutil.rmtree(d, ignore_errors=True)
-        self._on_change()
+        self._notify()
 
     def evict(self, key: str) -> Entry:
         entry = self.entries.get(key)
@@ -257,7 +283,7 @@ class Tier:
         shutil.rmtree(self.path(key), ignore_errors=True)
         _log.info("evicted", tier=self.name, model=entry.model, bytes=entry.size, reason=reason)
         self._on_evict(self.name, entry)
-        self._on_change()
+        self._notify()
 
     # -- use -----------------------------------------------------------------------------------
 
@@ -270,15 +296,15 @@ class Tier:
                 os.utime(self.path(key) / MARKER, (entry.last_use, entry.last_use))
             except OSError:
                 pass
-        self._on_change()
+        self._notify()
 
     def add_lease(self, key: str, delta: int) -> None:
         self.entries[key].leases += delta
-        self._on_change()
+        self._notify()
 
     def add_reader(self, key: str, delta: int) -> None:
         self.entries[key].readers += delta
-        self._on_change()
+        self._notify()
 
     def progress(self, key: str, filled: int) -> None:
         entry = self.entries.get(key)

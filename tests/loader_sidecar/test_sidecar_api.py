@@ -32,6 +32,12 @@ def wait_for(predicate, timeout: float = 10.0):  # type: ignore[no-untyped-def]
     return value
 
 
+def settled(client: LoaderClient) -> bool:
+    """No fill under way: every entry ready and nobody reading it (the SSD copy of a remote
+    fetch is made from the DRAM copy right after the instance got its bytes)."""
+    return all(e.state == "ready" and e.readers == 0 for t in client.inventory().tiers for e in t.entries)
+
+
 def entries(inv, tier: str) -> dict[str, tuple[str, int]]:  # type: ignore[no-untyped-def]
     t = next(t for t in inv.tiers if t.name == tier)
     return {e.model.rsplit("/", 1)[1]: (e.state, e.leases) for e in t.entries}
@@ -61,6 +67,7 @@ def test_inventory_stream_pushes_every_change(nginx, sidecar):
     wait_for(lambda: [x.instance for x in seen[-1].leases] == ["pod-7"])
     lease.release()
     wait_for(lambda: not seen[-1].leases and entries(seen[-1], "dram")["small"] == ("ready", 0))
+    wait_for(lambda: settled(client))
     client.evict("small", "dram")
     wait_for(lambda: "small" not in entries(seen[-1], "dram"))
     versions = [inv.version for inv in seen]
@@ -97,7 +104,7 @@ def test_lease_ends_when_the_instance_goes_away(nginx, sidecar):
     assert next(call).WhichOneof("event") == "granted"
     assert [x.instance for x in client.inventory().leases] == ["doomed"]
     channel.close()  # the instance dies without releasing
-    wait_for(lambda: not client.inventory().leases)
+    wait_for(lambda: not client.inventory().leases and settled(client))
     assert client.evict("tiny", "dram").tiers == ["dram"]
 
 
@@ -117,6 +124,7 @@ def test_metrics_endpoint(nginx, sidecar):
         lease.wait_complete(timeout=30)
     with client.acquire("tiny"):
         pass
+    wait_for(lambda: settled(client))
     client.evict("tiny", "dram")
     text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     for line in ['sllm_loader_hits_total{tier="dram"} 1.0', 'sllm_loader_misses_total{tier="dram"} 1.0',
@@ -137,6 +145,8 @@ def test_cli_cache_ls_prefetch_evict(nginx, sidecar):
     out = _cli(*base, "prefetch", "small", "--tier", "ssd")
     assert out.returncode == 0 and "small: ssd tier ready (from remote)" in out.stdout
     assert _cli(*base, "prefetch", "tiny").returncode == 0
+    with LoaderClient(thread.address) as client:
+        wait_for(lambda: settled(client))
     out = _cli(*base, "ls")
     assert out.returncode == 0
     for text in ("SSD", "DRAM", "/models/small", "/models/tiny", "ready", "4.3 MiB", "device     cpu:0"):

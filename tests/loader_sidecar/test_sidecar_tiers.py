@@ -29,14 +29,38 @@ def test_plan_eviction(entries, budget, need, victims):
     assert plan_eviction(entries, budget, need) == victims
 
 
-@pytest.mark.parametrize("entries, budget, need, message", [
-    pytest.param([], 100, 101, "whole budget is 100", id="larger-than-budget"),
-    pytest.param([E("a", 60, 1, leases=1)], 100, 50, r"only 40 of 100 can be freed.*1 leases", id="leased"),
-    pytest.param([E("a", 60, 1, state=State.FILLING)], 100, 50, "filling", id="filling"),
+@pytest.mark.parametrize("entries, budget, need, message, transient", [
+    pytest.param([], 100, 101, "whole budget is 100", False, id="larger-than-budget"),
+    pytest.param([E("a", 60, 1, leases=1)], 100, 50, r"only 40 of 100 can be freed.*1 leases", False, id="leased"),
+    pytest.param([E("a", 60, 1, state=State.FILLING)], 100, 50, "filling", False, id="filling"),
+    pytest.param([E("a", 60, 1, readers=1)], 100, 50, "1 readers", True, id="only-read-frees-soon"),
+    pytest.param([E("a", 30, 1, readers=1), E("b", 30, 1, leases=1)], 100, 80, "readers", False,
+                 id="read-and-leased"),
 ])
-def test_plan_eviction_full(entries, budget, need, message):
-    with pytest.raises(TierFull, match=message):
+def test_plan_eviction_full(entries, budget, need, message, transient):
+    with pytest.raises(TierFull, match=message) as err:
         plan_eviction(entries, budget, need, "dram")
+    assert err.value.transient is transient
+
+
+def test_reserve_waits_for_readers_not_for_fills(tmp_path):
+    import asyncio
+
+    async def run() -> tuple[str, str]:
+        tier = Tier("dram", tmp_path, 100)
+        _fill(tier, "a-000000000000", 60)
+        tier.add_reader("a-000000000000", 1)
+        waiting = asyncio.ensure_future(tier.reserve_when_free("b-000000000000", "file:///m/b", 50, timeout=5))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        tier.add_reader("a-000000000000", -1)  # the read ends: a is evicted for b
+        got = (await asyncio.wait_for(waiting, 5)).key
+        with pytest.raises(TierFull) as err:
+            await tier.reserve_when_free("c-000000000000", "file:///m/c", 60, timeout=5)
+        return got, str(err.value)
+
+    got, message = asyncio.run(run())
+    assert got == "b-000000000000" and "(50 bytes, filling)" in message  # no waiting for a fill
 
 
 def _fill(tier: Tier, key: str, size: int) -> None:
