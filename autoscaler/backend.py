@@ -142,9 +142,11 @@ class LocalBackend:
                 "--internal-host", "127.0.0.1", "--internal-port", str(rec.internal_port)]
         if svc.container_concurrency:
             argv += ["--max-concurrency", str(svc.container_concurrency)]
+        argv += list(svc.container.args)  # the user container's args, as Knative passes them
         log = n.logs / f"{instance_id}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        env = {"SLLM_INSTANCE": instance_id, "SLLM_NODE": node}
+        env = {e.name: e.value for e in svc.container.env if e.value is not None}
+        env.update(SLLM_INSTANCE=instance_id, SLLM_NODE=node)
         lease = {"loader": n.loader, "model": svc.model.uri if svc.model else "", "device": self.device,
                  "instance": instance_id}
         rec.timing_path = str(log.with_suffix(".timing.json"))

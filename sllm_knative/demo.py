@@ -1,97 +1,208 @@
-"""`make demo`: the main job on the embedded default (local mode).
+"""`make demo`: the main job on the embedded default (a local cluster on this machine).
 
-Until the control plane lands (activator, autoscaler, local cluster), the demo shows the
-loading path end to end on this machine: build a random-weight Llama-style model and a
-tokenizer locally, convert it to the loading-optimized format, load it cold from disk,
-from the DRAM tier (tmpfs, mapped) and with transformers' from_pretrained for comparison,
-check the logits are identical, and generate a few tokens.
+1. Build two random-weight Llama-style models (about 0.5 GB and 0.25 GB) and a tokenizer
+   locally (there is no model hub), convert them, and put them in a local model store.
+2. Start a local cluster: activator, autoscaler, three nodes (loader sidecar + runtime each).
+3. Deploy two Knative Services (and a ScalingPolicy keep-alive each) from YAML.
+4. Invoke each service cold (the checkpoint comes from the store), then warm.
+5. Wait past the keep-alive: both scale to zero.
+6. Invoke again: the cold start lands on the node that kept the checkpoint in DRAM.
+7. Print TTFT per step with where the checkpoint came from, and shut everything down.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
+from typing import Any
+
+MODELS = {"llama-a": 512, "llama-b": 256}  # service name -> model size in MiB
+
+# Knative only lets a revision start at zero instances when the cluster allows it.
+CONFIG = """\
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: config-autoscaler
+  namespace: knative-serving
+data:
+  allow-zero-initial-scale: "true"
+"""
+
+SERVICE = """\
+apiVersion: serving.knative.dev/v1
+kind: Service
+metadata:
+  name: {name}
+  namespace: default
+spec:
+  template:
+    metadata:
+      annotations:
+        autoscaling.knative.dev/class: llm.autoscaling.sllm-knative.io
+        autoscaling.knative.dev/window: "6s"
+        autoscaling.knative.dev/max-scale: "2"
+        autoscaling.knative.dev/initial-scale: "0"
+        sllm-knative.io/model: {model}
+    spec:
+      containerConcurrency: 4
+      containers:
+        - image: sllm-knative/llm-function
+          # Stock kernels: fast on the CPU. The default, "exact", makes logits independent of
+          # the batch (bitwise migration) but is about 30x slower on CPU (docs/function.md).
+          args: ["--numerics", "fast"]
+---
+apiVersion: serving.sllm-knative.io/v1alpha1
+kind: ScalingPolicy
+metadata:
+  name: {name}-keepalive
+  namespace: default
+spec:
+  target:
+    serviceName: {name}
+  keepAlive: {keep_alive}s
+"""
 
 
-def _table(rows: list[tuple[str, ...]]) -> str:
+def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--work", default=".demo", help="working directory (models are cached here)")
-    p.add_argument("--model-mb", type=int, default=512, help="size of the random model")
-    p.add_argument("--shm", default="/dev/shm", help="tmpfs directory used as the DRAM tier")
-    args = p.parse_args(argv)
+def _step(n: int, text: str) -> None:
+    print(f"\n[{n}/7] {text}", flush=True)
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sllm_knative import log
+def prepare_store(work: Path) -> Path:
     from sllm_knative.convert import convert
-    from sllm_knative.loading import load_checkpoint, load_model
     from sllm_knative.models import build_model, spec_for_size
-    from sllm_knative.pagecache import evict
 
-    log.setup()
-    work = Path(args.work)
-    spec = spec_for_size(args.model_mb << 20, vocab_size=8192)
-    hf = work / f"llama-{args.model_mb}mb"
-    if not (hf / "config.json").exists():
-        print(f"[1/5] building a random {spec.nbytes() / 2**20:.0f} MiB Llama-style model and tokenizer in {hf}")
-        build_model(hf, spec)
-    else:
-        print(f"[1/5] using the model built earlier in {hf}")
-    ckpt = work / f"llama-{args.model_mb}mb.sllm"
-    print(f"[2/5] converting to the loading-optimized format -> {ckpt}")
-    convert(hf, ckpt, overwrite=True, progress=True)
+    store = work / "store"
+    for i, (name, mib) in enumerate(MODELS.items()):
+        hf = work / "hf" / name
+        if not (hf / "config.json").exists():
+            print(f"  building {name}: a random {mib} MiB Llama-style model and a tokenizer", flush=True)
+            build_model(hf, spec_for_size(mib << 20, vocab_size=8192), seed=i)
+        if not (store / name / "sllm-index.json").exists():
+            print(f"  converting {name} into the loading-optimized format -> {store / name}", flush=True)
+            convert(hf, store / name, overwrite=True, progress=True)
+    return store
 
-    rows = [("load path", "seconds", "GB/s", "how")]
-    print("[3/5] loading cold from disk (page cache evicted), O_DIRECT + checksums")
-    evict(*ckpt.glob("partition-*.bin"))
-    t = time.perf_counter()
-    loaded = load_checkpoint(ckpt)
-    cold = time.perf_counter() - t
-    rows.append(("sllm-knative, SSD (cold)", f"{cold:.3f}", f"{loaded.bytes / cold / 1e9:.2f}",
-                 loaded.partitions[0].method))
-    del loaded
 
-    print("[4/5] loading from the DRAM tier (tmpfs, mapped) and with from_pretrained for comparison")
-    dram = Path(args.shm) / f"sllm-demo-{os.getpid()}"
+def services(doc: dict[str, Any]) -> dict[str, Any]:
+    import httpx
+
+    return {s["key"]: s for s in httpx.get(f"{doc['autoscaler']}/v1/services", timeout=10).json()["services"]}
+
+
+def run_demo(work: Path, nodes: int, keep_alive: float, port: int) -> int:
+    from sllm_knative.commands.resources import invoke
+    from sllm_knative.local.cluster import down, up_detached
+
+    _step(1, "models: build locally, convert, put in a file:// model store")
+    store = prepare_store(work)
+    state = work / "state"
+    shutil.rmtree(state, ignore_errors=True)  # a fresh cluster: no SSD cache left from an earlier run
+    _step(2, f"local cluster: activator, autoscaler, {nodes} nodes (loader sidecar + pre-imported runtime)")
+    t0 = time.perf_counter()
+    doc = up_detached(["--state-dir", str(state), "--nodes", str(nodes), "--slots", "2", "--store", f"file://{store}",
+                       "--port", str(port), "--dram-gb", "2", "--ssd-gb", "4"], state)
+    print(f"  up in {time.perf_counter() - t0:.1f}s; activator at {doc['activator']}; logs in {state / 'logs'}")
+    rows = [["step", "service", "node", "checkpoint from", "TTFT", "place", "start", "load"]]
     try:
-        shutil.copytree(ckpt, dram)
-        t = time.perf_counter()
-        loaded = load_checkpoint(dram)
-        warm = time.perf_counter() - t
-        rows.append(("sllm-knative, DRAM tier", f"{warm:.3f}", f"{loaded.bytes / warm / 1e9:.2f}",
-                     loaded.partitions[0].method))
-        model = load_model(dram)
-        evict(*hf.glob("*.safetensors"))
-        t = time.perf_counter()
-        ref = AutoModelForCausalLM.from_pretrained(str(hf)).eval()
-        base = time.perf_counter() - t
-        rows.append(("transformers from_pretrained (cold)", f"{base:.3f}", f"{loaded.bytes / base / 1e9:.2f}",
-                     "safetensors"))
-        print()
+        _step(3, "deploy two Knative Services with a keep-alive ScalingPolicy each (YAML below)")
+        yaml_path = work / "services.yaml"
+        yaml_path.write_text("---\n".join([CONFIG] + [
+            SERVICE.format(name=n, model=f"file://{store / n}", keep_alive=keep_alive) for n in MODELS]))
+        print(textwrap.indent(SERVICE.format(name="llama-a", model=f"file://{store / 'llama-a'}",
+                                             keep_alive=keep_alive), "    "))
+        import httpx
+
+        r = httpx.post(f"{doc['autoscaler']}/v1/apply", content=yaml_path.read_bytes(), timeout=30)
+        if r.status_code != 200:
+            raise RuntimeError(f"apply failed: {r.text}")
+        for change in r.json()["changes"]:
+            print(f"  {change}")
+
+        def call(step: str, name: str) -> None:
+            res = invoke(doc["activator"], name, "default", "Once upon a time", 12, seed=0)
+            svc = services(doc)[f"default/{name}"]
+            inst = next((i for i in svc["instances"] if i["id"] == res["instance"]), None)
+            place = next((p for p in reversed(svc["placements"]) if p["instance"] == res["instance"]), None)
+            cold = step.startswith("cold")
+            lease = (inst or {}).get("lease") or {}
+            load = lease.get("lease_complete", 0) - lease.get("lease_requested", 0) if lease else 0.0
+            start = (inst["ready_at"] - inst["started_at"] - load) if inst and inst.get("ready_at") else 0.0
+            rows.append([step, name, inst["node"] if inst else "?",
+                         (place or {}).get("tier", "?") if cold else "(instance warm)",
+                         f"{res['ttft_s']:.3f}s",
+                         f"{place['placement_s'] * 1e3:.0f}ms" if cold and place else "-",
+                         f"{start:.3f}s" if cold else "-", f"{load:.3f}s" if cold else "-"])
+            print(f"  {step:<22s} {name}: TTFT {res['ttft_s']:.3f}s on {rows[-1][2]} ({rows[-1][3]}) "
+                  f"text={res['text'][:24]!r}", flush=True)
+
+        _step(4, "invoke each service cold (checkpoint fetched from the store), then warm")
+        for name in MODELS:
+            call("cold (first ever)", name)
+            call("warm", name)
+
+        _step(5, f"wait past the keep-alive ({keep_alive:g}s): both services scale to zero")
+        deadline = time.monotonic() + keep_alive + 60
+        while time.monotonic() < deadline:
+            s = services(doc)
+            if all(not s[f"default/{n}"]["instances"] for n in MODELS):
+                break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError("services did not scale to zero")
+        nodes_doc = httpx.get(f"{doc['autoscaler']}/v1/nodes", timeout=30).json()["nodes"]
+        for n in nodes_doc:
+            dram = [c["model"].rsplit("/", 1)[-1] for t in n.get("tiers", []) if t["name"] == "dram"
+                    for c in t["checkpoints"]]
+            print(f"  {n['name']}: instances {n['running']}, DRAM tier holds {', '.join(dram) or 'nothing'}")
+
+        _step(6, "invoke again: the cold start goes where the checkpoint sits in DRAM")
+        ok = True
+        for name in MODELS:
+            call("cold (after zero)", name)
+            if rows[-1][3] != "dram":
+                ok = False
+                print(f"  ! expected {name} to start from DRAM, got {rows[-1][3]}")
+        _step(7, "time to first token per step")
         print(_table(rows))
-        print()
-        tok = AutoTokenizer.from_pretrained(str(ckpt))
-        ids = tok("Serverless inference scales to zero", return_tensors="pt").input_ids
-        with torch.no_grad():
-            same = torch.equal(model(ids).logits, ref(ids).logits)
-            out = model.generate(ids, max_new_tokens=12, do_sample=False)
-        print(f"[5/5] logits identical to from_pretrained: {same}")
-        print(f"      greedy continuation (random weights): {tok.decode(out[0][ids.shape[1]:])!r}")
-        return 0 if same else 1
+        print("\n(checkpoint from = its fastest tier on the chosen node when placed; place = placement "
+              "decision; start = instance start excluding load; load = lease until the DRAM tier is filled and "
+              "verified; TTFT also includes the first forward pass and HTTP)")
+        return 0 if ok else 1
     finally:
-        shutil.rmtree(dram, ignore_errors=True)
+        down(state)
+        print("\nlocal cluster stopped; no process left behind")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default=".demo", help="working directory (models are cached here)")
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle instance is kept")
+    p.add_argument("--port", type=int, default=8080, help="the activator's port")
+    p.add_argument("--clean", action="store_true", help="rebuild the models and the store")
+    args = p.parse_args(argv)
+    from sllm_knative import log
+
+    log.setup("WARNING")
+    work = Path(args.work).resolve()
+    if args.clean:
+        shutil.rmtree(work, ignore_errors=True)
+    t0 = time.perf_counter()
+    code = run_demo(work, args.nodes, args.keep_alive, args.port)
+    print(f"demo finished in {time.perf_counter() - t0:.0f}s" + ("" if code == 0 else " (with a failed check)"))
+    return code
 
 
 if __name__ == "__main__":

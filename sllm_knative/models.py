@@ -72,9 +72,10 @@ def spec_for_size(target_bytes: int, dtype: str = "float16", vocab_size: int = 3
     return dataclasses.replace(base, num_hidden_layers=layers)
 
 
-def build_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> None:
-    """Train a byte-level BPE tokenizer on a small built-in corpus and save it HF-style."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, model_vocab_size: int = 0) -> None:
+    """Train a byte-level BPE tokenizer on a small built-in corpus and save it HF-style,
+    padded with added tokens up to `model_vocab_size`."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -85,6 +86,10 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> None:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    # A small corpus yields fewer merges than a real vocabulary: pad it with plain words so
+    # every id the model can produce decodes to visible text (a random model samples them all).
+    if len(fast) < model_vocab_size:
+        fast.add_tokens([AddedToken(f" w{i}", normalized=False) for i in range(len(fast), model_vocab_size)])
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))
 
@@ -136,7 +141,7 @@ def build_model(out_dir: str | Path, spec: ModelSpec = TINY, *, seed: int = 0, w
     else:
         raise ValueError(f"weights must be 'safetensors' or 'bin', got {weights!r}")
     GenerationConfig(bos_token_id=0, eos_token_id=1, pad_token_id=2).save_pretrained(str(out))
-    build_tokenizer(out, vocab_size=min(spec.vocab_size, 512))
+    build_tokenizer(out, vocab_size=min(spec.vocab_size, 512), model_vocab_size=spec.vocab_size)
     return out
 
 
