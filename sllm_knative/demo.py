@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=".demo", help="working directory (models are cached here)")
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle instance is kept")
-    p.add_argument("--port", type=int, default=8080, help="the activator's port")
+    p.add_argument("--port", type=int, default=0, help="the activator's port (default: a free one)")
     p.add_argument("--clean", action="store_true", help="rebuild the models and the store")
     args = p.parse_args(argv)
     from sllm_knative import log
@@ -199,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work).resolve()
     if args.clean:
         shutil.rmtree(work, ignore_errors=True)
+    if args.port == 0:
+        from autoscaler.backend import free_port
+
+        args.port = free_port()
     t0 = time.perf_counter()
     code = run_demo(work, args.nodes, args.keep_alive, args.port)
     print(f"demo finished in {time.perf_counter() - t0:.0f}s" + ("" if code == 0 else " (with a failed check)"))
