@@ -183,7 +183,8 @@ def _read_bin(path: Path) -> Iterator[_SourceStorage]:
             raw = torch.empty(0, dtype=torch.uint8).set_(st)
             groups[key] = _SourceStorage(key, _tensor_reader(raw))
         groups[key].tensors.append(
-            _Tensor(name, dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset(), key))
+            _Tensor(name, dtype, tuple(int(d) for d in t.shape), tuple(int(d) for d in t.stride()),
+                    int(t.storage_offset()), key))
     yield from groups.values()
 
 

@@ -137,6 +137,7 @@ def _read_partition(path: Path, part: fmt.Partition, dev: torch.device, opts: Lo
     chunk = min(opts.chunk_bytes, part.block_size) if verify else opts.chunk_bytes
     if verify and part.block_size % chunk:
         chunk = fmt.PAGE  # block sizes are multiples of 4096 (validated)
+    keep: Any
     if dev.type == "cpu" and on_memory_fs and opts.map_memory_files and not verify:
         keep, buf = _map(path, part.size)
         return keep, buf, PartitionLoad(part.file, part.size, time.perf_counter() - t0, "mmap")
@@ -254,7 +255,7 @@ def parameters_on_meta() -> Iterator[None]:
             assert p is not None
             module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
 
-    torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
@@ -277,7 +278,7 @@ def load_model(path: str | os.PathLike[str], device: Any = "cpu", *, options: Lo
             raise FileNotFoundError(2, "neither a sllm-knative checkpoint nor a Hugging Face model directory",
                                     str(root))
         model = AutoModelForCausalLM.from_pretrained(str(root))
-        return model.to(torch.device(device)).eval()
+        return model.to(torch.device(device)).eval()  # type: ignore[arg-type]
     loaded = load_checkpoint(root, device, options=options, cancel=cancel)
     config = AutoConfig.from_pretrained(str(root))
     with parameters_on_meta():

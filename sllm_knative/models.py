@@ -130,11 +130,11 @@ def build_model(out_dir: str | Path, spec: ModelSpec = TINY, *, seed: int = 0, w
         _set_param(model, name, torch.nn.Parameter(t.to(dtype), requires_grad=False))
     model.tie_weights()
     _materialise_buffers(model)
-    kwargs = {"safe_serialization": weights == "safetensors"}
-    if max_shard_bytes:
-        kwargs["max_shard_size"] = max_shard_bytes
     if weights == "safetensors":
-        model.save_pretrained(str(out), **kwargs)
+        if max_shard_bytes:
+            model.save_pretrained(str(out), max_shard_size=max_shard_bytes)
+        else:
+            model.save_pretrained(str(out))
     elif weights == "bin":
         _save_bin(model, out, max_shard_bytes)
         config.save_pretrained(str(out))

@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import time
+from typing import Any
 
 
 def _preimport() -> float:
@@ -76,7 +77,7 @@ def _child(req: dict, conn: socket.socket, server: socket.socket) -> None:
         os._exit(code)
 
 
-def _take_lease(spec: dict, timing_path: str | None) -> object:
+def _take_lease(spec: dict, timing_path: str | None) -> Any:
     from loader_sidecar.client import LoaderClient
 
     t0 = time.time()
