@@ -105,7 +105,7 @@ class _Staging:
         self._raw = np.ones(nbytes + fmt.PAGE, dtype=np.uint8)  # ones, not zeros: pages faulted in now
         pad = (-self._raw.ctypes.data) % fmt.PAGE
         self.addr = self._raw.ctypes.data + pad
-        self.view = memoryview(self._raw)[pad: pad + nbytes]
+        self.view = memoryview(self._raw.data)[pad: pad + nbytes]
 
 
 class _BadBlock(Exception):
@@ -197,9 +197,6 @@ class Fetcher:
         if store is None:
             store = self._stores[ref.store.uri] = open_store(ref.store, self.config)
         return store
-
-    def in_flight(self, key: str) -> bool:
-        return key in self._fills or key in self._ssd_jobs
 
     # -- entry points --------------------------------------------------------------------------
 
@@ -466,7 +463,7 @@ class Fetcher:
                 pos, crc = block * bs, 0
 
     @staticmethod
-    def _pwrite(fd: int, data: bytes, offset: int, name: str) -> None:
+    def _pwrite(fd: int, data: bytes | memoryview, offset: int, name: str) -> None:
         try:
             view = memoryview(data)
             while view:

@@ -27,9 +27,6 @@ class Layout:
     files: dict[str, int]
     source: str  # the tier the bytes come from: "dram" (hit), "ssd" or "remote"
 
-    def partition_paths(self) -> list[Path]:
-        return [self.directory / p.file for p in self.index.partitions]
-
 
 class Hold:
     """One lease's pin on a fill's DRAM entry; `release` is idempotent."""
