@@ -175,18 +175,22 @@ def attend_step(batch: StepBatch, layer: int, q: torch.Tensor, k: torch.Tensor, 
     parts = []
     if batch.decode is not None:
         dec = batch.decode
-        keys = cache_k[dec.slots, :, :dec.length]
+        keys = cache_k[dec.slots, :, :dec.length]  # a view when the slots are consecutive
         values = cache_v[dec.slots, :, :dec.length]
-        parts.append((dec.rows, attend(q4 if dec.rows is None else q4[dec.rows], keys, values, dec.masked, scaling)))
+        rows = slice(0, dec.count) if dec.rows is None else dec.rows
+        parts.append((rows, attend(q4[rows], keys, values, dec.masked, scaling)))
     for seg in batch.prefills:
         keys = cache_k[seg.slot, :, :seg.length].unsqueeze(0)
         values = cache_v[seg.slot, :, :seg.length].unsqueeze(0)
         parts.append((slice(seg.row, seg.row + seg.count),
                       attend(q4[seg.row: seg.row + seg.count], keys, values, seg.masked, scaling)))
-    if len(parts) == 1 and parts[0][0] is None:  # every row is in the decode group: no scatter
-        out = parts[0][1]
+    # Rows in no group are padding: their output is never used, zeros keep it finite.
+    if len(parts) == 1 and isinstance(parts[0][0], slice) and parts[0][0].start == 0:
+        out = parts[0][1]  # one group over the leading rows: no scatter
+        if out.shape[0] < t:
+            out = torch.cat([out, out.new_zeros((t - out.shape[0], *out.shape[1:]))])
     else:
-        out = torch.zeros_like(q4)  # rows in no group are padding; their output is never used
+        out = torch.zeros_like(q4)
         for rows, o in parts:
             out[rows] = o
     return out.view(t, heads, d)

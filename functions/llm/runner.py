@@ -60,13 +60,15 @@ class PrefillSegment:
 
 @dataclasses.dataclass
 class DecodeGroup:
-    """Single rows of different sequences, attended together against their gathered caches.
+    """Single rows of different sequences, attended together against their caches.
 
-    rows: row indices into the step, or None when the group is every row of the step.
+    rows: row indices into the step, or None when the group is the first `count` rows.
+    slots: their cache slots as a tensor (gathered), or a slice when they are consecutive (a view).
     """
 
     rows: torch.Tensor | None
-    slots: torch.Tensor
+    count: int
+    slots: torch.Tensor | slice
     length: int
     masked: torch.Tensor
 
@@ -201,8 +203,6 @@ class ModelRunner:
                 pos = torch.arange(f.start, f.start + n, device=self.device)
                 prefills.append(PrefillSegment(f.slot, row, n, length, numerics.key_mask(pos, length)))
         pad = numerics.round_up(len(tokens), self.row_multiple) - len(tokens)
-        if pad and len(decode_rows) == len(tokens):  # padding rows join the decode group (scratch slot)
-            decode_rows.extend(range(len(tokens), len(tokens) + pad))
         tokens += [0] * pad
         slots += [self.cache.scratch] * pad
         positions += [0] * pad
@@ -211,12 +211,17 @@ class ModelRunner:
         pos_t = torch.tensor(positions, device=dev)
         decode = None
         if decode_rows:
+            n = len(decode_rows)
             length = numerics.round_up(max(positions[r] for r in decode_rows) + 1, numerics.KEY_PAD)
-            if len(decode_rows) == len(tokens):
-                decode = DecodeGroup(None, slots_t, length, numerics.key_mask(pos_t, length))
+            first = slots[decode_rows[0]]
+            consecutive = all(slots[r] == first + i for i, r in enumerate(decode_rows))
+            if decode_rows[-1] == n - 1:  # the first n rows of the step
+                dec_slots = slice(first, first + n) if consecutive else slots_t[:n]
+                decode = DecodeGroup(None, n, dec_slots, length, numerics.key_mask(pos_t[:n], length))
             else:
                 rows_t = torch.tensor(decode_rows, device=dev)
-                decode = DecodeGroup(rows_t, slots_t[rows_t], length, numerics.key_mask(pos_t[rows_t], length))
+                dec_slots = slice(first, first + n) if consecutive else slots_t[rows_t]
+                decode = DecodeGroup(rows_t, n, dec_slots, length, numerics.key_mask(pos_t[rows_t], length))
         batch = StepBatch(mode=self.mode, cache=self.cache, slots=slots_t, positions=pos_t, decode=decode,
                           prefills=prefills)
         kept = len(keep)
