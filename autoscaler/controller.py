@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from autoscaler import metrics
 from autoscaler.backend import InstanceRecord, LocalBackend
 from autoscaler.decider import DeciderSpec, DeciderState, Metrics, decide, initial_state, spec_for
 from autoscaler.window import MetricWindow
@@ -175,6 +176,7 @@ class Autoscaler:
         priority = rt.policy.priority if rt.policy else 0
         decision: Placement = place(ModelRequest(model, size, priority), nodes, self.calibration)
         placement_s = time.perf_counter() - t0
+        metrics.PLACEMENT_SECONDS.observe(placement_s)
         if decision.node is None or decision.action.value != "place":
             _log.info("no free slot: waiting for capacity", model=svc.key, reasons="; ".join(decision.reasons))
             return
@@ -183,6 +185,7 @@ class Autoscaler:
         inst_id = f"{svc.name}-{next(self._ids)}"
         rec = await self.backend.start(svc, decision.node, inst_id, tier)
         rt.instances[inst_id] = rec
+        metrics.COLD_STARTS.labels(svc.key, tier).inc()
         rt.placements.append({"instance": inst_id, "node": decision.node, "tier": tier,
                               "estimate_s": decision.estimate_s, "placement_s": placement_s,
                               "reasons": list(decision.reasons)})
@@ -202,6 +205,8 @@ class Autoscaler:
             return
         rec.state = "ready"
         self._calibrate(rec)
+        if rec.ready_at:
+            metrics.READY_SECONDS.labels(rec.tier).observe(rec.ready_at - rec.started_at)
         _log.info("instance ready", model=rt.config.key, instance=rec.id, node=rec.node,
                   seconds=round((rec.ready_at or 0) - rec.started_at, 3))
         await self._push_endpoints(rt)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from autoscaler import metrics as m
 from autoscaler.controller import Autoscaler
 from sllm_knative.config import ConfigError, parse_manifest
 from sllm_knative.log import get_logger
@@ -27,10 +28,6 @@ _log = get_logger("autoscaler")
 
 
 def build_app(scaler: Autoscaler) -> Starlette:
-    registry = CollectorRegistry()
-    desired = Gauge("autoscaler_desired_scale", "Instances the decider wants", ["service"], registry=registry)
-    ready = Gauge("autoscaler_ready_instances", "Instances ready", ["service"], registry=registry)
-
     async def stats(request: Request) -> Response:
         scaler.on_stats(await request.json())
         return Response(status_code=204)
@@ -77,9 +74,9 @@ def build_app(scaler: Autoscaler) -> Starlette:
 
     async def metrics(request: Request) -> Response:
         for key, rt in scaler.services.items():
-            desired.labels(key).set(rt.state.scale)
-            ready.labels(key).set(len(rt.ready()))
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+            m.DESIRED.labels(key).set(rt.state.scale)
+            m.READY.labels(key).set(len(rt.ready()))
+        return Response(generate_latest(m.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     return Starlette(routes=[
         Route("/v1/stats", stats, methods=["POST"]),

@@ -114,6 +114,8 @@ def test_cold_then_warm_invoke(cluster) -> None:
     assert warm["ttft_s"] < cold["ttft_s"]
     listing = cli(state, "get", "instances").stdout
     assert "ready" in listing and cold["instance"] in listing
+    metrics = httpx.get(f"{doc['autoscaler']}/metrics").text
+    assert 'autoscaler_cold_starts_total{service="default/tiny",tier="remote"} 1.0' in metrics
 
 
 def test_openai_client_streams_through_the_activator(cluster) -> None:
