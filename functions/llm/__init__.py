@@ -16,7 +16,8 @@
     engine       the continuous-batching loop (its own thread)
     scheduler    which rows go into the next step (pure)
     runner       the packed forward pass and the KV cache
-    numerics     batch-invariant linear layers and attention
+    decoder      the lean forward for the Llama family (Llama, Mistral, Qwen2)
+    numerics     batch-invariant linear layers and attention (exact) or stock kernels (fast)
     sampling     per-request sampling and generator state
     sequence     one generation inside the engine
     text         incremental detokenization and stop strings
