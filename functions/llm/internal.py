@@ -103,6 +103,9 @@ async def resume(request: Request) -> Any:
         raise BadRequest("the body must be {\"state\": {...}}", param="state")
     engine = service.require_engine()
     state = parse_state(body["state"], service.vocab_size)
+    if state.model != service.cfg.model_name:
+        raise BadRequest(f"state.model = {state.model!r}, this instance serves {service.cfg.model_name!r}",
+                         param="state.model", code="model_mismatch")
     permit = service.limiter.acquire()
     try:
         queue = OutputQueue()

@@ -16,6 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from functions.llm.params import SamplingParams
+from functions.llm.sampling import encode_generator, new_generator
+from functions.llm.state import GenerationState
 from tests.functions.conftest import Server
 
 PROMPT = "Knative routes requests to revisions; the activator"
@@ -205,6 +208,17 @@ def test_internal_errors(server_pair):
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
     r = httpx.post(f"{base}/resume", json={"state": {"version": 9}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "state.version"
+    state = GenerationState(id="cmpl-handmade", kind="completion", model="tiny", created=1, tokens=(5, 6, 7),
+                            prompt_len=2, sampling=SamplingParams(max_tokens=4), generator=encode_generator(
+                                new_generator(1)), stream=False, include_usage=False, echo=False, text_offset=0,
+                            logprobs=None, finish_reason=None, numerics={}).to_json()
+    r = httpx.post(f"{b.internal_url}/internal/v1/resume", json={"state": {**state, "model": "other"}})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "model_mismatch"
+    r = httpx.post(f"{b.internal_url}/internal/v1/resume", json={"state": {**state, "finish_reason": "length"}})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "generation_finished"
+    r = httpx.post(f"{b.internal_url}/internal/v1/resume", json={"state": state}, timeout=30)
+    assert r.status_code == 200 and r.json()["usage"] == {"prompt_tokens": 2, "completion_tokens": 4,
+                                                          "total_tokens": 6}
     assert httpx.post(f"{base}/prefill", json={"id": "g2", "tokens": [3, 4, 5]}).status_code == 200
     assert httpx.delete(f"{base}/prefill/g2").status_code == 200
     assert httpx.delete(f"{base}/prefill/g2").status_code == 404
