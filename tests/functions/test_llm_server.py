@@ -220,3 +220,15 @@ def test_requests_do_not_wait_for_each_other(server, client):
         assert not long.done  # the long one is still generating
     finally:
         long.close()
+
+
+def test_unloadable_model_ends_the_process(tmp_path):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    bad = Server(empty, tmp_path / "bad.log")
+    try:
+        assert bad.proc.wait(120) == 3
+    finally:
+        bad.stop()
+    log = (tmp_path / "bad.log").read_text()
+    assert "model load failed" in log and "neither a sllm-knative checkpoint nor a Hugging Face" in log
