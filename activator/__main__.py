@@ -9,6 +9,7 @@ import sys
 import uvicorn
 
 from activator.app import Activator, ActivatorConfig, build_admin_app, build_public_app
+from activator.migration import MigrationConfig
 from sllm_knative import log
 
 
@@ -22,13 +23,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-body-bytes", type=int, default=10 << 20)
     p.add_argument("--max-held", type=int, default=1000, help="requests held per service at most")
     p.add_argument("--report-interval", type=float, default=1.0)
+    p.add_argument("--migration-gap", type=int, default=MigrationConfig.gap_threshold,
+                   help="detach a migrating generation once the destination lacks at most this many tokens")
+    p.add_argument("--migration-rounds", type=int, default=MigrationConfig.max_rounds,
+                   help="prefill rounds before detaching regardless of the gap")
     return p.parse_args(argv)
 
 
 async def serve(args: argparse.Namespace) -> None:
     act = Activator(ActivatorConfig(autoscaler_url=args.autoscaler_url, cold_start_timeout_s=args.cold_start_timeout,
                                     max_body_bytes=args.max_body_bytes, max_held_per_service=args.max_held,
-                                    report_interval_s=args.report_interval))
+                                    report_interval_s=args.report_interval,
+                                    migration=MigrationConfig(gap_threshold=args.migration_gap,
+                                                              max_rounds=args.migration_rounds)))
     public = uvicorn.Server(uvicorn.Config(build_public_app(act), host=args.host, port=args.port, log_level="warning",
                                            access_log=False, lifespan="on"))
     admin = uvicorn.Server(uvicorn.Config(build_admin_app(act), host="127.0.0.1", port=args.admin_port,

@@ -31,6 +31,14 @@ from starlette.routing import Route
 
 from activator import errors, metrics
 from activator.balancer import Instance
+from activator.migration import (
+    MigrationConfig,
+    StreamTable,
+    Tracked,
+    migrate_instance,
+    pick_destination,
+    splice,
+)
 from activator.registry import Registry, Service
 from activator.routing import OPENAI_PATHS, ServiceKey, model_from_body, service_from_host, service_from_model
 from sllm_knative.log import get_logger
@@ -51,6 +59,7 @@ class ActivatorConfig:
     max_held_per_service: int = 1000
     report_interval_s: float = 1.0
     default_namespace: str = "default"
+    migration: MigrationConfig = dataclasses.field(default_factory=MigrationConfig)
 
     def __post_init__(self) -> None:
         if self.cold_start_timeout_s <= 0:
@@ -67,6 +76,7 @@ class Activator:
     def __init__(self, config: ActivatorConfig) -> None:
         self.config = config
         self.registry = Registry()
+        self.streams = StreamTable()  # streaming responses by generation id (what a migration can move)
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None, write=30.0),
                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
         self._reporter: asyncio.Task[None] | None = None
@@ -200,12 +210,85 @@ class Activator:
                 continue
             metrics.PROXY_SECONDS.labels(str(svc.key)).observe(time.perf_counter() - t0)
             metrics.REQUESTS.labels(str(svc.key), str(resp.status_code)).inc()
-            stack.push_async_callback(slot.aclose)
-            stack.push_async_callback(resp.aclose)
             out_headers = {k: v for k, v in resp.headers.items() if k not in HOP_BY_HOP}
             out_headers["x-sllm-instance"] = inst.id
+            gen_id = resp.headers.get("x-request-id")
+            if gen_id and resp.status_code == 200 and inst.internal_url and \
+                    resp.headers.get("content-type", "").startswith("text/event-stream"):
+                tracked = Tracked(gen_id, svc.key, inst, svc.breaker)
+                tracked.upstream.push_async_callback(slot.aclose)
+                tracked.upstream.push_async_callback(resp.aclose)
+                self.streams.add(tracked)
+                stack.callback(self.streams.remove, tracked)
+                stack.push_async_callback(tracked.close)
+                return StreamingResponse(self._relay_tracked(first, chunks, stack, tracked),
+                                         status_code=resp.status_code, headers=out_headers)
+            stack.push_async_callback(slot.aclose)
+            stack.push_async_callback(resp.aclose)
             return StreamingResponse(_relay(first, chunks, stack), status_code=resp.status_code, headers=out_headers)
         raise errors.UpstreamFailed(f"{svc.key}: instances failed before responding ({', '.join(sorted(tried))})")
+
+    # -- migration -------------------------------------------------------------------------
+
+    async def _relay_tracked(self, first: bytes, rest: AsyncIterator[bytes], stack: contextlib.AsyncExitStack,
+                             tracked: Tracked) -> AsyncIterator[bytes]:
+        """`_relay` for a stream a migration may switch: chunks pass through (and are kept, unparsed)
+        until a migration starts, then `splice` takes over frame by frame."""
+        broken = False
+        held = b""  # a chunk received after the migration began: splice must see it (it may be the detach)
+        try:
+            if first:
+                tracked.keep(first)
+                yield first
+            try:
+                while not tracked.migrating:
+                    chunk = await anext(rest, None)
+                    if chunk is None:
+                        if not tracked.migrating:
+                            return
+                        break
+                    if tracked.migrating:
+                        held = chunk
+                        break
+                    tracked.keep(chunk)
+                    yield chunk
+            except httpx.HTTPError as exc:
+                if not tracked.migrating:
+                    _log.warning("upstream stream broke after the first byte", error=f"{type(exc).__name__}: {exc}")
+                    return
+                broken = True
+            async for out in splice(self.client, tracked, _prepend(held, rest), self._resume_candidates,
+                                    self.config.migration, broken=broken):
+                yield out
+        finally:
+            await stack.aclose()
+
+    def _resume_candidates(self, tracked: Tracked, tried: frozenset[str]) -> list[Instance]:
+        """Where a detached (or orphaned) generation may resume: its destination first, then any other."""
+        out = [tracked.destination] if tracked.destination and tracked.destination.id not in tried else []
+        with contextlib.suppress(KeyError):
+            for inst in self.registry.get(tracked.key).instances:
+                if inst.id not in tried and inst.internal_url and inst not in out and inst.id != tracked.instance.id:
+                    out.append(inst)
+        return out
+
+    async def migrate(self, key: ServiceKey, source: str, destination: str | None) -> list[dict[str, Any]]:
+        """Move every stream running on `source` (in parallel) to `destination` (None: the least loaded)."""
+        svc = self.registry.get(key)
+        streams = self.streams.on_instance(key, source)
+
+        def choose(tried: frozenset[str]) -> Instance | None:
+            if destination is not None:
+                named = [i for i in svc.instances if i.id == destination and i.id not in tried]
+                return named[0] if named and named[0].internal_url else None
+            return pick_destination(svc.instances, source, tried)
+
+        if streams and choose(frozenset()) is None:
+            raise errors.NoDestination(f"{key}: no ready instance to migrate {source}'s generations to")
+        results = await migrate_instance(self.client, streams, choose, self.config.migration)
+        _log.info("migrated", service=str(key), instance=source, generations=len(results),
+                  outcomes=",".join(r.outcome for r in results))
+        return [r.to_json() for r in results]
 
 
 async def _relay(first: bytes, rest: AsyncIterator[bytes], stack: contextlib.AsyncExitStack) -> AsyncIterator[bytes]:
@@ -219,6 +302,13 @@ async def _relay(first: bytes, rest: AsyncIterator[bytes], stack: contextlib.Asy
         _log.warning("upstream stream broke after the first byte", error=f"{type(exc).__name__}: {exc}")
     finally:
         await stack.aclose()
+
+
+async def _prepend(chunk: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if chunk:
+        yield chunk
+    async for more in rest:
+        yield more
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -284,6 +374,28 @@ def build_admin_app(act: Activator) -> Starlette:
     async def get_stats(request: Request) -> Response:
         return JSONResponse(act.stats())
 
+    async def migrate(request: Request) -> Response:
+        try:
+            doc = await request.json()
+            if not isinstance(doc, dict):
+                raise ValueError("the body must be a JSON object")
+            for field in ("namespace", "name", "source"):
+                if not isinstance(doc.get(field), str) or not doc[field]:
+                    raise ValueError(f"'{field}' must be a non-empty string")
+            dest = doc.get("destination")
+            if dest is not None and not isinstance(dest, str):
+                raise ValueError("'destination' must be a string or null")
+            key = ServiceKey(doc["namespace"], doc["name"])
+            if key not in act.registry.known:
+                return JSONResponse({"error": f"no service {key}"}, status_code=404)
+        except ValueError as exc:
+            return JSONResponse({"error": f"bad migrate request: {exc}"}, status_code=400)
+        try:
+            results = await act.migrate(key, doc["source"], dest)
+        except errors.ActivatorError as exc:
+            return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return JSONResponse({"service": str(key), "source": doc["source"], "generations": results})
+
     async def get_metrics(request: Request) -> Response:
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
@@ -291,5 +403,6 @@ def build_admin_app(act: Activator) -> Starlette:
         Route("/internal/services/{namespace}/{name}", put_service, methods=["PUT"]),
         Route("/internal/services/{namespace}/{name}", delete_service, methods=["DELETE"]),
         Route("/internal/stats", get_stats, methods=["GET"]),
+        Route("/internal/migrate", migrate, methods=["POST"]),
         Route("/metrics", get_metrics, methods=["GET"]),
     ])

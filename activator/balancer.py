@@ -21,6 +21,7 @@ class Instance:
     node: str = ""
     capacity: int = 0  # 0 = unlimited
     outstanding: int = 0
+    internal_url: str = ""  # the instance's internal (migration) API, if it has one
 
     def has_room(self) -> bool:
         return self.capacity == 0 or self.outstanding < self.capacity

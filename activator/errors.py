@@ -6,7 +6,8 @@
      ├── TooLarge            body over the size limit           413
      ├── Overloaded          the hold queue is full             503 + Retry-After
      ├── ColdStartTimeout    no instance became ready in time   503 + Retry-After
-     └── UpstreamFailed      instance failed before first byte, twice  502
+     ├── UpstreamFailed      instance failed before first byte, twice  502
+     └── NoDestination       a migration has nowhere to go      409
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ class ColdStartTimeout(ActivatorError):
 
 class UpstreamFailed(ActivatorError):
     status, type, code = 502, "server_error", "upstream_failed"
+
+
+class NoDestination(ActivatorError):
+    status, type, code = 409, "invalid_request_error", "no_destination"
 
 
 def error_body(exc: ActivatorError) -> bytes:

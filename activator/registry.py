@@ -58,6 +58,7 @@ class Registry:
         for e in endpoints:
             inst = old.get(e["id"]) or Instance(e["id"], e["url"].rstrip("/"), e.get("node", ""))
             inst.url = e["url"].rstrip("/")
+            inst.internal_url = str(e.get("internal_url") or "").rstrip("/")
             inst.capacity = int(e.get("capacity", svc.container_concurrency))
             fresh.append(inst)
         svc.instances = fresh

@@ -1,0 +1,505 @@
+"""Live migration of in-flight generations: the handoff coordinator and the stream splice.
+
+The activator holds the client connections, so it coordinates (docs/migration.md):
+
+    round 1   GET  source/internal/v1/generations/{id}     export: tokens so far, sampling state
+              POST dest/internal/v1/prefill {start: 0}     while the source keeps streaming
+    round k   export again; POST dest prefill {start: cached, tokens: only the new ones}
+    detach    once the gap (tokens the destination lacks) <= gap_threshold, or after max_rounds:
+              POST source/.../{id}/detach {"position": null} -> the final state at an exact position;
+              the source's stream ends with `event: sllm.detached` (no [DONE])
+    resume    POST dest/internal/v1/resume {state}: the relay splices its frames after the source's
+
+Pure decisions (`next_action`, `split_frames`, `frame_text`, `trim_frame`, `pick_destination`)
+are plain functions; `Tracked` is one client stream the relay may switch; `splice` is the relay
+once a stream is migrating (frame by frame); `migrate_generation` / `migrate_instance` do the I/O.
+
+Hot path: a stream that is never migrated costs a dict entry, an attribute test and a list
+append per chunk (the raw chunks are kept, not parsed, so the characters delivered can be
+counted if the stream is ever migrated; kept bytes are folded into a count above FOLD_BYTES).
+
+Abort rules: the source finishes first -> nothing to do (the parked prefill is dropped); the
+destination fails before the detach -> the generation stays on the source; the gap does not
+shrink -> detach anyway after max_rounds; the source dies mid-migration -> the relay resumes
+the last exported state on the destination and skips the characters the client already has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import httpx
+
+from activator.balancer import Breaker, Instance
+from activator.routing import ServiceKey
+from sllm_knative.log import get_logger
+
+_log = get_logger("activator.migration")
+
+FOLD_BYTES = 256 << 10  # raw chunks kept per stream before they are folded into a character count
+API = "/internal/v1"
+
+
+# -- configuration --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class MigrationConfig:
+    gap_threshold: int = 16  # detach once the destination lacks at most this many tokens
+    max_rounds: int = 4  # prefill rounds before detaching regardless of the gap
+    request_timeout_s: float = 60.0  # one internal call (a prefill of a long context included)
+    handoff_timeout_s: float = 60.0  # from the detach until the destination's stream is spliced in
+
+    def __post_init__(self) -> None:
+        if self.gap_threshold < 0:
+            raise ValueError(f"gap_threshold = {self.gap_threshold}, must be >= 0")
+        if self.max_rounds < 1:
+            raise ValueError(f"max_rounds = {self.max_rounds}, must be >= 1")
+        for name in ("request_timeout_s", "handoff_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} = {getattr(self, name)}, must be > 0")
+
+
+# -- pure decisions -------------------------------------------------------------------------
+
+class Action(enum.Enum):
+    PREFILL = "prefill"  # send the new tokens to the destination, then look again
+    DETACH = "detach"  # stop the source now and resume on the destination
+
+
+def next_action(rounds: int, gap: int, cfg: MigrationConfig) -> Action:
+    """After `rounds` prefill rounds, the destination lacks `gap` tokens: another round or detach?"""
+    if gap <= cfg.gap_threshold or rounds >= cfg.max_rounds:
+        return Action.DETACH
+    return Action.PREFILL
+
+
+def pick_destination(instances: Sequence[Instance], source_id: str,
+                     exclude: frozenset[str] = frozenset()) -> Instance | None:
+    """The ready instance (not the source) with the fewest outstanding requests and an internal API."""
+    best: Instance | None = None
+    for inst in instances:
+        if inst.id == source_id or inst.id in exclude or not inst.internal_url:
+            continue
+        if best is None or inst.outstanding < best.outstanding:
+            best = inst
+    return best
+
+
+def split_frames(buf: bytes) -> tuple[list[bytes], bytes]:
+    """Complete SSE frames (each with its blank-line terminator) and the incomplete rest."""
+    frames = []
+    start = 0
+    while True:
+        end = buf.find(b"\n\n", start)
+        if end < 0:
+            return frames, buf[start:]
+        frames.append(buf[start:end + 2])
+        start = end + 2
+
+
+class Frame(enum.Enum):
+    DATA = "data"
+    DONE = "done"
+    DETACHED = "detached"
+    OTHER = "other"
+
+
+def classify(frame: bytes) -> tuple[Frame, Any]:
+    """What an SSE frame of the function's stream is, with its parsed data (None if not JSON)."""
+    event, data = None, []
+    for line in frame.split(b"\n"):
+        if line.startswith(b"event:"):
+            event = line[6:].strip()
+        elif line.startswith(b"data:"):
+            data.append(line[5:].lstrip(b" "))
+    payload = b"\n".join(data)
+    if event == b"sllm.detached":
+        return Frame.DETACHED, _json(payload)
+    if payload == b"[DONE]":
+        return Frame.DONE, None
+    if not data:
+        return Frame.OTHER, None
+    return Frame.DATA, _json(payload)
+
+
+def _json(payload: bytes) -> Any:
+    try:
+        return json.loads(payload)
+    except ValueError:
+        return None
+
+
+def chunk_text(chunk: Any) -> str:
+    """The generated text an OpenAI stream chunk carries (completion `text` or chat `delta.content`)."""
+    if not isinstance(chunk, dict):
+        return ""
+    choices = chunk.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return ""
+    choice = choices[0]
+    if isinstance(choice.get("text"), str):
+        return str(choice["text"])
+    delta = choice.get("delta")
+    if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+        return str(delta["content"])
+    return ""
+
+
+def frame_text(frame: bytes) -> int:
+    """Characters of generated text in one frame."""
+    kind, data = classify(frame)
+    return len(chunk_text(data)) if kind is Frame.DATA else 0
+
+
+def trim_frame(frame: bytes, skip: int) -> tuple[bytes | None, int]:
+    """Drop the first `skip` characters of a frame's text: (frame to send or None, characters dropped).
+
+    Frames without text (finish, usage, [DONE]) pass unchanged; a frame whose whole text was
+    already delivered is dropped; a frame that overlaps is re-encoded with the rest of its text.
+    """
+    kind, data = classify(frame)
+    text = chunk_text(data) if kind is Frame.DATA else ""
+    if skip <= 0 or not text:
+        return frame, 0
+    if len(text) <= skip:
+        return None, len(text)
+    choice = data["choices"][0]
+    if isinstance(choice.get("text"), str):
+        choice["text"] = text[skip:]
+    else:
+        choice["delta"]["content"] = text[skip:]
+    body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+    return b"data: " + body + b"\n\n", skip
+
+
+# -- one client stream ----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Handoff:
+    """What the coordinator gives the relay when the source has detached (state None: use last_state)."""
+
+    state: dict[str, Any] | None
+
+
+class Tracked:
+    """One streaming response the relay is passing through, which a migration may switch."""
+
+    def __init__(self, gen_id: str, key: ServiceKey, instance: Instance, breaker: Breaker) -> None:
+        self.id = gen_id
+        self.key = key
+        self.instance = instance  # where the generation runs now
+        self.breaker = breaker
+        self.upstream = contextlib.AsyncExitStack()  # the current upstream's response and breaker slot
+        self.migrating = False  # the relay parses frames from here on
+        self.destination: Instance | None = None
+        self.last_state: dict[str, Any] | None = None  # the newest export of the source
+        self.handoff: asyncio.Future[Handoff] = asyncio.get_running_loop().create_future()
+        self.switched: asyncio.Future[str] = asyncio.get_running_loop().create_future()  # outcome for the coordinator
+        self.log: list[bytes] = []  # raw chunks passed through (until migration)
+        self.log_bytes = 0
+        self.delivered = 0  # characters of generated text in complete frames sent, not counting `log`
+        self.partial = b""  # the start of a frame already sent (folded from the log)
+        self.ended = False
+
+    def keep(self, chunk: bytes) -> None:
+        """Hot path: remember a passed-through chunk (folded into a count once large)."""
+        self.log.append(chunk)
+        self.log_bytes += len(chunk)
+        if self.log_bytes > FOLD_BYTES:
+            self.fold()
+
+    def fold(self) -> None:
+        frames, self.partial = split_frames(self.partial + b"".join(self.log))
+        self.delivered += sum(frame_text(f) for f in frames)
+        self.log, self.log_bytes = [], 0
+
+    def begin(self, destination: Instance) -> None:
+        """A migration to `destination` starts: fresh handoff and outcome, frames parsed from now on."""
+        loop = asyncio.get_running_loop()
+        self.handoff, self.switched = loop.create_future(), loop.create_future()
+        self.destination = destination
+        self.migrating = True
+
+    def settle(self, outcome: str) -> None:
+        if not self.switched.done():
+            self.switched.set_result(outcome)
+
+    async def close(self) -> None:
+        self.ended = True
+        self.settle("ended")
+        await self.upstream.aclose()
+
+
+class StreamTable:
+    """The streams the activator relays, by generation id."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, Tracked] = {}
+
+    def add(self, tracked: Tracked) -> None:
+        self._by_id[tracked.id] = tracked
+
+    def remove(self, tracked: Tracked) -> None:
+        if self._by_id.get(tracked.id) is tracked:
+            del self._by_id[tracked.id]
+
+    def on_instance(self, key: ServiceKey, instance_id: str) -> list[Tracked]:
+        return [t for t in self._by_id.values() if t.key == key and t.instance.id == instance_id and not t.ended]
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+
+# -- the relay once a stream is migrating ---------------------------------------------------
+
+Candidates = Callable[[Tracked, frozenset[str]], Sequence[Instance]]
+
+
+async def _open_resume(client: httpx.AsyncClient, tracked: Tracked, state: dict[str, Any],
+                       candidates: Candidates) -> AsyncIterator[bytes] | None:
+    """Resume `state` on the first candidate that accepts it; the new upstream replaces the old."""
+    tried: set[str] = set()
+    while True:
+        options = candidates(tracked, frozenset(tried))
+        if not options:
+            return None
+        inst = options[0]
+        tried.add(inst.id)
+        stack = contextlib.AsyncExitStack()
+        resp = None
+        try:
+            await stack.enter_async_context(tracked.breaker.slot(inst))
+            req = client.build_request("POST", f"{inst.internal_url}{API}/resume", json={"state": state})
+            resp = await client.send(req, stream=True)
+            stack.push_async_callback(resp.aclose)
+            if resp.status_code != 200:
+                body = (await resp.aread())[:300].decode(errors="replace")
+                raise httpx.HTTPStatusError(f"resume answered {resp.status_code}: {body}", request=req, response=resp)
+        except httpx.HTTPError as exc:
+            await stack.aclose()
+            _log.warning("resume failed; trying another instance", id=tracked.id, instance=inst.id,
+                         error=f"{type(exc).__name__}: {exc}")
+            continue
+        old = tracked.upstream
+        tracked.upstream = stack
+        await old.aclose()
+        tracked.instance = inst
+        return resp.aiter_raw()
+
+
+async def splice(client: httpx.AsyncClient, tracked: Tracked, rest: AsyncIterator[bytes], candidates: Candidates,
+                 cfg: MigrationConfig, broken: bool = False) -> AsyncIterator[bytes]:
+    """The relay for a migrating stream: whole frames only, the source's detach spliced to a resume.
+
+    `rest` is the source's remaining body; `broken` says it already failed.
+    """
+    tracked.fold()
+    buf = tracked.partial  # already sent: the start of the frame being received
+    sent_prefix = len(buf)
+    skip = 0  # characters of a resumed stream the client already has
+    source: AsyncIterator[bytes] | None = rest
+    while True:
+        detached = False
+        if source is not None and not broken:
+            try:
+                async for chunk in source:
+                    frames, buf = split_frames(buf + chunk)
+                    for f in frames:
+                        kind, _ = classify(f)
+                        if kind is Frame.DETACHED:
+                            detached = True
+                            break
+                        out, dropped = trim_frame(f, skip)
+                        skip -= dropped
+                        if out is None:
+                            continue
+                        tracked.delivered += frame_text(out)
+                        if sent_prefix:
+                            out, sent_prefix = out[sent_prefix:], 0
+                        yield out
+                    if detached:
+                        break
+                if not detached:
+                    tracked.settle("finished_on_source")
+                    return
+            except httpx.HTTPError as exc:
+                _log.warning("upstream broke during a migration", id=tracked.id, instance=tracked.instance.id,
+                             error=f"{type(exc).__name__}: {exc}")
+                broken = True
+        state: dict[str, Any] | None = None
+        if detached:
+            try:
+                handoff = await asyncio.wait_for(asyncio.shield(tracked.handoff), cfg.handoff_timeout_s)
+                state = handoff.state
+            except asyncio.TimeoutError:
+                state = None
+        if state is None:  # the source died (or its detach answer was lost): the last export
+            state = tracked.last_state
+            outcome = "recovered"
+        else:
+            outcome = "migrated"
+        if state is None:
+            _log.error("migration lost the stream: no state to resume from", id=tracked.id)
+            tracked.settle("failed")
+            return
+        resume_state = dict(state)
+        offset = int(state.get("text_offset", 0))
+        resume_state["text_offset"] = min(offset, tracked.delivered)
+        skip = max(0, tracked.delivered - offset)
+        buf, sent_prefix, broken = b"", 0, False
+        source = await _open_resume(client, tracked, resume_state, candidates)
+        if source is None:
+            _log.error("no instance accepted the resumed generation", id=tracked.id)
+            tracked.settle("failed")
+            return
+        _log.info("stream spliced", id=tracked.id, instance=tracked.instance.id, position=state.get("position"),
+                  outcome=outcome, skip=skip)
+        tracked.destination = tracked.instance
+        tracked.settle(outcome)
+
+
+# -- the coordinator ------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class MigrationResult:
+    id: str
+    outcome: str  # migrated | recovered | finished_on_source | stayed_on_source | failed
+    tokens: int  # position at the detach (prompt + generated)
+    rounds: int
+    seconds: float
+    destination: str | None
+    gaps: tuple[int, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["gaps"] = list(self.gaps)
+        return d
+
+
+class _Finished(Exception):
+    """The generation is no longer on the source (it ended there)."""
+
+
+class _SourceFailed(Exception):
+    def __init__(self, message: str, gone: bool) -> None:
+        super().__init__(message)
+        self.gone = gone  # unreachable (died) rather than refusing
+
+
+class _DestinationFailed(Exception):
+    pass
+
+
+async def _source_call(client: httpx.AsyncClient, method: str, url: str, cfg: MigrationConfig,
+                       body: Any = None) -> dict[str, Any]:
+    try:
+        r = await client.request(method, url, json=body, timeout=cfg.request_timeout_s)
+    except httpx.HTTPError as exc:
+        raise _SourceFailed(f"{type(exc).__name__}: {exc}", gone=True) from exc
+    if r.status_code == 404:
+        raise _Finished()
+    if r.status_code != 200:
+        raise _SourceFailed(f"{method} {url} answered {r.status_code}: {r.text[:300]}", gone=False)
+    state: dict[str, Any] = r.json()
+    if state.get("finish_reason") is not None:
+        raise _Finished()
+    return state
+
+
+async def _prefill(client: httpx.AsyncClient, dest: Instance, gen_id: str, start: int, tokens: list[int],
+                   cfg: MigrationConfig) -> None:
+    try:
+        r = await client.post(f"{dest.internal_url}{API}/prefill", json={"id": gen_id, "start": start,
+                                                                          "tokens": tokens},
+                              timeout=cfg.request_timeout_s)
+    except httpx.HTTPError as exc:
+        raise _DestinationFailed(f"{type(exc).__name__}: {exc}") from exc
+    if r.status_code != 200:
+        raise _DestinationFailed(f"prefill answered {r.status_code}: {r.text[:300]}")
+
+
+async def _drop_prefill(client: httpx.AsyncClient, dest: Instance, gen_id: str) -> None:
+    with contextlib.suppress(httpx.HTTPError):
+        await client.delete(f"{dest.internal_url}{API}/prefill/{gen_id}", timeout=5.0)
+
+
+async def migrate_generation(client: httpx.AsyncClient, tracked: Tracked, dest: Instance,
+                             cfg: MigrationConfig) -> MigrationResult:
+    """Move one streaming generation from its instance to `dest` (rounds, detach, splice)."""
+    t0 = time.perf_counter()
+    src = tracked.instance
+    gen_url = f"{src.internal_url}{API}/generations/{tracked.id}"
+    rounds, cached, tokens, gaps = 0, 0, 0, []
+
+    def result(outcome: str) -> MigrationResult:
+        return MigrationResult(tracked.id, outcome, tokens, rounds, time.perf_counter() - t0,
+                               dest.id if outcome in ("migrated", "recovered") else None, tuple(gaps))
+
+    tracked.begin(dest)
+    try:
+        while True:
+            state = await _source_call(client, "GET", gen_url, cfg)
+            tracked.last_state = state
+            tokens = int(state["position"])
+            gap = tokens - cached
+            if rounds:
+                gaps.append(gap)
+            if rounds and next_action(rounds, gap, cfg) is Action.DETACH:
+                break
+            await _prefill(client, dest, tracked.id, cached, list(state["tokens"][cached:tokens]), cfg)
+            cached, rounds = tokens, rounds + 1
+        final = await _source_call(client, "POST", f"{gen_url}/detach", cfg, {"position": None})
+        tracked.last_state = final
+        tokens = int(final["position"])
+        tracked.handoff.set_result(Handoff(final))
+    except _Finished:
+        tracked.destination = None
+        await _drop_prefill(client, dest, tracked.id)
+        return result("finished_on_source")
+    except _DestinationFailed as exc:
+        _log.warning("destination failed before the detach: the generation stays on the source", id=tracked.id,
+                     instance=dest.id, error=str(exc))
+        tracked.destination = None
+        await _drop_prefill(client, dest, tracked.id)
+        return result("stayed_on_source")
+    except _SourceFailed as exc:
+        _log.warning("source failed during the migration", id=tracked.id, instance=src.id, error=str(exc),
+                     gone=exc.gone)
+        if not exc.gone and not tracked.handoff.done():  # it refused: the generation stays there
+            tracked.destination = None
+            await _drop_prefill(client, dest, tracked.id)
+            return result("stayed_on_source")
+        if not tracked.handoff.done():
+            tracked.handoff.set_result(Handoff(None))
+    try:
+        outcome = await asyncio.wait_for(asyncio.shield(tracked.switched), cfg.handoff_timeout_s * 2)
+    except asyncio.TimeoutError:
+        outcome = "failed"
+    return result(outcome)
+
+
+async def migrate_instance(client: httpx.AsyncClient, streams: Sequence[Tracked],
+                           destinations: Callable[[frozenset[str]], Instance | None],
+                           cfg: MigrationConfig) -> list[MigrationResult]:
+    """Migrate all given streams in parallel; a generation whose destination fails tries the next one."""
+
+    async def one(tracked: Tracked) -> MigrationResult:
+        tried: set[str] = set()
+        last: MigrationResult | None = None
+        while True:
+            dest = destinations(frozenset(tried))
+            if dest is None:
+                return last or MigrationResult(tracked.id, "stayed_on_source", 0, 0, 0.0, None)
+            tried.add(dest.id)
+            last = await migrate_generation(client, tracked, dest, cfg)
+            if last.outcome != "stayed_on_source":
+                return last
+
+    return list(await asyncio.gather(*(one(t) for t in streams)))

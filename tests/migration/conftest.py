@@ -1,0 +1,156 @@
+"""Real processes for migration tests: function instances (the tiny model, exact numerics) and
+the activator in front of them, driven through its admin API the way the autoscaler drives it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = "tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+class Function:
+    """One `python -m functions.llm` instance on free loopback ports."""
+
+    def __init__(self, name: str, model_dir: Path, logs: Path) -> None:
+        self.id = name
+        self.port, self.internal_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.internal_url = f"http://127.0.0.1:{self.internal_port}"
+        self.log_path = logs / f"{name}.log"
+        args = [sys.executable, "-m", "functions.llm", "--model", str(model_dir), "--served-model-name", MODEL,
+                "--host", "127.0.0.1", "--internal-host", "127.0.0.1", "--port", str(self.port),
+                "--internal-port", str(self.internal_port), "--max-model-len", "512", "--max-concurrency", "8",
+                "--parked-slots", "8", "--step-tokens", "64", "--numerics", "exact"]
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(args, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", "SLLM_INSTANCE": name})
+
+    def endpoint(self) -> dict[str, str]:
+        return {"id": self.id, "url": self.url, "internal_url": self.internal_url}
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.alive():
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+
+class Activator:
+    def __init__(self, logs: Path, *extra: str, name: str = "activator") -> None:
+        self.port, self.admin_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin = f"http://127.0.0.1:{self.admin_port}"
+        self.log_path = logs / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen([sys.executable, "-m", "activator", "--port", str(self.port), "--admin-port",
+                                      str(self.admin_port), *extra], cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def set_instances(self, *functions: Function) -> None:
+        r = httpx.put(f"{self.admin}/internal/services/default/{MODEL}",
+                      json={"container_concurrency": 0, "instances": [f.endpoint() for f in functions]}, timeout=5)
+        r.raise_for_status()
+
+    def migrate(self, source: Function, destination: Function | None = None, timeout: float = 60) -> dict:
+        body = {"namespace": "default", "name": MODEL, "source": source.id,
+                "destination": destination.id if destination else None}
+        r = httpx.post(f"{self.admin}/internal/migrate", json=body, timeout=timeout)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from sllm_knative.models import build_model
+
+    return build_model(tmp_path_factory.mktemp("migration-tiny") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def logs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("migration-logs")
+
+
+@pytest.fixture(scope="session")
+def activator(logs) -> Iterator[Activator]:
+    act = Activator(logs)
+    try:
+        wait_for(f"{act.admin}/internal/stats", act.proc, act.log_path, timeout=30)
+        yield act
+    finally:
+        act.stop()
+
+
+@pytest.fixture(scope="session")
+def endless_activator(logs) -> Iterator[Activator]:
+    """An activator whose migrations never detach on their own (gap 0, unbounded rounds): the window
+    in which a test kills the source between rounds."""
+    act = Activator(logs, "--migration-gap", "0", "--migration-rounds", "100000", name="endless-activator")
+    try:
+        wait_for(f"{act.admin}/internal/stats", act.proc, act.log_path, timeout=30)
+        yield act
+    finally:
+        act.stop()
+
+
+@pytest.fixture(scope="session")
+def functions(tiny_model, logs) -> Iterator[list[Function]]:
+    """Two long-lived instances (A, B); tests that kill one start their own."""
+    fns = [Function(name, tiny_model, logs) for name in ("a", "b")]
+    try:
+        for f in fns:
+            wait_for(f"{f.url}/health/ready", f.proc, f.log_path)
+        yield fns
+    finally:
+        for f in fns:
+            f.stop()

@@ -1,0 +1,270 @@
+"""Live migration through the activator, end to end: real function processes (exact numerics),
+the activator as a process, the admin migrate call the autoscaler makes. Every migrated stream
+is compared token by token (and logprob by logprob) with the same request run without migration."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.migration.conftest import MODEL, Activator, Function, wait_for
+
+PROMPT = "The activator holds the client connection while the instance"
+
+
+class Collected:
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+        self.logprobs: list[float] = []
+        self.text = ""
+        self.done = 0
+        self.events: list[str] = []
+        self.errors: list[dict] = []
+        self.finish: str | None = None
+        self.usage: dict | None = None
+        self.chunks = 0
+        self.started = threading.Event()
+
+
+def body(seed: int | None, max_tokens: int = 160) -> dict:
+    b = {"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "stream": True, "logprobs": 1,
+         "ignore_eos": True, "stream_options": {"include_usage": True}}
+    if seed is None:
+        b["temperature"] = 0
+    else:
+        b.update(temperature=1.0, top_p=0.95, seed=seed)
+    return b
+
+
+def stream(url: str, b: dict, out: Collected, start_after: int = 8) -> Collected:
+    """POST a streaming completion and collect it; `out.started` is set after `start_after` tokens."""
+    with httpx.stream("POST", f"{url}/v1/completions", json=b, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        event = None
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data: "):
+                data = line[6:]
+                if event is not None:
+                    out.events.append(event)
+                    event = None
+                elif data == "[DONE]":
+                    out.done += 1
+                else:
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        out.errors.append(chunk)
+                        continue
+                    if chunk.get("usage"):
+                        out.usage = chunk["usage"]
+                    for choice in chunk["choices"]:
+                        out.chunks += 1
+                        out.text += choice["text"]
+                        if choice.get("logprobs"):
+                            out.tokens += choice["logprobs"]["tokens"]
+                            out.logprobs += choice["logprobs"]["token_logprobs"]
+                        out.finish = choice["finish_reason"] or out.finish
+                    if len(out.tokens) >= start_after:
+                        out.started.set()
+    out.started.set()
+    return out
+
+
+def reference(fn: Function, b: dict) -> Collected:
+    return stream(fn.url, b, Collected())
+
+
+def assert_same(got: Collected, want: Collected) -> None:
+    assert got.errors == [] and got.events == [], (got.errors, got.events)
+    assert got.done == 1
+    assert len(got.tokens) == len(want.tokens)
+    for i, (g, w) in enumerate(zip(got.tokens, want.tokens, strict=True)):
+        assert g == w, f"token {i}: {g!r} != {w!r}"
+    assert got.logprobs == want.logprobs
+    assert got.text == want.text
+    assert got.finish == want.finish and got.usage == want.usage
+
+
+def migrating(act: Activator, bodies: list[dict], during: Callable[[], dict],
+              start_after: int = 8) -> tuple[list[Collected], dict]:
+    """Start the streams through the activator, run `during` once all have `start_after` tokens."""
+    outs = [Collected() for _ in bodies]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        futures = [pool.submit(stream, act.url, b, o, start_after) for b, o in zip(bodies, outs, strict=True)]
+        for o in outs:
+            assert o.started.wait(60)
+        result = during()
+        for f in futures:
+            f.result(timeout=120)
+    return outs, result
+
+
+@pytest.mark.parametrize("seed", [pytest.param(None, id="greedy"), pytest.param(1234, id="seeded")])
+def test_scale_down_migration_is_exact(activator, functions, seed):
+    a, b = functions
+    want = reference(b, body(seed))
+    activator.set_instances(a)
+
+    def scale_down() -> dict:
+        activator.set_instances(b)  # a is the victim: no new requests reach it
+        return activator.migrate(a)
+
+    (got,), result = migrating(activator, [body(seed)], scale_down)
+    assert_same(got, want)
+    [gen] = result["generations"]
+    assert gen["outcome"] == "migrated", result
+    assert gen["destination"] == "b" and gen["rounds"] >= 1 and gen["tokens"] > 8
+    assert gen["gaps"] == [] or gen["gaps"][-1] <= 16 or gen["rounds"] == 4
+
+
+def test_concurrent_streams_all_migrate_exactly(activator, functions):
+    a, b = functions
+    bodies = [body(None)] + [body(seed) for seed in (1, 2, 3)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        wants = list(pool.map(lambda x: reference(a, x), bodies))
+    activator.set_instances(b)
+
+    def scale_down() -> dict:
+        activator.set_instances(a)
+        return activator.migrate(b)
+
+    gots, result = migrating(activator, bodies, scale_down)
+    for got, want in zip(gots, wants, strict=True):
+        assert_same(got, want)
+    assert sorted(g["outcome"] for g in result["generations"]) == ["migrated"] * 4, result
+
+
+def test_official_openai_client_sees_one_stream(activator, functions):
+    openai = pytest.importorskip("openai")
+    a, b = functions
+    want = reference(a, body(7))
+    activator.set_instances(a)
+    client = openai.OpenAI(base_url=f"{activator.url}/v1", api_key="unused", max_retries=0)
+    texts: list[str] = []
+    finishes: list[str | None] = []
+    migrated: dict = {}
+
+    def migrate_later() -> None:
+        while len(texts) < 8:
+            time.sleep(0.01)
+        activator.set_instances(b)
+        migrated.update(activator.migrate(a))
+
+    t = threading.Thread(target=migrate_later)
+    t.start()
+    for chunk in client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=160, stream=True, seed=7,
+                                           temperature=1.0, top_p=0.95, extra_body={"ignore_eos": True}):
+        if chunk.choices:
+            texts.append(chunk.choices[0].text)
+            finishes.append(chunk.choices[0].finish_reason)
+    t.join(60)
+    assert migrated["generations"][0]["outcome"] == "migrated", migrated
+    assert "".join(texts) == want.text
+    assert finishes[-1] == "length" and finishes.count("length") == 1
+
+
+def test_source_finishing_first_is_left_alone(activator, functions):
+    a, b = functions
+    activator.set_instances(a)
+    want = reference(b, body(None, max_tokens=12))
+
+    def too_late() -> dict:
+        time.sleep(0.5)  # the 12-token generation is over by now
+        activator.set_instances(b)
+        return activator.migrate(a)
+
+    (got,), result = migrating(activator, [body(None, max_tokens=12)], too_late, start_after=1)
+    assert_same(got, want)
+    assert all(g["outcome"] == "finished_on_source" for g in result["generations"]), result
+
+
+def test_no_destination_is_a_clear_409(activator, functions):
+    a, _ = functions
+    activator.set_instances(a)
+    out = Collected()
+    t = threading.Thread(target=stream, args=(activator.url, body(None, 200), out, 4))
+    t.start()
+    assert out.started.wait(60)
+    r = httpx.post(f"{activator.admin}/internal/migrate",
+                   json={"namespace": "default", "name": MODEL, "source": "a"}, timeout=10)
+    t.join(60)
+    assert r.status_code == 409 and "no ready instance" in r.json()["error"]
+    assert out.done == 1 and out.errors == [] and out.finish == "length"
+
+
+@pytest.mark.parametrize("doc, status", [
+    pytest.param({"name": MODEL, "source": "a"}, 400, id="no-namespace"),
+    pytest.param({"namespace": "default", "name": MODEL, "source": 3}, 400, id="source-not-string"),
+    pytest.param({"namespace": "default", "name": "nope", "source": "a"}, 404, id="unknown-service"),
+    pytest.param([1], 400, id="not-an-object"),
+])
+def test_migrate_rejects_bad_requests(activator, functions, doc, status):
+    activator.set_instances(functions[0])
+    r = httpx.post(f"{activator.admin}/internal/migrate", json=doc, timeout=10)
+    assert r.status_code == status, r.text
+    assert "error" in r.json()
+
+
+@pytest.fixture
+def spare(tiny_model, logs):
+    made: list[Function] = []
+
+    def start(name: str) -> Function:
+        f = Function(name, tiny_model, logs)
+        made.append(f)
+        wait_for(f"{f.url}/health/ready", f.proc, f.log_path)
+        return f
+
+    yield start
+    for f in made:
+        f.stop()
+
+
+def test_destination_killed_mid_migration_stays_on_source(activator, functions, spare):
+    a, _ = functions
+    doomed = spare("doomed")
+    want = reference(a, body(99))
+    activator.set_instances(a)
+
+    def kill_then_migrate() -> dict:
+        activator.set_instances(a, doomed)
+        doomed.kill()  # the destination dies: the prefill fails, the generation stays on a
+        return activator.migrate(a, doomed)
+
+    (got,), result = migrating(activator, [body(99)], kill_then_migrate)
+    assert_same(got, want)
+    assert result["generations"][0]["outcome"] == "stayed_on_source", result
+
+
+def test_source_killed_between_rounds_resumes_from_delivered(endless_activator, functions, spare):
+    act = endless_activator
+    _, b = functions
+    src = spare("src")
+    want = reference(b, body(5, max_tokens=200))
+    act.set_instances(src)
+    out = Collected()
+    t = threading.Thread(target=stream, args=(act.url, body(5, max_tokens=200), out, 10))
+    t.start()
+    assert out.started.wait(60)
+    act.set_instances(b)
+    prefills = b.log_path.read_text().count("prefill for a migration")
+    migration: dict = {}
+    m = threading.Thread(target=lambda: migration.update(act.migrate(src, b)))
+    m.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and b.log_path.read_text().count("prefill for a migration") == prefills:
+        time.sleep(0.005)
+    time.sleep(0.05)  # a few rounds in
+    src.kill()
+    m.join(60)
+    t.join(120)
+    assert_same(out, want)
+    [gen] = migration["generations"]
+    assert gen["outcome"] == "recovered" and gen["destination"] == "b", migration
