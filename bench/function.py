@@ -319,11 +319,12 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     theirs = [rows["single_decode"]["generate_tokens_per_s"], rows["concurrent8"]["sequential_generate_tokens_per_s"]]
     xs = range(len(labels))
     ax.bar([x - 0.2 for x in xs], ours, 0.4, label="functions.llm (HTTP)")
-    ax.bar([x + 0.2 for x in xs], theirs, 0.4, label="transformers generate()")
+    ax.bar([x + 0.2 for x in xs], theirs, 0.4,
+           label=f"transformers generate() ({doc['meta']['generate_threads']} thread(s))")
     ax.set_xticks(list(xs), labels)
     ax.set_ylabel("tokens/s")
     ax.set_title("decode throughput")
-    ax.legend()
+    ax.legend(loc="upper left", fontsize=8)
     ax = axes[1]
     s = rows["startup"]
     bottom = 0.0
