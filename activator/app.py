@@ -272,6 +272,19 @@ class Activator:
                     out.append(inst)
         return out
 
+    async def drain(self, instance_id: str) -> list[dict[str, Any]]:
+        """Take an instance out of rotation in every service and migrate its streams (where possible)."""
+        results: list[dict[str, Any]] = []
+        for svc in self.registry.services():
+            if any(i.id == instance_id for i in svc.instances):
+                await self.registry.drop_instance(svc.key, instance_id)
+            if self.streams.on_instance(svc.key, instance_id):
+                try:
+                    results += await self.migrate(svc.key, instance_id, None)
+                except errors.NoDestination as exc:
+                    _log.warning("drain: nowhere to migrate", instance=instance_id, error=exc.message)
+        return results
+
     async def migrate(self, key: ServiceKey, source: str, destination: str | None) -> list[dict[str, Any]]:
         """Move every stream running on `source` (in parallel) to `destination` (None: the least loaded)."""
         svc = self.registry.get(key)
@@ -396,6 +409,17 @@ def build_admin_app(act: Activator) -> Starlette:
             return JSONResponse({"error": exc.message}, status_code=exc.status)
         return JSONResponse({"service": str(key), "source": doc["source"], "generations": results})
 
+    async def drain(request: Request) -> Response:
+        """An instance is going away (SIGTERM): out of rotation, its generations migrated elsewhere."""
+        try:
+            doc = await request.json()
+            if not isinstance(doc, dict) or not isinstance(doc.get("instance"), str) or not doc["instance"]:
+                raise ValueError("the body must be {\"instance\": \"<id>\"}")
+        except ValueError as exc:
+            return JSONResponse({"error": f"bad drain request: {exc}"}, status_code=400)
+        results = await act.drain(doc["instance"])
+        return JSONResponse({"instance": doc["instance"], "generations": results})
+
     async def get_metrics(request: Request) -> Response:
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
@@ -404,5 +428,6 @@ def build_admin_app(act: Activator) -> Starlette:
         Route("/internal/services/{namespace}/{name}", delete_service, methods=["DELETE"]),
         Route("/internal/stats", get_stats, methods=["GET"]),
         Route("/internal/migrate", migrate, methods=["POST"]),
+        Route("/internal/drain", drain, methods=["POST"]),
         Route("/metrics", get_metrics, methods=["GET"]),
     ])

@@ -152,10 +152,25 @@ def chunk_text(chunk: Any) -> str:
     return ""
 
 
+def chunk_tokens(chunk: Any) -> int:
+    """Generated tokens whose logprob entries a chunk carries (0 without logprobs)."""
+    try:
+        lp = chunk["choices"][0]["logprobs"]
+        return len(lp["tokens"] if "tokens" in lp else lp["content"])
+    except (KeyError, IndexError, TypeError):
+        return 0
+
+
 def frame_text(frame: bytes) -> int:
     """Characters of generated text in one frame."""
     kind, data = classify(frame)
     return len(chunk_text(data)) if kind is Frame.DATA else 0
+
+
+def frame_counts(frame: bytes) -> tuple[int, int]:
+    """(characters of generated text, tokens with logprob entries) in one frame."""
+    kind, data = classify(frame)
+    return (len(chunk_text(data)), chunk_tokens(data)) if kind is Frame.DATA else (0, 0)
 
 
 def trim_frame(frame: bytes, skip: int) -> tuple[bytes | None, int]:
@@ -205,6 +220,7 @@ class Tracked:
         self.log: list[bytes] = []  # raw chunks passed through (until migration)
         self.log_bytes = 0
         self.delivered = 0  # characters of generated text in complete frames sent, not counting `log`
+        self.delivered_tokens = 0  # logprob entries in those frames (streams that asked for logprobs)
         self.partial = b""  # the start of a frame already sent (folded from the log)
         self.ended = False
 
@@ -217,8 +233,14 @@ class Tracked:
 
     def fold(self) -> None:
         frames, self.partial = split_frames(self.partial + b"".join(self.log))
-        self.delivered += sum(frame_text(f) for f in frames)
+        for f in frames:
+            self.count(f)
         self.log, self.log_bytes = [], 0
+
+    def count(self, frame: bytes) -> None:
+        chars, tokens = frame_counts(frame)
+        self.delivered += chars
+        self.delivered_tokens += tokens
 
     def begin(self, destination: Instance) -> None:
         """A migration to `destination` starts: fresh handoff and outcome, frames parsed from now on."""
@@ -304,6 +326,7 @@ async def splice(client: httpx.AsyncClient, tracked: Tracked, rest: AsyncIterato
     buf = tracked.partial  # already sent: the start of the frame being received
     sent_prefix = len(buf)
     skip = 0  # characters of a resumed stream the client already has
+    skip_frames_tokens = 0  # with logprobs: tokens (whole frames) of a resumed stream the client already has
     source: AsyncIterator[bytes] | None = rest
     while True:
         detached = False
@@ -316,11 +339,14 @@ async def splice(client: httpx.AsyncClient, tracked: Tracked, rest: AsyncIterato
                         if kind is Frame.DETACHED:
                             detached = True
                             break
+                        if skip_frames_tokens > 0 and kind is Frame.DATA:
+                            skip_frames_tokens -= frame_counts(f)[1]
+                            continue
                         out, dropped = trim_frame(f, skip)
                         skip -= dropped
                         if out is None:
                             continue
-                        tracked.delivered += frame_text(out)
+                        tracked.count(out)
                         if sent_prefix:
                             out, sent_prefix = out[sent_prefix:], 0
                         yield out
@@ -353,6 +379,11 @@ async def splice(client: httpx.AsyncClient, tracked: Tracked, rest: AsyncIterato
         offset = int(state.get("text_offset", 0))
         resume_state["text_offset"] = min(offset, tracked.delivered)
         skip = max(0, tracked.delivered - offset)
+        if (state.get("sampling") or {}).get("logprobs") is not None:
+            # Every token's frame carries its logprob entry, and a resumed generation emits the same
+            # frames: skip whole frames by token count (text-less frames of held-back tokens included).
+            generated = int(state["position"]) - int(state["prompt_len"])
+            skip_frames_tokens, skip = max(0, tracked.delivered_tokens - generated), 0
         buf, sent_prefix, broken = b"", 0, False
         source = await _open_resume(client, tracked, resume_state, candidates)
         if source is None:

@@ -100,6 +100,7 @@ class LocalBackend:
         self.device = device
         self.http = httpx.AsyncClient(timeout=5.0)
         self.model_sizes: dict[str, int] = {}
+        self.drain_url: str | None = None  # the activator's admin URL: instances drain there on SIGTERM
 
     async def inventory(self, node: str) -> Any:
         from loader_sidecar.client import LoaderClient
@@ -147,6 +148,8 @@ class LocalBackend:
         log.parent.mkdir(parents=True, exist_ok=True)
         env = {e.name: e.value for e in svc.container.env if e.value is not None}
         env.update(SLLM_INSTANCE=instance_id, SLLM_NODE=node)
+        if self.drain_url:
+            env["SLLM_DRAIN_URL"] = self.drain_url
         lease = {"loader": n.loader, "model": svc.model.uri if svc.model else "", "device": self.device,
                  "instance": instance_id}
         rec.timing_path = str(log.with_suffix(".timing.json"))

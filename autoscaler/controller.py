@@ -28,16 +28,20 @@ from sllm_knative.placement import (
     Calibration,
     Instance,
     LoadObservation,
+    MigrationObservation,
     ModelRequest,
     Placement,
     Tier,
     choose_victims,
     observe_load,
+    observe_migration,
     observe_start,
     place,
 )
 
 _log = get_logger("autoscaler")
+DRAIN_WAIT_S = 600.0  # what cannot migrate is waited for this long before the instance is stopped
+MIGRATE_TIMEOUT_S = 300.0
 DEFAULT_MODEL_BYTES = 1 << 30  # until a node has seen the checkpoint
 MIN_CALIBRATION_BYTES = 64 << 20
 
@@ -55,6 +59,7 @@ class ServiceRuntime:
     outstanding: dict[str, int] = dataclasses.field(default_factory=dict)
     last_decision: str = ""
     placements: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    migrations: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the latest migration results
 
     def ready(self) -> list[InstanceRecord]:
         return [i for i in self.instances.values() if i.state == "ready"]
@@ -67,6 +72,7 @@ class Autoscaler:
     def __init__(self, backend: LocalBackend, activator_admin: str | None) -> None:
         self.backend = backend
         self.activator_admin = activator_admin
+        backend.drain_url = activator_admin
         self.services: dict[str, ServiceRuntime] = {}
         self.policies: list[ScalingPolicy] = []
         self.calibration = Calibration()
@@ -240,12 +246,42 @@ class Autoscaler:
             self._spawn(self._drain_and_stop(rt, rec))
 
     async def _drain_and_stop(self, rt: ServiceRuntime, rec: InstanceRecord) -> None:
-        # Until migration lands, scale-down waits for the instance's in-flight requests.
-        deadline = time.monotonic() + 600
+        """Migrate the victim's streaming generations to another ready instance, then stop it.
+
+        What cannot move (non-streaming requests, or no other ready instance) is waited for,
+        as before, up to DRAIN_WAIT_S."""
+        await self.migrate_off(rt, rec)
+        deadline = time.monotonic() + DRAIN_WAIT_S
         while rt.outstanding.get(rec.id, 0) > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         await self.backend.stop(rec)
         rt.instances.pop(rec.id, None)
+
+    async def migrate_off(self, rt: ServiceRuntime, rec: InstanceRecord) -> list[dict[str, Any]]:
+        """Ask the activator to move rec's generations; fold each move into the cost model."""
+        if not self.activator_admin or not rt.ready():
+            return []
+        body = {"namespace": rt.config.namespace, "name": rt.config.name, "source": rec.id}
+        try:
+            r = await self.http.post(f"{self.activator_admin}/internal/migrate", json=body, timeout=MIGRATE_TIMEOUT_S)
+        except httpx.HTTPError as exc:
+            _log.warning("migration request failed; draining instead", model=rt.config.key, instance=rec.id,
+                         error=str(exc))
+            return []
+        if r.status_code != 200:
+            _log.info("no migration; draining instead", model=rt.config.key, instance=rec.id, status=r.status_code,
+                      reason=r.text[:200])
+            return []
+        results: list[dict[str, Any]] = r.json().get("generations", [])
+        for g in results:
+            if g.get("outcome") == "migrated":
+                self.calibration = observe_migration(self.calibration,
+                                                     MigrationObservation(int(g["tokens"]), float(g["seconds"])))
+        rt.migrations.extend(results)
+        del rt.migrations[:-20]
+        _log.info("migrated off", model=rt.config.key, instance=rec.id, generations=len(results),
+                  outcomes=",".join(str(g.get("outcome")) for g in results))
+        return results
 
     def _running_per_node(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -260,7 +296,8 @@ class Autoscaler:
             return
         ns, name = rt.config.namespace, rt.config.name
         body = {"container_concurrency": rt.config.container_concurrency,
-                "instances": [{"id": i.id, "url": i.url, "node": i.node} for i in rt.ready()]}
+                "instances": [{"id": i.id, "url": i.url, "node": i.node, "internal_url": i.internal_url}
+                              for i in rt.ready()]}
         try:
             r = await self.http.put(f"{self.activator_admin}/internal/services/{ns}/{name}", json=body)
             r.raise_for_status()
@@ -292,6 +329,7 @@ class Autoscaler:
                 "policy": f"{rt.policy.namespace}/{rt.policy.name}" if rt.policy else None,
                 "instances": [dataclasses.asdict(i) for i in rt.instances.values()],
                 "placements": rt.placements[-10:],
+                "migrations": rt.migrations[-10:],
             } for key, rt in self.services.items()],
         }
 

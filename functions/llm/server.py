@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from functions.llm import app as public_app
+from functions.llm import drain
 from functions.llm import internal as internal_app
 from functions.llm.service import Service
 
@@ -57,9 +58,16 @@ async def serve(service: Service) -> None:
         for server, _ in servers:
             server.should_exit = True
 
+    draining: list[asyncio.Task[None]] = []
+
+    def on_sigterm() -> None:  # preemption: migrate generations away first (functions/llm/drain.py)
+        if not draining:
+            draining.append(loop.create_task(drain.drain(service.log)))
+            draining[0].add_done_callback(lambda _: stop())
+
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    loop.add_signal_handler(signal.SIGINT, stop)
     try:
         await asyncio.gather(*(server.serve(sockets=[sock]) for server, sock in servers))
     finally:

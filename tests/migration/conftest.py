@@ -41,7 +41,7 @@ def wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90.0)
 class Function:
     """One `python -m functions.llm` instance on free loopback ports."""
 
-    def __init__(self, name: str, model_dir: Path, logs: Path) -> None:
+    def __init__(self, name: str, model_dir: Path, logs: Path, env: dict[str, str] | None = None) -> None:
         self.id = name
         self.port, self.internal_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -53,7 +53,8 @@ class Function:
                 "--parked-slots", "8", "--step-tokens", "64", "--numerics", "exact"]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(args, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", "SLLM_INSTANCE": name})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", "SLLM_INSTANCE": name,
+                                          **(env or {})})
 
     def endpoint(self) -> dict[str, str]:
         return {"id": self.id, "url": self.url, "internal_url": self.internal_url}

@@ -216,8 +216,8 @@ def test_migrate_rejects_bad_requests(activator, functions, doc, status):
 def spare(tiny_model, logs):
     made: list[Function] = []
 
-    def start(name: str) -> Function:
-        f = Function(name, tiny_model, logs)
+    def start(name: str, env: dict[str, str] | None = None) -> Function:
+        f = Function(name, tiny_model, logs, env)
         made.append(f)
         wait_for(f"{f.url}/health/ready", f.proc, f.log_path)
         return f
@@ -268,3 +268,22 @@ def test_source_killed_between_rounds_resumes_from_delivered(endless_activator, 
     assert_same(out, want)
     [gen] = migration["generations"]
     assert gen["outcome"] == "recovered" and gen["destination"] == "b", migration
+
+
+@pytest.mark.parametrize("seed", [pytest.param(None, id="greedy"), pytest.param(21, id="seeded")])
+def test_sigterm_migrates_before_exit(activator, functions, spare, seed):
+    _, b = functions
+    victim = spare(f"preempted-{seed}", {"SLLM_DRAIN_URL": activator.admin, "SLLM_DRAIN_GRACE_S": "30"})
+    want = reference(b, body(seed, max_tokens=400))
+    activator.set_instances(victim)
+
+    def preempt() -> dict:
+        activator.set_instances(victim, b)
+        victim.proc.terminate()  # SIGTERM: the instance asks the activator to drain it, then exits
+        assert victim.proc.wait(40) == 0
+        return {}
+
+    (got,), _ = migrating(activator, [body(seed, max_tokens=400)], preempt)
+    assert_same(got, want)
+    log = victim.log_path.read_text()
+    assert "drained before exit" in log and "outcomes=migrated" in log, log[-2000:]

@@ -1,0 +1,114 @@
+"""The pure parts of the handoff: when to detach, where to go, SSE frames and trimming."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from activator.balancer import Instance
+from activator.migration import (
+    Action,
+    Frame,
+    MigrationConfig,
+    classify,
+    next_action,
+    pick_destination,
+    split_frames,
+    trim_frame,
+)
+from functions.llm.drain import drain_target
+
+CFG = MigrationConfig(gap_threshold=16, max_rounds=4)
+
+
+@pytest.mark.parametrize("rounds, gap, want", [
+    pytest.param(1, 200, Action.PREFILL, id="large-gap-prefills-again"),
+    pytest.param(1, 16, Action.DETACH, id="gap-at-threshold-detaches"),
+    pytest.param(2, 3, Action.DETACH, id="small-gap-detaches"),
+    pytest.param(3, 40, Action.PREFILL, id="under-the-bound"),
+    pytest.param(4, 40, Action.DETACH, id="gap-not-shrinking-detaches-at-the-bound"),
+])
+def test_next_action(rounds, gap, want):
+    assert next_action(rounds, gap, CFG) is want
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    pytest.param({"gap_threshold": -1}, "gap_threshold = -1", id="negative-gap"),
+    pytest.param({"max_rounds": 0}, "max_rounds = 0", id="no-rounds"),
+    pytest.param({"request_timeout_s": 0}, "request_timeout_s = 0", id="zero-timeout"),
+])
+def test_config_rejects(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MigrationConfig(**kwargs)
+
+
+def inst(name: str, outstanding: int, internal: bool = True) -> Instance:
+    return Instance(name, f"http://{name}", outstanding=outstanding, internal_url=f"http://{name}:1" if internal else "")
+
+
+@pytest.mark.parametrize("instances, exclude, want", [
+    pytest.param([inst("src", 0), inst("b", 3), inst("c", 1)], frozenset(), "c", id="least-loaded-not-source"),
+    pytest.param([inst("src", 0), inst("b", 3), inst("c", 1)], frozenset({"c"}), "b", id="excluded-skipped"),
+    pytest.param([inst("src", 0), inst("b", 0, internal=False)], frozenset(), None, id="no-internal-api"),
+    pytest.param([inst("src", 0)], frozenset(), None, id="only-the-source"),
+])
+def test_pick_destination(instances, exclude, want):
+    got = pick_destination(instances, "src", exclude)
+    assert (got.id if got else None) == want
+
+
+@pytest.mark.parametrize("buf, frames, rest", [
+    pytest.param(b"data: 1\n\ndata: 2\n\n", [b"data: 1\n\n", b"data: 2\n\n"], b"", id="whole"),
+    pytest.param(b"data: 1\n\ndata: 2", [b"data: 1\n\n"], b"data: 2", id="partial-tail"),
+    pytest.param(b"", [], b"", id="empty"),
+])
+def test_split_frames(buf, frames, rest):
+    assert split_frames(buf) == (frames, rest)
+
+
+def data(text: str, finish: str | None = None) -> bytes:
+    chunk = {"id": "cmpl-1", "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+@pytest.mark.parametrize("frame, kind", [
+    pytest.param(b"event: sllm.detached\ndata: {\"id\": \"x\", \"position\": 9}\n\n", Frame.DETACHED, id="detached"),
+    pytest.param(b"data: [DONE]\n\n", Frame.DONE, id="done"),
+    pytest.param(data("hi"), Frame.DATA, id="data"),
+    pytest.param(b": keep-alive\n\n", Frame.OTHER, id="comment"),
+])
+def test_classify(frame, kind):
+    assert classify(frame)[0] is kind
+
+
+@pytest.mark.parametrize("frame, skip, text, dropped", [
+    pytest.param(data("abc"), 0, "abc", 0, id="nothing-to-skip"),
+    pytest.param(data("abc"), 3, None, 3, id="already-delivered"),
+    pytest.param(data("abc"), 5, None, 3, id="part-of-a-larger-skip"),
+    pytest.param(data("abcdef"), 2, "cdef", 2, id="overlap-trimmed"),
+    pytest.param(data("", "length"), 4, "", 0, id="finish-frame-passes"),
+])
+def test_trim_frame(frame, skip, text, dropped):
+    out, n = trim_frame(frame, skip)
+    assert n == dropped
+    if text is None:
+        assert out is None
+    else:
+        assert json.loads(out[6:])["choices"][0]["text"] == text
+
+
+@pytest.mark.parametrize("env, want", [
+    pytest.param({}, None, id="unset"),
+    pytest.param({"SLLM_DRAIN_URL": "http://a/", "SLLM_INSTANCE": "i"}, ("http://a", "i", 20.0), id="default-grace"),
+    pytest.param({"SLLM_DRAIN_URL": "http://a", "SLLM_INSTANCE": "i", "SLLM_DRAIN_GRACE_S": "5"},
+                 ("http://a", "i", 5.0), id="grace"),
+    pytest.param({"SLLM_DRAIN_URL": "http://a"}, None, id="no-instance"),
+])
+def test_drain_target(env, want):
+    assert drain_target(env) == want
+
+
+def test_drain_target_rejects_bad_grace():
+    with pytest.raises(ValueError, match="SLLM_DRAIN_GRACE_S"):
+        drain_target({"SLLM_DRAIN_URL": "http://a", "SLLM_INSTANCE": "i", "SLLM_DRAIN_GRACE_S": "soon"})
