@@ -1,0 +1,478 @@
+"""Latency the activator adds on a warm instance, side by side with nginx proxy_pass, same run.
+
+    .venv/bin/python -m bench.proxy --out DIR [--requests 2000] [--request models|completion]
+
+writes DIR/proxy.json and DIR/proxy.png. One function instance (`python -m functions.llm` on
+a tiny random Llama) is started and kept warm; three paths reach it:
+
+  direct     the instance's own port
+  activator  `python -m activator` (no autoscaler), the instance registered through its admin
+             port (`PUT /internal/services/default/llm`), routed by the Host header
+  nginx      nginx from the distribution, generated config: one worker, `proxy_pass` to an
+             upstream with `keepalive 16`, HTTP/1.1 upstream, `proxy_buffering off`
+
+The request (`--request`): `models` = `GET /v1/models` (default: the cheapest thing the
+instance answers, so the proxy's own cost is not buried in inference time), or `completion` =
+non-streaming `POST /v1/completions` with max_tokens 1. The client is a minimal HTTP/1.1
+keep-alive client on raw sockets (one connection per path), so its own cost is small and the
+same for all paths.
+
+Latency: `--requests` rounds, each sending one request on every path, in an order that rotates
+round by round (drift on a shared machine hits the paths alike), after a warm-up. added =
+percentile(path) - percentile(direct), for p50 and p99. Throughput: `--concurrency` client
+threads, each with its own keep-alive connection, for `--seconds` per path, the paths
+interleaved over 3 cycles; requests/s is the median cycle. Both the client and the servers run
+on this machine, so requests/s are bounded by the cores they share.
+
+nginx is stopped with SIGQUIT to its master (graceful), and the bench checks that no process of
+its process group is left (else SIGKILL to the group, and the JSON says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench._common import machine, write_json
+
+REPO = Path(__file__).resolve().parents[1]
+NAMESPACE = "default"
+SERVICE = "llm"
+HOST = f"{SERVICE}.{NAMESPACE}.example.com"
+PATHS = ("direct", "activator", "nginx")
+TARGET_RATIO = 5.0  # activator p50 added <= 5 x nginx's
+WARMUP = 200
+
+_NGINX_CONF = """\
+daemon off;
+master_process on;
+worker_processes 1;
+pid {work}/nginx.pid;
+error_log {work}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {work}/body; proxy_temp_path {work}/proxy; fastcgi_temp_path {work}/fastcgi;
+  uwsgi_temp_path {work}/uwsgi; scgi_temp_path {work}/scgi;
+  keepalive_requests 1000000;
+  upstream function {{
+    server 127.0.0.1:{upstream};
+    keepalive 16;
+    keepalive_requests 1000000;
+  }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://function;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+      proxy_buffering off;
+    }}
+  }}
+}}
+"""
+
+
+# -- a minimal HTTP/1.1 keep-alive client ------------------------------------------------------------
+
+
+def build_request(kind: str) -> bytes:
+    if kind == "models":
+        return f"GET /v1/models HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
+    if kind == "completion":
+        body = json.dumps({"model": SERVICE, "prompt": "Hello", "max_tokens": 1, "temperature": 0}).encode()
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n")
+        return head.encode() + body
+    raise ValueError(f"request kind {kind!r}: expected 'models' or 'completion'")
+
+
+class Conn:
+    """One keep-alive connection; `roundtrip()` sends the request and reads the whole response."""
+
+    def __init__(self, port: int, request: bytes) -> None:
+        self.port = port
+        self.request = request
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = bytearray()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError(f"127.0.0.1:{self.port} closed the connection")
+        self.buf += data
+
+    def _until(self, sep: bytes) -> bytes:
+        while (i := self.buf.find(sep)) < 0:
+            self._fill()
+        out = bytes(self.buf[:i])
+        del self.buf[:i + len(sep)]
+        return out
+
+    def _exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self._fill()
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def roundtrip(self) -> tuple[int, bytes]:
+        self.sock.sendall(self.request)
+        head = self._until(b"\r\n\r\n").decode("latin-1").split("\r\n")
+        status = int(head[0].split(" ", 2)[1])
+        fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:])}
+        if "content-length" in fields:
+            return status, self._exact(int(fields["content-length"]))
+        if fields.get("transfer-encoding", "").lower() == "chunked":
+            parts = []
+            while size := int(self._until(b"\r\n").split(b";")[0], 16):
+                parts.append(self._exact(size))
+                self._exact(2)
+            self._until(b"\r\n")  # end of the (empty) trailer section
+            return status, b"".join(parts)
+        raise ValueError(f"response on port {self.port} has neither a length nor chunked encoding: {head}")
+
+    def timed(self) -> float:
+        t0 = time.perf_counter()
+        status, _ = self.roundtrip()
+        dt = time.perf_counter() - t0
+        if status != 200:
+            raise RuntimeError(f"HTTP {status} from 127.0.0.1:{self.port}")
+        return dt
+
+
+# -- the pure part ---------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]) of a non-empty list."""
+    if not values:
+        raise ValueError("percentile of no values")
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))
+    return s[k]
+
+
+def rotations(paths: tuple[str, ...], rounds: int) -> list[tuple[str, ...]]:
+    """The order of the paths in each round: rotated by one every round."""
+    n = len(paths)
+    return [tuple(paths[(r + i) % n] for i in range(n)) for r in range(rounds)]
+
+
+def summarize(lat: dict[str, list[float]], rps: dict[str, list[float]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows (added latency vs direct, ms; requests/s) and the per-path raw percentiles."""
+    pct = {p: {"p50_ms": percentile(v, 50) * 1e3, "p99_ms": percentile(v, 99) * 1e3, "mean_ms":
+               statistics.fmean(v) * 1e3, "n": len(v)} for p, v in lat.items()}
+    rows = []
+    for p in ("activator", "nginx"):
+        paired = [a - d for a, d in zip(lat[p], lat["direct"], strict=True)]
+        rows.append({"proxy": p, "p50_added_ms": round(pct[p]["p50_ms"] - pct["direct"]["p50_ms"], 4),
+                     "p99_added_ms": round(pct[p]["p99_ms"] - pct["direct"]["p99_ms"], 4),
+                     "rps": round(statistics.median(rps[p]), 1)})
+        pct[p]["paired_median_added_ms"] = statistics.median(paired) * 1e3
+    pct["direct"]["rps"] = round(statistics.median(rps["direct"]), 1)
+    return rows, pct
+
+
+def target(rows: list[dict[str, Any]], paths: dict[str, Any]) -> dict[str, Any]:
+    """The issue's check (p50 added, activator / nginx) plus two estimators that a bimodal latency
+    (idle-core wake-ups on a VM) moves less: the median of round-paired differences, and means."""
+    by = {r["proxy"]: r for r in rows}
+
+    def ratio(a: float, n: float) -> float:
+        return round(a / n, 2) if n > 0 else float("inf")
+
+    value = ratio(by["activator"]["p50_added_ms"], by["nginx"]["p50_added_ms"])
+    paired = ratio(paths["activator"]["paired_median_added_ms"], paths["nginx"]["paired_median_added_ms"])
+    mean = ratio(paths["activator"]["mean_ms"] - paths["direct"]["mean_ms"],
+                 paths["nginx"]["mean_ms"] - paths["direct"]["mean_ms"])
+    return {"name": "activator_p50_added_over_nginx", "value": value, "target": f"<= {TARGET_RATIO}",
+            "met": value <= TARGET_RATIO, "paired_median_ratio": paired, "mean_added_ratio": mean,
+            "long_term_goal": 1.5}
+
+
+# -- processes -------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not ready within {timeout:.0f}s ({url})")
+
+
+def _group_members(pgid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                    out.append(int(d.name))
+    return out
+
+
+class NginxProxy:
+    """nginx (master + one worker) in its own process group, proxying to one upstream port."""
+
+    def __init__(self, upstream: int, logs: Path) -> None:
+        from loader_sidecar.testing import nginx_path
+
+        binary = nginx_path()
+        if binary is None:
+            raise FileNotFoundError("nginx is not installed (apt-get install nginx-light)")
+        self.port = _free_port()
+        self.work = Path(tempfile.mkdtemp(prefix="bench-proxy-nginx-"))
+        self.conf = self.work / "nginx.conf"
+        self.conf.write_text(_NGINX_CONF.format(work=self.work, port=self.port, upstream=upstream))
+        self.logs = logs
+        self.argv = [binary, "-p", str(self.work), "-c", str(self.conf), "-e", str(self.work / "error.log")]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.stopped_clean: bool | None = None
+
+    def start(self) -> NginxProxy:
+        from sllm_knative.local import procs
+
+        self.proc = procs.spawn(self.argv, self.logs / "nginx.log")  # own process group, dies with us
+        _wait_http(f"http://127.0.0.1:{self.port}/health/live", self.proc, "nginx", timeout=30)
+        return self
+
+    def stop(self) -> None:
+        """SIGQUIT to the master (graceful: workers finish, then exit); verify the group is empty."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pgid, signal.SIGQUIT)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + 5
+        while _group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = _group_members(pgid)
+        self.stopped_clean = self.proc.poll() is not None and not left
+        if left or self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+        with contextlib.suppress(OSError):
+            (self.logs / "nginx-error.log").write_bytes((self.work / "error.log").read_bytes())
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.proc = None
+
+
+# -- measurements ------------------------------------------------------------------------------------
+
+
+def latencies(ports: dict[str, int], request: bytes, rounds: int) -> dict[str, list[float]]:
+    conns = {p: Conn(port, request) for p, port in ports.items()}
+    try:
+        for _ in range(WARMUP):
+            for c in conns.values():
+                c.timed()
+        out: dict[str, list[float]] = {p: [] for p in ports}
+        for order in rotations(tuple(ports), rounds):
+            for p in order:
+                out[p].append(conns[p].timed())
+        return out
+    finally:
+        for c in conns.values():
+            c.close()
+
+
+def throughput(port: int, request: bytes, concurrency: int, seconds: float) -> float:
+    counts = [0] * concurrency
+    errors: list[BaseException] = []
+    start = threading.Barrier(concurrency + 1)
+    stop = time.perf_counter() + seconds + 3600  # replaced once every thread is connected
+
+    def worker(i: int) -> None:
+        try:
+            conn = Conn(port, request)
+        except OSError as exc:
+            errors.append(exc)
+            start.abort()
+            return
+        try:
+            start.wait()
+            while time.perf_counter() < stop:
+                status, _ = conn.roundtrip()
+                if status != 200:
+                    raise RuntimeError(f"HTTP {status}")
+                counts[i] += 1
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    stop = t0 + seconds
+    for t in threads:
+        t.join(seconds + 60)
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"throughput on port {port}: {errors[0]!r}")
+    return sum(counts) / elapsed
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from sllm_knative import format as fmt
+    from sllm_knative.convert import convert
+    from sllm_knative.local import procs
+    from sllm_knative.models import TINY, build_model
+
+    out = Path(args.out)
+    logs = out / "proxy-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work or REPO / ".bench" / "proxy")
+    ckpt = work / "tiny"
+    if not fmt.is_checkpoint(ckpt):
+        convert(build_model(work / "tiny-hf", TINY), ckpt, overwrite=True)
+    request = build_request(args.request)
+    fn_port, fn_internal, act_port, act_admin = (_free_port() for _ in range(4))
+    started: list[subprocess.Popen[bytes]] = []
+    nginx: NginxProxy | None = None
+    try:
+        fn = procs.spawn([sys.executable, "-m", "functions.llm", "--model", str(ckpt), "--served-model-name", SERVICE,
+                          "--host", "127.0.0.1", "--port", str(fn_port), "--internal-host", "127.0.0.1",
+                          "--internal-port", str(fn_internal)], logs / "function.log")
+        started.append(fn)
+        act = procs.spawn([sys.executable, "-m", "activator", "--port", str(act_port), "--admin-port", str(act_admin)],
+                          logs / "activator.log")
+        started.append(act)
+        _wait_http(f"http://127.0.0.1:{fn_port}/health/ready", fn, "the function instance")
+        _wait_http(f"http://127.0.0.1:{act_admin}/metrics", act, "the activator")
+        httpx.put(f"http://127.0.0.1:{act_admin}/internal/services/{NAMESPACE}/{SERVICE}", json={
+            "container_concurrency": 0,
+            "instances": [{"id": "llm-1", "url": f"http://127.0.0.1:{fn_port}", "node": "local"}]},
+            timeout=10).raise_for_status()
+        nginx = NginxProxy(fn_port, logs).start()
+        ports = {"direct": fn_port, "activator": act_port, "nginx": nginx.port}
+        for p, port in ports.items():  # every path answers the same thing
+            status, body = Conn(port, request).roundtrip()
+            if status != 200:
+                raise RuntimeError(f"{p}: HTTP {status}: {body[:200]!r}")
+        lat = latencies(ports, request, args.requests)
+        rps: dict[str, list[float]] = {p: [] for p in ports}
+        for _ in range(3):
+            for p, port in ports.items():
+                rps[p].append(throughput(port, request, args.concurrency, args.seconds))
+    finally:
+        if nginx is not None:
+            nginx.stop()
+        for proc in reversed(started):
+            procs.stop(proc.pid, grace_s=5.0)
+    rows, pct = summarize(lat, rps)
+    return {
+        "rows": rows,
+        "target": target(rows, pct),
+        "meta": {
+            "request": {"models": "GET /v1/models", "completion": "POST /v1/completions (max_tokens 1, non-streaming)"}
+            [args.request], "rounds": args.requests, "warmup_rounds": WARMUP, "concurrency": args.concurrency,
+            "seconds_per_cycle": args.seconds, "cycles": 3, "paths": pct, "rps_cycles": rps,
+            "nginx": {"version": subprocess.run([nginx.argv[0] if nginx else "nginx", "-v"], capture_output=True,
+                                                text=True).stderr.strip(),
+                      "config": "master + 1 worker, upstream keepalive 16, proxy_http_version 1.1, "
+                                "proxy_buffering off, access_log off",
+                      "stopped_clean": nginx.stopped_clean if nginx else None},
+            "activator": "python -m activator (uvicorn, one process), no autoscaler, access log off",
+            "client": "raw-socket HTTP/1.1 keep-alive client in this process (one connection per path)",
+            "machine": machine(),
+            "command": " ".join([".venv/bin/python", "-m", "bench.proxy", *sys.argv[1:]]),
+        },
+    }
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {r["proxy"]: r for r in doc["rows"]}
+    names = ["activator", "nginx"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    ax = axes[0]
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [rows[n]["p50_added_ms"] for n in names], 0.4, label="p50")
+    ax.bar([x + 0.2 for x in xs], [rows[n]["p99_added_ms"] for n in names], 0.4, label="p99")
+    ax.set_xticks(list(xs), names)
+    ax.set_ylabel("added latency vs direct (ms)")
+    t = doc["target"]
+    ax.set_title(f"added latency ({doc['meta']['request']}); p50 ratio {t['value']} (target {t['target']})",
+                 fontsize=9)
+    ax.legend()
+    ax = axes[1]
+    vals = [doc["meta"]["paths"]["direct"]["rps"], rows["activator"]["rps"], rows["nginx"]["rps"]]
+    ax.bar(["direct", "activator", "nginx"], vals)
+    ax.set_ylabel("requests/s")
+    ax.set_title(f"throughput, {doc['meta']['concurrency']} connections", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".part.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--requests", type=int, default=2000, help="latency rounds (one request per path each)")
+    p.add_argument("--request", choices=["models", "completion"], default="models")
+    p.add_argument("--concurrency", type=int, default=8, help="connections for the throughput runs")
+    p.add_argument("--seconds", type=float, default=2.0, help="seconds per path per throughput cycle")
+    p.add_argument("--work", default=None, help="where the tiny model is built and kept (default: .bench/proxy)")
+    args = p.parse_args(argv)
+    if args.requests < 100 or args.concurrency < 1 or args.seconds <= 0:
+        p.error("need --requests >= 100, --concurrency >= 1 and --seconds > 0")
+    doc = run(args)
+    out = Path(args.out)
+    path = write_json(out, "proxy", doc)
+    plot(doc, out / "proxy.png")
+    for row in doc["rows"]:
+        print(json.dumps(row))
+    print(json.dumps(doc["target"]))
+    print(f"wrote {path} and {out / 'proxy.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
