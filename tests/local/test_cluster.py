@@ -143,10 +143,22 @@ def test_unknown_model_and_host_are_404(cluster) -> None:
 def test_load_scales_to_two_then_back_and_to_zero_then_cold_start_lands_on_dram(cluster) -> None:
     state, doc = cluster
     # containerConcurrency 1, target 70%: six streams at once ask for more than max-scale 2.
-    with ThreadPoolExecutor(6) as pool:
-        results = list(pool.map(lambda i: invoke(doc["activator"], "tiny", "default", f"load {i}", 48), range(6)))
+    # The load lasts several autoscaler ticks (2 s), so the decision cannot fall between two.
+    seen_two = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not seen_two:
+            if services(doc)["default/tiny"]["ready"] == 2:
+                seen_two.append(time.monotonic())
+            time.sleep(0.1)
+
+    with ThreadPoolExecutor(7) as pool:
+        watcher = pool.submit(watch)
+        results = list(pool.map(lambda i: invoke(doc["activator"], "tiny", "default", f"load {i}", 400), range(6)))
+        watcher.result()
     assert all(r["text"] for r in results)
-    wait_for(lambda: services(doc)["default/tiny"]["ready"] == 2, 30, "two ready instances")
+    assert seen_two, "the service never reached two ready instances under load"
     nodes = {i["node"] for i in services(doc)["default/tiny"]["instances"]}
     # Load gone: back down, then to zero after the keep-alive (3 s).
     wait_for(lambda: services(doc)["default/tiny"]["ready"] == 0 and not services(doc)["default/tiny"]["instances"],
