@@ -53,7 +53,7 @@ spec:
       containers:
         - image: sllm-knative/llm-function
           # Stock kernels: fast on the CPU. The default, "exact", makes logits independent of
-          # the batch (bitwise migration) but is about 30x slower on CPU (docs/function.md).
+          # the batch (bitwise migration) but is about 2x slower on CPU (docs/function.md).
           args: ["--numerics", "fast"]
 ---
 apiVersion: serving.sllm-knative.io/v1alpha1
