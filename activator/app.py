@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -47,6 +48,8 @@ _log = get_logger("activator")
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "transfer-encoding", "upgrade", "host", "content-length"})
+_UPSTREAM_TIMEOUT = httpx.Timeout(10.0, read=None, write=30.0).as_dict()
+SMALL_BODY = 1 << 20  # non-streaming bodies up to this size are relayed whole, with their length
 # Paths of the instances' internal (migration) API: never forwarded from the public port.
 INTERNAL_PREFIXES = ("/internal", "/admin")
 
@@ -77,6 +80,8 @@ class Activator:
         self.config = config
         self.registry = Registry()
         self.streams = StreamTable()  # streaming responses by generation id (what a migration can move)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        self.transport = httpx.AsyncHTTPTransport(limits=limits)
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None, write=30.0),
                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
         self._reporter: asyncio.Task[None] | None = None
@@ -125,6 +130,7 @@ class Activator:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reporter
         await self.client.aclose()
+        await self.transport.aclose()
 
     # -- the request path ------------------------------------------------------------------
 
@@ -193,8 +199,11 @@ class Activator:
             t0 = time.perf_counter()
             resp = None
             try:
-                req = self.client.build_request(request.method, inst.url + target, headers=headers, content=body)
-                resp = await self.client.send(req, stream=True)
+                # Straight to the transport: the client's auth, redirect and cookie layers have
+                # nothing to do on the data path and cost a third of the proxy's time.
+                req = httpx.Request(request.method, inst.url + target, headers=headers, content=body,
+                                    extensions={"timeout": _UPSTREAM_TIMEOUT})
+                resp = await self.transport.handle_async_request(req)
                 chunks = resp.aiter_raw()
                 first = await anext(chunks, b"")
             except (httpx.TransportError, httpx.StreamError) as exc:
@@ -225,6 +234,17 @@ class Activator:
                                          status_code=resp.status_code, headers=out_headers)
             stack.push_async_callback(slot.aclose)
             stack.push_async_callback(resp.aclose)
+            length = resp.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) <= SMALL_BODY:
+                # A small, complete body: send it with its length in one write instead of
+                # re-chunking it (headers, body and terminator would be three writes).
+                try:
+                    rest = [c async for c in chunks]
+                except httpx.HTTPError:
+                    await stack.aclose()
+                    raise errors.UpstreamFailed(f"{svc.key}: instance {inst.id} broke off its response") from None
+                return Response(b"".join([first, *rest]), status_code=resp.status_code, headers=out_headers,
+                                background=BackgroundTask(stack.aclose))
             return StreamingResponse(_relay(first, chunks, stack), status_code=resp.status_code, headers=out_headers)
         raise errors.UpstreamFailed(f"{svc.key}: instances failed before responding ({', '.join(sorted(tried))})")
 
