@@ -60,7 +60,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -70,6 +69,7 @@ from typing import Any
 import httpx
 
 from bench._common import evict, machine, resident_fraction, write_json
+from sllm_knative.local.manifests import service_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 NAMESPACE = "default"
@@ -135,38 +135,6 @@ def nginx_rate_bytes(rate: str) -> int:
         return int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)
     except ValueError:
         raise ValueError(f"--rate {rate!r}: expected an nginx size such as 10m, 512k or 1048576") from None
-
-
-def service_yaml(name: str, model: str, keep_alive: str) -> str:
-    return textwrap.dedent(f"""\
-        apiVersion: serving.knative.dev/v1
-        kind: Service
-        metadata:
-          name: {name}
-          namespace: {NAMESPACE}
-        spec:
-          template:
-            metadata:
-              annotations:
-                autoscaling.knative.dev/class: llm.autoscaling.sllm-knative.io
-                autoscaling.knative.dev/window: "6s"
-                autoscaling.knative.dev/max-scale: "1"
-                sllm-knative.io/model: {model}
-            spec:
-              containerConcurrency: 1
-              containers:
-                - image: sllm-knative/llm-function
-        ---
-        apiVersion: serving.sllm-knative.io/v1alpha1
-        kind: ScalingPolicy
-        metadata:
-          name: {name}-keepalive
-          namespace: {NAMESPACE}
-        spec:
-          target:
-            serviceName: {name}
-          keepAlive: {keep_alive}
-        """)
 
 
 # -- the cluster, seen from outside ------------------------------------------------------------------
@@ -417,7 +385,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             cluster = up_detached(["--state-dir", str(state), "--nodes", "2", "--slots", "2", "--dram-gb", "1",
                                    "--ssd-gb", "2", "--port", str(free_port()), "--store", f"{web.url}/slow"], state)
-            (state / "svc.yaml").write_text(service_yaml(SERVICE, model, KEEP_ALIVE))
+            (state / "svc.yaml").write_text(service_manifest(SERVICE, model, namespace=NAMESPACE,
+                                                             keep_alive=KEEP_ALIVE, max_scale=1,
+                                                             container_concurrency=1))
             r = httpx.post(f"{cluster['autoscaler']}/v1/apply", content=(state / "svc.yaml").read_bytes(), timeout=30)
             r.raise_for_status()
             bench = Bench(cluster, state, model, hf, logs)

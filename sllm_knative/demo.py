@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sllm_knative.local.manifests import service_manifest
+
 MODELS = {"llama-a": 512, "llama-b": 256}  # service name -> model size in MiB
 
 # Knative only lets a revision start at zero instances when the cluster allows it.
@@ -33,39 +35,11 @@ data:
   allow-zero-initial-scale: "true"
 """
 
-SERVICE = """\
-apiVersion: serving.knative.dev/v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: default
-spec:
-  template:
-    metadata:
-      annotations:
-        autoscaling.knative.dev/class: llm.autoscaling.sllm-knative.io
-        autoscaling.knative.dev/window: "6s"
-        autoscaling.knative.dev/max-scale: "2"
-        autoscaling.knative.dev/initial-scale: "0"
-        sllm-knative.io/model: {model}
-    spec:
-      containerConcurrency: 4
-      containers:
-        - image: sllm-knative/llm-function
-          # Stock kernels: fast on the CPU. The default, "exact", makes logits independent of
-          # the batch (bitwise migration) but is about 2x slower on CPU (docs/function.md).
-          args: ["--numerics", "fast"]
----
-apiVersion: serving.sllm-knative.io/v1alpha1
-kind: ScalingPolicy
-metadata:
-  name: {name}-keepalive
-  namespace: default
-spec:
-  target:
-    serviceName: {name}
-  keepAlive: {keep_alive}s
-"""
+def _manifest(name: str, model: str, keep_alive: float) -> str:
+    # Stock kernels: fast on the CPU. The function's default, "exact", makes logits independent
+    # of the batch (bitwise migration) but is about 2x slower on CPU (docs/function.md).
+    return service_manifest(name, model, keep_alive=f"{keep_alive:g}s", initial_scale=0,
+                            args=("--numerics", "fast"))
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -118,10 +92,9 @@ def run_demo(work: Path, nodes: int, keep_alive: float, port: int) -> int:
     try:
         _step(3, "deploy two Knative Services with a keep-alive ScalingPolicy each (YAML below)")
         yaml_path = work / "services.yaml"
-        yaml_path.write_text("---\n".join([CONFIG] + [
-            SERVICE.format(name=n, model=f"file://{store / n}", keep_alive=keep_alive) for n in MODELS]))
-        print(textwrap.indent(SERVICE.format(name="llama-a", model=f"file://{store / 'llama-a'}",
-                                             keep_alive=keep_alive), "    "))
+        docs = {n: _manifest(n, f"file://{store / n}", keep_alive) for n in MODELS}
+        yaml_path.write_text("---\n".join([CONFIG, *docs.values()]))
+        print(textwrap.indent(docs["llama-a"], "    "))
         import httpx
 
         r = httpx.post(f"{doc['autoscaler']}/v1/apply", content=yaml_path.read_bytes(), timeout=30)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +19,7 @@ import pytest
 
 from sllm_knative.commands.resources import invoke
 from sllm_knative.local import procs
+from sllm_knative.local.manifests import service_manifest
 
 CLI = [sys.executable, "-m", "sllm_knative.cli"]
 
@@ -28,38 +29,6 @@ def cli(state: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
     if check and r.returncode != 0:
         raise AssertionError(f"{args}: {r.returncode}\n{r.stdout}\n{r.stderr}")
     return r
-
-
-def service_yaml(name: str, model: str, keep_alive: str = "3s", max_scale: int = 2, cc: int = 1) -> str:
-    return textwrap.dedent(f"""\
-        apiVersion: serving.knative.dev/v1
-        kind: Service
-        metadata:
-          name: {name}
-          namespace: default
-        spec:
-          template:
-            metadata:
-              annotations:
-                autoscaling.knative.dev/class: llm.autoscaling.sllm-knative.io
-                autoscaling.knative.dev/window: "6s"
-                autoscaling.knative.dev/max-scale: "{max_scale}"
-                sllm-knative.io/model: {model}
-            spec:
-              containerConcurrency: {cc}
-              containers:
-                - image: sllm-knative/llm-function
-        ---
-        apiVersion: serving.sllm-knative.io/v1alpha1
-        kind: ScalingPolicy
-        metadata:
-          name: {name}-keepalive
-          namespace: default
-        spec:
-          target:
-            serviceName: {name}
-          keepAlive: {keep_alive}
-        """)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +48,8 @@ def cluster(store: Path, tmp_path_factory) -> Iterator[tuple[Path, dict]]:
     cli(state, "up", "--detach", "--nodes", "2", "--slots", "2", "--store", f"file://{store}",
         "--port", str(port), "--dram-gb", "1", "--ssd-gb", "1")
     doc = json.loads((state / "cluster.json").read_text())
-    (state / "svc.yaml").write_text(service_yaml("tiny", f"file://{store}/tiny"))
+    (state / "svc.yaml").write_text(service_manifest("tiny", f"file://{store}/tiny", keep_alive="3s",
+                                                     container_concurrency=1))
     out = cli(state, "apply", "-f", str(state / "svc.yaml")).stdout
     assert "service/default/tiny created" in out
     yield state, doc
@@ -110,12 +80,16 @@ def test_cold_then_warm_invoke(cluster) -> None:
     cold = invoke(doc["activator"], "tiny", "default", "Hello", 6, seed=1)
     warm = invoke(doc["activator"], "tiny", "default", "Hello", 6, seed=1)
     assert cold["text"] and cold["text"] == warm["text"]  # greedy: the same answer
-    assert warm["instance"] == cold["instance"]
+    # containerConcurrency 1 at Knative's 70% target: one waiting request may ask for two
+    # instances, so the warm request may go to either; both must be ready ones.
+    ready = {i["id"] for i in services(doc)["default/tiny"]["instances"] if i["state"] == "ready"}
+    assert {cold["instance"], warm["instance"]} <= ready
     assert warm["ttft_s"] < cold["ttft_s"]
     listing = cli(state, "get", "instances").stdout
     assert "ready" in listing and cold["instance"] in listing
     metrics = httpx.get(f"{doc['autoscaler']}/metrics").text
-    assert 'autoscaler_cold_starts_total{service="default/tiny",tier="remote"} 1.0' in metrics
+    first = re.search(r'autoscaler_cold_starts_total\{service="default/tiny",tier="remote"\} (\d+)', metrics)
+    assert first and int(first.group(1)) >= 1, metrics  # the first instance's checkpoint came from the store
 
 
 def test_openai_client_streams_through_the_activator(cluster) -> None:
