@@ -138,13 +138,15 @@ def test_streams_pass_through_chunk_by_chunk(activator, upstreams) -> None:
     arrivals = []
     t0 = time.monotonic()
     with httpx.stream("POST", f"{public}/v1/completions",
-                      json={"model": "llama", "stream": True, "n_chunks": 4, "delay": 0.3}) as r:
+                      json={"model": "llama", "stream": True, "n_chunks": 4, "delay": 0.5}) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 arrivals.append(time.monotonic() - t0)
     assert len(arrivals) == 5  # 4 chunks + [DONE]
-    assert arrivals[0] < 0.25, "the first chunk must not wait for the rest"
-    assert arrivals[3] - arrivals[0] > 0.7
+    # The upstream produces a chunk every 0.5 s: relayed one by one, they arrive that far apart
+    # (a buffering proxy would deliver them together at the end).
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:4], strict=False)]
+    assert all(g > 0.3 for g in gaps), f"chunks arrived together: {arrivals}"
 
 
 def test_cold_start_holds_then_forwards_and_reports_demand(activator, upstreams) -> None:
