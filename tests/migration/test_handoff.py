@@ -247,10 +247,11 @@ def test_source_killed_between_rounds_resumes_from_delivered(endless_activator, 
     act = endless_activator
     _, b = functions
     src = spare("src")
-    want = reference(b, body(5, max_tokens=200))
+    # Long enough that the source cannot finish before it is killed a few rounds in.
+    want = reference(b, body(5, max_tokens=480))
     act.set_instances(src)
     out = Collected()
-    t = threading.Thread(target=stream, args=(act.url, body(5, max_tokens=200), out, 10))
+    t = threading.Thread(target=stream, args=(act.url, body(5, max_tokens=480), out, 10))
     t.start()
     assert out.started.wait(60)
     act.set_instances(b)
