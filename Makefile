@@ -28,7 +28,7 @@ test: install
 
 lint: install
 	$(VPY) -m ruff check .
-	$(VPY) -m mypy sllm_knative
+	$(VPY) -m mypy sllm_knative functions
 
 # Benchmarks need fio (the disk limit) and nginx (the HTTP store / proxy baseline).
 bench-deps: install

@@ -30,7 +30,7 @@ from functions.llm.transport import json_response, read_json
 
 
 def _service(request: Request) -> Service:
-    return request.app.state.service  # type: ignore[no-any-return]
+    return request.app.state.service
 
 
 async def _on_error(request: Request, exc: Exception) -> Response:
@@ -65,11 +65,11 @@ async def _generate(request: Request, kind: str) -> Any:
 
 
 async def completions(request: Request) -> Response:
-    return await _generate(request, "completion")  # type: ignore[no-any-return]
+    return await _generate(request, "completion")
 
 
 async def chat_completions(request: Request) -> Response:
-    return await _generate(request, "chat")  # type: ignore[no-any-return]
+    return await _generate(request, "chat")
 
 
 def _model_card(service: Service) -> dict[str, Any]:

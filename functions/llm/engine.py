@@ -14,6 +14,7 @@ thread; everything else runs on the engine thread.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -302,7 +303,7 @@ class Engine:
                     fut.set_exception(exc)
                 else:
                     if isinstance(result, concurrent.futures.Future):
-                        result.add_done_callback(lambda r, f=fut: _chain(r, f))
+                        result.add_done_callback(functools.partial(_chain, dst=fut))
                     else:
                         fut.set_result(result)
         for seq in [s for s in self._active + self._waiting if s.cancelled]:

@@ -35,7 +35,7 @@ from functions.llm.transport import dumps, json_response, read_json
 
 
 def _service(request: Request) -> Service:
-    return request.app.state.service  # type: ignore[no-any-return]
+    return request.app.state.service
 
 
 async def _on_engine(request: Request, fn: Any) -> Any:
