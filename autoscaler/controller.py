@@ -175,7 +175,7 @@ class Autoscaler:
             _log.error("service has no checkpoint annotation", model=svc.key)
             return
         t0 = time.perf_counter()
-        running = self._running_per_node()
+        running = self.running_per_node()
         nodes = await self.backend.inventories(running)
         model = svc.model.uri
         size = self.backend.model_sizes.get(model, DEFAULT_MODEL_BYTES)
@@ -283,7 +283,7 @@ class Autoscaler:
                   outcomes=",".join(str(g.get("outcome")) for g in results))
         return results
 
-    def _running_per_node(self) -> dict[str, int]:
+    def running_per_node(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for rt in self.services.values():
             for i in rt.instances.values():

@@ -58,7 +58,7 @@ def build_app(scaler: Autoscaler) -> Starlette:
 
     async def nodes(request: Request) -> Response:
         out: list[dict[str, Any]] = []
-        running = scaler._running_per_node()
+        running = scaler.running_per_node()
         for name, node in scaler.backend.nodes.items():
             entry: dict[str, Any] = {"name": name, "slots": node.slots, "running": running.get(name, 0)}
             try:

@@ -48,8 +48,7 @@ def _up(args: argparse.Namespace) -> int:
                      dram_bytes=int(args.dram_gb * 2**30), ssd_bytes=int(args.ssd_gb * 2**30),
                      stores=tuple(args.store), port=args.port, dram_root=Path(args.dram_root))
     if args.detach:
-        argv = [a for a in sys.argv[2:] if a != "--detach"] if sys.argv[1:2] == ["up"] else _argv_of(args)
-        doc = up_detached(argv, opts.state_dir)
+        doc = up_detached(_argv_of(args), opts.state_dir)
         print(f"local cluster up: {len(doc['nodes'])} nodes, activator {doc['activator']} (pid {doc['pid']})")
         return 0
 
