@@ -36,3 +36,14 @@ def write_json(out: Path, name: str, doc: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, p)
     return p
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write a matplotlib figure to `path` through a temporary name (never a half-written PNG)."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.name + ".part.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -68,7 +68,7 @@ from typing import Any
 
 import httpx
 
-from bench._common import evict, machine, resident_fraction, write_json
+from bench._common import evict, machine, resident_fraction, save_figure, write_json
 from sllm_knative.local.manifests import service_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -487,10 +487,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
                  f"CPU, remote = nginx limit_rate {doc['limits']['nginx_limit_rate']} x "
                  f"{doc['limits']['loader_connections']} connections", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".part.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

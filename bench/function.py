@@ -39,7 +39,7 @@ from typing import Any
 
 import httpx
 
-from bench._common import machine, write_json
+from bench._common import machine, save_figure, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Serverless inference scales to zero and back. The activator holds requests while"
@@ -344,10 +344,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     ax.set_title(f"TTFT overhead {t['ms']:.1f} ms")
     fig.suptitle(f"functions.llm on {doc['meta']['device']} ({doc['meta']['numerics']} numerics)")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".part.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench._common import evict, machine, median_runs, resident_fraction, write_json
+from bench._common import evict, machine, median_runs, resident_fraction, save_figure, write_json
 
 LOADERS = ["sllm_knative", "safetensors", "torch_load_mmap", "transformers_from_pretrained",
            "runai_model_streamer", "tensorizer", "fastsafetensors"]
@@ -350,7 +350,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
                  f"({doc['machine']['cpus']} cores)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,7 +56,7 @@ from typing import Any
 
 import httpx
 
-from bench._common import machine, write_json
+from bench._common import machine, save_figure, write_json
 from sllm_knative.log import get_logger, setup
 from sllm_knative.placement.calibration import MigrationCost, MigrationObservation, fit_migration_cost
 
@@ -276,10 +276,7 @@ def plot(path: Path, per_context: dict[int, list[dict[str, Any]]], fit: Migratio
     ax3.set(xlabel="context (tokens)", ylabel="seconds (median)", title="Migration vs restart")
     ax3.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".part.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def run(out: Path, work: Path, contexts: list[int], runs: int, before: int, after: int) -> dict[str, Any]:

@@ -49,7 +49,7 @@ from typing import Any
 
 import httpx
 
-from bench._common import machine, write_json
+from bench._common import machine, save_figure, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 NAMESPACE = "default"
@@ -446,10 +446,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("requests/s")
     ax.set_title(f"throughput, {doc['meta']['concurrency']} connections", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".part.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from bench._common import evict, machine, write_json
+from bench._common import evict, machine, save_figure, write_json
 from bench.loading import fio_limit, own_direct_limit
 from cuda_ext import _C
 from loader_sidecar.client import LoaderClient
@@ -392,8 +392,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"loader sidecar tiers, {doc['checkpoint']['bytes'] / 2**20:.0f} MiB checkpoint "
                  f"({doc['machine']['cpus']} CPUs, no GPU)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
