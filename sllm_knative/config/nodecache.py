@@ -16,9 +16,9 @@ from typing import Any
 import jsonschema
 
 from sllm_knative.config.crds import API_VERSION, NODE_CACHE_CRD, VERSION
-from sllm_knative.config.errors import Collector, ConfigError, FieldError, show
+from sllm_knative.config.errors import Collector, show
 from sllm_knative.config.model_uri import parse_model_uri
-from sllm_knative.config.schema import crd_schema, validate, validator_for
+from sllm_knative.config.schema import check_document, crd_schema, validator_for
 from sllm_knative.placement import Instance, NodeInventory, QueuedLoad, Tier
 
 KIND = "NodeCache"
@@ -75,16 +75,8 @@ def _validator() -> jsonschema.protocols.Validator:
 
 def parse_node_cache(doc: Any, *, source: str = "") -> NodeCache:
     """Validate a NodeCache document (schema, then the rules across fields) and return it typed."""
+    check_document(doc, API_VERSION, KIND, "a NodeCache", _validator(), source)
     errors = Collector()
-    if not isinstance(doc, dict):
-        raise ConfigError([FieldError((), f"must be a map (a NodeCache), got {show(doc)}")], source)
-    if doc.get("apiVersion") != API_VERSION:
-        errors.add(("apiVersion",), f"must be {show(API_VERSION)}, got {show(doc.get('apiVersion'))}")
-    if doc.get("kind") != KIND:
-        errors.add(("kind",), f"must be {show(KIND)}, got {show(doc.get('kind'))}")
-    errors.raise_if_any(source)
-    errors.extend(validate(_validator(), doc))
-    errors.raise_if_any(source)
 
     meta = doc.get("metadata") or {}
     node = doc["spec"]["nodeName"]

@@ -18,8 +18,8 @@ from typing import Any
 import jsonschema
 
 from sllm_knative.config.crds import API_VERSION, SCALING_POLICY_CRD, VERSION
-from sllm_knative.config.errors import Collector, ConfigError, FieldError, Path, show
-from sllm_knative.config.schema import crd_schema, validate, validator_for
+from sllm_knative.config.errors import Collector, Path, show
+from sllm_knative.config.schema import check_document, crd_schema, validator_for
 from sllm_knative.config.service import ServiceConfig
 from sllm_knative.config.values import parse_duration
 
@@ -128,16 +128,8 @@ def _selector(raw: Mapping[str, Any], base: Path, errors: Collector) -> LabelSel
 def parse_scaling_policy(doc: Any, *, source: str = "") -> ScalingPolicy:
     """Validate a ScalingPolicy document against the CRD schema and the rules the schema cannot
     express (durations, min <= max, selector operators); raise `ConfigError` with every problem."""
+    check_document(doc, API_VERSION, KIND, "a ScalingPolicy", _validator(), source)
     errors = Collector()
-    if not isinstance(doc, dict):
-        raise ConfigError([FieldError((), f"must be a map (a ScalingPolicy), got {show(doc)}")], source)
-    if doc.get("apiVersion") != API_VERSION:
-        errors.add(("apiVersion",), f"must be {show(API_VERSION)}, got {show(doc.get('apiVersion'))}")
-    if doc.get("kind") != KIND:
-        errors.add(("kind",), f"must be {show(KIND)}, got {show(doc.get('kind'))}")
-    errors.raise_if_any(source)
-    errors.extend(validate(_validator(), doc))
-    errors.raise_if_any(source)
 
     meta = doc.get("metadata") or {}
     if not meta.get("name"):

@@ -248,3 +248,21 @@ def _field_errors(err: jsonschema.ValidationError) -> Iterator[FieldError]:
         yield FieldError(path, f"must have at least {err.validator_value} item(s)")
     else:
         yield FieldError(path, err.message)
+
+
+def check_document(doc: Any, api_version: str, kind: str, what: str, validator: jsonschema.protocols.Validator,
+                   source: str = "") -> None:
+    """The first steps of every resource parser: a map with the right apiVersion and kind, then
+    valid against its schema. Raises ConfigError listing every problem found at that step."""
+    from sllm_knative.config.errors import Collector, ConfigError
+
+    if not isinstance(doc, dict):
+        raise ConfigError([FieldError((), f"must be a map ({what}), got {show(doc)}")], source)
+    errors = Collector()
+    if doc.get("apiVersion") != api_version:
+        errors.add(("apiVersion",), f"must be {show(api_version)}, got {show(doc.get('apiVersion'))}")
+    if doc.get("kind") != kind:
+        errors.add(("kind",), f"must be {show(kind)}, got {show(doc.get('kind'))}")
+    errors.raise_if_any(source)
+    errors.extend(validate(validator, doc))
+    errors.raise_if_any(source)

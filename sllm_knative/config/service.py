@@ -33,9 +33,9 @@ from sllm_knative.config.autoscaler import (
     AutoscalerConfig,
     panic_window,
 )
-from sllm_knative.config.errors import Collector, ConfigError, FieldError, Path, show
+from sllm_knative.config.errors import Collector, Path, show
 from sllm_knative.config.model_uri import ModelURI, parse_model_uri
-from sllm_knative.config.schema import knative_service_validator, validate
+from sllm_knative.config.schema import check_document, knative_service_validator
 from sllm_knative.config.values import parse_duration, parse_float, parse_int, parse_quantity
 
 API_VERSION = "serving.knative.dev/v1"
@@ -290,16 +290,8 @@ def parse_service(doc: Any, *, defaults: AutoscalerConfig | None = None, source:
     `spec.template.metadata.annotations["autoscaling.knative.dev/min-scale"]: must be an integer >= 0, got "x"`.
     """
     cfg = defaults or AutoscalerConfig()
+    check_document(doc, API_VERSION, KIND, "a Knative Service", knative_service_validator(), source)
     errors = Collector()
-    if not isinstance(doc, dict):
-        raise ConfigError([FieldError((), f"must be a map (a Knative Service), got {show(doc)}")], source)
-    if doc.get("apiVersion") != API_VERSION:
-        errors.add(("apiVersion",), f"must be {show(API_VERSION)}, got {show(doc.get('apiVersion'))}")
-    if doc.get("kind") != KIND:
-        errors.add(("kind",), f"must be {show(KIND)}, got {show(doc.get('kind'))}")
-    errors.raise_if_any(source)
-    errors.extend(validate(knative_service_validator(), doc))
-    errors.raise_if_any(source)
 
     meta = doc.get("metadata") or {}
     name = meta.get("name", "")
