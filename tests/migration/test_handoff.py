@@ -32,7 +32,7 @@ class Collected:
         self.started = threading.Event()
 
 
-def body(seed: int | None, max_tokens: int = 160) -> dict:
+def body(seed: int | None, max_tokens: int = 480) -> dict:
     b = {"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "stream": True, "logprobs": 1,
          "ignore_eos": True, "stream_options": {"include_usage": True}}
     if seed is None:
@@ -159,7 +159,7 @@ def test_official_openai_client_sees_one_stream(activator, functions):
 
     t = threading.Thread(target=migrate_later)
     t.start()
-    for chunk in client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=160, stream=True, seed=7,
+    for chunk in client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=480, stream=True, seed=7,
                                            temperature=1.0, top_p=0.95, extra_body={"ignore_eos": True}):
         if chunk.choices:
             texts.append(chunk.choices[0].text)
