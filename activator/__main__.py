@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="detach a migrating generation once the destination lacks at most this many tokens")
     p.add_argument("--migration-rounds", type=int, default=MigrationConfig.max_rounds,
                    help="prefill rounds before detaching regardless of the gap")
+    p.add_argument("--migration-keep-rounds", action="store_true",
+                   help="keep prefilling when a round does not shrink the gap (until --migration-rounds)")
     return p.parse_args(argv)
 
 
@@ -35,7 +37,8 @@ async def serve(args: argparse.Namespace) -> None:
                                     max_body_bytes=args.max_body_bytes, max_held_per_service=args.max_held,
                                     report_interval_s=args.report_interval,
                                     migration=MigrationConfig(gap_threshold=args.migration_gap,
-                                                              max_rounds=args.migration_rounds)))
+                                                              max_rounds=args.migration_rounds,
+                                                              stop_when_stalled=not args.migration_keep_rounds)))
     public = uvicorn.Server(uvicorn.Config(build_public_app(act), host=args.host, port=args.port, log_level="warning",
                                            access_log=False, lifespan="on"))
     admin = uvicorn.Server(uvicorn.Config(build_admin_app(act), host="127.0.0.1", port=args.admin_port,

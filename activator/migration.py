@@ -5,10 +5,12 @@ The activator holds the client connections, so it coordinates (docs/migration.md
     round 1   GET  source/internal/v1/generations/{id}     export: tokens so far, sampling state
               POST dest/internal/v1/prefill {start: 0}     while the source keeps streaming
     round k   export again; POST dest prefill {start: cached, tokens: only the new ones}
-    detach    once the gap (tokens the destination lacks) <= gap_threshold, or after max_rounds:
+    detach    once the gap (tokens the destination lacks) <= gap_threshold, once a round no longer
+              shrinks it, or after max_rounds:
               POST source/.../{id}/detach {"position": null} -> the final state at an exact position;
-              the source's stream ends with `event: sllm.detached` (no [DONE])
-    resume    POST dest/internal/v1/resume {state}: the relay splices its frames after the source's
+              the source's stream ends with `event: sllm.detached` carrying that state (no [DONE])
+    resume    POST dest/internal/v1/resume {state}: as soon as the relay reads the detach frame;
+              the relay splices the destination's frames after the source's
 
 Pure decisions (`next_action`, `split_frames`, `frame_text`, `trim_frame`, `pick_destination`)
 are plain functions; `Tracked` is one client stream the relay may switch; `splice` is the relay
@@ -20,7 +22,7 @@ counted if the stream is ever migrated; kept bytes are folded into a count above
 
 Abort rules: the source finishes first -> nothing to do (the parked prefill is dropped); the
 destination fails before the detach -> the generation stays on the source; the gap does not
-shrink -> detach anyway after max_rounds; the source dies mid-migration -> the relay resumes
+shrink -> detach at once (and never later than max_rounds); the source dies mid-migration -> the relay resumes
 the last exported state on the destination and skips the characters the client already has.
 """
 
@@ -52,7 +54,8 @@ API = "/internal/v1"
 @dataclasses.dataclass(frozen=True)
 class MigrationConfig:
     gap_threshold: int = 16  # detach once the destination lacks at most this many tokens
-    max_rounds: int = 4  # prefill rounds before detaching regardless of the gap
+    max_rounds: int = 8  # prefill rounds before detaching regardless of the gap
+    stop_when_stalled: bool = True  # detach as soon as a round does not shrink the gap
     request_timeout_s: float = 60.0  # one internal call (a prefill of a long context included)
     handoff_timeout_s: float = 60.0  # from the detach until the destination's stream is spliced in
 
@@ -73,9 +76,14 @@ class Action(enum.Enum):
     DETACH = "detach"  # stop the source now and resume on the destination
 
 
-def next_action(rounds: int, gap: int, cfg: MigrationConfig) -> Action:
-    """After `rounds` prefill rounds, the destination lacks `gap` tokens: another round or detach?"""
+def next_action(rounds: int, gap: int, cfg: MigrationConfig, previous: int | None = None) -> Action:
+    """After `rounds` prefill rounds, the destination lacks `gap` tokens (`previous` after the
+    round before): another round, or detach? Detach once the gap is small, once the rounds are
+    spent, or once a round no longer shrinks the gap (the source generates as fast as the
+    destination prefills: more rounds only delay the handoff, they do not shorten it)."""
     if gap <= cfg.gap_threshold or rounds >= cfg.max_rounds:
+        return Action.DETACH
+    if cfg.stop_when_stalled and previous is not None and gap >= previous:
         return Action.DETACH
     return Action.PREFILL
 
@@ -330,14 +338,16 @@ async def splice(client: httpx.AsyncClient, tracked: Tracked, rest: AsyncIterato
     source: AsyncIterator[bytes] | None = rest
     while True:
         detached = False
+        frame_state: Any = None
         if source is not None and not broken:
             try:
                 async for chunk in source:
                     frames, buf = split_frames(buf + chunk)
                     for f in frames:
-                        kind, _ = classify(f)
+                        kind, data = classify(f)
                         if kind is Frame.DETACHED:
                             detached = True
+                            frame_state = data.get("state") if isinstance(data, dict) else None
                             break
                         if skip_frames_tokens > 0 and kind is Frame.DATA:
                             skip_frames_tokens -= frame_counts(f)[1]
@@ -360,7 +370,9 @@ async def splice(client: httpx.AsyncClient, tracked: Tracked, rest: AsyncIterato
                              error=f"{type(exc).__name__}: {exc}")
                 broken = True
         state: dict[str, Any] | None = None
-        if detached:
+        if detached and isinstance(frame_state, dict):
+            state = frame_state  # the final state rides on the detach frame: resume without waiting
+        elif detached:
             try:
                 handoff = await asyncio.wait_for(asyncio.shield(tracked.handoff), cfg.handoff_timeout_s)
                 state = handoff.state
@@ -482,7 +494,7 @@ async def migrate_generation(client: httpx.AsyncClient, tracked: Tracked, dest: 
             gap = tokens - cached
             if rounds:
                 gaps.append(gap)
-            if rounds and next_action(rounds, gap, cfg) is Action.DETACH:
+            if rounds and next_action(rounds, gap, cfg, gaps[-2] if len(gaps) > 1 else None) is Action.DETACH:
                 break
             await _prefill(client, dest, tracked.id, cached, list(state["tokens"][cached:tokens]), cfg)
             cached, rounds = tokens, rounds + 1

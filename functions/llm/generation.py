@@ -7,8 +7,8 @@ next step boundary).
 Stream frames: OpenAI chunks, then the usage chunk when `stream_options.include_usage`, then
 `data: [DONE]`. A generation that fails after the stream started ends with an error frame and
 `[DONE]`. A generation detached for migration ends with `event: sllm.detached` and
-`data: {"id", "position"}` and no `[DONE]`: the activator continues the stream from the
-destination instance.
+`data: {"id", "position", "state"}` (the final state, as the detach call returns it) and no
+`[DONE]`: the activator resumes that state on the destination at once and continues the stream.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ async def _frames(queue: OutputQueue, fmt: Formatter, role_chunk: bool) -> Async
             yield DONE
             return
         if out.detached is not None:
-            yield sse({"id": out.detached.id, "position": out.detached.position}, event="sllm.detached")
+            yield sse({"id": out.detached.id, "position": out.detached.position, "state": out.detached.to_json()},
+                      event="sllm.detached")
             return
         for chunk in fmt.chunks(out):
             yield sse(chunk)

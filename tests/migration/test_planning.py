@@ -22,15 +22,24 @@ from functions.llm.drain import drain_target
 CFG = MigrationConfig(gap_threshold=16, max_rounds=4)
 
 
-@pytest.mark.parametrize("rounds, gap, want", [
-    pytest.param(1, 200, Action.PREFILL, id="large-gap-prefills-again"),
-    pytest.param(1, 16, Action.DETACH, id="gap-at-threshold-detaches"),
-    pytest.param(2, 3, Action.DETACH, id="small-gap-detaches"),
-    pytest.param(3, 40, Action.PREFILL, id="under-the-bound"),
-    pytest.param(4, 40, Action.DETACH, id="gap-not-shrinking-detaches-at-the-bound"),
+@pytest.mark.parametrize("rounds, gap, previous, want", [
+    pytest.param(1, 200, None, Action.PREFILL, id="large-gap-prefills-again"),
+    pytest.param(1, 16, None, Action.DETACH, id="gap-at-threshold-detaches"),
+    pytest.param(2, 3, 40, Action.DETACH, id="small-gap-detaches"),
+    pytest.param(3, 40, 90, Action.PREFILL, id="shrinking-under-the-bound"),
+    pytest.param(4, 30, 40, Action.DETACH, id="at-the-bound-detaches-even-if-shrinking"),
+    pytest.param(2, 40, 40, Action.DETACH, id="gap-not-shrinking-detaches-at-once"),
+    pytest.param(2, 55, 40, Action.DETACH, id="gap-growing-detaches-at-once"),
+    pytest.param(2, 17, 18, Action.PREFILL, id="shrinking-by-one-prefills-again"),
 ])
-def test_next_action(rounds, gap, want):
-    assert next_action(rounds, gap, CFG) is want
+def test_next_action(rounds, gap, previous, want):
+    assert next_action(rounds, gap, CFG, previous) is want
+
+
+def test_next_action_keeps_rounds_when_asked():
+    cfg = MigrationConfig(gap_threshold=16, max_rounds=4, stop_when_stalled=False)
+    assert next_action(2, 55, cfg, 40) is Action.PREFILL
+    assert next_action(4, 55, cfg, 40) is Action.DETACH
 
 
 @pytest.mark.parametrize("kwargs, message", [
