@@ -27,8 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="detach a migrating generation once the destination lacks at most this many tokens")
     p.add_argument("--migration-rounds", type=int, default=MigrationConfig.max_rounds,
                    help="prefill rounds before detaching regardless of the gap")
-    p.add_argument("--migration-keep-rounds", action="store_true",
-                   help="keep prefilling when a round does not shrink the gap (until --migration-rounds)")
+    p.add_argument("--migration-settle-gap", type=int, default=MigrationConfig.settle_gap,
+                   help="below this many tokens, a round that does not shrink the gap ends the rounds (0: never)")
     return p.parse_args(argv)
 
 
@@ -38,7 +38,7 @@ async def serve(args: argparse.Namespace) -> None:
                                     report_interval_s=args.report_interval,
                                     migration=MigrationConfig(gap_threshold=args.migration_gap,
                                                               max_rounds=args.migration_rounds,
-                                                              stop_when_stalled=not args.migration_keep_rounds)))
+                                                              settle_gap=args.migration_settle_gap)))
     public = uvicorn.Server(uvicorn.Config(build_public_app(act), host=args.host, port=args.port, log_level="warning",
                                            access_log=False, lifespan="on"))
     admin = uvicorn.Server(uvicorn.Config(build_admin_app(act), host="127.0.0.1", port=args.admin_port,

@@ -6,7 +6,7 @@ The activator holds the client connections, so it coordinates (docs/migration.md
               POST dest/internal/v1/prefill {start: 0}     while the source keeps streaming
     round k   export again; POST dest prefill {start: cached, tokens: only the new ones}
     detach    once the gap (tokens the destination lacks) <= gap_threshold, once a round no longer
-              shrinks it, or after max_rounds:
+              shrinks a gap under settle_gap, or after max_rounds:
               POST source/.../{id}/detach {"position": null} -> the final state at an exact position;
               the source's stream ends with `event: sllm.detached` carrying that state (no [DONE])
     resume    POST dest/internal/v1/resume {state}: as soon as the relay reads the detach frame;
@@ -22,7 +22,7 @@ counted if the stream is ever migrated; kept bytes are folded into a count above
 
 Abort rules: the source finishes first -> nothing to do (the parked prefill is dropped); the
 destination fails before the detach -> the generation stays on the source; the gap does not
-shrink -> detach at once (and never later than max_rounds); the source dies mid-migration -> the relay resumes
+shrink -> detach once it is under settle_gap, and never later than max_rounds; the source dies mid-migration -> the relay resumes
 the last exported state on the destination and skips the characters the client already has.
 """
 
@@ -53,15 +53,24 @@ API = "/internal/v1"
 
 @dataclasses.dataclass(frozen=True)
 class MigrationConfig:
-    gap_threshold: int = 16  # detach once the destination lacks at most this many tokens
+    # Detach once the destination lacks at most this many tokens. The resume prefills them before
+    # its first token, so each is handoff time the client sees (on the CPU in exact numerics, two
+    # tokens cost about one decode step); the rounds stop anyway once they stop shrinking the gap.
+    gap_threshold: int = 2
     max_rounds: int = 8  # prefill rounds before detaching regardless of the gap
-    stop_when_stalled: bool = True  # detach as soon as a round does not shrink the gap
+    # Below this many tokens, a round that does not shrink the gap ends the rounds (they have
+    # reached their fixed point: the tokens the source generates during one round). A larger gap
+    # that does not shrink gets more rounds (a noisy round, or a long first prefill), up to
+    # max_rounds. 0: never end the rounds early.
+    settle_gap: int = 16
     request_timeout_s: float = 60.0  # one internal call (a prefill of a long context included)
     handoff_timeout_s: float = 60.0  # from the detach until the destination's stream is spliced in
 
     def __post_init__(self) -> None:
         if self.gap_threshold < 0:
             raise ValueError(f"gap_threshold = {self.gap_threshold}, must be >= 0")
+        if self.settle_gap < 0:
+            raise ValueError(f"settle_gap = {self.settle_gap}, must be >= 0")
         if self.max_rounds < 1:
             raise ValueError(f"max_rounds = {self.max_rounds}, must be >= 1")
         for name in ("request_timeout_s", "handoff_timeout_s"):
@@ -79,11 +88,11 @@ class Action(enum.Enum):
 def next_action(rounds: int, gap: int, cfg: MigrationConfig, previous: int | None = None) -> Action:
     """After `rounds` prefill rounds, the destination lacks `gap` tokens (`previous` after the
     round before): another round, or detach? Detach once the gap is small, once the rounds are
-    spent, or once a round no longer shrinks the gap (the source generates as fast as the
-    destination prefills: more rounds only delay the handoff, they do not shorten it)."""
+    spent, or once a round no longer shrinks a gap already under `settle_gap` (more rounds would
+    only delay the handoff, not shorten it)."""
     if gap <= cfg.gap_threshold or rounds >= cfg.max_rounds:
         return Action.DETACH
-    if cfg.stop_when_stalled and previous is not None and gap >= previous:
+    if previous is not None and gap >= previous and gap <= cfg.settle_gap:
         return Action.DETACH
     return Action.PREFILL
 

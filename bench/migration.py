@@ -40,6 +40,7 @@ after one discarded warm-up run. Every process is stopped on exit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -109,14 +110,14 @@ class Process:
 
 
 class Function(Process):
-    def __init__(self, name: str, model_dir: Path, logs: Path) -> None:
+    def __init__(self, name: str, model_dir: Path, logs: Path, numerics: str) -> None:
         self.id = name
         port, internal = free_port(), free_port()
         self.url, self.internal_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{internal}"
         super().__init__(name, ["-m", "functions.llm", "--model", str(model_dir), "--served-model-name", MODEL,
                                 "--host", "127.0.0.1", "--internal-host", "127.0.0.1", "--port", str(port),
                                 "--internal-port", str(internal), "--max-model-len", str(MAX_LEN),
-                                "--max-concurrency", "4", "--numerics", "exact"],
+                                "--max-concurrency", "4", "--numerics", numerics],
                          logs, f"{self.url}/health/ready", {"SLLM_INSTANCE": name})
 
     def endpoint(self) -> dict[str, str]:
@@ -124,10 +125,10 @@ class Function(Process):
 
 
 class Activator(Process):
-    def __init__(self, logs: Path) -> None:
+    def __init__(self, logs: Path, extra: list[str]) -> None:
         port, admin = free_port(), free_port()
         self.url, self.admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
-        super().__init__("activator", ["-m", "activator", "--port", str(port), "--admin-port", str(admin)],
+        super().__init__("activator", ["-m", "activator", "--port", str(port), "--admin-port", str(admin), *extra],
                          logs, f"{self.admin}/internal/stats", {})
 
     def set_instances(self, *fns: Function) -> None:
@@ -206,6 +207,19 @@ def gap_ratio(times: list[float], t0: float, t1: float) -> dict[str, float]:
     return {"max_gap_s": max(inside), "median_itl_s": med, "ratio": max(inside) / med}
 
 
+def splice_gap(times: list[float], counts: list[int], source_tokens: int) -> float:
+    """The gap at the splice: from the frame with the source's last token (generated token number
+    `source_tokens`) to the next frame, the destination's first."""
+    seen = 0
+    for i, n in enumerate(counts):
+        seen += n
+        if seen >= source_tokens:
+            if i + 1 >= len(times):
+                raise RuntimeError(f"no frame after the source's last token ({source_tokens})")
+            return times[i + 1] - times[i]
+    raise RuntimeError(f"the stream has {seen} tokens, fewer than the source delivered ({source_tokens})")
+
+
 def one_run(act: Activator, a: Function, b: Function, tok: Any, prompt: list[int], before: int,
             after: int) -> dict[str, Any]:
     act.set_instances(a)
@@ -227,6 +241,8 @@ def one_run(act: Activator, a: Function, b: Function, tok: Any, prompt: list[int
                            f"tokens={out.tokens}")
     gap = gap_ratio(out.times, t0, t1)
     context = int(gen["tokens"])
+    gap["splice_gap_s"] = splice_gap(out.times, out.counts, context - len(prompt))
+    gap["splice_ratio"] = gap["splice_gap_s"] / gap["median_itl_s"]
 
     # Restart by resending the context: original prompt + generated text re-tokenized, sized to `context`.
     ids = prompt + tok(out.text, add_special_tokens=False)["input_ids"]
@@ -279,19 +295,36 @@ def plot(path: Path, per_context: dict[int, list[dict[str, Any]]], fit: Migratio
     save_figure(fig, path)
 
 
-def run(out: Path, work: Path, contexts: list[int], runs: int, before: int, after: int) -> dict[str, Any]:
+def model_spec(model_bytes: int) -> tuple[Any, str]:
+    """The benchmark's model and its description: the TINY shape, or a float32 Llama of about
+    `model_bytes` (vocabulary 4096) whose decode step costs a realistic share of the handoff."""
+    from sllm_knative.models import ModelSpec, spec_for_size
+
+    if not model_bytes:
+        return ModelSpec(max_position_embeddings=MAX_LEN), "random Llama, TINY shape, max_position_embeddings 4096"
+    spec = dataclasses.replace(spec_for_size(model_bytes, dtype="float32", vocab_size=4096),
+                               max_position_embeddings=MAX_LEN)
+    return spec, (f"random Llama, float32, {spec.param_count() * 4 / 1e6:.0f} MB: hidden {spec.hidden_size}, "
+                  f"{spec.num_hidden_layers} layers, vocabulary 4096, max_position_embeddings 4096")
+
+
+def run(out: Path, work: Path, contexts: list[int], runs: int, before: int, after: int, model_bytes: int = 0,
+        gap: int | None = None, numerics: str = "exact") -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from sllm_knative.models import ModelSpec, build_model
+    from sllm_knative.models import build_model
 
-    model_dir = build_model(work / "model", ModelSpec(max_position_embeddings=MAX_LEN))
+    spec, model_desc = model_spec(model_bytes)
+    model_dir = build_model(work / f"model-{model_bytes}", spec)
     tok = AutoTokenizer.from_pretrained(model_dir)
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     procs: list[Process] = []
     try:
-        a, b, act = Function("a", model_dir, logs), Function("b", model_dir, logs), Activator(logs)
+        act_args = [] if gap is None else ["--migration-gap", str(gap)]
+        a, b = Function("a", model_dir, logs, numerics), Function("b", model_dir, logs, numerics)
+        act = Activator(logs, act_args)
         procs += [a, b, act]
         for p in procs:
             p.wait_ready()
@@ -307,7 +340,8 @@ def run(out: Path, work: Path, contexts: list[int], runs: int, before: int, afte
     fit = fit_migration_cost([MigrationObservation(r["context"], r["migration_s"]) for r in all_rows],
                              MigrationCost())
     results: list[dict[str, Any]] = [
-        {"name": "handoff_gap", "max_gap_over_median_itl": max(r["ratio"] for r in all_rows)},
+        {"name": "handoff_gap", "max_gap_over_median_itl": max(r["ratio"] for r in all_rows),
+         "splice_gap_over_median_itl": max(r["splice_ratio"] for r in all_rows)},
         {"name": "cost_fit", "a_s_per_token": fit.a, "b_s": fit.b},
     ]
     results += [{"name": "vs_restart", "context": n, "migration_s": median_of(per_context[n], "migration_s"),
@@ -316,14 +350,15 @@ def run(out: Path, work: Path, contexts: list[int], runs: int, before: int, afte
     doc = {
         "results": results,
         "per_context": [{"context": n, "runs": len(rows),
-                         **{k: median_of(rows, k) for k in ("ratio", "max_gap_s", "median_itl_s", "migration_s",
+                         **{k: median_of(rows, k) for k in ("ratio", "max_gap_s", "splice_ratio", "splice_gap_s",
+                                                            "median_itl_s", "migration_s",
                                                             "migrate_call_s", "restart_s", "regen_s")},
                          "max_ratio": max(r["ratio"] for r in rows), "runs_detail": rows}
                         for n, rows in per_context.items()],
         "limits": {"target_max_gap_over_median_itl": TARGET_RATIO, "runs_per_context": runs,
                    "generated_before_trigger": before, "generated_after_trigger": after,
-                   "model": "random Llama, ModelSpec(max_position_embeddings=4096), TINY shape",
-                   "numerics": "exact", "device": "cpu",
+                   "model": model_desc, "migration_gap": "activator default" if gap is None else gap,
+                   "numerics": numerics, "device": "cpu",
                    "note": "median of the runs per context on a shared 2-core machine; GPU numbers not measured"},
         "machine": machine(),
     }
@@ -341,6 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--before", type=int, default=32, help="generated tokens before the migration is triggered")
     p.add_argument("--after", type=int, default=1536, help="generated tokens after the trigger")
     p.add_argument("--work", type=Path, help="model and logs (default: a temporary directory)")
+    p.add_argument("--model-bytes", type=int, default=0,
+                   help="a float32 model of about this size instead of the TINY shape (e.g. 200000000: "
+                        "a decode step of about 15 ms on a 2-core CPU)")
+    p.add_argument("--gap", type=int, default=None, help="the activator's --migration-gap (default: its own)")
+    p.add_argument("--numerics", choices=("exact", "fast"), default="exact",
+                   help="the instances' numerics (exact: token-identical handoff; fast: batched kernels)")
     args = p.parse_args(argv)
     setup()
     contexts = sorted({int(x) for x in args.contexts.split(",") if x.strip()})
@@ -349,10 +390,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--contexts must be > --before ({args.before}) and + --after <= {MAX_LEN}; --runs >= 1 "
                 f"(got contexts {bad}, runs {args.runs})")
     if args.work:
-        doc = run(args.out, args.work, contexts, args.runs, args.before, args.after)
+        doc = run(args.out, args.work, contexts, args.runs, args.before, args.after, args.model_bytes, args.gap,
+                      args.numerics)
     else:
         with tempfile.TemporaryDirectory(prefix="bench-migration-") as tmp:
-            doc = run(args.out, Path(tmp), contexts, args.runs, args.before, args.after)
+            doc = run(args.out, Path(tmp), contexts, args.runs, args.before, args.after, args.model_bytes, args.gap,
+                      args.numerics)
     print(json.dumps(doc["results"], indent=2))
     return 0
 

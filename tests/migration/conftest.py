@@ -136,7 +136,7 @@ def activator(logs) -> Iterator[Activator]:
 def endless_activator(logs) -> Iterator[Activator]:
     """An activator whose migrations never detach on their own (gap 0, unbounded rounds): the window
     in which a test kills the source between rounds."""
-    act = Activator(logs, "--migration-gap", "0", "--migration-rounds", "100000", "--migration-keep-rounds",
+    act = Activator(logs, "--migration-gap", "0", "--migration-rounds", "100000", "--migration-settle-gap", "0",
                     name="endless-activator")
     try:
         wait_for(f"{act.admin}/internal/stats", act.proc, act.log_path, timeout=30)

@@ -19,17 +19,19 @@ from activator.migration import (
 )
 from functions.llm.drain import drain_target
 
-CFG = MigrationConfig(gap_threshold=16, max_rounds=4)
+CFG = MigrationConfig(gap_threshold=2, max_rounds=4, settle_gap=16)
 
 
 @pytest.mark.parametrize("rounds, gap, previous, want", [
     pytest.param(1, 200, None, Action.PREFILL, id="large-gap-prefills-again"),
-    pytest.param(1, 16, None, Action.DETACH, id="gap-at-threshold-detaches"),
-    pytest.param(2, 3, 40, Action.DETACH, id="small-gap-detaches"),
+    pytest.param(1, 2, None, Action.DETACH, id="gap-at-threshold-detaches"),
+    pytest.param(2, 1, 40, Action.DETACH, id="small-gap-detaches"),
     pytest.param(3, 40, 90, Action.PREFILL, id="shrinking-under-the-bound"),
     pytest.param(4, 30, 40, Action.DETACH, id="at-the-bound-detaches-even-if-shrinking"),
-    pytest.param(2, 40, 40, Action.DETACH, id="gap-not-shrinking-detaches-at-once"),
-    pytest.param(2, 55, 40, Action.DETACH, id="gap-growing-detaches-at-once"),
+    pytest.param(2, 6, 6, Action.DETACH, id="small-gap-not-shrinking-has-settled"),
+    pytest.param(2, 16, 12, Action.DETACH, id="small-gap-growing-has-settled"),
+    pytest.param(2, 40, 40, Action.PREFILL, id="large-gap-not-shrinking-gets-another-round"),
+    pytest.param(2, 600, 500, Action.PREFILL, id="large-gap-growing-gets-another-round"),
     pytest.param(2, 17, 18, Action.PREFILL, id="shrinking-by-one-prefills-again"),
 ])
 def test_next_action(rounds, gap, previous, want):
@@ -37,14 +39,15 @@ def test_next_action(rounds, gap, previous, want):
 
 
 def test_next_action_keeps_rounds_when_asked():
-    cfg = MigrationConfig(gap_threshold=16, max_rounds=4, stop_when_stalled=False)
-    assert next_action(2, 55, cfg, 40) is Action.PREFILL
-    assert next_action(4, 55, cfg, 40) is Action.DETACH
+    cfg = MigrationConfig(gap_threshold=2, max_rounds=4, settle_gap=0)
+    assert next_action(2, 6, cfg, 6) is Action.PREFILL
+    assert next_action(4, 6, cfg, 6) is Action.DETACH
 
 
 @pytest.mark.parametrize("kwargs, message", [
     pytest.param({"gap_threshold": -1}, "gap_threshold = -1", id="negative-gap"),
     pytest.param({"max_rounds": 0}, "max_rounds = 0", id="no-rounds"),
+    pytest.param({"settle_gap": -1}, "settle_gap = -1", id="negative-settle-gap"),
     pytest.param({"request_timeout_s": 0}, "request_timeout_s = 0", id="zero-timeout"),
 ])
 def test_config_rejects(kwargs, message):
