@@ -2,7 +2,8 @@
 
 What the control loop asks of a backend: the nodes' inventories (for placement), warm a
 checkpoint on a node now, start an instance of a service on a node, wait until it is ready,
-stop it. Kubernetes would do the same through pods, scheduling gates and NodeCaches.
+list the generations it runs, stop it. Kubernetes would do the same through pods, scheduling
+gates and NodeCaches.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ import httpx
 from sllm_knative.config import ServiceConfig
 from sllm_knative.local import procs, zygote
 from sllm_knative.log import get_logger
-from sllm_knative.placement import NodeInventory, Tier
+from sllm_knative.placement import Instance, NodeInventory, Tier
 
 _log = get_logger("autoscaler.backend")
 
 # Used until a node has measured the hop (the sidecar probes disk and DRAM at start; the
 # remote store is measured on its first transfer).
 FALLBACK_BANDWIDTH = {Tier.REMOTE: 100e6, Tier.SSD: 500e6, Tier.DRAM: 5e9}
+# States in which an instance holds a slot of its node.
+OCCUPYING = ("starting", "ready", "draining")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +73,37 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def inventory_to_node(node: Node, inv: Any, running: int, size_hint: dict[str, int]) -> NodeInventory:
-    """A loader's Inventory message as the planner's NodeInventory (pure)."""
+def running_generations(generations: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The entries of an instance's generation list that still compute: waiting or running (a
+    parked prefill only waits for a migration; detached and finished ones are done)."""
+    return [g for g in generations or [] if g.get("status") in ("waiting", "running")]
+
+
+def instance_view(rec: InstanceRecord, *, model: str, size_bytes: int, capacity: int, priority: int,
+                  migration: bool, outstanding: int, generations: list[dict[str, Any]] | None) -> Instance:
+    """The planner's view of a live instance (pure).
+
+    `outstanding` is the activator's count of requests routed to it (reported every second);
+    `generations` the instance's own list (`GET /internal/v1/generations`: id, status,
+    position), None when it was not asked or did not answer. In flight is the larger of the
+    two (either may lag the other by a moment); tokens are the positions (prompt plus
+    generated) of its waiting and running generations, what a migration recomputes. It can
+    be migrated only when ready with an internal API and its policy allows migration."""
+    running = running_generations(generations)
+    return Instance(
+        name=rec.id, model=model, size_bytes=size_bytes,
+        inflight=max(outstanding, len(running)),
+        tokens=sum(int(g.get("position", 0)) for g in running),
+        capacity=capacity, priority=priority,
+        migratable=migration and rec.state == "ready" and bool(rec.internal_port),
+        ready=rec.state == "ready",
+    )
+
+
+def inventory_to_node(node: Node, inv: Any, running: int, size_hint: dict[str, int],
+                      instances: tuple[Instance, ...] = ()) -> NodeInventory:
+    """A loader's Inventory message, plus the instances the controller runs there, as the
+    planner's NodeInventory (pure)."""
     bw = dict(FALLBACK_BANDWIDTH)
     hops = {b.hop: b.bytes_per_second for b in inv.bandwidths if b.bytes_per_second > 0}
     if "disk_read" in hops:
@@ -91,7 +123,7 @@ def inventory_to_node(node: Node, inv: Any, running: int, size_hint: dict[str, i
                 if e.model not in checkpoints or t.rank < checkpoints[e.model].rank:
                     checkpoints[e.model] = t
     return NodeInventory(name=node.name, bandwidth=bw, checkpoints=checkpoints,
-                         free_slots=max(0, node.slots - running))
+                         free_slots=max(0, node.slots - running), instances=instances)
 
 
 class LocalBackend:
@@ -111,7 +143,8 @@ class LocalBackend:
 
         return await asyncio.to_thread(get)
 
-    async def inventories(self, running: dict[str, int]) -> list[NodeInventory]:
+    async def inventories(self, running: dict[str, int],
+                          instances: dict[str, tuple[Instance, ...]] | None = None) -> list[NodeInventory]:
         out = []
         for name, node in self.nodes.items():
             try:
@@ -119,8 +152,20 @@ class LocalBackend:
             except Exception as exc:  # a node whose loader does not answer is not a candidate
                 _log.warning("node inventory unavailable", node=name, error=str(exc))
                 continue
-            out.append(inventory_to_node(node, inv, running.get(name, 0), self.model_sizes))
+            out.append(inventory_to_node(node, inv, running.get(name, 0), self.model_sizes,
+                                         (instances or {}).get(name, ())))
         return out
+
+    async def generations(self, rec: InstanceRecord, timeout_s: float = 1.0) -> list[dict[str, Any]] | None:
+        """The generations the instance runs (its internal API), None when it does not answer."""
+        try:
+            r = await self.http.get(f"{rec.internal_url}/internal/v1/generations", timeout=timeout_s)
+            r.raise_for_status()
+            data = r.json()["data"]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            _log.debug("generations unavailable", model=rec.service, instance=rec.id, node=rec.node, error=str(exc))
+            return None
+        return data if isinstance(data, list) else None
 
     async def warm(self, node: str, model: str) -> None:
         """Tell the node's loader to start moving the checkpoint into DRAM now (no wait)."""

@@ -6,16 +6,17 @@ Every node yields options, each with an estimated time until the instance is rea
 - EVICT: no free slot, but an idle instance of another model (kept alive, not serving) with a
   priority no higher than the request's can stop at once: `startup(m, n)`.
 - MIGRATE: no free slot; a busy, migratable instance of another model with a priority no
-  higher than the request's moves its in-flight generations away, either onto an instance
-  of its own model with room for them (cost `a * tokens + b`) or onto a free slot of another
-  node (that node's startup time for its model, plus the same cost). The slot frees when the
-  migration ends: `max(migration, queue_wait) + load + overhead`.
+  higher than the request's moves its in-flight generations away, either onto a ready
+  instance of its own model with room for them (cost `a * tokens + b`) or onto a free slot of
+  another node (that node's startup time for its model, plus the same cost). The slot frees
+  when the migration ends: `max(migration, queue_wait) + load + overhead`.
 - WAIT: no free slot; the node's instance expected to finish first frees its slot after
   `remaining_s`: `max(remaining, queue_wait) + load + overhead`.
 
 The option with the smallest estimate wins; ties go to the least disruptive action (PLACE,
 EVICT, WAIT, MIGRATE), then the faster tier, then the node name. Instances of the requested
-model itself are never displaced (the caller routes to them instead).
+model itself are never displaced (the caller routes to them instead), nor are instances that
+are not ready (starting or draining).
 """
 
 from __future__ import annotations
@@ -46,13 +47,16 @@ _DISRUPTION = {Action.PLACE: 0, Action.EVICT: 1, Action.WAIT: 2, Action.MIGRATE:
 class Option:
     """One way to start the model on `node`. `free_s` is the time until a slot is free there
     (0 with a free slot); `victim` the instance stopped, migrated or waited for;
-    `destination` the instance or node that receives a migrated instance's generations."""
+    `destination` the instance that receives a migrated instance's generations or, when
+    `starts_destination` is set, the node with a free slot where an instance of the victim's
+    model must start first to receive them."""
 
     action: Action
     estimate: Estimate
     free_s: float = 0.0
     victim: str | None = None
     destination: str | None = None
+    starts_destination: bool = False
     reason: str = ""
 
     @property
@@ -116,22 +120,32 @@ def _describe(request: ModelRequest, node: NodeInventory, e: Estimate) -> str:
     return ", ".join(parts)
 
 
+@dataclass(frozen=True)
+class _Target:
+    seconds: float
+    destination: str
+    starts: bool
+    how: str
+
+
 def _migration_targets(victim: Instance, home: NodeInventory, nodes: Sequence[NodeInventory],
-                       cost: MigrationCost) -> tuple[float, str, str] | None:
-    """The cheapest place for `victim`'s generations: (seconds, destination, how)."""
+                       cost: MigrationCost) -> _Target | None:
+    """The cheapest place for `victim`'s generations: a ready instance of its model with room,
+    else a new instance on another node's free slot."""
     move = cost.seconds(victim.tokens)
-    best: tuple[float, str, str] | None = None
+    best: _Target | None = None
     for n in nodes:
         for other in n.instances:
-            if other.name != victim.name and other.model == victim.model and other.spare() >= victim.inflight:
-                cand = (move, other.name, f"onto instance {other.name} on {n.name}")
-                best = cand if best is None or cand[0] < best[0] else best
+            if (other.name != victim.name and other.model == victim.model and other.ready
+                    and other.spare() >= victim.inflight):
+                cand = _Target(move, other.name, False, f"onto instance {other.name} on {n.name}")
+                best = cand if best is None or cand.seconds < best.seconds else best
     for n in nodes:
         if n.name == home.name or n.free_slots <= 0:
             continue
         e = startup(ModelRequest(victim.model, victim.size_bytes), n)
-        cand = (e.total_s + move, n.name, f"onto a new instance on {n.name} ({e.total_s:.2f}s to start)")
-        best = cand if best is None or cand[0] < best[0] else best
+        cand = _Target(e.total_s + move, n.name, True, f"onto a new instance on {n.name} ({e.total_s:.2f}s to start)")
+        best = cand if best is None or cand.seconds < best.seconds else best
     return best
 
 
@@ -148,7 +162,7 @@ def _options(request: ModelRequest, node: NodeInventory, nodes: Sequence[NodeInv
         yield Option(Action.WAIT, e, free_s=first.remaining_s or 0.0, victim=first.name,
                      reason=f"no free slot; {first.name} expected to finish in {first.remaining_s:.2f}s; {base}")
     for inst in node.instances:
-        if inst.model == request.model or inst.priority > request.priority:
+        if inst.model == request.model or inst.priority > request.priority or not inst.ready:
             continue
         if inst.idle:
             yield Option(Action.EVICT, e, victim=inst.name,
@@ -157,10 +171,10 @@ def _options(request: ModelRequest, node: NodeInventory, nodes: Sequence[NodeInv
             target = _migration_targets(inst, node, nodes, cost)
             if target is None:
                 continue
-            seconds, dest, how = target
-            yield Option(Action.MIGRATE, e, free_s=seconds, victim=inst.name, destination=dest,
+            yield Option(Action.MIGRATE, e, free_s=target.seconds, victim=inst.name, destination=target.destination,
+                         starts_destination=target.starts,
                          reason=f"no free slot; migrate {inst.name} ({inst.inflight} generation(s), "
-                                f"{inst.tokens} tokens) {how} in {seconds:.2f}s; {base}")
+                                f"{inst.tokens} tokens) {target.how} in {target.seconds:.2f}s; {base}")
 
 
 def place(request: ModelRequest, nodes: Sequence[NodeInventory], calibration: Calibration | None = None) -> Placement:

@@ -56,7 +56,8 @@ class Instance:
     """A running instance occupying a slot. `tokens` counts the prompt and generated tokens of
     its in-flight generations (what a migration must recompute); `remaining_s` is the expected
     time until they all end (None when unknown); `capacity` is its containerConcurrency
-    (0 = unlimited)."""
+    (0 = unlimited). `ready` is False while it starts or drains: it holds its slot but is
+    neither stopped, migrated, nor a migration destination."""
 
     name: str
     model: str
@@ -67,6 +68,7 @@ class Instance:
     remaining_s: float | None = None
     priority: int = 0
     migratable: bool = True
+    ready: bool = True
 
     def __post_init__(self) -> None:
         if self.size_bytes <= 0:

@@ -37,13 +37,13 @@ def node(name: str, tier: Tier | None = None, *, free: int = 1, queue: tuple[Que
 
 
 def busy(name: str, *, tokens: int = 10_000, remaining: float | None = 60.0, migratable: bool = True,
-         priority: int = 0, model: str = OTHER, capacity: int = 4, inflight: int = 2) -> Instance:
+         priority: int = 0, model: str = OTHER, capacity: int = 4, inflight: int = 2, ready: bool = True) -> Instance:
     return Instance(name, model, 1 * GB, inflight=inflight, tokens=tokens, capacity=capacity, remaining_s=remaining,
-                    priority=priority, migratable=migratable)
+                    priority=priority, migratable=migratable, ready=ready)
 
 
-def idle(name: str, *, model: str = OTHER, priority: int = 0) -> Instance:
-    return Instance(name, model, 1 * GB, priority=priority)
+def idle(name: str, *, model: str = OTHER, priority: int = 0, ready: bool = True) -> Instance:
+    return Instance(name, model, 1 * GB, priority=priority, ready=ready)
 
 
 @pytest.mark.parametrize("nodes,want_node,want_tier,want_s", [
@@ -110,12 +110,26 @@ def test_place_picks_the_fastest_start(nodes: list[NodeInventory], want_node: st
     pytest.param([node("a", Tier.DRAM, free=0, instances=(busy("x", tokens=1000),)), node("b")],
                  Action.MIGRATE, "a", "x", "b", (2.0 + 0.3) + (0.2 + 0.5) + 0.8,
                  id="locality-move-a-busy-instance-to-a-free-node"),
+    pytest.param([node("a", Tier.DRAM, free=0, instances=(idle("x", ready=False),)),
+                  node("b", Tier.SSD, free=0, instances=(idle("z"),))],
+                 Action.EVICT, "b", "z", None, 2.8, id="a-starting-instance-is-not-evicted"),
+    pytest.param([node("a", Tier.DRAM, free=0, instances=(busy("x", ready=False, remaining=None),)),
+                  node("b", free=0, instances=(busy("y", remaining=20.0, migratable=False),))],
+                 Action.WAIT, "b", "y", None, 20.0 + 10.3, id="a-draining-instance-is-not-migrated"),
+    pytest.param([node("a", Tier.DRAM, free=0, instances=(busy("x", remaining=None),)),
+                  node("b", free=0, instances=(busy("y", remaining=30.0, ready=False),))],
+                 Action.WAIT, "b", "y", None, 30.0 + 10.3, id="a-starting-instance-is-no-migration-destination"),
+    pytest.param([node("a", Tier.DRAM, free=0, instances=(busy("x", tokens=300, inflight=1),)),
+                  node("b", Tier.REMOTE, free=0, instances=(idle("y"),))],
+                 Action.MIGRATE, "a", "x", "y", (0.06 + 0.5) + 0.8,
+                 id="preempt-the-dram-node-rather-than-evict-for-a-remote-load"),
 ])
 def test_no_free_slot(nodes: list[NodeInventory], action: Action, want_node: str, victim: str,
                       destination: str | None, want_s: float) -> None:
     p = place(REQ, nodes, COST)
     assert (p.action, p.node) == (action, want_node), p.reasons
     assert p.chosen is not None and p.chosen.victim == victim and p.chosen.destination == destination
+    assert p.chosen.starts_destination == (destination in {n.name for n in nodes})
     assert p.estimate_s == pytest.approx(want_s)
 
 
