@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 import uvicorn
@@ -38,7 +39,9 @@ async def serve(args: argparse.Namespace) -> None:
                                     report_interval_s=args.report_interval,
                                     migration=MigrationConfig(gap_threshold=args.migration_gap,
                                                               max_rounds=args.migration_rounds,
-                                                              settle_gap=args.migration_settle_gap)))
+                                                              settle_gap=args.migration_settle_gap,
+                                                              internal_token=os.environ.get("SLLM_INTERNAL_TOKEN")
+                                                              or None)))
     public = uvicorn.Server(uvicorn.Config(build_public_app(act), host=args.host, port=args.port, log_level="warning",
                                            access_log=False, lifespan="on"))
     admin = uvicorn.Server(uvicorn.Config(build_admin_app(act), host="127.0.0.1", port=args.admin_port,

@@ -64,6 +64,8 @@ class MigrationConfig:
     # max_rounds. 0: never end the rounds early.
     settle_gap: int = 16
     request_timeout_s: float = 60.0  # one internal call (a prefill of a long context included)
+    # The instances' SLLM_INTERNAL_TOKEN, sent as `Authorization: Bearer` on every internal call.
+    internal_token: str | None = dataclasses.field(default=None, repr=False)
     handoff_timeout_s: float = 60.0  # from the detach until the destination's stream is spliced in
 
     def __post_init__(self) -> None:
@@ -76,6 +78,12 @@ class MigrationConfig:
         for name in ("request_timeout_s", "handoff_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} = {getattr(self, name)}, must be > 0")
+
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Headers of every call to an instance's internal API."""
+        return {"authorization": f"Bearer {self.internal_token}"} if self.internal_token else {}
 
 
 # -- pure decisions -------------------------------------------------------------------------
@@ -302,7 +310,7 @@ Candidates = Callable[[Tracked, frozenset[str]], Sequence[Instance]]
 
 
 async def _open_resume(client: httpx.AsyncClient, tracked: Tracked, state: dict[str, Any],
-                       candidates: Candidates) -> AsyncIterator[bytes] | None:
+                       candidates: Candidates, cfg: MigrationConfig) -> AsyncIterator[bytes] | None:
     """Resume `state` on the first candidate that accepts it; the new upstream replaces the old."""
     tried: set[str] = set()
     while True:
@@ -315,7 +323,8 @@ async def _open_resume(client: httpx.AsyncClient, tracked: Tracked, state: dict[
         resp = None
         try:
             await stack.enter_async_context(tracked.breaker.slot(inst))
-            req = client.build_request("POST", f"{inst.internal_url}{API}/resume", json={"state": state})
+            req = client.build_request("POST", f"{inst.internal_url}{API}/resume", json={"state": state},
+                                       headers=cfg.headers)
             resp = await client.send(req, stream=True)
             stack.push_async_callback(resp.aclose)
             if resp.status_code != 200:
@@ -406,7 +415,7 @@ async def splice(client: httpx.AsyncClient, tracked: Tracked, rest: AsyncIterato
             generated = int(state["position"]) - int(state["prompt_len"])
             skip_frames_tokens, skip = max(0, tracked.delivered_tokens - generated), 0
         buf, sent_prefix, broken = b"", 0, False
-        source = await _open_resume(client, tracked, resume_state, candidates)
+        source = await _open_resume(client, tracked, resume_state, candidates, cfg)
         if source is None:
             _log.error("no instance accepted the resumed generation", id=tracked.id)
             tracked.settle("failed")
@@ -452,7 +461,7 @@ class _DestinationFailed(Exception):
 async def _source_call(client: httpx.AsyncClient, method: str, url: str, cfg: MigrationConfig,
                        body: Any = None) -> dict[str, Any]:
     try:
-        r = await client.request(method, url, json=body, timeout=cfg.request_timeout_s)
+        r = await client.request(method, url, json=body, timeout=cfg.request_timeout_s, headers=cfg.headers)
     except httpx.HTTPError as exc:
         raise _SourceFailed(f"{type(exc).__name__}: {exc}", gone=True) from exc
     if r.status_code == 404:
@@ -470,16 +479,16 @@ async def _prefill(client: httpx.AsyncClient, dest: Instance, gen_id: str, start
     try:
         r = await client.post(f"{dest.internal_url}{API}/prefill", json={"id": gen_id, "start": start,
                                                                           "tokens": tokens},
-                              timeout=cfg.request_timeout_s)
+                              timeout=cfg.request_timeout_s, headers=cfg.headers)
     except httpx.HTTPError as exc:
         raise _DestinationFailed(f"{type(exc).__name__}: {exc}") from exc
     if r.status_code != 200:
         raise _DestinationFailed(f"prefill answered {r.status_code}: {r.text[:300]}")
 
 
-async def _drop_prefill(client: httpx.AsyncClient, dest: Instance, gen_id: str) -> None:
+async def _drop_prefill(client: httpx.AsyncClient, dest: Instance, gen_id: str, cfg: MigrationConfig) -> None:
     with contextlib.suppress(httpx.HTTPError):
-        await client.delete(f"{dest.internal_url}{API}/prefill/{gen_id}", timeout=5.0)
+        await client.delete(f"{dest.internal_url}{API}/prefill/{gen_id}", timeout=5.0, headers=cfg.headers)
 
 
 async def migrate_generation(client: httpx.AsyncClient, tracked: Tracked, dest: Instance,
@@ -513,20 +522,20 @@ async def migrate_generation(client: httpx.AsyncClient, tracked: Tracked, dest: 
         tracked.handoff.set_result(Handoff(final))
     except _Finished:
         tracked.destination = None
-        await _drop_prefill(client, dest, tracked.id)
+        await _drop_prefill(client, dest, tracked.id, cfg)
         return result("finished_on_source")
     except _DestinationFailed as exc:
         _log.warning("destination failed before the detach: the generation stays on the source", id=tracked.id,
                      instance=dest.id, error=str(exc))
         tracked.destination = None
-        await _drop_prefill(client, dest, tracked.id)
+        await _drop_prefill(client, dest, tracked.id, cfg)
         return result("stayed_on_source")
     except _SourceFailed as exc:
         _log.warning("source failed during the migration", id=tracked.id, instance=src.id, error=str(exc),
                      gone=exc.gone)
         if not exc.gone and not tracked.handoff.done():  # it refused: the generation stays there
             tracked.destination = None
-            await _drop_prefill(client, dest, tracked.id)
+            await _drop_prefill(client, dest, tracked.id, cfg)
             return result("stayed_on_source")
         if not tracked.handoff.done():
             tracked.handoff.set_result(Handoff(None))

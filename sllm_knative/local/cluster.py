@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -138,8 +139,12 @@ def up(opts: UpOptions, on_ready: Any = None) -> int:
         tmp.write_text(json.dumps(doc, indent=1))
         os.replace(tmp, cluster_file(state))
 
+    # One internal-API token for this cluster: every instance (through its node's zygote) requires
+    # it on its internal port, the activator sends it on every migration call.
+    internal = {"SLLM_INTERNAL_TOKEN": os.environ.get("SLLM_INTERNAL_TOKEN") or secrets.token_urlsafe(24)}
+
     def start(name: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-        proc = procs.spawn(argv, log)
+        proc = procs.spawn(argv, log, env=internal)
         children.append((name, proc))
         doc["groups"].append(proc.pid)
         save()

@@ -78,7 +78,7 @@ class Function:
 
 
 class Activator:
-    def __init__(self, logs: Path, *extra: str, name: str = "activator") -> None:
+    def __init__(self, logs: Path, *extra: str, name: str = "activator", env: dict[str, str] | None = None) -> None:
         self.port, self.admin_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin = f"http://127.0.0.1:{self.admin_port}"
@@ -86,7 +86,7 @@ class Activator:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen([sys.executable, "-m", "activator", "--port", str(self.port), "--admin-port",
                                       str(self.admin_port), *extra], cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
     def set_instances(self, *functions: Function) -> None:
         r = httpx.put(f"{self.admin}/internal/services/default/{MODEL}",

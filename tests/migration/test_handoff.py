@@ -288,3 +288,35 @@ def test_sigterm_migrates_before_exit(activator, functions, spare, seed):
     assert_same(got, want)
     log = victim.log_path.read_text()
     assert "drained before exit" in log and "outcomes=migrated" in log, log[-2000:]
+
+
+def test_internal_token_is_sent_and_required(activator, spare, logs):
+    token = {"SLLM_INTERNAL_TOKEN": "s3cret-token"}
+    src, dst = spare("secured-src", token), spare("secured-dst", token)
+    secured = Activator(logs, name="secured-activator", env=token)
+    try:
+        wait_for(f"{secured.admin}/internal/stats", secured.proc, secured.log_path, timeout=30)
+        want = reference(dst, body(11))
+        # Without the token the export is refused (401): the generation stays on its source.
+        activator.set_instances(src)
+
+        def refused() -> dict:
+            activator.set_instances(dst)
+            return activator.migrate(src, dst)
+
+        (got,), result = migrating(activator, [body(11)], refused)
+        assert_same(got, want)
+        assert result["generations"][0]["outcome"] == "stayed_on_source", result
+        assert "401" in activator.log_path.read_text()
+        # With the token every internal call (export, prefill, detach, resume) gets through.
+        secured.set_instances(src)
+
+        def allowed() -> dict:
+            secured.set_instances(dst)
+            return secured.migrate(src, dst)
+
+        (got,), result = migrating(secured, [body(11)], allowed)
+        assert_same(got, want)
+        assert result["generations"][0]["outcome"] == "migrated", result
+    finally:
+        secured.stop()
