@@ -8,6 +8,7 @@ import os
 import sys
 
 import uvicorn
+import uvloop
 
 from activator.app import Activator, ActivatorConfig, build_admin_app, build_public_app
 from activator.migration import MigrationConfig
@@ -42,10 +43,14 @@ async def serve(args: argparse.Namespace) -> None:
                                                               settle_gap=args.migration_settle_gap,
                                                               internal_token=os.environ.get("SLLM_INTERNAL_TOKEN")
                                                               or None)))
+    # httptools parses HTTP and uvloop runs the loop (main); no websocket upgrades and no
+    # X-Forwarded-* rewriting of the client address, which the activator never reads.
     public = uvicorn.Server(uvicorn.Config(build_public_app(act), host=args.host, port=args.port, log_level="warning",
-                                           access_log=False, lifespan="on"))
+                                           access_log=False, lifespan="on", http="httptools", ws="none",
+                                           proxy_headers=False))
     admin = uvicorn.Server(uvicorn.Config(build_admin_app(act), host="127.0.0.1", port=args.admin_port,
-                                          log_level="warning", access_log=False, lifespan="off"))
+                                          log_level="warning", access_log=False, lifespan="off", http="httptools",
+                                          ws="none"))
     log.get_logger("activator").info("listening", port=args.port, admin_port=args.admin_port)
     await asyncio.gather(public.serve(), admin.serve())
 
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log.setup()
     try:
-        asyncio.run(serve(args))
+        uvloop.run(serve(args))
     except KeyboardInterrupt:
         pass
     return 0

@@ -1,16 +1,22 @@
 """The activator's two HTTP apps, assembled in one place.
 
-Public app (what clients and Knative's ingress reach), one request through the layers:
+Public app (what clients and Knative's ingress reach): a plain ASGI app with one route, one
+request through the layers:
 
-    size limit -> route (Host, else OpenAI `model`) -> count (concurrency window)
+    probe? internal path? -> size limit -> route (Host, else OpenAI `model`) -> count
       -> hold until an instance with room is ready (cold start: poke the autoscaler first)
-      -> forward with the instance's breaker slot held, first body chunk fetched before the
-         response starts (a failure before it is retried once on another instance)
-      -> stream the rest chunk by chunk (no buffering of SSE); slot released at the end
+      -> forward with the instance's breaker slot held (activator/upstream.py), the response
+         head and first body chunk fetched before the response starts (a failure before it is
+         retried once on another instance)
+      -> a small body with a length goes out whole in one write; anything else is streamed
+         chunk by chunk (no buffering of SSE); slot and connection released at the end
+
+No Starlette router or middleware on this port: they cost more than everything above
+together, and there is one route. Errors become responses in exactly one place
+(`PublicApp.__call__` via `_send_error`).
 
 Admin app (loopback only, never the public port): the autoscaler pushes services and their
-ready instances, and reads stats and metrics. Errors become responses in exactly one place
-(`_error_response`).
+ready instances, and reads stats and metrics.
 """
 
 from __future__ import annotations
@@ -18,20 +24,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import posixpath
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import Any
+from urllib.parse import quote
 
 import httpx
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
 
 from activator import errors, metrics
-from activator.balancer import Instance
+from activator.balancer import Instance, pick
 from activator.migration import (
     MigrationConfig,
     StreamTable,
@@ -42,13 +50,18 @@ from activator.migration import (
 )
 from activator.registry import Registry, Service
 from activator.routing import OPENAI_PATHS, ServiceKey, model_from_body, service_from_host, service_from_model
+from activator.upstream import Pool, UpstreamResponse, parse_origin
 from sllm_knative.log import get_logger
 
 _log = get_logger("activator")
 
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-                        "transfer-encoding", "upgrade", "host", "content-length"})
-_UPSTREAM_TIMEOUT = httpx.Timeout(10.0, read=None, write=30.0).as_dict()
+# Not forwarded in either direction: connection-level fields, and the framing and addressing that
+# the activator sets itself (Host is the instance's, lengths are recomputed). `date`/`server`
+# of the instance are dropped as nginx does; the activator's server adds its own.
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+                        b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect",
+                        b"proxy-connection"})
+_RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server"}
 SMALL_BODY = 1 << 20  # non-streaming bodies up to this size are relayed whole, with their length
 # Paths of the instances' internal (migration) API: never forwarded from the public port.
 INTERNAL_PREFIXES = ("/internal", "/admin")
@@ -73,17 +86,109 @@ class ActivatorConfig:
             raise ValueError(f"max_held_per_service = {self.max_held_per_service}, must be >= 1")
 
 
+# -- pure helpers of the request path ---------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RequestHead:
+    """What the activator reads from a request's headers, and the ones it forwards."""
+
+    host: str | None
+    content_length: bytes | None
+    chunked: bool
+    probe: bool  # Knative's network probe (`K-Network-Probe`)
+    probe_hash: bytes
+    forward: list[tuple[bytes, bytes]]
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or (self.content_length is not None and self.content_length != b"0")
+
+
+def split_headers(raw: Iterable[tuple[bytes, bytes]]) -> RequestHead:
+    """One pass over the ASGI headers (names in lower case): routing fields out, hop-by-hop ones dropped."""
+    host = length = None
+    chunked = probe = False
+    probe_hash = b""
+    forward = []
+    for name, value in raw:
+        if name in HOP_BY_HOP:
+            if name == b"host":
+                host = value.decode("latin-1")
+            elif name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                chunked = True
+            continue
+        if name == b"k-network-probe":
+            probe = bool(value)
+        elif name == b"k-network-hash":
+            probe_hash = value
+        forward.append((name, value))
+    return RequestHead(host, length, chunked, probe, probe_hash, forward)
+
+
+def is_internal(path: str) -> bool:
+    """Whether a (percent-decoded) path names an instance's internal API, dot segments and
+    repeated slashes resolved as the instance's server might."""
+    if "//" in path or "/." in path:
+        path = posixpath.normpath("/" + path.lstrip("/"))
+    return path.startswith(INTERNAL_PREFIXES)
+
+
+def request_target(scope: Scope) -> bytes:
+    """Path and query as the client sent them (not re-encoded)."""
+    raw = scope.get("raw_path") or quote(scope["path"]).encode("ascii")
+    query = scope.get("query_string")
+    return raw + b"?" + query if query else raw
+
+
+def response_headers(upstream: list[tuple[bytes, bytes]], instance: str) -> list[tuple[bytes, bytes]]:
+    """The instance's response headers for the client, duplicates (set-cookie) kept, plus which instance answered."""
+    out = [(n, v) for n, v in upstream if n not in _RESPONSE_DROP]
+    out.append((b"x-sllm-instance", instance.encode("latin-1")))
+    return out
+
+
+@dataclasses.dataclass
+class _Meters:
+    """One service's metric children (looked up once, not per request)."""
+
+    in_flight: Gauge
+    proxy_seconds: Histogram
+    queue_seconds: Histogram
+    cold_starts: Counter
+    retries: Counter
+    requests: dict[int, Counter]
+
+    @classmethod
+    def of(cls, key: ServiceKey) -> _Meters:
+        name = str(key)
+        return cls(metrics.IN_FLIGHT.labels(name), metrics.PROXY_SECONDS.labels(name),
+                   metrics.QUEUE_SECONDS.labels(name), metrics.COLD_STARTS.labels(name),
+                   metrics.RETRIES.labels(name), {})
+
+    def request_done(self, key: ServiceKey, status: int) -> None:
+        counter = self.requests.get(status)
+        if counter is None:
+            counter = self.requests[status] = metrics.REQUESTS.labels(str(key), str(status))
+        counter.inc()
+
+
+class _ClientGone(Exception):
+    """The client disconnected while its request body was being read."""
+
+
 class Activator:
-    """State shared by the two apps: the registry, the HTTP client, the autoscaler link."""
+    """State shared by the two apps: the registry, the HTTP clients, the autoscaler link."""
 
     def __init__(self, config: ActivatorConfig) -> None:
         self.config = config
         self.registry = Registry()
         self.streams = StreamTable()  # streaming responses by generation id (what a migration can move)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-        self.transport = httpx.AsyncHTTPTransport(limits=limits)
+        self.upstream = Pool(connect_timeout=10.0, write_timeout=30.0, read_timeout=None)  # the data path
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None, write=30.0),
                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+        self._meters: dict[ServiceKey, _Meters] = {}
         self._reporter: asyncio.Task[None] | None = None
 
     # -- autoscaler link -------------------------------------------------------------------
@@ -130,158 +235,180 @@ class Activator:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reporter
         await self.client.aclose()
-        await self.transport.aclose()
+        await self.upstream.aclose()
 
     # -- the request path ------------------------------------------------------------------
 
-    def route(self, request: Request, body: bytes) -> Service:
+    def route(self, host: str | None, path: str, body: bytes) -> Service:
         known = self.registry.known
-        key = service_from_host(request.headers.get("host"), known)
-        if key is None and request.url.path in OPENAI_PATHS:
+        key = service_from_host(host, known)
+        if key is None and path in OPENAI_PATHS:
             key = service_from_model(model_from_body(body), known, self.config.default_namespace)
         if key is None:
-            model = model_from_body(body) if request.url.path in OPENAI_PATHS else None
-            what = f"model {model!r}" if model else f"host {request.headers.get('host')!r}"
+            model = model_from_body(body) if path in OPENAI_PATHS else None
+            what = f"model {model!r}" if model else f"host {host!r}"
             raise errors.NotFound(f"no service serves {what}")
         return self.registry.get(key)
 
-    async def handle(self, request: Request) -> Response:
-        if request.headers.get("k-network-probe"):  # Knative's network probe contract
-            return Response("activator", headers={"k-network-hash": request.headers.get("k-network-hash", "")})
-        if request.url.path.startswith(INTERNAL_PREFIXES):
-            raise errors.NotFound(f"no route for {request.url.path}")
-        body = await _read_body(request, self.config.max_body_bytes)
-        svc = self.route(request, body)
+    def meters(self, key: ServiceKey) -> _Meters:
+        m = self._meters.get(key)
+        if m is None:
+            m = self._meters[key] = _Meters.of(key)
+        return m
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """One public request, answered through `send`; ActivatorError only before the response starts."""
+        head = split_headers(scope["headers"])
+        if head.probe:  # Knative's network probe contract
+            await _send_whole(send, 200, [(b"k-network-hash", head.probe_hash)], b"activator")
+            return
+        path = scope["path"]
+        if is_internal(path):
+            raise errors.NotFound(f"no route for {path}")
+        body = await _read_body(receive, head, self.config.max_body_bytes) if head.has_body else b""
+        svc = self.route(head.host, path, body)
+        meters = self.meters(svc.key)
         svc.window.change(+1, time.monotonic())
-        metrics.IN_FLIGHT.labels(str(svc.key)).inc()
-        stack = contextlib.AsyncExitStack()
-        stack.callback(self._done, svc)
+        meters.in_flight.inc()
         try:
-            return await self._forward(request, body, svc, stack)
-        except BaseException:
-            await stack.aclose()
-            raise
+            await self._forward(scope, receive, send, head, body, svc, meters)
+        finally:
+            svc.window.change(-1, time.monotonic())
+            meters.in_flight.dec()
 
-    def _done(self, svc: Service) -> None:
-        svc.window.change(-1, time.monotonic())
-        metrics.IN_FLIGHT.labels(str(svc.key)).dec()
-
-    async def _acquire(self, svc: Service, exclude: frozenset[str], deadline: float) -> Instance:
+    async def _acquire(self, svc: Service, exclude: frozenset[str], deadline: float, meters: _Meters) -> Instance:
+        inst = pick(svc.instances, exclude)
+        if inst is not None:  # warm: no wait
+            meters.queue_seconds.observe(0.0)
+            return inst
         if not svc.instances:
-            metrics.COLD_STARTS.labels(str(svc.key)).inc()
+            meters.cold_starts.inc()
             await self._demand(svc)
         if svc.held >= self.config.max_held_per_service:
             raise errors.Overloaded(f"{svc.key}: {svc.held} requests already waiting")
         t0 = time.monotonic()
         svc.held += 1
         try:
-            inst = await self.registry.wait_for_instance(svc, deadline, exclude)
+            found = await self.registry.wait_for_instance(svc, deadline, exclude)
         finally:
             svc.held -= 1
-        metrics.QUEUE_SECONDS.labels(str(svc.key)).observe(time.monotonic() - t0)
-        if inst is None:
+        meters.queue_seconds.observe(time.monotonic() - t0)
+        if found is None:
             raise errors.ColdStartTimeout(
                 f"{svc.key}: no instance became ready within {self.config.cold_start_timeout_s:g}s",
                 retry_after=max(1, int(self.config.cold_start_timeout_s // 10)))
-        return inst
+        return found
 
-    async def _forward(self, request: Request, body: bytes, svc: Service,
-                       stack: contextlib.AsyncExitStack) -> Response:
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, head: RequestHead, body: bytes,
+                       svc: Service, meters: _Meters) -> None:
         deadline = time.monotonic() + self.config.cold_start_timeout_s
-        headers = [(k, v) for k, v in request.headers.items() if k not in HOP_BY_HOP]
-        headers.append(("knative-serving-namespace", svc.key.namespace))
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        method = scope["method"].encode("ascii")
+        target = request_target(scope)
+        headers = [*head.forward, (b"knative-serving-namespace", svc.key.namespace.encode())]
         tried: set[str] = set()
         for attempt in range(2):
-            inst = await self._acquire(svc, frozenset(tried), deadline)
+            inst = await self._acquire(svc, frozenset(tried), deadline, meters)
             slot = contextlib.AsyncExitStack()
             await slot.enter_async_context(svc.breaker.slot(inst))
             t0 = time.perf_counter()
             resp = None
             try:
-                # Straight to the transport: the client's auth, redirect and cookie layers have
-                # nothing to do on the data path and cost a third of the proxy's time.
-                req = httpx.Request(request.method, inst.url + target, headers=headers, content=body,
-                                    extensions={"timeout": _UPSTREAM_TIMEOUT})
-                resp = await self.transport.handle_async_request(req)
-                chunks = resp.aiter_raw()
-                first = await anext(chunks, b"")
-            except (httpx.TransportError, httpx.StreamError) as exc:
+                resp = await self.upstream.request(inst.url, method, target, headers, body)
+                first = await anext(resp, b"")
+            except httpx.TransportError as exc:
                 if resp is not None:
-                    await resp.aclose()
+                    resp.close()
                 await slot.aclose()
                 tried.add(inst.id)
                 _log.warning("instance failed before the first byte", service=str(svc.key), instance=inst.id,
                              node=inst.node, attempt=attempt, error=f"{type(exc).__name__}: {exc}")
                 await self.registry.drop_instance(svc.key, inst.id)
                 if attempt == 0:
-                    metrics.RETRIES.labels(str(svc.key)).inc()
+                    meters.retries.inc()
                 continue
-            metrics.PROXY_SECONDS.labels(str(svc.key)).observe(time.perf_counter() - t0)
-            metrics.REQUESTS.labels(str(svc.key), str(resp.status_code)).inc()
-            out_headers = {k: v for k, v in resp.headers.items() if k not in HOP_BY_HOP}
-            out_headers["x-sllm-instance"] = inst.id
-            gen_id = resp.headers.get("x-request-id")
-            if gen_id and resp.status_code == 200 and inst.internal_url and \
-                    resp.headers.get("content-type", "").startswith("text/event-stream"):
-                tracked = Tracked(gen_id, svc.key, inst, svc.breaker)
-                tracked.upstream.push_async_callback(slot.aclose)
-                tracked.upstream.push_async_callback(resp.aclose)
-                self.streams.add(tracked)
-                stack.callback(self.streams.remove, tracked)
-                stack.push_async_callback(tracked.close)
-                return StreamingResponse(self._relay_tracked(first, chunks, stack, tracked),
-                                         status_code=resp.status_code, headers=out_headers)
-            stack.push_async_callback(slot.aclose)
-            stack.push_async_callback(resp.aclose)
-            length = resp.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) <= SMALL_BODY:
-                # A small, complete body: send it with its length in one write instead of
-                # re-chunking it (headers, body and terminator would be three writes).
-                try:
-                    rest = [c async for c in chunks]
-                except httpx.HTTPError:
-                    await stack.aclose()
-                    raise errors.UpstreamFailed(f"{svc.key}: instance {inst.id} broke off its response") from None
-                return Response(b"".join([first, *rest]), status_code=resp.status_code, headers=out_headers,
-                                background=BackgroundTask(stack.aclose))
-            return StreamingResponse(_relay(first, chunks, stack), status_code=resp.status_code, headers=out_headers)
+            except BaseException:
+                if resp is not None:
+                    resp.close()
+                await slot.aclose()
+                raise
+            meters.proxy_seconds.observe(time.perf_counter() - t0)
+            meters.request_done(svc.key, resp.status)
+            await self._respond(scope, receive, send, svc, inst, slot, resp, first)
+            return
         raise errors.UpstreamFailed(f"{svc.key}: instances failed before responding ({', '.join(sorted(tried))})")
+
+    async def _respond(self, scope: Scope, receive: Receive, send: Send, svc: Service, inst: Instance,
+                       slot: contextlib.AsyncExitStack, resp: UpstreamResponse, first: bytes) -> None:
+        """Relay the response of `resp` (its first chunk in hand); release `resp` and `slot` however it ends."""
+        out = response_headers(resp.headers, inst.id)
+        gen_id = resp.get(b"x-request-id")
+        if gen_id and resp.status == 200 and inst.internal_url and \
+                (resp.get(b"content-type") or b"").startswith(b"text/event-stream"):
+            tracked = Tracked(gen_id.decode("latin-1"), svc.key, inst, svc.breaker)
+            tracked.upstream.push_async_callback(slot.aclose)
+            tracked.upstream.push_async_callback(resp.aclose)
+            self.streams.add(tracked)
+            relay = self._relay_tracked(first, resp, tracked)
+            try:
+                await _stream(scope, receive, send, resp.status, out, relay)
+            finally:
+                await relay.aclose()
+                self.streams.remove(tracked)
+                await tracked.close()
+            return
+        try:
+            length = resp.get(b"content-length")
+            if length is not None and length.isdigit() and int(length) <= SMALL_BODY:
+                # A small, complete body: one write with its length instead of a re-chunked stream.
+                try:
+                    data = first + await resp.read()
+                except httpx.TransportError:
+                    raise errors.UpstreamFailed(f"{svc.key}: instance {inst.id} broke off its response") from None
+                resp.close()
+                await slot.aclose()
+                out.append((b"content-length", length if scope["method"] == "HEAD" else str(len(data)).encode()))
+                await _send_whole(send, resp.status, out, data)
+                return
+            relay = _relay(first, resp)
+            try:
+                await _stream(scope, receive, send, resp.status, out, relay)
+            finally:
+                await relay.aclose()
+        finally:
+            resp.close()
+            await slot.aclose()
 
     # -- migration -------------------------------------------------------------------------
 
-    async def _relay_tracked(self, first: bytes, rest: AsyncIterator[bytes], stack: contextlib.AsyncExitStack,
-                             tracked: Tracked) -> AsyncIterator[bytes]:
+    async def _relay_tracked(self, first: bytes, rest: AsyncIterator[bytes],
+                             tracked: Tracked) -> AsyncGenerator[bytes, None]:
         """`_relay` for a stream a migration may switch: chunks pass through (and are kept, unparsed)
         until a migration starts, then `splice` takes over frame by frame."""
         broken = False
         held = b""  # a chunk received after the migration began: splice must see it (it may be the detach)
+        if first:
+            tracked.keep(first)
+            yield first
         try:
-            if first:
-                tracked.keep(first)
-                yield first
-            try:
-                while not tracked.migrating:
-                    chunk = await anext(rest, None)
-                    if chunk is None:
-                        if not tracked.migrating:
-                            return
-                        break
-                    if tracked.migrating:
-                        held = chunk
-                        break
-                    tracked.keep(chunk)
-                    yield chunk
-            except httpx.HTTPError as exc:
-                if not tracked.migrating:
-                    _log.warning("upstream stream broke after the first byte", error=f"{type(exc).__name__}: {exc}")
-                    return
-                broken = True
-            async for out in splice(self.client, tracked, _prepend(held, rest), self._resume_candidates,
-                                    self.config.migration, broken=broken):
-                yield out
-        finally:
-            await stack.aclose()
+            while not tracked.migrating:
+                chunk = await anext(rest, None)
+                if chunk is None:
+                    if not tracked.migrating:
+                        return
+                    break
+                if tracked.migrating:
+                    held = chunk
+                    break
+                tracked.keep(chunk)
+                yield chunk
+        except httpx.HTTPError as exc:
+            if not tracked.migrating:
+                _log.warning("upstream stream broke after the first byte", error=f"{type(exc).__name__}: {exc}")
+                return
+            broken = True
+        async for out in splice(self.client, tracked, _prepend(held, rest), self._resume_candidates,
+                                self.config.migration, broken=broken):
+            yield out
 
     def _resume_candidates(self, tracked: Tracked, tried: frozenset[str]) -> list[Instance]:
         """Where a detached (or orphaned) generation may resume: its destination first, then any other."""
@@ -324,17 +451,15 @@ class Activator:
         return [r.to_json() for r in results]
 
 
-async def _relay(first: bytes, rest: AsyncIterator[bytes], stack: contextlib.AsyncExitStack) -> AsyncIterator[bytes]:
-    """Pass the upstream body through chunk by chunk; release the slot however it ends."""
+async def _relay(first: bytes, rest: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
+    """Pass the upstream body through chunk by chunk (a break after the first byte ends the stream)."""
+    if first:
+        yield first
     try:
-        if first:
-            yield first
         async for chunk in rest:
             yield chunk
     except httpx.HTTPError as exc:
         _log.warning("upstream stream broke after the first byte", error=f"{type(exc).__name__}: {exc}")
-    finally:
-        await stack.aclose()
 
 
 async def _prepend(chunk: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -344,43 +469,82 @@ async def _prepend(chunk: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[by
         yield more
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+async def _read_body(receive: Receive, head: RequestHead, limit: int) -> bytes:
+    declared = head.content_length
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise errors.TooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit")
+        raise errors.TooLarge(f"request body of {declared.decode()} bytes exceeds the {limit}-byte limit")
     parts, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise errors.TooLarge(f"request body exceeds the {limit}-byte limit")
         parts.append(chunk)
-    return b"".join(parts)
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _error_response(exc: errors.ActivatorError) -> Response:
-    return Response(errors.error_body(exc), status_code=exc.status,
-                    headers={k.decode(): v.decode() for k, v in errors.error_headers(exc)})
+async def _send_whole(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    if not any(n == b"content-length" for n, _ in headers):
+        headers = [*headers, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
-def build_public_app(act: Activator) -> Starlette:
-    async def endpoint(request: Request) -> Response:
-        try:
-            return await act.handle(request)
-        except errors.ActivatorError as exc:
-            if exc.status >= 500:
-                _log.warning("request failed", status=exc.status, error=exc.message)
-            return _error_response(exc)
+async def _stream(scope: Scope, receive: Receive, send: Send, status: int, headers: list[tuple[bytes, bytes]],
+                  chunks: AsyncIterator[bytes]) -> None:
+    """Chunked response; Starlette's StreamingResponse stops it if the client disconnects."""
+    response = StreamingResponse(chunks, status_code=status)
+    response.raw_headers = headers
+    await response(scope, receive, send)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await act.start()
-        try:
-            yield
-        finally:
-            await act.stop()
 
-    methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
-    return Starlette(routes=[Route("/{path:path}", endpoint, methods=methods)], lifespan=lifespan)
+async def _send_error(send: Send, exc: errors.ActivatorError) -> None:
+    await _send_whole(send, exc.status, errors.error_headers(exc), errors.error_body(exc))
+
+
+class PublicApp:
+    """The public port: every method and path goes to `Activator.handle`; lifespan starts and stops it."""
+
+    def __init__(self, act: Activator) -> None:
+        self.act = act
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            try:
+                await self.act.handle(scope, receive, send)
+            except errors.ActivatorError as exc:
+                if exc.status >= 500:
+                    _log.warning("request failed", status=exc.status, error=exc.message)
+                await _send_error(send, exc)
+            except _ClientGone:
+                pass
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        else:
+            raise RuntimeError(f"the activator's public port serves HTTP, not {scope['type']!r}")
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message: Message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.act.start()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.act.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def build_public_app(act: Activator) -> PublicApp:
+    return PublicApp(act)
 
 
 def build_admin_app(act: Activator) -> Starlette:
@@ -394,7 +558,9 @@ def build_admin_app(act: Activator) -> Starlette:
                     isinstance(e, dict) and isinstance(e.get("id"), str) and isinstance(e.get("url"), str)
                     for e in endpoints):
                 raise ValueError("instances must be a list of {id, url[, node, capacity]}")
-        except (ValueError, TypeError) as exc:
+            for e in endpoints:
+                parse_origin(e["url"])  # the data path speaks plain HTTP to instances
+        except (ValueError, TypeError, httpx.UnsupportedProtocol) as exc:
             return JSONResponse({"error": f"bad service update for {key}: {exc}"}, status_code=400)
         act.registry.set_service(key, cc)
         await act.registry.set_endpoints(key, endpoints)

@@ -124,12 +124,39 @@ def test_bad_requests_get_openai_errors(activator, kwargs, status, code) -> None
     assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
 
 
-def test_internal_paths_are_not_forwarded(activator, upstreams) -> None:
+def raw_http(url: str, request: bytes) -> bytes:
+    """Send request bytes exactly as given (no client-side normalisation); the whole answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(request)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+@pytest.mark.parametrize("target", [
+    pytest.param("/internal/export", id="plain"),
+    pytest.param("/%69nternal/export", id="percent-encoded"),
+    pytest.param("/v1/../internal/export", id="dot-segments"),
+    pytest.param("//internal/export", id="double-slash"),
+])
+def test_internal_paths_are_not_forwarded(activator, upstreams, target: str) -> None:
     public, admin = activator
     put(admin, "llama", [{"id": "a", "url": upstreams[0].url}])
-    r = httpx.get(f"{public}/internal/export", headers={"host": "llama.default.example.com"})
-    assert r.status_code == 404
-    assert "secret" not in r.text
+    answer = raw_http(public, f"GET {target} HTTP/1.1\r\nHost: llama.default.example.com\r\n"
+                              "Connection: close\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 404 ")
+    assert b"secret" not in answer
+
+
+def test_target_is_forwarded_as_received(activator, upstreams) -> None:
+    public, admin = activator
+    put(admin, "llama", [{"id": "a", "url": upstreams[0].url}])
+    r = httpx.post(f"{public}/v1/completions?x=1%2F2&y", json={"model": "llama"})
+    assert r.status_code == 200
+    assert (r.json()["raw_path"], r.json()["query"]) == ("/v1/completions", "x=1%2F2&y")
+    assert r.json()["host"] == upstreams[0].url.removeprefix("http://")  # the instance's own address
 
 
 def test_streams_pass_through_chunk_by_chunk(activator, upstreams) -> None:
@@ -209,7 +236,43 @@ def test_container_concurrency_spreads_and_queues(activator, upstreams) -> None:
     assert durations[2] >= 0.9, "the third request waits for a slot (containerConcurrency=1, 2 instances)"
 
 
-def test_admin_rejects_bad_updates(activator) -> None:
+@pytest.mark.parametrize(("instances", "error"), [
+    pytest.param([{"id": 1}], "instances must be a list", id="no-url"),
+    pytest.param([{"id": "a", "url": "https://10.0.0.7:8443"}], "expected http://host[:port]", id="https"),
+    pytest.param([{"id": "a", "url": "10.0.0.7:8080"}], "expected http://host[:port]", id="no-scheme"),
+])
+def test_admin_rejects_bad_updates(activator, instances: list, error: str) -> None:
     _, admin = activator
-    r = httpx.put(f"{admin}/internal/services/default/x", json={"instances": [{"id": 1}]})
-    assert r.status_code == 400 and "instances" in r.json()["error"]
+    r = httpx.put(f"{admin}/internal/services/default/x", json={"instances": instances})
+    assert r.status_code == 400 and error in r.json()["error"]
+
+
+def test_instance_dying_mid_body_is_a_502(activator, upstreams) -> None:
+    """A non-streaming body is relayed whole with its length, so a break halfway is reported, not truncated."""
+    public, admin = activator
+    doomed = Upstream("halfway")
+    put(admin, "half", [{"id": "halfway", "url": doomed.url}])
+    r = httpx.post(f"{public}/v1/completions", json={"model": "half", "die_mid_body": "halfway"}, timeout=10)
+    doomed.proc.wait(5)
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_failed"
+
+
+def test_client_leaving_a_stream_releases_its_slot(activator, upstreams) -> None:
+    public, admin = activator
+    put(admin, "gone", [{"id": "a", "url": upstreams[0].url}], cc=1)
+    with httpx.stream("POST", f"{public}/v1/completions",
+                      json={"model": "gone", "stream": True, "n_chunks": 50, "delay": 0.1}) as r:
+        lines = r.iter_lines()  # kept referenced: a dropped iterator closes the response
+        assert next(lines).startswith("data: ")
+        svc = next(s for s in httpx.get(f"{admin}/internal/stats").json()["services"] if s["name"] == "gone")
+        assert svc["in_flight"] == 1 and svc["instances"][0]["outstanding"] == 1, svc
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:  # the activator notices the disconnect, closes the upstream stream
+        svc = next(s for s in httpx.get(f"{admin}/internal/stats").json()["services"] if s["name"] == "gone")
+        if svc["in_flight"] == 0 and svc["instances"][0]["outstanding"] == 0:
+            break
+        time.sleep(0.05)
+    assert svc["in_flight"] == 0 and svc["instances"][0]["outstanding"] == 0, svc
+    # the slot (containerConcurrency 1) is free again: the next request is not held
+    r = httpx.post(f"{public}/v1/completions", json={"model": "gone"}, timeout=2)
+    assert r.status_code == 200

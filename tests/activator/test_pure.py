@@ -1,12 +1,16 @@
-"""Pure pieces of the activator: routing, instance choice, the concurrency window."""
+"""Pure pieces of the activator: routing, request heads, instance choice, the concurrency window,
+the upstream client's URL parsing and request encoding."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
+from activator.app import RequestHead, is_internal, request_target, response_headers, split_headers
 from activator.balancer import Instance, pick
 from activator.routing import ServiceKey, model_from_body, service_from_host, service_from_model
 from activator.stats import ConcurrencyWindow
+from activator.upstream import Origin, Pool, encode_request, parse_origin
 
 KNOWN = {ServiceKey("default", "llama"), ServiceKey("team-a", "qwen")}
 
@@ -67,3 +71,111 @@ def test_concurrency_window_is_time_weighted() -> None:
     w.change(+1, 6.0)
     assert w.report(8.0, reset=False).average_concurrency == pytest.approx(1.0)
     assert w.report(10.0).average_concurrency == pytest.approx(1.0)  # peek did not reset
+
+
+@pytest.mark.parametrize(("raw", "want"), [
+    pytest.param([(b"host", b"llama.default.example.com"), (b"accept", b"*/*")],
+                 RequestHead("llama.default.example.com", None, False, False, b"", [(b"accept", b"*/*")]),
+                 id="host-out-rest-forwarded"),
+    pytest.param([(b"content-length", b"12"), (b"connection", b"keep-alive"), (b"keep-alive", b"timeout=5"),
+                  (b"expect", b"100-continue"), (b"te", b"trailers"), (b"x-a", b"1")],
+                 RequestHead(None, b"12", False, False, b"", [(b"x-a", b"1")]), id="hop-by-hop-dropped"),
+    pytest.param([(b"transfer-encoding", b"chunked")], RequestHead(None, None, True, False, b"", []), id="chunked"),
+    pytest.param([(b"k-network-probe", b"queue"), (b"k-network-hash", b"abc")],
+                 RequestHead(None, None, False, True, b"abc",
+                             [(b"k-network-probe", b"queue"), (b"k-network-hash", b"abc")]), id="knative-probe"),
+    pytest.param([(b"set-cookie", b"a=1"), (b"set-cookie", b"b=2")],
+                 RequestHead(None, None, False, False, b"", [(b"set-cookie", b"a=1"), (b"set-cookie", b"b=2")]),
+                 id="duplicates-kept"),
+])
+def test_split_headers(raw: list[tuple[bytes, bytes]], want: RequestHead) -> None:
+    assert split_headers(raw) == want
+
+
+@pytest.mark.parametrize(("length", "chunked", "want"), [
+    pytest.param(None, False, False, id="no-framing"),
+    pytest.param(b"0", False, False, id="empty"),
+    pytest.param(b"5", False, True, id="length"),
+    pytest.param(None, True, True, id="chunked"),
+])
+def test_request_head_has_body(length: bytes | None, chunked: bool, want: bool) -> None:
+    assert RequestHead(None, length, chunked, False, b"", []).has_body is want
+
+
+@pytest.mark.parametrize(("path", "want"), [
+    pytest.param("/internal/v1/generations/x", True, id="internal"),
+    pytest.param("/admin", True, id="admin"),
+    pytest.param("/v1/completions", False, id="public"),
+    pytest.param("//internal/v1/prefill", True, id="double-slash"),
+    pytest.param("/v1/../internal/v1/resume", True, id="dot-dot"),
+    pytest.param("/./admin/x", True, id="dot"),
+    pytest.param("/v1/internal", False, id="not-a-prefix"),
+])
+def test_is_internal(path: str, want: bool) -> None:
+    assert is_internal(path) is want
+
+
+@pytest.mark.parametrize(("scope", "want"), [
+    pytest.param({"path": "/v1/models", "raw_path": b"/v1/models", "query_string": b""}, b"/v1/models", id="plain"),
+    pytest.param({"path": "/a/b c", "raw_path": b"/a/b%20c", "query_string": b"x=1&y=%2F"}, b"/a/b%20c?x=1&y=%2F",
+                 id="raw-not-re-encoded"),
+    pytest.param({"path": "/a b", "query_string": b""}, b"/a%20b", id="no-raw-path"),
+])
+def test_request_target(scope: dict, want: bytes) -> None:
+    assert request_target(scope) == want
+
+
+def test_response_headers_drop_hop_by_hop_and_keep_duplicates() -> None:
+    upstream = [(b"date", b"x"), (b"server", b"uvicorn"), (b"content-length", b"3"), (b"connection", b"close"),
+                (b"transfer-encoding", b"chunked"), (b"content-type", b"application/json"), (b"set-cookie", b"a=1"),
+                (b"set-cookie", b"b=2")]
+    assert response_headers(upstream, "llm-1") == [
+        (b"content-type", b"application/json"), (b"set-cookie", b"a=1"), (b"set-cookie", b"b=2"),
+        (b"x-sllm-instance", b"llm-1")]
+
+
+@pytest.mark.parametrize(("url", "want"), [
+    pytest.param("http://127.0.0.1:8080", Origin("127.0.0.1", 8080, b"127.0.0.1:8080", b""), id="host-port"),
+    pytest.param("http://pod.ns.svc", Origin("pod.ns.svc", 80, b"pod.ns.svc", b""), id="default-port"),
+    pytest.param("http://10.0.0.7:8012/base/", Origin("10.0.0.7", 8012, b"10.0.0.7:8012", b"/base"), id="prefix"),
+    pytest.param("http://[::1]:9000", Origin("::1", 9000, b"[::1]:9000", b""), id="ipv6"),
+])
+def test_parse_origin(url: str, want: Origin) -> None:
+    assert parse_origin(url) == want
+
+
+@pytest.mark.parametrize("url", [
+    pytest.param("https://10.0.0.7:8443", id="https"),
+    pytest.param("10.0.0.7:8080", id="no-scheme"),
+    pytest.param("http://:8080", id="no-host"),
+    pytest.param("http://h:notaport", id="bad-port"),
+    pytest.param("http://u:p@h:1", id="userinfo"),
+    pytest.param("http://h:1/?q=1", id="query"),
+])
+def test_parse_origin_rejects(url: str) -> None:
+    with pytest.raises(httpx.UnsupportedProtocol, match="upstream URL"):
+        parse_origin(url)
+
+
+@pytest.mark.parametrize(("method", "body", "want"), [
+    pytest.param(b"GET", b"", b"GET /base/v1/models?x=1 HTTP/1.1\r\nhost: h:1\r\nx-a: 1\r\n\r\n", id="get-no-length"),
+    pytest.param(b"POST", b"{}", b"POST /base/v1/models?x=1 HTTP/1.1\r\nhost: h:1\r\nx-a: 1\r\n"
+                 b"content-length: 2\r\n\r\n{}", id="post-body"),
+    pytest.param(b"POST", b"", b"POST /base/v1/models?x=1 HTTP/1.1\r\nhost: h:1\r\nx-a: 1\r\n"
+                 b"content-length: 0\r\n\r\n", id="post-empty"),
+])
+def test_encode_request(method: bytes, body: bytes, want: bytes) -> None:
+    origin = Origin("h", 1, b"h:1", b"/base")
+    assert encode_request(origin, method, b"/v1/models?x=1", [(b"x-a", b"1")], body) == want
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    pytest.param({"connect_timeout": 0}, "connect_timeout", id="connect"),
+    pytest.param({"write_timeout": -1}, "write_timeout", id="write"),
+    pytest.param({"read_timeout": 0}, "read_timeout", id="read"),
+    pytest.param({"idle_expiry": 0}, "idle_expiry", id="expiry"),
+    pytest.param({"max_idle_per_origin": -1}, "max_idle_per_origin", id="max-idle"),
+])
+def test_pool_rejects_bad_settings(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        Pool(**kwargs)

@@ -1,7 +1,8 @@
 """A minimal OpenAI-shaped upstream for activator tests, run as a real uvicorn process.
 
-It streams `n` SSE chunks `delay` seconds apart, reports which instance answered, and can be
-told to die before answering (`"die": "<its name>"`) to exercise the activator's retry.
+It streams `n` SSE chunks `delay` seconds apart, reports which instance answered and the
+target it received, and can be told to die before answering (`"die": "<its name>"`, the
+activator's retry) or halfway through a body with a Content-Length (`"die_mid_body"`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import AsyncIterator
 
 import uvicorn
 from starlette.applications import Starlette
@@ -25,9 +27,16 @@ async def completions(request: Request):
     if body.get("die") == NAME:
         os._exit(1)  # the process dies with the connection open: no response at all
     n, delay = int(body.get("n_chunks", 3)), float(body.get("delay", 0.0))
+    if body.get("die_mid_body") == NAME:
+        async def half() -> AsyncIterator[bytes]:
+            yield b'{"instance": "'
+            await asyncio.sleep(0.2)
+            os._exit(1)  # 14 of the 100 bytes announced, then the connection drops
+        return StreamingResponse(half(), headers={"content-length": "100"}, media_type="application/json")
     if not body.get("stream"):
         await asyncio.sleep(delay)
-        return JSONResponse({"instance": NAME, "model": body.get("model"), "host": request.headers.get("host")})
+        return JSONResponse({"instance": NAME, "model": body.get("model"), "host": request.headers.get("host"),
+                             "raw_path": request.scope["raw_path"].decode(), "query": request.scope["query_string"].decode()})
 
     async def gen():
         for i in range(n):
