@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -127,10 +128,14 @@ def inventory_to_node(node: Node, inv: Any, running: int, size_hint: dict[str, i
 
 
 class LocalBackend:
-    def __init__(self, nodes: list[Node], device: str = "cpu") -> None:
+    def __init__(self, nodes: list[Node], device: str = "cpu", internal_token: str | None = None) -> None:
         self.nodes = {n.name: n for n in nodes}
         self.device = device
         self.http = httpx.AsyncClient(timeout=5.0)
+        # The instances' internal API requires this token when set (`sllm-knative up` gives every
+        # process of a cluster the same SLLM_INTERNAL_TOKEN).
+        token = internal_token if internal_token is not None else os.environ.get("SLLM_INTERNAL_TOKEN")
+        self._internal_headers = {"authorization": f"Bearer {token}"} if token else {}
         self.model_sizes: dict[str, int] = {}
         self.drain_url: str | None = None  # the activator's admin URL: instances drain there on SIGTERM
 
@@ -159,9 +164,14 @@ class LocalBackend:
     async def generations(self, rec: InstanceRecord, timeout_s: float = 1.0) -> list[dict[str, Any]] | None:
         """The generations the instance runs (its internal API), None when it does not answer."""
         try:
-            r = await self.http.get(f"{rec.internal_url}/internal/v1/generations", timeout=timeout_s)
+            r = await self.http.get(f"{rec.internal_url}/internal/v1/generations", headers=self._internal_headers,
+                                    timeout=timeout_s)
             r.raise_for_status()
             data = r.json()["data"]
+        except httpx.HTTPStatusError as exc:  # not a transient: a token or version mismatch
+            _log.warning("generations refused", model=rec.service, instance=rec.id, node=rec.node,
+                         status=exc.response.status_code)
+            return None
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             _log.debug("generations unavailable", model=rec.service, instance=rec.id, node=rec.node, error=str(exc))
             return None

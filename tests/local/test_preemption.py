@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -248,6 +249,9 @@ def test_a_cold_model_preempts_a_busy_instance_on_its_dram_node_and_the_stream_m
     assert (placed["action"], placed["node"], placed["tier"]) == ("migrate", node, "dram"), report
     assert (placed["victim"], placed["destination"], placed["migrations"]) == (victim, other, ["migrated"]), report
     assert placed["reasons"][0].startswith(f"migrate on {node}"), report
+    # The victim's tokens come from the instance itself (its internal API, with the cluster's token).
+    tokens = re.search(r"\(1 generation\(s\), (\d+) tokens\)", placed["reasons"][0])
+    assert tokens and int(tokens.group(1)) > 0, report
     assert any(line.startswith("not ") and "(evict: " in line for line in placed["reasons"]), report
     moved = snap["default/a"]["migrations"][-1]
     assert (moved["outcome"], moved["destination"]) == ("migrated", other), moved
