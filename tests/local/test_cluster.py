@@ -20,6 +20,7 @@ import pytest
 from sllm_knative.commands.resources import invoke
 from sllm_knative.local import procs
 from sllm_knative.local.manifests import service_manifest
+from tests.local.util import wait_for
 
 CLI = [sys.executable, "-m", "sllm_knative.cli"]
 
@@ -64,15 +65,6 @@ def _free_port() -> int:
 
 def services(doc: dict) -> dict:
     return {s["key"]: s for s in httpx.get(f"{doc['autoscaler']}/v1/services").json()["services"]}
-
-
-def wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_cold_then_warm_invoke(cluster) -> None:

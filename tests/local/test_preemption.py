@@ -29,6 +29,7 @@ import pytest
 from loader_sidecar.testing import Nginx, nginx_path
 from sllm_knative.local.manifests import service_manifest
 from sllm_knative.models import ModelSpec
+from tests.local.util import wait_for
 
 CLI = [sys.executable, "-m", "sllm_knative.cli"]
 # Per connection. The loader fetches a checkpoint in 16 MiB ranges over up to 4 connections,
@@ -101,15 +102,6 @@ def cluster(web: Nginx, tmp_path_factory) -> Iterator[tuple[Path, dict[str, Any]
 
 def services(doc: dict[str, Any]) -> dict[str, Any]:
     return {s["key"]: s for s in httpx.get(f"{doc['autoscaler']}/v1/services", timeout=10).json()["services"]}
-
-
-def wait_for(cond: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Stream:
