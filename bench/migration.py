@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.migration --out DIR [--runs 3] [--contexts 256,512,1024,1536,2048]
                                         [--before 32] [--after 1536] [--work DIR]
+                                        [--model-bytes N] [--gap N] [--numerics exact|fast]
 
 writes DIR/migration.json and DIR/migration.png. It builds a small random-weight Llama
 (`ModelSpec(max_position_embeddings=4096)`, otherwise the TINY shape), starts two real
@@ -19,8 +20,13 @@ by N, the context when the migration is triggered; their restart_s resends the d
 
   handoff_gap   per run: the largest gap between consecutive token-carrying frames that
                 overlaps the migrate call (from the call until the first frame after it
-                returned), over the median gap of the same stream outside that window.
+                returned), over the median gap of the same stream outside that window; and the
+                splice gap alone (the source's last token frame to the destination's first).
                 Reported per context (median over runs) and the maximum over all runs.
+
+`--model-bytes N` uses a float32 Llama of about N bytes (vocabulary 4096) instead of the TINY
+shape, so that a decode step costs what a real one does relative to the handoff's fixed costs;
+`--gap` sets the activator's `--migration-gap`; `--numerics` the instances' numerics.
   cost_fit      `seconds = a * tokens + b` (sllm_knative.placement.fit_migration_cost, a, b >= 0)
                 over every run's (tokens, seconds) from the migrate result.
   vs_restart    migration_s: median of the migrate results' `seconds` at that context.
