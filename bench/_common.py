@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -36,6 +38,26 @@ def write_json(out: Path, name: str, doc: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, p)
     return p
+
+
+def ensure_model(out_dir: Path, spec: Any) -> bool:
+    """Build the random model `spec` into out_dir unless the one there was built from the same
+    spec by the current recipe (`sllm_knative.models.RECIPE`); True when it (re)built it, so
+    the caller converts again. The stamp lives beside the directory, not in it."""
+    from sllm_knative.models import RECIPE, build_model
+
+    stamp = out_dir.with_name(out_dir.name + ".recipe.json")
+    want = {"recipe": RECIPE, "spec": dataclasses.asdict(spec)}
+    try:
+        if (out_dir / "config.json").exists() and json.loads(stamp.read_text()) == want:
+            return False
+    except (OSError, ValueError):
+        pass
+    shutil.rmtree(out_dir, ignore_errors=True)
+    print(f"building a random {spec.nbytes() / 2**30:.2f} GiB Llama-like model in {out_dir}", flush=True)
+    build_model(out_dir, spec)
+    stamp.write_text(json.dumps(want))
+    return True
 
 
 def save_figure(fig: Any, path: Path) -> Path:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,7 +40,7 @@ from typing import Any
 
 import httpx
 
-from bench._common import machine, save_figure, write_json
+from bench._common import ensure_model, machine, save_figure, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Serverless inference scales to zero and back. The activator holds requests while"
@@ -239,13 +240,10 @@ def paired(ours: Callable[[], float], theirs: Callable[[], float], runs: int,
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from sllm_knative.convert import convert
-    from sllm_knative.models import build_model
-
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-function-"))
     src, ckpt = work / "hf", work / "ckpt"
-    if not (src / "config.json").exists():
-        build_model(src, _spec())
-    if not ckpt.exists():
+    if ensure_model(src, _spec()) or not ckpt.exists():
+        shutil.rmtree(ckpt, ignore_errors=True)
         convert(src, ckpt)
     log = Path(args.out) / "function-server.log"
     log.parent.mkdir(parents=True, exist_ok=True)

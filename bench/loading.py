@@ -27,7 +27,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench._common import evict, machine, median_runs, resident_fraction, save_figure, write_json
+from bench._common import (
+    ensure_model,
+    evict,
+    machine,
+    median_runs,
+    resident_fraction,
+    save_figure,
+    write_json,
+)
 
 LOADERS = ["sllm_knative", "safetensors", "torch_load_mmap", "transformers_from_pretrained",
            "runai_model_streamer", "tensorizer", "fastsafetensors"]
@@ -42,15 +50,15 @@ def prepare(work: Path, model_gb: float) -> dict[str, Path]:
     from safetensors.torch import load_file
 
     from sllm_knative.convert import convert
-    from sllm_knative.models import build_model, spec_for_size
+    from sllm_knative.models import spec_for_size
 
     spec = spec_for_size(int(model_gb * 2**30))
     root = work / f"model-{model_gb:g}gb"
     hf = root / "hf"
-    if not (hf / "config.json").exists():
-        shutil.rmtree(root, ignore_errors=True)
-        print(f"building a random {spec.nbytes() / 2**30:.2f} GiB Llama-like model in {hf}", flush=True)
-        build_model(hf, spec)
+    if ensure_model(hf, spec):  # the files derived from it below are made again
+        shutil.rmtree(root / "sllm", ignore_errors=True)
+        for name in ("pytorch_model.bin", "model.tensors"):
+            (root / name).unlink(missing_ok=True)
     paths = {"hf": hf, "safetensors": hf / "model.safetensors", "sllm": root / "sllm"}
     if not (paths["sllm"] / "sllm-index.json").exists():
         convert(hf, paths["sllm"], overwrite=True, progress=True)

@@ -49,7 +49,7 @@ from typing import Any
 
 import httpx
 
-from bench._common import machine, save_figure, write_json
+from bench._common import ensure_model, machine, save_figure, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 NAMESPACE = "default"
@@ -357,15 +357,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from sllm_knative import format as fmt
     from sllm_knative.convert import convert
     from sllm_knative.local import procs
-    from sllm_knative.models import TINY, build_model
+    from sllm_knative.models import TINY
 
     out = Path(args.out)
     logs = out / "proxy-logs"
     logs.mkdir(parents=True, exist_ok=True)
     work = Path(args.work or REPO / ".bench" / "proxy")
     ckpt = work / "tiny"
-    if not fmt.is_checkpoint(ckpt):
-        convert(build_model(work / "tiny-hf", TINY), ckpt, overwrite=True)
+    if ensure_model(work / "tiny-hf", TINY) or not fmt.is_checkpoint(ckpt):
+        convert(work / "tiny-hf", ckpt, overwrite=True)
     request = build_request(args.request)
     fn_port, fn_internal, act_port, act_admin = (_free_port() for _ in range(4))
     started: list[subprocess.Popen[bytes]] = []

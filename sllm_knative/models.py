@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 _CORPUS = """
 The quick brown fox jumps over the lazy dog. Serverless inference scales to zero and back.
@@ -28,6 +29,13 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+
+
+# What build_model writes, as a number: bump it when the same spec and seed start producing
+# different files (benchmarks keep built models between runs and rebuild when it changes).
+# 2: the tokenizer's padding words are BPE vocabulary entries (were added tokens; before
+#    that, no padding: most ids of a random model decoded to nothing).
+RECIPE = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +83,7 @@ def spec_for_size(target_bytes: int, dtype: str = "float16", vocab_size: int = 3
 def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, model_vocab_size: int = 0) -> None:
     """Train a byte-level BPE tokenizer on a small built-in corpus and save it HF-style,
     padded with added tokens up to `model_vocab_size`."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -85,13 +93,31 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, model_vocab_size
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    if tok.get_vocab_size() < model_vocab_size:
+        tok = _pad_vocab(tok, model_vocab_size)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    # A small corpus yields fewer merges than a real vocabulary: pad it with plain words so
-    # every id the model can produce decodes to visible text (a random model samples them all).
-    if len(fast) < model_vocab_size:
-        fast.add_tokens([AddedToken(f" w{i}", normalized=False) for i in range(len(fast), model_vocab_size)])
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))
+
+
+def _pad_vocab(tok: Any, size: int) -> Any:
+    """The BPE vocabulary padded with plain words (" w600", ...) up to `size` ids.
+
+    A small corpus yields fewer merges than a real vocabulary, and a random model samples
+    every id of its embedding: without padding most of them would decode to nothing (a
+    stream of empty tokens). The words go into the BPE vocabulary, not in as added tokens:
+    8000 added tokens cost about 0.15 s on every tokenizer load (an instance's cold path),
+    vocabulary entries nothing. No merge produces them, so encoding is unchanged.
+    """
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    taken = set(vocab.values()) | {t["id"] for t in spec.get("added_tokens", [])}
+    for i in range(size):
+        if i not in taken:
+            vocab[f"\u0120w{i}"] = i  # byte-level BPE spells a leading space as U+0120
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def build_model(out_dir: str | Path, spec: ModelSpec = TINY, *, seed: int = 0, weights: str = "safetensors",
