@@ -39,6 +39,9 @@ need not add up exactly to its median TTFT):
                  KV cache, warm-up, readiness poll)
   first_token_s  the rest of the TTFT: request -> activator -> autoscaler -> spawn, the
                  endpoint push, the forwarded request's prefill and first chunk
+  warm_ttft_s    the same request sent again at once to the instance the cold start made:
+                 the model's compute and the data path alone, the floor under ttft_s on
+                 this machine (ttft_s - warm_ttft_s is what the cold start itself costs)
 
 `--numerics` and `--threads` set SLLM_NUMERICS and OMP_NUM_THREADS for every instance of both
 profiles (they reach the zygotes' children through the environment of `sllm-knative up`); by
@@ -68,7 +71,7 @@ from typing import Any
 
 import httpx
 
-from bench._common import evict, machine, resident_fraction, save_figure, write_json
+from bench._common import ensure_model, evict, machine, resident_fraction, save_figure, write_json
 from sllm_knative.local.manifests import service_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +86,7 @@ VOCAB = 8192
 CONNECTIONS = 4  # the loader sidecar's default parallel range requests per fetch
 TIERS = ("remote", "ssd", "dram")
 TARGETS = {"dram_ttft_s": 0.5, "ssd_ttft_s": 1.0, "knative_default_over_dram": 10.0}
-FIELDS = ("ttft_s", "placement_s", "start_s", "load_s", "first_token_s")
+FIELDS = ("ttft_s", "placement_s", "start_s", "load_s", "first_token_s", "warm_ttft_s")
 
 
 # -- the pure part ---------------------------------------------------------------------------------
@@ -254,6 +257,7 @@ class Bench:
         load = os.getloadavg()[0]
         sent = time.time()
         res = invoke(self.cluster["activator"], SERVICE, NAMESPACE, PROMPT, MAX_TOKENS, seed=1)
+        warm = self.warm(SERVICE, res["instance"])
         svc = self.service()
         inst = next(i for i in svc["instances"] if i["id"] == res["instance"])
         placed = next(p for p in svc["placements"] if p["instance"] == res["instance"])
@@ -261,11 +265,22 @@ class Bench:
         parts = split(sent=sent, ttft=res["ttft_s"], placement=placed["placement_s"], started=inst["started_at"],
                       ready=inst["ready_at"], lease_s=lease["lease_complete"] - lease["lease_requested"],
                       model_load_s=report["load_s"])
-        return {**parts, "instance": inst["id"], "node": inst["node"], "placed_tier": placed["tier"],
+        return {**parts, "warm_ttft_s": warm, "instance": inst["id"], "node": inst["node"],
+                "placed_tier": placed["tier"],
                 "lease_source": lease["source"], "lease_bytes": lease["bytes"],
                 "lease_s": lease["lease_complete"] - lease["lease_requested"], "report": report,
                 "estimate_s": placed["estimate_s"], "placement_reasons": placed["reasons"],
                 "loadavg_1m": round(load, 2), **prep}
+
+    def warm(self, service: str, instance: str) -> float:
+        """TTFT of the same request again, on the instance the cold start just made: what the
+        model's compute on this machine costs without any cold start (the floor under ttft_s)."""
+        from sllm_knative.commands.resources import invoke
+
+        res = invoke(self.cluster["activator"], service, NAMESPACE, PROMPT, MAX_TOKENS, seed=1)
+        if res["instance"] != instance:
+            raise RuntimeError(f"the warm request went to {res['instance']}, not to {instance}")
+        return float(res["ttft_s"])
 
     def knative_default(self, index: int) -> dict[str, Any]:
         from autoscaler.backend import free_port
@@ -329,6 +344,7 @@ class Bench:
             if "error" in result:
                 raise RuntimeError(f"knative_default request failed: {result['error']}")
             res = result["res"]
+            warm = self.warm(KD_SERVICE, f"{KD_SERVICE}-{index}")
         finally:
             with contextlib.suppress(httpx.HTTPError):
                 self.http.put(url, json={"container_concurrency": 1, "instances": []})
@@ -338,7 +354,8 @@ class Bench:
         startup = report["startup"]
         parts = split(sent=sent, ttft=res["ttft_s"], placement=placement, started=started, ready=ready_at,
                       lease_s=0.0, model_load_s=startup["load_s"])
-        return {**parts, "node": node, "report": startup, "store_resident_max": round(resident, 4),
+        return {**parts, "warm_ttft_s": warm, "node": node, "report": startup,
+                "store_resident_max": round(resident, 4),
                 "loadavg_1m": round(load, 2)}
 
 
@@ -346,12 +363,10 @@ def build_inputs(work: Path) -> tuple[Path, Path]:
     """(plain Hugging Face dir, converted checkpoint dir), both in work/store (kept between runs)."""
     from sllm_knative import format as fmt
     from sllm_knative.convert import convert
-    from sllm_knative.models import build_model, spec_for_size
+    from sllm_knative.models import spec_for_size
 
     hf, ckpt = work / "store" / "llm-hf", work / "store" / "llm"
-    if not (hf / "config.json").exists():
-        build_model(hf, spec_for_size(MODEL_BYTES, vocab_size=VOCAB))
-    if not fmt.is_checkpoint(ckpt):
+    if ensure_model(hf, spec_for_size(MODEL_BYTES, vocab_size=VOCAB)) or not fmt.is_checkpoint(ckpt):
         convert(hf, ckpt, overwrite=True)
     for f in ckpt.iterdir():  # nginx serves them; build_model may leave 0600 files
         f.chmod(0o644)
@@ -425,10 +440,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   for rnd, t, r in [(0, t, r) for t, r in zip(TIERS, warmup, strict=False)] + counted
                   if r["placed_tier"] != t or r["lease_source"] != t]
     index = fmt.read_index(ckpt)
+    warms = [r["warm_ttft_s"] for rs in runs.values() for r in rs]
     return {
         "rows": rows,
         "targets": check_targets(rows),
         "limits": {
+            "warm_ttft_s": round(statistics.median(warms), 4) if warms else None,
+            "warm_ttft_note": "the same request on the instance a cold start just made (median over every "
+                              "run of both profiles): the model's compute plus the data path, no cold start",
             "remote_store": "nginx on loopback, limit_rate per connection",
             "nginx_limit_rate": args.rate, "nginx_limit_rate_bytes_per_s": rate_bytes,
             "loader_connections": CONNECTIONS, "nominal_remote_cap_bytes_per_s": rate_bytes * CONNECTIONS,
@@ -482,6 +501,9 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     for target, name in ((TARGETS["dram_ttft_s"], "DRAM target"), (TARGETS["ssd_ttft_s"], "SSD target")):
         axes[0].axhline(target, ls="--", lw=0.8, color="gray")
         axes[0].text(-0.4, target, name, fontsize=7, va="bottom", color="gray")
+    if doc["limits"].get("warm_ttft_s"):
+        axes[0].axhline(doc["limits"]["warm_ttft_s"], ls=":", lw=0.8, color="black")
+        axes[0].text(-0.4, doc["limits"]["warm_ttft_s"], "warm TTFT (no cold start)", fontsize=7, va="bottom")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"cold-start TTFT through the activator, {doc['meta']['model']['bytes'] / 1e9:.2f} GB model, "
                  f"CPU, remote = nginx limit_rate {doc['limits']['nginx_limit_rate']} x "
