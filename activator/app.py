@@ -24,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import posixpath
 import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import Any
 from urllib.parse import quote
@@ -41,11 +43,13 @@ from starlette.types import Message, Receive, Scope, Send
 from activator import errors, metrics
 from activator.balancer import Instance, pick
 from activator.migration import (
+    DETACHED_HEADER,
     MigrationConfig,
     StreamTable,
     Tracked,
     migrate_instance,
     pick_destination,
+    resume_whole,
     splice,
 )
 from activator.registry import Registry, Service
@@ -65,6 +69,11 @@ _RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server"}
 SMALL_BODY = 1 << 20  # non-streaming bodies up to this size are relayed whole, with their length
 # Paths of the instances' internal (migration) API: never forwarded from the public port.
 INTERNAL_PREFIXES = ("/internal", "/admin")
+# The activator names each generation it forwards (the instance uses the name as the generation
+# id), so a migration can find a non-streaming one before its response exists. Never taken
+# from a client.
+GENERATION_ID = b"x-sllm-generation-id"
+_DETACHED = DETACHED_HEADER.encode()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +132,8 @@ def split_headers(raw: Iterable[tuple[bytes, bytes]]) -> RequestHead:
             probe = bool(value)
         elif name == b"k-network-hash":
             probe_hash = value
+        elif name == GENERATION_ID:
+            continue
         forward.append((name, value))
     return RequestHead(host, length, chunked, probe, probe_hash, forward)
 
@@ -305,11 +316,20 @@ class Activator:
         method = scope["method"].encode("ascii")
         target = request_target(scope)
         headers = [*head.forward, (b"knative-serving-namespace", svc.key.namespace.encode())]
+        gen_id = None
+        if method == b"POST" and scope["path"] in OPENAI_PATHS:
+            gen_id = ("chatcmpl-" if scope["path"].endswith("/chat/completions") else "cmpl-") + uuid.uuid4().hex
+            headers.append((GENERATION_ID, gen_id.encode()))
         tried: set[str] = set()
         for attempt in range(2):
             inst = await self._acquire(svc, frozenset(tried), deadline, meters)
             slot = contextlib.AsyncExitStack()
             await slot.enter_async_context(svc.breaker.slot(inst))
+            tracked = None
+            if gen_id is not None and inst.internal_url:  # migratable from the moment it is sent
+                tracked = Tracked(gen_id, svc.key, inst, svc.breaker)
+                self.streams.add(tracked)
+                slot.callback(self.streams.remove, tracked)
             t0 = time.perf_counter()
             resp = None
             try:
@@ -318,6 +338,12 @@ class Activator:
             except httpx.TransportError as exc:
                 if resp is not None:
                     resp.close()
+                if tracked is not None and tracked.migrating and tracked.last_state is not None:
+                    # The source died while a migration was moving this request: finish it from
+                    # the last exported state instead of starting over.
+                    await slot.aclose()
+                    await self._finish_whole(send, svc, tracked, None)
+                    return
                 await slot.aclose()
                 tried.add(inst.id)
                 _log.warning("instance failed before the first byte", service=str(svc.key), instance=inst.id,
@@ -333,21 +359,35 @@ class Activator:
                 raise
             meters.proxy_seconds.observe(time.perf_counter() - t0)
             meters.request_done(svc.key, resp.status)
-            await self._respond(scope, receive, send, svc, inst, slot, resp, first)
+            if tracked is not None and resp.get(_DETACHED) is not None:
+                # The instance let go of this non-streaming generation for a migration: finish it
+                # on the destination and answer with that.
+                try:
+                    data = first + await resp.read()
+                except httpx.TransportError:
+                    data = b""
+                finally:
+                    resp.close()
+                    await slot.aclose()
+                await self._finish_whole(send, svc, tracked, _state_of(data))
+                return
+            await self._respond(scope, receive, send, svc, inst, slot, resp, first, tracked)
             return
         raise errors.UpstreamFailed(f"{svc.key}: instances failed before responding ({', '.join(sorted(tried))})")
 
     async def _respond(self, scope: Scope, receive: Receive, send: Send, svc: Service, inst: Instance,
-                       slot: contextlib.AsyncExitStack, resp: UpstreamResponse, first: bytes) -> None:
+                       slot: contextlib.AsyncExitStack, resp: UpstreamResponse, first: bytes,
+                       tracked: Tracked | None = None) -> None:
         """Relay the response of `resp` (its first chunk in hand); release `resp` and `slot` however it ends."""
         out = response_headers(resp.headers, inst.id)
         gen_id = resp.get(b"x-request-id")
         if gen_id and resp.status == 200 and inst.internal_url and \
                 (resp.get(b"content-type") or b"").startswith(b"text/event-stream"):
-            tracked = Tracked(gen_id.decode("latin-1"), svc.key, inst, svc.breaker)
+            if tracked is None or tracked.id != gen_id.decode("latin-1"):  # an instance that chose its own id
+                tracked = Tracked(gen_id.decode("latin-1"), svc.key, inst, svc.breaker)
+                self.streams.add(tracked)
             tracked.upstream.push_async_callback(slot.aclose)
             tracked.upstream.push_async_callback(resp.aclose)
-            self.streams.add(tracked)
             relay = self._relay_tracked(first, resp, tracked)
             try:
                 await _stream(scope, receive, send, resp.status, out, relay)
@@ -379,6 +419,20 @@ class Activator:
             await slot.aclose()
 
     # -- migration -------------------------------------------------------------------------
+
+    async def _finish_whole(self, send: Send, svc: Service, tracked: Tracked, state: dict[str, Any] | None) -> None:
+        """Answer a non-streaming request whose generation left its instance (state None: the
+        instance died mid-migration, use the last export) from the instance that finishes it."""
+        self.streams.add(tracked)  # still movable while it runs on the destination
+        try:
+            resp = await resume_whole(self.client, tracked, state, self._resume_candidates, self.config.migration)
+        finally:
+            self.streams.remove(tracked)
+            tracked.ended = True
+        if resp is None:
+            raise errors.UpstreamFailed(f"{svc.key}: the migrated request {tracked.id} could not be resumed")
+        out = response_headers([(k.lower(), v) for k, v in resp.headers.raw], tracked.instance.id)
+        await _send_whole(send, resp.status_code, out, resp.content)
 
     async def _relay_tracked(self, first: bytes, rest: AsyncIterator[bytes],
                              tracked: Tracked) -> AsyncGenerator[bytes, None]:
@@ -485,6 +539,15 @@ async def _read_body(receive: Receive, head: RequestHead, limit: int) -> bytes:
         parts.append(chunk)
         if not message.get("more_body", False):
             return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _state_of(body: bytes) -> dict[str, Any] | None:
+    """The generation state an instance put in its answer to a detached non-streaming request."""
+    with contextlib.suppress(ValueError):
+        doc = json.loads(body)
+        state = doc.get("state") if isinstance(doc, dict) else None
+        return state if isinstance(state, dict) else None
+    return None
 
 
 async def _send_whole(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:

@@ -47,6 +47,7 @@ _log = get_logger("activator.migration")
 
 FOLD_BYTES = 256 << 10  # raw chunks kept per stream before they are folded into a character count
 API = "/internal/v1"
+DETACHED_HEADER = "x-sllm-detached"  # an instance's answer to a non-streaming request it detached
 
 
 # -- configuration --------------------------------------------------------------------------
@@ -424,6 +425,54 @@ async def splice(client: httpx.AsyncClient, tracked: Tracked, rest: AsyncIterato
                   outcome=outcome, skip=skip)
         tracked.destination = tracked.instance
         tracked.settle(outcome)
+
+
+async def resume_whole(client: httpx.AsyncClient, tracked: Tracked, state: dict[str, Any] | None,
+                       candidates: Candidates, cfg: MigrationConfig) -> httpx.Response | None:
+    """A non-streaming generation's answer after its source let go of it: `state` (None: the last
+    export, when the source died) resumed on the first candidate that takes it, whose response
+    is the whole completion (the resumed text starts at the beginning, text_offset 0). A
+    destination that is itself migrated away meanwhile answers with the newer state: resumed
+    again. None when no instance could finish it."""
+    outcome = "migrated"
+    if state is None:
+        state, outcome = tracked.last_state, "recovered"
+    if state is None:
+        _log.error("migration lost the request: no state to resume from", id=tracked.id)
+        tracked.settle("failed")
+        return None
+    tracked.settle(outcome)  # off the source: what the coordinator waits for
+    tried: set[str] = set()
+    while True:
+        options = candidates(tracked, frozenset(tried))
+        if not options:
+            _log.error("no instance accepted the resumed generation", id=tracked.id)
+            return None
+        inst = options[0]
+        tried.add(inst.id)
+        tracked.instance, tracked.migrating, tracked.destination = inst, False, None
+        try:
+            async with tracked.breaker.slot(inst):
+                resp = await client.post(f"{inst.internal_url}{API}/resume", json={"state": state},
+                                         headers=cfg.headers, timeout=httpx.Timeout(cfg.request_timeout_s, read=None))
+        except httpx.HTTPError as exc:
+            _log.warning("resume failed; trying another instance", id=tracked.id, instance=inst.id,
+                         error=f"{type(exc).__name__}: {exc}")
+            continue
+        if resp.headers.get(DETACHED_HEADER) is not None:  # moved on again
+            with contextlib.suppress(ValueError):
+                newer = resp.json().get("state")
+                if isinstance(newer, dict):
+                    state, tried = newer, {inst.id}
+                    tracked.settle("migrated")
+                    _log.info("resumed generation migrated again", id=tracked.id, instance=inst.id)
+                    continue
+        if resp.status_code == 200:
+            _log.info("request resumed", id=tracked.id, instance=inst.id, position=state.get("position"),
+                      outcome=outcome)
+            return resp
+        _log.warning("resume refused; trying another instance", id=tracked.id, instance=inst.id,
+                     status=resp.status_code, error=resp.text[:300])
 
 
 # -- the coordinator ------------------------------------------------------------------------

@@ -252,10 +252,10 @@ class Autoscaler:
         """Free the victim's slot for the chosen EVICT or MIGRATE option; None when it could not be.
 
         The victim leaves the activator's rotation first (no new request lands on it). MIGRATE
-        moves its streaming generations to the destination the planner named, starting an
-        instance there first when the planner chose a free slot on another node. Whatever is
-        still running on the victim afterwards (a non-streaming request, a stream that stayed
-        on the source, a request that landed just before it left rotation) is waited for up
+        moves its generations (streaming or not) to the destination the planner named, starting
+        an instance there first when the planner chose a free slot on another node. Whatever is
+        still running on the victim afterwards (a generation that stayed on the source, a
+        request that landed just before it left rotation) is waited for up
         to PREEMPT_WAIT_S; if it has not ended, the preemption is called off and the victim
         goes back into rotation. Otherwise the victim is stopped."""
         found = self._find(option.victim or "")
@@ -356,9 +356,9 @@ class Autoscaler:
             self._spawn(self._drain_and_stop(rt, rec))
 
     async def _drain_and_stop(self, rt: ServiceRuntime, rec: InstanceRecord) -> None:
-        """Migrate the victim's streaming generations to another ready instance, then stop it.
+        """Migrate the victim's generations to another ready instance, then stop it.
 
-        What cannot move (non-streaming requests, or no other ready instance) is waited for,
+        What cannot move (no other ready instance, a generation that stayed on it) is waited for,
         up to DRAIN_WAIT_S, by asking the instance what it still runs: once it is out of
         rotation the activator no longer reports its outstanding requests."""
         await self.migrate_off(rt, rec)

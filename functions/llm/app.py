@@ -46,13 +46,14 @@ async def _generate(request: Request, kind: str) -> Any:
     body = await read_json(request, service.cfg.max_body_bytes)
     parse = protocol.parse_chat if kind == "chat" else protocol.parse_completion
     req = parse(body, service.cfg.model_name)
+    gen_id = protocol.generation_id(request.headers.get(protocol.GENERATION_ID_HEADER))
     engine = service.require_engine()
     permit = service.limiter.acquire()
     try:
         prompt = service.prompt_ids(req)
         max_tokens = protocol.resolve_max_tokens(req, len(prompt), service.max_len)
         queue = OutputQueue()
-        seq = service.new_sequence(req, prompt, max_tokens, queue.sink)
+        seq = service.new_sequence(req, prompt, max_tokens, queue.sink, gen_id)
         service.metrics.prompt_tokens.inc(len(prompt))
         engine.submit(seq)
     except BaseException:

@@ -293,6 +293,11 @@ class Engine:
             if seq.cancelled:
                 seq.status = Status.CANCELLED
                 continue
+            if seq.id in self._by_id:  # a caller-chosen id (x-sllm-generation-id) already in use here
+                self._emit(seq, Output(error=Conflict(f"generation id {seq.id} is already in use on this instance",
+                                                      code="generation_id_in_use")))
+                seq.status = Status.FINISHED
+                continue
             self._waiting.append(seq)
             self._by_id[seq.id] = seq
         for fn, fut in calls:

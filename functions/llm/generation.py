@@ -84,24 +84,31 @@ async def respond(request: Request, *, engine: Any, seq: Any, queue: OutputQueue
     return await _whole(request, queue, fmt, want_logprobs, close)
 
 
+DETACHED_HEADER = "x-sllm-detached"
+
+
 async def _whole(request: Request, queue: OutputQueue, fmt: Formatter, want_logprobs: bool,
                  close: Any) -> Response:
-    async def collect() -> dict[str, Any]:
+    async def collect() -> Response:
         while True:
             out = await queue.get()
             if out.error is not None:
                 raise out.error
             if out.detached is not None:
-                raise Conflict(f"generation {out.detached.id} was detached at position {out.detached.position} "
-                               "for migration", code="generation_detached")
+                # Migrated away: the caller (the activator) resumes the state elsewhere and answers
+                # its client with the whole text from there. Anyone else sees a plain 409.
+                state = out.detached
+                error = Conflict(f"generation {state.id} was detached at position {state.position} for migration",
+                                 code="generation_detached")
+                return json_response({**error.body(), "state": state.to_json()}, error.status,
+                                     headers={DETACHED_HEADER: str(state.position)})
             fmt.add(out)
             if out.finish_reason is not None:
-                return fmt.response(want_logprobs)
+                return json_response(fmt.response(want_logprobs))
 
     try:
-        body = await until_disconnect(request, collect())
+        return await until_disconnect(request, collect())
     except ClientGone:
         return Response(status_code=499)  # nobody is listening; the status is for the access log
     finally:
         close()
-    return json_response(body)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 from functions.llm.errors import BadRequest, ContextLengthExceeded, model_not_found
@@ -44,6 +45,24 @@ class Request:
     prompt_text: str | None = None
     prompt_ids: tuple[int, ...] | None = None
     messages: tuple[dict[str, str], ...] = ()
+
+
+GENERATION_ID_HEADER = "x-sllm-generation-id"
+_GENERATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{7,127}")
+
+
+def generation_id(value: str | None) -> str | None:
+    """The generation id a caller chose (header x-sllm-generation-id), or None for a fresh one.
+
+    The activator names every generation it forwards, so that it can migrate a non-streaming
+    one before the response, which would carry the id, exists."""
+    if value is None:
+        return None
+    if not _GENERATION_ID.fullmatch(value):
+        raise BadRequest(f"header {GENERATION_ID_HEADER} = {value[:40]!r}: must be 8 to 128 letters, digits, "
+                         "'.', '_' or '-', starting with a letter or digit", param=GENERATION_ID_HEADER,
+                         code="invalid_value")
+    return value
 
 
 def _type_error(name: str, expected: str, value: Any) -> BadRequest:

@@ -82,8 +82,8 @@ class Sequence:
     @classmethod
     def from_request(cls, *, kind: str, model: str, prompt: list[int], params: SamplingParams, tokenizer: Any,
                      stream: bool, include_usage: bool, echo_text: str | None,
-                     sink: Callable[[Output], None]) -> Sequence:
-        return cls(id=new_id(kind), kind=kind, model=model, created=int(time.time()), tokens=list(prompt),
+                     sink: Callable[[Output], None], gen_id: str | None = None) -> Sequence:
+        return cls(id=gen_id or new_id(kind), kind=kind, model=model, created=int(time.time()), tokens=list(prompt),
                    prompt_len=len(prompt), params=params, generator=new_generator(params.seed), tokenizer=tokenizer,
                    stream=stream, include_usage=include_usage, echo_text=echo_text, sink=sink)
 

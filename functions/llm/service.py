@@ -174,7 +174,8 @@ class Service:
             return list(req.prompt_ids)
         return list(tok.encode(req.prompt_text, add_special_tokens=True))
 
-    def new_sequence(self, req: Request, prompt: list[int], max_tokens: int, sink: Callable[[Output], None]) -> Any:
+    def new_sequence(self, req: Request, prompt: list[int], max_tokens: int, sink: Callable[[Output], None],
+                     gen_id: str | None = None) -> Any:
         from functions.llm.sequence import Sequence  # torch is loaded once the engine is ready
 
         echo = None
@@ -184,7 +185,7 @@ class Service:
         return Sequence.from_request(kind=req.kind, model=req.model, prompt=prompt,
                                      params=dataclasses.replace(req.sampling, max_tokens=max_tokens),
                                      tokenizer=self.tokenizer, stream=req.stream, include_usage=req.include_usage,
-                                     echo_text=echo, sink=sink)
+                                     echo_text=echo, sink=sink, gen_id=gen_id)
 
     def token_text(self, token: int) -> str:
         return str(self.tokenizer.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False))

@@ -87,6 +87,8 @@ def test_concurrency_window_is_time_weighted() -> None:
     pytest.param([(b"set-cookie", b"a=1"), (b"set-cookie", b"b=2")],
                  RequestHead(None, None, False, False, b"", [(b"set-cookie", b"a=1"), (b"set-cookie", b"b=2")]),
                  id="duplicates-kept"),
+    pytest.param([(b"x-sllm-generation-id", b"cmpl-mine-000"), (b"x-a", b"1")],
+                 RequestHead(None, None, False, False, b"", [(b"x-a", b"1")]), id="generation-id-is-the-activators"),
 ])
 def test_split_headers(raw: list[tuple[bytes, bytes]], want: RequestHead) -> None:
     assert split_headers(raw) == want

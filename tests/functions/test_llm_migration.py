@@ -224,3 +224,70 @@ def test_internal_errors(server_pair):
     assert httpx.delete(f"{base}/prefill/g2").status_code == 404
     # the internal API is not on the public port
     assert httpx.post(f"{a.url}/internal/v1/resume", json={"state": {}}).status_code == 404
+
+
+@pytest.mark.parametrize("sampling", SAMPLING)
+def test_non_streaming_detach_answers_the_state_and_resumes_whole(server_pair, sampling):
+    """A non-streaming generation named by the caller (x-sllm-generation-id) is exported and
+    detached while its request waits; A answers 409 + x-sllm-detached with the final state, and
+    B's resume answers the whole completion, identical to the unmigrated one."""
+    a, b = server_pair
+    req = body(stream=False, stream_options=None, max_tokens=400, **sampling)
+    del req["stream_options"]
+    with httpx.Client(timeout=60) as c:
+        reference = c.post(f"{a.url}/v1/completions", json=req).json()
+    gen_id = "cmpl-activator-chosen-0001"
+    result: dict = {}
+
+    def client() -> None:
+        with httpx.Client(timeout=60) as c:
+            result["r"] = c.post(f"{a.url}/v1/completions", json=req, headers={"x-sllm-generation-id": gen_id})
+
+    t = threading.Thread(target=client)
+    t.start()
+    for _ in range(500):  # until the generation is running and has some tokens
+        r = httpx.get(f"{a.internal_url}/internal/v1/generations/{gen_id}", timeout=30)
+        if r.status_code == 200 and r.json()["position"] > r.json()["prompt_len"] + 20:
+            break
+    assert r.status_code == 200, r.text
+    d = httpx.post(f"{a.internal_url}/internal/v1/generations/{gen_id}/detach", json={"position": None}, timeout=30)
+    assert d.status_code == 200, d.text
+    t.join(60)
+    answered = result["r"]
+    assert answered.status_code == 409
+    assert answered.headers["x-sllm-detached"] == str(d.json()["position"])
+    assert answered.json()["error"]["code"] == "generation_detached"
+    state = answered.json()["state"]
+    assert state == d.json() and state["stream"] is False and state["text_offset"] == 0
+    resumed = httpx.post(f"{b.internal_url}/internal/v1/resume", json={"state": state}, timeout=60)
+    assert resumed.status_code == 200, resumed.text
+    got = resumed.json()
+    assert got["id"] == gen_id
+    assert got["choices"][0]["text"] == reference["choices"][0]["text"]
+    assert got["choices"][0]["logprobs"] == reference["choices"][0]["logprobs"]
+    assert got["usage"] == reference["usage"]
+
+
+def test_generation_id_header(server_pair):
+    a, _ = server_pair
+    req = {"model": "tiny", "prompt": "hello", "max_tokens": 3}
+    r = httpx.post(f"{a.url}/v1/completions", json=req, headers={"x-sllm-generation-id": "cmpl-mine-12345"})
+    assert r.status_code == 200 and r.json()["id"] == "cmpl-mine-12345"
+    with httpx.stream("POST", f"{a.url}/v1/completions", json={**req, "stream": True},
+                      headers={"x-sllm-generation-id": "cmpl-mine-67890"}) as s:
+        assert s.headers["x-request-id"] == "cmpl-mine-67890"
+        assert consume(s, Collected()).id == "cmpl-mine-67890"
+    for bad in ("short", "-starts-with-dash", "has space in it", "x" * 129):
+        r = httpx.post(f"{a.url}/v1/completions", json=req, headers={"x-sllm-generation-id": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "x-sllm-generation-id", bad
+    # an id in use on the instance is refused, not shared
+    slow = {**req, "max_tokens": 300, "ignore_eos": True}
+    t = threading.Thread(target=lambda: httpx.post(f"{a.url}/v1/completions", json=slow, timeout=60,
+                                                   headers={"x-sllm-generation-id": "cmpl-taken-000"}))
+    t.start()
+    for _ in range(500):
+        if httpx.get(f"{a.internal_url}/internal/v1/generations/cmpl-taken-000", timeout=30).status_code == 200:
+            break
+    r = httpx.post(f"{a.url}/v1/completions", json=req, headers={"x-sllm-generation-id": "cmpl-taken-000"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "generation_id_in_use"
+    t.join(60)

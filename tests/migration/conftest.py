@@ -156,3 +156,19 @@ def functions(tiny_model, logs) -> Iterator[list[Function]]:
     finally:
         for f in fns:
             f.stop()
+
+
+@pytest.fixture
+def spare(tiny_model, logs):
+    """Start extra instances (for tests that kill or terminate one); stopped after the test."""
+    made: list[Function] = []
+
+    def start(name: str, env: dict[str, str] | None = None) -> Function:
+        f = Function(name, tiny_model, logs, env)
+        made.append(f)
+        wait_for(f"{f.url}/health/ready", f.proc, f.log_path)
+        return f
+
+    yield start
+    for f in made:
+        f.stop()

@@ -212,21 +212,6 @@ def test_migrate_rejects_bad_requests(activator, functions, doc, status):
     assert "error" in r.json()
 
 
-@pytest.fixture
-def spare(tiny_model, logs):
-    made: list[Function] = []
-
-    def start(name: str, env: dict[str, str] | None = None) -> Function:
-        f = Function(name, tiny_model, logs, env)
-        made.append(f)
-        wait_for(f"{f.url}/health/ready", f.proc, f.log_path)
-        return f
-
-    yield start
-    for f in made:
-        f.stop()
-
-
 def test_destination_killed_mid_migration_stays_on_source(activator, functions, spare):
     a, _ = functions
     doomed = spare("doomed")
