@@ -19,8 +19,9 @@ Rows (the names reviewers read):
                            after another (remote -> SSD, SSD -> DRAM, DRAM -> device), unthrottled
                            nginx; ratio = pipelined / sequential sum (median of --rounds after a
                            warm-up). best_possible_ratio = the remote -> DRAM transfer alone / the
-                           sum: no pipeline can beat it. No GPU here: the device hop is the copy
-                           from the DRAM tier (tmpfs) into process memory.
+                           sum: no pipeline can beat it; remote_to_dram_alone_fraction_of_curl =
+                           that transfer's rate / curl's unthrottled one. No GPU here: the device
+                           hop is the copy from the DRAM tier (tmpfs) into process memory.
   ssd_to_dram              a DRAM fill from the SSD copy (page cache dropped first) against the
                            disk limit measured in the same run (fio's best configuration, else our
                            direct reader): median of --runs after the first (reported apart).
@@ -341,6 +342,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         {"name": "remote_fetch", "fraction_of_rate": fetch["bytes_per_second"] / limit, **fetch,
          "target": f">= {TARGETS['remote_fetch']}"},
         {"name": "pipelined_vs_sequential", "ratio": pipe["ratio"], **pipe,
+         "remote_to_dram_alone_fraction_of_curl": size / pipe["remote_to_dram_alone_s"] / curl,
          "device": "cpu: DRAM-tier file -> process memory (GPU numbers owed)",
          "target": f"<= {TARGETS['pipelined_vs_sequential']}"},
         {"name": "ssd_to_dram", "fraction_of_disk": fill["bytes_per_second"] / fill["disk_limit"]["bytes_per_second"],

@@ -4,8 +4,11 @@ One flight per checkpoint and hop: `Fetcher.fill_dram(ref)` and `Fetcher.fill_ss
 the fill already under way. A remote fetch of a loading-optimized checkpoint cuts its
 partitions into spans of whole checksum blocks and hands them, in order, to `connections`
 workers; each span is one range request that resumes where it broke (cut connection, 5xx,
-stall) up to `retries` times. Every block's crc32c is computed as its bytes stream in and
-compared with the index before the block counts: the watermark covers verified bytes only.
+stall) up to `retries` times. When the store has a blocking reader (HTTP), each request runs in
+a worker thread that writes and checks the bytes as they arrive (`_SpanWriter`), so the
+connections use every core; other stores stream through the event loop into the same writer.
+Every block's crc32c is computed as its bytes stream in and compared with the index before the
+block counts: the watermark covers verified bytes only.
 When an instance is waiting, the bytes go straight to the DRAM tier and the SSD copy is made
 from the verified DRAM copy right after (kernel copy, off the instance's path); otherwise they
 go straight to SSD staging. Either way a cold remote load costs one transfer, not three in a row.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -44,6 +48,7 @@ from loader_sidecar.metrics import Metrics
 from loader_sidecar.profile import Profile
 from loader_sidecar.refs import ModelRef
 from loader_sidecar.stores import Store, open_store
+from loader_sidecar.stores.base import BlockingRead, Cancel
 from loader_sidecar.tiers import Entry, Tier
 from loader_sidecar.watermarks import Watermarks
 from sllm_knative import format as fmt
@@ -61,6 +66,7 @@ MAX_META_BYTES = 64 << 20
 SEGMENTS_IN_FLIGHT = 4  # x fill_segment_bytes staged: keeps ~16 direct reads of 16 MiB in flight
 STAGING_POOL = 4
 CORRUPT_RETRIES = 1
+TRANSFER_THREADS = 64  # range requests in worker threads, all fills together (threads start as needed)
 _PLAIN_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 
 T = TypeVar("T")
@@ -128,10 +134,15 @@ async def _all_or_first_error(coros: Sequence[Awaitable[None]]) -> None:
             raise t.exception()  # type: ignore[misc]
 
 
-async def _in_thread(fn: Callable[..., T], *args: Any, cancel: Any = None) -> T:
-    """Run fn in a worker thread; on cancellation, stop it (CancelToken) and wait before unwinding,
-    so memory it writes into (a mapping) is never released under it."""
-    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+async def _in_thread(fn: Callable[..., T], *args: Any, cancel: Any = None,
+                     executor: concurrent.futures.Executor | None = None) -> T:
+    """Run fn in a worker thread (of `executor`, else the loop's default); on cancellation, stop it
+    (CancelToken or Cancel) and wait before unwinding, so memory or files it writes into (a mapping,
+    a descriptor) are never released under it."""
+    if executor is None:
+        fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    else:
+        fut = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args)))
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
@@ -150,6 +161,56 @@ def _create(path: Path, size: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _pwrite(fd: int, data: bytes | memoryview, offset: int, name: str) -> None:
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+    except OSError as exc:
+        raise DiskError(f"writing {name} at offset {offset}: {exc.strerror or exc}") from exc
+
+
+class _SpanWriter:
+    """Where one span's download stands. `write` puts bytes at their offsets in every file of the
+    target and checks each block as it completes (then `on_block(block)`); after a failure, `pos`
+    is where to resume (the running crc covers [block start, pos)). Used by one thread at a time:
+    the event loop's, or the worker thread of the request in progress."""
+
+    def __init__(self, t: _Target, span: Span, on_block: Callable[[int], None], where: str) -> None:
+        self.target = t
+        self.where = where
+        self.end = span.end
+        self.on_block = on_block
+        self.pos = span.start
+        self.block = span.start // t.block_size
+        self.crc = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        t, bs = self.target, self.target.block_size
+        if len(data) > self.end - self.pos:
+            raise CorruptData(f"{self.where} at offset {self.pos}: the store sent more bytes than asked for")
+        for fd in t.fds:
+            _pwrite(fd, data, self.pos, t.name)
+        view = memoryview(data)
+        while view:
+            block_end = min((self.block + 1) * bs, t.size)
+            take = min(len(view), block_end - self.pos)
+            if t.checksums is not None:
+                self.crc = _C.crc32c(view[:take], self.crc)
+            self.pos += take
+            view = view[take:]
+            if self.pos == block_end:
+                if t.checksums is not None and self.crc != t.checksums[self.block]:
+                    raise _BadBlock(self.block, self.block * bs, t.checksums[self.block], self.crc)
+                self.on_block(self.block)
+                self.block, self.crc = self.block + 1, 0
+
+    def restart_block(self) -> None:
+        """Fetch the current block again from its first byte (after a checksum mismatch)."""
+        self.pos, self.crc = self.block * self.target.block_size, 0
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -181,6 +242,7 @@ class Fetcher:
         self._fills: dict[str, Fill] = {}
         self._ssd_jobs: dict[str, asyncio.Task[None]] = {}
         self._staging_pool: list[_Staging] = []
+        self._transfers = concurrent.futures.ThreadPoolExecutor(TRANSFER_THREADS, thread_name_prefix="fetch")
 
     async def aclose(self) -> None:
         tasks = [f.task for f in self._fills.values() if f.task] + list(self._ssd_jobs.values())
@@ -189,6 +251,7 @@ class Fetcher:
         for t in tasks:
             with contextlib.suppress(BaseException):
                 await t
+        self._transfers.shutdown(wait=False)  # idle: every transfer thread was waited for above
         for s in self._stores.values():
             await s.aclose()
 
@@ -417,41 +480,27 @@ class Fetcher:
     async def _fetch_span(self, store: Store, ref: ModelRef, t: _Target, span: Span) -> None:
         """One range request with resume after transient failures and per-block verification."""
         where = store.location(ref, t.name)
-        bs = t.block_size
-        pos = span.start
-        block, crc = pos // bs, 0
+        read_into = store.blocking_reader()
+        loop = asyncio.get_running_loop()
+
+        def posted(block: int) -> None:  # from the transfer thread: the bookkeeping belongs to the loop
+            loop.call_soon_threadsafe(t.on_block, block)
+
+        w = _SpanWriter(t, span, t.on_block if read_into is None else posted, where)
         attempts = corrupt = 0
-        while pos < span.end:
+        while w.pos < span.end:
             try:
-                async for data in store.read(ref, t.name, pos, span.end):
-                    if len(data) > span.end - pos:
-                        raise CorruptData(f"{where}: the store sent more bytes than asked for")
-                    for fd in t.fds:
-                        self._pwrite(fd, data, pos, t.name)
-                    view = memoryview(data)
-                    while view:
-                        block_end = min((block + 1) * bs, t.size)
-                        take = min(len(view), block_end - pos)
-                        if t.checksums is not None:
-                            crc = _C.crc32c(view[:take], crc)
-                        pos += take
-                        view = view[take:]
-                        if pos == block_end:
-                            if t.checksums is not None and crc != t.checksums[block]:
-                                raise _BadBlock(block, block * bs, t.checksums[block], crc)
-                            t.on_block(block)
-                            block, crc = block + 1, 0
-                if pos < span.end:
-                    raise StoreUnavailable(f"{where}: the response ended at byte {pos}, expected {span.end}")
+                await self._transfer(store, ref, w, read_into)
+                if w.pos < span.end:
+                    raise StoreUnavailable(f"{where}: the response ended at byte {w.pos}, expected {span.end}")
             except StoreUnavailable as exc:
                 attempts += 1
                 if attempts > self.config.retries:
                     raise type(exc)(f"{exc} (gave up after {attempts} attempts)") from exc
                 self.metrics.retries.labels(store.root.uri).inc()
-                _log.info("resuming range", model=ref.uri, file=t.name, offset=pos, attempt=attempts,
+                _log.info("resuming range", model=ref.uri, file=t.name, offset=w.pos, attempt=attempts,
                           error=str(exc))
                 await asyncio.sleep(self.config.retry_backoff_s * 2 ** (attempts - 1))
-                pos = max(pos, block * bs)  # resume mid-block: the running crc covers [block start, pos)
             except _BadBlock as bad:
                 corrupt += 1
                 if corrupt > CORRUPT_RETRIES:
@@ -460,17 +509,18 @@ class Fetcher:
                         f"the index records {bad.expected:#010x} (the store's copy is corrupt)") from None
                 _log.warning("checksum mismatch, fetching the block again", model=ref.uri, file=t.name,
                              block=bad.block)
-                pos, crc = block * bs, 0
+                w.restart_block()
 
-    @staticmethod
-    def _pwrite(fd: int, data: bytes | memoryview, offset: int, name: str) -> None:
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.pwrite(fd, view, offset)
-                view, offset = view[n:], offset + n
-        except OSError as exc:
-            raise DiskError(f"writing {name} at offset {offset}: {exc.strerror or exc}") from exc
+    async def _transfer(self, store: Store, ref: ModelRef, w: _SpanWriter, read_into: BlockingRead | None) -> None:
+        """One request for the rest of the span: in a transfer thread with the store's blocking
+        reader (the writer's block completions are posted back to the loop), else through the loop."""
+        if read_into is None:
+            async for data in store.read(ref, w.target.name, w.pos, w.end):
+                w.write(data)
+            return
+        cancel = Cancel()
+        await _in_thread(read_into, ref, w.target.name, w.pos, w.end, w.write, cancel, cancel=cancel,
+                         executor=self._transfers)
 
     # -- plain Hugging Face checkpoints: download once, convert on the node --------------------
 
@@ -647,7 +697,7 @@ class Fetcher:
                 raise fmt.ChecksumError(str(src), exc.block + first, exc.offset, exc.expected, exc.actual) from None
             except OSError as exc:
                 raise DiskError(f"reading {src} at offset {off}: {exc.strerror or exc}") from exc
-            self._pwrite(fd, buf.view[:n], off, dst.name)  # only verified bytes reach the DRAM tier
+            _pwrite(fd, buf.view[:n], off, dst.name)  # only verified bytes reach the DRAM tier
 
         offsets = iter(range(0, p.size, segment))
         pending: collections.deque[tuple[int, _Staging, asyncio.Future[None]]] = collections.deque()

@@ -8,17 +8,71 @@ only translates its client's errors into the sidecar's tree (errors.py):
     absent -> size() returns None, read() raises NotFound
     refused -> AccessDenied          transient (5xx, reset, refused, cut) -> StoreUnavailable
     no bytes within the timeout -> Stalled
+
+A store may also offer a blocking reader (`blocking_reader()`): the same bytes handed to a
+callback from a worker thread, for stores whose client can receive into a reused buffer. The
+fetcher prefers it for bulk ranges, so several connections' bytes move on several cores instead
+of through the event loop; it falls back to `read` when a store has none.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Protocol
 
 from loader_sidecar.errors import CorruptData, NotFound
 from loader_sidecar.refs import ModelRef, StoreRoot
 
 READ_CHUNK = 1 << 20
+
+Sink = Callable[[memoryview], None]
+
+
+class Cancel:
+    """Stops a blocking read from another thread: sets a flag the reader checks between requests
+    and runs the hook the reader installed (closing its connection, so a read blocked in the
+    kernel returns at once instead of after the timeout)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._hook: Callable[[], None] | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            hook = self._hook
+        if hook is not None:
+            hook()
+
+    @contextlib.contextmanager
+    def hooked(self, hook: Callable[[], None]) -> Iterator[None]:
+        """Inside the block, cancel() calls hook (at once when already cancelled)."""
+        with self._lock:
+            self._hook = hook
+            cancelled = self._cancelled
+        if cancelled:
+            hook()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._hook = None
+
+
+class BlockingRead(Protocol):
+    def __call__(self, ref: ModelRef, file: str, start: int, end: int, sink: Sink, cancel: Cancel) -> None:
+        """In a worker thread: the bytes [start, end) handed to `sink` in order as they arrive, each a
+        view of a reused buffer that is valid during the call only (write or copy it); at most
+        end - start bytes in total (fewer when the response ends early). Store errors as `read`
+        raises them; whatever `sink` raises passes through untouched."""
 
 
 class Store(abc.ABC):
@@ -38,6 +92,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def read(self, ref: ModelRef, file: str, start: int, end: int) -> AsyncIterator[bytes]:
         """The bytes [start, end) of the file, in chunks; at most end - start bytes in total."""
+
+    def blocking_reader(self) -> BlockingRead | None:
+        """The blocking reader the fetcher prefers for bulk ranges, or None (use `read`)."""
+        return None
 
     async def aclose(self) -> None:
         """Release connections (default: nothing to release)."""

@@ -1,7 +1,8 @@
 """`hf://org/name@revision` store: the Hugging Face Hub's resolve URLs.
 
 `{HF_ENDPOINT}/{org}/{name}/resolve/{revision}/{file}`, with `Authorization: Bearer $HF_TOKEN`
-when a token is set (httpx drops it on the redirect to the CDN, which is what the Hub wants).
+when a token is set. Both of HttpStore's clients drop it on the redirect to the CDN (another
+origin), which is what the Hub wants: httpx by itself, the blocking reader by `http.redirect`.
 Any server with that layout works, which is how the tests run it against nginx.
 """
 
