@@ -26,7 +26,9 @@ environment names one (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY), `blocking_reader()` 
 every read goes through httpx, which honours it.
 
 A cut connection (the server closes) loses nothing already received; a reset or a timeout loses
-the read in progress (at most RECV_BYTES), which the fetcher's resume asks for again.
+the read in progress (at most RECV_BYTES), which the fetcher's resume asks for again. Cancel
+shuts the socket of the request in progress, so a blocked read returns at once; a connect in
+progress is not interrupted (it ends within the timeout).
 """
 
 from __future__ import annotations
