@@ -8,6 +8,13 @@ partition that already lives in memory (tmpfs: the DRAM tier) is mapped, not cop
 
     load_state_dict(path, device)  -> {name: tensor}
     load_model(path, device)       -> transformers model (meta-built, weights assigned)
+
+`follow` (both, and load_checkpoint): load a DRAM-tier copy that the loader sidecar is still
+filling. `follow(partition, nbytes)` blocks until the first nbytes of that partition are filled
+and verified and returns the watermark (the lease's `wait`); each partition is then copied in
+segments right behind the watermark, so the copy to the device overlaps the fill instead of
+following it. A mapped partition (CPU, tmpfs) waits for its whole fill first: a map costs
+nothing to overlap.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import dataclasses
 import mmap
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -125,12 +132,21 @@ def _device(device: Any) -> torch.device:
     return dev
 
 
+Follow = Callable[[int, int], int]  # (partition, nbytes) -> watermark >= nbytes, once filled
+
+
 def _read_partition(path: Path, part: fmt.Partition, dev: torch.device, opts: LoadOptions,
-                    cancel: Any) -> tuple[Any, torch.Tensor, PartitionLoad]:
+                    cancel: Any, follow: Follow | None = None, number: int = 0) -> tuple[Any, torch.Tensor,
+                                                                                          PartitionLoad]:
     import torch
 
     t0 = time.perf_counter()
     on_memory_fs = is_memory_fs(path)
+    if follow is not None:
+        if dev.type == "cpu" and on_memory_fs and opts.map_memory_files:
+            follow(number, part.size)
+        else:
+            return _follow_partition(path, part, dev, opts, cancel, follow, number, t0)
     verify = (not on_memory_fs) if opts.verify is None else opts.verify
     crcs = list(part.checksums) if verify else []
     block = part.block_size if verify else 0
@@ -166,6 +182,32 @@ def _read_partition(path: Path, part: fmt.Partition, dev: torch.device, opts: Lo
                           opts.pinned_bytes, opts.streams, block, crcs, cancel)
         method = "device"
     return keep, buf, PartitionLoad(part.file, part.size, time.perf_counter() - t0, method)
+
+
+def _follow_partition(path: Path, part: fmt.Partition, dev: torch.device, opts: LoadOptions, cancel: Any,
+                      follow: Follow, number: int, t0: float) -> tuple[Any, torch.Tensor, PartitionLoad]:
+    """Copy a partition that is still being filled, one segment behind the watermark at a time.
+
+    The bytes under the watermark were verified by the sidecar as they arrived, so segments are
+    not checked again; a segment is at least `chunk_bytes` (or the rest of the partition)."""
+    import torch
+
+    buf = aligned_empty(part.size) if dev.type == "cpu" else torch.empty(part.size, dtype=torch.uint8, device=dev)
+    done, segments = 0, 0
+    while done < part.size:
+        mark = min(part.size, follow(number, min(part.size, done + opts.chunk_bytes)))
+        if mark <= done:
+            raise RuntimeError(f"{path}: the watermark went back to {mark} after {done} bytes were copied")
+        if dev.type == "cpu":
+            _C.read_to_host(str(path), done, buf.data_ptr() + done, mark - done, opts.chunk_bytes, opts.threads,
+                            False, 0, [], cancel)
+        else:
+            pinned = min(opts.pinned_bytes, -(-(mark - done) // opts.chunk_bytes) * opts.chunk_bytes)
+            _C.read_to_device(str(path), done, dev.index, buf.data_ptr() + done, mark - done, opts.chunk_bytes,
+                              opts.threads, False, pinned, opts.streams, 0, [], cancel)
+        done, segments = mark, segments + 1
+    _log.debug("partition copied behind the fill", file=str(path), bytes=part.size, segments=segments)
+    return buf, buf, PartitionLoad(part.file, part.size, time.perf_counter() - t0, "follow")
 
 
 def _map(path: Path, size: int) -> tuple[mmap.mmap, torch.Tensor]:
@@ -210,16 +252,18 @@ def _views(index: fmt.Index, buffers: list[torch.Tensor]) -> dict[str, torch.Ten
 
 
 def load_checkpoint(path: str | os.PathLike[str], device: Any = "cpu", *, options: LoadOptions | None = None,
-                    cancel: Any = None) -> LoadedCheckpoint:
-    """Load every partition of a checkpoint onto device; tensors are views of one buffer per partition."""
+                    cancel: Any = None, follow: Follow | None = None) -> LoadedCheckpoint:
+    """Load every partition of a checkpoint onto device; tensors are views of one buffer per partition.
+
+    follow: the partitions are still being filled (see the module docstring)."""
     opts = options or LoadOptions()
     root = Path(path)
     dev = _device(device)
     index = fmt.read_index(root)
     t0 = time.perf_counter()
     keep, buffers, parts = [], [], []
-    for part in index.partitions:
-        k, buf, stat = _read_partition(root / part.file, part, dev, opts, cancel)
+    for number, part in enumerate(index.partitions):
+        k, buf, stat = _read_partition(root / part.file, part, dev, opts, cancel, follow, number)
         keep.append(k)
         buffers.append(buf)
         parts.append(stat)
@@ -290,7 +334,7 @@ def _no_init_weights() -> Any:
 
 
 def load_model(path: str | os.PathLike[str], device: Any = "cpu", *, options: LoadOptions | None = None,
-               cancel: Any = None) -> Any:
+               cancel: Any = None, follow: Follow | None = None) -> Any:
     """A transformers causal LM whose weights are the checkpoint's tensors, never copied again.
 
     `path` is a converted checkpoint directory, or a plain Hugging Face directory (then
@@ -306,7 +350,7 @@ def load_model(path: str | os.PathLike[str], device: Any = "cpu", *, options: Lo
                                     str(root))
         model = AutoModelForCausalLM.from_pretrained(str(root))
         return model.to(torch.device(device)).eval()  # type: ignore[arg-type]
-    loaded = load_checkpoint(root, device, options=options, cancel=cancel)
+    loaded = load_checkpoint(root, device, options=options, cancel=cancel, follow=follow)
     config = AutoConfig.from_pretrained(str(root))
     with parameters_on_meta(), _no_init_weights():  # the init would only fill meta tensors: 0.1 s for nothing
         model = AutoModelForCausalLM.from_config(config)

@@ -12,6 +12,7 @@ import asyncio
 import os
 import sys
 import time
+from collections.abc import Callable
 
 
 def _process_start() -> float:
@@ -29,7 +30,9 @@ def _process_start() -> float:
         return time.time()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, follow: Callable[[int, int], int] | None = None) -> int:
+    """Serve; `follow` (the local cluster's zygote, for a GPU instance): the model directory is
+    a DRAM-tier copy still being filled, and follow(partition, nbytes) waits for its watermark."""
     started = _process_start()
     from functions.llm import config
     from sllm_knative import log
@@ -42,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     log.setup(level)
     logger = log.get_logger("functions.llm", model=cfg.model_name, instance=cfg.instance, node=cfg.node)
     from functions.llm.service import Service
+    from functions.llm.weights import FilledCheckpoint
 
-    service = Service(cfg, started, logger)
+    service = Service(cfg, started, logger, source=FilledCheckpoint(cfg.model_dir, follow) if follow else None)
     service.start_loading()
     from functions.llm import server
 

@@ -107,7 +107,7 @@ class Service:
         from functions.llm.runner import ModelRunner
         watch.lap("imports")
         path = self._resources.enter_context(self.source.acquire())
-        model, tokenizer = weights.load(path, self.cfg.device)
+        model, tokenizer = weights.load(path, self.cfg.device, follow=self.source.follow)
         watch.lap("load")
         runner = ModelRunner(model, slots=self.cfg.kv_slots, max_len=self.cfg.max_model_len,
                              mode=self.cfg.numerics, tile_rows=self.cfg.tile_rows, forward=self.cfg.forward)

@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -66,33 +67,46 @@ def _child(req: dict, conn: socket.socket, server: socket.socket) -> None:
     code = 1
     try:
         argv = list(req["argv"])
-        lease = None
+        lease, follow = None, None
         if req.get("lease"):
-            lease = _take_lease(req["lease"], req.get("timing"))
+            # A GPU instance copies to its device right behind the fill; on the CPU the DRAM-tier
+            # files are mapped, which needs them whole.
+            behind = str(req["lease"].get("device", "cpu")).startswith("cuda")
+            lease = _take_lease(req["lease"], req.get("timing"), wait=not behind)
             argv += ["--model", lease.directory]
-        code = main(argv)
+            follow = lease.wait if behind else None
+        code = main(argv, follow)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
 
 
-def _take_lease(spec: dict, timing_path: str | None) -> Any:
+def _take_lease(spec: dict, timing_path: str | None, wait: bool = True) -> Any:
+    """The lease on the checkpoint; with wait, once its DRAM-tier copy is complete. Without, the
+    timing is written when the fill completes, from a thread, while the instance loads."""
     from loader_sidecar.client import LoaderClient
 
     t0 = time.time()
     client = LoaderClient(spec["loader"])
     lease = client.acquire(spec["model"], device=spec.get("device", "cpu"), instance=spec.get("instance", ""))
     granted = time.time()
-    for i, part in enumerate(lease.partitions):
-        lease.wait(i, part.size)
-    done = time.time()
-    if timing_path:
-        with open(timing_path, "w") as f:
-            json.dump({"lease_requested": t0, "lease_granted": granted, "lease_complete": done,
-                       "source": lease.source, "bytes": lease.total_bytes}, f)
-    print(f"lease {lease.id}: {lease.model} from {lease.source}, {lease.total_bytes} bytes, "
-          f"{done - t0:.3f}s", flush=True)
+
+    def record() -> None:
+        lease.wait_complete()
+        done = time.time()
+        if timing_path:
+            with open(timing_path + ".part", "w") as f:
+                json.dump({"lease_requested": t0, "lease_granted": granted, "lease_complete": done,
+                           "source": lease.source, "bytes": lease.total_bytes, "followed": not wait}, f)
+            os.replace(timing_path + ".part", timing_path)
+        print(f"lease {lease.id}: {lease.model} from {lease.source}, {lease.total_bytes} bytes, "
+              f"{done - t0:.3f}s", flush=True)
+
+    if wait:
+        record()
+    else:
+        threading.Thread(target=record, name="lease-timing", daemon=True).start()
     return lease
 
 
