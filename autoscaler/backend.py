@@ -23,7 +23,7 @@ import httpx
 from sllm_knative.config import ServiceConfig
 from sllm_knative.local import procs, zygote
 from sllm_knative.log import get_logger
-from sllm_knative.placement import Instance, NodeInventory, Tier
+from sllm_knative.placement import Instance, NodeInventory, Tier, pool_store_rates
 
 _log = get_logger("autoscaler.backend")
 
@@ -112,9 +112,9 @@ def inventory_to_node(node: Node, inv: Any, running: int, size_hint: dict[str, i
     # DRAM tier -> device: the pinned copy on a GPU node, the memory copy (or map) on the CPU.
     if "host_to_device" in hops or "dram_copy" in hops:
         bw[Tier.DRAM] = hops.get("host_to_device", hops.get("dram_copy", 0.0))
-    remote = [v for k, v in hops.items() if k.startswith("remote:")]
-    if remote:
-        bw[Tier.REMOTE] = max(remote)
+    stores = {k.removeprefix("remote:"): v for k, v in hops.items() if k.startswith("remote:")}
+    if stores:  # a model in a store this node has not fetched from yet: the fastest it has seen
+        bw[Tier.REMOTE] = max(stores.values())
     checkpoints: dict[str, Tier] = {}
     for tier in inv.tiers:
         t = Tier.DRAM if tier.name == "dram" else Tier.SSD
@@ -124,7 +124,7 @@ def inventory_to_node(node: Node, inv: Any, running: int, size_hint: dict[str, i
                 if e.model not in checkpoints or t.rank < checkpoints[e.model].rank:
                     checkpoints[e.model] = t
     return NodeInventory(name=node.name, bandwidth=bw, checkpoints=checkpoints,
-                         free_slots=max(0, node.slots - running), instances=instances)
+                         free_slots=max(0, node.slots - running), instances=instances, remote_bandwidth=stores)
 
 
 class LocalBackend:
@@ -159,7 +159,7 @@ class LocalBackend:
                 continue
             out.append(inventory_to_node(node, inv, running.get(name, 0), self.model_sizes,
                                          (instances or {}).get(name, ())))
-        return out
+        return pool_store_rates(out)
 
     async def generations(self, rec: InstanceRecord, timeout_s: float = 1.0) -> list[dict[str, Any]] | None:
         """The generations the instance runs (its internal API), None when it does not answer."""

@@ -26,7 +26,9 @@ from sllm_knative.placement.model import (
     NodeInventory,
     QueuedLoad,
     Tier,
+    pool_store_rates,
     startup,
+    store_of,
 )
 
 __all__ = [
@@ -51,5 +53,7 @@ __all__ = [
     "observe_migration",
     "observe_start",
     "place",
+    "pool_store_rates",
     "startup",
+    "store_of",
 ]

@@ -112,7 +112,7 @@ def _describe(request: ModelRequest, node: NodeInventory, e: Estimate) -> str:
     if e.queue_wait_s > 0:
         parts.append(f"queue {e.queue_wait_s:.2f}s")
     if e.load_s > 0:
-        bw = node.bandwidth[e.tier]
+        bw = node.rate(e.tier, request.model)
         parts.append(f"load {e.load_s:.2f}s from {e.tier} ({_gb(request.size_bytes)} at {bw / 1e9:.2f} GB/s)")
     else:
         parts.append(f"checkpoint resident on the {e.tier}")

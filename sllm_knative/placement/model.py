@@ -4,7 +4,9 @@
 
 `tier(m, n)` is the fastest tier of node n holding model m (device = already resident, DRAM,
 SSD, else the remote store); `bandwidth(n, t)` is the node's measured rate for loading from
-tier t into the device (bytes/s; see `calibration` for the online updates); `queue_wait(n)`
+tier t into the device (bytes/s; see `calibration` for the online updates); from the remote
+tier it is the rate of the store that holds m (`remote_bandwidth`, by store URI) when that
+store has been measured, else the node's remote rate; `queue_wait(n)`
 is the time for the loads already queued on n to finish: the node's loader runs one load at
 a time, first in first out. A model that is already in n's queue is not loaded twice: the new
 instance waits for that load to finish.
@@ -13,8 +15,8 @@ instance waits for that load to finish.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 
@@ -101,6 +103,9 @@ class NodeInventory:
     free_slots: int = 1
     instances: tuple[Instance, ...] = ()
     instance_overhead_s: float = 0.0
+    # Measured rates of individual stores (store URI -> bytes/s): a model under one of them
+    # loads from the remote tier at its store's rate, not the node's `bandwidth[REMOTE]`.
+    remote_bandwidth: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -117,15 +122,51 @@ class NodeInventory:
             raise ValueError(f"node {self.name}: free_slots must be >= 0, got {self.free_slots}")
         if not (self.instance_overhead_s >= 0 and math.isfinite(self.instance_overhead_s)):
             raise ValueError(f"node {self.name}: instance_overhead_s must be >= 0, got {self.instance_overhead_s}")
+        for store, bw in self.remote_bandwidth.items():
+            if not (bw > 0 and math.isfinite(bw)):
+                raise ValueError(f"node {self.name}: remote_bandwidth[{store}] must be a finite number > 0, got {bw}")
 
     def tier_of(self, model: str) -> Tier:
         """The fastest tier of this node holding `model` (REMOTE when it holds none)."""
         return self.checkpoints.get(model, Tier.REMOTE)
 
-    def load_seconds(self, size_bytes: int, tier: Tier) -> float:
+    def rate(self, tier: Tier, model: str = "") -> float:
+        """Bytes/s for loading `model` from `tier` into the device (remote: its store's rate)."""
+        if tier == Tier.REMOTE:
+            store = store_of(model, self.remote_bandwidth)
+            if store is not None:
+                return self.remote_bandwidth[store]
+        return self.bandwidth[tier]
+
+    def load_seconds(self, size_bytes: int, tier: Tier, model: str = "") -> float:
         if tier == Tier.DEVICE and Tier.DEVICE not in self.bandwidth:
             return 0.0
-        return size_bytes / self.bandwidth[tier]
+        return size_bytes / self.rate(tier, model)
+
+
+def pool_store_rates(nodes: Sequence[NodeInventory]) -> list[NodeInventory]:
+    """Every node with the store rates measured anywhere: a store's rate is a property of the
+    store and the network more than of the node, so a node that has not fetched from a store
+    yet borrows the mean of the nodes that have (its own measurements stay as they are)."""
+    seen: dict[str, list[float]] = {}
+    for n in nodes:
+        for store, bw in n.remote_bandwidth.items():
+            seen.setdefault(store, []).append(bw)
+    pooled = {store: sum(v) / len(v) for store, v in seen.items()}
+    return [n if set(n.remote_bandwidth) == set(pooled)
+            else replace(n, remote_bandwidth={**pooled, **n.remote_bandwidth}) for n in nodes]
+
+
+def store_of(model: str, stores: Mapping[str, float]) -> str | None:
+    """The most specific store URI that `model` (a checkpoint URI) lies under, at a path
+    segment boundary (`http://h/ckpt` holds `http://h/ckpt/a`, not `http://h/ckptx/a`)."""
+    best = None
+    for store in stores:
+        root = store.rstrip("/")
+        if model == root or model.startswith(root + "/"):
+            if best is None or len(root) > len(best.rstrip("/")):
+                best = store
+    return best
 
 
 @dataclass(frozen=True)
@@ -162,10 +203,11 @@ def startup(request: ModelRequest, node: NodeInventory) -> Estimate:
     """The estimated time to start `request.model` on `node`, assuming a free slot."""
     waited = 0.0
     for q in node.load_queue:
-        waited += node.load_seconds(q.remaining_bytes, q.tier)
+        waited += node.load_seconds(q.remaining_bytes, q.tier, q.model)
         if q.model == request.model:
             return Estimate(node.name, q.tier, waited, 0.0, node.instance_overhead_s, joined=True)
     tier = node.tier_of(request.model)
     # A resident checkpoint needs no I/O, so it does not queue behind the loader.
     queue = 0.0 if tier == Tier.DEVICE else waited
-    return Estimate(node.name, tier, queue, node.load_seconds(request.size_bytes, tier), node.instance_overhead_s)
+    return Estimate(node.name, tier, queue, node.load_seconds(request.size_bytes, tier, request.model),
+                    node.instance_overhead_s)

@@ -64,11 +64,20 @@ NODE = Node("node-1", "unix:///tmp/loader.sock", "/tmp/zygote.sock", slots=2, lo
     pytest.param({"dram_copy": 8e9, "host_to_device": 20e9}, {**FALLBACK_BANDWIDTH, Tier.DRAM: 20e9},
                  id="a-gpu-node-loads-dram-at-the-pinned-copy-rate"),
     pytest.param({"remote:file:///store": 1e9, "remote:http://store/slow": 25e6},
-                 {**FALLBACK_BANDWIDTH, Tier.REMOTE: 1e9}, id="one-remote-rate-per-node-the-fastest-store"),
+                 {**FALLBACK_BANDWIDTH, Tier.REMOTE: 1e9}, id="unknown-stores-get-the-fastest-seen"),
     pytest.param({"disk_read": 0.0}, FALLBACK_BANDWIDTH, id="a-zero-rate-is-no-measurement"),
 ])
 def test_inventory_bandwidths(hops: dict[str, float], want: dict[Tier, float]) -> None:
     assert dict(inventory_to_node(NODE, inventory(hops, {}), 0, {}).bandwidth) == want
+
+
+def test_inventory_keeps_each_stores_rate() -> None:
+    hops = {"remote:file:///store": 1e9, "remote:http://store/slow": 25e6}
+    node = inventory_to_node(NODE, inventory(hops, {}), 0, {})
+    assert dict(node.remote_bandwidth) == {"file:///store": 1e9, "http://store/slow": 25e6}
+    assert node.rate(Tier.REMOTE, A) == 25e6  # A lives in the slow store
+    assert node.rate(Tier.REMOTE, "file:///store/m") == 1e9
+    assert node.rate(Tier.REMOTE, "s3://bucket/m") == 1e9  # an unmeasured store: the node's remote rate
 
 
 def test_inventory_checkpoints_slots_and_instances() -> None:

@@ -19,7 +19,9 @@ from sllm_knative.placement import (
     Tier,
     choose_victims,
     place,
+    pool_store_rates,
     startup,
+    store_of,
 )
 
 GB = 10**9
@@ -196,3 +198,54 @@ def test_bad_inputs_are_rejected(make: object, message: str) -> None:
 ])
 def test_choose_victims(instances: list[Instance], count: int, want: list[str]) -> None:
     assert [i.name for i in choose_victims(instances, count)] == want
+
+
+STORES = {"http://h/ckpt": 1.0, "http://h/ckpt/big": 2.0, "s3://bucket/": 3.0}
+
+
+@pytest.mark.parametrize("model,want", [
+    pytest.param("http://h/ckpt/llama", "http://h/ckpt", id="under-a-store"),
+    pytest.param("http://h/ckpt/big/llama", "http://h/ckpt/big", id="most-specific-store"),
+    pytest.param("http://h/ckptx/llama", None, id="segment-boundary"),
+    pytest.param("http://h/ckpt", "http://h/ckpt", id="the-root-itself"),
+    pytest.param("s3://bucket/prefix/m", "s3://bucket/", id="trailing-slash-store"),
+    pytest.param("hf://org/llama", None, id="no-store"),
+    pytest.param("", None, id="no-model"),
+])
+def test_store_of(model: str, want: str | None) -> None:
+    assert store_of(model, STORES) == want
+
+
+def test_remote_loads_use_the_models_store_rate() -> None:
+    """Two stores: node a has measured the fast one only, node b the slow one (where M lives) and
+    holds nothing. With one remote rate per node, a's fast store made it look 10x faster for M."""
+    fast, slow = "http://fast/m", "hf://org"  # M = hf://org/llama is in the slow store
+    a = NodeInventory("a", {**BW, Tier.REMOTE: 5 * GB}, remote_bandwidth={fast: 5 * GB}, instance_overhead_s=0.3)
+    b = NodeInventory("b", {**BW, Tier.REMOTE: 0.5 * GB}, remote_bandwidth={slow: 0.5 * GB}, instance_overhead_s=0.3)
+    assert startup(REQ, a).load_s == pytest.approx(1.0)  # a alone does not know the slow store
+    pooled = pool_store_rates([a, b])
+    assert dict(pooled[0].remote_bandwidth) == {fast: 5 * GB, slow: 0.5 * GB}
+    assert pooled[1] is b or dict(pooled[1].remote_bandwidth) == {fast: 5 * GB, slow: 0.5 * GB}
+    assert startup(REQ, pooled[0]).load_s == pytest.approx(10.0)
+    assert startup(ModelRequest("http://fast/m/x", 5 * GB), pooled[1]).load_s == pytest.approx(1.0)
+    # A queued load counts at its own store's rate too: 5 GB from the fast store waits 1 s, not 10.
+    q = NodeInventory("q", BW, {M: Tier.SSD}, (QueuedLoad("http://fast/m/y", 5 * GB, Tier.REMOTE),), 1,
+                      remote_bandwidth={fast: 5 * GB})
+    assert startup(REQ, q).queue_wait_s == pytest.approx(1.0)
+
+
+def test_pooled_rates_keep_a_nodes_own_measurement() -> None:
+    s = "http://store/x"
+    a = NodeInventory("a", BW, remote_bandwidth={s: 1 * GB})
+    b = NodeInventory("b", BW, remote_bandwidth={s: 3 * GB})
+    c = NodeInventory("c", BW)
+    pa, pb_, pc = pool_store_rates([a, b, c])
+    assert pa.remote_bandwidth[s] == 1 * GB and pb_.remote_bandwidth[s] == 3 * GB  # their own
+    assert pc.remote_bandwidth[s] == 2 * GB  # the mean of those who measured it
+    assert pool_store_rates([c]) == [c]
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, math.nan])
+def test_store_rates_must_be_positive(bad: float) -> None:
+    with pytest.raises(ValueError, match=r"remote_bandwidth\[http://s\]"):
+        NodeInventory("n", BW, remote_bandwidth={"http://s": bad})
