@@ -50,6 +50,7 @@ from typing import Any
 import httpx
 
 from bench._common import ensure_model, machine, save_figure, write_json
+from loader_sidecar.testing import nginx_conf
 
 REPO = Path(__file__).resolve().parents[1]
 NAMESPACE = "default"
@@ -59,17 +60,8 @@ PATHS = ("direct", "activator", "nginx")
 TARGET_RATIO = 5.0  # activator p50 added <= 5 x nginx's
 WARMUP = 200
 
-_NGINX_CONF = """\
-daemon off;
-master_process on;
-worker_processes 1;
-pid {work}/nginx.pid;
-error_log {work}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
+_NGINX_HTTP = """\
   access_log off;
-  client_body_temp_path {work}/body; proxy_temp_path {work}/proxy; fastcgi_temp_path {work}/fastcgi;
-  uwsgi_temp_path {work}/uwsgi; scgi_temp_path {work}/scgi;
   keepalive_requests 1000000;
   upstream function {{
     server 127.0.0.1:{upstream};
@@ -86,7 +78,6 @@ http {{
       proxy_buffering off;
     }}
   }}
-}}
 """
 
 
@@ -255,7 +246,7 @@ class NginxProxy:
         self.port = _free_port()
         self.work = Path(tempfile.mkdtemp(prefix="bench-proxy-nginx-"))
         self.conf = self.work / "nginx.conf"
-        self.conf.write_text(_NGINX_CONF.format(work=self.work, port=self.port, upstream=upstream))
+        self.conf.write_text(nginx_conf(self.work, _NGINX_HTTP.format(port=self.port, upstream=upstream), master=True))
         self.logs = logs
         self.argv = [binary, "-p", str(self.work), "-c", str(self.conf), "-e", str(self.work / "error.log")]
         self.proc: subprocess.Popen[bytes] | None = None

@@ -55,17 +55,25 @@ def nginx_path() -> str | None:
                                           if Path(p).exists()), None)
 
 
-_CONF = """
-daemon off;
-master_process off;
+def nginx_conf(work: Path | str, http: str, *, connections: int = 1024, master: bool = False) -> str:
+    """An nginx.conf for a throwaway foreground nginx whose files all live in `work`: one worker,
+    its pid, logs and temporary paths there; `http` is the inside of the http block (servers,
+    upstreams, log settings), already formatted."""
+    return f"""daemon off;
+master_process {"on" if master else "off"};
 worker_processes 1;
 pid {work}/nginx.pid;
 error_log {work}/error.log warn;
-events {{ worker_connections 1024; }}
+events {{ worker_connections {connections}; }}
 http {{
-  access_log {work}/access.log;
   client_body_temp_path {work}/body; proxy_temp_path {work}/proxy; fastcgi_temp_path {work}/fastcgi;
   uwsgi_temp_path {work}/uwsgi; scgi_temp_path {work}/scgi;
+{http}}}
+"""
+
+
+_STORE = """\
+  access_log {work}/access.log;
   default_type application/octet-stream;
   sendfile on;
   keepalive_requests 100000;
@@ -79,7 +87,6 @@ http {{
       alias {root}/hf/$1/$2/$3/$4;
     }}
   }}
-}}
 """
 
 
@@ -97,8 +104,8 @@ class Nginx:
         self.work = Path(tempfile.mkdtemp(prefix="sllm-nginx-"))
         auth = f'if ($http_authorization != "Bearer {hf_token}") {{ return 401; }}' if hf_token else ""
         self.conf = self.work / "nginx.conf"
-        self.conf.write_text(_CONF.format(work=self.work, port=self.port, root=self.root, slow_rate=slow_rate,
-                                          auth=auth))
+        self.conf.write_text(nginx_conf(self.work, _STORE.format(work=self.work, port=self.port, root=self.root,
+                                                                  slow_rate=slow_rate, auth=auth)))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Nginx:

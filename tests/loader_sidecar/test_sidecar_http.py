@@ -30,7 +30,7 @@ from loader_sidecar.stores.http import (
     redirect,
     transport_error,
 )
-from loader_sidecar.testing import CutProxy, free_port, nginx_path, wait_port
+from loader_sidecar.testing import CutProxy, free_port, nginx_conf, nginx_path, wait_port
 from sllm_knative import format as fmt
 
 WORDS = 3 * (1 << 20) + 5  # bytes of models/words/partition-0.bin: little-endian uint64 offsets, cut short
@@ -156,18 +156,9 @@ def test_cancel_runs_the_hook_installed_now_or_at_once():
 # -- servers ---------------------------------------------------------------------------------------
 
 
-_CONF = """
-daemon off;
-master_process off;
-worker_processes 1;
-pid {work}/nginx.pid;
-error_log {work}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
+_SERVERS = """\
   log_format auth '$server_port $request_uri $status auth=$http_authorization';
   access_log {work}/access.log auth;
-  client_body_temp_path {work}/body; proxy_temp_path {work}/proxy; fastcgi_temp_path {work}/fastcgi;
-  uwsgi_temp_path {work}/uwsgi; scgi_temp_path {work}/scgi;
   default_type application/octet-stream;
   sendfile on;
   server {{
@@ -185,7 +176,6 @@ http {{
     root {root};
     location /norange/ {{ alias {root}/models/; max_ranges 0; }}
   }}
-}}
 """
 
 
@@ -219,7 +209,7 @@ def servers(store_root, tmp_path_factory) -> Iterator[Servers]:
                    check=True, capture_output=True)
     s = Servers(root, work)
     conf = work / "nginx.conf"
-    conf.write_text(_CONF.format(work=work, root=root, tls=s.tls, plain=s.plain))
+    conf.write_text(nginx_conf(work, _SERVERS.format(work=work, root=root, tls=s.tls, plain=s.plain), connections=256))
     proc = subprocess.Popen([binary, "-e", str(work / "error.log"), "-p", str(work), "-c", str(conf)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -172,3 +172,21 @@ def spare(tiny_model, logs):
     yield start
     for f in made:
         f.stop()
+
+
+def kill_source_between_rounds(act: Activator, src: Function, dest: Function) -> dict:
+    """Migrate src -> dest on an activator that never detaches on its own (`endless_activator`)
+    and kill src a few prefill rounds in; returns the migrate call's result."""
+    import threading
+
+    prefills = dest.log_path.read_text().count("prefill for a migration")
+    migration: dict = {}
+    m = threading.Thread(target=lambda: migration.update(act.migrate(src, dest)))
+    m.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and dest.log_path.read_text().count("prefill for a migration") == prefills:
+        time.sleep(0.005)
+    time.sleep(0.05)  # a few rounds in
+    src.kill()
+    m.join(60)
+    return migration

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.migration.conftest import MODEL, Activator, Function, wait_for
+from tests.migration.conftest import MODEL, Activator, Function, kill_source_between_rounds, wait_for
 
 PROMPT = "The activator holds the client connection while the instance"
 
@@ -240,16 +240,7 @@ def test_source_killed_between_rounds_resumes_from_delivered(endless_activator, 
     t.start()
     assert out.started.wait(60)
     act.set_instances(b)
-    prefills = b.log_path.read_text().count("prefill for a migration")
-    migration: dict = {}
-    m = threading.Thread(target=lambda: migration.update(act.migrate(src, b)))
-    m.start()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and b.log_path.read_text().count("prefill for a migration") == prefills:
-        time.sleep(0.005)
-    time.sleep(0.05)  # a few rounds in
-    src.kill()
-    m.join(60)
+    migration = kill_source_between_rounds(act, src, b)
     t.join(120)
     assert_same(out, want)
     [gen] = migration["generations"]

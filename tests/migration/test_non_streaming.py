@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.migration.conftest import MODEL, Activator, Function
+from tests.migration.conftest import MODEL, Activator, Function, kill_source_between_rounds
 
 PROMPT = "The activator holds the client connection while the instance"
 
@@ -44,6 +44,14 @@ def wait_running(fn: Function, timeout: float = 60) -> str:
             return gen
         time.sleep(0.005)
     raise TimeoutError(f"no generation running on {fn.id}")
+
+
+def in_background(url: str, body: dict[str, Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """POST a non-streaming completion from a thread; its response lands in result["r"]."""
+    result: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: result.update(r=httpx.post(f"{url}/v1/completions", json=body, timeout=120)))
+    t.start()
+    return t, result
 
 
 def same_completion(got: dict[str, Any], want: dict[str, Any]) -> None:
@@ -119,22 +127,10 @@ def test_non_streaming_source_killed_mid_migration_recovers(endless_activator: A
     src = spare("ns-src")
     want = httpx.post(f"{b.url}/v1/completions", json=request(8), timeout=120).json()
     act.set_instances(src)
-    result: dict[str, Any] = {}
-    t = threading.Thread(target=lambda: result.update(
-        r=httpx.post(f"{act.url}/v1/completions", json=request(8), timeout=120)))
-    t.start()
+    t, result = in_background(act.url, request(8))
     wait_running(src)
     act.set_instances(b)
-    prefills = b.log_path.read_text().count("prefill for a migration")
-    migration: dict[str, Any] = {}
-    m = threading.Thread(target=lambda: migration.update(act.migrate(src, b)))
-    m.start()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and b.log_path.read_text().count("prefill for a migration") == prefills:
-        time.sleep(0.005)
-    time.sleep(0.05)  # a few rounds in
-    src.kill()
-    m.join(60)
+    migration = kill_source_between_rounds(act, src, b)
     t.join(120)
     r = result["r"]
     assert r.status_code == 200, r.text
@@ -159,10 +155,7 @@ def test_sigterm_migrates_a_waiting_non_streaming_request(activator: Activator, 
     victim = spare("ns-preempted", {"SLLM_DRAIN_URL": activator.admin, "SLLM_DRAIN_GRACE_S": "30"})
     want = httpx.post(f"{b.url}/v1/completions", json=request(17), timeout=120).json()
     activator.set_instances(victim)
-    result: dict[str, Any] = {}
-    t = threading.Thread(target=lambda: result.update(
-        r=httpx.post(f"{activator.url}/v1/completions", json=request(17), timeout=120)))
-    t.start()
+    t, result = in_background(activator.url, request(17))
     wait_running(victim)
     activator.set_instances(victim, b)
     victim.proc.terminate()  # SIGTERM: the instance asks the activator to drain it, then exits
