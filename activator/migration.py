@@ -535,6 +535,15 @@ async def _prefill(client: httpx.AsyncClient, dest: Instance, gen_id: str, start
         raise _DestinationFailed(f"prefill answered {r.status_code}: {r.text[:300]}")
 
 
+async def _last_prefill(client: httpx.AsyncClient, dest: Instance, gen_id: str, start: int, tokens: list[int],
+                        cfg: MigrationConfig) -> None:
+    """The final gap's prefill, sent with the detach: the resume does the work if it fails."""
+    try:
+        await _prefill(client, dest, gen_id, start, tokens, cfg)
+    except _DestinationFailed as exc:
+        _log.debug("last prefill not used", id=gen_id, instance=dest.id, error=str(exc))
+
+
 async def _drop_prefill(client: httpx.AsyncClient, dest: Instance, gen_id: str, cfg: MigrationConfig) -> None:
     with contextlib.suppress(httpx.HTTPError):
         await client.delete(f"{dest.internal_url}{API}/prefill/{gen_id}", timeout=5.0, headers=cfg.headers)
@@ -553,6 +562,7 @@ async def migrate_generation(client: httpx.AsyncClient, tracked: Tracked, dest: 
                                dest.id if outcome in ("migrated", "recovered") else None, tuple(gaps))
 
     tracked.begin(dest)
+    last: asyncio.Future[None] | None = None
     try:
         while True:
             state = await _source_call(client, "GET", gen_url, cfg)
@@ -565,7 +575,18 @@ async def migrate_generation(client: httpx.AsyncClient, tracked: Tracked, dest: 
                 break
             await _prefill(client, dest, tracked.id, cached, list(state["tokens"][cached:tokens]), cfg)
             cached, rounds = tokens, rounds + 1
-        final = await _source_call(client, "POST", f"{gen_url}/detach", cfg, {"position": None})
+        # The last gap goes to the destination together with the detach, not before it: it is
+        # prefilled while the source finishes its step and the relay resumes, so the resume finds
+        # only the token of that step left to compute (a late prefill is refused harmlessly).
+        last = asyncio.ensure_future(_last_prefill(client, dest, tracked.id, cached,
+                                                   list(state["tokens"][cached:tokens]), cfg)) \
+            if tokens > cached else None
+        try:
+            final = await _source_call(client, "POST", f"{gen_url}/detach", cfg, {"position": None})
+        except BaseException:
+            if last is not None:
+                await last  # in order before a _drop_prefill below
+            raise
         tracked.last_state = final
         tokens = int(final["position"])
         tracked.handoff.set_result(Handoff(final))
@@ -592,6 +613,8 @@ async def migrate_generation(client: httpx.AsyncClient, tracked: Tracked, dest: 
         outcome = await asyncio.wait_for(asyncio.shield(tracked.switched), cfg.handoff_timeout_s * 2)
     except asyncio.TimeoutError:
         outcome = "failed"
+    if last is not None:
+        await last
     return result(outcome)
 
 
