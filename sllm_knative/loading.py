@@ -47,6 +47,7 @@ _C.set_error_types(fmt.ChecksumError, LoadCancelled)
 CancelToken = _C.CancelToken
 
 _MADV_POPULATE_READ = 22
+DEVICE_SEGMENT = 64 << 20  # least bytes per host-to-device copy call when following a fill
 _HUGE_PAGE = 2 << 20
 
 
@@ -189,22 +190,27 @@ def _follow_partition(path: Path, part: fmt.Partition, dev: torch.device, opts: 
     """Copy a partition that is still being filled, one segment behind the watermark at a time.
 
     The bytes under the watermark were verified by the sidecar as they arrived, so segments are
-    not checked again; a segment is at least `chunk_bytes` (or the rest of the partition)."""
+    not checked again. A segment is at least `chunk_bytes` on the CPU; on a GPU at least
+    DEVICE_SEGMENT, with the reader threads (and so the pinned ring, two chunks per thread, set
+    up for every call) sized to the segment rather than to a whole partition."""
     import torch
 
     buf = aligned_empty(part.size) if dev.type == "cpu" else torch.empty(part.size, dtype=torch.uint8, device=dev)
+    least = opts.chunk_bytes if dev.type == "cpu" else max(opts.chunk_bytes, DEVICE_SEGMENT)
     done, segments = 0, 0
     while done < part.size:
-        mark = min(part.size, follow(number, min(part.size, done + opts.chunk_bytes)))
+        mark = min(part.size, follow(number, min(part.size, done + least)))
         if mark <= done:
             raise RuntimeError(f"{path}: the watermark went back to {mark} after {done} bytes were copied")
         if dev.type == "cpu":
             _C.read_to_host(str(path), done, buf.data_ptr() + done, mark - done, opts.chunk_bytes, opts.threads,
                             False, 0, [], cancel)
         else:
-            pinned = min(opts.pinned_bytes, -(-(mark - done) // opts.chunk_bytes) * opts.chunk_bytes)
+            chunks = -(-(mark - done) // opts.chunk_bytes)
+            threads = max(1, min(opts.threads, chunks // 2))
+            pinned = min(opts.pinned_bytes, chunks * opts.chunk_bytes)
             _C.read_to_device(str(path), done, dev.index, buf.data_ptr() + done, mark - done, opts.chunk_bytes,
-                              opts.threads, False, pinned, opts.streams, 0, [], cancel)
+                              threads, False, pinned, opts.streams, 0, [], cancel)
         done, segments = mark, segments + 1
     _log.debug("partition copied behind the fill", file=str(path), bytes=part.size, segments=segments)
     return buf, buf, PartitionLoad(part.file, part.size, time.perf_counter() - t0, "follow")
