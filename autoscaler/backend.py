@@ -109,9 +109,12 @@ def inventory_to_node(node: Node, inv: Any, running: int, size_hint: dict[str, i
     hops = {b.hop: b.bytes_per_second for b in inv.bandwidths if b.bytes_per_second > 0}
     if "disk_read" in hops:
         bw[Tier.SSD] = hops["disk_read"]
-    # DRAM tier -> device: the pinned copy on a GPU node, the memory copy (or map) on the CPU.
-    if "host_to_device" in hops or "dram_copy" in hops:
-        bw[Tier.DRAM] = hops.get("host_to_device", hops.get("dram_copy", 0.0))
+    # DRAM tier -> device: the pinned copy on a GPU node; on the CPU the instance maps the
+    # partition (dram_map; a sidecar without that probe: the memory copy, an upper bound).
+    for hop in ("host_to_device", "dram_map", "dram_copy"):
+        if hop in hops:
+            bw[Tier.DRAM] = hops[hop]
+            break
     stores = {k.removeprefix("remote:"): v for k, v in hops.items() if k.startswith("remote:")}
     if stores:  # a model in a store this node has not fetched from yet: the fastest it has seen
         bw[Tier.REMOTE] = max(stores.values())

@@ -2,8 +2,9 @@
 
 Hops (bytes per second):
     disk_read        direct reads of a scratch file in the SSD tier (then every SSD -> DRAM fill)
-    dram_copy        reads of a scratch file in the DRAM tier into process memory (the CPU
-                     device hop's upper bound: a copy; mapping costs less)
+    dram_copy        reads of a scratch file in the DRAM tier into process memory (a copy)
+    dram_map         mapping a scratch file of the DRAM tier with its page tables populated:
+                     what a CPU instance does with a DRAM-tier checkpoint (no copy)
     host_to_device   pinned host -> GPU copy (only measured when a GPU is present)
     remote:<store>   a store's throughput, from its first transfer on
 
@@ -14,6 +15,7 @@ is absent, never guessed. `Ewma` and `rate` are pure; the `measure_*` functions 
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import os
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ from cuda_ext import _C
 from sllm_knative.log import get_logger
 
 ALPHA = 0.3
+_MADV_POPULATE_READ = 22  # as sllm_knative.loading maps DRAM-tier partitions
 MIN_SAMPLE_BYTES = 1 << 20
 _log = get_logger("loader_sidecar.profile")
 
@@ -72,7 +75,8 @@ class Profile:
     def measure_start(self, ssd_dir: Path, dram_dir: Path, nbytes: int, threads: int) -> None:
         """Run the start-up probes (each failure is logged and leaves its hop unmeasured)."""
         probes = [("disk_read", lambda: measure_file_read(ssd_dir, nbytes, threads, direct=True)),
-                  ("dram_copy", lambda: measure_file_read(dram_dir, nbytes, threads, direct=False))]
+                  ("dram_copy", lambda: measure_file_read(dram_dir, nbytes, threads, direct=False)),
+                  ("dram_map", lambda: measure_file_map(dram_dir, nbytes))]
         if _C.cuda_compiled() and _C.cuda_available():
             probes.append(("host_to_device", lambda: measure_host_to_device(nbytes)))
         for hop, probe in probes:
@@ -123,6 +127,31 @@ def measure_file_read(directory: Path, nbytes: int, threads: int, *, direct: boo
         _C.read_to_host(str(path), 0, addr, nbytes, chunk, threads, direct)
         seconds = time.perf_counter() - t0
         del raw
+        return nbytes, seconds
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def measure_file_map(directory: Path, nbytes: int) -> tuple[int, float]:
+    """Write a scratch file in `directory` (the DRAM tier) and map it the way a CPU instance maps
+    a DRAM-tier partition (private, page tables populated); (bytes, seconds of the mapping)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f".profile-map-{os.getpid()}"
+    try:
+        _write_scratch(path, nbytes)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            t0 = time.perf_counter()
+            mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+            try:
+                mm.madvise(_MADV_POPULATE_READ)
+            except OSError:  # kernels before 5.14: touch a byte per page instead
+                for off in range(0, nbytes, mmap.PAGESIZE):
+                    mm[off]
+            seconds = time.perf_counter() - t0
+            mm.close()
+        finally:
+            os.close(fd)
         return nbytes, seconds
     finally:
         path.unlink(missing_ok=True)

@@ -6,7 +6,8 @@
 SSD, else the remote store); `bandwidth(n, t)` is the node's measured rate for loading from
 tier t into the device (bytes/s; see `calibration` for the online updates); from the remote
 tier it is the rate of the store that holds m (`remote_bandwidth`, by store URI) when that
-store has been measured, else the node's remote rate; `queue_wait(n)`
+store has been measured, else the node's remote rate; a load from the SSD or the store goes
+through the DRAM tier, so it is bounded by the DRAM hop's rate too; `queue_wait(n)`
 is the time for the loads already queued on n to finish: the node's loader runs one load at
 a time, first in first out. A model that is already in n's queue is not loaded twice: the new
 instance waits for that load to finish.
@@ -131,12 +132,20 @@ class NodeInventory:
         return self.checkpoints.get(model, Tier.REMOTE)
 
     def rate(self, tier: Tier, model: str = "") -> float:
-        """Bytes/s for loading `model` from `tier` into the device (remote: its store's rate)."""
+        """Bytes/s for loading `model` from `tier` into the device (remote: its store's rate).
+
+        A load from the SSD or the store passes through the DRAM tier on its way to the device
+        (pipelined behind the fill), so it is never faster than the DRAM tier's own hop: a fast
+        local store (a file:// path in the page cache) must not make a remote load look quicker
+        than the DRAM copy another node already holds."""
+        bw = self.bandwidth[tier]
         if tier == Tier.REMOTE:
             store = store_of(model, self.remote_bandwidth)
             if store is not None:
-                return self.remote_bandwidth[store]
-        return self.bandwidth[tier]
+                bw = self.remote_bandwidth[store]
+        if tier in (Tier.SSD, Tier.REMOTE) and Tier.DRAM in self.bandwidth:
+            bw = min(bw, self.bandwidth[Tier.DRAM])
+        return bw
 
     def load_seconds(self, size_bytes: int, tier: Tier, model: str = "") -> float:
         if tier == Tier.DEVICE and Tier.DEVICE not in self.bandwidth:

@@ -249,3 +249,17 @@ def test_pooled_rates_keep_a_nodes_own_measurement() -> None:
 def test_store_rates_must_be_positive(bad: float) -> None:
     with pytest.raises(ValueError, match=r"remote_bandwidth\[http://s\]"):
         NodeInventory("n", BW, remote_bandwidth={"http://s": bad})
+
+
+def test_a_fast_store_never_beats_a_dram_copy() -> None:
+    """A file:// store in the page cache can measure faster than the DRAM tier's copy probe; a
+    remote load still goes through DRAM, so the node holding the DRAM copy must win."""
+    store = "file:///models"
+    model = ModelRequest(f"{store}/llama", 5 * GB)
+    holder = NodeInventory("holder", BW, {model.model: Tier.DRAM}, instance_overhead_s=0.3,
+                           remote_bandwidth={store: 40 * GB})
+    other = NodeInventory("other", BW, instance_overhead_s=0.3, remote_bandwidth={store: 40 * GB})
+    assert other.rate(Tier.REMOTE, model.model) == BW[Tier.DRAM]
+    assert other.rate(Tier.SSD) == BW[Tier.SSD]  # slower than DRAM: unchanged
+    got = place(model, [other, holder], Calibration())
+    assert got.node == "holder" and got.chosen is not None and got.chosen.estimate.tier == Tier.DRAM, got.reasons

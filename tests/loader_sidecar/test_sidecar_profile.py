@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loader_sidecar.profile import Ewma, Profile, measure_file_read, rate
+from loader_sidecar.profile import Ewma, Profile, measure_file_map, measure_file_read, rate
 
 
 @pytest.mark.parametrize("samples, alpha, expected", [
@@ -38,6 +38,12 @@ def test_observe_updates_hop_average():
     assert p.snapshot()["remote:x"][1] == 2
 
 
+def test_mapping_probe_maps_without_copying(tmp_path):
+    n, seconds = measure_file_map(tmp_path, 8 << 20)
+    assert n == 8 << 20 and seconds > 0
+    assert not list(tmp_path.iterdir())  # the scratch file is gone
+
+
 def test_start_measurements_are_real(tmp_path):
     n, seconds = measure_file_read(tmp_path, 1 << 20, 2, direct=True)
     assert n == 1 << 20 and seconds > 0
@@ -45,7 +51,7 @@ def test_start_measurements_are_real(tmp_path):
     p = Profile()
     p.measure_start(tmp_path / "ssd", tmp_path / "dram", 1 << 20, 2)
     snap = p.snapshot()
-    assert set(snap) >= {"disk_read", "dram_copy"}
+    assert set(snap) >= {"disk_read", "dram_copy", "dram_map"}
     assert all(v > 0 for v, _ in snap.values())
     # Two runs give two different numbers: measured, not a constant.
     again = Profile()
