@@ -20,20 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sllm_knative.local.manifests import service_manifest
+from sllm_knative.local.manifests import ALLOW_ZERO_INITIAL_SCALE, service_manifest
 
 MODELS = {"llama-a": 512, "llama-b": 256}  # service name -> model size in MiB
 
-# Knative only lets a revision start at zero instances when the cluster allows it.
-CONFIG = """\
-apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: config-autoscaler
-  namespace: knative-serving
-data:
-  allow-zero-initial-scale: "true"
-"""
 
 def _manifest(name: str, model: str, keep_alive: float) -> str:
     # Stock kernels: fast on the CPU. The function's default, "exact", makes logits independent
@@ -93,7 +83,7 @@ def run_demo(work: Path, nodes: int, keep_alive: float, port: int) -> int:
         _step(3, "deploy two Knative Services with a keep-alive ScalingPolicy each (YAML below)")
         yaml_path = work / "services.yaml"
         docs = {n: _manifest(n, f"file://{store / n}", keep_alive) for n in MODELS}
-        yaml_path.write_text("---\n".join([CONFIG, *docs.values()]))
+        yaml_path.write_text("---\n".join([ALLOW_ZERO_INITIAL_SCALE, *docs.values()]))
         print(textwrap.indent(docs["llama-a"], "    "))
         import httpx
 

@@ -8,6 +8,18 @@ from __future__ import annotations
 
 import json
 
+# Knative lets a revision start at zero instances (cold on its first request) only when the
+# cluster allows it; its default initial scale is 1.
+ALLOW_ZERO_INITIAL_SCALE = """\
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: config-autoscaler
+  namespace: knative-serving
+data:
+  allow-zero-initial-scale: "true"
+"""
+
 
 def service_manifest(name: str, model: str, *, namespace: str = "default", keep_alive: str = "5s",
                      window: str = "6s", max_scale: int = 2, container_concurrency: int = 4,

@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from loader_sidecar.testing import Nginx, nginx_path
-from sllm_knative.local.manifests import service_manifest
+from sllm_knative.local.manifests import ALLOW_ZERO_INITIAL_SCALE, service_manifest
 from sllm_knative.models import ModelSpec
 from tests.local.util import wait_for
 
@@ -49,18 +49,6 @@ def cli(state: Path, *args: str) -> str:
     r = subprocess.run([*CLI, *args, "--state-dir", str(state)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, f"{args}: {r.returncode}\n{r.stdout}\n{r.stderr}"
     return r.stdout
-
-
-# B starts at zero and cold-starts on its first request (Knative's default initial scale is 1).
-CONFIG_AUTOSCALER = """\
-apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: config-autoscaler
-  namespace: knative-serving
-data:
-  allow-zero-initial-scale: "true"
-"""
 
 
 def with_policy(manifest: str, **spec: int) -> str:
@@ -208,7 +196,7 @@ def deployed(cluster, web: Nginx) -> Deployed:
             # B matters more than A: once B runs, A (which wants two instances) cannot take its slot back.
             + with_policy(service_manifest("b", b_uri, keep_alive="120s", container_concurrency=4, args=ARGS,
                                            initial_scale=0), priority=1)
-            + "---\n" + CONFIG_AUTOSCALER)
+            + "---\n" + ALLOW_ZERO_INITIAL_SCALE)
     wait_for(lambda: services(doc)["default/a"]["ready"] == 2, 60, "two ready instances of A")
     assert not services(doc)["default/b"]["instances"]
     want = d.want.run()
@@ -269,7 +257,7 @@ def test_the_victims_model_starts_on_a_free_node_first_when_it_has_no_instance_w
     d.cache(busy, "prefetch", d.b_uri, "--tier", "dram")
     assert d.a_uri in d.checkpoints(free, "dram") and d.b_uri not in d.checkpoints(free, "ssd")
     d.apply(service_manifest("c", d.b_uri, keep_alive="120s", container_concurrency=4, args=ARGS, initial_scale=0)
-            + "---\n" + CONFIG_AUTOSCALER)
+            + "---\n" + ALLOW_ZERO_INITIAL_SCALE)
 
     got, thread = d.stream()
     assert got.instance == a_inst["id"]
