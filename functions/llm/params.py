@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from functions.llm.state import GenerationState
 
 MAX_SEED = (1 << 63) - 1
+MAX_LOGPROBS = 20  # alternatives per token (chat's top_logprobs bound; completions allow 5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +36,29 @@ class SamplingParams:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SamplingParams:
-        return cls(temperature=float(d["temperature"]), top_p=float(d["top_p"]), top_k=int(d["top_k"]),
-                   seed=None if d["seed"] is None else int(d["seed"]), max_tokens=int(d["max_tokens"]),
-                   stop=tuple(str(s) for s in d["stop"]),
-                   logprobs=None if d["logprobs"] is None else int(d["logprobs"]),
-                   ignore_eos=bool(d["ignore_eos"]))
+        """From `to_json`'s form (an exported state); ValueError for a value no request could have."""
+        params = cls(temperature=float(d["temperature"]), top_p=float(d["top_p"]), top_k=int(d["top_k"]),
+                     seed=None if d["seed"] is None else int(d["seed"]), max_tokens=int(d["max_tokens"]),
+                     stop=tuple(str(s) for s in d["stop"]),
+                     logprobs=None if d["logprobs"] is None else int(d["logprobs"]),
+                     ignore_eos=bool(d["ignore_eos"]))
+        params.check()
+        return params
+
+    def check(self) -> None:
+        """The bounds the public API enforces (functions.llm.protocol), for values from elsewhere."""
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature = {self.temperature}, must be in [0, 2]")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p = {self.top_p}, must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k = {self.top_k}, must be 0 (disabled) or positive")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed = {self.seed}, must be in [0, {MAX_SEED}]")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens = {self.max_tokens}, must be at least 1")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs = {self.logprobs}, must be between 0 and {MAX_LOGPROBS}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,11 +18,11 @@ import re
 from typing import Any
 
 from functions.llm.errors import BadRequest, ContextLengthExceeded, model_not_found
-from functions.llm.params import MAX_SEED, SamplingParams
+from functions.llm.params import MAX_LOGPROBS, MAX_SEED, SamplingParams
 
 MAX_STOP = 4
 MAX_COMPLETION_LOGPROBS = 5
-MAX_CHAT_TOP_LOGPROBS = 20
+MAX_CHAT_TOP_LOGPROBS = MAX_LOGPROBS
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop",

@@ -108,7 +108,10 @@ class Sequence:
                                           clean_up_tokenization_spaces=False) if state.echo else None
         self.sink = sink
         self.text = TextTracker(tokenizer, state.sampling.stop)
-        self.text.replay(state.tokens[state.prompt_len:], state.text_offset)
+        if state.detok is not None:
+            self.text.restore(state.tokens[state.prompt_len:], state.detok, state.text_offset)
+        else:
+            self.text.replay(state.tokens[state.prompt_len:], state.text_offset)
         self.logprob_log = list(state.logprobs) if state.logprobs is not None else (
             [] if (not state.stream and state.sampling.logprobs is not None) else None)
         self.want_prompt_logprobs = False
@@ -139,4 +142,5 @@ class Sequence:
             echo=(self.echo_text is not None) if self.stream else self.echo,
             text_offset=self.text.sent if self.stream else 0,
             logprobs=None if self.logprob_log is None else tuple(self.logprob_log),
-            finish_reason=self.finish_reason, numerics=numerics)
+            finish_reason=self.finish_reason, numerics=numerics,
+            detok=None if self.text.stopped else self.text.snapshot())

@@ -18,6 +18,10 @@ A JSON object (version 1), specified in docs/function.md:
                                       entries not yet delivered (non-streaming requests)
       "finish_reason": null | "stop" | "length",
       "numerics": {mode, tile_rows, device, dtype, torch}   of the instance that exported it
+      "detok": {"text": str, "prefix": int, "read": int} | null (optional)
+                                      the exporter's detokenizer: generated text decoded so far and
+                                      its incremental-decode offsets into the generated ids; without
+                                      it the importer replays the generated ids (slower)
     }
 
 `parse_state` validates an incoming state in a fixed order and names the offending field.
@@ -30,6 +34,8 @@ from typing import Any
 
 from functions.llm.errors import BadRequest
 from functions.llm.params import SamplingParams, TokenLogprob
+from functions.llm.sampling import decode_generator
+from functions.llm.text import Detok
 
 VERSION = 1
 KINDS = ("completion", "chat")
@@ -52,6 +58,7 @@ class GenerationState:
     logprobs: tuple[TokenLogprob, ...] | None
     finish_reason: str | None
     numerics: dict[str, Any]
+    detok: Detok | None = None
 
     @property
     def position(self) -> int:
@@ -69,6 +76,7 @@ class GenerationState:
             "include_usage": self.include_usage, "echo": self.echo, "text_offset": self.text_offset,
             "logprobs": None if self.logprobs is None else [e.to_json() for e in self.logprobs],
             "finish_reason": self.finish_reason, "numerics": dict(self.numerics),
+            "detok": None if self.detok is None else self.detok.to_json(),
         }
 
 
@@ -127,6 +135,10 @@ def parse_state(raw: Any, vocab_size: int) -> GenerationState:
             logprobs = tuple(TokenLogprob.from_json(e) for e in logprobs_raw)
         except (TypeError, ValueError) as exc:
             raise BadRequest(f"state.logprobs is invalid: {exc!r}", param="state.logprobs") from None
+        for i, e in enumerate(logprobs):
+            if any(not 0 <= t < vocab_size for t in (e.token, *(t for t, _ in e.top))):
+                raise BadRequest(f"state.logprobs[{i}] names a token outside [0, {vocab_size})",
+                                 param="state.logprobs")
     finish = raw.get("finish_reason")
     if finish not in (None, "stop", "length"):
         raise BadRequest(f"state.finish_reason = {finish!r}, must be null, 'stop' or 'length'",
@@ -137,9 +149,32 @@ def parse_state(raw: Any, vocab_size: int) -> GenerationState:
     numerics = raw.get("numerics") or {}
     if not isinstance(numerics, dict):
         raise BadRequest("state.numerics must be an object", param="state.numerics")
+    detok = _detok(raw.get("detok"), len(tokens) - prompt_len, text_offset)
+    generator = _field(raw, "generator", str)
+    try:
+        decode_generator(generator)
+    except ValueError as exc:
+        raise BadRequest(f"state.generator is invalid: {exc}", param="state.generator") from None
     return GenerationState(
         id=gen_id, kind=kind, model=_field(raw, "model", str), created=_field(raw, "created", int),
-        tokens=tokens, prompt_len=prompt_len, sampling=sampling, generator=_field(raw, "generator", str),
+        tokens=tokens, prompt_len=prompt_len, sampling=sampling, generator=generator,
         stream=_field(raw, "stream", bool), include_usage=_field(raw, "include_usage", bool),
         echo=_field(raw, "echo", bool), text_offset=text_offset, logprobs=logprobs, finish_reason=finish,
-        numerics=numerics)
+        numerics=numerics, detok=detok)
+
+
+def _detok(value: Any, generated: int, text_offset: int) -> Detok | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise BadRequest("state.detok must be an object or null", param="state.detok")
+    text = _field(value, "text", str, "state.detok")
+    prefix = _field(value, "prefix", int, "state.detok")
+    read = _field(value, "read", int, "state.detok")
+    if not 0 <= prefix <= read <= generated:
+        raise BadRequest(f"state.detok offsets prefix = {prefix}, read = {read} must satisfy "
+                         f"0 <= prefix <= read <= {generated} (the generated tokens)", param="state.detok")
+    if text_offset > len(text):
+        raise BadRequest(f"state.text_offset = {text_offset} is past the {len(text)} characters of state.detok.text",
+                         param="state.text_offset")
+    return Detok(text, prefix, read)

@@ -68,3 +68,49 @@ def test_replay_rebuilds_state(tok):
     assert rest_a == rest_b and sent + rest_a == TEXT
     with pytest.raises(ValueError, match="text_offset"):
         TextTracker(tok).replay(ids[:3], 10_000)
+
+
+@pytest.mark.parametrize("stop", [(), ("zzz",), ("lazy dog",), ("wörld",)])
+def test_restore_continues_like_replay(tok, stop):
+    """At every split point (mid-character and held-back stop prefixes included), a tracker
+    restored from a snapshot emits exactly what the original and a replayed tracker emit."""
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    for split in range(len(ids) + 1):
+        original = TextTracker(tok, stop)
+        sent = ""
+        for t in ids[:split]:
+            sent += original.add(t)
+            if original.stopped:
+                break
+        if original.stopped:
+            continue
+        restored, replayed = TextTracker(tok, stop), TextTracker(tok, stop)
+        restored.restore(ids[:split], original.snapshot(), len(sent))
+        replayed.replay(ids[:split], len(sent))
+        outs = []
+        for tracker in (original, restored, replayed):
+            out = []
+            for t in ids[split:]:
+                out.append(tracker.add(t))
+                if tracker.stopped:
+                    break
+            out.append(tracker.flush())
+            outs.append((out, tracker.stopped))
+        assert outs[0] == outs[1] == outs[2], split
+
+
+def test_restore_rejects_inconsistent_snapshot(tok):
+    ids = tok.encode(TEXT, add_special_tokens=False)[:8]
+    tracker = TextTracker(tok)
+    for t in ids:
+        tracker.add(t)
+    snap = tracker.snapshot()
+    with pytest.raises(ValueError, match="decode offsets"):
+        TextTracker(tok).restore(ids[:2], snap, 0)
+    with pytest.raises(ValueError, match="text_offset"):
+        TextTracker(tok).restore(ids, snap, len(snap.text) + 1)
+    stopped = TextTracker(tok, ("quick",))
+    for t in tok.encode("The quick", add_special_tokens=False):
+        stopped.add(t)
+    with pytest.raises(RuntimeError, match="stopped"):
+        stopped.snapshot()
