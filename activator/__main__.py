@@ -30,7 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--migration-rounds", type=int, default=MigrationConfig.max_rounds,
                    help="prefill rounds before detaching regardless of the gap")
     p.add_argument("--migration-settle-gap", type=int, default=MigrationConfig.settle_gap,
-                   help="below this many tokens, a round that does not shrink the gap ends the rounds (0: never)")
+                   help="a gap of at most this many tokens ends the waited prefill rounds and starts the follow "
+                        "phase (0: only after --migration-rounds)")
+    p.add_argument("--migration-follow", type=int, default=MigrationConfig.max_follow,
+                   help="source steps at most in the follow phase before detaching regardless (0: no follow phase)")
     return p.parse_args(argv)
 
 
@@ -41,6 +44,7 @@ async def serve(args: argparse.Namespace) -> None:
                                     migration=MigrationConfig(gap_threshold=args.migration_gap,
                                                               max_rounds=args.migration_rounds,
                                                               settle_gap=args.migration_settle_gap,
+                                                              max_follow=args.migration_follow,
                                                               internal_token=os.environ.get("SLLM_INTERNAL_TOKEN")
                                                               or None)))
     # httptools parses HTTP and uvloop runs the loop (main); no websocket upgrades and no

@@ -5,14 +5,16 @@ The activator holds the client connections, so it coordinates (docs/migration.md
     round 1   GET  source/internal/v1/generations/{id}     export: tokens so far, sampling state
               POST dest/internal/v1/prefill {start: 0}     while the source keeps streaming
     round k   export again; POST dest prefill {start: cached, tokens: only the new ones}
-    detach    once the gap (tokens the destination lacks) <= gap_threshold, once a round no longer
-              shrinks a gap under settle_gap, or after max_rounds:
+    follow    once the gap is under settle_gap (or after max_rounds): export at every source step
+              and queue its new tokens on the destination without waiting (`"wait": false`), until
+              the destination has computed all but gap_threshold of them (or max_follow steps)
+    detach    then, or at once when a round leaves a gap <= gap_threshold:
               POST source/.../{id}/detach {"position": null} -> the final state at an exact position;
               the source's stream ends with `event: sllm.detached` carrying that state (no [DONE])
     resume    POST dest/internal/v1/resume {state}: as soon as the relay reads the detach frame;
               the relay splices the destination's frames after the source's
 
-Pure decisions (`next_action`, `split_frames`, `frame_text`, `trim_frame`, `pick_destination`)
+Pure decisions (`next_action`, `follow_done`, `split_frames`, `frame_text`, `trim_frame`, `pick_destination`)
 are plain functions; `Tracked` is one client stream the relay may switch; `splice` is the relay
 once a stream is migrating (frame by frame); `migrate_generation` / `migrate_instance` do the I/O.
 
@@ -22,8 +24,9 @@ counted if the stream is ever migrated; kept bytes are folded into a count above
 
 Abort rules: the source finishes first -> nothing to do (the parked prefill is dropped); the
 destination fails before the detach -> the generation stays on the source; the gap does not
-shrink -> detach once it is under settle_gap, and never later than max_rounds; the source dies mid-migration -> the relay resumes
-the last exported state on the destination and skips the characters the client already has.
+shrink -> follow after max_rounds, detach after max_follow steps; the source dies mid-migration ->
+the relay resumes the last exported state on the destination and skips the characters the client
+already has.
 """
 
 from __future__ import annotations
@@ -54,16 +57,18 @@ DETACHED_HEADER = "x-sllm-detached"  # an instance's answer to a non-streaming r
 
 @dataclasses.dataclass(frozen=True)
 class MigrationConfig:
-    # Detach once the destination lacks at most this many tokens. The resume prefills them before
-    # its first token, so each is handoff time the client sees (on the CPU in exact numerics, two
-    # tokens cost about one decode step); the rounds stop anyway once they stop shrinking the gap.
+    # Detach once the destination lacks at most this many tokens (not sent after a round; not yet
+    # computed in the follow phase). The resume computes them before its first token, so each is
+    # handoff time the client sees (on the CPU in exact numerics, two tokens cost about one step).
     gap_threshold: int = 2
-    max_rounds: int = 8  # prefill rounds before detaching regardless of the gap
-    # Below this many tokens, a round that does not shrink the gap ends the rounds (they have
-    # reached their fixed point: the tokens the source generates during one round). A larger gap
-    # that does not shrink gets more rounds (a noisy round, or a long first prefill), up to
-    # max_rounds. 0: never end the rounds early.
+    max_rounds: int = 8  # waited prefill rounds at most; then the follow phase
+    # A gap at most this large ends the waited rounds: the follow phase takes over (a waited round
+    # cannot get below its fixed point, the tokens the source makes while the round's export and
+    # prefill run; following does not wait for either). 0: waited rounds until max_rounds.
     settle_gap: int = 16
+    # Source steps at most in the follow phase before detaching regardless (a destination that
+    # does not keep pace). 0: no follow phase; detach where it would begin.
+    max_follow: int = 32
     request_timeout_s: float = 60.0  # one internal call (a prefill of a long context included)
     # The instances' SLLM_INTERNAL_TOKEN, sent as `Authorization: Bearer` on every internal call.
     internal_token: str | None = dataclasses.field(default=None, repr=False)
@@ -76,6 +81,8 @@ class MigrationConfig:
             raise ValueError(f"settle_gap = {self.settle_gap}, must be >= 0")
         if self.max_rounds < 1:
             raise ValueError(f"max_rounds = {self.max_rounds}, must be >= 1")
+        if self.max_follow < 0:
+            raise ValueError(f"max_follow = {self.max_follow}, must be >= 0")
         for name in ("request_timeout_s", "handoff_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} = {getattr(self, name)}, must be > 0")
@@ -90,20 +97,28 @@ class MigrationConfig:
 # -- pure decisions -------------------------------------------------------------------------
 
 class Action(enum.Enum):
-    PREFILL = "prefill"  # send the new tokens to the destination, then look again
+    PREFILL = "prefill"  # send the new tokens to the destination, wait for their prefill, look again
+    FOLLOW = "follow"  # queue each source step's tokens on the destination until it keeps pace
     DETACH = "detach"  # stop the source now and resume on the destination
 
 
 def next_action(rounds: int, gap: int, cfg: MigrationConfig, previous: int | None = None) -> Action:
-    """After `rounds` prefill rounds, the destination lacks `gap` tokens (`previous` after the
-    round before): another round, or detach? Detach once the gap is small, once the rounds are
-    spent, or once a round no longer shrinks a gap already under `settle_gap` (more rounds would
-    only delay the handoff, not shorten it)."""
-    if gap <= cfg.gap_threshold or rounds >= cfg.max_rounds:
+    """After `rounds` waited prefill rounds the destination lacks `gap` tokens (`previous` after
+    the round before): another round, the follow phase, or detach? Detach once the gap is at
+    most gap_threshold; follow once it is under settle_gap or the rounds are spent (a large gap
+    that does not shrink, a noisy round or a long first prefill, gets more rounds first)."""
+    if gap <= cfg.gap_threshold:
         return Action.DETACH
-    if previous is not None and gap >= previous and gap <= cfg.settle_gap:
-        return Action.DETACH
+    if rounds >= cfg.max_rounds or gap <= cfg.settle_gap:
+        return Action.FOLLOW if cfg.max_follow > 0 else Action.DETACH
     return Action.PREFILL
+
+
+def follow_done(steps: int, lag: int, cfg: MigrationConfig) -> bool:
+    """In the follow phase, after `steps` source steps, the destination has `lag` tokens it was
+    sent but has not computed yet: detach now? Once the lag is at most gap_threshold (it keeps
+    pace: what is left is this step's tokens) or the steps are spent."""
+    return lag <= cfg.gap_threshold or steps >= cfg.max_follow
 
 
 def pick_destination(instances: Sequence[Instance], source_id: str,
@@ -120,7 +135,7 @@ def pick_destination(instances: Sequence[Instance], source_id: str,
 
 def split_frames(buf: bytes) -> tuple[list[bytes], bytes]:
     """Complete SSE frames (each with its blank-line terminator) and the incomplete rest."""
-    frames = []
+    frames: list[bytes] = []
     start = 0
     while True:
         end = buf.find(b"\n\n", start)
@@ -485,11 +500,16 @@ class MigrationResult:
     rounds: int
     seconds: float
     destination: str | None
-    gaps: tuple[int, ...] = ()
+    gaps: tuple[int, ...] = ()  # tokens not yet sent after each waited round
+    lags: tuple[int, ...] = ()  # tokens sent but not computed at each follow step
+
+    @property
+    def follow(self) -> int:
+        return len(self.lags)
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["gaps"] = list(self.gaps)
+        d["gaps"], d["lags"], d["follow"] = list(self.gaps), list(self.lags), self.follow
         return d
 
 
@@ -524,15 +544,23 @@ async def _source_call(client: httpx.AsyncClient, method: str, url: str, cfg: Mi
 
 
 async def _prefill(client: httpx.AsyncClient, dest: Instance, gen_id: str, start: int, tokens: list[int],
-                   cfg: MigrationConfig) -> None:
+                   cfg: MigrationConfig, wait: bool = True) -> int:
+    """Extend the destination's parked prefill; the tokens it has computed (all but the last
+    when `wait`; what it had so far when not)."""
+    body: dict[str, Any] = {"id": gen_id, "start": start, "tokens": tokens}
+    if not wait:
+        body["wait"] = False
     try:
-        r = await client.post(f"{dest.internal_url}{API}/prefill", json={"id": gen_id, "start": start,
-                                                                          "tokens": tokens},
-                              timeout=cfg.request_timeout_s, headers=cfg.headers)
+        r = await client.post(f"{dest.internal_url}{API}/prefill", json=body, timeout=cfg.request_timeout_s,
+                              headers=cfg.headers)
     except httpx.HTTPError as exc:
         raise _DestinationFailed(f"{type(exc).__name__}: {exc}") from exc
     if r.status_code != 200:
         raise _DestinationFailed(f"prefill answered {r.status_code}: {r.text[:300]}")
+    try:
+        return int(r.json()["cached"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _DestinationFailed(f"prefill answer without 'cached': {r.text[:300]}") from exc
 
 
 async def _last_prefill(client: httpx.AsyncClient, dest: Instance, gen_id: str, start: int, tokens: list[int],
@@ -555,25 +583,41 @@ async def migrate_generation(client: httpx.AsyncClient, tracked: Tracked, dest: 
     t0 = time.perf_counter()
     src = tracked.instance
     gen_url = f"{src.internal_url}{API}/generations/{tracked.id}"
-    rounds, cached, tokens, gaps = 0, 0, 0, []
+    rounds, cached, tokens = 0, 0, 0  # cached: tokens sent to the destination
+    gaps: list[int] = []
+    lags: list[int] = []
+    computed = 0  # tokens the destination reported computed (follow phase)
 
     def result(outcome: str) -> MigrationResult:
         return MigrationResult(tracked.id, outcome, tokens, rounds, time.perf_counter() - t0,
-                               dest.id if outcome in ("migrated", "recovered") else None, tuple(gaps))
+                               dest.id if outcome in ("migrated", "recovered") else None, tuple(gaps), tuple(lags))
 
     tracked.begin(dest)
     last: asyncio.Future[None] | None = None
+    phase = Action.PREFILL
     try:
         while True:
+            # An export is answered at the source's next step boundary: one loop per source step
+            # at most, with the token that step made.
             state = await _source_call(client, "GET", gen_url, cfg)
             tracked.last_state = state
             tokens = int(state["position"])
             gap = tokens - cached
-            if rounds:
+            if phase is not Action.FOLLOW and rounds:
                 gaps.append(gap)
-            if rounds and next_action(rounds, gap, cfg, gaps[-2] if len(gaps) > 1 else None) is Action.DETACH:
+                phase = next_action(rounds, gap, cfg, gaps[-2] if len(gaps) > 1 else None)
+            if phase is Action.DETACH:
                 break
-            await _prefill(client, dest, tracked.id, cached, list(state["tokens"][cached:tokens]), cfg)
+            if phase is Action.FOLLOW:
+                if gap:
+                    computed = await _prefill(client, dest, tracked.id, cached, list(state["tokens"][cached:tokens]),
+                                              cfg, wait=False)
+                    cached = tokens
+                lags.append(max(0, cached - 1 - computed))
+                if follow_done(len(lags), lags[-1], cfg):
+                    break
+                continue
+            computed = await _prefill(client, dest, tracked.id, cached, list(state["tokens"][cached:tokens]), cfg)
             cached, rounds = tokens, rounds + 1
         # The last gap goes to the destination together with the detach, not before it: it is
         # prefilled while the source finishes its step and the relay resumes, so the resume finds

@@ -141,6 +141,12 @@ class Engine:
         self._resolve_prefills(seq)
         return fut
 
+    def cached(self, gen_id: str) -> int:
+        """Tokens of a parked prefill whose KV cache is computed (0 if there is none), read from any
+        thread: a plain read of an int the engine thread updates, stale by at most one step."""
+        seq = self._by_id.get(gen_id)
+        return seq.cache_len if seq is not None and seq.status is Status.PARKED else 0
+
     def drop_parked(self, gen_id: str) -> None:
         seq = self._by_id.get(gen_id)
         if seq is None or seq.status is not Status.PARKED:
@@ -172,6 +178,11 @@ class Engine:
         else:
             seq.adopt(state, self.tokenizer, sink)
             self.parked -= 1
+            # Prefills still computing become part of the generation: their callers are done.
+            for _, fut in seq.prefill_waiters:
+                if not fut.done():
+                    fut.set_result(seq.cache_len)
+            seq.prefill_waiters.clear()
         return seq
 
     def generations(self) -> list[dict[str, Any]]:

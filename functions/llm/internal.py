@@ -7,7 +7,7 @@ When `SLLM_INTERNAL_TOKEN` is set every route but /health/* requires
     GET    /internal/v1/generations                   [{id, status, position, cached}]
     GET    /internal/v1/generations/{id}              export: the state, generation keeps running
     POST   /internal/v1/generations/{id}/detach       {"position": int | null} -> final state
-    POST   /internal/v1/prefill                       {"id", "start", "tokens"} -> {"id", "cached", "tokens"}
+    POST   /internal/v1/prefill                       {"id", "start", "tokens", "wait"?} -> {"id", "cached", "tokens"}
     DELETE /internal/v1/prefill/{id}                  drop a parked prefill
     POST   /internal/v1/resume                        {"state": {...}} -> continues: SSE or JSON
     GET    /health/live, /health/ready, /metrics
@@ -81,11 +81,24 @@ async def prefill(request: Request) -> Response:
         raise BadRequest("'id' must be a non-empty string", param="id")
     start = _optional_int(body, "start") or 0
     tokens = body.get("tokens")
-    service.require_engine()
+    wait = body.get("wait", True)
+    if not isinstance(wait, bool):
+        raise BadRequest(f"'wait' must be a boolean, got {wait!r}", param="wait")
+    engine = service.require_engine()
     if (not isinstance(tokens, list) or not tokens or
             any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < service.vocab_size for t in tokens)):
         raise BadRequest(f"'tokens' must be a non-empty list of token ids in [0, {service.vocab_size})",
                          param="tokens")
+    if not wait:
+        # Queued in order behind the calls already sent (the caller awaits each answer before the
+        # next); answered at once with what is computed so far. A refusal is only logged: the
+        # resume prefills whatever a parked prefill lacks.
+        def refused(f: Any) -> None:
+            if f.exception() is not None:
+                service.log.warning("queued prefill refused", id=gen_id, start=start, error=str(f.exception()))
+
+        engine.call(lambda: engine.prefill(gen_id, start, list(tokens))).add_done_callback(refused)
+        return json_response({"id": gen_id, "cached": engine.cached(gen_id), "tokens": start + len(tokens)})
     cached = await _on_engine(request, lambda e: e.prefill(gen_id, start, list(tokens)))
     return json_response({"id": gen_id, "cached": cached, "tokens": start + len(tokens)})
 

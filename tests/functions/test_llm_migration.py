@@ -196,6 +196,63 @@ def test_detach_with_prefill_rounds_continues_the_stream(server_pair):
     load_b.join()
 
 
+def test_queued_prefills_follow_the_source(server_pair):
+    """The follow phase: after a waited prefill, each new token goes to B with `"wait": false`
+    (answered at once, queued in order); B computes them while A generates; the resume from A's
+    detach continues exactly."""
+    a, b = server_pair
+    with httpx.Client(timeout=60) as c, c.stream("POST", f"{a.url}/v1/completions",
+                                                 json=body(temperature=0)) as r:
+        reference = consume(r, Collected())
+    first = Collected()
+    steps: dict = {"answers": []}
+    http = httpx.Client(timeout=30)  # keep-alive: the calls must keep up with A's tokens
+    load_a = Load(a, 2)  # A batches other requests (and generates a little slower)
+
+    def on_chunk(out: Collected) -> None:
+        if len(out.tokens) == 2:
+            st = http.get(f"{a.internal_url}/internal/v1/generations/{out.id}").json()
+            r1 = http.post(f"{b.internal_url}/internal/v1/prefill",
+                           json={"id": st["id"], "start": 0, "tokens": st["tokens"]})
+            assert r1.status_code == 200, r1.text
+            steps["sent"] = len(st["tokens"])
+        elif 2 < len(out.tokens) <= 30 and "final" not in steps:
+            st = http.get(f"{a.internal_url}/internal/v1/generations/{out.id}").json()
+            sent = steps["sent"]
+            if st["position"] > sent:
+                q = http.post(f"{b.internal_url}/internal/v1/prefill",
+                              json={"id": st["id"], "start": sent, "tokens": st["tokens"][sent:], "wait": False})
+                assert q.status_code == 200, q.text
+                steps["answers"].append(q.json())
+                steps["sent"] = st["position"]
+            if len(out.tokens) == 30:
+                def computed() -> int:
+                    rows = http.get(f"{b.internal_url}/internal/v1/generations").json()["data"]
+                    return next(g["cached"] for g in rows if g["id"] == out.id)
+                for _ in range(200):  # B catches up with everything queued
+                    if computed() == steps["sent"] - 1:
+                        break
+                    threading.Event().wait(0.05)
+                assert computed() == steps["sent"] - 1
+                d = http.post(f"{a.internal_url}/internal/v1/generations/{out.id}/detach", json={"position": None})
+                assert d.status_code == 200, d.text
+                steps["final"] = d.json()
+
+    with httpx.Client(timeout=60) as c, c.stream("POST", f"{a.url}/v1/completions",
+                                                 json=body(temperature=0)) as r:
+        consume(r, first, on_chunk)
+    http.close()
+    load_a.join()
+    answers = steps["answers"]
+    assert len(answers) >= 5  # one per new token (or a few) from 3 to 30
+    assert all(0 <= q["cached"] < q["tokens"] for q in answers)  # answered before computing what it queued
+    assert [q["tokens"] for q in answers] == sorted({q["tokens"] for q in answers})
+    second = resume(b, steps["final"])
+    assert first.tokens + second.tokens == reference.tokens
+    assert first.text + second.text == reference.text
+    assert first.logprobs + second.logprobs == reference.logprobs and second.done
+
+
 def test_internal_errors(server_pair):
     a, b = server_pair
     base = f"{a.internal_url}/internal/v1"
@@ -206,6 +263,12 @@ def test_internal_errors(server_pair):
     assert r.status_code == 409 and r.json()["error"]["code"] == "prefill_out_of_order"
     r = httpx.post(f"{base}/prefill", json={"id": "g1", "start": 0, "tokens": [3, 99999]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+    r = httpx.post(f"{base}/prefill", json={"id": "g1", "start": 0, "tokens": [3], "wait": "no"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "wait"
+    # a queued prefill out of order is answered (nothing waits for it) and only logged
+    r = httpx.post(f"{base}/prefill", json={"id": "g1", "start": 5, "tokens": [3, 4], "wait": False})
+    assert r.status_code == 200 and r.json() == {"id": "g1", "cached": 0, "tokens": 7}
+    assert "g1" not in {g["id"] for g in httpx.get(f"{base}/generations").json()["data"]}
     r = httpx.post(f"{base}/resume", json={"state": {"version": 9}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "state.version"
     state = GenerationState(id="cmpl-handmade", kind="completion", model="tiny", created=1, tokens=(5, 6, 7),

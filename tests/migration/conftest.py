@@ -146,6 +146,20 @@ def endless_activator(logs) -> Iterator[Activator]:
 
 
 @pytest.fixture(scope="session")
+def following_activator(logs) -> Iterator[Activator]:
+    """An activator whose migrations go to the follow phase after round 1 and stay there for 12
+    source steps (gap 0 is only met by an idle destination): the queued prefills, then the resume
+    behind them, on every run."""
+    act = Activator(logs, "--migration-gap", "0", "--migration-settle-gap", "1000000", "--migration-follow", "12",
+                    name="following-activator")
+    try:
+        wait_for(f"{act.admin}/internal/stats", act.proc, act.log_path, timeout=30)
+        yield act
+    finally:
+        act.stop()
+
+
+@pytest.fixture(scope="session")
 def functions(tiny_model, logs) -> Iterator[list[Function]]:
     """Two long-lived instances (A, B); tests that kill one start their own."""
     fns = [Function(name, tiny_model, logs) for name in ("a", "b")]

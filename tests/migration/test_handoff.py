@@ -124,6 +124,27 @@ def test_scale_down_migration_is_exact(activator, functions, seed):
     assert gen["gaps"] == [] or gen["gaps"][-1] <= 16 or gen["rounds"] == 4
 
 
+@pytest.mark.parametrize("seed", [pytest.param(None, id="greedy"), pytest.param(1234, id="seeded")])
+def test_follow_phase_migration_is_exact(following_activator, functions, seed):
+    """Round 1, then one queued prefill per source step (`"wait": false`), then the detach and the
+    resume behind whatever the destination still computes: the same text, token by token."""
+    act = following_activator
+    a, b = functions
+    want = reference(b, body(seed))
+    act.set_instances(a)
+
+    def scale_down() -> dict:
+        act.set_instances(b)
+        return act.migrate(a)
+
+    (got,), result = migrating(act, [body(seed)], scale_down)
+    assert_same(got, want)
+    [gen] = result["generations"]
+    assert gen["outcome"] == "migrated" and gen["rounds"] == 1, result
+    assert 1 <= gen["follow"] <= 12 and len(gen["lags"]) == gen["follow"], result
+    assert gen["follow"] == 12 or gen["lags"][-1] == 0, result  # the bound, or an idle destination
+
+
 def test_concurrent_streams_all_migrate_exactly(activator, functions):
     a, b = functions
     bodies = [body(None)] + [body(seed) for seed in (1, 2, 3)]

@@ -12,6 +12,7 @@ from activator.migration import (
     Frame,
     MigrationConfig,
     classify,
+    follow_done,
     next_action,
     pick_destination,
     split_frames,
@@ -26,28 +27,47 @@ CFG = MigrationConfig(gap_threshold=2, max_rounds=4, settle_gap=16)
     pytest.param(1, 200, None, Action.PREFILL, id="large-gap-prefills-again"),
     pytest.param(1, 2, None, Action.DETACH, id="gap-at-threshold-detaches"),
     pytest.param(2, 1, 40, Action.DETACH, id="small-gap-detaches"),
+    pytest.param(2, 0, 3, Action.DETACH, id="no-gap-detaches"),
     pytest.param(3, 40, 90, Action.PREFILL, id="shrinking-under-the-bound"),
-    pytest.param(4, 30, 40, Action.DETACH, id="at-the-bound-detaches-even-if-shrinking"),
-    pytest.param(2, 6, 6, Action.DETACH, id="small-gap-not-shrinking-has-settled"),
-    pytest.param(2, 16, 12, Action.DETACH, id="small-gap-growing-has-settled"),
+    pytest.param(4, 30, 40, Action.FOLLOW, id="rounds-spent-follows"),
+    pytest.param(4, 2, 40, Action.DETACH, id="rounds-spent-small-gap-detaches"),
+    pytest.param(1, 16, None, Action.FOLLOW, id="gap-at-settle-follows"),
+    pytest.param(2, 6, 6, Action.FOLLOW, id="small-gap-not-shrinking-follows"),
+    pytest.param(2, 5, 12, Action.FOLLOW, id="small-gap-shrinking-follows"),
     pytest.param(2, 40, 40, Action.PREFILL, id="large-gap-not-shrinking-gets-another-round"),
     pytest.param(2, 600, 500, Action.PREFILL, id="large-gap-growing-gets-another-round"),
-    pytest.param(2, 17, 18, Action.PREFILL, id="shrinking-by-one-prefills-again"),
+    pytest.param(2, 17, 18, Action.PREFILL, id="just-over-settle-prefills-again"),
 ])
 def test_next_action(rounds, gap, previous, want):
     assert next_action(rounds, gap, CFG, previous) is want
 
 
-def test_next_action_keeps_rounds_when_asked():
+def test_next_action_without_follow_or_settle():
     cfg = MigrationConfig(gap_threshold=2, max_rounds=4, settle_gap=0)
-    assert next_action(2, 6, cfg, 6) is Action.PREFILL
-    assert next_action(4, 6, cfg, 6) is Action.DETACH
+    assert next_action(2, 6, cfg, 6) is Action.PREFILL  # settle_gap 0: waited rounds until max_rounds
+    assert next_action(4, 6, cfg, 6) is Action.FOLLOW
+    cfg = MigrationConfig(gap_threshold=2, max_rounds=4, settle_gap=16, max_follow=0)
+    assert next_action(2, 6, cfg, 6) is Action.DETACH  # no follow phase: detach where it would begin
+    assert next_action(4, 30, cfg, 40) is Action.DETACH
+
+
+@pytest.mark.parametrize("steps, lag, want", [
+    pytest.param(1, 1, True, id="keeps-pace"),
+    pytest.param(1, 2, True, id="lag-at-threshold"),
+    pytest.param(1, 3, False, id="behind"),
+    pytest.param(31, 40, False, id="behind-within-the-bound"),
+    pytest.param(32, 40, True, id="steps-spent"),
+    pytest.param(5, 0, True, id="idle-destination"),
+])
+def test_follow_done(steps, lag, want):
+    assert follow_done(steps, lag, CFG) is want
 
 
 @pytest.mark.parametrize("kwargs, message", [
     pytest.param({"gap_threshold": -1}, "gap_threshold = -1", id="negative-gap"),
     pytest.param({"max_rounds": 0}, "max_rounds = 0", id="no-rounds"),
     pytest.param({"settle_gap": -1}, "settle_gap = -1", id="negative-settle-gap"),
+    pytest.param({"max_follow": -1}, "max_follow = -1", id="negative-follow"),
     pytest.param({"request_timeout_s": 0}, "request_timeout_s = 0", id="zero-timeout"),
 ])
 def test_config_rejects(kwargs, message):
