@@ -68,7 +68,7 @@ class MigrationConfig:
     settle_gap: int = 16
     # Source steps at most in the follow phase before detaching regardless (a destination that
     # does not keep pace). 0: no follow phase; detach where it would begin.
-    max_follow: int = 32
+    max_follow: int = 64
     request_timeout_s: float = 60.0  # one internal call (a prefill of a long context included)
     # The instances' SLLM_INTERNAL_TOKEN, sent as `Authorization: Bearer` on every internal call.
     internal_token: str | None = dataclasses.field(default=None, repr=False)
@@ -114,11 +114,20 @@ def next_action(rounds: int, gap: int, cfg: MigrationConfig, previous: int | Non
     return Action.PREFILL
 
 
-def follow_done(steps: int, lag: int, cfg: MigrationConfig) -> bool:
-    """In the follow phase, after `steps` source steps, the destination has `lag` tokens it was
-    sent but has not computed yet: detach now? Once the lag is at most gap_threshold (it keeps
-    pace: what is left is this step's tokens) or the steps are spent."""
-    return lag <= cfg.gap_threshold or steps >= cfg.max_follow
+FALLING_BEHIND = 4  # follow steps per window of the falling-behind test
+
+
+def follow_done(lags: Sequence[int], cfg: MigrationConfig) -> bool:
+    """In the follow phase, `lags[k]` is how many tokens the destination had been sent but not
+    computed at step k: detach now? Once the lag is at most gap_threshold (it keeps pace: what is
+    left is this step's tokens), once the steps are spent, or once the destination falls behind
+    (the smallest lag of the last FALLING_BEHIND steps is more than one above the smallest of the
+    FALLING_BEHIND before: it computes a token more slowly than the source makes one, and every
+    further step adds to what the resume must compute)."""
+    if lags[-1] <= cfg.gap_threshold or len(lags) >= cfg.max_follow:
+        return True
+    w = FALLING_BEHIND
+    return len(lags) >= 2 * w and min(lags[-w:]) > min(lags[-2 * w:-w]) + 1
 
 
 def pick_destination(instances: Sequence[Instance], source_id: str,
@@ -614,7 +623,7 @@ async def migrate_generation(client: httpx.AsyncClient, tracked: Tracked, dest: 
                                               cfg, wait=False)
                     cached = tokens
                 lags.append(max(0, cached - 1 - computed))
-                if follow_done(len(lags), lags[-1], cfg):
+                if follow_done(lags, cfg):
                     break
                 continue
             computed = await _prefill(client, dest, tracked.id, cached, list(state["tokens"][cached:tokens]), cfg)

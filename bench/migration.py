@@ -50,6 +50,7 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import socket
 import statistics
 import subprocess
@@ -262,8 +263,10 @@ def one_run(act: Activator, a: Function, b: Function, tok: Any, prompt: list[int
     stream(act.url, completion(prompt, had), regen, had)
     regen_s = regen.times[-1] - regen.sent
     row = {"context": context, "migration_s": gen["seconds"], "rounds": gen["rounds"], "gaps": gen["gaps"],
+           "follow": gen["follow"], "lags": gen["lags"],
            "restart_s": restart_s, "regen_s": regen_s, "migrate_call_s": t1 - t0, **gap}
-    log.info("run", **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "gaps"})
+    log.info("run", **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                       if k not in ("gaps", "lags")}, gaps=gen["gaps"], last_lags=gen["lags"][-4:])
     return row
 
 
@@ -335,7 +338,8 @@ def run(out: Path, work: Path, contexts: list[int], runs: int, before: int, afte
         for p in procs:
             p.wait_ready()
         prompts = {n: [rng.randrange(3, tok.vocab_size) for _ in range(n - before)] for n in contexts}
-        one_run(act, a, b, tok, prompts[contexts[0]], before, after)  # warm-up, discarded
+        warm = [rng.randrange(3, tok.vocab_size) for _ in range(max(1, min(contexts) - before))]
+        one_run(act, a, b, tok, warm, before, after)  # warm-up at the shortest context, discarded
         per_context = {n: [one_run(act, a, b, tok, prompts[n], before, after) for _ in range(runs)]
                        for n in contexts}
     finally:
@@ -390,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the instances' numerics (exact: token-identical handoff; fast: batched kernels)")
     args = p.parse_args(argv)
     setup()
+    # SIGTERM ends the run like Ctrl-C: the `finally` that stops the instances and the activator runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     contexts = sorted({int(x) for x in args.contexts.split(",") if x.strip()})
     bad = [n for n in contexts if n <= args.before or n + args.after > MAX_LEN]
     if bad or args.runs < 1:
@@ -397,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"(got contexts {bad}, runs {args.runs})")
     if args.work:
         doc = run(args.out, args.work, contexts, args.runs, args.before, args.after, args.model_bytes, args.gap,
-                      args.numerics)
+                  args.numerics)
     else:
         with tempfile.TemporaryDirectory(prefix="bench-migration-") as tmp:
             doc = run(args.out, Path(tmp), contexts, args.runs, args.before, args.after, args.model_bytes, args.gap,

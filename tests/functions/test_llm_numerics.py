@@ -32,7 +32,7 @@ def hf_model(tiny_model):
 
 
 def _runner(tiny_model, mode: str, tile_rows: int = 2, forward: str = "auto") -> ModelRunner:
-    return ModelRunner(load_model(tiny_model), slots=6, max_len=256, mode=mode, tile_rows=tile_rows, forward=forward)
+    return ModelRunner(load_model(tiny_model), slots=6, max_len=512, mode=mode, tile_rows=tile_rows, forward=forward)
 
 
 def _scrambled_logits(runner: ModelRunner, seq: list[int], rng: random.Random) -> torch.Tensor:
@@ -46,7 +46,7 @@ def _scrambled_logits(runner: ModelRunner, seq: list[int], rng: random.Random) -
         for s in others:
             if rng.random() < 0.6:
                 m = rng.choice([1, 1, 4, 19])
-                if others[s] + m < 250:
+                if others[s] + m < 500:
                     feeds.append(Feed(s, others[s], [rng.randrange(3, VOCAB) for _ in range(m)],
                                       rng.choice([None, m - 1, 0])))
                     others[s] += m
@@ -66,10 +66,46 @@ def test_exact_logits_are_batch_invariant(tiny_model, forward, tile_rows):
     runner = _runner(tiny_model, numerics.EXACT, tile_rows, forward)
     assert runner.forward_kind == ("decoder" if forward == "auto" else "transformers")
     rng = random.Random(tile_rows)
-    seq = [rng.randrange(3, VOCAB) for _ in range(90)]
+    seq = [rng.randrange(3, VOCAB) for _ in range(300)]  # across two key-block boundaries (128, 256)
     whole = runner.step([Feed(0, 0, seq, 0)])[0]
     for trial in range(3):
         assert torch.equal(_scrambled_logits(runner, seq, random.Random(trial)), whole), f"trial {trial}"
+
+
+@pytest.mark.parametrize("kv_heads,group,dim,dtype", [
+    pytest.param(4, 2, 64, torch.float32, id="gqa"),
+    pytest.param(16, 1, 64, torch.float32, id="mha"),
+    pytest.param(2, 4, 128, torch.float32, id="wide-heads"),
+    pytest.param(4, 2, 64, torch.bfloat16, id="bfloat16"),
+])
+def test_exact_attention_is_invariant(kv_heads, group, dim, dtype):
+    """A row's attention output, bit for bit, whatever the padded key length, the other rows,
+    and the layout (a prefill's shared keys or a decode batch's keys per row)."""
+    torch.manual_seed(0)
+    k = torch.randn(1, kv_heads, 1024, dim).to(dtype)
+    v = torch.randn(1, kv_heads, 1024, dim).to(dtype)
+    positions = torch.tensor([0, 5, 127, 128, 130, 300, 511])
+    q = torch.randn(len(positions), kv_heads, group, dim).to(dtype)
+    want = None
+    for length in (512, 640, 1024):
+        mask = numerics.key_mask(positions, length)
+        keys, values = k[:, :, :length], v[:, :, :length]
+        shared = numerics.exact_attention(q, keys, values, mask, 0.125)
+        want = shared if want is None else want
+        assert torch.equal(shared, want), f"padded to {length}"
+        per_row = (keys.expand(len(positions), -1, -1, -1).contiguous(),
+                   values.expand(len(positions), -1, -1, -1).contiguous())
+        assert torch.equal(numerics.exact_attention(q, *per_row, mask, 0.125), want), "decode layout"
+        for rows in (slice(0, 1), slice(0, 3), slice(2, 7), slice(4, 5)):
+            assert torch.equal(numerics.exact_attention(q[rows], keys, values, mask[rows], 0.125), want[rows]), rows
+    for i, p in enumerate(positions.tolist()):  # each row alone at its shortest padded length
+        end = numerics.round_up(p + 1, numerics.KEY_PAD)
+        alone = numerics.exact_attention(q[i:i + 1], k[:, :, :end], v[:, :, :end],
+                                         numerics.key_mask(positions[i:i + 1], end), 0.125)
+        assert torch.equal(alone[0], want[i]), f"row {i} alone"
+    full = numerics.fast_attention(q.float(), k[:, :, :512].float(), v[:, :, :512].float(),
+                                   numerics.key_mask(positions, 512), 0.125)
+    assert torch.allclose(want.float(), full, atol=1e-5 if dtype is torch.float32 else 5e-2)  # it is attention
 
 
 @pytest.mark.parametrize("forward", ["auto", "transformers"])
@@ -88,7 +124,7 @@ def test_feed_validation(tiny_model):
     with pytest.raises(ValueError, match="at least one token"):
         runner.step([Feed(0, 0, [], None)])
     with pytest.raises(ValueError, match="exceed max_len"):
-        runner.step([Feed(0, 250, list(range(3, 13)), None)])
+        runner.step([Feed(0, 506, list(range(3, 13)), None)])
     with pytest.raises(ValueError, match="numerics"):
         ModelRunner(load_model(tiny_model), slots=1, max_len=64, mode="approximate")
     with pytest.raises(ValueError, match="forward"):

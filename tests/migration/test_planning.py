@@ -51,16 +51,22 @@ def test_next_action_without_follow_or_settle():
     assert next_action(4, 30, cfg, 40) is Action.DETACH
 
 
-@pytest.mark.parametrize("steps, lag, want", [
-    pytest.param(1, 1, True, id="keeps-pace"),
-    pytest.param(1, 2, True, id="lag-at-threshold"),
-    pytest.param(1, 3, False, id="behind"),
-    pytest.param(31, 40, False, id="behind-within-the-bound"),
-    pytest.param(32, 40, True, id="steps-spent"),
-    pytest.param(5, 0, True, id="idle-destination"),
+@pytest.mark.parametrize("lags, want", [
+    pytest.param([1], True, id="keeps-pace"),
+    pytest.param([2], True, id="lag-at-threshold"),
+    pytest.param([3], False, id="behind"),
+    pytest.param([0], True, id="idle-destination"),
+    pytest.param([9] * 63, False, id="behind-within-the-bound"),
+    pytest.param([9] * 64, True, id="steps-spent"),
+    pytest.param([3, 4, 3, 5, 7, 8, 4, 3], False, id="noisy-but-steady"),
+    pytest.param([3, 4, 3, 5, 5, 5, 6, 6], True, id="falling-behind"),
+    pytest.param([3, 4, 3, 5, 4, 5, 6, 6], False, id="one-above-is-noise"),
+    pytest.param([38, 39, 40, 41, 42, 43, 44, 45], True, id="lag-grows-every-step"),
+    pytest.param([40, 39, 38, 37, 36, 35, 34, 33], False, id="catching-up"),
+    pytest.param([3, 4, 5, 6, 7, 8, 9], False, id="too-few-steps-to-tell"),
 ])
-def test_follow_done(steps, lag, want):
-    assert follow_done(steps, lag, CFG) is want
+def test_follow_done(lags, want):
+    assert follow_done(lags, CFG) is want
 
 
 @pytest.mark.parametrize("kwargs, message", [
