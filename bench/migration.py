@@ -1,20 +1,22 @@
 """Live migration of a streaming generation through the activator: handoff gap, cost, restart.
 
-    .venv/bin/python -m bench.migration --out DIR [--runs 3] [--contexts 256,512,1024,1536,2048]
-                                        [--before 32] [--after 1536] [--work DIR]
-                                        [--model-bytes N] [--gap N] [--numerics exact|fast]
+    .venv/bin/python -m bench.migration --out DIR [--runs 3] [--contexts 256,1024,2048]
+                                        [--before 32] [--after 2000] [--work DIR]
+                                        [--model-bytes 200000000] [--gap N] [--numerics exact|fast]
 
-writes DIR/migration.json and DIR/migration.png. It builds a small random-weight Llama
-(`ModelSpec(max_position_embeddings=4096)`, otherwise the TINY shape), starts two real
-`python -m functions.llm` instances (a, b; exact numerics, the CPU default; `--max-model-len
-4096`) and `python -m activator`, and registers a then b on the activator's admin API the way
-the autoscaler does.
+writes DIR/migration.json and DIR/migration.png. It builds a random-weight float32 Llama of
+about `--model-bytes` (default 200 MB: hidden 1024, vocabulary 4096, max_position_embeddings
+4096; a decode step of 15-21 ms on 2 CPU cores, in the range of a real LLM's; 0: the TINY
+shape, about 1 ms a step, where the handoff's internal calls alone are several steps), starts
+two real `python -m functions.llm` instances (a, b; exact numerics, the CPU default;
+`--max-model-len 4096`) and `python -m activator`, and registers a then b on the activator's
+admin API the way the autoscaler does.
 
 One run at context N: a streaming greedy completion (logprobs=1, ignore_eos) whose prompt is
 `N - before` random token ids goes through the activator to a; once the client has `before`
 generated tokens, b becomes the service's only ready instance and `POST /internal/migrate
 {source: a, destination: b}` is called. The context at the detach is the result's `tokens`
-(prompt + generated, above N: a keeps generating, about 1 ms a token for this model, while b
+(prompt + generated, above N: a keeps generating while b
 prefills; `--after` is long enough that a does not finish first). The vs_restart rows are keyed
 by N, the context when the migration is triggered; their restart_s resends the detach context.
 
@@ -24,8 +26,6 @@ by N, the context when the migration is triggered; their restart_s resends the d
                 splice gap alone (the source's last token frame to the destination's first).
                 Reported per context (median over runs) and the maximum over all runs.
 
-`--model-bytes N` uses a float32 Llama of about N bytes (vocabulary 4096) instead of the TINY
-shape, so that a decode step costs what a real one does relative to the handoff's fixed costs;
 `--gap` sets the activator's `--migration-gap`; `--numerics` the instances' numerics.
   cost_fit      `seconds = a * tokens + b` (sllm_knative.placement.fit_migration_cost, a, b >= 0)
                 over every run's (tokens, seconds) from the migrate result.
@@ -382,13 +382,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.migration", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--contexts", default="256,512,1024,1536,2048")
+    p.add_argument("--contexts", default="256,1024,2048")
     p.add_argument("--before", type=int, default=32, help="generated tokens before the migration is triggered")
-    p.add_argument("--after", type=int, default=1536, help="generated tokens after the trigger")
+    p.add_argument("--after", type=int, default=2000,
+                   help="generated tokens after the trigger (long enough that the source does not finish first)")
     p.add_argument("--work", type=Path, help="model and logs (default: a temporary directory)")
-    p.add_argument("--model-bytes", type=int, default=0,
-                   help="a float32 model of about this size instead of the TINY shape (e.g. 200000000: "
-                        "a decode step of about 15 ms on a 2-core CPU)")
+    p.add_argument("--model-bytes", type=int, default=200_000_000,
+                   help="a float32 model of about this size (default: a decode step of 15-21 ms on a 2-core CPU); "
+                        "0: the TINY shape (about 1 ms a step)")
     p.add_argument("--gap", type=int, default=None, help="the activator's --migration-gap (default: its own)")
     p.add_argument("--numerics", choices=("exact", "fast"), default="exact",
                    help="the instances' numerics (exact: token-identical handoff; fast: batched kernels)")
