@@ -9,46 +9,17 @@ from hypothesis import strategies as st
 
 from sllm_knative import format as fmt
 from tests.checkpoint.conftest import valid_index_doc
+from tests.json_mutation import mutated
 
 EXAMPLES = 10_000
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(1 << 70), max_value=1 << 70)
-    | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
-    max_leaves=8,
-)
 
-
-def _paths(node, prefix=()):
-    yield prefix
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _paths(v, (*prefix, k))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _paths(v, (*prefix, i))
-
-
-ALL_PATHS = [p for p in _paths(valid_index_doc()) if p]
+_DOCS = mutated(valid_index_doc)
 
 
 @st.composite
 def mutated_docs(draw) -> bytes:
-    doc = valid_index_doc()
-    for _ in range(draw(st.integers(1, 3))):
-        path = draw(st.sampled_from(ALL_PATHS))
-        node = doc
-        try:
-            for k in path[:-1]:
-                node = node[k]
-            if draw(st.booleans()) and isinstance(node, dict):
-                node.pop(path[-1], None)
-            else:
-                node[path[-1]] = draw(json_values)
-        except (KeyError, IndexError, TypeError):
-            continue
-    raw = json.dumps(doc).encode()
+    raw = json.dumps(draw(_DOCS)).encode()
     mode = draw(st.sampled_from(["json", "truncate", "flip"]))
     if mode == "truncate":
         raw = raw[: draw(st.integers(0, len(raw)))]

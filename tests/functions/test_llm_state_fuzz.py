@@ -9,7 +9,6 @@ import json
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from functions.llm.errors import BadRequest
@@ -18,16 +17,9 @@ from functions.llm.sampling import encode_generator, new_generator
 from functions.llm.sequence import Sequence
 from functions.llm.state import GenerationState, parse_state
 from functions.llm.text import Detok
+from tests.json_mutation import json_values, mutated
 
 VOCAB = 512
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(1 << 70), max_value=1 << 70)
-    | st.floats() | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
-    max_leaves=8,
-)
-
 
 def _valid() -> dict:
     return GenerationState(
@@ -38,44 +30,13 @@ def _valid() -> dict:
         detok=Detok("abcd", 1, 2)).to_json()
 
 
-def _paths(node, prefix=()):
-    yield prefix
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _paths(v, (*prefix, k))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _paths(v, (*prefix, i))
-
-
-ALL_PATHS = [p for p in _paths(_valid()) if p]
-
-
-@st.composite
-def mutated(draw) -> object:
-    doc = _valid()
-    for _ in range(draw(st.integers(1, 3))):
-        path = draw(st.sampled_from(ALL_PATHS))
-        node = doc
-        try:
-            for k in path[:-1]:
-                node = node[k]
-            if draw(st.booleans()) and isinstance(node, dict):
-                node.pop(path[-1], None)
-            else:
-                node[path[-1]] = draw(json_values)
-        except (KeyError, IndexError, TypeError):
-            continue
-    return json.loads(json.dumps(doc))  # what arrives over HTTP (NaN and Infinity included)
-
-
 @pytest.fixture(scope="module")
 def tok(tiny_model):
     return AutoTokenizer.from_pretrained(str(tiny_model))
 
 
 @settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(doc=mutated())
+@given(doc=mutated(_valid, json_values(nan=True)).map(lambda d: json.loads(json.dumps(d))))  # what arrives over HTTP
 def test_mutated_states_parse_or_are_refused(tok, doc) -> None:
     try:
         state = parse_state(doc, vocab_size=VOCAB)

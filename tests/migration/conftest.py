@@ -122,27 +122,26 @@ def logs(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("migration-logs")
 
 
-@pytest.fixture(scope="session")
-def activator(logs) -> Iterator[Activator]:
-    act = Activator(logs)
+def running(act: Activator) -> Iterator[Activator]:
+    """Yield the activator once its admin API answers; stop it afterwards."""
     try:
         wait_for(f"{act.admin}/internal/stats", act.proc, act.log_path, timeout=30)
         yield act
     finally:
         act.stop()
+
+
+@pytest.fixture(scope="session")
+def activator(logs) -> Iterator[Activator]:
+    yield from running(Activator(logs))
 
 
 @pytest.fixture(scope="session")
 def endless_activator(logs) -> Iterator[Activator]:
     """An activator whose migrations never detach on their own (gap 0, unbounded rounds): the window
     in which a test kills the source between rounds."""
-    act = Activator(logs, "--migration-gap", "0", "--migration-rounds", "100000", "--migration-settle-gap", "0",
-                    name="endless-activator")
-    try:
-        wait_for(f"{act.admin}/internal/stats", act.proc, act.log_path, timeout=30)
-        yield act
-    finally:
-        act.stop()
+    yield from running(Activator(logs, "--migration-gap", "0", "--migration-rounds", "100000",
+                                 "--migration-settle-gap", "0", name="endless-activator"))
 
 
 @pytest.fixture(scope="session")
@@ -150,13 +149,8 @@ def following_activator(logs) -> Iterator[Activator]:
     """An activator whose migrations go to the follow phase after round 1 and stay there for 12
     source steps (gap 0 is only met by an idle destination): the queued prefills, then the resume
     behind them, on every run."""
-    act = Activator(logs, "--migration-gap", "0", "--migration-settle-gap", "1000000", "--migration-follow", "12",
-                    name="following-activator")
-    try:
-        wait_for(f"{act.admin}/internal/stats", act.proc, act.log_path, timeout=30)
-        yield act
-    finally:
-        act.stop()
+    yield from running(Activator(logs, "--migration-gap", "0", "--migration-settle-gap", "1000000",
+                                 "--migration-follow", "12", name="following-activator"))
 
 
 @pytest.fixture(scope="session")
