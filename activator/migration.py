@@ -7,7 +7,8 @@ The activator holds the client connections, so it coordinates (docs/migration.md
     round k   export again; POST dest prefill {start: cached, tokens: only the new ones}
     follow    once the gap is under settle_gap (or after max_rounds): export at every source step
               and queue its new tokens on the destination without waiting (`"wait": false`), until
-              the destination has computed all but gap_threshold of them (or max_follow steps)
+              the destination has computed all but gap_threshold of them (or falls behind, or
+              max_follow steps)
     detach    then, or at once when a round leaves a gap <= gap_threshold:
               POST source/.../{id}/detach {"position": null} -> the final state at an exact position;
               the source's stream ends with `event: sllm.detached` carrying that state (no [DONE])
@@ -102,11 +103,11 @@ class Action(enum.Enum):
     DETACH = "detach"  # stop the source now and resume on the destination
 
 
-def next_action(rounds: int, gap: int, cfg: MigrationConfig, previous: int | None = None) -> Action:
-    """After `rounds` waited prefill rounds the destination lacks `gap` tokens (`previous` after
-    the round before): another round, the follow phase, or detach? Detach once the gap is at
-    most gap_threshold; follow once it is under settle_gap or the rounds are spent (a large gap
-    that does not shrink, a noisy round or a long first prefill, gets more rounds first)."""
+def next_action(rounds: int, gap: int, cfg: MigrationConfig) -> Action:
+    """After `rounds` waited prefill rounds the destination lacks `gap` tokens: another round,
+    the follow phase, or detach? Detach once the gap is at most gap_threshold; follow once it is
+    at most settle_gap or the rounds are spent (a larger gap, even one that did not shrink after
+    a noisy round or a long first prefill, gets another waited round first)."""
     if gap <= cfg.gap_threshold:
         return Action.DETACH
     if rounds >= cfg.max_rounds or gap <= cfg.settle_gap:
@@ -614,7 +615,7 @@ async def migrate_generation(client: httpx.AsyncClient, tracked: Tracked, dest: 
             gap = tokens - cached
             if phase is not Action.FOLLOW and rounds:
                 gaps.append(gap)
-                phase = next_action(rounds, gap, cfg, gaps[-2] if len(gaps) > 1 else None)
+                phase = next_action(rounds, gap, cfg)
             if phase is Action.DETACH:
                 break
             if phase is Action.FOLLOW:

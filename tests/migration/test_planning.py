@@ -23,32 +23,30 @@ from functions.llm.drain import drain_target
 CFG = MigrationConfig(gap_threshold=2, max_rounds=4, settle_gap=16)
 
 
-@pytest.mark.parametrize("rounds, gap, previous, want", [
-    pytest.param(1, 200, None, Action.PREFILL, id="large-gap-prefills-again"),
-    pytest.param(1, 2, None, Action.DETACH, id="gap-at-threshold-detaches"),
-    pytest.param(2, 1, 40, Action.DETACH, id="small-gap-detaches"),
-    pytest.param(2, 0, 3, Action.DETACH, id="no-gap-detaches"),
-    pytest.param(3, 40, 90, Action.PREFILL, id="shrinking-under-the-bound"),
-    pytest.param(4, 30, 40, Action.FOLLOW, id="rounds-spent-follows"),
-    pytest.param(4, 2, 40, Action.DETACH, id="rounds-spent-small-gap-detaches"),
-    pytest.param(1, 16, None, Action.FOLLOW, id="gap-at-settle-follows"),
-    pytest.param(2, 6, 6, Action.FOLLOW, id="small-gap-not-shrinking-follows"),
-    pytest.param(2, 5, 12, Action.FOLLOW, id="small-gap-shrinking-follows"),
-    pytest.param(2, 40, 40, Action.PREFILL, id="large-gap-not-shrinking-gets-another-round"),
-    pytest.param(2, 600, 500, Action.PREFILL, id="large-gap-growing-gets-another-round"),
-    pytest.param(2, 17, 18, Action.PREFILL, id="just-over-settle-prefills-again"),
+@pytest.mark.parametrize("rounds, gap, want", [
+    pytest.param(1, 200, Action.PREFILL, id="large-gap-prefills-again"),
+    pytest.param(1, 2, Action.DETACH, id="gap-at-threshold-detaches"),
+    pytest.param(2, 1, Action.DETACH, id="small-gap-detaches"),
+    pytest.param(2, 0, Action.DETACH, id="no-gap-detaches"),
+    pytest.param(3, 40, Action.PREFILL, id="large-gap-under-the-bound"),
+    pytest.param(4, 30, Action.FOLLOW, id="rounds-spent-follows"),
+    pytest.param(4, 2, Action.DETACH, id="rounds-spent-small-gap-detaches"),
+    pytest.param(1, 16, Action.FOLLOW, id="gap-at-settle-follows"),
+    pytest.param(2, 6, Action.FOLLOW, id="small-gap-follows"),
+    pytest.param(3, 600, Action.PREFILL, id="large-gap-gets-another-round-until-the-bound"),
+    pytest.param(2, 17, Action.PREFILL, id="just-over-settle-prefills-again"),
 ])
-def test_next_action(rounds, gap, previous, want):
-    assert next_action(rounds, gap, CFG, previous) is want
+def test_next_action(rounds, gap, want):
+    assert next_action(rounds, gap, CFG) is want
 
 
 def test_next_action_without_follow_or_settle():
     cfg = MigrationConfig(gap_threshold=2, max_rounds=4, settle_gap=0)
-    assert next_action(2, 6, cfg, 6) is Action.PREFILL  # settle_gap 0: waited rounds until max_rounds
-    assert next_action(4, 6, cfg, 6) is Action.FOLLOW
+    assert next_action(2, 6, cfg) is Action.PREFILL  # settle_gap 0: waited rounds until max_rounds
+    assert next_action(4, 6, cfg) is Action.FOLLOW
     cfg = MigrationConfig(gap_threshold=2, max_rounds=4, settle_gap=16, max_follow=0)
-    assert next_action(2, 6, cfg, 6) is Action.DETACH  # no follow phase: detach where it would begin
-    assert next_action(4, 30, cfg, 40) is Action.DETACH
+    assert next_action(2, 6, cfg) is Action.DETACH  # no follow phase: detach where it would begin
+    assert next_action(4, 30, cfg) is Action.DETACH
 
 
 @pytest.mark.parametrize("lags, want", [
