@@ -97,7 +97,10 @@ async def prefill(request: Request) -> Response:
             if f.exception() is not None:
                 service.log.warning("queued prefill refused", id=gen_id, start=start, error=str(f.exception()))
 
-        engine.call(lambda: engine.prefill(gen_id, start, list(tokens))).add_done_callback(refused)
+        queued = engine.call(lambda: engine.prefill(gen_id, start, list(tokens)))
+        if queued.done() and queued.exception() is not None:  # refused at once (shutting down)
+            raise queued.exception()  # type: ignore[misc]
+        queued.add_done_callback(refused)
         return json_response({"id": gen_id, "cached": engine.cached(gen_id), "tokens": start + len(tokens)})
     cached = await _on_engine(request, lambda e: e.prefill(gen_id, start, list(tokens)))
     return json_response({"id": gen_id, "cached": cached, "tokens": start + len(tokens)})
