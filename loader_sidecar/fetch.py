@@ -275,6 +275,7 @@ class Fetcher:
             return Fill.completed(ref, self.dram, entry, layout)
         fill = self._fills.get(key)
         if fill is not None and not fill.done.done():  # a finished fill whose entry is gone is stale
+            self.metrics.joins.labels("dram").inc()
             return fill
         self.metrics.misses.labels("dram").inc()
         fill = self._fills[key] = Fill(ref, self.dram)
@@ -291,6 +292,7 @@ class Fetcher:
                 return "ssd"
             job = self._ssd_jobs.get(key)
             if job is not None:
+                self.metrics.joins.labels("ssd").inc()
                 await asyncio.shield(job)
                 continue
             self.metrics.misses.labels("ssd").inc()

@@ -19,6 +19,8 @@ class Metrics:
         self.transfer_bytes = Counter("sllm_loader_transfer_bytes", "Bytes moved per hop", ["hop"], registry=r)
         self.hits = Counter("sllm_loader_hits", "Requests served from a tier", ["tier"], registry=r)
         self.misses = Counter("sllm_loader_misses", "Requests a tier could not serve", ["tier"], registry=r)
+        self.joins = Counter("sllm_loader_joins", "Requests that joined a fill of the tier already under way",
+                             ["tier"], registry=r)
         self.evictions = Counter("sllm_loader_evictions", "Checkpoints evicted", ["tier"], registry=r)
         self.failures = Counter("sllm_loader_failures", "Failed fetches and fills by error kind", ["kind"],
                                 registry=r)

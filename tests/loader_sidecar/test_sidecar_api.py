@@ -123,7 +123,7 @@ def test_metrics_endpoint(nginx, sidecar):
     with client.acquire("tiny") as lease:
         lease.wait_complete(timeout=30)
     # The watermark reaches the end just before the fill publishes the entry: an acquire in
-    # between joins the fill (neither hit nor miss). Wait until it is published.
+    # between joins the fill (a join, neither hit nor miss). Wait until it is published.
     wait_for(lambda: settled(client))
     with client.acquire("tiny"):
         pass
@@ -135,6 +135,20 @@ def test_metrics_endpoint(nginx, sidecar):
                  'sllm_loader_transfer_seconds_count{hop="remote"} 1.0', 'sllm_loader_tier_capacity_bytes{tier="ssd"}']:
         assert line in text, line
     assert 'sllm_loader_tier_bytes{tier="ssd"} 0.0' not in text
+
+
+def test_metrics_count_a_joined_fill(nginx, sidecar):
+    """A second acquire while the first one's DRAM fill is under way joins it: one miss, one join."""
+    port = free_port()
+    _, client = sidecar([f"{nginx.url}/slow/models"], "--metrics", f"127.0.0.1:{port}")
+    with client.acquire(f"{nginx.url}/slow/models/small") as first:  # a few seconds from the slow store
+        with client.acquire(f"{nginx.url}/slow/models/small") as second:
+            assert not first.complete
+            second.wait_complete(timeout=120)
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    for line in ['sllm_loader_misses_total{tier="dram"} 1.0', 'sllm_loader_joins_total{tier="dram"} 1.0']:
+        assert line in text, line
+    assert 'sllm_loader_hits_total{tier="dram"} 1.0' not in text
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
