@@ -16,7 +16,7 @@ token ids alone (bit for bit, for one torch build, device type and set of option
   keys: each block's scores and its share of the output are matrix multiplies of one fixed
   shape ([128, d] @ [d, group] and [group, 128] @ [128, d]) whatever the context or the number
   of rows, and the blocks' shares are added in order (a sequential scan). Keys are padded to
-  a multiple of `KEY_PAD` (= KEY_BLOCK); the padding and the future keys are masked to -inf,
+  a multiple of `KEY_BLOCK`; the padding and the future keys are masked to -inf,
   so they add exact zeros: to the softmax, whose lane structure does not depend on the padded
   length, and to the blocks' sum. (The previous form, elementwise products and reductions
   over the whole context, was invariant too but 2.5-5x slower at 3000 tokens: it wrote a
@@ -46,8 +46,9 @@ if TYPE_CHECKING:
 EXACT = "exact"
 FAST = "fast"
 MODES = (EXACT, FAST)
-KEY_BLOCK = 128  # keys per matrix multiply of the exact attention
-KEY_PAD = KEY_BLOCK  # key lengths are padded to this (a multiple of the widest float vector, 16 lanes)
+# Keys per matrix multiply of the exact attention; key lengths are padded to a multiple of it in
+# both modes (also a multiple of the widest float vector, 16 lanes).
+KEY_BLOCK = 128
 _VECTOR_TAIL = 32  # torch's vectorized elementwise loop handles 2 vectors of 16 floats per pass
 
 
@@ -145,7 +146,7 @@ def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: t
                     scaling: float) -> torch.Tensor:
     """Attention of n query rows, each against the keys of its own sequence.
 
-    q: [n, kv_heads, group, d]; k, v: [n or 1, kv_heads, L, d] with L a multiple of KEY_PAD
+    q: [n, kv_heads, group, d]; k, v: [n or 1, kv_heads, L, d] with L a multiple of KEY_BLOCK
     (masked entries may hold anything finite); masked: bool [n, 1, 1, L], True where row i must
     not see key j (future or padding). Returns [n, kv_heads, group, d].
 

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from functions.llm.state import GenerationState
 
 MAX_SEED = (1 << 63) - 1
+MAX_TEMPERATURE = 2.0
 MAX_LOGPROBS = 20  # alternatives per token (chat's top_logprobs bound; completions allow 5)
 
 
@@ -47,8 +48,8 @@ class SamplingParams:
 
     def check(self) -> None:
         """The bounds the public API enforces (functions.llm.protocol), for values from elsewhere."""
-        if not 0.0 <= self.temperature <= 2.0:
-            raise ValueError(f"temperature = {self.temperature}, must be in [0, 2]")
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature = {self.temperature}, must be in [0, {MAX_TEMPERATURE:g}]")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p = {self.top_p}, must be in (0, 1]")
         if self.top_k < 0:

@@ -18,7 +18,7 @@ import re
 from typing import Any
 
 from functions.llm.errors import BadRequest, ContextLengthExceeded, model_not_found
-from functions.llm.params import MAX_LOGPROBS, MAX_SEED, SamplingParams
+from functions.llm.params import MAX_LOGPROBS, MAX_SEED, MAX_TEMPERATURE, SamplingParams
 
 MAX_STOP = 4
 MAX_COMPLETION_LOGPROBS = 5
@@ -189,7 +189,7 @@ def _common(body: dict[str, Any], max_tokens_names: tuple[str, ...]) -> tuple[di
         include_usage = _get_bool(options, "include_usage", False)
     seed_value = None if seed is None else seed & MAX_SEED  # torch seeds are unsigned 64-bit
     fields = {
-        "temperature": _get_number(body, "temperature", 1.0, 0.0, 2.0),
+        "temperature": _get_number(body, "temperature", 1.0, 0.0, MAX_TEMPERATURE),
         "top_p": _get_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
         "top_k": 0 if top_k in (None, -1) else top_k,
         "seed": seed_value,

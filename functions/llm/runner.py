@@ -89,7 +89,7 @@ class StepBatch:
 class KVCache:
     def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        shape = (slots + 1, kv_heads, numerics.round_up(max_len, numerics.KEY_PAD), head_dim)
+        shape = (slots + 1, kv_heads, numerics.round_up(max_len, numerics.KEY_BLOCK), head_dim)
         # zeros: padded key positions must hold finite values (they are masked, then multiplied by 0)
         self.k = [_zeros(shape, dtype, device) for _ in range(layers)]
         self.v = [_zeros(shape, dtype, device) for _ in range(layers)]
@@ -213,7 +213,7 @@ class ModelRunner:
             if n == 1:
                 decode_rows.append(row)
             else:
-                length = numerics.round_up(f.start + n, numerics.KEY_PAD)
+                length = numerics.round_up(f.start + n, numerics.KEY_BLOCK)
                 pos = torch.arange(f.start, f.start + n, device=self.device)
                 prefills.append(PrefillSegment(f.slot, row, n, length, numerics.key_mask(pos, length)))
         pad = numerics.round_up(len(tokens), self.row_multiple) - len(tokens)
@@ -226,7 +226,7 @@ class ModelRunner:
         decode = None
         if decode_rows:
             n = len(decode_rows)
-            length = numerics.round_up(max(positions[r] for r in decode_rows) + 1, numerics.KEY_PAD)
+            length = numerics.round_up(max(positions[r] for r in decode_rows) + 1, numerics.KEY_BLOCK)
             first = slots[decode_rows[0]]
             consecutive = all(slots[r] == first + i for i, r in enumerate(decode_rows))
             if decode_rows[-1] == n - 1:  # the first n rows of the step

@@ -99,7 +99,7 @@ def test_exact_attention_is_invariant(kv_heads, group, dim, dtype):
         for rows in (slice(0, 1), slice(0, 3), slice(2, 7), slice(4, 5)):
             assert torch.equal(numerics.exact_attention(q[rows], keys, values, mask[rows], 0.125), want[rows]), rows
     for i, p in enumerate(positions.tolist()):  # each row alone at its shortest padded length
-        end = numerics.round_up(p + 1, numerics.KEY_PAD)
+        end = numerics.round_up(p + 1, numerics.KEY_BLOCK)
         alone = numerics.exact_attention(q[i:i + 1], k[:, :, :end], v[:, :, :end],
                                          numerics.key_mask(positions[i:i + 1], end), 0.125)
         assert torch.equal(alone[0], want[i]), f"row {i} alone"
