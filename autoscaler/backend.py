@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from sllm_knative.config import ServiceConfig
 from sllm_knative.local import procs, zygote
 from sllm_knative.log import get_logger
 from sllm_knative.placement import Instance, NodeInventory, Tier, pool_store_rates
+from sllm_knative.ports import free_port
 
 _log = get_logger("autoscaler.backend")
 
@@ -66,12 +66,6 @@ class InstanceRecord:
     @property
     def internal_url(self) -> str:
         return f"http://127.0.0.1:{self.internal_port}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def running_generations(generations: list[dict[str, Any]] | None) -> list[dict[str, Any]]:

@@ -283,9 +283,9 @@ class Bench:
         return float(res["ttft_s"])
 
     def knative_default(self, index: int) -> dict[str, Any]:
-        from autoscaler.backend import free_port
         from sllm_knative.commands.resources import invoke
         from sllm_knative.local import procs
+        from sllm_knative.ports import free_port
 
         admin = self.cluster["activator_admin"]
         url = f"{admin}/internal/services/{NAMESPACE}/{KD_SERVICE}"
@@ -374,10 +374,10 @@ def build_inputs(work: Path) -> tuple[Path, Path]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from autoscaler.backend import free_port
     from loader_sidecar.testing import Nginx
     from sllm_knative import format as fmt
     from sllm_knative.local.cluster import down, up_detached
+    from sllm_knative.ports import free_port
 
     rate_bytes = nginx_rate_bytes(args.rate)
     # Inherited by the cluster's processes (zygote children) and the knative_default instances alike.

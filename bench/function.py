@@ -41,6 +41,7 @@ from typing import Any
 import httpx
 
 from bench._common import ensure_model, machine, save_figure, write_json
+from sllm_knative.ports import free_port as _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Serverless inference scales to zero and back. The activator holds requests while"
@@ -52,14 +53,6 @@ def _spec() -> Any:
 
     return ModelSpec(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
                      num_key_value_heads=4, vocab_size=512, max_position_embeddings=2048)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:

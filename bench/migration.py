@@ -51,7 +51,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -67,18 +66,13 @@ import httpx
 from bench._common import machine, save_figure, write_json
 from sllm_knative.log import get_logger, setup
 from sllm_knative.placement.calibration import MigrationCost, MigrationObservation, fit_migration_cost
+from sllm_knative.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "bench"
 MAX_LEN = 4096
 TARGET_RATIO = 3.0
 log = get_logger("bench.migration")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Process:

@@ -51,6 +51,7 @@ import httpx
 
 from bench._common import ensure_model, machine, save_figure, write_json
 from loader_sidecar.testing import nginx_conf
+from sllm_knative.ports import free_port as _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 NAMESPACE = "default"
@@ -204,12 +205,6 @@ def target(rows: list[dict[str, Any]], paths: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- processes -------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_http(url: str, proc: subprocess.Popen[bytes], what: str, timeout: float = 300) -> None:

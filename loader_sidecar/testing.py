@@ -28,14 +28,9 @@ from typing import Any, TypeVar
 from loader_sidecar.config import Config
 from loader_sidecar.node import Node
 from loader_sidecar.server import Sidecar
+from sllm_knative.ports import free_port
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.clean:
         shutil.rmtree(work, ignore_errors=True)
     if args.port == 0:
-        from autoscaler.backend import free_port
+        from sllm_knative.ports import free_port
 
         args.port = free_port()
     t0 = time.perf_counter()

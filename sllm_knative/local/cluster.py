@@ -29,6 +29,7 @@ from typing import Any
 
 from sllm_knative.local import procs
 from sllm_knative.log import get_logger
+from sllm_knative.ports import free_port as _free_port
 
 _log = get_logger("sllm_knative.local")
 PY = sys.executable
@@ -68,12 +69,6 @@ def read_cluster(state_dir: Path) -> dict[str, Any]:
     if not doc.get("ready") or not procs.alive(int(doc.get("pid", 0))):
         raise FileNotFoundError(2, "the local cluster is not running: run `sllm-knative up`", str(p))
     return doc
-
-
-def _free_port() -> int:
-    from autoscaler.backend import free_port
-
-    return free_port()
 
 
 def _tag(state_dir: Path) -> str:

@@ -17,13 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sllm_knative.ports import free_port
+
 HERE = Path(__file__).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float = 20.0) -> None:

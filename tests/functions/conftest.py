@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,16 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sllm_knative.ports import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 MAX_MODEL_LEN = 1024
 MAX_CONCURRENCY = 4
 MAX_BODY_BYTES = 65536
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:

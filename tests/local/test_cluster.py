@@ -20,6 +20,7 @@ import pytest
 from sllm_knative.commands.resources import invoke
 from sllm_knative.local import procs
 from sllm_knative.local.manifests import service_manifest
+from sllm_knative.ports import free_port as _free_port
 from tests.local.util import wait_for
 
 CLI = [sys.executable, "-m", "sllm_knative.cli"]
@@ -55,12 +56,6 @@ def cluster(store: Path, tmp_path_factory) -> Iterator[tuple[Path, dict]]:
     assert "service/default/tiny created" in out
     yield state, doc
     cli(state, "down", check=False)
-
-
-def _free_port() -> int:
-    from autoscaler.backend import free_port
-
-    return free_port()
 
 
 def services(doc: dict) -> dict:

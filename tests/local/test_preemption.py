@@ -77,7 +77,7 @@ def web(store: Path) -> Iterator[Nginx]:
 
 @pytest.fixture(scope="module")
 def cluster(web: Nginx, tmp_path_factory) -> Iterator[tuple[Path, dict[str, Any]]]:
-    from autoscaler.backend import free_port
+    from sllm_knative.ports import free_port
 
     state = tmp_path_factory.mktemp("preempt-state")
     cli(state, "up", "--detach", "--nodes", "2", "--slots", "1", "--store", f"{web.url}/slow",

@@ -4,7 +4,6 @@ the activator in front of them, driven through its admin API the way the autosca
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sllm_knative.ports import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
