@@ -5,6 +5,11 @@ nvcc is found (set SLLM_NO_CUDA=1 to skip it) and linked against the static CUDA
 the module loads on machines without CUDA libraries and picks the GPU path only when a
 device is present at run time. PyTorch is neither included nor linked: the module takes raw
 pointers and byte counts.
+
+Where nvcc comes from, in order: $CUDA_HOME/bin, the PyPI wheels in this interpreter's
+site-packages (nvidia-cuda-nvcc, -runtime, -crt and nvidia-nvvm, installed by `make install`,
+laid out as nvidia/cu13/{bin,include,lib}), PATH, /usr/local/cuda. With CI=true a build that
+finds no nvcc fails instead of quietly building the CPU path only (SLLM_NO_CUDA=1 opts out).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 
 from pybind11.setup_helpers import Pybind11Extension
@@ -22,12 +28,24 @@ SRC = Path("cuda_ext/src")
 CUDA_ARCHS = os.environ.get("SLLM_CUDA_ARCHS", "80;90")
 
 
+def pypi_cuda_home() -> Path | None:
+    """nvidia/cu13 of the CUDA 13 wheels in this interpreter's site-packages, if nvcc is there."""
+    for site in map(Path, sysconfig.get_paths().values()):
+        home = site / "nvidia" / "cu13"
+        if (home / "bin" / "nvcc").exists():
+            return home
+    return None
+
+
 def find_nvcc() -> str | None:
     if os.environ.get("SLLM_NO_CUDA") == "1":
         return None
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home and (Path(home) / "bin/nvcc").exists():
         return str(Path(home) / "bin/nvcc")
+    wheels = pypi_cuda_home()
+    if wheels:
+        return str(wheels / "bin" / "nvcc")
     found = shutil.which("nvcc")
     if found:
         return found
@@ -66,8 +84,12 @@ class BuildExt(build_ext):
             ext.extra_objects.append(str(obj))
             ext.define_macros.append(("SLLM_WITH_CUDA", "1"))
             ext.include_dirs.append(str(cuda_home / "include"))
-            ext.library_dirs.append(str(cuda_home / "lib64"))
+            # The toolkit has lib64; the PyPI wheels have lib.
+            ext.library_dirs += [str(d) for d in (cuda_home / "lib64", cuda_home / "lib") if d.is_dir()]
             ext.libraries += ["cudart_static", "dl", "rt", "pthread"]
+        elif os.environ.get("CI") == "true" and os.environ.get("SLLM_NO_CUDA") != "1":
+            raise RuntimeError("CI=true: nvcc not found, so the CUDA path of cuda_ext would not be built; "
+                               "install the pinned nvidia-cuda-nvcc wheels (make install) or set SLLM_NO_CUDA=1")
         else:
             print("nvcc not found: building the CPU path of cuda_ext only", flush=True)
         super().build_extension(ext)
