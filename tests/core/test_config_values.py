@@ -109,6 +109,11 @@ def test_format_path(path: tuple[str | int, ...], text: str) -> None:
     pytest.param("https://store.local:8443/ckpt/opt", "https", "store.local:8443", "/ckpt/opt", None, id="https"),
     pytest.param("http://127.0.0.1:9000/m", "http", "127.0.0.1:9000", "/m", None, id="http-ip"),
     pytest.param("file:///var/lib/models/tiny", "file", "", "/var/lib/models/tiny", None, id="file"),
+    pytest.param("file://localhost/var/models/", "file", "", "/var/models", None, id="file-localhost-slash"),
+    pytest.param("hf://org/name@refs/pr/1", "hf", "org/name", "", "refs/pr/1", id="hf-revision-slash"),
+    pytest.param("hf://org/name@" + "0" * 40, "hf", "org/name", "", "0" * 40, id="hf-commit"),
+    pytest.param("s3://models/opt/125m/", "s3", "models", "/opt/125m", None, id="s3-trailing-slash"),
+    pytest.param("https://[::1]:8080/m", "https", "[::1]:8080", "/m", None, id="https-ipv6"),
 ])
 def test_model_uri_accepts(uri: str, scheme: str, authority: str, path: str, revision: str | None) -> None:
     m = parse_model_uri(uri)
@@ -130,6 +135,20 @@ def test_model_uri_accepts(uri: str, scheme: str, authority: str, path: str, rev
     pytest.param("file:///", "absolute directory", id="file-root"),
     pytest.param("hf://org/ name", "whitespace", id="whitespace"),
     pytest.param("", "checkpoint URI", id="empty"),
+    pytest.param("HF://org/name", "lower case", id="scheme-case"),
+    pytest.param("hf://org--x/name", "repository org", id="hf-double-dash"),
+    pytest.param("hf://org/name.", "repository name", id="hf-trailing-dot"),
+    pytest.param("hf://org/name@a..b", "revision", id="hf-revision-dotdot"),
+    pytest.param("hf://org/name@refs//pr", "revision", id="hf-revision-empty-part"),
+    pytest.param("hf://org/name@" + "a" * 129, "revision", id="hf-revision-too-long"),
+    pytest.param("s3://bucket/x@v1", "only for hf://", id="revision-not-hf"),
+    pytest.param("s3://bucket/a//b", "path segment", id="empty-segment"),
+    pytest.param("https://host", "must name a path", id="http-no-path"),
+    pytest.param("https://host:0/p", "must name a host", id="http-port-zero"),
+    pytest.param("file:///models", "inside a store directory", id="file-one-segment"),
+    pytest.param("hf://org/na%6De", "'%' escapes", id="percent"),
+    pytest.param("hf://org/" + "a" * 1100, "at most 1024 characters", id="too-long"),
+    pytest.param("s3://bucket/" + "/".join("a" * 33), "at most 32", id="too-deep"),
 ])
 def test_model_uri_rejects(uri: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):

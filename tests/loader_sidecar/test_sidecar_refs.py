@@ -6,6 +6,7 @@ import pytest
 
 from loader_sidecar.errors import BadRequest
 from loader_sidecar.refs import parse_store, resolve
+from loader_sidecar.stores.hf import HfStore
 
 STORES = [parse_store(s) for s in ("http://models.local:8080/ckpt", "hf://", "s3://bucket-a/prefix/x",
                                    "file:///mnt/models")]
@@ -36,6 +37,10 @@ def test_parse_store_accepts(uri, canonical):
     pytest.param("http://h/x?y=1", "queries", id="http-query"),
     pytest.param("hf://org/name", "hf:// or hf://org", id="hf-too-deep"),
     pytest.param("s3://UPPER/x", "bucket name", id="s3-bad-bucket"),
+    pytest.param("hf://bad--org", "Hugging Face org", id="hf-bad-org"),
+    pytest.param("http://h:70000/x", "needs a host", id="http-bad-port"),
+    pytest.param("file:/x", "scheme://", id="no-slashes"),
+    pytest.param("file:///a%2F/b", "escapes", id="percent-escape"),
 ])
 def test_parse_store_rejects(uri, message):
     with pytest.raises(BadRequest, match=message):
@@ -50,6 +55,11 @@ def test_parse_store_rejects(uri, message):
     pytest.param("hf://org/name@v1.0", "hf://org/name@v1.0", id="hf-revision"),
     pytest.param("s3://bucket-a/prefix/x/m", "s3://bucket-a/prefix/x/m", id="s3"),
     pytest.param("file:///mnt/models/a/b/", "file:///mnt/models/a/b", id="file-trailing-slash"),
+    pytest.param("file://localhost/mnt/models/a", "file:///mnt/models/a", id="file-localhost"),
+    # The grammar is the library's (sllm_knative.config.model_uri), so what `apply` accepts resolves:
+    pytest.param("hf://gpt2", "hf://gpt2@main", id="hf-legacy-unprefixed"),
+    pytest.param("hf://org/name@refs/pr/1", "hf://org/name@refs/pr/1", id="hf-revision-slash"),
+    pytest.param(".hidden", "http://models.local:8080/ckpt/.hidden", id="bare-hidden"),
 ])
 def test_resolve_accepts(model, uri):
     assert resolve(model, STORES).uri == uri
@@ -61,17 +71,20 @@ def test_resolve_accepts(model, uri):
     pytest.param("a/../../b", "not a valid name", id="dotdot-inside"),
     pytest.param("/abs", "not a valid name", id="absolute"),
     pytest.param("a//b", "not a valid name", id="empty-segment"),
-    pytest.param(".hidden", "not a valid name", id="hidden"),
     pytest.param("a%2F..", "escapes", id="percent-escape"),
     pytest.param("a\\b", "escapes", id="backslash"),
-    pytest.param("a/b/c/d/e", "at most 4", id="too-deep"),
+    pytest.param("/".join(["a"] * 32), "at most 32", id="too-deep"),  # 33 with the store's prefix
     pytest.param("http://evil.example/ckpt/m", "not under a configured store", id="other-host"),
     pytest.param("http://models.local:8080/ckptx/m", "not under a configured store", id="prefix-not-segment"),
     pytest.param("s3://bucket-a/prefix/m", "not under a configured store", id="s3-other-prefix"),
-    pytest.param("hf://name-only", "org/name", id="hf-one-segment"),
-    pytest.param("hf://org/name@bad/rev", "not a valid name|revision", id="hf-revision-slash"),
+    pytest.param("hf://a/b/c", "hf://org/name", id="hf-three-segments"),
+    pytest.param("hf://org/name@a..b", "revision", id="hf-revision-dotdot"),
+    pytest.param("hf://org/name@/x", "revision", id="hf-revision-leading-slash"),
+    pytest.param("s3://bucket-a/prefix/x/m@v1", "only for hf://", id="revision-not-hf"),
+    pytest.param("file:///mnt/models", "names no checkpoint", id="the-store-itself"),
+    pytest.param("https://models.local:8080", "must name a path", id="http-no-path"),
     pytest.param("hf://org/name@", "revision", id="hf-empty-revision"),
-    pytest.param("file:///mnt/models/m?x", "queries", id="query"),
+    pytest.param("file:///mnt/models/m?x", "query or fragment", id="query"),
     pytest.param("file:///etc/passwd", "not under a configured store", id="file-outside"),
 ])
 def test_resolve_rejects(model, message):
@@ -97,3 +110,14 @@ def test_keys_are_plain_unique_and_stable():
     assert a.key == resolve("org/m", STORES).key
     assert "/" not in a.key and a.key.startswith("org--m-")
     assert resolve("hf://org/name", STORES).key.startswith("org--name--main-")
+    assert resolve("hf://org/name@refs/pr/1", STORES).key.startswith("org--name--refs--pr--1-")
+
+
+def test_keys_are_never_hidden():
+    assert resolve(".hidden", STORES).key.startswith("hidden-")
+
+
+def test_hf_revision_is_one_escaped_segment_of_the_resolve_url():
+    store = HfStore(STORES[1], endpoint="https://hub.example/", token=None, timeout_s=1, connections=1)
+    ref = resolve("hf://org/name@refs/pr/1", STORES)
+    assert store.url(ref, "config.json") == "https://hub.example/org/name/resolve/refs%2Fpr%2F1/config.json"
