@@ -12,11 +12,17 @@ VPY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 NVCC := 'nvidia-cuda-nvcc==13.0.*' 'nvidia-cuda-runtime==13.0.*' 'nvidia-nvvm==13.0.*' 'nvidia-cuda-crt==13.0.*'
 STAMP := $(VENV)/.installed
+PACKAGES := sllm_knative activator autoscaler loader_sidecar functions bench
+PROTO := loader_sidecar/loader.proto
 KUBE_BINS := .kube-bins
 KUBE_TOOLS := kube-apiserver kube-controller-manager kube-scheduler kubectl
 KUBE_STAMP := $(KUBE_BINS)/.built
+# The version the binaries report (kubectl version, /version), as Kubernetes' own build stamps it.
+KUBE_VERSION := $(shell awk '$$1 == "k8s.io/kubernetes" {print $$2}' hack/kube/go.mod)
+KUBE_LDFLAGS := -X k8s.io/component-base/version.gitVersion=$(KUBE_VERSION) \
+  -X k8s.io/client-go/pkg/version.gitVersion=$(KUBE_VERSION) -X k8s.io/component-base/version.gitTreeState=clean
 
-.PHONY: install demo test lint bench bench-deps clean kube-bins kube-up kube-down
+.PHONY: install demo test lint fmt proto crds bench bench-deps clean kube-bins kube-up kube-down
 
 install: $(STAMP)
 
@@ -31,7 +37,7 @@ demo: install
 	$(VPY) -m sllm_knative.demo
 
 test: install kube-bins
-	$(VPY) -m pytest -q -n 2 tests
+	$(VPY) -m pytest -q -n 2 --dist loadgroup tests
 
 # The real control plane for tests/kube: kube-apiserver, kube-controller-manager,
 # kube-scheduler and kubectl from k8s.io/kubernetes, and etcd from go.etcd.io/etcd/server/v3,
@@ -40,10 +46,10 @@ test: install kube-bins
 # the stamp makes a rerun with the same pins do nothing.
 kube-bins: $(KUBE_STAMP)
 
-$(KUBE_STAMP): hack/kube/go.mod hack/kube/go.sum
+$(KUBE_STAMP): Makefile hack/kube/go.mod hack/kube/go.sum
 	cd hack/kube && python3 gen_replace.py --check
 	mkdir -p $(KUBE_BINS)
-	cd hack/kube && go build -trimpath -o ../../$(KUBE_BINS)/ $(addprefix k8s.io/kubernetes/cmd/,$(KUBE_TOOLS))
+	cd hack/kube && go build -trimpath -ldflags '$(KUBE_LDFLAGS)' -o ../../$(KUBE_BINS)/ $(addprefix k8s.io/kubernetes/cmd/,$(KUBE_TOOLS))
 	cd hack/kube && go build -trimpath -o ../../$(KUBE_BINS)/etcd go.etcd.io/etcd/server/v3
 	touch $(KUBE_STAMP)
 
@@ -56,7 +62,17 @@ kube-down:
 
 lint: install
 	$(VPY) -m ruff check .
-	$(VPY) -m mypy sllm_knative functions
+	$(VPY) -m mypy $(PACKAGES)
+
+# What people regenerate. Each has a test that fails when the committed copy is stale.
+fmt: install
+	$(VPY) -m ruff check --fix --select I,UP,F401 .
+
+proto: install
+	$(VPY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. $(PROTO)
+
+crds: install
+	$(VPY) -m sllm_knative.config crds manifests/crds
 
 # Benchmarks need fio (the disk limit) and nginx (the HTTP store / proxy baseline).
 bench-deps: install

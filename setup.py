@@ -78,7 +78,7 @@ class BuildExt(build_ext):
             last = CUDA_ARCHS.split(";")[-1]
             gencode += ["-gencode", f"arch=compute_{last},code=compute_{last}"]  # PTX for newer GPUs
             cmd = [nvcc, "-c", str(SRC / "device_reader.cu"), "-o", str(obj), "-O3", "-std=c++17",
-                   "-Xcompiler", "-fPIC", "-DSLLM_WITH_CUDA", f"-I{SRC}", *gencode]
+                   "-Xcompiler", "-fPIC,-Wall,-Wextra", "-DSLLM_WITH_CUDA", f"-I{SRC}", *gencode]
             print("compiling CUDA path:", " ".join(cmd), flush=True)
             subprocess.check_call(cmd)
             ext.extra_objects.append(str(obj))
@@ -100,7 +100,7 @@ ext = Pybind11Extension(
     sources=[str(SRC / "module.cpp"), str(SRC / "reader.cpp"), str(SRC / "crc32c.cpp")],
     include_dirs=[str(SRC)],
     cxx_std=17,
-    extra_compile_args=["-O3"],
+    extra_compile_args=["-O3", "-Wall", "-Wextra"],  # builds with no warnings; keep it so
     libraries=["pthread"],
 )
 

@@ -1,7 +1,8 @@
 """Schemas shipped with the package.
 
-`knative/` holds a subset of the Knative Serving files listed in `knative/PROVENANCE.txt`,
-copied unmodified (Apache-2.0, see `knative/LICENSE`): `crds/service.yaml` (validates Knative
-Services), `configmaps/autoscaler.yaml` and `configmaps/defaults.yaml` (their `_example`
-blocks pin the code defaults in tests).
+`knative/` holds Knative Serving files listed in `knative/PROVENANCE.txt`, copied unmodified
+(Apache-2.0, see `knative/LICENSE` and `knative/LICENSE.knative-networking`): all eight CRDs of
+Serving and its networking layer (`crds/service.yaml` validates Knative Services; the test
+control plane installs all of them), and the ConfigMaps `autoscaler`, `defaults`, `deployment`
+and `features` (their `_example` blocks pin the code defaults in tests).
 """
