@@ -24,17 +24,21 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
 
-def _child_setup() -> None:
-    os.setpgrp()
-    die_with_parent()
-
-
 def spawn(argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None,
-          cwd: str | None = None) -> subprocess.Popen[bytes]:
+          cwd: str | None = None, death_signal: int = signal.SIGTERM) -> subprocess.Popen[bytes]:
+    """Start argv in its own process group, output to log_path; it gets `death_signal` when we die.
+
+    SIGTERM lets a child shut down cleanly; a child whose clean shutdown can outlast its use (a
+    throwaway API server draining its watches) is better given SIGKILL."""
+
+    def child_setup() -> None:
+        os.setpgrp()
+        die_with_parent(death_signal)
+
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         return subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})}, cwd=cwd, preexec_fn=_child_setup)
+                                env={**os.environ, **(env or {})}, cwd=cwd, preexec_fn=child_setup)
 
 
 def alive(pid: int) -> bool:

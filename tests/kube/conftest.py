@@ -1,0 +1,156 @@
+"""Fixtures for every test under tests/kube: a real control plane, and test nodes that run pods.
+
+- `kube` (session): a real control plane on the cluster's own pod network. One cluster per
+  test session (and per xdist worker: every test here is put in one xdist group, so with
+  `--dist loadgroup` they share one worker and one cluster). Binaries come from
+  `make kube-bins`; without them the tests skip, except with CI=true, where they fail.
+- `api` (session): an official `kubernetes` ApiClient for it, as the admin; `k`: the API groups
+  the tests use, on that client.
+- `namespace`: a fresh namespace labelled `sllm-test: <name>`, returned once its default
+  ServiceAccount exists (the ServiceAccount admission plugin refuses pods until then); deleted
+  afterwards.
+- `node_agent` (module scope): a NodeAgent with two nodes (4 CPU, 8Gi, 1 GPU each), labelled
+  `sllm-knative.io/test-agent=<tag>` so pods can be pinned to it with `agent_selector(agent)`,
+  on the cluster's pod network (`kube.network`).
+- `make_agent`: a factory for agents a test may break (kill_node); all stopped afterwards.
+
+Helpers for test modules: `until` (poll a condition), `agent_selector`, `Clients`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sllm_knative.log import get_logger
+from tests.kube.cluster import BIN_DIR, KubeCluster, missing_binaries
+from tests.kube.nodeagent import NodeAgent, NodeSpec
+
+_log = get_logger("tests.kube")
+HERE = Path(__file__).resolve().parent
+AGENT_LABEL = "sllm-knative.io/test-agent"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if HERE in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.xdist_group("kube"))
+
+
+def until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll `cond` until it returns something truthy; fail naming `what` (and the last error)."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            v = cond()
+            if v:
+                return v
+        except Exception as e:  # the condition may race the API server; report the last error
+            last = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}"
+                         + (f" (last error: {last!r} {getattr(last, 'body', '') or ''})" if last else ""))
+
+
+# --- the control plane ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
+    missing = missing_binaries()
+    if missing:
+        msg = f"{BIN_DIR} lacks {', '.join(missing)}: run `make kube-bins`"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    cluster = KubeCluster.up(tmp_path_factory.mktemp("kube"))
+    _log.info("control plane up", **{k: f"{v:.2f}s" for k, v in cluster.startup_s.items()})
+    try:
+        yield cluster
+    finally:
+        cluster.down()
+
+
+@dataclass
+class Clients:
+    core: Any
+    apps: Any
+    discovery: Any
+    auth: Any
+    coord: Any
+
+
+@pytest.fixture(scope="session")
+def api(kube: KubeCluster) -> Any:
+    """The admin's `kubernetes.client.ApiClient` for the cluster."""
+    return kube.api_client()
+
+
+@pytest.fixture(scope="session")
+def k(api: Any) -> Clients:
+    from kubernetes import client
+
+    return Clients(client.CoreV1Api(api), client.AppsV1Api(api), client.DiscoveryV1Api(api),
+                   client.AuthenticationV1Api(api), client.CoordinationV1Api(api))
+
+
+@pytest.fixture
+def namespace(k: Clients) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    k.core.create_namespace({"metadata": {"name": name, "labels": {"sllm-test": name}}})
+    # The ServiceAccount admission plugin refuses pods until the namespace has its default
+    # ServiceAccount, which the controller manager's serviceaccount controller creates.
+    until(lambda: k.core.read_namespaced_service_account("default", name), 30, f"the default ServiceAccount in {name}")
+    try:
+        yield name
+    finally:
+        k.core.delete_namespace(name)
+
+
+# --- test nodes -------------------------------------------------------------------------------
+
+
+def start_agent(kube: KubeCluster, root: Path, nodes: int = 2, **kw: Any) -> NodeAgent:
+    tag = uuid.uuid4().hex[:6]
+    specs = [NodeSpec(f"na-{tag}-{i}", cpu="4", memory="8Gi", gpus=1, labels={AGENT_LABEL: tag})
+             for i in range(nodes)]
+    assert kube.network is not None
+    kw.setdefault("network", kube.network)  # pods live on the cluster's own pod network
+    return NodeAgent(kube.kubeconfig, root, specs, **kw).start()
+
+
+def agent_selector(agent: NodeAgent) -> dict[str, str]:
+    """A nodeSelector that pins pods to this agent's nodes."""
+    return {AGENT_LABEL: agent.specs[0].labels[AGENT_LABEL]}
+
+
+@pytest.fixture(scope="module")
+def node_agent(kube: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeAgent]:
+    agent = start_agent(kube, tmp_path_factory.mktemp("agent"))
+    try:
+        yield agent
+    finally:
+        agent.stop(delete_nodes=True)
+
+
+@pytest.fixture
+def make_agent(kube: KubeCluster, tmp_path: Path) -> Iterator[Callable[..., NodeAgent]]:
+    agents: list[NodeAgent] = []
+
+    def make(nodes: int = 2, **kw: Any) -> NodeAgent:
+        agents.append(start_agent(kube, tmp_path / f"agent{len(agents)}", nodes, **kw))
+        return agents[-1]
+
+    try:
+        yield make
+    finally:
+        for a in agents:
+            a.stop(delete_nodes=True)
