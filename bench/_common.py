@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sllm_knative import atomic
 from sllm_knative.pagecache import evict, resident_fraction  # noqa: F401 - re-exported for benchmarks
 
 
@@ -34,9 +35,7 @@ def median_runs(fn: Callable[[], float], runs: int) -> dict[str, Any]:
 def write_json(out: Path, name: str, doc: dict[str, Any]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     p = out / f"{name}.json"
-    tmp = p.with_suffix(".json.part")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, p)
+    atomic.write_json(p, doc, durable=False, indent=2)
     return p
 
 
@@ -64,8 +63,7 @@ def save_figure(fig: Any, path: Path) -> Path:
     """Write a matplotlib figure to `path` through a temporary name (never a half-written PNG)."""
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(path.name + ".part.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic.open_atomic(path, "wb", durable=False) as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from loader_sidecar.errors import InUse, TierFull
+from sllm_knative import atomic
 from sllm_knative.log import get_logger
 
 MARKER = ".sllm-entry.json"
@@ -99,16 +100,6 @@ def plan_eviction(entries: Iterable[Entry], budget: int, need: int, tier: str = 
 
 def is_key(name: str) -> bool:
     return bool(_KEY.match(name))
-
-
-def write_json_atomic(path: Path, doc: dict) -> None:
-    """Write JSON to a temporary name in the same directory, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(doc, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
 
 
 def read_marker(entry_dir: Path) -> dict | None:
@@ -246,13 +237,13 @@ class Tier:
         """Mark a filled, verified entry complete: marker in `directory`, then rename it into place."""
         entry = self.entries[key]
         now = self._clock()
-        write_json_atomic(directory / MARKER, {"version": MARKER_VERSION, "key": key, "model": entry.model,
+        atomic.write_json(directory / MARKER, {"version": MARKER_VERSION, "key": key, "model": entry.model,
                                                "files": files, "verified": True})
         os.utime(directory / MARKER, (now, now))  # the marker's mtime is the entry's last use
         final = self.path(key)
         if directory != final:
             os.rename(directory, final)
-        _fsync_dir(self.root)
+        atomic.fsync_dir(self.root)
         entry.files = dict(files)
         entry.size = sum(files.values())
         entry.filled = entry.size
@@ -312,9 +303,3 @@ class Tier:
             entry.filled = filled
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cuda_ext import _C
+from sllm_knative import atomic
 from sllm_knative import format as fmt
 from sllm_knative.log import get_logger
 
@@ -315,7 +316,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, partiti
         sizes = _assign(planned, partitions, alignment)
         index = _write(tmp, planned, sizes, block_size, alignment, kind, progress)
         _copy_aux(src_p, tmp)
-        _fsync_dir(tmp)
+        atomic.fsync_dir(tmp)
         check = fmt.read_index(tmp)
         if verify:
             for p in check.partitions:
@@ -361,12 +362,7 @@ def _write(tmp: Path, planned: list[_Planned], sizes: list[int], block_size: int
     index = fmt.Index(fmt.FORMAT_VERSION, alignment, tuple(parts), tuple(storages),
                       tuple(tensors[i] for i in order), {"source_format": kind})
     fmt.parse_index(index.to_json())  # what we write must be what we read
-    tmp_index = tmp / (fmt.INDEX_NAME + ".part")
-    with open(tmp_index, "wb") as f:
-        f.write(index.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp_index, tmp / fmt.INDEX_NAME)
+    atomic.write_bytes(tmp / fmt.INDEX_NAME, index.to_json())
     return index
 
 
@@ -380,14 +376,6 @@ def _copy_aux(src: Path, dst: Path) -> None:
         shutil.copy2(p, dst / p.name)
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _replace(tmp: Path, dst: Path) -> None:
     if dst.exists():
         old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
@@ -396,4 +384,4 @@ def _replace(tmp: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, dst)
-    _fsync_dir(dst.parent)
+    atomic.fsync_dir(dst.parent)

@@ -11,13 +11,12 @@ validate against them, and `manifests/crds/*.yaml` are rendered from them:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from sllm_knative import atomic
 from sllm_knative.config.schema import PATTERN_DNS1035, PATTERN_DURATION
 
 GROUP = "serving.sllm-knative.io"
@@ -243,9 +242,6 @@ def write(directory: Path) -> list[Path]:
     written = []
     for name, crd in CRDS.items():
         target = directory / name
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(render(crd))
-        os.replace(tmp, target)
+        atomic.write_text(target, render(crd))
         written.append(target)
     return written

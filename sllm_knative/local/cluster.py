@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sllm_knative import atomic
+from sllm_knative.api.auth import TOKEN_ENV, token_from_env
 from sllm_knative.local import procs
 from sllm_knative.log import get_logger
 from sllm_knative.ports import free_port as _free_port
@@ -130,13 +132,11 @@ def up(opts: UpOptions, on_ready: Any = None) -> int:
                            "device": opts.device, "nodes": []}
 
     def save() -> None:
-        tmp = cluster_file(state).with_suffix(".part")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, cluster_file(state))
+        atomic.write_json(cluster_file(state), doc, durable=False, indent=1)
 
     # One internal-API token for this cluster: every instance (through its node's zygote) requires
     # it on its internal port, the activator sends it on every migration call.
-    internal = {"SLLM_INTERNAL_TOKEN": os.environ.get("SLLM_INTERNAL_TOKEN") or secrets.token_urlsafe(24)}
+    internal = {TOKEN_ENV: token_from_env() or secrets.token_urlsafe(24)}
 
     def start(name: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
         proc = procs.spawn(argv, log, env=internal)

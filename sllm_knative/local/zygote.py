@@ -22,7 +22,10 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
+
+from sllm_knative import atomic
 
 
 def _preimport() -> float:
@@ -96,10 +99,9 @@ def _take_lease(spec: dict, timing_path: str | None, wait: bool = True) -> Any:
         lease.wait_complete()
         done = time.time()
         if timing_path:
-            with open(timing_path + ".part", "w") as f:
-                json.dump({"lease_requested": t0, "lease_granted": granted, "lease_complete": done,
-                           "source": lease.source, "bytes": lease.total_bytes, "followed": not wait}, f)
-            os.replace(timing_path + ".part", timing_path)
+            atomic.write_json(Path(timing_path), {
+                "lease_requested": t0, "lease_granted": granted, "lease_complete": done,
+                "source": lease.source, "bytes": lease.total_bytes, "followed": not wait}, durable=False)
         print(f"lease {lease.id}: {lease.model} from {lease.source}, {lease.total_bytes} bytes, "
               f"{done - t0:.3f}s", flush=True)
 
