@@ -165,7 +165,8 @@ class Generate:
         self.torch = torch
         self.device = device
         self.n = new_tokens
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir)).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+        self.model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' stubs type .to oddly
         self.tok = AutoTokenizer.from_pretrained(str(model_dir))
         self.default_threads = torch.get_num_threads()
         self.threads = threads or self.default_threads

@@ -15,6 +15,7 @@ fio, from our own direct reader at high queue depth (then `tool` says so).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -269,7 +270,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     with open(f, "rb") as fh:
                         while fh.read(64 << 20):
                             pass
-            add(loader, scenario, lambda lo=loader, sc=scenario: timed_load(lo, paths, sc))
+            add(loader, scenario, functools.partial(timed_load, loader, paths, scenario))
     # DRAM tier: the checkpoint on tmpfs, mapped; safetensors from the same tmpfs for reference.
     # Two tmpfs set-ups: one mounted with huge=always (the recommended DRAM tier, see
     # docs/sidecar.md; needs root to mount) and the machine's /dev/shm as it is.
@@ -277,12 +278,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shm = shm_root / f"sllm-bench-{os.getpid()}"
         try:
             shutil.copytree(paths["sllm"], shm / "sllm")
-            add("sllm_knative", "dram", lambda s=shm: timed_load("sllm_knative", paths, "dram", s / "sllm"),
+            add("sllm_knative", "dram", functools.partial(timed_load, "sllm_knative", paths, "dram", shm / "sllm"),
                 extra={"dram_fs": label})
             if "safetensors" in args.loaders:
                 (shm / "st").mkdir()
                 shutil.copy(paths["safetensors"], shm / "st" / "model.safetensors")
-                add("safetensors", "dram", lambda s=shm: timed_load("safetensors", paths, "dram", s / "st"),
+                add("safetensors", "dram", functools.partial(timed_load, "safetensors", paths, "dram", shm / "st"),
                     extra={"dram_fs": label})
         finally:
             shutil.rmtree(shm, ignore_errors=True)
