@@ -15,15 +15,19 @@ from pathlib import Path
 
 import uvicorn
 
-from autoscaler.backend import LocalBackend, Node
+from autoscaler.activator_client import ActivatorClient
+from autoscaler.backends.local import LocalBackend, LocalNode
 from autoscaler.controller import Autoscaler
 from autoscaler.server import build_app
 from sllm_knative import log
 
 
 async def serve(cluster: dict, port: int) -> None:
-    nodes = [Node(n["name"], n["loader"], n["zygote"], int(n["slots"]), Path(n["logs"])) for n in cluster["nodes"]]
-    scaler = Autoscaler(LocalBackend(nodes, cluster.get("device", "cpu")), cluster["activator_admin"])
+    nodes = [LocalNode(n["name"], n["loader"], n["zygote"], int(n["slots"]), Path(n["logs"]))
+             for n in cluster["nodes"]]
+    admin = cluster["activator_admin"]
+    backend = LocalBackend(nodes, cluster.get("device", "cpu"), drain_url=admin)
+    scaler = Autoscaler(backend, ActivatorClient(admin) if admin else None)
     server = uvicorn.Server(uvicorn.Config(build_app(scaler), host="127.0.0.1", port=port, log_level="warning",
                                            access_log=False, lifespan="off"))
     loop = asyncio.ensure_future(scaler.run())

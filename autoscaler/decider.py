@@ -38,31 +38,36 @@ from sllm_knative.config.autoscaler import TARGET_MIN
 METRICS = ("concurrency", "rps")
 
 
+_DEFAULTS = AutoscalerConfig()  # the config-autoscaler defaults: the one copy of the default values
+_DEFAULT_PANIC_WINDOW = panic_window(_DEFAULTS.stable_window, _DEFAULTS.panic_window_percentage)
+
+
 @dataclass(frozen=True)
 class DeciderSpec:
     """Everything the decider needs about one service; durations in seconds.
 
     `target` is the per-instance value aimed at (after target utilisation), `total` the
     per-instance capacity used for the EBC; `panic_threshold` is a ratio (2.0 = 200%);
-    `max_scale` 0 means unbounded; `keep_alive` None means Knative's scale-to-zero rules."""
+    `max_scale` 0 means unbounded; `keep_alive` None means Knative's scale-to-zero rules.
+    The other defaults are `AutoscalerConfig`'s (`spec_for` resolves a service's own)."""
 
     target: float
     total: float
     metric: str = "concurrency"
-    target_burst_capacity: float = 211.0
-    panic_threshold: float = 2.0
-    stable_window: float = 60.0
-    panic_window: float = 6.0
-    max_scale_up_rate: float = 1000.0
-    max_scale_down_rate: float = 2.0
-    min_scale: int = 0
-    max_scale: int = 0
-    initial_scale: int = 1
-    activation_scale: int = 1
-    scale_down_delay: float = 0.0
-    enable_scale_to_zero: bool = True
-    scale_to_zero_grace: float = 30.0
-    scale_to_zero_retention: float = 0.0
+    target_burst_capacity: float = _DEFAULTS.target_burst_capacity
+    panic_threshold: float = _DEFAULTS.panic_threshold_percentage / 100.0
+    stable_window: float = _DEFAULTS.stable_window
+    panic_window: float = _DEFAULT_PANIC_WINDOW
+    max_scale_up_rate: float = _DEFAULTS.max_scale_up_rate
+    max_scale_down_rate: float = _DEFAULTS.max_scale_down_rate
+    min_scale: int = _DEFAULTS.min_scale
+    max_scale: int = _DEFAULTS.max_scale
+    initial_scale: int = _DEFAULTS.initial_scale
+    activation_scale: int = 1  # Knative's activation-scale annotation; it has no cluster-wide default
+    scale_down_delay: float = _DEFAULTS.scale_down_delay
+    enable_scale_to_zero: bool = _DEFAULTS.enable_scale_to_zero
+    scale_to_zero_grace: float = _DEFAULTS.scale_to_zero_grace_period
+    scale_to_zero_retention: float = _DEFAULTS.scale_to_zero_pod_retention_period
     keep_alive: float | None = None
     reachable: bool = True
 

@@ -58,15 +58,11 @@ def build_app(scaler: Autoscaler) -> Starlette:
 
     async def nodes(request: Request) -> Response:
         out: list[dict[str, Any]] = []
-        running = scaler.running_per_node()
-        for name, node in scaler.backend.nodes.items():
-            entry: dict[str, Any] = {"name": name, "slots": node.slots, "running": running.get(name, 0)}
+        running = scaler.slots_in_use()
+        for name, slots in scaler.backend.node_slots().items():
+            entry: dict[str, Any] = {"name": name, "slots": slots, "running": running.get(name, 0)}
             try:
-                inv = await scaler.backend.inventory(name)
-                entry["tiers"] = [{"name": t.name, "capacity": t.capacity, "used": t.used,
-                                   "checkpoints": [{"model": e.model, "size": e.size, "state": e.state}
-                                                   for e in t.entries]} for t in inv.tiers]
-                entry["bandwidths"] = {b.hop: b.bytes_per_second for b in inv.bandwidths}
+                entry.update(await scaler.backend.describe_node(name))
             except Exception as exc:  # shown to the user as the node's state
                 entry["error"] = str(exc)
             out.append(entry)

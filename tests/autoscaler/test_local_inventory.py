@@ -1,5 +1,6 @@
 """The autoscaler's view of the cluster for placement: a loader's Inventory message plus the
-instances the controller runs, turned into the planner's NodeInventory and Instances (pure)."""
+instances the controller runs, turned into the planner's NodeInventory and Instances (pure).
+(Was tests/core/test_autoscaler_inventory.py.)"""
 
 from __future__ import annotations
 
@@ -8,15 +9,17 @@ from typing import Any
 
 import pytest
 
-from autoscaler.backend import FALLBACK_BANDWIDTH, InstanceRecord, Node, instance_view, inventory_to_node
-from loader_sidecar import loader_pb2 as pb
+from autoscaler.backends.base import InstanceRecord, InstanceState
+from autoscaler.backends.local import FALLBACK_BANDWIDTH, LocalNode, inventory_to_node
+from autoscaler.view import instance_view
+from sllm_knative.loader import loader_pb2 as pb
 from sllm_knative.placement import Instance, Tier
 
 A = "http://store/slow/a"
 B = "http://store/slow/b"
 
 
-def record(state: str = "ready", internal_port: int = 9001) -> InstanceRecord:
+def record(state: InstanceState = InstanceState.READY, internal_port: int = 9001) -> InstanceRecord:
     return InstanceRecord("a-1", "default/a", "node-1", 9000, internal_port, state=state)
 
 
@@ -32,8 +35,8 @@ def gen(status: str, position: int) -> dict[str, Any]:
     pytest.param(record(), 0, [gen("parked", 100), gen("detached", 50), gen("finished", 9), gen("waiting", 7)], True,
                  (1, 7, True, True), id="parked-detached-and-finished-do-not-count"),
     pytest.param(record(), 3, None, True, (3, 0, True, True), id="no-answer-falls-back-to-the-activator"),
-    pytest.param(record("starting"), 0, None, True, (0, 0, False, False), id="starting"),
-    pytest.param(record("draining"), 1, [gen("running", 5)], True, (1, 5, False, False), id="draining"),
+    pytest.param(record(InstanceState.STARTING), 0, None, True, (0, 0, False, False), id="starting"),
+    pytest.param(record(InstanceState.DRAINING), 1, [gen("running", 5)], True, (1, 5, False, False), id="draining"),
     pytest.param(record(), 1, [gen("running", 5)], False, (1, 5, False, True), id="policy-forbids-migration"),
     pytest.param(record(internal_port=0), 1, None, True, (1, 0, False, True), id="no-internal-api"),
 ])
@@ -54,7 +57,7 @@ def inventory(hops: dict[str, float], tiers: dict[str, list[tuple[str, int, str]
                for name, entries in tiers.items()])
 
 
-NODE = Node("node-1", "unix:///tmp/loader.sock", "/tmp/zygote.sock", slots=2, logs=Path("/tmp"))
+NODE = LocalNode("node-1", "unix:///tmp/loader.sock", "/tmp/zygote.sock", slots=2, logs=Path("/tmp"))
 
 
 @pytest.mark.parametrize("hops,want", [

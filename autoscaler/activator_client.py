@@ -1,0 +1,109 @@
+"""The autoscaler's side of the activator's admin API (loopback; docs/migration.md):
+
+    PUT    /admin/v1/services/{ns}/{name}   the ready instances of a service (its rotation)
+    DELETE /admin/v1/services/{ns}/{name}   the service is gone
+    POST   /admin/v1/migrate                move an instance's generations to another instance
+(paths and bodies: sllm_knative/api/activator.py)
+
+`Activator` is what the controller needs; `ActivatorClient` does it over HTTP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import httpx
+
+from autoscaler.backends.base import InstanceRecord
+from sllm_knative.api import MigrationOutcome
+from sllm_knative.api import activator as activator_api
+from sllm_knative.config import ServiceConfig
+from sllm_knative.log import get_logger
+
+_log = get_logger("autoscaler")
+MIGRATE_TIMEOUT_S = 300.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MigrationResult:
+    """One generation's migration, as the activator answered (`doc` is its JSON, kept for reports)."""
+
+    id: str
+    outcome: MigrationOutcome
+    tokens: int
+    seconds: float
+    destination: str | None
+    doc: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> MigrationResult:
+        try:
+            outcome = MigrationOutcome(doc.get("outcome"))
+        except ValueError:
+            _log.warning("unknown migration outcome; counted as failed", outcome=doc.get("outcome"))
+            outcome = MigrationOutcome.FAILED
+        return cls(str(doc.get("id", "")), outcome, int(doc.get("tokens") or 0), float(doc.get("seconds") or 0.0),
+                   doc.get("destination"), doc)
+
+
+class Activator(Protocol):
+    async def push_endpoints(self, service: ServiceConfig, ready: Sequence[InstanceRecord]) -> None:
+        """Make `ready` the service's rotation."""
+        ...
+
+    async def remove(self, service: str) -> None:
+        """Forget the service (namespace/name)."""
+        ...
+
+    async def migrate(self, service: ServiceConfig, source: str,
+                      destination: str | None) -> list[MigrationResult] | None:
+        """Move the generations of instance `source` onto `destination` (None: the activator's
+        choice among the service's ready instances). None when nothing could move: no other
+        ready instance, or the activator refused."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class ActivatorClient:
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = admin_url
+        self.http = httpx.AsyncClient(timeout=5.0)
+
+    async def push_endpoints(self, service: ServiceConfig, ready: Sequence[InstanceRecord]) -> None:
+        body = {"container_concurrency": service.container_concurrency,
+                "instances": [{"id": i.id, "url": i.url, "node": i.node, "internal_url": i.internal_url}
+                              for i in ready]}
+        try:
+            r = await self.http.put(f"{self.admin_url}{activator_api.SERVICES}/{service.namespace}/{service.name}",
+                                    json=body)
+            r.raise_for_status()
+        except httpx.HTTPError as exc:
+            _log.error("could not update the activator", model=service.key, error=str(exc))
+
+    async def remove(self, service: str) -> None:
+        ns, name = service.split("/", 1)
+        try:
+            await self.http.delete(f"{self.admin_url}{activator_api.SERVICES}/{ns}/{name}")
+        except httpx.HTTPError as exc:
+            _log.warning("could not remove the service from the activator", model=service, error=str(exc))
+
+    async def migrate(self, service: ServiceConfig, source: str,
+                      destination: str | None) -> list[MigrationResult] | None:
+        body = {"namespace": service.namespace, "name": service.name, "source": source, "destination": destination}
+        try:
+            r = await self.http.post(f"{self.admin_url}{activator_api.MIGRATE}", json=body, timeout=MIGRATE_TIMEOUT_S)
+        except httpx.HTTPError as exc:
+            _log.warning("migration request failed; draining instead", model=service.key, instance=source,
+                         error=str(exc))
+            return None
+        if r.status_code != 200:
+            _log.info("no migration; draining instead", model=service.key, instance=source, status=r.status_code,
+                      reason=r.text[:200])
+            return None
+        return [MigrationResult.from_json(g) for g in r.json().get("generations", [])]
+
+    async def close(self) -> None:
+        await self.http.aclose()

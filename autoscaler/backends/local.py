@@ -1,0 +1,250 @@
+"""The local backend: nodes are loader sidecars plus a zygote each; instances are processes.
+
+Each node (`LocalNode`) has a loader sidecar (gRPC on a Unix socket: the node's checkpoint
+tiers and measured bandwidths) and a zygote (`python -m functions.zygote`, a pre-imported
+instance runtime that forks instances; its wire protocol is sllm_knative/local/zygote.py). An
+instance is a process the zygote forked, given `--checkpoint URI --loader ADDRESS`: it leases
+its checkpoint from the node's loader itself and writes the lease timing next to its log. A
+watcher per instance polls its readiness (`/health/ready`), then its liveness, and reports
+READY, FAILED and EXITED events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from autoscaler.backends.base import EventHandler, EventKind, InstanceEvent, InstanceRecord, InstanceState
+from sllm_knative.config import ServiceConfig
+from sllm_knative.local import procs, zygote
+from sllm_knative.log import get_logger
+from sllm_knative.placement import Instance, NodeInventory, Tier, pool_store_rates
+from sllm_knative.ports import free_port
+
+_log = get_logger("autoscaler.backend")
+
+# Used until a node has measured the hop (the sidecar probes disk and DRAM at start; the
+# remote store is measured on its first transfer).
+FALLBACK_BANDWIDTH = {Tier.REMOTE: 100e6, Tier.SSD: 500e6, Tier.DRAM: 5e9}
+READY_TIMEOUT_S = 300.0
+LIVENESS_PERIOD_S = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalNode:
+    """A node of the local cluster (placement's view of a node is `NodeInventory`)."""
+
+    name: str
+    loader: str  # gRPC target of its loader sidecar
+    zygote: str  # Unix socket of its pre-imported runtime
+    slots: int
+    logs: Path
+
+
+def inventory_to_node(node: LocalNode, inv: Any, running: int, size_hint: dict[str, int],
+                      instances: tuple[Instance, ...] = ()) -> NodeInventory:
+    """A loader's Inventory message, plus the instances the controller runs there, as the
+    planner's NodeInventory (pure)."""
+    bw = dict(FALLBACK_BANDWIDTH)
+    hops = {b.hop: b.bytes_per_second for b in inv.bandwidths if b.bytes_per_second > 0}
+    if "disk_read" in hops:
+        bw[Tier.SSD] = hops["disk_read"]
+    # DRAM tier -> device: the pinned copy on a GPU node; on the CPU the instance maps the
+    # partition (dram_map; a sidecar without that probe: the memory copy, an upper bound).
+    for hop in ("host_to_device", "dram_map", "dram_copy"):
+        if hop in hops:
+            bw[Tier.DRAM] = hops[hop]
+            break
+    stores = {k.removeprefix("remote:"): v for k, v in hops.items() if k.startswith("remote:")}
+    if stores:  # a model in a store this node has not fetched from yet: the fastest it has seen
+        bw[Tier.REMOTE] = max(stores.values())
+    checkpoints: dict[str, Tier] = {}
+    for tier in inv.tiers:
+        t = Tier.DRAM if tier.name == "dram" else Tier.SSD
+        for e in tier.entries:
+            if e.state == "ready":
+                size_hint[e.model] = int(e.size)
+                if e.model not in checkpoints or t.rank < checkpoints[e.model].rank:
+                    checkpoints[e.model] = t
+    return NodeInventory(name=node.name, bandwidth=bw, checkpoints=checkpoints,
+                         free_slots=max(0, node.slots - running), instances=instances, remote_bandwidth=stores)
+
+
+class LocalBackend:
+    def __init__(self, nodes: list[LocalNode], device: str = "cpu", internal_token: str | None = None,
+                 drain_url: str | None = None) -> None:
+        self.nodes = {n.name: n for n in nodes}
+        self.device = device
+        self.http = httpx.AsyncClient(timeout=5.0)
+        # The instances' internal API requires this token when set (`sllm-knative up` gives every
+        # process of a cluster the same SLLM_INTERNAL_TOKEN).
+        token = internal_token if internal_token is not None else os.environ.get("SLLM_INTERNAL_TOKEN")
+        self._internal_headers = {"authorization": f"Bearer {token}"} if token else {}
+        self.model_sizes: dict[str, int] = {}
+        self.drain_url = drain_url  # the activator's admin URL: instances drain there on SIGTERM
+        self._instances: dict[str, InstanceRecord] = {}
+        self._handlers: list[EventHandler] = []
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    # -- nodes -----------------------------------------------------------------------------
+
+    def node_slots(self) -> Mapping[str, int]:
+        return {name: n.slots for name, n in self.nodes.items()}
+
+    async def inventory(self, node: str) -> Any:
+        """The node's loader Inventory message (gRPC)."""
+        from sllm_knative.loader.client import LoaderClient
+
+        def get() -> Any:
+            with LoaderClient(self.nodes[node].loader) as c:
+                return c.inventory()
+
+        return await asyncio.to_thread(get)
+
+    async def inventories(self) -> list[NodeInventory]:
+        out = []
+        for name, node in self.nodes.items():
+            try:
+                inv = await self.inventory(name)
+            except Exception as exc:  # a node whose loader does not answer is not a candidate
+                _log.warning("node inventory unavailable", node=name, error=str(exc))
+                continue
+            out.append(inventory_to_node(node, inv, 0, self.model_sizes))
+        return pool_store_rates(out)
+
+    async def describe_node(self, node: str) -> dict[str, Any]:
+        inv = await self.inventory(node)
+        return {"tiers": [{"name": t.name, "capacity": t.capacity, "used": t.used,
+                           "checkpoints": [{"model": e.model, "size": e.size, "state": e.state} for e in t.entries]}
+                          for t in inv.tiers],
+                "bandwidths": {b.hop: b.bytes_per_second for b in inv.bandwidths}}
+
+    def model_size(self, model: str) -> int | None:
+        return self.model_sizes.get(model)
+
+    async def warm(self, node: str, model: str) -> None:
+        """Tell the node's loader to start moving the checkpoint into DRAM now (no wait)."""
+        from sllm_knative.loader.client import LoaderClient
+
+        def prefetch() -> None:
+            with LoaderClient(self.nodes[node].loader) as c:
+                c.prefetch(model, tier="dram", wait=False)
+
+        try:
+            await asyncio.to_thread(prefetch)
+        except Exception as exc:  # the instance's own acquire will retry and report
+            _log.warning("warming failed", node=node, model=model, error=str(exc))
+
+    # -- instances -------------------------------------------------------------------------
+
+    async def start(self, service: ServiceConfig, node: str, instance_id: str, tier: str) -> InstanceRecord:
+        n = self.nodes[node]
+        rec = InstanceRecord(instance_id, service.key, node, free_port(), free_port(), tier=tier,
+                             started_at=time.time())
+        argv = ["--served-model-name", service.name, "--device", self.device,
+                "--host", "127.0.0.1", "--port", str(rec.port),
+                "--internal-host", "127.0.0.1", "--internal-port", str(rec.internal_port)]
+        if service.container_concurrency:
+            argv += ["--max-concurrency", str(service.container_concurrency)]
+        argv += list(service.container.args)  # the user container's args, as Knative passes them
+        log = n.logs / f"{instance_id}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = {e.name: e.value for e in service.container.env if e.value is not None}
+        env.update(SLLM_INSTANCE=instance_id, SLLM_NODE=node)
+        if self.drain_url:
+            env["SLLM_DRAIN_URL"] = self.drain_url
+        # The instance leases its checkpoint from the node's loader itself (as a pod would).
+        rec.timing_path = str(log.with_suffix(".timing.json"))
+        if service.model:  # without one the instance exits at once: it has nothing to serve
+            argv += ["--checkpoint", service.model.uri, "--loader", n.loader, "--lease-timing", rec.timing_path]
+        rec.pid = await asyncio.to_thread(zygote.spawn_via, n.zygote, argv, str(log), env)
+        _log.info("instance starting", model=service.key, instance=instance_id, node=node, pid=rec.pid, tier=tier)
+        self._instances[rec.id] = rec
+        task = asyncio.ensure_future(self._watch(rec))  # its events come after this returns
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+        return rec
+
+    async def wait_ready(self, rec: InstanceRecord, timeout_s: float = READY_TIMEOUT_S) -> bool:
+        """Until the instance answers its readiness probe (True; its report and lease timing are
+        on the record), or exits, is stopped, or `timeout_s` passes (False)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and rec.state == InstanceState.STARTING:
+            if not procs.alive(rec.pid):
+                return False
+            try:
+                r = await self.http.get(f"{rec.url}/health/ready", timeout=2.0)
+                if r.status_code == 200:
+                    rec.report = r.json()
+                    rec.ready_at = time.time()
+                    with contextlib.suppress(OSError, ValueError):
+                        rec.lease = json.loads(Path(rec.timing_path).read_text())
+                    return True
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.02)
+        return False
+
+    async def _watch(self, rec: InstanceRecord) -> None:
+        """READY or FAILED once the instance starts; EXITED if it goes away on its own afterwards."""
+        ok = await self.wait_ready(rec)
+        if rec.state != InstanceState.STARTING:  # stopped while it started: nothing to report
+            return
+        await self._emit(InstanceEvent(EventKind.READY if ok else EventKind.FAILED, rec.id, rec.node))
+        if not ok:
+            return
+        while rec.state in (InstanceState.READY, InstanceState.DRAINING):
+            await asyncio.sleep(LIVENESS_PERIOD_S)
+            if rec.state in (InstanceState.READY, InstanceState.DRAINING) and not procs.alive(rec.pid):
+                self._instances.pop(rec.id, None)
+                await self._emit(InstanceEvent(EventKind.EXITED, rec.id, rec.node, "the process is gone"))
+                return
+
+    async def _emit(self, event: InstanceEvent) -> None:
+        for handler in self._handlers:
+            try:
+                await handler(event)
+            except Exception:
+                _log.error("instance event handler failed", exc_info=True, instance=event.instance, node=event.node)
+
+    def subscribe(self, handler: EventHandler) -> None:
+        self._handlers.append(handler)
+
+    def instances(self) -> list[InstanceRecord]:
+        return list(self._instances.values())
+
+    async def generations(self, rec: InstanceRecord, timeout_s: float = 1.0) -> list[dict[str, Any]] | None:
+        try:
+            r = await self.http.get(f"{rec.internal_url}/internal/v1/generations", headers=self._internal_headers,
+                                    timeout=timeout_s)
+            r.raise_for_status()
+            data = r.json()["data"]
+        except httpx.HTTPStatusError as exc:  # not a transient: a token or version mismatch
+            _log.warning("generations refused", model=rec.service, instance=rec.id, node=rec.node,
+                         status=exc.response.status_code)
+            return None
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            _log.debug("generations unavailable", model=rec.service, instance=rec.id, node=rec.node, error=str(exc))
+            return None
+        return data if isinstance(data, list) else None
+
+    async def stop(self, rec: InstanceRecord, grace_s: float = 10.0) -> None:
+        rec.state = InstanceState.STOPPING
+        await asyncio.to_thread(procs.stop, rec.pid, grace_s, False)
+        rec.state = InstanceState.STOPPED
+        self._instances.pop(rec.id, None)
+        _log.info("instance stopped", model=rec.service, instance=rec.id, node=rec.node)
+
+    async def close(self) -> None:
+        for task in list(self._watchers):
+            task.cancel()
+        await self.http.aclose()

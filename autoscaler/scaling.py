@@ -1,0 +1,417 @@
+"""Scaling one service: placement of new instances, preemption, scale-down.
+
+`Scaler.scale_to(service, desired)` runs under the service's own lock, so services scale at
+once and one service's preemption (a migration can take minutes) holds up no other service.
+Slots are shared through `SlotLedger`: reading what holds slots, placing and reserving the
+chosen slot happen in one short section with no I/O inside (`_decide`).
+
+With no free slot, placement may name a victim on the node where the model starts soonest: an
+idle instance of another model is stopped (EVICT), a busy one first has its generations
+migrated by the activator (MIGRATE), then the new instance starts in its slot. The steps come
+from the pure plan in `autoscaler.preemption`; `_preempt` only runs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from autoscaler import metrics
+from autoscaler.activator_client import Activator, MigrationResult
+from autoscaler.backends.base import Backend, EventKind, InstanceEvent, InstanceRecord, InstanceState
+from autoscaler.calibration import fold_migrations, fold_ready
+from autoscaler.preemption import (
+    DRAIN_WAIT_S,
+    PREEMPT_WAIT_S,
+    CallOff,
+    DrainView,
+    LeaveRotation,
+    Migrate,
+    MigrationAttempt,
+    PreemptionView,
+    Progress,
+    StartDestination,
+    Step,
+    Stop,
+    VictimView,
+    WaitIdle,
+    plan_drain,
+    plan_preemption,
+)
+from autoscaler.services import ServiceRuntime, ServiceTable
+from autoscaler.slots import Reservation, SlotLedger
+from autoscaler.view import LoadInFlight, instance_view, occupy_all, parse_tier, running_generations
+from sllm_knative.log import get_logger
+from sllm_knative.placement import (
+    Action,
+    Calibration,
+    Instance,
+    ModelRequest,
+    NodeInventory,
+    Option,
+    Placement,
+    Tier,
+    choose_victims,
+    place,
+)
+
+_log = get_logger("autoscaler")
+DEFAULT_MODEL_BYTES = 1 << 30  # until a node has seen the checkpoint
+READY_WAIT_S = 330.0  # a backend reports FAILED after 300 s; this only guards against a lost event
+
+
+@dataclasses.dataclass
+class Claim:
+    """What one scale-up holds while it runs: the slot placement chose (reserved), and for a
+    preemption the victim, the migration destination and a reserved destination slot."""
+
+    option: Option
+    slot: Reservation | None = None
+    destination_slot: Reservation | None = None
+    victim_service: ServiceRuntime | None = None
+    pinned: list[str] = dataclasses.field(default_factory=list)
+
+
+class Scaler:
+    def __init__(self, backend: Backend, activator: Activator | None, table: ServiceTable,
+                 spawn: Callable[[Coroutine[Any, Any, Any]], object]) -> None:
+        self.backend = backend
+        self.activator = activator
+        self.table = table
+        self.slots = SlotLedger()
+        self.calibration = Calibration()
+        self._spawn = spawn
+        self._ids = itertools.count(1)
+        self._ready: dict[str, asyncio.Future[bool]] = {}
+        self.preempt_wait_s = PREEMPT_WAIT_S
+        self.drain_wait_s = DRAIN_WAIT_S
+
+    def model_size(self, model: str) -> int:
+        return self.backend.model_size(model) or DEFAULT_MODEL_BYTES
+
+    async def scale_to(self, rt: ServiceRuntime, desired: int) -> None:
+        async with rt.lock:
+            live = rt.counted()
+            if desired > len(live):
+                for _ in range(desired - len(live)):
+                    await self._scale_up(rt)
+            elif desired < len(live):
+                await self._scale_down(rt, len(live) - desired)
+
+    # -- scale-up --------------------------------------------------------------------------
+
+    async def _scale_up(self, rt: ServiceRuntime) -> None:
+        svc = rt.config
+        if svc.model is None:
+            _log.error("service has no checkpoint annotation", model=svc.key)
+            return
+        t0 = time.perf_counter()
+        nodes = await self.backend.inventories()
+        generations = await self._generations_on_full_nodes()
+        async with self.slots.lock:  # no await inside: read the slots, place, reserve
+            nodes = self._occupied(nodes, generations)
+            decision = place(ModelRequest(rt.model, self.model_size(rt.model), rt.priority), nodes, self.calibration)
+            claim = self._claim(rt, decision, nodes)
+        placement_s = time.perf_counter() - t0
+        metrics.PLACEMENT_SECONDS.observe(placement_s)
+        if claim is None or decision.node is None:
+            _log.info("no free slot: waiting for capacity", model=svc.key, reasons="; ".join(decision.reasons))
+            return
+        record: dict[str, Any] = {"action": str(decision.action), "estimate_s": decision.estimate_s,
+                                  "placement_s": placement_s, "reasons": list(decision.reasons)}
+        try:
+            if decision.action in (Action.EVICT, Action.MIGRATE):
+                _log.info("preempting", model=svc.key, action=str(decision.action), node=decision.node,
+                          victim=claim.option.victim, destination=claim.option.destination,
+                          reason=decision.reasons[0])
+                freed = await self._preempt(claim, nodes)
+                if freed is None:
+                    return
+                record.update(freed)
+            rec = await self._start(rt, decision.node, str(claim.option.estimate.tier), record, claim.slot)
+        finally:
+            self._release(claim)
+        _log.info("placed", model=svc.key, instance=rec.id, node=decision.node, tier=rec.tier,
+                  action=str(decision.action), estimate_s=round(decision.estimate_s, 3), reason=decision.reasons[0])
+
+    async def _generations_on_full_nodes(self) -> dict[str, list[dict[str, Any]] | None]:
+        """The generations of the ready instances on nodes with no free slot (the only ones
+        placement may displace), read from the instances so their in-flight count and tokens
+        are current rather than a second old."""
+        used = self._slots_used()
+        full = {name for name, slots in self.backend.node_slots().items() if used.get(name, 0) >= slots}
+        asked = [rec for _, rec in self.table.occupying() if rec.node in full and rec.state == InstanceState.READY]
+        answers = await asyncio.gather(*(self.backend.generations(rec) for rec in asked))
+        return {rec.id: g for rec, g in zip(asked, answers, strict=True)}
+
+    def _slots_used(self) -> dict[str, int]:
+        used = self.table.slots_in_use()
+        for node, n in self.slots.per_node().items():
+            used[node] = used.get(node, 0) + n
+        return used
+
+    def _occupied(self, nodes: list[NodeInventory],
+                  generations: dict[str, list[dict[str, Any]] | None]) -> list[NodeInventory]:
+        """The nodes with what holds their slots now: instances (claimed ones are neither
+        displaced nor migration destinations), reservations, and the loads in flight."""
+        instances: dict[str, list[Instance]] = {}
+        loads = [r.load for r in self.slots.reservations()]
+        for rt, rec in self.table.occupying():
+            size = self.model_size(rt.model)
+            view = instance_view(rec, model=rt.model, size_bytes=size, capacity=rt.config.container_concurrency,
+                                 priority=rt.priority, migration=rt.migration,
+                                 outstanding=rt.outstanding.get(rec.id, 0), generations=generations.get(rec.id))
+            if rec.id in rt.claimed():
+                view = dataclasses.replace(view, ready=False, migratable=False)
+            instances.setdefault(rec.node, []).append(view)
+            tier = parse_tier(rec.tier)
+            if rec.state == InstanceState.STARTING and tier is not None:
+                loads.append(LoadInFlight(rec.node, rt.model, size, tier, rec.started_at))
+        return occupy_all(nodes, self.backend.node_slots(), self._slots_used(),
+                          {node: tuple(v) for node, v in instances.items()}, loads, time.time(),
+                          self.calibration.apply)
+
+    def _claim(self, rt: ServiceRuntime, decision: Placement, nodes: list[NodeInventory]) -> Claim | None:
+        """Reserve what the decision needs (called in the slot section); None for WAIT."""
+        chosen = decision.chosen
+        if decision.node is None or chosen is None or decision.action == Action.WAIT:
+            return None
+        now = time.time()
+        load = LoadInFlight(decision.node, rt.model, self.model_size(rt.model), chosen.estimate.tier,
+                            now + chosen.free_s)
+        claim = Claim(chosen, slot=self.slots.reserve(rt.key, load))
+        if decision.action == Action.PLACE:
+            return claim
+        found = self.table.find(chosen.victim or "")
+        if found is None:
+            return claim  # the plan calls it off
+        vrt, victim = found
+        claim.victim_service = vrt
+        vrt.leaving.add(victim.id)
+        if decision.action == Action.MIGRATE and chosen.destination:
+            if chosen.starts_destination:
+                tier = next((n.tier_of(vrt.model) for n in nodes if n.name == chosen.destination), Tier.REMOTE)
+                claim.destination_slot = self.slots.reserve(
+                    vrt.key, LoadInFlight(chosen.destination, vrt.model, self.model_size(vrt.model), tier, now))
+            else:
+                vrt.pinned.add(chosen.destination)
+                claim.pinned.append(chosen.destination)
+        return claim
+
+    def _release(self, claim: Claim | None) -> None:
+        if claim is None:
+            return
+        self.slots.release(claim.slot)
+        self.slots.release(claim.destination_slot)
+        if claim.victim_service is not None:
+            claim.victim_service.leaving.discard(claim.option.victim or "")
+            for pinned in claim.pinned:
+                claim.victim_service.pinned.discard(pinned)
+
+    async def _start(self, rt: ServiceRuntime, node: str, tier: str, record: dict[str, Any],
+                     reservation: Reservation | None = None) -> InstanceRecord:
+        """Start an instance of rt's service on `node` (in `reservation`'s slot) and record the
+        placement that put it there. READY or FAILED comes as a backend event (`on_event`)."""
+        svc = rt.config
+        if svc.model is not None:
+            await self.backend.warm(node, svc.model.uri)  # start moving the checkpoint in now
+        inst_id = f"{svc.name}-{next(self._ids)}"
+        rec = await self.backend.start(svc, node, inst_id, tier)
+        rt.instances[inst_id] = rec  # holds the slot from here on: the reservation goes
+        self.slots.release(reservation)
+        self._ready[inst_id] = asyncio.get_running_loop().create_future()
+        metrics.COLD_STARTS.labels(svc.key, tier).inc()
+        rt.placements.append({"instance": inst_id, "node": node, "tier": tier, **record})
+        return rec
+
+    async def await_ready(self, rec: InstanceRecord) -> bool:
+        """Until the instance is ready and in the activator's rotation (True), or failed or stopped (False)."""
+        fut = self._ready.get(rec.id)
+        if fut is None:
+            return rec.state == InstanceState.READY
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), READY_WAIT_S)
+        except asyncio.TimeoutError:
+            return False
+
+    def _settle(self, instance: str, ready: bool) -> None:
+        fut = self._ready.pop(instance, None)
+        if fut is not None and not fut.done():
+            fut.set_result(ready)
+
+    async def on_event(self, event: InstanceEvent) -> None:
+        """A backend's instance event: ready (into rotation; calibrate), failed or exited (forget it)."""
+        found = self.table.find(event.instance)
+        if found is None:
+            self._settle(event.instance, False)
+            return
+        rt, rec = found
+        if event.kind == EventKind.READY:
+            if rec.state != InstanceState.STARTING:
+                self._settle(rec.id, False)
+                return
+            rec.state = InstanceState.READY
+            self.calibration = fold_ready(self.calibration, rec)
+            if rec.ready_at:
+                metrics.READY_SECONDS.labels(rec.tier).observe(rec.ready_at - rec.started_at)
+            _log.info("instance ready", model=rt.key, instance=rec.id, node=rec.node,
+                      seconds=round((rec.ready_at or 0) - rec.started_at, 3))
+            await self.push(rt)
+            self._settle(rec.id, True)
+        elif event.kind == EventKind.FAILED:
+            _log.error("instance failed to become ready", model=rt.key, instance=rec.id, node=rec.node,
+                       detail=event.detail)
+            rec.state = InstanceState.FAILED
+            self._settle(rec.id, False)
+            await self.backend.stop(rec)
+            rt.instances.pop(rec.id, None)
+        elif rec.state not in (InstanceState.STOPPING, InstanceState.STOPPED):  # EXITED on its own
+            _log.warning("instance exited", model=rt.key, instance=rec.id, node=rec.node, detail=event.detail)
+            rec.state = InstanceState.STOPPED
+            rt.instances.pop(rec.id, None)
+            self._settle(rec.id, False)
+            await self.push(rt)
+
+    async def stop(self, rt: ServiceRuntime, rec: InstanceRecord, grace_s: float = 10.0) -> None:
+        self._settle(rec.id, False)
+        await self.backend.stop(rec, grace_s)
+        rt.instances.pop(rec.id, None)
+
+    async def push(self, rt: ServiceRuntime) -> None:
+        """Tell the activator which of rt's instances are ready (its rotation)."""
+        if self.activator is not None:
+            await self.activator.push_endpoints(rt.config, rt.ready())
+
+    # -- preemption ------------------------------------------------------------------------
+
+    def _victim_view(self, instance: str, running: int = 0) -> VictimView | None:
+        found = self.table.find(instance)
+        if found is None:
+            return None
+        rt, rec = found
+        return VictimView(rec.id, rt.key, rec.node, rec.state, running)
+
+    async def _preempt(self, claim: Claim, nodes: list[NodeInventory]) -> dict[str, Any] | None:
+        """Free the victim's slot for the claim's EVICT or MIGRATE option: run the plan's first
+        step, look again, plan again. None when it was called off."""
+        option, vrt = claim.option, claim.victim_service
+        tier = claim.destination_slot.load.tier if claim.destination_slot else Tier.REMOTE
+        view = PreemptionView(option, self._victim_view(option.victim or ""), tier, wait_s=self.preempt_wait_s)
+        destination = option.destination if option.action == Action.MIGRATE else None
+        while plan := plan_preemption(view):
+            step, done = plan[0], view.progress
+            running = view.victim.running if view.victim else 0
+            victim = vrt.instances.get(option.victim or "") if vrt is not None else None
+            if isinstance(step, CallOff) or vrt is None:
+                await self._call_off(step if isinstance(step, CallOff) else CallOff("victim is gone"), vrt)
+                return None
+            if isinstance(step, StartDestination):
+                started = await self._start_destination(vrt, step, claim)
+                destination = started or destination
+                done = dataclasses.replace(done, destination=started, destination_failed=started is None)
+            elif victim is not None:
+                done = await self._run_step(vrt, victim, step, done)
+                if isinstance(step, LeaveRotation):
+                    # An EVICT victim was idle when placement looked; a request may have landed since.
+                    running = len(running_generations(await self.backend.generations(victim)))
+            view = dataclasses.replace(view, victim=self._victim_view(option.victim or "", running), progress=done)
+        migration = view.progress.migration
+        outcomes = [str(o) for o in migration.outcomes] if migration else []
+        _log.info("preempted", model=vrt.key if vrt else None, instance=option.victim, node=option.node,
+                  generations=len(outcomes), outcomes=",".join(outcomes))
+        return {"victim": option.victim, "victim_service": vrt.key if vrt else None, "destination": destination,
+                "migrations": outcomes}
+
+    async def _start_destination(self, vrt: ServiceRuntime, step: StartDestination, claim: Claim) -> str | None:
+        """StartDestination: the new instance's id once it is ready, None when it did not become ready."""
+        dest = await self._start(vrt, step.node, str(step.tier), {
+            "action": "migration-destination",
+            "reasons": [f"receives the generations of {claim.option.victim}, preempted on {claim.option.node}"],
+        }, claim.destination_slot)
+        claim.destination_slot = None
+        vrt.pinned.add(dest.id)
+        claim.pinned.append(dest.id)
+        _log.info("starting a migration destination", model=vrt.key, instance=dest.id, node=dest.node,
+                  victim=claim.option.victim)
+        return dest.id if await self.await_ready(dest) else None
+
+    async def _run_step(self, rt: ServiceRuntime, rec: InstanceRecord, step: Step, done: Progress) -> Progress:
+        """Run one step of a preemption or drain on instance `rec` of `rt`; the progress after it."""
+        if isinstance(step, LeaveRotation):
+            rec.state = InstanceState.DRAINING
+            await self.push(rt)
+            return dataclasses.replace(done, left_rotation=True)
+        if isinstance(step, Migrate):
+            results = await self.migrate_off(rt, rec, step.destination)
+            attempt = MigrationAttempt(refused=True) if results is None else MigrationAttempt(
+                outcomes=tuple(r.outcome for r in results))
+            return dataclasses.replace(done, migration=attempt)
+        if isinstance(step, WaitIdle):
+            return dataclasses.replace(done, idle=await self.wait_idle(rec, step.timeout_s))
+        if isinstance(step, Stop):
+            await self.stop(rt, rec)
+            return dataclasses.replace(done, stopped=True)
+        raise AssertionError(f"not a step on an instance: {step}")
+
+    async def _call_off(self, step: CallOff, vrt: ServiceRuntime | None) -> None:
+        _log.warning("preemption called off", model=vrt.key if vrt else None, instance=step.restore,
+                     reason=step.reason)
+        rec = vrt.instances.get(step.restore) if vrt is not None and step.restore else None
+        if vrt is not None and rec is not None and rec.state == InstanceState.DRAINING:
+            rec.state = InstanceState.READY
+            await self.push(vrt)
+
+    # -- scale-down ------------------------------------------------------------------------
+
+    async def _scale_down(self, rt: ServiceRuntime, count: int) -> None:
+        live = [i for i in rt.counted() if i.id not in rt.pinned]
+        candidates = [Instance(name=i.id, model=rt.model, size_bytes=1, inflight=rt.outstanding.get(i.id, 0))
+                      for i in live]
+        victims = {v.name for v in choose_victims(candidates, count)}
+        for rec in live:
+            if rec.id in victims:
+                done = await self._run_step(rt, rec, LeaveRotation(rec.id), Progress())  # no new requests go to it
+                self._spawn(self._drain(rt, rec, done))
+
+    async def _drain(self, rt: ServiceRuntime, rec: InstanceRecord, done: Progress) -> None:
+        """Migrate the victim's generations to another ready instance, then stop it.
+
+        What cannot move (no other ready instance, a generation that stayed on it) is waited for,
+        up to DRAIN_WAIT_S, by asking the instance what it still runs: once it is out of
+        rotation the activator no longer reports its outstanding requests."""
+        view = DrainView(VictimView(rec.id, rt.key, rec.node, rec.state), done, self.drain_wait_s)
+        while plan := plan_drain(view):
+            done = await self._run_step(rt, rec, plan[0], view.progress)
+            gone = rec.id not in rt.instances and not done.stopped
+            view = dataclasses.replace(view, victim=None if gone else view.victim, progress=done)
+
+    async def migrate_off(self, rt: ServiceRuntime, rec: InstanceRecord,
+                          destination: str | None = None) -> list[MigrationResult] | None:
+        """Ask the activator to move rec's generations (to `destination`, else the least loaded
+        ready instance); fold each move into the cost model. None when nothing could move (no
+        activator, no other ready instance, or the activator refused)."""
+        if self.activator is None or not rt.ready():
+            return None
+        results = await self.activator.migrate(rt.config, rec.id, destination)
+        if results is None:
+            return None
+        self.calibration = fold_migrations(self.calibration, ((r.outcome, r.tokens, r.seconds) for r in results))
+        rt.record_migrations([dict(r.doc) for r in results])
+        _log.info("migrated off", model=rt.key, instance=rec.id, node=rec.node, generations=len(results),
+                  outcomes=",".join(str(r.outcome) for r in results))
+        return results
+
+    async def wait_idle(self, rec: InstanceRecord, timeout_s: float) -> bool:
+        """Until the instance runs no generation (True), or `timeout_s` passes (False). An
+        instance that does not answer runs nothing this controller could wait for."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not running_generations(await self.backend.generations(rec)):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.1)

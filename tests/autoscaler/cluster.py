@@ -1,0 +1,92 @@
+"""An autoscaler over the in-memory backend and activator, with a clock the tests step."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from autoscaler.backends.base import InstanceRecord, InstanceState
+from autoscaler.backends.memory import MemoryActivator, MemoryBackend, MemoryNode
+from autoscaler.controller import Autoscaler
+from autoscaler.services import ServiceRuntime
+from sllm_knative.config import parse_manifest
+from sllm_knative.local.manifests import ALLOW_ZERO_INITIAL_SCALE, service_manifest
+from sllm_knative.placement import Tier
+
+GB = 10**9
+SIZES = {f"file:///store/{m}": 5 * GB for m in "abcxy"}
+
+
+def uri(model: str) -> str:
+    return f"file:///store/{model}"
+
+
+def node(name: str, slots: int = 1, **tiers: Tier) -> MemoryNode:
+    """A node holding model `m`'s checkpoint on tier `tiers[m]`."""
+    return MemoryNode(name, slots, {uri(m): t for m, t in tiers.items()})
+
+
+def service(name: str, *, keep_alive: str = "5s", initial_scale: int | None = 0, max_scale: int = 2,
+            **policy: object) -> str:
+    """Service `name` serving model `name`, with its ScalingPolicy's extra fields (minScale, priority, ...)."""
+    text = service_manifest(name, uri(name), keep_alive=keep_alive, initial_scale=initial_scale, max_scale=max_scale,
+                            container_concurrency=4)
+    return text + "".join(f"  {k}: {str(v).lower() if isinstance(v, bool) else v}\n" for k, v in policy.items())
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Cluster:
+    def __init__(self, nodes: list[MemoryNode], sizes: Mapping[str, int] = SIZES) -> None:
+        self.backend = MemoryBackend(nodes, sizes)
+        self.activator = MemoryActivator(self.backend)
+        self.clock = Clock()
+        self.scaler = Autoscaler(self.backend, self.activator, clock=self.clock)
+
+    async def deploy(self, *services: str) -> None:
+        await self.scaler.apply(parse_manifest("---\n".join((*services, ALLOW_ZERO_INITIAL_SCALE))))
+        await self.settle()
+
+    async def settle(self) -> None:
+        """Until nothing is under way: evaluations, drains, starts."""
+        while self.scaler._tasks or self.backend._tasks:
+            await self.scaler.settle()
+            await self.backend.settle()
+
+    def rt(self, name: str) -> ServiceRuntime:
+        rt = self.scaler.services[f"default/{name}"]
+        return rt
+
+    def instances(self, name: str, state: InstanceState | None = None) -> list[InstanceRecord]:
+        return [i for i in self.rt(name).instances.values() if state is None or i.state == state]
+
+    def ready_on(self, name: str) -> list[str]:
+        """The nodes of the service's ready instances."""
+        return sorted(i.node for i in self.instances(name, InstanceState.READY))
+
+    async def demand(self, name: str) -> None:
+        await self.scaler.on_demand(f"default/{name}", 1)
+        await self.settle()
+
+    def report(self, concurrency: Mapping[str, float] | None = None) -> None:
+        """The activator's per-second report: each service's concurrency (0 unless given)."""
+        concurrency = concurrency or {}
+        self.scaler.on_stats({"services": [
+            {"namespace": "default", "name": key.split("/", 1)[1], "average_concurrency": concurrency.get(key, 0.0),
+             "in_flight": int(concurrency.get(key, 0)), "requests": int(concurrency.get(key, 0)), "instances": []}
+            for key in self.scaler.services]})
+
+    async def tick(self, seconds: float = 1.0, concurrency: Mapping[str, float] | None = None) -> None:
+        """`seconds` later: a report, then the decider for every service."""
+        self.clock.t += seconds
+        self.report(concurrency)
+        self.scaler.tick()
+        await self.settle()
+
+    async def close(self) -> None:
+        await self.scaler.close()

@@ -1,0 +1,210 @@
+"""The controller's scaling and preemption against the in-memory backend: real decider, real
+placement, real plans; simulated nodes (slots, tiers, loader queue) and instances."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from autoscaler.backends.base import Backend, InstanceState
+from autoscaler.backends.local import LocalBackend
+from autoscaler.backends.memory import MemoryBackend, MemoryNode
+from sllm_knative.api import MigrationOutcome
+from sllm_knative.placement import Tier
+from tests.autoscaler.cluster import Cluster, node, service, uri
+
+READY = InstanceState.READY
+
+
+def run(nodes: list[MemoryNode], scenario: Callable[[Cluster], Awaitable[None]]) -> Cluster:
+    async def main() -> Cluster:
+        c = Cluster(nodes)
+        try:
+            await scenario(c)
+        finally:
+            await c.close()
+        return c
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("nodes,want_node,want_tier", [
+    pytest.param([node("n1"), node("n2", a=Tier.DRAM), node("n3", a=Tier.SSD)], "n2", "dram", id="onto-the-dram-copy"),
+    pytest.param([node("n1"), node("n2", a=Tier.SSD)], "n2", "ssd", id="onto-the-ssd-copy"),
+    pytest.param([node("n2"), node("n1")], "n1", "remote", id="from-the-store-first-node-by-name"),
+    pytest.param([node("n1", slots=0, a=Tier.DRAM), node("n2")], "n2", "remote", id="a-node-without-slots"),
+])
+def test_scale_from_zero_on_demand(nodes: list[MemoryNode], want_node: str, want_tier: str) -> None:
+    async def scenario(c: Cluster) -> None:
+        await c.deploy(service("a"))
+        assert c.instances("a") == []  # initial scale 0
+        await c.demand("a")
+        [inst] = c.instances("a")
+        assert (inst.node, inst.tier, inst.state) == (want_node, want_tier, READY)
+        assert c.activator.rotation["default/a"] == [inst.id]
+        assert [(i.id, i.state) for i in c.backend.instances()] == [(inst.id, READY)]
+        assert c.backend.warmed == [(want_node, uri("a"))]  # the loader was told at once
+        [placed] = c.rt("a").placements
+        assert (placed["action"], placed["node"], placed["tier"]) == ("place", want_node, want_tier)
+
+    run(nodes, scenario)
+
+
+@pytest.mark.parametrize("keep_alive,kept_at,gone_by", [
+    pytest.param("5s", 4, 7, id="five-seconds"),
+    pytest.param("20s", 18, 22, id="twenty-seconds"),
+])
+def test_scale_down_after_keep_alive_then_cold_start_on_the_dram_copy(keep_alive: str, kept_at: int,
+                                                                      gone_by: int) -> None:
+    async def scenario(c: Cluster) -> None:
+        await c.deploy(service("a", keep_alive=keep_alive))
+        await c.demand("a")
+        [first] = c.instances("a")
+        assert (first.node, first.tier) == ("n1", "remote")
+        for t in range(1, gone_by + 1):
+            await c.tick()
+            if t <= kept_at:
+                assert c.ready_on("a") == ["n1"], f"gone after {t}s, before the keep-alive"
+        assert c.instances("a") == [] and c.backend.stopped == [first.id]
+        assert c.activator.rotation["default/a"] == []
+        # The checkpoint stayed in n1's DRAM: the next cold start goes there.
+        await c.demand("a")
+        [again] = c.instances("a")
+        assert (again.node, again.tier) == ("n1", "dram")
+
+    run([node("n1"), node("n2")], scenario)
+
+
+def test_preemption_of_an_idle_victim() -> None:
+    """Every slot is taken; B's checkpoint is in n1's DRAM, where an idle A runs: A is stopped
+    and B starts there, rather than evicting C on n2 and loading B from the store."""
+    async def scenario(c: Cluster) -> None:
+        await c.deploy(service("a"), service("b"), service("c"))
+        await c.demand("a")
+        await c.demand("c")
+        assert (c.ready_on("a"), c.ready_on("c")) == (["n1"], ["n2"])
+        [a] = c.instances("a")
+        await c.demand("b")
+        assert c.ready_on("b") == ["n1"] and c.instances("a") == [] and c.backend.stopped == [a.id]
+        assert c.activator.migrations == []  # idle: nothing to move
+        placed = c.rt("b").placements[-1]
+        assert (placed["action"], placed["victim"], placed["victim_service"], placed["migrations"]) == (
+            "evict", a.id, "default/a", [])
+        assert placed["reasons"][0].startswith("evict on n1")
+
+    run([node("n1", a=Tier.DRAM, b=Tier.DRAM), node("n2", c=Tier.DRAM)], scenario)
+
+
+@pytest.mark.parametrize("nodes,want_destination_node,starts", [
+    pytest.param([node("n1", a=Tier.DRAM, b=Tier.DRAM), node("n2", a=Tier.DRAM)], "n2", False,
+                 id="onto-the-other-instance-of-its-model"),
+    pytest.param([node("n1", a=Tier.DRAM, b=Tier.DRAM), node("n2", a=Tier.DRAM), node("n3", slots=0)], "n2", False,
+                 id="a-node-without-slots-changes-nothing"),
+])
+def test_migration_of_a_busy_victim(nodes: list[MemoryNode], want_destination_node: str, starts: bool) -> None:
+    """A runs on n1 (busy) and n2 (idle); B's checkpoint is in n1's DRAM. Evicting the idle A on
+    n2 would load B from the store (10 s); migrating A's generation to n2 (0.5 s) and loading
+    B from DRAM is faster."""
+    async def scenario(c: Cluster) -> None:
+        await c.deploy(service("a", initial_scale=None, minScale=2), service("b"))
+        await c.tick()
+        assert c.ready_on("a") == ["n1", "n2"]
+        busy = next(i for i in c.instances("a") if i.node == "n1")
+        other = next(i for i in c.instances("a") if i.node == "n2")
+        gen = c.backend.add_generation(busy.id, 300)
+        await c.demand("b")
+        assert c.ready_on("b") == ["n1"]
+        assert [i.id for i in c.instances("a")] == [other.id]
+        assert [g["id"] for g in c.backend.generations_of[other.id]] == [gen]  # the generation moved
+        assert c.activator.migrations == [(busy.id, other.id)]
+        placed = c.rt("b").placements[-1]
+        assert (placed["action"], placed["victim"], placed["destination"], placed["migrations"]) == (
+            "migrate", busy.id, other.id, ["migrated"])
+        assert c.rt("a").migrations[-1]["outcome"] == "migrated"
+        # The migration was folded into the cost model.
+        assert c.scaler.scaler.calibration.migrations[-1].tokens == 300
+
+    run(nodes, scenario)
+
+
+def test_migration_onto_a_new_instance_on_a_free_node() -> None:
+    """A's only instance is busy on n1, which holds C's checkpoint in DRAM; n2 is free and holds
+    A's checkpoint in DRAM: start A on n2, move the generation there, start C on n1."""
+    async def scenario(c: Cluster) -> None:
+        await c.deploy(service("a", initial_scale=None, minScale=1), service("c"))
+        await c.tick()
+        [busy] = c.instances("a")
+        assert busy.node == "n1"
+        c.backend.add_generation(busy.id, 200)
+        await c.demand("c")
+        assert c.ready_on("c") == ["n1"] and c.ready_on("a") == ["n2"]
+        [dest] = c.instances("a")
+        placed = c.rt("c").placements[-1]
+        assert (placed["action"], placed["victim"], placed["destination"]) == ("migrate", busy.id, dest.id)
+        started = c.rt("a").placements[-1]
+        assert (started["instance"], started["action"], started["node"], started["tier"]) == (
+            dest.id, "migration-destination", "n2", "dram")
+
+    run([node("n1", a=Tier.DRAM, c=Tier.DRAM), node("n2", a=Tier.DRAM)], scenario)
+
+
+@pytest.mark.parametrize("a_policy,busy,why", [
+    pytest.param({"priority": 5}, False, "a higher priority is never displaced", id="higher-priority"),
+    pytest.param({"migration": False}, True, "busy and migration: false", id="busy-and-not-migratable"),
+    pytest.param({}, True, "busy, and no other instance of its model nor a free node to move to",
+                 id="busy-with-nowhere-to-go"),
+])
+def test_no_victim_available(a_policy: dict[str, Any], busy: bool, why: str) -> None:
+    async def scenario(c: Cluster) -> None:
+        await c.deploy(service("a", **a_policy), service("b"))
+        await c.demand("a")
+        [a] = c.instances("a")
+        if busy:
+            c.backend.add_generation(a.id)
+        await c.demand("b")
+        assert c.instances("b") == [], why
+        assert c.ready_on("a") == ["n1"] and c.backend.stopped == [] and c.activator.migrations == []
+        assert c.rt("b").placements == []
+
+    run([node("n1", b=Tier.DRAM)], scenario)
+
+
+@pytest.mark.parametrize("outcome,refuse", [
+    pytest.param(MigrationOutcome.STAYED_ON_SOURCE, False, id="a-generation-stayed-on-the-victim"),
+    pytest.param(MigrationOutcome.MIGRATED, True, id="the-activator-refused"),
+])
+def test_a_failed_migration_calls_the_preemption_off(outcome: MigrationOutcome, refuse: bool) -> None:
+    async def scenario(c: Cluster) -> None:
+        await c.deploy(service("a", initial_scale=None, minScale=2), service("b"))
+        await c.tick()
+        busy = next(i for i in c.instances("a") if i.node == "n1")
+        c.backend.add_generation(busy.id)
+        c.activator.outcome, c.activator.refuse = outcome, refuse
+        await c.demand("b")
+        assert c.instances("b") == []
+        assert busy.state == READY and busy.id in c.activator.rotation["default/a"]  # back into rotation
+        assert c.backend.stopped == []
+
+    run([node("n1", a=Tier.DRAM, b=Tier.DRAM), node("n2", a=Tier.DRAM)], scenario)
+
+
+def test_both_backends_implement_the_protocol() -> None:
+    assert isinstance(MemoryBackend([node("n1")], {}), Backend)
+    assert isinstance(LocalBackend([]), Backend)
+
+
+def test_a_failed_start_and_an_exited_instance_are_forgotten() -> None:
+    async def scenario(c: Cluster) -> None:
+        c.backend.fail.add("default/b")
+        await c.deploy(service("a"), service("b"))
+        await c.demand("b")
+        assert c.instances("b") == [] and len(c.backend.stopped) == 1
+        await c.demand("a")
+        [a] = c.instances("a")
+        await c.backend.crash(a.id)
+        assert c.instances("a") == [] and c.activator.rotation["default/a"] == []
+
+    run([node("n1"), node("n2")], scenario)
