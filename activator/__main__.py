@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 
 import uvicorn
 import uvloop
 
-from activator.app import Activator, ActivatorConfig, build_admin_app, build_public_app
+from activator.app import Activator, build_admin_app, build_public_app
+from activator.config import ActivatorConfig
 from activator.migration import MigrationConfig
 from sllm_knative import log
+from sllm_knative.api.auth import token_from_env
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,8 +46,7 @@ async def serve(args: argparse.Namespace) -> None:
                                                               max_rounds=args.migration_rounds,
                                                               settle_gap=args.migration_settle_gap,
                                                               max_follow=args.migration_follow,
-                                                              internal_token=os.environ.get("SLLM_INTERNAL_TOKEN")
-                                                              or None)))
+                                                              internal_token=token_from_env())))
     # httptools parses HTTP and uvloop runs the loop (main); no websocket upgrades and no
     # X-Forwarded-* rewriting of the client address, which the activator never reads.
     public = uvicorn.Server(uvicorn.Config(build_public_app(act), host=args.host, port=args.port, log_level="warning",

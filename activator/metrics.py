@@ -1,8 +1,19 @@
-"""The activator's Prometheus metrics (one registry per process)."""
+"""The activator's Prometheus metrics (one registry per process, served on the admin port's /metrics).
+
+Per service: requests by status, the wait for an instance with room, cold starts, the time to the
+first body byte, requests in flight, retries. Migrations: how many by outcome, how long each
+took, and the gap each handoff left in a client's stream (from the source's last frame to the
+destination's first), with the largest one seen.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from sllm_knative.api.keys import ServiceKey
+from sllm_knative.api.migration import MigrationOutcome
 
 REGISTRY = CollectorRegistry()
 
@@ -19,3 +30,56 @@ PROXY_SECONDS = Histogram("activator_proxy_seconds", "Time from forwarding to th
 IN_FLIGHT = Gauge("activator_in_flight", "Requests in flight or held", ["service"], registry=REGISTRY)
 RETRIES = Counter("activator_retries_total", "Requests retried on another instance", ["service"],
                   registry=REGISTRY)
+
+MIGRATIONS = Counter("activator_migrations_total", "Generations a migration tried to move, by outcome",
+                     ["outcome"], registry=REGISTRY)
+MIGRATION_SECONDS = Histogram("activator_migration_seconds",
+                              "One generation's migration, from its first export to the switch",
+                              registry=REGISTRY, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
+HANDOFF_GAP_SECONDS = Histogram("activator_migration_gap_seconds",
+                                "Client-visible gap of a migrated stream: from the source's last frame "
+                                "to the destination's first", registry=REGISTRY,
+                                buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+HANDOFF_GAP_MAX = Gauge("activator_migration_gap_max_seconds",
+                        "The largest client-visible gap of a migrated stream since the activator started",
+                        registry=REGISTRY)
+for _outcome in MigrationOutcome:  # every outcome shows (at 0) before the first migration
+    MIGRATIONS.labels(_outcome.value)
+_gap_max = 0.0
+
+
+def observe_migration(outcome: MigrationOutcome, seconds: float) -> None:
+    MIGRATIONS.labels(outcome.value).inc()
+    MIGRATION_SECONDS.observe(seconds)
+
+
+def observe_handoff_gap(seconds: float) -> None:
+    global _gap_max
+    HANDOFF_GAP_SECONDS.observe(seconds)
+    if seconds > _gap_max:
+        _gap_max = seconds
+        HANDOFF_GAP_MAX.set(seconds)
+
+
+@dataclasses.dataclass
+class ServiceMeters:
+    """One service's metric children (looked up once, not per request)."""
+
+    in_flight: Gauge
+    proxy_seconds: Histogram
+    queue_seconds: Histogram
+    cold_starts: Counter
+    retries: Counter
+    requests: dict[int, Counter]
+
+    @classmethod
+    def of(cls, key: ServiceKey) -> ServiceMeters:
+        name = str(key)
+        return cls(IN_FLIGHT.labels(name), PROXY_SECONDS.labels(name), QUEUE_SECONDS.labels(name),
+                   COLD_STARTS.labels(name), RETRIES.labels(name), {})
+
+    def request_done(self, key: ServiceKey, status: int) -> None:
+        counter = self.requests.get(status)
+        if counter is None:
+            counter = self.requests[status] = REQUESTS.labels(str(key), str(status))
+        counter.inc()

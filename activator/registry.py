@@ -13,8 +13,9 @@ import time
 from collections.abc import Sequence
 
 from activator.balancer import Breaker, Instance, pick
-from activator.routing import ServiceKey
 from activator.stats import ConcurrencyWindow
+from sllm_knative.api.activator import Endpoint
+from sllm_knative.api.keys import ServiceKey
 
 
 @dataclasses.dataclass
@@ -51,15 +52,15 @@ class Registry:
         self._services.pop(key, None)
         self.known.discard(key)
 
-    async def set_endpoints(self, key: ServiceKey, endpoints: Sequence[dict]) -> None:
+    async def set_endpoints(self, key: ServiceKey, endpoints: Sequence[Endpoint]) -> None:
         svc = self._services[key]
         old = {i.id: i for i in svc.instances}
         fresh = []
         for e in endpoints:
-            inst = old.get(e["id"]) or Instance(e["id"], e["url"].rstrip("/"), e.get("node", ""))
-            inst.url = e["url"].rstrip("/")
-            inst.internal_url = str(e.get("internal_url") or "").rstrip("/")
-            inst.capacity = int(e.get("capacity", svc.container_concurrency))
+            inst = old.get(e.id) or Instance(e.id, e.url.rstrip("/"), e.node)
+            inst.url = e.url.rstrip("/")
+            inst.internal_url = (e.internal_url or "").rstrip("/")
+            inst.capacity = svc.container_concurrency if e.capacity is None else e.capacity
             fresh.append(inst)
         svc.instances = fresh
         await svc.breaker.poke()

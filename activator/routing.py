@@ -7,19 +7,13 @@ names the service when the Host does not (`<service>` or `<namespace>/<service>`
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
+from sllm_knative.api.keys import ServiceKey
+
+__all__ = ["OPENAI_PATHS", "ServiceKey", "model_from_body", "service_from_host", "service_from_model"]
+
 OPENAI_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
-
-
-@dataclasses.dataclass(frozen=True, order=True)
-class ServiceKey:
-    namespace: str
-    name: str
-
-    def __str__(self) -> str:
-        return f"{self.namespace}/{self.name}"
 
 
 def service_from_host(host: str | None, known: frozenset[ServiceKey] | set[ServiceKey]) -> ServiceKey | None:

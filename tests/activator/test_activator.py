@@ -17,6 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sllm_knative.api import activator as admin_api
+from sllm_knative.api import autoscaler as autoscaler_api
+from sllm_knative.api.keys import ServiceKey
 from sllm_knative.ports import free_port
 
 HERE = Path(__file__).parent
@@ -93,7 +96,8 @@ def upstreams() -> Iterator[list[Upstream]]:
 
 
 def put(admin: str, name: str, instances: list[dict], cc: int = 0, ns: str = "default") -> None:
-    r = httpx.put(f"{admin}/internal/services/{ns}/{name}", json={"container_concurrency": cc, "instances": instances})
+    r = httpx.put(f"{admin}{admin_api.service_path(ServiceKey(ns, name))}",
+                  json={"container_concurrency": cc, "instances": instances})
     assert r.status_code == 200, r.text
 
 
@@ -186,11 +190,11 @@ def test_cold_start_holds_then_forwards_and_reports_demand(activator, upstreams)
     r = httpx.post(f"{public}/v1/completions", json={"model": "cold"}, timeout=10)
     assert r.status_code == 200 and r.json()["instance"] == "b"
     assert time.monotonic() - t0 >= 0.7
-    demands = [b for p, b in DemandRecorder.seen if p == "/v1/demand"]
-    assert demands and demands[0]["name"] == "cold"
+    demands = [autoscaler_api.Demand.model_validate(b) for p, b in DemandRecorder.seen if p == autoscaler_api.DEMAND]
+    assert demands and demands[0].key == ServiceKey("default", "cold")
     time.sleep(0.5)
-    stats = [b for p, b in DemandRecorder.seen if p == "/v1/stats"]
-    assert any(s["name"] == "cold" for doc in stats for s in doc["services"])
+    stats = [autoscaler_api.StatsReport.model_validate(b) for p, b in DemandRecorder.seen if p == autoscaler_api.STATS]
+    assert any(s.name == "cold" for doc in stats for s in doc.services)
 
 
 def test_cold_start_timeout_is_503_with_retry_after(activator) -> None:
@@ -232,15 +236,88 @@ def test_container_concurrency_spreads_and_queues(activator, upstreams) -> None:
     assert durations[2] >= 0.9, "the third request waits for a slot (containerConcurrency=1, 2 instances)"
 
 
-@pytest.mark.parametrize(("instances", "error"), [
-    pytest.param([{"id": 1}], "instances must be a list", id="no-url"),
-    pytest.param([{"id": "a", "url": "https://10.0.0.7:8443"}], "expected http://host[:port]", id="https"),
-    pytest.param([{"id": "a", "url": "10.0.0.7:8080"}], "expected http://host[:port]", id="no-scheme"),
+@pytest.mark.parametrize(("instances", "field", "error"), [
+    pytest.param([{"id": 1}], "instances[0].id", "valid string", id="id-not-a-string"),
+    pytest.param([{"id": "a"}], "instances[0].url", "Field required", id="no-url"),
+    pytest.param([{"id": "a", "url": "https://10.0.0.7:8443"}], "instances[0].url", "expected http://host[:port]",
+                 id="https"),
+    pytest.param([{"id": "a", "url": "http://a:1"}, {"id": "b", "url": "10.0.0.7:8080"}], "instances[1].url",
+                 "expected http://host[:port]", id="no-scheme"),
 ])
-def test_admin_rejects_bad_updates(activator, instances: list, error: str) -> None:
+def test_admin_rejects_bad_updates(activator, instances: list, field: str, error: str) -> None:
     _, admin = activator
-    r = httpx.put(f"{admin}/internal/services/default/x", json={"instances": instances})
-    assert r.status_code == 400 and error in r.json()["error"]
+    r = httpx.put(f"{admin}{admin_api.SERVICES}/default/x", json={"instances": instances})
+    assert r.status_code == 400 and error in r.json()["error"] and r.json()["field"] == field, r.text
+
+
+SERVICE_PATH = admin_api.SERVICES + "/default/llama"
+
+
+@pytest.mark.parametrize(("method", "path", "body", "field"), [
+    # PUT the ready instances of a service
+    pytest.param("PUT", SERVICE_PATH, {"container_concurrency": "2"}, "container_concurrency", id="update-cc-string"),
+    pytest.param("PUT", SERVICE_PATH, {"container_concurrency": -1}, "container_concurrency", id="update-cc-negative"),
+    pytest.param("PUT", SERVICE_PATH, {"instances": {"id": "a", "url": "http://a:1"}}, "instances",
+                 id="update-instances-not-a-list"),
+    pytest.param("PUT", SERVICE_PATH, {"instances": [[{"id": "a", "url": "http://a:1"}]]}, "instances[0]",
+                 id="update-instance-nested"),
+    pytest.param("PUT", SERVICE_PATH, {"instances": [{"id": "a", "url": "http://a:1", "capacity": True}]},
+                 "instances[0].capacity", id="update-capacity-bool"),
+    pytest.param("PUT", SERVICE_PATH, [1], None, id="update-not-an-object"),
+    # POST migrate
+    pytest.param("POST", admin_api.MIGRATE, {"name": "llama", "source": "a"}, "namespace", id="migrate-no-namespace"),
+    pytest.param("POST", admin_api.MIGRATE, {"namespace": "default", "name": "llama"}, "source",
+                 id="migrate-no-source"),
+    pytest.param("POST", admin_api.MIGRATE, {"namespace": "default", "name": "llama", "source": 3}, "source",
+                 id="migrate-source-int"),
+    pytest.param("POST", admin_api.MIGRATE, {"namespace": "default", "name": "", "source": "a"}, "name",
+                 id="migrate-name-empty"),
+    pytest.param("POST", admin_api.MIGRATE, {"namespace": "default", "name": "llama", "source": "a",
+                                             "destination": {"id": "b"}}, "destination", id="migrate-dest-nested"),
+    pytest.param("POST", admin_api.MIGRATE, {"namespace": {"ns": "default"}, "name": "llama", "source": "a"},
+                 "namespace", id="migrate-namespace-nested"),
+    # POST drain
+    pytest.param("POST", admin_api.DRAIN, {}, "instance", id="drain-no-instance"),
+    pytest.param("POST", admin_api.DRAIN, {"instance": ["a"]}, "instance", id="drain-instance-list"),
+    pytest.param("POST", admin_api.DRAIN, {"instance": 7}, "instance", id="drain-instance-int"),
+])
+def test_admin_api_names_the_bad_field(activator, upstreams, method: str, path: str, body, field: str | None) -> None:
+    """Every admin body is validated on arrival: a malformed one is a 400 naming the field, never a 500."""
+    _, admin = activator
+    put(admin, "llama", [{"id": "a", "url": upstreams[0].url}])
+    r = httpx.request(method, f"{admin}{path}", json=body)
+    assert r.status_code == 400, r.text
+    doc = admin_api.AdminError.model_validate(r.json())
+    assert doc.field == field and (field is None or field in doc.error), doc
+
+
+@pytest.mark.parametrize("raw", [pytest.param(b"{not json", id="not-json"), pytest.param(b"", id="empty")])
+def test_admin_api_rejects_unreadable_bodies(activator, raw: bytes) -> None:
+    _, admin = activator
+    for path in (admin_api.MIGRATE, admin_api.DRAIN):
+        r = httpx.post(f"{admin}{path}", content=raw)
+        assert r.status_code == 400 and "not JSON" in r.json()["error"], r.text
+
+
+def test_admin_api_answers_typed_bodies(activator, upstreams) -> None:
+    _, admin = activator
+    put(admin, "typed", [{"id": "a", "url": upstreams[0].url, "node": "n1"}], cc=2)
+    stats = admin_api_stats(admin)
+    [svc] = [s for s in stats.services if s.key == ServiceKey("default", "typed")]
+    assert [(i.id, i.outstanding) for i in svc.instances] == [("a", 0)]
+    r = httpx.post(f"{admin}{admin_api.MIGRATE}", json={"namespace": "default", "name": "typed", "source": "a"})
+    assert admin_api.MigrateResponse.model_validate(r.json()).generations == []  # nothing in flight on a
+    r = httpx.post(f"{admin}{admin_api.DRAIN}", json={"instance": "nobody"})
+    assert admin_api.DrainResponse.model_validate(r.json()) == admin_api.DrainResponse(instance="nobody",
+                                                                                        generations=[])
+    r = httpx.post(f"{admin}{admin_api.MIGRATE}", json={"namespace": "default", "name": "nope", "source": "a"})
+    assert r.status_code == 404 and r.json()["error"] == "no service default/nope"
+    assert httpx.delete(f"{admin}{admin_api.service_path(ServiceKey('default', 'typed'))}").status_code == 204
+    assert all(s.name != "typed" for s in admin_api_stats(admin).services)
+
+
+def admin_api_stats(admin: str) -> autoscaler_api.StatsReport:
+    return autoscaler_api.StatsReport.model_validate(httpx.get(f"{admin}{admin_api.STATS}").json())
 
 
 def test_instance_dying_mid_body_is_a_502(activator, upstreams) -> None:
@@ -260,11 +337,11 @@ def test_client_leaving_a_stream_releases_its_slot(activator, upstreams) -> None
                       json={"model": "gone", "stream": True, "n_chunks": 50, "delay": 0.1}) as r:
         lines = r.iter_lines()  # kept referenced: a dropped iterator closes the response
         assert next(lines).startswith("data: ")
-        svc = next(s for s in httpx.get(f"{admin}/internal/stats").json()["services"] if s["name"] == "gone")
+        svc = next(s for s in httpx.get(f"{admin}{admin_api.STATS}").json()["services"] if s["name"] == "gone")
         assert svc["in_flight"] == 1 and svc["instances"][0]["outstanding"] == 1, svc
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:  # the activator notices the disconnect, closes the upstream stream
-        svc = next(s for s in httpx.get(f"{admin}/internal/stats").json()["services"] if s["name"] == "gone")
+        svc = next(s for s in httpx.get(f"{admin}{admin_api.STATS}").json()["services"] if s["name"] == "gone")
         if svc["in_flight"] == 0 and svc["instances"][0]["outstanding"] == 0:
             break
         time.sleep(0.05)

@@ -1,16 +1,26 @@
 """Pure pieces of the activator: routing, request heads, instance choice, the concurrency window,
-the upstream client's URL parsing and request encoding."""
+the capacity slot, the upstream client's URL parsing and request encoding."""
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 import httpx
 import pytest
 
-from activator.app import RequestHead, is_internal, request_target, response_headers, split_headers
+from activator import errors
 from activator.balancer import Instance, pick
-from activator.routing import ServiceKey, model_from_body, service_from_host, service_from_model
+from activator.capacity import Capacity
+from activator.config import ActivatorConfig
+from activator.metrics import ServiceMeters
+from activator.registry import Registry, Service
+from activator.request import RequestHead, is_internal, request_target, response_headers, split_headers
+from activator.routing import model_from_body, service_from_host, service_from_model
 from activator.stats import ConcurrencyWindow
 from activator.upstream import Origin, Pool, encode_request, parse_origin
+from sllm_knative.api.activator import Endpoint
+from sllm_knative.api.keys import ServiceKey
 
 KNOWN = {ServiceKey("default", "llama"), ServiceKey("team-a", "qwen")}
 
@@ -112,6 +122,7 @@ def test_request_head_has_body(length: bytes | None, chunked: bool, want: bool) 
     pytest.param("/v1/../internal/v1/resume", True, id="dot-dot"),
     pytest.param("/./admin/x", True, id="dot"),
     pytest.param("/v1/internal", False, id="not-a-prefix"),
+    pytest.param("/admin/v1/stats", True, id="admin-api"),
 ])
 def test_is_internal(path: str, want: bool) -> None:
     assert is_internal(path) is want
@@ -181,3 +192,87 @@ def test_encode_request(method: bytes, body: bytes, want: bytes) -> None:
 def test_pool_rejects_bad_settings(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         Pool(**kwargs)
+
+
+def _capacity(*instances: tuple[str, int]) -> tuple[Capacity, Service, ServiceMeters, list[Service]]:
+    """A registry with one service of the given (id, capacity) instances; demand is recorded."""
+    registry = Registry()
+    key = ServiceKey("default", "slots")
+    svc = registry.set_service(key)
+    svc.instances = [Instance(i, f"http://{i}", capacity=c) for i, c in instances]
+    demanded: list[Service] = []
+
+    async def demand(s: Service) -> None:
+        demanded.append(s)
+
+    return Capacity(ActivatorConfig(cold_start_timeout_s=0.2), registry, demand), svc, ServiceMeters.of(key), demanded
+
+
+def test_slot_is_released_on_every_path() -> None:
+    async def run() -> None:
+        cap, svc, meters, _ = _capacity(("a", 1))
+        [inst] = svc.instances
+        deadline = time.monotonic() + 1
+        released: list[str] = []
+        async with cap.slot(svc, frozenset(), deadline, meters) as slot:
+            assert slot.instance is inst and inst.outstanding == 1
+            slot.on_release(released.append, "first")
+        assert inst.outstanding == 0 and released == ["first"]
+        with pytest.raises(RuntimeError):  # an error inside: released all the same
+            async with cap.slot(svc, frozenset(), deadline, meters):
+                raise RuntimeError("boom")
+        assert inst.outstanding == 0
+        async with cap.slot(svc, frozenset(), deadline, meters) as slot:  # released early: once only
+            await slot.release()
+            assert inst.outstanding == 0
+        assert inst.outstanding == 0
+        async with cap.slot(svc, frozenset(), deadline, meters) as slot:  # handed over: the new owner releases
+            slot.on_release(released.append, "handed")
+            release = slot.hand_over()
+        assert inst.outstanding == 1 and released == ["first"]
+        await release()
+        assert inst.outstanding == 0 and released == ["first", "handed"]
+
+    asyncio.run(run())
+
+
+def test_slot_waits_for_room_then_times_out() -> None:
+    async def run() -> None:
+        cap, svc, meters, _ = _capacity(("a", 1))
+        [inst] = svc.instances
+        async with cap.slot(svc, frozenset(), time.monotonic() + 5, meters):
+            async def second() -> str:
+                async with cap.slot(svc, frozenset(), time.monotonic() + 5, meters) as slot:
+                    return slot.instance.id
+            waiting = asyncio.ensure_future(second())
+            await asyncio.sleep(0.05)
+            assert not waiting.done() and svc.held == 1  # held until the first slot is given back
+        assert await waiting == "a" and svc.held == 0 and inst.outstanding == 0
+        async with cap.slot(svc, frozenset(), time.monotonic() + 5, meters):
+            with pytest.raises(errors.ColdStartTimeout):  # no room before the deadline
+                async with cap.slot(svc, frozenset(), time.monotonic() + 0.1, meters):
+                    pass
+        cold, cold_svc, cold_meters, demanded = _capacity()
+        with pytest.raises(errors.ColdStartTimeout):  # no instance at all: the autoscaler hears of it first
+            async with cold.slot(cold_svc, frozenset(), time.monotonic() + 0.1, cold_meters):
+                pass
+        assert demanded == [cold_svc]
+
+    asyncio.run(run())
+
+
+def test_endpoints_keep_instances_across_updates() -> None:
+    async def run() -> None:
+        registry = Registry()
+        key = ServiceKey("default", "x")
+        registry.set_service(key, container_concurrency=3)
+        await registry.set_endpoints(key, [Endpoint(id="a", url="http://a:1/", internal_url="http://a:2/")])
+        [a] = registry.get(key).instances
+        a.outstanding = 2
+        await registry.set_endpoints(key, [Endpoint(id="a", url="http://a:1", capacity=5),
+                                           Endpoint(id="b", url="http://b:1")])
+        first, b = registry.get(key).instances
+        assert first is a and a.outstanding == 2 and a.capacity == 5 and a.internal_url == ""
+        assert b.capacity == 3 and b.url == "http://b:1"
+
+    asyncio.run(run())

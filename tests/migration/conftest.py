@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sllm_knative.api import activator as admin_api
 from sllm_knative.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,14 +85,14 @@ class Activator:
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
     def set_instances(self, *functions: Function) -> None:
-        r = httpx.put(f"{self.admin}/internal/services/default/{MODEL}",
+        r = httpx.put(f"{self.admin}{admin_api.SERVICES}/default/{MODEL}",
                       json={"container_concurrency": 0, "instances": [f.endpoint() for f in functions]}, timeout=5)
         r.raise_for_status()
 
     def migrate(self, source: Function, destination: Function | None = None, timeout: float = 60) -> dict:
         body = {"namespace": "default", "name": MODEL, "source": source.id,
                 "destination": destination.id if destination else None}
-        r = httpx.post(f"{self.admin}/internal/migrate", json=body, timeout=timeout)
+        r = httpx.post(f"{self.admin}{admin_api.MIGRATE}", json=body, timeout=timeout)
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -120,7 +121,7 @@ def logs(tmp_path_factory) -> Path:
 def running(act: Activator) -> Iterator[Activator]:
     """Yield the activator once its admin API answers; stop it afterwards."""
     try:
-        wait_for(f"{act.admin}/internal/stats", act.proc, act.log_path, timeout=30)
+        wait_for(f"{act.admin}{admin_api.STATS}", act.proc, act.log_path, timeout=30)
         yield act
     finally:
         act.stop()

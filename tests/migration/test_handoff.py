@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from activator.migration import MigrationConfig, follow_done
+from sllm_knative.api import activator as admin_api
 from tests.migration.conftest import MODEL, Activator, Function, kill_source_between_rounds, wait_for
 
 PROMPT = "The activator holds the client connection while the instance"
@@ -107,11 +108,22 @@ def migrating(act: Activator, bodies: list[dict], during: Callable[[], dict],
     return outs, result
 
 
+def migration_metrics(act: Activator) -> dict[str, float]:
+    """The activator's migration metrics (its admin port's /metrics), by sample name and labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{act.admin}{admin_api.METRICS}", timeout=5).text
+    return {s.name + "".join(f"[{v}]" for v in s.labels.values()): s.value
+            for fam in text_string_to_metric_families(text) if fam.name.startswith("activator_migration")
+            for s in fam.samples}
+
+
 @pytest.mark.parametrize("seed", [pytest.param(None, id="greedy"), pytest.param(1234, id="seeded")])
 def test_scale_down_migration_is_exact(activator, functions, seed):
     a, b = functions
     want = reference(b, body(seed))
     activator.set_instances(a)
+    before = migration_metrics(activator)
 
     def scale_down() -> dict:
         activator.set_instances(b)  # a is the victim: no new requests reach it
@@ -123,6 +135,16 @@ def test_scale_down_migration_is_exact(activator, functions, seed):
     assert gen["outcome"] == "migrated", result
     assert gen["destination"] == "b" and gen["rounds"] >= 1 and gen["tokens"] > 8
     assert gen["gaps"] == [] or gen["gaps"][-1] <= 16 or gen["rounds"] == 4
+    # The migration shows in the activator's metrics: its outcome, its duration, the stream's handoff gap.
+    after = migration_metrics(activator)
+    assert after["activator_migrations_total[migrated]"] == before["activator_migrations_total[migrated]"] + 1
+    assert after["activator_migrations_total[failed]"] == before["activator_migrations_total[failed]"]
+    assert after["activator_migration_seconds_count"] == before["activator_migration_seconds_count"] + 1
+    assert after["activator_migration_seconds_sum"] - before["activator_migration_seconds_sum"] == \
+        pytest.approx(gen["seconds"], rel=1e-6)
+    assert after["activator_migration_gap_seconds_count"] == before["activator_migration_gap_seconds_count"] + 1
+    gap = after["activator_migration_gap_seconds_sum"] - before["activator_migration_gap_seconds_sum"]
+    assert 0 < gap < 10 and after["activator_migration_gap_max_seconds"] >= gap - 1e-9
 
 
 @pytest.mark.parametrize("seed", [pytest.param(None, id="greedy"), pytest.param(1234, id="seeded")])
@@ -217,7 +239,7 @@ def test_no_destination_is_a_clear_409(activator, functions):
     t = threading.Thread(target=stream, args=(activator.url, body(None, 200), out, 4))
     t.start()
     assert out.started.wait(60)
-    r = httpx.post(f"{activator.admin}/internal/migrate",
+    r = httpx.post(f"{activator.admin}{admin_api.MIGRATE}",
                    json={"namespace": "default", "name": MODEL, "source": "a"}, timeout=10)
     t.join(60)
     assert r.status_code == 409 and "no ready instance" in r.json()["error"]
@@ -232,7 +254,7 @@ def test_no_destination_is_a_clear_409(activator, functions):
 ])
 def test_migrate_rejects_bad_requests(activator, functions, doc, status):
     activator.set_instances(functions[0])
-    r = httpx.post(f"{activator.admin}/internal/migrate", json=doc, timeout=10)
+    r = httpx.post(f"{activator.admin}{admin_api.MIGRATE}", json=doc, timeout=10)
     assert r.status_code == status, r.text
     assert "error" in r.json()
 
@@ -296,7 +318,7 @@ def test_internal_token_is_sent_and_required(activator, spare, logs):
     src, dst = spare("secured-src", token), spare("secured-dst", token)
     secured = Activator(logs, name="secured-activator", env=token)
     try:
-        wait_for(f"{secured.admin}/internal/stats", secured.proc, secured.log_path, timeout=30)
+        wait_for(f"{secured.admin}{admin_api.STATS}", secured.proc, secured.log_path, timeout=30)
         want = reference(dst, body(11))
         # Without the token the export is refused (401): the generation stays on its source.
         activator.set_instances(src)

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from sllm_knative.api import instance as instance_api
 from tests.migration.conftest import MODEL, Activator, Function, kill_source_between_rounds
 
 PROMPT = "The activator holds the client connection while the instance"
@@ -29,7 +30,7 @@ def request(seed: int | None, max_tokens: int = 480) -> dict[str, Any]:
 
 def running(fn: Function, min_generated: int = 8) -> str | None:
     """The id of a generation running on fn with at least `min_generated` tokens past its prompt."""
-    r = httpx.get(f"{fn.internal_url}/internal/v1/generations", timeout=5)
+    r = httpx.get(f"{fn.internal_url}{instance_api.GENERATIONS}", timeout=5)
     for g in r.json()["data"]:
         if g["status"] == "running" and g["position"] > min_generated + 12:
             return str(g["id"])

@@ -1,0 +1,93 @@
+"""The admin app (loopback only, never the public port): the autoscaler pushes services and their
+ready instances, reads stats and metrics, and triggers migrations; an instance going away asks
+for its drain. Paths and bodies: sllm_knative/api/activator.py. Every body is validated on
+arrival: a malformed one is a 400 naming the field."""
+
+from __future__ import annotations
+
+import httpx
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from activator import errors, metrics
+from activator.core import Activator
+from activator.upstream import parse_origin
+from sllm_knative.api import activator as api
+from sllm_knative.api.keys import ServiceKey
+from sllm_knative.api.wire import InvalidBody, M, Message, parse_json
+
+
+def _json(msg: Message, status: int = 200) -> JSONResponse:
+    return JSONResponse(msg.model_dump(mode="json"), status_code=status)
+
+
+def _error(message: str, status: int, field: str | None = None) -> JSONResponse:
+    return _json(api.AdminError(error=message, field=field), status)
+
+
+async def _body(request: Request, model: type[M]) -> M:
+    return parse_json(model, await request.body())
+
+
+def build_admin_app(act: Activator) -> Starlette:
+    registry, migrations = act.registry, act.migrations
+
+    async def put_service(request: Request) -> Response:
+        key = ServiceKey(request.path_params["namespace"], request.path_params["name"])
+        try:
+            update = await _body(request, api.ServiceUpdate)
+            for i, e in enumerate(update.instances):
+                try:
+                    parse_origin(e.url)  # the data path speaks plain HTTP to instances
+                except (ValueError, httpx.UnsupportedProtocol) as exc:
+                    raise InvalidBody(f"instances[{i}].url", f"instances[{i}].url: {exc}") from None
+        except InvalidBody as exc:
+            return _error(f"bad service update for {key}: {exc.message}", 400, exc.field)
+        registry.set_service(key, update.container_concurrency)
+        await registry.set_endpoints(key, update.instances)
+        return _json(api.ServiceUpdated(service=str(key), instances=len(update.instances)))
+
+    async def delete_service(request: Request) -> Response:
+        registry.remove_service(ServiceKey(request.path_params["namespace"], request.path_params["name"]))
+        return Response(status_code=204)
+
+    async def get_stats(request: Request) -> Response:
+        return _json(act.reporter.stats())
+
+    async def migrate(request: Request) -> Response:
+        try:
+            req = await _body(request, api.MigrateRequest)
+        except InvalidBody as exc:
+            return _error(f"bad migrate request: {exc.message}", 400, exc.field)
+        if req.key not in registry.known:
+            return _error(f"no service {req.key}", 404)
+        try:
+            results = await migrations.migrate(req.key, req.source, req.destination)
+        except errors.ActivatorError as exc:
+            return _error(exc.message, exc.status)
+        return _json(api.MigrateResponse(service=str(req.key), source=req.source,
+                                         generations=[r.to_message() for r in results]))
+
+    async def drain(request: Request) -> Response:
+        """An instance is going away (SIGTERM): out of rotation, its generations migrated elsewhere."""
+        try:
+            req = await _body(request, api.DrainRequest)
+        except InvalidBody as exc:
+            return _error(f"bad drain request: {exc.message}", 400, exc.field)
+        results = await migrations.drain(req.instance)
+        return _json(api.DrainResponse(instance=req.instance, generations=[r.to_message() for r in results]))
+
+    async def get_metrics(request: Request) -> Response:
+        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(routes=[
+        Route(api.SERVICE_ROUTE, put_service, methods=["PUT"]),
+        Route(api.SERVICE_ROUTE, delete_service, methods=["DELETE"]),
+        Route(api.STATS, get_stats, methods=["GET"]),
+        Route(api.MIGRATE, migrate, methods=["POST"]),
+        Route(api.DRAIN, drain, methods=["POST"]),
+        Route(api.METRICS, get_metrics, methods=["GET"]),
+    ])

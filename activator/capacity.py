@@ -1,0 +1,106 @@
+"""Capacity: holding a request until an instance of its service has room, and the slot it then
+holds on that instance (Knative's throttler and breaker).
+
+    async with capacity.slot(svc, exclude, deadline, meters) as slot:   # waits (cold start, full)
+        ... slot.inst ...                                                 # forwarded there
+    # released here, on every path
+
+`Slot` is the one owner of an instance's capacity slot from acquire to release: entering picks
+the instance with room (poking the autoscaler first when the service has none) and takes its
+slot; leaving gives it back and runs what was registered with `on_release`, whatever happened
+in between. A response that outlives the block (a stream a migration may move to another
+instance) takes the slot over with `hand_over`, after which leaving does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+from activator import errors
+from activator.balancer import Instance, pick
+from activator.config import ActivatorConfig
+from activator.metrics import ServiceMeters
+from activator.registry import Registry, Service
+
+Demand = Callable[[Service], Awaitable[None]]
+
+
+class Slot:
+    """One request's slot on one instance of `svc` (see the module doc)."""
+
+    def __init__(self, capacity: Capacity, svc: Service, exclude: frozenset[str], deadline: float,
+                 meters: ServiceMeters) -> None:
+        self._capacity = capacity
+        self.svc = svc
+        self._exclude = exclude
+        self._deadline = deadline
+        self._meters = meters
+        self._stack = contextlib.AsyncExitStack()
+        self.inst: Instance | None = None
+
+    @property
+    def instance(self) -> Instance:
+        assert self.inst is not None, "the slot is not held"
+        return self.inst
+
+    async def __aenter__(self) -> Slot:
+        inst = await self._capacity.wait_for_room(self.svc, self._exclude, self._deadline, self._meters)
+        await self._stack.enter_async_context(self.svc.breaker.slot(inst))  # no await before: still has room
+        self.inst = inst
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.release()
+
+    def on_release(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Run `callback(*args)` when the slot is given back (before the breaker hears of it)."""
+        self._stack.callback(callback, *args)
+
+    async def release(self) -> None:
+        """Give the slot back now (idempotent; leaving the block does it otherwise)."""
+        await self._stack.aclose()
+
+    def hand_over(self) -> Callable[[], Awaitable[None]]:
+        """The slot's release, for a new owner that outlives this block; leaving it no longer releases."""
+        return self._stack.pop_all().aclose
+
+
+class Capacity:
+    def __init__(self, config: ActivatorConfig, registry: Registry, demand: Demand) -> None:
+        self.config = config
+        self.registry = registry
+        self.demand = demand
+
+    def slot(self, svc: Service, exclude: frozenset[str], deadline: float, meters: ServiceMeters) -> Slot:
+        return Slot(self, svc, exclude, deadline, meters)
+
+    async def wait_for_room(self, svc: Service, exclude: frozenset[str], deadline: float,
+                            meters: ServiceMeters) -> Instance:
+        """The least loaded instance with room, at once or after a wait (Overloaded when too many
+        wait already, ColdStartTimeout past the deadline)."""
+        inst = pick(svc.instances, exclude)
+        if inst is not None:  # warm: no wait
+            meters.queue_seconds.observe(0.0)
+            return inst
+        if not svc.instances:
+            meters.cold_starts.inc()
+            await self.demand(svc)
+        if svc.held >= self.config.max_held_per_service:
+            raise errors.Overloaded(f"{svc.key}: {svc.held} requests already waiting")
+        t0 = time.monotonic()
+        svc.held += 1
+        try:
+            found = await self.registry.wait_for_instance(svc, deadline, exclude)
+        finally:
+            svc.held -= 1
+        meters.queue_seconds.observe(time.monotonic() - t0)
+        if found is None:
+            raise errors.ColdStartTimeout(
+                f"{svc.key}: no instance became ready within {self.config.cold_start_timeout_s:g}s",
+                retry_after=max(1, int(self.config.cold_start_timeout_s // 10)))
+        return found

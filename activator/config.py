@@ -1,0 +1,26 @@
+"""The activator's settings (`python -m activator` flags)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from activator.migration.config import MigrationConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivatorConfig:
+    autoscaler_url: str | None = None
+    cold_start_timeout_s: float = 120.0
+    max_body_bytes: int = 10 << 20
+    max_held_per_service: int = 1000
+    report_interval_s: float = 1.0
+    default_namespace: str = "default"
+    migration: MigrationConfig = dataclasses.field(default_factory=MigrationConfig)
+
+    def __post_init__(self) -> None:
+        if self.cold_start_timeout_s <= 0:
+            raise ValueError(f"cold_start_timeout_s = {self.cold_start_timeout_s}, must be > 0")
+        if self.max_body_bytes <= 0:
+            raise ValueError(f"max_body_bytes = {self.max_body_bytes}, must be > 0")
+        if self.max_held_per_service < 1:
+            raise ValueError(f"max_held_per_service = {self.max_held_per_service}, must be >= 1")

@@ -1,0 +1,148 @@
+"""The activator's side of live migration: which requests can move (the stream table), the relay
+of a stream that may be switched, finishing a non-streaming request elsewhere, and the two
+triggers (`migrate`, `drain`) that the admin API exposes. The protocol itself is in
+activator/migration/."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
+
+import httpx
+from starlette.types import Send
+
+from activator import errors, metrics
+from activator.balancer import Instance
+from activator.capacity import Slot
+from activator.migration import (
+    InstanceClient,
+    MigrationResult,
+    StreamTable,
+    Tracked,
+    migrate_instance,
+    pick_destination,
+    resume_whole,
+    splice,
+)
+from activator.registry import Registry, Service
+from activator.request import response_headers
+from activator.respond import prepend, send_whole
+from sllm_knative.api.instance import GenerationState
+from sllm_knative.api.keys import ServiceKey
+from sllm_knative.log import get_logger
+
+_log = get_logger("activator")
+
+
+class Migrations:
+    def __init__(self, registry: Registry, client: InstanceClient) -> None:
+        self.registry = registry
+        self.client = client
+        self.streams = StreamTable()  # requests by generation id (what a migration can move)
+
+    # -- the request path ------------------------------------------------------------------
+
+    def track(self, gen_id: str | None, svc: Service, slot: Slot) -> Tracked | None:
+        """A request the activator named, movable from the moment it is sent (while `slot` is held),
+        if its instance has an internal API."""
+        inst = slot.instance
+        if gen_id is None or not inst.internal_url:
+            return None
+        tracked = Tracked(gen_id, svc.key, inst, svc.breaker)
+        self.streams.add(tracked)
+        slot.on_release(self.streams.remove, tracked)
+        return tracked
+
+    def track_stream(self, gen_id: str, svc: Service, inst: Instance, tracked: Tracked | None) -> Tracked:
+        """The stream of generation `gen_id` (`x-request-id`): the tracked request, or a new entry
+        when the instance chose its own id."""
+        if tracked is None or tracked.id != gen_id:
+            tracked = Tracked(gen_id, svc.key, inst, svc.breaker)
+            self.streams.add(tracked)
+        return tracked
+
+    async def relay(self, first: bytes, rest: AsyncIterator[bytes], tracked: Tracked) -> AsyncGenerator[bytes, None]:
+        """The plain relay for a stream a migration may switch: chunks pass through (and are kept,
+        unparsed) until a migration starts, then `splice` takes over frame by frame."""
+        broken = False
+        held = b""  # a chunk received after the migration began: splice must see it (it may be the detach)
+        if first:
+            tracked.keep(first)
+            yield first
+        try:
+            while not tracked.migrating:
+                chunk = await anext(rest, None)
+                if chunk is None:
+                    if not tracked.migrating:
+                        return
+                    break
+                if tracked.migrating:
+                    held = chunk
+                    break
+                tracked.keep(chunk)
+                yield chunk
+        except httpx.HTTPError as exc:
+            if not tracked.migrating:
+                _log.warning("upstream stream broke after the first byte", error=f"{type(exc).__name__}: {exc}")
+                return
+            broken = True
+        async for out in splice(self.client, tracked, prepend(held, rest), self.resume_candidates, broken=broken):
+            yield out
+
+    async def finish_whole(self, send: Send, svc: Service, tracked: Tracked, state: GenerationState | None) -> None:
+        """Answer a non-streaming request whose generation left its instance (state None: the
+        instance died mid-migration, use the last export) from the instance that finishes it."""
+        self.streams.add(tracked)  # still movable while it runs on the destination
+        try:
+            resp = await resume_whole(self.client, tracked, state, self.resume_candidates)
+        finally:
+            self.streams.remove(tracked)
+            tracked.ended = True
+        if resp is None:
+            raise errors.UpstreamFailed(f"{svc.key}: the migrated request {tracked.id} could not be resumed")
+        out = response_headers([(k.lower(), v) for k, v in resp.headers.raw], tracked.instance.id)
+        await send_whole(send, resp.status_code, out, resp.content)
+
+    def resume_candidates(self, tracked: Tracked, tried: frozenset[str]) -> list[Instance]:
+        """Where a detached (or orphaned) generation may resume: its destination first, then any other."""
+        out = [tracked.destination] if tracked.destination and tracked.destination.id not in tried else []
+        with contextlib.suppress(KeyError):
+            for inst in self.registry.get(tracked.key).instances:
+                if inst.id not in tried and inst.internal_url and inst not in out and inst.id != tracked.instance.id:
+                    out.append(inst)
+        return out
+
+    # -- the triggers ----------------------------------------------------------------------
+
+    async def drain(self, instance_id: str) -> list[MigrationResult]:
+        """Take an instance out of rotation in every service and migrate its streams (where possible)."""
+        results: list[MigrationResult] = []
+        for svc in self.registry.services():
+            if any(i.id == instance_id for i in svc.instances):
+                await self.registry.drop_instance(svc.key, instance_id)
+            if self.streams.on_instance(svc.key, instance_id):
+                try:
+                    results += await self.migrate(svc.key, instance_id, None)
+                except errors.NoDestination as exc:
+                    _log.warning("drain: nowhere to migrate", instance=instance_id, error=exc.message)
+        return results
+
+    async def migrate(self, key: ServiceKey, source: str, destination: str | None) -> list[MigrationResult]:
+        """Move every stream running on `source` (in parallel) to `destination` (None: the least loaded)."""
+        svc = self.registry.get(key)
+        streams = self.streams.on_instance(key, source)
+
+        def choose(tried: frozenset[str]) -> Instance | None:
+            if destination is not None:
+                named = [i for i in svc.instances if i.id == destination and i.id not in tried]
+                return named[0] if named and named[0].internal_url else None
+            return pick_destination(svc.instances, source, tried)
+
+        if streams and choose(frozenset()) is None:
+            raise errors.NoDestination(f"{key}: no ready instance to migrate {source}'s generations to")
+        results = await migrate_instance(self.client, streams, choose)
+        for r in results:
+            metrics.observe_migration(r.outcome, r.seconds)
+        _log.info("migrated", service=str(key), instance=source, generations=len(results),
+                  outcomes=",".join(str(r.outcome) for r in results))
+        return results
