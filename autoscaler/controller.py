@@ -25,6 +25,7 @@ from autoscaler.backends.base import Backend
 from autoscaler.decider import Metrics, decide
 from autoscaler.scaling import Scaler
 from autoscaler.services import ServiceRuntime, ServiceTable
+from sllm_knative.api.autoscaler import StatsReport
 from sllm_knative.config import TICK_S, Manifest
 from sllm_knative.log import get_logger
 
@@ -69,17 +70,17 @@ class Autoscaler:
 
     # -- inputs from the activator ---------------------------------------------------------
 
-    def on_stats(self, doc: dict[str, Any], now: float | None = None) -> None:
+    def on_stats(self, report: StatsReport, now: float | None = None) -> None:
         now = self.clock() if now is None else now
-        for s in doc.get("services", []):
-            rt = self.table.get(f"{s['namespace']}/{s['name']}")
+        for s in report.services:
+            rt = self.table.get(str(s.key))
             if rt is None:
                 continue
-            rt.window = rt.window.record(now, float(s["average_concurrency"]))
-            rt.in_flight = int(s["in_flight"])
-            if s["in_flight"] or s["requests"]:
+            rt.window = rt.window.record(now, s.average_concurrency)
+            rt.in_flight = s.in_flight
+            if s.in_flight or s.requests:
                 rt.last_request_at = now
-            rt.outstanding = {i["id"]: int(i["outstanding"]) for i in s.get("instances", [])}
+            rt.outstanding = {i.id: i.outstanding for i in s.instances}
 
     async def on_demand(self, key: str, in_flight: int) -> None:
         """A request waits for a service at zero: record it and decide now, not at the next tick."""

@@ -21,20 +21,33 @@ from starlette.routing import Route
 
 from autoscaler import metrics as m
 from autoscaler.controller import Autoscaler
+from sllm_knative.api.autoscaler import DEMAND, STATS, Demand, StatsReport
+from sllm_knative.api.wire import InvalidBody, parse_json
 from sllm_knative.config import ConfigError, parse_manifest
 from sllm_knative.log import get_logger
 
 _log = get_logger("autoscaler")
 
 
+def _bad_body(exc: InvalidBody) -> Response:
+    return JSONResponse({"error": exc.message, "field": exc.field}, status_code=400)
+
+
 def build_app(scaler: Autoscaler) -> Starlette:
     async def stats(request: Request) -> Response:
-        scaler.on_stats(await request.json())
+        try:
+            report = parse_json(StatsReport, await request.body())
+        except InvalidBody as exc:
+            return _bad_body(exc)
+        scaler.on_stats(report)
         return Response(status_code=204)
 
     async def demand(request: Request) -> Response:
-        doc = await request.json()
-        await scaler.on_demand(f"{doc['namespace']}/{doc['name']}", int(doc.get("in_flight", 1)))
+        try:
+            doc = parse_json(Demand, await request.body())
+        except InvalidBody as exc:
+            return _bad_body(exc)
+        await scaler.on_demand(str(doc.key), doc.in_flight)
         return Response(status_code=204)
 
     async def apply(request: Request) -> Response:
@@ -75,8 +88,8 @@ def build_app(scaler: Autoscaler) -> Starlette:
         return Response(generate_latest(m.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     return Starlette(routes=[
-        Route("/v1/stats", stats, methods=["POST"]),
-        Route("/v1/demand", demand, methods=["POST"]),
+        Route(STATS, stats, methods=["POST"]),
+        Route(DEMAND, demand, methods=["POST"]),
         Route("/v1/apply", apply, methods=["POST"]),
         Route("/v1/services/{namespace}/{name}", delete, methods=["DELETE"]),
         Route("/v1/services", services, methods=["GET"]),

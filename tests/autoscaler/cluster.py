@@ -8,6 +8,7 @@ from autoscaler.backends.base import InstanceRecord, InstanceState
 from autoscaler.backends.memory import MemoryActivator, MemoryBackend, MemoryNode
 from autoscaler.controller import Autoscaler
 from autoscaler.services import ServiceRuntime
+from sllm_knative.api.autoscaler import ServiceStats, StatsReport
 from sllm_knative.config import parse_manifest
 from sllm_knative.local.manifests import ALLOW_ZERO_INITIAL_SCALE, service_manifest
 from sllm_knative.placement import Tier
@@ -76,10 +77,10 @@ class Cluster:
     def report(self, concurrency: Mapping[str, float] | None = None) -> None:
         """The activator's per-second report: each service's concurrency (0 unless given)."""
         concurrency = concurrency or {}
-        self.scaler.on_stats({"services": [
-            {"namespace": "default", "name": key.split("/", 1)[1], "average_concurrency": concurrency.get(key, 0.0),
-             "in_flight": int(concurrency.get(key, 0)), "requests": int(concurrency.get(key, 0)), "instances": []}
-            for key in self.scaler.services]})
+        self.scaler.on_stats(StatsReport(services=[
+            ServiceStats(namespace="default", name=key.split("/", 1)[1], average_concurrency=concurrency.get(key, 0.0),
+                         in_flight=int(concurrency.get(key, 0)), requests=int(concurrency.get(key, 0)), seconds=1.0)
+            for key in self.scaler.services]))
 
     async def tick(self, seconds: float = 1.0, concurrency: Mapping[str, float] | None = None) -> None:
         """`seconds` later: a report, then the decider for every service."""
