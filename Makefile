@@ -13,7 +13,7 @@ TORCH := torch==2.13.0
 NVCC := 'nvidia-cuda-nvcc==13.0.*' 'nvidia-cuda-runtime==13.0.*' 'nvidia-nvvm==13.0.*' 'nvidia-cuda-crt==13.0.*'
 STAMP := $(VENV)/.installed
 PACKAGES := sllm_knative activator autoscaler loader_sidecar functions bench
-PROTO := loader_sidecar/loader.proto
+PROTO := sllm_knative/loader/loader.proto
 KUBE_BINS := .kube-bins
 KUBE_TOOLS := kube-apiserver kube-controller-manager kube-scheduler kubectl
 KUBE_STAMP := $(KUBE_BINS)/.built
@@ -26,7 +26,7 @@ KUBE_LDFLAGS := -X k8s.io/component-base/version.gitVersion=$(KUBE_VERSION) \
 
 install: $(STAMP)
 
-$(STAMP): Makefile pyproject.toml setup.py $(wildcard cuda_ext/src/*) $(wildcard loader_sidecar/*.proto)
+$(STAMP): Makefile pyproject.toml setup.py $(wildcard cuda_ext/src/*) $(wildcard sllm_knative/loader/*.proto)
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip setuptools wheel
 	$(VPY) -m pip install -q $(TORCH) $(NVCC) pybind11 grpcio-tools

@@ -33,7 +33,7 @@ need not add up exactly to its median TTFT):
 
   placement_s    the autoscaler's placement (node inventories + load-time model); for
                  knative_default, the random pick
-  load_s         lease wait (sllm: from the zygote child's lease timing) + the instance's
+  load_s         lease wait (sllm: from the instance's lease timing) + the instance's
                  model load phase (its /health/ready startup report)
   start_s        instance process start to ready, minus load_s (fork or exec, imports,
                  KV cache, warm-up, readiness poll)
@@ -72,6 +72,7 @@ from typing import Any
 import httpx
 
 from bench._common import ensure_model, evict, machine, resident_fraction, save_figure, write_json
+from sllm_knative.api import activator as activator_api
 from sllm_knative.local.manifests import service_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,7 +176,7 @@ class Bench:
 
     def tiers(self, state: str = "ready") -> dict[str, set[str]]:
         """node -> the tiers holding a copy of the model in `state` (ready or filling)."""
-        from loader_sidecar.client import LoaderClient
+        from sllm_knative.loader.client import LoaderClient
 
         out: dict[str, set[str]] = {}
         for node in self.cluster["nodes"]:
@@ -191,8 +192,8 @@ class Bench:
 
     # -- putting the checkpoint where a tier says
     def _evict(self, node: dict[str, Any], tier: str) -> None:
-        from loader_sidecar.client import LoaderClient
-        from loader_sidecar.errors import InUse, NotFound
+        from sllm_knative.loader.client import LoaderClient
+        from sllm_knative.loader.errors import InUse, NotFound
 
         deadline = time.monotonic() + 120
         with LoaderClient(node["loader"], timeout=30) as c:
@@ -218,7 +219,7 @@ class Bench:
         return worst
 
     def prepare(self, tier: str) -> dict[str, Any]:
-        from loader_sidecar.client import LoaderClient
+        from sllm_knative.loader.client import LoaderClient
 
         nodes = self.cluster["nodes"]
         _wait(self.settled, 300, "background fills to finish")
@@ -288,7 +289,7 @@ class Bench:
         from sllm_knative.ports import free_port
 
         admin = self.cluster["activator_admin"]
-        url = f"{admin}/internal/services/{NAMESPACE}/{KD_SERVICE}"
+        url = f"{admin}{activator_api.SERVICES}/{NAMESPACE}/{KD_SERVICE}"
         self.http.put(url, json={"container_concurrency": 1, "instances": []}).raise_for_status()
         for f in self.hf_dir.iterdir():
             evict(f)
@@ -303,7 +304,7 @@ class Bench:
                 result["error"] = exc
 
         def held() -> bool:
-            stats = self.http.get(f"{admin}/internal/stats").json()["services"]
+            stats = self.http.get(f"{admin}{activator_api.STATS}").json()["services"]
             return any(s["name"] == KD_SERVICE and s["held"] > 0 for s in stats)
 
         sent = time.time()

@@ -14,7 +14,7 @@ admin API the way the autoscaler does.
 
 One run at context N: a streaming greedy completion (logprobs=1, ignore_eos) whose prompt is
 `N - before` random token ids goes through the activator to a; once the client has `before`
-generated tokens, b becomes the service's only ready instance and `POST /internal/migrate
+generated tokens, b becomes the service's only ready instance and `POST /admin/v1/migrate
 {source: a, destination: b}` is called. The context at the detach is the result's `tokens`
 (prompt + generated, above N: a keeps generating while b
 prefills; `--after` is long enough that a does not finish first). The vs_restart rows are keyed
@@ -64,6 +64,7 @@ from typing import Any
 import httpx
 
 from bench._common import machine, save_figure, write_json
+from sllm_knative.api import activator as activator_api
 from sllm_knative.log import get_logger, setup
 from sllm_knative.placement.calibration import MigrationCost, MigrationObservation, fit_migration_cost
 from sllm_knative.ports import free_port
@@ -130,19 +131,19 @@ class Activator(Process):
         port, admin = free_port(), free_port()
         self.url, self.admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
         super().__init__("activator", ["-m", "activator", "--port", str(port), "--admin-port", str(admin), *extra],
-                         logs, f"{self.admin}/internal/stats", {})
+                         logs, f"{self.admin}{activator_api.STATS}", {})
 
     def set_instances(self, *fns: Function) -> None:
-        r = httpx.put(f"{self.admin}/internal/services/default/{MODEL}",
+        r = httpx.put(f"{self.admin}{activator_api.SERVICES}/default/{MODEL}",
                       json={"container_concurrency": 0, "instances": [f.endpoint() for f in fns]}, timeout=5)
         r.raise_for_status()
 
     def migrate(self, source: Function, destination: Function) -> dict[str, Any]:
-        r = httpx.post(f"{self.admin}/internal/migrate", timeout=120,
+        r = httpx.post(f"{self.admin}{activator_api.MIGRATE}", timeout=120,
                        json={"namespace": "default", "name": MODEL, "source": source.id,
                              "destination": destination.id})
         if r.status_code != 200:
-            raise RuntimeError(f"POST /internal/migrate: {r.status_code} {r.text}")
+            raise RuntimeError(f"POST {activator_api.MIGRATE}: {r.status_code} {r.text}")
         return r.json()
 
 

@@ -7,7 +7,7 @@ a tiny random Llama) is started and kept warm; three paths reach it:
 
   direct     the instance's own port
   activator  `python -m activator` (no autoscaler), the instance registered through its admin
-             port (`PUT /internal/services/default/llm`), routed by the Host header
+             port (`PUT /admin/v1/services/default/llm`), routed by the Host header
   nginx      nginx from the distribution, generated config: one worker, `proxy_pass` to an
              upstream with `keepalive 16`, HTTP/1.1 upstream, `proxy_buffering off`
 
@@ -51,6 +51,7 @@ import httpx
 
 from bench._common import ensure_model, machine, save_figure, write_json
 from loader_sidecar.testing import nginx_conf
+from sllm_knative.api import activator as activator_api
 from sllm_knative.ports import free_port as _free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -366,7 +367,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         started.append(act)
         _wait_http(f"http://127.0.0.1:{fn_port}/health/ready", fn, "the function instance")
         _wait_http(f"http://127.0.0.1:{act_admin}/metrics", act, "the activator")
-        httpx.put(f"http://127.0.0.1:{act_admin}/internal/services/{NAMESPACE}/{SERVICE}", json={
+        httpx.put(f"http://127.0.0.1:{act_admin}{activator_api.SERVICES}/{NAMESPACE}/{SERVICE}", json={
             "container_concurrency": 0,
             "instances": [{"id": "llm-1", "url": f"http://127.0.0.1:{fn_port}", "node": "local"}]},
             timeout=10).raise_for_status()

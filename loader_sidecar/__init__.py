@@ -7,8 +7,10 @@ Modules, outside in:
     fetch      remote -> SSD (+DRAM at once), SSD -> DRAM; one flight per checkpoint
     stores/    one module per store kind (file, http, hf, s3) behind stores.base.Store
     tiers      a budgeted cache directory: LRU that never evicts in-use entries, markers, recovery
-    fills, watermarks, leases, profile, inventory, metrics, refs, config, errors
-    client     synchronous client for instances and the CLI
+    fills, watermarks, leases, profile, inventory, metrics, refs, config
     testing    nginx, a fault-injecting TCP proxy and an in-process sidecar, for tests and benchmarks
-See docs/sidecar.md.
+
+The API is the library's, `sllm_knative.loader`: loader.proto and its generated stubs, the
+client (for instances, the autoscaler, the CLI and tests) and the error types, which this
+package raises and maps to gRPC status codes (server.status_for). See docs/sidecar.md.
 """

@@ -8,9 +8,9 @@ import logging
 import sys
 
 from loader_sidecar.config import add_arguments, from_args
-from loader_sidecar.errors import BadRequest
 from loader_sidecar.server import serve
 from sllm_knative import log
+from sllm_knative.loader.errors import BadRequest
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,14 +11,14 @@ import dataclasses
 import os
 import re
 import shutil
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
 
-from loader_sidecar.errors import BadRequest
 from loader_sidecar.refs import StoreRoot, parse_store
+from sllm_knative.loader.address import default_listen, default_node
+from sllm_knative.loader.errors import BadRequest
 
 _NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -34,11 +34,6 @@ def parse_size(text: str, where: str) -> int:
         raise BadRequest(f"{where} = {text!r}: expected a byte count such as 512MiB, 10GB or 1048576")
     value = float(m.group(1)) * _UNITS[(m.group(2) or "").upper()]
     return int(value)
-
-
-def default_node() -> str:
-    name = socket.gethostname().split(".")[0] or "node"
-    return re.sub(r"[^A-Za-z0-9._-]", "-", name)[:63]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,10 +101,6 @@ def host_port(text: str, where: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise BadRequest(f"{where} = {text!r}: expected host:port such as 127.0.0.1:7070")
     return host, int(port)
-
-
-def default_listen(node: str) -> str:
-    return f"unix:///tmp/sllm-knative/{node}/loader.sock"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -42,7 +42,6 @@ import numpy as np
 
 from cuda_ext import _C
 from loader_sidecar.config import Config
-from loader_sidecar.errors import CorruptData, DiskError, LoaderError, NotFound, StoreUnavailable
 from loader_sidecar.fills import Fill, Layout
 from loader_sidecar.metrics import Metrics
 from loader_sidecar.profile import Profile
@@ -53,6 +52,7 @@ from loader_sidecar.tiers import Entry, Tier
 from loader_sidecar.watermarks import Watermarks
 from sllm_knative import format as fmt
 from sllm_knative import loading  # noqa: F401  (installs the extension's error types)
+from sllm_knative.loader.errors import CorruptData, DiskError, LoaderError, NotFound, StoreUnavailable
 from sllm_knative.log import get_logger
 
 # Small files that travel with the weights; probed by name so every store kind (even plain

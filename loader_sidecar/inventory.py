@@ -15,10 +15,10 @@ from typing import Any
 
 import psutil
 
-from loader_sidecar import loader_pb2 as pb
 from loader_sidecar.leases import Lease
 from loader_sidecar.profile import Profile
 from loader_sidecar.tiers import Tier
+from sllm_knative.loader import loader_pb2 as pb
 from sllm_knative.log import get_logger
 
 _log = get_logger("loader_sidecar.inventory")

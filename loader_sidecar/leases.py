@@ -13,9 +13,9 @@ import re
 import secrets
 import time
 
-from loader_sidecar.errors import BadRequest, UnknownLease
 from loader_sidecar.fills import Fill, Hold
 from loader_sidecar.refs import ModelRef
+from sllm_knative.loader.errors import BadRequest, UnknownLease
 
 _DEVICE = re.compile(r"^(cpu|cuda)(?::([0-9]{1,3}))?$")
 _INSTANCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,252}$")

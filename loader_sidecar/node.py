@@ -11,14 +11,14 @@ import asyncio
 import time
 
 from loader_sidecar import inventory, refs
-from loader_sidecar import loader_pb2 as pb
 from loader_sidecar.config import Config
-from loader_sidecar.errors import BadRequest, NotFound
 from loader_sidecar.fetch import Fetcher
 from loader_sidecar.leases import Lease, LeaseTable, check_instance, parse_device
 from loader_sidecar.metrics import Metrics
 from loader_sidecar.profile import Profile
 from loader_sidecar.tiers import Entry, Tier
+from sllm_knative.loader import loader_pb2 as pb
+from sllm_knative.loader.errors import BadRequest, NotFound
 from sllm_knative.log import get_logger
 
 TIERS = ("ssd", "dram")

@@ -21,7 +21,6 @@ import hashlib
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-from loader_sidecar.errors import BadRequest
 from sllm_knative.config.model_uri import (
     DEFAULT_REVISION,
     SCHEMES,
@@ -33,6 +32,7 @@ from sllm_knative.config.model_uri import (
     is_s3_bucket,
     parse_model_uri,
 )
+from sllm_knative.loader.errors import BadRequest
 
 __all__ = ["DEFAULT_REVISION", "SCHEMES", "ModelRef", "StoreRoot", "parse_store", "parse_uri", "resolve"]
 

@@ -16,13 +16,13 @@ from typing import Any
 import grpc
 from prometheus_client import start_http_server
 
-from loader_sidecar import errors
-from loader_sidecar import loader_pb2 as pb
-from loader_sidecar import loader_pb2_grpc as pb_grpc
 from loader_sidecar.config import Config, host_port, listen_address
 from loader_sidecar.leases import Lease
 from loader_sidecar.node import Node
 from loader_sidecar.watermarks import Watermarks
+from sllm_knative.loader import errors
+from sllm_knative.loader import loader_pb2 as pb
+from sllm_knative.loader import loader_pb2_grpc as pb_grpc
 from sllm_knative.log import get_logger
 
 _log = get_logger("loader_sidecar.server")

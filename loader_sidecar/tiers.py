@@ -32,8 +32,8 @@ import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from loader_sidecar.errors import InUse, TierFull
 from sllm_knative import atomic
+from sllm_knative.loader.errors import InUse, TierFull
 from sllm_knative.log import get_logger
 
 MARKER = ".sllm-entry.json"

@@ -1,6 +1,8 @@
 """The LLM inference function: OpenAI-compatible serving with resumable generation.
 
-`python -m functions.llm --model DIR` runs one instance (docs/function.md). Modules:
+`python -m functions.llm --model DIR` runs one instance (docs/function.md); with
+`--checkpoint URI --loader ADDRESS` it leases the checkpoint from the node's loader sidecar
+instead. Modules:
 
     __main__     entry point: start loading at once, serve meanwhile
     config       flags and environment -> ServeConfig (defaults, parse, validate)
@@ -23,6 +25,6 @@
     text         incremental detokenization and stop strings
     state        the exported generation state (format and validation)
     params       plain values shared by the HTTP layer and the engine
-    weights      where the weights come from (the seam for the loader's lease)
+    weights      where the weights come from: a directory, or a lease from the loader sidecar
     metrics      Prometheus metrics and startup timings
 """

@@ -2,8 +2,12 @@
 
 Imports before the load starts are the standard library, the configuration and logging;
 torch and transformers are imported by the loading thread while the HTTP servers come up.
-`main(argv)` also serves a pre-imported runtime (a process that imported torch and
-transformers ahead of time and then calls it).
+`main(argv)` also serves a pre-imported runtime (the local cluster's zygote,
+functions/zygote.py, imports torch and transformers ahead of time and calls it in a fork).
+
+With `--checkpoint URI --loader ADDRESS` the instance takes its own lease on the checkpoint from
+the node's loader sidecar and loads the leased copy (functions/llm/weights.py); with `--model DIR`
+it loads a directory.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Callable
 
 
 def _process_start() -> float:
@@ -30,9 +33,8 @@ def _process_start() -> float:
         return time.time()
 
 
-def main(argv: list[str] | None = None, follow: Callable[[int, int], int] | None = None) -> int:
-    """Serve; `follow` (the local cluster's zygote, for a GPU instance): the model directory is
-    a DRAM-tier copy still being filled, and follow(partition, nbytes) waits for its watermark."""
+def main(argv: list[str] | None = None) -> int:
+    """Serve until SIGTERM; 2 for bad flags or a port in use, 3 when the model could not be loaded."""
     started = _process_start()
     from functions.llm import config
     from sllm_knative import log
@@ -45,9 +47,8 @@ def main(argv: list[str] | None = None, follow: Callable[[int, int], int] | None
     log.setup(level)
     logger = log.get_logger("functions.llm", model=cfg.model_name, instance=cfg.instance, node=cfg.node)
     from functions.llm.service import Service
-    from functions.llm.weights import FilledCheckpoint
 
-    service = Service(cfg, started, logger, source=FilledCheckpoint(cfg.model_dir, follow) if follow else None)
+    service = Service(cfg, started, logger)
     service.start_loading()
     from functions.llm import server
 

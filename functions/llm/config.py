@@ -4,8 +4,11 @@ Knative sets `PORT`; everything else has an `SLLM_*` variable and a flag (flags 
 
 | flag                  | environment                                   | default                  |
 |-----------------------|-----------------------------------------------|--------------------------|
-| --model DIR           | SLLM_MODEL_DIR                                | (required)               |
-| --served-model-name   | SLLM_MODEL_NAME                               | basename of DIR          |
+| --model DIR           | SLLM_MODEL_DIR                                | (this or --checkpoint)   |
+| --checkpoint URI      | SLLM_CHECKPOINT                               | (this or --model)        |
+| --loader ADDRESS      | SLLM_LOADER                                   | the node's loader socket |
+| --lease-timing FILE   | SLLM_LEASE_TIMING                             | none                     |
+| --served-model-name   | SLLM_MODEL_NAME                               | basename of DIR or URI   |
 | --device              | SLLM_DEVICE                                   | cpu                      |
 | --host / --port       | SLLM_HOST / PORT                              | 0.0.0.0 / 8080           |
 | --internal-host/-port | SLLM_INTERNAL_HOST / SLLM_INTERNAL_PORT       | 0.0.0.0 / port + 1       |
@@ -22,6 +25,12 @@ Knative sets `PORT`; everything else has an `SLLM_*` variable and a flag (flags 
 
 The internal token is read from the environment only, so it never shows in a process list.
 
+`--checkpoint URI` (a checkpoint URI or bare name the loader resolves, docs/sidecar.md) makes the
+instance take its own lease on the checkpoint from the node's loader sidecar at `--loader` (a
+gRPC target: `unix:///path` or `host:port`; default `$SLLM_LOADER`, else the node's default
+socket) and load the leased DRAM-tier copy (functions/llm/weights.py, `LeasedCheckpoint`); the
+lease's timing is written to `--lease-timing` when given. `--model DIR` loads a directory.
+
 Warm-up (one prefill and two decode steps before the instance reports ready) pays for a GPU's
 lazy initialisation (cuBLAS handles, kernel loading) off the request path. On the CPU there is
 little to pay for: on the 0.5 GB benchmark model the first request was 12-47 ms slower without
@@ -36,10 +45,13 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from sllm_knative.api.auth import token_from_env
+from sllm_knative.loader.address import default_listen, default_node
+
 
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
-    model_dir: Path
+    model_dir: Path | None
     model_name: str
     device: str = "cpu"
     host: str = "0.0.0.0"
@@ -58,6 +70,9 @@ class ServeConfig:
     warmup: bool = False
     instance: str | None = None
     node: str | None = None
+    checkpoint: str | None = None  # leased from `loader` instead of reading model_dir
+    loader: str | None = None
+    lease_timing: Path | None = None
 
     @property
     def kv_slots(self) -> int:
@@ -67,7 +82,12 @@ class ServeConfig:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m functions.llm",
                                 description="OpenAI-compatible LLM inference function (sllm-knative)")
-    p.add_argument("--model", dest="model_dir")
+    p.add_argument("--model", dest="model_dir", metavar="DIR", help="serve the checkpoint in this directory")
+    p.add_argument("--checkpoint", metavar="URI",
+                   help="lease this checkpoint from the node's loader sidecar and serve it")
+    p.add_argument("--loader", metavar="ADDRESS",
+                   help="the loader sidecar's gRPC target (unix:///path or host:port) for --checkpoint")
+    p.add_argument("--lease-timing", metavar="FILE", help="write the lease's timing here (JSON)")
     p.add_argument("--served-model-name", dest="model_name")
     p.add_argument("--device")
     p.add_argument("--host")
@@ -123,10 +143,14 @@ def parse(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = Non
                 return env[name].strip()
         return None
 
-    model_dir = pick(args.model_dir, "SLLM_MODEL_DIR")
-    if not model_dir:
-        raise ValueError("model directory: pass --model DIR or set SLLM_MODEL_DIR")
-    path = Path(model_dir)
+    model_dir, checkpoint = _weights(args, env)
+    path = Path(model_dir) if model_dir else None
+    loader = None
+    if checkpoint:
+        loader = pick(args.loader, "SLLM_LOADER") or default_listen(env.get("SLLM_NODE") or default_node())
+    elif args.loader:
+        raise ValueError("--loader ADDRESS needs --checkpoint URI (the checkpoint to lease from it)")
+    lease_timing = pick(args.lease_timing, "SLLM_LEASE_TIMING")
     device = pick(args.device, "SLLM_DEVICE") or "cpu"
     port = args.port if args.port is not None else _env_int(env, "PORT")
     port = 8080 if port is None else port
@@ -144,13 +168,14 @@ def parse(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = Non
 
     cfg = ServeConfig(
         model_dir=path,
-        model_name=pick(args.model_name, "SLLM_MODEL_NAME") or path.resolve().name,
+        model_name=pick(args.model_name, "SLLM_MODEL_NAME") or (
+            path.resolve().name if path is not None else _checkpoint_name(checkpoint or "")),
         device=device,
         host=pick(args.host, "SLLM_HOST") or "0.0.0.0",
         port=port,
         internal_host=pick(args.internal_host, "SLLM_INTERNAL_HOST") or "0.0.0.0",
         internal_port=port + 1 if internal_port is None else internal_port,
-        internal_token=env.get("SLLM_INTERNAL_TOKEN") or None,
+        internal_token=token_from_env(env),
         max_concurrency=8 if max_conc is None else max_conc,
         parked_slots=parked if parked is not None else (8 if max_conc is None else max_conc),
         max_model_len=num(args.max_model_len, "SLLM_MAX_MODEL_LEN", 4096),
@@ -162,9 +187,33 @@ def parse(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = Non
         warmup=device.startswith("cuda") if warmup is None else warmup,
         instance=env.get("SLLM_INSTANCE") or env.get("HOSTNAME") or None,
         node=env.get("SLLM_NODE") or env.get("NODE_NAME") or None,
+        checkpoint=checkpoint,
+        loader=loader,
+        lease_timing=Path(lease_timing) if lease_timing else None,
     )
     validate(cfg)
     return cfg, args.log_level
+
+
+def _weights(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """(model directory, checkpoint URI): exactly one; a flag wins over both variables."""
+    if args.model_dir and args.checkpoint:
+        raise ValueError("pass --model DIR or --checkpoint URI, not both")
+    if args.model_dir or args.checkpoint:
+        return args.model_dir or None, args.checkpoint or None
+    model_dir = env.get("SLLM_MODEL_DIR", "").strip() or None
+    checkpoint = env.get("SLLM_CHECKPOINT", "").strip() or None
+    if model_dir and checkpoint:
+        raise ValueError("SLLM_MODEL_DIR and SLLM_CHECKPOINT are both set: set one")
+    if not model_dir and not checkpoint:
+        raise ValueError("model: pass --model DIR or --checkpoint URI (leased from --loader), "
+                         "or set SLLM_MODEL_DIR or SLLM_CHECKPOINT")
+    return model_dir, checkpoint
+
+
+def _checkpoint_name(uri: str) -> str:
+    """hf://org/name@rev -> name; s3://bucket/prefix/name -> name; org/name -> name."""
+    return uri.split("@", 1)[0].rstrip("/").rsplit("/", 1)[-1]
 
 
 def validate(cfg: ServeConfig) -> None:
@@ -175,8 +224,12 @@ def validate(cfg: ServeConfig) -> None:
         if value < low:
             problems.append(f"{name} = {value}, must be at least {low}")
 
-    if not cfg.model_dir.is_dir():
+    if cfg.model_dir is not None and not cfg.model_dir.is_dir():
         problems.append(f"model directory {str(cfg.model_dir)!r} does not exist")
+    if (cfg.model_dir is None) == (cfg.checkpoint is None):
+        problems.append("model: one of a model directory and a checkpoint to lease")
+    if cfg.checkpoint is not None and not cfg.loader:
+        problems.append("loader: a checkpoint is leased from a loader (--loader ADDRESS)")
     if not cfg.model_name:
         problems.append("served model name must not be empty")
     if cfg.device != "cpu" and not (cfg.device == "cuda" or cfg.device.startswith("cuda:")):

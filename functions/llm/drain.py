@@ -1,9 +1,10 @@
 """Preemption: on SIGTERM, ask the activator to migrate this instance's generations first.
 
 With `SLLM_DRAIN_URL` (the activator's admin URL) and `SLLM_INSTANCE` set, the shutdown path
-calls `POST {SLLM_DRAIN_URL}/internal/drain {"instance": SLLM_INSTANCE}` and waits for it (at
-most `SLLM_DRAIN_GRACE_S`, default 20 s) before the listeners stop: the internal API must still
-answer while the activator exports, detaches and resumes elsewhere. Without them it does nothing.
+calls `POST {SLLM_DRAIN_URL}/admin/v1/drain {"instance": SLLM_INSTANCE}` (the activator's admin
+API, sllm_knative/api/activator.py) and waits for it (at most `SLLM_DRAIN_GRACE_S`, default
+20 s) before the listeners stop: the internal API must still answer while the activator
+exports, detaches and resumes elsewhere. Without them it does nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import os
 from typing import Any
+
+from sllm_knative.api import activator as activator_api
+from sllm_knative.api.wire import parse_json
 
 DEFAULT_GRACE_S = 20.0
 
@@ -40,9 +44,10 @@ async def drain(log: Any, env: dict[str, str] | None = None) -> None:
 
     try:
         async with httpx.AsyncClient(timeout=grace) as client:
-            r = await asyncio.wait_for(client.post(f"{url}/internal/drain", json={"instance": instance}), grace)
-        gens = r.json().get("generations", []) if r.status_code == 200 else []
+            body = activator_api.DrainRequest(instance=instance).model_dump()
+            r = await asyncio.wait_for(client.post(f"{url}{activator_api.DRAIN}", json=body), grace)
+        gens = parse_json(activator_api.DrainResponse, r.content).generations if r.status_code == 200 else []
         log.info("drained before exit", status=r.status_code, generations=len(gens),
-                 outcomes=",".join(str(g.get("outcome")) for g in gens))
-    except (httpx.HTTPError, asyncio.TimeoutError, ValueError) as exc:
+                 outcomes=",".join(str(g.outcome) for g in gens))
+    except (httpx.HTTPError, asyncio.TimeoutError, ValueError) as exc:  # InvalidBody is a ValueError
         log.warning("drain before exit failed", error=f"{type(exc).__name__}: {exc}")

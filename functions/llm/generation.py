@@ -25,6 +25,7 @@ from functions.llm.params import Output, TokenLogprob
 from functions.llm.responses import Formatter
 from functions.llm.service import Permit
 from functions.llm.transport import DONE, ClientGone, EventStream, json_response, sse, until_disconnect
+from sllm_knative.api.instance import DETACHED_EVENT, DETACHED_HEADER
 
 
 class OutputQueue:
@@ -56,7 +57,7 @@ async def _frames(queue: OutputQueue, fmt: Formatter, role_chunk: bool) -> Async
             return
         if out.detached is not None:
             yield sse({"id": out.detached.id, "position": out.detached.position, "state": out.detached.to_json()},
-                      event="sllm.detached")
+                      event=DETACHED_EVENT)
             return
         for chunk in fmt.chunks(out):
             yield sse(chunk)
@@ -84,7 +85,6 @@ async def respond(request: Request, *, engine: Any, seq: Any, queue: OutputQueue
     return await _whole(request, queue, fmt, want_logprobs, close)
 
 
-DETACHED_HEADER = "x-sllm-detached"
 
 
 async def _whole(request: Request, queue: OutputQueue, fmt: Formatter, want_logprobs: bool,

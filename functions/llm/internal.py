@@ -1,22 +1,25 @@
 """The internal app: resumable generation for migration, on its own port (never the public one).
 
 Listens on `--internal-host:--internal-port` (default: all interfaces, public port + 1).
-When `SLLM_INTERNAL_TOKEN` is set every route but /health/* requires
-`Authorization: Bearer <token>`. Routes (bodies and states are JSON, see docs/function.md):
+With the internal token set (sllm_knative/api/auth.py) every route but /health/* requires
+`Authorization: Bearer <token>`. Routes, paths and bodies are sllm_knative/api/instance.py
+(the activator's migration client uses the same types; docs/function.md):
 
-    GET    /internal/v1/generations                   [{id, status, position, cached}]
+    GET    /internal/v1/generations                   -> GenerationList
     GET    /internal/v1/generations/{id}              export: the state, generation keeps running
-    POST   /internal/v1/generations/{id}/detach       {"position": int | null} -> final state
-    POST   /internal/v1/prefill                       {"id", "start", "tokens", "wait"?} -> {"id", "cached", "tokens"}
-    DELETE /internal/v1/prefill/{id}                  drop a parked prefill
-    POST   /internal/v1/resume                        {"state": {...}} -> continues: SSE or JSON
+    POST   /internal/v1/generations/{id}/detach       DetachRequest -> final state
+    POST   /internal/v1/prefill                       PrefillRequest -> PrefillResponse
+    DELETE /internal/v1/prefill/{id}                  drop a parked prefill -> DropPrefillResponse
+    POST   /internal/v1/resume                        ResumeRequest -> continues: SSE or JSON
     GET    /health/live, /health/ready, /metrics
+
+A body that does not match its type is a 400 whose `param` names the field; the state of a
+resume is then checked whole by `state.parse_state` (vocabulary, bounds, generator).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 from typing import Any
 
 from starlette.applications import Starlette
@@ -32,6 +35,9 @@ from functions.llm.responses import Formatter
 from functions.llm.service import Service
 from functions.llm.state import parse_state
 from functions.llm.transport import dumps, json_response, read_json
+from sllm_knative.api import auth
+from sllm_knative.api import instance as api
+from sllm_knative.api.wire import InvalidBody, M, Message, parse_obj
 
 
 def _service(request: Request) -> Service:
@@ -44,8 +50,22 @@ async def _on_engine(request: Request, fn: Any) -> Any:
     return await asyncio.wrap_future(engine.call(lambda: fn(engine)))
 
 
+async def _body(request: Request, model: type[M], empty: Any = None) -> M:
+    """The request body as `model` (413 over the size limit, 400 naming the field if malformed)."""
+    raw = await read_json(request, _service(request).cfg.max_body_bytes, empty=empty)
+    try:
+        return parse_obj(model, raw)
+    except InvalidBody as exc:
+        raise BadRequest(exc.message, param=exc.field) from None
+
+
+def _answer(msg: Message) -> Response:
+    return json_response(msg.model_dump())
+
+
 async def generations(request: Request) -> Response:
-    return json_response({"data": await _on_engine(request, lambda e: e.generations())})
+    rows = await _on_engine(request, lambda e: e.generations())
+    return _answer(api.GenerationList(data=rows))
 
 
 async def export(request: Request) -> Response:
@@ -54,42 +74,22 @@ async def export(request: Request) -> Response:
     return json_response(state.to_json())
 
 
-def _optional_int(body: dict[str, Any], name: str) -> int | None:
-    value = body.get(name)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise BadRequest(f"'{name}' must be a non-negative integer or null, got {value!r}", param=name)
-    return value
-
-
 async def detach(request: Request) -> Response:
     gen_id = request.path_params["id"]
-    body = await read_json(request, _service(request).cfg.max_body_bytes, empty={})
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    position = _optional_int(body, "position")
-    state = await _on_engine(request, lambda e: e.detach(gen_id, position))
+    body = await _body(request, api.DetachRequest, empty={})
+    state = await _on_engine(request, lambda e: e.detach(gen_id, body.position))
     return json_response(state.to_json())
 
 
 async def prefill(request: Request) -> Response:
     service = _service(request)
-    body = await read_json(request, service.cfg.max_body_bytes)
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    gen_id = body.get("id")
-    if not isinstance(gen_id, str) or not gen_id:
-        raise BadRequest("'id' must be a non-empty string", param="id")
-    start = _optional_int(body, "start") or 0
-    tokens = body.get("tokens")
-    wait = body.get("wait", True)
-    if not isinstance(wait, bool):
-        raise BadRequest(f"'wait' must be a boolean, got {wait!r}", param="wait")
+    body = await _body(request, api.PrefillRequest)
+    gen_id, start, tokens = body.id, body.start or 0, body.tokens
     engine = service.require_engine()
-    if (not isinstance(tokens, list) or not tokens or
-            any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < service.vocab_size for t in tokens)):
-        raise BadRequest(f"'tokens' must be a non-empty list of token ids in [0, {service.vocab_size})",
-                         param="tokens")
-    if not wait:
+    for i, t in enumerate(tokens):
+        if t >= service.vocab_size:
+            raise BadRequest(f"tokens[{i}] = {t}: must be a token id in [0, {service.vocab_size})", param="tokens")
+    if not body.wait:
         # Queued in order behind the calls already sent (the caller awaits each answer before the
         # next); answered at once with what is computed so far. A refusal is only logged: the
         # resume prefills whatever a parked prefill lacks.
@@ -101,24 +101,22 @@ async def prefill(request: Request) -> Response:
         if queued.done() and queued.exception() is not None:  # refused at once (shutting down)
             raise queued.exception()  # type: ignore[misc]
         queued.add_done_callback(refused)
-        return json_response({"id": gen_id, "cached": engine.cached(gen_id), "tokens": start + len(tokens)})
+        return _answer(api.PrefillResponse(id=gen_id, cached=engine.cached(gen_id), tokens=start + len(tokens)))
     cached = await _on_engine(request, lambda e: e.prefill(gen_id, start, list(tokens)))
-    return json_response({"id": gen_id, "cached": cached, "tokens": start + len(tokens)})
+    return _answer(api.PrefillResponse(id=gen_id, cached=cached, tokens=start + len(tokens)))
 
 
 async def drop_prefill(request: Request) -> Response:
     gen_id = request.path_params["id"]
     await _on_engine(request, lambda e: e.drop_parked(gen_id))
-    return json_response({"id": gen_id, "dropped": True})
+    return _answer(api.DropPrefillResponse(id=gen_id, dropped=True))
 
 
 async def resume(request: Request) -> Any:
     service = _service(request)
-    body = await read_json(request, service.cfg.max_body_bytes)
-    if not isinstance(body, dict) or "state" not in body:
-        raise BadRequest("the body must be {\"state\": {...}}", param="state")
+    body = await _body(request, api.ResumeRequest)
     engine = service.require_engine()
-    state = parse_state(body["state"], service.vocab_size)
+    state = parse_state(body.state.model_dump(), service.vocab_size)
     if state.model != service.cfg.model_name:
         raise BadRequest(f"state.model = {state.model!r}, this instance serves {service.cfg.model_name!r}",
                          param="state.model", code="model_mismatch")
@@ -132,21 +130,21 @@ async def resume(request: Request) -> Any:
     fmt = Formatter(kind=state.kind, id=state.id, created=state.created, model=state.model,
                     include_usage=state.include_usage, token_text=service.token_text, text_offset=state.text_offset)
     return await respond(request, engine=engine, seq=seq, queue=queue, fmt=fmt, permit=permit, stream=state.stream,
-                     want_logprobs=state.sampling.logprobs is not None, prior_logprobs=state.logprobs)
+                         want_logprobs=state.sampling.logprobs is not None, prior_logprobs=state.logprobs)
 
 
 class RequireToken:
-    """Rejects requests without `Authorization: Bearer <token>` (health probes excepted)."""
+    """Rejects requests without the internal token (health probes excepted)."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.token = token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not scope["path"].startswith("/health/"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                err = Unauthorized("A valid internal token is required (Authorization: Bearer ...).")
+            given = dict(scope["headers"]).get(auth.HEADER.encode(), b"")
+            if not auth.token_ok(given, self.token):
+                err = Unauthorized(f"A valid internal token is required ({auth.HEADER}: {auth.SCHEME} ...).")
                 body = dumps(err.body())
                 await send({"type": "http.response.start", "status": err.status,
                             "headers": [(b"content-type", b"application/json"),
@@ -157,14 +155,13 @@ class RequireToken:
 
 
 def build(service: Service) -> Starlette:
-    p = "/internal/v1"
     routes = [
-        Route(f"{p}/generations", generations, methods=["GET"]),
-        Route(f"{p}/generations/{{id}}", export, methods=["GET"]),
-        Route(f"{p}/generations/{{id}}/detach", detach, methods=["POST"]),
-        Route(f"{p}/prefill", prefill, methods=["POST"]),
-        Route(f"{p}/prefill/{{id}}", drop_prefill, methods=["DELETE"]),
-        Route(f"{p}/resume", resume, methods=["POST"]),
+        Route(api.GENERATIONS, generations, methods=["GET"]),
+        Route(api.GENERATION_ROUTE, export, methods=["GET"]),
+        Route(api.DETACH_ROUTE, detach, methods=["POST"]),
+        Route(api.PREFILL, prefill, methods=["POST"]),
+        Route(api.PREFILL_ROUTE, drop_prefill, methods=["DELETE"]),
+        Route(api.RESUME, resume, methods=["POST"]),
         *COMMON_ROUTES,
     ]
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)

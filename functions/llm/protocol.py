@@ -19,6 +19,7 @@ from typing import Any
 
 from functions.llm.errors import BadRequest, ContextLengthExceeded, model_not_found
 from functions.llm.params import MAX_LOGPROBS, MAX_SEED, MAX_TEMPERATURE, SamplingParams
+from sllm_knative.api import instance as instance_api
 
 MAX_STOP = 4
 MAX_COMPLETION_LOGPROBS = 5
@@ -47,7 +48,7 @@ class Request:
     messages: tuple[dict[str, str], ...] = ()
 
 
-GENERATION_ID_HEADER = "x-sllm-generation-id"
+GENERATION_ID_HEADER = instance_api.GENERATION_ID_HEADER
 _GENERATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{7,127}")
 
 

@@ -24,7 +24,7 @@ from functions.llm.config import ServeConfig
 from functions.llm.errors import BadRequest, TooManyRequests, Unavailable
 from functions.llm.metrics import Metrics, Stopwatch
 from functions.llm.params import Output
-from functions.llm.weights import LocalDirectory, WeightsSource
+from functions.llm.weights import LeasedCheckpoint, LeaseFailed, WeightsSource, source_for
 from sllm_knative.log import Logger
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ class Service:
         self.log = log
         self.metrics = Metrics()
         self.stopwatch = Stopwatch(process_start)
-        self.source: WeightsSource = source or LocalDirectory(cfg.model_dir)
+        self.source: WeightsSource = source or source_for(cfg, log)
         self.limiter = Limiter(cfg.max_concurrency, self.metrics)
         self.status = "loading"
         self.error: str | None = None
@@ -83,6 +83,9 @@ class Service:
         self.vocab_size = 0
         self._resources = contextlib.ExitStack()
         self._thread: threading.Thread | None = None
+        # Set by the server once its SIGTERM handler is installed: a load that fails before then
+        # (a refused lease fails in milliseconds) must not kill the process by the default action.
+        self.serving = threading.Event()
 
     # -- lifecycle ----------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -95,11 +98,17 @@ class Service:
         except BaseException as exc:
             self.status = "failed"
             self.error = f"{type(exc).__name__}: {exc}"
-            self.log.error("model load failed", exc_info=True, path=str(self.cfg.model_dir))
+            where = {"checkpoint": self.cfg.checkpoint, "loader": self.cfg.loader} if self.cfg.checkpoint else {
+                "path": str(self.cfg.model_dir)}
+            # A lease the loader refused says all there is to say; anything else gets its traceback.
+            self.log.error("model load failed", exc_info=not isinstance(exc, LeaseFailed), error=str(exc), **where)
+            self.serving.wait(timeout=60.0)
             os.kill(os.getpid(), signal.SIGTERM)
 
     def load(self) -> None:
         watch = self.stopwatch
+        # Asked for first: a lease lets the loader fill the DRAM tier while torch imports.
+        self.source.request()
         import torch  # noqa: F401  (timed: the imports are a phase of the startup)
 
         from functions.llm import weights
@@ -107,6 +116,8 @@ class Service:
         from functions.llm.runner import ModelRunner
         watch.lap("imports")
         path = self._resources.enter_context(self.source.acquire())
+        if isinstance(self.source, LeasedCheckpoint):
+            watch.lap("lease")  # granted; on the CPU also filled (on a GPU the load follows the fill)
         model, tokenizer = weights.load(path, self.cfg.device, follow=self.source.follow)
         watch.lap("load")
         runner = ModelRunner(model, slots=self.cfg.kv_slots, max_len=self.cfg.max_model_len,

@@ -124,7 +124,7 @@ def parse_state(raw: Any, vocab_size: int) -> GenerationState:
     s = _field(raw, "sampling", dict)
     try:
         sampling = SamplingParams.from_json(s)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # int(inf) overflows
         raise BadRequest(f"state.sampling is invalid: {exc!r}", param="state.sampling") from None
     logprobs_raw = raw.get("logprobs")
     logprobs = None
@@ -133,7 +133,7 @@ def parse_state(raw: Any, vocab_size: int) -> GenerationState:
             raise BadRequest("state.logprobs must be a list or null", param="state.logprobs")
         try:
             logprobs = tuple(TokenLogprob.from_json(e) for e in logprobs_raw)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise BadRequest(f"state.logprobs is invalid: {exc!r}", param="state.logprobs") from None
         for i, e in enumerate(logprobs):
             if any(not 0 <= t < vocab_size for t in (e.token, *(t for t, _ in e.top))):

@@ -4,20 +4,31 @@ A source yields, for as long as the instance uses the model, a directory that
 `sllm_knative.loading.load_model` accepts: a checkpoint in the loading-optimised format
 (docs/format.md) or a plain Hugging Face directory.
 
-- `LocalDirectory`: a directory on disk (the default, `--model DIR`).
-- `FilledCheckpoint`: the DRAM-tier copy the node's loader sidecar is still filling under a
-  lease (the local cluster's zygote takes the lease for a GPU instance, sllm_knative/local/
-  zygote.py); its `follow` is the lease's watermark wait, so the copy to the device runs right
-  behind the fill (`load_model(..., follow=...)`) instead of after it.
+- `LocalDirectory`: a directory on disk (`--model DIR`).
+- `LeasedCheckpoint`: a checkpoint leased from the node's loader sidecar (`--checkpoint URI
+  --loader ADDRESS`): the instance asks the loader for the DRAM-tier copy (`Acquire`), holds the
+  lease until it exits, and loads the copy following the fill's watermark. On a `cuda` device
+  its `follow` is the lease's `wait`, so the copy to the device runs right behind the fill
+  (`load_model(..., follow=...)`); on the CPU it waits for the complete, verified copy and the
+  instance maps those tmpfs files without a copy. The lease's timing goes to a JSON file
+  (`--lease-timing`), which the local backend reads for the load-time model and benchmarks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sllm_knative import atomic
+from sllm_knative.log import Logger
+
+if TYPE_CHECKING:
+    from functions.llm.config import ServeConfig
 
 Follow = Callable[[int, int], int]  # (partition, nbytes) -> watermark, once that much is filled
 
@@ -26,6 +37,10 @@ class WeightsSource(Protocol):
     @property
     def follow(self) -> Follow | None:
         """Set when the checkpoint is still being filled: waits for its watermark."""
+        ...
+
+    def request(self) -> None:
+        """Start getting the weights, without waiting (called before the imports)."""
         ...
 
     def acquire(self) -> contextlib.AbstractContextManager[Path]:
@@ -38,6 +53,9 @@ class LocalDirectory:
     path: Path
     follow: Follow | None = None
 
+    def request(self) -> None:
+        pass
+
     @contextlib.contextmanager
     def acquire(self) -> Iterator[Path]:
         if not self.path.is_dir():
@@ -45,16 +63,107 @@ class LocalDirectory:
         yield self.path
 
 
-@dataclasses.dataclass(frozen=True)
-class FilledCheckpoint:
-    """A DRAM-tier directory the loader is still filling; `follow` waits for its watermark."""
+class LeaseFailed(RuntimeError):
+    """The loader could not lease the checkpoint, or its fill failed; names both."""
 
-    path: Path
-    follow: Follow | None
+
+@dataclasses.dataclass
+class LeasedCheckpoint:
+    """The checkpoint `checkpoint`, leased from the loader sidecar at `loader` for the instance's
+    lifetime (released when `acquire`'s context exits, or with the process: the lease is a gRPC
+    stream). `follow` is set once the lease is granted, for a `cuda` device.
+
+    The lease timing (requested, granted, complete: when the loader's fill completed, not when
+    the instance looked) is written by a thread that follows the fill from the grant on."""
+
+    loader: str
+    checkpoint: str
+    device: str = "cpu"
+    instance: str = ""
+    timing_path: Path | None = None
+    log: Logger | None = None
+    follow: Follow | None = dataclasses.field(default=None, init=False)
+    _client: Any = dataclasses.field(default=None, init=False, repr=False)
+    _lease: Any = dataclasses.field(default=None, init=False, repr=False)
+    _recorded: threading.Event = dataclasses.field(default_factory=threading.Event, init=False, repr=False)
+
+    def _failed(self, exc: BaseException, what: str = "refused the lease") -> LeaseFailed:
+        return LeaseFailed(f"checkpoint {self.checkpoint!r}: the loader at {self.loader} {what}: {exc}")
+
+    def request(self) -> None:
+        """Take the lease now: the grant comes as soon as the loader has sized the DRAM-tier files,
+        and the loader fills them meanwhile (while a fresh process imports torch)."""
+        from sllm_knative.loader.client import LoaderClient
+        from sllm_knative.loader.errors import LoaderError
+
+        if self._lease is not None:
+            return
+        requested = time.time()
+        client = LoaderClient(self.loader)
+        try:
+            lease = client.acquire(self.checkpoint, device=self.device, instance=self.instance)
+        except LoaderError as exc:
+            client.close()
+            raise self._failed(exc) from None
+        self._client, self._lease = client, lease
+        threading.Thread(target=self._record, args=(lease, requested, time.time()), name="lease-timing",
+                         daemon=True).start()
 
     @contextlib.contextmanager
     def acquire(self) -> Iterator[Path]:
-        yield self.path
+        from sllm_knative.loader.errors import LoaderError
+
+        self.request()
+        lease = self._lease
+        try:
+            if self.device.startswith("cuda"):  # the copy to the device follows the fill
+                def wait(partition: int, nbytes: int) -> int:
+                    try:
+                        return int(lease.wait(partition, nbytes))
+                    except LoaderError as exc:
+                        raise self._failed(exc, "could not fill it") from None
+
+                self.follow = wait
+            else:  # the CPU maps the DRAM-tier files, which needs them whole
+                try:
+                    lease.wait_complete()
+                except LoaderError as exc:
+                    raise self._failed(exc, "could not fill it") from None
+                self._recorded.wait(timeout=10.0)  # the timing is on disk before the instance is ready
+            yield Path(lease.directory)
+        finally:
+            lease.release()
+            self._client.close()
+            self._lease = self._client = None
+
+    def _record(self, lease: Any, requested: float, granted: float) -> None:
+        """Once the fill completes: write the lease timing and log it (a failed fill is reported
+        by the load that waits for it)."""
+        try:
+            lease.wait_complete()
+            done = time.time()
+            if self.timing_path:
+                atomic.write_json(self.timing_path, {
+                    "lease_requested": requested, "lease_granted": granted, "lease_complete": done,
+                    "source": lease.source, "bytes": lease.total_bytes,
+                    "followed": self.device.startswith("cuda")}, durable=False)
+            if self.log:
+                self.log.info("lease complete", lease=lease.id, checkpoint=lease.model, loader=self.loader,
+                              source=lease.source, bytes=lease.total_bytes, seconds=round(done - requested, 3))
+        except Exception as exc:
+            if self.log:
+                self.log.debug("lease timing not recorded", checkpoint=self.checkpoint, error=str(exc))
+        finally:
+            self._recorded.set()
+
+
+def source_for(cfg: ServeConfig, log: Logger | None = None) -> WeightsSource:
+    """The configured source: a lease from the loader (`--checkpoint`), else `--model DIR`."""
+    if cfg.checkpoint:
+        return LeasedCheckpoint(cfg.loader or "", cfg.checkpoint, cfg.device, cfg.instance or "",
+                                cfg.lease_timing, log)
+    assert cfg.model_dir is not None  # config.validate: one of the two
+    return LocalDirectory(cfg.model_dir)
 
 
 def load(path: Path, device: str, follow: Follow | None = None) -> tuple[Any, Any]:

@@ -23,8 +23,8 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Protocol
 
-from loader_sidecar.errors import CorruptData, NotFound
 from loader_sidecar.refs import ModelRef, StoreRoot
+from sllm_knative.loader.errors import CorruptData, NotFound
 
 READ_CHUNK = 1 << 20
 

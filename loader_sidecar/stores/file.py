@@ -6,9 +6,9 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 
-from loader_sidecar.errors import AccessDenied, BadRequest, NotFound, StoreUnavailable
 from loader_sidecar.refs import ModelRef, StoreRoot
 from loader_sidecar.stores.base import READ_CHUNK, Store
+from sllm_knative.loader.errors import AccessDenied, BadRequest, NotFound, StoreUnavailable
 
 
 class FileStore(Store):

@@ -47,9 +47,16 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from loader_sidecar.errors import AccessDenied, CorruptData, LoaderError, NotFound, Stalled, StoreUnavailable
 from loader_sidecar.refs import ModelRef, StoreRoot
 from loader_sidecar.stores.base import BlockingRead, Cancel, Sink, Store
+from sllm_knative.loader.errors import (
+    AccessDenied,
+    CorruptData,
+    LoaderError,
+    NotFound,
+    Stalled,
+    StoreUnavailable,
+)
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 BODY_READ_BYTES = 1 << 20

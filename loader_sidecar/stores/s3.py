@@ -10,9 +10,16 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from loader_sidecar.errors import AccessDenied, BadRequest, LoaderError, NotFound, Stalled, StoreUnavailable
 from loader_sidecar.refs import ModelRef, StoreRoot
 from loader_sidecar.stores.base import READ_CHUNK, Store
+from sllm_knative.loader.errors import (
+    AccessDenied,
+    BadRequest,
+    LoaderError,
+    NotFound,
+    Stalled,
+    StoreUnavailable,
+)
 
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 _DENIED = {"401", "403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"}

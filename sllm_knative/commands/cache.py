@@ -70,8 +70,8 @@ def format_inventory(inv: Any, now: float) -> str:
 def _run(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
-    from loader_sidecar.client import LoaderClient
-    from loader_sidecar.errors import LoaderError
+    from sllm_knative.loader.client import LoaderClient
+    from sllm_knative.loader.errors import LoaderError
 
     try:
         with LoaderClient(args.loader, timeout=args.timeout) as client:

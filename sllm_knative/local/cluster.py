@@ -2,13 +2,17 @@
 
     up process (this module)
      ├── loader sidecar per node     python -m loader_sidecar      (SSD + DRAM tiers, gRPC on a Unix socket)
-     ├── zygote per node             python -m sllm_knative.local.zygote   (forks instances)
+     ├── zygote per node             python -m functions.zygote    (pre-imported runtime; forks instances)
      ├── activator                   python -m activator           (public port; admin on loopback)
      └── autoscaler                  python -m autoscaler          (control loop, API for the CLI)
 
 Everything lives under a state directory (cluster.json, logs, each node's SSD cache); the DRAM
 tiers live on tmpfs. Every child dies with the up process (PR_SET_PDEATHSIG and process
 groups), `down` or Ctrl-C stops them all, and a new `up` first cleans what a killed one left.
+
+The supervisor is library code: it starts every component by its entry point (`python -m ...`)
+and talks to them only through the library's API (the loader's gRPC client, HTTP); it never
+imports a process package (tests/test_layers.py).
 """
 
 from __future__ import annotations
@@ -154,7 +158,7 @@ def up(opts: UpOptions, on_ready: Any = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        from loader_sidecar.client import LoaderClient
+        from sllm_knative.loader.client import LoaderClient
 
         logs = state / "logs"
         node_procs: list[tuple[dict[str, Any], subprocess.Popen[bytes], subprocess.Popen[bytes]]] = []
@@ -165,15 +169,17 @@ def up(opts: UpOptions, on_ready: Any = None) -> int:
             sdir = _socket_dir(state) / node
             sdir.mkdir(parents=True, exist_ok=True)
             loader = f"unix://{sdir / 'loader.sock'}"
-            argv = [PY, "-m", "loader_sidecar", "--node", node, "--listen", loader,
+            metrics = f"127.0.0.1:{_free_port()}"  # Prometheus: tiers, fills, hits, joins, bandwidth
+            argv = [PY, "-m", "loader_sidecar", "--node", node, "--listen", loader, "--metrics", metrics,
                     "--ssd-dir", str(ndir / "ssd"), "--ssd-bytes", str(opts.ssd_bytes),
                     "--dram-dir", str(dram / node), "--dram-bytes", str(opts.dram_bytes)]
             for s in opts.stores:
                 argv += ["--store", s]
             lp = start(f"loader {node}", argv, logs / f"loader-{node}.log")
-            zp = start(f"zygote {node}", [PY, "-m", "sllm_knative.local.zygote", str(sdir / "zygote.sock")],
+            zp = start(f"zygote {node}", [PY, "-m", "functions.zygote", str(sdir / "zygote.sock")],
                        logs / f"zygote-{node}.log")
             doc["nodes"].append({"name": node, "loader": loader, "zygote": str(sdir / "zygote.sock"),
+                                 "metrics": f"http://{metrics}/metrics",
                                  "slots": opts.slots, "logs": str(logs / "instances")})
             node_procs.append((doc["nodes"][-1], lp, zp))
         port, admin, scaler = opts.port, _free_port(), _free_port()

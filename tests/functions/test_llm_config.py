@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from functions.llm.config import ServeConfig, parse
@@ -62,3 +64,38 @@ def test_rejects(model_dir, with_model, argv, env, message):
     args = ["--model", str(model_dir), *argv] if with_model else argv
     with pytest.raises(ValueError, match=message):
         parse(args, env)
+
+
+def test_checkpoint_leased_from_a_loader():
+    cfg, _ = parse(["--checkpoint", "hf://org/llama-7b@main", "--loader", "unix:///run/loader.sock",
+                    "--lease-timing", "/tmp/t.json"], {})
+    assert (cfg.model_dir, cfg.checkpoint, cfg.loader) == (None, "hf://org/llama-7b@main", "unix:///run/loader.sock")
+    assert cfg.model_name == "llama-7b" and str(cfg.lease_timing) == "/tmp/t.json"
+
+
+@pytest.mark.parametrize("argv,env,expected", [
+    pytest.param([], {"SLLM_CHECKPOINT": "s3://b/p/tiny", "SLLM_LOADER": "127.0.0.1:9000"},
+                 dict(checkpoint="s3://b/p/tiny", loader="127.0.0.1:9000", model_name="tiny"), id="env"),
+    pytest.param(["--checkpoint", "file:///s/tiny"], {"SLLM_LOADER": "h:1", "SLLM_LEASE_TIMING": "/t.json"},
+                 dict(loader="h:1", lease_timing=Path("/t.json")), id="loader-from-env"),
+    pytest.param(["--checkpoint", "org/tiny"], {"SLLM_NODE": "n7"},
+                 dict(loader="unix:///tmp/sllm-knative/n7/loader.sock"), id="the-node's-default-socket"),
+    pytest.param(["--checkpoint", "org/tiny", "--loader", "h:2"], {"SLLM_MODEL_DIR": "/nowhere"},
+                 dict(loader="h:2", model_dir=None), id="flag-wins-over-env"),
+])
+def test_checkpoint_sources(argv, env, expected):
+    cfg, _ = parse(argv, env)
+    for name, value in expected.items():
+        assert getattr(cfg, name) == value, name
+
+
+@pytest.mark.parametrize("argv,env,message", [
+    pytest.param(["--checkpoint", "org/tiny", "--model", "/m"], {}, "not both", id="both-flags"),
+    pytest.param([], {"SLLM_CHECKPOINT": "org/tiny", "SLLM_MODEL_DIR": "/m"}, "both set", id="both-env"),
+    pytest.param(["--model", "/nonexistent", "--loader", "h:1"], {}, "--loader ADDRESS needs --checkpoint",
+                 id="loader-without-checkpoint"),
+    pytest.param([], {"SLLM_LOADER": "h:1"}, "pass --model DIR or --checkpoint URI", id="nothing-to-serve"),
+])
+def test_checkpoint_rejects(argv, env, message):
+    with pytest.raises(ValueError, match=message):
+        parse(argv, env)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from loader_sidecar.client import LoaderClient
 from loader_sidecar.config import Config, add_arguments, from_args
 from loader_sidecar.testing import Nginx, SidecarThread, free_port, nginx_path, wait_port
+from sllm_knative.loader.client import LoaderClient
 
 REPO = Path(__file__).resolve().parents[2]
 HF_TOKEN = "hf_test_token_123"

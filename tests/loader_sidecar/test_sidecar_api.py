@@ -14,11 +14,11 @@ import grpc
 import httpx
 import pytest
 
-from loader_sidecar import errors
-from loader_sidecar import loader_pb2 as pb
-from loader_sidecar import loader_pb2_grpc as pb_grpc
-from loader_sidecar.client import LoaderClient
 from loader_sidecar.testing import free_port
+from sllm_knative.loader import errors
+from sllm_knative.loader import loader_pb2 as pb
+from sllm_knative.loader import loader_pb2_grpc as pb_grpc
+from sllm_knative.loader.client import LoaderClient
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import httpx
 
-from loader_sidecar import errors
-from loader_sidecar.client import LoaderClient
 from loader_sidecar.testing import free_port
 from sllm_knative import format as fmt
+from sllm_knative.loader import errors
+from sllm_knative.loader.client import LoaderClient
 
 
 def partitions_of(model_dir: Path) -> list[bytes]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from loader_sidecar.config import add_arguments, from_args, parse_size
-from loader_sidecar.errors import BadRequest
+from sllm_knative.loader.errors import BadRequest
 
 
 @pytest.mark.parametrize("text, expected", [

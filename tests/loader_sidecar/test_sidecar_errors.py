@@ -5,12 +5,12 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from loader_sidecar import errors
-from loader_sidecar.client import _FROM_STATUS
 from loader_sidecar.leases import parse_device
 from loader_sidecar.server import status_for
 from loader_sidecar.stores.http import status_error
 from loader_sidecar.stores.s3 import client_error
+from sllm_knative.loader import errors
+from sllm_knative.loader.client import _FROM_STATUS
 
 
 @pytest.mark.parametrize("status, cls", [

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loader_sidecar import errors
 from loader_sidecar.refs import parse_store, resolve
 from loader_sidecar.stores.base import Cancel
 from loader_sidecar.stores.hf import HfStore
@@ -32,6 +31,7 @@ from loader_sidecar.stores.http import (
 )
 from loader_sidecar.testing import CutProxy, free_port, nginx_conf, nginx_path, wait_port
 from sllm_knative import format as fmt
+from sllm_knative.loader import errors
 
 WORDS = 3 * (1 << 20) + 5  # bytes of models/words/partition-0.bin: little-endian uint64 offsets, cut short
 TOKEN = "Bearer s3cret"

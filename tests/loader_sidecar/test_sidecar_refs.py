@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from loader_sidecar.errors import BadRequest
 from loader_sidecar.refs import parse_store, resolve
 from loader_sidecar.stores.hf import HfStore
+from sllm_knative.loader.errors import BadRequest
 
 STORES = [parse_store(s) for s in ("http://models.local:8080/ckpt", "hf://", "s3://bucket-a/prefix/x",
                                    "file:///mnt/models")]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from loader_sidecar.client import LoaderClient
 from loader_sidecar.tiers import MARKER
 from sllm_knative import format as fmt
+from sllm_knative.loader.client import LoaderClient
 
 
 def wait_for(predicate, timeout: float = 20.0):  # type: ignore[no-untyped-def]

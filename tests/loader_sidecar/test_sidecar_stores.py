@@ -7,12 +7,12 @@ import os
 
 import pytest
 
-from loader_sidecar import errors
 from loader_sidecar.refs import parse_store, resolve
 from loader_sidecar.stores.file import FileStore
 from loader_sidecar.stores.hf import HfStore
 from loader_sidecar.stores.http import HttpStore
 from loader_sidecar.stores.s3 import S3Store
+from sllm_knative.loader import errors
 
 
 def _run(coro):  # type: ignore[no-untyped-def]

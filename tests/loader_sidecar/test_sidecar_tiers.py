@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from loader_sidecar.errors import InUse, TierFull
 from loader_sidecar.tiers import MARKER, Entry, State, Tier, plan_eviction, read_marker
+from sllm_knative.loader.errors import InUse, TierFull
 
 
 def E(key: str, size: int, last_use: float, state: State = State.READY, leases: int = 0, readers: int = 0) -> Entry:

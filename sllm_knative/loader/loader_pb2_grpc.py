@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from loader_sidecar import loader_pb2 as loader__sidecar_dot_loader__pb2
+from sllm_knative.loader import loader_pb2 as sllm__knative_dot_loader_dot_loader__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in loader_sidecar/loader_pb2_grpc.py depends on'
+        + ' but the generated code in sllm_knative/loader/loader_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,33 +36,33 @@ class LoaderStub:
         """
         self.Acquire = channel.unary_stream(
                 '/sllm_knative.loader.v1.Loader/Acquire',
-                request_serializer=loader__sidecar_dot_loader__pb2.AcquireRequest.SerializeToString,
-                response_deserializer=loader__sidecar_dot_loader__pb2.LeaseEvent.FromString,
+                request_serializer=sllm__knative_dot_loader_dot_loader__pb2.AcquireRequest.SerializeToString,
+                response_deserializer=sllm__knative_dot_loader_dot_loader__pb2.LeaseEvent.FromString,
                 _registered_method=True)
         self.Release = channel.unary_unary(
                 '/sllm_knative.loader.v1.Loader/Release',
-                request_serializer=loader__sidecar_dot_loader__pb2.ReleaseRequest.SerializeToString,
-                response_deserializer=loader__sidecar_dot_loader__pb2.ReleaseReply.FromString,
+                request_serializer=sllm__knative_dot_loader_dot_loader__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=sllm__knative_dot_loader_dot_loader__pb2.ReleaseReply.FromString,
                 _registered_method=True)
         self.Prefetch = channel.unary_unary(
                 '/sllm_knative.loader.v1.Loader/Prefetch',
-                request_serializer=loader__sidecar_dot_loader__pb2.PrefetchRequest.SerializeToString,
-                response_deserializer=loader__sidecar_dot_loader__pb2.PrefetchReply.FromString,
+                request_serializer=sllm__knative_dot_loader_dot_loader__pb2.PrefetchRequest.SerializeToString,
+                response_deserializer=sllm__knative_dot_loader_dot_loader__pb2.PrefetchReply.FromString,
                 _registered_method=True)
         self.Evict = channel.unary_unary(
                 '/sllm_knative.loader.v1.Loader/Evict',
-                request_serializer=loader__sidecar_dot_loader__pb2.EvictRequest.SerializeToString,
-                response_deserializer=loader__sidecar_dot_loader__pb2.EvictReply.FromString,
+                request_serializer=sllm__knative_dot_loader_dot_loader__pb2.EvictRequest.SerializeToString,
+                response_deserializer=sllm__knative_dot_loader_dot_loader__pb2.EvictReply.FromString,
                 _registered_method=True)
         self.GetInventory = channel.unary_unary(
                 '/sllm_knative.loader.v1.Loader/GetInventory',
-                request_serializer=loader__sidecar_dot_loader__pb2.InventoryRequest.SerializeToString,
-                response_deserializer=loader__sidecar_dot_loader__pb2.Inventory.FromString,
+                request_serializer=sllm__knative_dot_loader_dot_loader__pb2.InventoryRequest.SerializeToString,
+                response_deserializer=sllm__knative_dot_loader_dot_loader__pb2.Inventory.FromString,
                 _registered_method=True)
         self.WatchInventory = channel.unary_stream(
                 '/sllm_knative.loader.v1.Loader/WatchInventory',
-                request_serializer=loader__sidecar_dot_loader__pb2.InventoryRequest.SerializeToString,
-                response_deserializer=loader__sidecar_dot_loader__pb2.Inventory.FromString,
+                request_serializer=sllm__knative_dot_loader_dot_loader__pb2.InventoryRequest.SerializeToString,
+                response_deserializer=sllm__knative_dot_loader_dot_loader__pb2.Inventory.FromString,
                 _registered_method=True)
 
 
@@ -118,33 +118,33 @@ def add_LoaderServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Acquire': grpc.unary_stream_rpc_method_handler(
                     servicer.Acquire,
-                    request_deserializer=loader__sidecar_dot_loader__pb2.AcquireRequest.FromString,
-                    response_serializer=loader__sidecar_dot_loader__pb2.LeaseEvent.SerializeToString,
+                    request_deserializer=sllm__knative_dot_loader_dot_loader__pb2.AcquireRequest.FromString,
+                    response_serializer=sllm__knative_dot_loader_dot_loader__pb2.LeaseEvent.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
-                    request_deserializer=loader__sidecar_dot_loader__pb2.ReleaseRequest.FromString,
-                    response_serializer=loader__sidecar_dot_loader__pb2.ReleaseReply.SerializeToString,
+                    request_deserializer=sllm__knative_dot_loader_dot_loader__pb2.ReleaseRequest.FromString,
+                    response_serializer=sllm__knative_dot_loader_dot_loader__pb2.ReleaseReply.SerializeToString,
             ),
             'Prefetch': grpc.unary_unary_rpc_method_handler(
                     servicer.Prefetch,
-                    request_deserializer=loader__sidecar_dot_loader__pb2.PrefetchRequest.FromString,
-                    response_serializer=loader__sidecar_dot_loader__pb2.PrefetchReply.SerializeToString,
+                    request_deserializer=sllm__knative_dot_loader_dot_loader__pb2.PrefetchRequest.FromString,
+                    response_serializer=sllm__knative_dot_loader_dot_loader__pb2.PrefetchReply.SerializeToString,
             ),
             'Evict': grpc.unary_unary_rpc_method_handler(
                     servicer.Evict,
-                    request_deserializer=loader__sidecar_dot_loader__pb2.EvictRequest.FromString,
-                    response_serializer=loader__sidecar_dot_loader__pb2.EvictReply.SerializeToString,
+                    request_deserializer=sllm__knative_dot_loader_dot_loader__pb2.EvictRequest.FromString,
+                    response_serializer=sllm__knative_dot_loader_dot_loader__pb2.EvictReply.SerializeToString,
             ),
             'GetInventory': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInventory,
-                    request_deserializer=loader__sidecar_dot_loader__pb2.InventoryRequest.FromString,
-                    response_serializer=loader__sidecar_dot_loader__pb2.Inventory.SerializeToString,
+                    request_deserializer=sllm__knative_dot_loader_dot_loader__pb2.InventoryRequest.FromString,
+                    response_serializer=sllm__knative_dot_loader_dot_loader__pb2.Inventory.SerializeToString,
             ),
             'WatchInventory': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchInventory,
-                    request_deserializer=loader__sidecar_dot_loader__pb2.InventoryRequest.FromString,
-                    response_serializer=loader__sidecar_dot_loader__pb2.Inventory.SerializeToString,
+                    request_deserializer=sllm__knative_dot_loader_dot_loader__pb2.InventoryRequest.FromString,
+                    response_serializer=sllm__knative_dot_loader_dot_loader__pb2.Inventory.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,8 +172,8 @@ class Loader:
             request,
             target,
             '/sllm_knative.loader.v1.Loader/Acquire',
-            loader__sidecar_dot_loader__pb2.AcquireRequest.SerializeToString,
-            loader__sidecar_dot_loader__pb2.LeaseEvent.FromString,
+            sllm__knative_dot_loader_dot_loader__pb2.AcquireRequest.SerializeToString,
+            sllm__knative_dot_loader_dot_loader__pb2.LeaseEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -199,8 +199,8 @@ class Loader:
             request,
             target,
             '/sllm_knative.loader.v1.Loader/Release',
-            loader__sidecar_dot_loader__pb2.ReleaseRequest.SerializeToString,
-            loader__sidecar_dot_loader__pb2.ReleaseReply.FromString,
+            sllm__knative_dot_loader_dot_loader__pb2.ReleaseRequest.SerializeToString,
+            sllm__knative_dot_loader_dot_loader__pb2.ReleaseReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -226,8 +226,8 @@ class Loader:
             request,
             target,
             '/sllm_knative.loader.v1.Loader/Prefetch',
-            loader__sidecar_dot_loader__pb2.PrefetchRequest.SerializeToString,
-            loader__sidecar_dot_loader__pb2.PrefetchReply.FromString,
+            sllm__knative_dot_loader_dot_loader__pb2.PrefetchRequest.SerializeToString,
+            sllm__knative_dot_loader_dot_loader__pb2.PrefetchReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -253,8 +253,8 @@ class Loader:
             request,
             target,
             '/sllm_knative.loader.v1.Loader/Evict',
-            loader__sidecar_dot_loader__pb2.EvictRequest.SerializeToString,
-            loader__sidecar_dot_loader__pb2.EvictReply.FromString,
+            sllm__knative_dot_loader_dot_loader__pb2.EvictRequest.SerializeToString,
+            sllm__knative_dot_loader_dot_loader__pb2.EvictReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -280,8 +280,8 @@ class Loader:
             request,
             target,
             '/sllm_knative.loader.v1.Loader/GetInventory',
-            loader__sidecar_dot_loader__pb2.InventoryRequest.SerializeToString,
-            loader__sidecar_dot_loader__pb2.Inventory.FromString,
+            sllm__knative_dot_loader_dot_loader__pb2.InventoryRequest.SerializeToString,
+            sllm__knative_dot_loader_dot_loader__pb2.Inventory.FromString,
             options,
             channel_credentials,
             insecure,
@@ -307,8 +307,8 @@ class Loader:
             request,
             target,
             '/sllm_knative.loader.v1.Loader/WatchInventory',
-            loader__sidecar_dot_loader__pb2.InventoryRequest.SerializeToString,
-            loader__sidecar_dot_loader__pb2.Inventory.FromString,
+            sllm__knative_dot_loader_dot_loader__pb2.InventoryRequest.SerializeToString,
+            sllm__knative_dot_loader_dot_loader__pb2.Inventory.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,4 @@
-"""A synchronous client of the loader sidecar, for instances, the CLI and tests.
+"""A synchronous client of the loader sidecar, for instances, the autoscaler, the CLI and tests.
 
     with LoaderClient() as loader:                      # $SLLM_LOADER or the node's default socket
         with loader.acquire("hf://org/name", device="cpu", instance="pod-1") as lease:
@@ -9,21 +9,21 @@
 A lease's events are consumed by a background thread; `wait(partition, nbytes)` returns as soon
 as the first nbytes of that partition are filled and verified, so a device copy can follow the
 fill. Errors come back as the sidecar's own exception classes (errors.py).
+This module is the library's: it needs grpc and the generated stubs, never the sidecar's code.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from types import TracebackType
 
 import grpc
 
-from loader_sidecar import errors
-from loader_sidecar import loader_pb2 as pb
-from loader_sidecar import loader_pb2_grpc as pb_grpc
-from loader_sidecar.config import default_listen, default_node
+from sllm_knative.loader import errors
+from sllm_knative.loader import loader_pb2 as pb
+from sllm_knative.loader import loader_pb2_grpc as pb_grpc
+from sllm_knative.loader.address import default_target
 
 _FROM_STATUS: dict[grpc.StatusCode, type[errors.LoaderError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.BadRequest,
@@ -42,10 +42,6 @@ def error_from_rpc(exc: grpc.RpcError) -> errors.LoaderError:
     code = exc.code()
     cls = _FROM_STATUS.get(code, errors.LoaderError)
     return cls(f"{exc.details()} [{code.name}]")
-
-
-def default_target() -> str:
-    return os.environ.get("SLLM_LOADER") or default_listen(default_node())
 
 
 class Lease:

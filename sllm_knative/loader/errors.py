@@ -1,4 +1,7 @@
-"""The loader sidecar's exception tree; the gRPC status of each is chosen in server.py.
+"""The loader sidecar's exception tree, shared by the sidecar and its clients.
+
+The sidecar raises these and maps each to a gRPC status (loader_sidecar/server.py,
+`status_for`); the client maps the status back to the class (client.py, `error_from_rpc`).
 
     LoaderError
      ├── BadRequest            a model reference, tier or device that is not valid here
@@ -8,12 +11,12 @@
      │    └── Stalled          no bytes arrived within the read timeout, after every retry
      ├── CorruptData           bytes that do not match the checkpoint's checksums or sizes
      ├── TierFull              a tier cannot make room without evicting leased / in-use entries
- ├── DiskError             a local tier file could not be written or read (ENOSPC, EIO)
+     ├── DiskError             a local tier file could not be written or read (ENOSPC, EIO)
      ├── InUse                 an eviction of a checkpoint that is leased, being read or filling
      └── UnknownLease          release of a lease id this sidecar does not hold
 
 Foreign errors (httpx, botocore, OSError, sllm_knative.format) are translated where they
-occur (stores/, fetch.py); nothing else leaves the core.
+occur (loader_sidecar/stores/, loader_sidecar/fetch.py); nothing else leaves the sidecar's core.
 """
 
 from __future__ import annotations
