@@ -14,10 +14,10 @@ import pytest
 from hypothesis import HealthCheck, event, find, given, settings
 from hypothesis import strategies as st
 
-from loader_sidecar.errors import BadRequest
 from loader_sidecar.refs import StoreRoot, parse_store, parse_uri, resolve
 from loader_sidecar.tiers import is_key
 from sllm_knative.config.model_uri import DEFAULT_REVISION, ModelURI, ModelURIError, parse_model_uri, quote
+from sllm_knative.loader.errors import BadRequest
 
 GOOD_SEGMENTS = ["org", "name", "meta-llama", "Llama-3.2-1B", "opt_125m", "v1.0", "a", "x9", "0",
                  ".cache", "_x", "-x", "x.", "x_", "a" * 96, "b" * 255]
