@@ -430,6 +430,8 @@ def test_stop_leaves_no_process_behind(k: Clients, make_agent: Any, namespace: s
     running_pod(k, namespace, "stay")
     pids = until(agent.pids, 10, "the container's pid")
     assert all(alive(p) for p in pids)
+    # Its first line: the process is past start-up (the SIGTERM handler set), with a log to keep.
+    until(lambda: "pid=" in agent.pod_log(namespace, "stay", "main"), 20, "the container's first line")
     agent.stop()
     assert not any(alive(p) for p in pids)
     assert agent.pids() == [] and agent.pod_log(namespace, "stay", "main")  # the logs stay
