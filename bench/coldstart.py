@@ -375,10 +375,10 @@ def build_inputs(work: Path) -> tuple[Path, Path]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from loader_sidecar.testing import Nginx
     from sllm_knative import format as fmt
     from sllm_knative.local.cluster import down, up_detached
     from sllm_knative.ports import free_port
+    from testkit.servers import Nginx
 
     rate_bytes = nginx_rate_bytes(args.rate)
     # Inherited by the cluster's processes (zygote children) and the knative_default instances alike.

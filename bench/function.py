@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,6 +41,7 @@ import httpx
 
 from bench._common import ensure_model, machine, save_figure, write_json
 from sllm_knative.ports import free_port as _free_port
+from testkit.proc import Proc
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Serverless inference scales to zero and back. The activator holds requests while"
@@ -55,8 +55,9 @@ def _spec() -> Any:
                      num_key_value_heads=4, vocab_size=512, max_position_embeddings=2048)
 
 
-class Server:
+class Server(Proc):
     def __init__(self, model_dir: Path, device: str, numerics: str | None, log: Path) -> None:
+        super().__init__("server")
         self.port, self.internal = _free_port(), _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [sys.executable, "-m", "functions.llm", "--model", str(model_dir), "--served-model-name", "bench",
@@ -65,34 +66,16 @@ class Server:
                 "--max-model-len", "1024"]
         if numerics:
             args += ["--numerics", numerics]
-        self._log = open(log, "ab")  # noqa: SIM115 (closed in stop)
         self.spawned = time.time()
-        self.proc = subprocess.Popen(args, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+        self.start(args, log, append=True)
 
     def wait_ready(self, timeout: float = 300) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see its log")
-            try:
-                r = httpx.get(f"{self.url}/health/ready", timeout=5)
-                if r.status_code == 200:
-                    report = r.json()
-                    report["observed_s"] = time.time() - self.spawned
-                    return report
-            except httpx.TransportError:
-                pass
-            time.sleep(0.02)
-        raise TimeoutError("server not ready")
+        report: dict[str, Any] = self.wait_http(f"{self.url}/health/ready", timeout, interval=0.02).json()
+        report["observed_s"] = time.time() - self.spawned
+        return report
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
+    def stop(self, grace: float = 30.0) -> int:
+        return super().stop(grace)
 
 
 def stream_times(url: str, prompt: str, max_tokens: int, client: httpx.Client) -> tuple[float, list[float], int]:

@@ -48,11 +48,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import random
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -68,6 +66,7 @@ from sllm_knative.api import activator as activator_api
 from sllm_knative.log import get_logger, setup
 from sllm_knative.placement.calibration import MigrationCost, MigrationObservation, fit_migration_cost
 from sllm_knative.ports import free_port
+from testkit.proc import Proc
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "bench"
@@ -76,39 +75,16 @@ TARGET_RATIO = 3.0
 log = get_logger("bench.migration")
 
 
-class Process:
-    """A child process on loopback ports, logging to a file, stopped with SIGTERM then SIGKILL."""
+class Process(Proc):
+    """A child process on loopback ports, logging to logs/NAME.log, stopped with SIGTERM then SIGKILL."""
 
     def __init__(self, name: str, args: list[str], logs: Path, ready_url: str, env: dict[str, str]) -> None:
-        self.name, self.ready_url = name, ready_url
-        self.log_path = logs / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+        super().__init__(name)
+        self.ready_url = ready_url
+        self.start([sys.executable, *args], logs / f"{name}.log", env=env)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n"
-                                   f"{self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.ready_url, timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"{self.name}: {self.ready_url} not ready after {timeout}s (log {self.log_path})")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        self.wait_http(self.ready_url, timeout)
 
 
 class Function(Process):

@@ -50,9 +50,10 @@ from typing import Any
 import httpx
 
 from bench._common import ensure_model, machine, save_figure, write_json
-from loader_sidecar.testing import nginx_conf
 from sllm_knative.api import activator as activator_api
 from sllm_knative.ports import free_port as _free_port
+from testkit.proc import Proc
+from testkit.servers import nginx_conf
 
 REPO = Path(__file__).resolve().parents[1]
 NAMESPACE = "default"
@@ -208,18 +209,6 @@ def target(rows: list[dict[str, Any]], paths: dict[str, Any]) -> dict[str, Any]:
 # -- processes -------------------------------------------------------------------------------------
 
 
-def _wait_http(url: str, proc: subprocess.Popen[bytes], what: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"{what} not ready within {timeout:.0f}s ({url})")
-
-
 def _group_members(pgid: int) -> list[int]:
     out = []
     for d in Path("/proc").iterdir():
@@ -234,7 +223,7 @@ class NginxProxy:
     """nginx (master + one worker) in its own process group, proxying to one upstream port."""
 
     def __init__(self, upstream: int, logs: Path) -> None:
-        from loader_sidecar.testing import nginx_path
+        from testkit.servers import nginx_path
 
         binary = nginx_path()
         if binary is None:
@@ -249,10 +238,9 @@ class NginxProxy:
         self.stopped_clean: bool | None = None
 
     def start(self) -> NginxProxy:
-        from sllm_knative.local import procs
-
-        self.proc = procs.spawn(self.argv, self.logs / "nginx.log")  # own process group, dies with us
-        _wait_http(f"http://127.0.0.1:{self.port}/health/live", self.proc, "nginx", timeout=30)
+        nginx = Proc("nginx").start(self.argv, self.logs / "nginx.log", append=True)  # own process group
+        self.proc = nginx.proc
+        nginx.wait_http(f"http://127.0.0.1:{self.port}/health/live", timeout=30, interval=0.05)
         return self
 
     def stop(self) -> None:
@@ -343,7 +331,6 @@ def throughput(port: int, request: bytes, concurrency: int, seconds: float) -> f
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from sllm_knative import format as fmt
     from sllm_knative.convert import convert
-    from sllm_knative.local import procs
     from sllm_knative.models import TINY
 
     out = Path(args.out)
@@ -355,18 +342,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         convert(work / "tiny-hf", ckpt, overwrite=True)
     request = build_request(args.request)
     fn_port, fn_internal, act_port, act_admin = (_free_port() for _ in range(4))
-    started: list[subprocess.Popen[bytes]] = []
+    started: list[Proc] = []
     nginx: NginxProxy | None = None
     try:
-        fn = procs.spawn([sys.executable, "-m", "functions.llm", "--model", str(ckpt), "--served-model-name", SERVICE,
-                          "--host", "127.0.0.1", "--port", str(fn_port), "--internal-host", "127.0.0.1",
-                          "--internal-port", str(fn_internal)], logs / "function.log")
+        fn = Proc("the function instance").start(
+            [sys.executable, "-m", "functions.llm", "--model", str(ckpt), "--served-model-name", SERVICE,
+             "--host", "127.0.0.1", "--port", str(fn_port), "--internal-host", "127.0.0.1",
+             "--internal-port", str(fn_internal)], logs / "function.log", append=True)
         started.append(fn)
-        act = procs.spawn([sys.executable, "-m", "activator", "--port", str(act_port), "--admin-port", str(act_admin)],
-                          logs / "activator.log")
+        act = Proc("the activator").start(
+            [sys.executable, "-m", "activator", "--port", str(act_port), "--admin-port", str(act_admin)],
+            logs / "activator.log", append=True)
         started.append(act)
-        _wait_http(f"http://127.0.0.1:{fn_port}/health/ready", fn, "the function instance")
-        _wait_http(f"http://127.0.0.1:{act_admin}/metrics", act, "the activator")
+        fn.wait_http(f"http://127.0.0.1:{fn_port}/health/ready", timeout=300, interval=0.05)
+        act.wait_http(f"http://127.0.0.1:{act_admin}/metrics", timeout=300, interval=0.05)
         httpx.put(f"http://127.0.0.1:{act_admin}{activator_api.SERVICES}/{NAMESPACE}/{SERVICE}", json={
             "container_concurrency": 0,
             "instances": [{"id": "llm-1", "url": f"http://127.0.0.1:{fn_port}", "node": "local"}]},
@@ -386,7 +375,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if nginx is not None:
             nginx.stop()
         for proc in reversed(started):
-            procs.stop(proc.pid, grace_s=5.0)
+            proc.stop(grace=5.0)
     rows, pct = summarize(lat, rps)
     return {
         "rows": rows,

@@ -46,9 +46,9 @@ import numpy as np
 from bench._common import evict, machine, save_figure, write_json
 from bench.loading import fio_limit, own_direct_limit
 from cuda_ext import _C
-from loader_sidecar.testing import Nginx
 from sllm_knative import format as fmt
 from sllm_knative.loader.client import LoaderClient
+from testkit.servers import Nginx
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = fmt.DEFAULT_BLOCK_SIZE

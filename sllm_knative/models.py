@@ -4,6 +4,8 @@ There is no model hub on these machines: tests, the demo and the benchmarks buil
 models here. `build_model(out_dir, spec)` writes a Hugging Face model directory
 (config.json, generation_config.json, tokenizer files, weights as safetensors or .bin)
 that `from_pretrained` and `sllm-knative convert` both accept.
+
+It stays in the library (not testkit/) because the demo, the product's main job, builds its models here.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Imports point one way (docs/architecture.md, "Imports point one way").
 
 The library (`sllm_knative/`) never imports a process package (activator, autoscaler,
-loader_sidecar, functions) nor bench/ or tests/; the processes import the library and never one
+loader_sidecar, functions) nor bench/, tests/ or testkit/; the processes import the library and never one
 another. Every module is parsed (nothing is imported): `import x`, `from x import y` (relative ones
 resolved), imports inside functions and `if TYPE_CHECKING:` blocks, and `importlib.import_module(...)`
 / `__import__(...)` with a string literal. A violation is reported as file:line.
@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 LIBRARY = "sllm_knative"
 PROCESSES = ("activator", "autoscaler", "loader_sidecar", "functions")
-NOT_IMPORTABLE = (*PROCESSES, "bench", "tests")  # folders no library or process module may import
+NOT_IMPORTABLE = (*PROCESSES, "bench", "tests", "testkit")  # folders no library or process module may import
 _DYNAMIC = {"import_module", "__import__"}  # importlib.import_module("x"), __import__("x")
 
 

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +23,9 @@ from typing import Any
 import httpx
 
 from autoscaler.backends.base import EventHandler, EventKind, InstanceEvent, InstanceRecord, InstanceState
+from sllm_knative.api import auth
+from sllm_knative.api import instance as instance_api
+from sllm_knative.api.wire import parse_json
 from sllm_knative.config import ServiceConfig
 from sllm_knative.local import procs, zygote
 from sllm_knative.log import get_logger
@@ -87,8 +89,8 @@ class LocalBackend:
         self.http = httpx.AsyncClient(timeout=5.0)
         # The instances' internal API requires this token when set (`sllm-knative up` gives every
         # process of a cluster the same SLLM_INTERNAL_TOKEN).
-        token = internal_token if internal_token is not None else os.environ.get("SLLM_INTERNAL_TOKEN")
-        self._internal_headers = {"authorization": f"Bearer {token}"} if token else {}
+        token = internal_token if internal_token is not None else auth.token_from_env()
+        self._internal_headers = auth.auth_headers(token)
         self.model_sizes: dict[str, int] = {}
         self.drain_url = drain_url  # the activator's admin URL: instances drain there on SIGTERM
         self._instances: dict[str, InstanceRecord] = {}
@@ -224,10 +226,10 @@ class LocalBackend:
 
     async def generations(self, rec: InstanceRecord, timeout_s: float = 1.0) -> list[dict[str, Any]] | None:
         try:
-            r = await self.http.get(f"{rec.internal_url}/internal/v1/generations", headers=self._internal_headers,
+            r = await self.http.get(f"{rec.internal_url}{instance_api.GENERATIONS}", headers=self._internal_headers,
                                     timeout=timeout_s)
             r.raise_for_status()
-            data = r.json()["data"]
+            listed = parse_json(instance_api.GenerationList, r.content)
         except httpx.HTTPStatusError as exc:  # not a transient: a token or version mismatch
             _log.warning("generations refused", model=rec.service, instance=rec.id, node=rec.node,
                          status=exc.response.status_code)
@@ -235,7 +237,7 @@ class LocalBackend:
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             _log.debug("generations unavailable", model=rec.service, instance=rec.id, node=rec.node, error=str(exc))
             return None
-        return data if isinstance(data, list) else None
+        return [g.model_dump() for g in listed.data]
 
     async def stop(self, rec: InstanceRecord, grace_s: float = 10.0) -> None:
         rec.state = InstanceState.STOPPING

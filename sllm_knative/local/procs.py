@@ -25,8 +25,11 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
 
 
 def spawn(argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None,
-          cwd: str | None = None, death_signal: int = signal.SIGTERM) -> subprocess.Popen[bytes]:
+          cwd: str | None = None, death_signal: int = signal.SIGTERM,
+          inherit: bool = True) -> subprocess.Popen[bytes]:
     """Start argv in its own process group, output to log_path; it gets `death_signal` when we die.
+
+    Its environment is os.environ updated with `env`, or `env` alone when not `inherit`.
 
     SIGTERM lets a child shut down cleanly; a child whose clean shutdown can outlast its use (a
     throwaway API server draining its watches) is better given SIGKILL."""
@@ -37,8 +40,9 @@ def spawn(argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
+        environ = {**os.environ, **(env or {})} if inherit else dict(env or {})
         return subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})}, cwd=cwd, preexec_fn=child_setup)
+                                env=environ, cwd=cwd, preexec_fn=child_setup)
 
 
 def alive(pid: int) -> bool:

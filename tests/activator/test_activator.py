@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -21,35 +19,22 @@ from sllm_knative.api import activator as admin_api
 from sllm_knative.api import autoscaler as autoscaler_api
 from sllm_knative.api.keys import ServiceKey
 from sllm_knative.ports import free_port
+from testkit.proc import Proc
 
 HERE = Path(__file__).parent
 
 
-def wait_http(url: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(url, timeout=0.5)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    raise TimeoutError(url)
-
-
-class Upstream:
-    def __init__(self, name: str) -> None:
+class Upstream(Proc):
+    def __init__(self, name: str, logs: Path) -> None:
+        super().__init__(f"upstream {name}")
         self.name, self.port = name, free_port()
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "upstream.py"), str(self.port)],
-                                     env={**os.environ, "UPSTREAM_NAME": name})
-        wait_http(f"http://127.0.0.1:{self.port}/")
+        self.start([sys.executable, str(HERE / "upstream.py"), str(self.port)], logs / f"upstream-{name}.log",
+                   env={"UPSTREAM_NAME": name})
+        self.wait_http(f"{self.url}/", timeout=20, statuses=None, interval=0.05)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
 
 
 class DemandRecorder(BaseHTTPRequestHandler):
@@ -76,23 +61,26 @@ def recorder() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def activator(recorder: str) -> Iterator[tuple[str, str]]:
+def activator(recorder: str, tmp_path_factory) -> Iterator[tuple[str, str]]:
     port, admin = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "activator", "--port", str(port), "--admin-port", str(admin),
-                             "--autoscaler-url", recorder, "--cold-start-timeout", "3", "--max-body-bytes", "4096",
-                             "--report-interval", "0.2"])
-    wait_http(f"http://127.0.0.1:{admin}/metrics")
-    yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
-    proc.terminate()
-    proc.wait(10)
+    proc = Proc("activator").start(
+        [sys.executable, "-m", "activator", "--port", str(port), "--admin-port", str(admin), "--autoscaler-url",
+         recorder, "--cold-start-timeout", "3", "--max-body-bytes", "4096", "--report-interval", "0.2"],
+        tmp_path_factory.mktemp("activator") / "activator.log")
+    try:
+        proc.wait_http(f"http://127.0.0.1:{admin}/metrics", timeout=20, statuses=None, interval=0.05)
+        yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
+    finally:
+        proc.stop(grace=10)
 
 
 @pytest.fixture(scope="module")
-def upstreams() -> Iterator[list[Upstream]]:
-    ups = [Upstream("a"), Upstream("b")]
+def upstreams(tmp_path_factory) -> Iterator[list[Upstream]]:
+    logs = tmp_path_factory.mktemp("upstreams")
+    ups = [Upstream("a", logs), Upstream("b", logs)]
     yield ups
     for u in ups:
-        u.stop()
+        u.kill()
 
 
 def put(admin: str, name: str, instances: list[dict], cc: int = 0, ns: str = "default") -> None:
@@ -206,9 +194,9 @@ def test_cold_start_timeout_is_503_with_retry_after(activator) -> None:
     assert r.json()["error"]["code"] == "cold_start_timeout"
 
 
-def test_instance_dead_before_first_byte_is_retried_once(activator, upstreams) -> None:
+def test_instance_dead_before_first_byte_is_retried_once(activator, upstreams, tmp_path) -> None:
     public, admin = activator
-    doomed = Upstream("doomed")
+    doomed = Upstream("doomed", tmp_path)
     put(admin, "retry", [{"id": "doomed", "url": doomed.url}, {"id": "b", "url": upstreams[1].url}])
     # Least-outstanding with a tie picks the first listed: the doomed instance dies mid-request.
     r = httpx.post(f"{public}/v1/completions", json={"model": "retry", "die": "doomed"}, timeout=10)
@@ -320,10 +308,10 @@ def admin_api_stats(admin: str) -> autoscaler_api.StatsReport:
     return autoscaler_api.StatsReport.model_validate(httpx.get(f"{admin}{admin_api.STATS}").json())
 
 
-def test_instance_dying_mid_body_is_a_502(activator, upstreams) -> None:
+def test_instance_dying_mid_body_is_a_502(activator, upstreams, tmp_path) -> None:
     """A non-streaming body is relayed whole with its length, so a break halfway is reported, not truncated."""
     public, admin = activator
-    doomed = Upstream("halfway")
+    doomed = Upstream("halfway", tmp_path)
     put(admin, "half", [{"id": "halfway", "url": doomed.url}])
     r = httpx.post(f"{public}/v1/completions", json={"model": "half", "die_mid_body": "halfway"}, timeout=10)
     doomed.proc.wait(5)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +10,7 @@ import httpx
 import pytest
 
 from sllm_knative.ports import free_port
+from testkit.proc import Proc
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_MODEL_LEN = 1024
@@ -20,37 +18,24 @@ MAX_CONCURRENCY = 4
 MAX_BODY_BYTES = 65536
 
 
-class Server:
+class Server(Proc):
     """One inference-function process on free loopback ports."""
 
     def __init__(self, model_dir: Path, log_path: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        super().__init__("server")
         self.port = free_port()
         self.internal_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.internal_url = f"http://127.0.0.1:{self.internal_port}"
-        self.log_path = log_path
         args = [sys.executable, "-m", "functions.llm", "--model", str(model_dir), "--served-model-name", "tiny",
                 "--host", "127.0.0.1", "--internal-host", "127.0.0.1", "--port", str(self.port),
                 "--internal-port", str(self.internal_port), "--max-model-len", str(MAX_MODEL_LEN),
                 "--max-concurrency", str(MAX_CONCURRENCY), "--parked-slots", "3",
                 "--max-body-bytes", str(MAX_BODY_BYTES), "--step-tokens", "64", *extra]
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(args, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.start(args, log_path, env=env)
 
     def wait_ready(self, timeout: float = 90.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
-            try:
-                r = httpx.get(f"{self.url}/health/ready", timeout=2)
-                if r.status_code == 200:
-                    return r.json()
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log_path.read_text()}")
+        return self.wait_http(f"{self.url}/health/ready", timeout).json()
 
     def metric(self, name: str) -> float:
         text = httpx.get(f"{self.url}/metrics", timeout=5).text
@@ -58,17 +43,6 @@ class Server:
             if line.startswith(name + " ") or line.startswith(name + "{"):
                 return float(line.rsplit(" ", 1)[1])
         raise KeyError(name)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,9 @@ and sidecars (the real gRPC server, in a thread or as a process)."""
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,8 +14,11 @@ from pathlib import Path
 import pytest
 
 from loader_sidecar.config import Config, add_arguments, from_args
-from loader_sidecar.testing import Nginx, SidecarThread, free_port, nginx_path, wait_port
 from sllm_knative.loader.client import LoaderClient
+from sllm_knative.ports import free_port
+from testkit.proc import Proc
+from testkit.servers import Nginx, nginx_path, wait_port
+from testkit.sidecar import SidecarThread
 
 REPO = Path(__file__).resolve().parents[2]
 HF_TOKEN = "hf_test_token_123"
@@ -146,35 +147,24 @@ class SidecarProcess:
                      "--retry-backoff", "0.05", "--timeout", "5", *[a for s in stores for a in ("--store", s)],
                      *extra]
         self.log = tmp_path / "sidecar.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.process = Proc("sidecar")
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.process.proc
 
     def start(self, timeout: float = 30.0) -> SidecarProcess:
         self.socket.unlink(missing_ok=True)
-        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_ENDPOINT": "", "HF_TOKEN": ""}
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.args, cwd=REPO, env=env, stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout
-        while not self.socket.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"sidecar exited with {self.proc.returncode}: {self.log.read_text()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"sidecar did not listen within {timeout} s: {self.log.read_text()}")
-            time.sleep(0.05)
+        self.process.start(self.args, self.log, env={"PYTHONPATH": str(REPO), "HF_ENDPOINT": "", "HF_TOKEN": ""},
+                           append=True)
+        self.process.wait_until(self.socket.exists, timeout, "listening")
         return self
 
     def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
+        self.process.kill()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.process.stop(grace=15)
 
 
 @pytest.fixture

@@ -14,11 +14,11 @@ import grpc
 import httpx
 import pytest
 
-from loader_sidecar.testing import free_port
 from sllm_knative.loader import errors
 from sllm_knative.loader import loader_pb2 as pb
 from sllm_knative.loader import loader_pb2_grpc as pb_grpc
 from sllm_knative.loader.client import LoaderClient
+from sllm_knative.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 

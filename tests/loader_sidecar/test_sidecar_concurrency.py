@@ -10,10 +10,10 @@ from pathlib import Path
 
 import httpx
 
-from loader_sidecar.testing import free_port
 from sllm_knative import format as fmt
 from sllm_knative.loader import errors
 from sllm_knative.loader.client import LoaderClient
+from sllm_knative.ports import free_port
 
 
 def partitions_of(model_dir: Path) -> list[bytes]:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from loader_sidecar.testing import CutProxy
 from sllm_knative import format as fmt
 from sllm_knative.loader import errors
+from testkit.servers import CutProxy
 
 
 def partitions_of(model_dir: Path) -> list[bytes]:

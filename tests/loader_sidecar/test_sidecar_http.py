@@ -29,9 +29,10 @@ from loader_sidecar.stores.http import (
     redirect,
     transport_error,
 )
-from loader_sidecar.testing import CutProxy, free_port, nginx_conf, nginx_path, wait_port
 from sllm_knative import format as fmt
 from sllm_knative.loader import errors
+from sllm_knative.ports import free_port
+from testkit.servers import CutProxy, nginx_conf, nginx_path, wait_port
 
 WORDS = 3 * (1 << 20) + 5  # bytes of models/words/partition-0.bin: little-endian uint64 offsets, cut short
 TOKEN = "Bearer s3cret"

@@ -9,9 +9,7 @@ lease while it serves, and the lease ends when it exits.
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -24,61 +22,34 @@ from sllm_knative.loader.client import LoaderClient
 from sllm_knative.local import procs
 from sllm_knative.local.zygote import spawn_via
 from sllm_knative.ports import free_port
+from testkit.proc import Proc
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-class Instance:
+class Instance(Proc):
     """One `python -m functions.llm` process that leases `checkpoint` from the loader at `loader`."""
 
     def __init__(self, tmp_path: Path, loader: str, checkpoint: str, name: str = "inst-1") -> None:
+        super().__init__(f"the instance {name}")
         self.port, self.internal_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp_path / f"{name}.log"
         self.timing = tmp_path / f"{name}.timing.json"
         argv = [sys.executable, "-m", "functions.llm", "--checkpoint", checkpoint, "--loader", loader,
                 "--lease-timing", str(self.timing), "--served-model-name", "tiny",
                 "--host", "127.0.0.1", "--port", str(self.port),
                 "--internal-host", "127.0.0.1", "--internal-port", str(self.internal_port),
                 "--max-model-len", "256", "--max-concurrency", "2"]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "SLLM_INSTANCE": name}
-        env.pop("SLLM_LOADER", None)
-        env.pop("SLLM_MODEL_DIR", None)
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        self.start(argv, tmp_path / f"{name}.log", env={"SLLM_INSTANCE": name}, unset=("SLLM_LOADER", "SLLM_MODEL_DIR"))
 
     def wait_ready(self, timeout: float = 120.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the instance exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                r = httpx.get(f"{self.url}/health/ready", timeout=2)
-                if r.status_code == 200:
-                    return r.json()
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"the instance was not ready after {timeout}s:\n{self.log()}")
+        return self.wait_http(f"{self.url}/health/ready", timeout).json()
 
     def wait_exit(self, timeout: float = 120.0) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"the instance is still running after {timeout}s:\n{self.log()}") from None
+        return self.wait(timeout)
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+    def stop(self, grace: float = 30.0) -> int:
+        return super().stop(grace)
 
 
 @pytest.fixture
@@ -158,15 +129,10 @@ def test_the_zygote_only_forks_and_its_child_leases_by_itself(sidecar_process, s
     store = f"file://{store_root}/models"
     loader = sidecar_process([store]).start()
     sock = tmp_path / "zygote.sock"
-    zygote = procs.spawn([sys.executable, "-m", "functions.zygote", str(sock)], tmp_path / "zygote.log",
-                         env={"PYTHONUNBUFFERED": "1"}, cwd=str(REPO))
+    zygote = Proc("the zygote").start([sys.executable, "-m", "functions.zygote", str(sock)], tmp_path / "zygote.log")
     pid = 0
     try:
-        deadline = time.monotonic() + 120
-        while not sock.exists():
-            assert zygote.poll() is None, (tmp_path / "zygote.log").read_text()
-            assert time.monotonic() < deadline, "the zygote did not listen"
-            time.sleep(0.05)
+        zygote.wait_until(sock.exists, 120, "listening")
         assert leases(loader.target) == []
         port, log, timing = free_port(), tmp_path / "child.log", tmp_path / "child.timing.json"
         pid = spawn_via(str(sock), ["--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
@@ -197,6 +163,5 @@ def test_the_zygote_only_forks_and_its_child_leases_by_itself(sidecar_process, s
     finally:
         if pid:
             procs.stop(pid, grace_s=10.0, group=False)
-        procs.stop(zygote.pid, grace_s=5.0)
-        zygote.wait()
+        zygote.stop(grace=5.0)
     assert not procs.alive(pid)

@@ -26,9 +26,9 @@ from typing import Any
 import httpx
 import pytest
 
-from loader_sidecar.testing import Nginx, nginx_path
 from sllm_knative.local.manifests import ALLOW_ZERO_INITIAL_SCALE, service_manifest
 from sllm_knative.models import ModelSpec
+from testkit.servers import Nginx, nginx_path
 from tests.local.util import wait_for
 
 CLI = [sys.executable, "-m", "sllm_knative.cli"]

@@ -3,8 +3,6 @@ the activator in front of them, driven through its admin API the way the autosca
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -15,74 +13,45 @@ import pytest
 
 from sllm_knative.api import activator as admin_api
 from sllm_knative.ports import free_port
+from testkit.proc import Proc
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "tiny"
 
 
-def wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-class Function:
+class Function(Proc):
     """One `python -m functions.llm` instance on free loopback ports."""
 
     def __init__(self, name: str, model_dir: Path, logs: Path, env: dict[str, str] | None = None) -> None:
+        super().__init__(name)
         self.id = name
         self.port, self.internal_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.internal_url = f"http://127.0.0.1:{self.internal_port}"
-        self.log_path = logs / f"{name}.log"
         args = [sys.executable, "-m", "functions.llm", "--model", str(model_dir), "--served-model-name", MODEL,
                 "--host", "127.0.0.1", "--internal-host", "127.0.0.1", "--port", str(self.port),
                 "--internal-port", str(self.internal_port), "--max-model-len", "512", "--max-concurrency", "8",
                 "--parked-slots", "8", "--step-tokens", "64", "--numerics", "exact"]
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(args, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", "SLLM_INSTANCE": name,
-                                          **(env or {})})
+        self.start(args, logs / f"{name}.log", env={"SLLM_INSTANCE": name, **(env or {})})
 
     def endpoint(self) -> dict[str, str]:
         return {"id": self.id, "url": self.url, "internal_url": self.internal_url}
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        if self.alive():
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.alive():
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._log.close()
+    def wait_ready(self) -> None:
+        self.wait_http(f"{self.url}/health/ready")
 
 
-class Activator:
+class Activator(Proc):
     def __init__(self, logs: Path, *extra: str, name: str = "activator", env: dict[str, str] | None = None) -> None:
+        super().__init__(name)
         self.port, self.admin_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin = f"http://127.0.0.1:{self.admin_port}"
-        self.log_path = logs / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen([sys.executable, "-m", "activator", "--port", str(self.port), "--admin-port",
-                                      str(self.admin_port), *extra], cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.start([sys.executable, "-m", "activator", "--port", str(self.port), "--admin-port", str(self.admin_port),
+                    *extra], logs / f"{name}.log", env=env)
+
+    def wait_ready(self) -> None:
+        self.wait_http(f"{self.admin}{admin_api.STATS}", timeout=30)
 
     def set_instances(self, *functions: Function) -> None:
         r = httpx.put(f"{self.admin}{admin_api.SERVICES}/default/{MODEL}",
@@ -96,14 +65,8 @@ class Activator:
         assert r.status_code == 200, r.text
         return r.json()
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
+    def stop(self, grace: float = 10.0) -> int:
+        return super().stop(grace)
 
 
 @pytest.fixture(scope="session")
@@ -121,7 +84,7 @@ def logs(tmp_path_factory) -> Path:
 def running(act: Activator) -> Iterator[Activator]:
     """Yield the activator once its admin API answers; stop it afterwards."""
     try:
-        wait_for(f"{act.admin}{admin_api.STATS}", act.proc, act.log_path, timeout=30)
+        act.wait_ready()
         yield act
     finally:
         act.stop()
@@ -155,7 +118,7 @@ def functions(tiny_model, logs) -> Iterator[list[Function]]:
     fns = [Function(name, tiny_model, logs) for name in ("a", "b")]
     try:
         for f in fns:
-            wait_for(f"{f.url}/health/ready", f.proc, f.log_path)
+            f.wait_ready()
         yield fns
     finally:
         for f in fns:
@@ -170,7 +133,7 @@ def spare(tiny_model, logs):
     def start(name: str, env: dict[str, str] | None = None) -> Function:
         f = Function(name, tiny_model, logs, env)
         made.append(f)
-        wait_for(f"{f.url}/health/ready", f.proc, f.log_path)
+        f.wait_ready()
         return f
 
     yield start

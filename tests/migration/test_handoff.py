@@ -15,7 +15,7 @@ import pytest
 
 from activator.migration import MigrationConfig, follow_done
 from sllm_knative.api import activator as admin_api
-from tests.migration.conftest import MODEL, Activator, Function, kill_source_between_rounds, wait_for
+from tests.migration.conftest import MODEL, Activator, Function, kill_source_between_rounds
 
 PROMPT = "The activator holds the client connection while the instance"
 
@@ -318,7 +318,7 @@ def test_internal_token_is_sent_and_required(activator, spare, logs):
     src, dst = spare("secured-src", token), spare("secured-dst", token)
     secured = Activator(logs, name="secured-activator", env=token)
     try:
-        wait_for(f"{secured.admin}{admin_api.STATS}", secured.proc, secured.log_path, timeout=30)
+        secured.wait_ready()
         want = reference(dst, body(11))
         # Without the token the export is refused (401): the generation stays on its source.
         activator.set_instances(src)

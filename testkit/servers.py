@@ -1,5 +1,4 @@
-"""Real servers for tests and benchmarks of the sidecar: nginx, a fault-injecting TCP proxy,
-and a sidecar running on its own event loop in a thread.
+"""Real servers for tests and benchmarks of the sidecar: nginx and a fault-injecting TCP proxy.
 
     with Nginx(root, slow_rate="256k") as web:          # http://127.0.0.1:PORT/models/...
         with CutProxy(web.port, after=100_000, faulty=2) as proxy:
@@ -12,25 +11,17 @@ and the Hugging Face resolve layout `/hf/{org}/{name}/resolve/{rev}/{file}` from
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import shutil
 import socket
-import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Coroutine
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
 
-from loader_sidecar.config import Config
-from loader_sidecar.node import Node
-from loader_sidecar.server import Sidecar
 from sllm_knative.ports import free_port
-
-T = TypeVar("T")
+from testkit.proc import Proc
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
@@ -101,11 +92,11 @@ class Nginx:
         self.conf = self.work / "nginx.conf"
         self.conf.write_text(nginx_conf(self.work, _STORE.format(work=self.work, port=self.port, root=self.root,
                                                                   slow_rate=slow_rate, auth=auth)))
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc = Proc("nginx")
 
     def start(self) -> Nginx:
-        self.proc = subprocess.Popen([self.binary, "-e", str(self.work / "error.log"), "-p", str(self.work),
-                                      "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc.start([self.binary, "-e", str(self.work / "error.log"), "-p", str(self.work), "-c", str(self.conf)],
+                        self.work / "nginx.out", cwd=None)
         try:
             wait_port(self.port)
         except TimeoutError:
@@ -120,13 +111,7 @@ class Nginx:
         return [line for line in lines if needle in line]
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.proc.stop(grace=5)
         shutil.rmtree(self.work, ignore_errors=True)
 
     def __enter__(self) -> Nginx:
@@ -240,56 +225,3 @@ class CutProxy:
                 s.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 s.close()
-
-
-_LOOP: asyncio.AbstractEventLoop | None = None
-_LOOP_LOCK = threading.Lock()
-
-
-def shared_loop() -> asyncio.AbstractEventLoop:
-    """One event loop thread for every in-process sidecar: grpc.aio binds its completion queue
-    to the first loop that uses it, so a second loop in the same process would never be woken."""
-    global _LOOP
-    with _LOOP_LOCK:
-        if _LOOP is None:
-            _LOOP = asyncio.new_event_loop()
-            threading.Thread(target=_LOOP.run_forever, daemon=True, name="sidecar-loop").start()
-        return _LOOP
-
-
-class SidecarThread:
-    """A sidecar (the real gRPC server) on the process's sidecar loop thread (see shared_loop)."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.loop = shared_loop()
-        self.sidecar: Sidecar | None = None
-        self.address = ""
-
-    def start(self) -> SidecarThread:
-        async def make() -> str:
-            self.sidecar = Sidecar(self.config)  # built on the loop: its asyncio objects belong there
-            return await self.sidecar.start()
-
-        self.address = self.call(make())
-        return self
-
-    @property
-    def node(self) -> Node:
-        assert self.sidecar is not None
-        return self.sidecar.node
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
-        """Run a coroutine on the sidecar's loop and return its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        if self.sidecar is not None:
-            self.call(self.sidecar.stop(grace=0.2), timeout=30)
-            self.sidecar = None
-
-    def __enter__(self) -> SidecarThread:
-        return self.start()
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        self.stop()
