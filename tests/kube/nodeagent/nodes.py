@@ -168,12 +168,7 @@ class NodeRunner:
         for w in workers:
             w.kill(report=mark_not_ready)
         self.net.cut()
-        if self._watcher:
-            self._watcher.stop()
-        for w in workers:
-            w.join(10)
-        if self._heartbeat.is_alive():
-            self._heartbeat.join(5)
+        self._join(workers)
         self.log.warning("node killed", pods=len(workers))
 
     def stop(self) -> None:
@@ -182,6 +177,10 @@ class NodeRunner:
             workers = list(self.workers.values())
         for w in workers:
             w.stop()
+        self._join(workers)
+
+    def _join(self, workers: list[PodWorker]) -> None:
+        """Stop watching, then wait for the pod workers and the heartbeat to finish."""
         if self._watcher:
             self._watcher.stop()
         for w in workers:
