@@ -5,8 +5,9 @@ the fill already under way. A remote fetch of a loading-optimized checkpoint cut
 partitions into spans of whole checksum blocks and hands them, in order, to `connections`
 workers; each span is one range request that resumes where it broke (cut connection, 5xx,
 stall) up to `retries` times. When the store has a blocking reader (HTTP), each request runs in
-a worker thread that writes and checks the bytes as they arrive (`_SpanWriter`), so the
-connections use every core; other stores stream through the event loop into the same writer.
+a worker thread that writes and checks the bytes as they arrive (`SpanWriter`), so the
+connections use every core; other stores stream through the event loop into the same writer
+(the spans and their writer: `loader_sidecar.spans`).
 Every block's crc32c is computed as its bytes stream in and compared with the index before the
 block counts: the watermark covers verified bytes only.
 When an instance is waiting, the bytes go straight to the DRAM tier and the SSD copy is made
@@ -15,10 +16,8 @@ go straight to SSD staging. Either way a cold remote load costs one transfer, no
 
 A store holding a plain Hugging Face checkpoint is downloaded once to SSD staging and
 converted there (`sllm_knative.convert`), then filled into DRAM from SSD like any SSD hit.
-SSD -> DRAM fills use the extension's direct reads (many threads, O_DIRECT) into a pre-faulted
-staging buffer, verify every block there and write the segment to the tmpfs file (faster than
-faulting in a shared mapping page by page, and only verified bytes ever reach the DRAM tier);
-SEGMENTS_IN_FLIGHT segments are in flight, the watermark moves in order.
+SSD -> DRAM fills are `loader_sidecar.ssd_copy` (direct reads into a staging buffer, verified
+there, then written to the tmpfs file).
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
-import dataclasses
 import functools
 import json
 import os
@@ -36,19 +34,19 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import numpy as np
-
-from cuda_ext import _C
+from loader_sidecar.aio import all_or_first_error, in_thread
 from loader_sidecar.config import Config
 from loader_sidecar.fills import Fill, Layout
 from loader_sidecar.metrics import Metrics
 from loader_sidecar.profile import Profile
 from loader_sidecar.refs import ModelRef
+from loader_sidecar.spans import BadBlock, Span, SpanWriter, Target, create_file, plan_spans
+from loader_sidecar.ssd_copy import SsdToDram
 from loader_sidecar.stores import Store, open_store
 from loader_sidecar.stores.base import BlockingRead, Cancel
-from loader_sidecar.tiers import Entry, Tier
+from loader_sidecar.tiers import Tier
 from loader_sidecar.watermarks import Watermarks
 from sllm_knative import format as fmt
 from sllm_knative import loading  # noqa: F401  (installs the extension's error types)
@@ -63,154 +61,12 @@ AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeniz
 HF_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 HF_SINGLE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 MAX_META_BYTES = 64 << 20
-SEGMENTS_IN_FLIGHT = 4  # x fill_segment_bytes staged: keeps ~16 direct reads of 16 MiB in flight
-STAGING_POOL = 4
 CORRUPT_RETRIES = 1
 TRANSFER_THREADS = 64  # range requests in worker threads, all fills together (threads start as needed)
 _PLAIN_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 
 T = TypeVar("T")
 _log = get_logger("loader_sidecar.fetch")
-
-
-@dataclasses.dataclass(frozen=True)
-class Span:
-    """Bytes [start, end) of target `target`, a whole number of its blocks (the last may be short)."""
-
-    target: int
-    start: int
-    end: int
-
-
-def plan_spans(sizes: Sequence[int], block_sizes: Sequence[int], chunk_bytes: int) -> list[Span]:
-    """Range requests for files of `sizes`: in file order, each a multiple of the file's block size."""
-    spans = []
-    for t, (size, bs) in enumerate(zip(sizes, block_sizes, strict=True)):
-        unit = max(1, chunk_bytes // bs) * bs
-        spans += [Span(t, s, min(s + unit, size)) for s in range(0, size, unit)]
-    return spans
-
-
-@dataclasses.dataclass
-class _Target:
-    """One file being downloaded: where its bytes go and how its blocks are checked."""
-
-    name: str
-    size: int
-    block_size: int
-    checksums: tuple[int, ...] | None
-    fds: list[int]
-    on_block: Callable[[int], None]
-
-
-class _Staging:
-    """A page-aligned, pre-faulted host buffer for SSD -> DRAM copies (reused across fills)."""
-
-    def __init__(self, nbytes: int) -> None:
-        self.nbytes = nbytes
-        self._raw = np.ones(nbytes + fmt.PAGE, dtype=np.uint8)  # ones, not zeros: pages faulted in now
-        pad = (-self._raw.ctypes.data) % fmt.PAGE
-        self.addr = self._raw.ctypes.data + pad
-        self.view = memoryview(self._raw.data)[pad: pad + nbytes]
-
-
-class _BadBlock(Exception):
-    def __init__(self, block: int, offset: int, expected: int, actual: int) -> None:
-        super().__init__(block, offset, expected, actual)
-        self.block, self.offset, self.expected, self.actual = block, offset, expected, actual
-
-
-async def _all_or_first_error(coros: Sequence[Awaitable[None]]) -> None:
-    """Run coroutines concurrently; on the first failure cancel the rest and raise it."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    for t in tasks:
-        if t in done and not t.cancelled() and t.exception() is not None:
-            raise t.exception()  # type: ignore[misc]
-
-
-async def _in_thread(fn: Callable[..., T], *args: Any, cancel: Any = None,
-                     executor: concurrent.futures.Executor | None = None) -> T:
-    """Run fn in a worker thread (of `executor`, else the loop's default); on cancellation, stop it
-    (CancelToken or Cancel) and wait before unwinding, so memory or files it writes into (a mapping,
-    a descriptor) are never released under it."""
-    if executor is None:
-        fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    else:
-        fut = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args)))
-    try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        if cancel is not None:
-            cancel.cancel()
-        with contextlib.suppress(BaseException):
-            await fut
-        raise
-
-
-def _create(path: Path, size: int) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        os.ftruncate(fd, size)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _pwrite(fd: int, data: bytes | memoryview, offset: int, name: str) -> None:
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view, offset = view[n:], offset + n
-    except OSError as exc:
-        raise DiskError(f"writing {name} at offset {offset}: {exc.strerror or exc}") from exc
-
-
-class _SpanWriter:
-    """Where one span's download stands. `write` puts bytes at their offsets in every file of the
-    target and checks each block as it completes (then `on_block(block)`); after a failure, `pos`
-    is where to resume (the running crc covers [block start, pos)). Used by one thread at a time:
-    the event loop's, or the worker thread of the request in progress."""
-
-    def __init__(self, t: _Target, span: Span, on_block: Callable[[int], None], where: str) -> None:
-        self.target = t
-        self.where = where
-        self.end = span.end
-        self.on_block = on_block
-        self.pos = span.start
-        self.block = span.start // t.block_size
-        self.crc = 0
-
-    def write(self, data: bytes | memoryview) -> None:
-        t, bs = self.target, self.target.block_size
-        if len(data) > self.end - self.pos:
-            raise CorruptData(f"{self.where} at offset {self.pos}: the store sent more bytes than asked for")
-        for fd in t.fds:
-            _pwrite(fd, data, self.pos, t.name)
-        view = memoryview(data)
-        while view:
-            block_end = min((self.block + 1) * bs, t.size)
-            take = min(len(view), block_end - self.pos)
-            if t.checksums is not None:
-                self.crc = _C.crc32c(view[:take], self.crc)
-            self.pos += take
-            view = view[take:]
-            if self.pos == block_end:
-                if t.checksums is not None and self.crc != t.checksums[self.block]:
-                    raise _BadBlock(self.block, self.block * bs, t.checksums[self.block], self.crc)
-                self.on_block(self.block)
-                self.block, self.crc = self.block + 1, 0
-
-    def restart_block(self) -> None:
-        """Fetch the current block again from its first byte (after a checksum mismatch)."""
-        self.pos, self.crc = self.block * self.target.block_size, 0
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -241,7 +97,7 @@ class Fetcher:
         self._stores: dict[str, Store] = {}
         self._fills: dict[str, Fill] = {}
         self._ssd_jobs: dict[str, asyncio.Task[None]] = {}
-        self._staging_pool: list[_Staging] = []
+        self._ssd_to_dram = SsdToDram(config, ssd, dram, profile, metrics, on_progress)
         self._transfers = concurrent.futures.ThreadPoolExecutor(TRANSFER_THREADS, thread_name_prefix="fetch")
 
     async def aclose(self) -> None:
@@ -312,7 +168,7 @@ class Fetcher:
             while not fill.done.done():
                 if self.ssd.ready(key) is not None:
                     self.metrics.hits.labels("ssd").inc()
-                    await self._fill_from_ssd(ref, fill)
+                    await self._ssd_to_dram.fill(ref, fill)
                     break
                 job = self._ssd_jobs.get(key)
                 if job is None:
@@ -409,11 +265,11 @@ class Fetcher:
                 for name, data in small.items():
                     _write_file(d / name, data)
             parts = index.partitions
-            fds = [_create(target_dir / p.file, p.size) for p in parts]
+            fds = [create_file(target_dir / p.file, p.size) for p in parts]
             wm = Watermarks([p.size for p in parts], [p.block_size for p in parts])
             if fill is not None and dram_dir is not None:
                 fill.ready(Layout(dram_dir, index, files, "remote"), wm)
-            targets = [_Target(p.file, p.size, p.block_size, p.checksums, [fds[i]],
+            targets = [Target(p.file, p.size, p.block_size, p.checksums, [fds[i]],
                                functools.partial(self._block_done, wm, i, key=key, to_dram=fill is not None))
                        for i, p in enumerate(parts)]
             self.metrics.fetches.labels("remote").inc()
@@ -433,7 +289,7 @@ class Fetcher:
                 dram_done = True
                 fill.finish()
                 await self._copy_to_ssd(ref, dram_dir, staging, [p.file for p in parts])
-            await _in_thread(_fsync_all, [staging / n for n in files])
+            await in_thread(_fsync_all, [staging / n for n in files])
             self.ssd.publish(key, staging, files)
         except BaseException:
             self.ssd.abort(key, staging)
@@ -452,7 +308,7 @@ class Fetcher:
         try:
             t0 = time.perf_counter()
             for name in names:
-                await _in_thread(shutil.copyfile, dram_dir / name, staging / name)
+                await in_thread(shutil.copyfile, dram_dir / name, staging / name)
             self.metrics.transfer("dram_to_ssd", sum((staging / n).stat().st_size for n in names),
                                   time.perf_counter() - t0)
         except OSError as exc:
@@ -468,7 +324,7 @@ class Fetcher:
             self.dram.progress(key, wm.total)
         self._on_progress()
 
-    async def _download(self, store: Store, ref: ModelRef, targets: list[_Target]) -> None:
+    async def _download(self, store: Store, ref: ModelRef, targets: list[Target]) -> None:
         spans = collections.deque(plan_spans([t.size for t in targets], [t.block_size for t in targets],
                                              self.config.chunk_bytes))
 
@@ -477,9 +333,9 @@ class Fetcher:
                 span = spans.popleft()
                 await self._fetch_span(store, ref, targets[span.target], span)
 
-        await _all_or_first_error([worker() for _ in range(min(self.config.connections, len(spans)))])
+        await all_or_first_error([worker() for _ in range(min(self.config.connections, len(spans)))])
 
-    async def _fetch_span(self, store: Store, ref: ModelRef, t: _Target, span: Span) -> None:
+    async def _fetch_span(self, store: Store, ref: ModelRef, t: Target, span: Span) -> None:
         """One range request with resume after transient failures and per-block verification."""
         where = store.location(ref, t.name)
         read_into = store.blocking_reader()
@@ -488,7 +344,7 @@ class Fetcher:
         def posted(block: int) -> None:  # from the transfer thread: the bookkeeping belongs to the loop
             loop.call_soon_threadsafe(t.on_block, block)
 
-        w = _SpanWriter(t, span, t.on_block if read_into is None else posted, where)
+        w = SpanWriter(t, span, t.on_block if read_into is None else posted, where)
         attempts = corrupt = 0
         while w.pos < span.end:
             try:
@@ -503,7 +359,7 @@ class Fetcher:
                 _log.info("resuming range", model=ref.uri, file=t.name, offset=w.pos, attempt=attempts,
                           error=str(exc))
                 await asyncio.sleep(self.config.retry_backoff_s * 2 ** (attempts - 1))
-            except _BadBlock as bad:
+            except BadBlock as bad:
                 corrupt += 1
                 if corrupt > CORRUPT_RETRIES:
                     raise CorruptData(
@@ -513,7 +369,7 @@ class Fetcher:
                              block=bad.block)
                 w.restart_block()
 
-    async def _transfer(self, store: Store, ref: ModelRef, w: _SpanWriter, read_into: BlockingRead | None) -> None:
+    async def _transfer(self, store: Store, ref: ModelRef, w: SpanWriter, read_into: BlockingRead | None) -> None:
         """One request for the rest of the span: in a transfer thread with the store's blocking
         reader (the writer's block completions are posted back to the loop), else through the loop."""
         if read_into is None:
@@ -521,7 +377,7 @@ class Fetcher:
                 w.write(data)
             return
         cancel = Cancel()
-        await _in_thread(read_into, ref, w.target.name, w.pos, w.end, w.write, cancel, cancel=cancel,
+        await in_thread(read_into, ref, w.target.name, w.pos, w.end, w.write, cancel, cancel=cancel,
                          executor=self._transfers)
 
     # -- plain Hugging Face checkpoints: download once, convert on the node --------------------
@@ -574,9 +430,9 @@ class Fetcher:
             for name, data in {**aux, **{n: d for n, d in weights.items() if d is not None}}.items():
                 _write_file(src / name, data)
             big = [n for n, d in weights.items() if d is None]
-            fds = [_create(src / n, sizes[n]) for n in big]
+            fds = [create_file(src / n, sizes[n]) for n in big]
             try:
-                targets = [_Target(n, sizes[n], self.config.chunk_bytes, None, [fd], lambda b: None)
+                targets = [Target(n, sizes[n], self.config.chunk_bytes, None, [fd], lambda b: None)
                            for n, fd in zip(big, fds, strict=True)]
                 self.metrics.fetches.labels("remote").inc()
                 t0 = time.perf_counter()
@@ -603,126 +459,9 @@ class Fetcher:
 
         t0 = time.perf_counter()
         try:
-            await _in_thread(convert.convert, src, out)
+            await in_thread(convert.convert, src, out)
         except (ValueError, OSError) as exc:  # ConversionError and FormatError are ValueErrors
             raise CorruptData(f"{ref.uri}: the Hugging Face checkpoint cannot be converted: {exc}") from exc
         _log.info("converted on the node", model=ref.uri, seconds=round(time.perf_counter() - t0, 3))
 
     # -- SSD -> DRAM ---------------------------------------------------------------------------
-
-    async def _fill_from_ssd(self, ref: ModelRef, fill: Fill) -> None:
-        key = ref.key
-        src_entry = self.ssd.entries[key]
-        self.ssd.add_reader(key, 1)
-        self.ssd.touch(key)
-        reserved = False
-        try:
-            src = self.ssd.path(key)
-            try:
-                index = fmt.read_index(src)
-            except (fmt.FormatError, OSError) as exc:
-                raise CorruptData(f"SSD copy of {ref.uri}: {exc}") from exc
-            files = dict(src_entry.files)
-            fill.attach(await self.dram.reserve_when_free(key, ref.uri, sum(files.values()), self.config.timeout_s))
-            reserved = True
-            dst = self.dram.path(key)
-            dst.mkdir(parents=True, exist_ok=True)
-            partition_names = {p.file for p in index.partitions}
-            for name in files:
-                if name not in partition_names:
-                    shutil.copyfile(src / name, dst / name)
-            for p in index.partitions:
-                os.close(_create(dst / p.file, p.size))
-            parts = index.partitions
-            wm = Watermarks([p.size for p in parts], [p.block_size for p in parts])
-            fill.ready(Layout(dst, index, files, "ssd"), wm)
-            self.metrics.fetches.labels("ssd_to_dram").inc()
-            t0 = time.perf_counter()
-            for i, p in enumerate(parts):
-                await self._copy_partition(src / p.file, dst / p.file, p, i, wm, key)
-            seconds = time.perf_counter() - t0
-            self.profile.observe("disk_read", index.total_bytes, seconds)
-            self.metrics.transfer("ssd_to_dram", index.total_bytes, seconds)
-            _log.info("filled from ssd", model=ref.uri, bytes=index.total_bytes, seconds=round(seconds, 3))
-            self.dram.publish(key, dst, files)
-            fill.finish()
-        except BaseException as exc:
-            if reserved:
-                self.dram.abort(key)
-            if isinstance(exc, CorruptData | fmt.ChecksumError):
-                self._drop_corrupt_ssd(key, src_entry)
-            if isinstance(exc, fmt.ChecksumError):
-                raise CorruptData(f"SSD copy of {ref.uri} failed verification and was dropped: {exc}") from exc
-            raise
-        finally:
-            if self.ssd.entries.get(key) is src_entry:
-                self.ssd.add_reader(key, -1)
-
-    def _drop_corrupt_ssd(self, key: str, entry: Entry) -> None:
-        """Evict an SSD copy that failed verification, unless someone else is reading it too."""
-        if self.ssd.entries.get(key) is entry and entry.readers <= 1 and entry.leases == 0:
-            entry.readers = 0
-            self.ssd.evict(key)
-            _log.warning("dropped a corrupt SSD copy", model=entry.model)
-
-    def _staging(self, nbytes: int) -> _Staging:
-        for i, buf in enumerate(self._staging_pool):
-            if buf.nbytes >= nbytes:
-                return self._staging_pool.pop(i)
-        return _Staging(nbytes)
-
-    def _unstage(self, buf: _Staging) -> None:
-        if len(self._staging_pool) < STAGING_POOL:
-            self._staging_pool.append(buf)
-
-    async def _copy_partition(self, src: Path, dst: Path, p: fmt.Partition, i: int, wm: Watermarks,
-                              key: str) -> None:
-        """SSD -> DRAM for one partition: direct reads into a staging buffer, verified there, then
-        written to the tmpfs file; SEGMENTS_IN_FLIGHT segments at once, the watermark in order."""
-        if p.size == 0:
-            return
-        bs = p.block_size
-        chunk = min(16 << 20, bs)
-        if bs % chunk:
-            chunk = fmt.PAGE
-        segment = max(bs, self.config.fill_segment_bytes // bs * bs)
-        cancel = _C.CancelToken()
-        fd = os.open(dst, os.O_WRONLY | os.O_CLOEXEC)
-        buffers = [self._staging(min(segment, p.size)) for _ in range(SEGMENTS_IN_FLIGHT)]
-
-        def copy(off: int, n: int, buf: _Staging) -> None:  # in a worker thread
-            first, last = off // bs, -(-(off + n) // bs)
-            try:
-                _C.read_to_host(str(src), off, buf.addr, n, chunk, self.config.read_threads, True, bs,
-                                list(p.checksums[first:last]), cancel)
-            except fmt.ChecksumError as exc:
-                raise fmt.ChecksumError(str(src), exc.block + first, exc.offset, exc.expected, exc.actual) from None
-            except OSError as exc:
-                raise DiskError(f"reading {src} at offset {off}: {exc.strerror or exc}") from exc
-            _pwrite(fd, buf.view[:n], off, dst.name)  # only verified bytes reach the DRAM tier
-
-        offsets = iter(range(0, p.size, segment))
-        pending: collections.deque[tuple[int, _Staging, asyncio.Future[None]]] = collections.deque()
-        free = list(buffers)
-        try:
-            while True:
-                while free and (off := next(offsets, None)) is not None:
-                    buf = free.pop()
-                    n = min(segment, p.size - off)
-                    pending.append((off + n, buf, asyncio.ensure_future(_in_thread(copy, off, n, buf, cancel=cancel))))
-                if not pending:
-                    break
-                end, buf, task = pending[0]
-                await task
-                pending.popleft()
-                free.append(buf)
-                wm.advance(i, end)
-                self.dram.progress(key, wm.total)
-                self._on_progress()
-        finally:
-            for _, _, t in pending:
-                t.cancel()
-            await asyncio.gather(*(t for _, _, t in pending), return_exceptions=True)  # threads stopped
-            os.close(fd)
-            for buf in buffers:
-                self._unstage(buf)

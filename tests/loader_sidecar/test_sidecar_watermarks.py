@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from loader_sidecar.fetch import Span, plan_spans
+from loader_sidecar.spans import Span, plan_spans
 from loader_sidecar.watermarks import Watermarks, prefix_end
 
 
