@@ -159,18 +159,21 @@ class ClusterNetwork:
     def create(cls) -> ClusterNetwork:
         """A new bridge, sb<pid> (sb<pid>x<n> for this process's next ones), on a free 10.X/16."""
         sweep_stale()
-        x = _free_second_octet()
-        with _NODE_LOCK:
+        # Choosing the /16 and taking it is one step across processes (two test runs on one
+        # machine once picked the same 10.X and each saw the other's pods answer "refused").
+        with _NODE_LOCK, open(Path(tempfile.gettempdir()) / "sllm-net-octets.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            x = _free_second_octet()
             names = (f"sb{os.getpid()}" + (f"x{n}" if n else "") for n in range(100))
             bridge = next(b for b in names if not Path(f"/sys/class/net/{b}").exists())
             _ip("link", "add", bridge, "type", "bridge")
-        net = cls(bridge=bridge, second_octet=x)
-        try:
-            _ip("addr", "add", f"{net.host_ip}/16", "dev", net.bridge)
-            _ip("link", "set", net.bridge, "up")
-        except BaseException:
-            net.destroy()
-            raise
+            net = cls(bridge=bridge, second_octet=x)
+            try:
+                _ip("addr", "add", f"{net.host_ip}/16", "dev", net.bridge)
+                _ip("link", "set", net.bridge, "up")
+            except BaseException:
+                net.destroy()
+                raise
         return net
 
     def save(self, path: Path) -> None:
