@@ -31,6 +31,10 @@ from sllm_knative.models import ModelSpec
 from testkit.servers import Nginx, nginx_path
 from tests.local.util import wait_for
 
+# The second test continues from the first one's cluster state (module-scoped `deployed`): both
+# must run on one xdist worker, in order, or the second sees a fresh cluster.
+pytestmark = pytest.mark.xdist_group("local-preemption")
+
 CLI = [sys.executable, "-m", "sllm_knative.cli"]
 # Per connection. The loader fetches a checkpoint in 16 MiB ranges over up to 4 connections,
 # so A (105 MB) and B (80 MB) come in at about 20 MB/s: 5 s and 4 s. The remote load of B must
@@ -243,8 +247,11 @@ def test_a_cold_model_preempts_a_busy_instance_on_its_dram_node_and_the_stream_m
 def test_the_victims_model_starts_on_a_free_node_first_when_it_has_no_instance_with_room(deployed) -> None:
     """Continues from the first test: B on one node, A's remaining instance on the other."""
     d = deployed
-    [a_inst] = [i for i in services(d.doc)["default/a"]["instances"] if i["state"] == "ready"]
-    [b_inst] = services(d.doc)["default/b"]["instances"]
+    snap = services(d.doc)
+    a_ready = [i for i in snap["default/a"]["instances"] if i["state"] == "ready"]
+    assert len(a_ready) == 1 and len(snap["default/b"]["instances"]) == 1, json.dumps(
+        {k: snap[k] for k in ("default/a", "default/b")}, indent=1)
+    [a_inst], [b_inst] = a_ready, snap["default/b"]["instances"]
     busy, free = a_inst["node"], b_inst["node"]
     assert busy != free
     # A wants one instance now, and B goes away: `free` has a free slot.
