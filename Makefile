@@ -37,7 +37,7 @@ demo: install
 	$(VPY) -m sllm_knative.demo
 
 test: install kube-bins
-	$(VPY) -m pytest -q -n 2 --dist loadgroup tests
+	$(VPY) -m pytest -q -n 2 tests
 
 # The real control plane for tests/kube: kube-apiserver, kube-controller-manager,
 # kube-scheduler and kubectl from k8s.io/kubernetes, and etcd from go.etcd.io/etcd/server/v3,

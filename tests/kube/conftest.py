@@ -1,9 +1,9 @@
 """Fixtures for every test under tests/kube: a real control plane, and test nodes that run pods.
 
-- `kube` (session): a real control plane on the cluster's own pod network. One cluster per
-  test session (and per xdist worker: every test here is put in one xdist group, so with
-  `--dist loadgroup` they share one worker and one cluster). Binaries come from
-  `make kube-bins`; without them the tests skip, except with CI=true, where they fail.
+- `kube` (session): a real control plane on the cluster's own pod network, one per test session
+  and so one per xdist worker that runs a test from here (about 10 s each; the tests do not
+  depend on sharing one). Binaries come from `make kube-bins`; without them the tests skip,
+  except with CI=true, where they fail.
 - `api` (session): an official `kubernetes` ApiClient for it, as the admin; `k`: the API groups
   the tests use, on that client.
 - `namespace`: a fresh namespace labelled `sllm-test: <name>`, returned once its default
@@ -34,14 +34,8 @@ from tests.kube.cluster import BIN_DIR, KubeCluster, missing_binaries
 from tests.kube.nodeagent import NodeAgent, NodeSpec
 
 _log = get_logger("tests.kube")
-HERE = Path(__file__).resolve().parent
 AGENT_LABEL = "sllm-knative.io/test-agent"
 
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if HERE in Path(str(item.fspath)).resolve().parents:
-            item.add_marker(pytest.mark.xdist_group("kube"))
 
 
 def until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:

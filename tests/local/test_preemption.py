@@ -31,10 +31,6 @@ from sllm_knative.models import ModelSpec
 from testkit.servers import Nginx, nginx_path
 from tests.local.util import wait_for
 
-# The second test continues from the first one's cluster state (module-scoped `deployed`): both
-# must run on one xdist worker, in order, or the second sees a fresh cluster.
-pytestmark = pytest.mark.xdist_group("local-preemption")
-
 CLI = [sys.executable, "-m", "sllm_knative.cli"]
 # Per connection. The loader fetches a checkpoint in 16 MiB ranges over up to 4 connections,
 # so A (105 MB) and B (80 MB) come in at about 20 MB/s: 5 s and 4 s. The remote load of B must
@@ -208,7 +204,16 @@ def deployed(cluster, web: Nginx) -> Deployed:
     return d
 
 
-def test_a_cold_model_preempts_a_busy_instance_on_its_dram_node_and_the_stream_migrates(deployed) -> None:
+def test_preemption_by_placement(deployed) -> None:
+    """Two steps on one cluster, in this order (one test, so that no scheduler can run the second
+    step on another worker's fresh cluster): a cold model preempts a busy instance on its DRAM node
+    and the stream migrates; then the victim's model starts on a free node first when it has no
+    instance with room."""
+    a_cold_model_preempts_a_busy_instance_on_its_dram_node_and_the_stream_migrates(deployed)
+    the_victims_model_starts_on_a_free_node_first_when_it_has_no_instance_with_room(deployed)
+
+
+def a_cold_model_preempts_a_busy_instance_on_its_dram_node_and_the_stream_migrates(deployed: Deployed) -> None:
     d = deployed
     a_nodes = {i["id"]: i["node"] for i in services(d.doc)["default/a"]["instances"]}
     assert sorted(a_nodes.values()) == ["node-1", "node-2"], a_nodes
@@ -244,8 +249,8 @@ def test_a_cold_model_preempts_a_busy_instance_on_its_dram_node_and_the_stream_m
           f"placement: {placed['reasons']}")
 
 
-def test_the_victims_model_starts_on_a_free_node_first_when_it_has_no_instance_with_room(deployed) -> None:
-    """Continues from the first test: B on one node, A's remaining instance on the other."""
+def the_victims_model_starts_on_a_free_node_first_when_it_has_no_instance_with_room(deployed: Deployed) -> None:
+    """Continues from the first step: B on one node, A's remaining instance on the other."""
     d = deployed
     snap = services(d.doc)
     a_ready = [i for i in snap["default/a"]["instances"] if i["state"] == "ready"]
