@@ -96,7 +96,7 @@ class Informer:
         with self._lock:
             return self._cache.get(key)
 
-    def list(self) -> list[dict[str, Any]]:
+    def items(self) -> list[dict[str, Any]]:
         with self._lock:
             return list(self._cache.values())
 
@@ -198,7 +198,7 @@ class Informer:
             w.stop()
             self._watch = None
         if time.monotonic() >= next_resync:
-            for obj in self.list():
+            for obj in self.items():
                 self._emit(SYNC, obj, obj)
             next_resync = time.monotonic() + self.resync_s
         return True, next_resync
