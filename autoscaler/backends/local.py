@@ -27,6 +27,7 @@ from sllm_knative.api import auth
 from sllm_knative.api import instance as instance_api
 from sllm_knative.api.wire import parse_json
 from sllm_knative.config import ServiceConfig
+from sllm_knative.loader.hops import tier_rates
 from sllm_knative.local import procs, zygote
 from sllm_knative.log import get_logger
 from sllm_knative.placement import Instance, NodeInventory, Tier, pool_store_rates
@@ -56,19 +57,10 @@ def inventory_to_node(node: LocalNode, inv: Any, running: int, size_hint: dict[s
                       instances: tuple[Instance, ...] = ()) -> NodeInventory:
     """A loader's Inventory message, plus the instances the controller runs there, as the
     planner's NodeInventory (pure)."""
-    bw = dict(FALLBACK_BANDWIDTH)
-    hops = {b.hop: b.bytes_per_second for b in inv.bandwidths if b.bytes_per_second > 0}
-    if "disk_read" in hops:
-        bw[Tier.SSD] = hops["disk_read"]
-    # DRAM tier -> device: the pinned copy on a GPU node; on the CPU the instance maps the
-    # partition (dram_map; a sidecar without that probe: the memory copy, an upper bound).
-    for hop in ("host_to_device", "dram_map", "dram_copy"):
-        if hop in hops:
-            bw[Tier.DRAM] = hops[hop]
-            break
-    stores = {k.removeprefix("remote:"): v for k, v in hops.items() if k.startswith("remote:")}
-    if stores:  # a model in a store this node has not fetched from yet: the fastest it has seen
-        bw[Tier.REMOTE] = max(stores.values())
+    # Measured hops as tier rates (sllm_knative.loader.hops); an unmeasured tier falls back.
+    rates = tier_rates((b.hop, b.bytes_per_second) for b in inv.bandwidths)
+    bw = {**FALLBACK_BANDWIDTH, **rates.tiers}
+    stores = dict(rates.stores)
     checkpoints: dict[str, Tier] = {}
     for tier in inv.tiers:
         t = Tier.DRAM if tier.name == "dram" else Tier.SSD
