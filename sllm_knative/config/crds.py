@@ -123,6 +123,10 @@ SCALING_POLICY_SCHEMA = _root(
 _TIER = _s("A cache tier: device (resident in device memory), dram (host memory, tmpfs), ssd (local disk) "
            "or remote (the model store).", enum=_TIER_NAMES)
 
+#: Per-checkpoint state on a node, in KServe's LocalModelNode vocabulary (ModelDownloadPending, ...
+#: without the prefix). The loader's mapping is in docs/configuration.md (NodeCache).
+CHECKPOINT_STATES = ["Pending", "Downloading", "Downloaded", "DownloadError"]
+
 NODE_CACHE_SCHEMA = _root(
     "NodeCache is the checkpoint inventory of one node, published by its loader: the cache tiers with their "
     "capacity and measured bandwidth, the checkpoints each tier holds and the loads queued. Placement reads "
@@ -131,8 +135,13 @@ NODE_CACHE_SCHEMA = _root(
         "nodeName": _s("The Kubernetes Node (or local node) name.", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
                        maxLength=253),
     }, required=["nodeName"]),
-    _obj("The inventory, written by the node's loader.", {
-        "observedTime": _s("When the loader took this inventory (RFC 3339).", format="date-time"),
+    _obj("The inventory, written by the node's loader (the only writer: a status written by anyone else is "
+         "rewritten from the loader's own state).", {
+        "observedTime": _s("When the loader took this inventory (RFC 3339). The loader rewrites the status at "
+                           "least every resync period, so an old time means the loader is not running.",
+                           format="date-time"),
+        "inventoryVersion": _i("The loader's inventory version this status was taken from: it grows with every "
+                               "change on the node and starts again from 1 when the loader restarts.", 0),
         "tiers": {
             "type": "array",
             "description": "One entry per tier the node has, each listed once. The remote entry gives the "
@@ -146,22 +155,45 @@ NODE_CACHE_SCHEMA = _root(
                 "bandwidthBytesPerSecond": {
                     "type": "number", "minimum": 0, "exclusiveMinimum": True,
                     "description": "Measured rate of loading from this tier into the device, bytes per second "
-                                   "(profiled at start, updated from observed loads).",
+                                   "(profiled at start, updated from observed loads). Absent until measured: "
+                                   "the remote tier's is the fastest store measured so far.",
                 },
-            }, required=["name", "bandwidthBytesPerSecond"]),
+            }, required=["name"]),
+        },
+        "stores": {
+            "type": "array",
+            "description": "The model stores the loader may fetch from, each with its own measured rate.",
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["uri"],
+            "items": _obj("A model store root.", {
+                "uri": _s("The store root (file://, http(s)://, hf://, s3://)."),
+                "bandwidthBytesPerSecond": {
+                    "type": "number", "minimum": 0, "exclusiveMinimum": True,
+                    "description": "Measured rate of fetching from this store, bytes per second (absent until "
+                                   "the first fetch from it).",
+                },
+            }, required=["uri"]),
         },
         "checkpoints": {
             "type": "array",
-            "description": "The checkpoints cached on the node, each listed once.",
+            "description": "The checkpoints on the node or on their way to it, each listed once.",
             "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["model"],
-            "items": _obj("A cached checkpoint.", {
+            "items": _obj("A checkpoint and where the node holds it.", {
                 "model": _s("The checkpoint URI (the sllm-knative.io/model annotation)."),
-                "sizeBytes": _i("Total size of the checkpoint's partitions.", 1),
-                "tiers": {"type": "array", "description": "The tiers holding a complete copy.",
-                          "minItems": 1, "items": _TIER},
+                "state": _s("Downloaded: a complete, verified copy is in at least one tier. Downloading: bytes "
+                            "are arriving, no complete copy yet. Pending: asked for, no bytes yet (reading its "
+                            "index, waiting for room). DownloadError: the last attempt failed and no copy is "
+                            "left (see message). Absent means Downloaded.", enum=CHECKPOINT_STATES),
+                "sizeBytes": _i("Total size of the checkpoint's files (absent while not known).", 1),
+                "tiers": {"type": "array", "description": "The tiers holding a complete copy (empty unless "
+                                                          "Downloaded).",
+                          "items": _TIER},
+                "filling": {"type": "array", "description": "The tiers where a copy is being filled now.",
+                            "items": _TIER},
+                "message": _s("Why the last attempt failed (DownloadError)."),
                 "lastUsedTime": _s("When an instance last loaded it (RFC 3339).", format="date-time"),
-            }, required=["model", "sizeBytes", "tiers"]),
+            }, required=["model", "tiers"]),
         },
         "loadQueue": {
             "type": "array",
@@ -172,12 +204,19 @@ NODE_CACHE_SCHEMA = _root(
                 "remainingBytes": _i("Bytes still to load.", 0),
             }, required=["model", "tier", "remainingBytes"]),
         },
+        "summary": _obj("Derived from checkpoints, for `kubectl get nodecaches` (a printer column cannot "
+                        "filter a list).", {
+            "dram": _s("The checkpoints with a complete copy in DRAM, comma-separated (at most 8, then "
+                       "\"+N more\")."),
+            "ssd": _s("The checkpoints with a complete copy on the SSD, likewise."),
+            "loading": _i("How many checkpoints are Pending or Downloading.", 0, "int32"),
+            "failed": _i("How many checkpoints are in DownloadError.", 0, "int32"),
+        }),
     }),
 )
 
-
 def _crd(kind: str, plural: str, short: list[str], scope: str, schema: dict[str, Any],
-         columns: list[dict[str, str]]) -> dict[str, Any]:
+         columns: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -219,6 +258,10 @@ SCALING_POLICY_CRD = _crd("ScalingPolicy", "scalingpolicies", ["slp"], "Namespac
 
 NODE_CACHE_CRD = _crd("NodeCache", "nodecaches", ["ncache"], "Cluster", NODE_CACHE_SCHEMA, [
     {"name": "Node", "type": "string", "jsonPath": ".spec.nodeName"},
+    {"name": "DRAM", "type": "string", "jsonPath": ".status.summary.dram"},
+    {"name": "SSD", "type": "string", "jsonPath": ".status.summary.ssd"},
+    {"name": "Loading", "type": "integer", "jsonPath": ".status.summary.loading"},
+    {"name": "Failed", "type": "integer", "jsonPath": ".status.summary.failed", "priority": 1},
     {"name": "Observed", "type": "date", "jsonPath": ".status.observedTime"},
 ])
 

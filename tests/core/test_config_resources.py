@@ -22,6 +22,15 @@ from sllm_knative.config import (
     parse_service,
     policy_for,
 )
+from sllm_knative.config.crds import NODE_CACHE_CRD
+from sllm_knative.config.nodecache import (
+    CachedCheckpoint,
+    CheckpointState,
+    NodeCache,
+    StoreStatus,
+    TierStatus,
+    summarize,
+)
 from sllm_knative.placement import Instance, QueuedLoad, Tier
 
 POLICY: dict[str, Any] = {
@@ -190,11 +199,88 @@ def _cache_with(**status: Any) -> dict[str, Any]:
                  id="name-mismatch"),
     pytest.param({**NODE_CACHE, "metadata": {"name": "node-a", "namespace": "x"}},
                  "metadata.namespace: NodeCache is cluster-scoped", id="namespaced"),
+    pytest.param(_cache_with(checkpoints=[{"model": "hf://org/a", "state": "Fetched", "tiers": []}]),
+                 'status.checkpoints[0].state: must be one of "Pending", "Downloading", "Downloaded", "DownloadError"',
+                 id="state-vocabulary"),
+    pytest.param(_cache_with(checkpoints=[{"model": "hf://org/a", "sizeBytes": 1, "tiers": []}]),
+                 "status.checkpoints[0].tiers: a Downloaded checkpoint lists the tiers", id="downloaded-nowhere"),
+    pytest.param(_cache_with(checkpoints=[{"model": "hf://org/a", "state": "Downloading", "tiers": ["ssd"]}]),
+                 "status.checkpoints[0].tiers: must be empty when state is Downloading", id="downloading-but-complete"),
+    pytest.param(_cache_with(checkpoints=[{"model": "hf://org/a", "tiers": ["ssd"], "message": "boom"}]),
+                 "status.checkpoints[0].message: only a DownloadError checkpoint has a message",
+                 id="message-without-error"),
+    pytest.param(_cache_with(checkpoints=[{"model": "hf://org/a", "state": "Downloading", "tiers": [],
+                                           "filling": ["dram", "dram"]}]),
+                 "status.checkpoints[0].filling[1]: tier dram is listed twice", id="filling-twice"),
+    pytest.param(_cache_with(checkpoints=[{"model": "hf://org/a", "state": "Pending", "tiers": [],
+                                           "filling": ["remote"]}]),
+                 "status.checkpoints[0].filling[0]: remote is not a node tier", id="filling-remote"),
+    pytest.param(_cache_with(stores=[{"uri": "hf://"}, {"uri": "hf://", "bandwidthBytesPerSecond": 1}]),
+                 'status.stores[1].uri: store "hf://" is listed twice', id="store-twice"),
+    pytest.param(_cache_with(summary={"dram": "hf://org/b", "loading": 0, "failed": 0}),
+                 'status.summary.dram: must be "hf://org/a" (derived from status.checkpoints), got "hf://org/b"',
+                 id="summary-disagrees"),
+    pytest.param(_cache_with(summary={"dram": "hf://org/a", "ssd": "hf://org/a", "loading": 2, "failed": 0}),
+                 "status.summary.loading: must be 0", id="summary-loading-disagrees"),
+    pytest.param(_cache_with(inventoryVersion=-1), "status.inventoryVersion: must be >= 0", id="negative-version"),
 ])
 def test_node_cache_rejects(doc: dict[str, Any], expected: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_node_cache(doc)
     assert any(str(e).startswith(expected) for e in info.value.errors), [str(e) for e in info.value.errors]
+
+
+FULL = NodeCache(
+    node="node-a",
+    tiers=(TierStatus(Tier.DRAM, 8e9, 100, 40), TierStatus(Tier.SSD, None, 1000, 60), TierStatus(Tier.REMOTE)),
+    checkpoints=(
+        CachedCheckpoint("hf://org/a", 40, (Tier.DRAM, Tier.SSD), "2026-01-01T00:00:00Z"),
+        CachedCheckpoint("hf://org/b", 20, (), state=CheckpointState.DOWNLOADING, filling=(Tier.SSD,)),
+        CachedCheckpoint("hf://org/c", None, (), state=CheckpointState.PENDING),
+        CachedCheckpoint("hf://org/d", None, (), state=CheckpointState.DOWNLOAD_ERROR,
+                         message="NotFound: hf://org/d: not in the store"),
+    ),
+    load_queue=(QueuedLoad("hf://org/b", 12, Tier.REMOTE),),
+    observed_time="2026-01-01T00:00:01Z",
+    stores=(StoreStatus("hf://", 5e8), StoreStatus("s3://models")),
+    inventory_version=7,
+)
+
+
+@pytest.mark.parametrize("cache", [
+    pytest.param(FULL, id="every-state"),
+    pytest.param(NodeCache("node-a"), id="nothing-published"),
+    pytest.param(NodeCache("node-a", tiers=(TierStatus(Tier.REMOTE),)), id="nothing-measured"),
+    pytest.param(NodeCache("node-a", (TierStatus(Tier.SSD, 1.0, 10, 0), TierStatus(Tier.REMOTE, 2.0)),
+                           tuple(CachedCheckpoint(f"hf://org/m{i:02}", 1, (Tier.SSD,)) for i in range(10))),
+                 id="a-long-summary"),
+])
+def test_node_cache_document_round_trips(cache: NodeCache) -> None:
+    doc = node_cache_document(cache)
+    assert parse_node_cache(doc) == cache
+    assert node_cache_document(parse_node_cache(doc)) == doc
+    assert None not in [v for c in doc["status"]["checkpoints"] for v in c.values()]
+
+
+def test_node_cache_summary_is_what_the_printer_columns_show() -> None:
+    doc = node_cache_document(FULL)
+    assert doc["status"]["summary"] == {"dram": "hf://org/a", "ssd": "hf://org/a", "loading": 2, "failed": 1}
+    many = summarize([CachedCheckpoint(f"hf://org/m{i:02}", 1, (Tier.SSD,)) for i in range(10)])
+    assert many.ssd == ", ".join(f"hf://org/m{i:02}" for i in range(8)) + ", +2 more" and many.dram == ""
+    columns = {c["name"]: c["jsonPath"] for c in NODE_CACHE_CRD["spec"]["versions"][0]["additionalPrinterColumns"]}
+    assert columns["DRAM"] == ".status.summary.dram" and columns["SSD"] == ".status.summary.ssd"
+    assert columns["Loading"] == ".status.summary.loading"
+
+
+def test_node_cache_inventory_takes_only_complete_copies_and_measured_rates() -> None:
+    with pytest.raises(ValueError, match=r"node node-a: no bandwidth for tier\(s\) remote$"):
+        FULL.inventory(free_slots=1)
+    inv = FULL.inventory(free_slots=1, fallback={Tier.REMOTE: 1e8, Tier.SSD: 1e9, Tier.DRAM: 1.0})
+    assert dict(inv.checkpoints) == {"hf://org/a": Tier.DRAM}
+    assert inv.bandwidth[Tier.DRAM] == 8e9 and inv.bandwidth[Tier.SSD] == 1e9  # measured beats the fallback
+    assert dict(inv.remote_bandwidth) == {"hf://": 5e8}
+    with pytest.raises(ValueError, match="no complete copy"):
+        _ = FULL.checkpoints[1].fastest
 
 
 def test_node_cache_without_status_has_no_inventory_yet() -> None:
