@@ -1,0 +1,208 @@
+"""The PodAutoscaler controller for our class: informers, a work queue, leader election, Events,
+around the pure step in `autoscaler.kube.podautoscaler`.
+
+- Informers (list + watch + resync) on PodAutoscalers, ServerlessServices, the revisions'
+  Deployments and Pods fill caches; every change enqueues the PA it concerns (`ns/name`; the SKS,
+  Deployment and Pods of a revision map to its PA by name and by the `serving.knative.dev/revision`
+  label). The informers run in every replica, so a new leader starts with a warm cache.
+- Workers run only while this replica leads (a `coordination.k8s.io` Lease): each takes a key,
+  reads the caches, asks the advisor (the decider) what the revision wants, calls `reconcile`, and
+  applies the plan: create or update the SKS, patch the Deployment's `scale` subresource
+  (JSON patch of `/spec/replicas`, as Knative's scaler does), write the status through the status
+  subresource (only when it changed), record the plan's Events, and requeue when asked.
+- Conflicts (409) and failures retry the key with backoff; a PA that is gone is forgotten.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from autoscaler.kube.podautoscaler import (
+    CLASS,
+    CLASS_ANNOTATION,
+    REVISION_LABEL,
+    Advice,
+    Pods,
+    Settings,
+    reconcile,
+    sks_name,
+)
+from sllm_knative.kube.client import PODAUTOSCALERS, SERVERLESSSERVICES, Kube, error_message, is_status
+from sllm_knative.kube.events import EventRecorder
+from sllm_knative.kube.informer import Informer, key_of, split_key
+from sllm_knative.kube.leader import LeaderElector
+from sllm_knative.kube.workqueue import ShutDown, WorkQueue
+from sllm_knative.log import get_logger
+
+_log = get_logger("autoscaler.kube")
+
+Advisor = Callable[[str], Advice]  # "ns/revision" -> what the decider wants
+Prober = Callable[[dict[str, Any]], bool]  # PA -> does the activator answer for the revision?
+
+
+def pod_counts(pods: list[dict[str, Any]]) -> Pods:
+    """Knative's PodAccessor.PodCountsByState: ready, not ready, pending, terminating."""
+    ready = not_ready = pending = terminating = 0
+    for p in pods:
+        st = p.get("status") or {}
+        if (p.get("metadata") or {}).get("deletionTimestamp"):
+            terminating += 1
+        elif st.get("phase") == "Pending":
+            pending += 1
+        elif st.get("phase") == "Running":
+            if any(c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions") or []):
+                ready += 1
+            else:
+                not_ready += 1
+    return Pods(ready, not_ready, pending, terminating)
+
+
+def ours(pa: dict[str, Any]) -> bool:
+    return ((pa.get("metadata") or {}).get("annotations") or {}).get(CLASS_ANNOTATION) == CLASS
+
+
+class PodAutoscalerController:
+    def __init__(self, kube: Kube, advisor: Advisor, *, settings: Settings | None = None,
+                 prober: Prober | None = None, identity: str, lease_namespace: str,
+                 lease_name: str = "sllm-knative-autoscaler", workers: int = 2, resync_s: float = 30.0,
+                 lease_duration_s: float = 15.0, renew_deadline_s: float = 10.0, retry_period_s: float = 2.0,
+                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)) -> None:
+        self.kube, self.advisor = kube, advisor
+        self.settings = settings or Settings()
+        self.prober = prober or (lambda pa: False)
+        self.identity, self.workers, self.clock = identity, workers, clock
+        self.events = EventRecorder(kube, "sllm-knative-autoscaler", identity)
+        self.queue = WorkQueue()
+        c = kube.custom
+        self.pas = Informer("podautoscalers", c.list_cluster_custom_object, PODAUTOSCALERS.group,
+                            PODAUTOSCALERS.version, PODAUTOSCALERS.plural, resync_s=resync_s)
+        self.skss = Informer("serverlessservices", c.list_cluster_custom_object, SERVERLESSSERVICES.group,
+                             SERVERLESSSERVICES.version, SERVERLESSSERVICES.plural, resync_s=resync_s)
+        self.deployments = Informer("deployments", kube.apps.list_deployment_for_all_namespaces,
+                                    resync_s=resync_s, label_selector=REVISION_LABEL)
+        self.pods = Informer("pods", kube.core.list_pod_for_all_namespaces, resync_s=resync_s, label_selector=REVISION_LABEL)
+        self.pas.add_handler(lambda kind, obj, old: self._enqueue_pa(obj))
+        self.skss.add_handler(lambda kind, obj, old: self._enqueue_key(key_of(obj)))
+        for inf in (self.deployments, self.pods):
+            inf.add_handler(lambda kind, obj, old: self._enqueue_revision(obj))
+        self.elector = LeaderElector(kube, lease_namespace, lease_name, identity,
+                                     lease_duration_s=lease_duration_s, renew_deadline_s=renew_deadline_s,
+                                     retry_period_s=retry_period_s, on_started_leading=self._lead,
+                                     on_stopped_leading=self._follow)
+        self._threads: list[threading.Thread] = []
+        self.reconciles = 0
+
+    # -- enqueueing -------------------------------------------------------------------------
+
+    def _enqueue_key(self, key: str) -> None:
+        pa = self.pas.get(key)
+        if pa is not None and ours(pa):
+            self.queue.add(key)
+
+    def _enqueue_pa(self, pa: dict[str, Any]) -> None:
+        if ours(pa):
+            self.queue.add(key_of(pa))
+
+    def _enqueue_revision(self, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        rev = (meta.get("labels") or {}).get(REVISION_LABEL)
+        if rev:
+            self._enqueue_key(f"{meta.get('namespace')}/{rev}")
+
+    # -- running ----------------------------------------------------------------------------
+
+    def start(self) -> PodAutoscalerController:
+        for inf in (self.pas, self.skss, self.deployments, self.pods):
+            inf.start()
+        for inf in (self.pas, self.skss, self.deployments, self.pods):
+            inf.wait_synced()
+        self.elector.start()
+        return self
+
+    def stop(self, release: bool = True) -> None:
+        self.elector.stop(release=release)
+        self.queue.shut_down()
+        for t in self._threads:
+            t.join(timeout=5)
+        for inf in (self.pas, self.skss, self.deployments, self.pods):
+            inf.stop()
+
+    def _lead(self) -> None:
+        _log.info("leading: reconciling PodAutoscalers", identity=self.identity)
+        for key in self.pas.keys():
+            self._enqueue_key(key)
+        for i in range(self.workers):
+            t = threading.Thread(target=self._work, name=f"pa-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _follow(self) -> None:
+        # Lost the lease: stop acting at once. A process should exit and restart as a candidate.
+        _log.error("stopped leading", identity=self.identity)
+        self.queue.shut_down()
+
+    def _work(self) -> None:
+        while True:
+            try:
+                key = self.queue.get()
+            except ShutDown:
+                return
+            try:
+                if not self.elector.is_leader:
+                    continue
+                requeue = self.reconcile_key(str(key))
+                self.queue.forget(key)
+                if requeue is not None:
+                    self.queue.add_after(key, requeue)
+            except Exception as exc:
+                delay = self.queue.retry(key)
+                level = _log.info if is_status(exc, 409) else _log.warning
+                level("reconcile failed; retrying", pa=str(key), error=error_message(exc)[:300],
+                      retry_in_s=round(delay, 2))
+            finally:
+                self.queue.done(key)
+
+    # -- one reconcile ----------------------------------------------------------------------
+
+    def reconcile_key(self, key: str) -> float | None:
+        pa = self.pas.get(key)
+        if pa is None or not ours(pa):
+            return None
+        ns, name = split_key(key)
+        sks = self.skss.get(f"{ns}/{sks_name(name)}")
+        pods = [p for p in self.pods.items()
+                if (p.get("metadata") or {}).get("namespace") == ns
+                and ((p.get("metadata") or {}).get("labels") or {}).get(REVISION_LABEL) == name]
+        target = ((pa.get("spec") or {}).get("scaleTargetRef") or {}).get("name", "")
+        deployment = self.deployments.get(f"{ns}/{target}")
+        replicas = ((deployment or {}).get("spec") or {}).get("replicas") if deployment else None
+        advice = self.advisor(key)
+        now = self.clock()
+        plan = reconcile(pa, sks, pod_counts(pods), replicas, advice, self.settings, now)
+        if plan.probe:
+            plan = reconcile(pa, sks, pod_counts(pods), replicas, advice, self.settings, now,
+                             probe_ok=self.prober(pa))
+        self.reconciles += 1
+
+        if plan.sks is not None:
+            if plan.sks_create:
+                self.kube.create(SERVERLESSSERVICES, plan.sks, ns)
+                self.events.record(pa, "Normal", "Created", f"created ServerlessService {sks_name(name)}")
+            else:
+                self.kube.replace(SERVERLESSSERVICES, sks_name(name), plan.sks, ns)
+                _log.info("sks updated", pa=key, mode=plan.sks["spec"]["mode"])
+        if plan.scale is not None and deployment is not None:
+            self.kube.apps.patch_namespaced_deployment_scale(
+                target, ns, [{"op": "add", "path": "/spec/replicas", "value": plan.scale}])
+            _log.info("scaled", pa=key, replicas=plan.scale, was=replicas, want=advice.want, reason=advice.reason)
+        for type_, reason, message in plan.events:
+            self.events.record(pa, type_, reason, message)
+        if plan.status != (pa.get("status") or {}):
+            body = {**pa, "status": plan.status}
+            self.kube.replace_status(PODAUTOSCALERS, name, body, ns)  # 409 on a stale read: retried
+        if plan.error:
+            raise RuntimeError(plan.error)
+        return plan.requeue_after_s
