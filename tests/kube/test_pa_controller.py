@@ -61,7 +61,7 @@ def test_pa_lifecycle_and_takeover(api: Any, namespace: str, node_agent: NodeAge
     deployment, pa = revision_objects(REV, namespace, rev["metadata"]["uid"], [container],
                                       {"nodeSelector": agent_selector(node_agent), "terminationGracePeriodSeconds": 2},
                                       {"autoscaling.knative.dev/class": CLASS}, replicas=1)
-    advisor, probes = Advisor(), []
+    advisor, probes = Advisor(), list[str]()
     standin = SksStatusWriter(kube, namespace).start()
     a = _controller(kube, advisor, "a", namespace, probes).start()
     b = _controller(kube, advisor, "b", namespace, probes).start()
