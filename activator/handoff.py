@@ -6,14 +6,13 @@ activator/migration/."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 import httpx
 from starlette.types import Send
 
 from activator import errors, metrics
 from activator.balancer import Instance
-from activator.capacity import Slot
 from activator.migration import (
     InstanceClient,
     MigrationResult,
@@ -42,16 +41,24 @@ class Migrations:
 
     # -- the request path ------------------------------------------------------------------
 
-    def track(self, gen_id: str | None, svc: Service, slot: Slot) -> Tracked | None:
-        """A request the activator named, movable from the moment it is sent (while `slot` is held),
-        if its instance has an internal API."""
-        inst = slot.instance
+    @contextlib.contextmanager
+    def track(self, gen_id: str | None, svc: Service, inst: Instance) -> Iterator[Tracked | None]:
+        """A request the activator named, movable from the moment it is sent to `inst` (if that has
+        an internal API) until the block ends.
+
+        The entry belongs to the request, not to its capacity slot: a stream relayed inside the
+        block keeps its entry while migrations move it (and its slot) from instance to instance,
+        so it can be migrated again; it leaves the table when the relay ends. (Tying it to the
+        source's slot removed it at the first handoff, when that slot is given back.)"""
         if gen_id is None or not inst.internal_url:
-            return None
+            yield None
+            return
         tracked = Tracked(gen_id, svc.key, inst, svc.breaker)
         self.streams.add(tracked)
-        slot.on_release(self.streams.remove, tracked)
-        return tracked
+        try:
+            yield tracked
+        finally:
+            self.streams.remove(tracked)
 
     def track_stream(self, gen_id: str, svc: Service, inst: Instance, tracked: Tracked | None) -> Tracked:
         """The stream of generation `gen_id` (`x-request-id`): the tracked request, or a new entry

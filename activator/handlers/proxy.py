@@ -64,42 +64,42 @@ class ProxyHandler:
         after: After | None = None
         retry = False
         async with self.capacity.slot(svc, frozenset(tried), deadline, meters) as slot:
-            inst = slot.instance
-            tracked = self.migrations.track(ex.gen_id, svc, slot)
-            t0 = time.perf_counter()
-            resp: UpstreamResponse | None = None
-            try:
-                resp = await self.upstream.request(inst.url, ex.scope["method"].encode("ascii"),
-                                                   request_target(ex.scope), headers, ex.body)
-                first = await anext(resp, b"")
-            except httpx.TransportError as exc:
-                if resp is not None:
-                    resp.close()
-                if tracked is not None and tracked.migrating and tracked.last_state is not None:
-                    # The source died while a migration was moving this request: finish it from
-                    # the last exported state instead of starting over.
-                    after = partial(self.migrations.finish_whole, ex.send, svc, tracked, None)
-                else:
-                    after, retry = partial(self._failed, svc, inst.id, inst.node, tried, attempt, r, exc), True
-            except BaseException:
-                if resp is not None:
-                    resp.close()
-                raise
-            else:
-                meters.proxy_seconds.observe(time.perf_counter() - t0)
-                meters.request_done(svc.key, resp.status)
-                if tracked is not None and resp.get(_DETACHED) is not None:
-                    # The instance let go of this non-streaming generation for a migration: finish
-                    # it on the destination and answer with that.
-                    try:
-                        data = first + await resp.read()
-                    except httpx.TransportError:
-                        data = b""
-                    finally:
+            with self.migrations.track(ex.gen_id, svc, slot.instance) as tracked:
+                inst = slot.instance
+                t0 = time.perf_counter()
+                resp: UpstreamResponse | None = None
+                try:
+                    resp = await self.upstream.request(inst.url, ex.scope["method"].encode("ascii"),
+                                                       request_target(ex.scope), headers, ex.body)
+                    first = await anext(resp, b"")
+                except httpx.TransportError as exc:
+                    if resp is not None:
                         resp.close()
-                    after = partial(self.migrations.finish_whole, ex.send, svc, tracked, state_of(data))
+                    if tracked is not None and tracked.migrating and tracked.last_state is not None:
+                        # The source died while a migration was moving this request: finish it from
+                        # the last exported state instead of starting over.
+                        after = partial(self.migrations.finish_whole, ex.send, svc, tracked, None)
+                    else:
+                        after, retry = partial(self._failed, svc, inst.id, inst.node, tried, attempt, r, exc), True
+                except BaseException:
+                    if resp is not None:
+                        resp.close()
+                    raise
                 else:
-                    after = await self._respond(ex, svc, slot, resp, first, tracked)
+                    meters.proxy_seconds.observe(time.perf_counter() - t0)
+                    meters.request_done(svc.key, resp.status)
+                    if tracked is not None and resp.get(_DETACHED) is not None:
+                        # The instance let go of this non-streaming generation for a migration: finish
+                        # it on the destination and answer with that.
+                        try:
+                            data = first + await resp.read()
+                        except httpx.TransportError:
+                            data = b""
+                        finally:
+                            resp.close()
+                        after = partial(self.migrations.finish_whole, ex.send, svc, tracked, state_of(data))
+                    else:
+                        after = await self._respond(ex, svc, slot, resp, first, tracked)
         if after is not None:
             await after()
         return not retry

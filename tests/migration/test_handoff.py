@@ -118,6 +118,12 @@ def migration_metrics(act: Activator) -> dict[str, float]:
             for s in fam.samples}
 
 
+def instance_loads(act: Activator) -> dict[str, int]:
+    """Outstanding requests (capacity slots held) per instance in rotation, from the activator's stats."""
+    stats = httpx.get(f"{act.admin}{admin_api.STATS}", timeout=5).json()
+    return {i["id"]: i["outstanding"] for s in stats["services"] for i in s["instances"]}
+
+
 @pytest.mark.parametrize("seed", [pytest.param(None, id="greedy"), pytest.param(1234, id="seeded")])
 def test_scale_down_migration_is_exact(activator, functions, seed):
     a, b = functions
@@ -215,6 +221,50 @@ def test_official_openai_client_sees_one_stream(activator, functions):
     assert migrated["generations"][0]["outcome"] == "migrated", migrated
     assert "".join(texts) == want.text
     assert finishes[-1] == "length" and finishes.count("length") == 1
+
+
+def test_stream_migrates_twice(activator, functions, spare):
+    """A -> B, then, while the client still reads, B -> C (a scale-down, then a preemption of the
+    new host): after the first migration the stream is registered against B, so the second finds
+    it. The client sees one stream with exactly the text of an unmigrated run."""
+    a, b = functions
+    c = spare("c")
+    seed = 808
+    want = reference(c, body(seed))
+    activator.set_instances(a)
+    before = migration_metrics(activator)
+    out = Collected()
+    t = threading.Thread(target=stream, args=(activator.url, body(seed), out, 8))
+    t.start()
+    try:
+        assert out.started.wait(60)
+        activator.set_instances(b, c)  # a is the victim of a scale-down
+        first = activator.migrate(a, b)
+        on_b = len(out.tokens)
+        deadline = time.monotonic() + 30
+        while len(out.tokens) < on_b + 8 and time.monotonic() < deadline:  # B's frames reach the client
+            time.sleep(0.002)
+        loads = instance_loads(activator)
+        activator.set_instances(c)  # b is preempted
+        second = activator.migrate(b, c)
+    finally:
+        t.join(120)
+    assert_same(out, want)
+    [g1], [g2] = first["generations"], second["generations"]
+    assert g1["outcome"] == "migrated" and g1["destination"] == "b", first
+    assert g2["outcome"] == "migrated" and g2["destination"] == "c", second
+    assert g2["id"] == g1["id"] and g2["tokens"] > g1["tokens"], (first, second)
+    assert loads == {"b": 1, "c": 0}, loads  # the stream's slot moved to b with it
+    after = migration_metrics(activator)
+    assert after["activator_migrations_total[migrated]"] == before["activator_migrations_total[migrated]"] + 2
+    for outcome in ("failed", "recovered", "stayed_on_source", "finished_on_source"):
+        assert after[f"activator_migrations_total[{outcome}]"] == before[f"activator_migrations_total[{outcome}]"]
+    assert after["activator_migration_seconds_count"] == before["activator_migration_seconds_count"] + 2
+    assert after["activator_migration_gap_seconds_count"] == before["activator_migration_gap_seconds_count"] + 2
+    deadline = time.monotonic() + 5  # the stream is over: c's slot is given back
+    while (left := instance_loads(activator)) != {"c": 0} and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert left == {"c": 0}, left
 
 
 def test_source_finishing_first_is_left_alone(activator, functions):

@@ -168,3 +168,30 @@ def test_sigterm_migrates_a_waiting_non_streaming_request(activator: Activator, 
     assert r.headers["x-sllm-instance"] == "b"
     log = victim.log_path.read_text()
     assert "drained before exit" in log and "outcomes=migrated" in log, log[-2000:]
+
+
+def test_non_streaming_request_migrates_twice(activator: Activator, functions: list[Function], spare: Any) -> None:
+    """A -> B, then B -> C while the client still waits: B, resuming the request, is migrated in
+    turn and answers the activator with the newer state, which C finishes."""
+    a, b = functions
+    c = spare("ns-c")
+    want = httpx.post(f"{c.url}/v1/completions", json=request(29), timeout=120).json()
+    activator.set_instances(a)
+    t, result = in_background(activator.url, request(29))
+    try:
+        wait_running(a)
+        activator.set_instances(b, c)
+        first = activator.migrate(a, b)
+        wait_running(b)
+        activator.set_instances(c)
+        second = activator.migrate(b, c)
+    finally:
+        t.join(120)
+    r = result["r"]
+    assert r.status_code == 200, r.text
+    same_completion(r.json(), want)
+    [g1], [g2] = first["generations"], second["generations"]
+    assert g1["outcome"] == "migrated" and g1["destination"] == "b", first
+    assert g2["outcome"] == "migrated" and g2["destination"] == "ns-c", second
+    assert g1["id"] == g2["id"] == r.json()["id"] and g2["tokens"] > g1["tokens"], (first, second)
+    assert r.headers["x-sllm-instance"] == "ns-c"
