@@ -107,10 +107,9 @@ def make_sks(pa: dict[str, Any], mode: str, num_activators: int = 0) -> dict[str
     """The SKS Knative's MakeSKS would build for this PA (labels copied, the PA as controller)."""
     meta, spec = pa["metadata"], pa.get("spec") or {}
     annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k == "autoscaling.knative.dev/metric"}
+    # protocolType is required by the SKS schema; Knative defaults a PA's to http1.
     sks_spec: dict[str, Any] = {"mode": mode, "objectRef": spec.get("scaleTargetRef"),
-                                "numActivators": num_activators}
-    if spec.get("protocolType"):
-        sks_spec["protocolType"] = spec["protocolType"]
+                                "numActivators": num_activators, "protocolType": spec.get("protocolType") or "http1"}
     return {
         "apiVersion": "networking.internal.knative.dev/v1alpha1", "kind": "ServerlessService",
         "metadata": {"name": sks_name(meta["name"]), "namespace": meta["namespace"],

@@ -88,15 +88,26 @@ def test_crd_shape(name: str) -> None:
 def test_kustomization_lists_every_crd_file() -> None:
     listed = yaml.safe_load((MANIFESTS / "crds" / "kustomization.yaml").read_text())["resources"]
     assert sorted(listed) == sorted(_crd_files())
-    assert yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())["resources"] == ["crds"]
+    assert yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())["resources"] == [
+        "namespace.yaml", "crds", "autoscaler"]
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
-def test_kustomize_builds_the_crds() -> None:
-    out = subprocess.run(["kubectl", "kustomize", str(MANIFESTS)], check=True, capture_output=True, text=True,
+def _kubectl() -> str | None:
+    built = Path(__file__).resolve().parents[2] / ".kube-bins" / "kubectl"  # `make kube-bins`
+    return str(built) if built.exists() else shutil.which("kubectl")
+
+
+@pytest.mark.skipif(_kubectl() is None, reason="no kubectl: run `make kube-bins`")
+def test_kustomize_builds_the_install() -> None:
+    out = subprocess.run([str(_kubectl()), "kustomize", str(MANIFESTS)], check=True, capture_output=True, text=True,
                          timeout=60).stdout
     objects = list(yaml.safe_load_all(out))
-    assert sorted(o["metadata"]["name"] for o in objects) == sorted(c["metadata"]["name"] for c in CRDS.values())
+    crds = sorted(o["metadata"]["name"] for o in objects if o["kind"] == "CustomResourceDefinition")
+    assert crds == sorted(c["metadata"]["name"] for c in CRDS.values())
+    others = sorted((o["kind"], o["metadata"]["name"]) for o in objects if o["kind"] != "CustomResourceDefinition")
+    assert others == [("ClusterRole", "sllm-knative-autoscaler"), ("ClusterRoleBinding", "sllm-knative-autoscaler"),
+                      ("Namespace", "sllm-knative"), ("Role", "sllm-knative-autoscaler-leader"),
+                      ("RoleBinding", "sllm-knative-autoscaler-leader"), ("ServiceAccount", "sllm-autoscaler")]
     assert all(o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "sllm-knative" for o in objects)
 
 

@@ -203,6 +203,11 @@ class KubeCluster:
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
 
     @property
+    def audit_log(self) -> Path:
+        """JSON lines, one per request by a service account (audit level Metadata)."""
+        return self.workdir / "audit.log"
+
+    @property
     def pki(self) -> Path:
         return self.workdir / "pki"
 
@@ -258,6 +263,13 @@ class KubeCluster:
         port = free_port()
         self.server = f"https://{api_ip}:{port}"
         pki = self.pki
+        # Audit what service accounts do (metadata only): the RBAC test derives each component's
+        # verbs from it and compares them with the component's Role.
+        policy = self.workdir / "audit-policy.yaml"
+        policy.write_text(yaml.safe_dump({"apiVersion": "audit.k8s.io/v1", "kind": "Policy",
+                                          "omitStages": ["RequestReceived"], "rules": [
+                                              {"level": "Metadata", "userGroups": ["system:serviceaccounts"]},
+                                              {"level": "None"}]}))
         self._run("kube-apiserver", [
             str(bin_dir / "kube-apiserver"),
             "--etcd-servers", f"http://127.0.0.1:{etcd_client}",
@@ -273,6 +285,8 @@ class KubeCluster:
             "NamespaceLifecycle,ServiceAccount,DefaultStorageClass,MutatingAdmissionWebhook,"
             "ValidatingAdmissionWebhook,ResourceQuota",
             "--service-cluster-ip-range", "10.96.0.0/16", "--allow-privileged=true",
+            "--audit-policy-file", str(policy), "--audit-log-path", str(self.audit_log),
+            "--audit-log-format", "json", "--audit-log-mode", "blocking",
             "--cert-dir", str(self.workdir / "apiserver-certs"), "--v", "1"])
         self._wait_ready(timeout_s, t0)
         self.startup_s["apiserver_ready"] = time.monotonic() - t0

@@ -1,0 +1,147 @@
+"""Least privilege, measured: the PodAutoscaler controller runs as its ServiceAccount with exactly the
+Role in manifests/autoscaler/rbac.yaml, through a scenario that makes it do everything it does
+(create an SKS, switch its mode, patch a scale, write status, record and repeat Events, take and
+renew its Lease, refuse an SKS it does not own). The verbs it called are read back from the API
+server's audit log and compared with the rules, both ways: nothing it called was refused, and
+nothing the Role grants went unused.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autoscaler.kube.pa_controller import PodAutoscalerController
+from autoscaler.kube.podautoscaler import CLASS, Advice, Settings
+from sllm_knative.kube.client import PODAUTOSCALERS, REVISIONS, SERVERLESSSERVICES, Kube
+from tests.kube.cluster import KubeCluster
+from tests.kube.conftest import until
+from tests.kube.knative_standin import SksStatusWriter, revision_objects
+
+RBAC = Path(__file__).resolve().parents[2] / "manifests" / "autoscaler" / "rbac.yaml"
+SA = ("sllm-knative", "sllm-autoscaler")
+
+
+def granted(docs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource[/subresource], verb) for every rule of every Role and ClusterRole."""
+    out = set()
+    for d in docs:
+        if d["kind"] in ("Role", "ClusterRole"):
+            for r in d["rules"]:
+                out |= {(g, res, v) for g in r["apiGroups"] for res in r["resources"] for v in r["verbs"]}
+    return out
+
+
+def called(audit_log: Path, user: str) -> tuple[set[tuple[str, str, str]], list[str]]:
+    """What `user` asked for, from the audit log; and the requests that were refused (403)."""
+    calls, refused = set(), []
+    for line in audit_log.read_text().splitlines():
+        ev = json.loads(line)
+        if ev.get("user", {}).get("username") != user or not ev.get("objectRef"):
+            continue
+        ref = ev["objectRef"]
+        res = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+        calls.add((ref.get("apiGroup", ""), res, ev["verb"]))
+        if ev.get("responseStatus", {}).get("code") == 403:
+            refused.append(f"{ev['verb']} {res} in {ref.get('namespace', '-')}")
+    return calls, refused
+
+
+def _apply(api: Any, docs: list[dict[str, Any]]) -> None:
+    from kubernetes import utils
+    from kubernetes.client.rest import ApiException
+
+    for d in docs:
+        try:
+            utils.create_from_dict(api, d)
+        except (ApiException, utils.FailToCreateError) as exc:
+            if "AlreadyExists" not in str(exc):
+                raise
+
+
+def _as_service_account(kube_cluster: KubeCluster, admin: Kube) -> Kube:
+    from kubernetes import client
+
+    ns, name = SA
+    token = admin.core.create_namespaced_service_account_token(name, ns, {
+        "spec": {"audiences": ["https://kubernetes.default.svc.cluster.local"], "expirationSeconds": 3600}
+    }).status.token
+    cfg = client.Configuration()
+    cfg.host = kube_cluster.server
+    cfg.ssl_ca_cert = str(kube_cluster.pki / "ca.crt")
+    cfg.api_key = {"authorization": f"Bearer {token}"}
+    return Kube(client.ApiClient(cfg))
+
+
+def test_the_autoscaler_role_is_exactly_what_it_calls(kube: KubeCluster, api: Any, namespace: str) -> None:
+    admin = Kube(api)
+    docs = [d for d in yaml.safe_load_all(RBAC.read_text()) if d]
+    _apply(api, [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SA[0]}}, *docs])
+    as_sa = _as_service_account(kube, admin)
+    until(lambda: as_sa.custom.list_cluster_custom_object(PODAUTOSCALERS.group, PODAUTOSCALERS.version,
+                                                          PODAUTOSCALERS.plural) is not None,
+          15, "the ClusterRoleBinding to take effect")
+
+    # Revisions whose pods stay Pending (no node matches): the controller's calls are the point.
+    advice: dict[str, Advice] = {}
+    lock = threading.Lock()
+
+    def advisor(key: str) -> Advice:
+        with lock:
+            return advice.get(key, Advice(-1))
+
+    pas = {}
+    for rev in ("chat-00001", "taken-00001"):
+        r = admin.create(REVISIONS, {"apiVersion": REVISIONS.api_version, "kind": "Revision",
+                                     "metadata": {"name": rev, "namespace": namespace},
+                                     "spec": {"containers": [{"image": "python:3.11"}]}}, namespace)
+        dep, pas[rev] = revision_objects(rev, namespace, r["metadata"]["uid"],
+                                         [{"name": "user-container", "image": "python:3.11"}],
+                                         {"nodeSelector": {"no-such-node": "x"}}, {"autoscaling.knative.dev/class": CLASS},
+                                         replicas=0)
+        admin.apps.create_namespaced_deployment(namespace, dep)
+    # An SKS the second PA would own, made by someone else first: NotOwned, repeated on each retry.
+    admin.create(SERVERLESSSERVICES, {"apiVersion": SERVERLESSSERVICES.api_version, "kind": "ServerlessService",
+                                      "metadata": {"name": "taken-00001", "namespace": namespace},
+                                      "spec": {"mode": "Proxy", "numActivators": 0, "protocolType": "http1", "objectRef": {
+                                          "apiVersion": "apps/v1", "kind": "Deployment", "name": "x"}}}, namespace)
+
+    standin = SksStatusWriter(admin, namespace).start()
+    ctl = PodAutoscalerController(as_sa, advisor, settings=Settings(scale_to_zero_grace_s=1.0),
+                                  identity="rbac-test", lease_namespace=SA[0], resync_s=5,
+                                  lease_duration_s=3.0, renew_deadline_s=2.0, retry_period_s=0.3).start()
+    try:
+        assert ctl.elector.wait_leading(10)
+        for pa in pas.values():
+            admin.create(PODAUTOSCALERS, pa, namespace)
+        key = f"{namespace}/chat-00001"
+        until(lambda: (admin.get(PODAUTOSCALERS, "chat-00001", namespace).get("status") or {}).get(
+            "metricsServiceName"), 15, "the PA status (SKS created and ready)")
+        with lock:
+            advice[key] = Advice(1, ebc=0)
+        ctl.queue.add(key)
+        until(lambda: admin.apps.read_namespaced_deployment("chat-00001-deployment", namespace).spec.replicas == 1,
+              10, "replicas 1 through /scale")
+        until(lambda: admin.get(SERVERLESSSERVICES, "chat-00001", namespace)["spec"]["mode"] == "Serve", 10,
+              "the SKS switched to Serve")
+
+        def not_owned_repeated() -> bool:
+            evs = admin.core.list_namespaced_event(namespace, field_selector="involvedObject.name=taken-00001").items
+            return any(e.reason == "NotOwned" and (e.count or 0) >= 2 for e in evs)
+
+        until(not_owned_repeated, 20, "the NotOwned Warning, counted twice")
+        time.sleep(1.0)  # a few lease renewals
+    finally:
+        ctl.stop(release=False)
+        standin.stop()
+
+    calls, refused = called(kube.audit_log, f"system:serviceaccount:{SA[0]}:{SA[1]}")
+    assert refused == [], f"the Role refused calls the controller makes: {refused}"
+    rules = granted(docs)
+    assert calls - rules == set(), f"called but not granted: {sorted(calls - rules)}"
+    assert rules - calls == set(), f"granted but never called (remove from the Role): {sorted(rules - calls)}"
