@@ -340,6 +340,19 @@ class KubeCluster:
 
         return config.new_client_from_config(config_file=str(self.kubeconfig))
 
+    def api_client_as(self, namespace: str, service_account: str, expiration_s: int = 3600) -> Any:
+        """An official `kubernetes` client that acts as a ServiceAccount (a token the admin requests)."""
+        from kubernetes import client
+
+        token = client.CoreV1Api(self.api_client()).create_namespaced_service_account_token(
+            service_account, namespace, {"spec": {"audiences": ["https://kubernetes.default.svc.cluster.local"],
+                                                  "expirationSeconds": expiration_s}}).status.token
+        cfg = client.Configuration()
+        cfg.host = self.server
+        cfg.ssl_ca_cert = str(self.pki / "ca.crt")
+        cfg.api_key = {"authorization": f"Bearer {token}"}
+        return client.ApiClient(cfg)
+
     def _install_crds(self, timeout_s: float, t0: float) -> None:
         from kubernetes import client
         from kubernetes.client.rest import ApiException

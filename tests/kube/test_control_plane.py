@@ -171,15 +171,7 @@ def test_rbac_denies_what_the_role_does_not_grant(kube: KubeCluster, api: client
         "metadata": {"name": "reader"}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                                     "name": "cm-reader"},
         "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}]})
-    token = core.create_namespaced_service_account_token("reader", namespace, {
-        "spec": {"audiences": ["https://kubernetes.default.svc.cluster.local"], "expirationSeconds": 600}
-    }).status.token
-
-    cfg = client.Configuration()
-    cfg.host = kube.server
-    cfg.ssl_ca_cert = str(kube.pki / "ca.crt")
-    cfg.api_key = {"authorization": f"Bearer {token}"}
-    as_reader = client.CoreV1Api(client.ApiClient(cfg))
+    as_reader = client.CoreV1Api(kube.api_client_as(namespace, "reader", 600))
 
     # RBAC bindings reach the authorizer through an informer: wait until the grant is live.
     until(lambda: as_reader.list_namespaced_config_map(namespace) is not None, 15, "the Role to take effect")

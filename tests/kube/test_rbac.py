@@ -64,25 +64,11 @@ def _apply(api: Any, docs: list[dict[str, Any]]) -> None:
                 raise
 
 
-def _as_service_account(kube_cluster: KubeCluster, admin: Kube) -> Kube:
-    from kubernetes import client
-
-    ns, name = SA
-    token = admin.core.create_namespaced_service_account_token(name, ns, {
-        "spec": {"audiences": ["https://kubernetes.default.svc.cluster.local"], "expirationSeconds": 3600}
-    }).status.token
-    cfg = client.Configuration()
-    cfg.host = kube_cluster.server
-    cfg.ssl_ca_cert = str(kube_cluster.pki / "ca.crt")
-    cfg.api_key = {"authorization": f"Bearer {token}"}
-    return Kube(client.ApiClient(cfg))
-
-
 def test_the_autoscaler_role_is_exactly_what_it_calls(kube: KubeCluster, api: Any, namespace: str) -> None:
     admin = Kube(api)
     docs = [d for d in yaml.safe_load_all(RBAC.read_text()) if d]
     _apply(api, [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SA[0]}}, *docs])
-    as_sa = _as_service_account(kube, admin)
+    as_sa = Kube(kube.api_client_as(*SA))
     until(lambda: as_sa.custom.list_cluster_custom_object(PODAUTOSCALERS.group, PODAUTOSCALERS.version,
                                                           PODAUTOSCALERS.plural) is not None,
           15, "the ClusterRoleBinding to take effect")
