@@ -81,14 +81,14 @@ class ActivatorClient:
                                     json=body)
             r.raise_for_status()
         except httpx.HTTPError as exc:
-            _log.error("could not update the activator", model=service.key, error=str(exc))
+            _log.error("could not update the activator", service=service.key, error=str(exc))
 
     async def remove(self, service: str) -> None:
         ns, name = service.split("/", 1)
         try:
             await self.http.delete(f"{self.admin_url}{activator_api.SERVICES}/{ns}/{name}")
         except httpx.HTTPError as exc:
-            _log.warning("could not remove the service from the activator", model=service, error=str(exc))
+            _log.warning("could not remove the service from the activator", service=service, error=str(exc))
 
     async def migrate(self, service: ServiceConfig, source: str,
                       destination: str | None) -> list[MigrationResult] | None:
@@ -96,12 +96,12 @@ class ActivatorClient:
         try:
             r = await self.http.post(f"{self.admin_url}{activator_api.MIGRATE}", json=body, timeout=MIGRATE_TIMEOUT_S)
         except httpx.HTTPError as exc:
-            _log.warning("migration request failed; draining instead", model=service.key, instance=source,
+            _log.warning("migration request failed; draining instead", service=service.key, instance=source,
                          error=str(exc))
             return None
         if r.status_code != 200:
-            _log.info("no migration; draining instead", model=service.key, instance=source, status=r.status_code,
-                      reason=r.text[:200])
+            _log.info("no migration; draining instead", service=service.key, instance=source,
+                      status=r.status_code, reason=r.text[:200])
             return None
         return [MigrationResult.from_json(g) for g in r.json().get("generations", [])]
 

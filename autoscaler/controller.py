@@ -141,7 +141,7 @@ class Autoscaler:
         try:
             await self.evaluate(key)
         except Exception:
-            _log.error("evaluation failed", exc_info=True, model=key)
+            _log.error("evaluation failed", exc_info=True, service=key)
 
     def snapshot(self) -> dict[str, Any]:
         return self.table.snapshot()

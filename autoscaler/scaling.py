@@ -107,7 +107,7 @@ class Scaler:
     async def _scale_up(self, rt: ServiceRuntime) -> None:
         svc = rt.config
         if svc.model is None:
-            _log.error("service has no checkpoint annotation", model=svc.key)
+            _log.error("service has no checkpoint annotation", service=svc.key)
             return
         t0 = time.perf_counter()
         nodes = await self.backend.inventories()
@@ -119,14 +119,15 @@ class Scaler:
         placement_s = time.perf_counter() - t0
         metrics.PLACEMENT_SECONDS.observe(placement_s)
         if claim is None or decision.node is None:
-            _log.info("no free slot: waiting for capacity", model=svc.key, reasons="; ".join(decision.reasons))
+            _log.info("no free slot: waiting for capacity", service=svc.key, checkpoint=rt.model,
+                      reasons="; ".join(decision.reasons))
             return
         record: dict[str, Any] = {"action": str(decision.action), "estimate_s": decision.estimate_s,
                                   "placement_s": placement_s, "reasons": list(decision.reasons)}
         try:
             if decision.action in (Action.EVICT, Action.MIGRATE):
-                _log.info("preempting", model=svc.key, action=str(decision.action), node=decision.node,
-                          victim=claim.option.victim, destination=claim.option.destination,
+                _log.info("preempting", service=svc.key, checkpoint=rt.model, action=str(decision.action),
+                          node=decision.node, victim=claim.option.victim, destination=claim.option.destination,
                           reason=decision.reasons[0])
                 freed = await self._preempt(claim, nodes)
                 if freed is None:
@@ -135,8 +136,9 @@ class Scaler:
             rec = await self._start(rt, decision.node, str(claim.option.estimate.tier), record, claim.slot)
         finally:
             self._release(claim)
-        _log.info("placed", model=svc.key, instance=rec.id, node=decision.node, tier=rec.tier,
-                  action=str(decision.action), estimate_s=round(decision.estimate_s, 3), reason=decision.reasons[0])
+        _log.info("placed", service=svc.key, checkpoint=rt.model, instance=rec.id, node=decision.node,
+                  tier=rec.tier, action=str(decision.action), estimate_s=round(decision.estimate_s, 3),
+                  reason=decision.reasons[0])
 
     async def _generations_on_full_nodes(self) -> dict[str, list[dict[str, Any]] | None]:
         """The generations of the ready instances on nodes with no free slot (the only ones
@@ -258,19 +260,19 @@ class Scaler:
             self.calibration = fold_ready(self.calibration, rec)
             if rec.ready_at:
                 metrics.READY_SECONDS.labels(rec.tier).observe(rec.ready_at - rec.started_at)
-            _log.info("instance ready", model=rt.key, instance=rec.id, node=rec.node,
+            _log.info("instance ready", service=rt.key, checkpoint=rt.model, instance=rec.id, node=rec.node,
                       seconds=round((rec.ready_at or 0) - rec.started_at, 3))
             await self.push(rt)
             self._settle(rec.id, True)
         elif event.kind == EventKind.FAILED:
-            _log.error("instance failed to become ready", model=rt.key, instance=rec.id, node=rec.node,
-                       detail=event.detail)
+            _log.error("instance failed to become ready", service=rt.key, checkpoint=rt.model, instance=rec.id,
+                       node=rec.node, detail=event.detail)
             rec.state = InstanceState.FAILED
             self._settle(rec.id, False)
             await self.backend.stop(rec)
             rt.instances.pop(rec.id, None)
         elif rec.state not in (InstanceState.STOPPING, InstanceState.STOPPED):  # EXITED on its own
-            _log.warning("instance exited", model=rt.key, instance=rec.id, node=rec.node, detail=event.detail)
+            _log.warning("instance exited", service=rt.key, instance=rec.id, node=rec.node, detail=event.detail)
             rec.state = InstanceState.STOPPED
             rt.instances.pop(rec.id, None)
             self._settle(rec.id, False)
@@ -321,7 +323,7 @@ class Scaler:
             view = dataclasses.replace(view, victim=self._victim_view(option.victim or "", running), progress=done)
         migration = view.progress.migration
         outcomes = [str(o) for o in migration.outcomes] if migration else []
-        _log.info("preempted", model=vrt.key if vrt else None, instance=option.victim, node=option.node,
+        _log.info("preempted", service=vrt.key if vrt else None, instance=option.victim, node=option.node,
                   generations=len(outcomes), outcomes=",".join(outcomes))
         return {"victim": option.victim, "victim_service": vrt.key if vrt else None, "destination": destination,
                 "migrations": outcomes}
@@ -335,8 +337,8 @@ class Scaler:
         claim.destination_slot = None
         vrt.pinned.add(dest.id)
         claim.pinned.append(dest.id)
-        _log.info("starting a migration destination", model=vrt.key, instance=dest.id, node=dest.node,
-                  victim=claim.option.victim)
+        _log.info("starting a migration destination", service=vrt.key, checkpoint=vrt.model, instance=dest.id,
+                  node=dest.node, victim=claim.option.victim)
         return dest.id if await self.await_ready(dest) else None
 
     async def _run_step(self, rt: ServiceRuntime, rec: InstanceRecord, step: Step, done: Progress) -> Progress:
@@ -358,7 +360,7 @@ class Scaler:
         raise AssertionError(f"not a step on an instance: {step}")
 
     async def _call_off(self, step: CallOff, vrt: ServiceRuntime | None) -> None:
-        _log.warning("preemption called off", model=vrt.key if vrt else None, instance=step.restore,
+        _log.warning("preemption called off", service=vrt.key if vrt else None, instance=step.restore,
                      reason=step.reason)
         rec = vrt.instances.get(step.restore) if vrt is not None and step.restore else None
         if vrt is not None and rec is not None and rec.state == InstanceState.DRAINING:
@@ -401,7 +403,7 @@ class Scaler:
             return None
         self.calibration = fold_migrations(self.calibration, ((r.outcome, r.tokens, r.seconds) for r in results))
         rt.record_migrations([dict(r.doc) for r in results])
-        _log.info("migrated off", model=rt.key, instance=rec.id, node=rec.node, generations=len(results),
+        _log.info("migrated off", service=rt.key, instance=rec.id, node=rec.node, generations=len(results),
                   outcomes=",".join(str(r.outcome) for r in results))
         return results
 

@@ -192,7 +192,7 @@ class Fetcher:
         kind = type(exc).__name__ if isinstance(exc, LoaderError) else "Cancelled" \
             if isinstance(exc, asyncio.CancelledError) else "Internal"
         self.metrics.failures.labels(kind).inc()
-        _log.warning("fill failed", model=ref.uri, hop=hop, error=kind, detail=str(exc))
+        _log.warning("fill failed", checkpoint=ref.uri, hop=hop, error=kind, detail=str(exc))
 
     # -- remote -> SSD (+ DRAM) ----------------------------------------------------------------
 
@@ -280,7 +280,7 @@ class Fetcher:
                 raise CorruptData(f"{ref.uri}: the download ended with unverified blocks ({wm.filled} of {wm.sizes})")
             self.profile.observe(f"remote:{store.root.uri}", index.total_bytes, seconds)
             self.metrics.transfer("remote", index.total_bytes, seconds)
-            _log.info("fetched", model=ref.uri, bytes=index.total_bytes, seconds=round(seconds, 3),
+            _log.info("fetched", checkpoint=ref.uri, bytes=index.total_bytes, seconds=round(seconds, 3),
                       to="dram" if fill else "ssd")
             while fds:
                 os.close(fds.pop())
@@ -356,7 +356,7 @@ class Fetcher:
                 if attempts > self.config.retries:
                     raise type(exc)(f"{exc} (gave up after {attempts} attempts)") from exc
                 self.metrics.retries.labels(store.root.uri).inc()
-                _log.info("resuming range", model=ref.uri, file=t.name, offset=w.pos, attempt=attempts,
+                _log.info("resuming range", checkpoint=ref.uri, file=t.name, offset=w.pos, attempt=attempts,
                           error=str(exc))
                 await asyncio.sleep(self.config.retry_backoff_s * 2 ** (attempts - 1))
             except BadBlock as bad:
@@ -365,7 +365,7 @@ class Fetcher:
                     raise CorruptData(
                         f"{where}: block {bad.block} at offset {bad.offset} has crc32c {bad.actual:#010x}, "
                         f"the index records {bad.expected:#010x} (the store's copy is corrupt)") from None
-                _log.warning("checksum mismatch, fetching the block again", model=ref.uri, file=t.name,
+                _log.warning("checksum mismatch, fetching the block again", checkpoint=ref.uri, file=t.name,
                              block=bad.block)
                 w.restart_block()
 
@@ -462,6 +462,6 @@ class Fetcher:
             await in_thread(convert.convert, src, out)
         except (ValueError, OSError) as exc:  # ConversionError and FormatError are ValueErrors
             raise CorruptData(f"{ref.uri}: the Hugging Face checkpoint cannot be converted: {exc}") from exc
-        _log.info("converted on the node", model=ref.uri, seconds=round(time.perf_counter() - t0, 3))
+        _log.info("converted on the node", checkpoint=ref.uri, seconds=round(time.perf_counter() - t0, 3))
 
     # -- SSD -> DRAM ---------------------------------------------------------------------------

@@ -92,14 +92,14 @@ class Node:
             hold.release()
             raise
         lease = self.leases.add(ref, dev, instance, fill, hold)
-        self.log.info("lease granted", model=ref.uri, lease=lease.id, device=dev, instance=instance or None,
+        self.log.info("lease granted", checkpoint=ref.uri, lease=lease.id, device=dev, instance=instance or None,
                       source=fill.layout.result().source)
         self._changed()
         return lease
 
     def release(self, lease_id: str) -> Lease:
         lease = self.leases.release(lease_id)
-        self.log.info("lease released", model=lease.ref.uri, lease=lease.id, instance=lease.instance or None)
+        self.log.info("lease released", checkpoint=lease.ref.uri, lease=lease.id, instance=lease.instance or None)
         self._changed()
         return lease
 
@@ -138,7 +138,7 @@ class Node:
         for t in tiers:
             nbytes += t.evict(ref.key).size
             evicted.append(t.name)
-        self.log.info("evicted on request", model=ref.uri, tiers=",".join(evicted), bytes=nbytes)
+        self.log.info("evicted on request", checkpoint=ref.uri, tiers=",".join(evicted), bytes=nbytes)
         return evicted, nbytes
 
     def inventory(self) -> pb.Inventory:

@@ -94,7 +94,7 @@ class SsdToDram:
             seconds = time.perf_counter() - t0
             self.profile.observe("disk_read", index.total_bytes, seconds)
             self.metrics.transfer("ssd_to_dram", index.total_bytes, seconds)
-            _log.info("filled from ssd", model=ref.uri, bytes=index.total_bytes, seconds=round(seconds, 3))
+            _log.info("filled from ssd", checkpoint=ref.uri, bytes=index.total_bytes, seconds=round(seconds, 3))
             self.dram.publish(key, dst, files)
             fill.finish()
         except BaseException as exc:
@@ -114,7 +114,7 @@ class SsdToDram:
         if self.ssd.entries.get(key) is entry and entry.readers <= 1 and entry.leases == 0:
             entry.readers = 0
             self.ssd.evict(key)
-            _log.warning("dropped a corrupt SSD copy", model=entry.model)
+            _log.warning("dropped a corrupt SSD copy", checkpoint=entry.model)
 
     def _staging(self, nbytes: int) -> _Staging:
         for i, buf in enumerate(self._staging_pool):

@@ -272,7 +272,7 @@ class Tier:
     def _remove(self, key: str, reason: str) -> None:
         entry = self.entries.pop(key)
         shutil.rmtree(self.path(key), ignore_errors=True)
-        _log.info("evicted", tier=self.name, model=entry.model, bytes=entry.size, reason=reason)
+        _log.info("evicted", tier=self.name, checkpoint=entry.model, bytes=entry.size, reason=reason)
         self._on_evict(self.name, entry)
         self._notify()
 

@@ -1,11 +1,18 @@
 """One logging setup for every component: structured `key=value` lines.
 
-Each line carries the component and, where known, the model, instance and node it concerns:
+Each line carries the component and, where known, the service, instance, node and checkpoint it
+concerns, each field with one meaning everywhere:
 
-    2026-11-24T10:00:00.123Z INFO loader_sidecar msg="fetch done" model=tiny node=n1 bytes=1048576
+    service=     the service key, `namespace/name`
+    instance=    an instance (pod) id
+    node=        a node name
+    checkpoint=  a checkpoint URI (`sllm-knative.io/model`, what the loader fetches and leases)
+
+    2026-11-24T10:00:00.123Z INFO loader_sidecar msg=fetched checkpoint=hf://org/tiny node=n1 bytes=1048576
 
 Use `get_logger(component)` and pass context as keyword arguments:
-`log.info("fetch done", model=m, node=n, bytes=b)`.
+`log.info("fetched", checkpoint=uri, node=n, bytes=b)`. A line about a service's checkpoint
+names both (`service=default/tiny checkpoint=hf://org/tiny`).
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ class Logger:
         self._context = context
 
     def bind(self, **context: Any) -> Logger:
-        """A logger that adds these fields (model=, instance=, node=) to every line."""
+        """A logger that adds these fields (service=, instance=, node=, checkpoint=) to every line."""
         return Logger(self._log.name, **{**self._context, **context})
 
     def _emit(self, level: int, msg: str, exc_info: bool, fields: dict[str, Any]) -> None:

@@ -136,7 +136,7 @@ class LocalBackend:
         try:
             await asyncio.to_thread(prefetch)
         except Exception as exc:  # the instance's own acquire will retry and report
-            _log.warning("warming failed", node=node, model=model, error=str(exc))
+            _log.warning("warming failed", node=node, checkpoint=model, error=str(exc))
 
     # -- instances -------------------------------------------------------------------------
 
@@ -153,7 +153,7 @@ class LocalBackend:
         log = n.logs / f"{instance_id}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         env = {e.name: e.value for e in service.container.env if e.value is not None}
-        env.update(SLLM_INSTANCE=instance_id, SLLM_NODE=node)
+        env.update(SLLM_SERVICE=service.key, SLLM_INSTANCE=instance_id, SLLM_NODE=node)
         if self.drain_url:
             env["SLLM_DRAIN_URL"] = self.drain_url
         # The instance leases its checkpoint from the node's loader itself (as a pod would).
@@ -161,7 +161,8 @@ class LocalBackend:
         if service.model:  # without one the instance exits at once: it has nothing to serve
             argv += ["--checkpoint", service.model.uri, "--loader", n.loader, "--lease-timing", rec.timing_path]
         rec.pid = await asyncio.to_thread(zygote.spawn_via, n.zygote, argv, str(log), env)
-        _log.info("instance starting", model=service.key, instance=instance_id, node=node, pid=rec.pid, tier=tier)
+        _log.info("instance starting", service=service.key, checkpoint=service.model.uri if service.model else None,
+                  instance=instance_id, node=node, pid=rec.pid, tier=tier)
         self._instances[rec.id] = rec
         task = asyncio.ensure_future(self._watch(rec))  # its events come after this returns
         self._watchers.add(task)
@@ -223,11 +224,12 @@ class LocalBackend:
             r.raise_for_status()
             listed = parse_json(instance_api.GenerationList, r.content)
         except httpx.HTTPStatusError as exc:  # not a transient: a token or version mismatch
-            _log.warning("generations refused", model=rec.service, instance=rec.id, node=rec.node,
+            _log.warning("generations refused", service=rec.service, instance=rec.id, node=rec.node,
                          status=exc.response.status_code)
             return None
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-            _log.debug("generations unavailable", model=rec.service, instance=rec.id, node=rec.node, error=str(exc))
+            _log.debug("generations unavailable", service=rec.service, instance=rec.id, node=rec.node,
+                       error=str(exc))
             return None
         return [g.model_dump() for g in listed.data]
 
@@ -236,7 +238,7 @@ class LocalBackend:
         await asyncio.to_thread(procs.stop, rec.pid, grace_s, False)
         rec.state = InstanceState.STOPPED
         self._instances.pop(rec.id, None)
-        _log.info("instance stopped", model=rec.service, instance=rec.id, node=rec.node)
+        _log.info("instance stopped", service=rec.service, instance=rec.id, node=rec.node)
 
     async def close(self) -> None:
         for task in list(self._watchers):

@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     log.setup(level)
-    logger = log.get_logger("functions.llm", model=cfg.model_name, instance=cfg.instance, node=cfg.node)
+    logger = log.get_logger("functions.llm", service=cfg.service, instance=cfg.instance, node=cfg.node,
+                            checkpoint=cfg.checkpoint)
     from functions.llm.service import Service
 
     service = Service(cfg, started, logger)

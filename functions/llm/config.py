@@ -22,6 +22,7 @@ Knative sets `PORT`; everything else has an `SLLM_*` variable and a flag (flags 
 | --step-tokens         | SLLM_STEP_TOKENS                              | 256                      |
 | --max-body-bytes      | SLLM_MAX_BODY_BYTES                           | 4194304                  |
 | --[no-]warmup         | SLLM_WARMUP=1/0/auto                          | on on cuda, off on cpu   |
+| (log fields)          | SLLM_SERVICE, SLLM_INSTANCE or HOSTNAME, SLLM_NODE or NODE_NAME | none       |
 
 The internal token is read from the environment only, so it never shows in a process list.
 
@@ -70,6 +71,7 @@ class ServeConfig:
     warmup: bool = False
     instance: str | None = None
     node: str | None = None
+    service: str | None = None  # the service key, namespace/name (for the log lines only)
     checkpoint: str | None = None  # leased from `loader` instead of reading model_dir
     loader: str | None = None
     lease_timing: Path | None = None
@@ -187,6 +189,7 @@ def parse(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = Non
         warmup=device.startswith("cuda") if warmup is None else warmup,
         instance=env.get("SLLM_INSTANCE") or env.get("HOSTNAME") or None,
         node=env.get("SLLM_NODE") or env.get("NODE_NAME") or None,
+        service=env.get("SLLM_SERVICE") or None,
         checkpoint=checkpoint,
         loader=loader,
         lease_timing=Path(lease_timing) if lease_timing else None,

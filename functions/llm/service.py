@@ -138,9 +138,9 @@ class Service:
             self.metrics.startup.labels(phase).set(seconds)
         self.metrics.startup.labels("total").set(watch.total())
         self.metrics.ready.set(1)
-        self.log.info("ready", seconds=round(watch.total(), 3), kv_slots=self.cfg.kv_slots,
-                      kv_cache_bytes=runner.cache.nbytes, numerics=runner.mode, forward=runner.forward_kind,
-                      max_len=runner.max_len,
+        self.log.info("ready", served_model=self.cfg.model_name, seconds=round(watch.total(), 3),
+                      kv_slots=self.cfg.kv_slots, kv_cache_bytes=runner.cache.nbytes, numerics=runner.mode,
+                      forward=runner.forward_kind, max_len=runner.max_len,
                       **{f"{k}_s": round(v, 3) for k, v in watch.phases.items()})
 
     def shutdown(self) -> None:

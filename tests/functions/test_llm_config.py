@@ -40,7 +40,9 @@ def test_defaults(model_dir):
     pytest.param([], {"SLLM_INTERNAL_TOKEN": "s3cret", "SLLM_WARMUP": "0"},
                  dict(internal_token="s3cret", warmup=False), id="token-env-only"),
     pytest.param(["--served-model-name", "llama"], {"HOSTNAME": "pod-1", "NODE_NAME": "n1"},
-                 dict(model_name="llama", instance="pod-1", node="n1"), id="names"),
+                 dict(model_name="llama", instance="pod-1", node="n1", service=None), id="names"),
+    pytest.param([], {"SLLM_SERVICE": "team/llama", "SLLM_INSTANCE": "llama-1", "SLLM_NODE": "n2"},
+                 dict(service="team/llama", instance="llama-1", node="n2"), id="log-fields"),
 ])
 def test_parse(model_dir, argv, env, expected):
     cfg, _ = parse(["--model", str(model_dir), *argv], env)
