@@ -26,6 +26,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -62,11 +63,21 @@ HF_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.js
 HF_SINGLE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 MAX_META_BYTES = 64 << 20
 CORRUPT_RETRIES = 1
+MAX_FAILURES = 64  # failed checkpoints remembered (oldest forgotten first)
 TRANSFER_THREADS = 64  # range requests in worker threads, all fills together (threads start as needed)
 _PLAIN_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 
 T = TypeVar("T")
 _log = get_logger("loader_sidecar.fetch")
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """The last failed fill of a checkpoint (kept until a later fill of it succeeds)."""
+
+    kind: str  # the error class: NotFound, StoreUnavailable, TierFull, ...
+    message: str
+    time: float
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -97,6 +108,9 @@ class Fetcher:
         self._stores: dict[str, Store] = {}
         self._fills: dict[str, Fill] = {}
         self._ssd_jobs: dict[str, asyncio.Task[None]] = {}
+        self._job_refs: dict[str, ModelRef] = {}  # key -> ref of each _ssd_jobs entry
+        # model URI -> its last failed fill, while no later fill of it succeeded (NodeCache's DownloadError)
+        self.failures: collections.OrderedDict[str, Failure] = collections.OrderedDict()
         self._ssd_to_dram = SsdToDram(config, ssd, dram, profile, metrics, on_progress)
         self._transfers = concurrent.futures.ThreadPoolExecutor(TRANSFER_THREADS, thread_name_prefix="fetch")
 
@@ -117,6 +131,16 @@ class Fetcher:
             store = self._stores[ref.store.uri] = open_store(ref.store, self.config)
         return store
 
+    def in_flight(self) -> dict[str, str]:
+        """Model URI -> the tier being filled ("dram" or "ssd"), for every fill under way."""
+        out = {ref.uri: "ssd" for ref in self._job_refs.values()}
+        out.update({f.ref.uri: "dram" for f in self._fills.values() if not f.done.done()})
+        return out
+
+    def _succeeded(self, ref: ModelRef) -> None:
+        if self.failures.pop(ref.uri, None) is not None:
+            self._on_progress()
+
     # -- entry points --------------------------------------------------------------------------
 
     def fill_dram(self, ref: ModelRef) -> Fill:
@@ -128,6 +152,7 @@ class Fetcher:
             self.dram.touch(key)
             directory = self.dram.path(key)
             layout = Layout(directory, fmt.read_index(directory), dict(entry.files), "dram")
+            self._succeeded(ref)
             return Fill.completed(ref, self.dram, entry, layout)
         fill = self._fills.get(key)
         if fill is not None and not fill.done.done():  # a finished fill whose entry is gone is stale
@@ -136,6 +161,7 @@ class Fetcher:
         self.metrics.misses.labels("dram").inc()
         fill = self._fills[key] = Fill(ref, self.dram)
         fill.task = asyncio.create_task(self._run_dram(ref, fill), name=f"dram-fill {ref.uri}")
+        self._on_progress()  # a new fill: the inventory's watchers see it pending
         return fill
 
     async def fill_ssd(self, ref: ModelRef) -> str:
@@ -145,6 +171,7 @@ class Fetcher:
             if self.ssd.ready(key) is not None:
                 self.metrics.hits.labels("ssd").inc()
                 self.ssd.touch(key)
+                self._succeeded(ref)
                 return "ssd"
             job = self._ssd_jobs.get(key)
             if job is not None:
@@ -153,13 +180,22 @@ class Fetcher:
                 continue
             self.metrics.misses.labels("ssd").inc()
             await asyncio.shield(self._start_remote(ref, None))
+            self._succeeded(ref)
             return "remote"
 
     def _start_remote(self, ref: ModelRef, fill: Fill | None) -> asyncio.Task[None]:
         key = ref.key
         task = asyncio.create_task(self._fetch_remote(ref, fill), name=f"fetch {ref.uri}")
         self._ssd_jobs[key] = task
-        task.add_done_callback(lambda t: self._ssd_jobs.pop(key, None) if self._ssd_jobs.get(key) is t else None)
+        self._job_refs[key] = ref
+
+        def done(t: asyncio.Task[None]) -> None:
+            if self._ssd_jobs.get(key) is t:
+                del self._ssd_jobs[key]
+                self._job_refs.pop(key, None)
+
+        task.add_done_callback(done)
+        self._on_progress()
         return task
 
     async def _run_dram(self, ref: ModelRef, fill: Fill) -> None:
@@ -179,6 +215,7 @@ class Fetcher:
                 await asyncio.wait({job, fill.done}, return_when=asyncio.FIRST_COMPLETED)
                 if job.done() and not fill.done.done():
                     job.result()  # raises the fetch's error
+            self._succeeded(ref)
         except BaseException as exc:
             self._failed(ref, "dram", exc)
             fill.fail(exc)
@@ -193,6 +230,12 @@ class Fetcher:
             if isinstance(exc, asyncio.CancelledError) else "Internal"
         self.metrics.failures.labels(kind).inc()
         _log.warning("fill failed", checkpoint=ref.uri, hop=hop, error=kind, detail=str(exc))
+        if kind != "Cancelled":
+            self.failures.pop(ref.uri, None)
+            self.failures[ref.uri] = Failure(kind, str(exc) or kind, time.time())
+            while len(self.failures) > MAX_FAILURES:
+                self.failures.popitem(last=False)
+            self._on_progress()
 
     # -- remote -> SSD (+ DRAM) ----------------------------------------------------------------
 
