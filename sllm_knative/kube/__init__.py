@@ -8,4 +8,5 @@ Python client (synchronous; controllers run its calls in threads):
     workqueue.py    a de-duplicating queue with per-key backoff (client-go's workqueue, small)
     leader.py       active/passive replicas through a coordination.k8s.io Lease
     events.py       decisions recorded as Events on the object they concern
+    nodecache.py    a node's NodeCache kept equal to its loader's state (the loader is its one writer)
 """
