@@ -11,6 +11,7 @@ Modules, outside in:
     aio        threads that are stopped, not abandoned, when a fill is cancelled
     stores/    one module per store kind (file, http, hf, s3) behind stores.base.Store
     tiers      a budgeted cache directory: LRU that never evicts in-use entries, markers, recovery
+    nodecache  the node's NodeCache built from its state, and the publisher (--kube-node)
     fills, watermarks, leases, profile, inventory, metrics, refs, config
 
 The API is the library's, `sllm_knative.loader`: loader.proto and its generated stubs, the

@@ -26,7 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     except BadRequest as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve(config))
+    from sllm_knative.kube.client import KubeConfigError
+
+    try:
+        asyncio.run(serve(config))
+    except KubeConfigError as exc:  # --kube-node without a usable cluster configuration
+        print(f"error: publishing the NodeCache of {config.kube_node}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

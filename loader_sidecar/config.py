@@ -21,6 +21,8 @@ from sllm_knative.loader.address import default_listen, default_node
 from sllm_knative.loader.errors import BadRequest
 
 _NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# A Kubernetes Node name: a DNS-1123 subdomain (as NodeCache's spec.nodeName).
+_KUBE_NODE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1 << 10, "KI": 1 << 10, "M": 10**6, "MB": 10**6,
           "MIB": 1 << 20, "MI": 1 << 20, "G": 10**9, "GB": 10**9, "GIB": 1 << 30, "GI": 1 << 30,
@@ -57,6 +59,10 @@ class Config:
     s3_endpoint: str | None = None
     hf_endpoint: str = "https://huggingface.co"
     hf_token: str | None = dataclasses.field(default=None, repr=False)
+    # Publishing the NodeCache: on when kube_node is set (--kube-node or $SLLM_NODE_NAME).
+    kube_node: str | None = None
+    kubeconfig: str | None = None  # None: $KUBECONFIG, else the pod's service account
+    kube_resync_s: float = 30.0
 
     def validate(self) -> Config:
         checks = [
@@ -75,6 +81,12 @@ class Config:
             (self.profile_bytes >= 4096 and self.profile_bytes % 4096 == 0, "profile-bytes", self.profile_bytes,
              "must be a positive multiple of 4096"),
             (bool(self.stores), "store", "", "at least one --store is needed"),
+            (self.kube_node is None or (len(self.kube_node) <= 253 and bool(_KUBE_NODE.match(self.kube_node))),
+             "kube-node", self.kube_node, "must be a Kubernetes Node name (lower-case letters, digits, '-' and '.', "
+             "at most 253)"),
+            (self.kubeconfig is None or Path(self.kubeconfig).is_file(), "kubeconfig", self.kubeconfig,
+             "no such file"),
+            (self.kube_resync_s >= 1, "kube-resync", self.kube_resync_s, "must be at least 1 (seconds)"),
         ]
         for ok, name, value, rule in checks:
             if not ok:
@@ -124,12 +136,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile-bytes", default="64MiB", help="scratch file size of the start-up bandwidth probe")
     p.add_argument("--metrics", default=None, metavar="HOST:PORT", help="serve Prometheus metrics there")
     p.add_argument("--s3-endpoint", default=None, help="S3 endpoint override (default: $AWS_ENDPOINT_URL or AWS)")
+    p.add_argument("--kube-node", default=None, metavar="NAME",
+                   help="publish this node's NodeCache for the Kubernetes Node NAME (default: $SLLM_NODE_NAME; "
+                        "unset: no publishing)")
+    p.add_argument("--kubeconfig", default=None, metavar="PATH",
+                   help="kubeconfig for publishing (default: $KUBECONFIG, else the pod's service account)")
+    p.add_argument("--kube-resync", type=float, default=30.0, metavar="SECONDS",
+                   help="rewrite the NodeCache at least this often, changed or not")
 
 
 def from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> Config:
     """Parse and normalise the command line; `validate()` is applied before returning."""
     env = dict(os.environ) if env is None else env
-    node = args.node or env.get("SLLM_NODE") or default_node()
+    kube_node = args.kube_node or env.get("SLLM_NODE_NAME") or None
+    node = args.node or env.get("SLLM_NODE") or kube_node or default_node()
     cache_home = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     ssd_dir = Path(args.ssd_dir or cache_home / "sllm-knative" / node / "ssd").resolve()
     dram_dir = Path(args.dram_dir or Path("/dev/shm/sllm-knative") / node).resolve()
@@ -146,7 +166,8 @@ def from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> Co
         retry_backoff_s=args.retry_backoff, profile_bytes=parse_size(args.profile_bytes, "profile-bytes"),
         metrics_addr=args.metrics, s3_endpoint=args.s3_endpoint or env.get("AWS_ENDPOINT_URL_S3")
         or env.get("AWS_ENDPOINT_URL"), hf_endpoint=(env.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/"),
-        hf_token=env.get("HF_TOKEN") or None,
+        hf_token=env.get("HF_TOKEN") or None, kube_node=kube_node, kubeconfig=args.kubeconfig,
+        kube_resync_s=args.kube_resync,
     ).validate()
 
 

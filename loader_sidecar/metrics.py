@@ -29,6 +29,19 @@ class Metrics:
         self.fetches = Counter("sllm_loader_fetches", "Transfers started (one per checkpoint and hop)", ["hop"],
                                registry=r)
         self.leases = Gauge("sllm_loader_leases", "Leases held by instances", registry=r)
+        # The NodeCache publisher (--kube-node): outcomes created, written, overwritten (a status
+        # someone else wrote, rewritten), conflict (409, read again), node_missing, error.
+        self.nodecache_publishes = Counter("sllm_loader_nodecache_publishes",
+                                           "NodeCache writes and failed attempts, by outcome", ["outcome"],
+                                           registry=r)
+        self.nodecache_last_publish = Gauge("sllm_loader_nodecache_last_publish_timestamp_seconds",
+                                            "Unix time of the last NodeCache status the API server accepted",
+                                            registry=r)
+
+    def nodecache_outcome(self, outcome: str) -> None:
+        self.nodecache_publishes.labels(outcome).inc()
+        if outcome in ("written", "overwritten"):
+            self.nodecache_last_publish.set_to_current_time()
 
     def transfer(self, hop: str, nbytes: int, seconds: float) -> None:
         self.transfer_seconds.labels(hop).observe(seconds)

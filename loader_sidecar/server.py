@@ -11,7 +11,7 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from prometheus_client import start_http_server
@@ -24,6 +24,9 @@ from sllm_knative.loader import errors
 from sllm_knative.loader import loader_pb2 as pb
 from sllm_knative.loader import loader_pb2_grpc as pb_grpc
 from sllm_knative.log import get_logger
+
+if TYPE_CHECKING:
+    from sllm_knative.kube.nodecache import NodeCachePublisher
 
 _log = get_logger("loader_sidecar.server")
 
@@ -152,9 +155,18 @@ class Sidecar:
         self.server: grpc.aio.Server | None = None
         self.address = ""
         self._metrics_server: Any = None
+        self.publisher: NodeCachePublisher | None = None  # --kube-node
 
     async def start(self) -> str:
         await self.node.start()
+        if self.config.kube_node:
+            from loader_sidecar.nodecache import start_publisher
+
+            try:
+                self.publisher = start_publisher(self.node)  # KubeConfigError before anything listens
+            except BaseException:
+                await self.node.aclose()
+                raise
         self.server = grpc.aio.server()
         pb_grpc.add_LoaderServicer_to_server(LoaderService(self.node), self.server)
         address = listen_address(self.config.listen)
@@ -176,10 +188,13 @@ class Sidecar:
             self._metrics_server, _ = start_http_server(port, host, registry=self.node.metrics.registry)
         _log.info("listening", node=self.config.node, address=self.address, stores=",".join(
             s.uri for s in self.config.stores), ssd=str(self.config.ssd_dir), dram=str(self.config.dram_dir),
-            pid=os.getpid())
+            kube_node=self.config.kube_node, pid=os.getpid())
         return self.address
 
     async def stop(self, grace: float = 1.0) -> None:
+        if self.publisher is not None:
+            await self.publisher.stop()
+            self.publisher = None
         if self.server is not None:
             await self.server.stop(grace)
         await self.node.aclose()

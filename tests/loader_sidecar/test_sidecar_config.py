@@ -55,6 +55,21 @@ def test_environment_supplies_hf_and_s3_settings():
     assert "hf_secret" not in repr(c)  # the token never shows in logs
 
 
+@pytest.mark.parametrize("argv, env, want", [
+    pytest.param([], {}, (None, None, 30.0, None), id="off-by-default"),
+    pytest.param(["--kube-node", "gpu-1.example", "--kubeconfig", __file__, "--kube-resync", "5"], {},
+                 ("gpu-1.example", __file__, 5.0, "gpu-1.example"), id="flags"),
+    pytest.param([], {"SLLM_NODE_NAME": "gpu-2"}, ("gpu-2", None, 30.0, "gpu-2"), id="downward-api-env"),
+    pytest.param(["--node", "local"], {"SLLM_NODE_NAME": "gpu-2"}, ("gpu-2", None, 30.0, "local"),
+                 id="node-flag-wins-for-paths"),
+])
+def test_nodecache_publishing_flags(argv, env, want):
+    c = _parse("--store", "file:///m", *argv, env=env)
+    assert (c.kube_node, c.kubeconfig, c.kube_resync_s) == want[:3]
+    if want[3] is not None:
+        assert c.node == want[3]
+
+
 @pytest.mark.parametrize("argv, message", [
     pytest.param([], "at least one --store", id="no-store"),
     pytest.param(["--store", "ftp://x"], "scheme", id="bad-store"),
@@ -66,6 +81,11 @@ def test_environment_supplies_hf_and_s3_settings():
     pytest.param(["--listen", "nohost"], "expected host:port", id="listen-no-port"),
     pytest.param(["--metrics", "9100"], "expected host:port", id="metrics"),
     pytest.param(["--dram-bytes", "0"], "dram-bytes = 0, must be positive", id="dram-zero"),
+    pytest.param(["--kube-node", "Node_1"], "kube-node = 'Node_1', must be a Kubernetes Node name", id="kube-node"),
+    pytest.param(["--kube-node", "n1", "--kubeconfig", "/nonexistent/kubeconfig"],
+                 "kubeconfig = '/nonexistent/kubeconfig', no such file", id="kubeconfig-missing"),
+    pytest.param(["--kube-node", "n1", "--kube-resync", "0.5"], "kube-resync = 0.5, must be at least 1",
+                 id="kube-resync"),
 ])
 def test_invalid_flags_are_rejected(argv, message):
     store = [] if any(a == "--store" for a in argv) or argv == [] else ["--store", "file:///m"]
