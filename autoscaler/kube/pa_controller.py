@@ -39,6 +39,8 @@ from sllm_knative.log import get_logger
 
 _log = get_logger("autoscaler.kube")
 
+REQUEST_TIMEOUT_S = 15.0  # a write the API server does not answer fails, and the key is retried
+
 Advisor = Callable[[str], Advice]  # "ns/revision" -> what the decider wants
 Prober = Callable[[dict[str, Any]], bool]  # PA -> does the activator answer for the revision?
 
@@ -189,20 +191,22 @@ class PodAutoscalerController:
 
         if plan.sks is not None:
             if plan.sks_create:
-                self.kube.create(SERVERLESSSERVICES, plan.sks, ns)
+                self.kube.create(SERVERLESSSERVICES, plan.sks, ns, _request_timeout=REQUEST_TIMEOUT_S)
                 self.events.record(pa, "Normal", "Created", f"created ServerlessService {sks_name(name)}")
             else:
-                self.kube.replace(SERVERLESSSERVICES, sks_name(name), plan.sks, ns)
+                self.kube.replace(SERVERLESSSERVICES, sks_name(name), plan.sks, ns, _request_timeout=REQUEST_TIMEOUT_S)
                 _log.info("sks updated", pa=key, mode=plan.sks["spec"]["mode"])
         if plan.scale is not None and deployment is not None:
             self.kube.apps.patch_namespaced_deployment_scale(
-                target, ns, [{"op": "add", "path": "/spec/replicas", "value": plan.scale}])
+                target, ns, [{"op": "add", "path": "/spec/replicas", "value": plan.scale}],
+                _request_timeout=REQUEST_TIMEOUT_S)
             _log.info("scaled", pa=key, replicas=plan.scale, was=replicas, want=advice.want, reason=advice.reason)
         for type_, reason, message in plan.events:
             self.events.record(pa, type_, reason, message)
         if plan.status != (pa.get("status") or {}):
             body = {**pa, "status": plan.status}
-            self.kube.replace_status(PODAUTOSCALERS, name, body, ns)  # 409 on a stale read: retried
+            # 409 on a stale read: retried
+            self.kube.replace_status(PODAUTOSCALERS, name, body, ns, _request_timeout=REQUEST_TIMEOUT_S)
         if plan.error:
             raise RuntimeError(plan.error)
         return plan.requeue_after_s

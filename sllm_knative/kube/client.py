@@ -60,7 +60,8 @@ def connect(kubeconfig: str | os.PathLike[str] | None = None) -> Any:
 
 
 class Kube:
-    """The API groups the components call, on one `ApiClient`."""
+    """The API groups the components call, on one `ApiClient`. The custom-resource helpers pass
+    keyword arguments through to the client (for example `_request_timeout`)."""
 
     def __init__(self, api: Any) -> None:
         self.api = api
@@ -103,38 +104,38 @@ class Kube:
 
     # -- custom resources, named once ------------------------------------------------------
 
-    def get(self, res: Resource, name: str, namespace: str = "") -> dict[str, Any]:
+    def get(self, res: Resource, name: str, namespace: str = "", **kw: Any) -> dict[str, Any]:
         if res.namespaced:
-            return self.custom.get_namespaced_custom_object(res.group, res.version, namespace, res.plural, name)
-        return self.custom.get_cluster_custom_object(res.group, res.version, res.plural, name)
+            return self.custom.get_namespaced_custom_object(res.group, res.version, namespace, res.plural, name, **kw)
+        return self.custom.get_cluster_custom_object(res.group, res.version, res.plural, name, **kw)
 
     def list(self, res: Resource, namespace: str = "", **kw: Any) -> dict[str, Any]:
         if res.namespaced and namespace:
             return self.custom.list_namespaced_custom_object(res.group, res.version, namespace, res.plural, **kw)
         return self.custom.list_cluster_custom_object(res.group, res.version, res.plural, **kw)
 
-    def create(self, res: Resource, body: dict[str, Any], namespace: str = "") -> dict[str, Any]:
+    def create(self, res: Resource, body: dict[str, Any], namespace: str = "", **kw: Any) -> dict[str, Any]:
         if res.namespaced:
-            return self.custom.create_namespaced_custom_object(res.group, res.version, namespace, res.plural, body)
-        return self.custom.create_cluster_custom_object(res.group, res.version, res.plural, body)
+            return self.custom.create_namespaced_custom_object(res.group, res.version, namespace, res.plural, body, **kw)
+        return self.custom.create_cluster_custom_object(res.group, res.version, res.plural, body, **kw)
 
-    def replace(self, res: Resource, name: str, body: dict[str, Any], namespace: str = "") -> dict[str, Any]:
+    def replace(self, res: Resource, name: str, body: dict[str, Any], namespace: str = "", **kw: Any) -> dict[str, Any]:
         if res.namespaced:
             return self.custom.replace_namespaced_custom_object(res.group, res.version, namespace, res.plural,
-                                                                name, body)
-        return self.custom.replace_cluster_custom_object(res.group, res.version, res.plural, name, body)
+                                                                name, body, **kw)
+        return self.custom.replace_cluster_custom_object(res.group, res.version, res.plural, name, body, **kw)
 
-    def replace_status(self, res: Resource, name: str, body: dict[str, Any], namespace: str = "") -> dict[str, Any]:
+    def replace_status(self, res: Resource, name: str, body: dict[str, Any], namespace: str = "", **kw: Any) -> dict[str, Any]:
         """Write `status` through the status subresource (optimistic: `body` carries resourceVersion)."""
         if res.namespaced:
             return self.custom.replace_namespaced_custom_object_status(res.group, res.version, namespace,
-                                                                       res.plural, name, body)
-        return self.custom.replace_cluster_custom_object_status(res.group, res.version, res.plural, name, body)
+                                                                       res.plural, name, body, **kw)
+        return self.custom.replace_cluster_custom_object_status(res.group, res.version, res.plural, name, body, **kw)
 
-    def delete(self, res: Resource, name: str, namespace: str = "") -> Any:
+    def delete(self, res: Resource, name: str, namespace: str = "", **kw: Any) -> Any:
         if res.namespaced:
-            return self.custom.delete_namespaced_custom_object(res.group, res.version, namespace, res.plural, name)
-        return self.custom.delete_cluster_custom_object(res.group, res.version, res.plural, name)
+            return self.custom.delete_namespaced_custom_object(res.group, res.version, namespace, res.plural, name, **kw)
+        return self.custom.delete_cluster_custom_object(res.group, res.version, res.plural, name, **kw)
 
 
 def is_status(exc: BaseException, *codes: int) -> bool:

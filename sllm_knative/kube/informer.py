@@ -72,11 +72,12 @@ class Informer:
     group, version, plural`); selectors go in `kwargs`."""
 
     def __init__(self, name: str, list_fn: Callable[..., Any], *args: Any, resync_s: float = 30.0,
-                 watch_timeout_s: int = 300, **kwargs: Any) -> None:
+                 watch_timeout_s: int = 300, request_timeout_s: float = 30.0, **kwargs: Any) -> None:
         self.name = name
         self._list_fn, self._args, self._kwargs = list_fn, args, kwargs
         self.resync_s = resync_s
         self.watch_timeout_s = watch_timeout_s
+        self.request_timeout_s = request_timeout_s  # a list, or the margin past a watch's end
         self._handlers: list[Handler] = []
         self._lock = threading.Lock()
         self._cache: dict[str, dict[str, Any]] = {}
@@ -131,7 +132,8 @@ class Informer:
                 _log.error("informer handler failed", exc_info=True, informer=self.name, key=key_of(obj))
 
     def _list(self) -> None:
-        resp = self._list_fn(*self._args, _preload_content=False, **self._kwargs)
+        resp = self._list_fn(*self._args, _preload_content=False, _request_timeout=self.request_timeout_s,
+                             **self._kwargs)
         body = json.loads(resp.data)
         items = {key_of(o): o for o in body.get("items") or []}
         with self._lock:
@@ -170,7 +172,10 @@ class Informer:
         w = self._watch = watch.Watch()
         try:
             for ev in w.stream(self._list_fn, *self._args, resource_version=self._rv,
-                               timeout_seconds=timeout, allow_watch_bookmarks=True, **self._kwargs):
+                               timeout_seconds=timeout, allow_watch_bookmarks=True,
+                               # the server ends the watch at `timeout`; a server that stops
+                               # answering must not hold this thread beyond a margin after that
+                               _request_timeout=timeout + self.request_timeout_s, **self._kwargs):
                 if self._stop.is_set():
                     break
                 kind, raw = ev["type"], ev.get("raw_object") or {}

@@ -80,6 +80,7 @@ class LeaderElector:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_holder = ""
+        self._timeout = renew_deadline_s / 2  # one unanswered request must not outlast the renew deadline
 
     @property
     def is_leader(self) -> bool:
@@ -111,7 +112,8 @@ class LeaderElector:
 
         now = time.monotonic()
         try:
-            lease = self.kube.coordination.read_namespaced_lease(self.name, self.namespace)
+            lease = self.kube.coordination.read_namespaced_lease(self.name, self.namespace,
+                                                                 _request_timeout=self._timeout)
         except Exception as exc:
             if not is_status(exc, 404):
                 raise
@@ -135,7 +137,7 @@ class LeaderElector:
                                   spec=client.V1LeaseSpec(holder_identity=self.identity,
                                                           lease_duration_seconds=int(self.lease_duration_s),
                                                           acquire_time=stamp, renew_time=stamp, lease_transitions=0))
-            self.kube.coordination.create_namespaced_lease(self.namespace, body)
+            self.kube.coordination.create_namespaced_lease(self.namespace, body, _request_timeout=self._timeout)
         else:
             assert lease is not None
             spec = lease.spec
@@ -147,7 +149,8 @@ class LeaderElector:
             spec.holder_identity = self.identity
             spec.lease_duration_seconds = int(self.lease_duration_s)
             spec.renew_time = stamp
-            self.kube.coordination.replace_namespaced_lease(self.name, self.namespace, lease)  # 409 if raced
+            self.kube.coordination.replace_namespaced_lease(self.name, self.namespace, lease,  # 409 if raced
+                                                           _request_timeout=self._timeout)
         self._observed_raw = None  # re-read next round; our own write starts no expiry clock for us
         return True
 
