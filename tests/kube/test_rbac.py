@@ -8,7 +8,6 @@ nothing the Role grants went unused.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import yaml
 from autoscaler.kube.pa_controller import PodAutoscalerController
 from autoscaler.kube.podautoscaler import CLASS, Advice, Settings
 from sllm_knative.kube.client import PODAUTOSCALERS, REVISIONS, SERVERLESSSERVICES, Kube
+from tests.kube.audit import apply_docs, called, granted
 from tests.kube.cluster import KubeCluster
 from tests.kube.conftest import until
 from tests.kube.knative_standin import SksStatusWriter, revision_objects
@@ -27,47 +27,10 @@ RBAC = Path(__file__).resolve().parents[2] / "manifests" / "autoscaler" / "rbac.
 SA = ("sllm-knative", "sllm-autoscaler")
 
 
-def granted(docs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
-    """(apiGroup, resource[/subresource], verb) for every rule of every Role and ClusterRole."""
-    out = set()
-    for d in docs:
-        if d["kind"] in ("Role", "ClusterRole"):
-            for r in d["rules"]:
-                out |= {(g, res, v) for g in r["apiGroups"] for res in r["resources"] for v in r["verbs"]}
-    return out
-
-
-def called(audit_log: Path, user: str) -> tuple[set[tuple[str, str, str]], list[str]]:
-    """What `user` asked for, from the audit log; and the requests that were refused (403)."""
-    calls, refused = set(), []
-    for line in audit_log.read_text().splitlines():
-        ev = json.loads(line)
-        if ev.get("user", {}).get("username") != user or not ev.get("objectRef"):
-            continue
-        ref = ev["objectRef"]
-        res = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
-        calls.add((ref.get("apiGroup", ""), res, ev["verb"]))
-        if ev.get("responseStatus", {}).get("code") == 403:
-            refused.append(f"{ev['verb']} {res} in {ref.get('namespace', '-')}")
-    return calls, refused
-
-
-def _apply(api: Any, docs: list[dict[str, Any]]) -> None:
-    from kubernetes import utils
-    from kubernetes.client.rest import ApiException
-
-    for d in docs:
-        try:
-            utils.create_from_dict(api, d)
-        except (ApiException, utils.FailToCreateError) as exc:
-            if "AlreadyExists" not in str(exc):
-                raise
-
-
 def test_the_autoscaler_role_is_exactly_what_it_calls(kube: KubeCluster, api: Any, namespace: str) -> None:
     admin = Kube(api)
     docs = [d for d in yaml.safe_load_all(RBAC.read_text()) if d]
-    _apply(api, [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SA[0]}}, *docs])
+    apply_docs(api, [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SA[0]}}, *docs])
     as_sa = Kube(kube.api_client_as(*SA))
     until(lambda: as_sa.custom.list_cluster_custom_object(PODAUTOSCALERS.group, PODAUTOSCALERS.version,
                                                           PODAUTOSCALERS.plural) is not None,
