@@ -70,6 +70,7 @@ fmt: install
 
 proto: install
 	$(VPY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. $(PROTO)
+	$(VPY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. activator/kube/stat.proto
 
 crds: install
 	$(VPY) -m sllm_knative.config crds manifests/crds
