@@ -1,26 +1,42 @@
-"""`python -m activator`: the public data-path port and the loopback-only admin port."""
+"""`python -m activator`: the public data-path port and the loopback-only admin port.
+
+`--kube`: Knative's activator (activator/kube/): revisions, their class and their ready pods from
+the cluster (`--kubeconfig`, else $KUBECONFIG, else the pod's service account), the public app on
+8012 (HTTP/1) and 8013 (h2c) on all addresses, demand of our class's revisions to our autoscaler
+(`--autoscaler-url`) and of Knative's classes to Knative's (`--knative-autoscaler-url`). A cluster
+that cannot be configured or listed stops it at start with exit 2."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
+import socket
 import sys
 
 import uvicorn
 import uvloop
 
-from activator.app import Activator, build_admin_app, build_public_app
-from activator.config import ActivatorConfig
+from activator.app import Activator, H2cApp, build_admin_app, build_public_app
+from activator.config import ActivatorConfig, KubeSettings
+from activator.kube import contract
 from activator.migration import MigrationConfig
 from sllm_knative import log
 from sllm_knative.api.auth import token_from_env
+from sllm_knative.kube.client import KubeConfigError, error_message
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m activator", description=__doc__)
-    p.add_argument("--host", default="127.0.0.1", help="public listen address")
-    p.add_argument("--port", type=int, default=8080, help="public port (clients, ingress)")
-    p.add_argument("--admin-port", type=int, default=8081, help="admin port, bound to 127.0.0.1 only")
+    p.add_argument("--host", default=None, help="public listen address (default 127.0.0.1; with --kube 0.0.0.0)")
+    p.add_argument("--port", type=int, default=None,
+                   help=f"public port (clients, ingress; default 8080; with --kube {contract.HTTP1_PORT}, HTTP/1)")
+    p.add_argument("--h2c-port", type=int, default=None,
+                   help=f"public h2c port (HTTP/2 without TLS; with --kube default {contract.H2C_PORT}; 0: none)")
+    p.add_argument("--admin-port", type=int, default=8081, help="admin port")
+    p.add_argument("--admin-host", default="127.0.0.1",
+                   help="admin listen address (loopback unless the autoscaler runs elsewhere, as on Kubernetes)")
     p.add_argument("--autoscaler-url", default=None, help="where demand and stats are reported")
     p.add_argument("--cold-start-timeout", type=float, default=120.0, help="seconds a request may wait")
     p.add_argument("--max-body-bytes", type=int, default=10 << 20)
@@ -35,38 +51,103 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "phase (0: only after --migration-rounds)")
     p.add_argument("--migration-follow", type=int, default=MigrationConfig.max_follow,
                    help="source steps at most in the follow phase before detaching regardless (0: no follow phase)")
-    return p.parse_args(argv)
+    k = p.add_argument_group("Kubernetes mode (Knative's activator)")
+    k.add_argument("--kube", action="store_true", help="serve as Knative's activator, from the cluster's state")
+    k.add_argument("--kubeconfig", default=None, help="kubeconfig (default $KUBECONFIG, else in-cluster)")
+    k.add_argument("--cluster-domain", default=contract.CLUSTER_DOMAIN)
+    k.add_argument("--knative-autoscaler-url", default=contract.KNATIVE_AUTOSCALER_URL,
+                   help="Knative's autoscaler stat websocket, for revisions of Knative's classes ('' : none)")
+    k.add_argument("--pod-name", default=os.environ.get("POD_NAME") or socket.gethostname(),
+                   help="this activator's pod, named in its stats to Knative (default $POD_NAME)")
+    k.add_argument("--kube-resync", type=float, default=30.0, help="informer resync period, seconds")
+    args = p.parse_args(argv)
+    if args.host is None:
+        args.host = "0.0.0.0" if args.kube else "127.0.0.1"
+    if args.port is None:
+        args.port = contract.HTTP1_PORT if args.kube else 8080
+    if args.h2c_port is None:
+        args.h2c_port = contract.H2C_PORT if args.kube else 0
+    return args
 
 
-async def serve(args: argparse.Namespace) -> None:
-    act = Activator(ActivatorConfig(autoscaler_url=args.autoscaler_url, cold_start_timeout_s=args.cold_start_timeout,
+async def serve(args: argparse.Namespace) -> int:
+    kube = None
+    if args.kube:
+        kube = KubeSettings(kubeconfig=args.kubeconfig, cluster_domain=args.cluster_domain,
+                            knative_autoscaler_url=args.knative_autoscaler_url or None, pod_name=args.pod_name,
+                            resync_s=args.kube_resync)
+    log_ = log.get_logger("activator")
+    try:
+        act = _activator(args, kube)
+    except KubeConfigError as exc:
+        log_.error("no cluster to serve", error=str(exc))
+        return 2
+    except Exception as exc:  # a kubeconfig the client cannot use
+        log_.error("cannot configure the Kubernetes client", kubeconfig=args.kubeconfig,
+                   error=f"{type(exc).__name__}: {exc}"[:500])
+        return 2
+    if kube is not None:
+        try:
+            await act.start_kube()
+        except Exception as exc:  # the API server refused or never answered the first lists
+            log_.error("cannot list the cluster's revisions, PodAutoscalers and EndpointSlices",
+                       error=f"{type(exc).__name__}: {error_message(exc)}"[:500])
+            return 2
+    public_app = build_public_app(act)
+    # httptools parses HTTP and uvloop runs the loop (main); no websocket upgrades and no
+    # X-Forwarded-* rewriting of the client address, which the activator never reads.
+    public = uvicorn.Server(uvicorn.Config(public_app, host=args.host, port=args.port, log_level="warning",
+                                           access_log=False, lifespan="on", http="httptools", ws="none",
+                                           proxy_headers=False))
+    admin = uvicorn.Server(uvicorn.Config(build_admin_app(act), host=args.admin_host, port=args.admin_port,
+                                          log_level="warning", access_log=False, lifespan="off", http="httptools",
+                                          ws="none"))
+    servers = [public.serve(), admin.serve()]
+    stopped = asyncio.Event()
+    if args.h2c_port:
+        # HTTP/2 without TLS (prior knowledge or an h2c upgrade; HTTP/1.1 too), as Knative's h2c
+        # server; it stops when the HTTP/1 server does (that one handles the signals).
+        from hypercorn.asyncio import serve as hypercorn_serve
+        from hypercorn.config import Config as HypercornConfig
+
+        h2c = HypercornConfig()
+        h2c.bind = [f"{args.host}:{args.h2c_port}" if ":" not in args.host else f"[{args.host}]:{args.h2c_port}"]
+        h2c.accesslog = None
+        h2c.errorlog = logging.getLogger("hypercorn.error")  # through the root handler (log.setup)
+        h2c.errorlog.setLevel(logging.WARNING)
+        servers.append(hypercorn_serve(H2cApp(public_app), h2c, shutdown_trigger=stopped.wait, mode="asgi"))
+
+    async def first() -> None:
+        try:
+            await servers[0]
+        finally:
+            stopped.set()
+
+    log_.info("listening", host=args.host, port=args.port, h2c_port=args.h2c_port or None,
+              admin_port=args.admin_port, mode="kube" if kube else "local")
+    await asyncio.gather(first(), *servers[1:])
+    return 0
+
+
+def _activator(args: argparse.Namespace, kube: KubeSettings | None) -> Activator:
+    return Activator(ActivatorConfig(autoscaler_url=args.autoscaler_url, cold_start_timeout_s=args.cold_start_timeout,
                                     max_body_bytes=args.max_body_bytes, max_held_per_service=args.max_held,
                                     report_interval_s=args.report_interval,
                                     migration=MigrationConfig(gap_threshold=args.migration_gap,
                                                               max_rounds=args.migration_rounds,
                                                               settle_gap=args.migration_settle_gap,
                                                               max_follow=args.migration_follow,
-                                                              internal_token=token_from_env())))
-    # httptools parses HTTP and uvloop runs the loop (main); no websocket upgrades and no
-    # X-Forwarded-* rewriting of the client address, which the activator never reads.
-    public = uvicorn.Server(uvicorn.Config(build_public_app(act), host=args.host, port=args.port, log_level="warning",
-                                           access_log=False, lifespan="on", http="httptools", ws="none",
-                                           proxy_headers=False))
-    admin = uvicorn.Server(uvicorn.Config(build_admin_app(act), host="127.0.0.1", port=args.admin_port,
-                                          log_level="warning", access_log=False, lifespan="off", http="httptools",
-                                          ws="none"))
-    log.get_logger("activator").info("listening", port=args.port, admin_port=args.admin_port)
-    await asyncio.gather(public.serve(), admin.serve())
+                                                              internal_token=token_from_env()),
+                                     kube=kube))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log.setup()
     try:
-        uvloop.run(serve(args))
+        return uvloop.run(serve(args))
     except KeyboardInterrupt:
-        pass
-    return 0
+        return 0
 
 
 if __name__ == "__main__":

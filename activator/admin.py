@@ -1,7 +1,11 @@
-"""The admin app (loopback only, never the public port): the autoscaler pushes services and their
+"""The admin app (loopback unless `--admin-host` says otherwise; never the public port): the autoscaler pushes services and their
 ready instances, reads stats and metrics, and triggers migrations; an instance going away asks
 for its drain. Paths and bodies: sllm_knative/api/activator.py. Every body is validated on
-arrival: a malformed one is a 400 naming the field."""
+arrival: a malformed one is a 400 naming the field.
+
+In Kubernetes mode the endpoints come from the revisions' EndpointSlices (activator/kube/source.py)
+and nothing else: the service pushes (PUT and DELETE) are a 409 saying so; stats, drains,
+migrations (instances named by pod name) and metrics work as in local mode."""
 
 from __future__ import annotations
 
@@ -35,8 +39,14 @@ async def _body(request: Request, model: type[M]) -> M:
 def build_admin_app(act: Activator) -> Starlette:
     registry, migrations = act.registry, act.migrations
 
+    def from_cluster(key: ServiceKey) -> JSONResponse:
+        return _error(f"{key}: this activator runs in Kubernetes mode, where a revision's endpoints come from "
+                      "its EndpointSlices only; the admin API takes drains and migrations, not endpoints", 409)
+
     async def put_service(request: Request) -> Response:
         key = ServiceKey(request.path_params["namespace"], request.path_params["name"])
+        if act.kube is not None:
+            return from_cluster(key)
         try:
             update = await _body(request, api.ServiceUpdate)
             for i, e in enumerate(update.instances):
@@ -51,7 +61,10 @@ def build_admin_app(act: Activator) -> Starlette:
         return _json(api.ServiceUpdated(service=str(key), instances=len(update.instances)))
 
     async def delete_service(request: Request) -> Response:
-        registry.remove_service(ServiceKey(request.path_params["namespace"], request.path_params["name"]))
+        key = ServiceKey(request.path_params["namespace"], request.path_params["name"])
+        if act.kube is not None:
+            return from_cluster(key)
+        registry.remove_service(key)
         return Response(status_code=204)
 
     async def get_stats(request: Request) -> Response:

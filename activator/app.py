@@ -13,7 +13,19 @@ chain of layers (activator/handlers/, modelled on Knative's activator handler ch
 No Starlette router or middleware on this port: they cost more than everything above together,
 and there is one route. Errors become responses in exactly one place (`PublicApp.__call__`).
 
-Admin app (loopback only, never the public port): activator/admin.py.
+In Kubernetes mode (`--kube`, Knative's activator; activator/kube/) the chain is Knative's:
+
+    KnativeProbeHandler kubelet and Knative network probes, as Knative's activator answers them
+    RevisionHandler     the revision from the Knative-Serving-* headers (404 if unknown), the
+                        headers rewritten for the pod (K-Original-Host, K-Proxy-Request)
+    RequestHandler      as above (internal paths refused for our class's revisions only)
+    Bound               the revision as the routed service
+    KnativeStatsHandler a revision of Knative's classes counted for Knative's autoscaler
+    ConcurrencyHandler, ProxyHandler   as above (no Knative-Serving-Namespace to the pod)
+
+The same app serves the HTTP/1 port (uvicorn) and the h2c port (hypercorn, `H2cApp`).
+
+Admin app (its own port, loopback unless `--admin-host`; never the public port): activator/admin.py.
 """
 
 from __future__ import annotations
@@ -29,11 +41,12 @@ from activator.handlers.context import ContextHandler
 from activator.handlers.probe import ProbeHandler
 from activator.handlers.proxy import ProxyHandler
 from activator.handlers.request import RequestHandler
+from activator.kube.handlers import Bound, KnativeProbeHandler, KnativeStatsHandler, RevisionHandler
 from activator.request import ClientGone, split_headers
 from activator.respond import send_error
 from sllm_knative.log import get_logger
 
-__all__ = ["Activator", "PublicApp", "build_admin_app", "build_public_app", "chain"]
+__all__ = ["Activator", "H2cApp", "PublicApp", "build_admin_app", "build_public_app", "chain", "kube_chain"]
 
 _log = get_logger("activator")
 
@@ -47,12 +60,23 @@ def chain(act: Activator) -> Handler:
                                        cfg.max_body_bytes))
 
 
+def kube_chain(act: Activator) -> Handler:
+    """The public request path in Kubernetes mode, outermost layer first."""
+    cfg = act.config
+    assert cfg.kube is not None
+    proxy = ProxyHandler(act.capacity, act.registry, act.upstream, act.migrations, cfg.cold_start_timeout_s,
+                         namespace_header=False)
+    routed = KnativeStatsHandler(ConcurrencyHandler(proxy), act.knative_stats)
+    return KnativeProbeHandler(RevisionHandler(RequestHandler(Bound(routed, act.meters), cfg.max_body_bytes),
+                                               act.registry, cfg.kube.cluster_domain))
+
+
 class PublicApp:
     """The public port: every method and path goes down the chain; lifespan starts and stops the activator."""
 
     def __init__(self, act: Activator) -> None:
         self.act = act
-        self.handle = chain(act)
+        self.handle = chain(act) if act.config.kube is None else kube_chain(act)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -83,6 +107,25 @@ class PublicApp:
                 await self.act.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+class H2cApp:
+    """The same public app on a second server (the h2c port): requests only; the first server's
+    lifespan starts and stops the activator."""
+
+    def __init__(self, public: PublicApp) -> None:
+        self.public = public
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        await self.public(scope, receive, send)
 
 
 def build_public_app(act: Activator) -> PublicApp:

@@ -8,6 +8,22 @@ from activator.migration.config import MigrationConfig
 
 
 @dataclasses.dataclass(frozen=True)
+class KubeSettings:
+    """Kubernetes mode (`--kube`)."""
+
+    kubeconfig: str | None = None  # None: $KUBECONFIG, else in-cluster
+    cluster_domain: str = "cluster.local"
+    knative_autoscaler_url: str | None = None  # ws://...; None: KPA revisions' demand is not reported
+    pod_name: str = "activator"  # this activator's pod: the `pod_name` of its stats to Knative
+    resync_s: float = 30.0
+    sync_timeout_s: float = 60.0  # the informers' first lists, before the ports open
+
+    def __post_init__(self) -> None:
+        if self.resync_s <= 0:
+            raise ValueError(f"resync_s = {self.resync_s}, must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class ActivatorConfig:
     autoscaler_url: str | None = None
     cold_start_timeout_s: float = 120.0
@@ -16,6 +32,7 @@ class ActivatorConfig:
     report_interval_s: float = 1.0
     default_namespace: str = "default"
     migration: MigrationConfig = dataclasses.field(default_factory=MigrationConfig)
+    kube: KubeSettings | None = None  # None: local mode; else Knative's activator (activator/kube/)
 
     def __post_init__(self) -> None:
         if self.cold_start_timeout_s <= 0:

@@ -2,6 +2,7 @@
 
     ActivatorError
      ├── NotFound            unknown Host or model              404
+     │    └── RevisionNotFound   Kubernetes mode: unknown revision  404
      ├── BadRequest          unreadable body, bad JSON          400
      ├── TooLarge            body over the size limit           413
      ├── Overloaded          the hold queue is full             503 + Retry-After
@@ -28,6 +29,10 @@ class ActivatorError(Exception):
 
 class NotFound(ActivatorError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class RevisionNotFound(NotFound):
+    code = "revision_not_found"
 
 
 class BadRequest(ActivatorError):

@@ -1,6 +1,7 @@
 """Services the activator fronts, their ready instances, and waiting for one.
 
-The autoscaler pushes each service's ready instances (`set_endpoints`); requests for a
+The autoscaler pushes each service's ready instances (`set_endpoints`; in Kubernetes mode the
+revisions' EndpointSlices do, activator/kube/source.py); requests for a
 service with none wait on `wait_for_instance`, which returns a slot-holding instance or
 raises after the deadline. Instance objects are kept across updates so their outstanding
 counts survive an endpoint refresh.
@@ -26,6 +27,9 @@ class Service:
     breaker: Breaker = dataclasses.field(default_factory=Breaker)
     window: ConcurrencyWindow = dataclasses.field(default_factory=lambda: ConcurrencyWindow(time.monotonic()))
     held: int = 0
+    # Whether our autoscaler scales it (demand and stats go to it). Always in local mode; in
+    # Kubernetes mode, revisions of the class llm.autoscaling.sllm-knative.io (activator/kube/).
+    ours: bool = True
 
 
 class Registry:
@@ -66,7 +70,8 @@ class Registry:
         await svc.breaker.poke()
 
     async def drop_instance(self, key: ServiceKey, instance_id: str) -> None:
-        """Take a failed instance out of rotation until the autoscaler says otherwise."""
+        """Take a failed instance out of rotation until the next endpoint update (the autoscaler's
+        push, or in Kubernetes mode the revision's next EndpointSlice change or resync)."""
         svc = self._services.get(key)
         if svc:
             svc.instances = [i for i in svc.instances if i.id != instance_id]

@@ -26,8 +26,9 @@ class Reporter:
         self._task: asyncio.Task[None] | None = None
 
     async def demand(self, svc: Service) -> None:
-        """Scale from zero reacts to the first request at once: tell the autoscaler now."""
-        if not self.config.autoscaler_url:
+        """Scale from zero reacts to the first request at once: tell the autoscaler now (only for a
+        service it scales: in Kubernetes mode a revision of another class is Knative's)."""
+        if not self.config.autoscaler_url or not svc.ours:
             return
         body = api.Demand(namespace=svc.key.namespace, name=svc.key.name, in_flight=svc.window.in_flight)
         try:
@@ -36,10 +37,13 @@ class Reporter:
             _log.warning("could not reach the autoscaler", service=str(svc.key), error=str(exc))
 
     def stats(self, reset: bool = False) -> api.StatsReport:
-        """Per-service concurrency; reset=True closes the window (only the autoscaler report does)."""
+        """Per-service concurrency of the services our autoscaler scales; reset=True closes the
+        window (only the autoscaler report does)."""
         now = time.monotonic()
         out = []
         for svc in self.registry.services():
+            if not svc.ours:
+                continue
             r = svc.window.report(now, reset=reset)
             out.append(api.ServiceStats(
                 namespace=svc.key.namespace, name=svc.key.name, average_concurrency=r.average_concurrency,

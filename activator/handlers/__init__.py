@@ -34,6 +34,7 @@ class Exchange:
     head: RequestHead
     body: bytes = b""
     gen_id: str | None = None  # the generation name the activator gave it (completions and chat)
+    svc: Service | None = None  # in Kubernetes mode, the revision (found before the body is read)
 
 
 @dataclasses.dataclass(slots=True)

@@ -38,8 +38,11 @@ After = Callable[[], Awaitable[None]]  # what an attempt leaves to do once its s
 
 class ProxyHandler:
     def __init__(self, capacity: Capacity, registry: Registry, upstream: Pool, migrations: Migrations,
-                 cold_start_timeout_s: float) -> None:
+                 cold_start_timeout_s: float, namespace_header: bool = True) -> None:
         self.capacity = capacity
+        # Local mode tells the instance its namespace (`Knative-Serving-Namespace`); in Kubernetes
+        # mode the revision headers never reach the pod (Knative's contract, activator/kube/).
+        self.namespace_header = namespace_header
         self.registry = registry
         self.upstream = upstream
         self.migrations = migrations
@@ -48,7 +51,9 @@ class ProxyHandler:
     async def __call__(self, r: Routed) -> None:
         ex, svc = r.ex, r.svc
         deadline = time.monotonic() + self.cold_start_timeout_s
-        headers = [*ex.head.forward, (b"knative-serving-namespace", svc.key.namespace.encode())]
+        headers = list(ex.head.forward)
+        if self.namespace_header:
+            headers.append((b"knative-serving-namespace", svc.key.namespace.encode()))
         if ex.gen_id is not None:
             headers.append((GENERATION_ID, ex.gen_id.encode()))
         tried: set[str] = set()

@@ -2,7 +2,9 @@
 port never forwards one, however its path is spelled), the body is read within the size limit
 (413 past it), and each completion or chat request gets its generation name
 (`x-sllm-generation-id: cmpl-<uuid>` / `chatcmpl-<uuid>`: a migration can then find it before
-any response exists; a client's own value of the header was dropped with the hop-by-hop ones)."""
+any response exists; a client's own value of the header was dropped with the hop-by-hop ones).
+In Kubernetes mode the revision is known before this layer: the internal paths are refused only
+for revisions of our class (another class's application owns all of its paths)."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ class RequestHandler:
 
     async def __call__(self, ex: Exchange) -> None:
         path = ex.scope["path"]
-        if is_internal(path):
+        if is_internal(path) and (ex.svc is None or ex.svc.ours):
             raise errors.NotFound(f"no route for {path}")
         if ex.head.has_body:
             ex.body = await read_body(ex.receive, ex.head, self.max_body_bytes)
