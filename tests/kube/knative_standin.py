@@ -9,7 +9,13 @@ see docs/kubernetes.md).
   container stands in for the user container; there is no queue-proxy.
 - `SksStatusWriter` writes the one thing our PA controller needs from Knative's
   serverlessservice reconciler: an SKS's status (`serviceName`, `privateServiceName`, Ready).
-  It does not create the public and private Services and Endpoints that reconciler makes.
+- `PrivateServices` makes, for each SKS, the private Service that reconciler makes
+  (`pkg/reconciler/serverlessservice/serverlessservice.go: reconcilePrivateService`,
+  `resources/services.go: MakePrivateService`): `<sks>-private`, selecting the scale target
+  Deployment's pods, so that the real kube-controller-manager's EndpointSlice controller publishes
+  real EndpointSlices for the pods the node agent runs (what our activator watches). The public
+  Service and Endpoints (the SKS's Proxy/Serve switch) are not made: nothing here routes through
+  them.
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from sllm_knative.kube.client import REVISIONS, SERVERLESSSERVICES, Kube
+from sllm_knative.kube.client import REVISIONS, SERVERLESSSERVICES, Kube, is_status
 from sllm_knative.kube.informer import Informer
+from sllm_knative.log import get_logger
+
+_log = get_logger("tests.kube.standin")
 
 
 def revision_objects(name: str, namespace: str, rev_uid: str, containers: list[dict[str, Any]],
@@ -75,3 +84,75 @@ class SksStatusWriter:
                 self.kube.replace_status(SERVERLESSSERVICES, name, {**sks, "status": want}, self.namespace)
             except Exception:
                 pass  # a stale copy: the next event or resync brings the fresh one
+
+
+# pkg/networking/constants.go, knative.dev/networking pkg/apis/networking/ports.go,
+# pkg/apis/serving/v1/revision_helpers.go
+SKS_LABEL = "networking.internal.knative.dev/serverlessservice"
+SERVICE_TYPE_LABEL = "networking.internal.knative.dev/serviceType"
+
+
+def private_service(sks: dict[str, Any], selector: dict[str, str]) -> dict[str, Any]:
+    """resources/services.go: MakePrivateService."""
+    meta, spec = sks["metadata"], sks.get("spec") or {}
+    h2c = spec.get("protocolType") == "h2c"
+    target = 8013 if h2c else 8012  # targetPort(): BackendHTTP2Port / BackendHTTPPort
+    name = "http2" if h2c else "http"  # ServicePortName
+    http: dict[str, Any] = {"name": name, "protocol": "TCP", "port": 80, "targetPort": target}
+    if h2c:
+        http["appProtocol"] = "kubernetes.io/h2c"  # AppProtocol
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": f"{meta['name']}-private", "namespace": meta["namespace"],
+                     "labels": {**(meta.get("labels") or {}), SKS_LABEL: meta["name"], SERVICE_TYPE_LABEL: "Private"},
+                     "annotations": dict(meta.get("annotations") or {}),
+                     "ownerReferences": [{"apiVersion": SERVERLESSSERVICES.api_version, "kind": "ServerlessService",
+                                          "name": meta["name"], "uid": meta["uid"], "controller": True,
+                                          "blockOwnerDeletion": True}]},
+        "spec": {"selector": selector, "ports": [
+            http,
+            {"name": "https", "protocol": "TCP", "port": 443, "targetPort": 8112},
+            {"name": "http-autometric", "protocol": "TCP", "port": 9090, "targetPort": "http-autometric"},
+            {"name": "http-usermetric", "protocol": "TCP", "port": 9091, "targetPort": "http-usermetric"},
+            {"name": f"{name}-istio", "protocol": "TCP", "port": target, "targetPort": target}]}}
+
+
+class PrivateServices:
+    """For every SKS in `namespace`: its private Service, selecting what its scale target's
+    Deployment selects (`getSelector`), created or brought back to the template."""
+
+    def __init__(self, kube: Kube, namespace: str, resync_s: float = 2.0) -> None:
+        self.kube, self.namespace = kube, namespace
+        self.informer = Informer("sks-private-standin", kube.custom.list_namespaced_custom_object,
+                                 SERVERLESSSERVICES.group, SERVERLESSSERVICES.version, namespace,
+                                 SERVERLESSSERVICES.plural, resync_s=resync_s)
+        self.informer.add_handler(lambda kind, obj, old: self._reconcile(obj) if kind != "DELETED" else None)
+
+    def start(self) -> PrivateServices:
+        self.informer.start()
+        return self
+
+    def stop(self) -> None:
+        self.informer.stop()
+
+    def _reconcile(self, sks: dict[str, Any]) -> None:
+        name = sks["metadata"]["name"]
+        ref = (sks.get("spec") or {}).get("objectRef") or {}
+        try:
+            dep = self.kube.apps.read_namespaced_deployment(ref.get("name", ""), self.namespace)
+        except Exception as exc:  # not created yet: the next resync tries again
+            _log.info("no scale target yet for the SKS", sks=name, target=ref.get("name"), error=str(exc)[:200])
+            return
+        want = private_service(sks, dict(dep.spec.selector.match_labels or {}))
+        try:
+            have = self.kube.core.read_namespaced_service(want["metadata"]["name"], self.namespace)
+        except Exception as exc:
+            if not is_status(exc, 404):
+                raise
+            self.kube.core.create_namespaced_service(self.namespace, want)
+            return
+        if (have.spec.selector or {}) != want["spec"]["selector"] or \
+                {p.name for p in have.spec.ports or []} != {p["name"] for p in want["spec"]["ports"]}:
+            self.kube.core.patch_namespaced_service(want["metadata"]["name"], self.namespace,
+                                                   {"spec": {"selector": want["spec"]["selector"],
+                                                             "ports": want["spec"]["ports"]}})
