@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import sys
+from typing import Any
 
 import uvicorn
 import uvloop
@@ -115,7 +116,8 @@ async def serve(args: argparse.Namespace) -> int:
         h2c.accesslog = None
         h2c.errorlog = logging.getLogger("hypercorn.error")  # through the root handler (log.setup)
         h2c.errorlog.setLevel(logging.WARNING)
-        servers.append(hypercorn_serve(H2cApp(public_app), h2c, shutdown_trigger=stopped.wait, mode="asgi"))
+        app: Any = H2cApp(public_app)  # a plain ASGI app; hypercorn's types name its own scope dicts
+        servers.append(hypercorn_serve(app, h2c, shutdown_trigger=stopped.wait, mode="asgi"))
 
     async def first() -> None:
         try:

@@ -106,7 +106,7 @@ def slice_endpoints(eps: Obj, info: RevisionInfo) -> list[Endpoint]:
         if not addresses or (ep.get("conditions") or {}).get("ready") is False:
             continue
         ref = ep.get("targetRef") or {}
-        pod = ref.get("name") if ref.get("kind", "Pod") == "Pod" and ref.get("name") else addresses[0]
+        pod = str(ref["name"]) if ref.get("kind", "Pod") == "Pod" and ref.get("name") else str(addresses[0])
         internal = _url(addresses[0], info.internal_port, kind) if info.internal_port else None
         out.append(Endpoint(id=pod, url=_url(addresses[0], int(port), kind), node=ep.get("nodeName") or "",
                             internal_url=internal))

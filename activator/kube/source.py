@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from typing import Any
 
 from activator.kube import contract
@@ -66,7 +67,7 @@ class KubeSource:
         self._loop = asyncio.get_running_loop()
         self._worker = asyncio.create_task(self._work(), name="kube-source")
         for inf, what in ((self.revisions, "revision"), (self.pas, "pa"), (self.slices, "slice")):
-            inf.add_handler(lambda kind, obj, old, what=what: self._post(what, kind, obj))
+            inf.add_handler(functools.partial(self._post, what))
             inf.start()
         for inf in (self.revisions, self.pas, self.slices):
             await asyncio.to_thread(inf.wait_synced, timeout_s)
@@ -83,7 +84,7 @@ class KubeSource:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
 
-    def _post(self, what: str, kind: str, obj: Obj) -> None:
+    def _post(self, what: str, kind: str, obj: Obj, old: Obj | None) -> None:
         """On an informer's thread: hand the event to the loop."""
         loop = self._loop
         if loop is None or loop.is_closed():
