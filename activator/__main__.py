@@ -4,7 +4,7 @@
 the cluster (`--kubeconfig`, else $KUBECONFIG, else the pod's service account), the public app on
 8012 (HTTP/1) and 8013 (h2c) on all addresses, demand of our class's revisions to our autoscaler
 (`--autoscaler-url`) and of Knative's classes to Knative's (`--knative-autoscaler-url`). A cluster
-that cannot be configured or listed stops it at start with exit 2."""
+that cannot be configured, or not listed within `--kube-sync-timeout`, stops it at start with exit 2."""
 
 from __future__ import annotations
 
@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     k.add_argument("--pod-name", default=os.environ.get("POD_NAME") or socket.gethostname(),
                    help="this activator's pod, named in its stats to Knative (default $POD_NAME)")
     k.add_argument("--kube-resync", type=float, default=30.0, help="informer resync period, seconds")
+    k.add_argument("--kube-sync-timeout", type=float, default=60.0,
+                   help="seconds the first lists may take before the activator gives up (exit 2)")
     args = p.parse_args(argv)
     if args.host is None:
         args.host = "0.0.0.0" if args.kube else "127.0.0.1"
@@ -76,7 +78,7 @@ async def serve(args: argparse.Namespace) -> int:
     if args.kube:
         kube = KubeSettings(kubeconfig=args.kubeconfig, cluster_domain=args.cluster_domain,
                             knative_autoscaler_url=args.knative_autoscaler_url or None, pod_name=args.pod_name,
-                            resync_s=args.kube_resync)
+                            resync_s=args.kube_resync, sync_timeout_s=args.kube_sync_timeout)
     log_ = log.get_logger("activator")
     try:
         act = _activator(args, kube)

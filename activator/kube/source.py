@@ -148,7 +148,12 @@ class KubeSource:
         endpoints = endpoints_of(self._by_revision.get(key, {}).values(), info)
         await self.registry.set_endpoints(key, endpoints)
         pods = tuple(e.id for e in endpoints)
-        if self._shown.get(key) != pods:
+        before = self._shown.get(key, ())
+        if before != pods:
             self._shown[key] = pods
-            _log.info("revision endpoints", service=str(key), ready=len(pods),
-                      instances=",".join(f"{e.id}@{e.node or '?'}" for e in endpoints))
+            for e in endpoints:
+                if e.id not in before:
+                    _log.info("instance ready", service=str(key), instance=e.id, node=e.node, url=e.url)
+            for gone in sorted(set(before) - set(pods)):
+                _log.info("instance out of rotation", service=str(key), instance=gone)
+            _log.info("revision endpoints", service=str(key), ready=len(pods))

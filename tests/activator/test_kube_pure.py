@@ -266,3 +266,29 @@ def test_stat_sink_sends_binary_frames_and_redials(knative_stat_classes: Any) ->
 async def _until(cond: Any) -> None:
     while not cond():
         await asyncio.sleep(0.01)
+
+
+# --- start-up without a usable cluster ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kubeconfig", "says"), [
+    pytest.param(None, "kubeconfig", id="no-kubeconfig-file"),
+    pytest.param("dead", "cannot list the cluster", id="api-server-down"),
+])
+def test_kube_mode_without_a_cluster_exits_2(tmp_path: Path, kubeconfig: str | None, says: str) -> None:
+    from sllm_knative.ports import free_port
+
+    path = tmp_path / "kubeconfig"
+    if kubeconfig == "dead":  # a server nothing listens on
+        path.write_text(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: c, cluster: {{server: "http://127.0.0.1:{free_port()}"}}}}]
+users: [{{name: u, user: {{token: t}}}}]
+contexts: [{{name: x, context: {{cluster: c, user: u}}}}]
+current-context: x
+""")
+    run = subprocess.run([sys.executable, "-m", "activator", "--kube", "--kubeconfig", str(path),
+                          "--port", str(free_port()), "--h2c-port", str(free_port()), "--admin-port", str(free_port()),
+                          "--kube-sync-timeout", "2"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert says in run.stderr, run.stderr[-2000:]
