@@ -1,7 +1,11 @@
-"""`python -m autoscaler --cluster STATE/cluster.json`: the control loop of a local cluster.
+"""The autoscaler.
 
+`python -m autoscaler --cluster STATE/cluster.json --port N`: the control loop of a local cluster.
 cluster.json (written by `sllm-knative up`) names the activator's admin URL and the nodes:
 their loader sidecar, their zygote socket and their instance slots.
+
+`python -m autoscaler --kube [--kubeconfig PATH] --port N`: the PodAutoscaler-class controller
+on Kubernetes (autoscaler/kube/main.py; docs/kubernetes.md).
 """
 
 from __future__ import annotations
@@ -43,10 +47,41 @@ async def serve(cluster: dict, port: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m autoscaler", description=__doc__)
-    p.add_argument("--cluster", required=True, help="cluster.json written by `sllm-knative up`")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--cluster", help="cluster.json written by `sllm-knative up` (local mode)")
+    mode.add_argument("--kube", action="store_true", help="run as the PodAutoscaler-class controller on Kubernetes")
     p.add_argument("--port", type=int, required=True)
+    k = p.add_argument_group("Kubernetes (with --kube)")
+    k.add_argument("--kubeconfig", default=None, help="else $KUBECONFIG, else the pod's service account")
+    k.add_argument("--host", default="0.0.0.0", help="address of the HTTP API (default 0.0.0.0)")
+    k.add_argument("--lease-namespace", default="sllm-knative", help="namespace of the leader Lease")
+    k.add_argument("--activator-admin", default=None, help="the activator's admin URL (migrations, drains)")
+    k.add_argument("--identity", default=None, help="leader-election identity (default: pod name and pid)")
+    k.add_argument("--resync", type=float, default=30.0, help="informer resync period, seconds")
+    k.add_argument("--lease-duration", type=float, default=15.0, help="leader lease duration, seconds")
+    k.add_argument("--scale-to-zero-grace", type=float, default=None,
+                   help="seconds in Proxy mode before replicas go to 0 (default: config-autoscaler's)")
+    k.add_argument("--probe-url", default=None,
+                   help="where the activator probe goes, with {service} {namespace} {revision} "
+                        "(default: the revision's public Service)")
     args = p.parse_args(argv)
     log.setup()
+    if args.kube:
+        from autoscaler.kube.main import serve_kube
+        from autoscaler.kube.pa_controller import PROBE_URL
+        from sllm_knative.kube.client import KubeConfigError
+
+        lease = args.lease_duration
+        try:
+            asyncio.run(serve_kube(port=args.port, host=args.host, kubeconfig=args.kubeconfig,
+                                   lease_namespace=args.lease_namespace, activator_admin=args.activator_admin,
+                                   identity=args.identity, resync_s=args.resync, lease_duration_s=lease,
+                                   renew_deadline_s=lease * 2 / 3, retry_period_s=lease / 7.5,
+                                   grace_s=args.scale_to_zero_grace, probe_url=args.probe_url or PROBE_URL))
+        except KubeConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     cluster = json.loads(Path(args.cluster).read_text())
     asyncio.run(serve(cluster, args.port))
     return 0

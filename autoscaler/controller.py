@@ -104,6 +104,7 @@ class Autoscaler:
         rt.last_decision = decision.reason
         if not decision.valid or decision.desired is None:
             return
+        rt.decided, rt.excess_burst_capacity = True, decision.excess_burst_capacity
         await self.scaler.scale_to(rt, decision.desired)
 
     def slots_in_use(self) -> dict[str, int]:

@@ -221,8 +221,8 @@ class Scaler:
         svc = rt.config
         if svc.model is not None:
             await self.backend.warm(node, svc.model.uri)  # start moving the checkpoint in now
-        inst_id = f"{svc.name}-{next(self._ids)}"
-        rec = await self.backend.start(svc, node, inst_id, tier)
+        rec = await self.backend.start(svc, node, f"{svc.name}-{next(self._ids)}", tier)
+        inst_id = rec.id  # a backend may name it (Kubernetes: the pod's name)
         rt.instances[inst_id] = rec  # holds the slot from here on: the reservation goes
         self.slots.release(reservation)
         self._ready[inst_id] = asyncio.get_running_loop().create_future()
@@ -246,7 +246,11 @@ class Scaler:
             fut.set_result(ready)
 
     async def on_event(self, event: InstanceEvent) -> None:
-        """A backend's instance event: ready (into rotation; calibrate), failed or exited (forget it)."""
+        """A backend's instance event: ready (into rotation; calibrate), failed or exited (forget
+        it); on Kubernetes also an instance to place (UNPLANNED) or to take over (ADOPTED)."""
+        if event.kind in (EventKind.UNPLANNED, EventKind.ADOPTED):
+            self._take(event)
+            return
         found = self.table.find(event.instance)
         if found is None:
             self._settle(event.instance, False)
@@ -277,6 +281,26 @@ class Scaler:
             rt.instances.pop(rec.id, None)
             self._settle(rec.id, False)
             await self.push(rt)
+
+    def _take(self, event: InstanceEvent) -> None:
+        rt = self.table.get(event.service)
+        if rt is None:
+            _log.warning("instance of an unknown service", service=event.service, instance=event.instance,
+                         event=str(event.kind))
+            return
+        if event.kind == EventKind.ADOPTED:
+            rec = next((r for r in self.backend.instances() if r.id == event.instance), None)
+            if rec is not None and rec.id not in rt.instances:
+                rt.instances[rec.id] = rec
+                self._ready[rec.id] = asyncio.get_running_loop().create_future()
+                _log.info("instance adopted", service=rt.key, instance=rec.id, node=rec.node)
+            return
+        _log.info("placing an instance the cluster made", service=rt.key, instance=event.instance)
+        self._spawn(self._place_one(rt))
+
+    async def _place_one(self, rt: ServiceRuntime) -> None:
+        async with rt.lock:
+            await self._scale_up(rt)
 
     async def stop(self, rt: ServiceRuntime, rec: InstanceRecord, grace_s: float = 10.0) -> None:
         self._settle(rec.id, False)

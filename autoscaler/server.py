@@ -7,10 +7,12 @@
     GET    /v1/services                  CLI: desired/ready scale, instances, placements
     GET    /v1/nodes                     CLI: the nodes' tiers and slots
     GET    /metrics                      Prometheus
+    GET    /healthz                      200 when this replica acts (on Kubernetes: leads), else 503
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -33,7 +35,11 @@ def _bad_body(exc: InvalidBody) -> Response:
     return JSONResponse({"error": exc.message, "field": exc.field}, status_code=400)
 
 
-def build_app(scaler: Autoscaler) -> Starlette:
+def build_app(scaler: Autoscaler, *, ready: Callable[[], bool] = lambda: True, kube: bool = False) -> Starlette:
+    """`ready` answers /healthz (on Kubernetes: this replica leads, so the Service sends the
+    activator's reports to the leader only); with `kube`, services come from the cluster and
+    /v1/apply and DELETE are refused with a message that says so."""
+
     async def stats(request: Request) -> Response:
         try:
             report = parse_json(StatsReport, await request.body())
@@ -50,7 +56,16 @@ def build_app(scaler: Autoscaler) -> Starlette:
         await scaler.on_demand(str(doc.key), doc.in_flight)
         return Response(status_code=204)
 
+    async def healthz(request: Request) -> Response:
+        return Response("ok" if ready() else "not leading", status_code=200 if ready() else 503)
+
+    def from_cluster() -> Response:
+        return JSONResponse({"error": "services come from the cluster's Revisions here: use kubectl"},
+                            status_code=405)
+
     async def apply(request: Request) -> Response:
+        if kube:
+            return from_cluster()
         text = (await request.body()).decode("utf-8", errors="replace")
         try:
             manifest = parse_manifest(text, source=request.query_params.get("source", "<request>"))
@@ -61,6 +76,8 @@ def build_app(scaler: Autoscaler) -> Starlette:
         return JSONResponse({"changes": await scaler.apply(manifest)})
 
     async def delete(request: Request) -> Response:
+        if kube:
+            return from_cluster()
         key = f"{request.path_params['namespace']}/{request.path_params['name']}"
         if not await scaler.delete(key):
             return JSONResponse({"error": f"service {key} not found"}, status_code=404)
@@ -95,4 +112,5 @@ def build_app(scaler: Autoscaler) -> Starlette:
         Route("/v1/services", services, methods=["GET"]),
         Route("/v1/nodes", nodes, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
     ])

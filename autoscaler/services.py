@@ -32,6 +32,8 @@ class ServiceRuntime:
     instances: dict[str, InstanceRecord] = dataclasses.field(default_factory=dict)
     outstanding: dict[str, int] = dataclasses.field(default_factory=dict)
     last_decision: str = ""
+    decided: bool = False  # the decider has had data since this process started
+    excess_burst_capacity: int = -1  # from the last valid decision (-1: the activator stays in the path)
     placements: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     migrations: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the latest migration results
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock, repr=False)

@@ -87,6 +87,12 @@ class EventKind(str, Enum):
     READY = "ready"  # answers its readiness probe (the record carries ready_at, report, lease)
     FAILED = "failed"  # did not become ready (exited while starting, or timed out)
     EXITED = "exited"  # a ready instance went away without being stopped
+    # Kubernetes: the cluster made an instance of `service` nobody asked for (a Deployment's
+    # initial scale, a replacement): place it as a scale-up; the intent is paired with it.
+    UNPLANNED = "unplanned"
+    # Kubernetes: an instance that was running before this process started (a restart): take
+    # its record (`Backend.instances()`) into the service's instances; READY follows.
+    ADOPTED = "adopted"
 
     def __str__(self) -> str:
         return self.value
@@ -98,6 +104,7 @@ class InstanceEvent:
     instance: str
     node: str
     detail: str = ""
+    service: str = ""  # namespace/name; set for UNPLANNED and ADOPTED
 
 
 EventHandler = Callable[[InstanceEvent], Awaitable[None]]

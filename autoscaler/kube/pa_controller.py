@@ -45,6 +45,31 @@ Advisor = Callable[[str], Advice]  # "ns/revision" -> what the decider wants
 Prober = Callable[[dict[str, Any]], bool]  # PA -> does the activator answer for the revision?
 
 
+PROBE_URL = "http://{service}.{namespace}.svc.cluster.local"  # the revision's public Service
+
+
+def http_prober(url_template: str = PROBE_URL, timeout_s: float = 2.0) -> Prober:
+    """Knative's activator probe (kpa/scaler.go activatorProbe): GET the revision's public service
+    with `K-Network-Probe: activator`; the activator is in the path when it answers 200 `activator`
+    (the revision's own pods answer the probe with `queue`, or not at all)."""
+    import httpx
+
+    def probe(pa: dict[str, Any]) -> bool:
+        meta = pa["metadata"]
+        service = (pa.get("status") or {}).get("serviceName") or meta["name"]
+        url = url_template.format(service=service, namespace=meta["namespace"], revision=meta["name"])
+        try:
+            r = httpx.get(f"{url}/healthz", timeout=timeout_s, headers={
+                "K-Network-Probe": "activator", "Knative-Serving-Revision": meta["name"],
+                "Knative-Serving-Namespace": meta["namespace"]})
+        except httpx.HTTPError as exc:
+            _log.info("activator probe failed", pa=f"{meta['namespace']}/{meta['name']}", error=str(exc)[:200])
+            return False
+        return r.status_code == 200 and r.text == "activator"
+
+    return probe
+
+
 def pod_counts(pods: list[dict[str, Any]]) -> Pods:
     """Knative's PodAccessor.PodCountsByState: ready, not ready, pending, terminating."""
     ready = not_ready = pending = terminating = 0
@@ -71,11 +96,13 @@ class PodAutoscalerController:
                  prober: Prober | None = None, identity: str, lease_namespace: str,
                  lease_name: str = "sllm-knative-autoscaler", workers: int = 2, resync_s: float = 30.0,
                  lease_duration_s: float = 15.0, renew_deadline_s: float = 10.0, retry_period_s: float = 2.0,
+                 problem: Callable[[str], str] = lambda key: "",
                  clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)) -> None:
         self.kube, self.advisor = kube, advisor
         self.settings = settings or Settings()
         self.prober = prober or (lambda pa: False)
         self.identity, self.workers, self.clock = identity, workers, clock
+        self.problem = problem  # why the autoscaler does not serve a revision ('' when it does)
         self.events = EventRecorder(kube, "sllm-knative-autoscaler", identity)
         self.queue = WorkQueue()
         c = kube.custom
@@ -183,10 +210,11 @@ class PodAutoscalerController:
         replicas = ((deployment or {}).get("spec") or {}).get("replicas") if deployment else None
         advice = self.advisor(key)
         now = self.clock()
-        plan = reconcile(pa, sks, pod_counts(pods), replicas, advice, self.settings, now)
+        problem = self.problem(key)
+        plan = reconcile(pa, sks, pod_counts(pods), replicas, advice, self.settings, now, problem=problem)
         if plan.probe:
             plan = reconcile(pa, sks, pod_counts(pods), replicas, advice, self.settings, now,
-                             probe_ok=self.prober(pa))
+                             probe_ok=self.prober(pa), problem=problem)
         self.reconciles += 1
 
         if plan.sks is not None:

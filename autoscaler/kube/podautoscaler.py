@@ -200,7 +200,11 @@ def bounds(pa: dict[str, Any], settings: Settings, initialized: bool) -> tuple[i
 
 
 def reconcile(pa: dict[str, Any], sks: dict[str, Any] | None, pods: Pods, replicas: int | None,
-              advice: Advice, settings: Settings, now: dt.datetime, probe_ok: bool = False) -> Plan:
+              advice: Advice, settings: Settings, now: dt.datetime, probe_ok: bool = False,
+              problem: str = "") -> Plan:
+    """One reconcile. `problem` says why the autoscaler does not serve the revision (its
+    configuration is invalid): the PA then reports it (`Active=False, InvalidConfiguration`, a
+    Warning Event) and nothing scales, until the Revision is fixed."""
     meta = pa["metadata"]
     status = copy.deepcopy(pa.get("status") or {})
     conds = _Conditions(status, now)
@@ -229,6 +233,12 @@ def reconcile(pa: dict[str, Any], sks: dict[str, Any] | None, pods: Pods, replic
 
     sks_status = sks.get("status") or {}
     status["metricsServiceName"] = sks_status["privateServiceName"]
+    if problem:
+        status["serviceName"] = sks_status.get("serviceName", "")
+        status["actualScale"] = pods.ready
+        conds.mark(ACTIVE, "False", "InvalidConfiguration", problem[:1024])
+        plan.events.append(("Warning", "InvalidConfiguration", problem[:1024]))
+        return _finish(plan, pa, status)
 
     # 2. The desired scale, bounded (kpa/scaler.go scale): nothing to apply while the decider
     # has no data; otherwise min/max-scale, and the initial scale until it was reached once.

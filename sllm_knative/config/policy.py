@@ -77,8 +77,13 @@ class ScalingPolicy:
         if service.namespace != self.namespace:
             return False
         if self.service_name is not None:
-            return service.name == self.service_name
+            # On Kubernetes the autoscaler's services are Revisions (`chat-00001`); each carries
+            # the name of the Knative Service it belongs to, which is what a policy names.
+            return self.service_name in (service.name, service.labels.get(KNATIVE_SERVICE_LABEL))
         return self.selector is not None and self.selector.matches(service.labels)
+
+
+KNATIVE_SERVICE_LABEL = "serving.knative.dev/service"
 
 
 @cache

@@ -136,6 +136,10 @@ def test_policy_selection_by_name_beats_selector_and_namespace_matters() -> None
     assert policy_for(svc, [by_label, other_ns]) == by_label
     assert policy_for(_service("llama", "prod"), [by_label, by_name]) is None
     assert policy_for(_service("other", labels={"team": "cv"}), [by_label, by_name]) is None
+    # On Kubernetes a service is a Revision: a policy naming the Knative Service applies to it.
+    revision = _service("llama-00002", labels={"serving.knative.dev/service": "llama"})
+    assert policy_for(revision, [by_label, by_name]) == by_name
+    assert policy_for(_service("llama-00002", labels={"serving.knative.dev/service": "other"}), [by_name]) is None
 
 
 NODE_CACHE: dict[str, Any] = {

@@ -1,0 +1,376 @@
+"""The Kubernetes backend: instances are pods of a revision's Deployment, placed through scheduling gates.
+
+How the autoscaler's decisions become pods (docs/kubernetes.md):
+
+- `start(service, node, id, tier)` leaves an `Intent` (this instance goes on that node) and waits
+  until a gated pod of the revision is paired with it. The intents count towards the replicas the
+  PodAutoscaler controller writes (`wanted`), so the Deployment's ReplicaSet creates the pod; the
+  admission webhook has gated it; the binder pins it to the intent's node and lifts the gate
+  (`autoscaler.kube.binding`), and kube-scheduler binds it there. The instance's id is its pod's
+  name, which is also what the activator sees in the revision's EndpointSlices.
+- A gated pod nobody asked for (the Deployment's initial scale, a replacement after a node loss)
+  is reported as an UNPLANNED event: the controller places it like any scale-up, and the intent
+  that placement leaves is paired with that pod.
+- READY when the pod is Ready (its IP is the instance's host), FAILED when it cannot become
+  ready, EXITED when a ready pod goes away without being stopped.
+- `stop` marks the pod with the lowest `controller.kubernetes.io/pod-deletion-cost` and takes it
+  out of `wanted`, so the controller's next replica count removes exactly that pod; its
+  SIGTERM handoff happens in the pod. `stop` returns when the pod is gone.
+- Nodes and inventories come from the Nodes and their NodeCaches (written by each node's loader);
+  slots are a node's allocatable GPUs (`autoscaler.kube.binding.node_slots`).
+
+The informers' handlers run on their threads and only wake the binder task on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import httpx
+
+from autoscaler.backends.base import EventHandler, EventKind, InstanceEvent, InstanceRecord, InstanceState
+from autoscaler.kube.binding import (
+    DELETION_COST,
+    Intent,
+    instance_of,
+    is_gated,
+    node_ready,
+    node_slots,
+    pair,
+    pin,
+    pod_failed,
+    pod_ready,
+)
+from autoscaler.kube.podautoscaler import REVISION_LABEL
+from sllm_knative.api import auth
+from sllm_knative.api import instance as instance_api
+from sllm_knative.api.wire import parse_json
+from sllm_knative.config import ServiceConfig
+from sllm_knative.config.nodecache import parse_node_cache
+from sllm_knative.kube.client import NODECACHES, Kube, error_message, is_status
+from sllm_knative.kube.events import EventRecorder
+from sllm_knative.kube.informer import Informer
+from sllm_knative.log import get_logger
+from sllm_knative.placement import NodeInventory, Tier, pool_store_rates
+
+_log = get_logger("autoscaler.backend")
+
+FALLBACK_BANDWIDTH = {Tier.REMOTE: 100e6, Tier.SSD: 500e6, Tier.DRAM: 5e9}
+PAIR_TIMEOUT_S = 120.0  # start(): the pod of an intent must appear within this
+READY_TIMEOUT_S = 600.0
+UNPLANNED_RETRY_S = 10.0  # an unplanned pod still unpaired is reported again (its service may be new)
+HTTP_PORT, INTERNAL_PORT = 8080, 8081  # the function container's ports (functions.llm defaults)
+
+
+def service_key(pod: dict[str, Any]) -> str:
+    meta = pod.get("metadata") or {}
+    return f"{meta.get('namespace')}/{(meta.get('labels') or {}).get(REVISION_LABEL, '')}"
+
+
+class KubeBackend:
+    def __init__(self, kube: Kube, *, resync_s: float = 30.0, pair_timeout_s: float = PAIR_TIMEOUT_S,
+                 ready_timeout_s: float = READY_TIMEOUT_S, internal_token: str | None = None) -> None:
+        self.kube = kube
+        self.pair_timeout_s, self.ready_timeout_s = pair_timeout_s, ready_timeout_s
+        self.pods = Informer("backend-pods", kube.core.list_pod_for_all_namespaces, resync_s=resync_s,
+                             label_selector=REVISION_LABEL)
+        self.nodes = Informer("backend-nodes", kube.core.list_node, resync_s=resync_s)
+        self.caches = Informer("backend-nodecaches", kube.custom.list_cluster_custom_object, NODECACHES.group,
+                               NODECACHES.version, NODECACHES.plural, resync_s=resync_s)
+        self.http = httpx.AsyncClient(timeout=5.0)
+        token = internal_token if internal_token is not None else auth.token_from_env()
+        self._internal_headers = auth.auth_headers(token)
+        self._intents: dict[str, list[Intent]] = {}  # service -> open intents, oldest first
+        self._waiting: dict[str, asyncio.Future[str]] = {}  # intent instance id -> pod name, once paired
+        self._records: dict[str, InstanceRecord] = {}  # pod name -> record
+        self._unplanned: dict[str, float] = {}  # pods reported as UNPLANNED (when), not yet paired
+        self._stopping: dict[str, asyncio.Future[None]] = {}
+        self._announced: set[tuple[str, str]] = set()  # (event kind, pod): each told once
+        self._pending: list[InstanceEvent] = []
+        self._handlers: list[EventHandler] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._kick = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.model_sizes: dict[str, int] = {}
+        self.events = EventRecorder(kube, "sllm-knative-autoscaler")
+        # Called with a service key when its replica count changes (the PodAutoscaler controller
+        # reconciles that revision now rather than at its next event).
+        self.nudge: Callable[[str], None] = lambda key: None
+        # Only the leading replica pins pods and reports instances; the others keep warm caches.
+        self.leading: Callable[[], bool] = lambda: True
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start_watching(self) -> KubeBackend:
+        self._loop = asyncio.get_running_loop()
+        for inf in (self.pods, self.nodes, self.caches):
+            inf.add_handler(lambda kind, obj, old: self._wake())
+            inf.start()
+        for inf in (self.pods, self.nodes, self.caches):
+            await asyncio.to_thread(inf.wait_synced)
+        self._task = asyncio.ensure_future(self._run())
+        self._kick.set()
+        return self
+
+    def poke(self) -> None:
+        """Run a binder pass soon (from the event loop)."""
+        self._kick.set()
+
+    def _wake(self) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._kick.set)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for inf in (self.pods, self.nodes, self.caches):
+            await asyncio.to_thread(inf.stop)
+        await self.http.aclose()
+
+    def _adopt_running(self) -> None:
+        """Pods placed that this replica has no record of (placed before it started, or by the
+        replica that led before it): records again, reported as ADOPTED. A restart loses no pod."""
+        for pod in self.pods.items():
+            name = pod["metadata"]["name"]
+            if (name not in self._records and instance_of(pod) and not is_gated(pod)
+                    and not pod["metadata"].get("deletionTimestamp")):
+                self._records[name] = self._record(pod, service_key(pod), "")
+                self._pending.append(InstanceEvent(EventKind.ADOPTED, name, self._records[name].node,
+                                                   "running before this process started", service_key(pod)))
+
+    # -- what the PodAutoscaler controller writes -------------------------------------------
+
+    def open_intents(self, service: str) -> int:
+        return len(self._intents.get(service, []))
+
+    # -- nodes ------------------------------------------------------------------------------
+
+    def _node_objects(self) -> dict[str, dict[str, Any]]:
+        return {n["metadata"]["name"]: n for n in self.nodes.items() if node_ready(n)}
+
+    def node_slots(self) -> Mapping[str, int]:
+        caches = {c["metadata"]["name"] for c in self.caches.items()}
+        return {name: node_slots(n) for name, n in self._node_objects().items() if name in caches}
+
+    async def inventories(self) -> list[NodeInventory]:
+        slots = self.node_slots()
+        out = []
+        for doc in self.caches.items():
+            name = doc["metadata"]["name"]
+            if name not in slots:
+                continue
+            try:
+                cache = parse_node_cache(doc, source=f"NodeCache {name}")
+                for c in cache.checkpoints:
+                    if c.size_bytes:
+                        self.model_sizes[c.model] = c.size_bytes
+                out.append(cache.inventory(free_slots=slots[name], fallback=FALLBACK_BANDWIDTH))
+            except ValueError as exc:  # an inventory not (yet) usable: not a candidate
+                _log.warning("node inventory unusable", node=name, error=str(exc)[:300])
+        return pool_store_rates(out)
+
+    async def describe_node(self, node: str) -> dict[str, Any]:
+        doc = self.caches.get(node)
+        if doc is None:
+            raise KeyError(f"node {node} has no NodeCache")
+        return dict(doc.get("status") or {})
+
+    def model_size(self, model: str) -> int | None:
+        return self.model_sizes.get(model)
+
+    async def warm(self, node: str, model: str) -> None:
+        # The node's loader starts filling when the pod's lease asks; a warm-up before the pod
+        # exists would need the loader's address, which the cluster does not publish yet.
+        _log.debug("warm: the pod's own lease starts the fill", node=node, checkpoint=model)
+
+    # -- instances --------------------------------------------------------------------------
+
+    async def start(self, service: ServiceConfig, node: str, instance_id: str, tier: str) -> InstanceRecord:
+        loop = asyncio.get_running_loop()
+        intent = Intent(service.key, instance_id, node, tier,
+                        f"the load-time model chose {node}: the checkpoint loads from {tier or 'remote'} there")
+        fut: asyncio.Future[str] = loop.create_future()
+        self._waiting[instance_id] = fut
+        self._intents.setdefault(service.key, []).append(intent)
+        _log.info("instance intended", service=service.key, instance=instance_id, node=node, tier=tier,
+                  checkpoint=service.model.uri if service.model else None)
+        self.nudge(service.key)
+        self._kick.set()
+        try:
+            pod_name = await asyncio.wait_for(asyncio.shield(fut), self.pair_timeout_s)
+        except asyncio.TimeoutError:
+            self._drop_intent(intent)
+            raise RuntimeError(f"no pod of {service.key} appeared within {self.pair_timeout_s:.0f} s for "
+                               f"instance {instance_id} (is the PodAutoscaler controller running?)") from None
+        finally:
+            self._waiting.pop(instance_id, None)
+        return self._records[pod_name]
+
+    def _drop_intent(self, intent: Intent) -> None:
+        lst = self._intents.get(intent.service, [])
+        if intent in lst:
+            lst.remove(intent)
+
+    def _record(self, pod: dict[str, Any], service: str, tier: str) -> InstanceRecord:
+        meta = pod["metadata"]
+        rec = InstanceRecord(meta["name"], service, (pod.get("spec") or {}).get("nodeName") or
+                             (meta.get("annotations") or {}).get("sllm-knative.io/placed-node", ""),
+                             HTTP_PORT, INTERNAL_PORT, tier=tier, started_at=time.time())
+        rec.report = {"pod": meta["name"], "namespace": meta.get("namespace")}
+        return rec
+
+    async def stop(self, rec: InstanceRecord, grace_s: float = 10.0) -> None:
+        ns = rec.service.split("/", 1)[0]
+        loop = asyncio.get_running_loop()
+        gone: asyncio.Future[None] = loop.create_future()
+        self._stopping[rec.id] = gone
+        try:
+            await asyncio.to_thread(self.kube.core.patch_namespaced_pod, rec.id, ns,
+                                    {"metadata": {"annotations": {DELETION_COST: "-1000"}}}, _request_timeout=15)
+        except Exception as exc:
+            if not is_status(exc, 404):
+                _log.warning("could not mark the pod for deletion", service=rec.service, instance=rec.id,
+                             node=rec.node, error=error_message(exc)[:200])
+        # Only now does it leave the replica count: the ReplicaSet deletes the lowest-cost pod.
+        rec.state = InstanceState.STOPPING
+        self.nudge(rec.service)
+        self._kick.set()
+        _log.info("instance stopping", service=rec.service, instance=rec.id, node=rec.node)
+        try:
+            await asyncio.wait_for(asyncio.shield(gone), grace_s + 60.0)
+        except asyncio.TimeoutError:
+            _log.warning("pod still there after stop; deleting it", service=rec.service, instance=rec.id)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.kube.core.delete_namespaced_pod, rec.id, ns, _request_timeout=15)
+        finally:
+            self._stopping.pop(rec.id, None)
+        rec.state = InstanceState.STOPPED
+        self._records.pop(rec.id, None)
+        _log.info("instance stopped", service=rec.service, instance=rec.id, node=rec.node)
+
+    def wanted(self, service: str, counted: int) -> int:
+        """Pods the revision should have: the instances the controller counts plus open intents."""
+        return counted + self.open_intents(service)
+
+    def instances(self) -> list[InstanceRecord]:
+        return [r for r in self._records.values() if r.state != InstanceState.STOPPED]
+
+    async def generations(self, rec: InstanceRecord, timeout_s: float = 1.0) -> list[dict[str, Any]] | None:
+        try:
+            r = await self.http.get(f"{rec.internal_url}{instance_api.GENERATIONS}", headers=self._internal_headers,
+                                    timeout=timeout_s)
+            r.raise_for_status()
+            listed = parse_json(instance_api.GenerationList, r.content)
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            _log.debug("generations unavailable", service=rec.service, instance=rec.id, node=rec.node, error=str(exc))
+            return None
+        return [g.model_dump() for g in listed.data]
+
+    def subscribe(self, handler: EventHandler) -> None:
+        self._handlers.append(handler)
+
+    async def _emit(self, event: InstanceEvent) -> None:
+        for handler in self._handlers:
+            try:
+                await handler(event)
+            except Exception:
+                _log.error("instance event handler failed", exc_info=True, instance=event.instance, node=event.node)
+
+    # -- the binder -------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            try:
+                await self.sync()
+            except Exception:
+                _log.error("binder pass failed", exc_info=True)
+                await asyncio.sleep(0.5)
+                self._kick.set()
+
+    async def sync(self) -> None:
+        """One pass: pair gated pods with intents, report unplanned ones, follow the pods' lives."""
+        if not self.leading():
+            return
+        self._adopt_running()
+        pods = [p for p in self.pods.items() if not (p.get("metadata") or {}).get("deletionTimestamp")]
+        by_service: dict[str, list[dict[str, Any]]] = {}
+        for p in pods:
+            if is_gated(p) and not instance_of(p):
+                by_service.setdefault(service_key(p), []).append(p)
+        for service, gated in by_service.items():
+            pairs, left = pair(gated, self._intents.get(service, []))
+            for pod, intent in pairs:
+                await self._bind(pod, intent)
+            for pod in left:
+                name = pod["metadata"]["name"]
+                if time.monotonic() - self._unplanned.get(name, -1e9) > UNPLANNED_RETRY_S:
+                    self._unplanned[name] = time.monotonic()
+                    _log.info("unplanned pod: asking for a placement", service=service, instance=name)
+                    await self._emit(InstanceEvent(EventKind.UNPLANNED, name, "", "made by the Deployment",
+                                                   service))
+        self._follow({p["metadata"]["name"]: p for p in self.pods.items()})
+        await self._report()
+
+    async def _bind(self, pod: dict[str, Any], intent: Intent) -> None:
+        name, ns = pod["metadata"]["name"], pod["metadata"]["namespace"]
+        try:
+            await asyncio.to_thread(self.kube.core.replace_namespaced_pod, name, ns, pin(pod, intent),
+                                    _request_timeout=15)
+        except Exception as exc:  # 409: a newer copy arrives through the watch, and we pass again
+            _log.info("pinning deferred", service=intent.service, instance=name, node=intent.node,
+                      error=error_message(exc)[:200])
+            self._kick.set()
+            return
+        self._drop_intent(intent)
+        self._unplanned.pop(name, None)
+        rec = self._record(pod, intent.service, intent.tier)
+        rec.node = intent.node
+        self._records[name] = rec
+        _log.info("pod pinned", service=intent.service, instance=name, node=intent.node, intent=intent.instance)
+        await asyncio.to_thread(self.events.record, {**pod, "apiVersion": "v1", "kind": "Pod"}, "Normal", "Placed",
+                                intent.reason or f"placed on {intent.node}")
+        fut = self._waiting.get(intent.instance)
+        if fut is not None and not fut.done():
+            fut.set_result(name)
+
+    def _follow(self, pods: dict[str, dict[str, Any]]) -> None:
+        for name, fut in list(self._stopping.items()):
+            if name not in pods and not fut.done():
+                fut.set_result(None)
+        now = time.time()
+        for name, rec in list(self._records.items()):
+            pod = pods.get(name)
+            if rec.state == InstanceState.STARTING:
+                if pod is None:
+                    self._pending.append(InstanceEvent(EventKind.FAILED, name, rec.node, "the pod is gone"))
+                    self._records.pop(name, None)
+                elif pod_ready(pod):
+                    rec.host = (pod.get("status") or {}).get("podIP", rec.host)
+                    rec.node = (pod.get("spec") or {}).get("nodeName") or rec.node
+                    rec.ready_at = now
+                    self._pending.append(InstanceEvent(EventKind.READY, name, rec.node))
+                elif why := pod_failed(pod):
+                    self._pending.append(InstanceEvent(EventKind.FAILED, name, rec.node, why))
+                elif now - rec.started_at > self.ready_timeout_s:
+                    self._pending.append(InstanceEvent(EventKind.FAILED, name, rec.node,
+                                                       f"not ready after {self.ready_timeout_s:.0f} s"))
+            elif rec.state in (InstanceState.READY, InstanceState.DRAINING) and pod is None:
+                self._records.pop(name, None)
+                self._pending.append(InstanceEvent(EventKind.EXITED, name, rec.node, "the pod is gone"))
+
+    async def _report(self) -> None:
+        pending, self._pending = self._pending, []
+        for ev in pending:
+            if (ev.kind, ev.instance) in self._announced:
+                continue
+            self._announced.add((ev.kind, ev.instance))
+            await self._emit(ev)

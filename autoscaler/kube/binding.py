@@ -1,0 +1,117 @@
+"""Binding gated pods to the nodes placement chose, as pure functions.
+
+A pod of our class is created with the scheduling gate `sllm-knative.io/placement` (added by the
+admission webhook). The autoscaler decides where each new instance of a revision goes (the same
+load-time model as the local cluster) and leaves an `Intent`; the placement controller pairs each
+gated pod with the oldest open intent of its revision, pins the pod to the intent's node and lifts
+the gate, so kube-scheduler binds it there. How a gated pod may change (measured in
+tests/kube/test_scheduling_gates.py): required node-affinity terms may only *gain* match
+expressions, so pinning adds `kubernetes.io/hostname In [node]` to every term (or sets a required
+affinity with that one term), and gates may only be removed.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+GATE = "sllm-knative.io/placement"
+INSTANCE_LABEL = "sllm-knative.io/instance"
+NODE_ANNOTATION = "sllm-knative.io/placed-node"
+REASON_ANNOTATION = "sllm-knative.io/placement"
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+HOSTNAME = "kubernetes.io/hostname"
+
+
+@dataclass(frozen=True)
+class Intent:
+    """The autoscaler's decision for one new instance of a revision (`namespace/revision`)."""
+
+    service: str
+    instance: str
+    node: str
+    tier: str = ""
+    reason: str = ""
+
+
+def is_gated(pod: dict[str, Any]) -> bool:
+    return any(g.get("name") == GATE for g in (pod.get("spec") or {}).get("schedulingGates") or [])
+
+
+def instance_of(pod: dict[str, Any]) -> str:
+    return ((pod.get("metadata") or {}).get("labels") or {}).get(INSTANCE_LABEL, "")
+
+
+def pin(pod: dict[str, Any], intent: Intent) -> dict[str, Any]:
+    """The pod, pinned to `intent.node` with the gate lifted and the instance named (a new dict)."""
+    out = copy.deepcopy(pod)
+    meta, spec = out.setdefault("metadata", {}), out.setdefault("spec", {})
+    meta.setdefault("labels", {})[INSTANCE_LABEL] = intent.instance
+    ann = meta.setdefault("annotations", {})
+    ann[NODE_ANNOTATION] = intent.node
+    if intent.reason:
+        ann[REASON_ANNOTATION] = intent.reason[:1024]
+    expr = {"key": HOSTNAME, "operator": "In", "values": [intent.node]}
+    required = (spec.setdefault("affinity", {}).setdefault("nodeAffinity", {})
+                .get("requiredDuringSchedulingIgnoredDuringExecution"))
+    if required and required.get("nodeSelectorTerms"):
+        for term in required["nodeSelectorTerms"]:
+            exprs = term.setdefault("matchExpressions", [])
+            if expr not in exprs:
+                exprs.append(expr)
+    else:
+        spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"] = {
+            "nodeSelectorTerms": [{"matchExpressions": [expr]}]}
+    gates = [g for g in spec.get("schedulingGates") or [] if g.get("name") != GATE]
+    spec["schedulingGates"] = gates or None
+    return out
+
+
+def pair(gated: list[dict[str, Any]], intents: list[Intent]) -> tuple[list[tuple[dict[str, Any], Intent]],
+                                                                      list[dict[str, Any]]]:
+    """Pair gated pods (oldest first) with open intents (oldest first); the pods left over have no
+    intent (the Deployment made them on its own: its initial scale, or a replacement)."""
+    pods = sorted(gated, key=lambda p: ((p.get("metadata") or {}).get("creationTimestamp", ""),
+                                        (p.get("metadata") or {}).get("name", "")))
+    n = min(len(pods), len(intents))
+    return list(zip(pods[:n], intents[:n], strict=True)), pods[n:]
+
+
+def pod_ready(pod: dict[str, Any]) -> bool:
+    st = pod.get("status") or {}
+    return st.get("phase") == "Running" and any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions") or [])
+
+
+def pod_failed(pod: dict[str, Any]) -> str:
+    """Why the pod will not become ready ('' while it still may): failed phase, a crash loop, an
+    image that cannot be pulled."""
+    st = pod.get("status") or {}
+    if st.get("phase") == "Failed":
+        return st.get("message") or st.get("reason") or "the pod failed"
+    for cs in st.get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in ("CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff", "CreateContainerError"):
+            return f"container {cs.get('name')}: {waiting.get('reason')}: {waiting.get('message', '')}".strip()
+    return ""
+
+
+def node_slots(node: dict[str, Any]) -> int:
+    """Instance slots of a Node: its allocatable GPUs, else the label `sllm-knative.io/slots`, else 1."""
+    alloc = (node.get("status") or {}).get("allocatable") or {}
+    try:
+        gpus = int(alloc.get("nvidia.com/gpu", 0))
+    except ValueError:
+        gpus = 0
+    if gpus > 0:
+        return gpus
+    try:
+        return max(0, int(((node.get("metadata") or {}).get("labels") or {}).get("sllm-knative.io/slots", 1)))
+    except ValueError:
+        return 1
+
+
+def node_ready(node: dict[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (node.get("status") or {}).get("conditions") or [])

@@ -1,0 +1,100 @@
+"""`python -m autoscaler --kube`: the autoscaler as a Knative PodAutoscaler-class controller.
+
+One process, run as two replicas (active/passive through one Lease):
+
+- `ServiceSource` turns the Revisions of our class and the ScalingPolicies into the service table;
+- the decider, placement and preemption are the local cluster's (`autoscaler.controller`,
+  `autoscaler.scaling`), fed by the activator's `/v1/demand` and `/v1/stats`;
+- `KubeBackend` turns their decisions into pods (intents, the binder, pod-deletion-cost);
+- `PodAutoscalerController` writes each PA's SKS, replicas and status, its replicas from
+  `advice_for` (the instances the controller counts plus open intents).
+
+Every replica watches (warm caches); only the leader decides, pins pods and writes. `/healthz` is
+200 on the leader only, so the Service routes the activator's reports to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import uvicorn
+
+from autoscaler.activator_client import ActivatorClient
+from autoscaler.backends.kube import KubeBackend
+from autoscaler.controller import Autoscaler
+from autoscaler.kube.advice import advice_for
+from autoscaler.kube.pa_controller import PROBE_URL, PodAutoscalerController, http_prober
+from autoscaler.kube.podautoscaler import Settings
+from autoscaler.kube.services import ServiceSource
+from autoscaler.server import build_app
+from sllm_knative.config import TICK_S, AutoscalerConfig, Manifest
+from sllm_knative.kube.client import Kube, connect
+from sllm_knative.kube.leader import leader_identity
+from sllm_knative.log import get_logger
+
+_log = get_logger("autoscaler")
+
+
+async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_namespace: str,
+                     activator_admin: str | None, identity: str | None = None, resync_s: float = 30.0,
+                     lease_duration_s: float = 15.0, renew_deadline_s: float = 10.0,
+                     retry_period_s: float = 2.0, grace_s: float | None = None,
+                     probe_url: str = PROBE_URL) -> None:
+    kube = Kube(connect(kubeconfig))
+    loop = asyncio.get_running_loop()
+    backend = KubeBackend(kube, resync_s=resync_s)
+    scaler = Autoscaler(backend, ActivatorClient(activator_admin) if activator_admin else None)
+
+    async def apply(manifest: Manifest, removed: list[str]) -> None:
+        if manifest.services or manifest.policies:
+            await scaler.apply(manifest)
+        for key in removed:
+            await scaler.delete(key)
+
+    def on_change(manifest: Manifest, removed: list[str]) -> None:
+        asyncio.run_coroutine_threadsafe(apply(manifest, removed), loop)
+
+    source = ServiceSource(kube, on_change, resync_s=resync_s)
+    await asyncio.to_thread(source.start)
+    await apply(source.manifest()[0], [])  # the table first: adopted pods find their service
+
+    def advisor(key: str) -> Any:
+        return advice_for(scaler.table.get(key), backend.open_intents(key))
+
+    cfg = AutoscalerConfig()
+    settings = Settings(scale_to_zero_grace_s=cfg.scale_to_zero_grace_period if grace_s is None else grace_s,
+                        pod_retention_s=cfg.scale_to_zero_pod_retention_period, initial_scale=cfg.initial_scale,
+                        allow_zero_initial_scale=cfg.allow_zero_initial_scale)
+    pa = PodAutoscalerController(kube, advisor, settings=settings, prober=http_prober(probe_url),
+                                 identity=identity or leader_identity(),
+                                 lease_namespace=lease_namespace, resync_s=resync_s,
+                                 lease_duration_s=lease_duration_s, renew_deadline_s=renew_deadline_s,
+                                 retry_period_s=retry_period_s, problem=source.problem)
+    backend.leading = lambda: pa.elector.is_leader
+    backend.nudge = pa.queue.add
+    await backend.start_watching()
+    await asyncio.to_thread(pa.start)
+    app = build_app(scaler, ready=lambda: pa.elector.is_leader, kube=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                           lifespan="off"))
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            if pa.elector.is_leader:
+                scaler.tick()
+                backend.poke()  # follow pods even without a watch event (timeouts)
+
+    ticker = asyncio.ensure_future(tick())
+    _log.info("listening", port=port, mode="kubernetes", identity=pa.identity)
+    try:
+        await server.serve()
+    finally:
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker
+        await asyncio.to_thread(pa.stop)
+        await asyncio.to_thread(source.stop)
+        await backend.close()

@@ -1,0 +1,136 @@
+"""Pure steps of the autoscaler on Kubernetes: pinning gated pods, pairing them with placements,
+reading pods and nodes, and the replicas a revision is advised to have."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from autoscaler.backends.base import InstanceRecord, InstanceState
+from autoscaler.decider import initial_state, spec_for
+from autoscaler.kube.advice import advice_for
+from autoscaler.kube.binding import (
+    GATE,
+    HOSTNAME,
+    INSTANCE_LABEL,
+    NODE_ANNOTATION,
+    Intent,
+    is_gated,
+    node_slots,
+    pair,
+    pin,
+    pod_failed,
+    pod_ready,
+)
+from autoscaler.kube.podautoscaler import UNKNOWN
+from autoscaler.services import ServiceRuntime
+from autoscaler.window import MetricWindow
+from sllm_knative.config import ScalingPolicy
+from sllm_knative.config.service import parse_service
+
+
+def _pod(name: str, created: str = "2026-01-01T00:00:00Z", affinity: dict | None = None,
+         gates: tuple[str, ...] = (GATE,)) -> dict[str, Any]:
+    spec: dict[str, Any] = {"containers": [{"name": "c", "image": "x"}],
+                            "schedulingGates": [{"name": g} for g in gates]}
+    if affinity is not None:
+        spec["affinity"] = affinity
+    return {"metadata": {"name": name, "namespace": "ns", "creationTimestamp": created,
+                         "labels": {"serving.knative.dev/revision": "chat-00001"}}, "spec": spec}
+
+
+INTENT = Intent("ns/chat-00001", "chat-00001-1", "node-b", "dram", "fastest: dram")
+
+
+def _terms(pod: dict[str, Any]) -> list[Any]:
+    return pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"]
+
+
+def test_pin_sets_the_affinity_names_the_instance_and_lifts_only_our_gate() -> None:
+    pod = _pod("p", gates=(GATE, "other.io/gate"))
+    out = pin(pod, INTENT)
+    assert _terms(out) == [{"matchExpressions": [{"key": HOSTNAME, "operator": "In", "values": ["node-b"]}]}]
+    assert out["spec"]["schedulingGates"] == [{"name": "other.io/gate"}]
+    assert out["metadata"]["labels"][INSTANCE_LABEL] == "chat-00001-1"
+    assert out["metadata"]["annotations"][NODE_ANNOTATION] == "node-b"
+    assert pod["spec"]["schedulingGates"][0] == {"name": GATE} and "affinity" not in pod["spec"]  # a copy
+    assert not is_gated(out) and is_gated(pod)
+    assert pin(_pod("q"), INTENT)["spec"]["schedulingGates"] is None  # the last gate: the field goes
+
+
+def test_pin_only_adds_expressions_to_every_existing_term() -> None:
+    """The API server refuses any other change to a gated pod's required affinity."""
+    zone = {"key": "zone", "operator": "In", "values": ["a", "b"]}
+    gpu = {"key": "gpu", "operator": "Exists"}
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [zone]}, {"matchExpressions": [gpu]}]}}}
+    out = pin(_pod("p", affinity=affinity), INTENT)
+    host = {"key": HOSTNAME, "operator": "In", "values": ["node-b"]}
+    assert _terms(out) == [{"matchExpressions": [zone, host]}, {"matchExpressions": [gpu, host]}]
+    assert _terms(pin(out, INTENT)) == _terms(out)  # idempotent
+
+
+def test_pair_oldest_pods_with_oldest_intents_and_leave_the_rest() -> None:
+    pods = [_pod("late", "2026-01-01T00:00:09Z"), _pod("early", "2026-01-01T00:00:01Z"), _pod("mid")]
+    i1, i2 = INTENT, Intent("ns/chat-00001", "chat-00001-2", "node-a")
+    pairs, left = pair(pods, [i1, i2])
+    assert [(p["metadata"]["name"], i.instance) for p, i in pairs] == [("mid", "chat-00001-1"),
+                                                                      ("early", "chat-00001-2")]
+    assert [p["metadata"]["name"] for p in left] == ["late"]
+    assert pair(pods[:1], [i1, i2])[0][0][1] == i1 and pair([], [i1]) == ([], [])
+
+
+@pytest.mark.parametrize("status, ready, failed", [
+    ({"phase": "Pending"}, False, ""),
+    ({"phase": "Running", "conditions": [{"type": "Ready", "status": "False"}]}, False, ""),
+    ({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}, True, ""),
+    ({"phase": "Failed", "message": "OOMKilled"}, False, "OOMKilled"),
+    ({"phase": "Running", "containerStatuses": [{"name": "c", "state": {"waiting": {
+        "reason": "CrashLoopBackOff", "message": "back-off 10s"}}}]}, False, "container c: CrashLoopBackOff: back-off 10s"),
+    ({"phase": "Pending", "containerStatuses": [{"name": "c", "state": {"waiting": {"reason": "ContainerCreating"}}}]},
+     False, ""),
+])
+def test_pod_ready_and_failed(status: dict[str, Any], ready: bool, failed: str) -> None:
+    pod = {"status": status}
+    assert (pod_ready(pod), pod_failed(pod)) == (ready, failed)
+
+
+@pytest.mark.parametrize("allocatable, labels, slots", [
+    ({"nvidia.com/gpu": "4"}, {}, 4),
+    ({"nvidia.com/gpu": "0"}, {"sllm-knative.io/slots": "2"}, 2),
+    ({}, {}, 1),
+    ({}, {"sllm-knative.io/slots": "many"}, 1),
+])
+def test_node_slots(allocatable: dict[str, str], labels: dict[str, str], slots: int) -> None:
+    assert node_slots({"metadata": {"labels": labels}, "status": {"allocatable": allocatable}}) == slots
+
+
+def _runtime(migration: bool = True) -> ServiceRuntime:
+    svc = parse_service({"apiVersion": "serving.knative.dev/v1", "kind": "Service",
+                         "metadata": {"name": "chat-00001", "namespace": "ns"},
+                         "spec": {"template": {"spec": {"containers": [{"image": "x"}]}}}})
+    policy = ScalingPolicy("p", "ns", service_name="chat-00001", migration=migration)
+    spec = spec_for(svc, None, policy)
+    return ServiceRuntime(svc, policy, spec, initial_state(spec, 0.0), MetricWindow(spec.stable_window))
+
+
+def test_advice_counts_every_instance_that_holds_a_pod_and_the_open_intents() -> None:
+    assert advice_for(None, 0).want == UNKNOWN
+    rt = _runtime()
+    assert advice_for(rt, 1).want == UNKNOWN  # no decision since this process started: leave the replicas
+    rt.decided, rt.excess_burst_capacity = True, 3
+    for i, state in enumerate([InstanceState.STARTING, InstanceState.READY, InstanceState.DRAINING,
+                               InstanceState.STOPPING, InstanceState.STOPPED]):
+        rt.instances[f"i{i}"] = InstanceRecord(f"i{i}", rt.key, "n", 0, 0, state=state)
+    advice = advice_for(rt, 2)
+    assert advice.want == 3 + 2  # starting, ready, draining (its pod is still there) + intents
+    assert advice.ebc == -1  # migratable: the activator stays in the path
+    assert advice_for(_runtime_decided(migration=False), 0).ebc == 3
+
+
+def _runtime_decided(migration: bool) -> ServiceRuntime:
+    rt = _runtime(migration)
+    rt.decided, rt.excess_burst_capacity = True, 3
+    return rt
