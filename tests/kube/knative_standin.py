@@ -3,10 +3,14 @@ module proxy refuses the knative.dev/pkg version serving pins and serves no knat
 see docs/kubernetes.md).
 
 - `revision_objects` builds a Revision, its Deployment and its PodAutoscaler the way Knative's
-  revision reconciler does (pkg/reconciler/revision/resources: MakeDeployment, MakePA): names
-  (`<rev>-deployment`, PA = revision name), the `serving.knative.dev/*` labels, owner references
-  to the Revision, the PA's `scaleTargetRef`, `protocolType` and `reachability`. The function
-  container stands in for the user container; there is no queue-proxy.
+  revision reconciler does (pkg/reconciler/revision/resources: MakeDeployment, MakePA, meta.go):
+  names (`<rev>-deployment`, PA = revision name), the `serving.knative.dev/*` and `app` labels
+  on all three, owner references to the Revision, the PA's `scaleTargetRef`, `protocolType` and
+  `reachability`. Annotations as Knative copies them: the PA gets the revision's annotations,
+  the Deployment and its pod template get them *without* `autoscaling.knative.dev/*` (so a pod
+  never carries the autoscaler class: `filterExcludedAndAutoscalingAnnotations`), and the pod
+  template also gets `kubectl.kubernetes.io/default-container` naming the serving container.
+  The function container stands in for the user container; there is no queue-proxy.
 - `SksStatusWriter` writes the one thing our PA controller needs from Knative's
   serverlessservice reconciler: an SKS's status (`serviceName`, `privateServiceName`, Ready).
 - `PrivateServices` makes, for each SKS, the private Service that reconciler makes
@@ -30,22 +34,31 @@ from sllm_knative.log import get_logger
 _log = get_logger("tests.kube.standin")
 
 
+AUTOSCALING_GROUP = "autoscaling.knative.dev"  # knative/serving pkg/apis/autoscaling: GroupName
+DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"  # resources/meta.go
+
+
 def revision_objects(name: str, namespace: str, rev_uid: str, containers: list[dict[str, Any]],
                      pod_spec: dict[str, Any], annotations: dict[str, str], replicas: int = 1
                      ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(Deployment, PodAutoscaler) for the Revision `name` (already created, uid `rev_uid`)."""
     labels = {"serving.knative.dev/revision": name, "serving.knative.dev/revisionUID": rev_uid,
               "serving.knative.dev/configuration": name.rsplit("-", 1)[0],
-              "serving.knative.dev/service": name.rsplit("-", 1)[0]}
+              "serving.knative.dev/service": name.rsplit("-", 1)[0], "app": name}
     owner = {"apiVersion": REVISIONS.api_version, "kind": "Revision", "name": name, "uid": rev_uid,
              "controller": True, "blockOwnerDeletion": True}
+    # meta.go: deploymentAnnotations and podAnnotations drop autoscaling.knative.dev/* (and a few
+    # routing annotations a test revision does not have); podAutoscalerAnnotations keeps them.
+    copied = {k: v for k, v in annotations.items() if not k.startswith(AUTOSCALING_GROUP)}
+    serving = next((c.get("name") for c in containers if c.get("ports")), None) or containers[0].get("name")
+    pod_annotations = {**copied, **({DEFAULT_CONTAINER: serving} if serving else {})}
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": f"{name}-deployment", "namespace": namespace, "labels": {**labels, "app": name},
-                     "annotations": annotations, "ownerReferences": [owner]},
+        "metadata": {"name": f"{name}-deployment", "namespace": namespace, "labels": dict(labels),
+                     "annotations": copied, "ownerReferences": [owner]},
         "spec": {"replicas": replicas, "progressDeadlineSeconds": 600,
                  "selector": {"matchLabels": {"serving.knative.dev/revisionUID": rev_uid}},
-                 "template": {"metadata": {"labels": {**labels, "app": name}, "annotations": annotations},
+                 "template": {"metadata": {"labels": dict(labels), "annotations": pod_annotations},
                               "spec": {**pod_spec, "containers": containers}}}}
     pa = {
         "apiVersion": "autoscaling.internal.knative.dev/v1alpha1", "kind": "PodAutoscaler",
