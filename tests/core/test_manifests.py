@@ -106,8 +106,10 @@ def test_kustomize_builds_the_install() -> None:
     assert crds == sorted(c["metadata"]["name"] for c in CRDS.values())
     others = sorted((o["kind"], o["metadata"]["name"]) for o in objects if o["kind"] != "CustomResourceDefinition")
     assert others == [("ClusterRole", "sllm-knative-autoscaler"), ("ClusterRoleBinding", "sllm-knative-autoscaler"),
+                      ("MutatingWebhookConfiguration", "sllm-knative-placement"),
                       ("Namespace", "sllm-knative"), ("Role", "sllm-knative-autoscaler-leader"),
-                      ("RoleBinding", "sllm-knative-autoscaler-leader"), ("ServiceAccount", "sllm-autoscaler")]
+                      ("RoleBinding", "sllm-knative-autoscaler-leader"),
+                      ("Service", "sllm-knative-webhook"), ("ServiceAccount", "sllm-autoscaler")]
     assert all(o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "sllm-knative" for o in objects)
 
 
