@@ -108,7 +108,9 @@ def test_kustomize_builds_the_install() -> None:
     assert others == [("ClusterRole", "sllm-knative-autoscaler"), ("ClusterRoleBinding", "sllm-knative-autoscaler"),
                       ("MutatingWebhookConfiguration", "sllm-knative-placement"),
                       ("Namespace", "sllm-knative"), ("Role", "sllm-knative-autoscaler-leader"),
+                      ("Role", "sllm-knative-autoscaler-webhook"),
                       ("RoleBinding", "sllm-knative-autoscaler-leader"),
+                      ("RoleBinding", "sllm-knative-autoscaler-webhook"),
                       ("Service", "sllm-knative-webhook"), ("ServiceAccount", "sllm-autoscaler")]
     assert all(o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "sllm-knative" for o in objects)
 

@@ -1,9 +1,12 @@
-"""Least privilege, measured: the PodAutoscaler controller runs as its ServiceAccount with exactly the
-Role in manifests/autoscaler/rbac.yaml, through a scenario that makes it do everything it does
-(create an SKS, switch its mode, patch a scale, write status, record and repeat Events, take and
-renew its Lease, refuse an SKS it does not own). The verbs it called are read back from the API
-server's audit log and compared with the rules, both ways: nothing it called was refused, and
-nothing the Role grants went unused.
+"""Least privilege, measured: the PodAutoscaler controller and the placement webhook run as their
+ServiceAccount with exactly the Roles in manifests/autoscaler/rbac.yaml, through a scenario that
+makes them do everything they do. The controller: create an SKS, switch its mode, patch a scale,
+write status, record and repeat Events, take and renew its Lease, refuse an SKS it does not own.
+The webhook: take its own Lease, create its certificate Secret, watch it and its
+MutatingWebhookConfiguration by name, publish the caBundle, rotate (update the Secret), and
+admit a pod of our class (reading its Revision). The verbs they called are read back from the
+API server's audit log and compared with the rules, both ways: nothing they called was refused,
+and nothing the Roles grant went unused.
 """
 
 from __future__ import annotations
@@ -15,13 +18,18 @@ from typing import Any
 
 import yaml
 
+from autoscaler.kube.admission import GATE, MODEL_ANNOTATION
+from autoscaler.kube.certs import SECRET, WEBHOOK_CONFIG
 from autoscaler.kube.pa_controller import PodAutoscalerController
-from autoscaler.kube.podautoscaler import CLASS, Advice, Settings
+from autoscaler.kube.podautoscaler import CLASS, CLASS_ANNOTATION, REVISION_LABEL, Advice, Settings
+from autoscaler.kube.webhook import PATH, PlacementWebhook
 from sllm_knative.kube.client import PODAUTOSCALERS, REVISIONS, SERVERLESSSERVICES, Kube
+from sllm_knative.ports import free_port
 from tests.kube.audit import apply_docs, called, granted
 from tests.kube.cluster import KubeCluster
 from tests.kube.conftest import until
 from tests.kube.knative_standin import SksStatusWriter, revision_objects
+from tests.kube.test_webhook import webhook_config
 
 RBAC = Path(__file__).resolve().parents[2] / "manifests" / "autoscaler" / "rbac.yaml"
 SA = ("sllm-knative", "sllm-autoscaler")
@@ -36,6 +44,16 @@ def test_the_autoscaler_role_is_exactly_what_it_calls(kube: KubeCluster, api: An
                                                           PODAUTOSCALERS.plural) is not None,
           15, "the ClusterRoleBinding to take effect")
 
+    def may(verb: str, resource: str, name: str) -> bool:  # asked as the admin, so not in the audit log
+        from kubernetes import client
+
+        review = client.AuthorizationV1Api(api).create_subject_access_review({"spec": {
+            "user": f"system:serviceaccount:{SA[0]}:{SA[1]}", "groups": ["system:serviceaccounts"],
+            "resourceAttributes": {"namespace": SA[0], "verb": verb, "resource": resource, "name": name}}})
+        return bool(review.status.allowed)
+
+    until(lambda: may("list", "secrets", SECRET), 15, "the webhook's RoleBinding to take effect")
+
     # Revisions whose pods stay Pending (no node matches): the controller's calls are the point.
     advice: dict[str, Advice] = {}
     lock = threading.Lock()
@@ -47,7 +65,8 @@ def test_the_autoscaler_role_is_exactly_what_it_calls(kube: KubeCluster, api: An
     pas = {}
     for rev in ("chat-00001", "taken-00001"):
         r = admin.create(REVISIONS, {"apiVersion": REVISIONS.api_version, "kind": "Revision",
-                                     "metadata": {"name": rev, "namespace": namespace},
+                                     "metadata": {"name": rev, "namespace": namespace,
+                                                  "annotations": {CLASS_ANNOTATION: CLASS}},
                                      "spec": {"containers": [{"image": "python:3.11"}]}}, namespace)
         dep, pas[rev] = revision_objects(rev, namespace, r["metadata"]["uid"],
                                          [{"name": "user-container", "image": "python:3.11"}],
@@ -60,11 +79,20 @@ def test_the_autoscaler_role_is_exactly_what_it_calls(kube: KubeCluster, api: An
                                       "spec": {"mode": "Proxy", "numActivators": 0, "protocolType": "http1", "objectRef": {
                                           "apiVersion": "apps/v1", "kind": "Deployment", "name": "x"}}}, namespace)
 
+    # The webhook's configuration, called on the pod network's host address, for this namespace.
+    assert kube.network is not None
+    host, port = kube.network.host_ip, free_port(kube.network.host_ip)
+    admin.admission.create_mutating_webhook_configuration(webhook_config(f"https://{host}:{port}{PATH}", namespace, SA[0]))
+    # A short validity, so that it rotates (updates its Secret) within the scenario.
+    webhook = PlacementWebhook(as_sa, namespace=SA[0], identity="rbac-test", host=host, port=port, extra_hosts=[host],
+                               validity_s=6.0, rotate_fraction=0.5, propagation_s=0.3, resync_s=5.0,
+                               lease_duration_s=3.0, renew_deadline_s=2.0, retry_period_s=0.3)
     standin = SksStatusWriter(admin, namespace).start()
     ctl = PodAutoscalerController(as_sa, advisor, settings=Settings(scale_to_zero_grace_s=1.0),
                                   identity="rbac-test", lease_namespace=SA[0], resync_s=5,
                                   lease_duration_s=3.0, renew_deadline_s=2.0, retry_period_s=0.3).start()
     try:
+        webhook.start()
         assert ctl.elector.wait_leading(10)
         for pa in pas.values():
             admin.create(PODAUTOSCALERS, pa, namespace)
@@ -84,10 +112,26 @@ def test_the_autoscaler_role_is_exactly_what_it_calls(kube: KubeCluster, api: An
             return any(e.reason == "NotOwned" and (e.count or 0) >= 2 for e in evs)
 
         until(not_owned_repeated, 20, "the NotOwned Warning, counted twice")
+
+        # The webhook: a rotation (the Secret updated), and a pod of our class admitted through it.
+        until(lambda: webhook.certs.rotations >= 2, 15, "the webhook's certificate rotated")
+
+        def admitted() -> Any:
+            return admin.core.create_namespaced_pod(namespace, {
+                "metadata": {"name": "admitted", "labels": {REVISION_LABEL: "chat-00001"},
+                             "annotations": {MODEL_ANNOTATION: "hf://org/tiny"}},
+                "spec": {"nodeSelector": {"no-such-node": "x"},
+                         "containers": [{"name": "user-container", "image": "python:3.11"}]}})
+
+        pod = until(admitted, 15, "a pod of our class admitted by the webhook")
+        assert [g.name for g in pod.spec.scheduling_gates or []] == [GATE]
+        assert admin.core.read_namespaced_secret(SECRET, SA[0]).type == "kubernetes.io/tls"
         time.sleep(1.0)  # a few lease renewals
     finally:
+        webhook.stop(release=False)
         ctl.stop(release=False)
         standin.stop()
+        admin.admission.delete_mutating_webhook_configuration(WEBHOOK_CONFIG)
 
     calls, refused = called(kube.audit_log, f"system:serviceaccount:{SA[0]}:{SA[1]}")
     assert refused == [], f"the Role refused calls the controller makes: {refused}"
