@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--probe-url", default=None,
                    help="where the activator probe goes, with {service} {namespace} {revision} "
                         "(default: the revision's public Service)")
+    k.add_argument("--webhook-port", type=int, default=8443, help="the placement webhook's HTTPS port (0: none)")
+    k.add_argument("--webhook-host", default=None, help="the webhook's address (default: --host)")
+    k.add_argument("--webhook-san", action="append", default=[],
+                   help="another host name or IP for the webhook's certificate (repeatable)")
     args = p.parse_args(argv)
     log.setup()
     if args.kube:
@@ -77,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
                                    lease_namespace=args.lease_namespace, activator_admin=args.activator_admin,
                                    identity=args.identity, resync_s=args.resync, lease_duration_s=lease,
                                    renew_deadline_s=lease * 2 / 3, retry_period_s=lease / 7.5,
-                                   grace_s=args.scale_to_zero_grace, probe_url=args.probe_url or PROBE_URL))
+                                   grace_s=args.scale_to_zero_grace, probe_url=args.probe_url or PROBE_URL,
+                                   webhook_port=args.webhook_port, webhook_host=args.webhook_host,
+                                   webhook_hosts=tuple(args.webhook_san)))
         except KubeConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -16,7 +16,8 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-GATE = "sllm-knative.io/placement"
+from autoscaler.kube.admission import GATE  # the webhook adds it; the binder lifts it
+
 INSTANCE_LABEL = "sllm-knative.io/instance"
 NODE_ANNOTATION = "sllm-knative.io/placed-node"
 REASON_ANNOTATION = "sllm-knative.io/placement"

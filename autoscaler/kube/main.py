@@ -7,7 +7,9 @@ One process, run as two replicas (active/passive through one Lease):
   `autoscaler.scaling`), fed by the activator's `/v1/demand` and `/v1/stats`;
 - `KubeBackend` turns their decisions into pods (intents, the binder, pod-deletion-cost);
 - `PodAutoscalerController` writes each PA's SKS, replicas and status, its replicas from
-  `advice_for` (the instances the controller counts plus open intents).
+  `advice_for` (the instances the controller counts plus open intents);
+- `PlacementWebhook` gates new pods of our class and connects them to their node's loader
+  (every replica serves it; its certificate has a leader of its own).
 
 Every replica watches (warm caches); only the leader decides, pins pods and writes. `/healthz` is
 200 on the leader only, so the Service routes the activator's reports to it.
@@ -28,6 +30,8 @@ from autoscaler.kube.advice import advice_for
 from autoscaler.kube.pa_controller import PROBE_URL, PodAutoscalerController, http_prober
 from autoscaler.kube.podautoscaler import Settings
 from autoscaler.kube.services import ServiceSource
+from autoscaler.kube.webhook import PORT as WEBHOOK_PORT
+from autoscaler.kube.webhook import PlacementWebhook
 from autoscaler.server import build_app
 from sllm_knative.config import TICK_S, AutoscalerConfig, Manifest
 from sllm_knative.kube.client import Kube, connect
@@ -41,7 +45,8 @@ async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_name
                      activator_admin: str | None, identity: str | None = None, resync_s: float = 30.0,
                      lease_duration_s: float = 15.0, renew_deadline_s: float = 10.0,
                      retry_period_s: float = 2.0, grace_s: float | None = None,
-                     probe_url: str = PROBE_URL) -> None:
+                     probe_url: str = PROBE_URL, webhook_port: int = WEBHOOK_PORT, webhook_host: str | None = None,
+                     webhook_hosts: tuple[str, ...] = ()) -> None:
     kube = Kube(connect(kubeconfig))
     loop = asyncio.get_running_loop()
     backend = KubeBackend(kube, resync_s=resync_s)
@@ -76,6 +81,11 @@ async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_name
     backend.nudge = pa.queue.add
     await backend.start_watching()
     await asyncio.to_thread(pa.start)
+    webhook = None
+    if webhook_port:  # every replica serves admission; the certificate's leader is one of them
+        webhook = PlacementWebhook(kube, namespace=lease_namespace, identity=pa.identity, host=webhook_host or host,
+                                   port=webhook_port, extra_hosts=webhook_hosts)
+        await asyncio.to_thread(webhook.start)
     app = build_app(scaler, ready=lambda: pa.elector.is_leader, kube=True)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                            lifespan="off"))
@@ -95,6 +105,8 @@ async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_name
         ticker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await ticker
+        if webhook is not None:
+            await asyncio.to_thread(webhook.stop)
         await asyncio.to_thread(pa.stop)
         await asyncio.to_thread(source.stop)
         await backend.close()

@@ -157,6 +157,8 @@ class Informer:
                     failures = 0
                 listed, next_resync = self._watch_once(next_resync)
             except Exception as exc:
+                if self._stop.is_set():  # stop() ended the watch under us: not a failure
+                    return
                 listed = False
                 failures += 1
                 delay = backoff_s(failures, 0.2, 10.0)

@@ -4,11 +4,12 @@ cluster's, and their decisions become pods through scheduling gates and `/scale`
 
 Real: kube-apiserver, kube-controller-manager (ReplicaSets, garbage collection), kube-scheduler,
 the node agent's pods, one loader per node publishing its NodeCache, the autoscaler process.
-Stand-ins, for what cannot run here (docs/kubernetes.md): Knative's revision reconciler
-(`knative_standin.revision_objects`; the scheduling gate is in the pod template until the
-admission webhook adds it) and its SKS status; the activator's probe answer comes from a small
-HTTP server in the test, and the activator's reports are posted by the test as the activator
-posts them (`sllm_knative.api.autoscaler`).
+The placement webhook runs in the autoscaler process and gates the pods (the API server calls it
+by URL: the test cluster has no Service networking). Stand-ins, for what cannot run here
+(docs/kubernetes.md): Knative's revision reconciler (`knative_standin.revision_objects`) and its
+SKS status; the activator's probe answer comes from a small HTTP server in the test, and the
+activator's reports are posted by the test as the activator posts them
+(`sllm_knative.api.autoscaler`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from typing import Any
 import httpx
 import pytest
 
-from autoscaler.kube.binding import GATE, INSTANCE_LABEL, NODE_ANNOTATION
+from autoscaler.kube.binding import INSTANCE_LABEL, NODE_ANNOTATION
+from autoscaler.kube.certs import WEBHOOK_CONFIG
 from autoscaler.kube.podautoscaler import CLASS, condition
+from autoscaler.kube.webhook import PATH as WEBHOOK_PATH
 from sllm_knative.api.autoscaler import DEMAND, STATS
 from sllm_knative.kube.client import NODECACHES, PODAUTOSCALERS, REVISIONS, SCALINGPOLICIES, Kube
 from sllm_knative.ports import free_port
@@ -35,6 +38,7 @@ from tests.kube.knative_standin import SksStatusWriter, revision_objects
 from tests.kube.nodeagent import NodeAgent
 from tests.kube.test_nodeagent import ENV, SERVER
 from tests.kube.test_nodecache import Loader, loaders, store  # noqa: F401  (fixtures)
+from tests.kube.test_webhook import webhook_config
 
 REPO = Path(__file__).resolve().parents[2]
 REV = "chat-00001"
@@ -110,29 +114,42 @@ def test_autoscaler_places_cold_starts_by_load_time(kube: KubeCluster, api: Any,
                                             "labels": {"serving.knative.dev/service": "chat"}},
                                "spec": {"containers": [container]}}, namespace)
     deployment, pa = revision_objects(REV, namespace, rev["metadata"]["uid"], [container],
-                                      {"nodeSelector": agent_selector(agent), "terminationGracePeriodSeconds": 2,
-                                       "schedulingGates": [{"name": GATE}]}, annotations, replicas=1)
+                                      {"nodeSelector": agent_selector(agent), "terminationGracePeriodSeconds": 2},
+                                      annotations, replicas=1)
     standin = SksStatusWriter(k, namespace).start()
+    install = f"{namespace}-sys"  # the autoscaler's Leases and the webhook's Secret (not our pods' namespace)
+    k.core.create_namespace({"metadata": {"name": install}})
+    assert kube.network is not None
+    host_ip, webhook_port = kube.network.host_ip, free_port()
+    k.admission.create_mutating_webhook_configuration(
+        webhook_config(f"https://{host_ip}:{webhook_port}{WEBHOOK_PATH}", namespace, install))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     autoscaler = Proc("the autoscaler (kube)")
     autoscaler.start([
         sys.executable, "-m", "autoscaler", "--kube", "--kubeconfig", str(kube.kubeconfig), "--port", str(port),
-        "--host", "127.0.0.1", "--lease-namespace", namespace, "--identity", "a", "--resync", "5",
-        "--lease-duration", "3", "--scale-to-zero-grace", "1", "--probe-url", probe_url],
+        "--host", "127.0.0.1", "--lease-namespace", install, "--identity", "a", "--resync", "5",
+        "--lease-duration", "3", "--scale-to-zero-grace", "1", "--probe-url", probe_url,
+        "--webhook-port", str(webhook_port), "--webhook-host", host_ip, "--webhook-san", host_ip],
         tmp_path / "autoscaler.log", env={"PYTHONPATH": str(REPO)}, unset=("KUBECONFIG",))
     try:
         autoscaler.wait_http(f"{base}/healthz", 60)
         k.apps.create_namespaced_deployment(namespace, deployment)
         k.create(PODAUTOSCALERS, pa, namespace)
 
-        # 1. The Deployment's initial pod is gated; nobody planned it, so the autoscaler places
-        # it like a scale-up: on the node whose NodeCache has the checkpoint in DRAM.
+        # 1. The Deployment's initial pod is gated by the webhook; nobody planned it, so the
+        # autoscaler places it like a scale-up: on the node whose NodeCache has it in DRAM.
         pod = until(lambda: _ready_pod(k, namespace), 60, "the initial pod to be placed and ready")
         assert pod.spec.node_name == n1
         assert pod.metadata.annotations[NODE_ANNOTATION] == n1
         assert pod.metadata.labels[INSTANCE_LABEL]
         assert not pod.spec.scheduling_gates
+        env = {e.name: e for e in pod.spec.containers[0].env}  # the webhook connected it to its loader
+        assert env["SLLM_LOADER"].value == "unix:///var/run/sllm-knative/loader.sock"
+        assert env["SLLM_CHECKPOINT"].value_from.field_ref.field_path == "metadata.annotations['sllm-knative.io/model']"
+        placed = [e for e in k.core.list_namespaced_event(namespace, field_selector=(
+            f"involvedObject.name={pod.metadata.name}")).items if e.reason == "Placed"]
+        assert placed and n1 in placed[0].message and "dram" in placed[0].message, placed
         services = {s["key"]: s for s in httpx.get(f"{base}/v1/services", timeout=5).json()["services"]}
         placed = services[f"{namespace}/{REV}"]["placements"]
         assert [(p["instance"], p["node"], p["tier"]) for p in placed] == [(pod.metadata.name, n1, "dram")], placed
@@ -181,3 +198,6 @@ def test_autoscaler_places_cold_starts_by_load_time(kube: KubeCluster, api: Any,
     finally:
         autoscaler.stop()
         standin.stop()
+        # A Fail webhook nobody serves would block every other test's revision pods.
+        k.admission.delete_mutating_webhook_configuration(WEBHOOK_CONFIG)
+        k.core.delete_namespace(install)
