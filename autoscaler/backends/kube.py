@@ -246,9 +246,10 @@ class KubeBackend:
         try:
             await asyncio.wait_for(asyncio.shield(gone), grace_s + 60.0)
         except asyncio.TimeoutError:
-            _log.warning("pod still there after stop; deleting it", service=rec.service, instance=rec.id)
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.kube.core.delete_namespaced_pod, rec.id, ns, _request_timeout=15)
+            # The replicas were not lowered (is the PA controller stuck?). The pod keeps its
+            # instance label, so the next binder pass adopts it again: nothing is lost or doubled.
+            _log.warning("pod still there after stop", service=rec.service, instance=rec.id, node=rec.node,
+                         waited_s=grace_s + 60.0)
         finally:
             self._stopping.pop(rec.id, None)
         rec.state = InstanceState.STOPPED

@@ -4,13 +4,17 @@ makes them do everything they do. The controller: create an SKS, switch its mode
 write status, record and repeat Events, take and renew its Lease, refuse an SKS it does not own.
 The webhook: take its own Lease, create its certificate Secret, watch it and its
 MutatingWebhookConfiguration by name, publish the caBundle, rotate (update the Secret), and
-admit a pod of our class (reading its Revision). The verbs they called are read back from the
+admit a pod of our class (reading its Revision). The Kubernetes backend and the service source
+(what `python -m autoscaler --kube` adds around them): watch Revisions, ScalingPolicies, Pods,
+Nodes and NodeCaches, pin the gated pod to a node (an intent paired with it) and mark it for
+deletion. The verbs they called are read back from the
 API server's audit log and compared with the rules, both ways: nothing they called was refused,
 and nothing the Roles grant went unused.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from pathlib import Path
@@ -18,10 +22,13 @@ from typing import Any
 
 import yaml
 
+from autoscaler.backends.kube import KubeBackend
 from autoscaler.kube.admission import GATE, MODEL_ANNOTATION
+from autoscaler.kube.binding import DELETION_COST
 from autoscaler.kube.certs import SECRET, WEBHOOK_CONFIG
 from autoscaler.kube.pa_controller import PodAutoscalerController
 from autoscaler.kube.podautoscaler import CLASS, CLASS_ANNOTATION, REVISION_LABEL, Advice, Settings
+from autoscaler.kube.services import ServiceSource, parse_revision
 from autoscaler.kube.webhook import PATH, PlacementWebhook
 from sllm_knative.kube.client import PODAUTOSCALERS, REVISIONS, SERVERLESSSERVICES, Kube
 from sllm_knative.ports import free_port
@@ -66,7 +73,8 @@ def test_the_autoscaler_role_is_exactly_what_it_calls(kube: KubeCluster, api: An
     for rev in ("chat-00001", "taken-00001"):
         r = admin.create(REVISIONS, {"apiVersion": REVISIONS.api_version, "kind": "Revision",
                                      "metadata": {"name": rev, "namespace": namespace,
-                                                  "annotations": {CLASS_ANNOTATION: CLASS}},
+                                                  "annotations": {CLASS_ANNOTATION: CLASS,
+                                                                  MODEL_ANNOTATION: "hf://org/tiny"}},
                                      "spec": {"containers": [{"image": "python:3.11"}]}}, namespace)
         dep, pas[rev] = revision_objects(rev, namespace, r["metadata"]["uid"],
                                          [{"name": "user-container", "image": "python:3.11"}],
@@ -88,6 +96,16 @@ def test_the_autoscaler_role_is_exactly_what_it_calls(kube: KubeCluster, api: An
                                validity_s=6.0, rotate_fraction=0.5, propagation_s=0.3, resync_s=5.0,
                                lease_duration_s=3.0, renew_deadline_s=2.0, retry_period_s=0.3)
     standin = SksStatusWriter(admin, namespace).start()
+    # The backend and the service source run on an event loop, as in the autoscaler process.
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    def run(coro: Any, timeout_s: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout_s)
+
+    source = ServiceSource(as_sa, lambda manifest, removed: None, resync_s=5).start()
+    backend: KubeBackend | None = None
+    backend = run(KubeBackend(as_sa, resync_s=5).start_watching())
     ctl = PodAutoscalerController(as_sa, advisor, settings=Settings(scale_to_zero_grace_s=1.0),
                                   identity="rbac-test", lease_namespace=SA[0], resync_s=5,
                                   lease_duration_s=3.0, renew_deadline_s=2.0, retry_period_s=0.3).start()
@@ -126,8 +144,23 @@ def test_the_autoscaler_role_is_exactly_what_it_calls(kube: KubeCluster, api: An
         pod = until(admitted, 15, "a pod of our class admitted by the webhook")
         assert [g.name for g in pod.spec.scheduling_gates or []] == [GATE]
         assert admin.core.read_namespaced_secret(SECRET, SA[0]).type == "kubernetes.io/tls"
+
+        # The backend pins the gated pod to the node an intent names, then marks it for deletion.
+        svc = parse_revision(admin.get(REVISIONS, "chat-00001", namespace))
+        rec = run(backend.start(svc, "some-node", "chat-00001-1", "dram"))
+        assert rec.id == "admitted"
+        assert not admin.core.read_namespaced_pod("admitted", namespace).spec.scheduling_gates
+        stopping = asyncio.run_coroutine_threadsafe(backend.stop(rec, grace_s=0), loop)
+        until(lambda: (admin.core.read_namespaced_pod("admitted", namespace).metadata.annotations or {}).get(
+            DELETION_COST) == "-1000", 10, "the pod marked for deletion")
+        admin.core.delete_namespaced_pod("admitted", namespace, grace_period_seconds=0)  # what the ReplicaSet does
+        stopping.result(30)
         time.sleep(1.0)  # a few lease renewals
     finally:
+        if backend is not None:
+            run(backend.close())
+        source.stop()
+        loop.call_soon_threadsafe(loop.stop)
         webhook.stop(release=False)
         ctl.stop(release=False)
         standin.stop()
