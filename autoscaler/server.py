@@ -8,6 +8,7 @@
     GET    /v1/nodes                     CLI: the nodes' tiers and slots
     GET    /metrics                      Prometheus
     GET    /healthz                      200 when this replica acts (on Kubernetes: leads), else 503
+    GET    /livez                        200 while the process serves (liveness)
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def build_app(scaler: Autoscaler, *, ready: Callable[[], bool] = lambda: True, k
             return _bad_body(exc)
         await scaler.on_demand(str(doc.key), doc.in_flight)
         return Response(status_code=204)
+
+    async def livez(request: Request) -> Response:
+        return Response("ok")
 
     async def healthz(request: Request) -> Response:
         return Response("ok" if ready() else "not leading", status_code=200 if ready() else 503)
@@ -113,4 +117,5 @@ def build_app(scaler: Autoscaler, *, ready: Callable[[], bool] = lambda: True, k
         Route("/v1/nodes", nodes, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/livez", livez, methods=["GET"]),
     ])
