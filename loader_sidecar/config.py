@@ -19,6 +19,7 @@ import psutil
 from loader_sidecar.refs import StoreRoot, parse_store
 from sllm_knative.loader.address import default_listen, default_node
 from sllm_knative.loader.errors import BadRequest
+from sllm_knative.mounts import container_path, mount_root
 
 _NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 # A Kubernetes Node name: a DNS-1123 subdomain (as NodeCache's spec.nodeName).
@@ -63,6 +64,9 @@ class Config:
     kube_node: str | None = None
     kubeconfig: str | None = None  # None: $KUBECONFIG, else the pod's service account
     kube_resync_s: float = 30.0
+    # $SLLM_MOUNT_ROOT (sllm_knative.mounts): where the container's mounts are when it has no
+    # mount namespace (the test node agent); "" on a real node.
+    mount_root: str = ""
 
     def validate(self) -> Config:
         checks = [
@@ -148,17 +152,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> Config:
     """Parse and normalise the command line; `validate()` is applied before returning."""
     env = dict(os.environ) if env is None else env
+    root = mount_root(env)  # paths are the container's: under $SLLM_MOUNT_ROOT when it is set
     kube_node = args.kube_node or env.get("SLLM_NODE_NAME") or None
     node = args.node or env.get("SLLM_NODE") or kube_node or default_node()
     cache_home = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    ssd_dir = Path(args.ssd_dir or cache_home / "sllm-knative" / node / "ssd").resolve()
-    dram_dir = Path(args.dram_dir or Path("/dev/shm/sllm-knative") / node).resolve()
+    ssd_dir = container_path(args.ssd_dir or cache_home / "sllm-knative" / node / "ssd", root).resolve()
+    dram_dir = container_path(args.dram_dir or Path("/dev/shm/sllm-knative") / node, root).resolve()
+    kubeconfig = str(container_path(args.kubeconfig, root)) if args.kubeconfig else None
+    listen = _listen_in(args.listen or default_listen(node), root)
     ssd_bytes = parse_size(args.ssd_bytes, "ssd-bytes") if args.ssd_bytes else _half_free(ssd_dir)
     dram_bytes = (parse_size(args.dram_bytes, "dram-bytes") if args.dram_bytes
                   else psutil.virtual_memory().total // 4)
     stores = tuple(parse_store(s) for s in _unique(args.store))
     return Config(
-        node=node, listen=args.listen or default_listen(node), ssd_dir=ssd_dir, ssd_bytes=ssd_bytes,
+        node=node, listen=listen, ssd_dir=ssd_dir, ssd_bytes=ssd_bytes,
         dram_dir=dram_dir, dram_bytes=dram_bytes, stores=stores, connections=args.connections,
         chunk_bytes=parse_size(args.chunk_bytes, "chunk-bytes"),
         fill_segment_bytes=parse_size(args.fill_segment_bytes, "fill-segment-bytes"),
@@ -166,9 +173,18 @@ def from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> Co
         retry_backoff_s=args.retry_backoff, profile_bytes=parse_size(args.profile_bytes, "profile-bytes"),
         metrics_addr=args.metrics, s3_endpoint=args.s3_endpoint or env.get("AWS_ENDPOINT_URL_S3")
         or env.get("AWS_ENDPOINT_URL"), hf_endpoint=(env.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/"),
-        hf_token=env.get("HF_TOKEN") or None, kube_node=kube_node, kubeconfig=args.kubeconfig,
-        kube_resync_s=args.kube_resync,
+        hf_token=env.get("HF_TOKEN") or None, kube_node=kube_node, kubeconfig=kubeconfig,
+        kube_resync_s=args.kube_resync, mount_root=root,
     ).validate()
+
+
+def _listen_in(listen: str, root: str) -> str:
+    """A unix socket's path under the mount root, through the real path of its folder: the node
+    agent's mount folders are deep and a socket's path is limited to 107 bytes."""
+    if not root or not listen.startswith("unix:///"):
+        return listen
+    sock = container_path(listen[len("unix://"):], root)
+    return f"unix://{sock.parent.resolve() / sock.name}"
 
 
 def _unique(items: Sequence[str]) -> list[str]:

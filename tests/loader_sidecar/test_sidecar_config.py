@@ -91,3 +91,37 @@ def test_invalid_flags_are_rejected(argv, message):
     store = [] if any(a == "--store" for a in argv) or argv == [] else ["--store", "file:///m"]
     with pytest.raises(BadRequest, match=message):
         _parse(*store, *argv, "--ssd-bytes", "1GiB", *([] if "--dram-bytes" in argv else ["--dram-bytes", "1GiB"]))
+
+
+def test_under_a_mount_root_the_container_paths_are_found_there(tmp_path):
+    """$SLLM_MOUNT_ROOT (the test node agent: no mount namespace, a symlink at each mountPath):
+    the socket, the tiers and the kubeconfig move under it; the socket through its folder's real
+    path, which is short enough for a socket (107 bytes) where the mount folder is not."""
+    root = tmp_path / "pods" / ("p" * 60) / "rootfs" / "loader"
+    volume = tmp_path / "hostpath" / "run"
+    volume.mkdir(parents=True)
+    (root / "var" / "run").mkdir(parents=True)
+    (root / "var" / "run" / "sllm-knative").symlink_to(volume)
+    kubeconfig = root / "etc" / "kube" / "config"
+    kubeconfig.parent.mkdir(parents=True)
+    kubeconfig.write_text("apiVersion: v1\n")
+    c = _parse("--store", "hf://", "--kube-node", "n1", "--listen", "unix:///var/run/sllm-knative/loader.sock",
+               "--ssd-dir", "/var/lib/sllm-knative/ssd", "--dram-dir", "/dev/shm/sllm-knative",
+               "--kubeconfig", "/etc/kube/config", "--ssd-bytes", "1GiB", env={"SLLM_MOUNT_ROOT": str(root)})
+    assert c.listen == f"unix://{volume.resolve()}/loader.sock"
+    assert c.ssd_dir == (root / "var" / "lib" / "sllm-knative" / "ssd").resolve()
+    assert c.dram_dir == (root / "dev" / "shm" / "sllm-knative").resolve()
+    assert c.kubeconfig == str(kubeconfig)
+    assert c.mount_root == str(root)
+    # A TCP listener and store URIs are not paths in the container.
+    c = _parse("--store", "file:///models", "--listen", "127.0.0.1:7070", "--ssd-dir", "rel/ssd",
+               "--ssd-bytes", "1GiB", env={"SLLM_MOUNT_ROOT": str(root)})
+    assert (c.listen, [s.uri for s in c.stores]) == ("127.0.0.1:7070", ["file:///models"])
+    assert c.ssd_dir == Path("rel/ssd").resolve()  # relative: to the working directory, as without a root
+
+
+def test_without_a_mount_root_paths_are_taken_as_given():
+    c = _parse("--store", "hf://", "--listen", "unix:///var/run/sllm-knative/loader.sock",
+               "--dram-dir", "/dev/shm/sllm-knative", "--ssd-dir", "/var/lib/sllm-knative/ssd", "--ssd-bytes", "1GiB")
+    assert (c.listen, c.dram_dir, c.ssd_dir, c.mount_root) == (
+        "unix:///var/run/sllm-knative/loader.sock", Path("/dev/shm/sllm-knative"), Path("/var/lib/sllm-knative/ssd"), "")
