@@ -22,7 +22,7 @@ KUBE_VERSION := $(shell awk '$$1 == "k8s.io/kubernetes" {print $$2}' hack/kube/g
 KUBE_LDFLAGS := -X k8s.io/component-base/version.gitVersion=$(KUBE_VERSION) \
   -X k8s.io/client-go/pkg/version.gitVersion=$(KUBE_VERSION) -X k8s.io/component-base/version.gitTreeState=clean
 
-.PHONY: install demo test lint fmt proto crds bench bench-deps clean kube-bins kube-up kube-down
+.PHONY: install demo test lint fmt proto crds lock bench bench-deps clean kube-bins kube-up kube-down
 
 install: $(STAMP)
 
@@ -63,6 +63,7 @@ kube-down:
 lint: install
 	$(VPY) -m ruff check .
 	$(VPY) -m mypy $(PACKAGES)
+	$(VENV)/bin/hadolint --config .hadolint.yaml images/*/Dockerfile
 
 # What people regenerate. Each has a test that fails when the committed copy is stale.
 fmt: install
@@ -74,6 +75,11 @@ proto: install
 
 crds: install
 	$(VPY) -m sllm_knative.config crds manifests/crds
+
+# The images' pinned, hashed requirements (images/requirements/), resolved by uv (installed into
+# the venv at the version images/lock.py pins) from pyproject.toml and the NVCC pins above.
+lock: install
+	$(VPY) images/lock.py
 
 # Benchmarks need fio (the disk limit) and nginx (the HTTP store / proxy baseline).
 bench-deps: install
