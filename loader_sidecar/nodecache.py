@@ -19,7 +19,6 @@ from DRAM to the SSD is not a load (no instance waits for it).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -111,18 +110,12 @@ def start_publisher(node: Node) -> NodeCachePublisher:
     on the running loop. Raises KubeConfigError when there is no cluster to talk to."""
     from sllm_knative.kube.client import Kube, KubeConfigError, connect
     from sllm_knative.kube.nodecache import NodeCachePublisher
-    from sllm_knative.mounts import service_account_client
 
     config = node.config
     assert config.kube_node is not None
     name = config.kube_node
     try:
-        if config.kubeconfig is None and not os.environ.get("KUBECONFIG") and config.mount_root:
-            # In a pod without a mount namespace (the test node agent): the service account's
-            # files are under the mount root (sllm_knative.mounts).
-            kube = Kube(service_account_client(config.mount_root))
-        else:
-            kube = Kube(connect(config.kubeconfig))
+        kube = Kube(connect(config.kubeconfig))  # in a pod: its service account, under the mount root if any
     except KubeConfigError:
         raise
     except Exception as exc:  # a kubeconfig the client cannot use (kubernetes.config.ConfigException, ...)

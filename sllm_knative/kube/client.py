@@ -44,7 +44,7 @@ SCALINGPOLICIES = Resource(SLLM_GROUP, SLLM_VERSION, "scalingpolicies", "Scaling
 
 def connect(kubeconfig: str | os.PathLike[str] | None = None) -> Any:
     """An `ApiClient`: from `kubeconfig`, else `$KUBECONFIG`, else the pod's service account."""
-    from kubernetes import client, config
+    from kubernetes import config
 
     path = str(kubeconfig) if kubeconfig else os.environ.get("KUBECONFIG", "")
     if path:
@@ -52,9 +52,11 @@ def connect(kubeconfig: str | os.PathLike[str] | None = None) -> Any:
             raise KubeConfigError(f"kubeconfig {path} does not exist")
         return config.new_client_from_config(config_file=path)
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        cfg = client.Configuration()
-        config.load_incluster_config(client_configuration=cfg)
-        return client.ApiClient(cfg)
+        # The service account's token and CA, under $SLLM_MOUNT_ROOT where a container has no
+        # mount namespace (the test node agent; sllm_knative.mounts), at their usual path otherwise.
+        from sllm_knative.mounts import mount_root, service_account_client
+
+        return service_account_client(mount_root())
     raise KubeConfigError("no cluster to talk to: pass --kubeconfig, set KUBECONFIG, or run in a pod "
                           "(KUBERNETES_SERVICE_HOST is not set)")
 
