@@ -107,13 +107,14 @@ def test_kustomize_builds_the_install() -> None:
     others = sorted((o["kind"], o["metadata"]["name"]) for o in objects if o["kind"] != "CustomResourceDefinition")
     assert others == [("ClusterRole", "sllm-knative-autoscaler"), ("ClusterRole", "sllm-knative-loader"),
                       ("ClusterRoleBinding", "sllm-knative-autoscaler"), ("ClusterRoleBinding", "sllm-knative-loader"),
-                      ("DaemonSet", "sllm-loader"),
+                      ("DaemonSet", "sllm-loader"), ("Deployment", "sllm-autoscaler"),
                       ("MutatingWebhookConfiguration", "sllm-knative-placement"),
                       ("Namespace", "sllm-knative"), ("Role", "sllm-knative-autoscaler-leader"),
                       ("Role", "sllm-knative-autoscaler-webhook"),
                       ("RoleBinding", "sllm-knative-autoscaler-leader"),
                       ("RoleBinding", "sllm-knative-autoscaler-webhook"),
-                      ("Service", "sllm-knative-webhook"), ("ServiceAccount", "sllm-autoscaler"),
+                      ("Service", "sllm-autoscaler"), ("Service", "sllm-knative-webhook"),
+                      ("ServiceAccount", "sllm-autoscaler"),
                       ("ServiceAccount", "sllm-loader")]
     assert all(o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "sllm-knative" for o in objects)
 

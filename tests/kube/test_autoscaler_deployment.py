@@ -1,0 +1,81 @@
+"""The autoscaler's Deployment from manifests/autoscaler/, run on the test node agent: the
+command, args, environment and probes the manifest declares are what the image would run
+(`sllm-knative/autoscaler` -> `python -m autoscaler`), with the pod's service account.
+
+Checked on the real control plane: both replicas run; exactly one is Ready, and it is the holder
+of the autoscaler's Lease (readiness is leadership, so the Service routes the activator's reports
+to the leader); both are live (`/livez`) and serve the webhook's certificate from its Secret
+(the webhook Service publishes not-ready addresses); killing the leader's pod hands readiness to
+the other replica.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from autoscaler.kube.certs import SECRET
+from tests.kube.audit import apply_docs
+from tests.kube.conftest import agent_selector, until
+from tests.kube.nodeagent import NodeAgent
+
+MANIFESTS = Path(__file__).resolve().parents[2] / "manifests" / "autoscaler"
+NS = "sllm-knative"
+LEASE = "sllm-knative-autoscaler"
+
+
+def _docs(name: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all((MANIFESTS / name).read_text()) if d]
+
+
+def _pods(k: Any) -> list[Any]:
+    return [p for p in k.core.list_namespaced_pod(NS, label_selector="app.kubernetes.io/name=sllm-knative-autoscaler")
+            .items if p.metadata.deletion_timestamp is None]
+
+
+def _ready(p: Any) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+
+
+def _tls_ok(ip: str) -> bool:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # the certificate names the Service
+    with socket.create_connection((ip, 8443), timeout=3) as raw, ctx.wrap_socket(raw) as tls:
+        return tls.getpeercert(binary_form=True) is not None
+
+
+def test_the_deployment_runs_one_leader_and_two_webhooks(api: Any, k: Any, make_agent: Any) -> None:
+    agent: NodeAgent = make_agent(2)
+    deployment = next(d for d in _docs("deployment.yaml") if d["kind"] == "Deployment")
+    # Test-only: keep the replicas on this agent's nodes (other tests' nodes share the cluster).
+    deployment["spec"]["template"]["spec"]["nodeSelector"] = agent_selector(agent)
+    apply_docs(api, [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}},
+                     *_docs("rbac.yaml"),
+                     *[d for d in _docs("webhook.yaml") if d["kind"] == "Service"]])
+    k.apps.create_namespaced_deployment(NS, deployment)
+    try:
+        pods = until(lambda: (lambda ps: ps if len(ps) == 2 and all(p.status.phase == "Running" for p in ps) else None)(
+            _pods(k)), 60, "both replicas running")
+        leader = until(lambda: (lambda rs: rs[0] if len(rs) == 1 else None)([p for p in _pods(k) if _ready(p)]), 60,
+                       "exactly one Ready replica")
+        holder = k.coord.read_namespaced_lease(LEASE, NS).spec.holder_identity
+        assert holder.startswith(leader.metadata.name), (holder, leader.metadata.name)
+        for p in pods:
+            assert httpx.get(f"http://{p.status.pod_ip}:8080/livez", timeout=5).status_code == 200
+            assert httpx.get(f"http://{p.status.pod_ip}:8080/healthz", timeout=5).status_code == (
+                200 if p.metadata.name == leader.metadata.name else 503)
+            until(lambda p=p: _tls_ok(p.status.pod_ip), 30, f"the webhook's TLS on {p.metadata.name}")
+        assert k.core.read_namespaced_secret(SECRET, NS).type == "kubernetes.io/tls"
+
+        # The leader's pod goes: the other replica takes the Lease and becomes Ready.
+        k.core.delete_namespaced_pod(leader.metadata.name, NS, grace_period_seconds=0)
+        other = next(p.metadata.name for p in pods if p.metadata.name != leader.metadata.name)
+        until(lambda: any(p.metadata.name == other and _ready(p) for p in _pods(k)), 60,
+              "the other replica to lead and become Ready")
+    finally:
+        k.apps.delete_namespaced_deployment("sllm-autoscaler", NS)
