@@ -11,6 +11,7 @@ the other replica.
 
 from __future__ import annotations
 
+import functools
 import socket
 import ssl
 from pathlib import Path
@@ -69,7 +70,7 @@ def test_the_deployment_runs_one_leader_and_two_webhooks(api: Any, k: Any, make_
             assert httpx.get(f"http://{p.status.pod_ip}:8080/livez", timeout=5).status_code == 200
             assert httpx.get(f"http://{p.status.pod_ip}:8080/healthz", timeout=5).status_code == (
                 200 if p.metadata.name == leader.metadata.name else 503)
-            until(lambda p=p: _tls_ok(p.status.pod_ip), 30, f"the webhook's TLS on {p.metadata.name}")
+            until(functools.partial(_tls_ok, p.status.pod_ip), 30, f"the webhook's TLS on {p.metadata.name}")
         assert k.core.read_namespaced_secret(SECRET, NS).type == "kubernetes.io/tls"
 
         # The leader's pod goes: the other replica takes the Lease and becomes Ready.
