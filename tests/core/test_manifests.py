@@ -89,7 +89,7 @@ def test_kustomization_lists_every_crd_file() -> None:
     listed = yaml.safe_load((MANIFESTS / "crds" / "kustomization.yaml").read_text())["resources"]
     assert sorted(listed) == sorted(_crd_files())
     assert yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())["resources"] == [
-        "namespace.yaml", "crds", "autoscaler", "loader"]
+        "namespace.yaml", "crds", "autoscaler", "loader", "activator"]
 
 
 def _kubectl() -> str | None:
@@ -105,16 +105,18 @@ def test_kustomize_builds_the_install() -> None:
     crds = sorted(o["metadata"]["name"] for o in objects if o["kind"] == "CustomResourceDefinition")
     assert crds == sorted(c["metadata"]["name"] for c in CRDS.values())
     others = sorted((o["kind"], o["metadata"]["name"]) for o in objects if o["kind"] != "CustomResourceDefinition")
-    assert others == [("ClusterRole", "sllm-knative-autoscaler"), ("ClusterRole", "sllm-knative-loader"),
-                      ("ClusterRoleBinding", "sllm-knative-autoscaler"), ("ClusterRoleBinding", "sllm-knative-loader"),
-                      ("DaemonSet", "sllm-loader"), ("Deployment", "sllm-autoscaler"),
+    assert others == [("ClusterRole", "sllm-knative-activator"), ("ClusterRole", "sllm-knative-autoscaler"),
+                      ("ClusterRole", "sllm-knative-loader"),
+                      ("ClusterRoleBinding", "sllm-knative-activator"), ("ClusterRoleBinding", "sllm-knative-autoscaler"),
+                      ("ClusterRoleBinding", "sllm-knative-loader"),
+                      ("DaemonSet", "sllm-loader"), ("Deployment", "sllm-activator"), ("Deployment", "sllm-autoscaler"),
                       ("MutatingWebhookConfiguration", "sllm-knative-placement"),
                       ("Namespace", "sllm-knative"), ("Role", "sllm-knative-autoscaler-leader"),
                       ("Role", "sllm-knative-autoscaler-webhook"),
                       ("RoleBinding", "sllm-knative-autoscaler-leader"),
                       ("RoleBinding", "sllm-knative-autoscaler-webhook"),
                       ("Service", "sllm-autoscaler"), ("Service", "sllm-knative-webhook"),
-                      ("ServiceAccount", "sllm-autoscaler"),
+                      ("ServiceAccount", "sllm-activator"), ("ServiceAccount", "sllm-autoscaler"),
                       ("ServiceAccount", "sllm-loader")]
     assert all(o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "sllm-knative" for o in objects)
 
