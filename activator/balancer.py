@@ -15,7 +15,10 @@ from collections.abc import AsyncIterator, Sequence
 
 
 @dataclasses.dataclass
-class Instance:
+class RoutedInstance:
+    """One ready instance as the activator routes to it: its addresses (from an `Endpoint`
+    update), its capacity and the requests outstanding on it."""
+
     id: str
     url: str
     node: str = ""
@@ -27,8 +30,8 @@ class Instance:
         return self.capacity == 0 or self.outstanding < self.capacity
 
 
-def pick(instances: Sequence[Instance], exclude: frozenset[str] = frozenset()) -> Instance | None:
-    best: Instance | None = None
+def pick(instances: Sequence[RoutedInstance], exclude: frozenset[str] = frozenset()) -> RoutedInstance | None:
+    best: RoutedInstance | None = None
     for inst in instances:
         if inst.id in exclude or not inst.has_room():
             continue
@@ -44,7 +47,7 @@ class Breaker:
         self._changed = asyncio.Condition()
 
     @contextlib.asynccontextmanager
-    async def slot(self, inst: Instance) -> AsyncIterator[Instance]:
+    async def slot(self, inst: RoutedInstance) -> AsyncIterator[RoutedInstance]:
         inst.outstanding += 1
         try:
             yield inst

@@ -21,18 +21,18 @@ from types import TracebackType
 from typing import Any
 
 from activator import errors
-from activator.balancer import Instance, pick
+from activator.balancer import RoutedInstance, pick
 from activator.config import ActivatorConfig
 from activator.metrics import ServiceMeters
-from activator.registry import Registry, Service
+from activator.registry import Registry, RoutedService
 
-Demand = Callable[[Service], Awaitable[None]]
+Demand = Callable[[RoutedService], Awaitable[None]]
 
 
 class Slot:
     """One request's slot on one instance of `svc` (see the module doc)."""
 
-    def __init__(self, capacity: Capacity, svc: Service, exclude: frozenset[str], deadline: float,
+    def __init__(self, capacity: Capacity, svc: RoutedService, exclude: frozenset[str], deadline: float,
                  meters: ServiceMeters) -> None:
         self._capacity = capacity
         self.svc = svc
@@ -40,10 +40,10 @@ class Slot:
         self._deadline = deadline
         self._meters = meters
         self._stack = contextlib.AsyncExitStack()
-        self.inst: Instance | None = None
+        self.inst: RoutedInstance | None = None
 
     @property
-    def instance(self) -> Instance:
+    def instance(self) -> RoutedInstance:
         assert self.inst is not None, "the slot is not held"
         return self.inst
 
@@ -76,11 +76,11 @@ class Capacity:
         self.registry = registry
         self.demand = demand
 
-    def slot(self, svc: Service, exclude: frozenset[str], deadline: float, meters: ServiceMeters) -> Slot:
+    def slot(self, svc: RoutedService, exclude: frozenset[str], deadline: float, meters: ServiceMeters) -> Slot:
         return Slot(self, svc, exclude, deadline, meters)
 
-    async def wait_for_room(self, svc: Service, exclude: frozenset[str], deadline: float,
-                            meters: ServiceMeters) -> Instance:
+    async def wait_for_room(self, svc: RoutedService, exclude: frozenset[str], deadline: float,
+                            meters: ServiceMeters) -> RoutedInstance:
         """The least loaded instance with room, at once or after a wait (Overloaded when too many
         wait already, ColdStartTimeout past the deadline)."""
         inst = pick(svc.instances, exclude)

@@ -12,7 +12,7 @@ import httpx
 from starlette.types import Send
 
 from activator import errors, metrics
-from activator.balancer import Instance
+from activator.balancer import RoutedInstance
 from activator.migration import (
     InstanceClient,
     MigrationResult,
@@ -23,7 +23,7 @@ from activator.migration import (
     resume_whole,
     splice,
 )
-from activator.registry import Registry, Service
+from activator.registry import Registry, RoutedService
 from activator.request import response_headers
 from activator.respond import prepend, send_whole
 from sllm_knative.api.instance import GenerationState
@@ -42,7 +42,7 @@ class Migrations:
     # -- the request path ------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def track(self, gen_id: str | None, svc: Service, inst: Instance) -> Iterator[Tracked | None]:
+    def track(self, gen_id: str | None, svc: RoutedService, inst: RoutedInstance) -> Iterator[Tracked | None]:
         """A request the activator named, movable from the moment it is sent to `inst` (if that has
         an internal API) until the block ends.
 
@@ -60,7 +60,7 @@ class Migrations:
         finally:
             self.streams.remove(tracked)
 
-    def track_stream(self, gen_id: str, svc: Service, inst: Instance, tracked: Tracked | None) -> Tracked:
+    def track_stream(self, gen_id: str, svc: RoutedService, inst: RoutedInstance, tracked: Tracked | None) -> Tracked:
         """The stream of generation `gen_id` (`x-request-id`): the tracked request, or a new entry
         when the instance chose its own id."""
         if tracked is None or tracked.id != gen_id:
@@ -96,7 +96,7 @@ class Migrations:
         async for out in splice(self.client, tracked, prepend(held, rest), self.resume_candidates, broken=broken):
             yield out
 
-    async def finish_whole(self, send: Send, svc: Service, tracked: Tracked, state: GenerationState | None) -> None:
+    async def finish_whole(self, send: Send, svc: RoutedService, tracked: Tracked, state: GenerationState | None) -> None:
         """Answer a non-streaming request whose generation left its instance (state None: the
         instance died mid-migration, use the last export) from the instance that finishes it."""
         self.streams.add(tracked)  # still movable while it runs on the destination
@@ -110,7 +110,7 @@ class Migrations:
         out = response_headers([(k.lower(), v) for k, v in resp.headers.raw], tracked.instance.id)
         await send_whole(send, resp.status_code, out, resp.content)
 
-    def resume_candidates(self, tracked: Tracked, tried: frozenset[str]) -> list[Instance]:
+    def resume_candidates(self, tracked: Tracked, tried: frozenset[str]) -> list[RoutedInstance]:
         """Where a detached (or orphaned) generation may resume: its destination first, then any other."""
         out = [tracked.destination] if tracked.destination and tracked.destination.id not in tried else []
         with contextlib.suppress(KeyError):
@@ -139,7 +139,7 @@ class Migrations:
         svc = self.registry.get(key)
         streams = self.streams.on_instance(key, source)
 
-        def choose(tried: frozenset[str]) -> Instance | None:
+        def choose(tried: frozenset[str]) -> RoutedInstance | None:
             if destination is not None:
                 named = [i for i in svc.instances if i.id == destination and i.id not in tried]
                 return named[0] if named and named[0].internal_url else None

@@ -3,7 +3,7 @@
 The autoscaler pushes each service's ready instances (`set_endpoints`; in Kubernetes mode the
 revisions' EndpointSlices do, activator/kube/source.py); requests for a
 service with none wait on `wait_for_instance`, which returns a slot-holding instance or
-raises after the deadline. Instance objects are kept across updates so their outstanding
+raises after the deadline. RoutedInstance objects are kept across updates so their outstanding
 counts survive an endpoint refresh.
 """
 
@@ -13,17 +13,20 @@ import dataclasses
 import time
 from collections.abc import Sequence
 
-from activator.balancer import Breaker, Instance, pick
+from activator.balancer import Breaker, RoutedInstance, pick
 from activator.stats import ConcurrencyWindow
 from sllm_knative.api.activator import Endpoint
 from sllm_knative.api.keys import ServiceKey
 
 
 @dataclasses.dataclass
-class Service:
+class RoutedService:
+    """One service as the activator routes its requests: its ready instances, their breaker,
+    the concurrency window reported to the autoscaler and how many requests wait for room."""
+
     key: ServiceKey
     container_concurrency: int = 0
-    instances: list[Instance] = dataclasses.field(default_factory=list)
+    instances: list[RoutedInstance] = dataclasses.field(default_factory=list)
     breaker: Breaker = dataclasses.field(default_factory=Breaker)
     window: ConcurrencyWindow = dataclasses.field(default_factory=lambda: ConcurrencyWindow(time.monotonic()))
     held: int = 0
@@ -34,20 +37,20 @@ class Service:
 
 class Registry:
     def __init__(self) -> None:
-        self._services: dict[ServiceKey, Service] = {}
+        self._services: dict[ServiceKey, RoutedService] = {}
         self._models: dict[str, ServiceKey] = {}
         self.known: set[ServiceKey] = set()
 
-    def get(self, key: ServiceKey) -> Service:
+    def get(self, key: ServiceKey) -> RoutedService:
         return self._services[key]
 
-    def services(self) -> list[Service]:
+    def services(self) -> list[RoutedService]:
         return list(self._services.values())
 
-    def set_service(self, key: ServiceKey, container_concurrency: int = 0) -> Service:
+    def set_service(self, key: ServiceKey, container_concurrency: int = 0) -> RoutedService:
         svc = self._services.get(key)
         if svc is None:
-            svc = self._services[key] = Service(key)
+            svc = self._services[key] = RoutedService(key)
             self.known.add(key)
         svc.container_concurrency = container_concurrency
         return svc
@@ -61,7 +64,7 @@ class Registry:
         old = {i.id: i for i in svc.instances}
         fresh = []
         for e in endpoints:
-            inst = old.get(e.id) or Instance(e.id, e.url.rstrip("/"), e.node)
+            inst = old.get(e.id) or RoutedInstance(e.id, e.url.rstrip("/"), e.node)
             inst.url = e.url.rstrip("/")
             inst.internal_url = (e.internal_url or "").rstrip("/")
             inst.capacity = svc.container_concurrency if e.capacity is None else e.capacity
@@ -77,7 +80,7 @@ class Registry:
             svc.instances = [i for i in svc.instances if i.id != instance_id]
             await svc.breaker.poke()
 
-    async def wait_for_instance(self, svc: Service, deadline: float, exclude: frozenset[str]) -> Instance | None:
+    async def wait_for_instance(self, svc: RoutedService, deadline: float, exclude: frozenset[str]) -> RoutedInstance | None:
         """An instance with room, waiting (cold start or full breakers) until the deadline."""
         while True:
             inst = pick(svc.instances, exclude)

@@ -11,7 +11,7 @@ import time
 import httpx
 
 from activator.config import ActivatorConfig
-from activator.registry import Registry, Service
+from activator.registry import Registry, RoutedService
 from sllm_knative.api import autoscaler as api
 from sllm_knative.log import get_logger
 
@@ -25,7 +25,7 @@ class Reporter:
         self.http = http
         self._task: asyncio.Task[None] | None = None
 
-    async def demand(self, svc: Service) -> None:
+    async def demand(self, svc: RoutedService) -> None:
         """Scale from zero reacts to the first request at once: tell the autoscaler now (only for a
         service it scales: in Kubernetes mode a revision of another class is Knative's)."""
         if not self.config.autoscaler_url or not svc.ours:

@@ -22,7 +22,7 @@ from typing import Any
 
 from autoscaler.activator_client import Activator
 from autoscaler.backends.base import Backend
-from autoscaler.decider import Metrics, decide
+from autoscaler.decider import DeciderInputs, decide
 from autoscaler.scaling import Scaler
 from autoscaler.services import ServiceRuntime, ServiceTable
 from sllm_knative.api.autoscaler import StatsReport
@@ -99,7 +99,7 @@ class Autoscaler:
         if rt is None:
             return
         now = self.clock()
-        metrics = Metrics(rt.window, len(rt.ready()), rt.last_request_at)
+        metrics = DeciderInputs(rt.window, len(rt.ready()), rt.last_request_at)
         decision, rt.state = decide(rt.spec, metrics, rt.state, now)
         rt.last_decision = decision.reason
         if not decision.valid or decision.desired is None:

@@ -147,7 +147,7 @@ def spec_for(service: ServiceConfig, config: AutoscalerConfig | None = None,
 
 
 @dataclass(frozen=True)
-class Metrics:
+class DeciderInputs:
     """What the adapter observed: the metric window, the ready instances, and when the
     service last had a request in flight (the activator knows; None if never)."""
 
@@ -272,7 +272,7 @@ def apply_bounds(x: int, lo: int, hi: int) -> int:
     return min(x, hi) if hi > 0 else x
 
 
-def decide(spec: DeciderSpec, metrics: Metrics, state: DeciderState, now: float) -> tuple[Decision, DeciderState]:
+def decide(spec: DeciderSpec, metrics: DeciderInputs, state: DeciderState, now: float) -> tuple[Decision, DeciderState]:
     """One evaluation at time `now` (seconds, any epoch, monotonic)."""
     stable = metrics.window.average(now, spec.stable_window)
     if stable is None:
@@ -341,12 +341,12 @@ def decide(spec: DeciderSpec, metrics: Metrics, state: DeciderState, now: float)
     return decision, new_state
 
 
-def _last_busy(metrics: Metrics) -> float | None:
+def _last_busy(metrics: DeciderInputs) -> float | None:
     marks = [t for t in (metrics.last_request_at, metrics.window.last_nonzero()) if t is not None]
     return max(marks) if marks else None
 
 
-def _new_demand(metrics: Metrics, zero_since: float | None) -> bool:
+def _new_demand(metrics: DeciderInputs, zero_since: float | None) -> bool:
     """Whether a request was seen after the service went to zero (always, if it never did)."""
     if zero_since is None:
         return True
@@ -354,7 +354,7 @@ def _new_demand(metrics: Metrics, zero_since: float | None) -> bool:
     return busy is not None and busy > zero_since
 
 
-def _keep_alive(spec: DeciderSpec, metrics: Metrics, active_since: float | None, now: float) -> tuple[int, str]:
+def _keep_alive(spec: DeciderSpec, metrics: DeciderInputs, active_since: float | None, now: float) -> tuple[int, str]:
     """ServerlessLLM: keep the last instance until `keep_alive` seconds after the last request."""
     assert spec.keep_alive is not None
     marks = [t for t in (_last_busy(metrics), active_since) if t is not None]

@@ -40,14 +40,14 @@ from typing import TypeVar
 from loader_sidecar.aio import all_or_first_error, in_thread
 from loader_sidecar.config import Config
 from loader_sidecar.fills import Fill, Layout
-from loader_sidecar.metrics import Metrics
+from loader_sidecar.metrics import LoaderMetrics
 from loader_sidecar.profile import Profile
 from loader_sidecar.refs import ModelRef
 from loader_sidecar.spans import BadBlock, Span, SpanWriter, Target, create_file, plan_spans
 from loader_sidecar.ssd_copy import SsdToDram
 from loader_sidecar.stores import Store, open_store
 from loader_sidecar.stores.base import BlockingRead, Cancel
-from loader_sidecar.tiers import Tier
+from loader_sidecar.tiers import TierStore
 from loader_sidecar.watermarks import Watermarks
 from sllm_knative import format as fmt
 from sllm_knative import loading  # noqa: F401  (installs the extension's error types)
@@ -97,7 +97,7 @@ def _fsync_all(paths: Sequence[Path]) -> None:
 class Fetcher:
     """Fills the SSD and DRAM tiers of one node; every method runs on the event loop."""
 
-    def __init__(self, config: Config, ssd: Tier, dram: Tier, profile: Profile, metrics: Metrics,
+    def __init__(self, config: Config, ssd: TierStore, dram: TierStore, profile: Profile, metrics: LoaderMetrics,
                  on_progress: Callable[[], None]) -> None:
         self.config = config
         self.ssd = ssd

@@ -13,7 +13,7 @@ import dataclasses
 from pathlib import Path
 
 from loader_sidecar.refs import ModelRef
-from loader_sidecar.tiers import Entry, Tier
+from loader_sidecar.tiers import Entry, TierStore
 from loader_sidecar.watermarks import Watermarks
 from sllm_knative import format as fmt
 
@@ -50,7 +50,7 @@ class Hold:
 
 
 class Fill:
-    def __init__(self, ref: ModelRef, tier: Tier) -> None:
+    def __init__(self, ref: ModelRef, tier: TierStore) -> None:
         self.ref = ref
         self.tier = tier
         loop = asyncio.get_running_loop()
@@ -62,7 +62,7 @@ class Fill:
         self.task: asyncio.Task[None] | None = None
 
     @classmethod
-    def completed(cls, ref: ModelRef, tier: Tier, entry: Entry, layout: Layout) -> Fill:
+    def completed(cls, ref: ModelRef, tier: TierStore, entry: Entry, layout: Layout) -> Fill:
         fill = cls(ref, tier)
         fill.entry = entry
         parts = layout.index.partitions

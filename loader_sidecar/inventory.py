@@ -17,7 +17,7 @@ import psutil
 
 from loader_sidecar.leases import Lease
 from loader_sidecar.profile import Profile
-from loader_sidecar.tiers import Tier
+from loader_sidecar.tiers import TierStore
 from sllm_knative.loader import loader_pb2 as pb
 from sllm_knative.log import get_logger
 
@@ -92,7 +92,7 @@ def gpu_count(devs: Iterable[pb.Device]) -> int:
     return sum(1 for d in devs if d.kind == "gpu")
 
 
-def _tier(t: Tier) -> pb.TierInventory:
+def _tier(t: TierStore) -> pb.TierInventory:
     entries = [pb.CheckpointEntry(model=e.model, key=e.key, size=e.size, state=e.state.value,
                                   filled=min(e.filled, e.size), last_use=e.last_use, leases=e.leases,
                                   readers=e.readers)
@@ -101,7 +101,7 @@ def _tier(t: Tier) -> pb.TierInventory:
                             entries=entries)
 
 
-def build(node: str, version: int, tiers: Sequence[Tier], profile: Profile, devs: Sequence[pb.Device],
+def build(node: str, version: int, tiers: Sequence[TierStore], profile: Profile, devs: Sequence[pb.Device],
           leases: Iterable[Lease], stores: Sequence[str], now: float) -> pb.Inventory:
     return pb.Inventory(
         node=node, version=version, tiers=[_tier(t) for t in tiers],

@@ -45,6 +45,9 @@ def check_instance(text: str) -> str:
 
 @dataclasses.dataclass
 class Lease:
+    """The loader's record of one lease it granted (a client holds a
+    `sllm_knative.loader.client.LeaseHandle` on it)."""
+
     id: str
     ref: ModelRef
     device: str

@@ -14,9 +14,9 @@ from loader_sidecar import inventory, refs
 from loader_sidecar.config import Config
 from loader_sidecar.fetch import Fetcher
 from loader_sidecar.leases import Lease, LeaseTable, check_instance, parse_device
-from loader_sidecar.metrics import Metrics
+from loader_sidecar.metrics import LoaderMetrics
 from loader_sidecar.profile import Profile
-from loader_sidecar.tiers import Entry, Tier
+from loader_sidecar.tiers import Entry, TierStore
 from sllm_knative.loader import loader_pb2 as pb
 from sllm_knative.loader.errors import BadRequest, NotFound
 from sllm_knative.log import get_logger
@@ -32,14 +32,14 @@ def parse_tier(text: str, *, allow_all: bool = False) -> str:
 
 
 class Node:
-    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+    def __init__(self, config: Config, metrics: LoaderMetrics | None = None) -> None:
         self.config = config
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or LoaderMetrics()
         self.log = get_logger("loader_sidecar", node=config.node)
         self.notifier = inventory.Notifier()
         self.profile = Profile()
-        self.ssd = Tier("ssd", config.ssd_dir, config.ssd_bytes, on_change=self._changed, on_evict=self._evicted)
-        self.dram = Tier("dram", config.dram_dir, config.dram_bytes, on_change=self._changed,
+        self.ssd = TierStore("ssd", config.ssd_dir, config.ssd_bytes, on_change=self._changed, on_evict=self._evicted)
+        self.dram = TierStore("dram", config.dram_dir, config.dram_bytes, on_change=self._changed,
                          on_evict=self._evicted)
         self.leases = LeaseTable()
         self.fetcher = Fetcher(config, self.ssd, self.dram, self.profile, self.metrics,

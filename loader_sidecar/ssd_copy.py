@@ -21,11 +21,11 @@ from cuda_ext import _C
 from loader_sidecar.aio import in_thread
 from loader_sidecar.config import Config
 from loader_sidecar.fills import Fill, Layout
-from loader_sidecar.metrics import Metrics
+from loader_sidecar.metrics import LoaderMetrics
 from loader_sidecar.profile import Profile
 from loader_sidecar.refs import ModelRef
 from loader_sidecar.spans import create_file, pwrite_all
-from loader_sidecar.tiers import Entry, Tier
+from loader_sidecar.tiers import Entry, TierStore
 from loader_sidecar.watermarks import Watermarks
 from sllm_knative import format as fmt
 from sllm_knative.loader.errors import CorruptData, DiskError
@@ -50,7 +50,7 @@ class _Staging:
 class SsdToDram:
     """Copies verified SSD entries into the DRAM tier, reusing its staging buffers across fills."""
 
-    def __init__(self, config: Config, ssd: Tier, dram: Tier, profile: Profile, metrics: Metrics,
+    def __init__(self, config: Config, ssd: TierStore, dram: TierStore, profile: Profile, metrics: LoaderMetrics,
                  on_progress: Callable[[], None]) -> None:
         self.config = config
         self.ssd = ssd

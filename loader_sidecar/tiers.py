@@ -14,7 +14,7 @@ against the format's checksums, so a restart after `kill -9` drops whatever has 
                and the marker written at the end plays the part of the rename.
 
 Eviction never touches an entry that is leased, being read (a fill source) or filling.
-`plan_eviction` is the pure decision; `Tier` applies it to the directory.
+`plan_eviction` is the pure decision; `TierStore` applies it to the directory.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def read_marker(entry_dir: Path) -> dict | None:
     return doc
 
 
-class Tier:
+class TierStore:
     """One tier's directory, budget and entries. Not thread-safe: used from the event loop."""
 
     def __init__(self, name: str, root: Path, budget: int, *, clock: Callable[[], float] = time.time,

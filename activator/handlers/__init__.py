@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from starlette.types import Receive, Scope, Send
 
 from activator.metrics import ServiceMeters
-from activator.registry import Service
+from activator.registry import RoutedService
 from activator.request import RequestHead
 
 
@@ -34,7 +34,7 @@ class Exchange:
     head: RequestHead
     body: bytes = b""
     gen_id: str | None = None  # the generation name the activator gave it (completions and chat)
-    svc: Service | None = None  # in Kubernetes mode, the revision (found before the body is read)
+    svc: RoutedService | None = None  # in Kubernetes mode, the revision (found before the body is read)
 
 
 @dataclasses.dataclass(slots=True)
@@ -42,7 +42,7 @@ class Routed:
     """An exchange once its service is known."""
 
     ex: Exchange
-    svc: Service
+    svc: RoutedService
     meters: ServiceMeters
 
 

@@ -9,12 +9,12 @@ from collections.abc import Callable
 from activator import errors
 from activator.handlers import Exchange, Routed, RoutedHandler
 from activator.metrics import ServiceMeters
-from activator.registry import Registry, Service
+from activator.registry import Registry, RoutedService
 from activator.routing import OPENAI_PATHS, model_from_body, service_from_host, service_from_model
 from sllm_knative.api.keys import ServiceKey
 
 
-def route(registry: Registry, host: str | None, path: str, body: bytes, default_namespace: str) -> Service:
+def route(registry: Registry, host: str | None, path: str, body: bytes, default_namespace: str) -> RoutedService:
     known = registry.known
     key = service_from_host(host, known)
     if key is None and path in OPENAI_PATHS:

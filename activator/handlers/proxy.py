@@ -22,7 +22,7 @@ from activator.capacity import Capacity, Slot
 from activator.handlers import Exchange, Routed
 from activator.handoff import Migrations
 from activator.migration import Tracked, state_of
-from activator.registry import Registry, Service
+from activator.registry import Registry, RoutedService
 from activator.request import GENERATION_ID, request_target, response_headers
 from activator.respond import relay, send_stream, send_whole
 from activator.upstream import Pool, UpstreamResponse
@@ -109,7 +109,7 @@ class ProxyHandler:
             await after()
         return not retry
 
-    async def _failed(self, svc: Service, inst_id: str, node: str, tried: set[str], attempt: int, r: Routed,
+    async def _failed(self, svc: RoutedService, inst_id: str, node: str, tried: set[str], attempt: int, r: Routed,
                       exc: httpx.TransportError) -> None:
         tried.add(inst_id)
         _log.warning("instance failed before the first byte", service=str(svc.key), instance=inst_id,
@@ -118,7 +118,7 @@ class ProxyHandler:
         if attempt == 0:
             r.meters.retries.inc()
 
-    async def _respond(self, ex: Exchange, svc: Service, slot: Slot, resp: UpstreamResponse, first: bytes,
+    async def _respond(self, ex: Exchange, svc: RoutedService, slot: Slot, resp: UpstreamResponse, first: bytes,
                        tracked: Tracked | None) -> After | None:
         """Relay `resp` (its first chunk in hand) while the slot is held, or read a small body and
         leave its one write for after the slot is given back; `resp` is released either way."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from activator.balancer import Instance
+from activator.balancer import RoutedInstance
 from activator.migration.config import MigrationConfig
 from sllm_knative.api import instance as api
 from sllm_knative.api.wire import InvalidBody, parse_json, parse_obj
@@ -39,16 +39,16 @@ class InstanceClient:
 
     # -- the source ------------------------------------------------------------------------
 
-    async def export(self, inst: Instance, gen_id: str) -> api.GenerationState:
+    async def export(self, inst: RoutedInstance, gen_id: str) -> api.GenerationState:
         """The generation's state now (at the source's next step boundary); it keeps running."""
         return await self._state_call(inst, "GET", api.generation_path(gen_id))
 
-    async def detach(self, inst: Instance, gen_id: str, position: int | None = None) -> api.GenerationState:
+    async def detach(self, inst: RoutedInstance, gen_id: str, position: int | None = None) -> api.GenerationState:
         """Stop the generation at `position` (None: its next step boundary); its final state."""
         body = api.DetachRequest(position=position).model_dump()
         return await self._state_call(inst, "POST", api.detach_path(gen_id), body)
 
-    async def _state_call(self, inst: Instance, method: str, path: str,
+    async def _state_call(self, inst: RoutedInstance, method: str, path: str,
                           body: dict[str, Any] | None = None) -> api.GenerationState:
         url = f"{inst.internal_url}{path}"
         try:
@@ -70,7 +70,7 @@ class InstanceClient:
 
     # -- the destination -------------------------------------------------------------------
 
-    async def prefill(self, inst: Instance, gen_id: str, start: int, tokens: list[int], wait: bool = True) -> int:
+    async def prefill(self, inst: RoutedInstance, gen_id: str, start: int, tokens: list[int], wait: bool = True) -> int:
         """Extend the destination's parked prefill; the tokens it has computed (all but the last
         when `wait`; what it had so far when not)."""
         try:
@@ -86,7 +86,7 @@ class InstanceClient:
         except InvalidBody as exc:
             raise DestinationFailed(f"prefill answer without 'cached' ({exc}): {r.text[:300]}") from exc
 
-    async def drop_prefill(self, inst: Instance, gen_id: str) -> None:
+    async def drop_prefill(self, inst: RoutedInstance, gen_id: str) -> None:
         """Drop a parked prefill that will not be resumed (it also expires on its own)."""
         try:
             await self.http.delete(f"{inst.internal_url}{api.prefill_path(gen_id)}", timeout=5.0,
@@ -94,7 +94,7 @@ class InstanceClient:
         except httpx.HTTPError:
             pass
 
-    async def open_resume(self, inst: Instance, state: api.GenerationState) -> httpx.Response:
+    async def open_resume(self, inst: RoutedInstance, state: api.GenerationState) -> httpx.Response:
         """Resume a streaming generation: the response once its head is in (status 200; a refusal
         raises httpx.HTTPStatusError, its body read). The caller closes it."""
         req = self.http.build_request("POST", f"{inst.internal_url}{api.RESUME}",
@@ -108,7 +108,7 @@ class InstanceClient:
             raise httpx.HTTPStatusError(f"resume answered {resp.status_code}: {body}", request=req, response=resp)
         return resp
 
-    async def resume(self, inst: Instance, state: api.GenerationState) -> httpx.Response:
+    async def resume(self, inst: RoutedInstance, state: api.GenerationState) -> httpx.Response:
         """Resume a non-streaming generation: the whole answer, whatever its status."""
         return await self.http.post(f"{inst.internal_url}{api.RESUME}",
                                     json=api.ResumeRequest(state=state).model_dump(), headers=self.cfg.headers,

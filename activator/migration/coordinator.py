@@ -22,9 +22,9 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 
-from activator.balancer import Instance
+from activator.balancer import RoutedInstance
 from activator.migration.client import DestinationFailed, InstanceClient, SourceFailed, SourceFinished
-from activator.migration.planning import Action, follow_done, next_action
+from activator.migration.planning import MigrationPhase, follow_done, next_action
 from activator.migration.tracked import Handoff, Tracked
 from sllm_knative.api.activator import GenerationMigration
 from sllm_knative.api.migration import MigrationOutcome
@@ -54,7 +54,7 @@ class MigrationResult:
                                    lags=list(self.lags), follow=self.follow)
 
 
-async def _last_prefill(client: InstanceClient, dest: Instance, gen_id: str, start: int, tokens: list[int]) -> None:
+async def _last_prefill(client: InstanceClient, dest: RoutedInstance, gen_id: str, start: int, tokens: list[int]) -> None:
     """The final gap's prefill, sent with the detach: the resume does the work if it fails."""
     try:
         await client.prefill(dest, gen_id, start, tokens)
@@ -62,7 +62,7 @@ async def _last_prefill(client: InstanceClient, dest: Instance, gen_id: str, sta
         _log.debug("last prefill not used", id=gen_id, instance=dest.id, error=str(exc))
 
 
-async def migrate_generation(client: InstanceClient, tracked: Tracked, dest: Instance) -> MigrationResult:
+async def migrate_generation(client: InstanceClient, tracked: Tracked, dest: RoutedInstance) -> MigrationResult:
     """Move one generation from its instance to `dest` (rounds, follow, detach; the relay splices)."""
     cfg = client.cfg
     t0 = time.perf_counter()
@@ -78,7 +78,7 @@ async def migrate_generation(client: InstanceClient, tracked: Tracked, dest: Ins
 
     tracked.begin(dest)
     last: asyncio.Future[None] | None = None
-    phase = Action.PREFILL
+    phase = MigrationPhase.PREFILL
     try:
         while True:
             # An export is answered at the source's next step boundary: one loop per source step
@@ -87,12 +87,12 @@ async def migrate_generation(client: InstanceClient, tracked: Tracked, dest: Ins
             tracked.last_state = state
             tokens = state.position
             gap = tokens - cached
-            if phase is not Action.FOLLOW and rounds:
+            if phase is not MigrationPhase.FOLLOW and rounds:
                 gaps.append(gap)
                 phase = next_action(rounds, gap, cfg)
-            if phase is Action.DETACH:
+            if phase is MigrationPhase.DETACH:
                 break
-            if phase is Action.FOLLOW:
+            if phase is MigrationPhase.FOLLOW:
                 if gap:
                     computed = await client.prefill(dest, tracked.id, cached, state.tokens[cached:tokens], wait=False)
                     cached = tokens
@@ -145,7 +145,7 @@ async def migrate_generation(client: InstanceClient, tracked: Tracked, dest: Ins
 
 
 async def migrate_instance(client: InstanceClient, streams: Sequence[Tracked],
-                           destinations: Callable[[frozenset[str]], Instance | None]) -> list[MigrationResult]:
+                           destinations: Callable[[frozenset[str]], RoutedInstance | None]) -> list[MigrationResult]:
     """Migrate all given streams in parallel; a generation whose destination fails tries the next one."""
 
     async def one(tracked: Tracked) -> MigrationResult:

@@ -7,26 +7,28 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 
-from activator.balancer import Instance
+from activator.balancer import RoutedInstance
 from activator.migration.config import MigrationConfig
 
 
-class Action(enum.Enum):
+class MigrationPhase(enum.Enum):
+    """What a migration does next (`next_action`): another waited round, follow, or detach."""
+
     PREFILL = "prefill"  # send the new tokens to the destination, wait for their prefill, look again
     FOLLOW = "follow"  # queue each source step's tokens on the destination until it keeps pace
     DETACH = "detach"  # stop the source now and resume on the destination
 
 
-def next_action(rounds: int, gap: int, cfg: MigrationConfig) -> Action:
+def next_action(rounds: int, gap: int, cfg: MigrationConfig) -> MigrationPhase:
     """After `rounds` waited prefill rounds the destination lacks `gap` tokens: another round,
     the follow phase, or detach? Detach once the gap is at most gap_threshold; follow once it is
     at most settle_gap or the rounds are spent (a larger gap, even one that did not shrink after
     a noisy round or a long first prefill, gets another waited round first)."""
     if gap <= cfg.gap_threshold:
-        return Action.DETACH
+        return MigrationPhase.DETACH
     if rounds >= cfg.max_rounds or gap <= cfg.settle_gap:
-        return Action.FOLLOW if cfg.max_follow > 0 else Action.DETACH
-    return Action.PREFILL
+        return MigrationPhase.FOLLOW if cfg.max_follow > 0 else MigrationPhase.DETACH
+    return MigrationPhase.PREFILL
 
 
 FALLING_BEHIND = 4  # follow steps per window of the falling-behind test
@@ -45,10 +47,10 @@ def follow_done(lags: Sequence[int], cfg: MigrationConfig) -> bool:
     return len(lags) >= 2 * w and min(lags[-w:]) > min(lags[-2 * w:-w]) + 1
 
 
-def pick_destination(instances: Sequence[Instance], source_id: str,
-                     exclude: frozenset[str] = frozenset()) -> Instance | None:
+def pick_destination(instances: Sequence[RoutedInstance], source_id: str,
+                     exclude: frozenset[str] = frozenset()) -> RoutedInstance | None:
     """The ready instance (not the source) with the fewest outstanding requests and an internal API."""
-    best: Instance | None = None
+    best: RoutedInstance | None = None
     for inst in instances:
         if inst.id == source_id or inst.id in exclude or not inst.internal_url:
             continue

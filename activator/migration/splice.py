@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import httpx
 
 from activator import metrics
-from activator.balancer import Instance
+from activator.balancer import RoutedInstance
 from activator.migration.client import InstanceClient, detached_answer
 from activator.migration.frames import Frame, classify, detached_state, frame_counts, split_frames, trim_frame
 from activator.migration.tracked import Tracked
@@ -30,7 +30,7 @@ from sllm_knative.log import get_logger
 
 _log = get_logger("activator.migration")
 
-Candidates = Callable[[Tracked, frozenset[str]], Sequence[Instance]]
+Candidates = Callable[[Tracked, frozenset[str]], Sequence[RoutedInstance]]
 
 
 async def _open_resume(client: InstanceClient, tracked: Tracked, state: GenerationState,

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 
-from activator.balancer import Breaker, Instance
+from activator.balancer import Breaker, RoutedInstance
 from activator.migration.frames import frame_counts, split_frames
 from sllm_knative.api.instance import GenerationState
 from sllm_knative.api.keys import ServiceKey
@@ -31,14 +31,14 @@ class Handoff:
 class Tracked:
     """One streaming response the relay is passing through, which a migration may switch."""
 
-    def __init__(self, gen_id: str, key: ServiceKey, instance: Instance, breaker: Breaker) -> None:
+    def __init__(self, gen_id: str, key: ServiceKey, instance: RoutedInstance, breaker: Breaker) -> None:
         self.id = gen_id
         self.key = key
         self.instance = instance  # where the generation runs now
         self.breaker = breaker
         self.upstream = contextlib.AsyncExitStack()  # the current upstream's response and breaker slot
         self.migrating = False  # the relay parses frames from here on
-        self.destination: Instance | None = None
+        self.destination: RoutedInstance | None = None
         self.last_state: GenerationState | None = None  # the newest export of the source
         loop = asyncio.get_running_loop()
         self.handoff: asyncio.Future[Handoff] = loop.create_future()
@@ -68,7 +68,7 @@ class Tracked:
         self.delivered += chars
         self.delivered_tokens += tokens
 
-    def begin(self, destination: Instance) -> None:
+    def begin(self, destination: RoutedInstance) -> None:
         """A migration to `destination` starts: fresh handoff and outcome, frames parsed from now on."""
         loop = asyncio.get_running_loop()
         self.handoff, self.switched = loop.create_future(), loop.create_future()

@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     log.setup(level)
     logger = log.get_logger("functions.llm", service=cfg.service, instance=cfg.instance, node=cfg.node,
                             checkpoint=cfg.checkpoint)
-    from functions.llm.service import Service
+    from functions.llm.service import ModelHost
 
-    service = Service(cfg, started, logger)
+    service = ModelHost(cfg, started, logger)
     service.start_loading()
     from functions.llm import server
 

@@ -25,11 +25,11 @@ from functions.llm.errors import ApiError, error_response, model_not_found
 from functions.llm.generation import OutputQueue, respond
 from functions.llm.metrics import CONTENT_TYPE
 from functions.llm.responses import Formatter
-from functions.llm.service import Service
+from functions.llm.service import ModelHost
 from functions.llm.transport import json_response, read_json
 
 
-def _service(request: Request) -> Service:
+def _service(request: Request) -> ModelHost:
     return request.app.state.service
 
 
@@ -73,7 +73,7 @@ async def chat_completions(request: Request) -> Response:
     return await _generate(request, "chat")
 
 
-def _model_card(service: Service) -> dict[str, Any]:
+def _model_card(service: ModelHost) -> dict[str, Any]:
     created = int(service.stopwatch.process_start)
     return {"id": service.cfg.model_name, "object": "model", "created": created, "owned_by": "sllm-knative",
             "max_model_len": service.max_len or None}
@@ -109,7 +109,7 @@ async def metrics(request: Request) -> Response:
 class CountRequests:
     """Counts finished API requests in sllm_function_requests_total, by endpoint function and status."""
 
-    def __init__(self, app: ASGIApp, service: Service) -> None:
+    def __init__(self, app: ASGIApp, service: ModelHost) -> None:
         self.app = app
         self.counter = service.metrics.requests
 
@@ -143,7 +143,7 @@ COMMON_ROUTES = [
 ]
 
 
-def build(service: Service) -> Starlette:
+def build(service: ModelHost) -> Starlette:
     routes = [
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),

@@ -32,7 +32,7 @@ from functions.llm.app import COMMON_ROUTES, EXCEPTION_HANDLERS, CountRequests
 from functions.llm.errors import BadRequest, Unauthorized
 from functions.llm.generation import OutputQueue, respond
 from functions.llm.responses import Formatter
-from functions.llm.service import Service
+from functions.llm.service import ModelHost
 from functions.llm.state import parse_state
 from functions.llm.transport import dumps, json_response, read_json
 from sllm_knative.api import auth
@@ -40,7 +40,7 @@ from sllm_knative.api import instance as api
 from sllm_knative.api.wire import InvalidBody, M, Message, parse_obj
 
 
-def _service(request: Request) -> Service:
+def _service(request: Request) -> ModelHost:
     return request.app.state.service
 
 
@@ -154,7 +154,7 @@ class RequireToken:
         await self.app(scope, receive, send)
 
 
-def build(service: Service) -> Starlette:
+def build(service: ModelHost) -> Starlette:
     routes = [
         Route(api.GENERATIONS, generations, methods=["GET"]),
         Route(api.GENERATION_ROUTE, export, methods=["GET"]),

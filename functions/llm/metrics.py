@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-class Metrics:
+class FunctionMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry

@@ -18,7 +18,7 @@ import uvicorn
 from functions.llm import app as public_app
 from functions.llm import drain
 from functions.llm import internal as internal_app
-from functions.llm.service import Service
+from functions.llm.service import ModelHost
 
 GRACE_S = 30
 
@@ -42,7 +42,7 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(service: Service) -> None:
+async def serve(service: ModelHost) -> None:
     cfg = service.cfg
     listeners = [(public_app.build(service), _bind(cfg.host, cfg.port)),
                  (internal_app.build(service), _bind(cfg.internal_host, cfg.internal_port))]

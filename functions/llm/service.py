@@ -1,6 +1,6 @@
 """One instance's lifecycle: load in the background, then serve through the engine.
 
-`Service.start_loading()` starts a thread that imports torch and transformers, loads the
+`ModelHost.start_loading()` starts a thread that imports torch and transformers, loads the
 weights from the `WeightsSource`, builds the runner and the engine and warms them up; the HTTP
 servers start meanwhile (liveness answers at once, readiness and generation requests answer
 503 until the model is ready). Modules that need torch are imported by that thread only, so
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from functions.llm.config import ServeConfig
 from functions.llm.errors import BadRequest, TooManyRequests, Unavailable
-from functions.llm.metrics import Metrics, Stopwatch
+from functions.llm.metrics import FunctionMetrics, Stopwatch
 from functions.llm.params import Output
 from functions.llm.weights import LeasedCheckpoint, LeaseFailed, WeightsSource, source_for
 from sllm_knative.log import Logger
@@ -48,7 +48,7 @@ class Permit:
 class Limiter:
     """The instance's concurrency limit (Knative containerConcurrency). Event-loop thread only."""
 
-    def __init__(self, limit: int, metrics: Metrics) -> None:
+    def __init__(self, limit: int, metrics: FunctionMetrics) -> None:
         self.limit = limit
         self.in_use = 0
         self._metrics = metrics
@@ -66,12 +66,15 @@ class Limiter:
         self._metrics.in_flight.set(self.in_use)
 
 
-class Service:
+class ModelHost:
+    """The instance's model: loads it (`start_loading`), then holds the engine, the tokenizer,
+    the concurrency limiter and the metrics that the public and internal apps serve through."""
+
     def __init__(self, cfg: ServeConfig, process_start: float, log: Logger,
                  source: WeightsSource | None = None) -> None:
         self.cfg = cfg
         self.log = log
-        self.metrics = Metrics()
+        self.metrics = FunctionMetrics()
         self.stopwatch = Stopwatch(process_start)
         self.source: WeightsSource = source or source_for(cfg, log)
         self.limiter = Limiter(cfg.max_concurrency, self.metrics)

@@ -44,8 +44,9 @@ def error_from_rpc(exc: grpc.RpcError) -> errors.LoaderError:
     return cls(f"{exc.details()} [{code.name}]")
 
 
-class Lease:
-    """A granted lease; watermarks follow the fill until it completes."""
+class LeaseHandle:
+    """The client's handle on a granted lease (the loader's own record of it is
+    `loader_sidecar.leases.Lease`); watermarks follow the fill until it completes."""
 
     def __init__(self, client: LoaderClient, call: grpc.Future, granted: pb.LeaseGranted,
                  events: Iterator[pb.LeaseEvent]) -> None:
@@ -115,7 +116,7 @@ class Lease:
         self._call.cancel()
         self._thread.join(timeout=10)
 
-    def __enter__(self) -> Lease:
+    def __enter__(self) -> LeaseHandle:
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
@@ -144,7 +145,7 @@ class LoaderClient:
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
-    def acquire(self, model: str, device: str = "cpu", instance: str = "") -> Lease:
+    def acquire(self, model: str, device: str = "cpu", instance: str = "") -> LeaseHandle:
         """Lease a checkpoint; returns once it is granted (its files may still be filling)."""
         call = self.stub.Acquire(pb.AcquireRequest(model=model, device=device, instance=instance))
         try:
@@ -156,10 +157,10 @@ class LoaderClient:
         if first.WhichOneof("event") != "granted":
             call.cancel()
             raise errors.LoaderError(f"protocol error: first lease event is {first.WhichOneof('event')!r}")
-        return Lease(self, call, first.granted, call)
+        return LeaseHandle(self, call, first.granted, call)
 
     def release(self, lease_id: str) -> None:
-        """End a lease by id (a Lease object's own `release` also stops following it)."""
+        """End a lease by id (a LeaseHandle's own `release` also stops following it)."""
         self._unary("Release", pb.ReleaseRequest(lease_id=lease_id))
 
     def prefetch(self, model: str, tier: str = "dram", wait: bool = True) -> pb.PrefetchReply:

@@ -10,11 +10,11 @@ import httpx
 import pytest
 
 from activator import errors
-from activator.balancer import Instance, pick
+from activator.balancer import RoutedInstance, pick
 from activator.capacity import Capacity
 from activator.config import ActivatorConfig
 from activator.metrics import ServiceMeters
-from activator.registry import Registry, Service
+from activator.registry import Registry, RoutedService
 from activator.request import RequestHead, is_internal, request_target, response_headers, split_headers
 from activator.routing import model_from_body, service_from_host, service_from_model
 from activator.stats import ConcurrencyWindow
@@ -52,8 +52,8 @@ def test_service_from_model(body: bytes, want: ServiceKey | None) -> None:
     assert service_from_model(model_from_body(body), KNOWN) == want
 
 
-def _insts(*spec: tuple[str, int, int]) -> list[Instance]:
-    return [Instance(i, f"http://{i}", capacity=c, outstanding=o) for i, c, o in spec]
+def _insts(*spec: tuple[str, int, int]) -> list[RoutedInstance]:
+    return [RoutedInstance(i, f"http://{i}", capacity=c, outstanding=o) for i, c, o in spec]
 
 
 @pytest.mark.parametrize(("instances", "exclude", "want"), [
@@ -64,7 +64,7 @@ def _insts(*spec: tuple[str, int, int]) -> list[Instance]:
     pytest.param(_insts(("a", 0, 0), ("b", 0, 5)), frozenset({"a"}), "b", id="excluded"),
     pytest.param([], frozenset(), None, id="none"),
 ])
-def test_pick(instances: list[Instance], exclude: frozenset[str], want: str | None) -> None:
+def test_pick(instances: list[RoutedInstance], exclude: frozenset[str], want: str | None) -> None:
     got = pick(instances, exclude)
     assert (got.id if got else None) == want
 
@@ -194,15 +194,15 @@ def test_pool_rejects_bad_settings(kwargs: dict, field: str) -> None:
         Pool(**kwargs)
 
 
-def _capacity(*instances: tuple[str, int]) -> tuple[Capacity, Service, ServiceMeters, list[Service]]:
+def _capacity(*instances: tuple[str, int]) -> tuple[Capacity, RoutedService, ServiceMeters, list[RoutedService]]:
     """A registry with one service of the given (id, capacity) instances; demand is recorded."""
     registry = Registry()
     key = ServiceKey("default", "slots")
     svc = registry.set_service(key)
-    svc.instances = [Instance(i, f"http://{i}", capacity=c) for i, c in instances]
-    demanded: list[Service] = []
+    svc.instances = [RoutedInstance(i, f"http://{i}", capacity=c) for i, c in instances]
+    demanded: list[RoutedService] = []
 
-    async def demand(s: Service) -> None:
+    async def demand(s: RoutedService) -> None:
         demanded.append(s)
 
     return Capacity(ActivatorConfig(cold_start_timeout_s=0.2), registry, demand), svc, ServiceMeters.of(key), demanded

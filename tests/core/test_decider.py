@@ -10,10 +10,10 @@ from collections.abc import Callable
 import pytest
 
 from autoscaler.decider import (
+    DeciderInputs,
     DeciderSpec,
     DeciderState,
     Decision,
-    Metrics,
     PanicState,
     decide,
     excess_burst_capacity,
@@ -110,7 +110,7 @@ class Sim:
 
     def tick(self, t: float, concurrency: float) -> Decision:
         self.sample(t, concurrency)
-        d, self.state = decide(self.spec, Metrics(self.window, self.ready, self.last_request), self.state, t)
+        d, self.state = decide(self.spec, DeciderInputs(self.window, self.ready, self.last_request), self.state, t)
         if d.valid and d.desired is not None:
             self.ready = d.desired
         self.log.append((t, d))
@@ -135,7 +135,7 @@ class Sim:
 def test_no_data_yet_is_a_no_op() -> None:
     s = spec()
     state = initial_state(s, 0.0, scale=0)
-    d, new = decide(s, Metrics(MetricWindow(), ready=0), state, 5.0)
+    d, new = decide(s, DeciderInputs(MetricWindow(), ready=0), state, 5.0)
     assert (d.valid, d.desired, new) == (False, None, state)
     assert "no data yet" in d.reason
 
@@ -239,9 +239,9 @@ def test_initial_scale_holds_until_reached_once() -> None:
     window = MetricWindow().record(0.0, 0.0)
     state = initial_state(s, 0.0)  # a new service: starts at its initial scale
     assert state.scale == 3 and not state.initialized
-    d, state = decide(s, Metrics(window, ready=1), state, 0.0)
+    d, state = decide(s, DeciderInputs(window, ready=1), state, 0.0)
     assert d.desired == 3 and "bounded to 3" in d.reason
-    d, state = decide(s, Metrics(window.record(2.0, 0.0), ready=3), state, 2.0)
+    d, state = decide(s, DeciderInputs(window.record(2.0, 0.0), ready=3), state, 2.0)
     assert state.initialized and d.desired == 1  # the scale-down rate halves 3 -> 1
 
 
@@ -250,7 +250,7 @@ def test_restart_starts_in_panic_and_keeps_the_scale() -> None:
     state = initial_state(s, 0.0, ready=5, scale=5)
     assert state.panic.since == 0.0
     window = MetricWindow().record(1.0, 3.0)
-    d, state = decide(s, Metrics(window, ready=5), state, 1.0)
+    d, state = decide(s, DeciderInputs(window, ready=5), state, 1.0)
     assert d.desired == 5 and d.panicking
 
 
@@ -277,9 +277,9 @@ def test_keep_alive_counts_from_the_activators_last_request() -> None:
     s = spec(target=7.0, keep_alive=30.0)
     window = MetricWindow(horizon_s=60.0).record(0.0, 0.0)
     state = DeciderState(scale=1, active_since=-500.0, initialized=True)
-    d, _ = decide(s, Metrics(window, ready=1, last_request_at=-10.0), state, 0.0)
+    d, _ = decide(s, DeciderInputs(window, ready=1, last_request_at=-10.0), state, 0.0)
     assert d.desired == 1 and "idle 10.0s < 30s" in d.reason
-    d, _ = decide(s, Metrics(window, ready=1, last_request_at=-40.0), state, 0.0)
+    d, _ = decide(s, DeciderInputs(window, ready=1, last_request_at=-40.0), state, 0.0)
     assert d.desired == 0
 
 

@@ -10,17 +10,17 @@ from starlette.testclient import TestClient
 from functions.llm import app as public_app
 from functions.llm import internal as internal_app
 from functions.llm.config import ServeConfig
-from functions.llm.service import Service
+from functions.llm.service import ModelHost
 from sllm_knative.log import get_logger
 
 TOKEN = "s3cret-token"
 
 
 @pytest.fixture()
-def loading_service(tmp_path) -> Service:
+def loading_service(tmp_path) -> ModelHost:
     """A service whose model has not been loaded (the state between process start and ready)."""
     cfg = ServeConfig(model_dir=tmp_path, model_name="tiny", internal_token=TOKEN)
-    return Service(cfg, time.time(), get_logger("test"))
+    return ModelHost(cfg, time.time(), get_logger("test"))
 
 
 def test_public_app_before_ready(loading_service):

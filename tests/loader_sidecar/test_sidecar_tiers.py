@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from loader_sidecar.tiers import MARKER, Entry, State, Tier, plan_eviction, read_marker
+from loader_sidecar.tiers import MARKER, Entry, State, TierStore, plan_eviction, read_marker
 from sllm_knative.loader.errors import InUse, TierFull
 
 
@@ -47,7 +47,7 @@ def test_reserve_waits_for_readers_not_for_fills(tmp_path):
     import asyncio
 
     async def run() -> tuple[str, str]:
-        tier = Tier("dram", tmp_path, 100)
+        tier = TierStore("dram", tmp_path, 100)
         _fill(tier, "a-000000000000", 60)
         tier.add_reader("a-000000000000", 1)
         waiting = asyncio.ensure_future(tier.reserve_when_free("b-000000000000", "file:///m/b", 50, timeout=5))
@@ -63,7 +63,7 @@ def test_reserve_waits_for_readers_not_for_fills(tmp_path):
     assert got == "b-000000000000" and "(50 bytes, filling)" in message  # no waiting for a fill
 
 
-def _fill(tier: Tier, key: str, size: int) -> None:
+def _fill(tier: TierStore, key: str, size: int) -> None:
     tier.reserve(key, f"file:///m/{key}", size)
     d = tier.path(key)
     d.mkdir(parents=True)
@@ -74,7 +74,7 @@ def _fill(tier: Tier, key: str, size: int) -> None:
 def test_reserve_evicts_lru_and_keeps_leased(tmp_path):
     clock = iter(range(100)).__next__
     evicted = []
-    tier = Tier("ssd", tmp_path, 100, clock=lambda: float(clock()), on_evict=lambda t, e: evicted.append(e.key))
+    tier = TierStore("ssd", tmp_path, 100, clock=lambda: float(clock()), on_evict=lambda t, e: evicted.append(e.key))
     for key in ("a-000000000000", "b-000000000000", "c-000000000000"):
         _fill(tier, key, 30)
     tier.touch("a-000000000000")           # a is now the most recently used
@@ -91,7 +91,7 @@ def test_reserve_evicts_lru_and_keeps_leased(tmp_path):
 
 
 def test_published_entry_has_verified_marker(tmp_path):
-    tier = Tier("ssd", tmp_path, 1000)
+    tier = TierStore("ssd", tmp_path, 1000)
     tier.reserve("k-0123456789ab", "file:///m/k", 10)
     staging = tier.staging_dir("k-0123456789ab")
     (staging / "partition-0.bin").write_bytes(b"y" * 10)
@@ -103,7 +103,7 @@ def test_published_entry_has_verified_marker(tmp_path):
 
 
 def test_recover_drops_partial_and_unverified(tmp_path):
-    tier = Tier("dram", tmp_path, 1000)
+    tier = TierStore("dram", tmp_path, 1000)
     _fill(tier, "good-0123456789ab", 10)
     _fill(tier, "short-0123456789ab", 10)
     (tmp_path / "short-0123456789ab" / "partition-0.bin").write_bytes(b"x" * 5)   # truncated after marker
@@ -114,7 +114,7 @@ def test_recover_drops_partial_and_unverified(tmp_path):
     (bad / MARKER).write_text(json.dumps({"version": 1, "key": "other", "model": "m", "files": {}, "verified": True}))
     (tmp_path / ".staging" / "x-0123456789ab.abcd").mkdir(parents=True)        # SSD download in flight
     (tmp_path / "notes.txt").write_text("not ours")                            # left alone
-    fresh = Tier("dram", tmp_path, 1000)
+    fresh = TierStore("dram", tmp_path, 1000)
     dropped = fresh.recover()
     assert sorted(fresh.entries) == ["good-0123456789ab"]
     assert sorted(dropped) == [".staging/x-0123456789ab.abcd", "badmarker-0123456789ab", "nomarker-0123456789ab",
@@ -124,10 +124,10 @@ def test_recover_drops_partial_and_unverified(tmp_path):
 
 def test_recover_keeps_lru_order_and_budget(tmp_path):
     clock = iter(range(100)).__next__
-    tier = Tier("ssd", tmp_path, 100, clock=lambda: 1_000_000.0 + clock())
+    tier = TierStore("ssd", tmp_path, 100, clock=lambda: 1_000_000.0 + clock())
     for key in ("a-000000000000", "b-000000000000", "c-000000000000"):
         _fill(tier, key, 30)
     tier.touch("a-000000000000")
-    smaller = Tier("ssd", tmp_path, 60)   # restarted with a smaller budget
+    smaller = TierStore("ssd", tmp_path, 60)   # restarted with a smaller budget
     smaller.recover()
     assert sorted(smaller.entries) == ["a-000000000000", "c-000000000000"]  # b was least recently used

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from activator.balancer import Instance
+from activator.balancer import RoutedInstance
 from activator.migration import (
-    Action,
     Frame,
     MigrationConfig,
+    MigrationPhase,
     classify,
     follow_done,
     next_action,
@@ -24,17 +24,17 @@ CFG = MigrationConfig(gap_threshold=2, max_rounds=4, settle_gap=16)
 
 
 @pytest.mark.parametrize("rounds, gap, want", [
-    pytest.param(1, 200, Action.PREFILL, id="large-gap-prefills-again"),
-    pytest.param(1, 2, Action.DETACH, id="gap-at-threshold-detaches"),
-    pytest.param(2, 1, Action.DETACH, id="small-gap-detaches"),
-    pytest.param(2, 0, Action.DETACH, id="no-gap-detaches"),
-    pytest.param(3, 40, Action.PREFILL, id="large-gap-under-the-bound"),
-    pytest.param(4, 30, Action.FOLLOW, id="rounds-spent-follows"),
-    pytest.param(4, 2, Action.DETACH, id="rounds-spent-small-gap-detaches"),
-    pytest.param(1, 16, Action.FOLLOW, id="gap-at-settle-follows"),
-    pytest.param(2, 6, Action.FOLLOW, id="small-gap-follows"),
-    pytest.param(3, 600, Action.PREFILL, id="large-gap-gets-another-round-until-the-bound"),
-    pytest.param(2, 17, Action.PREFILL, id="just-over-settle-prefills-again"),
+    pytest.param(1, 200, MigrationPhase.PREFILL, id="large-gap-prefills-again"),
+    pytest.param(1, 2, MigrationPhase.DETACH, id="gap-at-threshold-detaches"),
+    pytest.param(2, 1, MigrationPhase.DETACH, id="small-gap-detaches"),
+    pytest.param(2, 0, MigrationPhase.DETACH, id="no-gap-detaches"),
+    pytest.param(3, 40, MigrationPhase.PREFILL, id="large-gap-under-the-bound"),
+    pytest.param(4, 30, MigrationPhase.FOLLOW, id="rounds-spent-follows"),
+    pytest.param(4, 2, MigrationPhase.DETACH, id="rounds-spent-small-gap-detaches"),
+    pytest.param(1, 16, MigrationPhase.FOLLOW, id="gap-at-settle-follows"),
+    pytest.param(2, 6, MigrationPhase.FOLLOW, id="small-gap-follows"),
+    pytest.param(3, 600, MigrationPhase.PREFILL, id="large-gap-gets-another-round-until-the-bound"),
+    pytest.param(2, 17, MigrationPhase.PREFILL, id="just-over-settle-prefills-again"),
 ])
 def test_next_action(rounds, gap, want):
     assert next_action(rounds, gap, CFG) is want
@@ -42,11 +42,11 @@ def test_next_action(rounds, gap, want):
 
 def test_next_action_without_follow_or_settle():
     cfg = MigrationConfig(gap_threshold=2, max_rounds=4, settle_gap=0)
-    assert next_action(2, 6, cfg) is Action.PREFILL  # settle_gap 0: waited rounds until max_rounds
-    assert next_action(4, 6, cfg) is Action.FOLLOW
+    assert next_action(2, 6, cfg) is MigrationPhase.PREFILL  # settle_gap 0: waited rounds until max_rounds
+    assert next_action(4, 6, cfg) is MigrationPhase.FOLLOW
     cfg = MigrationConfig(gap_threshold=2, max_rounds=4, settle_gap=16, max_follow=0)
-    assert next_action(2, 6, cfg) is Action.DETACH  # no follow phase: detach where it would begin
-    assert next_action(4, 30, cfg) is Action.DETACH
+    assert next_action(2, 6, cfg) is MigrationPhase.DETACH  # no follow phase: detach where it would begin
+    assert next_action(4, 30, cfg) is MigrationPhase.DETACH
 
 
 @pytest.mark.parametrize("lags, want", [
@@ -79,8 +79,8 @@ def test_config_rejects(kwargs, message):
         MigrationConfig(**kwargs)
 
 
-def inst(name: str, outstanding: int, internal: bool = True) -> Instance:
-    return Instance(name, f"http://{name}", outstanding=outstanding, internal_url=f"http://{name}:1" if internal else "")
+def inst(name: str, outstanding: int, internal: bool = True) -> RoutedInstance:
+    return RoutedInstance(name, f"http://{name}", outstanding=outstanding, internal_url=f"http://{name}:1" if internal else "")
 
 
 @pytest.mark.parametrize("instances, exclude, want", [
