@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 
 from autoscaler.backends.base import EventHandler, EventKind, InstanceEvent, InstanceRecord, InstanceState
+from autoscaler.backends.instance_api import fetch_generations
 from autoscaler.kube.binding import (
     DELETION_COST,
     Intent,
@@ -47,8 +48,6 @@ from autoscaler.kube.binding import (
 )
 from autoscaler.kube.podautoscaler import REVISION_LABEL
 from sllm_knative.api import auth
-from sllm_knative.api import instance as instance_api
-from sllm_knative.api.wire import parse_json
 from sllm_knative.config import ServiceConfig
 from sllm_knative.config.nodecache import parse_node_cache
 from sllm_knative.kube.client import NODECACHES, Kube, error_message, is_status
@@ -264,15 +263,7 @@ class KubeBackend:
         return [r for r in self._records.values() if r.state != InstanceState.STOPPED]
 
     async def generations(self, rec: InstanceRecord, timeout_s: float = 1.0) -> list[dict[str, Any]] | None:
-        try:
-            r = await self.http.get(f"{rec.internal_url}{instance_api.GENERATIONS}", headers=self._internal_headers,
-                                    timeout=timeout_s)
-            r.raise_for_status()
-            listed = parse_json(instance_api.GenerationList, r.content)
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-            _log.debug("generations unavailable", service=rec.service, instance=rec.id, node=rec.node, error=str(exc))
-            return None
-        return [g.model_dump() for g in listed.data]
+        return await fetch_generations(self.http, rec, self._internal_headers, timeout_s)
 
     def subscribe(self, handler: EventHandler) -> None:
         self._handlers.append(handler)

@@ -23,9 +23,8 @@ from typing import Any
 import httpx
 
 from autoscaler.backends.base import EventHandler, EventKind, InstanceEvent, InstanceRecord, InstanceState
+from autoscaler.backends.instance_api import fetch_generations
 from sllm_knative.api import auth
-from sllm_knative.api import instance as instance_api
-from sllm_knative.api.wire import parse_json
 from sllm_knative.config import ServiceConfig
 from sllm_knative.loader.hops import tier_rates
 from sllm_knative.local import procs, zygote
@@ -218,20 +217,7 @@ class LocalBackend:
         return list(self._instances.values())
 
     async def generations(self, rec: InstanceRecord, timeout_s: float = 1.0) -> list[dict[str, Any]] | None:
-        try:
-            r = await self.http.get(f"{rec.internal_url}{instance_api.GENERATIONS}", headers=self._internal_headers,
-                                    timeout=timeout_s)
-            r.raise_for_status()
-            listed = parse_json(instance_api.GenerationList, r.content)
-        except httpx.HTTPStatusError as exc:  # not a transient: a token or version mismatch
-            _log.warning("generations refused", service=rec.service, instance=rec.id, node=rec.node,
-                         status=exc.response.status_code)
-            return None
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-            _log.debug("generations unavailable", service=rec.service, instance=rec.id, node=rec.node,
-                       error=str(exc))
-            return None
-        return [g.model_dump() for g in listed.data]
+        return await fetch_generations(self.http, rec, self._internal_headers, timeout_s)
 
     async def stop(self, rec: InstanceRecord, grace_s: float = 10.0) -> None:
         rec.state = InstanceState.STOPPING

@@ -340,18 +340,35 @@ class KubeCluster:
 
         return config.new_client_from_config(config_file=str(self.kubeconfig))
 
-    def api_client_as(self, namespace: str, service_account: str, expiration_s: int = 3600) -> Any:
-        """An official `kubernetes` client that acts as a ServiceAccount (a token the admin requests)."""
+    def service_account_token(self, namespace: str, service_account: str, expiration_s: int = 3600) -> str:
+        """A token for the ServiceAccount, requested by the admin (TokenRequest, as the kubelet does for a pod)."""
         from kubernetes import client
 
-        token = client.CoreV1Api(self.api_client()).create_namespaced_service_account_token(
+        return str(client.CoreV1Api(self.api_client()).create_namespaced_service_account_token(
             service_account, namespace, {"spec": {"audiences": ["https://kubernetes.default.svc.cluster.local"],
-                                                  "expirationSeconds": expiration_s}}).status.token
+                                                  "expirationSeconds": expiration_s}}).status.token)
+
+    def api_client_as(self, namespace: str, service_account: str, expiration_s: int = 3600) -> Any:
+        """An official `kubernetes` client that acts as a ServiceAccount."""
+        from kubernetes import client
+
         cfg = client.Configuration()
         cfg.host = self.server
         cfg.ssl_ca_cert = str(self.pki / "ca.crt")
-        cfg.api_key = {"authorization": f"Bearer {token}"}
+        cfg.api_key = {"authorization": f"Bearer {self.service_account_token(namespace, service_account, expiration_s)}"}
         return client.ApiClient(cfg)
+
+    def kubeconfig_as(self, namespace: str, service_account: str, path: Path) -> Path:
+        """A kubeconfig file (mode 0600) that authenticates as the ServiceAccount, for a process."""
+        token = self.service_account_token(namespace, service_account)
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "sa",
+            "clusters": [{"name": "test", "cluster": {"server": self.server,
+                                                      "certificate-authority": str(self.pki / "ca.crt")}}],
+            "users": [{"name": service_account, "user": {"token": token}}],
+            "contexts": [{"name": "sa", "context": {"cluster": "test", "user": service_account}}]}))
+        path.chmod(0o600)
+        return path
 
     def _install_crds(self, timeout_s: float, t0: float) -> None:
         from kubernetes import client

@@ -49,24 +49,6 @@ SA = ("knative-serving", "sllm-activator")
 RESYNC_S = 3
 
 
-def service_account_kubeconfig(kube: KubeCluster, namespace: str, name: str, path: Path) -> Path:
-    """A kubeconfig file for the cluster that authenticates as the ServiceAccount (a token the
-    admin requests through the TokenRequest API, as the kubelet does for a pod)."""
-    from kubernetes import client
-
-    token = client.CoreV1Api(kube.api_client()).create_namespaced_service_account_token(
-        name, namespace, {"spec": {"audiences": ["https://kubernetes.default.svc.cluster.local"],
-                                   "expirationSeconds": 3600}}).status.token
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
-        "clusters": [{"name": "test", "cluster": {"server": kube.server,
-                                                  "certificate-authority": str(kube.pki / "ca.crt")}}],
-        "users": [{"name": name, "user": {"token": token}}],
-        "contexts": [{"name": "sa", "context": {"cluster": "test", "user": name}}]}))
-    path.chmod(0o600)
-    return path
-
-
 @pytest.fixture
 def procs() -> Iterator[list[Proc]]:
     started: list[Proc] = []
@@ -90,7 +72,7 @@ def test_the_activator_role_is_exactly_what_it_calls(kube: KubeCluster, api: Any
     until(lambda: _ready_pods(admin, ns, warm, 1), 60, "the warm revision's pod ready")
     audit_from = kube.audit_log.stat().st_size if kube.audit_log.exists() else 0
 
-    kubeconfig = service_account_kubeconfig(kube, *SA, tmp_path / "activator-kubeconfig")
+    kubeconfig = kube.kubeconfig_as(*SA, tmp_path / "activator-kubeconfig")
     port, h2c, admin_port = free_port(), free_port(), free_port()
     act = Proc("activator").start(
         [sys.executable, "-m", "activator", "--kube", "--kubeconfig", str(kubeconfig), "--host", "127.0.0.1",

@@ -41,24 +41,6 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "models"
 
 
-def service_account_kubeconfig(kube: KubeCluster, namespace: str, name: str, path: Path) -> Path:
-    """A kubeconfig file for the cluster that authenticates as the ServiceAccount (a token the
-    admin requests through the TokenRequest API, as the kubelet does for a pod)."""
-    from kubernetes import client
-
-    token = client.CoreV1Api(kube.api_client()).create_namespaced_service_account_token(
-        name, namespace, {"spec": {"audiences": ["https://kubernetes.default.svc.cluster.local"],
-                                   "expirationSeconds": 3600}}).status.token
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
-        "clusters": [{"name": "test", "cluster": {"server": kube.server,
-                                                  "certificate-authority": str(kube.pki / "ca.crt")}}],
-        "users": [{"name": name, "user": {"token": token}}],
-        "contexts": [{"name": "sa", "context": {"cluster": "test", "user": name}}]}))
-    path.chmod(0o600)
-    return path
-
-
 @pytest.fixture
 def loader_as_sa() -> Iterator[list[Loader]]:
     started: list[Loader] = []
@@ -80,7 +62,7 @@ def test_the_loader_role_is_exactly_what_it_calls(kube: KubeCluster, api: Any, m
     node_uid = admin.core.read_node(node).metadata.uid
     audit_from = kube.audit_log.stat().st_size if kube.audit_log.exists() else 0
 
-    kubeconfig = service_account_kubeconfig(kube, *SA, tmp_path / "loader-kubeconfig")
+    kubeconfig = kube.kubeconfig_as(*SA, tmp_path / "loader-kubeconfig")
     (tmp_path / "loader").mkdir()
     loader = Loader(tmp_path / "loader", node, kubeconfig, tiny_store)
     loader_as_sa.append(loader.run())
