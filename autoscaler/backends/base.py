@@ -157,3 +157,15 @@ class Backend(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+async def emit_to(handlers: list[EventHandler], event: InstanceEvent) -> None:
+    """Call every handler with `event`; a handler's failure is logged and does not stop the others."""
+    from sllm_knative.log import get_logger
+
+    for handler in handlers:
+        try:
+            await handler(event)
+        except Exception:
+            get_logger("autoscaler.backend").error("instance event handler failed", exc_info=True,
+                                                   instance=event.instance, node=event.node)

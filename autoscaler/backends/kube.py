@@ -32,7 +32,14 @@ from typing import Any
 
 import httpx
 
-from autoscaler.backends.base import EventHandler, EventKind, InstanceEvent, InstanceRecord, InstanceState
+from autoscaler.backends.base import (
+    EventHandler,
+    EventKind,
+    InstanceEvent,
+    InstanceRecord,
+    InstanceState,
+    emit_to,
+)
 from autoscaler.backends.instance_api import fetch_generations
 from autoscaler.kube.binding import (
     DELETION_COST,
@@ -269,11 +276,7 @@ class KubeBackend:
         self._handlers.append(handler)
 
     async def _emit(self, event: InstanceEvent) -> None:
-        for handler in self._handlers:
-            try:
-                await handler(event)
-            except Exception:
-                _log.error("instance event handler failed", exc_info=True, instance=event.instance, node=event.node)
+        await emit_to(self._handlers, event)
 
     # -- the binder -------------------------------------------------------------------------
 

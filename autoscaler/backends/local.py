@@ -22,7 +22,14 @@ from typing import Any
 
 import httpx
 
-from autoscaler.backends.base import EventHandler, EventKind, InstanceEvent, InstanceRecord, InstanceState
+from autoscaler.backends.base import (
+    EventHandler,
+    EventKind,
+    InstanceEvent,
+    InstanceRecord,
+    InstanceState,
+    emit_to,
+)
 from autoscaler.backends.instance_api import fetch_generations
 from sllm_knative.api import auth
 from sllm_knative.config import ServiceConfig
@@ -204,11 +211,7 @@ class LocalBackend:
                 return
 
     async def _emit(self, event: InstanceEvent) -> None:
-        for handler in self._handlers:
-            try:
-                await handler(event)
-            except Exception:
-                _log.error("instance event handler failed", exc_info=True, instance=event.instance, node=event.node)
+        await emit_to(self._handlers, event)
 
     def subscribe(self, handler: EventHandler) -> None:
         self._handlers.append(handler)

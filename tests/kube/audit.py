@@ -50,3 +50,23 @@ def apply_docs(api: Any, docs: list[dict[str, Any]]) -> None:
         except (ApiException, utils.FailToCreateError) as exc:
             if "AlreadyExists" not in str(exc):
                 raise
+
+
+def audit_offset(audit_log: Path) -> int:
+    """Where the audit log ends now: pass it to `assert_exactly_granted` to look only at what follows."""
+    return audit_log.stat().st_size if audit_log.exists() else 0
+
+
+def assert_exactly_granted(audit_log: Path, user: str, docs: list[dict[str, Any]], who: str, since: int = 0) -> None:
+    """`user` (who: "the loader", ...) was refused nothing, and called every verb its Roles grant
+    and no other, counting only the audit log's whole lines after byte offset `since`."""
+    with audit_log.open("rb") as f:
+        f.seek(since)
+        events = f.read()
+    tail = audit_log.with_name(f"{audit_log.name}.{since}-{len(events)}")
+    tail.write_bytes(events[:events.rfind(b"\n") + 1])  # whole lines: other clients are still audited
+    calls, refused = called(tail, user)
+    assert refused == [], f"the Roles refused calls {who} makes: {refused}"
+    rules = granted(docs)
+    assert calls - rules == set(), f"{who} called but was not granted: {sorted(calls - rules)}"
+    assert rules - calls == set(), f"granted but {who} never called (remove from the Role): {sorted(rules - calls)}"

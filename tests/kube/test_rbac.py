@@ -32,7 +32,7 @@ from autoscaler.kube.services import ServiceSource, parse_revision
 from autoscaler.kube.webhook import PATH, PlacementWebhook
 from sllm_knative.kube.client import PODAUTOSCALERS, REVISIONS, SERVERLESSSERVICES, Kube
 from sllm_knative.ports import free_port
-from tests.kube.audit import apply_docs, called, granted
+from tests.kube.audit import apply_docs, assert_exactly_granted
 from tests.kube.cluster import KubeCluster
 from tests.kube.conftest import until
 from tests.kube.knative_standin import SksStatusWriter, revision_objects
@@ -166,8 +166,4 @@ def test_the_autoscaler_role_is_exactly_what_it_calls(kube: KubeCluster, api: An
         standin.stop()
         admin.admission.delete_mutating_webhook_configuration(WEBHOOK_CONFIG)
 
-    calls, refused = called(kube.audit_log, f"system:serviceaccount:{SA[0]}:{SA[1]}")
-    assert refused == [], f"the Role refused calls the controller makes: {refused}"
-    rules = granted(docs)
-    assert calls - rules == set(), f"called but not granted: {sorted(calls - rules)}"
-    assert rules - calls == set(), f"granted but never called (remove from the Role): {sorted(rules - calls)}"
+    assert_exactly_granted(kube.audit_log, f"system:serviceaccount:{SA[0]}:{SA[1]}", docs, "the autoscaler")

@@ -27,7 +27,7 @@ from sllm_knative.config.autoscaler import SLLM_CLASS
 from sllm_knative.kube.client import REVISIONS, Kube
 from sllm_knative.ports import free_port
 from testkit.proc import Proc
-from tests.kube.audit import apply_docs, called, granted
+from tests.kube.audit import apply_docs, assert_exactly_granted, audit_offset
 from tests.kube.cluster import KubeCluster
 from tests.kube.conftest import until
 from tests.kube.nodeagent import NodeAgent
@@ -70,7 +70,7 @@ def test_the_activator_role_is_exactly_what_it_calls(kube: KubeCluster, api: Any
     warm = f"warm-{uuid.uuid4().hex[:4]}-00001"
     _revision(admin, ns, node_agent, warm, SLLM_CLASS, replicas=1)
     until(lambda: _ready_pods(admin, ns, warm, 1), 60, "the warm revision's pod ready")
-    audit_from = kube.audit_log.stat().st_size if kube.audit_log.exists() else 0
+    audit_from = audit_offset(kube.audit_log)
 
     kubeconfig = kube.kubeconfig_as(*SA, tmp_path / "activator-kubeconfig")
     port, h2c, admin_port = free_port(), free_port(), free_port()
@@ -117,13 +117,5 @@ def test_the_activator_role_is_exactly_what_it_calls(kube: KubeCluster, api: Any
                  f'msg="instance ready" service={ns}/{cold}'):
         assert line in log, f"the scenario did not make the activator log {line!r}:\n{act.tail()}"
 
-    since = tmp_path / "audit-since-start.log"
-    with kube.audit_log.open("rb") as f:
-        f.seek(audit_from)
-        events = f.read()
-    since.write_bytes(events[:events.rfind(b"\n") + 1])  # whole lines: other clients are still audited
-    calls, refused = called(since, f"system:serviceaccount:{SA[0]}:{SA[1]}")
-    assert refused == [], f"the ClusterRole refused calls the activator makes: {refused}"
-    rules = granted(docs)
-    assert calls - rules == set(), f"called but not granted: {sorted(calls - rules)}"
-    assert rules - calls == set(), f"granted but never called (remove from the ClusterRole): {sorted(rules - calls)}"
+    assert_exactly_granted(kube.audit_log, f"system:serviceaccount:{SA[0]}:{SA[1]}", docs, "the activator",
+                           since=audit_from)

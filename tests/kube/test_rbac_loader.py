@@ -19,7 +19,7 @@ import yaml
 
 from sllm_knative.config.nodecache import CheckpointState
 from sllm_knative.kube.client import NODECACHES, Kube
-from tests.kube.audit import apply_docs, called, granted
+from tests.kube.audit import apply_docs, assert_exactly_granted, audit_offset
 from tests.kube.cluster import KubeCluster
 from tests.kube.conftest import until
 from tests.kube.nodeagent import NodeAgent
@@ -60,7 +60,7 @@ def test_the_loader_role_is_exactly_what_it_calls(kube: KubeCluster, api: Any, m
     agent = make_agent(nodes=1)
     node = agent.specs[0].name
     node_uid = admin.core.read_node(node).metadata.uid
-    audit_from = kube.audit_log.stat().st_size if kube.audit_log.exists() else 0
+    audit_from = audit_offset(kube.audit_log)
 
     kubeconfig = kube.kubeconfig_as(*SA, tmp_path / "loader-kubeconfig")
     (tmp_path / "loader").mkdir()
@@ -98,13 +98,5 @@ def test_the_loader_role_is_exactly_what_it_calls(kube: KubeCluster, api: Any, m
                  "NodeCache deleted; creating it again"):
         assert line in log, f"the scenario did not make the loader do {line!r}:\n{loader.tail()}"
 
-    since = tmp_path / "audit-since-start.log"
-    with kube.audit_log.open("rb") as f:
-        f.seek(audit_from)
-        events = f.read()
-    since.write_bytes(events[:events.rfind(b"\n") + 1])  # whole lines: other clients are still audited
-    calls, refused = called(since, f"system:serviceaccount:{SA[0]}:{SA[1]}")
-    assert refused == [], f"the ClusterRole refused calls the loader makes: {refused}"
-    rules = granted(docs)
-    assert calls - rules == set(), f"called but not granted: {sorted(calls - rules)}"
-    assert rules - calls == set(), f"granted but never called (remove from the ClusterRole): {sorted(rules - calls)}"
+    assert_exactly_granted(kube.audit_log, f"system:serviceaccount:{SA[0]}:{SA[1]}", docs, "the loader",
+                           since=audit_from)
