@@ -96,6 +96,27 @@ def k(api: Any) -> Clients:
                    client.AuthenticationV1Api(api), client.CoordinationV1Api(api))
 
 
+def ensure_namespace(core: Any, name: str, timeout_s: float = 60.0) -> None:
+    """The namespace `name` exists and is Active: created if missing, waited for if an earlier test
+    on this control plane is still deleting it (a Terminating namespace refuses new objects)."""
+    from kubernetes.client.rest import ApiException
+
+    def active() -> bool:
+        try:
+            return bool(core.read_namespace(name).status.phase == "Active")
+        except ApiException as e:
+            if e.status != 404:
+                raise
+        try:
+            core.create_namespace({"metadata": {"name": name}})
+        except ApiException as e:
+            if e.status != 409:  # created meanwhile, or still terminating: look again
+                raise
+        return False
+
+    until(active, timeout_s, f"namespace {name} to be Active")
+
+
 @pytest.fixture
 def namespace(k: Clients) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:8]}"

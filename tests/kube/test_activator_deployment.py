@@ -2,8 +2,8 @@
 real control plane and the test node agent, through the install and uninstall steps
 docs/kubernetes.md gives ("Replacing Knative's activator"), run with kubectl.
 
-Knative's side is its real release-1.23 manifests (`../shared/data/knative/deployments/
-activator.yaml`: the Deployment `activator` and the Service `activator-service`; the
+Knative's side is its real release-1.23 manifests (`sllm_knative/schemas/knative/deployments/
+activator.yaml`, vendored unmodified: the Deployment `activator` and the Service `activator-service`; the
 HorizontalPodAutoscaler and PodDisruptionBudget of `config/core/deployments/activator-hpa.yaml`,
 copied below), with one change: Knative's activator image cannot run here, so its container is a
 stand-in that answers every request with `knative-activator` on the same port.
@@ -34,7 +34,7 @@ from sllm_knative.config.autoscaler import SLLM_CLASS
 from sllm_knative.kube.client import Kube
 from tests.kube.audit import called
 from tests.kube.cluster import BIN_DIR, KubeCluster
-from tests.kube.conftest import agent_selector, start_agent, until
+from tests.kube.conftest import agent_selector, ensure_namespace, start_agent, until
 from tests.kube.test_activator_knative import (
     _echo,
     _headers,
@@ -45,7 +45,7 @@ from tests.kube.test_activator_knative import (
 
 ROOT = Path(__file__).resolve().parents[2]
 OURS = ROOT / "manifests" / "activator"
-KNATIVE = ROOT.parent / "shared" / "data" / "knative" / "deployments" / "activator.yaml"
+KNATIVE = ROOT / "sllm_knative" / "schemas" / "knative" / "deployments" / "activator.yaml"  # vendored, unmodified
 NS = "knative-serving"
 OUR_PODS = "app.kubernetes.io/name=sllm-activator"
 KNATIVE_PODS = "app=activator,role=activator"
@@ -163,10 +163,7 @@ def test_the_activator_deployment_takes_over_activator_service_and_gives_it_back
     admin, ns = cluster
     # The Knative install this replaces: its namespace, and the namespace's CA bundle, which the
     # projected service-account volumes need (the root CA publisher writes it).
-    try:
-        admin.core.create_namespace({"metadata": {"name": NS}})
-    except Exception as exc:
-        assert "AlreadyExists" in str(exc), exc
+    ensure_namespace(admin.core, NS)
     until(lambda: admin.core.read_namespaced_config_map("kube-root-ca.crt", NS), 30, f"kube-root-ca.crt in {NS}")
     until(lambda: admin.core.read_namespaced_service_account("default", NS), 30, f"the default ServiceAccount in {NS}")
     agent = start_agent(kube, tmp_path / "agent", nodes=2)

@@ -7,7 +7,7 @@ first pod, and unless `config-deployment` says `pod-is-always-schedulable: "true
 Revision `ResourcesAvailable=False` with the reason of any `PodScheduled=False` condition. The
 first test shows that a pod of ours, waiting at its placement gate, is in exactly that state on
 every cold start (Knative's controller cannot run here, so the test stops at the state it reads).
-The second applies Knative's real `config-deployment` (release 1.23, `../shared/data/knative`)
+The second applies Knative's real `config-deployment` (release 1.23, vendored unmodified in `sllm_knative/schemas/knative`)
 as Knative's install does, then our change as the install documents it (a merge patch), and
 checks that only our key changed; then it shows why the install does not use `kubectl apply`:
 both a client-side and a server-side apply of a ConfigMap holding only our key delete Knative's.
@@ -23,12 +23,12 @@ import yaml
 
 from autoscaler.kube.binding import GATE
 from tests.kube.cluster import BIN_DIR, KubeCluster
-from tests.kube.conftest import Clients, until
+from tests.kube.conftest import Clients, ensure_namespace, until
 from tests.kube.nodeagent import NodeAgent
 
 REPO = Path(__file__).resolve().parents[2]
 PATCH = REPO / "manifests" / "knative" / "config-deployment-patch.yaml"
-KNATIVE = REPO.parent / "shared" / "data" / "knative" / "configmaps" / "deployment.yaml"
+KNATIVE = REPO / "sllm_knative" / "schemas" / "knative" / "configmaps" / "deployment.yaml"  # vendored, unmodified
 
 
 def test_a_gated_pod_is_what_knative_marks_unschedulable(k: Clients, namespace: str, node_agent: NodeAgent) -> None:
@@ -71,7 +71,7 @@ def test_the_merge_patch_changes_only_our_key_and_apply_would_not(kube: KubeClus
     def data() -> dict[str, str]:
         return dict(k.core.read_namespaced_config_map("config-deployment", "knative-serving").data or {})
 
-    _kubectl(kube, "create", "namespace", "knative-serving")
+    ensure_namespace(k.core, "knative-serving")  # other tests on this control plane use it too
     try:
         _kubectl(kube, "apply", "-f", str(KNATIVE))  # as Knative's install does (client-side)
         before = data()
@@ -86,4 +86,4 @@ def test_the_merge_patch_changes_only_our_key_and_apply_would_not(kube: KubeClus
             _kubectl(kube, *how, "-f", str(ours_only))
             assert data() == {"pod-is-always-schedulable": "true"}, (how, sorted(data()))
     finally:
-        _kubectl(kube, "delete", "namespace", "knative-serving", "--wait=false")
+        _kubectl(kube, "-n", "knative-serving", "delete", "configmap", "config-deployment", "--ignore-not-found")
