@@ -19,7 +19,7 @@ import psutil
 from loader_sidecar.refs import StoreRoot, parse_store
 from sllm_knative.loader.address import default_listen, default_node
 from sllm_knative.loader.errors import BadRequest
-from sllm_knative.mounts import container_path, mount_root
+from sllm_knative.mounts import container_path, mount_root, unix_target
 
 _NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 # A Kubernetes Node name: a DNS-1123 subdomain (as NodeCache's spec.nodeName).
@@ -179,12 +179,8 @@ def from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> Co
 
 
 def _listen_in(listen: str, root: str) -> str:
-    """A unix socket's path under the mount root, through the real path of its folder: the node
-    agent's mount folders are deep and a socket's path is limited to 107 bytes."""
-    if not root or not listen.startswith("unix:///"):
-        return listen
-    sock = container_path(listen[len("unix://"):], root)
-    return f"unix://{sock.parent.resolve() / sock.name}"
+    """A unix socket's path under the mount root (sllm_knative.mounts.unix_target)."""
+    return unix_target(listen, root)
 
 
 def _unique(items: Sequence[str]) -> list[str]:

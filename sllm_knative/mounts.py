@@ -12,6 +12,7 @@ is unset, and nothing here changes a path.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ ENV = "SLLM_MOUNT_ROOT"
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
-def mount_root(env: dict[str, str] | None = None) -> str:
+def mount_root(env: Mapping[str, str] | None = None) -> str:
     """`$SLLM_MOUNT_ROOT`, or "" (a real container, or no container at all)."""
     return (os.environ if env is None else env).get(ENV, "")
 
@@ -48,3 +49,13 @@ def service_account_client(root: str) -> Any:
     InClusterConfigLoader(token_filename=str(sa / "token"), cert_filename=str(sa / "ca.crt"),
                           try_refresh_token=True).load_and_set(cfg)
     return client.ApiClient(cfg)
+
+
+def unix_target(target: str, root: str) -> str:
+    """A gRPC target with its unix socket's container path under `root`, through the real path of
+    the socket's folder (the node agent's mount folders are deep, and a socket's path is limited
+    to 107 bytes); any other target, or no root, is returned as it is."""
+    if not root or not target.startswith("unix:///"):
+        return target
+    sock = container_path(target[len("unix://"):], root)
+    return f"unix://{sock.parent.resolve() / sock.name}"

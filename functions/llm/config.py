@@ -26,6 +26,11 @@ Knative sets `PORT`; everything else has an `SLLM_*` variable and a flag (flags 
 
 The internal token is read from the environment only, so it never shows in a process list.
 
+Paths are the container's: under the test node agent (no mount namespace) they are joined to
+`$SLLM_MOUNT_ROOT` (sllm_knative/mounts.py): --model, --lease-timing and a `unix://` --loader
+socket (through its folder's real path, as the loader does, so it stays within a socket path's
+107 bytes). Unset on a real cluster, where nothing changes.
+
 `--checkpoint URI` (a checkpoint URI or bare name the loader resolves, docs/sidecar.md) makes the
 instance take its own lease on the checkpoint from the node's loader sidecar at `--loader` (a
 gRPC target: `unix:///path` or `host:port`; default `$SLLM_LOADER`, else the node's default
@@ -48,6 +53,7 @@ from pathlib import Path
 
 from sllm_knative.api.auth import token_from_env
 from sllm_knative.loader.address import default_listen, default_node
+from sllm_knative.mounts import container_path, mount_root, unix_target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,11 +151,13 @@ def parse(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = Non
                 return env[name].strip()
         return None
 
+    root = mount_root(env)  # paths are the container's: under $SLLM_MOUNT_ROOT when it is set
     model_dir, checkpoint = _weights(args, env)
-    path = Path(model_dir) if model_dir else None
+    path = container_path(model_dir, root) if model_dir else None
     loader = None
     if checkpoint:
-        loader = pick(args.loader, "SLLM_LOADER") or default_listen(env.get("SLLM_NODE") or default_node())
+        loader = unix_target(pick(args.loader, "SLLM_LOADER") or default_listen(env.get("SLLM_NODE") or default_node()),
+                             root)
     elif args.loader:
         raise ValueError("--loader ADDRESS needs --checkpoint URI (the checkpoint to lease from it)")
     lease_timing = pick(args.lease_timing, "SLLM_LEASE_TIMING")
@@ -192,7 +200,7 @@ def parse(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = Non
         service=env.get("SLLM_SERVICE") or None,
         checkpoint=checkpoint,
         loader=loader,
-        lease_timing=Path(lease_timing) if lease_timing else None,
+        lease_timing=container_path(lease_timing, root) if lease_timing else None,
     )
     validate(cfg)
     return cfg, args.log_level

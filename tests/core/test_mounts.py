@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sllm_knative.kube.client import KubeConfigError
-from sllm_knative.mounts import container_path, mount_root, service_account_client
+from sllm_knative.mounts import container_path, mount_root, service_account_client, unix_target
 
 
 @pytest.mark.parametrize("path, root, want", [
@@ -48,3 +48,17 @@ def test_the_service_account_client_needs_a_pod(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(KubeConfigError, match="KUBERNETES_SERVICE_HOST"):
         service_account_client("/nowhere")
+
+
+@pytest.mark.parametrize("target,with_root,want", [
+    pytest.param("unix:///var/run/x/loader.sock", True, "unix://{real}/loader.sock", id="socket-through-real-folder"),
+    pytest.param("unix:///var/run/x/loader.sock", False, "unix:///var/run/x/loader.sock", id="no-root-unchanged"),
+    pytest.param("10.0.0.1:7070", True, "10.0.0.1:7070", id="tcp-unchanged"),
+])
+def test_unix_target(tmp_path: Path, target: str, with_root: bool, want: str) -> None:
+    real = tmp_path / "node" / "hostpath" / "x"
+    real.mkdir(parents=True)
+    root = tmp_path / "rootfs"
+    (root / "var" / "run").mkdir(parents=True)
+    (root / "var" / "run" / "x").symlink_to(real)
+    assert unix_target(target, str(root) if with_root else "") == want.format(real=real.resolve())

@@ -101,3 +101,38 @@ def test_checkpoint_sources(argv, env, expected):
 def test_checkpoint_rejects(argv, env, message):
     with pytest.raises(ValueError, match=message):
         parse(argv, env)
+
+
+def _mounted(tmp_path: Path) -> tuple[str, Path]:
+    """A container root as the test node agent makes it: a symlink at each mountPath."""
+    root = tmp_path / "rootfs" / "user-container"
+    (root / "var" / "run").mkdir(parents=True)
+    host = tmp_path / "nodes" / "n1" / "hostpath" / "var" / "run" / "sllm-knative"
+    host.mkdir(parents=True)
+    (root / "var" / "run" / "sllm-knative").symlink_to(host)
+    (root / "models" / "m").mkdir(parents=True)
+    return str(root), host
+
+
+@pytest.mark.parametrize("argv,env,expected", [
+    pytest.param([], {"SLLM_LOADER": "unix:///var/run/sllm-knative/loader.sock"},
+                 dict(loader="unix://{host}/loader.sock"), id="loader-socket-under-root-real-path"),
+    pytest.param(["--loader", "10.0.0.1:7070"], {}, dict(loader="10.0.0.1:7070"), id="tcp-loader-unchanged"),
+    pytest.param(["--loader", "unix:///var/run/sllm-knative/loader.sock", "--lease-timing", "/tmp/t.json"], {},
+                 dict(lease_timing="{root}/tmp/t.json"), id="lease-timing-under-root"),
+    pytest.param(["--lease-timing", "t.json", "--loader", "unix:///x.sock"], {},
+                 dict(lease_timing="t.json"), id="relative-path-unchanged"),
+])
+def test_container_paths_resolve_under_the_mount_root(tmp_path, argv, env, expected):
+    root, host = _mounted(tmp_path)
+    cfg, _ = parse(["--checkpoint", "tiny", *argv], {**env, "SLLM_MOUNT_ROOT": root})
+    for name, want in expected.items():
+        assert str(getattr(cfg, name)) == want.format(root=root, host=host.resolve())
+
+
+def test_model_dir_under_the_mount_root_and_nothing_changes_without_one(tmp_path):
+    root, _ = _mounted(tmp_path)
+    cfg, _ = parse(["--model", "/models/m"], {"SLLM_MOUNT_ROOT": root})
+    assert cfg.model_dir == Path(root) / "models" / "m"
+    cfg, _ = parse(["--checkpoint", "tiny"], {"SLLM_LOADER": "unix:///var/run/sllm-knative/loader.sock"})
+    assert cfg.loader == "unix:///var/run/sllm-knative/loader.sock"
