@@ -296,10 +296,14 @@ class Scaler:
                 _log.info("instance adopted", service=rt.key, instance=rec.id, node=rec.node)
             return
         _log.info("placing an instance the cluster made", service=rt.key, instance=event.instance)
-        self._spawn(self._place_one(rt))
+        self._spawn(self._place_one(rt, event.instance))
 
-    async def _place_one(self, rt: ServiceRuntime) -> None:
+    async def _place_one(self, rt: ServiceRuntime, pod: str) -> None:
         async with rt.lock:
+            # A scale-up that held the lock meanwhile may have been paired with this very pod:
+            # then it is placed already, and another placement would ask for one pod too many.
+            if pod in rt.instances:
+                return
             await self._scale_up(rt)
 
     async def stop(self, rt: ServiceRuntime, rec: InstanceRecord, grace_s: float = 10.0) -> None:

@@ -29,7 +29,7 @@ from enum import Enum
 from typing import Any, Protocol, runtime_checkable
 
 from sllm_knative.config import ServiceConfig
-from sllm_knative.placement import NodeInventory
+from sllm_knative.placement import NodeInventory, Tier
 
 
 class InstanceState(str, Enum):
@@ -43,6 +43,10 @@ class InstanceState(str, Enum):
     def __str__(self) -> str:
         return self.value
 
+
+#: A node's tier rates until its loader has measured them (the loader probes disk and DRAM at
+#: start; a remote store is measured on its first transfer). Bytes per second.
+FALLBACK_BANDWIDTH = {Tier.REMOTE: 100e6, Tier.SSD: 500e6, Tier.DRAM: 5e9}
 
 #: States in which an instance holds a slot of its node.
 OCCUPYING = (InstanceState.STARTING, InstanceState.READY, InstanceState.DRAINING)

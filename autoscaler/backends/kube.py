@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 
 from autoscaler.backends.base import (
+    FALLBACK_BANDWIDTH,
     EventHandler,
     EventKind,
     InstanceEvent,
@@ -61,11 +62,10 @@ from sllm_knative.kube.client import NODECACHES, Kube, error_message, is_status
 from sllm_knative.kube.events import EventRecorder
 from sllm_knative.kube.informer import Informer
 from sllm_knative.log import get_logger
-from sllm_knative.placement import NodeInventory, Tier, pool_store_rates
+from sllm_knative.placement import NodeInventory, pool_store_rates
 
 _log = get_logger("autoscaler.backend")
 
-FALLBACK_BANDWIDTH = {Tier.REMOTE: 100e6, Tier.SSD: 500e6, Tier.DRAM: 5e9}
 PAIR_TIMEOUT_S = 120.0  # start(): the pod of an intent must appear within this
 READY_TIMEOUT_S = 600.0
 UNPLANNED_RETRY_S = 10.0  # an unplanned pod still unpaired is reported again (its service may be new)
@@ -97,6 +97,7 @@ class KubeBackend:
         self._stopping: dict[str, asyncio.Future[None]] = {}
         self._announced: set[tuple[str, str]] = set()  # (event kind, pod): each told once
         self._pending: list[InstanceEvent] = []
+        self._event_tasks: dict[str, asyncio.Task[None]] = {}  # the latest delivery per instance
         self._handlers: list[EventHandler] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._kick = asyncio.Event()
@@ -136,6 +137,8 @@ class KubeBackend:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for task in list(self._event_tasks.values()):
+            task.cancel()
         for inf in (self.pods, self.nodes, self.caches):
             await asyncio.to_thread(inf.stop)
         await self.http.aclose()
@@ -310,7 +313,7 @@ class KubeBackend:
                 if time.monotonic() - self._unplanned.get(name, -1e9) > UNPLANNED_RETRY_S:
                     self._unplanned[name] = time.monotonic()
                     _log.info("unplanned pod: asking for a placement", service=service, instance=name)
-                    await self._emit(InstanceEvent(EventKind.UNPLANNED, name, "", "made by the Deployment",
+                    self._dispatch(InstanceEvent(EventKind.UNPLANNED, name, "", "made by the Deployment",
                                                    service))
         self._follow({p["metadata"]["name"]: p for p in self.pods.items()})
         await self._report()
@@ -368,4 +371,24 @@ class KubeBackend:
             if (ev.kind, ev.instance) in self._announced:
                 continue
             self._announced.add((ev.kind, ev.instance))
-            await self._emit(ev)
+            self._dispatch(ev)
+
+    def _dispatch(self, event: InstanceEvent) -> None:
+        """Hand `event` to the handlers in a task of its own, after the instance's earlier events:
+        a handler may wait on this backend (FAILED -> stop() waits for the binder to see the pod
+        go), so the binder must never wait on a handler."""
+        before = self._event_tasks.get(event.instance)
+
+        async def deliver() -> None:
+            if before is not None:
+                await asyncio.wait([before])
+            await self._emit(event)
+
+        task = asyncio.ensure_future(deliver())
+        self._event_tasks[event.instance] = task
+
+        def forget(t: asyncio.Task[None], instance: str = event.instance) -> None:
+            if self._event_tasks.get(instance) is t:
+                del self._event_tasks[instance]
+
+        task.add_done_callback(forget)

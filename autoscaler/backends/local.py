@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from autoscaler.backends.base import (
+    FALLBACK_BANDWIDTH,
     EventHandler,
     EventKind,
     InstanceEvent,
@@ -41,9 +42,6 @@ from sllm_knative.ports import free_port
 
 _log = get_logger("autoscaler.backend")
 
-# Used until a node has measured the hop (the sidecar probes disk and DRAM at start; the
-# remote store is measured on its first transfer).
-FALLBACK_BANDWIDTH = {Tier.REMOTE: 100e6, Tier.SSD: 500e6, Tier.DRAM: 5e9}
 READY_TIMEOUT_S = 300.0
 LIVENESS_PERIOD_S = 1.0
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from autoscaler.backends.base import InstanceRecord, InstanceState
-from autoscaler.backends.local import FALLBACK_BANDWIDTH, LocalNode, inventory_to_node
+from autoscaler.backends.base import FALLBACK_BANDWIDTH, InstanceRecord, InstanceState
+from autoscaler.backends.local import LocalNode, inventory_to_node
 from autoscaler.view import instance_view
 from sllm_knative.loader import loader_pb2 as pb
 from sllm_knative.placement import Instance, Tier

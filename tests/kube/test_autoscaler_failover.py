@@ -91,7 +91,9 @@ def test_the_standby_takes_over_a_scale_up_from_a_killed_leader(
     def base(who: str) -> str:
         return f"http://127.0.0.1:{ports[who][0]}"
 
-    busy = {"services": [{"namespace": namespace, "name": REV, "average_concurrency": 2.0, "requests": 4,
+    # 1.3 requests in flight on average against a target of 1 at Knative's 70 % utilization:
+    # ceil(1.3 / 0.7) = 2 instances, with a margin on both sides.
+    busy = {"services": [{"namespace": namespace, "name": REV, "average_concurrency": 1.3, "requests": 4,
                           "in_flight": 2, "seconds": 1.0}]}
     reporting = {"to": "a"}
     stop_reports = threading.Event()
@@ -120,7 +122,6 @@ def test_the_standby_takes_over_a_scale_up_from_a_killed_leader(
               "the leader to raise the replicas to 2")
         procs["a"].kill()
         killed_at = time.monotonic()
-        second = [p.metadata.name for p in _pods(k, namespace) if p.metadata.name != first.metadata.name]
 
         # The standby leads (after the lease runs out), adopts the first pod and places the second.
         reporting["to"] = "b"
@@ -136,8 +137,6 @@ def test_the_standby_takes_over_a_scale_up_from_a_killed_leader(
 
         pods = until(settled, 90, "two ready, placed pods after the takeover")
         assert first.metadata.name in {p.metadata.name for p in pods}  # adopted, not replaced
-        if second:
-            assert second[0] in {p.metadata.name for p in pods}, (second, [p.metadata.name for p in pods])
         time.sleep(3.0)  # no pod more appears while b keeps deciding
         assert len(_pods(k, namespace)) == 2
         assert k.apps.read_namespaced_deployment(f"{REV}-deployment", namespace).spec.replicas == 2
@@ -151,6 +150,7 @@ def test_the_standby_takes_over_a_scale_up_from_a_killed_leader(
         until(pa_current, 30, "the PA current, Ready, with actualScale 2")
         services = {s["key"]: s for s in httpx.get(f"{base('b')}/v1/services", timeout=5).json()["services"]}
         assert {i["id"] for i in services[f"{namespace}/{REV}"]["instances"]} == {p.metadata.name for p in pods}
+        assert services[f"{namespace}/{REV}"]["desired"] == 2
     finally:
         stop_reports.set()
         for p in procs.values():
