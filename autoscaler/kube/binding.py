@@ -80,9 +80,7 @@ def pair(gated: list[dict[str, Any]], intents: list[Intent]) -> tuple[list[tuple
 
 
 def pod_ready(pod: dict[str, Any]) -> bool:
-    st = pod.get("status") or {}
-    return st.get("phase") == "Running" and any(
-        c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions") or [])
+    return (pod.get("status") or {}).get("phase") == "Running" and condition_true(pod, "Ready")
 
 
 def pod_failed(pod: dict[str, Any]) -> str:
@@ -114,5 +112,10 @@ def node_slots(node: dict[str, Any]) -> int:
 
 
 def node_ready(node: dict[str, Any]) -> bool:
-    return any(c.get("type") == "Ready" and c.get("status") == "True"
-               for c in (node.get("status") or {}).get("conditions") or [])
+    return condition_true(node, "Ready")
+
+
+def condition_true(obj: dict[str, Any], type_: str) -> bool:
+    """Whether a Pod's or Node's status condition `type_` is True."""
+    return any(c.get("type") == type_ and c.get("status") == "True"
+               for c in (obj.get("status") or {}).get("conditions") or [])

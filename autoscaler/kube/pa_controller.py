@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from autoscaler.kube.binding import pod_ready
 from autoscaler.kube.podautoscaler import (
     CLASS,
     CLASS_ANNOTATION,
@@ -80,7 +81,7 @@ def pod_counts(pods: list[dict[str, Any]]) -> Pods:
         elif st.get("phase") == "Pending":
             pending += 1
         elif st.get("phase") == "Running":
-            if any(c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions") or []):
+            if pod_ready(p):
                 ready += 1
             else:
                 not_ready += 1
