@@ -55,10 +55,10 @@ $(KUBE_STAMP): Makefile hack/kube/go.mod hack/kube/go.sum
 
 # A control plane on loopback, for debugging by hand: prints the kubeconfig path.
 kube-up: install kube-bins
-	$(VPY) -m tests.kube.cluster up
+	$(VPY) -m testkit.kube.cluster up
 
 kube-down:
-	$(VPY) -m tests.kube.cluster down
+	$(VPY) -m testkit.kube.cluster down
 
 lint: install
 	$(VPY) -m ruff check .

@@ -2,7 +2,7 @@
 
 In a real container a volume is at its mountPath (the loader's tiers at /var/lib/sllm-knative/ssd,
 the service account's token at /var/run/secrets/kubernetes.io/serviceaccount/token). The test
-node agent (tests/kube/nodeagent) runs containers as plain processes: it starts each one with
+node agent (testkit/kube/nodeagent) runs containers as plain processes: it starts each one with
 SLLM_MOUNT_ROOT naming a folder that holds a symlink at each mountPath, so the volume mounted at
 `/x` is at `$SLLM_MOUNT_ROOT/x`. A component given paths inside its container (flags from a
 manifest, the service account's files) joins them to that root. On a real cluster the variable

@@ -13,7 +13,7 @@ import yaml
 
 from activator.__main__ import parse_args
 from activator.kube import contract
-from tests.kube.nodeagent.spec import IMAGES, image_repository
+from testkit.kube.nodeagent.spec import IMAGES, image_repository
 
 ROOT = Path(__file__).resolve().parents[2]
 ACTIVATOR = ROOT / "manifests" / "activator"

@@ -19,7 +19,7 @@ import tomllib
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
-from tests.kube.nodeagent.spec import IMAGES
+from testkit.kube.nodeagent.spec import IMAGES
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES_DIR = ROOT / "images"

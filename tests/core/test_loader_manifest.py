@@ -13,7 +13,7 @@ import tomllib
 import yaml
 
 from loader_sidecar.config import add_arguments, from_args
-from tests.kube.nodeagent.spec import image_repository
+from testkit.kube.nodeagent.spec import image_repository
 
 ROOT = Path(__file__).resolve().parents[2]
 LOADER = ROOT / "manifests" / "loader"

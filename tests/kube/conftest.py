@@ -30,8 +30,8 @@ from typing import Any
 import pytest
 
 from sllm_knative.log import get_logger
-from tests.kube.cluster import BIN_DIR, KubeCluster, missing_binaries
-from tests.kube.nodeagent import NodeAgent, NodeSpec
+from testkit.kube.cluster import BIN_DIR, KubeCluster, missing_binaries
+from testkit.kube.nodeagent import NodeAgent, NodeSpec
 
 _log = get_logger("tests.kube")
 AGENT_LABEL = "sllm-knative.io/test-agent"

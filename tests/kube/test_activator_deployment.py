@@ -32,8 +32,8 @@ import yaml
 
 from sllm_knative.config.autoscaler import SLLM_CLASS
 from sllm_knative.kube.client import Kube
+from testkit.kube.cluster import BIN_DIR, KubeCluster
 from tests.kube.audit import called
-from tests.kube.cluster import BIN_DIR, KubeCluster
 from tests.kube.conftest import agent_selector, ensure_namespace, start_agent, until
 from tests.kube.test_activator_knative import (
     _echo,

@@ -3,9 +3,9 @@ real pods run by the node agent, the revisions' private Services and the Endpoin
 EndpointSlice controller publishes for them, the activator process started with a kubeconfig.
 
 Knative's controller cannot run here (docs/kubernetes.md): the Revision, its Deployment and its
-PodAutoscaler are made as Knative's revision reconciler would (`knative_standin.revision_objects`),
+PodAutoscaler are made as Knative's revision reconciler would (`knative.revision_objects`),
 the SKS as the PA's class controller would (`make_sks`, Knative's MakeSKS), and its private
-Service as Knative's SKS reconciler would (`knative_standin.PrivateServices`). Our autoscaler
+Service as Knative's SKS reconciler would (`knative.PrivateServices`). Our autoscaler
 stands in as an HTTP server recording `/v1/demand` and `/v1/stats`; Knative's as a websocket
 server decoding stat messages.
 
@@ -37,11 +37,11 @@ from sllm_knative.api import autoscaler as autoscaler_api
 from sllm_knative.config.autoscaler import KPA_CLASS, SLLM_CLASS
 from sllm_knative.kube.client import PODAUTOSCALERS, REVISIONS, SERVERLESSSERVICES, Kube
 from sllm_knative.ports import free_port
+from testkit.kube.cluster import KubeCluster
+from testkit.kube.knative import PrivateServices, revision_objects
+from testkit.kube.nodeagent import NodeAgent
 from testkit.proc import Proc
-from tests.kube.cluster import KubeCluster
 from tests.kube.conftest import agent_selector, until
-from tests.kube.knative_standin import PrivateServices, revision_objects
-from tests.kube.nodeagent import NodeAgent
 from tests.kube.test_nodeagent import ENV
 
 POD_NAME = "activator-test-0"

@@ -21,9 +21,9 @@ import httpx
 import yaml
 
 from autoscaler.kube.certs import SECRET
+from testkit.kube.nodeagent import NodeAgent
 from tests.kube.audit import apply_docs
 from tests.kube.conftest import agent_selector, until
-from tests.kube.nodeagent import NodeAgent
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "manifests" / "autoscaler"
 NS = "sllm-knative"

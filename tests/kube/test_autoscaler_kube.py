@@ -6,7 +6,7 @@ Real: kube-apiserver, kube-controller-manager (ReplicaSets, garbage collection),
 the node agent's pods, one loader per node publishing its NodeCache, the autoscaler process.
 The placement webhook runs in the autoscaler process and gates the pods (the API server calls it
 by URL: the test cluster has no Service networking). Stand-ins, for what cannot run here
-(docs/kubernetes.md): Knative's revision reconciler (`knative_standin.revision_objects`) and its
+(docs/kubernetes.md): Knative's revision reconciler (`knative.revision_objects`) and its
 SKS status; the activator's probe answer comes from a small HTTP server in the test, and the
 activator's reports are posted by the test as the activator posts them
 (`sllm_knative.api.autoscaler`).
@@ -31,11 +31,11 @@ from autoscaler.kube.webhook import PATH as WEBHOOK_PATH
 from sllm_knative.api.autoscaler import DEMAND, STATS
 from sllm_knative.kube.client import NODECACHES, PODAUTOSCALERS, REVISIONS, SCALINGPOLICIES, Kube
 from sllm_knative.ports import free_port
+from testkit.kube.cluster import KubeCluster
+from testkit.kube.knative import SksStatusWriter, revision_objects
+from testkit.kube.nodeagent import NodeAgent
 from testkit.proc import Proc
-from tests.kube.cluster import KubeCluster
 from tests.kube.conftest import agent_selector, until
-from tests.kube.knative_standin import SksStatusWriter, revision_objects
-from tests.kube.nodeagent import NodeAgent
 from tests.kube.test_nodeagent import ENV, SERVER
 from tests.kube.test_nodecache import Loader, loaders, store  # noqa: F401  (fixtures)
 from tests.kube.test_webhook import webhook_config
@@ -69,10 +69,21 @@ def probe_url() -> Iterator[str]:
         server.shutdown()
 
 
-def _in_dram(kube: Kube, node: str, model: str) -> bool:
-    status = kube.get(NODECACHES, node).get("status") or {}
+def dram_holds(status: dict[str, Any], model: str) -> bool:
+    """Whether a NodeCache status (or the autoscaler's view of one, /v1/nodes) has `model` in DRAM."""
     return any(c.get("model") == model and "dram" in (c.get("tiers") or [])
                for c in status.get("checkpoints") or [])
+
+
+def _in_dram(kube: Kube, node: str, model: str) -> bool:
+    return dram_holds(kube.get(NODECACHES, node).get("status") or {}, model)
+
+
+def autoscaler_sees_dram(url: str, node: str, model: str) -> bool:
+    """Whether the autoscaler at `url` (its informers, not the API server) has `model` in `node`'s DRAM:
+    what the next placement decides from."""
+    nodes = httpx.get(f"{url}/v1/nodes", timeout=5).json()["nodes"]
+    return any(n["name"] == node and dram_holds(n, model) for n in nodes)
 
 
 def _pods(kube: Kube, namespace: str) -> list[Any]:
@@ -112,7 +123,7 @@ def test_autoscaler_places_cold_starts_by_load_time(kube: KubeCluster, api: Any,
     rev = k.create(REVISIONS, {"apiVersion": REVISIONS.api_version, "kind": "Revision",
                                "metadata": {"name": REV, "namespace": namespace, "annotations": annotations,
                                             "labels": {"serving.knative.dev/service": "chat"}},
-                               "spec": {"containers": [container]}}, namespace)
+                               "spec": {"containers": [container], "nodeSelector": agent_selector(agent)}}, namespace)
     deployment, pa = revision_objects(REV, namespace, rev["metadata"]["uid"], [container],
                                       {"nodeSelector": agent_selector(agent), "terminationGracePeriodSeconds": 2},
                                       annotations, replicas=1)

@@ -1,6 +1,6 @@
 """The control plane leaves nothing behind: after `down`, and after its owner is SIGKILLed.
 
-These start their own clusters through the by-hand command (`python -m tests.kube.cluster`),
+These start their own clusters through the by-hand command (`python -m testkit.kube.cluster`),
 so they also prove that command works.
 """
 
@@ -16,9 +16,9 @@ import psutil
 import pytest
 
 from sllm_knative.local.procs import alive
-from tests.kube.cluster import BINARIES, missing_binaries
+from testkit.kube.cluster import BINARIES, missing_binaries
+from testkit.kube.network import sweep_stale
 from tests.kube.conftest import until
-from tests.kube.network import sweep_stale
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,7 +43,7 @@ def _network_objects(owner: int) -> list[str]:
 
 
 def _up(state: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tests.kube.cluster", "up", "--dir", str(state)],
+    return subprocess.run([sys.executable, "-m", "testkit.kube.cluster", "up", "--dir", str(state)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
@@ -56,7 +56,7 @@ def test_up_then_down_leaves_nothing(tmp_path: Path) -> None:
     assert len(_control_plane_pids(state)) == 4
     assert _network_objects(supervisor)  # the bridge exists while it is up
 
-    r = subprocess.run([sys.executable, "-m", "tests.kube.cluster", "down", "--dir", str(state)],
+    r = subprocess.run([sys.executable, "-m", "testkit.kube.cluster", "down", "--dir", str(state)],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert not alive(supervisor)

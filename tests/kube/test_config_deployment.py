@@ -22,9 +22,9 @@ from typing import Any
 import yaml
 
 from autoscaler.kube.binding import GATE
-from tests.kube.cluster import BIN_DIR, KubeCluster
+from testkit.kube.cluster import BIN_DIR, KubeCluster
+from testkit.kube.nodeagent import NodeAgent
 from tests.kube.conftest import Clients, ensure_namespace, until
-from tests.kube.nodeagent import NodeAgent
 
 REPO = Path(__file__).resolve().parents[2]
 PATCH = REPO / "manifests" / "knative" / "config-deployment-patch.yaml"

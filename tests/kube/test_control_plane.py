@@ -19,7 +19,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from tests.kube.cluster import KubeCluster
+from testkit.kube.cluster import KubeCluster
 from tests.kube.conftest import until
 
 ROOT = Path(__file__).resolve().parents[2]

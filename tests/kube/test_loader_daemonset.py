@@ -24,8 +24,8 @@ import yaml
 
 from sllm_knative.kube.client import NODECACHES, Kube
 from sllm_knative.loader.client import LoaderClient
+from testkit.kube.cluster import BIN_DIR, KubeCluster
 from tests.kube.audit import apply_docs
-from tests.kube.cluster import BIN_DIR, KubeCluster
 from tests.kube.conftest import start_agent, until
 from tests.kube.test_nodecache import nodecache
 

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from sllm_knative.local.procs import alive
-from tests.kube.cluster import NODE_MONITOR_GRACE_PERIOD, KubeCluster
+from testkit.kube.cluster import NODE_MONITOR_GRACE_PERIOD, KubeCluster
+from testkit.kube.network import netns_exists
+from testkit.kube.nodeagent import NodeAgent
 from tests.kube.conftest import Clients, agent_selector, until
-from tests.kube.network import netns_exists
-from tests.kube.nodeagent import NodeAgent
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -439,12 +439,12 @@ def test_stop_leaves_no_process_behind(k: Clients, make_agent: Any, namespace: s
 
 def test_the_command_line_agent_joins_the_cluster_network(k: Clients, kube: KubeCluster, node_agent: NodeAgent,
                                                           tmp_path: Path) -> None:
-    """`python -m tests.kube.nodeagent` attaches to the cluster's network through network.json next to
+    """`python -m testkit.kube.nodeagent` attaches to the cluster's network through network.json next to
     the kubeconfig, from another process, next to this process's agents, without taking their addresses."""
     assert kube.network is not None
     name = f"cli-{uuid.uuid4().hex[:6]}"
     with open(tmp_path / "agent.log", "wb") as log:
-        p = subprocess.Popen([sys.executable, "-m", "tests.kube.nodeagent", "--kubeconfig", str(kube.kubeconfig),
+        p = subprocess.Popen([sys.executable, "-m", "testkit.kube.nodeagent", "--kubeconfig", str(kube.kubeconfig),
                               "--root", str(tmp_path / "root"), "--node", f"{name}:cpu=2", "--delete-nodes"],
                              cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:

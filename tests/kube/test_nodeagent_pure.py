@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from sllm_knative.log import get_logger
-from tests.kube.network import ClusterNetwork, NodeNetwork, netns_exists
-from tests.kube.nodeagent import (
+from testkit.kube.network import ClusterNetwork, NodeNetwork, netns_exists
+from testkit.kube.nodeagent import (
     IMAGES,
     ConfigError,
     ContainerView,

@@ -31,10 +31,10 @@ from sllm_knative.config.nodecache import CheckpointState, parse_node_cache
 from sllm_knative.kube.client import NODECACHES, Kube, is_status
 from sllm_knative.loader.client import LoaderClient
 from sllm_knative.ports import free_port
+from testkit.kube.cluster import BIN_DIR, KubeCluster
+from testkit.kube.nodeagent import NodeAgent
 from testkit.proc import Proc
-from tests.kube.cluster import BIN_DIR, KubeCluster
 from tests.kube.conftest import until
-from tests.kube.nodeagent import NodeAgent
 
 REPO = Path(__file__).resolve().parents[2]
 RESYNC_S = 5  # --kube-resync: the backoff's cap too, so a test waits for at most this after an outage

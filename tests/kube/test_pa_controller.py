@@ -3,8 +3,8 @@ owns, replicas through the Deployment's scale subresource, the status Knative's 
 reads at each step, the way to zero, Events, and a second replica taking over from a dead leader.
 
 Knative's own controller cannot run here (docs/kubernetes.md): the Revision, Deployment and PA are
-created as its revision reconciler would (`knative_standin.revision_objects`), and SKS status is
-written by `knative_standin.SksStatusWriter`. The decider's advice is set by the test (in the
+created as its revision reconciler would (`knative.revision_objects`), and SKS status is
+written by `knative.SksStatusWriter`. The decider's advice is set by the test (in the
 autoscaler process it comes from the same decider the local cluster uses).
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 from autoscaler.kube.pa_controller import PodAutoscalerController
 from autoscaler.kube.podautoscaler import CLASS, Advice, Settings, condition
 from sllm_knative.kube.client import PODAUTOSCALERS, REVISIONS, SERVERLESSSERVICES, Kube
+from testkit.kube.knative import SksStatusWriter, revision_objects
+from testkit.kube.nodeagent import NodeAgent
 from tests.kube.conftest import agent_selector, until
-from tests.kube.knative_standin import SksStatusWriter, revision_objects
-from tests.kube.nodeagent import NodeAgent
 from tests.kube.test_nodeagent import ENV, SERVER
 
 REV = "chat-00001"

@@ -32,10 +32,10 @@ from autoscaler.kube.services import ServiceSource, parse_revision
 from autoscaler.kube.webhook import PATH, PlacementWebhook
 from sllm_knative.kube.client import PODAUTOSCALERS, REVISIONS, SERVERLESSSERVICES, Kube
 from sllm_knative.ports import free_port
+from testkit.kube.cluster import KubeCluster
+from testkit.kube.knative import SksStatusWriter, revision_objects
 from tests.kube.audit import apply_docs, assert_exactly_granted
-from tests.kube.cluster import KubeCluster
 from tests.kube.conftest import until
-from tests.kube.knative_standin import SksStatusWriter, revision_objects
 from tests.kube.test_webhook import webhook_config
 
 RBAC = Path(__file__).resolve().parents[2] / "manifests" / "autoscaler" / "rbac.yaml"

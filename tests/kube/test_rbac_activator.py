@@ -4,7 +4,7 @@ the ClusterRole in manifests/activator/rbac.yaml, through what it does in a clus
 watch the revisions, PodAutoscalers and EndpointSlices, route a request to a warm revision of
 our class, hold one for a revision at zero (its demand to our autoscaler) and release it when
 the pod becomes ready, and resync. The revisions are made as in test_activator_knative.py
-(knative_standin: Knative's objects, the private Services whose slices the real EndpointSlice
+(knative: Knative's objects, the private Services whose slices the real EndpointSlice
 controller publishes for the node agent's pods). The verbs it called are read back from the API
 server's audit log (from this test's start) and compared with the rules, both ways: nothing it
 called was refused, and nothing the ClusterRole grants went unused.
@@ -26,11 +26,11 @@ import yaml
 from sllm_knative.config.autoscaler import SLLM_CLASS
 from sllm_knative.kube.client import REVISIONS, Kube
 from sllm_knative.ports import free_port
+from testkit.kube.cluster import KubeCluster
+from testkit.kube.nodeagent import NodeAgent
 from testkit.proc import Proc
 from tests.kube.audit import apply_docs, assert_exactly_granted, audit_offset
-from tests.kube.cluster import KubeCluster
 from tests.kube.conftest import until
-from tests.kube.nodeagent import NodeAgent
 from tests.kube.test_activator_knative import (  # noqa: F401  (fixtures)
     Recorder,
     _echo,

@@ -19,10 +19,10 @@ import yaml
 
 from sllm_knative.config.nodecache import CheckpointState
 from sllm_knative.kube.client import NODECACHES, Kube
+from testkit.kube.cluster import KubeCluster
+from testkit.kube.nodeagent import NodeAgent
 from tests.kube.audit import apply_docs, assert_exactly_granted, audit_offset
-from tests.kube.cluster import KubeCluster
 from tests.kube.conftest import until
-from tests.kube.nodeagent import NodeAgent
 from tests.kube.test_nodecache import RESYNC_S, Loader, checkpoint, nodecache
 
 ROOT = Path(__file__).resolve().parents[2]

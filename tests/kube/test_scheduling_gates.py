@@ -19,8 +19,8 @@ import time
 import pytest
 from kubernetes.client.rest import ApiException
 
+from testkit.kube.nodeagent import NodeAgent
 from tests.kube.conftest import Clients, agent_selector, until
-from tests.kube.nodeagent import NodeAgent
 
 GATE = "serving.sllm-knative.io/placement"
 

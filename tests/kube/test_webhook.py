@@ -37,10 +37,10 @@ from autoscaler.kube.podautoscaler import CLASS, CLASS_ANNOTATION, REVISION_LABE
 from autoscaler.kube.webhook import PATH, PlacementWebhook
 from sllm_knative.kube.client import REVISIONS, Kube, error_message
 from sllm_knative.ports import free_port
-from tests.kube.cluster import KubeCluster
+from testkit.kube.cluster import KubeCluster
+from testkit.kube.knative import revision_objects
+from testkit.kube.nodeagent import NodeAgent
 from tests.kube.conftest import agent_selector, until
-from tests.kube.knative_standin import revision_objects
-from tests.kube.nodeagent import NodeAgent
 
 MANIFEST = Path(__file__).resolve().parents[2] / "manifests" / "autoscaler" / "webhook.yaml"
 WEBHOOK_NAME = "placement.sllm-knative.io"

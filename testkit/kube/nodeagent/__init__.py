@@ -24,7 +24,7 @@ containerd on N nodes at once. It talks to the API server only through the offic
 
 **Pod addresses.** The API server refuses loopback addresses (127.0.0.0/8) in Endpoints and
 EndpointSlices, so pods need real ones: the agent always runs on the cluster's pod network
-(`network=`, a `tests.kube.network.ClusterNetwork`; the fixtures pass `kube.network`, the CLI
+(`network=`, a `testkit.kube.network.ClusterNetwork`; the fixtures pass `kube.network`, the CLI
 attaches to the one the cluster wrote to `network.json`). Each node is a network namespace on
 the cluster's bridge, its InternalIP the namespace's address (10.X.i.1); each pod gets a /32
 there (10.X.i.k), and its processes (and exec probes) enter the node's namespace before exec.
@@ -67,8 +67,8 @@ refreshed every `volume_resync_s`, tokens at 80 % of their lifetime. Not enforce
 resource limits, security contexts, ports (informational). Not run: lifecycle hooks.
 
 In-process: `with NodeAgent(kubeconfig, root, [NodeSpec("n1", gpus=1)], network=net) as agent: ...`.
-By hand, against `python -m tests.kube.cluster up`:
-`python -m tests.kube.nodeagent --kubeconfig K --root R --node n1:cpu=4,memory=16Gi,gpu=1,label=k=v`.
+By hand, against `python -m testkit.kube.cluster up`:
+`python -m testkit.kube.nodeagent --kubeconfig K --root R --node n1:cpu=4,memory=16Gi,gpu=1,label=k=v`.
 
 **Modules.** `spec` (NodeSpec, `--node` parsing, the image table), pure kubelet logic in `env`
 (`$(VAR)` expansion, argv, environment), `policy` (probe thresholds and timing, restarts and
@@ -80,10 +80,10 @@ back-off) and `status` (container and pod status, phase, conditions, node status
 
 from __future__ import annotations
 
-from tests.kube.nodeagent.agent import NodeAgent
-from tests.kube.nodeagent.api import Api
-from tests.kube.nodeagent.containers import Container, ProbeRun, container_preexec
-from tests.kube.nodeagent.env import (
+from testkit.kube.nodeagent.agent import NodeAgent
+from testkit.kube.nodeagent.api import Api
+from testkit.kube.nodeagent.containers import Container, ProbeRun, container_preexec
+from testkit.kube.nodeagent.env import (
     ConfigError,
     Lookup,
     build_env,
@@ -92,9 +92,9 @@ from tests.kube.nodeagent.env import (
     field_ref,
     resource_ref,
 )
-from tests.kube.nodeagent.nodes import NodeRunner
-from tests.kube.nodeagent.pods import PodWorker, pod_key
-from tests.kube.nodeagent.policy import (
+from testkit.kube.nodeagent.nodes import NodeRunner
+from testkit.kube.nodeagent.pods import PodWorker, pod_key
+from testkit.kube.nodeagent.policy import (
     MIN_GRACE_S,
     Backoff,
     ProbeState,
@@ -106,8 +106,8 @@ from tests.kube.nodeagent.policy import (
     restart_delay,
     should_restart,
 )
-from tests.kube.nodeagent.probes import exec_probe, grpc_probe, http_probe, tcp_probe
-from tests.kube.nodeagent.spec import (
+from testkit.kube.nodeagent.probes import exec_probe, grpc_probe, http_probe, tcp_probe
+from testkit.kube.nodeagent.spec import (
     IMAGES,
     ImageConfig,
     ImageError,
@@ -118,7 +118,7 @@ from tests.kube.nodeagent.spec import (
     map_python,
     parse_node_arg,
 )
-from tests.kube.nodeagent.status import (
+from testkit.kube.nodeagent.status import (
     ContainerView,
     container_status,
     merge_conditions,
@@ -129,8 +129,8 @@ from tests.kube.nodeagent.status import (
     pod_phase,
     rfc3339,
 )
-from tests.kube.nodeagent.volumes import PodVolumes, VolumeError
-from tests.kube.nodeagent.watch import Watcher
+from testkit.kube.nodeagent.volumes import PodVolumes, VolumeError
+from testkit.kube.nodeagent.watch import Watcher
 
 __all__ = [
     "IMAGES", "MIN_GRACE_S", "Api", "Backoff", "ConfigError", "Container", "ContainerView", "ImageConfig",

@@ -10,8 +10,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from tests.kube.nodeagent.api import Api
-from tests.kube.nodeagent.spec import Json
+from testkit.kube.nodeagent.api import Api
+from testkit.kube.nodeagent.spec import Json
 
 
 def _response_lines(resp: Any) -> Iterator[bytes]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tests.kube.nodeagent.spec import Json
+from testkit.kube.nodeagent.spec import Json
 
 MIN_GRACE_S = 2.0  # kubelet's minimumGracePeriodInSeconds
 

@@ -17,17 +17,23 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tests.kube.nodeagent.api import Api
-from tests.kube.nodeagent.containers import Container, base_env
-from tests.kube.nodeagent.env import ConfigError, build_env, container_argv
-from tests.kube.nodeagent.policy import MIN_GRACE_S, Backoff
-from tests.kube.nodeagent.probes import probe_containers
-from tests.kube.nodeagent.spec import ImageError, Json, lookup_image
-from tests.kube.nodeagent.status import container_status, merge_conditions, pod_conditions, pod_phase, rfc3339
-from tests.kube.nodeagent.volumes import PodVolumes, VolumeError
+from testkit.kube.nodeagent.api import Api
+from testkit.kube.nodeagent.containers import Container, base_env
+from testkit.kube.nodeagent.env import ConfigError, build_env, container_argv
+from testkit.kube.nodeagent.policy import MIN_GRACE_S, Backoff
+from testkit.kube.nodeagent.probes import probe_containers
+from testkit.kube.nodeagent.spec import ImageError, Json, lookup_image
+from testkit.kube.nodeagent.status import (
+    container_status,
+    merge_conditions,
+    pod_conditions,
+    pod_phase,
+    rfc3339,
+)
+from testkit.kube.nodeagent.volumes import PodVolumes, VolumeError
 
 if TYPE_CHECKING:
-    from tests.kube.nodeagent.nodes import NodeRunner
+    from testkit.kube.nodeagent.nodes import NodeRunner
 
 
 def pod_key(pod: Json) -> str:

@@ -16,15 +16,15 @@ import time
 from typing import TYPE_CHECKING
 
 from sllm_knative.log import get_logger
-from tests.kube.network import NodeNetwork
-from tests.kube.nodeagent.api import Api
-from tests.kube.nodeagent.pods import PodWorker
-from tests.kube.nodeagent.spec import Json, NodeSpec
-from tests.kube.nodeagent.status import micro_time, node_labels, node_status, rfc3339
-from tests.kube.nodeagent.watch import Watcher
+from testkit.kube.network import NodeNetwork
+from testkit.kube.nodeagent.api import Api
+from testkit.kube.nodeagent.pods import PodWorker
+from testkit.kube.nodeagent.spec import Json, NodeSpec
+from testkit.kube.nodeagent.status import micro_time, node_labels, node_status, rfc3339
+from testkit.kube.nodeagent.watch import Watcher
 
 if TYPE_CHECKING:
-    from tests.kube.nodeagent.agent import NodeAgent
+    from testkit.kube.nodeagent.agent import NodeAgent
 
 _log = get_logger("nodeagent")
 

@@ -10,10 +10,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from sllm_knative.log import get_logger, setup
-from tests.kube.network import ClusterNetwork
-from tests.kube.nodeagent.api import Api
-from tests.kube.nodeagent.nodes import NodeRunner
-from tests.kube.nodeagent.spec import IMAGES, ImageConfig, NodeSpec
+from testkit.kube.network import ClusterNetwork
+from testkit.kube.nodeagent.api import Api
+from testkit.kube.nodeagent.nodes import NodeRunner
+from testkit.kube.nodeagent.spec import IMAGES, ImageConfig, NodeSpec
 
 _log = get_logger("nodeagent")
 
@@ -21,7 +21,7 @@ _log = get_logger("nodeagent")
 class NodeAgent:
     """Kubelet + containerd for N test nodes, in threads of this process.
 
-    `network` is the cluster's pod network (tests/kube/network.py): each node becomes a network
+    `network` is the cluster's pod network (testkit/kube/network.py): each node becomes a network
     namespace on it, removed again by `stop`."""
 
     def __init__(self, kubeconfig: Path, root: Path, nodes: Sequence[NodeSpec], *, network: ClusterNetwork,
@@ -33,7 +33,7 @@ class NodeAgent:
         if len(set(names)) != len(names) or not names:
             raise ValueError(f"node names must be given and distinct: {names}")
         if not isinstance(network, ClusterNetwork):
-            raise TypeError(f"network must be the cluster's ClusterNetwork (tests/kube/network.py), not {network!r}")
+            raise TypeError(f"network must be the cluster's ClusterNetwork (testkit/kube/network.py), not {network!r}")
         self.kubeconfig, self.root = Path(kubeconfig), Path(root).resolve()
         self.specs = list(nodes)
         self.network = network

@@ -6,7 +6,7 @@ throwaway data directory, the way envtest does, plus the controller manager and 
 envtest leaves out:
 
 - etcd on loopback; the API server on the host's address of the cluster's own pod network
-  (tests/kube/network.py: a bridge and a namespace per node, all on this machine), because
+  (testkit/kube/network.py: a bridge and a namespace per node, all on this machine), because
   pods run in those namespaces and must reach it;
 - a CA, the API server's serving certificate (127.0.0.1, localhost) and an admin client
   certificate (group system:masters), made here with `cryptography`;
@@ -22,8 +22,8 @@ run; `down()` stops them and removes the data directory.
 
 By hand:
 
-    python -m tests.kube.cluster up [--dir DIR]   # prints the kubeconfig path, stays up
-    python -m tests.kube.cluster down [--dir DIR]
+    python -m testkit.kube.cluster up [--dir DIR]   # prints the kubeconfig path, stays up
+    python -m testkit.kube.cluster down [--dir DIR]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import yaml
 
 from sllm_knative.local.procs import spawn, stop
 from sllm_knative.ports import free_port
-from tests.kube.network import NETWORK_FILE, ClusterNetwork
+from testkit.kube.network import NETWORK_FILE, ClusterNetwork
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN_DIR = Path(os.environ.get("SLLM_KUBE_BINS", ROOT / ".kube-bins"))
@@ -446,7 +446,7 @@ def _serve(workdir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.kube.cluster", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m testkit.kube.cluster", description=__doc__.splitlines()[0])
     ap.add_argument("action", choices=["up", "down", "serve"])
     ap.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"state folder (default {DEFAULT_DIR})")
     args = ap.parse_args(argv)
@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     d.mkdir(parents=True, exist_ok=True)
     log = d / "supervisor.log"
     with open(log, "ab") as out:
-        p = subprocess.Popen([sys.executable, "-m", "tests.kube.cluster", "serve", "--dir", str(d)],
+        p = subprocess.Popen([sys.executable, "-m", "testkit.kube.cluster", "serve", "--dir", str(d)],
                              cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              start_new_session=True)
     pidfile.write_text(str(p.pid))

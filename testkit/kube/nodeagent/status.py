@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tests.kube.nodeagent.spec import Json, NodeSpec
+from testkit.kube.nodeagent.spec import Json, NodeSpec
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from tests.kube.nodeagent.api import Api
-from tests.kube.nodeagent.env import ConfigError, expand, field_ref, resource_ref
-from tests.kube.nodeagent.spec import Json
+from testkit.kube.nodeagent.api import Api
+from testkit.kube.nodeagent.env import ConfigError, expand, field_ref, resource_ref
+from testkit.kube.nodeagent.spec import Json
 
 Files = dict[str, tuple[bytes, int]]  # relative path -> (content, mode)
 

@@ -15,10 +15,10 @@ import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from tests.kube.nodeagent.containers import Container, ProbeRun, container_preexec
-from tests.kube.nodeagent.env import expand
-from tests.kube.nodeagent.policy import MIN_GRACE_S, probe_due, probe_step
-from tests.kube.nodeagent.spec import Json, map_python
+from testkit.kube.nodeagent.containers import Container, ProbeRun, container_preexec
+from testkit.kube.nodeagent.env import expand
+from testkit.kube.nodeagent.policy import MIN_GRACE_S, probe_due, probe_step
+from testkit.kube.nodeagent.spec import Json, map_python
 
 
 def http_probe(host: str, port: int, path: str, scheme: str, headers: Sequence[Json], timeout: float) -> tuple[bool, str]:

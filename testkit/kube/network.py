@@ -186,7 +186,7 @@ class ClusterNetwork:
         try:
             d = json.loads(Path(path).read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no cluster network file (`python -m tests.kube.cluster up` "
+            raise FileNotFoundError(f"{path}: no cluster network file (`python -m testkit.kube.cluster up` "
                                     "writes one next to its kubeconfig)") from None
         return cls.attach(str(d["bridge"]), int(d["second_octet"]))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sllm_knative.local.procs import die_with_parent
-from tests.kube.nodeagent.policy import (
+from testkit.kube.nodeagent.policy import (
     Backoff,
     ProbeState,
     ProbeTiming,
@@ -27,8 +27,8 @@ from tests.kube.nodeagent.policy import (
     initial_probe_state,
     should_restart,
 )
-from tests.kube.nodeagent.spec import Json
-from tests.kube.nodeagent.status import ContainerView, rfc3339
+from testkit.kube.nodeagent.spec import Json
+from testkit.kube.nodeagent.status import ContainerView, rfc3339
 
 
 def container_preexec(enter: Callable[[], None]) -> Callable[[], None]:

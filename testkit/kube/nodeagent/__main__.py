@@ -1,7 +1,7 @@
 """Run test nodes (pods as local processes) against a cluster started by hand.
 
-    python -m tests.kube.cluster up     # prints the kubeconfig path; writes network.json next to it
-    python -m tests.kube.nodeagent --kubeconfig K --root R --node n1:cpu=4,memory=16Gi,gpu=1,label=k=v
+    python -m testkit.kube.cluster up     # prints the kubeconfig path; writes network.json next to it
+    python -m testkit.kube.nodeagent --kubeconfig K --root R --node n1:cpu=4,memory=16Gi,gpu=1,label=k=v
 
 The nodes join the cluster's pod network: a namespace each on the cluster's bridge, attached
 through `network.json` (`--network-file`, default: next to the kubeconfig). Runs until SIGTERM
@@ -17,13 +17,13 @@ import threading
 from pathlib import Path
 
 from sllm_knative.log import setup
-from tests.kube.network import NETWORK_FILE, ClusterNetwork
-from tests.kube.nodeagent.agent import NodeAgent
-from tests.kube.nodeagent.spec import parse_node_arg
+from testkit.kube.network import NETWORK_FILE, ClusterNetwork
+from testkit.kube.nodeagent.agent import NodeAgent
+from testkit.kube.nodeagent.spec import parse_node_arg
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.kube.nodeagent", description=(__doc__ or "").splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m testkit.kube.nodeagent", description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--kubeconfig", type=Path, required=True)
     ap.add_argument("--root", type=Path, required=True, help="logs, volumes and hostPath folders go here")
     ap.add_argument("--node", action="append", required=True, type=parse_node_arg,

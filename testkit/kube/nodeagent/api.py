@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tests.kube.nodeagent.env import Lookup
-from tests.kube.nodeagent.spec import Json
+from testkit.kube.nodeagent.env import Lookup
+from testkit.kube.nodeagent.spec import Json
 
 
 class Api:

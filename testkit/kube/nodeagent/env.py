@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from decimal import ROUND_CEILING
 
-from tests.kube.nodeagent.spec import ImageConfig, ImageError, Json, map_python
+from testkit.kube.nodeagent.spec import ImageConfig, ImageError, Json, map_python
 
 
 def expand(text: str, *mappings: Mapping[str, str]) -> str:
