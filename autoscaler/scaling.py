@@ -14,6 +14,7 @@ from the pure plan in `autoscaler.preemption`; `_preempt` only runs them.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
 import time
@@ -62,6 +63,7 @@ from sllm_knative.placement import (
 _log = get_logger("autoscaler")
 DEFAULT_MODEL_BYTES = 1 << 30  # until a node has seen the checkpoint
 READY_WAIT_S = 330.0  # a backend reports FAILED after 300 s; this only guards against a lost event
+EARLY_EVENTS_KEPT = 256  # instances whose events came before their start() returned
 
 
 @dataclasses.dataclass
@@ -87,6 +89,8 @@ class Scaler:
         self._spawn = spawn
         self._ids = itertools.count(1)
         self._ready: dict[str, asyncio.Future[bool]] = {}
+        # Events that came before the instance was recorded (start() had not returned yet), replayed then.
+        self._early: collections.OrderedDict[str, list[InstanceEvent]] = collections.OrderedDict()
         self.preempt_wait_s = PREEMPT_WAIT_S
         self.drain_wait_s = DRAIN_WAIT_S
 
@@ -111,6 +115,9 @@ class Scaler:
             return
         t0 = time.perf_counter()
         nodes = await self.backend.inventories()
+        allowed = self.backend.nodes_for(svc)
+        if allowed is not None:  # the service's nodeSelector
+            nodes = [n for n in nodes if n.name in allowed]
         generations = await self._generations_on_full_nodes()
         async with self.slots.lock:  # no await inside: read the slots, place, reserve
             nodes = self._occupied(nodes, generations)
@@ -226,6 +233,10 @@ class Scaler:
         rt.instances[inst_id] = rec  # holds the slot from here on: the reservation goes
         self.slots.release(reservation)
         self._ready[inst_id] = asyncio.get_running_loop().create_future()
+        if early := self._early.pop(inst_id, None):
+            # The backend's events raced start()'s return (on Kubernetes the pod may be ready, or
+            # gone, by then): without this the record would stay STARTING, or outlive its pod.
+            self._spawn(self._replay(early))
         metrics.COLD_STARTS.labels(svc.key, tier).inc()
         rt.placements.append({"instance": inst_id, "node": node, "tier": tier, **record})
         return rec
@@ -254,6 +265,7 @@ class Scaler:
         found = self.table.find(event.instance)
         if found is None:
             self._settle(event.instance, False)
+            self._keep_early(event)
             return
         rt, rec = found
         if event.kind == EventKind.READY:
@@ -281,6 +293,17 @@ class Scaler:
             rt.instances.pop(rec.id, None)
             self._settle(rec.id, False)
             await self.push(rt)
+
+    def _keep_early(self, event: InstanceEvent) -> None:
+        """Keep an event of an instance not in the table: its start() may not have returned yet."""
+        self._early.setdefault(event.instance, []).append(event)
+        self._early.move_to_end(event.instance)
+        while len(self._early) > EARLY_EVENTS_KEPT:  # of instances that never got recorded
+            self._early.popitem(last=False)
+
+    async def _replay(self, events: list[InstanceEvent]) -> None:
+        for event in events:
+            await self.on_event(event)
 
     def _take(self, event: InstanceEvent) -> None:
         rt = self.table.get(event.service)

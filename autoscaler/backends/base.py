@@ -126,6 +126,11 @@ class Backend(Protocol):
         count, `instances` and `load_queue` are empty. A node that does not answer is left out."""
         ...
 
+    def nodes_for(self, service: ServiceConfig) -> set[str] | None:
+        """The nodes `service`'s instances may run on (its nodeSelector against the nodes'
+        labels), None when any node may."""
+        ...
+
     async def describe_node(self, node: str) -> dict[str, Any]:
         """For people (`GET /v1/nodes`): `tiers` (name, capacity, used, checkpoints) and
         `bandwidths` (hop -> bytes/s). Raises when the node does not answer."""

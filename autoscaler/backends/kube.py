@@ -53,6 +53,7 @@ from autoscaler.kube.binding import (
     pin,
     pod_failed,
     pod_ready,
+    selects,
 )
 from autoscaler.kube.podautoscaler import REVISION_LABEL
 from sllm_knative.api import auth
@@ -163,6 +164,11 @@ class KubeBackend:
 
     def _node_objects(self) -> dict[str, dict[str, Any]]:
         return {n["metadata"]["name"]: n for n in self.nodes.items() if node_ready(n)}
+
+    def nodes_for(self, service: ServiceConfig) -> set[str] | None:
+        if not service.node_selector:
+            return None
+        return {name for name, n in self._node_objects().items() if selects(service.node_selector, n)}
 
     def node_slots(self) -> Mapping[str, int]:
         caches = {c["metadata"]["name"] for c in self.caches.items()}

@@ -119,6 +119,9 @@ class LocalBackend:
             out.append(inventory_to_node(node, inv, 0, self.model_sizes))
         return pool_store_rates(out)
 
+    def nodes_for(self, service: ServiceConfig) -> set[str] | None:
+        return None  # local nodes carry no labels: a nodeSelector has nothing to select on
+
     async def describe_node(self, node: str) -> dict[str, Any]:
         inv = await self.inventory(node)
         return {"tiers": [{"name": t.name, "capacity": t.capacity, "used": t.used,

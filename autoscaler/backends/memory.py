@@ -59,12 +59,15 @@ class SimulatedStart:
 
 class MemoryBackend:
     def __init__(self, nodes: Sequence[MemoryNode], model_sizes: Mapping[str, int], *,
-                 time_scale: float = 0.001, fail: Sequence[str] = ()) -> None:
+                 time_scale: float = 0.001, fail: Sequence[str] = (), eager_events: bool = False) -> None:
         self.nodes = {n.name: n for n in nodes}
         self.checkpoints: dict[str, dict[str, Tier]] = {n.name: dict(n.checkpoints) for n in nodes}
         self.model_sizes = dict(model_sizes)
         self.time_scale = time_scale
         self.fail = set(fail)  # services (namespace/name) whose instances fail to start
+        # READY or FAILED is told before start() returns, as a Kubernetes pod can be ready (or
+        # gone) before the caller of start() runs again.
+        self.eager_events = eager_events
         self.starts: list[SimulatedStart] = []
         self.warmed: list[tuple[str, str]] = []
         self.stopped: list[str] = []
@@ -91,6 +94,9 @@ class MemoryBackend:
         await asyncio.sleep(0)  # as I/O would: other tasks run meanwhile
         return [NodeInventory(n.name, dict(n.bandwidth), dict(self.checkpoints[n.name]), free_slots=n.slots,
                               instance_overhead_s=n.overhead_s) for n in self.nodes.values()]
+
+    def nodes_for(self, service: ServiceConfig) -> set[str] | None:
+        return None  # local nodes carry no labels: a nodeSelector has nothing to select on
 
     async def describe_node(self, node: str) -> dict[str, Any]:
         n = self.nodes[node]
@@ -134,6 +140,9 @@ class MemoryBackend:
                              started_at=time.time())
         self._instances[rec.id] = rec
         self.generations_of[rec.id] = []
+        if self.eager_events:
+            await self._become_ready(rec, model, sim)
+            return rec
         task = asyncio.ensure_future(self._become_ready(rec, model, sim))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -13,6 +13,7 @@ affinity with that one term), and gates may only be removed.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,3 +120,9 @@ def condition_true(obj: dict[str, Any], type_: str) -> bool:
     """Whether a Pod's or Node's status condition `type_` is True."""
     return any(c.get("type") == type_ and c.get("status") == "True"
                for c in (obj.get("status") or {}).get("conditions") or [])
+
+
+def selects(selector: Mapping[str, str], node: dict[str, Any]) -> bool:
+    """Whether a pod's nodeSelector admits `node` (every label present with that value)."""
+    labels = (node.get("metadata") or {}).get("labels") or {}
+    return all(labels.get(k) == v for k, v in selector.items())

@@ -129,6 +129,9 @@ class ServiceConfig:
     annotations: Mapping[str, str] = field(default_factory=dict)
     template_labels: Mapping[str, str] = field(default_factory=dict)
     template_annotations: Mapping[str, str] = field(default_factory=dict)
+    # spec.template.spec.nodeSelector (Knative's kubernetes.podspec-nodeselector feature): the
+    # node labels its pods require; on Kubernetes, placement only considers nodes that have them.
+    node_selector: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -346,6 +349,7 @@ def parse_service(doc: Any, *, defaults: AutoscalerConfig | None = None, source:
         annotations=annotations,
         template_labels=dict(tmeta.get("labels") or {}),
         template_annotations=tann,
+        node_selector=dict(tspec.get("nodeSelector") or {}),  # the schema checked it: label -> string
     )
 
 

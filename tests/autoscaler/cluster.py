@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from autoscaler.backends.base import InstanceRecord, InstanceState
 from autoscaler.backends.memory import MemoryActivator, MemoryBackend, MemoryNode
@@ -43,8 +44,8 @@ class Clock:
 
 
 class Cluster:
-    def __init__(self, nodes: list[MemoryNode], sizes: Mapping[str, int] = SIZES) -> None:
-        self.backend = MemoryBackend(nodes, sizes)
+    def __init__(self, nodes: list[MemoryNode], sizes: Mapping[str, int] = SIZES, **backend: Any) -> None:
+        self.backend = MemoryBackend(nodes, sizes, **backend)
         self.activator = MemoryActivator(self.backend)
         self.clock = Clock()
         self.scaler = Autoscaler(self.backend, self.activator, clock=self.clock)

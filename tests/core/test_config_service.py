@@ -212,6 +212,10 @@ MIN = 'spec.template.metadata.annotations["autoscaling.knative.dev/min-scale"]'
     pytest.param([(("spec", "template", "metdata"), {})], ["spec.template.metdata: unknown field"], id="typo-in-spec"),
     pytest.param([(("metadata", "labels"), {"team": 3})], ["metadata.labels.team: must be a string, got 3"],
                  id="label-not-string"),
+    pytest.param([(("spec", "template", "spec", "nodeSelector"), {"gpu": 1})],
+                 ["spec.template.spec.nodeSelector.gpu: must be a string, got 1"], id="node-selector-value-int"),
+    pytest.param([(("spec", "template", "spec", "nodeSelector"), ["gpu=a100"])],
+                 ["spec.template.spec.nodeSelector: must be"], id="node-selector-list"),
 ])
 def test_rejects_with_path(changes: list[tuple[tuple[Any, ...], Any]], expected: list[str]) -> None:
     got = errors_of(doc_with(*changes))
@@ -242,6 +246,13 @@ def test_cluster_config_changes_validation() -> None:
     assert errors_of(doc_with((ANN + ("autoscaling.knative.dev/max-scale",), "8")), defaults=limited) == [
         'spec.template.metadata.annotations["autoscaling.knative.dev/max-scale"]: must be in [1, 5] (max-scale-limit), '
         'got "8"']
+
+
+def test_the_node_selector_is_kept() -> None:
+    """Knative's kubernetes.podspec-nodeselector: on Kubernetes, placement keeps to nodes with these labels."""
+    s = parse_service(doc_with((("spec", "template", "spec", "nodeSelector"), {"gpu": "h100", "zone": "a"})))
+    assert s.node_selector == {"gpu": "h100", "zone": "a"}
+    assert parse_service(BASE).node_selector == {}
 
 
 def test_defaults_when_unset() -> None:

@@ -1,0 +1,272 @@
+"""End to end on the real control plane: the real function behind our activator and autoscaler,
+its checkpoint leased through its node's loader, driven by the official `openai` client.
+
+Real: kube-apiserver, kube-controller-manager (ReplicaSets, EndpointSlices, garbage collection),
+kube-scheduler, the node agent's two nodes and their pods, one loader per node publishing its
+NodeCache, `python -m autoscaler --kube` with its placement webhook, `python -m activator --kube`,
+and the function image (`sllm-knative/function` -> `python -m functions.llm`) serving the tiny
+test model in the loading format, from nginx as the model store.
+
+The store is nginx's rate-limited location (256 KiB/s per connection): a load from the store
+takes seconds while a load from a node's DRAM takes milliseconds, so the load-time model's choice
+is clear whatever the instance start overheads measure. With a store as fast as local files, the
+tiers of a 0.5 MB checkpoint differ by milliseconds and the choice was noise.
+
+The loaders run as processes with `--kube-node` (as in test_autoscaler_kube.py), each with its
+socket and DRAM tier in its node's hostPath folders (`/var/run/sllm-knative`,
+`/dev/shm/sllm-knative`), where the webhook's mounts put them for the node's function pods. Not
+the DaemonSet of manifests/loader: its store is `hf://` (no network here), and a file store would
+have to be mounted into its pods; test_loader_daemonset.py covers the DaemonSet itself.
+
+Stand-ins for what cannot run here (docs/kubernetes.md): Knative's revision reconciler
+(`knative.revision_objects`), its SKS status (`SksStatusWriter`) and the private Service
+(`PrivateServices`), whose EndpointSlices the activator watches. The client sends to the
+activator with the revision headers, as Knative's ingress would.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from autoscaler.kube.certs import WEBHOOK_CONFIG
+from autoscaler.kube.podautoscaler import CLASS, condition
+from autoscaler.kube.webhook import PATH as WEBHOOK_PATH
+from sllm_knative.kube.client import PODAUTOSCALERS, REVISIONS, SCALINGPOLICIES, Kube
+from sllm_knative.loader.client import LoaderClient
+from sllm_knative.ports import free_port
+from testkit.kube.cluster import KubeCluster
+from testkit.kube.knative import PrivateServices, SksStatusWriter, revision_objects
+from testkit.kube.nodeagent import NodeAgent
+from testkit.proc import Proc
+from testkit.servers import Nginx
+from tests.kube.conftest import agent_selector, start_agent, until
+from tests.kube.test_autoscaler_kube import _in_dram, autoscaler_sees_dram
+from tests.kube.test_nodeagent import ENV
+from tests.kube.test_nodecache import Loader, store  # noqa: F401  (fixture)
+from tests.kube.test_webhook import webhook_config
+
+REPO = Path(__file__).resolve().parents[2]
+REV = "chat-00001"
+SOCKET_DIR = "/var/run/sllm-knative"  # autoscaler/kube/admission.py: LOADER_DIR
+DRAM_DIR = "/dev/shm/sllm-knative"
+
+
+@pytest.fixture
+def agent(kube: KubeCluster) -> Iterator[NodeAgent]:
+    # A short root: the loader's socket lies in the node's hostPath folder under it, and a unix
+    # socket's path is limited to 107 bytes.
+    root = Path(tempfile.mkdtemp(prefix="sllm-e2e-", dir="/tmp"))
+    a = start_agent(kube, root, nodes=2)
+    try:
+        yield a
+    finally:
+        a.stop(delete_nodes=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def web(store: Path) -> Iterator[Nginx]:  # noqa: F811
+    with Nginx(store, slow_rate="256k") as nginx:
+        yield nginx
+
+
+def node_loader(tmp: Path, agent: NodeAgent, node: str, kube: KubeCluster, store_root: Path, store_uri: str) -> Loader:
+    """The loader of `node`, its socket and DRAM tier in the node's hostPath folders, its store `store_uri`."""
+    sock_dir, dram = agent.hostpath(node, SOCKET_DIR), agent.hostpath(node, DRAM_DIR) / node
+    sock_dir.mkdir(parents=True, exist_ok=True)
+    dram.mkdir(parents=True, exist_ok=True)
+    lo = Loader(tmp, node, kube.kubeconfig, store_root)
+    lo.socket, lo.target, lo.dram = sock_dir / "loader.sock", f"unix://{sock_dir / 'loader.sock'}", dram
+    argv = list(lo.argv)
+    argv[argv.index("--listen") + 1] = lo.target
+    argv[argv.index("--dram-dir") + 1] = str(dram)
+    argv[argv.index("--store") + 1] = store_uri
+    lo.argv = argv
+    return lo.run()
+
+
+def _pods(k: Kube, namespace: str) -> list[Any]:
+    return [p for p in k.core.list_namespaced_pod(namespace, label_selector=f"serving.knative.dev/revision={REV}")
+            .items if p.metadata.deletion_timestamp is None]
+
+
+def _ready_pod(k: Kube, namespace: str) -> Any:
+    for p in _pods(k, namespace):
+        if p.status.phase == "Running" and any(c.type == "Ready" and c.status == "True"
+                                               for c in p.status.conditions or []):
+            return p
+    return None
+
+
+def _leases(lo: Loader) -> list[tuple[str, str]]:
+    with LoaderClient(lo.target, timeout=10) as c:
+        return [(lease.model, lease.instance) for lease in c.inventory().leases]
+
+
+def _stream_chat(client: openai.OpenAI) -> str:
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello from Knative"}], max_tokens=8, temperature=0,
+        stream=True))
+    assert chunks and chunks[0].choices[0].delta.role == "assistant", chunks[:1]
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop"), chunks[-1]
+    return "".join(c.choices[0].delta.content or "" for c in chunks)
+
+
+def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
+        kube: KubeCluster, api: Any, namespace: str, agent: NodeAgent, store: Path,  # noqa: F811
+        web: Nginx, tmp_path: Path) -> None:
+    k = Kube(api)
+    n0, n1 = (s.name for s in agent.specs)
+    (tmp_path / "lo0").mkdir()
+    (tmp_path / "lo1").mkdir()
+    procs: list[Proc] = []
+    lo0 = node_loader(tmp_path / "lo0", agent, n0, kube, store, f"{web.url}/slow")
+    procs.append(lo0)
+    lo1 = node_loader(tmp_path / "lo1", agent, n1, kube, store, f"{web.url}/slow")
+    procs.append(lo1)
+    model = f"{web.url}/slow/tiny"
+    with lo1.client() as c:
+        c.prefetch(model, tier="dram", wait=True)
+    until(lambda: _in_dram(k, n1, model), 30, f"{n1}'s NodeCache to show the checkpoint in DRAM")
+
+    install = f"{namespace}-sys"
+    k.core.create_namespace({"metadata": {"name": install}})
+    assert kube.network is not None
+    host_ip, webhook_port = kube.network.host_ip, free_port()
+    as_port, act_port, act_h2c, act_admin = free_port(), free_port(), free_port(), free_port()
+    as_url, act_url = f"http://127.0.0.1:{as_port}", f"http://127.0.0.1:{act_port}"
+    standin = SksStatusWriter(k, namespace).start()
+    private = PrivateServices(k, namespace).start()
+    try:
+        k.admission.create_mutating_webhook_configuration(
+            webhook_config(f"https://{host_ip}:{webhook_port}{WEBHOOK_PATH}", namespace, install))
+        autoscaler = Proc("the autoscaler (kube)")
+        procs.append(autoscaler)
+        autoscaler.start([
+            sys.executable, "-m", "autoscaler", "--kube", "--kubeconfig", str(kube.kubeconfig), "--port",
+            str(as_port), "--host", "127.0.0.1", "--lease-namespace", install, "--identity", "a", "--resync", "5",
+            "--lease-duration", "3", "--scale-to-zero-grace", "1", "--probe-url", act_url,
+            "--webhook-port", str(webhook_port), "--webhook-host", host_ip, "--webhook-san", host_ip],
+            tmp_path / "autoscaler.log", env={"PYTHONPATH": str(REPO)}, unset=("KUBECONFIG",))
+        activator = Proc("the activator (kube)")
+        procs.append(activator)
+        activator.start([
+            sys.executable, "-m", "activator", "--kube", "--kubeconfig", str(kube.kubeconfig), "--host", "127.0.0.1",
+            "--port", str(act_port), "--h2c-port", str(act_h2c), "--admin-port", str(act_admin),
+            "--autoscaler-url", as_url, "--pod-name", "activator-e2e-0", "--kube-resync", "5",
+            "--cold-start-timeout", "240"],
+            tmp_path / "activator.log", env={"PYTHONPATH": str(REPO)}, unset=("KUBECONFIG",))
+        autoscaler.wait_http(f"{as_url}/healthz", 90)
+        activator.wait_until(lambda: httpx.get(act_url, headers={"K-Network-Probe": "activator"}, timeout=2).text
+                             == "activator", 90, "answering Knative's probe")
+        until(lambda: autoscaler_sees_dram(as_url, n1, model), 30, f"the autoscaler to see {n1}'s DRAM copy")
+
+        # The Service's ScalingPolicy (a short keep-alive), then its Revision as Knative makes it.
+        k.create(SCALINGPOLICIES, {"apiVersion": SCALINGPOLICIES.api_version, "kind": "ScalingPolicy",
+                                   "metadata": {"name": "chat-keepalive", "namespace": namespace},
+                                   "spec": {"target": {"serviceName": "chat"}, "keepAlive": "3s"}}, namespace)
+        annotations = {"autoscaling.knative.dev/class": CLASS, "sllm-knative.io/model": model}
+        # The Revision's container as the user writes it (Knative's default port 8080; 8012 is
+        # reserved for queue-proxy). There is no queue-proxy here, so the Deployment's copy listens
+        # on 8012 itself, the port the private Service targets, on its pod's address.
+        container = {"name": "user-container", "image": "sllm-knative/function:latest",
+                     "args": ["--device", "cpu", "--served-model-name", "tiny", "--max-model-len", "256"],
+                     "ports": [{"containerPort": 8080}]}
+        serving = {**container, "args": [*container["args"], "--host", "$(POD_IP)", "--port", "8012",
+                                          "--internal-host", "$(POD_IP)"],
+                   "env": ENV, "ports": [{"containerPort": 8012}],
+                   "readinessProbe": {"httpGet": {"port": 8012, "path": "/health/ready"}, "periodSeconds": 1}}
+        rev = k.create(REVISIONS, {"apiVersion": REVISIONS.api_version, "kind": "Revision",
+                                   "metadata": {"name": REV, "namespace": namespace, "annotations": annotations,
+                                                "labels": {"serving.knative.dev/service": "chat"}},
+                                   "spec": {"containers": [container], "nodeSelector": agent_selector(agent)}}, namespace)
+        deployment, pa = revision_objects(REV, namespace, rev["metadata"]["uid"], [serving],
+                                          {"nodeSelector": agent_selector(agent),
+                                           "terminationGracePeriodSeconds": 2}, annotations, replicas=1)
+        k.apps.create_namespaced_deployment(namespace, deployment)
+        k.create(PODAUTOSCALERS, pa, namespace)
+
+        client = openai.OpenAI(base_url=f"{act_url}/v1", api_key="unused", max_retries=0, timeout=300,
+                               default_headers={"Knative-Serving-Revision": REV,
+                                                "Knative-Serving-Namespace": namespace})
+
+        def pa_status() -> dict[str, Any]:
+            return k.get(PODAUTOSCALERS, REV, namespace).get("status") or {}
+
+        def failure(what: str) -> str:
+            logs = [f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                    for p in sorted((agent.root / "pods").glob(f"{namespace}_*/*.log"))]
+            return f"{what}\nPA status: {pa_status()}\n" + "\n".join(logs)
+
+        # 1. The first cold start: the activator holds the stream until the placed pod is ready.
+        until(lambda: _pods(k, namespace), 60, "the revision's first pod")
+        try:
+            text = _stream_chat(client)
+        except Exception as exc:
+            raise AssertionError(failure(f"the first cold start failed: {exc!r}")) from exc
+        assert text, "an empty completion"
+        pod = until(lambda: _ready_pod(k, namespace), 30, "the serving pod ready")
+        assert pod.spec.node_name == n1, failure(f"placed on {pod.spec.node_name}, not {n1}")
+        placed = [e for e in k.core.list_namespaced_event(namespace, field_selector=(
+            f"involvedObject.name={pod.metadata.name}")).items if e.reason == "Placed"]
+        assert placed and n1 in placed[0].message and "dram" in placed[0].message, placed
+
+        # Its weights came through its node's loader: the lease is n1's, none on n0's, and the
+        # function's own log names the loader socket in n1's hostPath folder.
+        assert _leases(lo1) == [(model, pod.metadata.name)]
+        assert _leases(lo0) == []
+        log = agent.pod_log(namespace, pod.metadata.name, "user-container")
+        assert "lease complete" in log and str(lo1.socket.parent.resolve()) in log, log[-3000:]
+
+        until(lambda: (condition(pa_status(), "ScaleTargetInitialized") or {}).get("status") == "True", 60,
+              "ScaleTargetInitialized True")
+        until(lambda: (condition(pa_status(), "Ready") or {}).get("status") == "True", 60, "the PA Ready")
+        assert (condition(pa_status(), "Active") or {}).get("status") == "True", pa_status()
+        # Warm: served again at once, by the same pod.
+        assert _stream_chat(client) == text
+
+        # 2. Idle past the keep-alive: scaled to zero (the activator reports no concurrency).
+        until(lambda: k.apps.read_namespaced_deployment(f"{REV}-deployment", namespace).spec.replicas == 0, 120,
+              "replicas 0 after the keep-alive")
+        until(lambda: not _pods(k, namespace), 90, "the pod to go")
+        until(lambda: not _leases(lo1), 30, "the lease released on n1")
+        assert (condition(pa_status(), "Active") or {}).get("status") == "False", pa_status()
+
+        # 3. The checkpoint moves to n0's DRAM; the next cold start (demand from the held
+        # request) lands there, and leases from n0's loader.
+        with lo1.client() as c:
+            c.evict(model)
+        with lo0.client() as c:
+            c.prefetch(model, tier="dram", wait=True)
+        until(lambda: _in_dram(k, n0, model) and not _in_dram(k, n1, model), 30, "the NodeCaches to show the move")
+        until(lambda: autoscaler_sees_dram(as_url, n0, model) and not autoscaler_sees_dram(as_url, n1, model), 30,
+              "the autoscaler's informers to show the move")
+        try:
+            again = _stream_chat(client)
+        except Exception as exc:
+            raise AssertionError(failure(f"the cold start from zero failed: {exc!r}")) from exc
+        assert again == text  # greedy: the same text from the same weights
+        pod = until(lambda: _ready_pod(k, namespace), 30, "the second cold start's pod ready")
+        assert pod.spec.node_name == n0, failure(f"placed on {pod.spec.node_name}, not {n0}")
+        assert _leases(lo0) == [(model, pod.metadata.name)]
+        until(lambda: (condition(pa_status(), "Active") or {}).get("status") == "True", 30, "Active again")
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        private.stop()
+        standin.stop()
+        # A Fail webhook nobody serves would block every other test's revision pods.
+        try:
+            k.admission.delete_mutating_webhook_configuration(WEBHOOK_CONFIG)
+        except Exception:
+            pass
+        k.core.delete_namespace(install)
