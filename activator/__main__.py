@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import socket
@@ -24,7 +25,7 @@ from activator.config import ActivatorConfig, KubeSettings
 from activator.kube import contract
 from activator.migration import MigrationConfig
 from sllm_knative import log
-from sllm_knative.api.auth import token_from_env
+from sllm_knative.api.auth import TOKEN_ENV, token_from_env
 from sllm_knative.kube.client import KubeConfigError, error_message
 
 
@@ -70,7 +71,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.port = contract.HTTP1_PORT if args.kube else 8080
     if args.h2c_port is None:
         args.h2c_port = contract.H2C_PORT if args.kube else 0
+    if not is_loopback(args.admin_host) and token_from_env() is None:
+        p.error(f"--admin-host {args.admin_host}: an admin API off loopback needs {TOKEN_ENV} (its callers send it); "
+                "on Kubernetes it comes from the sllm-knative-internal Secret")
     return args
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -102,7 +115,7 @@ async def serve(args: argparse.Namespace) -> int:
     public = uvicorn.Server(uvicorn.Config(public_app, host=args.host, port=args.port, log_level="warning",
                                            access_log=False, lifespan="on", http="httptools", ws="none",
                                            proxy_headers=False))
-    admin = uvicorn.Server(uvicorn.Config(build_admin_app(act), host=args.admin_host, port=args.admin_port,
+    admin = uvicorn.Server(uvicorn.Config(build_admin_app(act, token_from_env()), host=args.admin_host, port=args.admin_port,
                                           log_level="warning", access_log=False, lifespan="off", http="httptools",
                                           ws="none"))
     servers = [public.serve(), admin.serve()]

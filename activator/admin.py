@@ -1,13 +1,19 @@
 """The admin app (loopback unless `--admin-host` says otherwise; never the public port): the autoscaler pushes services and their
-ready instances, reads stats and metrics, and triggers migrations; an instance going away asks
-for its drain. Paths and bodies: sllm_knative/api/activator.py. Every body is validated on
-arrival: a malformed one is a 400 naming the field.
+ready instances, reads stats and metrics, withholds instances and triggers migrations; an
+instance going away asks for its drain. Paths and bodies: sllm_knative/api/activator.py. Every
+body is validated on arrival: a malformed one is a 400 naming the field.
+
+With an internal token (`SLLM_INTERNAL_TOKEN`, sllm_knative/api/auth.py) every call but
+`/metrics` must carry it (401 otherwise); off loopback the activator refuses to start without one
+(activator/__main__.py), since on Kubernetes the admin port is on the pod network.
 
 In Kubernetes mode the endpoints come from the revisions' EndpointSlices (activator/kube/source.py)
-and nothing else: the service pushes (PUT and DELETE) are a 409 saying so; stats, drains,
-migrations (instances named by pod name) and metrics work as in local mode."""
+and nothing else: the service pushes (PUT and DELETE) are a 409 saying so; stats, withholds,
+drains, migrations (instances named by pod name) and metrics work as in local mode."""
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
 
 import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -20,6 +26,7 @@ from activator import errors, metrics
 from activator.core import Activator
 from activator.upstream import parse_origin
 from sllm_knative.api import activator as api
+from sllm_knative.api import auth
 from sllm_knative.api.keys import ServiceKey
 from sllm_knative.api.wire import InvalidBody, M, Message, parse_json
 
@@ -36,8 +43,16 @@ async def _body(request: Request, model: type[M]) -> M:
     return parse_json(model, await request.body())
 
 
-def build_admin_app(act: Activator) -> Starlette:
+def build_admin_app(act: Activator, token: str | None = None) -> Starlette:
     registry, migrations = act.registry, act.migrations
+
+    def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def check(request: Request) -> Response:
+            if not auth.token_ok(request.headers.get(auth.HEADER), token):
+                return _error(f"{request.url.path}: the admin API needs 'Authorization: Bearer <token>' with this "
+                              f"activator's {auth.TOKEN_ENV}", 401)
+            return await handler(request)
+        return check
 
     def from_cluster(key: ServiceKey) -> JSONResponse:
         return _error(f"{key}: this activator runs in Kubernetes mode, where a revision's endpoints come from "
@@ -84,6 +99,17 @@ def build_admin_app(act: Activator) -> Starlette:
         return _json(api.MigrateResponse(service=str(req.key), source=req.source,
                                          generations=[r.to_message() for r in results]))
 
+    async def withhold(request: Request) -> Response:
+        """Out of rotation while the endpoint updates still list it (a scale-down's victim)."""
+        try:
+            req = await _body(request, api.WithholdRequest)
+        except InvalidBody as exc:
+            return _error(f"bad withhold request: {exc.message}", 400, exc.field)
+        if req.key not in registry.known:
+            return _error(f"no service {req.key}", 404)
+        await registry.withhold(req.key, req.instance, req.withheld)
+        return _json(api.ServiceUpdated(service=str(req.key), instances=len(registry.get(req.key).instances)))
+
     async def drain(request: Request) -> Response:
         """An instance is going away (SIGTERM): out of rotation, its generations migrated elsewhere."""
         try:
@@ -97,10 +123,11 @@ def build_admin_app(act: Activator) -> Starlette:
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     return Starlette(routes=[
-        Route(api.SERVICE_ROUTE, put_service, methods=["PUT"]),
-        Route(api.SERVICE_ROUTE, delete_service, methods=["DELETE"]),
-        Route(api.STATS, get_stats, methods=["GET"]),
-        Route(api.MIGRATE, migrate, methods=["POST"]),
-        Route(api.DRAIN, drain, methods=["POST"]),
+        Route(api.SERVICE_ROUTE, guarded(put_service), methods=["PUT"]),
+        Route(api.SERVICE_ROUTE, guarded(delete_service), methods=["DELETE"]),
+        Route(api.STATS, guarded(get_stats), methods=["GET"]),
+        Route(api.MIGRATE, guarded(migrate), methods=["POST"]),
+        Route(api.WITHHOLD, guarded(withhold), methods=["POST"]),
+        Route(api.DRAIN, guarded(drain), methods=["POST"]),
         Route(api.METRICS, get_metrics, methods=["GET"]),
     ])

@@ -126,7 +126,7 @@ class Migrations:
         results: list[MigrationResult] = []
         for svc in self.registry.services():
             if any(i.id == instance_id for i in svc.instances):
-                await self.registry.drop_instance(svc.key, instance_id)
+                await self.registry.withhold(svc.key, instance_id)
             if self.streams.on_instance(svc.key, instance_id):
                 try:
                     results += await self.migrate(svc.key, instance_id, None)

@@ -33,6 +33,11 @@ class RoutedService:
     # Whether our autoscaler scales it (demand and stats go to it). Always in local mode; in
     # Kubernetes mode, revisions of the class llm.autoscaling.sllm-knative.io (activator/kube/).
     ours: bool = True
+    # The endpoints of the last update (the autoscaler's push; in Kubernetes mode the revision's
+    # EndpointSlices), and those of them kept out of rotation (a scale-down's victim, a draining
+    # instance: id -> its instance object, if it had one), forgotten once an update no longer lists them.
+    listed: list[Endpoint] = dataclasses.field(default_factory=list)
+    withheld: dict[str, RoutedInstance | None] = dataclasses.field(default_factory=dict)
 
 
 class Registry:
@@ -61,16 +66,26 @@ class Registry:
 
     async def set_endpoints(self, key: ServiceKey, endpoints: Sequence[Endpoint]) -> None:
         svc = self._services[key]
+        svc.listed = list(endpoints)
+        svc.withheld = {i: inst for i, inst in svc.withheld.items() if any(e.id == i for e in endpoints)}
+        self._rotate(svc)
+        await svc.breaker.poke()
+
+    def _rotate(self, svc: RoutedService) -> None:
+        """The rotation: the last update's endpoints but the withheld ones; each instance object
+        kept across updates (and across a withhold) with its outstanding count."""
         old = {i.id: i for i in svc.instances}
+        old.update({i: inst for i, inst in svc.withheld.items() if inst is not None})
         fresh = []
-        for e in endpoints:
+        for e in svc.listed:
+            if e.id in svc.withheld:
+                continue
             inst = old.get(e.id) or RoutedInstance(e.id, e.url.rstrip("/"), e.node)
             inst.url = e.url.rstrip("/")
             inst.internal_url = (e.internal_url or "").rstrip("/")
             inst.capacity = svc.container_concurrency if e.capacity is None else e.capacity
             fresh.append(inst)
         svc.instances = fresh
-        await svc.breaker.poke()
 
     async def drop_instance(self, key: ServiceKey, instance_id: str) -> None:
         """Take a failed instance out of rotation until the next endpoint update (the autoscaler's
@@ -79,6 +94,20 @@ class Registry:
         if svc:
             svc.instances = [i for i in svc.instances if i.id != instance_id]
             await svc.breaker.poke()
+
+    async def withhold(self, key: ServiceKey, instance_id: str, withheld: bool = True) -> None:
+        """Take an instance out of rotation for as long as the endpoint updates still list it (in
+        Kubernetes mode, until its pod leaves the revision's EndpointSlices); `withheld=False`
+        puts it back at once (a scale-down called off)."""
+        svc = self._services.get(key)
+        if svc is None:
+            return
+        if withheld:
+            svc.withheld.setdefault(instance_id, next((i for i in svc.instances if i.id == instance_id), None))
+        elif svc.withheld.pop(instance_id, "absent") == "absent":
+            return
+        self._rotate(svc)
+        await svc.breaker.poke()
 
     async def wait_for_instance(self, svc: RoutedService, deadline: float, exclude: frozenset[str]) -> RoutedInstance | None:
         """An instance with room, waiting (cold start or full breakers) until the deadline."""

@@ -55,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--kubeconfig", default=None, help="else $KUBECONFIG, else the pod's service account")
     k.add_argument("--host", default="0.0.0.0", help="address of the HTTP API (default 0.0.0.0)")
     k.add_argument("--lease-namespace", default="sllm-knative", help="namespace of the leader Lease")
-    k.add_argument("--activator-admin", default=None, help="the activator's admin URL (migrations, drains)")
+    k.add_argument("--activator-admin", action="append", default=[],
+                   help="an activator's admin URL (repeatable; default: every ready pod of Knative's "
+                        "activator-service, at --activator-admin-port)")
+    k.add_argument("--activator-namespace", default="knative-serving", help="where activator-service is")
+    k.add_argument("--activator-admin-port", type=int, default=8090, help="the activator pods' admin port")
     k.add_argument("--identity", default=None, help="leader-election identity (default: pod name and pid)")
     k.add_argument("--resync", type=float, default=30.0, help="informer resync period, seconds")
     k.add_argument("--lease-duration", type=float, default=15.0, help="leader lease duration, seconds")
@@ -78,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         lease = args.lease_duration
         try:
             asyncio.run(serve_kube(port=args.port, host=args.host, kubeconfig=args.kubeconfig,
-                                   lease_namespace=args.lease_namespace, activator_admin=args.activator_admin,
+                                   lease_namespace=args.lease_namespace, activator_admin=tuple(args.activator_admin),
+                                   activator_namespace=args.activator_namespace,
+                                   activator_admin_port=args.activator_admin_port,
                                    identity=args.identity, resync_s=args.resync, lease_duration_s=lease,
                                    renew_deadline_s=lease * 2 / 3, retry_period_s=lease / 7.5,
                                    grace_s=args.scale_to_zero_grace, probe_url=args.probe_url or PROBE_URL,

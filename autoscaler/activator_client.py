@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import httpx
 
 from autoscaler.backends.base import InstanceRecord
-from sllm_knative.api import MigrationOutcome
+from sllm_knative.api import MigrationOutcome, auth
 from sllm_knative.api import activator as activator_api
 from sllm_knative.config import ServiceConfig
 from sllm_knative.log import get_logger
@@ -68,9 +68,11 @@ class Activator(Protocol):
 
 
 class ActivatorClient:
-    def __init__(self, admin_url: str) -> None:
+    def __init__(self, admin_url: str, token: str | None = None) -> None:
         self.admin_url = admin_url
-        self.http = httpx.AsyncClient(timeout=5.0)
+        # The activator's admin API wants the internal token when it has one (activator/admin.py).
+        self.http = httpx.AsyncClient(timeout=5.0, headers=auth.auth_headers(
+            token if token is not None else auth.token_from_env()))
 
     async def push_endpoints(self, service: ServiceConfig, ready: Sequence[InstanceRecord]) -> None:
         body = {"container_concurrency": service.container_concurrency,
@@ -89,6 +91,17 @@ class ActivatorClient:
             await self.http.delete(f"{self.admin_url}{activator_api.SERVICES}/{ns}/{name}")
         except httpx.HTTPError as exc:
             _log.warning("could not remove the service from the activator", service=service, error=str(exc))
+
+    async def withhold(self, service: ServiceConfig, instance: str, withheld: bool = True) -> None:
+        """Keep `instance` out of the service's rotation while its endpoints still list it (or,
+        `withheld=False`, put it back)."""
+        body = {"namespace": service.namespace, "name": service.name, "instance": instance, "withheld": withheld}
+        try:
+            r = await self.http.post(f"{self.admin_url}{activator_api.WITHHOLD}", json=body)
+            r.raise_for_status()
+        except httpx.HTTPError as exc:
+            _log.warning("could not withhold the instance", service=service.key, instance=instance,
+                         activator=self.admin_url, error=str(exc)[:200])
 
     async def migrate(self, service: ServiceConfig, source: str,
                       destination: str | None) -> list[MigrationResult] | None:

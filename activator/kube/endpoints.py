@@ -24,12 +24,7 @@ from activator.kube import contract
 from sllm_knative.api.activator import Endpoint
 from sllm_knative.api.keys import ServiceKey
 from sllm_knative.config.autoscaler import KPA_CLASS, SLLM_CLASS
-
-# The instance's internal (migration) API port, an annotation of the revision (MakePA copies the
-# revision's annotations onto the PodAutoscaler). Knative's private Service carries only its own
-# ports, so the activator cannot learn this port from the EndpointSlice; without it the revision's
-# generations are not migratable (forwarding is unaffected).
-INTERNAL_PORT_ANNOTATION = "sllm-knative.io/internal-port"
+from sllm_knative.config.service import INTERNAL_PORT_ANNOTATION
 
 Obj = dict[str, Any]
 

@@ -34,6 +34,7 @@ import httpx
 
 from autoscaler.backends.base import (
     FALLBACK_BANDWIDTH,
+    OCCUPYING,
     EventHandler,
     EventKind,
     InstanceEvent,
@@ -46,6 +47,7 @@ from autoscaler.kube.binding import (
     DELETION_COST,
     Intent,
     instance_of,
+    internal_port,
     is_gated,
     node_ready,
     node_slots,
@@ -160,6 +162,10 @@ class KubeBackend:
     def open_intents(self, service: str) -> int:
         return len(self._intents.get(service, []))
 
+    def placed(self, service: str) -> frozenset[str]:
+        """The pods of `service` this backend pinned or adopted that still hold their place."""
+        return frozenset(name for name, r in self._records.items() if r.service == service and r.state in OCCUPYING)
+
     # -- nodes ------------------------------------------------------------------------------
 
     def _node_objects(self) -> dict[str, dict[str, Any]]:
@@ -237,7 +243,7 @@ class KubeBackend:
         meta = pod["metadata"]
         rec = InstanceRecord(meta["name"], service, (pod.get("spec") or {}).get("nodeName") or
                              (meta.get("annotations") or {}).get("sllm-knative.io/placed-node", ""),
-                             HTTP_PORT, INTERNAL_PORT, tier=tier, started_at=time.time())
+                             HTTP_PORT, internal_port(pod, INTERNAL_PORT), tier=tier, started_at=time.time())
         rec.report = {"pod": meta["name"], "namespace": meta.get("namespace")}
         return rec
 

@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autoscaler.kube.podautoscaler import CLASS, CLASS_ANNOTATION, REVISION_LABEL
+from sllm_knative.config.service import MODEL_ANNOTATION
 
 GATE = "sllm-knative.io/placement"
-MODEL_ANNOTATION = "sllm-knative.io/model"
 SERVICE_LABEL = "serving.knative.dev/service"
 USER_CONTAINER = "user-container"  # Knative's name for the serving container
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from autoscaler.kube.admission import GATE  # the webhook adds it; the binder lifts it
+from sllm_knative.config.service import INTERNAL_PORT_ANNOTATION
 
 INSTANCE_LABEL = "sllm-knative.io/instance"
 NODE_ANNOTATION = "sllm-knative.io/placed-node"
@@ -126,3 +127,10 @@ def selects(selector: Mapping[str, str], node: dict[str, Any]) -> bool:
     """Whether a pod's nodeSelector admits `node` (every label present with that value)."""
     labels = (node.get("metadata") or {}).get("labels") or {}
     return all(labels.get(k) == v for k, v in selector.items())
+
+
+def internal_port(pod: dict[str, Any], default: int) -> int:
+    """The port of the pod's internal (migration) API: the revision's annotation, which Knative
+    copies onto its pods, else `default` (functions.llm's)."""
+    raw = ((pod.get("metadata") or {}).get("annotations") or {}).get(INTERNAL_PORT_ANNOTATION, "")
+    return int(raw) if raw.isdigit() and 0 < int(raw) < 65536 else default

@@ -23,9 +23,11 @@ from typing import Any
 
 import uvicorn
 
-from autoscaler.activator_client import ActivatorClient
 from autoscaler.backends.kube import KubeBackend
 from autoscaler.controller import Autoscaler
+from autoscaler.kube.activators import ADMIN_PORT as ACTIVATOR_ADMIN_PORT
+from autoscaler.kube.activators import NAMESPACE as ACTIVATOR_NAMESPACE
+from autoscaler.kube.activators import KubeActivators
 from autoscaler.kube.advice import advice_for
 from autoscaler.kube.pa_controller import PROBE_URL, PodAutoscalerController, http_prober
 from autoscaler.kube.podautoscaler import Settings
@@ -42,7 +44,9 @@ _log = get_logger("autoscaler")
 
 
 async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_namespace: str,
-                     activator_admin: str | None, identity: str | None = None, resync_s: float = 30.0,
+                     activator_admin: tuple[str, ...] = (), activator_namespace: str = ACTIVATOR_NAMESPACE,
+                     activator_admin_port: int = ACTIVATOR_ADMIN_PORT, identity: str | None = None,
+                     resync_s: float = 30.0,
                      lease_duration_s: float = 15.0, renew_deadline_s: float = 10.0,
                      retry_period_s: float = 2.0, grace_s: float | None = None,
                      probe_url: str = PROBE_URL, webhook_port: int = WEBHOOK_PORT, webhook_host: str | None = None,
@@ -50,7 +54,11 @@ async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_name
     kube = Kube(connect(kubeconfig))
     loop = asyncio.get_running_loop()
     backend = KubeBackend(kube, resync_s=resync_s)
-    scaler = Autoscaler(backend, ActivatorClient(activator_admin) if activator_admin else None)
+    # The activator replicas (their EndpointSlices, or the fixed --activator-admin URLs): withholds
+    # and migrations on scale-down and preemption.
+    activators = KubeActivators(kube, static=activator_admin, namespace=activator_namespace,
+                                admin_port=activator_admin_port, resync_s=resync_s).start()
+    scaler = Autoscaler(backend, activators)
 
     async def apply(manifest: Manifest, removed: list[str]) -> None:
         if manifest.services or manifest.policies:
@@ -66,7 +74,7 @@ async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_name
     await apply(source.manifest()[0], [])  # the table first: adopted pods find their service
 
     def advisor(key: str) -> Any:
-        return advice_for(scaler.table.get(key), backend.open_intents(key))
+        return advice_for(scaler.table.get(key), backend.open_intents(key), backend.placed(key))
 
     cfg = AutoscalerConfig()
     settings = Settings(scale_to_zero_grace_s=cfg.scale_to_zero_grace_period if grace_s is None else grace_s,
@@ -109,4 +117,5 @@ async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_name
             await asyncio.to_thread(webhook.stop)
         await asyncio.to_thread(pa.stop)
         await asyncio.to_thread(source.stop)
+        await activators.close()
         await backend.close()

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from sllm_knative.api import activator as activator_api
+from sllm_knative.api import auth
 from sllm_knative.api.wire import parse_json
 
 DEFAULT_GRACE_S = 20.0
@@ -43,7 +44,8 @@ async def drain(log: Any, env: dict[str, str] | None = None) -> None:
     import httpx
 
     try:
-        async with httpx.AsyncClient(timeout=grace) as client:
+        headers = auth.auth_headers(auth.token_from_env(env))  # the activator's admin API may want it
+        async with httpx.AsyncClient(timeout=grace, headers=headers) as client:
             body = activator_api.DrainRequest(instance=instance).model_dump()
             r = await asyncio.wait_for(client.post(f"{url}{activator_api.DRAIN}", json=body), grace)
         gens = parse_json(activator_api.DrainResponse, r.content).generations if r.status_code == 200 else []

@@ -6,6 +6,7 @@ the instances call (autoscaler/activator_client.py, functions/llm/drain.py).
     GET    /admin/v1/stats                        -> StatsReport (sllm_knative/api/autoscaler.py)
     POST   /admin/v1/migrate                      MigrateRequest -> MigrateResponse  (409 no_destination)
     POST   /admin/v1/drain                        DrainRequest -> DrainResponse      (an instance is going)
+    POST   /admin/v1/withhold                     WithholdRequest -> ServiceUpdated  (out of rotation while listed)
     GET    /metrics                               Prometheus
 
 Errors are `AdminError`, `{"error": "<message>", "field": "<path>" | null}`; a malformed body is a
@@ -25,6 +26,7 @@ SERVICE_ROUTE = SERVICES + "/{namespace}/{name}"
 STATS = f"{PREFIX}/stats"
 MIGRATE = f"{PREFIX}/migrate"
 DRAIN = f"{PREFIX}/drain"
+WITHHOLD = f"{PREFIX}/withhold"
 METRICS = "/metrics"
 
 
@@ -81,6 +83,20 @@ class MigrateResponse(Message):
     service: str
     source: str
     generations: list[GenerationMigration]
+
+
+class WithholdRequest(Message):
+    """Keep `instance` out of the service's rotation while its endpoint updates still list it: a
+    scale-down's victim on Kubernetes, where the rotation comes from EndpointSlices."""
+
+    namespace: NonEmptyStr
+    name: NonEmptyStr
+    instance: NonEmptyStr
+    withheld: bool = True  # False: back into rotation (a scale-down called off)
+
+    @property
+    def key(self) -> ServiceKey:
+        return ServiceKey(self.namespace, self.name)
 
 
 class DrainRequest(Message):

@@ -44,6 +44,11 @@ KIND = "Service"
 AUTOSCALING_PREFIX = "autoscaling.knative.dev/"
 SLLM_PREFIX = "sllm-knative.io/"
 MODEL_ANNOTATION = "sllm-knative.io/model"
+# The instance's internal (migration) API port, an annotation of the revision. Knative copies it
+# onto the PodAutoscaler (MakePA) and the pods; its private Service carries only its own ports, so
+# the activator and the autoscaler learn the port from here. Without it a revision's generations
+# are not migratable (forwarding is unaffected).
+INTERNAL_PORT_ANNOTATION = "sllm-knative.io/internal-port"
 
 #: From Knative's config-defaults ConfigMap (`container-concurrency-max-limit`,
 #: `max-revision-timeout-seconds`, `revision-timeout-seconds`); a test checks them against the
@@ -360,8 +365,12 @@ def _model(annotations: Mapping[str, str], tann: Mapping[str, str], errors: Coll
         for key, value in anns.items():
             if not key.startswith(SLLM_PREFIX):
                 continue
+            if key == INTERNAL_PORT_ANNOTATION:
+                if not (value.isdigit() and 0 < int(value) < 65536):
+                    errors.add(base + (key,), f"must be a port number in [1, 65535], got {show(value)}")
+                continue
             if key != MODEL_ANNOTATION:
-                errors.add(base + (key,), f"unknown annotation (known: {MODEL_ANNOTATION})")
+                errors.add(base + (key,), f"unknown annotation (known: {MODEL_ANNOTATION}, {INTERNAL_PORT_ANNOTATION})")
                 continue
             found[base + (key,)] = value
     if not found:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -16,6 +18,7 @@ import httpx
 import pytest
 
 from sllm_knative.api import activator as admin_api
+from sllm_knative.api import auth
 from sllm_knative.api import autoscaler as autoscaler_api
 from sllm_knative.api.keys import ServiceKey
 from sllm_knative.ports import free_port
@@ -268,6 +271,13 @@ SERVICE_PATH = admin_api.SERVICES + "/default/llama"
     pytest.param("POST", admin_api.DRAIN, {}, "instance", id="drain-no-instance"),
     pytest.param("POST", admin_api.DRAIN, {"instance": ["a"]}, "instance", id="drain-instance-list"),
     pytest.param("POST", admin_api.DRAIN, {"instance": 7}, "instance", id="drain-instance-int"),
+    # POST withhold
+    pytest.param("POST", admin_api.WITHHOLD, {"namespace": "default", "name": "llama"}, "instance",
+                 id="withhold-no-instance"),
+    pytest.param("POST", admin_api.WITHHOLD, {"namespace": "default", "instance": "a"}, "name",
+                 id="withhold-no-name"),
+    pytest.param("POST", admin_api.WITHHOLD, {"namespace": "default", "name": "llama", "instance": ["a"]},
+                 "instance", id="withhold-instance-list"),
 ])
 def test_admin_api_names_the_bad_field(activator, upstreams, method: str, path: str, body, field: str | None) -> None:
     """Every admin body is validated on arrival: a malformed one is a 400 naming the field, never a 500."""
@@ -302,6 +312,59 @@ def test_admin_api_answers_typed_bodies(activator, upstreams) -> None:
     assert r.status_code == 404 and r.json()["error"] == "no service default/nope"
     assert httpx.delete(f"{admin}{admin_api.service_path(ServiceKey('default', 'typed'))}").status_code == 204
     assert all(s.name != "typed" for s in admin_api_stats(admin).services)
+
+
+def test_a_withheld_instance_stays_out_until_the_updates_drop_it(activator, upstreams) -> None:
+    """A scale-down's victim on Kubernetes: withheld, it gets no request even though the next
+    endpoint update (there, the revision's EndpointSlices) still lists it; put back, it serves at
+    once; once an update leaves it out, it is forgotten, and listed again it serves again."""
+    public, admin = activator
+    both = [{"id": "a", "url": upstreams[0].url}, {"id": "b", "url": upstreams[1].url}]
+    put(admin, "held", both)
+    body = {"namespace": "default", "name": "held", "instance": "a"}
+    r = httpx.post(f"{admin}{admin_api.WITHHOLD}", json=body)
+    assert r.status_code == 200 and admin_api.ServiceUpdated.model_validate(r.json()).instances == 1, r.text
+    put(admin, "held", both)  # still listed: still withheld
+    served = {httpx.post(f"{public}/v1/completions", json={"model": "held"}).json()["instance"] for _ in range(6)}
+    assert served == {"b"}
+    r = httpx.post(f"{admin}{admin_api.WITHHOLD}", json={**body, "withheld": False})  # the scale-down called off
+    assert r.json()["instances"] == 2, r.text  # back at once, with no update in between
+    assert httpx.post(f"{public}/v1/completions", json={"model": "held"}).json()["instance"] == "a"
+    httpx.post(f"{admin}{admin_api.WITHHOLD}", json=body).raise_for_status()
+    put(admin, "held", both[1:])  # gone from the updates: forgotten
+    put(admin, "held", both)
+    served = {httpx.post(f"{public}/v1/completions", json={"model": "held"}).json()["instance"] for _ in range(6)}
+    assert "a" in served
+    r = httpx.post(f"{admin}{admin_api.WITHHOLD}", json={**body, "name": "nope"})
+    assert r.status_code == 404 and r.json()["error"] == "no service default/nope"
+
+
+def test_the_admin_api_wants_the_token_when_there_is_one(tmp_path) -> None:
+    port, admin_port = free_port(), free_port()
+    token = "adm1n-t0ken"
+    proc = Proc("activator (token)").start(
+        [sys.executable, "-m", "activator", "--port", str(port), "--admin-port", str(admin_port)],
+        tmp_path / "activator.log", env={auth.TOKEN_ENV: token})
+    admin = f"http://127.0.0.1:{admin_port}"
+    try:
+        proc.wait_http(f"{admin}{admin_api.METRICS}", timeout=20)  # metrics stay open (Prometheus)
+        for method, path, doc in [("GET", admin_api.STATS, None),
+                                  ("POST", admin_api.DRAIN, {"instance": "a"}),
+                                  ("POST", admin_api.WITHHOLD, {"namespace": "d", "name": "s", "instance": "a"}),
+                                  ("PUT", admin_api.service_path(ServiceKey("d", "s")), {"instances": []})]:
+            for headers in ({}, auth.auth_headers("wrong")):
+                r = httpx.request(method, f"{admin}{path}", json=doc, headers=headers)
+                assert r.status_code == 401 and auth.TOKEN_ENV in r.json()["error"], (path, r.text)
+            r = httpx.request(method, f"{admin}{path}", json=doc, headers=auth.auth_headers(token))
+            assert r.status_code in (200, 404), (path, r.text)
+    finally:
+        proc.stop(grace=10)
+
+
+def test_an_admin_api_off_loopback_without_a_token_does_not_start(tmp_path) -> None:
+    r = subprocess.run([sys.executable, "-m", "activator", "--admin-host", "0.0.0.0"], capture_output=True,
+                       text=True, timeout=60, env={k: v for k, v in os.environ.items() if k != auth.TOKEN_ENV})
+    assert r.returncode == 2 and "--admin-host 0.0.0.0" in r.stderr and auth.TOKEN_ENV in r.stderr, r.stderr
 
 
 def admin_api_stats(admin: str) -> autoscaler_api.StatsReport:

@@ -9,6 +9,7 @@ import pytest
 
 from autoscaler.backends.base import InstanceRecord, InstanceState
 from autoscaler.decider import initial_state, spec_for
+from autoscaler.kube.activators import admin_urls, rotation_changes
 from autoscaler.kube.advice import advice_for
 from autoscaler.kube.binding import (
     GATE,
@@ -16,12 +17,14 @@ from autoscaler.kube.binding import (
     INSTANCE_LABEL,
     NODE_ANNOTATION,
     Intent,
+    internal_port,
     is_gated,
     node_slots,
     pair,
     pin,
     pod_failed,
     pod_ready,
+    selects,
 )
 from autoscaler.kube.podautoscaler import UNKNOWN
 from autoscaler.services import ServiceRuntime
@@ -127,6 +130,9 @@ def test_advice_counts_every_instance_that_holds_a_pod_and_the_open_intents() ->
     advice = advice_for(rt, 2)
     assert advice.want == 3 + 2  # starting, ready, draining (its pod is still there) + intents
     assert advice.ebc == -1  # migratable: the activator stays in the path
+    # A pod the backend just pinned, before the scale-up that asked for it has recorded it, counts
+    # (once: i0 is both the backend's and the controller's).
+    assert advice_for(rt, 0, frozenset({"i0", "just-pinned"})).want == 3 + 1
     assert advice_for(_runtime_decided(migration=False), 0).ebc == 3
 
 
@@ -134,3 +140,55 @@ def _runtime_decided(migration: bool) -> ServiceRuntime:
     rt = _runtime(migration)
     rt.decided, rt.excess_burst_capacity = True, 3
     return rt
+
+
+@pytest.mark.parametrize(("selector", "labels", "admitted"), [
+    pytest.param({}, {}, True, id="no-selector"),
+    pytest.param({"gpu": "h100"}, {"gpu": "h100", "zone": "a"}, True, id="label-matches"),
+    pytest.param({"gpu": "h100"}, {"gpu": "a100"}, False, id="other-value"),
+    pytest.param({"gpu": "h100"}, {}, False, id="label-missing"),
+    pytest.param({"gpu": "h100", "zone": "a"}, {"gpu": "h100", "zone": "b"}, False, id="one-of-two-differs"),
+    pytest.param({"gpu": ""}, {"gpu": ""}, True, id="empty-value"),
+])
+def test_a_node_selector_admits_nodes_with_every_label(selector: dict[str, str], labels: dict[str, str],
+                                                      admitted: bool) -> None:
+    assert selects(selector, {"metadata": {"name": "n", "labels": labels}}) is admitted
+    assert selects(selector, {"metadata": {"name": "n"}}) is (not selector)
+
+
+@pytest.mark.parametrize(("slices", "urls"), [
+    pytest.param([], [], id="none"),
+    pytest.param([{"endpoints": [{"addresses": ["10.0.0.5"], "conditions": {"ready": True}},
+                                 {"addresses": ["10.0.0.6"]}]}],
+                 ["http://10.0.0.5:8090", "http://10.0.0.6:8090"], id="ready-and-unknown-count"),
+    pytest.param([{"endpoints": [{"addresses": ["10.0.0.5"], "conditions": {"ready": False}}]}], [],
+                 id="not-ready-left-out"),
+    pytest.param([{"endpoints": [{"addresses": ["10.0.0.5", "10.0.0.9"]}]}, {"endpoints": [{"addresses": ["10.0.0.5"]}]}],
+                 ["http://10.0.0.5:8090"], id="first-address-once"),
+    pytest.param([{"endpoints": [{"addresses": ["fd00::7"]}]}], ["http://[fd00::7]:8090"], id="ipv6"),
+    pytest.param([{"endpoints": None}, {}], [], id="no-endpoints"),
+])
+def test_activator_admin_urls_from_slices(slices: list[dict[str, Any]], urls: list[str]) -> None:
+    assert admin_urls(slices, 8090) == urls
+
+
+@pytest.mark.parametrize(("before", "withheld", "now", "left", "back"), [
+    pytest.param(set(), set(), {"a"}, set(), set(), id="first-ready"),
+    pytest.param({"a", "b"}, set(), {"a"}, {"b"}, set(), id="scale-down-victim"),
+    pytest.param({"a"}, {"b"}, {"a", "b"}, set(), {"b"}, id="called-off"),
+    pytest.param({"a"}, {"b"}, {"a"}, set(), set(), id="victim-gone"),
+    pytest.param({"a", "b"}, set(), set(), {"a", "b"}, set(), id="all-leave"),
+])
+def test_rotation_changes(before: set[str], withheld: set[str], now: set[str], left: set[str], back: set[str]) -> None:
+    assert rotation_changes(before, withheld, now) == (left, back)
+
+
+@pytest.mark.parametrize(("annotations", "port"), [
+    pytest.param({}, 8081, id="default"),
+    pytest.param({"sllm-knative.io/internal-port": "8013"}, 8013, id="annotated"),
+    pytest.param({"sllm-knative.io/internal-port": "http"}, 8081, id="not-a-number"),
+    pytest.param({"sllm-knative.io/internal-port": "70000"}, 8081, id="out-of-range"),
+    pytest.param({"sllm-knative.io/internal-port": "0"}, 8081, id="zero"),
+])
+def test_the_internal_port_comes_from_the_pods_annotation(annotations: dict[str, str], port: int) -> None:
+    assert internal_port({"metadata": {"name": "p", "annotations": annotations}}, 8081) == port

@@ -26,10 +26,13 @@ activator with the revision headers, as Knative's ingress would.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,8 @@ import pytest
 from autoscaler.kube.certs import WEBHOOK_CONFIG
 from autoscaler.kube.podautoscaler import CLASS, condition
 from autoscaler.kube.webhook import PATH as WEBHOOK_PATH
+from sllm_knative.api import activator as admin_api
+from sllm_knative.config.service import INTERNAL_PORT_ANNOTATION
 from sllm_knative.kube.client import PODAUTOSCALERS, REVISIONS, SCALINGPOLICIES, Kube
 from sllm_knative.loader.client import LoaderClient
 from sllm_knative.ports import free_port
@@ -51,7 +56,7 @@ from testkit.servers import Nginx
 from tests.kube.conftest import agent_selector, start_agent, until
 from tests.kube.test_autoscaler_kube import _in_dram, autoscaler_sees_dram
 from tests.kube.test_nodeagent import ENV
-from tests.kube.test_nodecache import Loader, store  # noqa: F401  (fixture)
+from tests.kube.test_nodecache import Loader
 from tests.kube.test_webhook import webhook_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,8 +78,26 @@ def agent(kube: KubeCluster) -> Iterator[NodeAgent]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+# The tiny test model with room for long generations: a scale-down must find its streams still
+# running (at about 1.5 ms a token, 6000 tokens take some 9 s), whatever the decision's latency.
+CONTEXT = 8192
+LONG_TOKENS = 6000
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A file store holding `tiny` (with an 8192-token context) in the loading format."""
+    from sllm_knative.convert import convert
+    from sllm_knative.models import TINY, build_model
+
+    root = tmp_path_factory.mktemp("e2e-store")
+    convert(build_model(root / "src" / "tiny", dataclasses.replace(TINY, max_position_embeddings=CONTEXT)),
+            root / "models" / "tiny")
+    return root / "models"
+
+
 @pytest.fixture
-def web(store: Path) -> Iterator[Nginx]:  # noqa: F811
+def web(store: Path) -> Iterator[Nginx]:
     with Nginx(store, slow_rate="256k") as nginx:
         yield nginx
 
@@ -112,6 +135,48 @@ def _leases(lo: Loader) -> list[tuple[str, str]]:
         return [(lease.model, lease.instance) for lease in c.inventory().leases]
 
 
+def _is_ready(p: Any) -> bool:
+    return p.status.phase == "Running" and any(c.type == "Ready" and c.status == "True"
+                                               for c in p.status.conditions or [])
+
+
+def _stream_completion(client: openai.OpenAI, seed: int, started: threading.Event | None = None) -> str:
+    """A long seeded (sampled) completion, streamed; `started` is set after its first chunks."""
+    text, chunks = "", 0
+    for chunk in client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=LONG_TOKENS,
+                                           temperature=1.0, top_p=0.95, seed=seed, stream=True,
+                                           extra_body={"ignore_eos": True}):
+        text += chunk.choices[0].text if chunk.choices else ""
+        chunks += 1
+        if started is not None and chunks == 8:
+            started.set()
+    return text
+
+
+def _set_min_scale(k: Kube, namespace: str, value: int) -> None:
+    k.custom.patch_namespaced_custom_object(SCALINGPOLICIES.group, SCALINGPOLICIES.version, namespace,
+                                            SCALINGPOLICIES.plural, "chat-keepalive", {"spec": {"minScale": value}})
+
+
+def _activator_instances(admin: str, namespace: str) -> dict[str, int]:
+    """The activator's rotation for the revision: pod -> requests outstanding."""
+    stats = httpx.get(f"{admin}{admin_api.STATS}", timeout=5).json()
+    return {i["id"]: i["outstanding"] for s in stats["services"] if s["namespace"] == namespace and s["name"] == REV
+            for i in s["instances"]}
+
+
+def _in_flight(autoscaler: str, key: str) -> int:
+    services = httpx.get(f"{autoscaler}/v1/services", timeout=5).json()["services"]
+    return next((s["in_flight"] for s in services if s["key"] == key), -1)
+
+
+def _migrated(admin: str) -> float:
+    for line in httpx.get(f"{admin}{admin_api.METRICS}", timeout=5).text.splitlines():
+        if line.startswith('activator_migrations_total{outcome="migrated"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def _stream_chat(client: openai.OpenAI) -> str:
     chunks = list(client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Hello from Knative"}], max_tokens=8, temperature=0,
@@ -122,8 +187,8 @@ def _stream_chat(client: openai.OpenAI) -> str:
 
 
 def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
-        kube: KubeCluster, api: Any, namespace: str, agent: NodeAgent, store: Path,  # noqa: F811
-        web: Nginx, tmp_path: Path) -> None:
+        kube: KubeCluster, api: Any, namespace: str, agent: NodeAgent, store: Path, web: Nginx,
+        tmp_path: Path) -> None:
     k = Kube(api)
     n0, n1 = (s.name for s in agent.specs)
     (tmp_path / "lo0").mkdir()
@@ -144,6 +209,7 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
     host_ip, webhook_port = kube.network.host_ip, free_port()
     as_port, act_port, act_h2c, act_admin = free_port(), free_port(), free_port(), free_port()
     as_url, act_url = f"http://127.0.0.1:{as_port}", f"http://127.0.0.1:{act_port}"
+    act_admin_url = f"http://127.0.0.1:{act_admin}"
     standin = SksStatusWriter(k, namespace).start()
     private = PrivateServices(k, namespace).start()
     try:
@@ -155,7 +221,8 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
             sys.executable, "-m", "autoscaler", "--kube", "--kubeconfig", str(kube.kubeconfig), "--port",
             str(as_port), "--host", "127.0.0.1", "--lease-namespace", install, "--identity", "a", "--resync", "5",
             "--lease-duration", "3", "--scale-to-zero-grace", "1", "--probe-url", act_url,
-            "--webhook-port", str(webhook_port), "--webhook-host", host_ip, "--webhook-san", host_ip],
+            "--webhook-port", str(webhook_port), "--webhook-host", host_ip, "--webhook-san", host_ip,
+            "--activator-admin", act_admin_url],
             tmp_path / "autoscaler.log", env={"PYTHONPATH": str(REPO)}, unset=("KUBECONFIG",))
         activator = Proc("the activator (kube)")
         procs.append(activator)
@@ -174,15 +241,16 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
         k.create(SCALINGPOLICIES, {"apiVersion": SCALINGPOLICIES.api_version, "kind": "ScalingPolicy",
                                    "metadata": {"name": "chat-keepalive", "namespace": namespace},
                                    "spec": {"target": {"serviceName": "chat"}, "keepAlive": "3s"}}, namespace)
-        annotations = {"autoscaling.knative.dev/class": CLASS, "sllm-knative.io/model": model}
+        annotations = {"autoscaling.knative.dev/class": CLASS, "sllm-knative.io/model": model,
+                       INTERNAL_PORT_ANNOTATION: "8013"}
         # The Revision's container as the user writes it (Knative's default port 8080; 8012 is
         # reserved for queue-proxy). There is no queue-proxy here, so the Deployment's copy listens
         # on 8012 itself, the port the private Service targets, on its pod's address.
         container = {"name": "user-container", "image": "sllm-knative/function:latest",
-                     "args": ["--device", "cpu", "--served-model-name", "tiny", "--max-model-len", "256"],
+                     "args": ["--device", "cpu", "--served-model-name", "tiny", "--max-model-len", str(CONTEXT)],
                      "ports": [{"containerPort": 8080}]}
         serving = {**container, "args": [*container["args"], "--host", "$(POD_IP)", "--port", "8012",
-                                          "--internal-host", "$(POD_IP)"],
+                                          "--internal-host", "$(POD_IP)", "--internal-port", "8013"],
                    "env": ENV, "ports": [{"containerPort": 8012}],
                    "readinessProbe": {"httpGet": {"port": 8012, "path": "/health/ready"}, "periodSeconds": 1}}
         rev = k.create(REVISIONS, {"apiVersion": REVISIONS.api_version, "kind": "Revision",
@@ -259,6 +327,38 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
         assert pod.spec.node_name == n0, failure(f"placed on {pod.spec.node_name}, not {n0}")
         assert _leases(lo0) == [(model, pod.metadata.name)]
         until(lambda: (condition(pa_status(), "Active") or {}).get("status") == "True", 30, "Active again")
+
+        # 4. A scale-down with seeded streams in flight: two pods (minScale 2), a stream on each,
+        # then minScale back to 0. One pod is the victim: withheld from the activator's rotation,
+        # its generation migrated to the other pod, then its pod deleted. Each client sees exactly
+        # the text of an unmigrated run of its seed.
+        seeds = (7, 8)
+        _set_min_scale(k, namespace, 2)
+        until(lambda: len([p for p in _pods(k, namespace) if _is_ready(p)]) == 2, 120, "two ready pods")
+        until(lambda: len(_activator_instances(act_admin_url, namespace)) == 2, 30, "both pods in the rotation")
+        migrated_before = _migrated(act_admin_url)
+        got: dict[int, str] = {}
+        started = {seed: threading.Event() for seed in seeds}
+        threads = [threading.Thread(target=lambda s=seed: got.__setitem__(s, _stream_completion(client, s, started[s])))
+                   for seed in seeds]
+        for t in threads:
+            t.start()
+        for seed in seeds:
+            assert started[seed].wait(60), f"stream {seed} did not start"
+        assert sorted(_activator_instances(act_admin_url, namespace).values()) == [1, 1]  # one stream per pod
+        # The decision must see the streams (the activator reports once a second): with an idle
+        # history and a 3 s keep-alive, a decision on older numbers would release both pods.
+        until(lambda: _in_flight(as_url, f"{namespace}/{REV}") == 2, 10, "the autoscaler to see both streams")
+        _set_min_scale(k, namespace, 0)
+        for t in threads:
+            t.join(120)
+        assert _migrated(act_admin_url) == migrated_before + 1, failure("no migration through the activator")
+        until(lambda: len(_pods(k, namespace)) == 1, 60, "the victim's pod gone")
+        with ThreadPoolExecutor(len(seeds)) as pool:  # the same seeds on the one pod left, unmigrated
+            want = dict(zip(seeds, pool.map(lambda s: _stream_completion(client, s), seeds), strict=True))
+        assert got == want, failure("a migrated stream's text differs from the unmigrated run")
+        scaled = [e for e in k.core.list_namespaced_event(namespace).items if e.reason == "Placed"]
+        assert scaled, "the placements were recorded as Events"
     finally:
         for p in reversed(procs):
             p.stop()

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from sllm_knative.api import activator as admin_api
+from sllm_knative.api import auth
 from sllm_knative.ports import free_port
 from testkit.proc import Proc
 
@@ -47,21 +48,23 @@ class Activator(Proc):
         self.port, self.admin_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin = f"http://127.0.0.1:{self.admin_port}"
+        self.headers = auth.auth_headers(auth.token_from_env(env or {}))  # its admin API wants its token
         self.start([sys.executable, "-m", "activator", "--port", str(self.port), "--admin-port", str(self.admin_port),
                     *extra], logs / f"{name}.log", env=env)
 
     def wait_ready(self) -> None:
-        self.wait_http(f"{self.admin}{admin_api.STATS}", timeout=30)
+        self.wait_http(f"{self.admin}{admin_api.METRICS}", timeout=30)  # open without the token
 
     def set_instances(self, *functions: Function) -> None:
         r = httpx.put(f"{self.admin}{admin_api.SERVICES}/default/{MODEL}",
-                      json={"container_concurrency": 0, "instances": [f.endpoint() for f in functions]}, timeout=5)
+                      json={"container_concurrency": 0, "instances": [f.endpoint() for f in functions]}, timeout=5,
+                      headers=self.headers)
         r.raise_for_status()
 
     def migrate(self, source: Function, destination: Function | None = None, timeout: float = 60) -> dict:
         body = {"namespace": "default", "name": MODEL, "source": source.id,
                 "destination": destination.id if destination else None}
-        r = httpx.post(f"{self.admin}{admin_api.MIGRATE}", json=body, timeout=timeout)
+        r = httpx.post(f"{self.admin}{admin_api.MIGRATE}", json=body, timeout=timeout, headers=self.headers)
         assert r.status_code == 200, r.text
         return r.json()
 
