@@ -29,12 +29,14 @@ from autoscaler.kube.activators import ADMIN_PORT as ACTIVATOR_ADMIN_PORT
 from autoscaler.kube.activators import NAMESPACE as ACTIVATOR_NAMESPACE
 from autoscaler.kube.activators import KubeActivators
 from autoscaler.kube.advice import advice_for
+from autoscaler.kube.internal_token import ensure_token
 from autoscaler.kube.pa_controller import PROBE_URL, PodAutoscalerController, http_prober
 from autoscaler.kube.podautoscaler import Settings
 from autoscaler.kube.services import ServiceSource
 from autoscaler.kube.webhook import PORT as WEBHOOK_PORT
 from autoscaler.kube.webhook import PlacementWebhook
 from autoscaler.server import build_app
+from sllm_knative.api import auth
 from sllm_knative.config import TICK_S, AutoscalerConfig, Manifest
 from sllm_knative.kube.client import Kube, connect
 from sllm_knative.kube.leader import leader_identity
@@ -56,8 +58,12 @@ async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_name
     backend = KubeBackend(kube, resync_s=resync_s)
     # The activator replicas (their EndpointSlices, or the fixed --activator-admin URLs): withholds
     # and migrations on scale-down and preemption.
+    # The internal token the activators' admin API wants: $SLLM_INTERNAL_TOKEN, else the install's
+    # Secret (made at the first start, and copied where the activator Deployment reads it).
+    token = auth.token_from_env() or await asyncio.to_thread(ensure_token, kube, lease_namespace,
+                                                              [activator_namespace])
     activators = KubeActivators(kube, static=activator_admin, namespace=activator_namespace,
-                                admin_port=activator_admin_port, resync_s=resync_s).start()
+                                admin_port=activator_admin_port, resync_s=resync_s, token=token).start()
     scaler = Autoscaler(backend, activators)
 
     async def apply(manifest: Manifest, removed: list[str]) -> None:

@@ -8,11 +8,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import tomllib
 import yaml
 
 from activator.__main__ import parse_args
 from activator.kube import contract
+from autoscaler.kube.activators import ADMIN_PORT
+from autoscaler.kube.internal_token import KEY as TOKEN_KEY
+from autoscaler.kube.internal_token import SECRET as TOKEN_SECRET
+from sllm_knative.api.auth import TOKEN_ENV
 from testkit.kube.nodeagent.spec import IMAGES, image_repository
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,17 +49,25 @@ def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-def test_the_args_are_the_activators_flags_for_knatives_ports_and_our_autoscaler() -> None:
+def test_the_args_are_the_activators_flags_for_knatives_ports_and_our_autoscaler(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     c = container()
+    env = {e["name"]: e for e in c["env"]}
+    # The admin API is on the pod's address, so the activator wants the token, from the Secret the
+    # autoscaler makes (autoscaler/kube/internal_token.py).
+    assert env[TOKEN_ENV]["valueFrom"]["secretKeyRef"] == {"name": TOKEN_SECRET, "key": TOKEN_KEY}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    monkeypatch.setenv(TOKEN_ENV, "from-the-secret")
     args = parse_args(c["args"])
+    assert (args.admin_host, args.admin_port) == ("$(POD_IP)", ADMIN_PORT)  # the kubelet expands $(POD_IP)
     assert args.kube and args.kubeconfig is None  # in-cluster: the pod's service account
     assert args.host == "0.0.0.0"
     assert (args.port, args.h2c_port) == (contract.HTTP1_PORT, contract.H2C_PORT)
     assert args.autoscaler_url == "http://sllm-autoscaler.sllm-knative.svc.cluster.local:8080"
     assert args.knative_autoscaler_url == contract.KNATIVE_AUTOSCALER_URL
-    env = {e["name"]: e for e in c["env"]}
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"  # --pod-name's default
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports.pop("admin") == args.admin_port  # not in activator-service: the autoscaler calls each pod
     assert set(ports.values()) == set(SERVICE_TARGET_PORTS.values()) == {args.port, args.h2c_port}
     for probe in ("readinessProbe", "livenessProbe"):  # kubelet probes: 200 from the health check on 8012
         assert c[probe]["httpGet"]["port"] == args.port

@@ -30,6 +30,10 @@ from typing import Any
 import httpx
 import yaml
 
+from autoscaler.kube.activators import ADMIN_PORT
+from autoscaler.kube.internal_token import ensure_token
+from sllm_knative.api import activator as admin_api
+from sllm_knative.api import auth
 from sllm_knative.config.autoscaler import SLLM_CLASS
 from sllm_knative.kube.client import Kube
 from testkit.kube.cluster import BIN_DIR, KubeCluster
@@ -175,7 +179,9 @@ def test_the_activator_deployment_takes_over_activator_service_and_gives_it_back
         until(lambda: service_endpoints(admin)[0] == knative_ip, 30, "activator-service on Knative's pod")
         audit_from = kube.audit_log.stat().st_size if kube.audit_log.exists() else 0
 
-        # Install (docs/kubernetes.md): ours first, Ready; then Knative's scaled to zero.
+        # Install (docs/kubernetes.md): ours first, Ready; then Knative's scaled to zero. The
+        # activator pods read the internal token's Secret, which the autoscaler makes at its start.
+        token = ensure_token(admin, NS)
         kubectl(kube, "apply", "-f", "-", stdin=yaml.safe_dump_all(our_docs(selector)))
         try:
             kubectl(kube, "-n", NS, "rollout", "status", "deployment/sllm-activator", "--timeout=120s")
@@ -198,6 +204,11 @@ def test_the_activator_deployment_takes_over_activator_service_and_gives_it_back
             assert (r.http_version, r.status_code, r.text) == ("HTTP/2", 200, "activator")
             r = httpx.get(f"http://{ip}:8012/", timeout=10)
             assert r.status_code == 404 and r.json()["error"]["code"] == "revision_not_found", r.text
+            # The admin API on the pod's address (the autoscaler's withholds and migrations), only
+            # with the install's token.
+            assert httpx.get(f"http://{ip}:{ADMIN_PORT}{admin_api.STATS}", timeout=10).status_code == 401
+            r = httpx.get(f"http://{ip}:{ADMIN_PORT}{admin_api.STATS}", headers=auth.auth_headers(token), timeout=10)
+            assert r.status_code == 200 and "services" in r.json(), r.text
 
         # A revision's request, through each of our pods to the revision's pod.
         name = f"echo-{uuid.uuid4().hex[:4]}-00001"

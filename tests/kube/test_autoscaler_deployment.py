@@ -11,6 +11,7 @@ the other replica.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import socket
 import ssl
@@ -21,9 +22,10 @@ import httpx
 import yaml
 
 from autoscaler.kube.certs import SECRET
+from autoscaler.kube.internal_token import SECRET as TOKEN_SECRET
 from testkit.kube.nodeagent import NodeAgent
 from tests.kube.audit import apply_docs
-from tests.kube.conftest import agent_selector, until
+from tests.kube.conftest import agent_selector, ensure_namespace, until
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "manifests" / "autoscaler"
 NS = "sllm-knative"
@@ -55,6 +57,10 @@ def test_the_deployment_runs_one_leader_and_two_webhooks(api: Any, k: Any, make_
     deployment = next(d for d in _docs("deployment.yaml") if d["kind"] == "Deployment")
     # Test-only: keep the replicas on this agent's nodes (other tests' nodes share the cluster).
     deployment["spec"]["template"]["spec"]["nodeSelector"] = agent_selector(agent)
+    ensure_namespace(k.core, "knative-serving")  # Knative is installed first; one of our Roles is in its namespace
+    for ns in (NS, "knative-serving"):  # a fresh install: no internal token yet (other tests made theirs)
+        with contextlib.suppress(Exception):
+            k.core.delete_namespaced_secret(TOKEN_SECRET, ns)
     apply_docs(api, [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}},
                      *_docs("rbac.yaml"),
                      *[d for d in _docs("webhook.yaml") if d["kind"] == "Service"]])
@@ -72,6 +78,10 @@ def test_the_deployment_runs_one_leader_and_two_webhooks(api: Any, k: Any, make_
                 200 if p.metadata.name == leader.metadata.name else 503)
             until(functools.partial(_tls_ok, p.status.pod_ip), 30, f"the webhook's TLS on {p.metadata.name}")
         assert k.core.read_namespaced_secret(SECRET, NS).type == "kubernetes.io/tls"
+        # The install's internal token, made by the replicas at their start, and its copy in Knative's
+        # namespace for the activator Deployment: the same token.
+        tokens = [k.core.read_namespaced_secret(TOKEN_SECRET, ns).data["token"] for ns in (NS, "knative-serving")]
+        assert tokens[0] and tokens[0] == tokens[1]
 
         # The leader's pod goes: the other replica takes the Lease and becomes Ready.
         k.core.delete_namespaced_pod(leader.metadata.name, NS, grace_period_seconds=0)

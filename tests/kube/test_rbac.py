@@ -7,7 +7,8 @@ MutatingWebhookConfiguration by name, publish the caBundle, rotate (update the S
 admit a pod of our class (reading its Revision). The Kubernetes backend and the service source
 (what `python -m autoscaler --kube` adds around them): watch Revisions, ScalingPolicies, Pods,
 Nodes and NodeCaches, pin the gated pod to a node (an intent paired with it) and mark it for
-deletion. The verbs they called are read back from the
+deletion; read or make the internal token's Secrets, and list the activator replicas. The verbs
+they called are read back from the
 API server's audit log and compared with the rules, both ways: nothing they called was refused,
 and nothing the Roles grant went unused.
 """
@@ -15,6 +16,7 @@ and nothing the Roles grant went unused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -23,9 +25,13 @@ from typing import Any
 import yaml
 
 from autoscaler.backends.kube import KubeBackend
+from autoscaler.kube.activators import NAMESPACE as KNATIVE_NS
+from autoscaler.kube.activators import KubeActivators
 from autoscaler.kube.admission import GATE, MODEL_ANNOTATION
 from autoscaler.kube.binding import DELETION_COST
 from autoscaler.kube.certs import SECRET, WEBHOOK_CONFIG
+from autoscaler.kube.internal_token import SECRET as TOKEN_SECRET
+from autoscaler.kube.internal_token import ensure_token
 from autoscaler.kube.pa_controller import PodAutoscalerController
 from autoscaler.kube.podautoscaler import CLASS, CLASS_ANNOTATION, REVISION_LABEL, Advice, Settings
 from autoscaler.kube.services import ServiceSource, parse_revision
@@ -35,7 +41,7 @@ from sllm_knative.ports import free_port
 from testkit.kube.cluster import KubeCluster
 from testkit.kube.knative import SksStatusWriter, revision_objects
 from tests.kube.audit import apply_docs, assert_exactly_granted
-from tests.kube.conftest import until
+from tests.kube.conftest import ensure_namespace, until
 from tests.kube.test_webhook import webhook_config
 
 RBAC = Path(__file__).resolve().parents[2] / "manifests" / "autoscaler" / "rbac.yaml"
@@ -45,6 +51,9 @@ SA = ("sllm-knative", "sllm-autoscaler")
 def test_the_autoscaler_role_is_exactly_what_it_calls(kube: KubeCluster, api: Any, namespace: str) -> None:
     admin = Kube(api)
     docs = [d for d in yaml.safe_load_all(RBAC.read_text()) if d]
+    ensure_namespace(admin.core, KNATIVE_NS)  # the activators' Role lives in Knative's namespace
+    with contextlib.suppress(Exception):  # made again below, as the service account
+        admin.core.delete_namespaced_secret(TOKEN_SECRET, KNATIVE_NS)
     apply_docs(api, [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SA[0]}}, *docs])
     as_sa = Kube(kube.api_client_as(*SA))
     until(lambda: as_sa.custom.list_cluster_custom_object(PODAUTOSCALERS.group, PODAUTOSCALERS.version,
@@ -155,6 +164,15 @@ def test_the_autoscaler_role_is_exactly_what_it_calls(kube: KubeCluster, api: An
             DELETION_COST) == "-1000", 10, "the pod marked for deletion")
         admin.core.delete_namespaced_pod("admitted", namespace, grace_period_seconds=0)  # what the ReplicaSet does
         stopping.result(30)
+
+        # The internal token: read (or made) in the install's namespace, copied into Knative's;
+        # the activator replicas from activator-service's EndpointSlices.
+        token = ensure_token(as_sa, SA[0], [KNATIVE_NS])
+        assert ensure_token(as_sa, SA[0], [KNATIVE_NS]) == token  # the second start reads it
+        activators = KubeActivators(as_sa, namespace=KNATIVE_NS, resync_s=5).start()
+        assert activators.slices is not None
+        activators.slices.wait_synced(15)
+        run(activators.close())
         time.sleep(1.0)  # a few lease renewals
     finally:
         if backend is not None:
