@@ -2,10 +2,17 @@
 its checkpoint leased through its node's loader, driven by the official `openai` client.
 
 Real: kube-apiserver, kube-controller-manager (ReplicaSets, EndpointSlices, garbage collection),
-kube-scheduler, the node agent's two nodes and their pods, one loader per node publishing its
+kube-scheduler, the node agent's three nodes and their pods, one loader per node publishing its
 NodeCache, `python -m autoscaler --kube` with its placement webhook, `python -m activator --kube`,
 and the function image (`sllm-knative/function` -> `python -m functions.llm`) serving the tiny
 test model in the loading format, from nginx as the model store.
+
+The steps: (1) a cold start streams through the activator, placed on the node whose NodeCache has
+the checkpoint in DRAM (the Placed Event says why), its weights leased from that node's loader,
+the PA's conditions as Knative expects; (2) keep-alive, then zero; (3) the checkpoint moves to
+another node's DRAM and the next cold start follows it; (4) a scale-down with a seeded stream on
+each of two pods migrates the victim's stream through the activator, and both texts equal
+unmigrated runs; (5) a revision of Knative's KPA class is served through the same activator.
 
 The store is nginx's rate-limited location (256 KiB/s per connection): a load from the store
 takes seconds while a load from a node's DRAM takes milliseconds, so the load-time model's choice
@@ -44,6 +51,7 @@ from autoscaler.kube.certs import WEBHOOK_CONFIG
 from autoscaler.kube.podautoscaler import CLASS, condition
 from autoscaler.kube.webhook import PATH as WEBHOOK_PATH
 from sllm_knative.api import activator as admin_api
+from sllm_knative.config.autoscaler import KPA_CLASS
 from sllm_knative.config.service import INTERNAL_PORT_ANNOTATION
 from sllm_knative.kube.client import PODAUTOSCALERS, REVISIONS, SCALINGPOLICIES, Kube
 from sllm_knative.loader.client import LoaderClient
@@ -54,6 +62,7 @@ from testkit.kube.nodeagent import NodeAgent
 from testkit.proc import Proc
 from testkit.servers import Nginx
 from tests.kube.conftest import agent_selector, start_agent, until
+from tests.kube.test_activator_knative import _echo, _revision, _served
 from tests.kube.test_autoscaler_kube import _in_dram, autoscaler_sees_dram
 from tests.kube.test_nodeagent import ENV
 from tests.kube.test_nodecache import Loader
@@ -61,6 +70,7 @@ from tests.kube.test_webhook import webhook_config
 
 REPO = Path(__file__).resolve().parents[2]
 REV = "chat-00001"
+KPA_REV = "echo-00001"
 SOCKET_DIR = "/var/run/sllm-knative"  # autoscaler/kube/admission.py: LOADER_DIR
 DRAM_DIR = "/dev/shm/sllm-knative"
 
@@ -70,7 +80,7 @@ def agent(kube: KubeCluster) -> Iterator[NodeAgent]:
     # A short root: the loader's socket lies in the node's hostPath folder under it, and a unix
     # socket's path is limited to 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="sllm-e2e-", dir="/tmp"))
-    a = start_agent(kube, root, nodes=2)
+    a = start_agent(kube, root, nodes=3)
     try:
         yield a
     finally:
@@ -190,14 +200,14 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
         kube: KubeCluster, api: Any, namespace: str, agent: NodeAgent, store: Path, web: Nginx,
         tmp_path: Path) -> None:
     k = Kube(api)
-    n0, n1 = (s.name for s in agent.specs)
-    (tmp_path / "lo0").mkdir()
-    (tmp_path / "lo1").mkdir()
+    n0, n1, n2 = (s.name for s in agent.specs)  # n2 never holds the checkpoint
     procs: list[Proc] = []
-    lo0 = node_loader(tmp_path / "lo0", agent, n0, kube, store, f"{web.url}/slow")
-    procs.append(lo0)
-    lo1 = node_loader(tmp_path / "lo1", agent, n1, kube, store, f"{web.url}/slow")
-    procs.append(lo1)
+    loaders = []
+    for i, node in enumerate((n0, n1, n2)):
+        (tmp_path / f"lo{i}").mkdir()
+        loaders.append(node_loader(tmp_path / f"lo{i}", agent, node, kube, store, f"{web.url}/slow"))
+        procs.append(loaders[-1])
+    lo0, lo1, lo2 = loaders
     model = f"{web.url}/slow/tiny"
     with lo1.client() as c:
         c.prefetch(model, tier="dram", wait=True)
@@ -236,6 +246,9 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
         activator.wait_until(lambda: httpx.get(act_url, headers={"K-Network-Probe": "activator"}, timeout=2).text
                              == "activator", 90, "answering Knative's probe")
         until(lambda: autoscaler_sees_dram(as_url, n1, model), 30, f"the autoscaler to see {n1}'s DRAM copy")
+        # A revision of Knative's own class (KPA) beside ours, made now so its pod starts meanwhile:
+        # the same activator serves it at the end (step 5).
+        _revision(k, namespace, agent, KPA_REV, KPA_CLASS, replicas=1)
 
         # The Service's ScalingPolicy (a short keep-alive), then its Revision as Knative makes it.
         k.create(SCALINGPOLICIES, {"apiVersion": SCALINGPOLICIES.api_version, "kind": "ScalingPolicy",
@@ -291,7 +304,7 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
         # Its weights came through its node's loader: the lease is n1's, none on n0's, and the
         # function's own log names the loader socket in n1's hostPath folder.
         assert _leases(lo1) == [(model, pod.metadata.name)]
-        assert _leases(lo0) == []
+        assert _leases(lo0) == _leases(lo2) == []
         log = agent.pod_log(namespace, pod.metadata.name, "user-container")
         assert "lease complete" in log and str(lo1.socket.parent.resolve()) in log, log[-3000:]
 
@@ -359,6 +372,11 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
         assert got == want, failure("a migrated stream's text differs from the unmigrated run")
         scaled = [e for e in k.core.list_namespaced_event(namespace).items if e.reason == "Placed"]
         assert scaled, "the placements were recorded as Events"
+
+        # 5. The KPA revision, which our autoscaler leaves to Knative's, is served through our activator.
+        doc = _echo(until(lambda: _served(act_url, namespace, KPA_REV), 60, "the KPA revision served"))
+        assert doc["h"]["k-proxy-request"] == ["activator"] and doc["path"] == "/x", doc
+        assert "-deployment-" in doc["pod"]
     finally:
         for p in reversed(procs):
             p.stop()
