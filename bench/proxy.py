@@ -31,29 +31,31 @@ its process group is left (else SIGKILL to the group, and the JSON says so).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
-import os
-import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench._common import ensure_model, machine, save_figure, write_json
+from bench._common import (
+    NGINX_CONFIG,
+    WARMUP,
+    Conn,
+    NginxProxy,
+    ensure_model,
+    latencies,
+    machine,
+    percentile,
+    save_figure,
+    throughput,
+    write_json,
+)
 from sllm_knative.api import activator as activator_api
 from sllm_knative.ports import free_port as _free_port
 from testkit.proc import Proc
-from testkit.servers import nginx_conf
 
 REPO = Path(__file__).resolve().parents[1]
 NAMESPACE = "default"
@@ -61,30 +63,8 @@ SERVICE = "llm"
 HOST = f"{SERVICE}.{NAMESPACE}.example.com"
 PATHS = ("direct", "activator", "nginx")
 TARGET_RATIO = 5.0  # activator p50 added <= 5 x nginx's
-WARMUP = 200
 
-_NGINX_HTTP = """\
-  access_log off;
-  keepalive_requests 1000000;
-  upstream function {{
-    server 127.0.0.1:{upstream};
-    keepalive 16;
-    keepalive_requests 1000000;
-  }}
-  server {{
-    listen 127.0.0.1:{port};
-    location / {{
-      proxy_pass http://function;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host $host;
-      proxy_buffering off;
-    }}
-  }}
-"""
-
-
-# -- a minimal HTTP/1.1 keep-alive client ------------------------------------------------------------
+# -- the requests ----------------------------------------------------------------------------------
 
 
 def build_request(kind: str) -> bytes:
@@ -98,80 +78,7 @@ def build_request(kind: str) -> bytes:
     raise ValueError(f"request kind {kind!r}: expected 'models' or 'completion'")
 
 
-class Conn:
-    """One keep-alive connection; `roundtrip()` sends the request and reads the whole response."""
-
-    def __init__(self, port: int, request: bytes) -> None:
-        self.port = port
-        self.request = request
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = bytearray()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def _fill(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise ConnectionError(f"127.0.0.1:{self.port} closed the connection")
-        self.buf += data
-
-    def _until(self, sep: bytes) -> bytes:
-        while (i := self.buf.find(sep)) < 0:
-            self._fill()
-        out = bytes(self.buf[:i])
-        del self.buf[:i + len(sep)]
-        return out
-
-    def _exact(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self._fill()
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
-
-    def roundtrip(self) -> tuple[int, bytes]:
-        self.sock.sendall(self.request)
-        head = self._until(b"\r\n\r\n").decode("latin-1").split("\r\n")
-        status = int(head[0].split(" ", 2)[1])
-        fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:])}
-        if "content-length" in fields:
-            return status, self._exact(int(fields["content-length"]))
-        if fields.get("transfer-encoding", "").lower() == "chunked":
-            parts = []
-            while size := int(self._until(b"\r\n").split(b";")[0], 16):
-                parts.append(self._exact(size))
-                self._exact(2)
-            self._until(b"\r\n")  # end of the (empty) trailer section
-            return status, b"".join(parts)
-        raise ValueError(f"response on port {self.port} has neither a length nor chunked encoding: {head}")
-
-    def timed(self) -> float:
-        t0 = time.perf_counter()
-        status, _ = self.roundtrip()
-        dt = time.perf_counter() - t0
-        if status != 200:
-            raise RuntimeError(f"HTTP {status} from 127.0.0.1:{self.port}")
-        return dt
-
-
 # -- the pure part ---------------------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 100]) of a non-empty list."""
-    if not values:
-        raise ValueError("percentile of no values")
-    s = sorted(values)
-    k = max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))
-    return s[k]
-
-
-def rotations(paths: tuple[str, ...], rounds: int) -> list[tuple[str, ...]]:
-    """The order of the paths in each round: rotated by one every round."""
-    n = len(paths)
-    return [tuple(paths[(r + i) % n] for i in range(n)) for r in range(rounds)]
 
 
 def summarize(lat: dict[str, list[float]], rps: dict[str, list[float]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -206,126 +113,7 @@ def target(rows: list[dict[str, Any]], paths: dict[str, Any]) -> dict[str, Any]:
             "long_term_goal": 1.5}
 
 
-# -- processes -------------------------------------------------------------------------------------
-
-
-def _group_members(pgid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
-                    out.append(int(d.name))
-    return out
-
-
-class NginxProxy:
-    """nginx (master + one worker) in its own process group, proxying to one upstream port."""
-
-    def __init__(self, upstream: int, logs: Path) -> None:
-        from testkit.servers import nginx_path
-
-        binary = nginx_path()
-        if binary is None:
-            raise FileNotFoundError("nginx is not installed (apt-get install nginx-light)")
-        self.port = _free_port()
-        self.work = Path(tempfile.mkdtemp(prefix="bench-proxy-nginx-"))
-        self.conf = self.work / "nginx.conf"
-        self.conf.write_text(nginx_conf(self.work, _NGINX_HTTP.format(port=self.port, upstream=upstream), master=True))
-        self.logs = logs
-        self.argv = [binary, "-p", str(self.work), "-c", str(self.conf), "-e", str(self.work / "error.log")]
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.stopped_clean: bool | None = None
-
-    def start(self) -> NginxProxy:
-        nginx = Proc("nginx").start(self.argv, self.logs / "nginx.log", append=True)  # own process group
-        self.proc = nginx.proc
-        nginx.wait_http(f"http://127.0.0.1:{self.port}/health/live", timeout=30, interval=0.05)
-        return self
-
-    def stop(self) -> None:
-        """SIGQUIT to the master (graceful: workers finish, then exit); verify the group is empty."""
-        if self.proc is None:
-            return
-        pgid = self.proc.pid
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pgid, signal.SIGQUIT)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-        deadline = time.monotonic() + 5
-        while _group_members(pgid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        left = _group_members(pgid)
-        self.stopped_clean = self.proc.poll() is not None and not left
-        if left or self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(5)
-        with contextlib.suppress(OSError):
-            (self.logs / "nginx-error.log").write_bytes((self.work / "error.log").read_bytes())
-        shutil.rmtree(self.work, ignore_errors=True)
-        self.proc = None
-
-
-# -- measurements ------------------------------------------------------------------------------------
-
-
-def latencies(ports: dict[str, int], request: bytes, rounds: int) -> dict[str, list[float]]:
-    conns = {p: Conn(port, request) for p, port in ports.items()}
-    try:
-        for _ in range(WARMUP):
-            for c in conns.values():
-                c.timed()
-        out: dict[str, list[float]] = {p: [] for p in ports}
-        for order in rotations(tuple(ports), rounds):
-            for p in order:
-                out[p].append(conns[p].timed())
-        return out
-    finally:
-        for c in conns.values():
-            c.close()
-
-
-def throughput(port: int, request: bytes, concurrency: int, seconds: float) -> float:
-    counts = [0] * concurrency
-    errors: list[BaseException] = []
-    start = threading.Barrier(concurrency + 1)
-    stop = time.perf_counter() + seconds + 3600  # replaced once every thread is connected
-
-    def worker(i: int) -> None:
-        try:
-            conn = Conn(port, request)
-        except OSError as exc:
-            errors.append(exc)
-            start.abort()
-            return
-        try:
-            start.wait()
-            while time.perf_counter() < stop:
-                status, _ = conn.roundtrip()
-                if status != 200:
-                    raise RuntimeError(f"HTTP {status}")
-                counts[i] += 1
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-        finally:
-            conn.close()
-
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    stop = t0 + seconds
-    for t in threads:
-        t.join(seconds + 60)
-    elapsed = time.perf_counter() - t0
-    if errors:
-        raise RuntimeError(f"throughput on port {port}: {errors[0]!r}")
-    return sum(counts) / elapsed
+# -- the run -----------------------------------------------------------------------------------------
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -386,8 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "seconds_per_cycle": args.seconds, "cycles": 3, "paths": pct, "rps_cycles": rps,
             "nginx": {"version": subprocess.run([nginx.argv[0] if nginx else "nginx", "-v"], capture_output=True,
                                                 text=True).stderr.strip(),
-                      "config": "master + 1 worker, upstream keepalive 16, proxy_http_version 1.1, "
-                                "proxy_buffering off, access_log off",
+                      "config": NGINX_CONFIG,
                       "stopped_clean": nginx.stopped_clean if nginx else None},
             "activator": "python -m activator (uvicorn, one process), no autoscaler, access log off",
             "client": "raw-socket HTTP/1.1 keep-alive client in this process (one connection per path)",
