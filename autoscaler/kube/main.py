@@ -45,6 +45,13 @@ from sllm_knative.log import get_logger
 _log = get_logger("autoscaler")
 
 
+def _log_failure(fut: Any) -> None:
+    """A change the service table could not take is logged, never dropped in silence."""
+    if not fut.cancelled() and fut.exception() is not None:
+        exc = fut.exception()
+        _log.error("services not applied", error=f"{type(exc).__name__}: {exc}"[:500], exc_info=exc)
+
+
 async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_namespace: str,
                      activator_admin: tuple[str, ...] = (), activator_namespace: str = ACTIVATOR_NAMESPACE,
                      activator_admin_port: int = ACTIVATOR_ADMIN_PORT, identity: str | None = None,
@@ -73,7 +80,8 @@ async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_name
             await scaler.delete(key)
 
     def on_change(manifest: Manifest, removed: list[str]) -> None:
-        asyncio.run_coroutine_threadsafe(apply(manifest, removed), loop)
+        fut = asyncio.run_coroutine_threadsafe(apply(manifest, removed), loop)
+        fut.add_done_callback(_log_failure)
 
     source = ServiceSource(kube, on_change, resync_s=resync_s)
     await asyncio.to_thread(source.start)

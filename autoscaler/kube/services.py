@@ -47,7 +47,8 @@ def parse_revision(revision: dict[str, Any]) -> ServiceConfig:
 
 class ServiceSource:
     """Watches Revisions and ScalingPolicies; calls `on_change(manifest, removed)` with every valid
-    service of our class and every policy, and the keys of services that went away."""
+    service of our class and every policy, and the keys of services that went away (in order, one
+    call at a time, under a lock: `on_change` must hand the change on and return)."""
 
     def __init__(self, kube: Kube, on_change: Callable[[Manifest, list[str]], None], resync_s: float = 30.0) -> None:
         self.on_change = on_change
@@ -98,13 +99,16 @@ class ServiceSource:
         return Manifest(tuple(services), tuple(policies)), problems
 
     def refresh(self) -> None:
-        manifest, problems = self.manifest()
-        keys = {s.key for s in manifest.services}
+        # One refresh at a time, from reading the caches to handing the change on: the two
+        # informers call this on their own threads, and a manifest read before another refresh's
+        # must not be handed on after it (it would remove a revision the other had just added).
         with self._lock:
+            manifest, problems = self.manifest()
+            keys = {s.key for s in manifest.services}
             for key, why in problems.items():
                 if self._problems.get(key) != why:
                     _log.warning("revision not served", service=key, error=why[:300])
             self._problems = problems
             removed = sorted(self._known - keys)
             self._known = keys
-        self.on_change(manifest, removed)
+            self.on_change(manifest, removed)

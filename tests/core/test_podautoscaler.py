@@ -162,3 +162,17 @@ def test_sks_not_ready_holds_the_pa_not_ready() -> None:
 def test_activation_that_never_happens_times_out() -> None:
     plan = reconcile(_pa(_status("Unknown", 700, initialized=False)), _sks(), Pods(), 1, Advice(0), S, NOW)
     assert _c(plan.status, ACTIVE) == ("False", "TimedOut")
+
+
+def test_an_invalid_revision_is_reported_and_nothing_scales() -> None:
+    """The autoscaler does not serve the revision (its configuration is invalid): the PA says why
+    (Active and Ready False, InvalidConfiguration, the message naming the field), a Warning Event
+    says it too, and the replicas are left alone whatever the advice."""
+    why = 'Revision ns/chat-00001: spec.template.metadata.annotations["sllm-knative.io/model"]: required'
+    plan = reconcile(_pa(_status("True", 100)), _sks(), Pods(ready=1), 1, Advice(3), S, NOW, problem=why)
+    assert plan.scale is None
+    assert _c(plan.status, ACTIVE) == ("False", "InvalidConfiguration")
+    assert condition(plan.status, ACTIVE)["message"] == why
+    assert condition(plan.status, READY)["status"] == "False"
+    assert plan.events == [("Warning", "InvalidConfiguration", why)]
+    assert plan.status["actualScale"] == 1

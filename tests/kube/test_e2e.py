@@ -12,7 +12,9 @@ the checkpoint in DRAM (the Placed Event says why), its weights leased from that
 the PA's conditions as Knative expects; (2) keep-alive, then zero; (3) the checkpoint moves to
 another node's DRAM and the next cold start follows it; (4) a scale-down with a seeded stream on
 each of two pods migrates the victim's stream through the activator, and both texts equal
-unmigrated runs; (5) a revision of Knative's KPA class is served through the same activator.
+unmigrated runs; (5) a revision of Knative's KPA class is served through the same activator;
+(6) two revisions of our class with a missing or bad checkpoint annotation get a PA condition and
+an Event naming the field, and no pod.
 
 The store is nginx's rate-limited location (256 KiB/s per connection): a load from the store
 takes seconds while a load from a node's DRAM takes milliseconds, so the load-time model's choice
@@ -71,6 +73,7 @@ from tests.kube.test_webhook import webhook_config
 REPO = Path(__file__).resolve().parents[2]
 REV = "chat-00001"
 KPA_REV = "echo-00001"
+BAD_REVISIONS = {"nomodel-00001": {}, "badscheme-00001": {"sllm-knative.io/model": "ftp://models/tiny"}}
 SOCKET_DIR = "/var/run/sllm-knative"  # autoscaler/kube/admission.py: LOADER_DIR
 DRAM_DIR = "/dev/shm/sllm-knative"
 
@@ -249,6 +252,18 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
         # A revision of Knative's own class (KPA) beside ours, made now so its pod starts meanwhile:
         # the same activator serves it at the end (step 5).
         _revision(k, namespace, agent, KPA_REV, KPA_CLASS, replicas=1)
+        # Two revisions of our class the autoscaler cannot serve: no model annotation, and a
+        # checkpoint URI of an unknown scheme (step 6).
+        for name, extra in BAD_REVISIONS.items():
+            bad = {"autoscaling.knative.dev/class": CLASS, **extra}
+            r = k.create(REVISIONS, {"apiVersion": REVISIONS.api_version, "kind": "Revision",
+                                     "metadata": {"name": name, "namespace": namespace, "annotations": bad},
+                                     "spec": {"containers": [{"image": "sllm-knative/function:latest"}]}}, namespace)
+            dep, bad_pa = revision_objects(name, namespace, r["metadata"]["uid"],
+                                           [{"name": "user-container", "image": "sllm-knative/function:latest"}],
+                                           {"nodeSelector": agent_selector(agent)}, bad, replicas=0)
+            k.apps.create_namespaced_deployment(namespace, dep)
+            k.create(PODAUTOSCALERS, bad_pa, namespace)
 
         # The Service's ScalingPolicy (a short keep-alive), then its Revision as Knative makes it.
         k.create(SCALINGPOLICIES, {"apiVersion": SCALINGPOLICIES.api_version, "kind": "ScalingPolicy",
@@ -275,6 +290,7 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
                                            "terminationGracePeriodSeconds": 2}, annotations, replicas=1)
         k.apps.create_namespaced_deployment(namespace, deployment)
         k.create(PODAUTOSCALERS, pa, namespace)
+        until(lambda: _in_flight(as_url, f"{namespace}/{REV}") >= 0, 30, "the autoscaler to know the revision")
 
         client = openai.OpenAI(base_url=f"{act_url}/v1", api_key="unused", max_retries=0, timeout=300,
                                default_headers={"Knative-Serving-Revision": REV,
@@ -377,6 +393,18 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
         doc = _echo(until(lambda: _served(act_url, namespace, KPA_REV), 60, "the KPA revision served"))
         assert doc["h"]["k-proxy-request"] == ["activator"] and doc["path"] == "/x", doc
         assert "-deployment-" in doc["pod"]
+
+        # 6. The revisions the autoscaler cannot serve: the PA says why (the field), a Warning Event
+        # says it too, no pod was made, and the autoscaler still leads (no crash loop).
+        for name, field in (("nomodel-00001", "sllm-knative.io/model"), ("badscheme-00001", "sllm-knative.io/model")):
+            st = k.get(PODAUTOSCALERS, name, namespace).get("status") or {}
+            active = condition(st, "Active") or {}
+            assert (active.get("status"), active.get("reason")) == ("False", "InvalidConfiguration"), st
+            assert field in active.get("message", ""), active
+            evs = k.core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}").items
+            assert any(e.reason == "InvalidConfiguration" and e.type == "Warning" for e in evs), evs
+            assert not k.core.list_namespaced_pod(namespace, label_selector=f"serving.knative.dev/revision={name}").items
+        assert httpx.get(f"{as_url}/healthz", timeout=5).status_code == 200
     finally:
         for p in reversed(procs):
             p.stop()
