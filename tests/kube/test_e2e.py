@@ -16,10 +16,14 @@ unmigrated runs; (5) a revision of Knative's KPA class is served through the sam
 (6) two revisions of our class with a missing or bad checkpoint annotation get a PA condition and
 an Event naming the field, and no pod.
 
-The store is nginx's rate-limited location (256 KiB/s per connection): a load from the store
-takes seconds while a load from a node's DRAM takes milliseconds, so the load-time model's choice
-is clear whatever the instance start overheads measure. With a store as fast as local files, the
-tiers of a 0.5 MB checkpoint differ by milliseconds and the choice was noise.
+The store is nginx's rate-limited location (2 MiB/s per connection) and the model is a 5.8 MB
+variant of the tiny one: a load from the store takes seconds while a load from a node's DRAM
+takes milliseconds, and the fetch is large enough (over the loader's 1 MiB sample floor) for the
+loaders to measure the store's rate and publish it in their NodeCaches. So the load-time model
+knows the store is slow, and its choice is clear whatever the start overheads measure (the test
+checks that the placement's reasons put the store load seconds behind). With a store as fast as
+local files, or a checkpoint too small to measure the store by, the tiers differ by milliseconds
+and the choice is noise.
 
 The loaders run as processes with `--kube-node` (as in test_autoscaler_kube.py), each with its
 socket and DRAM tier in its node's hostPath folders (`/var/run/sllm-knative`,
@@ -36,6 +40,7 @@ activator with the revision headers, as Knative's ingress would.
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import sys
 import tempfile
@@ -57,6 +62,7 @@ from sllm_knative.config.autoscaler import KPA_CLASS
 from sllm_knative.config.service import INTERNAL_PORT_ANNOTATION
 from sllm_knative.kube.client import PODAUTOSCALERS, REVISIONS, SCALINGPOLICIES, Kube
 from sllm_knative.loader.client import LoaderClient
+from sllm_knative.models import TINY
 from sllm_knative.ports import free_port
 from testkit.kube.cluster import KubeCluster
 from testkit.kube.knative import PrivateServices, SksStatusWriter, revision_objects
@@ -91,27 +97,28 @@ def agent(kube: KubeCluster) -> Iterator[NodeAgent]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-# The tiny test model with room for long generations: a scale-down must find its streams still
-# running (at about 1.5 ms a token, 6000 tokens take some 9 s), whatever the decision's latency.
+# The tiny test model, wider (5.8 MB: its store fetch is measured) and with room for long
+# generations: a scale-down must find its streams still running (4000 tokens take some seconds),
+# whatever the decision's latency.
 CONTEXT = 8192
-LONG_TOKENS = 6000
+LONG_TOKENS = 4000
+SPEC = dataclasses.replace(TINY, hidden_size=256, intermediate_size=512, max_position_embeddings=CONTEXT)
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A file store holding `tiny` (with an 8192-token context) in the loading format."""
+    """A file store holding `tiny` (SPEC) in the loading format."""
     from sllm_knative.convert import convert
-    from sllm_knative.models import TINY, build_model
+    from sllm_knative.models import build_model
 
     root = tmp_path_factory.mktemp("e2e-store")
-    convert(build_model(root / "src" / "tiny", dataclasses.replace(TINY, max_position_embeddings=CONTEXT)),
-            root / "models" / "tiny")
+    convert(build_model(root / "src" / "tiny", SPEC), root / "models" / "tiny")
     return root / "models"
 
 
 @pytest.fixture
 def web(store: Path) -> Iterator[Nginx]:
-    with Nginx(store, slow_rate="256k") as nginx:
+    with Nginx(store, slow_rate="2m") as nginx:
         yield nginx
 
 
@@ -181,6 +188,14 @@ def _activator_instances(admin: str, namespace: str) -> dict[str, int]:
 def _in_flight(autoscaler: str, key: str) -> int:
     services = httpx.get(f"{autoscaler}/v1/services", timeout=5).json()["services"]
     return next((s["in_flight"] for s in services if s["key"] == key), -1)
+
+
+def _seconds_behind(autoscaler: str, key: str, instance: str) -> dict[str, float]:
+    """How far behind the chosen node each other node's estimate was, in the placement's reasons."""
+    services = httpx.get(f"{autoscaler}/v1/services", timeout=5).json()["services"]
+    [svc] = [s for s in services if s["key"] == key]
+    [placement] = [p for p in svc["placements"] if p["instance"] == instance]
+    return {m[1]: float(m[2]) for r in placement["reasons"] if (m := re.match(r"not (\S+): [\d.]+s, ([\d.]+)s slower", r))}
 
 
 def _migrated(admin: str) -> float:
@@ -316,6 +331,10 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
         placed = [e for e in k.core.list_namespaced_event(namespace, field_selector=(
             f"involvedObject.name={pod.metadata.name}")).items if e.reason == "Placed"]
         assert placed and n1 in placed[0].message and "dram" in placed[0].message, placed
+        # Chosen by seconds, not by noise: each other node's estimate (a store load at its measured
+        # rate) is behind by more than a second.
+        behind = _seconds_behind(as_url, f"{namespace}/{REV}", pod.metadata.name)
+        assert len(behind) == 2 and min(behind.values()) > 1.0, failure(f"the alternatives were behind by {behind}")
 
         # Its weights came through its node's loader: the lease is n1's, none on n0's, and the
         # function's own log names the loader socket in n1's hostPath folder.
