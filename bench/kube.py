@@ -88,6 +88,7 @@ from bench._common import (
 from bench.coldstart import MAX_TOKENS, PROMPT
 from bench.coldstart import split as local_split
 from bench.proxy import summarize, target
+from testkit.kube.util import until, webhook_config
 
 REPO = Path(__file__).resolve().parents[1]
 NS = "bench-kube"  # the revision's namespace
@@ -101,7 +102,6 @@ STORE_RATE = "256k"
 AGENT_LABEL = "sllm-knative.io/test-agent"
 SOCKET_DIR = "/var/run/sllm-knative"  # autoscaler/kube/admission.py: LOADER_DIR
 DRAM_DIR = "/dev/shm/sllm-knative"  # autoscaler/kube/admission.py: DRAM_DIR
-WEBHOOK_MANIFEST = REPO / "manifests" / "autoscaler" / "webhook.yaml"
 POD_ENV = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
 REQUESTS = {"models": "GET /v1/models", "completion": "POST /v1/completions (max_tokens 1, non-streaming)"}
@@ -114,21 +114,6 @@ LOCAL_FIELDS = ("placement_s", "start_s", "load_s", "first_token_s")
 
 
 # -- the pure part ---------------------------------------------------------------------------------
-
-
-def until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll `cond` until it returns something truthy (exceptions count as not yet); its value."""
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            v = cond()
-            if v:
-                return v
-        except Exception as e:  # the condition may race the API server; reported below
-            last = e
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}" + (f" (last error: {last!r})" if last else ""))
 
 
 def build_request(kind: str) -> bytes:
@@ -215,23 +200,6 @@ def stream_ttft(url: str, headers: dict[str, str], model: str, timeout: float = 
 
 
 # -- the Kubernetes side ---------------------------------------------------------------------------
-
-
-def webhook_config(url: str, pods_namespace: str, install_namespace: str) -> dict[str, Any]:
-    """manifests/autoscaler/webhook.yaml's MutatingWebhookConfiguration, called at `url` (the test
-    cluster has no Service networking), narrowed to `pods_namespace` (labelled `sllm-test`)."""
-    import yaml
-
-    doc = next(d for d in yaml.safe_load_all(WEBHOOK_MANIFEST.read_text())
-               if d and d["kind"] == "MutatingWebhookConfiguration")
-    for wh in doc["webhooks"]:
-        wh["clientConfig"] = {"url": url, "caBundle": ""}
-        for expr in wh["namespaceSelector"]["matchExpressions"]:
-            if expr["key"] == "kubernetes.io/metadata.name":
-                expr["values"] = ["kube-system", install_namespace]
-        wh["namespaceSelector"]["matchExpressions"].append(
-            {"key": "sllm-test", "operator": "In", "values": [pods_namespace]})
-    return dict(doc)
 
 
 class PodTimeline:
@@ -590,7 +558,7 @@ class LocalPath:
             self.bench = Bench(self.cluster, self.state, self.model, self.state / "unused-hf", self.logs)
             # Knative's default initial scale starts one instance at apply: let it come (and go,
             # in cold_start's wait for zero) so that it cannot answer a measured request.
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(AssertionError):
                 until(lambda: self.bench.service()["instances"], 30, "the initial-scale instance")
         except BaseException:
             self.down()

@@ -20,7 +20,6 @@ Helpers for test modules: `until` (poll a condition), `agent_selector`, `Clients
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,26 +31,11 @@ import pytest
 from sllm_knative.log import get_logger
 from testkit.kube.cluster import BIN_DIR, KubeCluster, missing_binaries
 from testkit.kube.nodeagent import NodeAgent, NodeSpec
+from testkit.kube.util import until  # noqa: F401  (the tests import it from here)
 
 _log = get_logger("tests.kube")
 AGENT_LABEL = "sllm-knative.io/test-agent"
 
-
-
-def until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll `cond` until it returns something truthy; fail naming `what` (and the last error)."""
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            v = cond()
-            if v:
-                return v
-        except Exception as e:  # the condition may race the API server; report the last error
-            last = e
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}"
-                         + (f" (last error: {last!r} {getattr(last, 'body', '') or ''})" if last else ""))
 
 
 # --- the control plane ------------------------------------------------------------------------

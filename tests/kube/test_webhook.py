@@ -22,11 +22,9 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from kubernetes.client.rest import ApiException
@@ -40,27 +38,13 @@ from sllm_knative.ports import free_port
 from testkit.kube.cluster import KubeCluster
 from testkit.kube.knative import revision_objects
 from testkit.kube.nodeagent import NodeAgent
+from testkit.kube.util import webhook_config  # noqa: F401  (other tests import it from here)
 from tests.kube.conftest import agent_selector, until
 
-MANIFEST = Path(__file__).resolve().parents[2] / "manifests" / "autoscaler" / "webhook.yaml"
 WEBHOOK_NAME = "placement.sllm-knative.io"
 MODEL = "hf://org/tiny"
 KPA = "kpa.autoscaling.knative.dev"
 SLEEP = ["python", "-c", "import time; time.sleep(600)"]
-
-
-def webhook_config(url: str, pods_namespace: str, install_namespace: str) -> dict[str, Any]:
-    """The manifest's MutatingWebhookConfiguration, called at `url`, for `pods_namespace` only."""
-    doc = next(d for d in yaml.safe_load_all(MANIFEST.read_text()) if d and d["kind"] == "MutatingWebhookConfiguration")
-    for wh in doc["webhooks"]:
-        wh["clientConfig"] = {"url": url, "caBundle": ""}
-        for expr in wh["namespaceSelector"]["matchExpressions"]:
-            if expr["key"] == "kubernetes.io/metadata.name":
-                expr["values"] = ["kube-system", install_namespace]
-        # leave the rest of the cluster (other tests on this control plane) alone
-        wh["namespaceSelector"]["matchExpressions"].append(
-            {"key": "sllm-test", "operator": "In", "values": [pods_namespace]})
-    return doc
 
 
 def ca_bundle(kube: Kube) -> bytes:
