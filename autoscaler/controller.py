@@ -43,6 +43,10 @@ class Autoscaler:
         self._evaluating: dict[str, asyncio.Task[Any]] = {}  # the tick's evaluation of each service
         self.scaler = Scaler(backend, activator, self.table, self._spawn)
         backend.subscribe(self.scaler.on_event)
+        # Whether scaling decisions may be taken now. On Kubernetes: only on the leader, and only
+        # once its backend has adopted the pods already running (a decision taken before would
+        # count none of them and start them again).
+        self.may_decide: Callable[[], bool] = lambda: True
 
     @property
     def services(self) -> dict[str, ServiceRuntime]:
@@ -96,7 +100,7 @@ class Autoscaler:
 
     async def evaluate(self, key: str) -> None:
         rt = self.table.get(key)
-        if rt is None:
+        if rt is None or not self.may_decide():
             return
         now = self.clock()
         metrics = DeciderInputs(rt.window, len(rt.ready()), rt.last_request_at)

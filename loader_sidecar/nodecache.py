@@ -14,7 +14,8 @@ first; the loader runs them concurrently, not one after the other. The copy a fr
 from DRAM to the SSD is not a load (no instance waits for it).
 
 `start_publisher` connects with `sllm_knative.kube.client` and starts a
-`sllm_knative.kube.nodecache.NodeCachePublisher` on the loader's loop.
+`sllm_knative.kube.nodecache.NodeCachePublisher` on the loader's loop; the autoscaler's warm
+requests (`spec.warm`) become prefetches into DRAM, as if a client had asked for them.
 """
 
 from __future__ import annotations
@@ -122,4 +123,5 @@ def start_publisher(node: Node) -> NodeCachePublisher:
         where = config.kubeconfig or "$KUBECONFIG"
         raise KubeConfigError(f"kubeconfig {where}: {type(exc).__name__}: {exc}") from exc
     return NodeCachePublisher(kube, name, lambda: snapshot(node, name), node.notifier.wait_newer,
-                              resync_s=config.kube_resync_s, on_outcome=node.metrics.nodecache_outcome).start()
+                              resync_s=config.kube_resync_s, on_outcome=node.metrics.nodecache_outcome,
+                              on_warm=lambda model, tier: node.prefetch(model, tier, wait=False)).start()

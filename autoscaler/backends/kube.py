@@ -64,6 +64,7 @@ from sllm_knative.config.nodecache import parse_node_cache
 from sllm_knative.kube.client import NODECACHES, Kube, error_message, is_status
 from sllm_knative.kube.events import EventRecorder
 from sllm_knative.kube.informer import Informer
+from sllm_knative.kube.nodecache import with_warm
 from sllm_knative.log import get_logger
 from sllm_knative.placement import NodeInventory, pool_store_rates
 
@@ -71,6 +72,7 @@ _log = get_logger("autoscaler.backend")
 
 PAIR_TIMEOUT_S = 120.0  # start(): the pod of an intent must appear within this
 READY_TIMEOUT_S = 600.0
+SETTLE_TIMEOUT_S = 10.0  # the first pass as the leader waits this long at most for its adoptions
 UNPLANNED_RETRY_S = 10.0  # an unplanned pod still unpaired is reported again (its service may be new)
 HTTP_PORT, INTERNAL_PORT = 8080, 8081  # the function container's ports (functions.llm defaults)
 
@@ -112,6 +114,8 @@ class KubeBackend:
         self.nudge: Callable[[str], None] = lambda key: None
         # Only the leading replica pins pods and reports instances; the others keep warm caches.
         self.leading: Callable[[], bool] = lambda: True
+        # Whether this replica, leading, has adopted the pods already running (see `sync`).
+        self.settled = False
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -146,9 +150,11 @@ class KubeBackend:
             await asyncio.to_thread(inf.stop)
         await self.http.aclose()
 
-    def _adopt_running(self) -> None:
+    def _adopt_running(self) -> list[str]:
         """Pods placed that this replica has no record of (placed before it started, or by the
-        replica that led before it): records again, reported as ADOPTED. A restart loses no pod."""
+        replica that led before it): records again, reported as ADOPTED (their names returned).
+        A restart loses no pod."""
+        adopted = []
         for pod in self.pods.items():
             name = pod["metadata"]["name"]
             if (name not in self._records and instance_of(pod) and not is_gated(pod)
@@ -156,6 +162,8 @@ class KubeBackend:
                 self._records[name] = self._record(pod, service_key(pod), "")
                 self._pending.append(InstanceEvent(EventKind.ADOPTED, name, self._records[name].node,
                                                    "running before this process started", service_key(pod)))
+                adopted.append(name)
+        return adopted
 
     # -- what the PodAutoscaler controller writes -------------------------------------------
 
@@ -207,9 +215,19 @@ class KubeBackend:
         return self.model_sizes.get(model)
 
     async def warm(self, node: str, model: str) -> None:
-        # The node's loader starts filling when the pod's lease asks; a warm-up before the pod
-        # exists would need the loader's address, which the cluster does not publish yet.
-        _log.debug("warm: the pod's own lease starts the fill", node=node, checkpoint=model)
+        """Ask `node`'s loader to start moving the checkpoint into DRAM now, before the pod exists:
+        a request in its NodeCache's `spec.warm` (the loader watches its NodeCache). Best effort:
+        without it, the pod's own lease starts the fill."""
+        doc = self.caches.get(node) or {}
+        warm = with_warm(doc.get("spec"), model, "dram", time.time())
+        try:
+            await asyncio.to_thread(self.kube.custom.patch_cluster_custom_object, NODECACHES.group,
+                                    NODECACHES.version, NODECACHES.plural, node, {"spec": {"warm": warm}},
+                                    _request_timeout=10)
+            _log.info("warm asked", node=node, checkpoint=model)
+        except Exception as exc:
+            _log.warning("could not ask the node's loader to warm", node=node, checkpoint=model,
+                         error=error_message(exc)[:200])
 
     # -- instances --------------------------------------------------------------------------
 
@@ -309,8 +327,9 @@ class KubeBackend:
     async def sync(self) -> None:
         """One pass: pair gated pods with intents, report unplanned ones, follow the pods' lives."""
         if not self.leading():
+            self.settled = False
             return
-        self._adopt_running()
+        adopting = self._adopt_running()
         pods = [p for p in self.pods.items() if not (p.get("metadata") or {}).get("deletionTimestamp")]
         by_service: dict[str, list[dict[str, Any]]] = {}
         for p in pods:
@@ -329,6 +348,14 @@ class KubeBackend:
                                                    service))
         self._follow({p["metadata"]["name"]: p for p in self.pods.items()})
         await self._report()
+        if not self.settled:
+            # The first pass as the leader: decisions wait until the controller has the pods that
+            # run already (their ADOPTED events handled), or it would start them again.
+            tasks = [self._event_tasks[n] for n in adopting if n in self._event_tasks]
+            if tasks:
+                await asyncio.wait(tasks, timeout=SETTLE_TIMEOUT_S)
+            self.settled = True
+            _log.info("caught up as the leader: deciding from here", adopted=len(adopting))
 
     async def _bind(self, pod: dict[str, Any], intent: Intent) -> None:
         name, ns = pod["metadata"]["name"], pod["metadata"]["namespace"]

@@ -100,6 +100,7 @@ async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_name
                                  lease_duration_s=lease_duration_s, renew_deadline_s=renew_deadline_s,
                                  retry_period_s=retry_period_s, problem=source.problem)
     backend.leading = lambda: pa.elector.is_leader
+    scaler.may_decide = lambda: pa.elector.is_leader and backend.settled
     backend.nudge = pa.queue.add
     await backend.start_watching()
     await asyncio.to_thread(pa.start)

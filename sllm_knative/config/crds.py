@@ -131,9 +131,21 @@ NODE_CACHE_SCHEMA = _root(
     "NodeCache is the checkpoint inventory of one node, published by its loader: the cache tiers with their "
     "capacity and measured bandwidth, the checkpoints each tier holds and the loads queued. Placement reads "
     "it to estimate where a model starts fastest.",
-    _obj("The node this inventory describes.", {
+    _obj("The node this inventory describes, and the checkpoints the autoscaler asks its loader to warm.", {
         "nodeName": _s("The Kubernetes Node (or local node) name.", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
                        maxLength=253),
+        "warm": {
+            "type": "array", "maxItems": 16,
+            "description": "Checkpoints to move towards the loader's DRAM tier now, written by the autoscaler when it "
+                           "places an instance on this node (before the pod exists). The loader starts each request "
+                           "once; requests older than ten minutes are ignored.",
+            "items": _obj("One warm request.", {
+                "model": _s("The checkpoint URI, as in the sllm-knative.io/model annotation.", minLength=1,
+                            maxLength=2048),
+                "tier": _s("The tier to fill.", enum=["dram", "ssd"]),
+                "requestedAt": _s("When the autoscaler asked (RFC 3339).", format="date-time"),
+            }, required=["model", "requestedAt"]),
+        },
     }, required=["nodeName"]),
     _obj("The inventory, written by the node's loader (the only writer: a status written by anyone else is "
          "rewritten from the loader's own state).", {

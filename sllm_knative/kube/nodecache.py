@@ -16,7 +16,11 @@ loader's truth, level-triggered:
   created again. An informer (list + watch, field selector `metadata.name=<node>`) brings
   those changes within a second;
 - a failure (API server unreachable, RBAC, a Node not registered yet) is logged with `node=`
-  and retried with exponential backoff up to `resync_s`; it never reaches the caller's loop.
+  and retried with exponential backoff up to `resync_s`; it never reaches the caller's loop;
+- `spec.warm` is the other direction: the autoscaler asks the node's loader to start moving a
+  checkpoint towards DRAM as soon as it has placed an instance there, before the pod exists
+  (`with_warm` writes the list, `warm_requests` reads it). Each request is handed to `on_warm`
+  once; requests older than `WARM_TTL_S` are ignored and dropped from the list.
 
 The decisions are pure functions (`plan`, `status_diff`, `checkpoint_changes`, `owner_reference`),
 table-tested without a cluster; the class only does the I/O, from threads (the official client
@@ -27,10 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Container, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +53,8 @@ VOLATILE = ("observedTime", "inventoryVersion")
 CREATED, WRITTEN, OVERWRITTEN, CONFLICT, NODE_MISSING, ERROR = (
     "created", "written", "overwritten", "conflict", "node_missing", "error")
 CONFLICT_RETRIES = 5
+WARM_TTL_S = 600.0  # a warm request older than this is stale (the pod came and went, or never did)
+WARM_KEPT = 16  # requests kept in spec.warm at most
 
 
 class NodeMissing(RuntimeError):
@@ -135,6 +142,37 @@ def plan(observed: Mapping[str, Any] | None, node: str, uid: str, last_written: 
     return Plan("none")
 
 
+def _stamp_seconds(text: Any) -> float | None:
+    try:
+        return dt.datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def warm_requests(spec: Mapping[str, Any] | None, handled: Container[str], now: float,
+                  ttl_s: float = WARM_TTL_S) -> list[tuple[str, str, str]]:
+    """(model, tier, key) of each `spec.warm` request not handled yet and asked within `ttl_s` (pure).
+    The key (model and time of the request) names it in `handled`."""
+    out = []
+    for entry in (spec or {}).get("warm") or []:
+        model, asked = entry.get("model"), _stamp_seconds(entry.get("requestedAt"))
+        key = f"{model}@{entry.get('requestedAt')}"
+        if model and asked is not None and now - asked <= ttl_s and key not in handled:
+            out.append((str(model), str(entry.get("tier") or "dram"), key))
+    return out
+
+
+def with_warm(spec: Mapping[str, Any] | None, model: str, tier: str, now: float, ttl_s: float = WARM_TTL_S,
+              keep: int = WARM_KEPT) -> list[dict[str, Any]]:
+    """`spec.warm` once `model` is asked for at `now` (pure): the other requests still within
+    `ttl_s`, oldest first, then this one; at most `keep`."""
+    others = [e for e in (spec or {}).get("warm") or []
+              if e.get("model") != model and (t := _stamp_seconds(e.get("requestedAt"))) is not None
+              and now - t <= ttl_s]
+    stamp = dt.datetime.fromtimestamp(now, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return [*others, {"model": model, "tier": tier, "requestedAt": stamp}][-keep:]
+
+
 def checkpoint_changes(before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """(checkpoint, old state, new state) for each checkpoint whose state changed between two
     statuses; a checkpoint that appears has old state "", one that goes has new state ""."""
@@ -161,14 +199,17 @@ class NodeCachePublisher:
 
     `snapshot()` returns the loader's NodeCache now (called on the event loop); `wait_changed(v)`
     returns once the loader's state version is newer than `v`, with that version; `on_outcome`
-    is called with each outcome (CREATED, WRITTEN, ...) for metrics. `watch=False` leaves out
-    the informer (foreign writes are then found at the resync).
+    is called with each outcome (CREATED, WRITTEN, ...) for metrics; `on_warm(model, tier)` starts
+    a fill the autoscaler asked for in `spec.warm` (on the loop, without waiting for it).
+    `watch=False` leaves out the informer (foreign writes are then found at the resync, and warm
+    requests are not seen).
     """
 
     def __init__(self, kube: Kube, node: str, snapshot: Callable[[], NodeCache],
                  wait_changed: Callable[[int], Awaitable[int]], *, resync_s: float = 30.0,
                  min_interval_s: float = 0.5, request_timeout_s: float = 10.0, watch: bool = True,
-                 on_outcome: Callable[[str], None] | None = None) -> None:
+                 on_outcome: Callable[[str], None] | None = None,
+                 on_warm: Callable[[str, str], Awaitable[Any]] | None = None) -> None:
         self.kube = kube
         self.node = node
         self._snapshot = snapshot
@@ -178,6 +219,9 @@ class NodeCachePublisher:
         self._timeout = (min(5.0, request_timeout_s), request_timeout_s)  # (connect, read) per request
         self._watch = watch
         self._on_outcome = on_outcome or (lambda outcome: None)
+        self._on_warm = on_warm
+        self._warmed: deque[str] = deque(maxlen=4 * WARM_KEPT)  # keys of the warm requests handed on
+        self._warming: set[asyncio.Task[Any]] = set()
         self._log = get_logger("sllm_knative.kube.nodecache", node=node)
         self._observed: dict[str, Any] | None = None  # the object as last seen (None: it does not exist)
         self._known = False  # whether _observed reflects the server (False: read it first)
@@ -230,6 +274,8 @@ class NodeCachePublisher:
                 loop.call_soon_threadsafe(self._on_event, kind, obj)
 
     def _on_event(self, kind: str, obj: dict[str, Any]) -> None:
+        if kind != "DELETED":
+            self._warm(obj)
         if kind == "DELETED":
             uid = (obj.get("metadata") or {}).get("uid")
             seen = ((self._observed or {}).get("metadata") or {}).get("uid")
@@ -242,6 +288,23 @@ class NodeCachePublisher:
         else:
             self._observed, self._known = obj, True
         self._kick.set()
+
+    def _warm(self, obj: Mapping[str, Any]) -> None:
+        """Start the fills `spec.warm` asks for that were not started yet."""
+        if self._on_warm is None:
+            return
+        for model, tier, key in warm_requests(obj.get("spec"), self._warmed, time.time()):
+            self._warmed.append(key)
+            self._log.info("warming: the autoscaler placed an instance here", checkpoint=model, tier=tier)
+            task = asyncio.ensure_future(self._on_warm(model, tier))
+            self._warming.add(task)
+            task.add_done_callback(self._warm_done)
+
+    def _warm_done(self, task: asyncio.Task[Any]) -> None:
+        self._warming.discard(task)
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:  # the pod's own lease will try again, and report
+            self._log.warning("warming failed", error=_short(exc))
 
     # -- the loop ------------------------------------------------------------------------------
 

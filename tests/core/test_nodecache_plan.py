@@ -16,6 +16,8 @@ from sllm_knative.kube.nodecache import (
     owner_reference,
     plan,
     status_diff,
+    warm_requests,
+    with_warm,
 )
 
 NODE, UID = "gpu-1", "6f1c-uid"
@@ -125,3 +127,38 @@ def test_checkpoint_changes_name_each_checkpoint_once() -> None:
     assert checkpoint_changes(before, after) == [("a", "Downloading", "Downloaded"), ("c", "Downloaded", ""),
                                                  ("d", "", "Pending")]
     assert checkpoint_changes(None, {"checkpoints": []}) == []
+
+
+T0 = 1_796_000_000.0  # 2026-11-30T...Z
+STAMP = "2026-11-30T00:53:20.000000Z"  # T0 as with_warm writes it
+
+
+def _warm(model: str, at: str, tier: str | None = None) -> dict[str, Any]:
+    return {"model": model, "requestedAt": at, **({"tier": tier} if tier else {})}
+
+
+@pytest.mark.parametrize(("warm", "handled", "now", "want"), [
+    pytest.param([], (), T0, [], id="none"),
+    pytest.param([_warm("m", STAMP)], (), T0 + 1, [("m", "dram", f"m@{STAMP}")], id="new-default-tier"),
+    pytest.param([_warm("m", STAMP, "ssd")], (), T0, [("m", "ssd", f"m@{STAMP}")], id="ssd"),
+    pytest.param([_warm("m", STAMP)], (f"m@{STAMP}",), T0 + 1, [], id="handled-once"),
+    pytest.param([_warm("m", STAMP)], (), T0 + 601, [], id="stale"),
+    pytest.param([_warm("m", "yesterday")], (), T0, [], id="bad-time"),
+    pytest.param([{"requestedAt": STAMP}], (), T0, [], id="no-model"),
+])
+def test_warm_requests(warm: list[dict[str, Any]], handled: tuple[str, ...], now: float,
+                       want: list[tuple[str, str, str]]) -> None:
+    assert warm_requests({"nodeName": NODE, "warm": warm}, handled, now) == want
+
+
+def test_with_warm_keeps_the_recent_others_and_puts_the_new_one_last() -> None:
+    spec = {"nodeName": NODE, "warm": [_warm("old", "2026-01-01T00:00:00Z"), _warm("a", STAMP), _warm("m", STAMP)]}
+    out = with_warm(spec, "m", "dram", T0 + 5)
+    assert [e["model"] for e in out] == ["a", "m"]  # the stale one dropped, m asked again at the end
+    assert out[-1] == {"model": "m", "tier": "dram", "requestedAt": "2026-11-30T00:53:25.000000Z"}
+    # asked again, it is a new request even though the earlier one was handled
+    assert warm_requests({"warm": out}, (f"a@{STAMP}", f"m@{STAMP}"), T0 + 5) == [
+        ("m", "dram", "m@2026-11-30T00:53:25.000000Z")]
+    many = {"warm": [_warm(f"x{i}", STAMP) for i in range(20)]}
+    assert len(with_warm(many, "m", "dram", T0, keep=16)) == 16
+    assert with_warm(None, "m", "ssd", T0) == [{"model": "m", "tier": "ssd", "requestedAt": STAMP}]

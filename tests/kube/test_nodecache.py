@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ import yaml
 
 from sllm_knative.config.nodecache import CheckpointState, parse_node_cache
 from sllm_knative.kube.client import NODECACHES, Kube, is_status
+from sllm_knative.kube.nodecache import with_warm
 from sllm_knative.loader.client import LoaderClient
 from sllm_knative.ports import free_port
 from testkit.kube.cluster import BIN_DIR, KubeCluster
@@ -193,6 +195,28 @@ def test_the_nodecache_shows_the_nodes_truth_and_comes_back_when_changed_or_dele
     lines = [ln for ln in loader.log().splitlines() if "checkpoint state published" in ln]
     assert any(f"node={node}" in ln and f"checkpoint={model}" in ln and "state=Downloaded" in ln for ln in lines), \
         loader.tail()
+
+
+def test_a_warm_request_in_the_spec_fills_the_nodes_dram(
+        kube: KubeCluster, api: Any, make_agent: Callable[..., NodeAgent], loaders: Callable[..., Loader],
+        store: Path) -> None:
+    """The autoscaler's warm request (spec.warm, as KubeBackend.warm writes it) makes the loader
+    fetch the checkpoint into DRAM before any pod asks; a stale request is ignored."""
+    agent = make_agent(nodes=1)
+    node = agent.specs[0].name
+    loader = loaders(node, kube.kubeconfig, store)
+    until(lambda: (o := nodecache(api, node)) and (o.get("status") or {}).get("tiers"), 30, f"the NodeCache of {node}")
+    model, stale = f"file://{store}/tiny", f"file://{store}/gone"
+    warm = [{"model": stale, "tier": "dram", "requestedAt": "2026-01-01T00:00:00Z"},
+            *with_warm(None, model, "dram", time.time())]
+    Kube(api).custom.patch_cluster_custom_object(NODECACHES.group, NODECACHES.version, NODECACHES.plural, node,
+                                                 {"spec": {"warm": warm}})
+    until(lambda: (checkpoint(nodecache(api, node), model) or {}).get("tiers") == ["dram", "ssd"], 30,
+          f"{model} warmed into DRAM by the spec's request")
+    assert "warming: the autoscaler placed an instance here" in loader.log()
+    assert checkpoint(nodecache(api, node), stale) is None  # too old: not fetched, no DownloadError
+    with loader.client() as c:
+        assert [lease.model for lease in c.inventory().leases] == []  # a fill, not a lease
 
 
 def test_deleting_the_node_garbage_collects_its_nodecache(

@@ -36,7 +36,7 @@ from autoscaler.kube.pa_controller import PodAutoscalerController
 from autoscaler.kube.podautoscaler import CLASS, CLASS_ANNOTATION, REVISION_LABEL, Advice, Settings
 from autoscaler.kube.services import ServiceSource, parse_revision
 from autoscaler.kube.webhook import PATH, PlacementWebhook
-from sllm_knative.kube.client import PODAUTOSCALERS, REVISIONS, SERVERLESSSERVICES, Kube
+from sllm_knative.kube.client import NODECACHES, PODAUTOSCALERS, REVISIONS, SERVERLESSSERVICES, Kube
 from sllm_knative.ports import free_port
 from testkit.kube.cluster import KubeCluster
 from testkit.kube.knative import SksStatusWriter, revision_objects
@@ -164,6 +164,20 @@ def test_the_autoscaler_role_is_exactly_what_it_calls(kube: KubeCluster, api: An
             DELETION_COST) == "-1000", 10, "the pod marked for deletion")
         admin.core.delete_namespaced_pod("admitted", namespace, grace_period_seconds=0)  # what the ReplicaSet does
         stopping.result(30)
+
+        # A placement's warm request, in the chosen node's NodeCache (made here as the loader would).
+        warm_node = f"rbac-warm-{namespace}"
+        admin.custom.create_cluster_custom_object(NODECACHES.group, NODECACHES.version, NODECACHES.plural, {
+            "apiVersion": NODECACHES.api_version, "kind": "NodeCache", "metadata": {"name": warm_node},
+            "spec": {"nodeName": warm_node}})
+        try:
+            until(lambda: backend.caches.get(warm_node), 15, "the backend's informer to see the NodeCache")
+            run(backend.warm(warm_node, "hf://org/tiny"))
+            warm = admin.get(NODECACHES, warm_node)["spec"].get("warm") or []
+            assert [w["model"] for w in warm] == ["hf://org/tiny"], warm
+        finally:
+            admin.custom.delete_cluster_custom_object(NODECACHES.group, NODECACHES.version, NODECACHES.plural,
+                                                      warm_node)
 
         # The internal token: read (or made) in the install's namespace, copied into Knative's;
         # the activator replicas from activator-service's EndpointSlices.
