@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 from typing import Any
 
 import uvicorn
@@ -31,7 +32,7 @@ from autoscaler.kube.activators import KubeActivators
 from autoscaler.kube.advice import advice_for
 from autoscaler.kube.internal_token import ensure_token
 from autoscaler.kube.pa_controller import PROBE_URL, PodAutoscalerController, http_prober
-from autoscaler.kube.podautoscaler import Settings
+from autoscaler.kube.podautoscaler import Settings, stamp
 from autoscaler.kube.services import ServiceSource
 from autoscaler.kube.webhook import PORT as WEBHOOK_PORT
 from autoscaler.kube.webhook import PlacementWebhook
@@ -119,6 +120,10 @@ async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_name
             if pa.elector.is_leader:
                 scaler.tick()
                 backend.poke()  # follow pods even without a watch event (timeouts)
+                try:  # the ScalingPolicies' status: what each applies to, and whether it can
+                    await asyncio.to_thread(source.write_policy_statuses, stamp(dt.datetime.now(dt.timezone.utc)))
+                except Exception:
+                    _log.error("ScalingPolicy statuses not written", exc_info=True)
 
     ticker = asyncio.ensure_future(tick())
     _log.info("listening", port=port, mode="kubernetes", identity=pa.identity)

@@ -82,7 +82,8 @@ class Plan:
     error: str = ""  # reconcile failed (the status says why)
 
 
-def _stamp(now: dt.datetime) -> str:
+def stamp(now: dt.datetime) -> str:
+    """RFC 3339 in UTC, to the second, as Kubernetes writes condition times."""
     return now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -148,7 +149,7 @@ class _Conditions:
     def _set(self, type_: str, value: str, reason: str, message: str) -> None:
         conds = self.status["conditions"]
         old = condition(self.status, type_)
-        new = {"type": type_, "status": value, "lastTransitionTime": _stamp(self.now)}
+        new = {"type": type_, "status": value, "lastTransitionTime": stamp(self.now)}
         if reason:
             new["reason"] = reason
         if message:

@@ -7,19 +7,24 @@ the Knative Service document the local cluster parses (`sllm_knative.config.pars
 parser with one set of checks serves both; a Revision that fails them (no model annotation, a URI
 that does not parse) is reported through `problems` for the PodAutoscaler controller to put on
 the PA, and is not served. ScalingPolicies are parsed as in the local cluster.
+
+Each ScalingPolicy's status is written back (by the leader, `write_policy_statuses`): its
+`observedGeneration`, the Knative Services it is the effective policy of, and a `Ready` condition
+(`Applied`, or `InvalidSpec` naming the field when a rule across fields refuses it); see
+`policy_status`.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from autoscaler.kube.podautoscaler import CLASS, CLASS_ANNOTATION
 from sllm_knative.config import ConfigError, Manifest, ServiceConfig
-from sllm_knative.config.policy import ScalingPolicy, parse_scaling_policy
+from sllm_knative.config.policy import KNATIVE_SERVICE_LABEL, ScalingPolicy, parse_scaling_policy, policy_for
 from sllm_knative.config.service import parse_service
-from sllm_knative.kube.client import REVISIONS, SCALINGPOLICIES, Kube
+from sllm_knative.kube.client import REVISIONS, SCALINGPOLICIES, Kube, error_message, is_status
 from sllm_knative.kube.informer import Informer, key_of
 from sllm_knative.log import get_logger
 
@@ -40,6 +45,28 @@ def ours(revision: dict[str, Any]) -> bool:
     return ((revision.get("metadata") or {}).get("annotations") or {}).get(CLASS_ANNOTATION) == CLASS
 
 
+READY = "Ready"
+
+
+def policy_status(doc: dict[str, Any], services: Sequence[str], problem: str, now: str) -> dict[str, Any]:
+    """The status ScalingPolicy `doc` should have (pure): the generation acted on, the Knative
+    Services it is the effective policy of, and `Ready` (True `Applied`, or False `InvalidSpec`
+    with `problem`), whose lastTransitionTime moves only when its status changes."""
+    prior: dict[str, Any] = next(
+        (c for c in (doc.get("status") or {}).get("conditions") or [] if c.get("type") == READY), {})
+    if problem:
+        value, reason, message = "False", "InvalidSpec", problem[:1024]
+    else:
+        names = sorted(set(services))
+        value, reason = "True", "Applied"
+        message = f"applies to {', '.join(names)}" if names else "applies to no Service of this autoscaler's class yet"
+    since = prior.get("lastTransitionTime") if prior.get("status") == value and prior.get("lastTransitionTime") else now
+    return {"observedGeneration": int((doc.get("metadata") or {}).get("generation") or 0),
+            "services": sorted(set(services)),
+            "conditions": [{"type": READY, "status": value, "reason": reason, "message": message,
+                            "lastTransitionTime": since}]}
+
+
 def parse_revision(revision: dict[str, Any]) -> ServiceConfig:
     """Raises ConfigError naming the field, as for a Service applied locally."""
     return parse_service(service_document(revision), source=f"Revision {key_of(revision)}")
@@ -51,6 +78,7 @@ class ServiceSource:
     call at a time, under a lock: `on_change` must hand the change on and return)."""
 
     def __init__(self, kube: Kube, on_change: Callable[[Manifest, list[str]], None], resync_s: float = 30.0) -> None:
+        self.kube = kube
         self.on_change = on_change
         c = kube.custom
         self.revisions = Informer("revisions", c.list_cluster_custom_object, REVISIONS.group, REVISIONS.version,
@@ -90,13 +118,56 @@ class ServiceSource:
                 services.append(parse_revision(rev))
             except ConfigError as exc:
                 problems[key_of(rev)] = str(exc)
+        policies, _ = self._policies()
+        return Manifest(tuple(services), tuple(policies)), problems
+
+    def _policies(self) -> tuple[list[ScalingPolicy], dict[str, str]]:
+        """The valid policies, and why each invalid one is refused (by key)."""
         policies: list[ScalingPolicy] = []
+        refused: dict[str, str] = {}
         for doc in self.policies.items():
             try:
                 policies.append(parse_scaling_policy(doc, source=f"ScalingPolicy {key_of(doc)}"))
             except ConfigError as exc:  # the schema refuses most; a rule across fields may not
-                _log.warning("ScalingPolicy ignored", policy=key_of(doc), error=str(exc)[:300])
-        return Manifest(tuple(services), tuple(policies)), problems
+                refused[key_of(doc)] = str(exc)
+        return policies, refused
+
+    def policy_statuses(self, now: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """(policy, the status it should have) for each policy whose status differs (pure over the caches)."""
+        manifest, _ = self.manifest()
+        policies, refused = self._policies()
+        effective: dict[tuple[str, str], list[str]] = {}
+        for svc in manifest.services:
+            p = policy_for(svc, policies)
+            if p is not None:
+                effective.setdefault((p.namespace, p.name), []).append(
+                    svc.labels.get(KNATIVE_SERVICE_LABEL) or svc.name)
+        out = []
+        for doc in self.policies.items():
+            meta = doc.get("metadata") or {}
+            want = policy_status(doc, effective.get((meta.get("namespace", ""), meta.get("name", "")), []),
+                                 refused.get(key_of(doc), ""), now)
+            if want != doc.get("status"):
+                out.append((doc, want))
+        return out
+
+    def write_policy_statuses(self, now: str) -> int:
+        """Write every policy status that differs (the leader, each tick); returns how many were written.
+        A conflict or a policy deleted meanwhile is left to the next call."""
+        written = 0
+        for doc, status in self.policy_statuses(now):
+            meta, ready = doc["metadata"], status["conditions"][0]
+            if ready["status"] == "False":  # written only when it changes: logged once per change
+                _log.warning("ScalingPolicy not applied", policy=key_of(doc), error=ready["message"][:300])
+            try:
+                self.kube.replace_status(SCALINGPOLICIES, meta["name"], {**doc, "status": status}, meta["namespace"],
+                                         _request_timeout=10)
+                written += 1
+            except Exception as exc:
+                if not is_status(exc, 409) and not is_status(exc, 404):
+                    _log.warning("could not write a ScalingPolicy status", policy=key_of(doc),
+                                 error=error_message(exc)[:200])
+        return written
 
     def refresh(self) -> None:
         # One refresh at a time, from reading the caches to handing the change on: the two

@@ -115,8 +115,19 @@ SCALING_POLICY_SCHEMA = _root(
     }, required=["target"]),
     _obj("Observed state, written by the autoscaler.", {
         "observedGeneration": _i("The generation of the spec last acted on.", 0),
-        "services": {"type": "array", "description": "Names of the Services the policy currently applies to.",
+        "services": {"type": "array", "description": "Names of the Services the policy currently applies to "
+                                                     "(those for which it is the effective policy).",
                      "items": {"type": "string"}},
+        "conditions": {"type": "array", "description": "Ready: True when the autoscaler applies the spec "
+                                                       "(reason Applied), False when it cannot (InvalidSpec, "
+                                                       "the message naming the field).",
+                       "items": _obj("A condition, as Knative writes them.", {
+                           "type": _s("The condition's type (Ready)."),
+                           "status": _s("True, False or Unknown.", enum=["True", "False", "Unknown"]),
+                           "reason": _s("One word, CamelCase."),
+                           "message": _s("For people."),
+                           "lastTransitionTime": _s("When the status last changed (RFC 3339).", format="date-time"),
+                       }, required=["type", "status"])},
     }),
 )
 
@@ -266,6 +277,8 @@ SCALING_POLICY_CRD = _crd("ScalingPolicy", "scalingpolicies", ["slp"], "Namespac
     {"name": "Min", "type": "integer", "jsonPath": ".spec.minScale"},
     {"name": "Max", "type": "integer", "jsonPath": ".spec.maxScale"},
     {"name": "Priority", "type": "integer", "jsonPath": ".spec.priority"},
+    {"name": "Services", "type": "string", "jsonPath": ".status.services"},
+    {"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"},
 ])
 
 NODE_CACHE_CRD = _crd("NodeCache", "nodecaches", ["ncache"], "Cluster", NODE_CACHE_SCHEMA, [

@@ -27,6 +27,7 @@ from autoscaler.kube.binding import (
     selects,
 )
 from autoscaler.kube.podautoscaler import UNKNOWN
+from autoscaler.kube.services import policy_status
 from autoscaler.services import ServiceRuntime
 from autoscaler.window import MetricWindow
 from sllm_knative.config import ScalingPolicy
@@ -192,3 +193,34 @@ def test_rotation_changes(before: set[str], withheld: set[str], now: set[str], l
 ])
 def test_the_internal_port_comes_from_the_pods_annotation(annotations: dict[str, str], port: int) -> None:
     assert internal_port({"metadata": {"name": "p", "annotations": annotations}}, 8081) == port
+
+
+NOW_STAMP, EARLIER = "2026-12-05T12:00:00Z", "2026-12-05T11:00:00Z"
+
+
+def _policy_doc(generation: int = 2, ready: dict[str, str] | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {"metadata": {"name": "p", "namespace": "ns", "generation": generation}}
+    if ready is not None:
+        doc["status"] = {"conditions": [{"type": "Ready", **ready}]}
+    return doc
+
+
+@pytest.mark.parametrize(("doc", "services", "problem", "want_ready", "since"), [
+    pytest.param(_policy_doc(), ["chat", "chat", "b"], "", ("True", "Applied", "applies to b, chat"), NOW_STAMP,
+                 id="applied-new"),
+    pytest.param(_policy_doc(), [], "", ("True", "Applied", "applies to no Service of this autoscaler's class yet"),
+                 NOW_STAMP, id="matches-nothing"),
+    pytest.param(_policy_doc(), ["chat"], "spec.minScale: must be <= maxScale (1), got 3",
+                 ("False", "InvalidSpec", "spec.minScale: must be <= maxScale (1), got 3"), NOW_STAMP, id="invalid"),
+    pytest.param(_policy_doc(ready={"status": "True", "lastTransitionTime": EARLIER}), ["chat"], "",
+                 ("True", "Applied", "applies to chat"), EARLIER, id="unchanged-keeps-its-time"),
+    pytest.param(_policy_doc(ready={"status": "True", "lastTransitionTime": EARLIER}), [], "bad",
+                 ("False", "InvalidSpec", "bad"), NOW_STAMP, id="changed-moves-its-time"),
+])
+def test_policy_status(doc: dict[str, Any], services: list[str], problem: str, want_ready: tuple[str, str, str],
+                       since: str) -> None:
+    st = policy_status(doc, services, problem, NOW_STAMP)
+    [ready] = st["conditions"]
+    assert (ready["status"], ready["reason"], ready["message"]) == want_ready
+    assert ready["type"] == "Ready" and ready["lastTransitionTime"] == since
+    assert st["observedGeneration"] == 2 and st["services"] == sorted(set(services))

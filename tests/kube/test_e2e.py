@@ -424,6 +424,13 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
             assert any(e.reason == "InvalidConfiguration" and e.type == "Warning" for e in evs), evs
             assert not k.core.list_namespaced_pod(namespace, label_selector=f"serving.knative.dev/revision={name}").items
         assert httpx.get(f"{as_url}/healthz", timeout=5).status_code == 200
+
+        # The ScalingPolicy's status, written by the autoscaler: the Service it applies to, Ready.
+        policy = until(lambda: (st := k.get(SCALINGPOLICIES, "chat-keepalive", namespace).get("status")) and
+                       st.get("observedGeneration") == k.get(SCALINGPOLICIES, "chat-keepalive", namespace)[
+                           "metadata"]["generation"] and st, 30, "the ScalingPolicy's status, current")
+        assert policy["services"] == ["chat"], policy
+        assert (policy["conditions"][0]["type"], policy["conditions"][0]["status"]) == ("Ready", "True"), policy
     finally:
         for p in reversed(procs):
             p.stop()

@@ -36,7 +36,14 @@ from autoscaler.kube.pa_controller import PodAutoscalerController
 from autoscaler.kube.podautoscaler import CLASS, CLASS_ANNOTATION, REVISION_LABEL, Advice, Settings
 from autoscaler.kube.services import ServiceSource, parse_revision
 from autoscaler.kube.webhook import PATH, PlacementWebhook
-from sllm_knative.kube.client import NODECACHES, PODAUTOSCALERS, REVISIONS, SERVERLESSSERVICES, Kube
+from sllm_knative.kube.client import (
+    NODECACHES,
+    PODAUTOSCALERS,
+    REVISIONS,
+    SCALINGPOLICIES,
+    SERVERLESSSERVICES,
+    Kube,
+)
 from sllm_knative.ports import free_port
 from testkit.kube.cluster import KubeCluster
 from testkit.kube.knative import SksStatusWriter, revision_objects
@@ -164,6 +171,18 @@ def test_the_autoscaler_role_is_exactly_what_it_calls(kube: KubeCluster, api: An
             DELETION_COST) == "-1000", 10, "the pod marked for deletion")
         admin.core.delete_namespaced_pod("admitted", namespace, grace_period_seconds=0)  # what the ReplicaSet does
         stopping.result(30)
+
+        # The ScalingPolicies' status: one applied to chat-00001, one a rule across fields refuses.
+        for name, spec in (("chat-policy", {"target": {"serviceName": "chat-00001"}, "keepAlive": "60s"}),
+                           ("bad-policy", {"target": {"serviceName": "chat-00001"}, "minScale": 3, "maxScale": 1})):
+            admin.create(SCALINGPOLICIES, {"apiVersion": SCALINGPOLICIES.api_version, "kind": "ScalingPolicy",
+                                           "metadata": {"name": name, "namespace": namespace}, "spec": spec}, namespace)
+        until(lambda: len(source.policies.items()) >= 2, 15, "the service source to see both policies")
+        assert source.write_policy_statuses("2026-12-05T12:00:00Z") >= 2
+        good = admin.get(SCALINGPOLICIES, "chat-policy", namespace)["status"]
+        bad = admin.get(SCALINGPOLICIES, "bad-policy", namespace)["status"]
+        assert good["services"] == ["chat-00001"] and good["conditions"][0]["reason"] == "Applied", good
+        assert bad["conditions"][0]["reason"] == "InvalidSpec" and "spec.minScale" in bad["conditions"][0]["message"]
 
         # A placement's warm request, in the chosen node's NodeCache (made here as the loader would).
         warm_node = f"rbac-warm-{namespace}"
