@@ -41,7 +41,7 @@ class Autoscaler:
         self.table = ServiceTable()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._evaluating: dict[str, asyncio.Task[Any]] = {}  # the tick's evaluation of each service
-        self.scaler = Scaler(backend, activator, self.table, self._spawn)
+        self.scaler = Scaler(backend, activator, self.table, self._spawn, clock=lambda: self.clock())
         backend.subscribe(self.scaler.on_event)
         # Whether scaling decisions may be taken now. On Kubernetes: only on the leader, and only
         # once its backend has adopted the pods already running (a decision taken before would

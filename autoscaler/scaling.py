@@ -64,6 +64,14 @@ _log = get_logger("autoscaler")
 DEFAULT_MODEL_BYTES = 1 << 30  # until a node has seen the checkpoint
 READY_WAIT_S = 330.0  # a backend reports FAILED after 300 s; this only guards against a lost event
 EARLY_EVENTS_KEPT = 256  # instances whose events came before their start() returned
+START_BACKOFF_S, START_BACKOFF_MAX_S = 5.0, 300.0  # after failed starts in a row: 5, 10, 20 s ... 5 min
+
+
+def start_backoff_s(failed_starts: int) -> float:
+    """How long a service waits before its next start after `failed_starts` failures in a row (pure)."""
+    if failed_starts <= 0:
+        return 0.0
+    return min(START_BACKOFF_MAX_S, START_BACKOFF_S * 2 ** min(failed_starts - 1, 16))
 
 
 @dataclasses.dataclass
@@ -80,8 +88,10 @@ class Claim:
 
 class Scaler:
     def __init__(self, backend: Backend, activator: Activator | None, table: ServiceTable,
-                 spawn: Callable[[Coroutine[Any, Any, Any]], object]) -> None:
+                 spawn: Callable[[Coroutine[Any, Any, Any]], object],
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.backend = backend
+        self.clock = clock  # for the start backoff
         self.activator = activator
         self.table = table
         self.slots = SlotLedger()
@@ -112,6 +122,10 @@ class Scaler:
         svc = rt.config
         if svc.model is None:
             _log.error("service has no checkpoint annotation", service=svc.key)
+            return
+        if (wait := rt.retry_at - self.clock()) > 0:
+            _log.info("not starting: backing off after failed starts", service=svc.key, checkpoint=rt.model,
+                      failed_starts=rt.failed_starts, retry_in_s=round(wait, 1), last_failure=rt.last_failure[:200])
             return
         t0 = time.perf_counter()
         nodes = await self.backend.inventories()
@@ -273,6 +287,7 @@ class Scaler:
                 self._settle(rec.id, False)
                 return
             rec.state = InstanceState.READY
+            rt.failed_starts, rt.last_failure, rt.retry_at = 0, "", 0.0
             self.calibration = fold_ready(self.calibration, rec)
             if rec.ready_at:
                 metrics.READY_SECONDS.labels(rec.tier).observe(rec.ready_at - rec.started_at)
@@ -281,8 +296,12 @@ class Scaler:
             await self.push(rt)
             self._settle(rec.id, True)
         elif event.kind == EventKind.FAILED:
+            rt.failed_starts += 1
+            rt.last_failure = f"{rec.id} on {rec.node}: {event.detail}"
+            backoff = start_backoff_s(rt.failed_starts)
+            rt.retry_at = self.clock() + backoff
             _log.error("instance failed to become ready", service=rt.key, checkpoint=rt.model, instance=rec.id,
-                       node=rec.node, detail=event.detail)
+                       node=rec.node, detail=event.detail, failed_starts=rt.failed_starts, retry_in_s=backoff)
             rec.state = InstanceState.FAILED
             self._settle(rec.id, False)
             await self.backend.stop(rec)

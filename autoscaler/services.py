@@ -42,6 +42,11 @@ class ServiceRuntime:
     # no longer counts towards the service's scale.
     leaving: set[str] = dataclasses.field(default_factory=set)
     pinned: set[str] = dataclasses.field(default_factory=set)
+    # Starts that failed in a row (a checkpoint that cannot be loaded, a crashing image), why the
+    # last did, and when the next start may be tried (the scaler's clock): a backoff, not a loop.
+    failed_starts: int = 0
+    last_failure: str = ""
+    retry_at: float = 0.0
 
     @property
     def key(self) -> str:
@@ -86,6 +91,7 @@ class ServiceRuntime:
             "instances": [i.to_json() for i in self.instances.values()],
             "placements": self.placements[-10:],
             "migrations": self.migrations[-10:],
+            "failed_starts": self.failed_starts, "last_failure": self.last_failure or None,
         }
 
 

@@ -27,4 +27,5 @@ def advice_for(rt: ServiceRuntime | None, open_intents: int, placed: frozenset[s
     # Live migration splices streams in the activator: a service whose generations may be
     # migrated keeps the activator in its path (Proxy), as Knative does for a TBC of -1.
     ebc = -1 if rt.migration else rt.excess_burst_capacity
-    return Advice(want, ebc, rt.last_decision)
+    failure = f"{rt.failed_starts} failed start(s) in a row; the last: {rt.last_failure}" if rt.failed_starts else ""
+    return Advice(want, ebc, rt.last_decision, failure)

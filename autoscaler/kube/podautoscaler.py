@@ -49,6 +49,7 @@ class Advice:
     want: int  # desired pods; UNKNOWN (-1) while the decider has no data
     ebc: int = -1  # excess burst capacity; -1: keep the activator in the path
     reason: str = ""
+    failure: str = ""  # why the last starts failed (a Warning Event while none is ready), '' when fine
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,10 @@ def reconcile(pa: dict[str, Any], sks: dict[str, Any] | None, pods: Pods, replic
         elif _spec_differs(sks, want_sks):
             plan.sks = {**sks, "spec": want_sks["spec"]}
         conds.mark(SKS_READY, "Unknown", "NotReady", "SKS does not have a private service name yet")
+        # The PA schema requires both names: empty until the SKS has them (as Knative's Go
+        # structs serialize them), or the API server refuses the whole status.
+        status.setdefault("serviceName", "")
+        status.setdefault("metricsServiceName", "")
         _compute_active(conds, status, pa, settings, UNKNOWN, pods, initialized)
         status["actualScale"] = pods.ready
         if "desiredScale" not in status:
@@ -287,6 +292,8 @@ def reconcile(pa: dict[str, Any], sks: dict[str, Any] | None, pods: Pods, replic
     if not (want == UNKNOWN and isinstance(prior, int) and prior >= 0):
         status["desiredScale"] = want
     _compute_active(conds, status, pa, settings, want, pods, initialized)
+    if advice.failure and pods.ready == 0:  # the starts fail (the autoscaler backs off between them)
+        plan.events.append(("Warning", "InstanceFailed", advice.failure[:1024]))
     return _finish(plan, pa, status)
 
 

@@ -12,6 +12,7 @@ import pytest
 from autoscaler.backends.base import Backend, InstanceState
 from autoscaler.backends.local import LocalBackend
 from autoscaler.backends.memory import MemoryBackend, MemoryNode
+from autoscaler.scaling import start_backoff_s
 from sllm_knative.api import MigrationOutcome
 from sllm_knative.placement import Tier
 from tests.autoscaler.cluster import Cluster, node, service, uri
@@ -194,6 +195,39 @@ def test_a_failed_migration_calls_the_preemption_off(outcome: MigrationOutcome, 
 def test_both_backends_implement_the_protocol() -> None:
     assert isinstance(MemoryBackend([node("n1")], {}), Backend)
     assert isinstance(LocalBackend([]), Backend)
+
+
+def test_failed_starts_back_off_and_a_ready_one_resets_them() -> None:
+    """A service whose instances fail to start (a checkpoint that cannot be loaded) is not started
+    again in a loop: 5 s after the first failure, 10 s after the second; a start that becomes ready
+    clears the count."""
+    async def scenario(c: Cluster) -> None:
+        c.backend.fail.add("default/b")
+        await c.deploy(service("b"))
+        rt = c.rt("b")
+        starts = lambda: sum(1 for s in c.backend.starts if s.instance.startswith("b-"))  # noqa: E731
+        await c.demand("b")
+        assert (starts(), rt.failed_starts) == (1, 1) and "simulated failure" in rt.last_failure
+        await c.demand("b")  # demand again at once: backing off
+        assert starts() == 1
+        c.clock.t += 5.1
+        await c.demand("b")
+        assert (starts(), rt.failed_starts) == (2, 2)
+        c.clock.t += 5.1  # not yet: 10 s after the second failure
+        await c.demand("b")
+        assert starts() == 2
+        c.backend.fail.discard("default/b")
+        c.clock.t += 5.0
+        await c.demand("b")
+        assert starts() == 3 and [i.state for i in c.instances("b")] == [InstanceState.READY]
+        assert (rt.failed_starts, rt.last_failure, rt.retry_at) == (0, "", 0.0)
+
+    run([node("n1")], scenario)
+
+
+@pytest.mark.parametrize(("failed", "wait"), [(0, 0.0), (1, 5.0), (2, 10.0), (3, 20.0), (7, 300.0), (99, 300.0)])
+def test_start_backoff(failed: int, wait: float) -> None:
+    assert start_backoff_s(failed) == wait
 
 
 def test_a_failed_start_and_an_exited_instance_are_forgotten() -> None:

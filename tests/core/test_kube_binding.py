@@ -135,6 +135,8 @@ def test_advice_counts_every_instance_that_holds_a_pod_and_the_open_intents() ->
     # (once: i0 is both the backend's and the controller's).
     assert advice_for(rt, 0, frozenset({"i0", "just-pinned"})).want == 3 + 1
     assert advice_for(_runtime_decided(migration=False), 0).ebc == 3
+    rt.failed_starts, rt.last_failure = 2, "i9 on n1: the pod failed"
+    assert advice_for(rt, 0).failure == "2 failed start(s) in a row; the last: i9 on n1: the pod failed"
 
 
 def _runtime_decided(migration: bool) -> ServiceRuntime:

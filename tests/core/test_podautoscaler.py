@@ -77,6 +77,7 @@ def test_a_new_pa_gets_a_proxy_sks_and_waits_for_its_private_service() -> None:
     assert _c(plan.status, SKS_READY) == ("Unknown", "NotReady")
     assert _c(plan.status, READY)[0] == "Unknown"
     assert plan.status["observedGeneration"] == 3
+    assert (plan.status["serviceName"], plan.status["metricsServiceName"]) == ("", "")  # required by the schema
     assert plan.scale is None
 
 
@@ -176,3 +177,12 @@ def test_an_invalid_revision_is_reported_and_nothing_scales() -> None:
     assert condition(plan.status, READY)["status"] == "False"
     assert plan.events == [("Warning", "InvalidConfiguration", why)]
     assert plan.status["actualScale"] == 1
+
+
+def test_failed_starts_are_a_warning_event_while_no_pod_is_ready() -> None:
+    why = "2 failed start(s) in a row; the last: chat-abc on n1: container user-container: CrashLoopBackOff"
+    plan = reconcile(_pa(_status("Unknown")), _sks(), Pods(), 1, Advice(1, failure=why), S, NOW)
+    assert plan.events == [("Warning", "InstanceFailed", why)]
+    assert plan.scale is None or plan.scale == 1  # the scale is the decider's; the backoff is the autoscaler's
+    ready = reconcile(_pa(_status("True", 100)), _sks(), Pods(ready=1), 1, Advice(1, failure=why), S, NOW)
+    assert ready.events == []  # one pod serves: not a warning

@@ -14,7 +14,8 @@ another node's DRAM and the next cold start follows it; (4) a scale-down with a 
 each of two pods migrates the victim's stream through the activator, and both texts equal
 unmigrated runs; (5) a revision of Knative's KPA class is served through the same activator;
 (6) two revisions of our class with a missing or bad checkpoint annotation get a PA condition and
-an Event naming the field, and no pod.
+an Event naming the field, and no pod; (7) a revision whose checkpoint the store does not have
+fails its starts, and the autoscaler backs off between them with a Warning Event on the PA.
 
 The store is nginx's rate-limited location (2 MiB/s per connection) and the model is a 5.8 MB
 variant of the tiny one: a load from the store takes seconds while a load from a node's DRAM
@@ -39,6 +40,7 @@ activator with the revision headers, as Knative's ingress would.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import shutil
@@ -79,6 +81,7 @@ from tests.kube.test_webhook import webhook_config
 REPO = Path(__file__).resolve().parents[2]
 REV = "chat-00001"
 KPA_REV = "echo-00001"
+MISSING_REV = "missing-00001"
 BAD_REVISIONS = {"nomodel-00001": {}, "badscheme-00001": {"sllm-knative.io/model": "ftp://models/tiny"}}
 SOCKET_DIR = "/var/run/sllm-knative"  # autoscaler/kube/admission.py: LOADER_DIR
 DRAM_DIR = "/dev/shm/sllm-knative"
@@ -431,6 +434,45 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
                            "metadata"]["generation"] and st, 30, "the ScalingPolicy's status, current")
         assert policy["services"] == ["chat"], policy
         assert (policy["conditions"][0]["type"], policy["conditions"][0]["status"]) == ("Ready", "True"), policy
+
+        # 7. A checkpoint the store does not have: each start fails (the lease cannot be filled,
+        # the function exits, the container crash-loops), and the autoscaler backs off between
+        # starts instead of making pods in a loop; the PA carries a Warning Event saying why.
+        missing = f"{web.url}/slow/missing"
+        ann = {**annotations, "sllm-knative.io/model": missing}
+        r = k.create(REVISIONS, {"apiVersion": REVISIONS.api_version, "kind": "Revision",
+                                 "metadata": {"name": MISSING_REV, "namespace": namespace, "annotations": ann,
+                                              "labels": {"serving.knative.dev/service": "missing"}},
+                                 "spec": {"containers": [container], "nodeSelector": agent_selector(agent)}},
+                     namespace)
+        dep, miss_pa = revision_objects(MISSING_REV, namespace, r["metadata"]["uid"], [serving],
+                                        {"nodeSelector": agent_selector(agent), "terminationGracePeriodSeconds": 2},
+                                        ann, replicas=0)
+        k.apps.create_namespaced_deployment(namespace, dep)
+        k.create(PODAUTOSCALERS, miss_pa, namespace)
+        until(lambda: _in_flight(as_url, f"{namespace}/{MISSING_REV}") >= 0, 30, "the autoscaler to know it")
+        held = openai.OpenAI(base_url=f"{act_url}/v1", api_key="unused", max_retries=0, timeout=90,
+                             default_headers={"Knative-Serving-Revision": MISSING_REV,
+                                              "Knative-Serving-Namespace": namespace})
+        def ask() -> None:
+            with contextlib.suppress(Exception):  # it fails (503) or times out: the point is the demand
+                _stream_chat(held)
+
+        asker = threading.Thread(target=ask, daemon=True)
+        asker.start()  # held by the activator: the demand that makes the autoscaler try
+
+        def failed() -> dict[str, Any] | None:
+            services = httpx.get(f"{as_url}/v1/services", timeout=5).json()["services"]
+            svc = next(s for s in services if s["key"] == f"{namespace}/{MISSING_REV}")
+            return svc if svc["failed_starts"] >= 2 else None
+
+        svc = until(failed, 120, "two failed starts of the revision whose checkpoint is missing")
+        assert "missing" in k.get(REVISIONS, MISSING_REV, namespace)["metadata"]["annotations"]["sllm-knative.io/model"]
+        assert len(svc["placements"]) <= svc["failed_starts"] + 1, svc  # a backoff, not a loop
+        evs = until(lambda: [e for e in k.core.list_namespaced_event(
+            namespace, field_selector=f"involvedObject.name={MISSING_REV}").items if e.reason == "InstanceFailed"],
+                    30, "the PA's InstanceFailed Warning")
+        assert evs[0].type == "Warning" and "failed start" in evs[0].message, evs[0]
     finally:
         for p in reversed(procs):
             p.stop()
