@@ -27,7 +27,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from sllm_knative.kube.client import REVISIONS, SERVERLESSSERVICES, Kube, is_status
+from sllm_knative.kube.client import PODAUTOSCALERS, REVISIONS, SERVERLESSSERVICES, Kube, is_status
 from sllm_knative.kube.informer import Informer
 from sllm_knative.log import get_logger
 
@@ -67,6 +67,30 @@ def revision_objects(name: str, namespace: str, rev_uid: str, containers: list[d
         "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": f"{name}-deployment"},
                  "protocolType": "http1", "reachability": "Reachable"}}
     return deployment, pa
+
+
+def create_revision(kube: Kube, name: str, namespace: str, annotations: dict[str, str],
+                    containers: list[dict[str, Any]], pod_spec: dict[str, Any], *,
+                    labels: dict[str, str] | None = None, replicas: int = 1,
+                    deployment_containers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Create the Revision `name` and what Knative's revision reconciler makes of it, its
+    Deployment and PodAutoscaler (`revision_objects`). `containers` are the Revision's, as the user
+    wrote them; `deployment_containers` (default the same) are what its pods run (the tests have no
+    queue-proxy, so a serving container may listen on 8012 itself). The pod spec's nodeSelector
+    goes on the Revision too, as Knative's kubernetes.podspec-nodeselector copies it onto the pods.
+    Returns the Revision."""
+    spec: dict[str, Any] = {"containers": containers}
+    if "nodeSelector" in pod_spec:
+        spec["nodeSelector"] = pod_spec["nodeSelector"]
+    rev = kube.create(REVISIONS, {"apiVersion": REVISIONS.api_version, "kind": "Revision",
+                                  "metadata": {"name": name, "namespace": namespace, "annotations": annotations,
+                                               "labels": dict(labels or {})},
+                                  "spec": spec}, namespace)
+    deployment, pa = revision_objects(name, namespace, rev["metadata"]["uid"], deployment_containers or containers,
+                                      pod_spec, annotations, replicas=replicas)
+    kube.apps.create_namespaced_deployment(namespace, deployment)
+    kube.create(PODAUTOSCALERS, pa, namespace)
+    return rev
 
 
 class SksStatusWriter:

@@ -67,7 +67,7 @@ from sllm_knative.loader.client import LoaderClient
 from sllm_knative.models import TINY
 from sllm_knative.ports import free_port
 from testkit.kube.cluster import KubeCluster
-from testkit.kube.knative import PrivateServices, SksStatusWriter, revision_objects
+from testkit.kube.knative import PrivateServices, SksStatusWriter, create_revision
 from testkit.kube.nodeagent import NodeAgent
 from testkit.proc import Proc
 from testkit.servers import Nginx
@@ -274,14 +274,8 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
         # checkpoint URI of an unknown scheme (step 6).
         for name, extra in BAD_REVISIONS.items():
             bad = {"autoscaling.knative.dev/class": CLASS, **extra}
-            r = k.create(REVISIONS, {"apiVersion": REVISIONS.api_version, "kind": "Revision",
-                                     "metadata": {"name": name, "namespace": namespace, "annotations": bad},
-                                     "spec": {"containers": [{"image": "sllm-knative/function:latest"}]}}, namespace)
-            dep, bad_pa = revision_objects(name, namespace, r["metadata"]["uid"],
-                                           [{"name": "user-container", "image": "sllm-knative/function:latest"}],
-                                           {"nodeSelector": agent_selector(agent)}, bad, replicas=0)
-            k.apps.create_namespaced_deployment(namespace, dep)
-            k.create(PODAUTOSCALERS, bad_pa, namespace)
+            create_revision(k, name, namespace, bad, [{"name": "user-container", "image": "sllm-knative/function:latest"}],
+                            {"nodeSelector": agent_selector(agent)}, replicas=0)
 
         # The Service's ScalingPolicy (a short keep-alive), then its Revision as Knative makes it.
         k.create(SCALINGPOLICIES, {"apiVersion": SCALINGPOLICIES.api_version, "kind": "ScalingPolicy",
@@ -299,15 +293,9 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
                                           "--internal-host", "$(POD_IP)", "--internal-port", "8013"],
                    "env": ENV, "ports": [{"containerPort": 8012}],
                    "readinessProbe": {"httpGet": {"port": 8012, "path": "/health/ready"}, "periodSeconds": 1}}
-        rev = k.create(REVISIONS, {"apiVersion": REVISIONS.api_version, "kind": "Revision",
-                                   "metadata": {"name": REV, "namespace": namespace, "annotations": annotations,
-                                                "labels": {"serving.knative.dev/service": "chat"}},
-                                   "spec": {"containers": [container], "nodeSelector": agent_selector(agent)}}, namespace)
-        deployment, pa = revision_objects(REV, namespace, rev["metadata"]["uid"], [serving],
-                                          {"nodeSelector": agent_selector(agent),
-                                           "terminationGracePeriodSeconds": 2}, annotations, replicas=1)
-        k.apps.create_namespaced_deployment(namespace, deployment)
-        k.create(PODAUTOSCALERS, pa, namespace)
+        pod_spec = {"nodeSelector": agent_selector(agent), "terminationGracePeriodSeconds": 2}
+        create_revision(k, REV, namespace, annotations, [container], pod_spec,
+                        labels={"serving.knative.dev/service": "chat"}, deployment_containers=[serving])
         until(lambda: _in_flight(as_url, f"{namespace}/{REV}") >= 0, 30, "the autoscaler to know the revision")
 
         client = openai.OpenAI(base_url=f"{act_url}/v1", api_key="unused", max_retries=0, timeout=300,
@@ -440,16 +428,9 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
         # starts instead of making pods in a loop; the PA carries a Warning Event saying why.
         missing = f"{web.url}/slow/missing"
         ann = {**annotations, "sllm-knative.io/model": missing}
-        r = k.create(REVISIONS, {"apiVersion": REVISIONS.api_version, "kind": "Revision",
-                                 "metadata": {"name": MISSING_REV, "namespace": namespace, "annotations": ann,
-                                              "labels": {"serving.knative.dev/service": "missing"}},
-                                 "spec": {"containers": [container], "nodeSelector": agent_selector(agent)}},
-                     namespace)
-        dep, miss_pa = revision_objects(MISSING_REV, namespace, r["metadata"]["uid"], [serving],
-                                        {"nodeSelector": agent_selector(agent), "terminationGracePeriodSeconds": 2},
-                                        ann, replicas=0)
-        k.apps.create_namespaced_deployment(namespace, dep)
-        k.create(PODAUTOSCALERS, miss_pa, namespace)
+        create_revision(k, MISSING_REV, namespace, ann, [container], pod_spec,
+                        labels={"serving.knative.dev/service": "missing"}, replicas=0,
+                        deployment_containers=[serving])
         until(lambda: _in_flight(as_url, f"{namespace}/{MISSING_REV}") >= 0, 30, "the autoscaler to know it")
         held = openai.OpenAI(base_url=f"{act_url}/v1", api_key="unused", max_retries=0, timeout=90,
                              default_headers={"Knative-Serving-Revision": MISSING_REV,
