@@ -59,6 +59,7 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import shutil
 import statistics
 import sys
@@ -73,6 +74,7 @@ import httpx
 
 from bench._common import ensure_model, evict, machine, resident_fraction, save_figure, write_json
 from sllm_knative.api import activator as activator_api
+from sllm_knative.api import auth
 from sllm_knative.local.manifests import service_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,7 +162,9 @@ class Bench:
         self.model = model
         self.hf_dir = hf_dir
         self.log_dir = log_dir
-        self.http = httpx.Client(timeout=30)
+        # The activator's admin API wants the cluster's internal token (set in this process's
+        # environment before `up`, which hands it to every component).
+        self.http = httpx.Client(timeout=30, headers=auth.auth_headers(auth.token_from_env()))
 
     def close(self) -> None:
         self.http.close()
@@ -382,6 +386,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     rate_bytes = nginx_rate_bytes(args.rate)
     # Inherited by the cluster's processes (zygote children) and the knative_default instances alike.
+    # The internal token too: `up` takes it from here, and the bench's admin calls send it.
+    os.environ.setdefault(auth.TOKEN_ENV, secrets.token_urlsafe(24))
     if args.numerics:
         os.environ["SLLM_NUMERICS"] = args.numerics
     if args.threads:
