@@ -13,6 +13,7 @@ import heapq
 import itertools
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
 
 
@@ -33,7 +34,7 @@ class WorkQueue:
         self._clock = clock
         self._base_s, self._cap_s = base_s, cap_s
         self._cond = threading.Condition()
-        self._queue: list[Hashable] = []  # FIFO of keys ready now
+        self._queue: deque[Hashable] = deque()  # FIFO of keys ready now
         self._queued: set[Hashable] = set()  # keys in _queue, or dirty while processing
         self._processing: set[Hashable] = set()
         self._delayed: list[tuple[float, int, Hashable]] = []  # (due, seq, key) heap
@@ -92,7 +93,7 @@ class WorkQueue:
             while True:
                 wait = self._promote_due_locked()
                 if self._queue:
-                    key = self._queue.pop(0)
+                    key = self._queue.popleft()
                     self._queued.discard(key)
                     self._processing.add(key)
                     return key
