@@ -24,7 +24,7 @@ from activator.kube import contract
 from sllm_knative.api.activator import Endpoint
 from sllm_knative.api.keys import ServiceKey
 from sllm_knative.config.autoscaler import KPA_CLASS, SLLM_CLASS
-from sllm_knative.config.service import INTERNAL_PORT_ANNOTATION
+from sllm_knative.config.service import INTERNAL_PORT_ANNOTATION, internal_port_of
 
 Obj = dict[str, Any]
 
@@ -55,8 +55,7 @@ def revision_info(revision: Obj | None, pa: Obj | None) -> RevisionInfo:
     pa_spec, rev_spec = (pa or {}).get("spec") or {}, (revision or {}).get("spec") or {}
     protocol = pa_spec.get("protocolType") or _revision_protocol(rev_spec)
     cc = _int(pa_spec.get("containerConcurrency", rev_spec.get("containerConcurrency"))) or 0
-    port = _int(pa_ann.get(INTERNAL_PORT_ANNOTATION) or rev_ann.get(INTERNAL_PORT_ANNOTATION))
-    internal = port if port is not None and 0 < port < 65536 else None
+    internal = internal_port_of(pa_ann) if pa_ann.get(INTERNAL_PORT_ANNOTATION) else internal_port_of(rev_ann)
     return RevisionInfo(cls, protocol, max(cc, 0), internal)
 
 

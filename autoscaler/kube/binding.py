@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from autoscaler.kube.admission import GATE  # the webhook adds it; the binder lifts it
-from sllm_knative.config.service import INTERNAL_PORT_ANNOTATION
+from sllm_knative.config.service import internal_port_of
 
 INSTANCE_LABEL = "sllm-knative.io/instance"
 NODE_ANNOTATION = "sllm-knative.io/placed-node"
@@ -132,5 +132,5 @@ def selects(selector: Mapping[str, str], node: dict[str, Any]) -> bool:
 def internal_port(pod: dict[str, Any], default: int) -> int:
     """The port of the pod's internal (migration) API: the revision's annotation, which Knative
     copies onto its pods, else `default` (functions.llm's)."""
-    raw = ((pod.get("metadata") or {}).get("annotations") or {}).get(INTERNAL_PORT_ANNOTATION, "")
-    return int(raw) if raw.isdigit() and 0 < int(raw) < 65536 else default
+    port = internal_port_of((pod.get("metadata") or {}).get("annotations") or {})
+    return default if port is None else port

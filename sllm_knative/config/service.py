@@ -50,6 +50,12 @@ MODEL_ANNOTATION = "sllm-knative.io/model"
 # are not migratable (forwarding is unaffected).
 INTERNAL_PORT_ANNOTATION = "sllm-knative.io/internal-port"
 
+
+def internal_port_of(annotations: Mapping[str, str]) -> int | None:
+    """The port `INTERNAL_PORT_ANNOTATION` names in `annotations`: None when absent or not a port."""
+    raw = annotations.get(INTERNAL_PORT_ANNOTATION, "")
+    return int(raw) if isinstance(raw, str) and raw.isdigit() and 0 < int(raw) < 65536 else None
+
 #: From Knative's config-defaults ConfigMap (`container-concurrency-max-limit`,
 #: `max-revision-timeout-seconds`, `revision-timeout-seconds`); a test checks them against the
 #: shipped `_example` block.
@@ -366,7 +372,7 @@ def _model(annotations: Mapping[str, str], tann: Mapping[str, str], errors: Coll
             if not key.startswith(SLLM_PREFIX):
                 continue
             if key == INTERNAL_PORT_ANNOTATION:
-                if not (value.isdigit() and 0 < int(value) < 65536):
+                if internal_port_of(anns) is None:
                     errors.add(base + (key,), f"must be a port number in [1, 65535], got {show(value)}")
                 continue
             if key != MODEL_ANNOTATION:

@@ -23,10 +23,10 @@ from autoscaler.kube.certs import WEBHOOK_CONFIG
 from autoscaler.kube.podautoscaler import CLASS, condition
 from autoscaler.kube.webhook import PATH as WEBHOOK_PATH
 from sllm_knative.api.autoscaler import STATS
-from sllm_knative.kube.client import PODAUTOSCALERS, REVISIONS, SCALINGPOLICIES, Kube
+from sllm_knative.kube.client import PODAUTOSCALERS, SCALINGPOLICIES, Kube
 from sllm_knative.ports import free_port
 from testkit.kube.cluster import KubeCluster
-from testkit.kube.knative import SksStatusWriter, revision_objects
+from testkit.kube.knative import SksStatusWriter, create_revision
 from testkit.kube.nodeagent import NodeAgent
 from testkit.proc import Proc
 from tests.kube.conftest import agent_selector, until
@@ -60,13 +60,6 @@ def test_the_standby_takes_over_a_scale_up_from_a_killed_leader(
                  "command": ["python", "-c", SERVER, "$(POD_IP)", "8080"], "env": ENV,
                  "ports": [{"containerPort": 8080}],
                  "readinessProbe": {"httpGet": {"port": 8080, "path": "/"}, "periodSeconds": 1}}
-    rev = k.create(REVISIONS, {"apiVersion": REVISIONS.api_version, "kind": "Revision",
-                               "metadata": {"name": REV, "namespace": namespace, "annotations": annotations,
-                                            "labels": {"serving.knative.dev/service": "chat"}},
-                               "spec": {"containers": [container], "nodeSelector": agent_selector(agent)}}, namespace)
-    deployment, pa = revision_objects(REV, namespace, rev["metadata"]["uid"], [container],
-                                      {"nodeSelector": agent_selector(agent), "terminationGracePeriodSeconds": 2},
-                                      annotations, replicas=1)
     standin = SksStatusWriter(k, namespace).start()
     install = f"{namespace}-sys"
     k.core.create_namespace({"metadata": {"name": install}})
@@ -109,8 +102,9 @@ def test_the_standby_takes_over_a_scale_up_from_a_killed_leader(
         start("a").wait_http(f"{base('a')}/healthz", 60)  # a leads
         start("b").wait_http(f"{base('b')}/livez", 60)
         assert httpx.get(f"{base('b')}/healthz", timeout=5).status_code == 503  # b stands by
-        k.apps.create_namespaced_deployment(namespace, deployment)
-        k.create(PODAUTOSCALERS, pa, namespace)
+        create_revision(k, REV, namespace, annotations, [container],
+                        {"nodeSelector": agent_selector(agent), "terminationGracePeriodSeconds": 2},
+                        labels={"serving.knative.dev/service": "chat"})
         first = until(lambda: next((p for p in _pods(k, namespace) if _ready(p)), None), 60,
                       "the initial pod placed by the leader and ready")
 

@@ -29,10 +29,10 @@ from autoscaler.kube.certs import WEBHOOK_CONFIG
 from autoscaler.kube.podautoscaler import CLASS, condition
 from autoscaler.kube.webhook import PATH as WEBHOOK_PATH
 from sllm_knative.api.autoscaler import DEMAND, STATS
-from sllm_knative.kube.client import NODECACHES, PODAUTOSCALERS, REVISIONS, SCALINGPOLICIES, Kube
+from sllm_knative.kube.client import NODECACHES, PODAUTOSCALERS, SCALINGPOLICIES, Kube
 from sllm_knative.ports import free_port
 from testkit.kube.cluster import KubeCluster
-from testkit.kube.knative import SksStatusWriter, revision_objects
+from testkit.kube.knative import SksStatusWriter, create_revision
 from testkit.kube.nodeagent import NodeAgent
 from testkit.proc import Proc
 from tests.kube.conftest import agent_selector, until
@@ -120,13 +120,6 @@ def test_autoscaler_places_cold_starts_by_load_time(kube: KubeCluster, api: Any,
                  "command": ["python", "-c", SERVER, "$(POD_IP)", "8080"], "env": ENV,
                  "ports": [{"containerPort": 8080}],
                  "readinessProbe": {"httpGet": {"port": 8080, "path": "/"}, "periodSeconds": 1}}
-    rev = k.create(REVISIONS, {"apiVersion": REVISIONS.api_version, "kind": "Revision",
-                               "metadata": {"name": REV, "namespace": namespace, "annotations": annotations,
-                                            "labels": {"serving.knative.dev/service": "chat"}},
-                               "spec": {"containers": [container], "nodeSelector": agent_selector(agent)}}, namespace)
-    deployment, pa = revision_objects(REV, namespace, rev["metadata"]["uid"], [container],
-                                      {"nodeSelector": agent_selector(agent), "terminationGracePeriodSeconds": 2},
-                                      annotations, replicas=1)
     standin = SksStatusWriter(k, namespace).start()
     install = f"{namespace}-sys"  # the autoscaler's Leases and the webhook's Secret (not our pods' namespace)
     k.core.create_namespace({"metadata": {"name": install}})
@@ -145,8 +138,9 @@ def test_autoscaler_places_cold_starts_by_load_time(kube: KubeCluster, api: Any,
         tmp_path / "autoscaler.log", env={"PYTHONPATH": str(REPO)}, unset=("KUBECONFIG",))
     try:
         autoscaler.wait_http(f"{base}/healthz", 60)
-        k.apps.create_namespaced_deployment(namespace, deployment)
-        k.create(PODAUTOSCALERS, pa, namespace)
+        create_revision(k, REV, namespace, annotations, [container],
+                        {"nodeSelector": agent_selector(agent), "terminationGracePeriodSeconds": 2},
+                        labels={"serving.knative.dev/service": "chat"})
 
         # 1. The Deployment's initial pod is gated by the webhook; nobody planned it, so the
         # autoscaler places it like a scale-up: on the node whose NodeCache has it in DRAM.
