@@ -25,7 +25,7 @@ from sllm_knative.config import ConfigError, Manifest, ServiceConfig
 from sllm_knative.config.policy import KNATIVE_SERVICE_LABEL, ScalingPolicy, parse_scaling_policy, policy_for
 from sllm_knative.config.service import parse_service
 from sllm_knative.kube.client import REVISIONS, SCALINGPOLICIES, Kube, error_message, is_status
-from sllm_knative.kube.informer import Informer, key_of
+from sllm_knative.kube.informer import MODIFIED, SYNC, Informer, key_of
 from sllm_knative.log import get_logger
 
 _log = get_logger("autoscaler.kube")
@@ -67,6 +67,28 @@ def policy_status(doc: dict[str, Any], services: Sequence[str], problem: str, no
                             "lastTransitionTime": since}]}
 
 
+def changes_services(kind: str, obj: dict[str, Any], old: dict[str, Any] | None) -> bool:
+    """Whether an informer event on a Revision or a ScalingPolicy can change the services or the
+    policies (pure): not a resync, and not a write of the status alone (Knative's on Revisions,
+    ours on policies), which leaves the generation, labels and annotations as they were."""
+    if kind == SYNC:
+        return False
+    if kind != MODIFIED or old is None:
+        return True
+    a, b = old.get("metadata") or {}, obj.get("metadata") or {}
+    return any(a.get(f) != b.get(f) for f in ("generation", "labels", "annotations"))
+
+
+def effective_policies(manifest: Manifest) -> dict[tuple[str, str], list[str]]:
+    """(namespace, policy) -> the Knative Services it is the effective policy of (pure)."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for svc in manifest.services:
+        p = policy_for(svc, manifest.policies)
+        if p is not None:
+            out.setdefault((p.namespace, p.name), []).append(svc.labels.get(KNATIVE_SERVICE_LABEL) or svc.name)
+    return out
+
+
 def parse_revision(revision: dict[str, Any]) -> ServiceConfig:
     """Raises ConfigError naming the field, as for a Service applied locally."""
     return parse_service(service_document(revision), source=f"Revision {key_of(revision)}")
@@ -88,8 +110,11 @@ class ServiceSource:
         self._lock = threading.Lock()
         self._problems: dict[str, str] = {}
         self._known: set[str] = set()
+        # Per policy (key), as the last refresh read it: its generation, the Services it applies
+        # to, and why it is refused ('' when it is not). What its status should say.
+        self._policy_state: dict[str, tuple[int, list[str], str]] = {}
         for inf in (self.revisions, self.policies):
-            inf.add_handler(lambda kind, obj, old: self.refresh() if kind != "SYNC" else None)
+            inf.add_handler(lambda kind, obj, old: self.refresh() if changes_services(kind, obj, old) else None)
 
     def start(self) -> ServiceSource:
         for inf in (self.revisions, self.policies):
@@ -109,6 +134,13 @@ class ServiceSource:
             return self._problems.get(key, "")
 
     def manifest(self) -> tuple[Manifest, dict[str, str]]:
+        """Every valid service of our class and every valid policy, and why each other Revision of
+        our class is not served (by key)."""
+        manifest, problems, _, _ = self._read()
+        return manifest, problems
+
+    def _read(self) -> tuple[Manifest, dict[str, str], dict[str, str], list[dict[str, Any]]]:
+        """`manifest()`, why each refused policy is refused (by key), and the policies as read."""
         services: list[ServiceConfig] = []
         problems: dict[str, str] = {}
         for rev in self.revisions.items():
@@ -118,35 +150,28 @@ class ServiceSource:
                 services.append(parse_revision(rev))
             except ConfigError as exc:
                 problems[key_of(rev)] = str(exc)
-        policies, _ = self._policies()
-        return Manifest(tuple(services), tuple(policies)), problems
-
-    def _policies(self) -> tuple[list[ScalingPolicy], dict[str, str]]:
-        """The valid policies, and why each invalid one is refused (by key)."""
         policies: list[ScalingPolicy] = []
         refused: dict[str, str] = {}
-        for doc in self.policies.items():
+        docs = self.policies.items()
+        for doc in docs:
             try:
                 policies.append(parse_scaling_policy(doc, source=f"ScalingPolicy {key_of(doc)}"))
             except ConfigError as exc:  # the schema refuses most; a rule across fields may not
                 refused[key_of(doc)] = str(exc)
-        return policies, refused
+        return Manifest(tuple(services), tuple(policies)), problems, refused, docs
 
     def policy_statuses(self, now: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-        """(policy, the status it should have) for each policy whose status differs (pure over the caches)."""
-        manifest, _ = self.manifest()
-        policies, refused = self._policies()
-        effective: dict[tuple[str, str], list[str]] = {}
-        for svc in manifest.services:
-            p = policy_for(svc, policies)
-            if p is not None:
-                effective.setdefault((p.namespace, p.name), []).append(
-                    svc.labels.get(KNATIVE_SERVICE_LABEL) or svc.name)
+        """(policy, the status it should have) for each policy whose status differs, from what the
+        last refresh read (nothing is parsed again); a policy whose spec that refresh has not seen
+        yet waits for it."""
+        with self._lock:
+            state = dict(self._policy_state)
         out = []
         for doc in self.policies.items():
-            meta = doc.get("metadata") or {}
-            want = policy_status(doc, effective.get((meta.get("namespace", ""), meta.get("name", "")), []),
-                                 refused.get(key_of(doc), ""), now)
+            known = state.get(key_of(doc))
+            if known is None or known[0] != _generation(doc):
+                continue
+            want = policy_status(doc, known[1], known[2], now)
             if want != doc.get("status"):
                 out.append((doc, want))
         return out
@@ -174,7 +199,13 @@ class ServiceSource:
         # informers call this on their own threads, and a manifest read before another refresh's
         # must not be handed on after it (it would remove a revision the other had just added).
         with self._lock:
-            manifest, problems = self.manifest()
+            manifest, problems, refused, docs = self._read()
+            effective = effective_policies(manifest)
+            self._policy_state = {}
+            for doc in docs:
+                meta = doc["metadata"]
+                self._policy_state[key_of(doc)] = (_generation(doc), effective.get((meta["namespace"], meta["name"]), []),
+                                                   refused.get(key_of(doc), ""))
             keys = {s.key for s in manifest.services}
             for key, why in problems.items():
                 if self._problems.get(key) != why:
@@ -183,3 +214,7 @@ class ServiceSource:
             removed = sorted(self._known - keys)
             self._known = keys
             self.on_change(manifest, removed)
+
+
+def _generation(doc: dict[str, Any]) -> int:
+    return int((doc.get("metadata") or {}).get("generation") or 0)

@@ -27,7 +27,7 @@ from autoscaler.kube.binding import (
     selects,
 )
 from autoscaler.kube.podautoscaler import UNKNOWN
-from autoscaler.kube.services import policy_status
+from autoscaler.kube.services import changes_services, policy_status
 from autoscaler.services import ServiceRuntime
 from autoscaler.window import MetricWindow
 from sllm_knative.config import ScalingPolicy
@@ -226,3 +226,22 @@ def test_policy_status(doc: dict[str, Any], services: list[str], problem: str, w
     assert (ready["status"], ready["reason"], ready["message"]) == want_ready
     assert ready["type"] == "Ready" and ready["lastTransitionTime"] == since
     assert st["observedGeneration"] == 2 and st["services"] == sorted(set(services))
+
+
+def _obj(generation: int = 1, status: str = "", **annotations: str) -> dict[str, Any]:
+    return {"metadata": {"name": "x", "generation": generation, "annotations": annotations},
+            "status": {"note": status}}
+
+
+@pytest.mark.parametrize(("kind", "obj", "old", "changes"), [
+    pytest.param("SYNC", _obj(), _obj(), False, id="resync"),
+    pytest.param("ADDED", _obj(), None, True, id="added"),
+    pytest.param("DELETED", _obj(), None, True, id="deleted"),
+    pytest.param("MODIFIED", _obj(status="written"), _obj(), False, id="status-only"),
+    pytest.param("MODIFIED", _obj(generation=2), _obj(), True, id="spec"),
+    pytest.param("MODIFIED", _obj(**{"sllm-knative.io/model": "hf://a/b"}), _obj(), True, id="annotation"),
+    pytest.param("MODIFIED", _obj(), None, True, id="no-old-copy"),
+])
+def test_which_events_refresh_the_services(kind: str, obj: dict[str, Any], old: dict[str, Any] | None,
+                                           changes: bool) -> None:
+    assert changes_services(kind, obj, old) is changes

@@ -177,8 +177,9 @@ def test_the_autoscaler_role_is_exactly_what_it_calls(kube: KubeCluster, api: An
                            ("bad-policy", {"target": {"serviceName": "chat-00001"}, "minScale": 3, "maxScale": 1})):
             admin.create(SCALINGPOLICIES, {"apiVersion": SCALINGPOLICIES.api_version, "kind": "ScalingPolicy",
                                            "metadata": {"name": name, "namespace": namespace}, "spec": spec}, namespace)
-        until(lambda: len(source.policies.items()) >= 2, 15, "the service source to see both policies")
-        assert source.write_policy_statuses("2026-12-05T12:00:00Z") >= 2
+        written: list[int] = []  # statuses are written once the source's refresh has read each policy
+        until(lambda: written.append(source.write_policy_statuses("2026-12-05T12:00:00Z")) or sum(written) >= 2, 15,
+              "both policies' statuses written")
         good = admin.get(SCALINGPOLICIES, "chat-policy", namespace)["status"]
         bad = admin.get(SCALINGPOLICIES, "bad-policy", namespace)["status"]
         assert good["services"] == ["chat-00001"] and good["conditions"][0]["reason"] == "Applied", good
