@@ -32,6 +32,7 @@ from sllm_knative.config.nodecache import (
     StoreStatus,
     TierStatus,
 )
+from sllm_knative.kube.times import rfc3339
 from sllm_knative.loader import loader_pb2 as pb
 from sllm_knative.loader.hops import tier_rates
 from sllm_knative.placement import QueuedLoad, Tier
@@ -41,10 +42,6 @@ if TYPE_CHECKING:
     from sllm_knative.kube.nodecache import NodeCachePublisher
 
 _NODE_TIERS = (Tier.DRAM, Tier.SSD)  # fastest first, as checkpoints list them
-
-
-def rfc3339(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def node_cache(name: str, inv: pb.Inventory, in_flight: Mapping[str, str], failures: Mapping[str, Failure],

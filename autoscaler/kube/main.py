@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 from typing import Any
 
 import uvicorn
@@ -32,7 +31,7 @@ from autoscaler.kube.activators import KubeActivators
 from autoscaler.kube.advice import advice_for
 from autoscaler.kube.internal_token import ensure_token
 from autoscaler.kube.pa_controller import PROBE_URL, PodAutoscalerController, http_prober
-from autoscaler.kube.podautoscaler import Settings, stamp
+from autoscaler.kube.podautoscaler import Settings
 from autoscaler.kube.services import ServiceSource
 from autoscaler.kube.webhook import PORT as WEBHOOK_PORT
 from autoscaler.kube.webhook import PlacementWebhook
@@ -41,6 +40,7 @@ from sllm_knative.api import auth
 from sllm_knative.config import TICK_S, AutoscalerConfig, Manifest
 from sllm_knative.kube.client import Kube, connect
 from sllm_knative.kube.leader import leader_identity
+from sllm_knative.kube.times import rfc3339
 from sllm_knative.log import get_logger
 
 _log = get_logger("autoscaler")
@@ -64,12 +64,12 @@ async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_name
     kube = Kube(connect(kubeconfig))
     loop = asyncio.get_running_loop()
     backend = KubeBackend(kube, resync_s=resync_s)
-    # The activator replicas (their EndpointSlices, or the fixed --activator-admin URLs): withholds
-    # and migrations on scale-down and preemption.
     # The internal token the activators' admin API wants: $SLLM_INTERNAL_TOKEN, else the install's
     # Secret (made at the first start, and copied where the activator Deployment reads it).
     token = auth.token_from_env() or await asyncio.to_thread(ensure_token, kube, lease_namespace,
                                                               [activator_namespace])
+    # The activator replicas (their EndpointSlices, or the fixed --activator-admin URLs): withholds
+    # and migrations on scale-down and preemption.
     activators = KubeActivators(kube, static=activator_admin, namespace=activator_namespace,
                                 admin_port=activator_admin_port, resync_s=resync_s, token=token).start()
     scaler = Autoscaler(backend, activators)
@@ -121,7 +121,7 @@ async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_name
                 scaler.tick()
                 backend.poke()  # follow pods even without a watch event (timeouts)
                 try:  # the ScalingPolicies' status: what each applies to, and whether it can
-                    await asyncio.to_thread(source.write_policy_statuses, stamp(dt.datetime.now(dt.timezone.utc)))
+                    await asyncio.to_thread(source.write_policy_statuses, rfc3339())
                 except Exception:
                     _log.error("ScalingPolicy statuses not written", exc_info=True)
 

@@ -29,6 +29,8 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
+from sllm_knative.kube.times import parse_rfc3339, rfc3339
+
 CLASS = "llm.autoscaling.sllm-knative.io"
 CLASS_ANNOTATION = "autoscaling.knative.dev/class"
 MIN_SCALE = "autoscaling.knative.dev/min-scale"
@@ -81,17 +83,6 @@ class Plan:
     probe: bool = False  # the adapter should probe the activator for this revision
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     error: str = ""  # reconcile failed (the status says why)
-
-
-def stamp(now: dt.datetime) -> str:
-    """RFC 3339 in UTC, to the second, as Kubernetes writes condition times."""
-    return now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse_time(s: str | None) -> dt.datetime | None:
-    if not s:
-        return None
-    return dt.datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
 
 
 def _int_annotation(annotations: dict[str, str], key: str) -> int | None:
@@ -150,7 +141,7 @@ class _Conditions:
     def _set(self, type_: str, value: str, reason: str, message: str) -> None:
         conds = self.status["conditions"]
         old = condition(self.status, type_)
-        new = {"type": type_, "status": value, "lastTransitionTime": stamp(self.now)}
+        new = {"type": type_, "status": value, "lastTransitionTime": rfc3339(self.now)}
         if reason:
             new["reason"] = reason
         if message:
@@ -184,7 +175,7 @@ def _since(status: dict[str, Any], type_: str, value: str, now: dt.datetime) -> 
     c = condition(status, type_)
     if c is None or c.get("status") != value:
         return None
-    t = _parse_time(c.get("lastTransitionTime"))
+    t = parse_rfc3339(c.get("lastTransitionTime"))
     return (now - t).total_seconds() if t else 0.0
 
 

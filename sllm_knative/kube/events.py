@@ -9,22 +9,18 @@ is logged and dropped (Events are best effort in Kubernetes too).
 
 from __future__ import annotations
 
-import datetime as dt
 import threading
 import time
 import uuid
 from typing import Any
 
 from sllm_knative.kube.client import Kube, error_message
+from sllm_knative.kube.times import rfc3339
 from sllm_knative.log import get_logger
 
 _log = get_logger("sllm_knative.kube.events")
 
 NORMAL, WARNING = "Normal", "Warning"
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def involved(obj: dict[str, Any]) -> dict[str, Any]:
@@ -55,12 +51,12 @@ class EventRecorder:
         try:
             if prior:
                 ns, name, count, first = prior
-                self.kube.core.patch_namespaced_event(name, ns, {"count": count + 1, "lastTimestamp": _now()})
+                self.kube.core.patch_namespaced_event(name, ns, {"count": count + 1, "lastTimestamp": rfc3339()})
                 with self._lock:
                     self._seen[key] = (ns, name, count + 1, first)
                 return
             name = f"{ref.get('name')}.{uuid.uuid4().hex[:16]}"
-            stamp = _now()
+            stamp = rfc3339()
             self.kube.core.create_namespaced_event(namespace, {
                 "metadata": {"name": name, "namespace": namespace},
                 "involvedObject": ref, "type": type_, "reason": reason, "message": message[:1024],

@@ -16,7 +16,6 @@ The algorithm is client-go's `leaderelection` (tools/leaderelection/leaderelecti
 
 from __future__ import annotations
 
-import datetime as dt
 import enum
 import threading
 import time
@@ -24,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sllm_knative.kube.client import Kube, error_message, is_status
+from sllm_knative.kube.times import rfc3339
 from sllm_knative.log import get_logger
 
 _log = get_logger("sllm_knative.kube.leader")
@@ -54,10 +54,6 @@ def decide(observed: Observed | None, me: str, now: float) -> Step:
     if not observed.holder or now >= observed.changed_at + observed.duration_s:
         return Step.TAKE
     return Step.WAIT
-
-
-def _now_micro() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class LeaderElector:
@@ -131,7 +127,7 @@ class LeaderElector:
         step = decide(self._observed if lease is not None else None, self.identity, now)
         if step is Step.WAIT:
             return False
-        stamp = _now_micro()
+        stamp = rfc3339(micro=True)
         if step is Step.CREATE:
             body = client.V1Lease(metadata=client.V1ObjectMeta(name=self.name, namespace=self.namespace),
                                   spec=client.V1LeaseSpec(holder_identity=self.identity,
@@ -161,7 +157,7 @@ class LeaderElector:
                 return
             lease.spec.holder_identity = ""
             lease.spec.lease_duration_seconds = 1
-            lease.spec.renew_time = _now_micro()
+            lease.spec.renew_time = rfc3339(micro=True)
             self.kube.coordination.replace_namespaced_lease(self.name, self.namespace, lease)
             _log.info("released the lease", lease=self.name, identity=self.identity)
         except Exception as exc:

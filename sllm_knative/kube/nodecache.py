@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import threading
 import time
 from collections import deque
@@ -42,6 +41,7 @@ from typing import Any
 from sllm_knative.config.crds import API_VERSION
 from sllm_knative.config.nodecache import KIND, NodeCache, node_cache_status
 from sllm_knative.kube.client import NODECACHES, Kube, error_message, is_status
+from sllm_knative.kube.times import parse_rfc3339, rfc3339
 from sllm_knative.kube.workqueue import backoff_s
 from sllm_knative.log import get_logger
 
@@ -143,10 +143,8 @@ def plan(observed: Mapping[str, Any] | None, node: str, uid: str, last_written: 
 
 
 def _stamp_seconds(text: Any) -> float | None:
-    try:
-        return dt.datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
+    when = parse_rfc3339(text)
+    return None if when is None else when.timestamp()
 
 
 def warm_requests(spec: Mapping[str, Any] | None, handled: Container[str], now: float,
@@ -169,7 +167,7 @@ def with_warm(spec: Mapping[str, Any] | None, model: str, tier: str, now: float,
     others = [e for e in (spec or {}).get("warm") or []
               if e.get("model") != model and (t := _stamp_seconds(e.get("requestedAt"))) is not None
               and now - t <= ttl_s]
-    stamp = dt.datetime.fromtimestamp(now, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    stamp = rfc3339(now, micro=True)
     return [*others, {"model": model, "tier": tier, "requestedAt": stamp}][-keep:]
 
 

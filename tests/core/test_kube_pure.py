@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 
 import pytest
 
 from sllm_knative.kube.informer import ADDED, DELETED, MODIFIED, diff_lists, key_of, split_key
 from sllm_knative.kube.leader import Observed, Step, decide
+from sllm_knative.kube.times import parse_rfc3339, rfc3339
 from sllm_knative.kube.workqueue import ShutDown, WorkQueue, backoff_s
 
 
@@ -121,3 +123,21 @@ def test_diff_lists_reports_what_a_relist_changed() -> None:
     new = {"n/a": _o("a", "1"), "n/b": _o("b", "2"), "n/d": _o("d", "1")}
     got = sorted((kind, key_of(obj)) for kind, obj, _ in diff_lists(old, new))
     assert got == [(ADDED, "n/d"), (DELETED, "n/c"), (MODIFIED, "n/b")]
+
+
+@pytest.mark.parametrize(("t", "micro", "text"), [
+    pytest.param(1_796_000_000.0, False, "2026-11-30T00:53:20Z", id="seconds"),
+    pytest.param(1_796_000_000.25, True, "2026-11-30T00:53:20.250000Z", id="micro"),
+    pytest.param(dt.datetime(2026, 11, 30, 1, 53, 20, tzinfo=dt.timezone(dt.timedelta(hours=1))), False,
+                 "2026-11-30T00:53:20Z", id="aware-datetime-to-utc"),
+])
+def test_kubernetes_times_round_trip(t: float | dt.datetime, micro: bool, text: str) -> None:
+    assert rfc3339(t, micro=micro) == text
+    back = parse_rfc3339(text)
+    assert back is not None and back.tzinfo is not None
+    assert abs(back.timestamp() - (t.timestamp() if isinstance(t, dt.datetime) else t)) < 1e-6
+
+
+@pytest.mark.parametrize("text", [None, "", "yesterday", 12, "2026-13-01T00:00:00Z"])
+def test_not_a_kubernetes_time(text: object) -> None:
+    assert parse_rfc3339(text) is None

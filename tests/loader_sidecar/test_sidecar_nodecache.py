@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from loader_sidecar.fetch import Failure
-from loader_sidecar.nodecache import node_cache, rfc3339, snapshot
+from loader_sidecar.nodecache import node_cache, snapshot
 from sllm_knative.config.nodecache import CheckpointState, node_cache_document, parse_node_cache
+from sllm_knative.kube.times import rfc3339
 from sllm_knative.loader import loader_pb2 as pb
 from sllm_knative.loader.errors import NotFound
 from sllm_knative.placement import QueuedLoad, Tier
