@@ -177,29 +177,15 @@ def medians(runs: list[dict[str, Any]], fields: tuple[str, ...]) -> dict[str, fl
 
 
 def stream_ttft(url: str, headers: dict[str, str], model: str, timeout: float = 300.0) -> dict[str, Any]:
-    """One streamed completion (bench/coldstart.py's request); TTFT = first data chunk, on the
-    wall clock of this process (`sent` in Unix seconds)."""
-    body = {"model": model, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "stream": True, "temperature": 0,
-            "seed": 1}
+    """One streamed completion (bench/coldstart.py's request, sent with `headers`); TTFT = first
+    data chunk, and `sent` on the wall clock of this process (Unix seconds)."""
+    from sllm_knative.commands.resources import invoke
+
     sent = time.time()
-    t0 = time.perf_counter()
-    ttft, text = None, []
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers, timeout=timeout) as r:
-        if r.status_code != 200:
-            r.read()
-            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:500]}")
-        instance = r.headers.get("x-sllm-instance")
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-            chunk = json.loads(line[6:])
-            text.append("".join(c.get("text", "") for c in chunk.get("choices", [])))
-    if ttft is None:
+    res = invoke(url, model, "", PROMPT, MAX_TOKENS, seed=1, timeout=timeout, headers=headers)
+    if res["ttft_s"] is None:
         raise RuntimeError("the completion streamed no chunk")
-    return {"sent": sent, "ttft_s": ttft, "total_s": time.perf_counter() - t0, "instance": instance,
-            "text": "".join(text)}
+    return {"sent": sent, **res}
 
 
 # -- the Kubernetes side ---------------------------------------------------------------------------

@@ -124,15 +124,18 @@ def _delete(args: argparse.Namespace) -> int:
 
 
 def invoke(activator: str, name: str, namespace: str, prompt: str, max_tokens: int, seed: int | None = None,
-           on_text: Any = None, timeout: float = 300.0) -> dict[str, Any]:
-    """One streamed completion through the activator; returns the text, TTFT and total time."""
+           on_text: Any = None, timeout: float = 300.0, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """One streamed completion through the activator; returns the text, TTFT and total time.
+    Routed by the Host header (`name.namespace.example.com`) unless `headers` route it otherwise
+    (Knative's revision headers, on Kubernetes)."""
     import httpx
 
     body: dict[str, Any] = {"model": name, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
                             "temperature": 0}
     if seed is not None:
         body["seed"] = seed
-    headers = {"host": f"{name}.{namespace}.example.com"}
+    if headers is None:
+        headers = {"host": f"{name}.{namespace}.example.com"}
     t0 = time.perf_counter()
     ttft, text, instance = None, [], None
     with httpx.stream("POST", f"{activator}/v1/completions", json=body, headers=headers, timeout=timeout) as r:
