@@ -67,7 +67,8 @@ class Registry:
     async def set_endpoints(self, key: ServiceKey, endpoints: Sequence[Endpoint]) -> None:
         svc = self._services[key]
         svc.listed = list(endpoints)
-        svc.withheld = {i: inst for i, inst in svc.withheld.items() if any(e.id == i for e in endpoints)}
+        listed = {e.id for e in endpoints}
+        svc.withheld = {i: inst for i, inst in svc.withheld.items() if i in listed}
         self._rotate(svc)
         await svc.breaker.poke()
 
@@ -104,8 +105,10 @@ class Registry:
             return
         if withheld:
             svc.withheld.setdefault(instance_id, next((i for i in svc.instances if i.id == instance_id), None))
-        elif svc.withheld.pop(instance_id, "absent") == "absent":
-            return
+        elif instance_id in svc.withheld:
+            del svc.withheld[instance_id]
+        else:
+            return  # not withheld: nothing changes
         self._rotate(svc)
         await svc.breaker.poke()
 
