@@ -30,17 +30,12 @@ from testkit.kube.knative import SksStatusWriter, create_revision
 from testkit.kube.nodeagent import NodeAgent
 from testkit.proc import Proc
 from tests.kube.conftest import agent_selector, until
-from tests.kube.test_autoscaler_kube import REV, _pods, probe_url  # noqa: F401  (fixture)
+from tests.kube.test_autoscaler_kube import REV, _is_ready, _pods, probe_url  # noqa: F401  (fixture)
 from tests.kube.test_nodeagent import ENV, SERVER
 from tests.kube.test_nodecache import loaders, store  # noqa: F401  (fixtures)
 from tests.kube.test_webhook import webhook_config
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _ready(p: Any) -> bool:
-    return p.status.phase == "Running" and any(c.type == "Ready" and c.status == "True"
-                                               for c in p.status.conditions or [])
 
 
 def test_the_standby_takes_over_a_scale_up_from_a_killed_leader(
@@ -105,7 +100,7 @@ def test_the_standby_takes_over_a_scale_up_from_a_killed_leader(
         create_revision(k, REV, namespace, annotations, [container],
                         {"nodeSelector": agent_selector(agent), "terminationGracePeriodSeconds": 2},
                         labels={"serving.knative.dev/service": "chat"})
-        first = until(lambda: next((p for p in _pods(k, namespace) if _ready(p)), None), 60,
+        first = until(lambda: next((p for p in _pods(k, namespace) if _is_ready(p)), None), 60,
                       "the initial pod placed by the leader and ready")
 
         # Demand for two: the leader leaves an intent and raises the replicas; kill -9 it as soon
@@ -124,7 +119,7 @@ def test_the_standby_takes_over_a_scale_up_from_a_killed_leader(
 
         def settled() -> list[Any] | None:
             pods = _pods(k, namespace)
-            ok = len(pods) == 2 and all(_ready(p) and p.metadata.labels.get(INSTANCE_LABEL)
+            ok = len(pods) == 2 and all(_is_ready(p) and p.metadata.labels.get(INSTANCE_LABEL)
                                         and not any(g.name == GATE for g in p.spec.scheduling_gates or [])
                                         for p in pods)
             return pods if ok else None

@@ -91,12 +91,14 @@ def _pods(kube: Kube, namespace: str) -> list[Any]:
             .items if p.metadata.deletion_timestamp is None]
 
 
+def _is_ready(p: Any) -> bool:
+    """Whether a pod (the client's object) runs and is Ready."""
+    return p.status.phase == "Running" and any(c.type == "Ready" and c.status == "True"
+                                               for c in p.status.conditions or [])
+
+
 def _ready_pod(kube: Kube, namespace: str) -> Any:
-    for p in _pods(kube, namespace):
-        if p.status.phase == "Running" and any(c.type == "Ready" and c.status == "True"
-                                               for c in p.status.conditions or []):
-            return p
-    return None
+    return next((p for p in _pods(kube, namespace) if _is_ready(p)), None)
 
 
 def test_autoscaler_places_cold_starts_by_load_time(kube: KubeCluster, api: Any, namespace: str, make_agent: Any,

@@ -73,7 +73,7 @@ from testkit.proc import Proc
 from testkit.servers import Nginx
 from tests.kube.conftest import agent_selector, start_agent, until
 from tests.kube.test_activator_knative import _echo, _revision, _served
-from tests.kube.test_autoscaler_kube import _in_dram, autoscaler_sees_dram
+from tests.kube.test_autoscaler_kube import _in_dram, _is_ready, _pods, _ready_pod, autoscaler_sees_dram
 from tests.kube.test_nodeagent import ENV
 from tests.kube.test_nodecache import Loader
 from tests.kube.test_webhook import webhook_config
@@ -140,27 +140,9 @@ def node_loader(tmp: Path, agent: NodeAgent, node: str, kube: KubeCluster, store
     return lo.run()
 
 
-def _pods(k: Kube, namespace: str) -> list[Any]:
-    return [p for p in k.core.list_namespaced_pod(namespace, label_selector=f"serving.knative.dev/revision={REV}")
-            .items if p.metadata.deletion_timestamp is None]
-
-
-def _ready_pod(k: Kube, namespace: str) -> Any:
-    for p in _pods(k, namespace):
-        if p.status.phase == "Running" and any(c.type == "Ready" and c.status == "True"
-                                               for c in p.status.conditions or []):
-            return p
-    return None
-
-
 def _leases(lo: Loader) -> list[tuple[str, str]]:
     with LoaderClient(lo.target, timeout=10) as c:
         return [(lease.model, lease.instance) for lease in c.inventory().leases]
-
-
-def _is_ready(p: Any) -> bool:
-    return p.status.phase == "Running" and any(c.type == "Ready" and c.status == "True"
-                                               for c in p.status.conditions or [])
 
 
 def _stream_completion(client: openai.OpenAI, seed: int, started: threading.Event | None = None) -> str:

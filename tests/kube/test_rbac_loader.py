@@ -23,22 +23,11 @@ from testkit.kube.cluster import KubeCluster
 from testkit.kube.nodeagent import NodeAgent
 from tests.kube.audit import apply_docs, assert_exactly_granted, audit_offset
 from tests.kube.conftest import until
-from tests.kube.test_nodecache import RESYNC_S, Loader, checkpoint, nodecache
+from tests.kube.test_nodecache import RESYNC_S, Loader, checkpoint, nodecache, store  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 RBAC = ROOT / "manifests" / "loader" / "rbac.yaml"
 SA = ("sllm-knative", "sllm-loader")
-
-
-@pytest.fixture(scope="module")
-def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A file store holding `tiny` in the loading format."""
-    from sllm_knative.convert import convert
-    from sllm_knative.models import TINY, build_model
-
-    root = tmp_path_factory.mktemp("rbac-store")
-    convert(build_model(root / "src" / "tiny", TINY), root / "models" / "tiny")
-    return root / "models"
 
 
 @pytest.fixture
@@ -50,7 +39,7 @@ def loader_as_sa() -> Iterator[list[Loader]]:
 
 
 def test_the_loader_role_is_exactly_what_it_calls(kube: KubeCluster, api: Any, make_agent: Callable[..., NodeAgent],
-                                                  tiny_store: Path, tmp_path: Path,
+                                                  store: Path, tmp_path: Path,  # noqa: F811
                                                   loader_as_sa: list[Loader]) -> None:
     admin = Kube(api)
     docs = [d for d in yaml.safe_load_all(RBAC.read_text()) if d]
@@ -64,13 +53,13 @@ def test_the_loader_role_is_exactly_what_it_calls(kube: KubeCluster, api: Any, m
 
     kubeconfig = kube.kubeconfig_as(*SA, tmp_path / "loader-kubeconfig")
     (tmp_path / "loader").mkdir()
-    loader = Loader(tmp_path / "loader", node, kubeconfig, tiny_store)
+    loader = Loader(tmp_path / "loader", node, kubeconfig, store)
     loader_as_sa.append(loader.run())
 
     # Created, owned by the Node, with the status written.
     until(lambda: (nodecache(api, node) or {}).get("status", {}).get("tiers"), 30, f"the NodeCache of {node}")
     # A fetched checkpoint: more status writes.
-    model = f"file://{tiny_store}/tiny"
+    model = f"file://{store}/tiny"
     with loader.client() as c:
         c.prefetch(model, tier="dram", wait=True)
     until(lambda: (checkpoint(nodecache(api, node), model) or {}).get("state") == CheckpointState.DOWNLOADED.value,
