@@ -27,6 +27,7 @@ from activator.migration import MigrationConfig
 from sllm_knative import log
 from sllm_knative.api.auth import TOKEN_ENV, token_from_env
 from sllm_knative.kube.client import KubeConfigError, error_message
+from sllm_knative.serving import Server, stop_on_signals
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -112,17 +113,18 @@ async def serve(args: argparse.Namespace) -> int:
     public_app = build_public_app(act)
     # httptools parses HTTP and uvloop runs the loop (main); no websocket upgrades and no
     # X-Forwarded-* rewriting of the client address, which the activator never reads.
-    public = uvicorn.Server(uvicorn.Config(public_app, host=args.host, port=args.port, log_level="warning",
+    public = Server(uvicorn.Config(public_app, host=args.host, port=args.port, log_level="warning",
                                            access_log=False, lifespan="on", http="httptools", ws="none",
                                            proxy_headers=False))
-    admin = uvicorn.Server(uvicorn.Config(build_admin_app(act, token_from_env()), host=args.admin_host, port=args.admin_port,
+    admin = Server(uvicorn.Config(build_admin_app(act, token_from_env()), host=args.admin_host, port=args.admin_port,
                                           log_level="warning", access_log=False, lifespan="off", http="httptools",
                                           ws="none"))
+    stop_on_signals([public, admin])  # both stop on SIGTERM; serve() returns and the lifespan's shutdown has run
     servers = [public.serve(), admin.serve()]
     stopped = asyncio.Event()
     if args.h2c_port:
         # HTTP/2 without TLS (prior knowledge or an h2c upgrade; HTTP/1.1 too), as Knative's h2c
-        # server; it stops when the HTTP/1 server does (that one handles the signals).
+        # server; it stops when the HTTP/1 server does (on SIGTERM or SIGINT, stop_on_signals).
         from hypercorn.asyncio import serve as hypercorn_serve
         from hypercorn.config import Config as HypercornConfig
 

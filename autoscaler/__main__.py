@@ -24,6 +24,7 @@ from autoscaler.backends.local import LocalBackend, LocalNode
 from autoscaler.controller import Autoscaler
 from autoscaler.server import build_app
 from sllm_knative import log
+from sllm_knative.serving import Server, serve_until_signalled
 
 
 async def serve(cluster: dict, port: int) -> None:
@@ -32,12 +33,12 @@ async def serve(cluster: dict, port: int) -> None:
     admin = cluster["activator_admin"]
     backend = LocalBackend(nodes, cluster.get("device", "cpu"), drain_url=admin)
     scaler = Autoscaler(backend, ActivatorClient(admin) if admin else None)
-    server = uvicorn.Server(uvicorn.Config(build_app(scaler), host="127.0.0.1", port=port, log_level="warning",
+    server = Server(uvicorn.Config(build_app(scaler), host="127.0.0.1", port=port, log_level="warning",
                                            access_log=False, lifespan="off"))
     loop = asyncio.ensure_future(scaler.run())
     log.get_logger("autoscaler").info("listening", port=port, nodes=len(nodes))
     try:
-        await server.serve()
+        await serve_until_signalled([(server, None)])
     finally:
         loop.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -42,6 +42,7 @@ from sllm_knative.kube.client import Kube, connect
 from sllm_knative.kube.leader import leader_identity
 from sllm_knative.kube.times import rfc3339
 from sllm_knative.log import get_logger
+from sllm_knative.serving import Server, serve_until_signalled
 
 _log = get_logger("autoscaler")
 
@@ -111,7 +112,7 @@ async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_name
                                    port=webhook_port, extra_hosts=webhook_hosts)
         await asyncio.to_thread(webhook.start)
     app = build_app(scaler, ready=lambda: pa.elector.is_leader, kube=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                            lifespan="off"))
 
     async def tick() -> None:
@@ -128,7 +129,7 @@ async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_name
     ticker = asyncio.ensure_future(tick())
     _log.info("listening", port=port, mode="kubernetes", identity=pa.identity)
     try:
-        await server.serve()
+        await serve_until_signalled([(server, None)])  # returns on SIGTERM: the Lease is released below
     finally:
         ticker.cancel()
         with contextlib.suppress(asyncio.CancelledError):

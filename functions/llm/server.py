@@ -8,10 +8,7 @@ stops and fails whatever is left with 503.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 import socket
-from collections.abc import Iterator
 
 import uvicorn
 
@@ -19,14 +16,9 @@ from functions.llm import app as public_app
 from functions.llm import drain
 from functions.llm import internal as internal_app
 from functions.llm.service import ModelHost
+from sllm_knative.serving import Server, serve_until_signalled, stop_all
 
 GRACE_S = 30
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:  # one handler for both servers, installed in serve()
-        yield
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -51,26 +43,19 @@ async def serve(service: ModelHost) -> None:
         # httptools (llhttp) rather than h11: GET /v1/models 0.16 -> 0.10 ms p50 (docs/benchmarks.md, Proxy)
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", http="httptools",
                                 timeout_graceful_shutdown=GRACE_S, timeout_keep_alive=75)
-        servers.append((_Server(config), sock))
-    ports = [sock.getsockname()[1] for _, sock in servers]
+        servers.append((Server(config), [sock]))
+    ports = [socks[0].getsockname()[1] for _, socks in servers]
     service.log.info("listening", port=ports[0], internal_port=ports[1])
-
-    def stop() -> None:
-        for server, _ in servers:
-            server.should_exit = True
 
     draining: list[asyncio.Task[None]] = []
 
     def on_sigterm() -> None:  # preemption: migrate generations away first (functions/llm/drain.py)
         if not draining:
-            draining.append(loop.create_task(drain.drain(service.log)))
-            draining[0].add_done_callback(lambda _: stop())
+            draining.append(asyncio.get_running_loop().create_task(drain.drain(service.log)))
+            draining[0].add_done_callback(lambda _: stop_all([server for server, _ in servers]))
 
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-    loop.add_signal_handler(signal.SIGINT, stop)
     service.serving.set()
     try:
-        await asyncio.gather(*(server.serve(sockets=[sock]) for server, sock in servers))
+        await serve_until_signalled(servers, on_sigterm=on_sigterm)
     finally:
         await asyncio.to_thread(service.shutdown)
