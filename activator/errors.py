@@ -8,6 +8,7 @@
      ├── Overloaded          the hold queue is full             503 + Retry-After
      ├── ColdStartTimeout    no instance became ready in time   503 + Retry-After
      ├── UpstreamFailed      instance failed before first byte, twice  502
+     ├── StreamCut           a started stream could not go on   error frame (the status is sent)
      └── NoDestination       a migration has nowhere to go      409
 """
 
@@ -59,6 +60,13 @@ class UpstreamFailed(ActivatorError):
     status, type, code = 502, "server_error", "upstream_failed"
 
 
+class StreamCut(ActivatorError):
+    """A stream that had begun broke off and could not be resumed. Its status line has gone
+    out, so the client learns it from `error_frame`: a cut stream never ends like a whole one."""
+
+    status, type, code = 502, "server_error", "stream_cut"
+
+
 class NoDestination(ActivatorError):
     status, type, code = 409, "invalid_request_error", "no_destination"
 
@@ -67,6 +75,12 @@ def error_body(exc: ActivatorError) -> bytes:
     """OpenAI-shaped error JSON."""
     return json.dumps({"error": {"message": exc.message, "type": exc.type, "param": None,
                                  "code": exc.code}}).encode()
+
+
+def error_frame(exc: ActivatorError) -> bytes:
+    """The error as the last event of a server-sent-event stream (the OpenAI client raises it as
+    an APIError). It starts with a blank line: it ends a frame the client got only part of."""
+    return b"\n\ndata: " + error_body(exc) + b"\n\n"
 
 
 def error_headers(exc: ActivatorError) -> list[tuple[bytes, bytes]]:

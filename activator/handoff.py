@@ -90,7 +90,10 @@ class Migrations:
                 yield chunk
         except httpx.HTTPError as exc:
             if not tracked.migrating:
-                _log.warning("upstream stream broke after the first byte", error=f"{type(exc).__name__}: {exc}")
+                _log.warning("upstream stream broke after the first byte", id=tracked.id,
+                             instance=tracked.instance.id, error=f"{type(exc).__name__}: {exc}")
+                yield errors.error_frame(errors.StreamCut(f"instance {tracked.instance.id} broke off the stream "
+                                                          f"and it was not being migrated"))
                 return
             broken = True
         async for out in splice(self.client, tracked, prepend(held, rest), self.resume_candidates, broken=broken):

@@ -34,8 +34,11 @@ async def send_error(send: Send, exc: errors.ActivatorError) -> None:
     await send_whole(send, exc.status, errors.error_headers(exc), errors.error_body(exc))
 
 
-async def relay(first: bytes, rest: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
-    """Pass the upstream body through chunk by chunk (a break after the first byte ends the stream)."""
+async def relay(first: bytes, rest: AsyncIterator[bytes], *, events: bool = False) -> AsyncGenerator[bytes, None]:
+    """Pass the upstream body through chunk by chunk. A break after the first byte must not look
+    like the end of the body: a server-sent-event stream (`events`) ends with an error event;
+    any other body is aborted (the exception propagates, the connection closes without the
+    chunked body's last chunk, and the client sees an incomplete response)."""
     if first:
         yield first
     try:
@@ -43,6 +46,9 @@ async def relay(first: bytes, rest: AsyncIterator[bytes]) -> AsyncGenerator[byte
             yield chunk
     except httpx.HTTPError as exc:
         _log.warning("upstream stream broke after the first byte", error=f"{type(exc).__name__}: {exc}")
+        if not events:
+            raise
+        yield errors.error_frame(errors.StreamCut(f"the instance broke off the stream: {type(exc).__name__}"))
 
 
 async def prepend(chunk: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

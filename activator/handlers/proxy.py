@@ -150,7 +150,7 @@ class ProxyHandler:
                     raise errors.UpstreamFailed(f"{svc.key}: instance {inst.id} broke off its response") from None
                 out.append((b"content-length", length if ex.scope["method"] == "HEAD" else str(len(data)).encode()))
                 return partial(send_whole, ex.send, resp.status, out, data)
-            stream = relay(first, resp)
+            stream = relay(first, resp, events=(resp.get(b"content-type") or b"").startswith(b"text/event-stream"))
             try:
                 await send_stream(ex.scope, ex.receive, ex.send, resp.status, out, stream)
             finally:

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import httpx
 
-from activator import metrics
+from activator import errors, metrics
 from activator.balancer import RoutedInstance
 from activator.migration.client import InstanceClient, detached_answer
 from activator.migration.frames import Frame, classify, detached_state, frame_counts, split_frames, trim_frame
@@ -129,6 +129,8 @@ async def splice(client: InstanceClient, tracked: Tracked, rest: AsyncIterator[b
         if state is None:
             _log.error("migration lost the stream: no state to resume from", id=tracked.id)
             tracked.settle(MigrationOutcome.FAILED)
+            yield errors.error_frame(errors.StreamCut("the stream's instance went away during a migration "
+                                                      "and left no state to resume from"))
             return
         skip = max(0, tracked.delivered - state.text_offset)
         resume_state = state.model_copy(update={"text_offset": min(state.text_offset, tracked.delivered)})
@@ -141,6 +143,7 @@ async def splice(client: InstanceClient, tracked: Tracked, rest: AsyncIterator[b
         if source is None:
             _log.error("no instance accepted the resumed generation", id=tracked.id)
             tracked.settle(MigrationOutcome.FAILED)
+            yield errors.error_frame(errors.StreamCut("the stream was migrated but no instance accepted it"))
             return
         _log.info("stream spliced", id=tracked.id, instance=tracked.instance.id, position=state.position,
                   outcome=str(outcome), skip=skip)

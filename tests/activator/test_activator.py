@@ -381,6 +381,39 @@ def test_instance_dying_mid_body_is_a_502(activator, upstreams, tmp_path) -> Non
     assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_failed"
 
 
+@pytest.mark.parametrize("migratable", [False, True])
+def test_a_stream_cut_mid_way_ends_with_an_error_event(activator, tmp_path, migratable: bool) -> None:
+    """An event stream whose instance dies mid-way ends with an error event, never silently like a
+    whole answer: both on the plain relay and on a migratable stream's relay (an internal API and
+    an `x-request-id`) that no migration was moving."""
+    public, admin = activator
+    doomed = Upstream("cut", tmp_path)
+    extra = {"internal_url": doomed.url} if migratable else {}
+    put(admin, "cut", [{"id": "cut", "url": doomed.url, **extra}])
+    body = {"model": "cut", "stream": True, "die_mid_stream": "cut", "request_id": "gen-1" if migratable else None}
+    with httpx.stream("POST", f"{public}/v1/completions", json=body, timeout=10) as r:
+        assert r.status_code == 200
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    doomed.proc.wait(5)
+    assert events[:2] == ['{"i": 0, "instance": "cut"}', '{"i": 1, "instance": "cut"}'], events
+    assert "[DONE]" not in events
+    assert json.loads(events[-1])["error"]["code"] == "stream_cut", events
+
+
+def test_a_plain_chunked_body_cut_mid_way_is_not_ended_cleanly(activator, tmp_path) -> None:
+    """A chunked body that is not an event stream cannot carry an error event: the activator
+    breaks the connection off, so the client sees an incomplete body, not a short whole one."""
+    public, admin = activator
+    doomed = Upstream("cutraw", tmp_path)
+    put(admin, "cutraw", [{"id": "cutraw", "url": doomed.url}])
+    with pytest.raises(httpx.RemoteProtocolError), httpx.stream(
+            "POST", f"{public}/v1/completions", timeout=10,
+            json={"model": "cutraw", "stream": True, "die_mid_stream": "cutraw", "chunked": True}) as r:
+        assert r.status_code == 200
+        r.read()
+    doomed.proc.wait(5)
+
+
 def test_client_leaving_a_stream_releases_its_slot(activator, upstreams) -> None:
     public, admin = activator
     put(admin, "gone", [{"id": "a", "url": upstreams[0].url}], cc=1)

@@ -2,7 +2,9 @@
 
 It streams `n` SSE chunks `delay` seconds apart, reports which instance answered and the
 target it received, and can be told to die before answering (`"die": "<its name>"`, the
-activator's retry) or halfway through a body with a Content-Length (`"die_mid_body"`).
+activator's retry), halfway through a body with a Content-Length (`"die_mid_body"`), or after
+two chunks of a stream (`"die_mid_stream"`: server-sent events, `"chunked": true` a plain chunked
+body). `"request_id"` is answered as the stream's `x-request-id` (what makes it migratable).
 """
 
 from __future__ import annotations
@@ -33,6 +35,17 @@ async def completions(request: Request):
             await asyncio.sleep(0.2)
             os._exit(1)  # 14 of the 100 bytes announced, then the connection drops
         return StreamingResponse(half(), headers={"content-length": "100"}, media_type="application/json")
+    if body.get("die_mid_stream") == NAME:
+        async def cut() -> AsyncIterator[bytes]:
+            for i in range(2):
+                yield f"data: {json.dumps({'i': i, 'instance': NAME})}\n\n".encode()
+                await asyncio.sleep(0.1)
+            yield b'data: {"i": 2, "inst'  # half a frame, then the connection drops
+            await asyncio.sleep(0.1)
+            os._exit(1)
+        ids = {"x-request-id": body["request_id"]} if body.get("request_id") else {}
+        return StreamingResponse(cut(), headers=ids,
+                                 media_type="application/octet-stream" if body.get("chunked") else "text/event-stream")
     if not body.get("stream"):
         await asyncio.sleep(delay)
         return JSONResponse({"instance": NAME, "model": body.get("model"), "host": request.headers.get("host"),
