@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -161,6 +162,8 @@ class LocalBackend:
         log.parent.mkdir(parents=True, exist_ok=True)
         env = {e.name: e.value for e in service.container.env if e.value is not None}
         env.update(SLLM_SERVICE=service.key, SLLM_INSTANCE=instance_id, SLLM_NODE=node)
+        # Its share of the node's cores (local nodes share this machine's), unless the service sets it.
+        env.setdefault("SLLM_THREADS", str(service.compute_threads(os.cpu_count() or 1, n.slots)))
         if self.drain_url:
             env["SLLM_DRAIN_URL"] = self.drain_url
         # The instance leases its checkpoint from the node's loader itself (as a pod would).

@@ -18,6 +18,7 @@ Knative sets `PORT`; everything else has an `SLLM_*` variable and a flag (flags 
 | --max-model-len       | SLLM_MAX_MODEL_LEN                            | 4096 (capped by the model) |
 | --numerics            | SLLM_NUMERICS                                 | exact on cpu, fast on cuda |
 | --tile-rows           | SLLM_TILE_ROWS                                | 2                        |
+| --threads             | SLLM_THREADS                                  | fast: torch's (all cores); exact: 1 |
 | --forward             | SLLM_FORWARD                                  | auto (lean Llama-family path) |
 | --step-tokens         | SLLM_STEP_TOKENS                              | 256                      |
 | --max-body-bytes      | SLLM_MAX_BODY_BYTES                           | 4194304                  |
@@ -71,6 +72,9 @@ class ServeConfig:
     max_model_len: int = 4096
     numerics: str = "exact"
     tile_rows: int = 2
+    # Intra-op compute threads in fast numerics (exact numerics always uses one). The autoscaler
+    # sets the instance's share of its node (SLLM_THREADS, sllm_knative.config.compute_threads).
+    threads: int | None = None
     forward: str = "auto"
     step_tokens: int = 256
     max_body_bytes: int = 4 << 20
@@ -107,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--numerics", choices=["exact", "fast"])
     p.add_argument("--tile-rows", type=int)
+    p.add_argument("--threads", type=int)
     p.add_argument("--forward", choices=["auto", "transformers"])
     p.add_argument("--step-tokens", type=int)
     p.add_argument("--max-body-bytes", type=int)
@@ -191,6 +196,7 @@ def parse(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = Non
         max_model_len=num(args.max_model_len, "SLLM_MAX_MODEL_LEN", 4096),
         numerics=pick(args.numerics, "SLLM_NUMERICS") or ("fast" if device.startswith("cuda") else "exact"),
         tile_rows=num(args.tile_rows, "SLLM_TILE_ROWS", 2),
+        threads=args.threads if args.threads is not None else _env_int(env, "SLLM_THREADS"),
         forward=pick(args.forward, "SLLM_FORWARD") or "auto",
         step_tokens=num(args.step_tokens, "SLLM_STEP_TOKENS", 256),
         max_body_bytes=num(args.max_body_bytes, "SLLM_MAX_BODY_BYTES", 4 << 20),
@@ -254,6 +260,8 @@ def validate(cfg: ServeConfig) -> None:
     at_least("parked-slots", cfg.parked_slots, 0)
     at_least("max-model-len", cfg.max_model_len, 16)
     at_least("tile-rows", cfg.tile_rows, 1)
+    if cfg.threads is not None:
+        at_least("threads", cfg.threads, 1)
     at_least("step-tokens", cfg.step_tokens, 1)
     at_least("max-body-bytes", cfg.max_body_bytes, 1024)
     if cfg.numerics not in ("exact", "fast"):

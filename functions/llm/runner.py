@@ -127,7 +127,7 @@ class ModelRunner:
     """
 
     def __init__(self, model: Any, *, slots: int, max_len: int, mode: str = numerics.EXACT,
-                 tile_rows: int = 2, forward: str = "auto") -> None:
+                 tile_rows: int = 2, forward: str = "auto", threads: int | None = None) -> None:
         if mode not in numerics.MODES:
             raise ValueError(f"numerics = {mode!r}, must be one of {', '.join(numerics.MODES)}")
         if tile_rows < 1:
@@ -155,8 +155,9 @@ class ModelRunner:
         if mode == numerics.EXACT:  # whole tiles for the linear layers, no scalar tails elsewhere
             self.row_multiple = math.lcm(tile_rows, numerics.row_multiple(
                 [cfg.hidden_size, getattr(cfg, "intermediate_size", cfg.hidden_size), head_dim, heads * head_dim]))
-        # exact: one intra-op thread (see numerics: a thread split point must not depend on the batch)
-        self.threads = 1 if mode == numerics.EXACT else None
+        # exact: one intra-op thread (see numerics: a thread split point must not depend on the batch);
+        # fast: `threads` (the instance's share of its node), else torch's default (every core)
+        self.threads = 1 if mode == numerics.EXACT else threads
         why_not = decoder.unsupported(model)
         self.forward_kind = "decoder" if forward == "auto" and why_not is None else "transformers"
         if self.forward_kind == "decoder":

@@ -84,6 +84,7 @@ class ModelHost:
         self.tokenizer: Any = None
         self.max_len = 0
         self.vocab_size = 0
+        self.threads: int | None = None  # the engine's intra-op threads, once loaded
         self._resources = contextlib.ExitStack()
         self._thread: threading.Thread | None = None
         # Set by the server once its SIGTERM handler is installed: a load that fails before then
@@ -124,7 +125,8 @@ class ModelHost:
         model, tokenizer = weights.load(path, self.cfg.device, follow=self.source.follow)
         watch.lap("load")
         runner = ModelRunner(model, slots=self.cfg.kv_slots, max_len=self.cfg.max_model_len,
-                             mode=self.cfg.numerics, tile_rows=self.cfg.tile_rows, forward=self.cfg.forward)
+                             mode=self.cfg.numerics, tile_rows=self.cfg.tile_rows, forward=self.cfg.forward,
+                             threads=self.cfg.threads)
         engine = Engine(runner, tokenizer, eos_ids=weights.eos_ids(model, tokenizer),
                         step_tokens=self.cfg.step_tokens, parked_slots=self.cfg.parked_slots, log=self.log,
                         metrics=self.metrics)
@@ -134,6 +136,7 @@ class ModelHost:
         watch.lap("warmup")
         self.tokenizer = tokenizer
         self.max_len = runner.max_len
+        self.threads = runner.threads or torch.get_num_threads()
         self.vocab_size = runner.vocab_size
         self.engine = engine
         self.status = "ready"
@@ -159,7 +162,9 @@ class ModelHost:
     def startup_report(self) -> dict[str, Any]:
         phases = {f"{k}_s": round(v, 4) for k, v in self.stopwatch.phases.items()}
         total = round(self.stopwatch.total(), 4) if self.status == "ready" else None
-        return {"status": self.status, "model": self.cfg.model_name, "startup": {"total_s": total, **phases}}
+        return {"status": self.status, "model": self.cfg.model_name, "startup": {"total_s": total, **phases},
+                # the engine's intra-op threads (exact numerics: always 1), and the setting it got
+                "compute": {"numerics": self.cfg.numerics, "threads": self.threads, "threads_setting": self.cfg.threads}}
 
     # -- requests (event-loop thread) ---------------------------------------------------
     def require_engine(self) -> Engine:

@@ -13,6 +13,7 @@ defaults fill them in when the autoscaler builds its decider spec.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -153,6 +154,16 @@ class ServiceConfig:
     def managed(self) -> bool:
         """Whether this system's autoscaler owns the service (class llm.autoscaling.sllm-knative.io)."""
         return self.autoscaler_class == SLLM_CLASS
+
+    def compute_threads(self, node_cores: int, node_slots: int) -> int:
+        """An instance's compute threads: its share of the node. The serving container's
+        `resources.requests.cpu` when set (rounded up: "1500m" -> 2), else the node's cores
+        divided among its slots; at least 1. Without it every instance's torch would use every
+        core, and a node's instances would thrash each other."""
+        cpu = self.container.resources.requests.get("cpu")
+        if cpu is not None and cpu > 0:
+            return max(1, math.ceil(cpu))
+        return max(1, node_cores // max(1, node_slots))
 
 
 # --- annotations ------------------------------------------------------------------------

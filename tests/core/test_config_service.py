@@ -261,6 +261,22 @@ def test_the_node_selector_is_kept() -> None:
     assert parse_service(BASE).node_selector == {}
 
 
+@pytest.mark.parametrize("resources,cores,slots,threads", [
+    pytest.param({"requests": {"cpu": "2"}}, 16, 4, 2, id="request-wins"),
+    pytest.param({"requests": {"cpu": "1500m"}}, 16, 4, 2, id="request-rounded-up"),
+    pytest.param({"requests": {"cpu": "100m"}}, 16, 4, 1, id="small-request-one"),
+    pytest.param({"limits": {"cpu": "8"}}, 16, 4, 4, id="a-limit-is-not-a-request"),
+    pytest.param({}, 16, 4, 4, id="node-share"),
+    pytest.param({}, 2, 2, 1, id="this-machine"),
+    pytest.param({}, 2, 6, 1, id="more-slots-than-cores"),
+    pytest.param({"requests": {"cpu": "0"}}, 8, 2, 4, id="zero-request-is-unset"),
+])
+def test_compute_threads_are_the_instance_share(resources: dict[str, Any], cores: int, slots: int,
+                                                threads: int) -> None:
+    s = parse_service(doc_with((CONTAINER + ("resources",), resources)))
+    assert s.compute_threads(cores, slots) == threads
+
+
 def test_defaults_when_unset() -> None:
     doc = doc_with((ANN, {}), (("metadata", "namespace"), DELETE))
     s = parse_service(doc)

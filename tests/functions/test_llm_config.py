@@ -37,6 +37,8 @@ def test_defaults(model_dir):
     pytest.param([], {"SLLM_WARMUP": "on"}, dict(warmup=True), id="warmup-env-on"),
     pytest.param(["--device", "cuda:1", "--numerics", "exact"], {}, dict(numerics="exact"), id="cuda-exact"),
     pytest.param([], {"SLLM_FORWARD": "transformers"}, dict(forward="transformers"), id="forward"),
+    pytest.param([], {"SLLM_THREADS": "3"}, dict(threads=3), id="threads-env"),
+    pytest.param(["--threads", "1"], {"SLLM_THREADS": "3"}, dict(threads=1), id="threads-flag-wins"),
     pytest.param([], {"SLLM_INTERNAL_TOKEN": "s3cret", "SLLM_WARMUP": "0"},
                  dict(internal_token="s3cret", warmup=False), id="token-env-only"),
     pytest.param(["--served-model-name", "llama"], {"HOSTNAME": "pod-1", "NODE_NAME": "n1"},
@@ -59,6 +61,7 @@ def test_parse(model_dir, argv, env, expected):
     pytest.param(True, ["--device", "tpu"], {}, "device = 'tpu'", id="device"),
     pytest.param(True, [], {"PORT": "eighty"}, "PORT = 'eighty', must be an integer", id="port-env"),
     pytest.param(True, [], {"SLLM_WARMUP": "maybe"}, "SLLM_WARMUP = 'maybe', must be 1, 0 or auto", id="warmup-env"),
+    pytest.param(True, ["--threads", "0"], {}, "threads = 0, must be at least 1", id="threads"),
     pytest.param(True, ["--tile-rows", "0", "--step-tokens", "0"], {}, "tile-rows = 0, .*step-tokens = 0",
                  id="all-problems-reported"),
 ])

@@ -178,3 +178,24 @@ def test_converted_checkpoint_serves_the_same_logits(tiny_model, tmp_path):
     a = _runner(tiny_model, numerics.EXACT).step([Feed(0, 0, seq, 0)])[0]
     b = ModelRunner(load_model(ckpt), slots=2, max_len=256).step([Feed(1, 0, seq, 0)])[0]
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode,threads,expected", [
+    (numerics.FAST, 1, 1),
+    (numerics.EXACT, 3, 1),  # exact numerics keeps one intra-op thread whatever it is given
+])
+def test_the_engine_thread_computes_with_the_threads_it_is_given(tiny_model, mode, threads, expected):
+    import threading
+
+    runner = ModelRunner(load_model(tiny_model), slots=2, max_len=64, mode=mode, threads=threads)
+    seen: list[int] = []
+
+    def engine_thread() -> None:
+        torch.set_num_threads(2)  # what the thread had before: the runner's setting replaces it
+        runner.bind_thread()
+        seen.append(torch.get_num_threads())
+
+    t = threading.Thread(target=engine_thread)
+    t.start()
+    t.join()
+    assert seen == [expected]

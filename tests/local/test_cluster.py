@@ -71,6 +71,12 @@ def test_cold_then_warm_invoke(cluster) -> None:
     # instances, so the warm request may go to either; both must be ready ones.
     ready = {i["id"] for i in services(doc)["default/tiny"]["instances"] if i["state"] == "ready"}
     assert {cold["instance"], warm["instance"]} <= ready
+    # Each instance is given its share of the node: this machine's cores over the node's 2 slots
+    # (exact numerics, the CPU default, computes with one thread whatever the share).
+    for i in services(doc)["default/tiny"]["instances"]:
+        if i["state"] == "ready":
+            assert i["report"]["compute"] == {"numerics": "exact", "threads": 1,
+                                              "threads_setting": max(1, (os.cpu_count() or 1) // 2)}, i
     assert warm["ttft_s"] < cold["ttft_s"]
     listing = cli(state, "get", "instances").stdout
     assert "ready" in listing and cold["instance"] in listing
