@@ -6,6 +6,10 @@ read with pread; PyTorch .bin files are memory-mapped), so peak memory stays far
 directory beside DST, verified (index re-parsed, every block's checksum re-read), and
 renamed into place: an interrupted or failed conversion never leaves a directory that
 looks complete.
+
+A GGUF file (llama.cpp's format), or a directory holding one and no other weights, is a source
+too: its tensors are dequantized to `dtype` (bfloat16 by default) a chunk at a time, and its
+config and tokenizer are written beside them (`sllm_knative.gguf_source`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ SAFETENSORS_DTYPES = {
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "C64": "complex64",
 }
 MAX_SAFETENSORS_HEADER = 100 << 20
+GGUF_DTYPES = ("bfloat16", "float16", "float32")  # what GGUF tensors are dequantized to; the first is the default
 
 
 class ConversionError(ValueError):
@@ -59,6 +64,9 @@ class _SourceStorage:
     # read(start_byte, n) -> bytes-like of the source storage
     read: Callable[[int, int], Any]
     tensors: list[_Tensor] = dataclasses.field(default_factory=list)
+    # Set for storages that are computed, not copied (GGUF: dequantized): the storage's bytes in
+    # order, in pieces; `read` is then unused.
+    chunks: Callable[[], Iterable[Any]] | None = None
 
 
 # -- sources -----------------------------------------------------------------------------------
@@ -195,6 +203,50 @@ def _tensor_reader(raw: Any) -> Callable[[int, int], Any]:
     return read
 
 
+def _gguf_file(src: Path) -> Path | None:
+    """The GGUF file SRC is, or the one GGUF file a directory without other weights holds."""
+    if src.is_file():
+        with open(src, "rb") as f:
+            magic = f.read(4)
+        if src.suffix == ".gguf" or magic == b"GGUF":
+            return src
+        raise ConversionError(f"{src}: neither a model directory nor a GGUF file")
+    if _safetensors_files(src) or _bin_files(src):
+        return None
+    found = sorted(p for p in src.glob("*.gguf") if p.is_file())
+    if len(found) > 1:
+        raise ConversionError(f"{src}: holds {len(found)} GGUF files ({', '.join(p.name for p in found[:3])}); "
+                              f"convert one of them by its path (split GGUF files are not supported)")
+    return found[0] if found else None
+
+
+def _gguf_sources(path: Path, dtype: str) -> tuple[Callable[[Path], None], dict[str, str],
+                                                   list[_SourceStorage]]:
+    """The storages of a GGUF file (dequantized tensors), and what writes its config and tokenizer."""
+    import functools
+
+    from sllm_knative import gguf_source
+
+    g = gguf_source.open_gguf(path)
+    shape = gguf_source.llama_shape(g)
+    storages = []
+    for t in gguf_source.plan_tensors(g, shape):
+        key = ("gguf", t.hf_name)
+        s = _SourceStorage(key, _computed, chunks=functools.partial(gguf_source.tensor_chunks, g, t, dtype))
+        s.tensors.append(_Tensor(t.hf_name, dtype, t.info.shape, fmt.contiguous_stride(t.info.shape), 0, key))
+        storages.append(s)
+
+    def aux(out: Path) -> None:
+        gguf_source.write_config(g, shape, dtype, out)
+        gguf_source.write_tokenizer(g, out)
+
+    return aux, gguf_source.describe(g), storages
+
+
+def _computed(start: int, n: int) -> Any:
+    raise AssertionError("a computed storage is written from its chunks")
+
+
 def _sources(src: Path) -> tuple[str, list[Path], Iterable[_SourceStorage]]:
     st = _safetensors_files(src)
     if st:
@@ -296,26 +348,48 @@ class _BlockWriter:
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, partitions: int = 1,
             overwrite: bool = False, block_size: int = fmt.DEFAULT_BLOCK_SIZE, alignment: int = fmt.MIN_ALIGNMENT,
-            verify: bool = True, progress: bool = False) -> Path:
-    """Convert the Hugging Face model directory SRC into a checkpoint directory DST."""
+            verify: bool = True, progress: bool = False, dtype: str | None = None) -> Path:
+    """Convert SRC into a checkpoint directory DST: a Hugging Face model directory, a GGUF file, or
+    a directory holding one GGUF file and no other weights.
+
+    dtype: what a GGUF file's tensors are dequantized to (bfloat16, float16 or float32; default
+    bfloat16). A Hugging Face checkpoint's tensors are copied as they are, so it takes none."""
     src_p, dst_p = Path(src), Path(dst)
     if partitions < 1:
         raise ValueError(f"partitions = {partitions}, must be at least 1")
     if block_size <= 0 or block_size % fmt.PAGE:
         raise ValueError(f"block_size = {block_size}, must be a positive multiple of {fmt.PAGE}")
-    if not src_p.is_dir():
+    if dtype is not None and dtype not in GGUF_DTYPES:
+        raise ValueError(f"dtype = {dtype!r}, must be one of {', '.join(GGUF_DTYPES)}")
+    if not src_p.exists():
         raise FileNotFoundError(2, "source model directory not found", str(src_p))
+    gguf = _gguf_file(src_p)
+    if gguf is None and dtype is not None:
+        raise ValueError(f"dtype = {dtype!r}: only GGUF sources are converted to another dtype; "
+                         f"{src_p} is a Hugging Face checkpoint, whose tensors are copied as they are")
     if dst_p.exists() and not overwrite:
         raise FileExistsError(17, "destination exists (pass overwrite=True / --overwrite)", str(dst_p))
-    kind, files, storages = _sources(src_p)
+    metadata: dict[str, str] = {}
+    storages: Iterable[_SourceStorage]
+    if gguf is not None:
+        kind, files = "gguf", [gguf]
+        write_aux, metadata, storages = _gguf_sources(gguf, dtype or GGUF_DTYPES[0])
+    else:
+        kind, files, storages = _sources(src_p)
+
+        def write_aux(out: Path) -> None:
+            _copy_aux(src_p, out)
     dst_p.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst_p.parent / f".{dst_p.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
+        if gguf is not None:
+            write_aux(tmp)  # the tokenizer can fail: before the long part
         planned = [_plan_storage(s) for s in storages]
         sizes = _assign(planned, partitions, alignment)
-        index = _write(tmp, planned, sizes, block_size, alignment, kind, progress)
-        _copy_aux(src_p, tmp)
+        index = _write(tmp, planned, sizes, block_size, alignment, kind, progress, metadata)
+        if gguf is None:
+            write_aux(tmp)
         atomic.fsync_dir(tmp)
         check = fmt.read_index(tmp)
         if verify:
@@ -331,7 +405,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, partiti
 
 
 def _write(tmp: Path, planned: list[_Planned], sizes: list[int], block_size: int, alignment: int, kind: str,
-           progress: bool) -> fmt.Index:
+           progress: bool, metadata: dict[str, str] | None = None) -> fmt.Index:
     from tqdm import tqdm
 
     total = sum(p.nbytes for p in planned)
@@ -342,10 +416,22 @@ def _write(tmp: Path, planned: list[_Planned], sizes: list[int], block_size: int
         for sid, p in enumerate(planned):
             w = writers[p.partition]
             w.pad_to(p.offset)
-            for start in range(0, p.nbytes, COPY_CHUNK):
-                n = min(COPY_CHUNK, p.nbytes - start)
-                w.write(p.source.read(p.base_byte + start, n))
-                bar.update(n)
+            if p.source.chunks is not None:
+                done = 0
+                for data in p.source.chunks():
+                    n = memoryview(data).nbytes
+                    if done + n > p.nbytes:
+                        break
+                    w.write(data)
+                    done += n
+                    bar.update(n)
+                if done != p.nbytes:
+                    raise ConversionError(f"storage {p.source.key}: produced more or fewer than {p.nbytes} bytes")
+            else:
+                for start in range(0, p.nbytes, COPY_CHUNK):
+                    n = min(COPY_CHUNK, p.nbytes - start)
+                    w.write(p.source.read(p.base_byte + start, n))
+                    bar.update(n)
             storages.append(fmt.Storage(p.partition, p.offset, p.nbytes))
             for t in p.source.tensors:
                 tensors.append(fmt.TensorEntry(t.name, sid, t.dtype, t.shape, t.stride, t.storage_offset))
@@ -360,7 +446,7 @@ def _write(tmp: Path, planned: list[_Planned], sizes: list[int], block_size: int
                 w.f.close()
     order = sorted(range(len(tensors)), key=lambda i: tensors[i].name)
     index = fmt.Index(fmt.FORMAT_VERSION, alignment, tuple(parts), tuple(storages),
-                      tuple(tensors[i] for i in order), {"source_format": kind})
+                      tuple(tensors[i] for i in order), {"source_format": kind, **(metadata or {})})
     fmt.parse_index(index.to_json())  # what we write must be what we read
     atomic.write_bytes(tmp / fmt.INDEX_NAME, index.to_json())
     return index
