@@ -14,8 +14,9 @@ When an instance is waiting, the bytes go straight to the DRAM tier and the SSD 
 from the verified DRAM copy right after (kernel copy, off the instance's path); otherwise they
 go straight to SSD staging. Either way a cold remote load costs one transfer, not three in a row.
 
-A store holding a plain Hugging Face checkpoint is downloaded once to SSD staging and
-converted there (`sllm_knative.convert`), then filled into DRAM from SSD like any SSD hit.
+A store holding a plain Hugging Face checkpoint, or a GGUF file (`model.gguf`, which brings
+its own config and tokenizer), is downloaded once to SSD staging and converted there
+(`sllm_knative.convert`), then filled into DRAM from SSD like any SSD hit.
 SSD -> DRAM fills are `loader_sidecar.ssd_copy` (direct reads into a staging buffer, verified
 there, then written to the tmpfs file).
 """
@@ -61,6 +62,7 @@ AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeniz
              "chat_template.jinja", "chat_template.json", "preprocessor_config.json")
 HF_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 HF_SINGLE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+GGUF_FILE = "model.gguf"  # a llama.cpp checkpoint: converted on the node, config and tokenizer from inside it
 MAX_META_BYTES = 64 << 20
 CORRUPT_RETRIES = 1
 MAX_FAILURES = 64  # failed checkpoints remembered (oldest forgotten first)
@@ -443,20 +445,23 @@ class Fetcher:
             if bad:
                 raise CorruptData(f"{where}: weight file {bad[0]!r} is not a plain file name")
             return {idx_name: raw, **dict.fromkeys(names)}
-        for name in HF_SINGLE_WEIGHTS:
+        for name in (*HF_SINGLE_WEIGHTS, GGUF_FILE):
             if await self._retrying(store, functools.partial(store.size, ref, name)) is not None:
                 return {name: None}
         raise NotFound(f"{ref.uri}: the store has neither {fmt.INDEX_NAME} nor Hugging Face weights "
-                       f"(looked for {', '.join(HF_WEIGHT_INDEXES + HF_SINGLE_WEIGHTS)} under "
+                       f"(looked for {', '.join(HF_WEIGHT_INDEXES + HF_SINGLE_WEIGHTS + (GGUF_FILE,))} under "
                        f"{store.location(ref, '')})")
 
     async def _fetch_hf(self, store: Store, ref: ModelRef) -> None:
         key = ref.key
         aux = await self._aux(store, ref)
-        if "config.json" not in aux:
-            raise NotFound(f"{ref.uri}: neither {fmt.INDEX_NAME} nor config.json found under "
+        if "config.json" in aux:
+            weights = await self._hf_weights(store, ref)
+        elif await self._retrying(store, functools.partial(store.size, ref, GGUF_FILE)) is not None:
+            weights = {GGUF_FILE: None}  # the converter writes its config and tokenizer
+        else:
+            raise NotFound(f"{ref.uri}: neither {fmt.INDEX_NAME} nor config.json nor {GGUF_FILE} found under "
                            f"{store.location(ref, '')}")
-        weights = await self._hf_weights(store, ref)
         sizes: dict[str, int] = {}
         for name, data in weights.items():
             size = len(data) if data is not None else \
@@ -487,6 +492,8 @@ class Fetcher:
             nbytes = sum(sizes[n] for n in big)
             self.profile.observe(f"remote:{store.root.uri}", nbytes, seconds)
             self.metrics.transfer("remote", nbytes, seconds)
+            if GGUF_FILE in weights:  # dequantized, the checkpoint outgrows twice the download
+                self.ssd.resize(key, source_bytes + await self._gguf_output_bytes(ref, src / GGUF_FILE))
             await self._convert(ref, src, out)
             shutil.rmtree(src)
             files = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file() and not p.name.startswith(".")}
@@ -497,6 +504,14 @@ class Fetcher:
             self.ssd.abort(key, staging)
             raise
 
+    async def _gguf_output_bytes(self, ref: ModelRef, path: Path) -> int:
+        from sllm_knative import gguf_source
+
+        try:
+            return await in_thread(gguf_source.output_bytes, path)
+        except ValueError as exc:  # ConversionError
+            raise CorruptData(f"{ref.uri}: the GGUF checkpoint cannot be converted: {exc}") from exc
+
     async def _convert(self, ref: ModelRef, src: Path, out: Path) -> None:
         from sllm_knative import convert
 
@@ -504,7 +519,8 @@ class Fetcher:
         try:
             await in_thread(convert.convert, src, out)
         except (ValueError, OSError) as exc:  # ConversionError and FormatError are ValueErrors
-            raise CorruptData(f"{ref.uri}: the Hugging Face checkpoint cannot be converted: {exc}") from exc
+            raise CorruptData(f"{ref.uri}: the plain checkpoint (Hugging Face or GGUF) cannot be converted: "
+                              f"{exc}") from exc
         _log.info("converted on the node", checkpoint=ref.uri, seconds=round(time.perf_counter() - t0, 3))
 
     # -- SSD -> DRAM ---------------------------------------------------------------------------

@@ -620,6 +620,14 @@ def write_tokenizer(g: GGUFFile, out: Path) -> None:
     tok.save_pretrained(str(out), save_jinja_files=False)
 
 
+def output_bytes(path: str | os.PathLike[str], dtype: str = "bfloat16") -> int:
+    """At least what converting the file writes: its tensors dequantized to `dtype`, with room for
+    the alignment padding, the index, the config and the tokenizer (what a tier reserves)."""
+    g = open_gguf(path)
+    itemsize = 4 if dtype == "float32" else 2
+    return sum(math.prod(t.shape) * itemsize + 4096 for t in g.tensors) + 4 * g.data_start + (1 << 20)
+
+
 def describe(g: GGUFFile) -> dict[str, str]:
     """Index metadata: where the checkpoint came from."""
     counts: dict[str, int] = {}

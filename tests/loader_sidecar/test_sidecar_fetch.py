@@ -104,6 +104,39 @@ def test_plain_hugging_face_checkpoint_is_converted_once_on_the_node(nginx, side
     assert not (thread.config.ssd_dir / lease.key / "model.safetensors").exists()
 
 
+def test_a_gguf_file_is_converted_once_on_the_node_with_its_config_and_tokenizer(sidecar, tmp_path):
+    from sllm_knative import loading
+    from sllm_knative.convert import convert
+    from tests.checkpoint.gguf_files import write_tiny_gguf
+
+    (tmp_path / "store" / "tiny-gguf").mkdir(parents=True)
+    gguf = write_tiny_gguf(tmp_path / "store" / "tiny-gguf" / "model.gguf")
+    reference = convert(gguf, tmp_path / "reference")
+    thread, client = sidecar([f"file://{tmp_path / 'store'}"])
+    with client.acquire("tiny-gguf") as lease:
+        lease.wait_complete(timeout=30)
+        assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                fmt.INDEX_NAME} <= set(lease.files)
+        assert lease_partitions(lease) == partitions_of(reference)  # what `sllm-knative convert` writes
+        model = loading.load_model(lease.directory)
+        assert next(model.parameters()).dtype.is_floating_point and model.config.model_type == "llama"
+    assert ssd_states(client) == ["ready"]
+    assert not (thread.config.ssd_dir / lease.key / "model.gguf").exists()
+
+
+def test_a_corrupt_gguf_file_is_a_clear_error(sidecar, tmp_path):
+    from tests.checkpoint.gguf_files import write_tiny_gguf
+
+    (tmp_path / "store" / "bad").mkdir(parents=True)
+    gguf = write_tiny_gguf(tmp_path / "store" / "bad" / "model.gguf")
+    gguf.write_bytes(gguf.read_bytes()[:-100])
+    thread, client = sidecar([f"file://{tmp_path / 'store'}"])
+    with pytest.raises(errors.CorruptData, match=r"bad: the GGUF checkpoint cannot be converted: .*model.gguf: "
+                                                 r"tensor '.*': truncated"):
+        client.acquire("bad")
+    assert_nothing_kept(client, thread)
+
+
 def test_ssd_hit_fills_dram_with_direct_reads(nginx, sidecar, store_root):
     thread, client = sidecar([f"{nginx.url}/models"])
     assert client.prefetch("small", tier="ssd").source == "remote"
