@@ -5,7 +5,9 @@ does not serve, corrupted bytes)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -47,32 +49,28 @@ def real_gguf() -> Path:
 
 @pytest.fixture(scope="module")
 def converted(real_gguf: Path, tmp_path_factory) -> tuple[Path, int]:
-    """The real file converted through the CLI in a child process: (checkpoint, peak RSS growth)."""
-    dst = tmp_path_factory.mktemp("smollm2") / "smollm2.sllm"
-    code = ("import resource, sys, torch, transformers, numpy, gguf\n"
-            "from transformers import LlamaConfig, PreTrainedTokenizerFast\n"
-            "from sllm_knative.cli import main\n"
-            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            "assert main(['convert', sys.argv[1], sys.argv[2]]) == 0\n"
-            "print('growth', (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)\n")
-    r = subprocess.run([sys.executable, "-c", code, str(real_gguf), str(dst)], capture_output=True, text=True,
-                       timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "convert:" in r.stderr and "100%" in r.stderr  # the progress bar, as for any conversion
-    growth = int(r.stdout.split("growth")[-1].strip())
-    return dst, growth
+    """The real file converted through the CLI in a child process: (checkpoint, peak RSS growth).
 
-
-@pytest.fixture(scope="module")
-def reference(real_gguf: Path):
-    """transformers' own load of the GGUF (dequantized, q/k un-permuted) in bfloat16, and its tokenizer."""
-    pytest.importorskip("accelerate", reason="transformers' GGUF loading needs accelerate (a dev extra)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(real_gguf.parent), gguf_file=real_gguf.name,
-                                                 dtype=torch.bfloat16).eval()
-    tok = AutoTokenizer.from_pretrained(str(real_gguf.parent), gguf_file=real_gguf.name)
-    return model, tok
+    Once per run: xdist's workers share it (under a lock, in the run's base temp directory)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "gguf-smollm2"
+    shared.mkdir(exist_ok=True)
+    dst, result = shared / "smollm2.sllm", shared / "result.json"
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not result.exists():
+            code = ("import resource, sys, torch, transformers, numpy, gguf\n"
+                    "from transformers import LlamaConfig, PreTrainedTokenizerFast\n"
+                    "from sllm_knative.cli import main\n"
+                    "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+                    "assert main(['convert', sys.argv[1], sys.argv[2]]) == 0\n"
+                    "print('growth', (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)\n")
+            r = subprocess.run([sys.executable, "-c", code, str(real_gguf), str(dst)], capture_output=True,
+                               text=True, timeout=240)
+            assert r.returncode == 0, r.stderr[-3000:]
+            assert "convert:" in r.stderr and "100%" in r.stderr  # the progress bar, as for any conversion
+            result.write_text(json.dumps({"growth": int(r.stdout.split("growth")[-1].strip())}))
+    return dst, json.loads(result.read_text())["growth"]
 
 
 def test_the_result_is_a_checkpoint_with_config_and_tokenizer(converted: tuple[Path, int]) -> None:
@@ -105,10 +103,26 @@ def test_conversion_streams_with_memory_bounded_by_a_tensor(converted: tuple[Pat
     assert growth < largest + (128 << 20), f"peak RSS grew by {growth >> 20} MiB"
 
 
-def test_logits_equal_transformers_gguf_load(converted: tuple[Path, int], reference) -> None:
+def test_equals_transformers_own_gguf_load(converted: tuple[Path, int], real_gguf: Path) -> None:
+    """Weights, logits, tokenizer and chat template against transformers' own load of the GGUF
+    (dequantized, q/k un-permuted) in bfloat16; and a real answer. One test, so the reference
+    (15-20 s to load) is loaded once even when xdist spreads the tests over workers."""
+    pytest.importorskip("accelerate", reason="transformers' GGUF loading needs accelerate (a dev extra)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     ckpt, _ = converted
-    ref_model, ref_tok = reference
-    ours = load_model(ckpt)
+    ref_model = AutoModelForCausalLM.from_pretrained(str(real_gguf.parent), gguf_file=real_gguf.name,
+                                                     dtype=torch.bfloat16).eval()
+    ref_tok = AutoTokenizer.from_pretrained(str(real_gguf.parent), gguf_file=real_gguf.name)
+    ours, tok = load_model(ckpt), AutoTokenizer.from_pretrained(str(ckpt))
+    _check_weights_and_logits(ours, ref_model, ref_tok)
+    _check_tokenizer(tok, ref_tok)
+    ids: Any = tok.apply_chat_template(CHAT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = ours.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def _check_weights_and_logits(ours: Any, ref_model: Any, ref_tok: Any) -> None:
     assert next(ours.parameters()).dtype == torch.bfloat16
     # The weights are bit-identical: same dequantizer, same un-permutation of q/k, same cast.
     ref_sd = ref_model.state_dict()
@@ -122,22 +136,9 @@ def test_logits_equal_transformers_gguf_load(converted: tuple[Path, int], refere
         assert torch.equal(got.argmax(-1), want.argmax(-1)), prompt
 
 
-def test_a_real_answer(converted: tuple[Path, int]) -> None:
-    from transformers import AutoTokenizer
-
-    ckpt, _ = converted
-    model, tok = load_model(ckpt), AutoTokenizer.from_pretrained(str(ckpt))
-    ids: Any = tok.apply_chat_template(CHAT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    out = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
-
-
-def test_tokenizer_round_trips_and_renders_the_chat_template(converted: tuple[Path, int], reference) -> None:
-    from transformers import AutoTokenizer
-
-    ckpt, _ = converted
-    _, ref = reference
-    tok = AutoTokenizer.from_pretrained(str(ckpt))
+def _check_tokenizer(tok: Any, ref: Any) -> None:
+    """Round trips, the same ids and specials as transformers' tokenizer from the GGUF, and the
+    chat template rendering a system + user conversation with the generation prompt."""
     assert json.loads(tok.backend_tokenizer.to_str()) == json.loads(ref.backend_tokenizer.to_str())
     for text in TEXTS:
         ids = tok(text).input_ids
