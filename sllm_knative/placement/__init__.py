@@ -17,7 +17,7 @@ from sllm_knative.placement.calibration import (
     observe_migration,
     observe_start,
 )
-from sllm_knative.placement.decide import Action, Option, Placement, choose_victims, place
+from sllm_knative.placement.decide import Action, Option, Placement, choose_victims, displaceable, place
 from sllm_knative.placement.model import (
     TIERS,
     Estimate,
@@ -47,6 +47,7 @@ __all__ = [
     "QueuedLoad",
     "Tier",
     "choose_victims",
+    "displaceable",
     "ewma",
     "fit_migration_cost",
     "observe_load",

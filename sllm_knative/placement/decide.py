@@ -17,6 +17,15 @@ The option with the smallest estimate wins; ties go to the least disruptive acti
 EVICT, WAIT, MIGRATE), then the faster tier, then the node name. Instances of the requested
 model itself are never displaced (the caller routes to them instead), nor are instances that
 are not ready (starting or draining).
+
+Overload (`displaceable`): an instance counts as idle only when nothing is routed to it and
+its own generation list answered empty; one whose list did not answer can only be migrated.
+A protected instance (fresh: started for waiting requests, within its minimum residency) and
+an instance whose own service has requests waiting are not displaced for another service of
+the same priority, so two services cannot keep evicting each other's new instances (a higher
+priority still displaces them). Fair share overrides both: for
+a starving request (its service waited past its bound) a service holding more than one
+instance gives one up, its generations migrated onto a sibling with room.
 """
 
 from __future__ import annotations
@@ -149,6 +158,25 @@ def _migration_targets(victim: Instance, home: NodeInventory, nodes: Sequence[No
     return best
 
 
+def displaceable(inst: Instance, request: ModelRequest) -> str | None:
+    """Why `inst` may not be stopped or migrated to start `request` (None: it may)."""
+    if inst.model == request.model:
+        return "an instance of the requested model (requests go to it instead)"
+    if inst.priority > request.priority:
+        return f"priority {inst.priority} over the request's {request.priority}"
+    if not inst.ready:
+        return "not ready (starting or draining)"
+    if inst.priority < request.priority:
+        return None  # a strict order between services: no ping-pong to guard against
+    if request.starving and inst.service_instances > 1:
+        return None  # fair share: a service holding more than one instance gives one up
+    if inst.protected:
+        return "protected (fresh: serving what it was started for, or within its minimum residency)"
+    if inst.service_waiting > 0:
+        return f"its own service has {inst.service_waiting} request(s) waiting"
+    return None
+
+
 def _options(request: ModelRequest, node: NodeInventory, nodes: Sequence[NodeInventory],
              cost: MigrationCost) -> Iterable[Option]:
     e = startup(request, node)
@@ -162,7 +190,7 @@ def _options(request: ModelRequest, node: NodeInventory, nodes: Sequence[NodeInv
         yield Option(Action.WAIT, e, free_s=first.remaining_s or 0.0, victim=first.name,
                      reason=f"no free slot; {first.name} expected to finish in {first.remaining_s:.2f}s; {base}")
     for inst in node.instances:
-        if inst.model == request.model or inst.priority > request.priority or not inst.ready:
+        if displaceable(inst, request) is not None:
             continue
         if inst.idle:
             yield Option(Action.EVICT, e, victim=inst.name,

@@ -60,7 +60,14 @@ class Instance:
     its in-flight generations (what a migration must recompute); `remaining_s` is the expected
     time until they all end (None when unknown); `capacity` is its containerConcurrency
     (0 = unlimited). `ready` is False while it starts or drains: it holds its slot but is
-    neither stopped, migrated, nor a migration destination."""
+    neither stopped, migrated, nor a migration destination.
+
+    What keeps it from being displaced for another service (decide.py, "Overload"): `answered`
+    is False when its own generation list was not read (then it is not known to be idle);
+    `protected` while it is fresh (started for waiting requests, within its minimum
+    residency); `service_waiting` counts its service's requests waiting for capacity;
+    `service_instances` how many instances its service holds (fair share takes one of a
+    service that holds more than one)."""
 
     name: str
     model: str
@@ -72,10 +79,16 @@ class Instance:
     priority: int = 0
     migratable: bool = True
     ready: bool = True
+    answered: bool = True
+    protected: bool = False
+    service_waiting: int = 0
+    service_instances: int = 1
 
     def __post_init__(self) -> None:
         if self.size_bytes <= 0:
             raise ValueError(f"instance {self.name}: size_bytes must be > 0, got {self.size_bytes}")
+        if self.service_waiting < 0 or self.service_instances < 1:
+            raise ValueError(f"instance {self.name}: service_waiting must be >= 0 and service_instances >= 1")
         if self.inflight < 0 or self.tokens < 0 or self.capacity < 0:
             raise ValueError(f"instance {self.name}: inflight, tokens and capacity must be >= 0")
         if self.remaining_s is not None and not (self.remaining_s >= 0 and math.isfinite(self.remaining_s)):
@@ -83,7 +96,8 @@ class Instance:
 
     @property
     def idle(self) -> bool:
-        return self.inflight == 0
+        """Nothing routed to it and nothing in its own generation list (which must have answered)."""
+        return self.inflight == 0 and self.answered
 
     def spare(self) -> float:
         """How many more generations it can take (inf when its concurrency is unlimited)."""
@@ -180,11 +194,14 @@ def store_of(model: str, stores: Mapping[str, float]) -> str | None:
 
 @dataclass(frozen=True)
 class ModelRequest:
-    """The model to start: its key (the checkpoint URI), its size, its service's priority."""
+    """The model to start: its key (the checkpoint URI), its size, its service's priority.
+    `starving`: its service has waited past its fair-share bound, so a service holding more
+    than one instance gives one up for it (decide.py, "Overload")."""
 
     model: str
     size_bytes: int
     priority: int = 0
+    starving: bool = False
 
     def __post_init__(self) -> None:
         if self.size_bytes <= 0:

@@ -135,6 +135,58 @@ def test_no_free_slot(nodes: list[NodeInventory], action: Action, want_node: str
     assert p.estimate_s == pytest.approx(want_s)
 
 
+STARVING = ModelRequest(M, 5 * GB, starving=True)
+
+
+def inst(name: str, *, node_waiting: int = 0, instances: int = 1, **kw: object) -> Instance:
+    """An instance of OTHER (1 GB) with the overload fields: its service's waiting requests and instance count."""
+    args: dict = {"inflight": 0, "tokens": 0, "capacity": 4, "remaining_s": None, "migratable": True, **kw}
+    return Instance(name, OTHER, 1 * GB, service_waiting=node_waiting, service_instances=instances, **args)
+
+
+@pytest.mark.parametrize("request_,nodes,action,want_node,victim", [
+    pytest.param(REQ, [node("a", Tier.DRAM, free=0, instances=(inst("x", inflight=1, migratable=False),)),
+                       node("b", Tier.SSD, free=0, instances=(inst("z"),))],
+                 Action.EVICT, "b", "z", id="a-generation-that-has-not-started-is-not-idle"),
+    pytest.param(REQ, [node("a", Tier.DRAM, free=0, instances=(inst("x", answered=False, migratable=False),)),
+                       node("b", Tier.SSD, free=0, instances=(inst("z"),))],
+                 Action.EVICT, "b", "z", id="an-instance-that-did-not-answer-is-not-idle"),
+    pytest.param(REQ, [node("a", Tier.DRAM, free=0, instances=(inst("x", answered=False),)),
+                       node("b", free=0, instances=(inst("y", inflight=1, migratable=False, remaining_s=30.0),
+                                                    inst("sib", inflight=0)))],
+                 Action.MIGRATE, "a", "x", id="an-instance-that-did-not-answer-can-still-be-migrated"),
+    pytest.param(REQ, [node("a", Tier.DRAM, free=0, instances=(inst("x", protected=True),)),
+                       node("b", Tier.SSD, free=0, instances=(inst("z"),))],
+                 Action.EVICT, "b", "z", id="a-fresh-instance-is-protected"),
+    pytest.param(REQ, [node("a", Tier.DRAM, free=0, instances=(inst("x", node_waiting=2),))],
+                 Action.WAIT, None, None, id="two-services-that-each-want-the-others-slot"),
+    pytest.param(ModelRequest(M, 5 * GB, priority=1),
+                 [node("a", Tier.DRAM, free=0, instances=(inst("x", protected=True, node_waiting=2),))],
+                 Action.EVICT, "a", "x", id="a-higher-priority-displaces-a-fresh-instance"),
+    pytest.param(REQ, [node("a", Tier.DRAM, free=0, instances=(inst("x", node_waiting=1, instances=2),))],
+                 Action.WAIT, None, None, id="not-starving-yet-the-waiting-service-keeps-both"),
+    pytest.param(STARVING, [node("a", Tier.DRAM, free=0, instances=(inst("x", node_waiting=1, instances=2),))],
+                 Action.EVICT, "a", "x", id="a-starving-service-takes-one-of-two-idle"),
+    pytest.param(STARVING, [node("a", Tier.DRAM, free=0,
+                                 instances=(inst("x", inflight=1, tokens=100, protected=True, node_waiting=3,
+                                                 instances=2),)),
+                            node("b", free=0, instances=(inst("sib", inflight=1, protected=True, node_waiting=3,
+                                                              instances=2),))],
+                 Action.MIGRATE, "a", "x", id="a-starving-service-takes-one-of-two-busy-onto-its-sibling"),
+    pytest.param(STARVING, [node("a", Tier.DRAM, free=0,
+                                 instances=(inst("x", inflight=1, tokens=100, instances=2, node_waiting=3),)),
+                            node("b", free=0, instances=(inst("sib", inflight=4, instances=2, node_waiting=3),))],
+                 Action.WAIT, None, None, id="a-sibling-without-room-is-no-destination"),
+    pytest.param(STARVING, [node("a", Tier.DRAM, free=0, instances=(inst("x", protected=True),))],
+                 Action.WAIT, None, None, id="a-starving-service-does-not-take-an-only-instance"),
+])
+def test_overload_rules(request_: ModelRequest, nodes: list[NodeInventory], action: Action, want_node: str | None,
+                        victim: str | None) -> None:
+    p = place(request_, nodes, COST)
+    assert (p.action, p.node) == (action, want_node), p.reasons
+    assert (p.chosen.victim if p.chosen else None) == victim, p.reasons
+
+
 def test_migration_cost_decides_between_migrate_and_place() -> None:
     nodes = [node("a", Tier.DRAM, free=0, instances=(busy("x", tokens=1000),)), node("b")]
     assert place(REQ, nodes, COST).action == Action.MIGRATE
