@@ -112,6 +112,14 @@ SCALING_POLICY_SCHEMA = _root(
         "migration": {"type": "boolean",
                       "description": "Whether in-flight generations of these Services may be live-migrated to "
                                      "free a slot or on scale-down. Default true."},
+        "minResidency": _s("How long a new instance of these Services is protected once ready: placement does "
+                           "not stop or migrate it for another Service meanwhile, so two Services cannot keep "
+                           "evicting each other's fresh instances (fair share still may). A duration; "
+                           "default 10s.", pattern=_DURATION),
+        "fairShareAfter": _s("How long a request of these Services may wait for capacity before a Service "
+                             "holding more than one instance gives one up for it (its generations migrate to "
+                             "a sibling). A duration, well under the activator's timeout; default 15s.",
+                             pattern=_DURATION),
     }, required=["target"]),
     _obj("Observed state, written by the autoscaler.", {
         "observedGeneration": _i("The generation of the spec last acted on.", 0),

@@ -72,6 +72,8 @@ class ScalingPolicy:
     target_concurrency: float | None = None
     priority: int = 0
     migration: bool = True
+    min_residency: float | None = None
+    fair_share_after: float | None = None
 
     def applies_to(self, service: ServiceConfig) -> bool:
         if service.namespace != self.namespace:
@@ -142,12 +144,14 @@ def parse_scaling_policy(doc: Any, *, source: str = "") -> ScalingPolicy:
     spec = doc["spec"]
     target = spec["target"]
     selector = _selector(target["selector"], ("spec", "target", "selector"), errors) if "selector" in target else None
-    keep_alive = None
-    if "keepAlive" in spec:
-        try:
-            keep_alive = parse_duration(spec["keepAlive"])
-        except ValueError as exc:
-            errors.add(("spec", "keepAlive"), str(exc))
+    durations: dict[str, float | None] = {}
+    for name in ("keepAlive", "minResidency", "fairShareAfter"):
+        durations[name] = None
+        if name in spec:
+            try:
+                durations[name] = parse_duration(spec[name])
+            except ValueError as exc:
+                errors.add(("spec", name), str(exc))
     lo, hi = spec.get("minScale"), spec.get("maxScale")
     if lo is not None and hi and lo > hi:
         errors.add(("spec", "minScale"), f"must be <= maxScale ({hi}), got {lo}")
@@ -157,12 +161,14 @@ def parse_scaling_policy(doc: Any, *, source: str = "") -> ScalingPolicy:
         namespace=meta.get("namespace") or "default",
         service_name=target.get("serviceName"),
         selector=selector,
-        keep_alive=keep_alive,
+        keep_alive=durations["keepAlive"],
         min_scale=lo,
         max_scale=hi,
         target_concurrency=spec.get("targetConcurrency"),
         priority=spec.get("priority", 0),
         migration=spec.get("migration", True),
+        min_residency=durations["minResidency"],
+        fair_share_after=durations["fairShareAfter"],
     )
 
 

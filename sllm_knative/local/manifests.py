@@ -7,6 +7,7 @@ validated like any applied file (sllm_knative.config), so it must stay a valid K
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 # Knative lets a revision start at zero instances (cold on its first request) only when the
 # cluster allows it; its default initial scale is 1.
@@ -23,8 +24,10 @@ data:
 
 def service_manifest(name: str, model: str, *, namespace: str = "default", keep_alive: str = "5s",
                      window: str = "6s", max_scale: int = 2, container_concurrency: int = 4,
-                     initial_scale: int | None = None, args: tuple[str, ...] = ()) -> str:
-    """Knative Service `name` serving checkpoint `model`, with a ScalingPolicy keep-alive."""
+                     initial_scale: int | None = None, args: tuple[str, ...] = (),
+                     policy: Mapping[str, object] | None = None) -> str:
+    """Knative Service `name` serving checkpoint `model`, with a ScalingPolicy keep-alive (and
+    the further ScalingPolicy spec fields in `policy`: priority, minResidency, ...)."""
     annotations = {
         "autoscaling.knative.dev/class": "llm.autoscaling.sllm-knative.io",
         "autoscaling.knative.dev/window": window,
@@ -62,4 +65,4 @@ spec:
   target:
     serviceName: {name}
   keepAlive: {keep_alive}
-"""
+""" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in (policy or {}).items())

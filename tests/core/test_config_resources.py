@@ -38,7 +38,8 @@ POLICY: dict[str, Any] = {
     "kind": "ScalingPolicy",
     "metadata": {"name": "keep", "namespace": "ml"},
     "spec": {"target": {"serviceName": "llama"}, "keepAlive": "90s", "minScale": 0, "maxScale": 3,
-             "targetConcurrency": 2.5, "priority": 10, "migration": False},
+             "targetConcurrency": 2.5, "priority": 10, "migration": False, "minResidency": "20s",
+             "fairShareAfter": "1m"},
 }
 
 
@@ -55,16 +56,21 @@ def policy_with(**spec: Any) -> dict[str, Any]:
 def test_parses_a_policy() -> None:
     p = parse_scaling_policy(POLICY)
     assert p == ScalingPolicy(name="keep", namespace="ml", service_name="llama", keep_alive=90.0, min_scale=0,
-                              max_scale=3, target_concurrency=2.5, priority=10, migration=False)
+                              max_scale=3, target_concurrency=2.5, priority=10, migration=False, min_residency=20.0,
+                              fair_share_after=60.0)
     minimal = parse_scaling_policy(policy_with(keepAlive=None, minScale=None, maxScale=None, targetConcurrency=None,
-                                               priority=None, migration=None))
+                                               priority=None, migration=None, minResidency=None, fairShareAfter=None))
     assert (minimal.keep_alive, minimal.priority, minimal.migration) == (None, 0, True)
+    assert (minimal.min_residency, minimal.fair_share_after) == (None, None)
 
 
 @pytest.mark.parametrize("spec,expected", [
     pytest.param({"keepAlive": "5x"}, 'spec.keepAlive: must be a duration such as "30s", "5m" or "1h30m", got "5x"',
                  id="keepalive-form"),
     pytest.param({"keepAlive": 30}, "spec.keepAlive: must be a string, got 30 (an integer)", id="keepalive-int"),
+    pytest.param({"minResidency": "soon"}, 'spec.minResidency: must be a duration such as "30s"', id="residency-form"),
+    pytest.param({"fairShareAfter": 15}, "spec.fairShareAfter: must be a string, got 15 (an integer)",
+                 id="fair-share-int"),
     pytest.param({"minScale": 4}, "spec.minScale: must be <= maxScale (3), got 4", id="min-over-max"),
     pytest.param({"maxScale": -1}, "spec.maxScale: must be >= 0, got -1", id="negative-max"),
     pytest.param({"targetConcurrency": 0}, "spec.targetConcurrency: must be >= 0.01, got 0", id="target-zero"),

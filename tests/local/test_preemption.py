@@ -51,11 +51,6 @@ def cli(state: Path, *args: str) -> str:
     return r.stdout
 
 
-def with_policy(manifest: str, **spec: int) -> str:
-    """service_manifest's YAML with more ScalingPolicy fields (its spec block comes last)."""
-    return manifest + "".join(f"  {k}: {v}\n" for k, v in spec.items())
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     from sllm_knative.convert import convert
@@ -182,7 +177,7 @@ class Deployed:
 
 
 def a_manifest(a_uri: str, **policy: int) -> str:
-    return with_policy(service_manifest("a", a_uri, keep_alive="120s", container_concurrency=4, args=ARGS), **policy)
+    return service_manifest("a", a_uri, keep_alive="120s", container_concurrency=4, args=ARGS, policy=policy)
 
 
 @pytest.fixture(scope="module")
@@ -194,8 +189,8 @@ def deployed(cluster, web: Nginx) -> Deployed:
     d = Deployed(state, doc, a_uri, b_uri, Stream(doc["activator"]))
     d.apply(a_manifest(a_uri, minScale=2) + "---\n"
             # B matters more than A: once B runs, A (which wants two instances) cannot take its slot back.
-            + with_policy(service_manifest("b", b_uri, keep_alive="120s", container_concurrency=4, args=ARGS,
-                                           initial_scale=0), priority=1)
+            + service_manifest("b", b_uri, keep_alive="120s", container_concurrency=4, args=ARGS, initial_scale=0,
+                               policy={"priority": 1})
             + "---\n" + ALLOW_ZERO_INITIAL_SCALE)
     wait_for(lambda: services(doc)["default/a"]["ready"] == 2, 60, "two ready instances of A")
     assert not services(doc)["default/b"]["instances"]
