@@ -94,10 +94,12 @@ class Capacity:
             raise errors.Overloaded(f"{svc.key}: {svc.held} requests already waiting")
         t0 = time.monotonic()
         svc.held += 1
+        svc.held_since.append(t0)
         try:
             found = await self.registry.wait_for_instance(svc, deadline, exclude)
         finally:
             svc.held -= 1
+            svc.held_since.remove(t0)
         meters.queue_seconds.observe(time.monotonic() - t0)
         if found is None:
             raise errors.ColdStartTimeout(

@@ -38,6 +38,28 @@ class RoutedService:
     # instance: id -> its instance object, if it had one), forgotten once an update no longer lists them.
     listed: list[Endpoint] = dataclasses.field(default_factory=list)
     withheld: dict[str, RoutedInstance | None] = dataclasses.field(default_factory=dict)
+    # Instances that left the rotation with requests still outstanding on them, kept (and
+    # reported) until those end: a preemption must not take an instance for idle while a request
+    # the activator sent it is still on its way.
+    departed: dict[str, RoutedInstance] = dataclasses.field(default_factory=dict)
+    # When each request waiting for an instance with room began to wait (monotonic seconds).
+    held_since: list[float] = dataclasses.field(default_factory=list)
+
+    def loads(self) -> list[RoutedInstance]:
+        """Every instance with requests of this service on it, in rotation or not (withheld,
+        departed with requests outstanding)."""
+        self.departed = {i: inst for i, inst in self.departed.items() if inst.outstanding > 0}
+        out = list(self.instances)
+        ids = {i.id for i in out}
+        for inst in [*self.withheld.values(), *self.departed.values()]:
+            if inst is not None and inst.id not in ids:
+                out.append(inst)
+                ids.add(inst.id)
+        return out
+
+    def oldest_held_s(self, now: float) -> float:
+        """How long the longest-waiting held request has waited (0 with none)."""
+        return max(0.0, now - min(self.held_since)) if self.held_since else 0.0
 
 
 class Registry:
@@ -75,7 +97,8 @@ class Registry:
     def _rotate(self, svc: RoutedService) -> None:
         """The rotation: the last update's endpoints but the withheld ones; each instance object
         kept across updates (and across a withhold) with its outstanding count."""
-        old = {i.id: i for i in svc.instances}
+        old = dict(svc.departed)
+        old.update({i.id: i for i in svc.instances})
         old.update({i: inst for i, inst in svc.withheld.items() if inst is not None})
         fresh = []
         for e in svc.listed:
@@ -86,6 +109,8 @@ class Registry:
             inst.internal_url = (e.internal_url or "").rstrip("/")
             inst.capacity = svc.container_concurrency if e.capacity is None else e.capacity
             fresh.append(inst)
+        kept = {i.id for i in fresh} | {i for i, inst in svc.withheld.items() if inst is not None}
+        svc.departed = {i: inst for i, inst in old.items() if i not in kept and inst.outstanding > 0}
         svc.instances = fresh
 
     async def drop_instance(self, key: ServiceKey, instance_id: str) -> None:
@@ -93,6 +118,9 @@ class Registry:
         push, or in Kubernetes mode the revision's next EndpointSlice change or resync)."""
         svc = self._services.get(key)
         if svc:
+            for inst in svc.instances:
+                if inst.id == instance_id and inst.outstanding > 0:
+                    svc.departed[inst.id] = inst
             svc.instances = [i for i in svc.instances if i.id != instance_id]
             await svc.breaker.poke()
 

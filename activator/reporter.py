@@ -47,8 +47,9 @@ class Reporter:
             r = svc.window.report(now, reset=reset)
             out.append(api.ServiceStats(
                 namespace=svc.key.namespace, name=svc.key.name, average_concurrency=r.average_concurrency,
-                requests=r.requests, in_flight=r.in_flight, held=svc.held, seconds=r.seconds,
-                instances=[api.InstanceLoad(id=i.id, outstanding=i.outstanding) for i in svc.instances]))
+                requests=r.requests, in_flight=r.in_flight, held=svc.held, oldest_held_s=svc.oldest_held_s(now),
+                seconds=r.seconds,
+                instances=[api.InstanceLoad(id=i.id, outstanding=i.outstanding) for i in svc.loads()]))
         return api.StatsReport(services=out)
 
     async def _loop(self) -> None:

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from sllm_knative.api.keys import ServiceKey
-from sllm_knative.api.wire import Message, NonEmptyStr, NonNegInt
+from sllm_knative.api.wire import Message, NonEmptyStr, NonNegFloat, NonNegInt
 
 DEMAND = "/v1/demand"
 STATS = "/v1/stats"
@@ -38,6 +38,7 @@ class ServiceStats(Message):
     requests: NonNegInt  # started in the window
     in_flight: NonNegInt  # now
     held: NonNegInt = 0  # of those, waiting for an instance with room
+    oldest_held_s: NonNegFloat = 0.0  # how long the longest-waiting of them has waited
     seconds: float  # the window's length
     instances: list[InstanceLoad] = []
 

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 Int = Annotated[int, Strict()]
 NonNegInt = Annotated[int, Strict(), Field(ge=0)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 class Message(BaseModel):
