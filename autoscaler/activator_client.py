@@ -19,6 +19,7 @@ import httpx
 from autoscaler.backends.base import InstanceRecord
 from sllm_knative.api import MigrationOutcome, auth
 from sllm_knative.api import activator as activator_api
+from sllm_knative.api.autoscaler import StatsReport
 from sllm_knative.config import ServiceConfig
 from sllm_knative.log import get_logger
 
@@ -62,6 +63,11 @@ class Activator(Protocol):
         """Move the generations of instance `source` onto `destination` (None: the activator's
         choice among the service's ready instances). None when nothing could move: no other
         ready instance, or the activator refused."""
+        ...
+
+    async def outstanding(self, service: ServiceConfig, instance: str) -> int | None:
+        """Requests the activator has sent to `instance` that have not ended (in rotation or not:
+        one may still be on its way there); None when it could not say."""
         ...
 
     async def close(self) -> None: ...
@@ -117,6 +123,18 @@ class ActivatorClient:
                       status=r.status_code, reason=r.text[:200])
             return None
         return [MigrationResult.from_json(g) for g in r.json().get("generations", [])]
+
+    async def outstanding(self, service: ServiceConfig, instance: str) -> int | None:
+        try:
+            r = await self.http.get(f"{self.admin_url}{activator_api.STATS}")
+            r.raise_for_status()
+            report = StatsReport.model_validate(r.json())
+        except (httpx.HTTPError, ValueError) as exc:
+            _log.warning("could not read the activator's stats", service=service.key, instance=instance,
+                         activator=self.admin_url, error=str(exc)[:200])
+            return None
+        return sum(i.outstanding for s in report.services if str(s.key) == service.key
+                   for i in s.instances if i.id == instance)
 
     async def close(self) -> None:
         await self.http.aclose()

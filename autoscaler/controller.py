@@ -82,6 +82,7 @@ class Autoscaler:
                 continue
             rt.window = rt.window.record(now, s.average_concurrency)
             rt.in_flight = s.in_flight
+            rt.held, rt.oldest_held_s, rt.stats_at = s.held, s.oldest_held_s, now
             if s.in_flight or s.requests:
                 rt.last_request_at = now
             rt.outstanding = {i.id: i.outstanding for i in s.instances}

@@ -14,3 +14,12 @@ READY_SECONDS = Histogram("autoscaler_instance_ready_seconds", "Instance start t
                           registry=REGISTRY, buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300))
 DESIRED = Gauge("autoscaler_desired_scale", "Instances the decider wants", ["service"], registry=REGISTRY)
 READY = Gauge("autoscaler_ready_instances", "Instances ready", ["service"], registry=REGISTRY)
+PREEMPTIONS = Counter("autoscaler_preemptions_total",
+                      "Slots freed for another service (placement's evict or migrate): done or called off",
+                      ["action", "result"], registry=REGISTRY)
+MIGRATED_GENERATIONS = Counter("autoscaler_migrated_generations_total",
+                               "Generations the activator was asked to move (preemption, scale-down), by outcome",
+                               ["outcome"], registry=REGISTRY)
+STOPPED_BUSY = Counter("autoscaler_stopped_busy_total",
+                       "Instances stopped while they still ran generations (a scale-down's drain past its wait)",
+                       registry=REGISTRY)

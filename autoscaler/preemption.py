@@ -12,8 +12,10 @@ The steps, in the order they come (docs/migration.md, "Placement / preemption"):
    move) starts an instance of the victim's service there and waits until it is ready.
 2. `LeaveRotation`: the victim takes no new request.
 3. `Migrate`: its generations move (MIGRATE always; EVICT only if a request landed on the
-   victim since placement saw it idle).
-4. `WaitIdle`: what is still running on it ends (up to a few seconds).
+   victim since placement saw it idle, or its generation list did not answer).
+4. `WaitIdle`: what is still running on it ends (up to a few seconds): the instance answers
+   that it runs nothing, and the activator's first report after it left rotation shows no
+   request of the activator's still outstanding on it (one may be on its way there).
 5. `Stop`: the victim stops; its slot is free.
 
 A scale-down drains its victim with the same steps (`plan_drain`): out of rotation, its
@@ -96,13 +98,13 @@ Step = StartDestination | LeaveRotation | Migrate | WaitIdle | Stop | CallOff
 class VictimView:
     """The victim as it is now: its service, node, state, and the generations it runs
     (waiting or running, as last seen: placement's count, then the instance's own list once
-    it has left rotation)."""
+    it has left rotation; None when that list did not answer, so it is not known to be idle)."""
 
     instance: str
     service: str
     node: str
     state: InstanceState
-    running: int = 0
+    running: int | None = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +165,9 @@ def plan_preemption(view: PreemptionView) -> tuple[Step, ...]:
                 move = Migrate(victim.instance, done.destination)
         else:
             move = Migrate(victim.instance, option.destination)
-    elif victim.running > 0:  # a request landed on an idle victim since placement looked
+    elif victim.running is None or victim.running > 0:
+        # A request landed on an idle victim since placement looked, or it did not say: what
+        # streams the activator has on it move; WaitIdle then needs its answer that nothing runs.
         move = Migrate(victim.instance)
     if not done.left_rotation:
         steps.append(LeaveRotation(victim.instance))

@@ -45,7 +45,14 @@ from autoscaler.preemption import (
 )
 from autoscaler.services import ServiceRuntime, ServiceTable
 from autoscaler.slots import Reservation, SlotLedger
-from autoscaler.view import LoadInFlight, instance_view, occupy_all, parse_tier, running_generations
+from autoscaler.view import (
+    LoadInFlight,
+    instance_view,
+    is_protected,
+    occupy_all,
+    parse_tier,
+    running_generations,
+)
 from sllm_knative.log import get_logger
 from sllm_knative.placement import (
     Action,
@@ -103,6 +110,7 @@ class Scaler:
         self._early: collections.OrderedDict[str, list[InstanceEvent]] = collections.OrderedDict()
         self.preempt_wait_s = PREEMPT_WAIT_S
         self.drain_wait_s = DRAIN_WAIT_S
+        self._ready_since: dict[str, float] = {}  # when each instance became ready (self.clock): its residency
 
     def model_size(self, model: str) -> int:
         return self.backend.model_size(model) or DEFAULT_MODEL_BYTES
@@ -135,12 +143,15 @@ class Scaler:
         generations = await self._generations_on_full_nodes()
         async with self.slots.lock:  # no await inside: read the slots, place, reserve
             nodes = self._occupied(nodes, generations)
-            decision = place(ModelRequest(rt.model, self.model_size(rt.model), rt.priority), nodes, self.calibration)
+            starving = rt.starving(self.clock())
+            decision = place(ModelRequest(rt.model, self.model_size(rt.model), rt.priority, starving=starving),
+                             nodes, self.calibration)
             claim = self._claim(rt, decision, nodes)
         placement_s = time.perf_counter() - t0
         metrics.PLACEMENT_SECONDS.observe(placement_s)
         if claim is None or decision.node is None:
             _log.info("no free slot: waiting for capacity", service=svc.key, checkpoint=rt.model,
+                      waiting=rt.held, waited_s=round(rt.waited_s(self.clock()), 1), starving=starving,
                       reasons="; ".join(decision.reasons))
             return
         record: dict[str, Any] = {"action": str(decision.action), "estimate_s": decision.estimate_s,
@@ -149,7 +160,7 @@ class Scaler:
             if decision.action in (Action.EVICT, Action.MIGRATE):
                 _log.info("preempting", service=svc.key, checkpoint=rt.model, action=str(decision.action),
                           node=decision.node, victim=claim.option.victim, destination=claim.option.destination,
-                          reason=decision.reasons[0])
+                          fair_share=starving, reason=decision.reasons[0])
                 freed = await self._preempt(claim, nodes)
                 if freed is None:
                     return
@@ -187,7 +198,11 @@ class Scaler:
             size = self.model_size(rt.model)
             view = instance_view(rec, model=rt.model, size_bytes=size, capacity=rt.config.container_concurrency,
                                  priority=rt.priority, migration=rt.migration,
-                                 outstanding=rt.outstanding.get(rec.id, 0), generations=generations.get(rec.id))
+                                 outstanding=rt.outstanding.get(rec.id, 0), generations=generations.get(rec.id),
+                                 protected=is_protected(self._ready_since.get(rec.id), rt.min_residency_s,
+                                                        self.clock()),
+                                 service_waiting=rt.held,
+                                 service_instances=len(rt.counted()))
             if rec.id in rt.claimed():
                 view = dataclasses.replace(view, ready=False, migratable=False)
             instances.setdefault(rec.node, []).append(view)
@@ -287,6 +302,7 @@ class Scaler:
                 self._settle(rec.id, False)
                 return
             rec.state = InstanceState.READY
+            self._ready_since[rec.id] = self.clock()
             rt.failed_starts, rt.last_failure, rt.retry_at = 0, "", 0.0
             self.calibration = fold_ready(self.calibration, rec)
             if rec.ready_at:
@@ -310,6 +326,7 @@ class Scaler:
             _log.warning("instance exited", service=rt.key, instance=rec.id, node=rec.node, detail=event.detail)
             rec.state = InstanceState.STOPPED
             rt.instances.pop(rec.id, None)
+            self._ready_since.pop(rec.id, None)
             self._settle(rec.id, False)
             await self.push(rt)
 
@@ -350,6 +367,7 @@ class Scaler:
 
     async def stop(self, rt: ServiceRuntime, rec: InstanceRecord, grace_s: float = 10.0) -> None:
         self._settle(rec.id, False)
+        self._ready_since.pop(rec.id, None)
         await self.backend.stop(rec, grace_s)
         rt.instances.pop(rec.id, None)
 
@@ -360,7 +378,7 @@ class Scaler:
 
     # -- preemption ------------------------------------------------------------------------
 
-    def _victim_view(self, instance: str, running: int = 0) -> VictimView | None:
+    def _victim_view(self, instance: str, running: int | None = 0) -> VictimView | None:
         found = self.table.find(instance)
         if found is None:
             return None
@@ -380,6 +398,7 @@ class Scaler:
             victim = vrt.instances.get(option.victim or "") if vrt is not None else None
             if isinstance(step, CallOff) or vrt is None:
                 await self._call_off(step if isinstance(step, CallOff) else CallOff("victim is gone"), vrt)
+                metrics.PREEMPTIONS.labels(str(option.action), "called_off").inc()
                 return None
             if isinstance(step, StartDestination):
                 started = await self._start_destination(vrt, step, claim)
@@ -389,8 +408,11 @@ class Scaler:
                 done = await self._run_step(vrt, victim, step, done)
                 if isinstance(step, LeaveRotation):
                     # An EVICT victim was idle when placement looked; a request may have landed since.
-                    running = len(running_generations(await self.backend.generations(victim)))
+                    gens = await self.backend.generations(victim)
+                    routed = 0 if self.activator is None else await self.activator.outstanding(vrt.config, victim.id)
+                    running = None if gens is None or routed is None else max(len(running_generations(gens)), routed)
             view = dataclasses.replace(view, victim=self._victim_view(option.victim or "", running), progress=done)
+        metrics.PREEMPTIONS.labels(str(option.action), "done").inc()
         migration = view.progress.migration
         outcomes = [str(o) for o in migration.outcomes] if migration else []
         _log.info("preempted", service=vrt.key if vrt else None, instance=option.victim, node=option.node,
@@ -423,8 +445,12 @@ class Scaler:
                 outcomes=tuple(r.outcome for r in results))
             return dataclasses.replace(done, migration=attempt)
         if isinstance(step, WaitIdle):
-            return dataclasses.replace(done, idle=await self.wait_idle(rec, step.timeout_s))
+            return dataclasses.replace(done, idle=await self.wait_idle(rt, rec, step.timeout_s))
         if isinstance(step, Stop):
+            if done.idle is False:
+                metrics.STOPPED_BUSY.inc()
+                _log.warning("stopping an instance that still runs generations", service=rt.key, instance=rec.id,
+                             node=rec.node)
             await self.stop(rt, rec)
             return dataclasses.replace(done, stopped=True)
         raise AssertionError(f"not a step on an instance: {step}")
@@ -472,17 +498,25 @@ class Scaler:
         if results is None:
             return None
         self.calibration = fold_migrations(self.calibration, ((r.outcome, r.tokens, r.seconds) for r in results))
+        for r in results:
+            metrics.MIGRATED_GENERATIONS.labels(str(r.outcome)).inc()
         rt.record_migrations([dict(r.doc) for r in results])
         _log.info("migrated off", service=rt.key, instance=rec.id, node=rec.node, generations=len(results),
                   outcomes=",".join(str(r.outcome) for r in results))
         return results
 
-    async def wait_idle(self, rec: InstanceRecord, timeout_s: float) -> bool:
-        """Until the instance runs no generation (True), or `timeout_s` passes (False). An
-        instance that does not answer runs nothing this controller could wait for."""
+    async def wait_idle(self, rt: ServiceRuntime, rec: InstanceRecord, timeout_s: float) -> bool:
+        """Until the instance is idle (True), or `timeout_s` passes (False). Idle: it answers
+        that it runs no generation, and the activator has no request outstanding on it (one
+        sent just before it left rotation may not have reached it yet). An instance that does
+        not answer is not idle: it may be too busy to answer."""
         deadline = time.monotonic() + timeout_s
         while True:
-            if not running_generations(await self.backend.generations(rec)):
+            gens = await self.backend.generations(rec)
+            routed = 0 if self.activator is None else await self.activator.outstanding(rt.config, rec.id)
+            if gens is not None and not running_generations(gens) and routed == 0:
+                return True
+            if rec.id not in rt.instances:  # gone meanwhile (exited): nothing runs on it
                 return True
             if time.monotonic() >= deadline:
                 return False

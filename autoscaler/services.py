@@ -18,6 +18,8 @@ from autoscaler.window import MetricWindow
 from sllm_knative.config import Manifest, ScalingPolicy, ServiceConfig, policy_for
 
 MIGRATIONS_KEPT = 20  # the latest migration results of a service, for `sllm-knative get`
+MIN_RESIDENCY_S = 10.0  # a new instance is not displaced for another service this long (ScalingPolicy minResidency)
+FAIR_SHARE_AFTER_S = 15.0  # a request waiting this long takes an instance of a service holding two (fairShareAfter)
 
 
 @dataclasses.dataclass
@@ -29,6 +31,11 @@ class ServiceRuntime:
     window: MetricWindow
     last_request_at: float | None = None
     in_flight: int = 0
+    # From the activator's last report: requests waiting for an instance with room, how long the
+    # oldest of them had waited, and when the report came (the autoscaler's clock).
+    held: int = 0
+    oldest_held_s: float = 0.0
+    stats_at: float | None = None
     instances: dict[str, InstanceRecord] = dataclasses.field(default_factory=dict)
     outstanding: dict[str, int] = dataclasses.field(default_factory=dict)
     last_decision: str = ""
@@ -63,6 +70,26 @@ class ServiceRuntime:
     @property
     def migration(self) -> bool:
         return self.policy.migration if self.policy else True
+
+    @property
+    def min_residency_s(self) -> float:
+        p = self.policy
+        return p.min_residency if p is not None and p.min_residency is not None else MIN_RESIDENCY_S
+
+    @property
+    def fair_share_after_s(self) -> float:
+        p = self.policy
+        return p.fair_share_after if p is not None and p.fair_share_after is not None else FAIR_SHARE_AFTER_S
+
+    def waited_s(self, now: float) -> float:
+        """How long its longest-waiting request has waited by `now` (0 with none waiting)."""
+        if not self.held or self.stats_at is None:
+            return 0.0
+        return self.oldest_held_s + max(0.0, now - self.stats_at)
+
+    def starving(self, now: float) -> bool:
+        """Its requests have waited past its fair-share bound: it may take an instance of a service holding two."""
+        return self.waited_s(now) >= self.fair_share_after_s
 
     def ready(self) -> list[InstanceRecord]:
         return [i for i in self.instances.values() if i.state == InstanceState.READY]

@@ -24,7 +24,8 @@ def running_generations(generations: list[dict[str, Any]] | None) -> list[dict[s
 
 
 def instance_view(rec: InstanceRecord, *, model: str, size_bytes: int, capacity: int, priority: int,
-                  migration: bool, outstanding: int, generations: list[dict[str, Any]] | None) -> Instance:
+                  migration: bool, outstanding: int, generations: list[dict[str, Any]] | None,
+                  protected: bool = False, service_waiting: int = 0, service_instances: int = 1) -> Instance:
     """The planner's view of a live instance.
 
     `outstanding` is the activator's count of requests routed to it (reported every second);
@@ -32,7 +33,9 @@ def instance_view(rec: InstanceRecord, *, model: str, size_bytes: int, capacity:
     position), None when it was not asked or did not answer. In flight is the larger of the
     two (either may lag the other by a moment); tokens are the positions (prompt plus
     generated) of its waiting and running generations, what a migration recomputes. It can
-    be migrated only when ready with an internal API and its policy allows migration."""
+    be migrated only when ready with an internal API and its policy allows migration. Without
+    an answer it is not known to be idle (`answered`). `protected`, `service_waiting` and
+    `service_instances` are its service's overload facts (see `Instance`)."""
     running = running_generations(generations)
     ready = rec.state == InstanceState.READY
     return Instance(
@@ -41,8 +44,14 @@ def instance_view(rec: InstanceRecord, *, model: str, size_bytes: int, capacity:
         tokens=sum(int(g.get("position", 0)) for g in running),
         capacity=capacity, priority=priority,
         migratable=migration and ready and bool(rec.internal_port),
-        ready=ready,
+        ready=ready, answered=generations is not None, protected=protected,
+        service_waiting=service_waiting, service_instances=max(1, service_instances),
     )
+
+
+def is_protected(ready_since: float | None, min_residency_s: float, now: float) -> bool:
+    """Fresh: ready (since `ready_since`; None: not ready yet) for less than its minimum residency."""
+    return ready_since is not None and now - ready_since < min_residency_s
 
 
 @dataclasses.dataclass(frozen=True)

@@ -229,12 +229,16 @@ class MemoryActivator:
         self.migrating = asyncio.Event()
         self.outcome = MigrationOutcome.MIGRATED
         self.refuse = False
+        self.on_the_way: dict[str, int] = {}  # requests sent to an instance that it has not seen yet
 
     async def push_endpoints(self, service: ServiceConfig, ready: Sequence[InstanceRecord]) -> None:
         self.rotation[service.key] = [r.id for r in ready]
 
     async def remove(self, service: str) -> None:
         self.rotation.pop(service, None)
+
+    async def outstanding(self, service: ServiceConfig, instance: str) -> int | None:
+        return self.on_the_way.get(instance, 0)
 
     async def migrate(self, service: ServiceConfig, source: str,
                       destination: str | None) -> list[MigrationResult] | None:

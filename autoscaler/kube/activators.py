@@ -114,6 +114,11 @@ class KubeActivators:
             return None  # a replica that may hold the streams refused: not "nothing to move"
         return moved
 
+    async def outstanding(self, service: ServiceConfig, instance: str) -> int | None:
+        """Summed over every replica (each routes its own requests); None if one could not say."""
+        answers = await asyncio.gather(*(c.outstanding(service, instance) for c in self.replicas()))
+        return None if any(a is None for a in answers) else sum(a or 0 for a in answers)
+
     async def close(self) -> None:
         if self.slices is not None:
             await asyncio.to_thread(self.slices.stop)

@@ -28,11 +28,13 @@ def node(name: str, slots: int = 1, **tiers: Tier) -> MemoryNode:
 
 
 def service(name: str, *, keep_alive: str = "5s", initial_scale: int | None = 0, max_scale: int = 2,
-            **policy: object) -> str:
-    """Service `name` serving model `name`, with its ScalingPolicy's extra fields (minScale, priority, ...)."""
-    text = service_manifest(name, uri(name), keep_alive=keep_alive, initial_scale=initial_scale, max_scale=max_scale,
-                            container_concurrency=4)
-    return text + "".join(f"  {k}: {str(v).lower() if isinstance(v, bool) else v}\n" for k, v in policy.items())
+            minResidency: str = "0s", **policy: object) -> str:  # noqa: N803 - the ScalingPolicy field's name
+    """Service `name` serving model `name`, with its ScalingPolicy's extra fields (minScale, priority, ...).
+    No minimum residency unless asked: the scenarios that are not about it preempt fresh instances."""
+    policy = {"minResidency": minResidency, **policy}  # JSON values: a bool stays a YAML boolean
+    return service_manifest(name, uri(name), keep_alive=keep_alive, initial_scale=initial_scale, max_scale=max_scale,
+                            container_concurrency=4,
+                            policy=policy)
 
 
 class Clock:
@@ -75,18 +77,23 @@ class Cluster:
         await self.scaler.on_demand(f"default/{name}", 1)
         await self.settle()
 
-    def report(self, concurrency: Mapping[str, float] | None = None) -> None:
-        """The activator's per-second report: each service's concurrency (0 unless given)."""
-        concurrency = concurrency or {}
+    def report(self, concurrency: Mapping[str, float] | None = None,
+               held: Mapping[str, tuple[int, float]] | None = None) -> None:
+        """The activator's per-second report: each service's concurrency (0 unless given) and its
+        requests waiting for room with how long the oldest has waited (none unless given)."""
+        concurrency, held = concurrency or {}, held or {}
         self.scaler.on_stats(StatsReport(services=[
             ServiceStats(namespace="default", name=key.split("/", 1)[1], average_concurrency=concurrency.get(key, 0.0),
-                         in_flight=int(concurrency.get(key, 0)), requests=int(concurrency.get(key, 0)), seconds=1.0)
+                         in_flight=int(concurrency.get(key, 0)) + held.get(key, (0, 0.0))[0],
+                         requests=int(concurrency.get(key, 0)), held=held.get(key, (0, 0.0))[0],
+                         oldest_held_s=held.get(key, (0, 0.0))[1], seconds=1.0)
             for key in self.scaler.services]))
 
-    async def tick(self, seconds: float = 1.0, concurrency: Mapping[str, float] | None = None) -> None:
+    async def tick(self, seconds: float = 1.0, concurrency: Mapping[str, float] | None = None,
+                   held: Mapping[str, tuple[int, float]] | None = None) -> None:
         """`seconds` later: a report, then the decider for every service."""
         self.clock.t += seconds
-        self.report(concurrency)
+        self.report(concurrency, held)
         self.scaler.tick()
         await self.settle()
 

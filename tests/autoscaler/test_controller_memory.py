@@ -242,3 +242,80 @@ def test_a_failed_start_and_an_exited_instance_are_forgotten() -> None:
         assert c.instances("a") == [] and c.activator.rotation["default/a"] == []
 
     run([node("n1"), node("n2")], scenario)
+
+
+# -- overload: who may be displaced (sllm_knative.placement.decide, "Overload") ----------------
+
+def test_a_fresh_instance_is_not_displaced_until_its_minimum_residency_ends() -> None:
+    async def scenario(c: Cluster) -> None:
+        await c.deploy(service("a", minResidency="10s"), service("b"))
+        await c.demand("a")
+        await c.demand("b")
+        assert c.instances("b") == [] and c.ready_on("a") == ["n1"], "a is 0 s old: protected"
+        c.clock.t += 11
+        await c.demand("b")
+        assert c.ready_on("b") == ["n1"] and c.instances("a") == []
+
+    run([node("n1")], scenario)
+
+
+def test_an_instance_whose_service_has_requests_waiting_is_not_displaced() -> None:
+    async def scenario(c: Cluster) -> None:
+        await c.deploy(service("a"), service("b"))
+        await c.demand("a")
+        c.report(held={"default/a": (2, 0.5)})
+        await c.demand("b")
+        assert c.instances("b") == [] and c.ready_on("a") == ["n1"], "a's own requests wait for it"
+        c.report()
+        await c.demand("b")
+        assert c.ready_on("b") == ["n1"] and c.instances("a") == []
+
+    run([node("n1")], scenario)
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy-migrated-onto-its-sibling"])
+def test_a_starving_service_takes_one_of_two_instances(busy: bool) -> None:
+    """Both of a's instances are protected and a has requests waiting; once b's oldest request has
+    waited past its fair-share bound (15 s by default), a gives one up (its generation moves to
+    the sibling) and b starts in the freed slot. a keeps the other."""
+    async def scenario(c: Cluster) -> None:
+        await c.deploy(service("a", minResidency="10m", minScale=2), service("b"))
+        await c.tick()
+        assert c.ready_on("a") == ["n1", "n1"]
+        if busy:  # both: with one idle, placement would stop that one instead (less disruptive)
+            for inst in c.instances("a"):
+                c.backend.add_generation(inst.id, 300)
+        await c.tick(held={"default/a": (1, 0.5), "default/b": (1, 5.0)})
+        await c.demand("b")
+        assert c.instances("b") == [], "b has waited 5 s: not starving yet"
+        await c.tick(held={"default/a": (1, 0.5), "default/b": (1, 16.0)})
+        await c.demand("b")
+        assert c.ready_on("b") == ["n1"] and c.ready_on("a") == ["n1"]
+        placed = c.rt("b").placements[-1]
+        assert placed["action"] == ("migrate" if busy else "evict"), placed
+        if busy:
+            assert [m["outcome"] for m in c.rt("a").migrations] == [str(MigrationOutcome.MIGRATED)]
+            [kept] = c.instances("a")
+            assert len(c.backend.generations_of[kept.id]) == 2  # its own and the migrated one
+
+    run([node("n1", slots=2)], scenario)
+
+
+def test_a_request_on_its_way_to_an_idle_victim_calls_the_eviction_off() -> None:
+    """Placement saw a idle; out of rotation, the activator still has a request on its way there:
+    nothing stops a meanwhile, the preemption is called off after the wait and a is back in
+    rotation. Once the request has ended, the eviction goes through."""
+    async def scenario(c: Cluster) -> None:
+        await c.deploy(service("a"), service("b"))
+        await c.demand("a")
+        [a] = c.instances("a")
+        c.activator.on_the_way[a.id] = 1
+        c.scaler.scaler.preempt_wait_s = 0.3
+        await c.demand("b")
+        assert c.instances("b") == [] and c.backend.stopped == []
+        assert c.ready_on("a") == ["n1"] and c.activator.rotation["default/a"] == [a.id]
+        c.activator.on_the_way.clear()
+        await c.demand("b")
+        assert c.ready_on("b") == ["n1"] and c.backend.stopped == [a.id]
+
+    run([node("n1")], scenario)

@@ -40,7 +40,7 @@ ONTO_A2 = option(Action.MIGRATE, "a-2")
 ONTO_N2 = option(Action.MIGRATE, "n2", starts=True)
 
 
-def victim(state: InstanceState = InstanceState.READY, running: int = 0) -> VictimView:
+def victim(state: InstanceState = InstanceState.READY, running: int | None = 0) -> VictimView:
     return VictimView(V, "default/a", "n1", state, running)
 
 
@@ -65,6 +65,12 @@ def migrated(*outcomes: MigrationOutcome) -> MigrationAttempt:
                       migration=MigrationAttempt(refused=True)),
                  (WaitIdle(V, WAIT), Stop(V)), id="evict-nothing-could-move-wait-for-it"),
     pytest.param(view(EVICT, LEFT, left_rotation=True), (WaitIdle(V, WAIT), Stop(V)), id="evict-out-of-rotation"),
+    pytest.param(view(EVICT, victim(InstanceState.DRAINING, running=None), left_rotation=True),
+                 (Migrate(V), WaitIdle(V, WAIT), Stop(V)), id="evict-the-victim-did-not-answer-move-what-can"),
+    pytest.param(view(EVICT, victim(InstanceState.DRAINING, running=None), left_rotation=True,
+                      migration=MigrationAttempt(refused=True), idle=False),
+                 (CallOff(f"{V} still runs generations after {WAIT:g}s", V),),
+                 id="evict-still-not-idle-after-the-wait-put-it-back"),
     # MIGRATE onto a ready instance of the victim's model.
     pytest.param(view(ONTO_A2), (LeaveRotation(V), Migrate(V, "a-2"), WaitIdle(V, WAIT), Stop(V)),
                  id="migrate-onto-a-ready-instance"),
