@@ -49,11 +49,13 @@ def follow_done(lags: Sequence[int], cfg: MigrationConfig) -> bool:
 
 def pick_destination(instances: Sequence[RoutedInstance], source_id: str,
                      exclude: frozenset[str] = frozenset()) -> RoutedInstance | None:
-    """The ready instance (not the source) with the fewest outstanding requests and an internal API."""
+    """The ready instance (not the source, with an internal API) with room, fewest outstanding
+    requests first; with room nowhere, the least loaded (its parked prefill slot is the
+    generation's reservation there: the resume is admitted at its concurrency limit)."""
     best: RoutedInstance | None = None
     for inst in instances:
         if inst.id == source_id or inst.id in exclude or not inst.internal_url:
             continue
-        if best is None or inst.outstanding < best.outstanding:
+        if best is None or (inst.has_room(), -inst.outstanding) > (best.has_room(), -best.outstanding):
             best = inst
     return best

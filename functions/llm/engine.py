@@ -147,6 +147,11 @@ class Engine:
         seq = self._by_id.get(gen_id)
         return seq.cache_len if seq is not None and seq.status is Status.PARKED else 0
 
+    def holds_parked(self, gen_id: str) -> bool:
+        """Whether a parked prefill of gen_id is here (any thread: a plain read, as `cached`)."""
+        seq = self._by_id.get(gen_id)
+        return seq is not None and seq.status is Status.PARKED
+
     def drop_parked(self, gen_id: str) -> None:
         seq = self._by_id.get(gen_id)
         if seq is None or seq.status is not Status.PARKED:

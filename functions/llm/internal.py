@@ -120,7 +120,7 @@ async def resume(request: Request) -> Any:
     if state.model != service.cfg.model_name:
         raise BadRequest(f"state.model = {state.model!r}, this instance serves {service.cfg.model_name!r}",
                          param="state.model", code="model_mismatch")
-    permit = service.limiter.acquire()
+    permit = service.limiter.acquire(reserved=engine.holds_parked(state.id))
     try:
         queue = OutputQueue()
         seq = await asyncio.wrap_future(engine.call(lambda: engine.resume(state, queue.sink)))

@@ -53,8 +53,11 @@ class Limiter:
         self.in_use = 0
         self._metrics = metrics
 
-    def acquire(self) -> Permit:
-        if self.in_use >= self.limit:
+    def acquire(self, reserved: bool = False) -> Permit:
+        """A slot, or TooManyRequests at the limit. `reserved`: a migrated generation whose
+        prefill is parked here, its reservation (a parked KV slot, beyond the limit's slots):
+        admitted even at the limit, so a resume is never refused once its source let it go."""
+        if self.in_use >= self.limit and not reserved:
             raise TooManyRequests(f"This instance is serving its limit of {self.limit} concurrent requests; "
                                   "retry later or on another instance.")
         self.in_use += 1

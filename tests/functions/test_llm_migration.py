@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -354,3 +355,49 @@ def test_generation_id_header(server_pair):
     r = httpx.post(f"{a.url}/v1/completions", json=req, headers={"x-sllm-generation-id": "cmpl-taken-000"})
     assert r.status_code == 409 and r.json()["error"]["code"] == "generation_id_in_use"
     t.join(60)
+
+
+def test_a_prefilled_resume_is_admitted_at_the_concurrency_limit(server_pair, tiny_model, tmp_path):
+    """The destination's parked prefill is the generation's reservation: once prefilled there, its
+    resume is admitted even when every concurrency slot is taken (after the detach the source has
+    let it go: a refusal would cut the stream). Without a prefill, the limit holds (429)."""
+    a, _ = server_pair
+    full = Server(tiny_model, tmp_path / "full.log", "--max-concurrency", "1")
+    try:
+        full.wait_ready()
+        with httpx.Client(timeout=60) as c, c.stream("POST", f"{a.url}/v1/completions",
+                                                     json=body(temperature=0, max_tokens=40)) as r:
+            reference = consume(r, Collected())
+        state = export_at(a, 5)
+        occupant = threading.Thread(target=Load._run, args=(full, body(max_tokens=600, logprobs=None)), daemon=True)
+        occupant.start()
+        deadline = time.monotonic() + 30
+        while full.metric("sllm_function_requests_in_flight") < 1:
+            assert time.monotonic() < deadline, "the occupant never started"
+            time.sleep(0.05)
+        refused = httpx.post(f"{full.internal_url}/internal/v1/resume", json={"state": state}, timeout=30)
+        assert refused.status_code == 429, refused.text
+        p = httpx.post(f"{full.internal_url}/internal/v1/prefill",
+                       json={"id": state["id"], "start": 0, "tokens": state["tokens"]}, timeout=30)
+        assert p.status_code == 200, p.text
+        resumed = resume(full, state)
+        skip = state["position"] - state["prompt_len"]
+        assert resumed.done and resumed.tokens == reference.tokens[skip:]
+        occupant.join(60)
+    finally:
+        full.stop()
+
+
+def export_at(server: Server, tokens: int) -> dict:
+    """A greedy generation of 40 tokens on `server`, exported once it has `tokens` of them."""
+    got: dict = {}
+
+    def on_chunk(out: Collected) -> None:
+        if len(out.tokens) == tokens and not got:
+            got.update(export(server, out.id))
+
+    with httpx.Client(timeout=60) as c, c.stream("POST", f"{server.url}/v1/completions",
+                                                 json=body(temperature=0, max_tokens=40)) as r:
+        consume(r, Collected(), on_chunk)
+    assert got, "never exported"
+    return {**got, "id": got["id"] + "-copy"}

@@ -79,8 +79,9 @@ def test_config_rejects(kwargs, message):
         MigrationConfig(**kwargs)
 
 
-def inst(name: str, outstanding: int, internal: bool = True) -> RoutedInstance:
-    return RoutedInstance(name, f"http://{name}", outstanding=outstanding, internal_url=f"http://{name}:1" if internal else "")
+def inst(name: str, outstanding: int, internal: bool = True, capacity: int = 0) -> RoutedInstance:
+    return RoutedInstance(name, f"http://{name}", outstanding=outstanding, capacity=capacity,
+                          internal_url=f"http://{name}:1" if internal else "")
 
 
 @pytest.mark.parametrize("instances, exclude, want", [
@@ -88,6 +89,10 @@ def inst(name: str, outstanding: int, internal: bool = True) -> RoutedInstance:
     pytest.param([inst("src", 0), inst("b", 3), inst("c", 1)], frozenset({"c"}), "b", id="excluded-skipped"),
     pytest.param([inst("src", 0), inst("b", 0, internal=False)], frozenset(), None, id="no-internal-api"),
     pytest.param([inst("src", 0)], frozenset(), None, id="only-the-source"),
+    pytest.param([inst("src", 0), inst("b", 1, capacity=1), inst("c", 2, capacity=4)], frozenset(), "c",
+                 id="room-beats-fewer-outstanding"),
+    pytest.param([inst("src", 0), inst("b", 2, capacity=2), inst("c", 1, capacity=1)], frozenset(), "c",
+                 id="no-room-anywhere-least-loaded"),
 ])
 def test_pick_destination(instances, exclude, want):
     got = pick_destination(instances, "src", exclude)
