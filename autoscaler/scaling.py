@@ -144,8 +144,8 @@ class Scaler:
         async with self.slots.lock:  # no await inside: read the slots, place, reserve
             nodes = self._occupied(nodes, generations)
             starving = rt.starving(self.clock())
-            decision = place(ModelRequest(rt.model, self.model_size(rt.model), rt.priority, starving=starving),
-                             nodes, self.calibration)
+            decision = place(ModelRequest(rt.model, self.model_size(rt.model), rt.priority, starving=starving,
+                                          service=rt.key), nodes, self.calibration)
             claim = self._claim(rt, decision, nodes)
         placement_s = time.perf_counter() - t0
         metrics.PLACEMENT_SECONDS.observe(placement_s)

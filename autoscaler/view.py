@@ -38,14 +38,20 @@ def instance_view(rec: InstanceRecord, *, model: str, size_bytes: int, capacity:
     `service_instances` are its service's overload facts (see `Instance`)."""
     running = running_generations(generations)
     ready = rec.state == InstanceState.READY
+    inflight = max(outstanding, len(running))
+    # Its KV slots are its concurrency plus its parked slots (the function's default: as many):
+    # what runs beyond the concurrency limit (resumed migrations) and what is parked use them up.
+    parked = sum(1 for g in generations or [] if g.get("status") == "parked")
+    reserve = max(0, capacity - parked - max(0, inflight - capacity))
     return Instance(
-        name=rec.id, model=model, size_bytes=size_bytes,
-        inflight=max(outstanding, len(running)),
+        name=rec.id, model=model, size_bytes=size_bytes, service=rec.service,
+        inflight=inflight,
         tokens=sum(int(g.get("position", 0)) for g in running),
         capacity=capacity, priority=priority,
         migratable=migration and ready and bool(rec.internal_port),
         ready=ready, answered=generations is not None, protected=protected,
         service_waiting=service_waiting, service_instances=max(1, service_instances),
+        reserve=reserve,
     )
 
 

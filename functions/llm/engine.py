@@ -118,8 +118,11 @@ class Engine:
             if start != 0:
                 raise Conflict(f"no prefill for {gen_id} here: the first prefill must start at 0, not {start}",
                                param="start", code="prefill_out_of_order")
-            if self.parked >= self.parked_limit or not self._free:
+            if self.parked >= self.parked_limit:
                 raise TooManyRequests(f"all {self.parked_limit} parked slots are in use", code="no_parked_slot")
+            if not self._free:
+                raise TooManyRequests("every KV slot is taken (resumed migrations run beyond the concurrency "
+                                      "limit in the parked slots)", code="no_parked_slot")
             seq = Sequence.parked(gen_id, tokens, self.tokenizer)
             self._place(seq)
             self._log.info("prefill for a migration", id=gen_id, tokens=len(tokens))

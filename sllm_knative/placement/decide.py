@@ -139,14 +139,14 @@ class _Target:
 
 def _migration_targets(victim: Instance, home: NodeInventory, nodes: Sequence[NodeInventory],
                        cost: MigrationCost) -> _Target | None:
-    """The cheapest place for `victim`'s generations: a ready instance of its model with room,
-    else a new instance on another node's free slot."""
+    """The cheapest place for `victim`'s generations: a ready instance of its service with room
+    (its reserve included), else a new instance on another node's free slot."""
     move = cost.seconds(victim.tokens)
     best: _Target | None = None
     for n in nodes:
         for other in n.instances:
-            if (other.name != victim.name and other.model == victim.model and other.ready
-                    and other.spare() >= victim.inflight):
+            if (other.name != victim.name and other.owner == victim.owner and other.ready
+                    and other.receivable() >= victim.inflight):
                 cand = _Target(move, other.name, False, f"onto instance {other.name} on {n.name}")
                 best = cand if best is None or cand.seconds < best.seconds else best
     for n in nodes:
@@ -160,8 +160,8 @@ def _migration_targets(victim: Instance, home: NodeInventory, nodes: Sequence[No
 
 def displaceable(inst: Instance, request: ModelRequest) -> str | None:
     """Why `inst` may not be stopped or migrated to start `request` (None: it may)."""
-    if inst.model == request.model:
-        return "an instance of the requested model (requests go to it instead)"
+    if inst.owner == request.owner:
+        return "an instance of the requesting service (requests go to it instead)"
     if inst.priority > request.priority:
         return f"priority {inst.priority} over the request's {request.priority}"
     if not inst.ready:

@@ -83,12 +83,19 @@ class Instance:
     protected: bool = False
     service_waiting: int = 0
     service_instances: int = 1
+    # The service it belongs to. Services may share a checkpoint (`model`) but not instances: a
+    # generation moves only onto an instance of its own service. Empty: the model names it.
+    service: str = ""
+    # Generations it can take beyond `capacity` as a migration destination: its free parked
+    # prefill slots. A prefilled resume is admitted at the concurrency limit (the parked slot
+    # is its reservation), so a sibling at its limit can still receive a victim's generation.
+    reserve: int = 0
 
     def __post_init__(self) -> None:
         if self.size_bytes <= 0:
             raise ValueError(f"instance {self.name}: size_bytes must be > 0, got {self.size_bytes}")
-        if self.service_waiting < 0 or self.service_instances < 1:
-            raise ValueError(f"instance {self.name}: service_waiting must be >= 0 and service_instances >= 1")
+        if self.service_waiting < 0 or self.service_instances < 1 or self.reserve < 0:
+            raise ValueError(f"instance {self.name}: service_waiting and reserve must be >= 0, service_instances >= 1")
         if self.inflight < 0 or self.tokens < 0 or self.capacity < 0:
             raise ValueError(f"instance {self.name}: inflight, tokens and capacity must be >= 0")
         if self.remaining_s is not None and not (self.remaining_s >= 0 and math.isfinite(self.remaining_s)):
@@ -102,6 +109,15 @@ class Instance:
     def spare(self) -> float:
         """How many more generations it can take (inf when its concurrency is unlimited)."""
         return math.inf if self.capacity == 0 else max(0, self.capacity - self.inflight)
+
+    @property
+    def owner(self) -> str:
+        """Its service (the model where no service is given)."""
+        return self.service or self.model
+
+    def receivable(self) -> float:
+        """How many migrated generations it can take: its spare room plus its reserve."""
+        return self.spare() + self.reserve
 
 
 @dataclass(frozen=True)
@@ -202,6 +218,11 @@ class ModelRequest:
     size_bytes: int
     priority: int = 0
     starving: bool = False
+    service: str = ""  # the service asking (empty: the model names it; see Instance.service)
+
+    @property
+    def owner(self) -> str:
+        return self.service or self.model
 
     def __post_init__(self) -> None:
         if self.size_bytes <= 0:

@@ -48,6 +48,21 @@ def test_instance_view(rec: InstanceRecord, outstanding: int, generations: list[
     assert (got.name, got.model, got.size_bytes, got.capacity, got.priority) == ("a-1", A, 1000, 4, 3)
 
 
+@pytest.mark.parametrize("generations,reserve,answered", [
+    pytest.param([], 4, True, id="every-parked-slot-free"),
+    pytest.param([gen("parked", 10), gen("running", 5)], 3, True, id="one-parked"),
+    pytest.param([gen("running", 5)] * 6, 2, True, id="two-resumed-beyond-the-limit-use-two"),
+    pytest.param([gen("running", 5)] * 8, 0, True, id="all-kv-slots-taken"),
+    pytest.param(None, 4, False, id="no-answer"),
+])
+def test_the_reserve_is_the_free_kv_slots_beyond_the_limit(generations: list[dict[str, Any]] | None, reserve: int,
+                                                           answered: bool) -> None:
+    got = instance_view(record(), model=A, size_bytes=1000, capacity=4, priority=0, migration=True, outstanding=0,
+                        generations=generations, service_waiting=2, service_instances=3, protected=True)
+    assert (got.reserve, got.answered, got.service, got.service_waiting, got.service_instances, got.protected) == (
+        reserve, answered, "default/a", 2, 3, True)
+
+
 def inventory(hops: dict[str, float], tiers: dict[str, list[tuple[str, int, str]]]) -> pb.Inventory:
     return pb.Inventory(
         node="node-1",
