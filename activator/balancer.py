@@ -45,6 +45,7 @@ class Breaker:
 
     def __init__(self) -> None:
         self._changed = asyncio.Condition()
+        self._pokes: set[asyncio.Task[None]] = set()
 
     @contextlib.asynccontextmanager
     async def slot(self, inst: RoutedInstance) -> AsyncIterator[RoutedInstance]:
@@ -64,3 +65,9 @@ class Breaker:
     async def poke(self) -> None:
         async with self._changed:
             self._changed.notify_all()
+
+    def poke_soon(self) -> None:
+        """Wake the waiters once the running task yields (from code that must not await)."""
+        task = asyncio.get_running_loop().create_task(self.poke())
+        self._pokes.add(task)
+        task.add_done_callback(self._pokes.discard)

@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any
 
 from activator import errors
-from activator.balancer import RoutedInstance, pick
+from activator.balancer import RoutedInstance
 from activator.config import ActivatorConfig
 from activator.metrics import ServiceMeters
 from activator.registry import Registry, RoutedService
@@ -83,7 +83,7 @@ class Capacity:
                             meters: ServiceMeters) -> RoutedInstance:
         """The least loaded instance with room, at once or after a wait (Overloaded when too many
         wait already, ColdStartTimeout past the deadline)."""
-        inst = pick(svc.instances, exclude)
+        inst = svc.turn(exclude)  # none while others wait for room: they came first
         if inst is not None:  # warm: no wait
             meters.queue_seconds.observe(0.0)
             return inst

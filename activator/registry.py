@@ -19,6 +19,13 @@ from sllm_knative.api.activator import Endpoint
 from sllm_knative.api.keys import ServiceKey
 
 
+@dataclasses.dataclass(eq=False)
+class Waiter:
+    """A request waiting for an instance with room (`exclude`: instances it must not use)."""
+
+    exclude: frozenset[str]
+
+
 @dataclasses.dataclass
 class RoutedService:
     """One service as the activator routes its requests: its ready instances, their breaker,
@@ -44,6 +51,18 @@ class RoutedService:
     departed: dict[str, RoutedInstance] = dataclasses.field(default_factory=dict)
     # When each request waiting for an instance with room began to wait (monotonic seconds).
     held_since: list[float] = dataclasses.field(default_factory=list)
+    # The requests waiting for room, in arrival order: room goes to the first that can use it.
+    waiters: list[Waiter] = dataclasses.field(default_factory=list)
+
+    def turn(self, exclude: frozenset[str], me: Waiter | None = None) -> RoutedInstance | None:
+        """The instance with room a request may take now: none while a request that came before
+        it (`me`'s predecessors; every waiter for a newcomer) could take one."""
+        for w in self.waiters:
+            if w is me:
+                break
+            if pick(self.instances, w.exclude) is not None:
+                return None
+        return pick(self.instances, exclude)
 
     def loads(self) -> list[RoutedInstance]:
         """Every instance with requests of this service on it, in rotation or not (withheld,
@@ -141,12 +160,20 @@ class Registry:
         await svc.breaker.poke()
 
     async def wait_for_instance(self, svc: RoutedService, deadline: float, exclude: frozenset[str]) -> RoutedInstance | None:
-        """An instance with room, waiting (cold start or full breakers) until the deadline."""
-        while True:
-            inst = pick(svc.instances, exclude)
-            if inst is not None:
-                return inst
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            await svc.breaker.wait_for_change(min(left, 1.0))
+        """An instance with room, waiting (cold start or full breakers) until the deadline, in
+        arrival order: room goes to the longest-waiting request that can use it. The caller
+        takes the slot before it awaits anything (the room is still there)."""
+        me = Waiter(exclude)
+        svc.waiters.append(me)
+        try:
+            while True:
+                inst = svc.turn(exclude, me)
+                if inst is not None:
+                    return inst
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                await svc.breaker.wait_for_change(min(left, 1.0))
+        finally:
+            svc.waiters.remove(me)
+            svc.breaker.poke_soon()  # the next in line looks again

@@ -227,6 +227,30 @@ def test_container_concurrency_spreads_and_queues(activator, upstreams) -> None:
     assert durations[2] >= 0.9, "the third request waits for a slot (containerConcurrency=1, 2 instances)"
 
 
+def test_requests_waiting_for_room_are_served_in_arrival_order(activator, upstreams) -> None:
+    """One instance, one request at a time: the held requests get the slot in the order they came
+    (a request that waited longest is never overtaken by a later one)."""
+    public, admin = activator
+    put(admin, "fifo", [{"id": "a", "url": upstreams[0].url}], cc=1)
+
+    async def run() -> list[int]:
+        done: list[int] = []
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=100)) as c:
+            async def one(i: int, at: float) -> None:
+                await asyncio.sleep(at)
+                r = await c.post(f"{public}/v1/completions", json={"model": "fifo", "delay": 0.1})
+                assert r.status_code == 200, r.text
+                done.append(i)
+            # Requests 0-4 50 ms apart, then 10 more every 20 ms (the activator holds a request 3 s
+            # here): a newcomer landing just as the slot frees must not take it from one that waited.
+            await asyncio.gather(*(one(i, 0.05 * i) for i in range(5)),
+                                 *(one(5 + k, 0.25 + 0.02 * k) for k in range(10)))
+        return done
+
+    order = asyncio.run(run())
+    assert order == sorted(order), order
+
+
 @pytest.mark.parametrize(("instances", "field", "error"), [
     pytest.param([{"id": 1}], "instances[0].id", "valid string", id="id-not-a-string"),
     pytest.param([{"id": "a"}], "instances[0].url", "Field required", id="no-url"),
