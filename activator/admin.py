@@ -71,7 +71,7 @@ def build_admin_app(act: Activator, token: str | None = None) -> Starlette:
                     raise InvalidBody(f"instances[{i}].url", f"instances[{i}].url: {exc}") from None
         except InvalidBody as exc:
             return _error(f"bad service update for {key}: {exc.message}", 400, exc.field)
-        registry.set_service(key, update.container_concurrency)
+        registry.set_service(key, update.container_concurrency, update.hold_timeout_s)
         await registry.set_endpoints(key, update.instances)
         return _json(api.ServiceUpdated(service=str(key), instances=len(update.instances)))
 

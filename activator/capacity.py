@@ -102,7 +102,7 @@ class Capacity:
             svc.held_since.remove(t0)
         meters.queue_seconds.observe(time.monotonic() - t0)
         if found is None:
-            raise errors.ColdStartTimeout(
-                f"{svc.key}: no instance became ready within {self.config.cold_start_timeout_s:g}s",
-                retry_after=max(1, int(self.config.cold_start_timeout_s // 10)))
+            held = svc.hold_timeout_s or self.config.cold_start_timeout_s
+            raise errors.ColdStartTimeout(f"{svc.key}: no instance with room within {held:g}s",
+                                          retry_after=max(1, int(held // 10)))
         return found

@@ -33,6 +33,7 @@ class RoutedService:
 
     key: ServiceKey
     container_concurrency: int = 0
+    hold_timeout_s: float | None = None  # the revision's; None: the activator's --cold-start-timeout
     instances: list[RoutedInstance] = dataclasses.field(default_factory=list)
     breaker: Breaker = dataclasses.field(default_factory=Breaker)
     window: ConcurrencyWindow = dataclasses.field(default_factory=lambda: ConcurrencyWindow(time.monotonic()))
@@ -93,12 +94,14 @@ class Registry:
     def services(self) -> list[RoutedService]:
         return list(self._services.values())
 
-    def set_service(self, key: ServiceKey, container_concurrency: int = 0) -> RoutedService:
+    def set_service(self, key: ServiceKey, container_concurrency: int = 0,
+                    hold_timeout_s: float | None = None) -> RoutedService:
         svc = self._services.get(key)
         if svc is None:
             svc = self._services[key] = RoutedService(key)
             self.known.add(key)
         svc.container_concurrency = container_concurrency
+        svc.hold_timeout_s = hold_timeout_s
         return svc
 
     def remove_service(self, key: ServiceKey) -> None:

@@ -81,7 +81,7 @@ class ActivatorClient:
             token if token is not None else auth.token_from_env()))
 
     async def push_endpoints(self, service: ServiceConfig, ready: Sequence[InstanceRecord]) -> None:
-        body = {"container_concurrency": service.container_concurrency,
+        body = {"container_concurrency": service.container_concurrency, "hold_timeout_s": service.hold_timeout_seconds,
                 "instances": [{"id": i.id, "url": i.url, "node": i.node, "internal_url": i.internal_url}
                               for i in ready]}
         try:

@@ -50,7 +50,7 @@ class ProxyHandler:
 
     async def __call__(self, r: Routed) -> None:
         ex, svc = r.ex, r.svc
-        deadline = time.monotonic() + self.cold_start_timeout_s
+        deadline = time.monotonic() + (svc.hold_timeout_s or self.cold_start_timeout_s)
         headers = list(ex.head.forward)
         if self.namespace_header:
             headers.append((b"knative-serving-namespace", svc.key.namespace.encode()))

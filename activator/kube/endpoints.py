@@ -35,6 +35,7 @@ class RevisionInfo:
     protocol: str = "http1"
     container_concurrency: int = 0
     internal_port: int | None = None
+    hold_timeout_s: float | None = None  # responseStartTimeoutSeconds, else timeoutSeconds (Knative defaults it)
 
     @property
     def ours(self) -> bool:
@@ -56,7 +57,8 @@ def revision_info(revision: Obj | None, pa: Obj | None) -> RevisionInfo:
     protocol = pa_spec.get("protocolType") or _revision_protocol(rev_spec)
     cc = _int(pa_spec.get("containerConcurrency", rev_spec.get("containerConcurrency"))) or 0
     internal = internal_port_of(pa_ann) if pa_ann.get(INTERNAL_PORT_ANNOTATION) else internal_port_of(rev_ann)
-    return RevisionInfo(cls, protocol, max(cc, 0), internal)
+    hold = _int(rev_spec.get("responseStartTimeoutSeconds")) or _int(rev_spec.get("timeoutSeconds"))
+    return RevisionInfo(cls, protocol, max(cc, 0), internal, float(hold) if hold and hold > 0 else None)
 
 
 def _int(value: Any) -> int | None:

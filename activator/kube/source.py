@@ -140,7 +140,7 @@ class KubeSource:
             return
         info = revision_info(revision, self.pas.get(str(key)))
         new = key not in self.registry.known
-        svc = self.registry.set_service(key, info.container_concurrency)
+        svc = self.registry.set_service(key, info.container_concurrency, info.hold_timeout_s)
         if new or svc.ours != info.ours:
             _log.info("revision", service=str(key), autoscaler_class=info.autoscaler_class,
                       protocol=info.protocol, container_concurrency=info.container_concurrency)

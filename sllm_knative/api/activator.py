@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from sllm_knative.api.keys import ServiceKey
 from sllm_knative.api.migration import MigrationOutcome
-from sllm_knative.api.wire import Int, Message, NonEmptyStr, NonNegInt
+from sllm_knative.api.wire import Int, Message, NonEmptyStr, NonNegInt, PositiveFloat
 
 ROOT = "/admin"  # never forwarded from the activator's public port
 PREFIX = f"{ROOT}/v1"
@@ -46,6 +46,7 @@ class Endpoint(Message):
 
 class ServiceUpdate(Message):
     container_concurrency: NonNegInt = 0  # Knative's containerConcurrency (0: unlimited)
+    hold_timeout_s: PositiveFloat | None = None  # how long a request may wait for room (None: the activator's)
     instances: list[Endpoint] = []
 
 

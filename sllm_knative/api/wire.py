@@ -24,6 +24,7 @@ Int = Annotated[int, Strict()]
 NonNegInt = Annotated[int, Strict(), Field(ge=0)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class Message(BaseModel):

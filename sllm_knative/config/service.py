@@ -136,6 +136,10 @@ class ServiceConfig:
     metric: str = "concurrency"
     container_concurrency: int = 0
     timeout_seconds: int = REVISION_TIMEOUT_SECONDS
+    # How long the activator holds a request for an instance with room: the revision's
+    # responseStartTimeoutSeconds, else its timeoutSeconds when set; None: the activator's own
+    # --cold-start-timeout. Past it the request gets a 503 with Retry-After.
+    hold_timeout_seconds: int | None = None
     model: ModelURI | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
@@ -354,6 +358,10 @@ def parse_service(doc: Any, *, defaults: AutoscalerConfig | None = None, source:
     if not 0 < timeout <= MAX_REVISION_TIMEOUT_SECONDS:
         errors.add(("spec", "template", "spec", "timeoutSeconds"),
                    f"must be in [1, {MAX_REVISION_TIMEOUT_SECONDS}], got {timeout}")
+    response_start = tspec.get("responseStartTimeoutSeconds")
+    if response_start is not None and not 0 < response_start <= timeout:
+        errors.add(("spec", "template", "spec", "responseStartTimeoutSeconds"),
+                   f"must be in [1, timeoutSeconds ({timeout})], got {response_start}")
     containers, serving = _containers(tspec.get("containers") or [], errors)
     errors.raise_if_any(source)
     return ServiceConfig(
@@ -366,6 +374,7 @@ def parse_service(doc: Any, *, defaults: AutoscalerConfig | None = None, source:
         metric=metric,
         container_concurrency=cc,
         timeout_seconds=timeout,
+        hold_timeout_seconds=response_start or tspec.get("timeoutSeconds") or None,
         model=model,
         labels=dict(meta.get("labels") or {}),
         annotations=annotations,

@@ -197,6 +197,20 @@ def test_cold_start_timeout_is_503_with_retry_after(activator) -> None:
     assert r.json()["error"]["code"] == "cold_start_timeout"
 
 
+def test_a_service_hold_timeout_replaces_the_activators(activator) -> None:
+    """A revision's responseStartTimeoutSeconds (pushed as hold_timeout_s) bounds the hold, not the
+    activator's --cold-start-timeout (3 s here)."""
+    public, admin = activator
+    r = httpx.put(f"{admin}{admin_api.service_path(ServiceKey('default', 'brief'))}",
+                  json={"container_concurrency": 0, "hold_timeout_s": 1.0, "instances": []})
+    assert r.status_code == 200, r.text
+    t0 = time.monotonic()
+    r = httpx.post(f"{public}/v1/completions", json={"model": "brief"}, timeout=10)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "cold_start_timeout"
+    assert 0.9 <= time.monotonic() - t0 < 2.5, time.monotonic() - t0
+    assert r.headers["retry-after"] == "1" and "within 1s" in r.json()["error"]["message"]
+
+
 def test_instance_dead_before_first_byte_is_retried_once(activator, upstreams, tmp_path) -> None:
     public, admin = activator
     doomed = Upstream("doomed", tmp_path)

@@ -108,6 +108,10 @@ def _obj(annotations: dict[str, str] | None = None, spec: dict[str, Any] | None 
                  id="internal-port"),
     pytest.param(_obj(), _obj({INTERNAL_PORT_ANNOTATION: "http"}), RevisionInfo(KPA_CLASS), id="bad-internal-port"),
     pytest.param(_obj(spec={"containerConcurrency": "x"}), None, RevisionInfo(KPA_CLASS), id="bad-concurrency"),
+    pytest.param(_obj(spec={"timeoutSeconds": 300}), None, RevisionInfo(KPA_CLASS, hold_timeout_s=300.0),
+                 id="hold-for-the-revision-timeout"),
+    pytest.param(_obj(spec={"timeoutSeconds": 300, "responseStartTimeoutSeconds": 45}), None,
+                 RevisionInfo(KPA_CLASS, hold_timeout_s=45.0), id="response-start-timeout-wins"),
 ])
 def test_revision_info(revision: dict[str, Any], pa: dict[str, Any] | None, want: RevisionInfo) -> None:
     assert revision_info(revision, pa) == want

@@ -186,6 +186,10 @@ MIN = 'spec.template.metadata.annotations["autoscaling.knative.dev/min-scale"]'
                  ['spec.template.spec.containerConcurrency: must be an integer, got "4" (a string)'], id="cc-string"),
     pytest.param([(("spec", "template", "spec", "timeoutSeconds"), 900)],
                  ["spec.template.spec.timeoutSeconds: must be in [1, 600]"], id="timeout"),
+    pytest.param([(("spec", "template", "spec", "timeoutSeconds"), 60),
+                  (("spec", "template", "spec", "responseStartTimeoutSeconds"), 90)],
+                 ["spec.template.spec.responseStartTimeoutSeconds: must be in [1, timeoutSeconds (60)], got 90"],
+                 id="response-start-over-timeout"),
     pytest.param([(CONTAINER + ("imagee",), "x")], ["spec.template.spec.containers[0].imagee: unknown field"],
                  id="unknown-container-field"),
     pytest.param([(("spec", "template", "spec", "nodeName"), "n1")], ["spec.template.spec.nodeName: unknown field"],
@@ -259,6 +263,17 @@ def test_the_node_selector_is_kept() -> None:
     s = parse_service(doc_with((("spec", "template", "spec", "nodeSelector"), {"gpu": "h100", "zone": "a"})))
     assert s.node_selector == {"gpu": "h100", "zone": "a"}
     assert parse_service(BASE).node_selector == {}
+
+
+@pytest.mark.parametrize("spec,hold", [
+    pytest.param({}, None, id="unset-the-activator-decides"),
+    pytest.param({"timeoutSeconds": 90}, 90, id="timeout"),
+    pytest.param({"timeoutSeconds": 90, "responseStartTimeoutSeconds": 20}, 20, id="response-start-wins"),
+    pytest.param({"responseStartTimeoutSeconds": 20}, 20, id="response-start-alone"),
+])
+def test_the_hold_timeout_is_the_revisions(spec: dict[str, Any], hold: int | None) -> None:
+    s = parse_service(doc_with(*((("spec", "template", "spec", k), v) for k, v in spec.items())))
+    assert s.hold_timeout_seconds == hold
 
 
 @pytest.mark.parametrize("resources,cores,slots,threads", [
