@@ -145,7 +145,7 @@ class Scaler:
             nodes = self._occupied(nodes, generations)
             starving = rt.starving(self.clock())
             decision = place(ModelRequest(rt.model, self.model_size(rt.model), rt.priority, starving=starving,
-                                          service=rt.key), nodes, self.calibration)
+                                          service=rt.key, holding=len(rt.counted())), nodes, self.calibration)
             claim = self._claim(rt, decision, nodes)
         placement_s = time.perf_counter() - t0
         metrics.PLACEMENT_SECONDS.observe(placement_s)

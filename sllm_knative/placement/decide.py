@@ -25,7 +25,9 @@ an instance whose own service has requests waiting are not displaced for another
 the same priority, so two services cannot keep evicting each other's new instances (a higher
 priority still displaces them). Fair share overrides both: for
 a starving request (its service waited past its bound) a service holding more than one
-instance gives one up, its generations migrated onto a sibling with room.
+instance, and at least two more than the asking service, gives one up, its generations
+migrated onto a sibling with room: the counts even out instead of trading one slot back and
+forth between services that all wait.
 """
 
 from __future__ import annotations
@@ -168,8 +170,8 @@ def displaceable(inst: Instance, request: ModelRequest) -> str | None:
         return "not ready (starting or draining)"
     if inst.priority < request.priority:
         return None  # a strict order between services: no ping-pong to guard against
-    if request.starving and inst.service_instances > 1:
-        return None  # fair share: a service holding more than one instance gives one up
+    if request.starving and inst.service_instances > max(1, request.holding + 1):
+        return None  # fair share: a service holding more than one instance, and more than the asker, gives one up
     if inst.protected:
         return "protected (fresh: serving what it was started for, or within its minimum residency)"
     if inst.service_waiting > 0:

@@ -212,13 +212,15 @@ def store_of(model: str, stores: Mapping[str, float]) -> str | None:
 class ModelRequest:
     """The model to start: its key (the checkpoint URI), its size, its service's priority.
     `starving`: its service has waited past its fair-share bound, so a service holding more
-    than one instance gives one up for it (decide.py, "Overload")."""
+    than one instance, and more than one more than the asking service holds (`holding`), gives
+    one up for it (decide.py, "Overload")."""
 
     model: str
     size_bytes: int
     priority: int = 0
     starving: bool = False
     service: str = ""  # the service asking (empty: the model names it; see Instance.service)
+    holding: int = 0  # instances the asking service holds already (fair share evens the counts out)
 
     @property
     def owner(self) -> str:
