@@ -178,9 +178,13 @@ class Scaler:
         are current rather than a second old."""
         used = self._slots_used()
         full = {name for name, slots in self.backend.node_slots().items() if used.get(name, 0) >= slots}
-        asked = [rec for _, rec in self.table.occupying() if rec.node in full and rec.state == InstanceState.READY]
+        displaceable = [rec for _, rec in self.table.occupying() if rec.node in full and rec.state == InstanceState.READY]
+        asked = [rec for rec in displaceable if rec.internal_port]
         answers = await asyncio.gather(*(self.backend.generations(rec) for rec in asked))
-        return {rec.id: g for rec, g in zip(asked, answers, strict=True)}
+        # Without an internal API there is nothing to ask: the activator's count is all there is.
+        out: dict[str, list[dict[str, Any]] | None] = {rec.id: [] for rec in displaceable if not rec.internal_port}
+        out.update({rec.id: g for rec, g in zip(asked, answers, strict=True)})
+        return out
 
     def _slots_used(self) -> dict[str, int]:
         used = self.table.slots_in_use()
@@ -408,7 +412,7 @@ class Scaler:
                 done = await self._run_step(vrt, victim, step, done)
                 if isinstance(step, LeaveRotation):
                     # An EVICT victim was idle when placement looked; a request may have landed since.
-                    gens = await self.backend.generations(victim)
+                    gens = await self.backend.generations(victim) if victim.internal_port else []
                     routed = 0 if self.activator is None else await self.activator.outstanding(vrt.config, victim.id)
                     running = None if gens is None or routed is None else max(len(running_generations(gens)), routed)
             view = dataclasses.replace(view, victim=self._victim_view(option.victim or "", running), progress=done)
@@ -433,8 +437,10 @@ class Scaler:
                   node=dest.node, victim=claim.option.victim)
         return dest.id if await self.await_ready(dest) else None
 
-    async def _run_step(self, rt: ServiceRuntime, rec: InstanceRecord, step: Step, done: Progress) -> Progress:
-        """Run one step of a preemption or drain on instance `rec` of `rt`; the progress after it."""
+    async def _run_step(self, rt: ServiceRuntime, rec: InstanceRecord, step: Step, done: Progress,
+                        drain: bool = False) -> Progress:
+        """Run one step of a preemption or (`drain`) a scale-down's drain on instance `rec` of `rt`;
+        the progress after it."""
         if isinstance(step, LeaveRotation):
             rec.state = InstanceState.DRAINING
             await self.push(rt)
@@ -445,7 +451,7 @@ class Scaler:
                 outcomes=tuple(r.outcome for r in results))
             return dataclasses.replace(done, migration=attempt)
         if isinstance(step, WaitIdle):
-            return dataclasses.replace(done, idle=await self.wait_idle(rt, rec, step.timeout_s))
+            return dataclasses.replace(done, idle=await self.wait_idle(rt, rec, step.timeout_s, answer=not drain))
         if isinstance(step, Stop):
             if done.idle is False:
                 metrics.STOPPED_BUSY.inc()
@@ -483,7 +489,7 @@ class Scaler:
         rotation the activator no longer reports its outstanding requests."""
         view = DrainView(VictimView(rec.id, rt.key, rec.node, rec.state), done, self.drain_wait_s)
         while plan := plan_drain(view):
-            done = await self._run_step(rt, rec, plan[0], view.progress)
+            done = await self._run_step(rt, rec, plan[0], view.progress, drain=True)
             gone = rec.id not in rt.instances and not done.stopped
             view = dataclasses.replace(view, victim=None if gone else view.victim, progress=done)
 
@@ -505,16 +511,19 @@ class Scaler:
                   outcomes=",".join(str(r.outcome) for r in results))
         return results
 
-    async def wait_idle(self, rt: ServiceRuntime, rec: InstanceRecord, timeout_s: float) -> bool:
-        """Until the instance is idle (True), or `timeout_s` passes (False). Idle: it answers
-        that it runs no generation, and the activator has no request outstanding on it (one
-        sent just before it left rotation may not have reached it yet). An instance that does
-        not answer is not idle: it may be too busy to answer."""
+    async def wait_idle(self, rt: ServiceRuntime, rec: InstanceRecord, timeout_s: float, answer: bool = True) -> bool:
+        """Until the instance is idle (True), or `timeout_s` passes (False). Idle: it runs no
+        generation, and the activator has no request outstanding on it (one sent just before it
+        left rotation may not have reached it yet). With `answer` (a preemption, for another
+        service) the instance must say so: one that does not answer may be too busy to. A
+        scale-down's drain takes silence for nothing running, as an instance without an
+        internal API never says anything."""
         deadline = time.monotonic() + timeout_s
         while True:
-            gens = await self.backend.generations(rec)
+            gens = await self.backend.generations(rec) if rec.internal_port else []
             routed = 0 if self.activator is None else await self.activator.outstanding(rt.config, rec.id)
-            if gens is not None and not running_generations(gens) and routed == 0:
+            known = gens is not None or not answer
+            if known and not running_generations(gens) and routed == 0:
                 return True
             if rec.id not in rt.instances:  # gone meanwhile (exited): nothing runs on it
                 return True
