@@ -16,7 +16,7 @@ from functions.llm import app as public_app
 from functions.llm import drain
 from functions.llm import internal as internal_app
 from functions.llm.service import ModelHost
-from sllm_knative.serving import Server, serve_until_signalled, stop_all
+from sllm_knative.serving import Server, stop_all, stop_on_signals
 
 GRACE_S = 30
 
@@ -54,8 +54,10 @@ async def serve(service: ModelHost) -> None:
             draining.append(asyncio.get_running_loop().create_task(drain.drain(service.log)))
             draining[0].add_done_callback(lambda _: stop_all([server for server, _ in servers]))
 
+    # The handlers first: a load that fails sends SIGTERM once `serving` is set (service.py).
+    stop_on_signals([server for server, _ in servers], on_sigterm=on_sigterm)
     service.serving.set()
     try:
-        await serve_until_signalled(servers, on_sigterm=on_sigterm)
+        await asyncio.gather(*(server.serve(sockets=socks) for server, socks in servers))
     finally:
         await asyncio.to_thread(service.shutdown)

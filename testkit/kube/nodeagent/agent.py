@@ -42,7 +42,9 @@ class NodeAgent:
         self.watch_timeout_s, self.volume_resync_s = watch_timeout_s, volume_resync_s
         self.images = dict(images if images is not None else IMAGES)
         self.extra_env = dict(extra_env or {})
-        self.agent_id = uuid.uuid4().hex[:8]
+        # A letter first: an id such as "1234e567" goes into YAML unquoted (PyYAML reads it as a
+        # string) and kubectl reads it back as a number, refusing it as a label value.
+        self.agent_id = "a" + uuid.uuid4().hex[:7]
         shm = Path("/dev/shm")
         self.shm_root = (shm if shm.is_dir() and os.access(shm, os.W_OK) else self.root) / f"sllm-nodeagent-{self.agent_id}"
         self.api: Api = None  # type: ignore[assignment]
