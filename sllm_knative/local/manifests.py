@@ -25,9 +25,10 @@ data:
 def service_manifest(name: str, model: str, *, namespace: str = "default", keep_alive: str = "5s",
                      window: str = "6s", max_scale: int = 2, container_concurrency: int = 4,
                      initial_scale: int | None = None, args: tuple[str, ...] = (),
-                     policy: Mapping[str, object] | None = None) -> str:
+                     policy: Mapping[str, object] | None = None, timeout_seconds: int | None = None) -> str:
     """Knative Service `name` serving checkpoint `model`, with a ScalingPolicy keep-alive (and
-    the further ScalingPolicy spec fields in `policy`: priority, minResidency, ...)."""
+    the further ScalingPolicy spec fields in `policy`: priority, minResidency, ...).
+    `timeout_seconds`: the revision's timeoutSeconds (also how long the activator holds a request)."""
     annotations = {
         "autoscaling.knative.dev/class": "llm.autoscaling.sllm-knative.io",
         "autoscaling.knative.dev/window": window,
@@ -40,6 +41,7 @@ def service_manifest(name: str, model: str, *, namespace: str = "default", keep_
     container = "        - image: sllm-knative/llm-function"
     if args:
         container += f"\n          args: {json.dumps(list(args))}"
+    timeout = f"\n      timeoutSeconds: {timeout_seconds}" if timeout_seconds is not None else ""
     return f"""\
 apiVersion: serving.knative.dev/v1
 kind: Service
@@ -52,7 +54,7 @@ spec:
       annotations:
 {ann}
     spec:
-      containerConcurrency: {container_concurrency}
+      containerConcurrency: {container_concurrency}{timeout}
       containers:
 {container}
 ---
