@@ -314,7 +314,7 @@ def test_a_wrong_shape_and_a_missing_tensor_are_named(tmp_path: Path) -> None:
 def test_values_that_dequantize_to_nan_or_overflow_the_dtype_are_named(tiny: Path, tmp_path: Path) -> None:
     """A Q8_0 block is a float16 scale and 32 int8 quants: a corrupt scale gives infinities, a large
     one values float16 cannot hold (bfloat16 can)."""
-    from sllm_knative.gguf_source import open_gguf
+    from sllm_knative.gguf_header import open_gguf
 
     embd = next(t for t in open_gguf(tiny).tensors if t.name == "token_embd.weight")
     block = embd.offset + 34 * 2 * 3  # row 3: two blocks of 34 bytes per row of 64
@@ -374,7 +374,7 @@ def corrupted(draw, raw: bytes, header: int) -> bytes:
 @pytest.fixture(scope="module")
 def fuzz_source(tmp_path_factory) -> tuple[Path, bytes, int]:
     """(a directory to work in, the tiny file's bytes, where its tensor data starts)."""
-    from sllm_knative.gguf_source import open_gguf
+    from sllm_knative.gguf_header import open_gguf
 
     work = tmp_path_factory.mktemp("gguf-fuzz")
     src = write_tiny_gguf(work / "fuzz-src.gguf")
