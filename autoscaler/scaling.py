@@ -521,10 +521,10 @@ class Scaler:
         deadline = time.monotonic() + timeout_s
         while True:
             gens = await self.backend.generations(rec) if rec.internal_port else []
-            routed = 0 if self.activator is None else await self.activator.outstanding(rt.config, rec.id)
-            known = gens is not None or not answer
-            if known and not running_generations(gens) and routed == 0:
-                return True
+            if (gens is not None or not answer) and not running_generations(gens):
+                # Only then the activator (every replica's whole report): not on every poll of a busy instance.
+                if self.activator is None or await self.activator.outstanding(rt.config, rec.id) == 0:
+                    return True
             if rec.id not in rt.instances:  # gone meanwhile (exited): nothing runs on it
                 return True
             if time.monotonic() >= deadline:
