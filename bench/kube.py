@@ -11,7 +11,8 @@ per node (`python -m loader_sidecar --kube-node`, its socket and DRAM tier in th
 hostPath folders, which live under /dev/shm here as on a real node), `python -m autoscaler
 --kube` with its placement webhook, `python -m activator --kube`, and the stand-ins for
 Knative's reconcilers (testkit.kube.knative: the Revision's Deployment and PodAutoscaler, SKS
-status, the private Service whose EndpointSlices the activator reads). The function pods run
+status, the private Service whose EndpointSlices the activator reads): testkit.kube.stack, the
+same stack tests/kube/test_e2e.py runs on. The function pods run
 the image `sllm-knative/function` (`python -m functions.llm`) on the tiny random Llama
 (`sllm_knative.models.TINY`, about 0.5 MB), from a file store served by nginx at 256 KiB/s per
 connection, so a load from the store takes about two seconds and a load from DRAM milliseconds.
@@ -91,7 +92,7 @@ from bench._common import (
 from bench.coldstart import MAX_TOKENS, PROMPT
 from bench.coldstart import split as local_split
 from bench.proxy import summarize, target
-from testkit.kube.util import until, webhook_config
+from testkit.kube.util import until
 
 REPO = Path(__file__).resolve().parents[1]
 NS = "bench-kube"  # the revision's namespace
@@ -103,10 +104,6 @@ LOCAL_SERVICE = "llm"
 KEEP_ALIVE = "1s"
 STORE_RATE = "256k"
 AGENT_LABEL = "sllm-knative.io/test-agent"
-SOCKET_DIR = "/var/run/sllm-knative"  # autoscaler/kube/admission.py: LOADER_DIR
-DRAM_DIR = "/dev/shm/sllm-knative"  # autoscaler/kube/admission.py: DRAM_DIR
-POD_ENV = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-           {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
 REQUESTS = {"models": "GET /v1/models", "completion": "POST /v1/completions (max_tokens 1, non-streaming)"}
 # The kube cold start's milestones, in order, and the segment that ends at each.
 MILESTONES = (("created", "to_pod_created_s"), ("ungated", "placement_s"), ("scheduled", "scheduling_s"),
@@ -262,13 +259,12 @@ def pod_timestamps(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 class KubeStack:
-    """The Kubernetes path on the test control plane, as tests/kube/test_e2e.py builds it."""
+    """The Kubernetes path: a control plane and a node agent of its own, with
+    `testkit.kube.stack.Stack` (what tests/kube/test_e2e.py runs on) on them."""
 
     def __init__(self, store: Path, store_url: str, model: str, logs: Path, env: dict[str, str]) -> None:
         self.store, self.store_url, self.model, self.logs, self.env = store, store_url, model, logs, env
         self.stack = contextlib.ExitStack()
-        self.procs: list[Any] = []
-        self.loaders: dict[str, str] = {}  # node -> loader gRPC target
         self.startup_s: dict[str, float] = {}
 
     # -- bring-up
@@ -281,17 +277,10 @@ class KubeStack:
         return self
 
     def _up(self) -> None:
-        from autoscaler.kube.certs import WEBHOOK_CONFIG
-        from autoscaler.kube.podautoscaler import CLASS
-        from autoscaler.kube.webhook import PATH as WEBHOOK_PATH
-        from sllm_knative.config.service import INTERNAL_PORT_ANNOTATION
-        from sllm_knative.kube.client import PODAUTOSCALERS, REVISIONS, SCALINGPOLICIES, Kube
-        from sllm_knative.loader.client import LoaderClient
-        from sllm_knative.ports import free_port
+        from sllm_knative.kube.client import Kube
         from testkit.kube.cluster import KubeCluster, missing_binaries
-        from testkit.kube.knative import PrivateServices, SksStatusWriter, revision_objects
         from testkit.kube.nodeagent import NodeAgent, NodeSpec
-        from testkit.proc import Proc
+        from testkit.kube.stack import Stack
 
         t0 = time.monotonic()
         missing = missing_binaries()
@@ -321,99 +310,27 @@ class KubeStack:
         self.stack.callback(self._save_pod_logs)
         self.stack.callback(self.agent.stop, True)
         self.nodes = [s.name for s in specs]
-        self.selector = {AGENT_LABEL: tag}
 
-        for node in self.nodes:
-            self.loaders[node] = self._loader(node, work, Proc, free_port)
+        self.s = s = Stack(self.cluster, self.agent, NS, INSTALL_NS, self.store_url, self.logs, work=work,
+                           identity="bench", start_timeout_s=120.0)
+        self.stack.callback(s.stop)
+        s.start_loaders()
         self.startup_s["nodes_and_loaders"] = round(time.monotonic() - t0, 2)
         self.holder = self.nodes[1]  # the node whose DRAM tier holds the checkpoint
-        with LoaderClient(self.loaders[self.holder], timeout=120) as c:
-            c.prefetch(self.model, tier="dram", wait=True)
-        until(lambda: self.in_dram(self.holder), 30, f"{self.holder}'s NodeCache to show the checkpoint in DRAM")
-
-        net = self.cluster.network
-        webhook_port, as_port, act_port, act_h2c, act_admin = (free_port() for _ in range(5))
-        self.as_url, self.act_url = f"http://127.0.0.1:{as_port}", f"http://127.0.0.1:{act_port}"
-        self.act_port, self.act_admin = act_port, f"http://127.0.0.1:{act_admin}"
-        standin = SksStatusWriter(k, NS).start()
-        self.stack.callback(standin.stop)
-        private = PrivateServices(k, NS).start()
-        self.stack.callback(private.stop)
-        k.admission.create_mutating_webhook_configuration(
-            webhook_config(f"https://{net.host_ip}:{webhook_port}{WEBHOOK_PATH}", NS, INSTALL_NS))
-        self.stack.callback(lambda: k.admission.delete_mutating_webhook_configuration(WEBHOOK_CONFIG))
-        kc = str(self.cluster.kubeconfig)
-        autoscaler = self._proc(Proc, "the autoscaler (kube)", [
-            sys.executable, "-m", "autoscaler", "--kube", "--kubeconfig", kc, "--port", str(as_port), "--host",
-            "127.0.0.1", "--lease-namespace", INSTALL_NS, "--identity", "bench", "--resync", "5",
-            "--lease-duration", "3", "--scale-to-zero-grace", "1", "--probe-url", self.act_url,
-            "--webhook-port", str(webhook_port), "--webhook-host", net.host_ip, "--webhook-san", net.host_ip,
-            "--activator-admin", self.act_admin], "autoscaler.log")
-        activator = self._proc(Proc, "the activator (kube)", [
-            sys.executable, "-m", "activator", "--kube", "--kubeconfig", kc, "--host", "127.0.0.1",
-            "--port", str(act_port), "--h2c-port", str(act_h2c), "--admin-port", str(act_admin),
-            "--autoscaler-url", self.as_url, "--pod-name", "activator-bench-0", "--kube-resync", "5",
-            "--cold-start-timeout", "240"], "activator.log")
-        autoscaler.wait_http(f"{self.as_url}/healthz", 120)
-        activator.wait_until(lambda: httpx.get(self.act_url, headers={"K-Network-Probe": "activator"}, timeout=2).text
-                             == "activator", 120, "answering Knative's probe")
-        until(lambda: self.autoscaler_sees_dram(self.holder), 30, f"the autoscaler to see {self.holder}'s DRAM copy")
+        s.prefetch(self.holder, self.model)
+        s.start()
+        self.as_url, self.act_url, self.act_port, self.act_admin = s.as_url, s.act_url, s.act_port, s.act_admin
+        until(lambda: s.autoscaler_sees_dram(self.holder, self.model), 30,
+              f"the autoscaler to see {self.holder}'s DRAM copy")
         self.startup_s["control_loop"] = round(time.monotonic() - t0, 2)
 
         self.timeline = PodTimeline(k).start()
         self.stack.callback(self.timeline.stop)
         # The Service's ScalingPolicy (one pod held for the warm phase), then its Revision as
-        # Knative makes it (tests/kube/test_e2e.py: no queue-proxy, the container serves 8012).
-        k.create(SCALINGPOLICIES, {"apiVersion": SCALINGPOLICIES.api_version, "kind": "ScalingPolicy",
-                                   "metadata": {"name": f"{SERVICE}-keepalive", "namespace": NS},
-                                   "spec": {"target": {"serviceName": SERVICE}, "keepAlive": KEEP_ALIVE,
-                                            "minScale": 1}}, NS)
-        annotations = {"autoscaling.knative.dev/class": CLASS, "sllm-knative.io/model": self.model,
-                       "autoscaling.knative.dev/max-scale": "1", INTERNAL_PORT_ANNOTATION: "8013"}
-        container = {"name": "user-container", "image": "sllm-knative/function:latest",
-                     "args": ["--device", "cpu", "--served-model-name", SERVED_NAME],
-                     "ports": [{"containerPort": 8080}]}
-        serving = {**container, "args": [*container["args"], "--host", "$(POD_IP)", "--port", "8012",
-                                          "--internal-host", "$(POD_IP)", "--internal-port", "8013"],
-                   "env": [*POD_ENV, *({"name": k_, "value": v} for k_, v in self.env.items())],
-                   "ports": [{"containerPort": 8012}],
-                   "readinessProbe": {"httpGet": {"port": 8012, "path": "/health/ready"}, "periodSeconds": 1}}
-        rev = k.create(REVISIONS, {"apiVersion": REVISIONS.api_version, "kind": "Revision",
-                                   "metadata": {"name": REV, "namespace": NS, "annotations": annotations,
-                                                "labels": {"serving.knative.dev/service": SERVICE}},
-                                   "spec": {"containers": [container], "nodeSelector": self.selector}}, NS)
-        deployment, pa = revision_objects(REV, NS, rev["metadata"]["uid"], [serving],
-                                          {"nodeSelector": self.selector, "terminationGracePeriodSeconds": 2},
-                                          annotations, replicas=1)
-        k.apps.create_namespaced_deployment(NS, deployment)
-        k.create(PODAUTOSCALERS, pa, NS)
-
-    def _proc(self, proc_cls: Any, name: str, argv: list[str], log: str) -> Any:
-        p = proc_cls(name)
-        self.procs.append(p)
-        self.stack.callback(p.stop, 15.0)
-        p.start(argv, self.logs / log, env={"PYTHONPATH": str(REPO)}, unset=("KUBECONFIG",))
-        return p
-
-    def _loader(self, node: str, work: Path, proc_cls: Any, free_port: Callable[[], int]) -> str:
-        """`python -m loader_sidecar --kube-node`, its socket and DRAM tier in the node's hostPath folders."""
-        sock_dir, dram = self.agent.hostpath(node, SOCKET_DIR), self.agent.hostpath(node, DRAM_DIR) / node
-        sock_dir.mkdir(parents=True, exist_ok=True)
-        dram.mkdir(parents=True, exist_ok=True)
-        sock = sock_dir / "loader.sock"
-        target = f"unix://{sock}"
-        p = proc_cls(f"the loader of {node}")
-        self.procs.append(p)
-        self.stack.callback(p.stop, 15.0)
-        p.start([sys.executable, "-m", "loader_sidecar", "--node", node, "--listen", target,
-                 "--store", self.store_url, "--ssd-dir", str(work / f"ssd-{node}"), "--dram-dir", str(dram),
-                 "--ssd-bytes", "64MiB", "--dram-bytes", "64MiB", "--profile-bytes", "1MiB",
-                 "--metrics", f"127.0.0.1:{free_port()}", "--kube-node", node,
-                 "--kubeconfig", str(self.cluster.kubeconfig), "--kube-resync", "5"],
-                self.logs / f"loader-{node}.log", env={"PYTHONPATH": str(REPO), "HF_ENDPOINT": "", "HF_TOKEN": ""},
-                unset=("KUBECONFIG", "SLLM_NODE_NAME"))
-        p.wait_until(sock.exists, 90, "listening")
-        return target
+        # Knative makes it (no queue-proxy: the container serves 8012).
+        s.scaling_policy(f"{SERVICE}-keepalive", SERVICE, keepAlive=KEEP_ALIVE, minScale=1)
+        s.function_revision(REV, SERVICE, self.model, served_name=SERVED_NAME, env=self.env,
+                            annotations={"autoscaling.knative.dev/max-scale": "1"}, replicas=1)
 
     def _save_pod_logs(self) -> None:
         for f in (self.agent.root / "pods").glob(f"{NS}_*/*.log"):
@@ -427,63 +344,39 @@ class KubeStack:
 
     # -- observation
     def in_dram(self, node: str) -> bool:
-        from sllm_knative.kube.client import NODECACHES
-
-        status = self.k.get(NODECACHES, node).get("status") or {}
-        return any(c.get("model") == self.model and "dram" in (c.get("tiers") or [])
-                   for c in status.get("checkpoints") or [])
+        return self.s.in_dram(node, self.model)
 
     def autoscaler_sees_dram(self, node: str) -> bool:
-        nodes = httpx.get(f"{self.as_url}/v1/nodes", timeout=5).json()["nodes"]
-        return any(n["name"] == node and any(c.get("model") == self.model and "dram" in (c.get("tiers") or [])
-                                             for c in n.get("checkpoints") or []) for n in nodes)
+        return self.s.autoscaler_sees_dram(node, self.model)
 
     def pods(self, include_deleting: bool = False) -> list[Any]:
-        items = self.k.core.list_namespaced_pod(NS, label_selector=f"serving.knative.dev/revision={REV}").items
-        return [p for p in items if include_deleting or p.metadata.deletion_timestamp is None]
+        return self.s.pods(REV, include_deleting)
 
     def ready_pod(self) -> Any:
-        for p in self.pods():
-            if p.status.phase == "Running" and any(c.type == "Ready" and c.status == "True"
-                                                   for c in p.status.conditions or []):
-                return p
-        return None
+        return self.s.ready_pod(REV)
 
     def rotation(self) -> list[str]:
-        from sllm_knative.api import activator as admin_api
-
-        doc = httpx.get(f"{self.act_admin}{admin_api.STATS}", timeout=5).json()
-        return [i["id"] for s in doc["services"] if s["namespace"] == NS and s["name"] == REV for i in s["instances"]]
+        return list(self.s.rotation(REV))
 
     def leases(self, node: str) -> list[tuple[str, str]]:
-        from sllm_knative.loader.client import LoaderClient
-
-        with LoaderClient(self.loaders[node], timeout=10) as c:
-            return [(lease.model, lease.instance) for lease in c.inventory().leases]
+        return self.s.loaders[node].leases()
 
     def at_zero(self) -> bool:
-        replicas = self.k.apps.read_namespaced_deployment(f"{REV}-deployment", NS).spec.replicas
-        return (replicas == 0 and not self.pods(include_deleting=True) and not self.rotation()
+        return (self.s.replicas(REV) == 0 and not self.pods(include_deleting=True) and not self.rotation()
                 and not any(self.leases(n) for n in self.nodes))
 
     def set_min_scale(self, value: int) -> None:
-        from sllm_knative.kube.client import SCALINGPOLICIES as SP
-
-        self.k.custom.patch_namespaced_custom_object(SP.group, SP.version, NS, SP.plural, f"{SERVICE}-keepalive",
-                                                     {"spec": {"minScale": value}})
+        self.s.patch_policy(f"{SERVICE}-keepalive", {"minScale": value})
 
     def placement(self, pod: str) -> dict[str, Any] | None:
         """The autoscaler's record of the placement that made `pod` (its /v1/services), if it has one."""
         with contextlib.suppress(Exception):
-            svcs = httpx.get(f"{self.as_url}/v1/services", timeout=5).json()["services"]
-            svc = next((s for s in svcs if s["key"] == f"{NS}/{REV}"), None) or {}
-            return next((p for p in svc.get("placements") or [] if p.get("instance") == pod), None)
+            return self.s.placement(REV, pod)
         return None
 
     def events(self, pod: str) -> list[dict[str, Any]]:
-        items = self.k.core.list_namespaced_event(NS, field_selector=f"involvedObject.name={pod}").items
         return [{"reason": e.reason, "message": e.message, "source": getattr(e.source, "component", None)}
-                for e in items]
+                for e in self.s.events(pod)]
 
     # -- one cold start
     def cold_start(self) -> dict[str, Any]:

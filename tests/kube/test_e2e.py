@@ -36,6 +36,9 @@ Stand-ins for what cannot run here (docs/kubernetes.md): Knative's revision reco
 (`knative.revision_objects`), its SKS status (`SksStatusWriter`) and the private Service
 (`PrivateServices`), whose EndpointSlices the activator watches. The client sends to the
 activator with the revision headers, as Knative's ingress would.
+
+The loaders, stand-ins, webhook configuration, autoscaler and activator are
+`testkit.kube.stack.Stack`, the same code bench/kube.py and test_preemption.py run on.
 """
 
 from __future__ import annotations
@@ -44,7 +47,6 @@ import contextlib
 import dataclasses
 import re
 import shutil
-import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -56,35 +58,22 @@ import httpx
 import openai
 import pytest
 
-from autoscaler.kube.certs import WEBHOOK_CONFIG
 from autoscaler.kube.podautoscaler import CLASS, condition
-from autoscaler.kube.webhook import PATH as WEBHOOK_PATH
-from sllm_knative.api import activator as admin_api
 from sllm_knative.config.autoscaler import KPA_CLASS
-from sllm_knative.config.service import INTERNAL_PORT_ANNOTATION
 from sllm_knative.kube.client import PODAUTOSCALERS, REVISIONS, SCALINGPOLICIES, Kube
-from sllm_knative.loader.client import LoaderClient
 from sllm_knative.models import TINY
-from sllm_knative.ports import free_port
 from testkit.kube.cluster import KubeCluster
-from testkit.kube.knative import PrivateServices, SksStatusWriter, create_revision
+from testkit.kube.knative import create_revision
 from testkit.kube.nodeagent import NodeAgent
-from testkit.proc import Proc
+from testkit.kube.stack import Stack
 from testkit.servers import Nginx
 from tests.kube.conftest import agent_selector, start_agent, until
 from tests.kube.test_activator_knative import _echo, _revision, _served
-from tests.kube.test_autoscaler_kube import _in_dram, _is_ready, _pods, _ready_pod, autoscaler_sees_dram
-from tests.kube.test_nodeagent import ENV
-from tests.kube.test_nodecache import Loader
-from tests.kube.test_webhook import webhook_config
 
-REPO = Path(__file__).resolve().parents[2]
 REV = "chat-00001"
 KPA_REV = "echo-00001"
 MISSING_REV = "missing-00001"
 BAD_REVISIONS = {"nomodel-00001": {}, "badscheme-00001": {"sllm-knative.io/model": "ftp://models/tiny"}}
-SOCKET_DIR = "/var/run/sllm-knative"  # autoscaler/kube/admission.py: LOADER_DIR
-DRAM_DIR = "/dev/shm/sllm-knative"
 
 
 @pytest.fixture
@@ -125,30 +114,11 @@ def web(store: Path) -> Iterator[Nginx]:
         yield nginx
 
 
-def node_loader(tmp: Path, agent: NodeAgent, node: str, kube: KubeCluster, store_root: Path, store_uri: str) -> Loader:
-    """The loader of `node`, its socket and DRAM tier in the node's hostPath folders, its store `store_uri`."""
-    sock_dir, dram = agent.hostpath(node, SOCKET_DIR), agent.hostpath(node, DRAM_DIR) / node
-    sock_dir.mkdir(parents=True, exist_ok=True)
-    dram.mkdir(parents=True, exist_ok=True)
-    lo = Loader(tmp, node, kube.kubeconfig, store_root)
-    lo.socket, lo.target, lo.dram = sock_dir / "loader.sock", f"unix://{sock_dir / 'loader.sock'}", dram
-    argv = list(lo.argv)
-    argv[argv.index("--listen") + 1] = lo.target
-    argv[argv.index("--dram-dir") + 1] = str(dram)
-    argv[argv.index("--store") + 1] = store_uri
-    lo.argv = argv
-    return lo.run()
-
-
-def _leases(lo: Loader) -> list[tuple[str, str]]:
-    with LoaderClient(lo.target, timeout=10) as c:
-        return [(lease.model, lease.instance) for lease in c.inventory().leases]
-
-
-def _stream_completion(client: openai.OpenAI, seed: int, started: threading.Event | None = None) -> str:
+def stream_completion(client: openai.OpenAI, seed: int, started: threading.Event | None = None,
+                      max_tokens: int = LONG_TOKENS) -> str:
     """A long seeded (sampled) completion, streamed; `started` is set after its first chunks."""
     text, chunks = "", 0
-    for chunk in client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=LONG_TOKENS,
+    for chunk in client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=max_tokens,
                                            temperature=1.0, top_p=0.95, seed=seed, stream=True,
                                            extra_body={"ignore_eos": True}):
         text += chunk.choices[0].text if chunk.choices else ""
@@ -158,41 +128,16 @@ def _stream_completion(client: openai.OpenAI, seed: int, started: threading.Even
     return text
 
 
-def _set_min_scale(k: Kube, namespace: str, value: int) -> None:
-    k.custom.patch_namespaced_custom_object(SCALINGPOLICIES.group, SCALINGPOLICIES.version, namespace,
-                                            SCALINGPOLICIES.plural, "chat-keepalive", {"spec": {"minScale": value}})
-
-
-def _activator_instances(admin: str, namespace: str) -> dict[str, int]:
-    """The activator's rotation for the revision: pod -> requests outstanding."""
-    stats = httpx.get(f"{admin}{admin_api.STATS}", timeout=5).json()
-    return {i["id"]: i["outstanding"] for s in stats["services"] if s["namespace"] == namespace and s["name"] == REV
-            for i in s["instances"]}
-
-
-def _in_flight(autoscaler: str, key: str) -> int:
-    services = httpx.get(f"{autoscaler}/v1/services", timeout=5).json()["services"]
-    return next((s["in_flight"] for s in services if s["key"] == key), -1)
-
-
-def _seconds_behind(autoscaler: str, key: str, instance: str) -> dict[str, float]:
+def _seconds_behind(stack: Stack, instance: str) -> dict[str, float]:
     """How far behind the chosen node each other node's estimate was, in the placement's reasons."""
-    services = httpx.get(f"{autoscaler}/v1/services", timeout=5).json()["services"]
-    [svc] = [s for s in services if s["key"] == key]
-    [placement] = [p for p in svc["placements"] if p["instance"] == instance]
-    return {m[1]: float(m[2]) for r in placement["reasons"] if (m := re.match(r"not (\S+): [\d.]+s, ([\d.]+)s slower", r))}
+    placement = stack.placement(REV, instance) or {}
+    return {m[1]: float(m[2]) for r in placement.get("reasons", [])
+            if (m := re.match(r"not (\S+): [\d.]+s, ([\d.]+)s slower", r))}
 
 
-def _migrated(admin: str) -> float:
-    for line in httpx.get(f"{admin}{admin_api.METRICS}", timeout=5).text.splitlines():
-        if line.startswith('activator_migrations_total{outcome="migrated"}'):
-            return float(line.split()[-1])
-    return 0.0
-
-
-def _stream_chat(client: openai.OpenAI) -> str:
+def stream_chat(client: openai.OpenAI, model: str = "tiny") -> str:
     chunks = list(client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "Hello from Knative"}], max_tokens=8, temperature=0,
+        model=model, messages=[{"role": "user", "content": "Hello from Knative"}], max_tokens=8, temperature=0,
         stream=True))
     assert chunks and chunks[0].choices[0].delta.role == "assistant", chunks[:1]
     assert chunks[-1].choices[0].finish_reason in ("length", "stop"), chunks[-1]
@@ -204,51 +149,16 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
         tmp_path: Path) -> None:
     k = Kube(api)
     n0, n1, n2 = (s.name for s in agent.specs)  # n2 never holds the checkpoint
-    procs: list[Proc] = []
-    loaders = []
-    for i, node in enumerate((n0, n1, n2)):
-        (tmp_path / f"lo{i}").mkdir()
-        loaders.append(node_loader(tmp_path / f"lo{i}", agent, node, kube, store, f"{web.url}/slow"))
-        procs.append(loaders[-1])
-    lo0, lo1, lo2 = loaders
     model = f"{web.url}/slow/tiny"
-    with lo1.client() as c:
-        c.prefetch(model, tier="dram", wait=True)
-    until(lambda: _in_dram(k, n1, model), 30, f"{n1}'s NodeCache to show the checkpoint in DRAM")
-
     install = f"{namespace}-sys"
+    stack = Stack(kube, agent, namespace, install, f"{web.url}/slow", tmp_path, identity="a")
     k.core.create_namespace({"metadata": {"name": install}})
-    assert kube.network is not None
-    host_ip, webhook_port = kube.network.host_ip, free_port()
-    as_port, act_port, act_h2c, act_admin = free_port(), free_port(), free_port(), free_port()
-    as_url, act_url = f"http://127.0.0.1:{as_port}", f"http://127.0.0.1:{act_port}"
-    act_admin_url = f"http://127.0.0.1:{act_admin}"
-    standin = SksStatusWriter(k, namespace).start()
-    private = PrivateServices(k, namespace).start()
     try:
-        k.admission.create_mutating_webhook_configuration(
-            webhook_config(f"https://{host_ip}:{webhook_port}{WEBHOOK_PATH}", namespace, install))
-        autoscaler = Proc("the autoscaler (kube)")
-        procs.append(autoscaler)
-        autoscaler.start([
-            sys.executable, "-m", "autoscaler", "--kube", "--kubeconfig", str(kube.kubeconfig), "--port",
-            str(as_port), "--host", "127.0.0.1", "--lease-namespace", install, "--identity", "a", "--resync", "5",
-            "--lease-duration", "3", "--scale-to-zero-grace", "1", "--probe-url", act_url,
-            "--webhook-port", str(webhook_port), "--webhook-host", host_ip, "--webhook-san", host_ip,
-            "--activator-admin", act_admin_url],
-            tmp_path / "autoscaler.log", env={"PYTHONPATH": str(REPO)}, unset=("KUBECONFIG",))
-        activator = Proc("the activator (kube)")
-        procs.append(activator)
-        activator.start([
-            sys.executable, "-m", "activator", "--kube", "--kubeconfig", str(kube.kubeconfig), "--host", "127.0.0.1",
-            "--port", str(act_port), "--h2c-port", str(act_h2c), "--admin-port", str(act_admin),
-            "--autoscaler-url", as_url, "--pod-name", "activator-e2e-0", "--kube-resync", "5",
-            "--cold-start-timeout", "240"],
-            tmp_path / "activator.log", env={"PYTHONPATH": str(REPO)}, unset=("KUBECONFIG",))
-        autoscaler.wait_http(f"{as_url}/healthz", 90)
-        activator.wait_until(lambda: httpx.get(act_url, headers={"K-Network-Probe": "activator"}, timeout=2).text
-                             == "activator", 90, "answering Knative's probe")
-        until(lambda: autoscaler_sees_dram(as_url, n1, model), 30, f"the autoscaler to see {n1}'s DRAM copy")
+        stack.start_loaders()
+        lo0, lo1, lo2 = (stack.loaders[n] for n in (n0, n1, n2))
+        stack.prefetch(n1, model)
+        stack.start()
+        until(lambda: stack.autoscaler_sees_dram(n1, model), 30, f"the autoscaler to see {n1}'s DRAM copy")
         # A revision of Knative's own class (KPA) beside ours, made now so its pod starts meanwhile:
         # the same activator serves it at the end (step 5).
         _revision(k, namespace, agent, KPA_REV, KPA_CLASS, replicas=1)
@@ -260,59 +170,38 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
                             {"nodeSelector": agent_selector(agent)}, replicas=0)
 
         # The Service's ScalingPolicy (a short keep-alive), then its Revision as Knative makes it.
-        k.create(SCALINGPOLICIES, {"apiVersion": SCALINGPOLICIES.api_version, "kind": "ScalingPolicy",
-                                   "metadata": {"name": "chat-keepalive", "namespace": namespace},
-                                   "spec": {"target": {"serviceName": "chat"}, "keepAlive": "3s"}}, namespace)
-        annotations = {"autoscaling.knative.dev/class": CLASS, "sllm-knative.io/model": model,
-                       INTERNAL_PORT_ANNOTATION: "8013"}
-        # The Revision's container as the user writes it (Knative's default port 8080; 8012 is
-        # reserved for queue-proxy). There is no queue-proxy here, so the Deployment's copy listens
-        # on 8012 itself, the port the private Service targets, on its pod's address.
-        container = {"name": "user-container", "image": "sllm-knative/function:latest",
-                     "args": ["--device", "cpu", "--served-model-name", "tiny", "--max-model-len", str(CONTEXT)],
-                     "ports": [{"containerPort": 8080}]}
-        serving = {**container, "args": [*container["args"], "--host", "$(POD_IP)", "--port", "8012",
-                                          "--internal-host", "$(POD_IP)", "--internal-port", "8013"],
-                   "env": ENV, "ports": [{"containerPort": 8012}],
-                   "readinessProbe": {"httpGet": {"port": 8012, "path": "/health/ready"}, "periodSeconds": 1}}
-        pod_spec = {"nodeSelector": agent_selector(agent), "terminationGracePeriodSeconds": 2}
-        create_revision(k, REV, namespace, annotations, [container], pod_spec,
-                        labels={"serving.knative.dev/service": "chat"}, deployment_containers=[serving])
-        until(lambda: _in_flight(as_url, f"{namespace}/{REV}") >= 0, 30, "the autoscaler to know the revision")
-
-        client = openai.OpenAI(base_url=f"{act_url}/v1", api_key="unused", max_retries=0, timeout=300,
-                               default_headers={"Knative-Serving-Revision": REV,
-                                                "Knative-Serving-Namespace": namespace})
+        stack.scaling_policy("chat-keepalive", "chat", keepAlive="3s")
+        args = ["--max-model-len", str(CONTEXT)]
+        stack.function_revision(REV, "chat", model, args=args)
+        until(lambda: stack.in_flight(REV) >= 0, 30, "the autoscaler to know the revision")
+        client = stack.client(REV)
 
         def pa_status() -> dict[str, Any]:
             return k.get(PODAUTOSCALERS, REV, namespace).get("status") or {}
 
         def failure(what: str) -> str:
-            logs = [f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                    for p in sorted((agent.root / "pods").glob(f"{namespace}_*/*.log"))]
-            return f"{what}\nPA status: {pa_status()}\n" + "\n".join(logs)
+            return f"{what}\nPA status: {pa_status()}\n{stack.pod_logs()}"
 
         # 1. The first cold start: the activator holds the stream until the placed pod is ready.
-        until(lambda: _pods(k, namespace), 60, "the revision's first pod")
+        until(lambda: stack.pods(REV), 60, "the revision's first pod")
         try:
-            text = _stream_chat(client)
+            text = stream_chat(client)
         except Exception as exc:
             raise AssertionError(failure(f"the first cold start failed: {exc!r}")) from exc
         assert text, "an empty completion"
-        pod = until(lambda: _ready_pod(k, namespace), 30, "the serving pod ready")
+        pod = until(lambda: stack.ready_pod(REV), 30, "the serving pod ready")
         assert pod.spec.node_name == n1, failure(f"placed on {pod.spec.node_name}, not {n1}")
-        placed = [e for e in k.core.list_namespaced_event(namespace, field_selector=(
-            f"involvedObject.name={pod.metadata.name}")).items if e.reason == "Placed"]
+        placed = stack.events(pod.metadata.name, "Placed")
         assert placed and n1 in placed[0].message and "dram" in placed[0].message, placed
         # Chosen by seconds, not by noise: each other node's estimate (a store load at its measured
         # rate) is behind by more than a second.
-        behind = _seconds_behind(as_url, f"{namespace}/{REV}", pod.metadata.name)
+        behind = _seconds_behind(stack, pod.metadata.name)
         assert len(behind) == 2 and min(behind.values()) > 1.0, failure(f"the alternatives were behind by {behind}")
 
         # Its weights came through its node's loader: the lease is n1's, none on n0's, and the
         # function's own log names the loader socket in n1's hostPath folder.
-        assert _leases(lo1) == [(model, pod.metadata.name)]
-        assert _leases(lo0) == _leases(lo2) == []
+        assert lo1.leases() == [(model, pod.metadata.name)]
+        assert lo0.leases() == lo2.leases() == []
         log = agent.pod_log(namespace, pod.metadata.name, "user-container")
         assert "lease complete" in log and str(lo1.socket.parent.resolve()) in log, log[-3000:]
 
@@ -321,13 +210,12 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
         until(lambda: (condition(pa_status(), "Ready") or {}).get("status") == "True", 60, "the PA Ready")
         assert (condition(pa_status(), "Active") or {}).get("status") == "True", pa_status()
         # Warm: served again at once, by the same pod.
-        assert _stream_chat(client) == text
+        assert stream_chat(client) == text
 
         # 2. Idle past the keep-alive: scaled to zero (the activator reports no concurrency).
-        until(lambda: k.apps.read_namespaced_deployment(f"{REV}-deployment", namespace).spec.replicas == 0, 120,
-              "replicas 0 after the keep-alive")
-        until(lambda: not _pods(k, namespace), 90, "the pod to go")
-        until(lambda: not _leases(lo1), 30, "the lease released on n1")
+        until(lambda: stack.replicas(REV) == 0, 120, "replicas 0 after the keep-alive")
+        until(lambda: not stack.pods(REV), 90, "the pod to go")
+        until(lambda: not lo1.leases(), 30, "the lease released on n1")
         assert (condition(pa_status(), "Active") or {}).get("status") == "False", pa_status()
 
         # 3. The checkpoint moves to n0's DRAM; the next cold start (demand from the held
@@ -336,17 +224,17 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
             c.evict(model)
         with lo0.client() as c:
             c.prefetch(model, tier="dram", wait=True)
-        until(lambda: _in_dram(k, n0, model) and not _in_dram(k, n1, model), 30, "the NodeCaches to show the move")
-        until(lambda: autoscaler_sees_dram(as_url, n0, model) and not autoscaler_sees_dram(as_url, n1, model), 30,
+        until(lambda: stack.in_dram(n0, model) and not stack.in_dram(n1, model), 30, "the NodeCaches to show the move")
+        until(lambda: stack.autoscaler_sees_dram(n0, model) and not stack.autoscaler_sees_dram(n1, model), 30,
               "the autoscaler's informers to show the move")
         try:
-            again = _stream_chat(client)
+            again = stream_chat(client)
         except Exception as exc:
             raise AssertionError(failure(f"the cold start from zero failed: {exc!r}")) from exc
         assert again == text  # greedy: the same text from the same weights
-        pod = until(lambda: _ready_pod(k, namespace), 30, "the second cold start's pod ready")
+        pod = until(lambda: stack.ready_pod(REV), 30, "the second cold start's pod ready")
         assert pod.spec.node_name == n0, failure(f"placed on {pod.spec.node_name}, not {n0}")
-        assert _leases(lo0) == [(model, pod.metadata.name)]
+        assert lo0.leases() == [(model, pod.metadata.name)]
         until(lambda: (condition(pa_status(), "Active") or {}).get("status") == "True", 30, "Active again")
 
         # 4. A scale-down with seeded streams in flight: two pods (minScale 2), a stream on each,
@@ -354,35 +242,35 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
         # its generation migrated to the other pod, then its pod deleted. Each client sees exactly
         # the text of an unmigrated run of its seed.
         seeds = (7, 8)
-        _set_min_scale(k, namespace, 2)
-        until(lambda: len([p for p in _pods(k, namespace) if _is_ready(p)]) == 2, 120, "two ready pods")
-        until(lambda: len(_activator_instances(act_admin_url, namespace)) == 2, 30, "both pods in the rotation")
-        migrated_before = _migrated(act_admin_url)
+        stack.patch_policy("chat-keepalive", {"minScale": 2})
+        until(lambda: len(stack.ready_pods(REV)) == 2, 120, "two ready pods")
+        until(lambda: len(stack.rotation(REV)) == 2, 30, "both pods in the rotation")
+        migrated_before = stack.migrated()
         got: dict[int, str] = {}
         started = {seed: threading.Event() for seed in seeds}
-        threads = [threading.Thread(target=lambda s=seed: got.__setitem__(s, _stream_completion(client, s, started[s])))
+        threads = [threading.Thread(target=lambda s=seed: got.__setitem__(s, stream_completion(client, s, started[s])))
                    for seed in seeds]
         for t in threads:
             t.start()
         for seed in seeds:
             assert started[seed].wait(60), f"stream {seed} did not start"
-        assert sorted(_activator_instances(act_admin_url, namespace).values()) == [1, 1]  # one stream per pod
+        assert sorted(stack.rotation(REV).values()) == [1, 1]  # one stream per pod
         # The decision must see the streams (the activator reports once a second): with an idle
         # history and a 3 s keep-alive, a decision on older numbers would release both pods.
-        until(lambda: _in_flight(as_url, f"{namespace}/{REV}") == 2, 10, "the autoscaler to see both streams")
-        _set_min_scale(k, namespace, 0)
+        until(lambda: stack.in_flight(REV) == 2, 10, "the autoscaler to see both streams")
+        stack.patch_policy("chat-keepalive", {"minScale": 0})
         for t in threads:
             t.join(120)
-        assert _migrated(act_admin_url) == migrated_before + 1, failure("no migration through the activator")
-        until(lambda: len(_pods(k, namespace)) == 1, 60, "the victim's pod gone")
+        assert stack.migrated() == migrated_before + 1, failure("no migration through the activator")
+        until(lambda: len(stack.pods(REV)) == 1, 60, "the victim's pod gone")
         with ThreadPoolExecutor(len(seeds)) as pool:  # the same seeds on the one pod left, unmigrated
-            want = dict(zip(seeds, pool.map(lambda s: _stream_completion(client, s), seeds), strict=True))
+            want = dict(zip(seeds, pool.map(lambda s: stream_completion(client, s), seeds), strict=True))
         assert got == want, failure("a migrated stream's text differs from the unmigrated run")
         scaled = [e for e in k.core.list_namespaced_event(namespace).items if e.reason == "Placed"]
         assert scaled, "the placements were recorded as Events"
 
         # 5. The KPA revision, which our autoscaler leaves to Knative's, is served through our activator.
-        doc = _echo(until(lambda: _served(act_url, namespace, KPA_REV), 60, "the KPA revision served"))
+        doc = _echo(until(lambda: _served(stack.act_url, namespace, KPA_REV), 60, "the KPA revision served"))
         assert doc["h"]["k-proxy-request"] == ["activator"] and doc["path"] == "/x", doc
         assert "-deployment-" in doc["pod"]
 
@@ -393,10 +281,10 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
             active = condition(st, "Active") or {}
             assert (active.get("status"), active.get("reason")) == ("False", "InvalidConfiguration"), st
             assert field in active.get("message", ""), active
-            evs = k.core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}").items
+            evs = stack.events(name)
             assert any(e.reason == "InvalidConfiguration" and e.type == "Warning" for e in evs), evs
-            assert not k.core.list_namespaced_pod(namespace, label_selector=f"serving.knative.dev/revision={name}").items
-        assert httpx.get(f"{as_url}/healthz", timeout=5).status_code == 200
+            assert not stack.pods(name, include_deleting=True)
+        assert httpx.get(f"{stack.as_url}/healthz", timeout=5).status_code == 200
 
         # The ScalingPolicy's status, written by the autoscaler: the Service it applies to, Ready.
         policy = until(lambda: (st := k.get(SCALINGPOLICIES, "chat-keepalive", namespace).get("status")) and
@@ -409,41 +297,26 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
         # the function exits, the container crash-loops), and the autoscaler backs off between
         # starts instead of making pods in a loop; the PA carries a Warning Event saying why.
         missing = f"{web.url}/slow/missing"
-        ann = {**annotations, "sllm-knative.io/model": missing}
-        create_revision(k, MISSING_REV, namespace, ann, [container], pod_spec,
-                        labels={"serving.knative.dev/service": "missing"}, replicas=0,
-                        deployment_containers=[serving])
-        until(lambda: _in_flight(as_url, f"{namespace}/{MISSING_REV}") >= 0, 30, "the autoscaler to know it")
-        held = openai.OpenAI(base_url=f"{act_url}/v1", api_key="unused", max_retries=0, timeout=90,
-                             default_headers={"Knative-Serving-Revision": MISSING_REV,
-                                              "Knative-Serving-Namespace": namespace})
+        stack.function_revision(MISSING_REV, "missing", missing, args=args, replicas=0)
+        until(lambda: stack.in_flight(MISSING_REV) >= 0, 30, "the autoscaler to know it")
+        held = stack.client(MISSING_REV, timeout=90)
+
         def ask() -> None:
             with contextlib.suppress(Exception):  # it fails (503) or times out: the point is the demand
-                _stream_chat(held)
+                stream_chat(held)
 
         asker = threading.Thread(target=ask, daemon=True)
         asker.start()  # held by the activator: the demand that makes the autoscaler try
 
         def failed() -> dict[str, Any] | None:
-            services = httpx.get(f"{as_url}/v1/services", timeout=5).json()["services"]
-            svc = next(s for s in services if s["key"] == f"{namespace}/{MISSING_REV}")
-            return svc if svc["failed_starts"] >= 2 else None
+            svc = stack.service(MISSING_REV)
+            return svc if svc is not None and svc["failed_starts"] >= 2 else None
 
         svc = until(failed, 120, "two failed starts of the revision whose checkpoint is missing")
         assert "missing" in k.get(REVISIONS, MISSING_REV, namespace)["metadata"]["annotations"]["sllm-knative.io/model"]
         assert len(svc["placements"]) <= svc["failed_starts"] + 1, svc  # a backoff, not a loop
-        evs = until(lambda: [e for e in k.core.list_namespaced_event(
-            namespace, field_selector=f"involvedObject.name={MISSING_REV}").items if e.reason == "InstanceFailed"],
-                    30, "the PA's InstanceFailed Warning")
+        evs = until(lambda: stack.events(MISSING_REV, "InstanceFailed"), 30, "the PA's InstanceFailed Warning")
         assert evs[0].type == "Warning" and "failed start" in evs[0].message, evs[0]
     finally:
-        for p in reversed(procs):
-            p.stop()
-        private.stop()
-        standin.stop()
-        # A Fail webhook nobody serves would block every other test's revision pods.
-        try:
-            k.admission.delete_mutating_webhook_configuration(WEBHOOK_CONFIG)
-        except Exception:
-            pass
+        stack.stop()
         k.core.delete_namespace(install)
