@@ -31,13 +31,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", "--namespace", default="default")
     p.set_defaults(func=_delete)
 
-    p = sub.add_parser("invoke", help="send a completion through the activator; print the stream and the TTFT")
+    p = sub.add_parser("invoke", help="send a completion (or, with --chat, a chat message) through the activator; "
+                                      "print the stream and the TTFT")
     add_state_arg(p)
     p.add_argument("name", help="service name (the OpenAI model name)")
     p.add_argument("-n", "--namespace", default="default")
     p.add_argument("--prompt", default="Hello, serverless world!")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message to /v1/chat/completions (the model's chat template)")
+    p.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
     p.add_argument("--json", action="store_true", help="print one JSON line with the timings instead")
     p.set_defaults(func=_invoke)
 
@@ -123,22 +127,33 @@ def _delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
+    """The prompt as a user message, after an optional system message."""
+    return [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": prompt}]
+
+
 def invoke(activator: str, name: str, namespace: str, prompt: str, max_tokens: int, seed: int | None = None,
-           on_text: Any = None, timeout: float = 300.0, headers: dict[str, str] | None = None) -> dict[str, Any]:
-    """One streamed completion through the activator; returns the text, TTFT and total time.
+           on_text: Any = None, timeout: float = 300.0, headers: dict[str, str] | None = None,
+           messages: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """One streamed, greedy completion through the activator (a chat completion of `messages`
+    when given, `prompt` unused); returns the text, TTFT and total time and the instance.
     Routed by the Host header (`name.namespace.example.com`) unless `headers` route it otherwise
     (Knative's revision headers, on Kubernetes)."""
     import httpx
 
-    body: dict[str, Any] = {"model": name, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
-                            "temperature": 0}
+    body: dict[str, Any] = {"model": name, "max_tokens": max_tokens, "stream": True, "temperature": 0}
+    if messages is None:
+        body["prompt"] = prompt
+    else:
+        body["messages"] = messages
     if seed is not None:
         body["seed"] = seed
     if headers is None:
         headers = {"host": f"{name}.{namespace}.example.com"}
+    path = "/v1/completions" if messages is None else "/v1/chat/completions"
     t0 = time.perf_counter()
     ttft, text, instance = None, [], None
-    with httpx.stream("POST", f"{activator}/v1/completions", json=body, headers=headers, timeout=timeout) as r:
+    with httpx.stream("POST", f"{activator}{path}", json=body, headers=headers, timeout=timeout) as r:
         if r.status_code != 200:
             r.read()
             raise RuntimeError(f"HTTP {r.status_code}: {r.text}")
@@ -147,8 +162,13 @@ def invoke(activator: str, name: str, namespace: str, prompt: str, max_tokens: i
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            piece = "".join(c.get("text", "") for c in chunk.get("choices", []))
-            if ttft is None:
+            if "error" in chunk:  # an error event in the stream (the instance failed, a stream cut)
+                raise RuntimeError(f"the stream ended with an error: {chunk['error']}")
+            choices = chunk.get("choices") or []
+            if any("role" in (c.get("delta") or {}) for c in choices):
+                continue  # chat's first chunk opens the assistant's turn before any token
+            piece = "".join(c.get("text") or (c.get("delta") or {}).get("content") or "" for c in choices)
+            if ttft is None and choices:
                 ttft = time.perf_counter() - t0
             text.append(piece)
             if on_text:
@@ -159,7 +179,9 @@ def invoke(activator: str, name: str, namespace: str, prompt: str, max_tokens: i
 def _invoke(args: argparse.Namespace) -> int:
     urls = _cluster(args)
     echo = None if args.json else (lambda s: print(s, end="", flush=True))
-    res = invoke(urls["activator"], args.name, args.namespace, args.prompt, args.max_tokens, args.seed, echo)
+    messages = chat_messages(args.prompt, args.system) if args.chat else None
+    res = invoke(urls["activator"], args.name, args.namespace, args.prompt, args.max_tokens, args.seed, echo,
+                 messages=messages)
     if args.json:
         print(json.dumps(res))
     else:

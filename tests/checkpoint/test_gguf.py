@@ -5,9 +5,7 @@ does not serve, corrupted bytes)."""
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import shutil
 import struct
 import subprocess
@@ -24,7 +22,13 @@ from hypothesis import strategies as st
 from sllm_knative import format as fmt
 from sllm_knative.convert import ConversionError, convert
 from sllm_knative.loading import load_model, load_state_dict
-from tests.checkpoint.gguf_files import CHAT_TEMPLATE, smollm2_path, tensor_type_offset, write_tiny_gguf
+from tests.checkpoint.gguf_files import (
+    CHAT_TEMPLATE,
+    converted_smollm2,
+    smollm2_path,
+    tensor_type_offset,
+    write_tiny_gguf,
+)
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,"]
 TEXTS = [
@@ -48,29 +52,9 @@ def real_gguf() -> Path:
 
 
 @pytest.fixture(scope="module")
-def converted(real_gguf: Path, tmp_path_factory) -> tuple[Path, int]:
-    """The real file converted through the CLI in a child process: (checkpoint, peak RSS growth).
-
-    Once per run: xdist's workers share it (under a lock, in the run's base temp directory)."""
-    base = tmp_path_factory.getbasetemp()
-    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "gguf-smollm2"
-    shared.mkdir(exist_ok=True)
-    dst, result = shared / "smollm2.sllm", shared / "result.json"
-    with open(shared / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not result.exists():
-            code = ("import resource, sys, torch, transformers, numpy, gguf\n"
-                    "from transformers import LlamaConfig, PreTrainedTokenizerFast\n"
-                    "from sllm_knative.cli import main\n"
-                    "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-                    "assert main(['convert', sys.argv[1], sys.argv[2]]) == 0\n"
-                    "print('growth', (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)\n")
-            r = subprocess.run([sys.executable, "-c", code, str(real_gguf), str(dst)], capture_output=True,
-                               text=True, timeout=240)
-            assert r.returncode == 0, r.stderr[-3000:]
-            assert "convert:" in r.stderr and "100%" in r.stderr  # the progress bar, as for any conversion
-            result.write_text(json.dumps({"growth": int(r.stdout.split("growth")[-1].strip())}))
-    return dst, json.loads(result.read_text())["growth"]
+def converted(tmp_path_factory) -> tuple[Path, int]:
+    """The real file converted through the CLI in a child process: (checkpoint, peak RSS growth)."""
+    return converted_smollm2(tmp_path_factory)
 
 
 def test_the_result_is_a_checkpoint_with_config_and_tokenizer(converted: tuple[Path, int]) -> None:

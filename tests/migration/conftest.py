@@ -23,15 +23,16 @@ MODEL = "tiny"
 class Function(Proc):
     """One `python -m functions.llm` instance on free loopback ports."""
 
-    def __init__(self, name: str, model_dir: Path, logs: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, name: str, model_dir: Path, logs: Path, env: dict[str, str] | None = None, *,
+                 served: str = MODEL, max_model_len: int = 512) -> None:
         super().__init__(name)
         self.id = name
         self.port, self.internal_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.internal_url = f"http://127.0.0.1:{self.internal_port}"
-        args = [sys.executable, "-m", "functions.llm", "--model", str(model_dir), "--served-model-name", MODEL,
+        args = [sys.executable, "-m", "functions.llm", "--model", str(model_dir), "--served-model-name", served,
                 "--host", "127.0.0.1", "--internal-host", "127.0.0.1", "--port", str(self.port),
-                "--internal-port", str(self.internal_port), "--max-model-len", "512", "--max-concurrency", "8",
+                "--internal-port", str(self.internal_port), "--max-model-len", str(max_model_len), "--max-concurrency", "8",
                 "--parked-slots", "8", "--step-tokens", "64", "--numerics", "exact"]
         self.start(args, logs / f"{name}.log", env={"SLLM_INSTANCE": name, **(env or {})})
 
@@ -55,14 +56,15 @@ class Activator(Proc):
     def wait_ready(self) -> None:
         self.wait_http(f"{self.admin}{admin_api.METRICS}", timeout=30)  # open without the token
 
-    def set_instances(self, *functions: Function) -> None:
-        r = httpx.put(f"{self.admin}{admin_api.SERVICES}/default/{MODEL}",
+    def set_instances(self, *functions: Function, name: str = MODEL) -> None:
+        r = httpx.put(f"{self.admin}{admin_api.SERVICES}/default/{name}",
                       json={"container_concurrency": 0, "instances": [f.endpoint() for f in functions]}, timeout=5,
                       headers=self.headers)
         r.raise_for_status()
 
-    def migrate(self, source: Function, destination: Function | None = None, timeout: float = 60) -> dict:
-        body = {"namespace": "default", "name": MODEL, "source": source.id,
+    def migrate(self, source: Function, destination: Function | None = None, timeout: float = 60, *,
+                name: str = MODEL) -> dict:
+        body = {"namespace": "default", "name": name, "source": source.id,
                 "destination": destination.id if destination else None}
         r = httpx.post(f"{self.admin}{admin_api.MIGRATE}", json=body, timeout=timeout, headers=self.headers)
         assert r.status_code == 200, r.text
