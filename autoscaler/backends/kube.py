@@ -13,9 +13,10 @@ How the autoscaler's decisions become pods (docs/kubernetes.md):
   that placement leaves is paired with that pod.
 - READY when the pod is Ready (its IP is the instance's host), FAILED when it cannot become
   ready, EXITED when a ready pod goes away without being stopped.
-- `stop` marks the pod with the lowest `controller.kubernetes.io/pod-deletion-cost` and takes it
-  out of `wanted`, so the controller's next replica count removes exactly that pod; its
-  SIGTERM handoff happens in the pod. `stop` returns when the pod is gone.
+- `stop` marks the pod with the lowest `controller.kubernetes.io/pod-deletion-cost`, records an
+  Event on it saying why (`stop_reason`: `Preempted` naming the service its slot goes to, or a
+  scale-down), and takes it out of `wanted`, so the controller's next replica count removes
+  exactly that pod; its SIGTERM handoff happens in the pod. `stop` returns when the pod is gone.
 - Nodes and inventories come from the Nodes and their NodeCaches (written by each node's loader);
   slots are a node's allocatable GPUs (`autoscaler.kube.binding.node_slots`).
 
@@ -116,6 +117,10 @@ class KubeBackend:
         self.leading: Callable[[], bool] = lambda: True
         # Whether this replica, leading, has adopted the pods already running (see `sync`).
         self.settled = False
+        # Why an instance is stopped, as (Event reason, message) for the Event on its pod: the
+        # process that runs the placement sets it (a preemption names the service the slot goes
+        # to); without it, a scale-down.
+        self.stop_reason: Callable[[InstanceRecord], tuple[str, str]] = lambda rec: ("Stopping", "scaled down")
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -277,6 +282,11 @@ class KubeBackend:
             if not is_status(exc, 404):
                 _log.warning("could not mark the pod for deletion", service=rec.service, instance=rec.id,
                              node=rec.node, error=error_message(exc)[:200])
+        reason, why = self.stop_reason(rec)
+        pod = self.pods.get(f"{ns}/{rec.id}") or {"metadata": {"name": rec.id, "namespace": ns}}
+        await asyncio.to_thread(self.events.record, {**pod, "apiVersion": "v1", "kind": "Pod"}, "Normal", reason,
+                                f"{why}; marked for deletion ({DELETION_COST}: -1000), so that the ReplicaSet "
+                                f"removes this pod when the replicas go down")
         # Only now does it leave the replica count: the ReplicaSet deletes the lowest-cost pod.
         rec.state = InstanceState.STOPPING
         self.nudge(rec.service)

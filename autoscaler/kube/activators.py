@@ -96,7 +96,10 @@ class KubeActivators:
             withheld.clear()
             withheld |= left
         for instance, hold in [*((i, True) for i in sorted(left)), *((i, False) for i in sorted(back))]:
-            await asyncio.gather(*(c.withhold(service, instance, hold) for c in self.replicas()))
+            replicas = self.replicas()
+            await asyncio.gather(*(c.withhold(service, instance, hold) for c in replicas))
+            _log.info("instance withheld" if hold else "instance back in rotation", service=service.key,
+                      instance=instance, activators=len(replicas))
 
     async def remove(self, service: str) -> None:
         self._ready.pop(service, None)  # the revision's slices go with it

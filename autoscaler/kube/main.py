@@ -101,6 +101,26 @@ async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_name
                                  lease_namespace=lease_namespace, resync_s=resync_s,
                                  lease_duration_s=lease_duration_s, renew_deadline_s=renew_deadline_s,
                                  retry_period_s=retry_period_s, problem=source.problem)
+    def stop_reason(rec: Any) -> tuple[str, str]:
+        """The Event on a pod being stopped: a preemption (its service gives the instance up for
+        a claim on its node: `leaving`) names who takes the slot and why it may."""
+        rt = scaler.table.get(rec.service)
+        if rt is None or rec.id not in rt.leaving:
+            return "Stopping", "scaled down"
+        takers = sorted({r.service for r in scaler.scaler.slots.reservations()
+                         if r.load.node == rec.node and r.service != rec.service})
+        if not takers:
+            return "Preempted", f"preempted on {rec.node}"
+        other = scaler.table.get(takers[0])
+        if other is not None and other.priority > rt.priority:
+            why = f"priority {other.priority} over {rt.priority}"
+        elif other is not None and other.starving(scaler.clock()):
+            why = f"fair share: its request has waited past fairShareAfter ({other.fair_share_after_s:g}s)"
+        else:
+            why = f"the same priority ({rt.priority}), and nothing protects this instance"
+        return "Preempted", f"preempted: its slot on {rec.node} goes to {', '.join(takers)} ({why})"
+
+    backend.stop_reason = stop_reason
     backend.leading = lambda: pa.elector.is_leader
     scaler.may_decide = lambda: pa.elector.is_leader and backend.settled
     backend.nudge = pa.queue.add

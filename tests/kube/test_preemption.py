@@ -1,0 +1,210 @@
+"""Placement-driven preemption on the real control plane: the local cluster's plan
+(autoscaler/preemption.py, placement's `displaceable`) run against the Kubernetes backend.
+
+Two nodes of one slot each (one GPU), both taken by the two pods of a low-priority Service
+(`batch`, its ScalingPolicy's `minScale: 2`), each pod streaming one long seeded completion.
+Then a Revision of a higher-priority Service (`chat`, `priority: 10`) appears, whose checkpoint
+sits in n1's DRAM: its cold start (Knative's initial scale, and a request held by the activator)
+finds no free slot, and placement's cheapest option is to migrate the stream off `batch`'s pod on
+n1 onto its sibling on n0 (docs/placement.md, "Overload": a higher priority displaces a lower one).
+
+What the test shows, on the API server where it can: the victim is withheld from the activator's
+rotation (the autoscaler's log, before its pod goes), its generation migrated through the
+activator (its metric, the autoscaler's placement record) with the text identical to unmigrated
+runs of the same seeds, the victim pod marked with `controller.kubernetes.io/pod-deletion-cost`
+(seen by a watch in the pod's last state) and deleted with a `Preempted` Event saying who took
+its slot and why, and `chat`'s pod placed on n1 (its `Placed` Event), serving through the
+activator to the official `openai` client. `batch` stays at one pod, waiting for capacity: it may
+not displace the higher priority.
+
+The stack (loaders, stand-ins for Knative, webhook, autoscaler, activator) is
+`testkit.kube.stack.Stack`, as in test_e2e.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from autoscaler.kube.binding import DELETION_COST
+from sllm_knative.kube.client import Kube
+from sllm_knative.kube.informer import Informer
+from testkit.kube.cluster import KubeCluster
+from testkit.kube.nodeagent import NodeAgent
+from testkit.kube.stack import Stack
+from testkit.servers import Nginx
+from tests.kube.conftest import start_agent, until
+from tests.kube.test_e2e import CONTEXT, SPEC, stream_chat, stream_completion
+
+LOW, HIGH = "batch", "chat"
+LOW_REV, HIGH_REV = f"{LOW}-00001", f"{HIGH}-00001"
+
+
+@pytest.fixture
+def agent(kube: KubeCluster) -> Iterator[NodeAgent]:
+    root = Path(tempfile.mkdtemp(prefix="sllm-pre-", dir="/tmp"))  # short: the loader's socket lies under it
+    a = start_agent(kube, root, nodes=2)  # one GPU each: one slot each
+    try:
+        yield a
+    finally:
+        a.stop(delete_nodes=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A file store with two checkpoints of the e2e model: one per Service."""
+    from sllm_knative.convert import convert
+    from sllm_knative.models import build_model
+
+    root = tmp_path_factory.mktemp("pre-store")
+    convert(build_model(root / "src" / "tiny", SPEC), root / "models" / "tiny")
+    shutil.copytree(root / "models" / "tiny", root / "models" / "tiny-chat")
+    return root / "models"
+
+
+@pytest.fixture
+def web(store: Path) -> Iterator[Nginx]:
+    with Nginx(store, slow_rate="2m") as nginx:
+        yield nginx
+
+
+class PodRecord:
+    """Each pod of the namespace as a watch last saw it, the deleted ones in their final state."""
+
+    def __init__(self, k: Kube, namespace: str) -> None:
+        self.last: dict[str, dict[str, Any]] = {}
+        self.deleted: dict[str, dict[str, Any]] = {}
+        self._mu = threading.Lock()
+        self.informer = Informer("test-pods", k.core.list_namespaced_pod, namespace, resync_s=3600)
+        self.informer.add_handler(self._on)
+
+    def _on(self, kind: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
+        name = obj["metadata"]["name"]
+        with self._mu:
+            self.last[name] = obj
+            if kind == "DELETED":
+                self.deleted[name] = obj
+
+    def start(self) -> PodRecord:
+        self.informer.start()
+        self.informer.wait_synced()
+        return self
+
+    def stop(self) -> None:
+        self.informer.stop()
+
+
+def test_a_higher_priority_cold_start_migrates_a_stream_off_a_full_node_and_takes_its_slot(
+        kube: KubeCluster, api: Any, namespace: str, agent: NodeAgent, web: Nginx, tmp_path: Path) -> None:
+    k = Kube(api)
+    n0, n1 = (s.name for s in agent.specs)
+    low_model, high_model = f"{web.url}/slow/tiny", f"{web.url}/slow/tiny-chat"
+    install = f"{namespace}-sys"
+    stack = Stack(kube, agent, namespace, install, f"{web.url}/slow", tmp_path, identity="pre")
+    k.core.create_namespace({"metadata": {"name": install}})
+    record = PodRecord(k, namespace).start()
+    try:
+        stack.start_loaders()
+        stack.prefetch(n1, high_model)  # chat's checkpoint loads fastest on n1
+        stack.start()
+        until(lambda: stack.autoscaler_sees_dram(n1, high_model), 30, f"the autoscaler to see {n1}'s DRAM copy")
+
+        def failure(what: str) -> str:
+            return (f"{what}\nautoscaler services: {stack.services()}\n{stack.logs_of_processes(6000)}\n"
+                    f"{stack.pod_logs(2000)}")
+
+        # batch takes both slots: two pods (minScale 2), one per node.
+        stack.scaling_policy(LOW, LOW, minScale=2)
+        stack.scaling_policy(HIGH, HIGH, priority=10, keepAlive="120s")
+        stack.function_revision(LOW_REV, LOW, low_model, args=["--max-model-len", str(CONTEXT)])
+        pods = until(lambda: len(stack.ready_pods(LOW_REV)) == 2 and stack.ready_pods(LOW_REV), 180,
+                     "batch's two pods ready")
+        on = {p.spec.node_name: p.metadata.name for p in pods}
+        assert sorted(on) == sorted([n0, n1]), failure(f"batch's pods are not one per node: {on}")
+        victim, sibling = on[n1], on[n0]
+        until(lambda: len(stack.rotation(LOW_REV)) == 2, 30, "both batch pods in the activator's rotation")
+
+        # A seeded stream on each of batch's pods; the autoscaler must see both (reported each second).
+        low = stack.client(LOW_REV)
+        seeds = (11, 12)
+        got: dict[int, str] = {}
+        started = {s: threading.Event() for s in seeds}
+        threads = [threading.Thread(target=lambda s=s: got.__setitem__(s, stream_completion(low, s, started[s])))
+                   for s in seeds]
+        for t in threads:
+            t.start()
+        for s in seeds:
+            assert started[s].wait(60), f"stream {s} did not start"
+        assert sorted(stack.rotation(LOW_REV).values()) == [1, 1], stack.rotation(LOW_REV)  # one per pod
+        until(lambda: stack.in_flight(LOW_REV) == 2, 10, "the autoscaler to see both streams")
+        migrated_before = stack.migrated()
+
+        # chat's Revision: its cold start finds both slots taken by a lower priority.
+        stack.function_revision(HIGH_REV, HIGH, high_model, args=["--max-model-len", str(CONTEXT)], replicas=0)
+        until(lambda: stack.in_flight(HIGH_REV) >= 0, 30, "the autoscaler to know chat's revision")
+        high = stack.client(HIGH_REV)
+        try:
+            text = stream_chat(high)  # held by the activator until chat's pod is ready
+        except Exception as exc:
+            raise AssertionError(failure(f"chat's cold start failed: {exc!r}")) from exc
+        assert text, "an empty completion"
+        for t in threads:
+            t.join(180)
+        assert set(got) == set(seeds), failure(f"a batch stream did not finish: {sorted(got)}")
+
+        # chat's pod took the victim's slot, on n1, as placement chose (its Placed Event says so).
+        [chat_pod] = until(lambda: stack.ready_pods(HIGH_REV), 60, "chat's pod ready")
+        assert chat_pod.spec.node_name == n1, failure(f"chat placed on {chat_pod.spec.node_name}, not {n1}")
+        placed = stack.events(chat_pod.metadata.name, "Placed")
+        assert placed and n1 in placed[0].message, placed
+        placement = stack.placement(HIGH_REV, chat_pod.metadata.name)
+        assert placement is not None, failure("no placement record for chat's pod")
+        assert (placement["action"], placement["victim"], placement["victim_service"]) == (
+            "migrate", victim, f"{namespace}/{LOW_REV}"), placement
+        assert placement["migrations"] == ["migrated"], placement
+        assert stack.migrated() == migrated_before + 1, failure("no migration through the activator")
+
+        # The victim: withheld before anything else (the autoscaler told the activator), then
+        # marked with the lowest deletion cost, deleted, and the Event on it says why.
+        until(lambda: victim in record.deleted, 60, "the victim's pod deleted")
+        final = record.deleted[victim]
+        assert (final["metadata"].get("annotations") or {}).get(DELETION_COST) == "-1000", final["metadata"]
+        [preempted] = stack.events(victim, "Preempted")
+        assert HIGH_REV in preempted.message and n1 in preempted.message, preempted.message
+        assert "priority 10 over 0" in preempted.message and DELETION_COST in preempted.message, preempted.message
+        log = stack.autoscaler.log()
+        withheld = log.find("instance withheld")
+        assert withheld >= 0 and victim in log[withheld:withheld + 400], failure("the victim was never withheld")
+        assert log.find("preempting") < withheld < log.find("instance stopping"), failure("withheld out of order")
+        assert [p.metadata.name for p in stack.pods(LOW_REV)] == [sibling], stack.pods(LOW_REV)
+
+        # The PAs' Events: chat scaled up from zero; batch scaled down from two.
+        scaled = {e.involved_object.name: e.message for e in k.core.list_namespaced_event(namespace).items
+                  if e.reason == "Scaled"}
+        assert HIGH_REV in scaled and LOW_REV in scaled, scaled
+        assert stack.replicas(LOW_REV) == 1 and stack.replicas(HIGH_REV) == 1
+
+        # The migrated stream's text is the unmigrated run's: the same seeds on the sibling alone.
+        with ThreadPoolExecutor(len(seeds)) as pool:
+            want = dict(zip(seeds, pool.map(lambda s: stream_completion(low, s), seeds), strict=True))
+        assert got == want, failure("a migrated stream's text differs from the unmigrated run")
+
+        # chat serves warm through the activator from the pod on n1; batch, one pod short of its
+        # minScale, waits: it may not displace the higher priority.
+        assert stream_chat(high) == text
+        assert list(stack.rotation(HIGH_REV)) == [chat_pod.metadata.name]
+        until(lambda: "waiting for capacity" in stack.autoscaler.log()[withheld:], 30,
+              "batch's scale-up to wait for capacity")
+        assert [p.spec.node_name for p in stack.pods(LOW_REV)] == [n0]
+    finally:
+        record.stop()
+        stack.stop()
+        k.core.delete_namespace(install)
