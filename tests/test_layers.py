@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 LIBRARY = "sllm_knative"
 PROCESSES = ("activator", "autoscaler", "loader_sidecar", "functions")
-NOT_IMPORTABLE = (*PROCESSES, "bench", "tests", "testkit")  # folders no library or process module may import
+NOT_IMPORTABLE = (*PROCESSES, "bench", "tests", "testkit", "sim")  # folders no library or process module may import
 _DYNAMIC = {"import_module", "__import__"}  # importlib.import_module("x"), __import__("x")
 
 

@@ -1,0 +1,171 @@
+"""One tiny hand-checked scenario per policy: three nodes of one GPU, two models of 2 GB.
+
+The test profile (TINY) makes every number easy to compute by hand:
+
+    DRAM -> GPU 10 GB/s: 2 GB in 0.2 s      SSD 2 GB/s: 1 s      remote store 0.1 GB/s: 20 s
+    instance start 0.5 s (fresh process 3 s)
+    1e9 parameters: prefill 2e9 FLOP/token at 2e13 FLOP/s = 1e-4 s/token (100 tokens: 0.01 s),
+    decode 2e9 bytes at 1e12 B/s = 2 ms/token
+
+A request that finds its service at zero is placed at once (the scaler runs on arrival), so its
+TTFT is load + start + prefill.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from sim.engine import SimConfig, Simulation
+from sim.hardware import GB, HardwareProfile
+from sim.policies import POLICIES, get_policy
+from sim.workload import Model, Request
+from sllm_knative.placement import Tier
+
+TINY = HardwareProfile(
+    name="tiny", gpus_per_node=1, gpu_mem_bytes=10 * GB, dram_tier_bytes=10 * GB, ssd_tier_bytes=100 * GB,
+    nominal={Tier.DRAM: 10 * GB, Tier.SSD: 2 * GB, Tier.REMOTE: 0.1 * GB},
+    efficiency={Tier.DRAM: 1.0, Tier.SSD: 1.0, Tier.REMOTE: 1.0},
+    overhead_s=0.5, fresh_process_s=3.0, flops=2e13, mfu=1.0, hbm_bytes_s=1e12, hbm_eff=1.0, load_noise=0.0,
+)
+A = Model("a", "test", 1e9, 1)
+B = Model("b", "test", 1e9, 1)
+PREFILL_100 = 100 * 2 * 1e9 / 2e13  # 0.01 s
+STEP = 2e9 / 1e12  # 2 ms
+N0, N1, N2 = "n0000", "n0001", "n0002"
+
+
+def sim(policy: str, requests: list[Request], preload: list[tuple[str, str, Tier]], seed: int = 0) -> Simulation:
+    s = Simulation(TINY, get_policy(policy), [A, B], requests, SimConfig(nodes=3, seed=seed, tail_s=120.0))
+    for node, model, tier in preload:
+        s.preload(node, model, tier)
+    return s.run()
+
+
+def one_a(policy: str, preload: list[tuple[str, str, Tier]], seed: int = 0) -> Simulation:
+    return sim(policy, [Request(0, 0.0, "a", 100, 1)], preload, seed)
+
+
+def node_of_first(s: Simulation) -> str:
+    placed = [e for e in s.trace if e[0] == "start"]
+    return str(placed[0][2])
+
+
+# -- a single cold start: which node, which tier, what TTFT --------------------------------------
+
+LOCAL = [(N1, "a", Tier.DRAM), (N2, "a", Tier.SSD)]
+
+
+@pytest.mark.parametrize(("policy", "preload", "node", "tier", "ttft"), [
+    # the load-time model picks the DRAM copy: 0.2 s load + 0.5 s start + 0.01 s prefill
+    ("sllm", LOCAL, N1, "dram", 0.2 + 0.5 + PREFILL_100),
+    ("serverlessllm", LOCAL, N1, "dram", 0.2 + 0.5 + PREFILL_100),
+    ("no-migration", LOCAL, N1, "dram", 0.2 + 0.5 + PREFILL_100),
+    # no DRAM tier: the SSD copy, 1 s + 0.5 s + 0.01 s
+    ("no-dram-tier", [(N2, "a", Tier.SSD)], N2, "ssd", 1.0 + 0.5 + PREFILL_100),
+    # no tiers: the store every time, in a fresh process: 20 s + 3 s + 0.01 s (every node alike)
+    ("knative-default", [], None, "remote", 20.0 + 3.0 + PREFILL_100),
+    # pre-staged on every node's SSD, in a fresh process: 1 s + 3 s + 0.01 s
+    ("kserve-localcache", [], None, "ssd", 1.0 + 3.0 + PREFILL_100),
+    # preemption-based places for locality too: the DRAM copy
+    ("preemption-based", LOCAL, N1, "dram", 0.2 + 0.5 + PREFILL_100),
+])
+def test_a_cold_start_goes_where_the_policy_says(policy: str, preload: list[tuple[str, str, Tier]],
+                                                 node: str | None, tier: str, ttft: float) -> None:
+    s = one_a(policy, preload)
+    assert s.ttfts() == [pytest.approx(ttft, abs=1e-9)]
+    assert s.stats.cold_starts == {tier: 1}
+    if node is not None:
+        assert node_of_first(s) == node
+
+
+HAND = {N0: 20.0 + 0.5 + PREFILL_100, N1: 0.2 + 0.5 + PREFILL_100, N2: 1.0 + 0.5 + PREFILL_100}
+
+
+@pytest.mark.parametrize("policy", ["locality-blind", "no-locality"])
+def test_random_placement_ignores_where_the_checkpoint_is(policy: str) -> None:
+    """Any node with a free GPU: the TTFT is that node's load time, and over seeds some land
+    away from the DRAM copy."""
+    nodes = set()
+    for seed in range(8):
+        s = one_a(policy, LOCAL, seed)
+        node = node_of_first(s)
+        nodes.add(node)
+        assert s.ttfts() == [pytest.approx(HAND[node], abs=1e-9)], (seed, node)
+    assert nodes - {N1}, nodes
+
+
+def test_every_policy_has_a_hand_checked_test() -> None:
+    covered = {"sllm", "serverlessllm", "no-migration", "no-dram-tier", "knative-default", "kserve-localcache",
+               "preemption-based", "locality-blind", "no-locality"}
+    assert covered == set(POLICIES)
+
+
+# -- a busy GPU holds the DRAM copy: migrate, preempt, or go elsewhere ----------------------------
+
+# b streams a long answer on n0001 (its DRAM copy), placed at t=0: ready at 0.7 s, first token at
+# 0.71 s, 20000 tokens end at 0.71 + 19999 * 2 ms = 40.708 s. n0002 holds b on its SSD.
+# a arrives at t=15 s (b's instance is past its 10 s minimum residency); a is in n0001's DRAM.
+BUSY = [(N1, "a", Tier.DRAM), (N1, "b", Tier.DRAM), (N2, "b", Tier.SSD)]
+B_LONG = Request(0, 0.0, "b", 100, 20000)
+A_LATE = Request(1, 15.0, "a", 100, 1)
+
+
+def tokens_at(t: float) -> int:
+    """b's prompt plus the tokens generated by time t (the first at 0.71 s, then one per step)."""
+    return 100 + 1 + int((t - 0.71) / STEP)
+
+
+@pytest.mark.parametrize("policy", ["sllm", "serverlessllm"])
+def test_migration_frees_the_gpu_that_holds_the_checkpoint(policy: str) -> None:
+    """Placement's options for a at 15 s: n0000 or n0002 from the store, 20 + 0.5 = 20.5 s; or
+    migrate b off n0001 onto a new instance on n0002 (its SSD copy: 1 + 0.5 = 1.5 s) at the prior
+    cost 2e-4 s/token * 7246 tokens + 0.5 s = 1.95 s, then a from DRAM: 1.5 + 1.95 + 0.2 + 0.5 =
+    4.15 s. MIGRATE wins. What happens: a's load runs at once (ends 15.2 s); b's destination is
+    ready at 16.5 s; the migration re-prefills b's tokens so far there (0.1 ms each); b's old
+    instance then stops, a takes its GPU and starts (0.5 s) and prefills (0.01 s)."""
+    s = sim(policy, [B_LONG, A_LATE], BUSY)
+    migration_s = tokens_at(16.5) * 1e-4
+    ttft_a = 16.5 + migration_s + 0.5 + PREFILL_100 - 15.0
+    assert s.ttfts()[1] == pytest.approx(ttft_a, abs=1e-3)
+    assert s.stats.migrations == 1
+    assert s.stats.migrated_tokens == tokens_at(16.5)
+    assert s.ttfts()[0] == pytest.approx(0.71, abs=1e-9)
+    assert s.latencies()[0] == pytest.approx(0.71 + 19999 * STEP, abs=1e-6)  # b's answer did not stop
+    assert s.stats.restarted == 0
+    assert s.stats.cold_starts == {"dram": 2, "ssd": 1}  # b at 0 s, b's destination, a
+
+
+def test_without_migration_the_new_instance_loads_from_the_store() -> None:
+    """No MIGRATE option: a goes to a free GPU, n0000 (ties go to the node name), from the store."""
+    s = sim("no-migration", [B_LONG, A_LATE], BUSY)
+    assert s.ttfts()[1] == pytest.approx(20.0 + 0.5 + PREFILL_100, abs=1e-9)
+    assert s.stats.migrations == 0
+    assert s.stats.cold_starts == {"dram": 1, "remote": 1}
+
+
+def test_preemption_kills_the_running_generation_and_restarts_it() -> None:
+    """Shepherd*-like: a goes to n0001 (its DRAM copy); b's instance is killed at 15 s and its
+    generation restarts from scratch on a free node (n0002, its SSD copy, placed at the scaler's
+    next tick, 16 s): ready at 17.5 s, 20000 tokens again."""
+    s = sim("preemption-based", [B_LONG, A_LATE], BUSY)
+    assert s.ttfts()[1] == pytest.approx(0.2 + 0.5 + PREFILL_100, abs=1e-9)
+    assert s.stats.preemptions == 1
+    assert s.stats.restarted == 1
+    assert s.stats.lost_tokens == tokens_at(15.0) - 100
+    assert s.ttfts()[0] == pytest.approx(0.71, abs=1e-9)  # its first token came before the preemption
+    assert s.latencies()[0] == pytest.approx(16.0 + 1.5 + PREFILL_100 + 19999 * STEP, abs=1e-6)
+
+
+def test_calibration_learns_the_achieved_rate_and_static_estimates_do_not() -> None:
+    """The store delivers half its nominal rate (0.05 GB/s): after one load the calibrated
+    policy's estimate for (n0000, remote) moves from the nominal 0.1 GB/s by the moving
+    average's weight 0.3 towards it, 0.085 GB/s; the static one keeps no estimate of its own."""
+    import dataclasses
+
+    half = dataclasses.replace(TINY, efficiency={Tier.DRAM: 1.0, Tier.SSD: 1.0, Tier.REMOTE: 0.5})
+    for policy, expected in (("sllm", 0.085 * GB), ("serverlessllm", None)):
+        s = Simulation(half, get_policy(policy), [A, B], [Request(0, 0.0, "a", 100, 1)], SimConfig(nodes=3))
+        s.run()
+        learnt = s.calibration.bandwidth.get((N0, Tier.REMOTE))
+        assert learnt == (pytest.approx(expected) if expected else None), policy
+        assert s.ttfts() == [pytest.approx(40.0 + 0.5 + PREFILL_100)]
