@@ -25,6 +25,7 @@ instead. Modules:
     text         incremental detokenization and stop strings
     state        the exported generation state (format and validation)
     params       plain values shared by the HTTP layer and the engine
-    weights      where the weights come from: a directory, or a lease from the loader sidecar
+    weights      where the weights come from: a directory, or a lease from the loader sidecar; the cast
+    dtypes       the compute dtype: bf16 on a CPU with a native bf16 multiply, else float32 (pure)
     metrics      Prometheus metrics and startup timings
 """

@@ -17,7 +17,8 @@ Knative sets `PORT`; everything else has an `SLLM_*` variable and a flag (flags 
 | --parked-slots        | SLLM_PARKED_SLOTS                             | max-concurrency          |
 | --max-model-len       | SLLM_MAX_MODEL_LEN                            | 4096 (capped by the model) |
 | --numerics            | SLLM_NUMERICS                                 | exact on cpu, fast on cuda |
-| --tile-rows           | SLLM_TILE_ROWS                                | 2                        |
+| --dtype               | SLLM_DTYPE                                    | auto: cpu bf16 if native, else float32; cuda the checkpoint's |
+| --tile-rows           | SLLM_TILE_ROWS                                | 16 in bfloat16, else 2   |
 | --threads             | SLLM_THREADS                                  | fast: torch's (all cores); exact: 1 |
 | --forward             | SLLM_FORWARD                                  | auto (lean Llama-family path) |
 | --step-tokens         | SLLM_STEP_TOKENS                              | 256                      |
@@ -42,6 +43,12 @@ Warm-up (one prefill and two decode steps before the instance reports ready) pay
 lazy initialisation (cuBLAS handles, kernel loading) off the request path. On the CPU there is
 little to pay for: on the 0.5 GB benchmark model the first request was 12-47 ms slower without
 warm-up, while the warm-up itself took 0.3-0.5 s of every cold start; so `auto` skips it there.
+
+`--dtype auto` computes in bfloat16 on a CPU that multiplies bf16 natively (amx_bf16 or
+avx512_bf16 in /proc/cpuinfo) and in float32 on any other CPU; on CUDA in the checkpoint's dtype
+(functions/llm/dtypes.py). A checkpoint of another dtype is cast tensor by tensor at load.
+The default tile of exact numerics follows the dtype: 16 rows in bfloat16 (one AMX tile; a
+16-row bf16 product costs about what a 2-row one does), 2 otherwise.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from functions.llm.dtypes import SETTINGS as DTYPE_SETTINGS
 from sllm_knative.api.auth import token_from_env
 from sllm_knative.loader.address import default_listen, default_node
 from sllm_knative.mounts import container_path, mount_root, unix_target
@@ -71,7 +79,8 @@ class ServeConfig:
     parked_slots: int = 8
     max_model_len: int = 4096
     numerics: str = "exact"
-    tile_rows: int = 2
+    dtype: str = "auto"  # compute dtype setting (functions/llm/dtypes.py): auto or a dtype name
+    tile_rows: int | None = None  # exact numerics' tile; None: by dtype (numerics.default_tile_rows)
     # Intra-op compute threads in fast numerics (exact numerics always uses one). The autoscaler
     # sets the instance's share of its node (SLLM_THREADS, sllm_knative.config.compute_threads).
     threads: int | None = None
@@ -110,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--parked-slots", type=int)
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--numerics", choices=["exact", "fast"])
+    p.add_argument("--dtype", choices=list(DTYPE_SETTINGS),
+                   help="compute dtype; auto: bfloat16 on a CPU with a native bf16 multiply, else float32; "
+                        "on cuda the checkpoint's")
     p.add_argument("--tile-rows", type=int)
     p.add_argument("--threads", type=int)
     p.add_argument("--forward", choices=["auto", "transformers"])
@@ -195,7 +207,8 @@ def parse(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = Non
         parked_slots=parked if parked is not None else (8 if max_conc is None else max_conc),
         max_model_len=num(args.max_model_len, "SLLM_MAX_MODEL_LEN", 4096),
         numerics=pick(args.numerics, "SLLM_NUMERICS") or ("fast" if device.startswith("cuda") else "exact"),
-        tile_rows=num(args.tile_rows, "SLLM_TILE_ROWS", 2),
+        dtype=(pick(args.dtype, "SLLM_DTYPE") or "auto").lower(),
+        tile_rows=args.tile_rows if args.tile_rows is not None else _env_int(env, "SLLM_TILE_ROWS"),
         threads=args.threads if args.threads is not None else _env_int(env, "SLLM_THREADS"),
         forward=pick(args.forward, "SLLM_FORWARD") or "auto",
         step_tokens=num(args.step_tokens, "SLLM_STEP_TOKENS", 256),
@@ -259,7 +272,10 @@ def validate(cfg: ServeConfig) -> None:
     at_least("max-concurrency", cfg.max_concurrency, 1)
     at_least("parked-slots", cfg.parked_slots, 0)
     at_least("max-model-len", cfg.max_model_len, 16)
-    at_least("tile-rows", cfg.tile_rows, 1)
+    if cfg.tile_rows is not None:
+        at_least("tile-rows", cfg.tile_rows, 1)
+    if cfg.dtype not in DTYPE_SETTINGS:
+        problems.append(f"dtype = {cfg.dtype!r} (--dtype / SLLM_DTYPE), must be one of {', '.join(DTYPE_SETTINGS)}")
     if cfg.threads is not None:
         at_least("threads", cfg.threads, 1)
     at_least("step-tokens", cfg.step_tokens, 1)

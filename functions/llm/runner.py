@@ -127,9 +127,13 @@ class ModelRunner:
     """
 
     def __init__(self, model: Any, *, slots: int, max_len: int, mode: str = numerics.EXACT,
-                 tile_rows: int = 2, forward: str = "auto", threads: int | None = None) -> None:
+                 tile_rows: int | None = None, forward: str = "auto", threads: int | None = None) -> None:
         if mode not in numerics.MODES:
             raise ValueError(f"numerics = {mode!r}, must be one of {', '.join(numerics.MODES)}")
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype  # the compute dtype: the service casts the weights to it
+        if tile_rows is None:
+            tile_rows = numerics.default_tile_rows(self.dtype)
         if tile_rows < 1:
             raise ValueError(f"tile_rows = {tile_rows}, must be at least 1")
         if forward not in FORWARDS:
@@ -142,8 +146,6 @@ class ModelRunner:
         self.model = model
         self.mode = mode
         self.tile_rows = tile_rows
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
         heads = cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -154,7 +156,8 @@ class ModelRunner:
         self.row_multiple = 1
         if mode == numerics.EXACT:  # whole tiles for the linear layers, no scalar tails elsewhere
             self.row_multiple = math.lcm(tile_rows, numerics.row_multiple(
-                [cfg.hidden_size, getattr(cfg, "intermediate_size", cfg.hidden_size), head_dim, heads * head_dim]))
+                [cfg.hidden_size, getattr(cfg, "intermediate_size", cfg.hidden_size), head_dim, heads * head_dim],
+                self.dtype.itemsize))
         # exact: one intra-op thread (see numerics: a thread split point must not depend on the batch);
         # fast: `threads` (the instance's share of its node), else torch's default (every core)
         self.threads = 1 if mode == numerics.EXACT else threads

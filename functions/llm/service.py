@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from functions.llm.config import ServeConfig
+from functions.llm.dtypes import DtypeChoice
 from functions.llm.errors import BadRequest, TooManyRequests, Unavailable
 from functions.llm.metrics import FunctionMetrics, Stopwatch
 from functions.llm.params import Output
@@ -88,6 +89,8 @@ class ModelHost:
         self.max_len = 0
         self.vocab_size = 0
         self.threads: int | None = None  # the engine's intra-op threads, once loaded
+        self.dtype: DtypeChoice | None = None  # the compute dtype and why, once loaded
+        self.tile_rows: int | None = None  # exact numerics' tile, once loaded
         self._resources = contextlib.ExitStack()
         self._thread: threading.Thread | None = None
         # Set by the server once its SIGTERM handler is installed: a load that fails before then
@@ -118,7 +121,7 @@ class ModelHost:
         self.source.request()
         import torch  # noqa: F401  (timed: the imports are a phase of the startup)
 
-        from functions.llm import weights
+        from functions.llm import dtypes, weights
         from functions.llm.engine import Engine
         from functions.llm.runner import ModelRunner
         watch.lap("imports")
@@ -126,6 +129,8 @@ class ModelHost:
         if isinstance(self.source, LeasedCheckpoint):
             watch.lap("lease")  # granted; on the CPU also filled (on a GPU the load follows the fill)
         model, tokenizer = weights.load(path, self.cfg.device, follow=self.source.follow)
+        choice = dtypes.choose(self.cfg.dtype, self.cfg.device, weights.checkpoint_dtype(model), dtypes.cpu_flags())
+        weights.cast_parameters(model, getattr(torch, choice.dtype))  # nothing to do when they agree
         watch.lap("load")
         runner = ModelRunner(model, slots=self.cfg.kv_slots, max_len=self.cfg.max_model_len,
                              mode=self.cfg.numerics, tile_rows=self.cfg.tile_rows, forward=self.cfg.forward,
@@ -140,6 +145,8 @@ class ModelHost:
         self.tokenizer = tokenizer
         self.max_len = runner.max_len
         self.threads = runner.threads or torch.get_num_threads()
+        self.dtype = choice
+        self.tile_rows = runner.tile_rows if runner.mode == "exact" else None
         self.vocab_size = runner.vocab_size
         self.engine = engine
         self.status = "ready"
@@ -149,7 +156,8 @@ class ModelHost:
         self.metrics.ready.set(1)
         self.log.info("ready", served_model=self.cfg.model_name, seconds=round(watch.total(), 3),
                       kv_slots=self.cfg.kv_slots, kv_cache_bytes=runner.cache.nbytes, numerics=runner.mode,
-                      forward=runner.forward_kind, max_len=runner.max_len,
+                      forward=runner.forward_kind, max_len=runner.max_len, dtype=choice.dtype,
+                      dtype_reason=choice.reason, tile_rows=self.tile_rows,
                       **{f"{k}_s": round(v, 3) for k, v in watch.phases.items()})
 
     def shutdown(self) -> None:
@@ -166,8 +174,11 @@ class ModelHost:
         phases = {f"{k}_s": round(v, 4) for k, v in self.stopwatch.phases.items()}
         total = round(self.stopwatch.total(), 4) if self.status == "ready" else None
         return {"status": self.status, "model": self.cfg.model_name, "startup": {"total_s": total, **phases},
-                # the engine's intra-op threads (exact numerics: always 1), and the setting it got
-                "compute": {"numerics": self.cfg.numerics, "threads": self.threads, "threads_setting": self.cfg.threads}}
+                # the engine's intra-op threads (exact numerics: always 1), and the setting it got;
+                # the compute dtype, why it was chosen and the setting (once loaded); exact's tile
+                "compute": {"numerics": self.cfg.numerics, "threads": self.threads, "threads_setting": self.cfg.threads,
+                            **(self.dtype.report() if self.dtype else {"dtype": None, "dtype_reason": None}),
+                            "dtype_setting": self.cfg.dtype, "tile_rows": self.tile_rows}}
 
     # -- requests (event-loop thread) ---------------------------------------------------
     def require_engine(self) -> Engine:

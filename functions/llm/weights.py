@@ -179,6 +179,35 @@ def load(path: Path, device: str, follow: Follow | None = None) -> tuple[Any, An
     return model, tokenizer
 
 
+def checkpoint_dtype(model: Any) -> str:
+    """The dtype of the model's first floating-point parameter, as a torch dtype's name."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return str(p.dtype).removeprefix("torch.")
+    return "float32"
+
+
+def cast_parameters(model: Any, dtype: Any) -> int:
+    """Cast the model's floating-point parameters to `dtype` in place, one tensor at a time;
+    returns how many were cast.
+
+    Memory stays bounded by the model in the new dtype plus one tensor: each parameter's new
+    data replaces the old before the next is converted (the old is freed then, or stays the
+    mapped checkpoint file it was a view of). Parameters shared between modules (tied
+    embeddings) are one Parameter object and are cast once, so they stay shared. Buffers (the
+    rotary frequencies) keep their dtype: they are computed in float32 by design.
+    """
+    import torch
+
+    cast = 0
+    with torch.no_grad():
+        for p in model.parameters():  # each shared Parameter once
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+                cast += 1
+    return cast
+
+
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:
     """Token ids that end a generation: the generation config's, else the tokenizer's."""
     ids: set[int] = set()

@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from functions.llm import numerics
+from functions.llm import numerics, weights
 from functions.llm.runner import Feed, ModelRunner
 from sllm_knative.loading import load_model
 
@@ -31,8 +31,17 @@ def hf_model(tiny_model):
     return load_model(tiny_model)
 
 
-def _runner(tiny_model, mode: str, tile_rows: int = 2, forward: str = "auto") -> ModelRunner:
-    return ModelRunner(load_model(tiny_model), slots=6, max_len=512, mode=mode, tile_rows=tile_rows, forward=forward)
+def _model(tiny_model, dtype: torch.dtype = torch.float32):
+    """The tiny (float32) model with its weights cast to `dtype`, as the service does."""
+    model = load_model(tiny_model)
+    weights.cast_parameters(model, dtype)
+    return model
+
+
+def _runner(tiny_model, mode: str, tile_rows: int | None = 2, forward: str = "auto",
+            dtype: torch.dtype = torch.float32) -> ModelRunner:
+    return ModelRunner(_model(tiny_model, dtype), slots=6, max_len=512, mode=mode, tile_rows=tile_rows,
+                       forward=forward)
 
 
 def _scrambled_logits(runner: ModelRunner, seq: list[int], rng: random.Random) -> torch.Tensor:
@@ -57,14 +66,18 @@ def _scrambled_logits(runner: ModelRunner, seq: list[int], rng: random.Random) -
     return torch.cat(got)
 
 
-@pytest.mark.parametrize("forward,tile_rows", [
-    pytest.param("auto", 2, id="decoder"),
-    pytest.param("auto", 5, id="decoder-tile-5"),
-    pytest.param("transformers", 2, id="transformers"),
+@pytest.mark.parametrize("forward,tile_rows,dtype", [
+    pytest.param("auto", 2, torch.float32, id="decoder"),
+    pytest.param("auto", 5, torch.float32, id="decoder-tile-5"),
+    pytest.param("transformers", 2, torch.float32, id="transformers"),
+    pytest.param("auto", None, torch.bfloat16, id="decoder-bf16"),  # the default tile: 16
+    pytest.param("auto", 2, torch.bfloat16, id="decoder-bf16-tile-2"),
+    pytest.param("transformers", None, torch.bfloat16, id="transformers-bf16"),
 ])
-def test_exact_logits_are_batch_invariant(tiny_model, forward, tile_rows):
-    runner = _runner(tiny_model, numerics.EXACT, tile_rows, forward)
+def test_exact_logits_are_batch_invariant(tiny_model, forward, tile_rows, dtype):
+    runner = _runner(tiny_model, numerics.EXACT, tile_rows, forward, dtype)
     assert runner.forward_kind == ("decoder" if forward == "auto" else "transformers")
+    assert runner.dtype == dtype and runner.tile_rows == (tile_rows or numerics.default_tile_rows(dtype))
     rng = random.Random(tile_rows)
     seq = [rng.randrange(3, VOCAB) for _ in range(300)]  # across two key-block boundaries (128, 256)
     whole = runner.step([Feed(0, 0, seq, 0)])[0]
@@ -119,6 +132,27 @@ def test_runner_matches_transformers(tiny_model, hf_model, mode, forward):
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("forward", ["auto", "transformers"])
+@pytest.mark.parametrize("mode", numerics.MODES)
+def test_bf16_runner_matches_transformers_in_bf16(tiny_model, mode, forward):
+    """In bfloat16 the runner computes what transformers' own modules compute in bfloat16, within
+    bf16 rounding (the two sum in different orders): its distance from the float32 logits is at
+    most 1.5x transformers' own bf16 distance, and it picks the same tokens."""
+    runner = _runner(tiny_model, mode, None, forward=forward, dtype=torch.bfloat16)
+    seq = list(range(3, 60))
+    ours = runner.step([Feed(2, 0, seq, 0)])[0]
+    ref_model = _model(tiny_model, torch.bfloat16)
+    with torch.inference_mode():
+        ref = ref_model(torch.tensor([seq])).logits[0].float()
+        full = load_model(tiny_model)(torch.tensor([seq])).logits[0].float()
+    assert ours.dtype == torch.float32 and runner.cache.k[0].dtype == torch.bfloat16
+    theirs_error = (ref - full).abs().max().item()
+    assert 0 < theirs_error < 0.2 * full.std().item()  # bf16 rounding: present, and small
+    assert (ours - full).abs().max().item() <= 1.5 * theirs_error, ((ours - full).abs().max(), theirs_error)
+    assert (ours - ref).abs().max().item() <= 1.5 * theirs_error
+    assert (ours.argmax(-1) == full.argmax(-1)).float().mean() >= 0.9
+
+
 def test_feed_validation(tiny_model):
     runner = _runner(tiny_model, numerics.EXACT)
     with pytest.raises(ValueError, match="at least one token"):
@@ -148,14 +182,18 @@ def test_lean_decoder_support():
         assert why in unsupported(m)
 
 
-@pytest.mark.parametrize("dims,multiple", [
-    pytest.param([4096, 11008, 128, 4096], 1, id="llama-7b"),
-    pytest.param([64, 128, 16, 64], 2, id="tiny"),
-    pytest.param([100, 300, 25], 32, id="odd"),
-    pytest.param([48, 96], 2, id="multiple-of-16"),
+@pytest.mark.parametrize("dims,itemsize,multiple", [
+    pytest.param([4096, 11008, 128, 4096], 4, 1, id="llama-7b"),
+    pytest.param([64, 128, 16, 64], 4, 2, id="tiny"),
+    pytest.param([100, 300, 25], 4, 32, id="odd"),
+    pytest.param([48, 96], 4, 2, id="multiple-of-16"),
+    pytest.param([4096, 11008, 128, 4096], 2, 1, id="llama-7b-bf16"),
+    pytest.param([576, 1536, 64, 576], 2, 1, id="smollm2-135m-bf16"),
+    pytest.param([64, 128, 16, 64], 2, 4, id="tiny-bf16"),
+    pytest.param([48, 96], 2, 4, id="multiple-of-16-bf16"),
 ])
-def test_row_multiple(dims, multiple):
-    assert numerics.row_multiple(dims) == multiple
+def test_row_multiple(dims, itemsize, multiple):
+    assert numerics.row_multiple(dims, itemsize) == multiple
 
 
 def test_tiled_linear_is_a_linear():
