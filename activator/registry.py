@@ -34,6 +34,7 @@ class RoutedService:
     key: ServiceKey
     container_concurrency: int = 0
     hold_timeout_s: float | None = None  # the revision's; None: the activator's --cold-start-timeout
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))  # when it was first routed (unix s)
     instances: list[RoutedInstance] = dataclasses.field(default_factory=list)
     breaker: Breaker = dataclasses.field(default_factory=Breaker)
     window: ConcurrencyWindow = dataclasses.field(default_factory=lambda: ConcurrencyWindow(time.monotonic()))

@@ -4,6 +4,7 @@ the capacity slot, the upstream client's URL parsing and request encoding."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import httpx
@@ -16,7 +17,13 @@ from activator.config import ActivatorConfig
 from activator.metrics import ServiceMeters
 from activator.registry import Registry, RoutedService
 from activator.request import RequestHead, is_internal, request_target, response_headers, split_headers
-from activator.routing import model_from_body, service_from_host, service_from_model
+from activator.routing import (
+    model_list,
+    names_service,
+    requested_model,
+    service_from_host,
+    service_from_model,
+)
 from activator.stats import ConcurrencyWindow
 from activator.upstream import Origin, Pool, encode_request, parse_origin
 from sllm_knative.api.activator import Endpoint
@@ -44,12 +51,50 @@ def test_service_from_host(host: str | None, want: ServiceKey | None) -> None:
     pytest.param(b'{"model": "llama"}', ServiceKey("default", "llama"), id="name"),
     pytest.param(b'{"model": "team-a/qwen"}', ServiceKey("team-a", "qwen"), id="namespaced"),
     pytest.param(b'{"model": "qwen"}', None, id="other-namespace"),
-    pytest.param(b'{"model": 3}', None, id="not-a-string"),
-    pytest.param(b"not json", None, id="not-json"),
-    pytest.param(b"[1]", None, id="not-an-object"),
 ])
 def test_service_from_model(body: bytes, want: ServiceKey | None) -> None:
-    assert service_from_model(model_from_body(body), KNOWN) == want
+    assert service_from_model(requested_model(body), KNOWN) == want
+
+
+@pytest.mark.parametrize(("host", "want"), [
+    pytest.param("llama.default.example.com", True, id="knative-domain"),
+    pytest.param("missing.default:8080", True, id="short-with-port"),
+    pytest.param("127.0.0.1:8080", False, id="ipv4"),
+    pytest.param("[::1]:8080", False, id="ipv6"),
+    pytest.param("localhost:8080", False, id="localhost"),
+    pytest.param("", False, id="empty"),
+    pytest.param(None, False, id="missing"),
+])
+def test_names_service(host: str | None, want: bool) -> None:
+    assert names_service(host) is want
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    pytest.param(b'{"model": 3}', "'model' must be a string, not int", id="not-a-string"),
+    pytest.param(b'{"prompt": "hi"}', "names no 'model'", id="no-model"),
+    pytest.param(b"not json", "not valid JSON", id="not-json"),
+    pytest.param(b"\xff\xfe", "not valid JSON", id="not-utf8"),
+    pytest.param(b"[1]", "must be a JSON object, not list", id="not-an-object"),
+])
+def test_a_body_that_names_no_model_says_why(body: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        requested_model(body)
+
+
+@pytest.mark.parametrize(("services", "default_namespace", "ids"), [
+    pytest.param({}, "default", [], id="none"),
+    pytest.param({ServiceKey("team-a", "qwen"): 5, ServiceKey("default", "llama"): 7}, "default",
+                 ["llama", "team-a/qwen"], id="default-namespace-by-name"),
+    pytest.param({ServiceKey("default", "llama"): 7}, "team-a", ["default/llama"], id="other-default"),
+])
+def test_model_list_names_each_service_as_its_model(services, default_namespace: str, ids: list[str]) -> None:
+    doc = model_list(services, default_namespace)
+    assert doc["object"] == "list" and [m["id"] for m in doc["data"]] == ids
+    for m in doc["data"]:
+        assert m["object"] == "model" and m["owned_by"] == "sllm-knative"
+        # each id routes back to its service
+        assert service_from_model(m["id"], set(services), default_namespace) is not None
+        assert m["created"] == services[service_from_model(m["id"], set(services), default_namespace)]
 
 
 def _insts(*spec: tuple[str, int, int]) -> list[RoutedInstance]:

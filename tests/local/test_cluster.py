@@ -75,8 +75,9 @@ def test_cold_then_warm_invoke(cluster) -> None:
     # (exact numerics, the CPU default, computes with one thread whatever the share).
     for i in services(doc)["default/tiny"]["instances"]:
         if i["state"] == "ready":
-            assert i["report"]["compute"] == {"numerics": "exact", "threads": 1,
-                                              "threads_setting": max(1, (os.cpu_count() or 1) // 2)}, i
+            compute = i["report"]["compute"]
+            assert {k: compute.get(k) for k in ("numerics", "threads", "threads_setting")} == {
+                "numerics": "exact", "threads": 1, "threads_setting": max(1, (os.cpu_count() or 1) // 2)}, i
     assert warm["ttft_s"] < cold["ttft_s"]
     listing = cli(state, "get", "instances").stdout
     assert "ready" in listing and cold["instance"] in listing
@@ -112,6 +113,27 @@ def test_unknown_model_and_host_are_404(cluster) -> None:
     r = httpx.post(f"{doc['activator']}/v1/completions", json={"prompt": "x"},
                    headers={"host": "missing.default.example.com"})
     assert r.status_code == 404
+
+
+def test_the_activator_lists_its_services_and_names_a_bad_body(cluster) -> None:
+    """What applications do first (list the models) and get wrong (a body that is not JSON), through
+    the activator's base URL with the official client: OpenAI's shapes, not a routing 404."""
+    import openai
+
+    _, doc = cluster
+    client = openai.OpenAI(base_url=f"{doc['activator']}/v1", api_key="unused", max_retries=0)
+    placed = len(services(doc)["default/tiny"]["placements"])
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    assert client.models.retrieve("tiny").owned_by == "sllm-knative"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("missing")
+    assert len(services(doc)["default/tiny"]["placements"]) == placed  # answered without a cold start
+    for body, message in [(b"{not json", "not valid JSON"), (b'["tiny"]', "must be a JSON object"),
+                          (b'{"prompt": "hi"}', "names no 'model'")]:
+        r = httpx.post(f"{doc['activator']}/v1/completions", content=body,
+                       headers={"content-type": "application/json"})
+        assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_load_scales_to_two_then_back_and_to_zero_then_cold_start_lands_on_dram(cluster) -> None:
