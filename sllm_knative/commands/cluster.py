@@ -80,6 +80,8 @@ def _down(args: argparse.Namespace) -> int:
 
 def _logs(args: argparse.Namespace) -> int:
     logs = Path(args.state_dir) / "logs"
+    if not logs.is_dir():
+        raise FileNotFoundError(2, "no local cluster logs here (run `sllm-knative up`, or pass --state-dir)", str(logs))
     if args.name is None:
         for p in sorted(logs.rglob("*.log")):
             print(p.relative_to(logs).with_suffix(""))

@@ -127,6 +127,14 @@ def _delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def error_message(r: Any) -> str:
+    """The message of an OpenAI-shaped error body, else the body itself (on one line)."""
+    try:
+        return str(r.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return " ".join(r.text.split())[:300] or "(empty body)"
+
+
 def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
     """The prompt as a user message, after an optional system message."""
     return [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": prompt}]
@@ -156,7 +164,7 @@ def invoke(activator: str, name: str, namespace: str, prompt: str, max_tokens: i
     with httpx.stream("POST", f"{activator}{path}", json=body, headers=headers, timeout=timeout) as r:
         if r.status_code != 200:
             r.read()
-            raise RuntimeError(f"HTTP {r.status_code}: {r.text}")
+            raise RuntimeError(f"{path} for service {namespace}/{name}: HTTP {r.status_code}: {error_message(r)}")
         instance = r.headers.get("x-sllm-instance")
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":

@@ -111,7 +111,10 @@ def _wait(what: str, check: Any, timeout: float, proc: subprocess.Popen[bytes], 
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            raise RuntimeError(f"{what} exited with code {proc.returncode}; last log lines:\n{tail}")
+            lines = [line.strip() for line in tail.splitlines() if line.strip()]
+            reason = lines[-1].removeprefix("error: ") if lines else "it wrote nothing"
+            raise RuntimeError(f"{what} exited with code {proc.returncode}: {reason} (log {log})\n"
+                               f"last log lines:\n{tail}")
         with contextlib.suppress(Exception):
             if check():
                 return

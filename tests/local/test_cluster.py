@@ -134,6 +134,12 @@ def test_the_activator_lists_its_services_and_names_a_bad_body(cluster) -> None:
                        headers={"content-type": "application/json"})
         assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
         assert r.json()["error"]["type"] == "invalid_request_error"
+    # The CLI says it in one line, without a traceback.
+    state, _ = cluster
+    r = cli(state, "invoke", "missing", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == ("error: /v1/completions for service default/missing: HTTP 404: "
+                                "no service serves model 'missing'"), r.stderr
 
 
 def test_load_scales_to_two_then_back_and_to_zero_then_cold_start_lands_on_dram(cluster) -> None:
