@@ -20,8 +20,9 @@ from sim.policies import POLICIES, STUDY, get_policy
 from sim.runner import Scenario, plot_sweep, simulate, sweep
 
 #: The scheduler study's setting (docs/evaluation.md, "The scheduler study").
-STUDY_SCENARIO = Scenario(policy="sllm", hardware="h100x8", nodes=4, models=200, duration_s=1800.0, zipf=1.0, seed=0)
-STUDY_RATES = (0.25, 0.5, 1.0, 2.0, 4.0)
+STUDY_SCENARIO = Scenario(policy="sllm", hardware="h100x8", nodes=4, models=64, duration_s=1200.0, zipf=1.0, seed=0,
+                          kinds="llama-3.1-8b")
+STUDY_RATES = (1.0, 2.0, 4.0, 6.0, 8.0, 12.0)
 
 
 def _floats(text: str) -> list[float]:
@@ -50,13 +51,15 @@ def _scenario_args(p: argparse.ArgumentParser, base: Scenario) -> None:
     p.add_argument("--seed", type=int, default=base.seed)
     p.add_argument("--capacity", type=int, default=base.capacity, help="generations an instance serves at once")
     p.add_argument("--keep-alive", type=float, default=base.keep_alive_s)
+    p.add_argument("--kinds", default=base.kinds, help="comma-separated model kinds (sim/workload.py SIZES); "
+                   "default: the whole mix")
     p.add_argument("--trace", default=base.trace)
 
 
 def _scenario(a: argparse.Namespace, base: Scenario) -> Scenario:
     return dataclasses.replace(base, hardware=a.hardware, nodes=a.nodes, models=a.models, duration_s=a.duration,
                                zipf=a.zipf, seed=a.seed, capacity=a.capacity, keep_alive_s=a.keep_alive,
-                               trace=a.trace)
+                               kinds=a.kinds, trace=a.trace)
 
 
 def main(argv: list[str] | None = None) -> int:

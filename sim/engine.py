@@ -377,7 +377,13 @@ class Simulation:
 
     def _second(self, _a: object, _b: object) -> None:
         decide_now = int(round(self.now)) % int(TICK_S) == 0
-        for svc in list(self.active.values()):
+        services = list(self.active.values())
+        if decide_now:
+            # The real autoscaler scales services concurrently, in no set order; here the service
+            # whose oldest request has waited longest places first, so that a fixed iteration
+            # order does not starve the same services every tick.
+            services.sort(key=lambda s: s.waiting[0].arrival if s.waiting else math.inf)
+        for svc in services:
             # A zero sample is recorded only when the decider runs next: between two samples an
             # absent second counts as zero in the window's average anyway (autoscaler/window.py),
             # so the averages the decider sees are the same, at a fraction of the records.

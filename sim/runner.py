@@ -22,7 +22,7 @@ from typing import Any
 from sim.engine import SimConfig, Simulation
 from sim.hardware import get_profile
 from sim.policies import get_policy
-from sim.workload import DEFAULT_TRACE, catalog, read_trace, scale_trace
+from sim.workload import DEFAULT_TRACE, SIZE_WEIGHTS, SIZES, catalog, read_trace, scale_trace
 
 SLO_S = (1.0, 5.0)
 
@@ -39,6 +39,7 @@ class Scenario:
     seed: int = 0
     capacity: int = 8
     keep_alive_s: float = 60.0
+    kinds: str = ""  # comma-separated checkpoint kinds to draw sizes from (workload.SIZES); empty: all
     trace: str = str(DEFAULT_TRACE)
 
 
@@ -52,10 +53,22 @@ def percentile(values: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
+def sizes_of(kinds: str) -> tuple[list[tuple[str, float]], list[float]]:
+    """The sizes and weights to draw models from: those of `kinds` (equal weights), else all."""
+    if not kinds:
+        return list(SIZES), list(SIZE_WEIGHTS)
+    known = dict(SIZES)
+    names = [k for k in kinds.split(",") if k]
+    for k in names:
+        if k not in known:
+            raise ValueError(f"unknown model kind {k!r}; known: {', '.join(known)}")
+    return [(k, known[k]) for k in names], [1.0] * len(names)
+
+
 def build(s: Scenario) -> Simulation:
     hw = get_profile(s.hardware)
     policy = get_policy(s.policy)
-    models = catalog(s.models, s.seed, hw.gpu_mem_bytes, hw.gpus_per_node)
+    models = catalog(s.models, s.seed, hw.gpu_mem_bytes, hw.gpus_per_node, *sizes_of(s.kinds))
     requests = scale_trace(read_trace(Path(s.trace)), [m.name for m in models], rate=s.rate,
                            duration_s=s.duration_s, zipf=s.zipf, seed=s.seed)
     cfg = SimConfig(nodes=s.nodes, capacity=s.capacity, keep_alive_s=s.keep_alive_s, seed=s.seed)
