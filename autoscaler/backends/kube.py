@@ -17,6 +17,9 @@ How the autoscaler's decisions become pods (docs/kubernetes.md):
   Event on it saying why (`stop_reason`: `Preempted` naming the service its slot goes to, or a
   scale-down), and takes it out of `wanted`, so the controller's next replica count removes
   exactly that pod; its SIGTERM handoff happens in the pod. `stop` returns when the pod is gone.
+- Before it pins a pod, the internal token's Secret is put in the pod's namespace (`copy_token`):
+  the webhook points the function container's SLLM_INTERNAL_TOKEN at it, and the backend's own
+  calls on the pod's internal API (its generation list) carry that token.
 - Nodes and inventories come from the Nodes and their NodeCaches (written by each node's loader);
   slots are a node's allocatable GPUs (`autoscaler.kube.binding.node_slots`).
 
@@ -75,6 +78,8 @@ PAIR_TIMEOUT_S = 120.0  # start(): the pod of an intent must appear within this
 READY_TIMEOUT_S = 600.0
 SETTLE_TIMEOUT_S = 10.0  # the first pass as the leader waits this long at most for its adoptions
 UNPLANNED_RETRY_S = 10.0  # an unplanned pod still unpaired is reported again (its service may be new)
+TOKEN_RECHECK_S = 60.0  # a namespace's copy of the internal token is looked at again after this
+TOKEN_RETRY_S = 2.0  # a pin deferred for want of that copy is tried again after this
 HTTP_PORT, INTERNAL_PORT = 8080, 8081  # the function container's ports (functions.llm defaults)
 
 
@@ -85,7 +90,8 @@ def service_key(pod: dict[str, Any]) -> str:
 
 class KubeBackend:
     def __init__(self, kube: Kube, *, resync_s: float = 30.0, pair_timeout_s: float = PAIR_TIMEOUT_S,
-                 ready_timeout_s: float = READY_TIMEOUT_S, internal_token: str | None = None) -> None:
+                 ready_timeout_s: float = READY_TIMEOUT_S, internal_token: str | None = None,
+                 copy_token: Callable[[str], bool] | None = None) -> None:
         self.kube = kube
         self.pair_timeout_s, self.ready_timeout_s = pair_timeout_s, ready_timeout_s
         self.pods = Informer("backend-pods", kube.core.list_pod_for_all_namespaces, resync_s=resync_s,
@@ -96,6 +102,10 @@ class KubeBackend:
         self.http = httpx.AsyncClient(timeout=5.0)
         token = internal_token if internal_token is not None else auth.token_from_env()
         self._internal_headers = auth.auth_headers(token)
+        # Puts the internal token's Secret in a namespace (autoscaler.kube.internal_token.copy_token):
+        # done before a pod there is pinned, since the webhook points its SLLM_INTERNAL_TOKEN at it.
+        self.copy_token = copy_token
+        self._token_copied: dict[str, float] = {}  # namespace -> when its copy was last seen (monotonic)
         self._intents: dict[str, list[Intent]] = {}  # service -> open intents, oldest first
         self._waiting: dict[str, asyncio.Future[str]] = {}  # intent instance id -> pod name, once paired
         self._records: dict[str, InstanceRecord] = {}  # pod name -> record
@@ -367,8 +377,28 @@ class KubeBackend:
             self.settled = True
             _log.info("caught up as the leader: deciding from here", adopted=len(adopting))
 
+    async def _token_in(self, namespace: str, service: str, instance: str) -> bool:
+        """Whether the internal token's Secret is in `namespace` (copied now if it was not seen there
+        within TOKEN_RECHECK_S). On a failure the pod is not pinned, and the binder tries again later."""
+        if self.copy_token is None or time.monotonic() - self._token_copied.get(namespace, -1e9) < TOKEN_RECHECK_S:
+            return True
+        try:
+            if await asyncio.to_thread(self.copy_token, namespace):
+                self._token_copied[namespace] = time.monotonic()
+                return True
+            why = "the Secret there holds another token"
+        except Exception as exc:
+            why = error_message(exc)[:200]
+        _log.warning("internal token not copied: pinning deferred", service=service, instance=instance,
+                     namespace=namespace, error=why)
+        if self._loop is not None:
+            self._loop.call_later(TOKEN_RETRY_S, self._kick.set)
+        return False
+
     async def _bind(self, pod: dict[str, Any], intent: Intent) -> None:
         name, ns = pod["metadata"]["name"], pod["metadata"]["namespace"]
+        if not await self._token_in(ns, intent.service, name):
+            return
         try:
             await asyncio.to_thread(self.kube.core.replace_namespaced_pod, name, ns, pin(pod, intent),
                                     _request_timeout=15)

@@ -17,7 +17,11 @@ It is *ours* when its Revision's autoscaler class is `llm.autoscaling.sllm-knati
   tier volumes of the node's loader (a DaemonSet: `sllm-loader` read-write for its socket,
   `sllm-dram` and `sllm-ssd` read-only, each at the same path as on the node) and the
   environment `functions/llm/config.py` reads: SLLM_LOADER, SLLM_CHECKPOINT (from the
-  annotation), SLLM_SERVICE, SLLM_NODE, SLLM_INSTANCE. Nothing the pod already sets is replaced.
+  annotation), SLLM_SERVICE, SLLM_NODE, SLLM_INSTANCE, and (when the webhook is given the
+  internal token's Secret, as `python -m autoscaler --kube` gives it) SLLM_INTERNAL_TOKEN from
+  that Secret in the pod's namespace, so the function's internal API wants the install's token
+  (the Kubernetes backend copies the Secret there before it pins the pod; until it exists the
+  container cannot start). Nothing the pod already sets is replaced.
 - Our pod without the model annotation is allowed unchanged, with a warning naming the
   annotation (the PodAutoscaler controller reports it on the PA).
 - Every other pod is allowed unchanged.
@@ -33,7 +37,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from autoscaler.kube.internal_token import KEY as TOKEN_KEY
 from autoscaler.kube.podautoscaler import CLASS, CLASS_ANNOTATION, REVISION_LABEL
+from sllm_knative.api.auth import TOKEN_ENV
 from sllm_knative.config.service import MODEL_ANNOTATION
 
 GATE = "sllm-knative.io/placement"
@@ -169,12 +175,18 @@ def environment(namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any
             {"name": "SLLM_INSTANCE", "valueFrom": ref("metadata.name")}]
 
 
+def token_env(secret: str) -> dict[str, Any]:
+    """SLLM_INTERNAL_TOKEN from the internal token's Secret `secret` in the pod's namespace."""
+    return {"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": secret, "key": TOKEN_KEY}}}
+
+
 def user_container(containers: list[dict[str, Any]]) -> int:
     return next((i for i, c in enumerate(containers) if c.get("name") == USER_CONTAINER), 0)
 
 
-def mutate(pod: Mapping[str, Any], namespace: str, cls: str | None) -> Decision:
-    """What to do with a revision's pod of autoscaler class `cls` (see the module docstring)."""
+def mutate(pod: Mapping[str, Any], namespace: str, cls: str | None, token_secret: str | None = None) -> Decision:
+    """What to do with a revision's pod of autoscaler class `cls` (see the module docstring);
+    `token_secret` names the internal token's Secret to point SLLM_INTERNAL_TOKEN at."""
     meta = pod.get("metadata") or {}
     labels = meta.get("labels") or {}
     if not labels.get(REVISION_LABEL):
@@ -211,7 +223,8 @@ def mutate(pod: Mapping[str, Any], namespace: str, cls: str | None) -> Decision:
 
     env = container.get("env")
     names = {e.get("name") for e in env or []}
-    wanted = [e for e in environment(namespace, labels) if e["name"] not in names]
+    wanted = [e for e in [*environment(namespace, labels), *([token_env(token_secret)] if token_secret else [])]
+              if e["name"] not in names]
     if "SLLM_MODEL_DIR" in names and any(e["name"] == "SLLM_CHECKPOINT" for e in wanted):
         # functions/llm/config.py refuses both; the user's choice of a directory wins
         wanted = [e for e in wanted if e["name"] != "SLLM_CHECKPOINT"]
@@ -238,7 +251,7 @@ def refusal(uid: str, code: int, message: str) -> dict[str, Any]:
             "response": {"uid": uid, "allowed": False, "status": {"code": code, "message": message}}}
 
 
-def admit(body: Any, lookup: Lookup) -> tuple[dict[str, Any], Request, Decision | None]:
+def admit(body: Any, lookup: Lookup, token_secret: str | None = None) -> tuple[dict[str, Any], Request, Decision | None]:
     """Answer one review: (the AdmissionReview to send back, the request, the decision or None
     when the class could not be learned). Raises BadReview for a malformed review."""
     req = parse_review(body)
@@ -248,5 +261,5 @@ def admit(body: Any, lookup: Lookup) -> tuple[dict[str, Any], Request, Decision 
         cls = pod_class(req.pod, req.namespace, lookup)
     except ClassUnknown as exc:
         return refusal(req.uid, 503, f"sllm-knative placement webhook: {exc}"), req, None
-    decision = mutate(req.pod, req.namespace, cls)
+    decision = mutate(req.pod, req.namespace, cls, token_secret)
     return response(req.uid, decision), req, decision

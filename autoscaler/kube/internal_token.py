@@ -1,6 +1,9 @@
 """The internal token on Kubernetes (sllm_knative/api/auth.py): one random token per install, kept in
 the Secret `sllm-knative-internal` (key `token`) in the autoscaler's namespace and copied into the
-activator's (`knative-serving`), where the activator Deployment reads it into its environment.
+activator's (`knative-serving`), where the activator Deployment reads it into its environment, and
+into each namespace with a pod of our class (`copy_token`, called by the Kubernetes backend before
+it pins the pod), where the placement webhook points the function container's
+`SLLM_INTERNAL_TOKEN` at it: the function pods' internal API then wants the token.
 
 The autoscaler makes it at start: it reads the Secret in its own namespace, creates it with a
 fresh token when it is missing (two replicas starting at once: one create wins, the other reads
@@ -51,18 +54,26 @@ def _create(kube: Kube, namespace: str, token: str) -> str:
         raise
 
 
+def copy_token(kube: Kube, namespace: str, token: str) -> bool:
+    """The Secret in `namespace` holds `token`: read, or made when missing. False when it holds
+    another token (logged: whoever reads that copy refuses this install's calls, or is refused)."""
+    there = _read(kube, namespace) or _create(kube, namespace, token)
+    if there != token:
+        _log.error("the internal token's copy differs from the install's: delete it (the autoscaler makes it again)",
+                   secret=f"{namespace}/{SECRET}")
+        return False
+    return True
+
+
 def ensure_token(kube: Kube, home: str, copies: Sequence[str] = ()) -> str:
     """The install's internal token: from `home`'s Secret (made when missing), copied to `copies`."""
     token = _read(kube, home) or _create(kube, home, secrets.token_urlsafe(32))
     for namespace in copies:
         try:
-            there = _read(kube, namespace) or _create(kube, namespace, token)
+            copy_token(kube, namespace, token)
         except Exception as exc:
             if is_status(exc, 404):  # the namespace is not there (yet)
                 _log.warning("no namespace for the internal token's copy", secret=f"{namespace}/{SECRET}")
                 continue
             raise
-        if there != token:
-            _log.error("the internal token's copy differs: the activators will refuse this autoscaler's calls; "
-                       "delete it and restart the autoscaler", secret=f"{namespace}/{SECRET}")
     return token

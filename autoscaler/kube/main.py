@@ -29,7 +29,8 @@ from autoscaler.kube.activators import ADMIN_PORT as ACTIVATOR_ADMIN_PORT
 from autoscaler.kube.activators import NAMESPACE as ACTIVATOR_NAMESPACE
 from autoscaler.kube.activators import KubeActivators
 from autoscaler.kube.advice import advice_for
-from autoscaler.kube.internal_token import ensure_token
+from autoscaler.kube.internal_token import SECRET as TOKEN_SECRET
+from autoscaler.kube.internal_token import copy_token, ensure_token
 from autoscaler.kube.pa_controller import PROBE_URL, PodAutoscalerController, http_prober
 from autoscaler.kube.podautoscaler import Settings
 from autoscaler.kube.services import ServiceSource
@@ -64,11 +65,16 @@ async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_name
                      webhook_hosts: tuple[str, ...] = ()) -> None:
     kube = Kube(connect(kubeconfig))
     loop = asyncio.get_running_loop()
-    backend = KubeBackend(kube, resync_s=resync_s)
-    # The internal token the activators' admin API wants: $SLLM_INTERNAL_TOKEN, else the install's
-    # Secret (made at the first start, and copied where the activator Deployment reads it).
-    token = auth.token_from_env() or await asyncio.to_thread(ensure_token, kube, lease_namespace,
-                                                              [activator_namespace])
+    # The internal token the activators' admin API and the function pods' internal API want:
+    # $SLLM_INTERNAL_TOKEN, else the install's Secret (made at the first start, and copied where the
+    # activator Deployment reads it). The backend copies it into each namespace where it pins a pod
+    # of our class (the webhook points the pod's SLLM_INTERNAL_TOKEN at that copy) and sends it.
+    token = auth.token_from_env()
+    if not token:
+        token = await asyncio.to_thread(ensure_token, kube, lease_namespace, [activator_namespace])
+    install_token: str = token
+    backend = KubeBackend(kube, resync_s=resync_s, internal_token=install_token,
+                          copy_token=lambda namespace: copy_token(kube, namespace, install_token))
     # The activator replicas (their EndpointSlices, or the fixed --activator-admin URLs): withholds
     # and migrations on scale-down and preemption.
     activators = KubeActivators(kube, static=activator_admin, namespace=activator_namespace,
@@ -129,7 +135,7 @@ async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_name
     webhook = None
     if webhook_port:  # every replica serves admission; the certificate's leader is one of them
         webhook = PlacementWebhook(kube, namespace=lease_namespace, identity=pa.identity, host=webhook_host or host,
-                                   port=webhook_port, extra_hosts=webhook_hosts)
+                                   port=webhook_port, extra_hosts=webhook_hosts, token_secret=TOKEN_SECRET)
         await asyncio.to_thread(webhook.start)
     app = build_app(scaler, ready=lambda: pa.elector.is_leader, kube=True)
     server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,

@@ -100,8 +100,8 @@ def _context(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
 
 
 class WebhookServer:
-    def __init__(self, lookup: Lookup, host: str = "0.0.0.0", port: int = PORT) -> None:
-        self.lookup, self.host, self.port = lookup, host, port
+    def __init__(self, lookup: Lookup, host: str = "0.0.0.0", port: int = PORT, token_secret: str | None = None) -> None:
+        self.lookup, self.host, self.port, self.token_secret = lookup, host, port, token_secret
         self._current: ssl.SSLContext | None = None
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -133,7 +133,7 @@ class WebhookServer:
         """(status, response body) for one POST body; logs the decision."""
         self.reviews += 1
         try:
-            answer, req, decision = admit(body, self.lookup)
+            answer, req, decision = admit(body, self.lookup, self.token_secret)
         except BadReview as exc:
             self._log.warning("malformed AdmissionReview", field=exc.field, problem=exc.problem)
             return 400, f"malformed AdmissionReview: {exc}"
@@ -224,8 +224,8 @@ class PlacementWebhook:
     def __init__(self, kube: Kube, *, namespace: str, identity: str, host: str = "0.0.0.0", port: int = PORT,
                  service: str = SERVICE, extra_hosts: Sequence[str] = (), webhook_config: str = WEBHOOK_CONFIG,
                  validity_s: float = DEFAULT_VALIDITY_S, rotate_fraction: float = DEFAULT_ROTATE_FRACTION,
-                 **cert_options: Any) -> None:
-        self.server = WebhookServer(RevisionClasses(kube), host, port)
+                 token_secret: str | None = None, **cert_options: Any) -> None:
+        self.server = WebhookServer(RevisionClasses(kube), host, port, token_secret)
         self.certs = CertController(kube, namespace=namespace, identity=identity,
                                     on_certificate=self.server.load_certificate, service=service,
                                     extra_hosts=extra_hosts, webhook_config=webhook_config, validity_s=validity_s,

@@ -12,7 +12,9 @@ agent's nodes and the namespace the revisions go in, starts:
 - the MutatingWebhookConfiguration of manifests/autoscaler/webhook.yaml, narrowed to `namespace`
   and called at the autoscaler's webhook port on the pod network's host address;
 - `python -m autoscaler --kube` (leases in `install_namespace`) and `python -m activator --kube`,
-  with the same entry points and flags as their images, each told of the other.
+  with the same entry points and flags as their images, each told of the other; the activator
+  gets the install's internal token (`token`) from the Secret the autoscaler makes, as its
+  Deployment does, and the function pods get it from the copy the autoscaler puts in `namespace`.
 
 `function_revision` creates a Revision of our class serving the function image
 (`sllm-knative/function` -> `python -m functions.llm`) as Knative's revision reconciler would
@@ -28,6 +30,7 @@ namespace). It leaves the namespaces, the agent and the control plane to whoever
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import shutil
 import sys
@@ -37,6 +40,7 @@ from typing import Any
 
 import httpx
 
+from sllm_knative.api.auth import TOKEN_ENV
 from testkit.kube.cluster import KubeCluster
 from testkit.kube.nodeagent import NodeAgent
 from testkit.kube.util import until, webhook_config
@@ -56,6 +60,16 @@ def dram_holds(status: dict[str, Any], model: str) -> bool:
     """Whether a NodeCache status (or the autoscaler's view of one, /v1/nodes) has `model` in DRAM."""
     return any(c.get("model") == model and "dram" in (c.get("tiers") or [])
                for c in status.get("checkpoints") or [])
+
+
+def read_token(k: Any, namespace: str) -> str:
+    """The internal token in `namespace`'s Secret (autoscaler/kube/internal_token.py)."""
+    from autoscaler.kube.internal_token import KEY, SECRET
+
+    data = k.core.read_namespaced_secret(SECRET, namespace).data or {}
+    if KEY not in data:
+        raise ValueError(f"Secret {namespace}/{SECRET} has no {KEY!r}")
+    return base64.b64decode(data[KEY]).decode()
 
 
 def is_ready(pod: Any) -> bool:
@@ -108,6 +122,7 @@ class Stack:
         self.procs: list[Proc] = []
         self._exit = contextlib.ExitStack()
         self.as_url = self.act_url = self.act_admin = ""
+        self.token = ""  # the install's internal token, once the autoscaler has made it
         self.act_port = 0
 
     # -- bring-up and teardown ------------------------------------------------------------------
@@ -160,15 +175,26 @@ class Stack:
             "--resync", str(RESYNC_S), "--lease-duration", "3", "--scale-to-zero-grace", "1",
             "--probe-url", self.act_url, "--webhook-port", str(webhook_port), "--webhook-host", net.host_ip,
             "--webhook-san", net.host_ip, "--activator-admin", self.act_admin], "autoscaler.log")
+        self.autoscaler = autoscaler
+        autoscaler.wait_http(f"{self.as_url}/healthz", self.start_timeout_s)
+        # The install's internal token, which the autoscaler made in its namespace's Secret: the
+        # activator gets it as its Deployment does (SLLM_INTERNAL_TOKEN from that Secret).
+        self.token = read_token(k, self.install_namespace)
         activator = self._proc("the activator (kube)", [
             sys.executable, "-m", "activator", "--kube", "--kubeconfig", kc, "--host", "127.0.0.1",
             "--port", str(act_port), "--h2c-port", str(act_h2c), "--admin-port", str(act_admin),
             "--autoscaler-url", self.as_url, "--pod-name", f"activator-{self.identity}-0",
-            "--kube-resync", str(RESYNC_S), "--cold-start-timeout", f"{self.cold_start_timeout_s:g}"], "activator.log")
-        self.autoscaler, self.activator = autoscaler, activator
-        autoscaler.wait_http(f"{self.as_url}/healthz", self.start_timeout_s)
-        activator.wait_until(lambda: httpx.get(self.act_url, headers={"K-Network-Probe": "activator"}, timeout=2).text
-                             == "activator", self.start_timeout_s, "answering Knative's probe")
+            "--kube-resync", str(RESYNC_S), "--cold-start-timeout", f"{self.cold_start_timeout_s:g}"], "activator.log",
+            env={TOKEN_ENV: self.token})
+        self.activator = activator
+        activator.wait_until(self._probe_answered, self.start_timeout_s, "answering Knative's probe")
+
+    def _probe_answered(self) -> bool:
+        """Whether the activator answers Knative's network probe as Knative's activator does."""
+        try:
+            return httpx.get(self.act_url, headers={"K-Network-Probe": "activator"}, timeout=2).text == "activator"
+        except httpx.HTTPError:
+            return False  # not listening yet
 
     def _delete_webhook(self, name: str) -> None:
         with contextlib.suppress(Exception):
@@ -324,9 +350,15 @@ class Stack:
         """The activator's rotation for `revision`: pod -> requests outstanding."""
         from sllm_knative.api import activator as admin_api
 
-        stats = httpx.get(f"{self.act_admin}{admin_api.STATS}", timeout=5).json()
+        stats = httpx.get(f"{self.act_admin}{admin_api.STATS}", headers=self.admin_headers(), timeout=5).json()
         return {i["id"]: i["outstanding"] for s in stats["services"]
                 if s["namespace"] == self.namespace and s["name"] == revision for i in s["instances"]}
+
+    def admin_headers(self) -> dict[str, str]:
+        """What the activator's admin API and the function pods' internal API want."""
+        from sllm_knative.api import auth
+
+        return auth.auth_headers(self.token or None)
 
     def activator_metric(self, sample: str) -> float:
         """The value of one sample line of the activator's /metrics (`name{labels}`), 0 if absent."""

@@ -59,13 +59,15 @@ import openai
 import pytest
 
 from autoscaler.kube.podautoscaler import CLASS, condition
+from sllm_knative.api import activator as admin_api
+from sllm_knative.api import instance as instance_api
 from sllm_knative.config.autoscaler import KPA_CLASS
 from sllm_knative.kube.client import PODAUTOSCALERS, REVISIONS, SCALINGPOLICIES, Kube
 from sllm_knative.models import TINY
 from testkit.kube.cluster import KubeCluster
 from testkit.kube.knative import create_revision
 from testkit.kube.nodeagent import NodeAgent
-from testkit.kube.stack import Stack
+from testkit.kube.stack import INTERNAL_PORT, Stack, read_token
 from testkit.servers import Nginx
 from tests.kube.conftest import agent_selector, start_agent, until
 from tests.kube.test_activator_knative import _echo, _revision, _served
@@ -204,6 +206,20 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
         assert lo0.leases() == lo2.leases() == []
         log = agent.pod_log(namespace, pod.metadata.name, "user-container")
         assert "lease complete" in log and str(lo1.socket.parent.resolve()) in log, log[-3000:]
+
+        # Its internal API (migration) wants the install's token: the webhook pointed its
+        # SLLM_INTERNAL_TOKEN at the Secret the autoscaler copied into this namespace before it
+        # pinned the pod. Without the token: 401; with it: the generation list.
+        [c] = [c for c in pod.spec.containers if c.name == "user-container"]
+        [ref] = [e.value_from.secret_key_ref for e in c.env if e.name == "SLLM_INTERNAL_TOKEN"]
+        assert (ref.name, ref.key) == ("sllm-knative-internal", "token"), ref
+        assert read_token(k, namespace) == stack.token
+        internal = f"http://{pod.status.pod_ip}:{INTERNAL_PORT}{instance_api.GENERATIONS}"
+        assert httpx.get(internal, timeout=5).status_code == 401
+        assert httpx.get(internal, headers={"Authorization": "Bearer wrong"}, timeout=5).status_code == 401
+        assert httpx.get(internal, headers=stack.admin_headers(), timeout=5).status_code == 200
+        # The activator's admin API wants it too.
+        assert httpx.get(f"{stack.act_admin}{admin_api.STATS}", timeout=5).status_code == 401
 
         until(lambda: (condition(pa_status(), "ScaleTargetInitialized") or {}).get("status") == "True", 60,
               "ScaleTargetInitialized True")

@@ -23,6 +23,7 @@ The stack (loaders, stand-ins for Knative, webhook, autoscaler, activator) is
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import threading
@@ -170,6 +171,10 @@ def test_a_higher_priority_cold_start_migrates_a_stream_off_a_full_node_and_take
         assert (placement["action"], placement["victim"], placement["victim_service"]) == (
             "migrate", victim, f"{namespace}/{LOW_REV}"), placement
         assert placement["migrations"] == ["migrated"], placement
+        # Placement knew the victim's stream from the pod's own generation list, which the
+        # autoscaler read from its internal API with the install's token.
+        moved = re.search(r"migrate \S+ \((\d+) generation\(s\), (\d+) tokens\)", placement["reasons"][0])
+        assert moved and int(moved[1]) == 1 and int(moved[2]) > 0, placement["reasons"]
         assert stack.migrated() == migrated_before + 1, failure("no migration through the activator")
 
         # The victim: withheld before anything else (the autoscaler told the activator), then

@@ -7,7 +7,8 @@ MutatingWebhookConfiguration by name, publish the caBundle, rotate (update the S
 admit a pod of our class (reading its Revision). The Kubernetes backend and the service source
 (what `python -m autoscaler --kube` adds around them): watch Revisions, ScalingPolicies, Pods,
 Nodes and NodeCaches, pin the gated pod to a node (an intent paired with it) and mark it for
-deletion; read or make the internal token's Secrets, and list the activator replicas. The verbs
+deletion; read or make the internal token's Secrets (the install's, Knative's copy, and the copy
+in the namespace of the pod it pins), and list the activator replicas. The verbs
 they called are read back from the
 API server's audit log and compared with the rules, both ways: nothing they called was refused,
 and nothing the Roles grant went unused.
@@ -31,7 +32,7 @@ from autoscaler.kube.admission import GATE, MODEL_ANNOTATION
 from autoscaler.kube.binding import DELETION_COST
 from autoscaler.kube.certs import SECRET, WEBHOOK_CONFIG
 from autoscaler.kube.internal_token import SECRET as TOKEN_SECRET
-from autoscaler.kube.internal_token import ensure_token
+from autoscaler.kube.internal_token import copy_token, ensure_token
 from autoscaler.kube.pa_controller import PodAutoscalerController
 from autoscaler.kube.podautoscaler import CLASS, CLASS_ANNOTATION, REVISION_LABEL, Advice, Settings
 from autoscaler.kube.services import ServiceSource, parse_revision
@@ -47,6 +48,7 @@ from sllm_knative.kube.client import (
 from sllm_knative.ports import free_port
 from testkit.kube.cluster import KubeCluster
 from testkit.kube.knative import SksStatusWriter, revision_objects
+from testkit.kube.stack import read_token
 from tests.kube.audit import apply_docs, assert_exactly_granted
 from tests.kube.conftest import ensure_namespace, until
 from tests.kube.test_webhook import webhook_config
@@ -120,8 +122,13 @@ def test_the_autoscaler_role_is_exactly_what_it_calls(kube: KubeCluster, api: An
         return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout_s)
 
     source = ServiceSource(as_sa, lambda manifest, removed: None, resync_s=5).start()
+    # The internal token: read (or made) in the install's namespace, copied into Knative's; the
+    # backend copies it into the namespace of each pod it pins, as in the autoscaler process.
+    token = ensure_token(as_sa, SA[0], [KNATIVE_NS])
+    assert ensure_token(as_sa, SA[0], [KNATIVE_NS]) == token  # the second start reads it
     backend: KubeBackend | None = None
-    backend = run(KubeBackend(as_sa, resync_s=5).start_watching())
+    backend = run(KubeBackend(as_sa, resync_s=5, internal_token=token,
+                              copy_token=lambda ns: copy_token(as_sa, ns, token)).start_watching())
     ctl = PodAutoscalerController(as_sa, advisor, settings=Settings(scale_to_zero_grace_s=1.0),
                                   identity="rbac-test", lease_namespace=SA[0], resync_s=5,
                                   lease_duration_s=3.0, renew_deadline_s=2.0, retry_period_s=0.3).start()
@@ -166,6 +173,7 @@ def test_the_autoscaler_role_is_exactly_what_it_calls(kube: KubeCluster, api: An
         rec = run(backend.start(svc, "some-node", "chat-00001-1", "dram"))
         assert rec.id == "admitted"
         assert not admin.core.read_namespaced_pod("admitted", namespace).spec.scheduling_gates
+        assert read_token(admin, namespace) == token  # copied into the pod's namespace before it was pinned
         stopping = asyncio.run_coroutine_threadsafe(backend.stop(rec, grace_s=0), loop)
         until(lambda: (admin.core.read_namespaced_pod("admitted", namespace).metadata.annotations or {}).get(
             DELETION_COST) == "-1000", 10, "the pod marked for deletion")
@@ -199,10 +207,7 @@ def test_the_autoscaler_role_is_exactly_what_it_calls(kube: KubeCluster, api: An
             admin.custom.delete_cluster_custom_object(NODECACHES.group, NODECACHES.version, NODECACHES.plural,
                                                       warm_node)
 
-        # The internal token: read (or made) in the install's namespace, copied into Knative's;
-        # the activator replicas from activator-service's EndpointSlices.
-        token = ensure_token(as_sa, SA[0], [KNATIVE_NS])
-        assert ensure_token(as_sa, SA[0], [KNATIVE_NS]) == token  # the second start reads it
+        # The activator replicas from activator-service's EndpointSlices.
         activators = KubeActivators(as_sa, namespace=KNATIVE_NS, resync_s=5).start()
         assert activators.slices is not None
         activators.slices.wait_synced(15)
