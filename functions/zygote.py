@@ -81,6 +81,7 @@ def serve(path: str) -> None:
         os.unlink(path)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
+    os.chmod(path, 0o600)  # it forks instances on request: its owner's only
     server.listen(64)
     print(f"zygote ready on {path} (imports {seconds:.2f}s)", flush=True)
     while True:

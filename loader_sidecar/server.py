@@ -183,6 +183,10 @@ class Sidecar:
                 raise OSError(f"cannot listen on {address}")
             self.address = f"{host}:{port}"
         await self.server.start()
+        if address.startswith("unix://"):
+            # Owner only (as the socket of any local daemon). On Kubernetes a function container
+            # of another, non-root user could not connect before either (no write bit for it).
+            os.chmod(address[len("unix://"):], 0o600)
         if self.config.metrics_addr:
             host, port = host_port(self.config.metrics_addr, "metrics")
             self._metrics_server, _ = start_http_server(port, host, registry=self.node.metrics.registry)

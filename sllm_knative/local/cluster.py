@@ -134,6 +134,12 @@ def up(opts: UpOptions, on_ready: Any = None) -> int:
     state.mkdir(parents=True, exist_ok=True)
     dram = _dram_dir(opts)
     clean_stale(state, dram)
+    # The nodes' private files (the loaders' and zygotes' sockets, the SSD and DRAM tiers) live
+    # under folders only this user may enter: nobody else on the machine reads a checkpoint or
+    # talks to a loader.
+    for root in (state / "nodes", _socket_dir(state), dram):
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        root.chmod(0o700)
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     doc: dict[str, Any] = {"pid": os.getpid(), "ready": False, "groups": [], "state_dir": str(state),
                            "device": opts.device, "nodes": []}

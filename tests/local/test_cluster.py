@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -140,6 +141,58 @@ def test_the_activator_lists_its_services_and_names_a_bad_body(cluster) -> None:
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip() == ("error: /v1/completions for service default/missing: HTTP 404: "
                                 "no service serves model 'missing'"), r.stderr
+
+
+def internal_routes() -> list[tuple[str, str]]:
+    """(method, path) of every route of the instance's internal API and the activator's admin
+    API, from their route tables (a new route is covered without touching this test); path
+    parameters filled in. The health and metrics routes both apps share with public ones are left out."""
+    from starlette.routing import Route
+
+    from activator.admin import build_admin_app
+    from functions.llm.app import COMMON_ROUTES
+    from functions.llm.internal import build
+    from sllm_knative.api import activator as admin_api
+
+    public = {r.path for r in COMMON_ROUTES} | {admin_api.METRICS}
+    # Built for their route tables only: nothing is served, so the apps get only the attributes
+    # their builders read.
+    service = SimpleNamespace(cfg=SimpleNamespace(internal_token=None), metrics=SimpleNamespace(requests=None))
+    act = SimpleNamespace(registry=None, migrations=None)
+    found = []
+    for app in (build(service), build_admin_app(act)):  # type: ignore[arg-type]
+        for r in app.routes:
+            if isinstance(r, Route) and r.path not in public:
+                path = re.sub(r"\{[^}:]+(:[^}]+)?\}", "x", r.path)
+                found += [(m, path) for m in sorted(r.methods or ()) if m != "HEAD"]
+    return found
+
+
+def test_internal_paths_are_never_forwarded_and_private_files_are_owner_only(cluster) -> None:
+    from sllm_knative.loader.client import LoaderClient
+
+    _, doc = cluster
+    routes = internal_routes()
+    assert {p.split("/")[1] for _, p in routes} == {"internal", "admin"} and len(routes) >= 10, routes
+    host = {"host": "tiny.default.example.com"}  # a service that exists: only the path is refused
+    for method, path in routes:
+        for spelling in (path, "/v1/../" + path.lstrip("/"), "/" + path, path.replace("/v1/", "/./v1/")):
+            r = httpx.request(method, f"{doc['activator']}{spelling}", headers=host, json={}, timeout=30)
+            assert r.status_code == 404 and "no route for" in r.json()["error"]["message"], (method, spelling, r.text)
+            assert "x-sllm-instance" not in r.headers, (method, spelling)  # answered by the activator itself
+    # The nodes' private files: the loader's and the zygote's sockets are their owner's, and the
+    # tiers and sockets sit under a folder nobody else may enter.
+    for n in doc["nodes"]:
+        with LoaderClient(n["loader"], timeout=10) as client:
+            tiers = [Path(t.directory) for t in client.inventory().tiers]
+        sockets = [Path(n["loader"].removeprefix("unix://")), Path(n["zygote"])]
+        for p in sockets:
+            assert p.stat().st_mode & 0o777 == 0o600, f"{p} is {oct(p.stat().st_mode & 0o777)}"
+        for p in [*sockets, *tiers]:
+            # `up` closes the node folders' roots, one or two levels up (not some folder far
+            # above, such as pytest's own temporary root).
+            closed = [a for a in p.parents[:2] if a.stat().st_mode & 0o077 == 0 and a.stat().st_uid == os.getuid()]
+            assert closed, f"{p}: neither of the two folders above it is closed to group and others"
 
 
 def test_load_scales_to_two_then_back_and_to_zero_then_cold_start_lands_on_dram(cluster) -> None:

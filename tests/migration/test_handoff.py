@@ -15,6 +15,7 @@ import pytest
 
 from activator.migration import MigrationConfig, follow_done
 from sllm_knative.api import activator as admin_api
+from sllm_knative.api import instance as instance_api
 from tests.migration.conftest import MODEL, Activator, Function, kill_source_between_rounds
 
 PROMPT = "The activator holds the client connection while the instance"
@@ -393,5 +394,14 @@ def test_internal_token_is_sent_and_required(activator, spare, logs):
         (got,), result = migrating(secured, [body(11)], allowed)
         assert_same(got, want)
         assert result["generations"][0]["outcome"] == "migrated", result
+        # Refusals name what is missing, never a token: not the right one, not the one sent.
+        for headers in ({}, {"authorization": "Bearer guessed-token"}):
+            for url in (f"{dst.internal_url}{instance_api.GENERATIONS}", f"{secured.admin}{admin_api.STATS}"):
+                r = httpx.get(url, headers=headers, timeout=5)
+                assert r.status_code == 401, (url, r.text)
+                assert "s3cret-token" not in r.text and "guessed-token" not in r.text, r.text
     finally:
         secured.stop()
+    # Nor does any log: the activators', the instances' (every process of this session so far).
+    for log in logs.iterdir():
+        assert "s3cret-token" not in log.read_text(errors="replace"), log
