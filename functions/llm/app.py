@@ -48,21 +48,28 @@ async def _generate(request: Request, kind: str) -> Any:
     req = parse(body, service.cfg.model_name)
     gen_id = protocol.generation_id(request.headers.get(protocol.GENERATION_ID_HEADER))
     engine = service.require_engine()
-    permit = service.limiter.acquire()
+    permit = service.limiter.acquire()  # one per request, as Knative counts them, whatever its n
+    seqs: list[Any] = []
     try:
         prompt = service.prompt_ids(req)
         max_tokens = protocol.resolve_max_tokens(req, len(prompt), service.max_len)
-        queue = OutputQueue()
-        seq = service.new_sequence(req, prompt, max_tokens, queue.sink, gen_id)
+        queue = OutputQueue(req.n)
+        name = gen_id or protocol.new_id(kind)
+        for index in range(req.n):
+            seqs.append(service.new_sequence(req, prompt, max_tokens, queue.sink_for(index),
+                                             protocol.choice_id(name, index, req.n), index=index))
         service.metrics.prompt_tokens.inc(len(prompt))
-        engine.submit(seq)
+        for seq in seqs:
+            engine.submit(seq)
     except BaseException:
+        for seq in seqs:
+            engine.cancel(seq)  # a choice submitted before another failed to
         permit.release()
         raise
-    fmt = Formatter(kind=kind, id=seq.id, created=seq.created, model=req.model, include_usage=req.include_usage,
-                    token_text=service.token_text)
-    return await respond(request, engine=engine, seq=seq, queue=queue, fmt=fmt, permit=permit, stream=req.stream,
-                     want_logprobs=req.sampling.logprobs is not None, role_chunk=kind == "chat")
+    fmts = [Formatter(kind=kind, id=name, created=seqs[0].created, model=req.model, include_usage=req.include_usage,
+                      token_text=service.token_text, index=index) for index in range(req.n)]
+    return await respond(request, engine=engine, seqs=seqs, queue=queue, fmts=fmts, permit=permit, stream=req.stream,
+                         want_logprobs=req.sampling.logprobs is not None, role_chunk=kind == "chat")
 
 
 async def completions(request: Request) -> Response:

@@ -129,8 +129,9 @@ async def resume(request: Request) -> Any:
         raise
     fmt = Formatter(kind=state.kind, id=state.id, created=state.created, model=state.model,
                     include_usage=state.include_usage, token_text=service.token_text, text_offset=state.text_offset)
-    return await respond(request, engine=engine, seq=seq, queue=queue, fmt=fmt, permit=permit, stream=state.stream,
-                         want_logprobs=state.sampling.logprobs is not None, prior_logprobs=state.logprobs)
+    return await respond(request, engine=engine, seqs=[seq], queue=queue, fmts=[fmt], permit=permit,
+                         stream=state.stream, want_logprobs=state.sampling.logprobs is not None,
+                         prior_logprobs=state.logprobs)
 
 
 class RequireToken:

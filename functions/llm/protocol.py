@@ -5,8 +5,9 @@ object, no unknown parameter, the model name, then each parameter's type and ran
 raise `BadRequest` (400) or `NotFound` (404, unknown model). `resolve_max_tokens` applies the
 context length once the prompt is tokenized.
 
-Supported beyond the OpenAI parameters (as vLLM does): `top_k` and `ignore_eos`.
-Accepted only at their neutral value: `n` (1), `best_of` (1), `presence_penalty` and
+Supported beyond the OpenAI parameters (as vLLM does): `top_k` and `ignore_eos`. `n` up to
+`MAX_N` choices (choice i of a seeded request samples with seed + i).
+Accepted only at their neutral value: `best_of` (1), `presence_penalty` and
 `frequency_penalty` (0), `logit_bias` (empty), `suffix` (null), `tools` (empty).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import uuid
 from typing import Any
 
 from functions.llm.errors import BadRequest, ContextLengthExceeded, model_not_found
@@ -22,6 +24,7 @@ from functions.llm.params import MAX_LOGPROBS, MAX_SEED, MAX_TEMPERATURE, Sampli
 from sllm_knative.api import instance as instance_api
 
 MAX_STOP = 4
+MAX_N = 16  # choices per request; each is a sequence with its own KV slot
 MAX_COMPLETION_LOGPROBS = 5
 MAX_CHAT_TOP_LOGPROBS = MAX_LOGPROBS
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -46,10 +49,22 @@ class Request:
     prompt_text: str | None = None
     prompt_ids: tuple[int, ...] | None = None
     messages: tuple[dict[str, str], ...] = ()
+    n: int = 1  # choices
 
 
 GENERATION_ID_HEADER = instance_api.GENERATION_ID_HEADER
 _GENERATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{7,127}")
+
+
+def new_id(kind: str) -> str:
+    """A fresh generation name, OpenAI style."""
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+
+
+def choice_id(name: str, index: int, choices: int) -> str:
+    """The generation name of one choice: the request's own for a one-choice request (the name
+    the activator migrates by), `<name>-<index>` for each choice of a request with n > 1."""
+    return name if choices == 1 else f"{name}-{index}"
 
 
 def generation_id(value: str | None) -> str | None:
@@ -147,8 +162,8 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     return tuple(s for s in value if s)
 
 
-def _common(body: dict[str, Any], max_tokens_names: tuple[str, ...]) -> tuple[dict[str, Any], bool, bool]:
-    """Sampling fields shared by both endpoints, and (stream, include_usage)."""
+def _common(body: dict[str, Any], max_tokens_names: tuple[str, ...]) -> tuple[dict[str, Any], bool, bool, int]:
+    """Sampling fields shared by both endpoints, and (stream, include_usage, n)."""
     max_tokens = None
     for name in max_tokens_names:
         value = _get_int(body, name)
@@ -164,8 +179,8 @@ def _common(body: dict[str, Any], max_tokens_names: tuple[str, ...]) -> tuple[di
     if seed is not None and not -MAX_SEED - 1 <= seed <= MAX_SEED:
         raise BadRequest(f"'seed' = {seed} is outside the signed 64-bit range", param="seed", code="invalid_value")
     n = _get_int(body, "n")
-    if n is not None and n != 1:
-        raise BadRequest(f"'n' = {n} is not supported by this server (only 1)", param="n", code="unsupported_value")
+    if n is not None and not 1 <= n <= MAX_N:
+        raise BadRequest(f"'n' = {n}, must be between 1 and {MAX_N}", param="n", code="invalid_value")
     for name in ("presence_penalty", "frequency_penalty"):
         if _get_number(body, name, 0.0, -2.0, 2.0) != 0.0:
             raise BadRequest(f"'{name}' is not supported by this server (only 0)", param=name,
@@ -198,13 +213,13 @@ def _common(body: dict[str, Any], max_tokens_names: tuple[str, ...]) -> tuple[di
         "stop": _stop(body),
         "ignore_eos": _get_bool(body, "ignore_eos", False),
     }
-    return fields, stream, include_usage
+    return fields, stream, include_usage, n or 1
 
 
 def parse_completion(body: Any, served_model: str) -> Request:
     body = _check_keys(body, _COMPLETION)
     model = _check_model(body, served_model)
-    fields, stream, include_usage = _common(body, ("max_tokens",))
+    fields, stream, include_usage, n = _common(body, ("max_tokens",))
     _neutral(body, "best_of", 1)
     _neutral(body, "suffix", "")
     logprobs = _get_int(body, "logprobs")
@@ -231,7 +246,7 @@ def parse_completion(body: Any, served_model: str) -> Request:
     else:
         raise _type_error("prompt", "string or array of token ids", prompt)
     return Request(kind="completion", model=model, sampling=SamplingParams(**fields, logprobs=logprobs),
-                   stream=stream, include_usage=include_usage, echo=echo, prompt_text=text, prompt_ids=ids)
+                   stream=stream, include_usage=include_usage, echo=echo, prompt_text=text, prompt_ids=ids, n=n)
 
 
 def _message(i: int, m: Any) -> dict[str, str]:
@@ -266,7 +281,7 @@ def _message(i: int, m: Any) -> dict[str, str]:
 def parse_chat(body: Any, served_model: str) -> Request:
     body = _check_keys(body, _CHAT)
     model = _check_model(body, served_model)
-    fields, stream, include_usage = _common(body, ("max_tokens", "max_completion_tokens"))
+    fields, stream, include_usage, n = _common(body, ("max_tokens", "max_completion_tokens"))
     _neutral(body, "tools", [])
     if body.get("tool_choice") not in (None, "none"):
         _neutral(body, "tool_choice", "none")
@@ -292,7 +307,7 @@ def parse_chat(body: Any, served_model: str) -> Request:
     parsed = tuple(_message(i, m) for i, m in enumerate(messages))
     logprobs = (top or 0) if want_logprobs else None
     return Request(kind="chat", model=model, sampling=SamplingParams(**fields, logprobs=logprobs), stream=stream,
-                   include_usage=include_usage, messages=parsed)
+                   include_usage=include_usage, messages=parsed, n=n)
 
 
 def resolve_max_tokens(request: Request, prompt_len: int, max_len: int) -> int:

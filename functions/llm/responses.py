@@ -1,8 +1,10 @@
 """OpenAI response bodies for completions and chat completions, streamed or whole.
 
-A `Formatter` belongs to one request: `chunks(output)` turns an engine `Output` into the
-stream chunks it produces, `add(output)` accumulates it for a whole response, `response()`
-builds that response. Pure apart from the tokenizer lookups for logprob token strings.
+A `Formatter` belongs to one choice of a request (`index`; a request with `n` choices has one
+per choice): `chunks(output)` turns an engine `Output` into the stream chunks it produces,
+`add(output)` accumulates it for a whole response, `choice()` is that choice of the whole
+response and `response(formatters)` the whole response of all the request's choices. Pure
+apart from the tokenizer lookups for logprob token strings.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 class Formatter:
     def __init__(self, *, kind: str, id: str, created: int, model: str, include_usage: bool,
-                 token_text: Callable[[int], str], text_offset: int = 0) -> None:
+                 token_text: Callable[[int], str], text_offset: int = 0, index: int = 0) -> None:
         self.kind = kind
+        self.index = index
         self.id = id
         self.created = created
         self.model = model
@@ -77,7 +80,7 @@ class Formatter:
 
     def _chat_chunk(self, delta: dict[str, Any], logprobs: Any, finish: str | None) -> dict[str, Any]:
         chunk = self._base("chat.completion.chunk")
-        chunk["choices"] = [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
+        chunk["choices"] = [{"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
         if self.include_usage:
             chunk["usage"] = None
         return chunk
@@ -100,16 +103,17 @@ class Formatter:
             lp = self._completion_logprobs(entries, start) if entries else None
             self._offset += len(text)
             chunk = self._base("text_completion")
-            chunk["choices"] = [{"text": text, "index": 0, "logprobs": lp, "finish_reason": out.finish_reason}]
+            chunk["choices"] = [{"text": text, "index": self.index, "logprobs": lp, "finish_reason": out.finish_reason}]
             if self.include_usage:
                 chunk["usage"] = None
             chunks.append(chunk)
         return chunks
 
-    def usage_chunk(self) -> dict[str, Any]:
+    def usage_chunk(self, total: dict[str, int] | None = None) -> dict[str, Any]:
+        """The stream's usage chunk: this choice's usage, or `total` (all the request's choices)."""
         chunk = self._base("chat.completion.chunk" if self.kind == "chat" else "text_completion")
         chunk["choices"] = []
-        chunk["usage"] = self._usage
+        chunk["usage"] = total or self._usage
         return chunk
 
     # -- whole responses ----------------------------------------------------------------
@@ -124,17 +128,25 @@ class Formatter:
         """Logprobs of tokens generated before a resume (carried in the exported state)."""
         self._logprobs = list(entries) + self._logprobs
 
-    def response(self, want_logprobs: bool) -> dict[str, Any]:
+    def choice(self, want_logprobs: bool) -> dict[str, Any]:
         text = "".join(self._text)
         if self.kind == "chat":
-            body = self._base("chat.completion")
-            body["choices"] = [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                                "logprobs": self._chat_logprobs(self._logprobs) if want_logprobs else None,
-                                "finish_reason": self._finish}]
-        else:
-            body = self._base("text_completion")
-            body["choices"] = [{"text": text, "index": 0,
-                                "logprobs": self._completion_logprobs(self._logprobs, 0) if want_logprobs else None,
-                                "finish_reason": self._finish}]
-        body["usage"] = self._usage
+            return {"index": self.index, "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": self._chat_logprobs(self._logprobs) if want_logprobs else None,
+                    "finish_reason": self._finish}
+        return {"text": text, "index": self.index,
+                "logprobs": self._completion_logprobs(self._logprobs, 0) if want_logprobs else None,
+                "finish_reason": self._finish}
+
+    def response(self, want_logprobs: bool, choices: list[Formatter] | None = None) -> dict[str, Any]:
+        """The whole response: this choice, or every choice of the request (`choices`, in order)."""
+        choices = choices or [self]
+        body = self._base("chat.completion" if self.kind == "chat" else "text_completion")
+        body["choices"] = [c.choice(want_logprobs) for c in choices]
+        body["usage"] = total_usage(choices)
         return body
+
+
+def total_usage(choices: list[Formatter]) -> dict[str, int]:
+    """The usage of a request: its prompt once, the tokens of all its choices."""
+    return usage(choices[0]._usage["prompt_tokens"], sum(c._usage["completion_tokens"] for c in choices))

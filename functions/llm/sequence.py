@@ -10,13 +10,13 @@ from __future__ import annotations
 import concurrent.futures
 import enum
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from functions.llm.params import Output, SamplingParams, TokenLogprob
+from functions.llm.protocol import new_id
 from functions.llm.sampling import decode_generator, encode_generator, new_generator
 from functions.llm.state import GenerationState
 from functions.llm.text import TextTracker
@@ -39,10 +39,6 @@ def stop_reason(*, is_eos: bool, text_stopped: bool, generated: int, max_tokens:
     if generated >= max_tokens or length >= max_len:
         return "length"
     return None
-
-
-def new_id(kind: str) -> str:
-    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
 
 
 class Sequence:

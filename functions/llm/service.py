@@ -24,7 +24,7 @@ from functions.llm.config import ServeConfig
 from functions.llm.dtypes import DtypeChoice
 from functions.llm.errors import BadRequest, TooManyRequests, Unavailable
 from functions.llm.metrics import FunctionMetrics, Stopwatch
-from functions.llm.params import Output
+from functions.llm.params import MAX_SEED, Output
 from functions.llm.weights import LeasedCheckpoint, LeaseFailed, WeightsSource, source_for
 from sllm_knative.log import Logger
 
@@ -208,15 +208,18 @@ class ModelHost:
         return list(tok.encode(req.prompt_text, add_special_tokens=True))
 
     def new_sequence(self, req: Request, prompt: list[int], max_tokens: int, sink: Callable[[Output], None],
-                     gen_id: str | None = None) -> Any:
+                     gen_id: str | None = None, index: int = 0) -> Any:
+        """The sequence of choice `index` of the request; choice i of a seeded request samples with seed + i."""
         from functions.llm.sequence import Sequence  # torch is loaded once the engine is ready
 
         echo = None
         if req.echo:
             echo = req.prompt_text if req.prompt_text is not None else self.tokenizer.decode(
                 prompt, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return Sequence.from_request(kind=req.kind, model=req.model, prompt=prompt,
-                                     params=dataclasses.replace(req.sampling, max_tokens=max_tokens),
+        seed = req.sampling.seed
+        params = dataclasses.replace(req.sampling, max_tokens=max_tokens,
+                                     seed=None if seed is None else (seed + index) & MAX_SEED)
+        return Sequence.from_request(kind=req.kind, model=req.model, prompt=prompt, params=params,
                                      tokenizer=self.tokenizer, stream=req.stream, include_usage=req.include_usage,
                                      echo_text=echo, sink=sink, gen_id=gen_id)
 

@@ -103,7 +103,7 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_t
                  id="temperature-str"),
     pytest.param("/v1/completions", {**GOOD, "top_p": 0}, 400, "invalid_value", "top_p", id="top-p-zero"),
     pytest.param("/v1/completions", {**GOOD, "stream": "yes"}, 400, "invalid_type", "stream", id="stream-str"),
-    pytest.param("/v1/completions", {**GOOD, "n": 2}, 400, "unsupported_value", "n", id="n-2"),
+    pytest.param("/v1/completions", {**GOOD, "n": 17}, 400, "invalid_value", "n", id="n-17"),
     pytest.param("/v1/completions", {**GOOD, "frobnicate": 1}, 400, "unknown_parameter", "frobnicate", id="unknown"),
     pytest.param("/v1/completions", {**GOOD, "model": "gpt-4"}, 404, "model_not_found", "model", id="unknown-model"),
     pytest.param("/v1/completions", {**GOOD, "prompt": [3 + i % 500 for i in range(MAX_MODEL_LEN + 5)]}, 400,

@@ -285,6 +285,46 @@ def test_source_finishing_first_is_left_alone(activator, functions):
     assert all(g["outcome"] == "finished_on_source" for g in result["generations"]), result
 
 
+def choices(url: str, b: dict, started: threading.Event | None = None) -> tuple[list[str], list[str], int]:
+    """A streamed request with several choices: (text per index, error events and frames, [DONE]s)."""
+    texts, errors, done = ["", ""], [], 0
+    with httpx.stream("POST", f"{url}/v1/completions", json=b, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                errors.append(line)
+            elif line == "data: [DONE]":
+                done += 1
+            elif line.startswith("data: "):
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    errors.append(line)
+                for c in chunk.get("choices", []):
+                    texts[c["index"]] += c["text"]
+                if started is not None and min(len(t) for t in texts) > 8:
+                    started.set()
+    return texts, errors, done
+
+
+def test_a_request_with_several_choices_finishes_on_its_source(activator, functions):
+    """Only one-choice generations migrate; a scale-down leaves a request with n = 2 where it runs,
+    and its client gets both choices whole."""
+    a, b = functions
+    req = {**body(5, max_tokens=200), "n": 2}
+    want = choices(b.url, req)
+    assert want[1:] == ([], 1) and want[0][0] != want[0][1]
+    activator.set_instances(a)
+    started = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        streaming = pool.submit(choices, activator.url, req, started)
+        assert started.wait(60)
+        activator.set_instances(b)
+        result = activator.migrate(a)
+        got = streaming.result(timeout=120)
+    assert got == want
+    assert [g["outcome"] for g in result["generations"]] == ["finished_on_source"], result
+
+
 def test_no_destination_is_a_clear_409(activator, functions):
     a, _ = functions
     activator.set_instances(a)

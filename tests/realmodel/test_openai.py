@@ -1,7 +1,6 @@
 """The official openai client against the function serving the real model: its own chat template
 (system messages, the generation prompt), the end-of-turn stop, usage, streaming, stop sequences,
-logprobs, seeds
-(and `n` above one, refused clearly). Every expected value comes from the model's tokenizer or from another request,
+logprobs and `n`. Every expected value comes from the model's tokenizer or from another request,
 never from a constant that the server could simply echo."""
 
 from __future__ import annotations
@@ -114,16 +113,30 @@ def test_logprobs_are_the_models_with_sorted_alternatives(client) -> None:
     assert paris.logprob > -1.0
 
 
-def test_seeded_samples_repeat_and_n_above_one_is_refused_clearly(client) -> None:
+def test_n_choices_are_seeded_and_counted(client) -> None:
     import openai
 
-    kwargs: dict[str, Any] = dict(model=NAME, messages=STORY, temperature=1.0, max_tokens=24, logprobs=True)
-    texts = [client.chat.completions.create(**kwargs, seed=s).choices[0].message.content for s in (11, 12, 11)]
-    assert texts[0] == texts[2] != texts[1]
-    # One choice per request (issue 14 asks for `n`; not built): a clear 400 naming the field.
+    kwargs: dict[str, Any] = dict(model=NAME, messages=STORY, temperature=1.0, max_tokens=24, logprobs=True, seed=11)
+    r = client.chat.completions.create(**kwargs, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    texts = [c.message.content for c in r.choices]
+    assert len(set(texts)) == 3, texts  # three samples, not one copied
+    assert r.usage.prompt_tokens == client.chat.completions.create(**kwargs).usage.prompt_tokens  # counted once
+    assert r.usage.completion_tokens == sum(len(c.logprobs.content) for c in r.choices)
+    # Choice i samples with seed + i: the same as a one-choice request with that seed, and again the same.
+    assert [client.chat.completions.create(**{**kwargs, "seed": 11 + i}).choices[0].message.content
+            for i in range(3)] == texts
+    assert [c.message.content for c in client.chat.completions.create(**kwargs, n=3).choices] == texts
+    # Streamed, the same choices arrive interleaved, each under its index, then one usage for all.
+    got, usage = ["", "", ""], None
+    for chunk in client.chat.completions.create(**kwargs, n=3, stream=True, stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            got[c.index] += c.delta.content or ""
+    assert got == texts and usage is not None and usage.model_dump() == r.usage.model_dump()
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(**kwargs, seed=11, n=3)
-    assert err.value.status_code == 400 and "'n' = 3" in str(err.value) and err.value.body["param"] == "n"
+        client.chat.completions.create(**kwargs, n=17)
+    assert err.value.status_code == 400 and "'n' = 17" in str(err.value) and err.value.body["param"] == "n"
 
 
 def test_plain_completions_use_no_template(client) -> None:
