@@ -33,8 +33,10 @@ from datetime import datetime
 from itertools import accumulate
 from pathlib import Path
 
-#: Real bf16 checkpoints between 1B and 70B parameters: (name, parameters).
+#: Real bf16 checkpoints between 1B and 70B parameters: (name, parameters); and SmolLM2-135M,
+#: the model this machine serves (the this-machine profile; `--kinds smollm2-135m`).
 SIZES: tuple[tuple[str, float], ...] = (
+    ("smollm2-135m", 135e6),
     ("llama-3.2-1b", 1.24e9),
     ("llama-3.2-3b", 3.21e9),
     ("llama-3.1-8b", 8.03e9),
@@ -42,8 +44,9 @@ SIZES: tuple[tuple[str, float], ...] = (
     ("codellama-34b", 33.7e9),
     ("llama-3.1-70b", 70.6e9),
 )
-#: How often each size is drawn (small models are the common case in a serverless fleet).
-SIZE_WEIGHTS = (0.25, 0.25, 0.25, 0.1, 0.1, 0.05)
+#: How often each size is drawn (small models are the common case in a serverless fleet;
+#: SmolLM2-135M only when asked for by kind).
+SIZE_WEIGHTS = (0.0, 0.25, 0.25, 0.25, 0.1, 0.1, 0.05)
 #: The share of a model's GPUs' memory its weights may take (the rest holds the KV cache).
 WEIGHT_SHARE = 0.6
 BYTES_PER_PARAM = 2  # bf16
