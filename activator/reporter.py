@@ -1,12 +1,15 @@
 """The activator's link to the autoscaler (sllm_knative/api/autoscaler.py): demand at once when
 a request arrives for a service with no instance (scale from zero must not wait for a report),
-and every service's concurrency window each report interval."""
+and every service's concurrency window each report interval, the first at once. Every report
+names this process (`boot`, random at its start): an autoscaler that hears a new one knows the
+activator (re)started with no service and pushes every service's endpoints."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
+import uuid
 
 import httpx
 
@@ -23,6 +26,7 @@ class Reporter:
         self.config = config
         self.registry = registry
         self.http = http
+        self.boot = uuid.uuid4().hex
         self._task: asyncio.Task[None] | None = None
 
     async def demand(self, svc: RoutedService) -> None:
@@ -50,18 +54,17 @@ class Reporter:
                 requests=r.requests, in_flight=r.in_flight, held=svc.held, oldest_held_s=svc.oldest_held_s(now),
                 seconds=r.seconds,
                 instances=[api.InstanceLoad(id=i.id, outstanding=i.outstanding) for i in svc.loads()]))
-        return api.StatsReport(services=out)
+        return api.StatsReport(services=out, boot=self.boot)
 
     async def _loop(self) -> None:
         while True:
+            if self.config.autoscaler_url:
+                try:
+                    await self.http.post(f"{self.config.autoscaler_url}{api.STATS}",
+                                         json=self.stats(reset=True).model_dump(), timeout=5.0)
+                except httpx.HTTPError as exc:
+                    _log.debug("stats report failed", error=str(exc))
             await asyncio.sleep(self.config.report_interval_s)
-            if not self.config.autoscaler_url:
-                continue
-            try:
-                await self.http.post(f"{self.config.autoscaler_url}{api.STATS}",
-                                     json=self.stats(reset=True).model_dump(), timeout=5.0)
-            except httpx.HTTPError as exc:
-                _log.debug("stats report failed", error=str(exc))
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())

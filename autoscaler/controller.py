@@ -47,6 +47,7 @@ class Autoscaler:
         # once its backend has adopted the pods already running (a decision taken before would
         # count none of them and start them again).
         self.may_decide: Callable[[], bool] = lambda: True
+        self._boots: set[str] = set()  # the activator processes heard from (StatsReport.boot)
 
     @property
     def services(self) -> dict[str, ServiceRuntime]:
@@ -76,6 +77,15 @@ class Autoscaler:
 
     def on_stats(self, report: StatsReport, now: float | None = None) -> None:
         now = self.clock() if now is None else now
+        if report.boot is not None and report.boot not in self._boots:
+            # An activator we have not heard from: it started (or restarted: it knows no service
+            # then), or we did. Give it every service's rotation now, not at the next change.
+            self._boots.add(report.boot)
+            if self.table.services:
+                _log.info("an activator started: pushing every service's endpoints", boot=report.boot,
+                          services=len(self.table.services))
+            for svc in list(self.table.services.values()):
+                self._spawn(self.scaler.push(svc))
         for s in report.services:
             rt = self.table.get(str(s.key))
             if rt is None:

@@ -9,6 +9,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from pydantic import Field
+
 from sllm_knative.api.keys import ServiceKey
 from sllm_knative.api.wire import Message, NonEmptyStr, NonNegFloat, NonNegInt
 
@@ -47,5 +51,11 @@ class ServiceStats(Message):
         return ServiceKey(self.namespace, self.name)
 
 
+Boot = Annotated[str, Field(min_length=1, max_length=64)]
+
+
 class StatsReport(Message):
     services: list[ServiceStats] = []
+    # The reporting activator process (random at its start): one the autoscaler has not heard
+    # from before has just started (or restarted) and may know no service yet.
+    boot: Boot | None = None

@@ -122,6 +122,22 @@ def _wait(what: str, check: Any, timeout: float, proc: subprocess.Popen[bytes], 
     raise TimeoutError(f"{what} did not become ready within {timeout:.0f}s (see {log})")
 
 
+def restartable(component: str) -> bool:
+    """Whether `up` restarts a component that exits, as a kubelet restarts a crashed container.
+    The activator and the loaders are: the activator learns the services again from the
+    autoscaler (which pushes every service's endpoints to an activator it has not heard from),
+    a loader rebuilds its tiers' index from disk. The autoscaler is not: the applied services
+    live in its memory only, so its exit stops the cluster; nor are the zygotes (the instances
+    they forked go with them)."""
+    return component == "activator" or component.startswith("loader ")
+
+
+def restart_delay(restarts: int) -> float:
+    """Seconds before the n-th restart of a component: 0.5 s doubling, at most 30 s (a component
+    that keeps crashing does not spin)."""
+    return min(30.0, 0.5 * 2 ** max(0, restarts - 1))
+
+
 def _http_ok(url: str) -> bool:
     import httpx
 
@@ -151,12 +167,30 @@ def up(opts: UpOptions, on_ready: Any = None) -> int:
     # it on its internal port, the activator sends it on every migration call.
     internal = {TOKEN_ENV: token_from_env() or secrets.token_urlsafe(24)}
 
+    how: dict[str, tuple[list[str], Path]] = {}  # each child's command line and log, to restart it
+
     def start(name: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
         proc = procs.spawn(argv, log, env=internal)
         children.append((name, proc))
+        how[name] = (argv, log)
         doc["groups"].append(proc.pid)
+        doc.setdefault("components", {})[name] = proc.pid
         save()
         return proc
+
+    restarts: dict[str, int] = {}  # restarts of each component so far
+    due: dict[str, float] = {}  # a crashed component's restart time (monotonic)
+
+    def restart(index: int) -> None:
+        name, old = children[index]
+        argv, log = how[name]
+        proc = procs.spawn(argv, log, env=internal)
+        children[index] = (name, proc)
+        doc["groups"] = [g for g in doc["groups"] if g != old.pid] + [proc.pid]
+        doc["components"][name] = proc.pid
+        doc.setdefault("restarts", {})[name] = restarts[name]
+        save()
+        _log.warning("component restarted", component=name, restarts=restarts[name], pid=proc.pid)
 
     stopping = False
 
@@ -215,10 +249,21 @@ def up(opts: UpOptions, on_ready: Any = None) -> int:
         if on_ready:
             on_ready(doc)
         while not stopping:
-            for name, proc in children:
-                if proc.poll() is not None:
+            now = time.monotonic()
+            for index, (name, proc) in enumerate(children):
+                if proc.poll() is None:
+                    continue
+                if not restartable(name):
                     _log.error("component exited; stopping the cluster", component=name, code=proc.returncode)
                     stopping = True
+                elif name not in due:
+                    restarts[name] = restarts.get(name, 0) + 1
+                    due[name] = now + restart_delay(restarts[name])
+                    _log.error("component exited; restarting it", component=name, code=proc.returncode,
+                               restarts=restarts[name], in_s=round(due[name] - now, 2))
+                elif now >= due[name]:
+                    del due[name]
+                    restart(index)
             time.sleep(0.2)
         return 0
     finally:

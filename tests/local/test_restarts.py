@@ -1,0 +1,121 @@
+"""A crashed activator or loader is restarted by `up`, as a kubelet restarts a crashed
+container, and the cluster serves again: real processes killed with SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sllm_knative.commands.resources import invoke
+from sllm_knative.local.cluster import restart_delay, restartable
+from sllm_knative.local.manifests import service_manifest
+from sllm_knative.ports import free_port
+from tests.local.test_cluster import cli, services
+from tests.local.util import wait_for
+
+
+@pytest.mark.parametrize(("restarts", "want"), [(1, 0.5), (2, 1.0), (3, 2.0), (7, 30.0), (50, 30.0)])
+def test_restart_delay_doubles_to_a_bound(restarts: int, want: float) -> None:
+    assert restart_delay(restarts) == want
+
+
+@pytest.mark.parametrize(("component", "want"), [
+    ("activator", True), ("loader node-1", True), ("autoscaler", False), ("zygote node-1", False)])
+def test_what_is_restarted(component: str, want: bool) -> None:
+    assert restartable(component) is want
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[tuple[Path, dict]]:
+    from sllm_knative.convert import convert
+    from sllm_knative.models import build_model
+
+    store = tmp_path_factory.mktemp("restart-store")
+    convert(build_model(store.parent / "hf-restart"), store / "tiny")
+    state = tmp_path_factory.mktemp("restart-state")
+    cli(state, "up", "--detach", "--nodes", "1", "--slots", "2", "--store", f"file://{store}",
+        "--port", str(free_port()), "--dram-gb", "1", "--ssd-gb", "1")
+    (state / "svc.yaml").write_text(service_manifest("tiny", f"file://{store}/tiny", keep_alive="600s"))
+    cli(state, "apply", "-f", str(state / "svc.yaml"))
+    try:
+        yield state, json.loads((state / "cluster.json").read_text())
+    finally:
+        cli(state, "down", check=False)
+
+
+def component(state: Path, name: str) -> tuple[int, int]:
+    """(pid, restarts so far) of a component, from the cluster file."""
+    doc = json.loads((state / "cluster.json").read_text())
+    return doc["components"][name], doc.get("restarts", {}).get(name, 0)
+
+
+def test_a_killed_activator_is_restarted_and_serves_at_once(cluster) -> None:
+    state, doc = cluster
+    first = invoke(doc["activator"], "tiny", "default", "Hello", 4, seed=1)  # warm now
+    placed = len(services(doc)["default/tiny"]["placements"])
+    pid, restarts = component(state, "activator")
+    # A stream in flight when the activator dies: its client sees the connection break.
+    broke: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            invoke(doc["activator"], "tiny", "default", "A long story", 400, seed=2)
+        except (httpx.HTTPError, RuntimeError) as exc:
+            broke.append(exc)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    t.join(60)
+    assert broke and isinstance(broke[0], httpx.TransportError), broke
+    wait_for(lambda: component(state, "activator")[1] == restarts + 1, 30, "the activator restarted")
+    # Once it answers, the autoscaler has pushed the service's endpoints (it heard a new activator):
+    # the warm instance serves, no cold start.
+    def listening() -> bool:
+        try:
+            return httpx.get(f"{doc['activator']}/v1/models", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(listening, 30, "the restarted activator answers")
+    wait_for(lambda: [m["id"] for m in httpx.get(f"{doc['activator']}/v1/models").json()["data"]] == ["tiny"],
+             3, "the restarted activator knows the service (its first report brings the endpoints)")
+    again = invoke(doc["activator"], "tiny", "default", "Hello", 4, seed=1)
+    assert again["text"] == first["text"] and again["instance"] == first["instance"]
+    assert len(services(doc)["default/tiny"]["placements"]) == placed
+    log = (state / "logs" / "autoscaler.log").read_text()
+    assert "an activator started: pushing every service's endpoints" in log
+
+
+def test_a_killed_loader_is_restarted_with_its_tiers(cluster) -> None:
+    from sllm_knative.loader.client import LoaderClient
+    from sllm_knative.loader.errors import LoaderError
+
+    state, doc = cluster
+    node = doc["nodes"][0]
+    with LoaderClient(node["loader"], timeout=10) as c:
+        before = {(t.name, e.model) for t in c.inventory().tiers for e in t.entries if e.state == "ready"}
+    assert ("dram", next(iter(m for _, m in before))) in before, before  # the checkpoint is in DRAM
+    pid, restarts = component(state, "loader node-1")
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: component(state, "loader node-1")[1] == restarts + 1, 30, "the loader restarted")
+
+    def inventory() -> set[tuple[str, str]] | None:
+        try:
+            with LoaderClient(node["loader"], timeout=2) as c:
+                return {(t.name, e.model) for t in c.inventory().tiers for e in t.entries if e.state == "ready"}
+        except LoaderError:  # not listening yet
+            return None
+
+    wait_for(lambda: inventory() == before, 60, "the restarted loader has its tiers back")
+    # The cluster still serves.
+    assert invoke(doc["activator"], "tiny", "default", "Hello", 4, seed=1)["text"]
