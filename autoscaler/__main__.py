@@ -22,21 +22,41 @@ import uvicorn
 from autoscaler.activator_client import ActivatorClient
 from autoscaler.backends.local import LocalBackend, LocalNode
 from autoscaler.controller import Autoscaler
+from autoscaler.journal import Journal, replay
 from autoscaler.server import build_app
 from sllm_knative import log
 from sllm_knative.serving import Server, serve_until_signalled
 
 
-async def serve(cluster: dict, port: int) -> None:
+async def serve(cluster: dict, port: int, state: Path | None = None) -> None:
+    """The local cluster's control loop. With `state` (the cluster's state folder), what is
+    applied is journaled there and the running instances' records kept, and a restarted
+    autoscaler replays the one and adopts the others before it decides anything."""
     nodes = [LocalNode(n["name"], n["loader"], n["zygote"], int(n["slots"]), Path(n["logs"]))
              for n in cluster["nodes"]]
     admin = cluster["activator_admin"]
-    backend = LocalBackend(nodes, cluster.get("device", "cpu"), drain_url=admin)
+    records = state / "instances" if state is not None else None
+    if records is not None:
+        records.mkdir(parents=True, exist_ok=True)
+    backend = LocalBackend(nodes, cluster.get("device", "cpu"), drain_url=admin, records=records)
     scaler = Autoscaler(backend, ActivatorClient(admin) if admin else None)
-    server = Server(uvicorn.Config(build_app(scaler), host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False, lifespan="off"))
+    journal = Journal(state / "applied.json") if state is not None else None
+    logger = log.get_logger("autoscaler")
+    if journal is not None and journal.entries:
+        # No decision until the instances still running are counted: one taken before would
+        # start them again.
+        scaler.may_decide = lambda: False
+        replayed = await replay(journal, scaler)
+        adopted = await backend.adopt_running()
+        for rt in scaler.services.values():
+            await scaler.scaler.push(rt)  # the activator's rotation as it stands; READY events follow
+        scaler.may_decide = lambda: True
+        logger.info("restarted: journal replayed, running instances adopted", entries=replayed,
+                    adopted=",".join(adopted) or "-")
+    server = Server(uvicorn.Config(build_app(scaler, journal=journal), host="127.0.0.1", port=port,
+                                   log_level="warning", access_log=False, lifespan="off"))
     loop = asyncio.ensure_future(scaler.run())
-    log.get_logger("autoscaler").info("listening", port=port, nodes=len(nodes))
+    logger.info("listening", port=port, nodes=len(nodes))
     try:
         await serve_until_signalled([(server, None)])
     finally:
@@ -96,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     cluster = json.loads(Path(args.cluster).read_text())
-    asyncio.run(serve(cluster, args.port))
+    state = cluster.get("state_dir")
+    asyncio.run(serve(cluster, args.port, Path(state) if state else None))
     return 0
 
 

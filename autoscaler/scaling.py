@@ -261,7 +261,9 @@ class Scaler:
         svc = rt.config
         if svc.model is not None:
             await self.backend.warm(node, svc.model.uri)  # start moving the checkpoint in now
-        rec = await self.backend.start(svc, node, f"{svc.name}-{next(self._ids)}", tier)
+        taken = {r.id for r in self.backend.instances()}  # adopted ones keep their names
+        name = next(n for n in (f"{svc.name}-{i}" for i in self._ids) if n not in taken)
+        rec = await self.backend.start(svc, node, name, tier)
         inst_id = rec.id  # a backend may name it (Kubernetes: the pod's name)
         rt.instances[inst_id] = rec  # holds the slot from here on: the reservation goes
         self.slots.release(reservation)

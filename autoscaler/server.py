@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from autoscaler import metrics as m
 from autoscaler.controller import Autoscaler
+from autoscaler.journal import Journal
 from sllm_knative.api.autoscaler import DEMAND, STATS, Demand, StatsReport
 from sllm_knative.api.wire import InvalidBody, parse_json
 from sllm_knative.config import ConfigError, parse_manifest
@@ -36,10 +37,12 @@ def _bad_body(exc: InvalidBody) -> Response:
     return JSONResponse({"error": exc.message, "field": exc.field}, status_code=400)
 
 
-def build_app(scaler: Autoscaler, *, ready: Callable[[], bool] = lambda: True, kube: bool = False) -> Starlette:
+def build_app(scaler: Autoscaler, *, ready: Callable[[], bool] = lambda: True, kube: bool = False,
+              journal: Journal | None = None) -> Starlette:
     """`ready` answers /healthz (on Kubernetes: this replica leads, so the Service sends the
     activator's reports to the leader only); with `kube`, services come from the cluster and
-    /v1/apply and DELETE are refused with a message that says so."""
+    /v1/apply and DELETE are refused with a message that says so. `journal` (local mode) keeps
+    each applied document and deletion, for a restarted autoscaler (autoscaler/journal.py)."""
 
     async def stats(request: Request) -> Response:
         try:
@@ -77,7 +80,10 @@ def build_app(scaler: Autoscaler, *, ready: Callable[[], bool] = lambda: True, k
             return JSONResponse({"error": str(exc)}, status_code=400)
         if not manifest.services and not manifest.policies:
             return JSONResponse({"error": "no Service or ScalingPolicy in the document"}, status_code=400)
-        return JSONResponse({"changes": await scaler.apply(manifest)})
+        changes = await scaler.apply(manifest)
+        if journal is not None:
+            journal.applied(text, request.query_params.get("source", "<request>"))
+        return JSONResponse({"changes": changes})
 
     async def delete(request: Request) -> Response:
         if kube:
@@ -85,6 +91,8 @@ def build_app(scaler: Autoscaler, *, ready: Callable[[], bool] = lambda: True, k
         key = f"{request.path_params['namespace']}/{request.path_params['name']}"
         if not await scaler.delete(key):
             return JSONResponse({"error": f"service {key} not found"}, status_code=404)
+        if journal is not None:
+            journal.deleted(key)
         return JSONResponse({"changes": [f"service/{key} deleted"]})
 
     async def services(request: Request) -> Response:

@@ -7,6 +7,10 @@ instance is a process the zygote forked, given `--checkpoint URI --loader ADDRES
 its checkpoint from the node's loader itself and writes the lease timing next to its log. A
 watcher per instance polls its readiness (`/health/ready`), then its liveness, and reports
 READY, FAILED and EXITED events.
+
+With a record folder (`records`: `<state>/instances` in a cluster `sllm-knative up` runs), each
+instance's record is kept there as a file while it lives, so that a restarted autoscaler finds
+the instances still running (`adopt_running`) instead of starting them again.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from autoscaler.backends.base import (
     emit_to,
 )
 from autoscaler.backends.instance_api import fetch_generations
+from sllm_knative import atomic
 from sllm_knative.api import auth
 from sllm_knative.config import ServiceConfig
 from sllm_knative.loader.hops import tier_rates
@@ -80,8 +85,9 @@ def inventory_to_node(node: LocalNode, inv: Any, running: int, size_hint: dict[s
 
 class LocalBackend:
     def __init__(self, nodes: list[LocalNode], device: str = "cpu", internal_token: str | None = None,
-                 drain_url: str | None = None) -> None:
+                 drain_url: str | None = None, records: Path | None = None) -> None:
         self.nodes = {n.name: n for n in nodes}
+        self.records = records
         self.device = device
         self.http = httpx.AsyncClient(timeout=5.0)
         # The instances' internal API requires this token when set (`sllm-knative up` gives every
@@ -174,10 +180,72 @@ class LocalBackend:
         _log.info("instance starting", service=service.key, checkpoint=service.model.uri if service.model else None,
                   instance=instance_id, node=node, pid=rec.pid, tier=tier)
         self._instances[rec.id] = rec
-        task = asyncio.ensure_future(self._watch(rec))  # its events come after this returns
+        self._keep(rec)
+        self._follow(rec)  # its events come after this returns
+        return rec
+
+    def _follow(self, rec: InstanceRecord) -> None:
+        task = asyncio.ensure_future(self._watch(rec))
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
-        return rec
+
+    # -- records of the running instances (for a restarted autoscaler) -----------------------
+
+    def _keep(self, rec: InstanceRecord) -> None:
+        if self.records is not None:
+            atomic.write_json(self.records / f"{rec.id}.json", rec.to_json(), durable=False)
+
+    def _forget(self, rec: InstanceRecord) -> None:
+        if self.records is not None:
+            (self.records / f"{rec.id}.json").unlink(missing_ok=True)
+
+    async def adopt_running(self) -> list[str]:
+        """Take over the instances an earlier autoscaler of this cluster started that still run:
+        each is followed as a starting one (ADOPTED now, READY once it answers its readiness
+        probe). A record whose process is gone, or whose port answers for another model, is
+        dropped; a process that is ours but does not answer is stopped. The adopted ids."""
+        if self.records is None or not self.records.is_dir():
+            return []
+        adopted = []
+        for path in sorted(self.records.glob("*.json")):
+            try:
+                doc = json.loads(path.read_text())
+                rec = InstanceRecord(**{**doc, "state": InstanceState.STARTING})
+            except (OSError, ValueError, TypeError) as exc:
+                _log.warning("unreadable instance record dropped", path=str(path), error=str(exc))
+                path.unlink(missing_ok=True)
+                continue
+            served = await self._serves(rec)
+            if served is None or rec.node not in self.nodes:
+                path.unlink(missing_ok=True)
+                if served is False and rec.node in self.nodes:  # ours, and broken: do not leave it behind
+                    await asyncio.to_thread(procs.stop, rec.pid, 5.0, False)
+                _log.info("instance record dropped", service=rec.service, instance=rec.id, node=rec.node,
+                          alive=procs.alive(rec.pid))
+                continue
+            self._instances[rec.id] = rec
+            adopted.append(rec.id)
+            _log.info("instance adopted", service=rec.service, instance=rec.id, node=rec.node, pid=rec.pid)
+            await self._emit(InstanceEvent(EventKind.ADOPTED, rec.id, rec.node, service=rec.service))
+            self._follow(rec)
+        return adopted
+
+    async def _serves(self, rec: InstanceRecord) -> bool | None:
+        """True: the record's process runs and its port answers for the record's service; False:
+        it runs but its port does not answer; None: it is gone, or the port serves something else
+        (the pid or the port was reused)."""
+        if not procs.alive(rec.pid):
+            return None
+        try:
+            r = await self.http.get(f"{rec.url}/health/live", timeout=2.0)
+        except httpx.HTTPError:
+            return False
+        name = rec.service.rsplit("/", 1)[-1]
+        try:
+            models = (await self.http.get(f"{rec.url}/v1/models", timeout=2.0)).json()["data"]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+        return True if r.status_code == 200 and [m.get("id") for m in models] == [name] else None
 
     async def wait_ready(self, rec: InstanceRecord, timeout_s: float = READY_TIMEOUT_S) -> bool:
         """Until the instance answers its readiness probe (True; its report and lease timing are
@@ -190,7 +258,7 @@ class LocalBackend:
                 r = await self.http.get(f"{rec.url}/health/ready", timeout=2.0)
                 if r.status_code == 200:
                     rec.report = r.json()
-                    rec.ready_at = time.time()
+                    rec.ready_at = rec.ready_at or time.time()  # an adopted instance keeps its own
                     with contextlib.suppress(OSError, ValueError):
                         rec.lease = json.loads(Path(rec.timing_path).read_text())
                     return True
@@ -204,6 +272,8 @@ class LocalBackend:
         ok = await self.wait_ready(rec)
         if rec.state != InstanceState.STARTING:  # stopped while it started: nothing to report
             return
+        if ok:
+            self._keep(rec)  # with its ready time and lease timing, for an adoption
         await self._emit(InstanceEvent(EventKind.READY if ok else EventKind.FAILED, rec.id, rec.node))
         if not ok:
             return
@@ -211,6 +281,7 @@ class LocalBackend:
             await asyncio.sleep(LIVENESS_PERIOD_S)
             if rec.state in (InstanceState.READY, InstanceState.DRAINING) and not procs.alive(rec.pid):
                 self._instances.pop(rec.id, None)
+                self._forget(rec)
                 await self._emit(InstanceEvent(EventKind.EXITED, rec.id, rec.node, "the process is gone"))
                 return
 
@@ -231,6 +302,7 @@ class LocalBackend:
         await asyncio.to_thread(procs.stop, rec.pid, grace_s, False)
         rec.state = InstanceState.STOPPED
         self._instances.pop(rec.id, None)
+        self._forget(rec)
         _log.info("instance stopped", service=rec.service, instance=rec.id, node=rec.node)
 
     async def close(self) -> None:

@@ -124,12 +124,12 @@ def _wait(what: str, check: Any, timeout: float, proc: subprocess.Popen[bytes], 
 
 def restartable(component: str) -> bool:
     """Whether `up` restarts a component that exits, as a kubelet restarts a crashed container.
-    The activator and the loaders are: the activator learns the services again from the
-    autoscaler (which pushes every service's endpoints to an activator it has not heard from),
-    a loader rebuilds its tiers' index from disk. The autoscaler is not: the applied services
-    live in its memory only, so its exit stops the cluster; nor are the zygotes (the instances
-    they forked go with them)."""
-    return component == "activator" or component.startswith("loader ")
+    The activator, the autoscaler and the loaders are: the activator learns the services again
+    from the autoscaler (which pushes every service's endpoints to an activator it has not heard
+    from), the autoscaler replays its journal of what was applied and adopts the instances still
+    running (autoscaler/journal.py, LocalBackend.adopt_running), a loader rebuilds its tiers'
+    index from disk. The zygotes are not: the instances they forked go with them."""
+    return component in ("activator", "autoscaler") or component.startswith("loader ")
 
 
 def restart_delay(restarts: int) -> float:
@@ -150,6 +150,10 @@ def up(opts: UpOptions, on_ready: Any = None) -> int:
     state.mkdir(parents=True, exist_ok=True)
     dram = _dram_dir(opts)
     clean_stale(state, dram)
+    # A new cluster starts empty: what an earlier one applied, and the records of its instances,
+    # are for its own autoscaler's restarts only.
+    (state / "applied.json").unlink(missing_ok=True)
+    shutil.rmtree(state / "instances", ignore_errors=True)
     # The nodes' private files (the loaders' and zygotes' sockets, the SSD and DRAM tiers) live
     # under folders only this user may enter: nobody else on the machine reads a checkpoint or
     # talks to a loader.

@@ -16,7 +16,7 @@ import pytest
 
 from sllm_knative.commands.resources import invoke
 from sllm_knative.local.cluster import restart_delay, restartable
-from sllm_knative.local.manifests import service_manifest
+from sllm_knative.local.manifests import ALLOW_ZERO_INITIAL_SCALE, service_manifest
 from sllm_knative.ports import free_port
 from tests.local.test_cluster import cli, services
 from tests.local.util import wait_for
@@ -28,7 +28,7 @@ def test_restart_delay_doubles_to_a_bound(restarts: int, want: float) -> None:
 
 
 @pytest.mark.parametrize(("component", "want"), [
-    ("activator", True), ("loader node-1", True), ("autoscaler", False), ("zygote node-1", False)])
+    ("activator", True), ("loader node-1", True), ("autoscaler", True), ("zygote node-1", False)])
 def test_what_is_restarted(component: str, want: bool) -> None:
     assert restartable(component) is want
 
@@ -119,3 +119,37 @@ def test_a_killed_loader_is_restarted_with_its_tiers(cluster) -> None:
     wait_for(lambda: inventory() == before, 60, "the restarted loader has its tiers back")
     # The cluster still serves.
     assert invoke(doc["activator"], "tiny", "default", "Hello", 4, seed=1)["text"]
+
+
+def test_a_killed_autoscaler_is_restarted_adopts_its_instances_and_serves_held_requests(cluster, tmp_path) -> None:
+    state, doc = cluster
+    # A second service, at zero: a request for it waits in the activator while the autoscaler is down.
+    store = next(iter(services(doc).values()))["model"].rsplit("/", 1)[0]
+    (tmp_path / "cold.yaml").write_text("---\n".join([ALLOW_ZERO_INITIAL_SCALE, service_manifest(
+        "cold", f"{store}/tiny", keep_alive="600s", initial_scale=0)]))
+    cli(state, "apply", "-f", str(tmp_path / "cold.yaml"))
+    warm = invoke(doc["activator"], "tiny", "default", "Hello", 4, seed=1)
+    before = {k: [i["id"] for i in s["instances"]] for k, s in services(doc).items()}
+    assert before == {"default/tiny": [warm["instance"]], "default/cold": []}, before
+    pid, restarts = component(state, "autoscaler")
+    os.kill(pid, signal.SIGKILL)
+    held: dict = {}
+    t = threading.Thread(target=lambda: held.update(invoke(doc["activator"], "cold", "default", "Hi", 4, seed=1)))
+    t.start()
+    # Meanwhile the warm instance still serves: the activator has its rotation.
+    assert invoke(doc["activator"], "tiny", "default", "Hello", 4, seed=1)["text"] == warm["text"]
+    wait_for(lambda: component(state, "autoscaler")[1] == restarts + 1, 30, "the autoscaler restarted")
+    t.join(120)
+    assert held.get("text"), "the request held while the autoscaler was down was not served"
+    after = {k: [i["id"] for i in s["instances"]] for k, s in services(doc).items()}
+    # The running instance was adopted (the same one, not a second), the held request got one.
+    assert after["default/tiny"] == before["default/tiny"], after
+    assert len(after["default/cold"]) == 1, after
+    log = (state / "logs" / "autoscaler.log").read_text()
+    assert "instance adopted" in log and "restarted: journal replayed" in log
+    # Exactly the instances the autoscaler knows run on the node: no orphan.
+    records = sorted(p.stem for p in (state / "instances").glob("*.json"))
+    assert records == sorted(after["default/tiny"] + after["default/cold"]), records
+    zygote, _ = component(state, "zygote node-1")  # instances are the zygote's children
+    children = Path(f"/proc/{zygote}/task/{zygote}/children").read_text().split()
+    assert len(children) == len(records), (children, records)
