@@ -5,6 +5,7 @@
     GET  /health/live             200 while the process and its engine are healthy
     GET  /health/ready            200 once the weights are loaded and warmed up, else 503
     GET  /metrics                 Prometheus text format
+    GET  /openapi.json            the OpenAPI document of this API (functions.llm.openapi)
 
 Errors, wherever raised, become OpenAI-shaped bodies in `_on_error` (the only handler).
 """
@@ -20,7 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from functions.llm import protocol
+from functions.llm import openapi, protocol
 from functions.llm.errors import ApiError, error_response, model_not_found
 from functions.llm.generation import OutputQueue, respond
 from functions.llm.metrics import CONTENT_TYPE
@@ -98,6 +99,12 @@ async def get_model(request: Request) -> Response:
     return json_response(_model_card(service))
 
 
+async def openapi_document(request: Request) -> Response:
+    service = _service(request)
+    return json_response(openapi.document(service.cfg.model_name, service.max_len or None,
+                                          service.vocab_size or None))
+
+
 async def live(request: Request) -> Response:
     service = _service(request)
     return json_response({"status": service.status}, 200 if service.live else 500)
@@ -156,6 +163,7 @@ def build(service: ModelHost) -> Starlette:
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/openapi.json", openapi_document, methods=["GET"]),
         *COMMON_ROUTES,
     ]
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)

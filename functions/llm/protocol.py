@@ -94,15 +94,20 @@ def _get_bool(body: dict[str, Any], name: str, default: bool) -> bool:
     return value
 
 
+def _is_integer(value: Any) -> bool:
+    """An integer in JSON's sense (as JSON Schema's `integer`): 3 or 3.0, not true."""
+    if isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _get_int(body: dict[str, Any], name: str) -> int | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+    if not _is_integer(value):
         raise _type_error(name, "integer", value)
-    return value
+    return int(value)
 
 
 def _get_number(body: dict[str, Any], name: str, default: float, low: float, high: float,
@@ -121,7 +126,7 @@ def _get_number(body: dict[str, Any], name: str, default: float, low: float, hig
 
 def _neutral(body: dict[str, Any], name: str, ok: Any) -> None:
     value = body.get(name)
-    if value is None or value == ok:
+    if value is None or (value == ok and isinstance(value, bool) == isinstance(ok, bool)):  # true is not 1
         return
     raise BadRequest(f"'{name}' = {value!r} is not supported by this server (only {ok!r})", param=name,
                      code="unsupported_value")
@@ -236,8 +241,8 @@ def parse_completion(body: Any, served_model: str) -> Request:
         if not prompt:
             raise BadRequest("'prompt' must not be empty", param="prompt", code="invalid_value")
         text = prompt
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        ids = tuple(prompt)
+    elif isinstance(prompt, list) and prompt and all(_is_integer(t) for t in prompt):
+        ids = tuple(int(t) for t in prompt)
     elif isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
         raise BadRequest("a batch of several prompts is not supported; send one prompt per request",
                          param="prompt", code="unsupported_value")
