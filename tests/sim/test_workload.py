@@ -91,3 +91,24 @@ def test_a_seeded_run_is_deterministic(tmp_path: Path) -> None:
     other = simulate(dataclasses.replace(s, seed=6))
     assert other["requests"] != one["requests"] or other["ttft_p99_s"] != one["ttft_p99_s"]
     assert one["served"] == one["requests"] > 50
+
+
+def test_a_sweep_writes_json_and_a_plot(tmp_path: Path) -> None:
+    """`python -m sim sweep`: one row per (policy, rate) with the outputs the issue asks for."""
+    import json
+
+    from sim.__main__ import main
+
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--policy", "sllm,locality-blind", "--rates", "0.2,0.4", "--nodes", "2", "--models", "4",
+                 "--duration", "120", "--kinds", "llama-3.2-1b", "--out", str(out)]) == 0
+    doc = json.loads((out / "sweep.json").read_text())
+    assert [(r["policy"], r["scenario"]["rate"]) for r in doc["rows"]] == [
+        ("sllm", 0.2), ("locality-blind", 0.2), ("sllm", 0.4), ("locality-blind", 0.4)]
+    for r in doc["rows"]:
+        assert r["requests"] == r["served"] > 0
+        assert 0 <= r["ttft_p50_s"] <= r["ttft_p99_s"] <= r["ttft_max_s"]
+        assert 0 <= r["slo_ttft_1s"] <= r["slo_ttft_5s"] <= 1
+        assert r["gpu_hours"] > 0 and sum(r["cold_starts"].values()) >= 1
+        assert {"migrations", "migrated_tokens", "sim_s_per_wall_s", "events_per_s"} <= set(r)
+    assert (out / "ttft_vs_load.png").read_bytes()[:4] == b"\x89PNG"
