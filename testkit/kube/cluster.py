@@ -285,6 +285,10 @@ class KubeCluster:
             "NamespaceLifecycle,ServiceAccount,DefaultStorageClass,MutatingAdmissionWebhook,"
             "ValidatingAdmissionWebhook,ResourceQuota",
             "--service-cluster-ip-range", "10.96.0.0/16", "--allow-privileged=true",
+            # There is no kube-proxy here (no ClusterIP routing): the API server calls a webhook's
+            # `service` (and an aggregated API's) at a ready endpoint of that Service, from its
+            # EndpointSlices, as clusters without kube-proxy on the control plane configure it.
+            "--enable-aggregator-routing=true",
             "--audit-policy-file", str(policy), "--audit-log-path", str(self.audit_log),
             "--audit-log-format", "json", "--audit-log-mode", "blocking",
             "--cert-dir", str(self.workdir / "apiserver-certs"), "--v", "1"])
