@@ -80,10 +80,11 @@ def is_ready(pod: Any) -> bool:
 
 @dataclass
 class NodeLoader:
-    """The loader of one node: its process and its gRPC target (a unix socket in the node's hostPath folder)."""
+    """The loader of one node: its process (None for a loader pod) and its gRPC target (a unix
+    socket in the node's hostPath folder)."""
 
     node: str
-    proc: Proc
+    proc: Proc | None
     socket: Path
     target: str
 
@@ -121,7 +122,7 @@ class Stack:
         self.loaders: dict[str, NodeLoader] = {}
         self.procs: list[Proc] = []
         self._exit = contextlib.ExitStack()
-        self.as_url = self.act_url = self.act_admin = ""
+        self.as_url = self.act_url = self.act_admin = self.probe_url = ""
         self.token = ""  # the install's internal token, once the autoscaler has made it
         self.act_port = 0
 
@@ -160,6 +161,7 @@ class Stack:
         webhook_port, as_port, act_port, act_h2c, act_admin = (free_port() for _ in range(5))
         self.as_url, self.act_url = f"http://127.0.0.1:{as_port}", f"http://127.0.0.1:{act_port}"
         self.act_port, self.act_admin = act_port, f"http://127.0.0.1:{act_admin}"
+        self.probe_url = self.act_url
         standin = SksStatusWriter(k, self.namespace).start()
         self._exit.callback(standin.stop)
         private = PrivateServices(k, self.namespace).start()
@@ -173,7 +175,7 @@ class Stack:
             sys.executable, "-m", "autoscaler", "--kube", "--kubeconfig", kc, "--port", str(as_port), "--host",
             "127.0.0.1", "--lease-namespace", self.install_namespace, "--identity", self.identity,
             "--resync", str(RESYNC_S), "--lease-duration", "3", "--scale-to-zero-grace", "1",
-            "--probe-url", self.act_url, "--webhook-port", str(webhook_port), "--webhook-host", net.host_ip,
+            "--probe-url", self.probe_url, "--webhook-port", str(webhook_port), "--webhook-host", net.host_ip,
             "--webhook-san", net.host_ip, "--activator-admin", self.act_admin], "autoscaler.log")
         self.autoscaler = autoscaler
         autoscaler.wait_http(f"{self.as_url}/healthz", self.start_timeout_s)
@@ -284,12 +286,12 @@ class Stack:
         """A nodeSelector that keeps pods to the agent's nodes (its label, on each of its nodes)."""
         return dict(self.agent.specs[0].labels)
 
-    def client(self, revision: str, timeout: float = 300.0) -> Any:
-        """An official `openai` client reaching `revision` through the activator, with the headers
-        Knative's ingress adds."""
+    def client(self, revision: str, timeout: float = 300.0, activator: str | None = None) -> Any:
+        """An official `openai` client reaching `revision` through the activator (`activator`, a
+        URL, default `act_url`), with the headers Knative's ingress adds."""
         import openai
 
-        return openai.OpenAI(base_url=f"{self.act_url}/v1", api_key="unused", max_retries=0, timeout=timeout,
+        return openai.OpenAI(base_url=f"{activator or self.act_url}/v1", api_key="unused", max_retries=0, timeout=timeout,
                              default_headers={"Knative-Serving-Revision": revision,
                                               "Knative-Serving-Namespace": self.namespace})
 

@@ -5,7 +5,7 @@ docs/kubernetes.md gives ("Replacing Knative's activator"), run with kubectl.
 Knative's side is its real release-1.23 manifests (`sllm_knative/schemas/knative/deployments/
 activator.yaml`, vendored unmodified: the Deployment `activator` and the Service `activator-service`; the
 HorizontalPodAutoscaler and PodDisruptionBudget of `config/core/deployments/activator-hpa.yaml`,
-copied below), with one change: Knative's activator image cannot run here, so its container is a
+copied in testkit/kube/install.py), with one change: Knative's activator image cannot run here, so its container is a
 stand-in that answers every request with `knative-activator` on the same port.
 
 Checked: our pods become Ready through the manifest's probes, running the manifest's command,
@@ -37,6 +37,8 @@ from sllm_knative.api import auth
 from sllm_knative.config.autoscaler import SLLM_CLASS
 from sllm_knative.kube.client import Kube
 from testkit.kube.cluster import BIN_DIR, KubeCluster
+from testkit.kube.install import activator_for_test_cluster, kubectl, kustomize
+from testkit.kube.install import knative_activator_docs as knative_docs
 from tests.kube.audit import called
 from tests.kube.conftest import agent_selector, ensure_namespace, start_agent, until
 from tests.kube.test_activator_knative import (
@@ -49,84 +51,19 @@ from tests.kube.test_activator_knative import (
 
 ROOT = Path(__file__).resolve().parents[2]
 OURS = ROOT / "manifests" / "activator"
-KNATIVE = ROOT / "sllm_knative" / "schemas" / "knative" / "deployments" / "activator.yaml"  # vendored, unmodified
 NS = "knative-serving"
 OUR_PODS = "app.kubernetes.io/name=sllm-activator"
 KNATIVE_PODS = "app=activator,role=activator"
 
-# knative/serving config/core/deployments/activator-hpa.yaml at knative-v1.23.0.
-KNATIVE_HPA = {
-    "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
-    "metadata": {"name": "activator", "namespace": NS},
-    "spec": {"minReplicas": 1, "maxReplicas": 20,
-             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "activator"},
-             "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {
-                 "type": "Utilization", "averageUtilization": 100}}}]}}
-KNATIVE_PDB = {
-    "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
-    "metadata": {"name": "activator-pdb", "namespace": NS},
-    "spec": {"minAvailable": "80%", "selector": {"matchLabels": {"app": "activator"}}}}
-
-# Knative's activator, played by a process that answers every request (kubelet probes included).
-STANDIN = r"""
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", "17")
-        self.end_headers()
-        self.wfile.write(b"knative-activator")
-    def log_message(self, *a):
-        pass
-http.server.ThreadingHTTPServer((sys.argv[1], 8012), H).serve_forever()
-"""
-
-
-def kubectl(kube: KubeCluster, *args: str, stdin: str | None = None) -> str:
-    run = subprocess.run([str(BIN_DIR / "kubectl"), "--kubeconfig", str(kube.kubeconfig), *args], input=stdin,
-                         capture_output=True, text=True, timeout=180)
-    assert run.returncode == 0, f"kubectl {' '.join(args)}: {run.stderr}"
-    return run.stdout
-
-
-def knative_docs(selector: dict[str, str]) -> list[dict[str, Any]]:
-    """Knative's activator Deployment (its container a stand-in, its pods on the test agent's
-    nodes), Service, ServiceAccount, HPA and PDB."""
-    docs = {d["kind"]: d for d in yaml.safe_load_all(KNATIVE.read_text()) if d}
-    dep = docs["Deployment"]
-    spec = dep["spec"]["template"]["spec"]
-    [container] = spec["containers"]
-    container.update(image="python:3.11", command=["python", "-c", STANDIN, "$(POD_IP)"])
-    spec["nodeSelector"] = selector
-    sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": spec["serviceAccountName"],
-                                                                      "namespace": NS}}
-    return [sa, dep, docs["Service"], KNATIVE_HPA, KNATIVE_PDB]
-
-
 def our_docs(selector: dict[str, str]) -> list[dict[str, Any]]:
     """`kubectl kustomize manifests/activator`, with what this test cluster needs changed in the
-    Deployment (and nothing else):
-    - `--host=$(POD_IP)` and `--admin-host=$(POD_IP)` (with POD_IP from the downward API): the
-      node agent's pods on one node share its network namespace, so two replicas on a node would
-      collide on 0.0.0.0:8012 and on 127.0.0.1:8081; on a real node each pod has its own;
-    - a nodeSelector for this test's nodes (other tests' agents may have nodes in this cluster).
-    The autoscaler URLs stay as the manifest has them (this cluster has no DNS for them: the
-    reports fail with warnings, which the routing does not depend on)."""
-    out = kubectl_kustomize()
-    docs = [d for d in yaml.safe_load_all(out) if d]
-    dep = next(d for d in docs if d["kind"] == "Deployment")
-    spec = dep["spec"]["template"]["spec"]
-    [container] = spec["containers"]
-    container["args"] = [*container["args"], "--host=$(POD_IP)", "--admin-host=$(POD_IP)"]
-    container["env"] = [*container.get("env", []),
-                        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
-    spec["nodeSelector"] = selector
-    return docs
-
-
-def kubectl_kustomize() -> str:
-    return subprocess.run([str(BIN_DIR / "kubectl"), "kustomize", str(OURS)], capture_output=True, text=True,
-                          timeout=60, check=True).stdout
+    Deployment and nothing else (testkit.kube.install.activator_for_test_cluster): the pods bind
+    their pod IP (`--host=$(POD_IP)`: the node agent's pods on one node share its network
+    namespace, so two replicas on a node would collide on 0.0.0.0:8012; on a real node each pod
+    has its own) and keep to this test's nodes. The autoscaler URLs stay as the manifest has them
+    (this cluster has no DNS for them: the reports fail with warnings, which the routing does not
+    depend on)."""
+    return activator_for_test_cluster(kustomize(OURS), selector)
 
 
 def ready(pod: Any) -> bool:
@@ -174,7 +111,7 @@ def test_the_activator_deployment_takes_over_activator_service_and_gives_it_back
     selector = agent_selector(agent)
     knative = knative_docs(selector)
     try:
-        kubectl(kube, "apply", "-f", "-", stdin=yaml.safe_dump_all(knative))
+        kubectl(kube.kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump_all(knative))
         knative_ip = until(lambda: ready_ips(admin, KNATIVE_PODS), 60, "Knative's activator (stand-in) Ready")
         until(lambda: service_endpoints(admin)[0] == knative_ip, 30, "activator-service on Knative's pod")
         audit_from = kube.audit_log.stat().st_size if kube.audit_log.exists() else 0
@@ -182,14 +119,14 @@ def test_the_activator_deployment_takes_over_activator_service_and_gives_it_back
         # Install (docs/kubernetes.md): ours first, Ready; then Knative's scaled to zero. The
         # activator pods read the internal token's Secret, which the autoscaler makes at its start.
         token = ensure_token(admin, NS)
-        kubectl(kube, "apply", "-f", "-", stdin=yaml.safe_dump_all(our_docs(selector)))
+        kubectl(kube.kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump_all(our_docs(selector)))
         try:
-            kubectl(kube, "-n", NS, "rollout", "status", "deployment/sllm-activator", "--timeout=120s")
+            kubectl(kube.kubeconfig, "-n", NS, "rollout", "status", "deployment/sllm-activator", "--timeout=120s")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{pod_logs(agent.root)}") from None
         ours = ready_ips(admin, OUR_PODS)
         assert len(ours) == 2, ours
-        kubectl(kube, "-n", NS, "scale", "deployment", "activator", "--replicas=0")
+        kubectl(kube.kubeconfig, "-n", NS, "scale", "deployment", "activator", "--replicas=0")
         until(lambda: service_endpoints(admin)[0] == ours, 60, "activator-service on our pods only")
         until(lambda: slice_endpoints(admin) == ours, 30, "activator-service's slices on our pods only")
         assert service_endpoints(admin)[1] >= {("http", 8012), ("http2", 8013)}
@@ -248,9 +185,9 @@ def test_the_activator_deployment_takes_over_activator_service_and_gives_it_back
               30, "Knative's PDB counting our two pods")
 
         # Uninstall: Knative's back first (activator-service never empty), then ours deleted.
-        kubectl(kube, "-n", NS, "scale", "deployment", "activator", "--replicas=1")
-        kubectl(kube, "-n", NS, "rollout", "status", "deployment/activator", "--timeout=120s")
-        kubectl(kube, "delete", "-k", str(OURS))
+        kubectl(kube.kubeconfig, "-n", NS, "scale", "deployment", "activator", "--replicas=1")
+        kubectl(kube.kubeconfig, "-n", NS, "rollout", "status", "deployment/activator", "--timeout=120s")
+        kubectl(kube.kubeconfig, "delete", "-k", str(OURS))
         knative_ip = ready_ips(admin, KNATIVE_PODS)
         until(lambda: service_endpoints(admin)[0] == knative_ip, 60, "activator-service back on Knative's pod")
         [back] = knative_ip

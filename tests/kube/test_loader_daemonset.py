@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,8 @@ import yaml
 
 from sllm_knative.kube.client import NODECACHES, Kube
 from sllm_knative.loader.client import LoaderClient
-from testkit.kube.cluster import BIN_DIR, KubeCluster
+from testkit.kube.cluster import KubeCluster
+from testkit.kube.install import kustomize
 from tests.kube.audit import apply_docs
 from tests.kube.conftest import start_agent, until
 from tests.kube.test_nodecache import nodecache
@@ -36,10 +36,8 @@ LABEL = "app.kubernetes.io/name=sllm-loader"
 
 
 def install_docs() -> list[dict[str, Any]]:
-    out = subprocess.run([str(BIN_DIR / "kubectl"), "kustomize", str(ROOT / "manifests" / "loader")],
-                         capture_output=True, text=True, timeout=60, check=True).stdout
     namespace = yaml.safe_load((ROOT / "manifests" / "namespace.yaml").read_text())
-    return [namespace, *(d for d in yaml.safe_load_all(out) if d)]
+    return [namespace, *kustomize(ROOT / "manifests" / "loader")]
 
 
 def pod_logs(agent_root: Path) -> str:
