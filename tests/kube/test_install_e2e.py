@@ -16,6 +16,8 @@ mutated by the webhook, called by the API server through its Service, with TLS f
 certificate), placed on the node the load-time model chose (the `Placed` Event), its weights
 leased through that node's loader pod; scale to zero after the keep-alive; and the next cold
 start, through the other activator pod, on the node whose NodeCache shows the checkpoint in DRAM.
+Last, the install's RBAC as a whole: the API server's audit log shows none of its three service
+accounts refused anything.
 
 The model and the store are test_e2e.py's (the tiny model widened to 5.8 MB, behind nginx's
 2 MiB/s location, so a store load takes seconds and a DRAM load milliseconds).
@@ -40,6 +42,7 @@ from testkit.kube.install import INSTALL_NAMESPACE, KNATIVE_NAMESPACE, Installed
 from testkit.kube.nodeagent import NodeAgent
 from testkit.kube.stack import INTERNAL_PORT
 from testkit.servers import Nginx
+from tests.kube.audit import audit_offset, called
 from tests.kube.conftest import until
 from tests.kube.test_e2e import CONTEXT, agent, store, stream_chat, web  # noqa: F401  (fixtures)
 
@@ -58,6 +61,7 @@ def test_the_install_applied_with_kubectl_serves_cold_starts_placed_by_load_time
         tmp_path: Path) -> None:
     k = Kube(api)
     n0, n1, n2 = (s.name for s in agent.specs)  # n2 never holds the checkpoint
+    audit_from = audit_offset(kube.audit_log)
     with InstalledStack(kube, agent, namespace, f"{web.url}/slow", tmp_path) as stack:
         model = f"{stack.store_url}/tiny"  # the store, as the pods reach it
         def failure(what: str) -> str:
@@ -157,3 +161,14 @@ def test_the_install_applied_with_kubectl_serves_cold_starts_placed_by_load_time
         placed = stack.events(pod.metadata.name, "Placed")
         assert placed and n0 in placed[0].message and "dram" in placed[0].message, placed
         assert lo0.leases() == [(model, pod.metadata.name)]
+
+        # The install's RBAC, as a whole: none of its three service accounts was refused anything.
+        with kube.audit_log.open("rb") as f:
+            f.seek(audit_from)
+            events = f.read()
+        since = tmp_path / "audit.log"
+        since.write_bytes(events[:events.rfind(b"\n") + 1])
+        for ns, sa in ((INSTALL_NAMESPACE, "sllm-autoscaler"), (INSTALL_NAMESPACE, "sllm-loader"),
+                       (KNATIVE_NAMESPACE, "sllm-activator")):
+            calls, refused = called(since, f"system:serviceaccount:{ns}:{sa}")
+            assert calls and refused == [], (sa, refused)
