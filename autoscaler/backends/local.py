@@ -83,6 +83,25 @@ def inventory_to_node(node: LocalNode, inv: Any, running: int, size_hint: dict[s
                          free_slots=max(0, node.slots - running), instances=instances, remote_bandwidth=stores)
 
 
+def last_error(lines: list[str]) -> str:
+    """The message of the last ERROR line of a component's structured log ('' if none): its
+    `error=` field when it has one, else its `msg=`."""
+    for line in reversed(lines):
+        if " ERROR " not in line:
+            continue
+        for field in ("error=", "msg="):
+            at = line.find(field)
+            if at < 0:
+                continue
+            value = line[at + len(field):]
+            if value.startswith('"'):
+                end = value.find('" ', 1)
+                return value[1:end if end > 0 else len(value)].rstrip('"')
+            return value.split(" ", 1)[0]
+        return line.strip()
+    return ""
+
+
 class LocalBackend:
     def __init__(self, nodes: list[LocalNode], device: str = "cpu", internal_token: str | None = None,
                  drain_url: str | None = None, records: Path | None = None) -> None:
@@ -274,8 +293,9 @@ class LocalBackend:
             return
         if ok:
             self._keep(rec)  # with its ready time and lease timing, for an adoption
-        await self._emit(InstanceEvent(EventKind.READY if ok else EventKind.FAILED, rec.id, rec.node))
-        if not ok:
+            await self._emit(InstanceEvent(EventKind.READY, rec.id, rec.node))
+        else:
+            await self._emit(InstanceEvent(EventKind.FAILED, rec.id, rec.node, self._why(rec)))
             return
         while rec.state in (InstanceState.READY, InstanceState.DRAINING):
             await asyncio.sleep(LIVENESS_PERIOD_S)
@@ -284,6 +304,16 @@ class LocalBackend:
                 self._forget(rec)
                 await self._emit(InstanceEvent(EventKind.EXITED, rec.id, rec.node, "the process is gone"))
                 return
+
+    def _why(self, rec: InstanceRecord) -> str:
+        """Why an instance did not become ready: its log's last error line, else what is known."""
+        log = self.nodes[rec.node].logs / f"{rec.id}.log" if rec.node in self.nodes else None
+        try:
+            lines = log.read_text(errors="replace").splitlines()[-200:] if log else []
+        except OSError:
+            lines = []
+        return last_error(lines) or ("the process exited while starting" if not procs.alive(rec.pid)
+                                     else f"not ready within {READY_TIMEOUT_S:.0f}s")
 
     async def _emit(self, event: InstanceEvent) -> None:
         await emit_to(self._handlers, event)

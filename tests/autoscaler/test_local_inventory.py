@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from autoscaler.backends.base import FALLBACK_BANDWIDTH, InstanceRecord, InstanceState
-from autoscaler.backends.local import LocalNode, inventory_to_node
+from autoscaler.backends.local import LocalNode, inventory_to_node, last_error
 from autoscaler.view import instance_view
 from sllm_knative.loader import loader_pb2 as pb
 from sllm_knative.placement import Instance, Tier
@@ -110,3 +110,18 @@ def test_inventory_checkpoints_slots_and_instances() -> None:
     assert sizes == {A: 1000, B: 3000}
     assert (node.free_slots, node.instances) == (1, (busy,))
     assert inventory_to_node(NODE, inv, 3, sizes).free_slots == 0  # more running than slots (a slot being freed)
+
+
+@pytest.mark.parametrize(("lines", "want"), [
+    pytest.param(['2026-12-06T00:54:00Z ERROR functions.llm msg="model load failed" instance=a '
+                  'error="checkpoint \'x\': the loader at unix:///s does not answer" node=n'],
+                 "checkpoint 'x': the loader at unix:///s does not answer", id="quoted-error-field"),
+    pytest.param(["t ERROR functions.llm msg=boom instance=a"], "boom", id="msg-only"),
+    pytest.param(["t ERROR functions.llm msg=first error=one", "t INFO functions.llm msg=later"], "one",
+                 id="last-error-line-not-last-line"),
+    pytest.param(["t ERROR a msg=old", "t ERROR b error=new"], "new", id="the-last-of-several"),
+    pytest.param(["t INFO functions.llm msg=ready"], "", id="no-error"),
+    pytest.param([], "", id="empty-log"),
+])
+def test_last_error_of_an_instance_log(lines: list[str], want: str) -> None:
+    assert last_error(lines) == want
