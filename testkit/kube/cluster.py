@@ -13,7 +13,8 @@ envtest leaves out:
 - a service-account key pair, so the token controller and the TokenRequest API issue real
   tokens;
 - RBAC authorization, and an admission chain that includes MutatingAdmissionWebhook and
-  ValidatingAdmissionWebhook;
+  ValidatingAdmissionWebhook; with no kube-proxy here (cluster IPs lead nowhere), a webhook's
+  `service` is called at a ready endpoint from its EndpointSlices (`--enable-aggregator-routing`);
 - the Knative Serving CRDs (../shared/data/knative/crds, vendored in sllm_knative/schemas) and
   this project's CRDs (manifests/crds), installed and Established before `up` returns.
 

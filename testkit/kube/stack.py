@@ -26,6 +26,9 @@ client that reaches a revision through the activator with the headers Knative's 
 `stop()` (or leaving the `with` block) stops everything it started, in reverse order, and deletes
 the webhook configuration (a Fail webhook nobody serves would block every other pod of the
 namespace). It leaves the namespaces, the agent and the control plane to whoever made them.
+
+`testkit.kube.install.InstalledStack` is the same stack (revisions, observations, client) on the
+install itself, applied with kubectl, every component a pod (tests/kube/test_install_e2e.py).
 """
 
 from __future__ import annotations
