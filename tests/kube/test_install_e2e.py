@@ -15,7 +15,11 @@ activator pods with the official `openai` client: a cold start streams (the pod 
 mutated by the webhook, called by the API server through its Service, with TLS from the leader's
 certificate), placed on the node the load-time model chose (the `Placed` Event), its weights
 leased through that node's loader pod; scale to zero after the keep-alive; and the next cold
-start, through the other activator pod, on the node whose NodeCache shows the checkpoint in DRAM.
+start, through the other activator pod, on the node whose NodeCache shows the checkpoint in DRAM;
+a scale-down with a seeded stream on each of two pods, the victim's generation migrated through
+the activator (which the autoscaler found in `activator-service`'s EndpointSlices), both texts
+equal to unmigrated runs; and a revision of Knative's KPA class, passed unchanged by the webhook,
+served through both activator pods.
 Last, the install's RBAC as a whole: the API server's audit log shows none of its three service
 accounts refused anything.
 
@@ -27,6 +31,8 @@ from __future__ import annotations
 
 import base64
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,7 @@ from kubernetes import client
 from autoscaler.kube.certs import WEBHOOK_CONFIG
 from autoscaler.kube.podautoscaler import condition
 from sllm_knative.api import instance as instance_api
+from sllm_knative.config.autoscaler import KPA_CLASS
 from sllm_knative.kube.client import NODECACHES, PODAUTOSCALERS, Kube
 from testkit.kube.cluster import KubeCluster
 from testkit.kube.install import INSTALL_NAMESPACE, KNATIVE_NAMESPACE, InstalledStack
@@ -44,9 +51,11 @@ from testkit.kube.stack import INTERNAL_PORT
 from testkit.servers import Nginx
 from tests.kube.audit import audit_offset, called
 from tests.kube.conftest import until
-from tests.kube.test_e2e import CONTEXT, agent, store, stream_chat, web  # noqa: F401  (fixtures)
+from tests.kube.test_activator_knative import _echo, _revision, _served
+from tests.kube.test_e2e import CONTEXT, agent, store, stream_chat, stream_completion, web  # noqa: F401  (fixtures)
 
 REV = "chat-00001"
+KPA_REV = "echo-00001"
 LEASE = "sllm-knative-autoscaler"
 
 
@@ -91,6 +100,10 @@ def test_the_install_applied_with_kubectl_serves_cold_starts_placed_by_load_time
         # The checkpoint in n1's DRAM, through n1's loader pod; the autoscaler (through its
         # Service) sees it there.
         stack.prefetch(n1, model)
+        # A revision of Knative's KPA class beside ours, made now so its pod starts meanwhile: its
+        # pod passes the install's webhook unchanged (not our class), and both activator pods
+        # serve it at the end (step 5).
+        _revision(k, namespace, agent, KPA_REV, KPA_CLASS, replicas=1)
         stack.scaling_policy("chat-keepalive", "chat", keepAlive="3s")
         stack.function_revision(REV, "chat", model, args=["--max-model-len", str(CONTEXT)])
         until(lambda: stack.in_flight(REV) >= 0, 60, "the autoscaler to know the revision")
@@ -161,6 +174,44 @@ def test_the_install_applied_with_kubectl_serves_cold_starts_placed_by_load_time
         placed = stack.events(pod.metadata.name, "Placed")
         assert placed and n0 in placed[0].message and "dram" in placed[0].message, placed
         assert lo0.leases() == [(model, pod.metadata.name)]
+
+        # 4. A scale-down with seeded streams in flight, through the first activator pod: two pods
+        # (minScale 2), a stream on each, then minScale 0. The autoscaler finds both activator
+        # replicas in activator-service's EndpointSlices and asks each, on its pod address with the
+        # install's token, to withhold the victim and migrate its generation; the first moves it
+        # to the other pod. Each client sees exactly the text of an unmigrated run of its seed.
+        openai_client = stack.client(REV, activator=first)
+        seeds = (7, 8)
+        stack.patch_policy("chat-keepalive", {"minScale": 2})
+        until(lambda: len(stack.ready_pods(REV)) == 2, 120, "two ready pods")
+        until(lambda: len(stack.rotation(REV)) == 2, 30, "both pods in the first activator's rotation")
+        migrated_before = stack.migrated()
+        got: dict[int, str] = {}
+        started = {seed: threading.Event() for seed in seeds}
+        threads = [threading.Thread(target=lambda s=seed: got.__setitem__(s, stream_completion(openai_client, s, started[s])))
+                   for seed in seeds]
+        for t in threads:
+            t.start()
+        for seed in seeds:
+            assert started[seed].wait(60), f"stream {seed} did not start"
+        assert sorted(stack.rotation(REV).values()) == [1, 1]  # one stream per pod
+        until(lambda: stack.in_flight(REV) == 2, 10, "the autoscaler to see both streams")
+        stack.patch_policy("chat-keepalive", {"minScale": 0})
+        for t in threads:
+            t.join(120)
+        assert stack.migrated() == migrated_before + 1, failure("no migration through the activator")
+        until(lambda: len(stack.pods(REV)) == 1, 60, "the victim's pod gone")
+        with ThreadPoolExecutor(len(seeds)) as pool:  # the same seeds on the one pod left, unmigrated
+            want = dict(zip(seeds, pool.map(lambda s: stream_completion(openai_client, s), seeds), strict=True))
+        assert got == want, failure("a migrated stream's text differs from the unmigrated run")
+
+        # 5. The KPA revision, which our autoscaler leaves alone, through each activator pod.
+        for url in (first, second):
+            doc = _echo(until(lambda u=url: _served(u, namespace, KPA_REV), 60, f"the KPA revision served by {url}"))
+            assert doc["h"]["k-proxy-request"] == ["activator"] and "-deployment-" in doc["pod"], doc
+        [kpa_pod] = stack.pods(KPA_REV)
+        assert not kpa_pod.spec.scheduling_gates and not any(
+            v.name.startswith("sllm-") for v in kpa_pod.spec.volumes or []), kpa_pod.spec
 
         # The install's RBAC, as a whole: none of its three service accounts was refused anything.
         with kube.audit_log.open("rb") as f:
