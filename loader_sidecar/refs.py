@@ -31,6 +31,7 @@ from sllm_knative.config.model_uri import (
     is_path_segment,
     is_s3_bucket,
     parse_model_uri,
+    quote,
 )
 from sllm_knative.loader.errors import BadRequest
 
@@ -153,7 +154,7 @@ def _join(root: StoreRoot, name: str) -> str:
 
 def resolve(model: str, stores: Sequence[StoreRoot]) -> ModelRef:
     """The ModelRef for a client's reference; only configured stores are ever named."""
-    where = f"model {model!r}"
+    where = f"model {quote(model)}"  # cut: a gRPC status message over 8 KiB never reaches the client
     if "://" in model:
         uri = parse_uri(model)  # the grammar first: the same message `apply` gives
         if not stores:

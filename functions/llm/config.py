@@ -18,7 +18,7 @@ Knative sets `PORT`; everything else has an `SLLM_*` variable and a flag (flags 
 | --max-model-len       | SLLM_MAX_MODEL_LEN                            | 4096 (capped by the model) |
 | --numerics            | SLLM_NUMERICS                                 | exact on cpu, fast on cuda |
 | --dtype               | SLLM_DTYPE                                    | auto: cpu bf16 if native, else float32; cuda the checkpoint's |
-| --tile-rows           | SLLM_TILE_ROWS                                | 16 in bfloat16, else 2   |
+| --tile-rows           | SLLM_TILE_ROWS                                | 16 in bf16 on cpu, else 2 |
 | --threads             | SLLM_THREADS                                  | fast: torch's (all cores); exact: 1 |
 | --forward             | SLLM_FORWARD                                  | auto (lean Llama-family path) |
 | --step-tokens         | SLLM_STEP_TOKENS                              | 256                      |
@@ -47,8 +47,8 @@ warm-up, while the warm-up itself took 0.3-0.5 s of every cold start; so `auto` 
 `--dtype auto` computes in bfloat16 on a CPU that multiplies bf16 natively (amx_bf16 or
 avx512_bf16 in /proc/cpuinfo) and in float32 on any other CPU; on CUDA in the checkpoint's dtype
 (functions/llm/dtypes.py). A checkpoint of another dtype is cast tensor by tensor at load.
-The default tile of exact numerics follows the dtype: 16 rows in bfloat16 (one AMX tile; a
-16-row bf16 product costs about what a 2-row one does), 2 otherwise.
+The default tile of exact numerics follows the dtype: 16 rows in bfloat16 on the CPU (one AMX
+tile; a 16-row bf16 product costs about what a 2-row one does), 2 otherwise.
 """
 
 from __future__ import annotations
