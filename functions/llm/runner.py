@@ -133,7 +133,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype  # the compute dtype: the service casts the weights to it
         if tile_rows is None:
-            tile_rows = numerics.default_tile_rows(self.dtype)
+            tile_rows = numerics.default_tile_rows(self.dtype, self.device.type)
         if tile_rows < 1:
             raise ValueError(f"tile_rows = {tile_rows}, must be at least 1")
         if forward not in FORWARDS:

@@ -196,6 +196,14 @@ def test_row_multiple(dims, itemsize, multiple):
     assert numerics.row_multiple(dims, itemsize) == multiple
 
 
+@pytest.mark.parametrize("dtype,device,rows", [
+    (torch.bfloat16, "cpu", 16), (torch.float32, "cpu", 2), (torch.float16, "cpu", 2),
+    (torch.bfloat16, "cuda", 2),  # the GPU path keeps its tile
+])
+def test_default_tile_rows(dtype, device, rows):
+    assert numerics.default_tile_rows(dtype, device) == rows
+
+
 def test_tiled_linear_is_a_linear():
     torch.manual_seed(0)
     lin = torch.nn.Linear(24, 40)
