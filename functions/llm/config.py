@@ -23,6 +23,7 @@ Knative sets `PORT`; everything else has an `SLLM_*` variable and a flag (flags 
 | --forward             | SLLM_FORWARD                                  | auto (lean Llama-family path) |
 | --step-tokens         | SLLM_STEP_TOKENS                              | 256                      |
 | --max-body-bytes      | SLLM_MAX_BODY_BYTES                           | 4194304                  |
+| --stall-timeout       | SLLM_STALL_TIMEOUT                            | 60 (seconds)             |
 | --[no-]warmup         | SLLM_WARMUP=1/0/auto                          | on on cuda, off on cpu   |
 | (log fields)          | SLLM_SERVICE, SLLM_INSTANCE or HOSTNAME, SLLM_NODE or NODE_NAME | none       |
 
@@ -87,6 +88,9 @@ class ServeConfig:
     forward: str = "auto"
     step_tokens: int = 256
     max_body_bytes: int = 4 << 20
+    # Seconds a stream's client may leave a write unread (its socket full) before the stream is
+    # ended and its concurrency slot given back: a client that stops reading holds nothing forever.
+    stall_timeout_s: int = 60
     warmup: bool = False
     instance: str | None = None
     node: str | None = None
@@ -127,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--forward", choices=["auto", "transformers"])
     p.add_argument("--step-tokens", type=int)
     p.add_argument("--max-body-bytes", type=int)
+    p.add_argument("--stall-timeout", type=int, metavar="SECONDS",
+                   help="end a stream whose client has not read for this long (default 60)")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--log-level")
     return p
@@ -213,6 +219,7 @@ def parse(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = Non
         forward=pick(args.forward, "SLLM_FORWARD") or "auto",
         step_tokens=num(args.step_tokens, "SLLM_STEP_TOKENS", 256),
         max_body_bytes=num(args.max_body_bytes, "SLLM_MAX_BODY_BYTES", 4 << 20),
+        stall_timeout_s=num(args.stall_timeout, "SLLM_STALL_TIMEOUT", 60),
         warmup=device.startswith("cuda") if warmup is None else warmup,
         instance=env.get("SLLM_INSTANCE") or env.get("HOSTNAME") or None,
         node=env.get("SLLM_NODE") or env.get("NODE_NAME") or None,
@@ -280,6 +287,7 @@ def validate(cfg: ServeConfig) -> None:
         at_least("threads", cfg.threads, 1)
     at_least("step-tokens", cfg.step_tokens, 1)
     at_least("max-body-bytes", cfg.max_body_bytes, 1024)
+    at_least("stall-timeout", cfg.stall_timeout_s, 1)
     if cfg.numerics not in ("exact", "fast"):
         problems.append(f"numerics = {cfg.numerics!r}, must be 'exact' or 'fast'")
     if cfg.forward not in ("auto", "transformers"):

@@ -105,7 +105,15 @@ async def respond(request: Request, *, engine: Any, seqs: list[Any], queue: Outp
         permit.release()
 
     if stream:
-        return EventStream(_frames(queue, fmts, role_chunk), close, headers={"x-request-id": fmts[0].id})
+        service = request.app.state.service
+
+        def stalled() -> None:
+            service.metrics.stalled_streams.inc()
+            service.log.warning("client stopped reading: stream ended", id=fmts[0].id,
+                                stall_timeout_s=service.cfg.stall_timeout_s)
+
+        return EventStream(_frames(queue, fmts, role_chunk), close, headers={"x-request-id": fmts[0].id},
+                           stall_timeout=service.cfg.stall_timeout_s, on_stall=stalled)
     if prior_logprobs:
         fmts[0].add_logprobs(list(prior_logprobs))
     return await _whole(request, queue, fmts, want_logprobs, close)

@@ -39,6 +39,9 @@ class FunctionMetrics:
                                 ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("sllm_function_prompt_tokens_total", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("sllm_function_generation_tokens_total", "Tokens generated", registry=r)
+        self.stalled_streams = Counter("sllm_function_stalled_streams_total",
+                                       "Streams ended because their client stopped reading (--stall-timeout)",
+                                       registry=r)
         self.step_seconds = Histogram("sllm_function_step_seconds", "Duration of one packed forward step",
                                       buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5), registry=r)
         self.step_rows = Histogram("sllm_function_step_rows", "Rows per step",

@@ -1,9 +1,10 @@
 """HTTP plumbing shared by the public and internal apps: bodies, JSON, server-sent events.
 
 `EventStream` is an ASGI response that sends SSE frames from an async iterator, stops as soon
-as the client disconnects, and always runs its `on_close` callback (which cancels the
-generation and returns the concurrency slot), whether the stream ended, failed, or the
-client went away before the first byte.
+as the client disconnects or leaves a write unread for `stall_timeout` seconds (its socket
+full: the server's write waits for it to drain), and always runs its `on_close` callback (which
+cancels the generation and returns the concurrency slot), whether the stream ended, failed,
+stalled, or the client went away before the first byte.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ T = TypeVar("T")
 
 class ClientGone(Exception):
     """The client closed the connection before its response was ready."""
+
+
+class ClientStalled(Exception):
+    """The client stopped reading: a write waited longer than the stream's bound."""
 
 
 def dumps(obj: Any) -> bytes:
@@ -96,8 +101,11 @@ class EventStream:
     """ASGI response: `text/event-stream` frames from an async iterator (chunked, no length)."""
 
     def __init__(self, frames: AsyncIterator[bytes], on_close: Callable[[], None],
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, stall_timeout: float | None = None,
+                 on_stall: Callable[[], None] | None = None) -> None:
         self.status_code = 200
+        self.stall_timeout = stall_timeout
+        self._on_stall = on_stall
         self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                             (b"x-accel-buffering", b"no")]
         self.raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
@@ -107,8 +115,15 @@ class EventStream:
     async def _send_all(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         async for frame in self._frames:
-            await send({"type": "http.response.body", "body": frame, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await self._send_body(send, frame, True)
+        await self._send_body(send, b"", False)  # the last write waits for the client like any other
+
+    async def _send_body(self, send: Send, body: bytes, more: bool) -> None:
+        try:
+            await asyncio.wait_for(send({"type": "http.response.body", "body": body, "more_body": more}),
+                                   self.stall_timeout)
+        except asyncio.TimeoutError:
+            raise ClientStalled() from None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -122,7 +137,10 @@ class EventStream:
                         await t
             if sender in done and sender.exception() is not None:
                 exc = sender.exception()
-                if not isinstance(exc, OSError):  # a write to a closed connection is a disconnect
+                if isinstance(exc, ClientStalled):  # ended here: the server closes the connection
+                    if self._on_stall is not None:
+                        self._on_stall()
+                elif not isinstance(exc, OSError):  # a write to a closed connection is a disconnect
                     raise exc  # type: ignore[misc]
         finally:
             self._on_close()
