@@ -8,9 +8,10 @@ come from protocol's constants, and the per-instance ones from the served model:
 only `model` accepted), its context length (no `max_tokens` reaches it: the prompt has at least
 one token) and its vocabulary (token-id prompts).
 
-Rules that JSON Schema does not express here are in the descriptions and answered with a 400:
-the prompt plus `max_tokens` must fit the context, `stream_options` needs `stream: true`,
-`top_logprobs` needs `logprobs: true`, and the model must have a chat template for chat.
+Two rules between parameters are `if`/`then` clauses (`stream_options` needs `stream: true`,
+chat's `top_logprobs` needs `logprobs: true`); those JSON Schema cannot express are in the
+descriptions and answered with a 400: the prompt plus `max_tokens` must fit the context, and the
+model must have a chat template for chat.
 """
 
 from __future__ import annotations
@@ -103,6 +104,12 @@ def _common(model: str, max_tokens: int | None) -> dict[str, Any]:
     }
 
 
+def _needs_true(name: str, flag: str) -> dict[str, Any]:
+    """`name` (when not null) needs `flag: true`."""
+    return {"if": {"required": [name], "properties": {name: {"not": {"type": "null"}}}},
+            "then": {"required": [flag], "properties": {flag: {"const": True}}}}
+
+
 def _token_ids(vocab_size: int | None) -> dict[str, Any]:
     item: dict[str, Any] = {"type": "integer", "minimum": 0}
     if vocab_size:
@@ -121,7 +128,8 @@ def completion_request(model: str, max_tokens: int | None = None, vocab_size: in
         "best_of": _nullable({"type": "integer", "minimum": 1, "maximum": 1, "description": "only 1"}),
         "suffix": _nullable({"type": "string", "maxLength": 0, "description": "only the empty string"}),
     }
-    return {"type": "object", "required": ["model", "prompt"], "additionalProperties": False, "properties": props}
+    return {"type": "object", "required": ["model", "prompt"], "additionalProperties": False, "properties": props,
+            "allOf": [_needs_true("stream_options", "stream")]}
 
 
 def _message() -> dict[str, Any]:
@@ -156,7 +164,8 @@ def chat_request(model: str, max_tokens: int | None = None) -> dict[str, Any]:
         "store": _ignored("nothing is stored"),
         "service_tier": _ignored("there is one tier"),
     }
-    return {"type": "object", "required": ["model", "messages"], "additionalProperties": False, "properties": props}
+    return {"type": "object", "required": ["model", "messages"], "additionalProperties": False, "properties": props,
+            "allOf": [_needs_true("stream_options", "stream"), _needs_true("top_logprobs", "logprobs")]}
 
 
 _USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
@@ -202,6 +211,43 @@ def _chat_response() -> dict[str, Any]:
     return _base_response("chat.completion", choice)
 
 
+def _chunk(obj: str, choice: dict[str, Any]) -> dict[str, Any]:
+    """One streamed chunk: choices with the new text, or (the last, with include_usage) none and the usage."""
+    return {"type": "object", "required": ["id", "object", "created", "model", "choices"],
+            "properties": {"id": {"type": "string"}, "object": {"const": obj}, "created": {"type": "integer"},
+                           "model": {"type": "string"}, "choices": {"type": "array", "items": choice},
+                           "usage": {"anyOf": [_USAGE, {"type": "null"}]}}}
+
+
+def _stream_event(kind: str) -> dict[str, Any]:
+    """One server-sent event of a streamed generation (as Open API 3.1 describes a stream: per event)."""
+    if kind == "chat":
+        delta = {"type": "object", "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}}
+        choice = {"type": "object", "required": ["index", "delta", "finish_reason"],
+                  "properties": {"index": {"type": "integer", "minimum": 0}, "delta": delta, "finish_reason": _FINISH}}
+        chunk = _chunk("chat.completion.chunk", choice)
+    else:
+        choice = {"type": "object", "required": ["text", "index", "finish_reason"],
+                  "properties": {"text": {"type": "string"}, "index": {"type": "integer", "minimum": 0},
+                                 "finish_reason": _FINISH}}
+        chunk = _chunk("text_completion", choice)
+    detached = {"type": "object", "required": ["id", "position", "state"],
+                "properties": {"id": {"type": "string"}, "position": {"type": "integer"}, "state": {"type": "object"}}}
+    return {
+        "type": "object", "required": ["data"],
+        "properties": {
+            "event": {"type": "string", "description": "absent, or sllm.detached: the generation was detached for "
+                                                       "migration, its state follows (the activator resumes it)"},
+            "data": {"anyOf": [
+                {"const": "[DONE]", "description": "the end of every stream"},
+                {"type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": [
+                    chunk, {"$ref": "#/components/schemas/Error"}, detached]},
+                 "description": "a chunk; an error object if the generation failed after the first chunk"},
+            ]},
+        },
+    }
+
+
 def _model_card() -> dict[str, Any]:
     return {"type": "object", "required": ["id", "object", "created", "owned_by"],
             "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
@@ -217,7 +263,7 @@ def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _generation(summary: str, request: str, response: str) -> dict[str, Any]:
+def _generation(summary: str, request: str, response: str, event: str) -> dict[str, Any]:
     return {
         "summary": summary,
         "parameters": [{
@@ -232,7 +278,7 @@ def _generation(summary: str, request: str, response: str) -> dict[str, Any]:
             "200": {"description": "the whole response, or with `stream: true` server-sent events: chunks, "
                                    "then `data: [DONE]` (a failure after the first chunk is an error event)",
                     "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{response}"}},
-                                "text/event-stream": {"schema": {"type": "string"}}}},
+                                "text/event-stream": {"schema": {"$ref": f"#/components/schemas/{event}"}}}},
             "400": _error("invalid body or parameter (`param` names it), or prompt over the context length"),
             "404": _error("unknown model"),
             "409": _error("the generation was detached for migration (the activator resumes it elsewhere)"),
@@ -254,9 +300,9 @@ def document(model: str, max_model_len: int | None = None, vocab_size: int | Non
                                 "{\"error\": {\"message\", \"type\", \"param\", \"code\"}}."},
         "paths": {
             "/v1/completions": {"post": _generation("Create a completion", "CompletionRequest",
-                                                    "CompletionResponse")},
+                                                    "CompletionResponse", "CompletionEvent")},
             "/v1/chat/completions": {"post": _generation("Create a chat completion", "ChatRequest",
-                                                         "ChatResponse")},
+                                                         "ChatResponse", "ChatEvent")},
             "/v1/models": {"get": {"summary": "List the served model", "responses": {"200": _json(
                 "the served model", {"type": "object", "required": ["object", "data"],
                                      "properties": {"object": {"const": "list"},
@@ -287,6 +333,8 @@ def document(model: str, max_model_len: int | None = None, vocab_size: int | Non
             "ChatRequest": chat_request(model, max_tokens),
             "CompletionResponse": _completion_response(),
             "ChatResponse": _chat_response(),
+            "CompletionEvent": _stream_event("completion"),
+            "ChatEvent": _stream_event("chat"),
             "Model": _model_card(),
             "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
             "Report": {"type": "object", "required": ["status", "model"],

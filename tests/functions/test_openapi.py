@@ -14,6 +14,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+import schemathesis  # a dev dependency (pyproject.toml)
 from starlette.testclient import TestClient
 
 from functions.llm import app as public_app
@@ -55,8 +56,6 @@ MESSAGE_PROBES: list[Any] = [
     {"role": "user", "content": ["a"]}, {"role": None, "content": "x"}, {"role": "system", "content": 5},
 ]
 
-# The rules the document states in words only (cross-field: stream_options needs stream: true,
-# top_logprobs needs logprobs: true) are met by `_context` here and tested in `test_cross_field_rules`.
 
 
 HOST = ModelHost(ServeConfig(model_dir=Path("."), model_name=MODEL), time.time(), get_logger("test"))
@@ -83,7 +82,8 @@ def _valid(kind: str, body: dict[str, Any]) -> bool:
 
 
 def _context(name: str, value: Any, kind: str) -> dict[str, Any]:
-    """Parameters another one needs to be valid on its own (the cross-field rules)."""
+    """The parameter another one needs (the rules between parameters, `test_cross_field_rules`),
+    so that the probe tests the value itself."""
     if name == "stream_options":
         return {"stream": True}
     if name == "top_logprobs" and kind == "chat":
@@ -127,20 +127,30 @@ def test_messages_agree_with_protocol():
 
 
 def test_cross_field_rules():
-    """The rules in words: the schema alone accepts these, the server refuses them with the param."""
-    cases = [
+    """The rules between parameters (if/then in the document): both refuse, the server naming the param."""
+    refused = [
         ("completion", {"stream_options": {"include_usage": True}}, "stream_options"),
+        ("completion", {"stream": None, "stream_options": {}}, "stream_options"),
         ("chat", {"stream": False, "stream_options": {}}, "stream_options"),
         ("chat", {"top_logprobs": 2}, "top_logprobs"),
-        ("chat", {"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
+        ("chat", {"logprobs": False, "top_logprobs": 0}, "top_logprobs"),
     ]
-    for kind, extra, param in cases:
+    for kind, extra, param in refused:
         body = {**BASES[kind], **extra}
-        assert _valid(kind, body)
+        assert not _valid(kind, body), body
         with pytest.raises(ApiError) as err:
             (protocol.parse_chat if kind == "chat" else protocol.parse_completion)(body, MODEL)
         assert err.value.status == 400 and err.value.param == param
         assert "(else 400)" in SCHEMAS[REQUEST[kind]]["properties"][param]["description"]
+    taken = [
+        ("completion", {"stream": True, "stream_options": {"include_usage": True}}),
+        ("completion", {"stream": False, "stream_options": None}),
+        ("chat", {"stream_options": None, "top_logprobs": None}),
+        ("chat", {"logprobs": True, "top_logprobs": 3}),
+    ]
+    for kind, extra in taken:
+        body = {**BASES[kind], **extra}
+        assert _valid(kind, body) and _accepted(kind, body), body
 
 
 def test_model_is_the_served_one():
@@ -178,7 +188,6 @@ def test_error_schema_is_the_servers():
 
 
 def test_schemathesis_loads_every_operation():
-    schemathesis = pytest.importorskip("schemathesis")  # a dev dependency (pyproject.toml)
     schema = schemathesis.openapi.from_dict(DOC)
     ops = [result.ok() for result in schema.get_all_operations()]
     assert {f"{op.method.upper()} {op.path}" for op in ops} == {
