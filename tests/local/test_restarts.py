@@ -153,3 +153,30 @@ def test_a_killed_autoscaler_is_restarted_adopts_its_instances_and_serves_held_r
     zygote, _ = component(state, "zygote node-1")  # instances are the zygote's children
     children = Path(f"/proc/{zygote}/task/{zygote}/children").read_text().split()
     assert len(children) == len(records), (children, records)
+
+
+def test_a_killed_instance_ends_its_stream_with_an_error_event_and_is_replaced(cluster) -> None:
+    """Not migrated (its state dies with it): the client's stream ends with an OpenAI error event,
+    never a hang or a silent truncation, and the service gets a new instance."""
+    state, doc = cluster
+    invoke(doc["activator"], "tiny", "default", "Hello", 4, seed=1)
+    [inst] = services(doc)["default/tiny"]["instances"]
+    outcome: dict = {}
+
+    def reader() -> None:
+        try:
+            outcome["result"] = invoke(doc["activator"], "tiny", "default", "A long story", 400, seed=2,
+                                       on_text=lambda _: outcome.setdefault("started", time.monotonic()))
+        except RuntimeError as exc:
+            outcome["error"] = str(exc)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    wait_for(lambda: "started" in outcome, 60, "the stream's first token")
+    os.kill(inst["pid"], signal.SIGKILL)
+    t.join(60)
+    assert not t.is_alive(), "the client hangs"
+    assert "result" not in outcome and "stream_cut" in outcome.get("error", ""), outcome
+    wait_for(lambda: [i["id"] for i in services(doc)["default/tiny"]["instances"]] not in ([inst["id"]], []), 60,
+             "a new instance of the service")
+    assert invoke(doc["activator"], "tiny", "default", "Hello", 4, seed=1)["text"]
