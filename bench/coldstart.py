@@ -483,7 +483,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "device": "cpu", "shared_machine": "2 cores shared with other agents' builds and tests",
         },
         "meta": {
-            "model": {"bytes": index.total_bytes, "spec": "spec_for_size(512 MiB, vocab_size=8192), float16",
+            "model": {"bytes": index.total_bytes, "spec": "spec_for_size(512 MiB, vocab_size=8192), bfloat16",
                       "store_uri": "http://127.0.0.1:PORT/slow/llm"},
             "request": {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "stream": True, "temperature": 0},
             "numerics": args.numerics or "default (exact on cpu)",
