@@ -12,6 +12,9 @@ be the one the message type gives: a 400 naming the first bad field (`{"error", 
 message starting with the field) exactly when the body does not validate, otherwise a 2xx or the
 API's documented refusal of a valid body (404 unknown service, 409 nowhere to migrate); never a
 500. Both servers must answer normally afterwards.
+
+SLLM_FUZZ_EXAMPLES (default 250) sets the bodies per message type; SLLM_FUZZ_RANDOM=1 draws new ones
+instead of the fixed (derandomized) ones.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -42,8 +46,9 @@ from testkit.proc import Proc
 from tests.autoscaler.cluster import Cluster, node, service
 from tests.json_mutation import json_values, mutated
 
-EXAMPLES = 250  # per message type
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+EXAMPLES = int(os.environ.get("SLLM_FUZZ_EXAMPLES", "250"))  # per message type
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
+                    derandomize=os.environ.get("SLLM_FUZZ_RANDOM") != "1",  # 1: new cases each run
                     suppress_health_check=list(HealthCheck))
 
 # The valid bodies mutated. A migration's service is known and has no instance (so a valid request is
