@@ -4,7 +4,8 @@
   ServiceUpdate (PUT services), MigrateRequest, WithholdRequest, DrainRequest;
 - the autoscaler's API (autoscaler/server.py) as served by uvicorn in this process over the
   in-memory backend (tests/autoscaler/cluster.py, as test_server_bodies.py does; a real
-  autoscaler process needs nodes and loaders): Demand and StatsReport.
+  autoscaler process needs nodes and loaders): Demand and StatsReport, and the CLI's untyped
+  /v1/apply (YAML documents: a Service and its ScalingPolicy mutated; 200 or 400, never 500).
 
 Bodies are valid messages with one to three values replaced by arbitrary JSON or removed
 (tests/json_mutation.py), arbitrary JSON documents, and bytes that are not JSON. The answer must
@@ -32,6 +33,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -211,5 +213,27 @@ def test_autoscaler_api_fuzzed(autoscaler, path):
         one()
         assert statuses.get(400, 0) >= EXAMPLES // 4 and statuses.get(204, 0) >= 1, statuses
         assert client.post(autoscaler + path, json=make()).status_code == 204
+        assert client.get(f"{autoscaler}/livez").status_code == 200
+        assert client.get(f"{autoscaler}/v1/services").status_code == 200
+
+
+def test_autoscaler_apply_fuzzed(autoscaler):
+    """POST /v1/apply (the CLI's, YAML): a Service and its ScalingPolicy with values replaced or removed
+    are applied (200) or refused with the reason (400), never a 500."""
+    docs = list(yaml.safe_load_all(service("fz", initial_scale=None)))
+    statuses: dict[int, int] = {}
+    with httpx.Client(timeout=10) as client:
+        @SETTINGS
+        @given(raw=st.one_of(mutated(lambda: copy.deepcopy(docs)).map(lambda d: yaml.safe_dump_all(d).encode()),
+                             st.binary(max_size=64)))
+        def one(raw: bytes) -> None:
+            r = client.post(f"{autoscaler}/v1/apply", content=raw, headers={"content-type": "application/yaml"})
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            assert r.status_code in (200, 400), f"{r.status_code} {r.text[:500]} for {raw[:600]!r}"
+            if r.status_code == 400:
+                assert r.json()["error"], r.text
+
+        one()
+        assert statuses.get(400, 0) >= EXAMPLES // 4 and statuses.get(200, 0) >= 1, statuses
         assert client.get(f"{autoscaler}/livez").status_code == 200
         assert client.get(f"{autoscaler}/v1/services").status_code == 200
