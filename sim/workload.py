@@ -51,7 +51,7 @@ SIZE_WEIGHTS = (0.0, 0.25, 0.25, 0.25, 0.1, 0.1, 0.05)
 WEIGHT_SHARE = 0.6
 BYTES_PER_PARAM = 2  # bf16
 
-DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "AzureLLMInferenceTrace_conv.csv"
+DEFAULT_TRACE = Path(__file__).resolve().parent / "data" / "AzureLLMInferenceTrace_conv.csv"  # vendored (PROVENANCE.md)
 
 
 @dataclass(frozen=True)

@@ -112,3 +112,17 @@ def test_a_sweep_writes_json_and_a_plot(tmp_path: Path) -> None:
         assert r["gpu_hours"] > 0 and sum(r["cold_starts"].values()) >= 1
         assert {"migrations", "migrated_tokens", "sim_s_per_wall_s", "events_per_s"} <= set(r)
     assert (out / "ttft_vs_load.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_vendored_trace_is_the_published_one() -> None:
+    """sim/data holds the Azure conversation trace unchanged: the sha256 its provenance names."""
+    import hashlib
+    import re
+
+    from sim.workload import DEFAULT_TRACE
+
+    provenance = (DEFAULT_TRACE.parent / "PROVENANCE.md").read_text()
+    want = re.search(r"sha256 ([0-9a-f]{64})", provenance)
+    assert want, provenance
+    assert hashlib.sha256(DEFAULT_TRACE.read_bytes()).hexdigest() == want.group(1)
+    assert (DEFAULT_TRACE.parent / "LICENSE").is_file()
