@@ -165,8 +165,9 @@ def test_bare_names_resolve_to_valid_uris(name: str, root_uri: str) -> None:
     try:
         ref = resolve(name, [root])
     except BadRequest as exc:
-        # The message names the reference it refuses; one with "://" is a URI, the library's message.
-        assert (quote(name) if "://" in name else repr(name)) in str(exc)
+        # The message names the reference it refuses, quoted and cut as the URI grammar quotes
+        # (a name of any length would otherwise make a gRPC status too large to send).
+        assert quote(name) in str(exc)
         return
     assert "://" not in name
     parsed = parse_model_uri(ref.uri)
