@@ -43,7 +43,7 @@ demo: install
 # Tests marked `alone` saturate both cores for minutes (the overload burst): they run after the
 # parallel suite, on a quiet machine, so neither disturbs the other's timing.
 test: install kube-bins
-	$(VPY) -m pytest -q -n 2 -m 'not alone' tests
+	$(VPY) -m pytest -q -n 2 -m 'not alone' --durations=25 tests
 	$(VPY) -m pytest -q -m alone tests
 
 # The real control plane for tests/kube: kube-apiserver, kube-controller-manager,

@@ -68,7 +68,11 @@ def _several_detached() -> ApiError:
     return ApiError("a choice of a request with n > 1 was detached; such a request cannot migrate")
 
 
-async def _frames(queue: OutputQueue, fmts: list[Formatter], role_chunk: bool) -> AsyncIterator[bytes]:
+async def _frames(queue: OutputQueue, fmts: list[Formatter], role_chunk: bool,
+                  ended: Callable[[], None]) -> AsyncIterator[bytes]:
+    """The stream's frames; `ended` runs once the generation is over, before its last frames go
+    out (the concurrency slot is free by the time the client sees the end: a client that sends
+    its next request at once must not find it still taken)."""
     if role_chunk:
         for fmt in fmts:
             yield sse(fmt.role_chunk())
@@ -77,13 +81,17 @@ async def _frames(queue: OutputQueue, fmts: list[Formatter], role_chunk: bool) -
         if out.detached is not None and len(fmts) > 1:
             out = dataclasses.replace(out, detached=None, error=_several_detached())
         if out.error is not None:
+            ended()
             yield sse(out.error.body())
             yield DONE
             return
         if out.detached is not None:
+            ended()
             yield sse({"id": out.detached.id, "position": out.detached.position, "state": out.detached.to_json()},
                       event=DETACHED_EVENT)
             return
+        if queue.finished:
+            ended()
         for chunk in fmts[index].chunks(out):
             yield sse(chunk)
         if queue.finished:
@@ -112,8 +120,9 @@ async def respond(request: Request, *, engine: Any, seqs: list[Any], queue: Outp
             service.log.warning("client stopped reading: stream ended", id=fmts[0].id,
                                 stall_timeout_s=service.cfg.stall_timeout_s)
 
-        return EventStream(_frames(queue, fmts, role_chunk), close, headers={"x-request-id": fmts[0].id},
-                           stall_timeout=service.cfg.stall_timeout_s, on_stall=stalled)
+        return EventStream(_frames(queue, fmts, role_chunk, permit.release), close,
+                           headers={"x-request-id": fmts[0].id}, stall_timeout=service.cfg.stall_timeout_s,
+                           on_stall=stalled)
     if prior_logprobs:
         fmts[0].add_logprobs(list(prior_logprobs))
     return await _whole(request, queue, fmts, want_logprobs, close)

@@ -120,9 +120,9 @@ class EventStream:
 
     async def _send_body(self, send: Send, body: bytes, more: bool) -> None:
         try:
-            await asyncio.wait_for(send({"type": "http.response.body", "body": body, "more_body": more}),
-                                   self.stall_timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.stall_timeout):  # in this task: no task per frame
+                await send({"type": "http.response.body", "body": body, "more_body": more})
+        except TimeoutError:
             raise ClientStalled() from None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

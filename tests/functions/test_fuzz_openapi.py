@@ -14,7 +14,7 @@ max_tokens generates the rest of it), and this test's copy of the document narro
 NARROW_MAX_TOKENS, n to NARROW_N and chats to NARROW_MESSAGES short messages (negative cases still
 send larger ones).
 
-SLLM_FUZZ_CASES (default 2000) and SLLM_FUZZ_ACTIVATOR_CASES (default 1000) set the counts;
+SLLM_FUZZ_CASES (default 2000) and SLLM_FUZZ_ACTIVATOR_CASES (default 500) set the counts;
 SLLM_FUZZ_RANDOM=1 draws new cases instead of the fixed (derandomized) ones.
 """
 
@@ -46,7 +46,7 @@ from testkit.proc import Proc
 from tests.functions.conftest import Server
 
 FUZZ_CASES = int(os.environ.get("SLLM_FUZZ_CASES", "2000"))
-ACTIVATOR_CASES = int(os.environ.get("SLLM_FUZZ_ACTIVATOR_CASES", "1000"))
+ACTIVATOR_CASES = int(os.environ.get("SLLM_FUZZ_ACTIVATOR_CASES", "500"))
 DERANDOMIZE = os.environ.get("SLLM_FUZZ_RANDOM") != "1"
 REQUEST_TIMEOUT = 20.0
 MAX_MODEL_LEN = 40

@@ -15,8 +15,8 @@ import pytest
 from tests.migration.conftest import Activator, Function
 from tests.realmodel.conftest import NAME, STORY, serve
 
-MAX_TOKENS = 160
-MIGRATE_AFTER = 24  # tokens the client has received before the scale-down
+MAX_TOKENS = 96
+MIGRATE_AFTER = 16  # tokens the client has received before the scale-down
 
 
 @pytest.fixture(scope="module")
