@@ -116,6 +116,36 @@ def web(store: Path) -> Iterator[Nginx]:
         yield nginx
 
 
+def scale_down_migrates(stack: Any, client: openai.OpenAI, failure: Any, seeds: tuple[int, ...] = (7, 8)) -> None:
+    """A scale-down with a seeded stream on each of two pods (`minScale` 2, then 0): one pod's
+    generation migrates to the other through the activator `client` talks to, then its pod goes.
+    Each client sees exactly the text of an unmigrated run of its seed."""
+    stack.patch_policy("chat-keepalive", {"minScale": 2})
+    until(lambda: len(stack.ready_pods(REV)) == 2, 120, "two ready pods")
+    until(lambda: len(stack.rotation(REV)) == 2, 30, "both pods in the rotation")
+    migrated_before = stack.migrated()
+    got: dict[int, str] = {}
+    started = {seed: threading.Event() for seed in seeds}
+    threads = [threading.Thread(target=lambda s=seed: got.__setitem__(s, stream_completion(client, s, started[s])))
+               for seed in seeds]
+    for t in threads:
+        t.start()
+    for seed in seeds:
+        assert started[seed].wait(60), f"stream {seed} did not start"
+    assert sorted(stack.rotation(REV).values()) == [1, 1]  # one stream per pod
+    # The decision must see the streams (the activator reports once a second): with an idle
+    # history and a 3 s keep-alive, a decision on older numbers would release both pods.
+    until(lambda: stack.in_flight(REV) == 2, 10, "the autoscaler to see both streams")
+    stack.patch_policy("chat-keepalive", {"minScale": 0})
+    for t in threads:
+        t.join(120)
+    assert stack.migrated() == migrated_before + 1, failure("no migration through the activator")
+    until(lambda: len(stack.pods(REV)) == 1, 60, "the victim's pod gone")
+    with ThreadPoolExecutor(len(seeds)) as pool:  # the same seeds on the one pod left, unmigrated
+        want = dict(zip(seeds, pool.map(lambda s: stream_completion(client, s), seeds), strict=True))
+    assert got == want, failure("a migrated stream's text differs from the unmigrated run")
+
+
 def stream_completion(client: openai.OpenAI, seed: int, started: threading.Event | None = None,
                       max_tokens: int = LONG_TOKENS) -> str:
     """A long seeded (sampled) completion, streamed; `started` is set after its first chunks."""
@@ -257,31 +287,7 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
         # then minScale back to 0. One pod is the victim: withheld from the activator's rotation,
         # its generation migrated to the other pod, then its pod deleted. Each client sees exactly
         # the text of an unmigrated run of its seed.
-        seeds = (7, 8)
-        stack.patch_policy("chat-keepalive", {"minScale": 2})
-        until(lambda: len(stack.ready_pods(REV)) == 2, 120, "two ready pods")
-        until(lambda: len(stack.rotation(REV)) == 2, 30, "both pods in the rotation")
-        migrated_before = stack.migrated()
-        got: dict[int, str] = {}
-        started = {seed: threading.Event() for seed in seeds}
-        threads = [threading.Thread(target=lambda s=seed: got.__setitem__(s, stream_completion(client, s, started[s])))
-                   for seed in seeds]
-        for t in threads:
-            t.start()
-        for seed in seeds:
-            assert started[seed].wait(60), f"stream {seed} did not start"
-        assert sorted(stack.rotation(REV).values()) == [1, 1]  # one stream per pod
-        # The decision must see the streams (the activator reports once a second): with an idle
-        # history and a 3 s keep-alive, a decision on older numbers would release both pods.
-        until(lambda: stack.in_flight(REV) == 2, 10, "the autoscaler to see both streams")
-        stack.patch_policy("chat-keepalive", {"minScale": 0})
-        for t in threads:
-            t.join(120)
-        assert stack.migrated() == migrated_before + 1, failure("no migration through the activator")
-        until(lambda: len(stack.pods(REV)) == 1, 60, "the victim's pod gone")
-        with ThreadPoolExecutor(len(seeds)) as pool:  # the same seeds on the one pod left, unmigrated
-            want = dict(zip(seeds, pool.map(lambda s: stream_completion(client, s), seeds), strict=True))
-        assert got == want, failure("a migrated stream's text differs from the unmigrated run")
+        scale_down_migrates(stack, client, failure)
         scaled = [e for e in k.core.list_namespaced_event(namespace).items if e.reason == "Placed"]
         assert scaled, "the placements were recorded as Events"
 

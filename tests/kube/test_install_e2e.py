@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import base64
 import re
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +51,15 @@ from testkit.servers import Nginx
 from tests.kube.audit import audit_offset, called
 from tests.kube.conftest import until
 from tests.kube.test_activator_knative import _echo, _revision, _served
-from tests.kube.test_e2e import CONTEXT, agent, store, stream_chat, stream_completion, web  # noqa: F401  (fixtures)
+from tests.kube.test_e2e import (  # noqa: F401  (fixtures)
+    CONTEXT,
+    agent,
+    scale_down_migrates,
+    store,
+    stream_chat,
+    stream_completion,
+    web,
+)
 
 REV = "chat-00001"
 KPA_REV = "echo-00001"
@@ -184,29 +190,7 @@ def test_the_install_applied_with_kubectl_serves_cold_starts_placed_by_load_time
         # install's token, to withhold the victim and migrate its generation; the first moves it
         # to the other pod. Each client sees exactly the text of an unmigrated run of its seed.
         openai_client = stack.client(REV, activator=first)
-        seeds = (7, 8)
-        stack.patch_policy("chat-keepalive", {"minScale": 2})
-        until(lambda: len(stack.ready_pods(REV)) == 2, 120, "two ready pods")
-        until(lambda: len(stack.rotation(REV)) == 2, 30, "both pods in the first activator's rotation")
-        migrated_before = stack.migrated()
-        got: dict[int, str] = {}
-        started = {seed: threading.Event() for seed in seeds}
-        threads = [threading.Thread(target=lambda s=seed: got.__setitem__(s, stream_completion(openai_client, s, started[s])))
-                   for seed in seeds]
-        for t in threads:
-            t.start()
-        for seed in seeds:
-            assert started[seed].wait(60), f"stream {seed} did not start"
-        assert sorted(stack.rotation(REV).values()) == [1, 1]  # one stream per pod
-        until(lambda: stack.in_flight(REV) == 2, 10, "the autoscaler to see both streams")
-        stack.patch_policy("chat-keepalive", {"minScale": 0})
-        for t in threads:
-            t.join(120)
-        assert stack.migrated() == migrated_before + 1, failure("no migration through the activator")
-        until(lambda: len(stack.pods(REV)) == 1, 60, "the victim's pod gone")
-        with ThreadPoolExecutor(len(seeds)) as pool:  # the same seeds on the one pod left, unmigrated
-            want = dict(zip(seeds, pool.map(lambda s: stream_completion(openai_client, s), seeds), strict=True))
-        assert got == want, failure("a migrated stream's text differs from the unmigrated run")
+        scale_down_migrates(stack, openai_client, failure)
 
         # 5. The KPA revision, which our autoscaler leaves alone, through each activator pod.
         for url in (first, second):
