@@ -31,6 +31,7 @@ release-1.23 activator Deployment (its container a stand-in: Knative's image can
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import copy
@@ -166,7 +167,7 @@ def for_test_cluster(docs: list[dict[str, Any]], *, selector: dict[str, str], po
     return docs
 
 
-class TcpProxy:
+class TcpProxy(abc.ABC):
     """A userspace TCP proxy on `host` (the pod network's host address, reachable from every pod):
     each connection goes to one of `endpoints()`, round robin. `url` is `http://host:port`."""
 
@@ -206,8 +207,9 @@ class TcpProxy:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
 
+    @abc.abstractmethod
     def endpoints(self) -> list[tuple[str, int]]:
-        raise NotImplementedError
+        """Where a new connection may go (the proxy picks them round robin); [] refuses it."""
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
