@@ -40,6 +40,7 @@ async def serve(cluster: dict, port: int, state: Path | None = None) -> None:
         records.mkdir(parents=True, exist_ok=True)
     backend = LocalBackend(nodes, cluster.get("device", "cpu"), drain_url=admin, records=records)
     scaler = Autoscaler(backend, ActivatorClient(admin) if admin else None)
+    scaler.scaler.placer = cluster.get("placement", "load-time")  # `up --placement`
     journal = Journal(state / "applied.json") if state is not None else None
     logger = log.get_logger("autoscaler")
     if journal is not None and journal.entries:

@@ -17,6 +17,7 @@ import asyncio
 import collections
 import dataclasses
 import itertools
+import random
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -65,6 +66,7 @@ from sllm_knative.placement import (
     Tier,
     choose_victims,
     place,
+    place_random,
 )
 
 _log = get_logger("autoscaler")
@@ -103,6 +105,9 @@ class Scaler:
         self.table = table
         self.slots = SlotLedger()
         self.calibration = Calibration()
+        # "load-time" (place) or "random" (place_random: the no-locality ablation, `up --placement`)
+        self.placer = "load-time"
+        self._rng = random.Random(0)
         self._spawn = spawn
         self._ids = itertools.count(1)
         self._ready: dict[str, asyncio.Future[bool]] = {}
@@ -144,8 +149,10 @@ class Scaler:
         async with self.slots.lock:  # no await inside: read the slots, place, reserve
             nodes = self._occupied(nodes, generations)
             starving = rt.starving(self.clock())
-            decision = place(ModelRequest(rt.model, self.model_size(rt.model), rt.priority, starving=starving,
-                                          service=rt.key, holding=len(rt.counted())), nodes, self.calibration)
+            request = ModelRequest(rt.model, self.model_size(rt.model), rt.priority, starving=starving,
+                                   service=rt.key, holding=len(rt.counted()))
+            decision = (place_random(request, nodes, self._rng.random(), self.calibration)
+                        if self.placer == "random" else place(request, nodes, self.calibration))
             claim = self._claim(rt, decision, nodes)
         placement_s = time.perf_counter() - t0
         metrics.PLACEMENT_SECONDS.observe(placement_s)

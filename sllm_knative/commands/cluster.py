@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="model store the nodes may fetch from (file://, http(s)://, hf://, s3://); repeatable")
     p.add_argument("--port", type=int, default=8080, help="the activator's public port (default 8080)")
     p.add_argument("--dram-root", default="/dev/shm", help="tmpfs under which the DRAM tiers live")
+    p.add_argument("--placement", choices=("load-time", "random"), default="load-time",
+                   help="how a cold start picks its node: the load-time model (default), or at random among "
+                        "nodes with a free slot (the no-locality ablation of bench/replay.py)")
     p.add_argument("--detach", action="store_true", help="run in the background; return once ready")
     p.set_defaults(func=_up)
 
@@ -46,7 +49,8 @@ def _up(args: argparse.Namespace) -> int:
 
     opts = UpOptions(state_dir=Path(args.state_dir), nodes=args.nodes, slots=args.slots,
                      dram_bytes=int(args.dram_gb * 2**30), ssd_bytes=int(args.ssd_gb * 2**30),
-                     stores=tuple(args.store), port=args.port, dram_root=Path(args.dram_root))
+                     stores=tuple(args.store), port=args.port, dram_root=Path(args.dram_root),
+                     placement=args.placement)
     if args.detach:
         doc = up_detached(_argv_of(args), opts.state_dir)
         print(f"local cluster up: {len(doc['nodes'])} nodes, activator {doc['activator']} (pid {doc['pid']})")
@@ -62,7 +66,7 @@ def _up(args: argparse.Namespace) -> int:
 def _argv_of(args: argparse.Namespace) -> list[str]:
     argv = ["--state-dir", args.state_dir, "--nodes", str(args.nodes), "--slots", str(args.slots),
             "--dram-gb", str(args.dram_gb), "--ssd-gb", str(args.ssd_gb), "--port", str(args.port),
-            "--dram-root", args.dram_root]
+            "--dram-root", args.dram_root, "--placement", args.placement]
     for s in args.store:
         argv += ["--store", s]
     return argv

@@ -52,8 +52,13 @@ class UpOptions:
     port: int = 8080
     dram_root: Path = Path("/dev/shm")
     device: str = "cpu"
+    placement: str = "load-time"  # or "random": the no-locality ablation (placement.place_random)
 
     def __post_init__(self) -> None:
+        from sllm_knative.placement import PLACERS
+
+        if self.placement not in PLACERS:
+            raise ValueError(f"--placement = {self.placement!r}, must be one of {', '.join(PLACERS)}")
         if not 1 <= self.nodes <= 64:
             raise ValueError(f"--nodes = {self.nodes}, must be between 1 and 64")
         if self.slots < 1:
@@ -162,7 +167,7 @@ def up(opts: UpOptions, on_ready: Any = None) -> int:
         root.chmod(0o700)
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     doc: dict[str, Any] = {"pid": os.getpid(), "ready": False, "groups": [], "state_dir": str(state),
-                           "device": opts.device, "nodes": []}
+                           "device": opts.device, "placement": opts.placement, "nodes": []}
 
     def save() -> None:
         atomic.write_json(cluster_file(state), doc, durable=False, indent=1)

@@ -1,6 +1,7 @@
 """Load-time model and placement (pure functions; see docs/placement.md).
 
     place(request, nodes, calibration) -> Placement      where to start a new instance
+    place_random(request, nodes, pick)                   the no-locality ablation: any free node
     startup(request, node) -> Estimate                   the load-time model for one node
     choose_victims(instances, count)                     whom to remove on scale-down
     observe_load / observe_start / observe_migration      online calibration updates
@@ -17,7 +18,16 @@ from sllm_knative.placement.calibration import (
     observe_migration,
     observe_start,
 )
-from sllm_knative.placement.decide import Action, Option, Placement, choose_victims, displaceable, place
+from sllm_knative.placement.decide import (
+    PLACERS,
+    Action,
+    Option,
+    Placement,
+    choose_victims,
+    displaceable,
+    place,
+    place_random,
+)
 from sllm_knative.placement.model import (
     TIERS,
     Estimate,
@@ -32,6 +42,7 @@ from sllm_knative.placement.model import (
 )
 
 __all__ = [
+    "PLACERS",
     "TIERS",
     "Action",
     "Calibration",
@@ -54,6 +65,7 @@ __all__ = [
     "observe_migration",
     "observe_start",
     "place",
+    "place_random",
     "pool_store_rates",
     "startup",
     "store_of",

@@ -227,6 +227,28 @@ def place(request: ModelRequest, nodes: Sequence[NodeInventory], calibration: Ca
     return Placement(best.action, best.node, best.total_s, best, tuple(options), tuple(reasons))
 
 
+PLACERS = ("load-time", "random")  # `sllm-knative up --placement`: how a cold start picks its node
+
+
+def place_random(request: ModelRequest, nodes: Sequence[NodeInventory], pick: float,
+                 calibration: Calibration | None = None) -> Placement:
+    """The `no-locality` ablation (`up --placement random`): a node drawn at random among those
+    with a free slot, whatever tier holds the checkpoint there; `pick` in [0, 1) is the draw
+    (node `floor(pick * k)` of the k free nodes sorted by name). With no free slot anywhere it
+    decides as `place` (wait, evict or migrate): only the choice among free nodes is blind."""
+    if not 0.0 <= pick < 1.0:
+        raise ValueError(f"pick must be in [0, 1), got {pick}")
+    free = sorted((n for n in nodes if n.free_slots > 0), key=lambda n: n.name)
+    if not free:
+        return place(request, nodes, calibration)
+    cal = calibration or Calibration()
+    node = cal.apply(free[int(pick * len(free))])
+    e = startup(request, node)
+    option = Option(Action.PLACE, e, reason=f"random among {len(free)} free node(s); {_describe(request, node, e)}")
+    return Placement(Action.PLACE, node.name, option.total_s, option, (option,),
+                     (f"{Action.PLACE} on {node.name}: {option.total_s:.2f}s ({option.reason})",))
+
+
 def choose_victims(instances: Sequence[Instance], count: int) -> tuple[Instance, ...]:
     """The `count` instances to remove on scale-down: idle ones first, then those with the
     fewest in-flight generations and tokens (the cheapest to drain or migrate), then by name."""
