@@ -49,7 +49,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -114,6 +114,38 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def web(store: Path) -> Iterator[Nginx]:
     with Nginx(store, slow_rate="2m") as nginx:
         yield nginx
+
+
+def to_zero_then_cold_start_on_n0(stack: Any, pa_status: Callable[[], dict[str, Any]], loaders: tuple[Any, Any],
+                                  nodes: tuple[str, str], model: str, client: openai.OpenAI, text: str,
+                                  failure: Any) -> Any:
+    """Steps 2 and 3 of the end-to-end tests. Idle past the keep-alive, the revision goes to zero
+    (its pod gone, n1's lease released, the PA inactive). The checkpoint then moves from n1 to n0's
+    DRAM, and a request through `client` cold-starts it: greedy, the same `text`, from a pod placed
+    on n0 that leases from n0's loader. Returns that pod."""
+    lo0, lo1 = loaders
+    n0, n1 = nodes
+    until(lambda: stack.replicas(REV) == 0, 120, "replicas 0 after the keep-alive")
+    until(lambda: not stack.pods(REV), 90, "the pod to go")
+    until(lambda: not lo1.leases(), 30, "the lease released on n1")
+    assert (condition(pa_status(), "Active") or {}).get("status") == "False", pa_status()
+
+    with lo1.client() as c:
+        c.evict(model)
+    with lo0.client() as c:
+        c.prefetch(model, tier="dram", wait=True)
+    until(lambda: stack.in_dram(n0, model) and not stack.in_dram(n1, model), 30, "the NodeCaches to show the move")
+    until(lambda: stack.autoscaler_sees_dram(n0, model) and not stack.autoscaler_sees_dram(n1, model), 30,
+          "the autoscaler's informers to show the move")
+    try:
+        again = stream_chat(client)
+    except Exception as exc:
+        raise AssertionError(failure(f"the cold start from zero failed: {exc!r}")) from exc
+    assert again == text  # greedy: the same text from the same weights
+    pod = until(lambda: stack.ready_pod(REV), 30, "the second cold start's pod ready")
+    assert pod.spec.node_name == n0, failure(f"placed on {pod.spec.node_name}, not {n0}")
+    assert lo0.leases() == [(model, pod.metadata.name)]
+    return pod
 
 
 def scale_down_migrates(stack: Any, client: openai.OpenAI, failure: Any, seeds: tuple[int, ...] = (7, 8)) -> None:
@@ -259,28 +291,9 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
         assert stream_chat(client) == text
 
         # 2. Idle past the keep-alive: scaled to zero (the activator reports no concurrency).
-        until(lambda: stack.replicas(REV) == 0, 120, "replicas 0 after the keep-alive")
-        until(lambda: not stack.pods(REV), 90, "the pod to go")
-        until(lambda: not lo1.leases(), 30, "the lease released on n1")
-        assert (condition(pa_status(), "Active") or {}).get("status") == "False", pa_status()
-
         # 3. The checkpoint moves to n0's DRAM; the next cold start (demand from the held
         # request) lands there, and leases from n0's loader.
-        with lo1.client() as c:
-            c.evict(model)
-        with lo0.client() as c:
-            c.prefetch(model, tier="dram", wait=True)
-        until(lambda: stack.in_dram(n0, model) and not stack.in_dram(n1, model), 30, "the NodeCaches to show the move")
-        until(lambda: stack.autoscaler_sees_dram(n0, model) and not stack.autoscaler_sees_dram(n1, model), 30,
-              "the autoscaler's informers to show the move")
-        try:
-            again = stream_chat(client)
-        except Exception as exc:
-            raise AssertionError(failure(f"the cold start from zero failed: {exc!r}")) from exc
-        assert again == text  # greedy: the same text from the same weights
-        pod = until(lambda: stack.ready_pod(REV), 30, "the second cold start's pod ready")
-        assert pod.spec.node_name == n0, failure(f"placed on {pod.spec.node_name}, not {n0}")
-        assert lo0.leases() == [(model, pod.metadata.name)]
+        to_zero_then_cold_start_on_n0(stack, pa_status, (lo0, lo1), (n0, n1), model, client, text, failure)
         until(lambda: (condition(pa_status(), "Active") or {}).get("status") == "True", 30, "Active again")
 
         # 4. A scale-down with seeded streams in flight: two pods (minScale 2), a stream on each,

@@ -58,6 +58,7 @@ from tests.kube.test_e2e import (  # noqa: F401  (fixtures)
     store,
     stream_chat,
     stream_completion,
+    to_zero_then_cold_start_on_n0,
     web,
 )
 
@@ -159,30 +160,12 @@ def test_the_install_applied_with_kubectl_serves_cold_starts_placed_by_load_time
 
         # 2. Idle past the keep-alive: to zero (Proxy, the activator probed through
         # activator-service, then replicas 0), and n1's lease released.
-        until(lambda: stack.replicas(REV) == 0, 120, "replicas 0 after the keep-alive")
-        until(lambda: not stack.pods(REV), 90, "the pod to go")
-        until(lambda: not lo1.leases(), 30, "the lease released on n1")
-        assert (condition(pa_status(), "Active") or {}).get("status") == "False", pa_status()
-
         # 3. The checkpoint moves to n0's DRAM; the next cold start, through the other activator
         # pod, lands on n0 and leases from n0's loader pod.
-        with lo1.client() as cl:
-            cl.evict(model)
-        with lo0.client() as cl:
-            cl.prefetch(model, tier="dram", wait=True)
-        until(lambda: stack.in_dram(n0, model) and not stack.in_dram(n1, model), 30, "the NodeCaches to show the move")
-        until(lambda: stack.autoscaler_sees_dram(n0, model) and not stack.autoscaler_sees_dram(n1, model), 30,
-              "the autoscaler to see the move")
-        try:
-            again = stream_chat(stack.client(REV, activator=second))
-        except Exception as exc:
-            raise AssertionError(failure(f"the cold start from zero failed: {exc!r}")) from exc
-        assert again == text  # greedy: the same text from the same weights
-        pod = until(lambda: stack.ready_pod(REV), 30, "the second cold start's pod ready")
-        assert pod.spec.node_name == n0, failure(f"placed on {pod.spec.node_name}, not {n0}")
+        pod = to_zero_then_cold_start_on_n0(stack, pa_status, (lo0, lo1), (n0, n1), model,
+                                            stack.client(REV, activator=second), text, failure)
         placed = stack.events(pod.metadata.name, "Placed")
         assert placed and n0 in placed[0].message and "dram" in placed[0].message, placed
-        assert lo0.leases() == [(model, pod.metadata.name)]
 
         # 4. A scale-down with seeded streams in flight, through the first activator pod: two pods
         # (minScale 2), a stream on each, then minScale 0. The autoscaler finds both activator
