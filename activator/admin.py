@@ -73,7 +73,7 @@ def build_admin_app(act: Activator, token: str | None = None) -> Starlette:
             return _error(f"bad service update for {key}: {exc.message}", 400, exc.field)
         registry.set_service(key, update.container_concurrency, update.hold_timeout_s)
         await registry.set_endpoints(key, update.instances)
-        return _json(api.ServiceUpdated(service=str(key), instances=len(update.instances)))
+        return _json(api.ServiceUpdated(service=str(key), instances=len(registry.get(key).instances)))
 
     async def delete_service(request: Request) -> Response:
         key = ServiceKey(request.path_params["namespace"], request.path_params["name"])

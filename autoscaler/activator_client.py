@@ -70,6 +70,11 @@ class Activator(Protocol):
         one may still be on its way there); None when it could not say."""
         ...
 
+    def replica_started(self) -> None:
+        """An activator replica (re)started: it knows nothing the autoscaler told the replicas
+        before, so what is not in every push must be sent again."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -98,9 +103,13 @@ class ActivatorClient:
         except httpx.HTTPError as exc:
             _log.warning("could not remove the service from the activator", service=service, error=str(exc))
 
-    async def withhold(self, service: ServiceConfig, instance: str, withheld: bool = True) -> None:
+    def replica_started(self) -> None:
+        """Nothing to do: every push carries the service's whole rotation (local mode)."""
+
+    async def withhold(self, service: ServiceConfig, instance: str, withheld: bool = True) -> bool:
         """Keep `instance` out of the service's rotation while its endpoints still list it (or,
-        `withheld=False`, put it back)."""
+        `withheld=False`, put it back). False when the activator did not take it (unreachable,
+        or it does not know the service yet)."""
         body = {"namespace": service.namespace, "name": service.name, "instance": instance, "withheld": withheld}
         try:
             r = await self.http.post(f"{self.admin_url}{activator_api.WITHHOLD}", json=body)
@@ -108,6 +117,8 @@ class ActivatorClient:
         except httpx.HTTPError as exc:
             _log.warning("could not withhold the instance", service=service.key, instance=instance,
                          activator=self.admin_url, error=str(exc)[:200])
+            return False
+        return True
 
     async def migrate(self, service: ServiceConfig, source: str,
                       destination: str | None) -> list[MigrationResult] | None:

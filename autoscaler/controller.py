@@ -81,6 +81,8 @@ class Autoscaler:
             # An activator we have not heard from: it started (or restarted: it knows no service
             # then), or we did. Give it every service's rotation now, not at the next change.
             self._boots.add(report.boot)
+            if self.activator is not None:
+                self.activator.replica_started()
             if self.table.services:
                 _log.info("an activator started: pushing every service's endpoints", boot=report.boot,
                           services=len(self.table.services))

@@ -237,6 +237,9 @@ class MemoryActivator:
     async def remove(self, service: str) -> None:
         self.rotation.pop(service, None)
 
+    def replica_started(self) -> None:
+        """Nothing to resend: every push carries the whole rotation."""
+
     async def outstanding(self, service: ServiceConfig, instance: str) -> int | None:
         return self.on_the_way.get(instance, 0)
 

@@ -12,6 +12,10 @@ them, so every call goes to every replica:
   (activator/kube/source.py), so only what the autoscaler adds is sent: an instance that left
   the ready set while its pod still stands (a scale-down's victim, DRAINING) is withheld on
   every replica (`POST /admin/v1/withhold`), and put back if it returns (the scale-down called off);
+- withholds are kept per replica until it acknowledges them: one that failed, or a replica that
+  does not know the revision yet, gets them again at `resend` (the leader's tick), and a replica
+  that (re)started (`replica_started`: a stats report with a new boot id) gets them all again,
+  since a fresh activator routes to every ready pod of its EndpointSlices, victims included;
 - `migrate`: asked of every replica at once; the generations they moved together are the answer,
   None when every replica refused or failed (the scaler then waits for the instance to go idle).
 """
@@ -72,6 +76,8 @@ class KubeActivators:
         self._clients: dict[str, ActivatorClient] = {}
         self._ready: dict[str, set[str]] = {}  # service -> the ready instances last pushed
         self._withheld: dict[str, set[str]] = {}  # service -> the instances withheld since
+        self._services: dict[str, ServiceConfig] = {}  # service -> its config, for resends
+        self._sent: dict[str, dict[str, set[str]]] = {}  # replica URL -> service -> withholds it took
 
     def start(self) -> KubeActivators:
         if self.slices is not None:
@@ -95,15 +101,52 @@ class KubeActivators:
         if len(withheld) > WITHHELD_KEPT:  # of instances long gone; a called-off one comes back soon
             withheld.clear()
             withheld |= left
-        for instance, hold in [*((i, True) for i in sorted(left)), *((i, False) for i in sorted(back))]:
-            replicas = self.replicas()
-            await asyncio.gather(*(c.withhold(service, instance, hold) for c in replicas))
-            _log.info("instance withheld" if hold else "instance back in rotation", service=service.key,
-                      instance=instance, activators=len(replicas))
+        self._services[service.key] = service
+        replicas = self.replicas()
+        for instance in sorted(back):
+            await asyncio.gather(*(c.withhold(service, instance, False) for c in replicas))
+            for c in replicas:
+                self._sent.get(c.admin_url, {}).get(service.key, set()).discard(instance)
+            _log.info("instance back in rotation", service=service.key, instance=instance, activators=len(replicas))
+        for instance in sorted(left):
+            _log.info("instance withheld", service=service.key, instance=instance, activators=len(replicas))
+        await self._send_withholds(service, replicas)
+
+    async def _send_withholds(self, service: ServiceConfig, replicas: list[ActivatorClient]) -> None:
+        """Every withhold of `service` that a replica has not acknowledged yet, to that replica."""
+        want = self._withheld.get(service.key, set())
+
+        async def send(c: ActivatorClient) -> None:
+            have = self._sent.setdefault(c.admin_url, {}).setdefault(service.key, set())
+            have &= want
+            for instance in sorted(want - have):
+                if await c.withhold(service, instance, True):
+                    have.add(instance)
+
+        await asyncio.gather(*(send(c) for c in replicas))
+
+    async def resend(self) -> None:
+        """Withholds not acknowledged yet (a replica that failed, restarted or is new), sent again;
+        replicas that left are forgotten."""
+        replicas = self.replicas()
+        live = {c.admin_url for c in replicas}
+        for url in [u for u in self._sent if u not in live]:
+            del self._sent[url]
+        for key, service in list(self._services.items()):
+            if self._withheld.get(key):
+                await self._send_withholds(service, replicas)
+
+    def replica_started(self) -> None:
+        """A replica (re)started and knows no withhold: `resend` sends every one again (to
+        every replica, since the report does not say which; a withhold is idempotent)."""
+        self._sent.clear()
 
     async def remove(self, service: str) -> None:
         self._ready.pop(service, None)  # the revision's slices go with it
         self._withheld.pop(service, None)
+        self._services.pop(service, None)
+        for sent in self._sent.values():
+            sent.pop(service, None)
 
     async def migrate(self, service: ServiceConfig, source: str,
                       destination: str | None) -> list[MigrationResult] | None:

@@ -147,6 +147,7 @@ async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_name
             if pa.elector.is_leader:
                 scaler.tick()
                 backend.poke()  # follow pods even without a watch event (timeouts)
+                await activators.resend()  # withholds a replica has not taken (it failed, restarted, is new)
                 try:  # the ScalingPolicies' status: what each applies to, and whether it can
                     await asyncio.to_thread(source.write_policy_statuses, rfc3339())
                 except Exception:

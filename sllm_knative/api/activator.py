@@ -52,7 +52,7 @@ class ServiceUpdate(Message):
 
 class ServiceUpdated(Message):
     service: str
-    instances: int
+    instances: int  # in rotation after the change: the listed ones less the withheld
 
 
 class MigrateRequest(Message):
