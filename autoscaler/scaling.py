@@ -18,6 +18,7 @@ import collections
 import dataclasses
 import itertools
 import random
+import re
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -54,7 +55,7 @@ from autoscaler.view import (
     parse_tier,
     running_generations,
 )
-from sllm_knative.log import get_logger
+from sllm_knative.log import Repeats, get_logger
 from sllm_knative.placement import (
     Action,
     Calibration,
@@ -116,6 +117,7 @@ class Scaler:
         self.preempt_wait_s = PREEMPT_WAIT_S
         self.drain_wait_s = DRAIN_WAIT_S
         self._ready_since: dict[str, float] = {}  # when each instance became ready (self.clock): its residency
+        self._repeats = Repeats(clock=clock)  # lines logged every tick while a condition lasts
 
     def model_size(self, model: str) -> int:
         return self.backend.model_size(model) or DEFAULT_MODEL_BYTES
@@ -137,8 +139,10 @@ class Scaler:
             _log.error("service has no checkpoint annotation", service=svc.key)
             return
         if (wait := rt.retry_at - self.clock()) > 0:
-            _log.info("not starting: backing off after failed starts", service=svc.key, checkpoint=rt.model,
-                      failed_starts=rt.failed_starts, retry_in_s=round(wait, 1), last_failure=rt.last_failure[:200])
+            if (skipped := self._repeats.check(f"backoff {svc.key}", str(rt.failed_starts))) is not None:
+                _log.info("not starting: backing off after failed starts", service=svc.key, checkpoint=rt.model,
+                          failed_starts=rt.failed_starts, retry_in_s=round(wait, 1),
+                          last_failure=rt.last_failure[:200], repeated=skipped or None)
             return
         t0 = time.perf_counter()
         nodes = await self.backend.inventories()
@@ -157,10 +161,14 @@ class Scaler:
         placement_s = time.perf_counter() - t0
         metrics.PLACEMENT_SECONDS.observe(placement_s)
         if claim is None or decision.node is None:
-            _log.info("no free slot: waiting for capacity", service=svc.key, checkpoint=rt.model,
-                      waiting=rt.held, waited_s=round(rt.waited_s(self.clock()), 1), starving=starving,
-                      reasons="; ".join(decision.reasons))
+            # Every tick while it lasts: logged when the reason changes (numbers aside), else every 30 s.
+            shape = re.sub(r"\d+(\.\d+)?", "#", f"{starving} {decision.reasons[0] if decision.reasons else ''}")
+            if (skipped := self._repeats.check(f"capacity {svc.key}", shape)) is not None:
+                _log.info("no free slot: waiting for capacity", service=svc.key, checkpoint=rt.model,
+                          waiting=rt.held, waited_s=round(rt.waited_s(self.clock()), 1), starving=starving,
+                          reasons="; ".join(decision.reasons), repeated=skipped or None)
             return
+        self._repeats.clear(f"capacity {svc.key}")
         record: dict[str, Any] = {"action": str(decision.action), "estimate_s": decision.estimate_s,
                                   "placement_s": placement_s, "reasons": list(decision.reasons)}
         try:

@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 _CONFIGURED = False
@@ -91,3 +92,29 @@ class Logger:
 
 def get_logger(component: str, **context: Any) -> Logger:
     return Logger(component, **context)
+
+
+class Repeats:
+    """Which lines of a condition that lasts (a service waiting for capacity, a start backing
+    off) to log: the first, each one whose text changed, and otherwise one every `every_s`
+    seconds; `check` says how many identical lines were left out before the one it lets through."""
+
+    def __init__(self, every_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s = every_s
+        self.clock = clock
+        self._last: dict[str, tuple[str, float, int]] = {}  # key -> (text, logged at, left out since)
+
+    def check(self, key: str, text: str) -> int | None:
+        """None: leave this line out. Otherwise log it, with the count of lines left out since
+        the last one logged for `key`."""
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and last[0] == text and now - last[1] < self.every_s:
+            self._last[key] = (last[0], last[1], last[2] + 1)
+            return None
+        self._last[key] = (text, now, 0)
+        return last[2] if last is not None else 0
+
+    def clear(self, key: str) -> None:
+        """The condition ended: its next line is logged at once."""
+        self._last.pop(key, None)
