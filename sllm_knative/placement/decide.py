@@ -116,6 +116,11 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def _rate(bytes_per_s: float) -> str:
+    """A bandwidth in GB/s, or in MB/s below 1 GB/s (a slow store is not "0.00 GB/s")."""
+    return f"{bytes_per_s / 1e9:.2f} GB/s" if bytes_per_s >= 1e9 else f"{bytes_per_s / 1e6:.1f} MB/s"
+
+
 def _describe(request: ModelRequest, node: NodeInventory, e: Estimate) -> str:
     if e.joined:
         return f"joins the queued load of {request.model} from {e.tier} ({e.queue_wait_s:.2f}s), start {e.overhead_s:.2f}s"
@@ -124,7 +129,7 @@ def _describe(request: ModelRequest, node: NodeInventory, e: Estimate) -> str:
         parts.append(f"queue {e.queue_wait_s:.2f}s")
     if e.load_s > 0:
         bw = node.rate(e.tier, request.model)
-        parts.append(f"load {e.load_s:.2f}s from {e.tier} ({_gb(request.size_bytes)} at {bw / 1e9:.2f} GB/s)")
+        parts.append(f"load {e.load_s:.2f}s from {e.tier} ({_gb(request.size_bytes)} at {_rate(bw)})")
     else:
         parts.append(f"checkpoint resident on the {e.tier}")
     parts.append(f"start {e.overhead_s:.2f}s")

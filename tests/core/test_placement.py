@@ -227,6 +227,9 @@ def test_reasons_explain_the_choice() -> None:
     assert p.reasons[0] == ("place on dram: 0.90s (free slot; queue 0.10s, load 0.50s from dram "
                             "(5.00 GB at 10.00 GB/s), start 0.30s)")
     assert p.reasons[1].startswith("not ssd: 2.80s, 1.90s slower (place: free slot; load 2.50s from ssd")
+    # A slow store (nginx's limit_rate in the tests) reads in MB/s, not "0.00 GB/s".
+    slow = place(ModelRequest(M, 750 * 10**6), [node("r", bw={**BW, Tier.REMOTE: 2e6})], COST)
+    assert "load 375.00s from remote (0.75 GB at 2.0 MB/s)" in slow.reasons[0], slow.reasons
 
 
 def test_startup_formula() -> None:
