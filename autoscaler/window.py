@@ -17,8 +17,10 @@ past `hi` already (the list is shared between a window and the windows recorded 
 each reads only its own slice, which nobody changes). A window recorded from an older one
 copies its slice first, and so does a sample older than the newest second (rare: reporters
 send in time order). Dropping buckets past the horizon raises `lo`; the list is copied down
-when most of it is dropped, so its length stays within a few horizons. `average` finds the
-window's start by bisection and sums only the buckets inside, in the same order as before.
+when most of it is dropped, so its length stays within a few horizons. The list keeps each
+closed bucket's second and mean beside it: `average` finds the window's start by bisection and
+sums the means inside, in the same order as before (the same float); the latest busy second is
+kept up to date by `record`, so `last_nonzero` scans nothing.
 """
 
 from __future__ import annotations
@@ -26,13 +28,11 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
-from operator import itemgetter
 
 from sllm_knative.config.autoscaler import BUCKET_S
 
 Bucket = tuple[int, float, int]  # (second, sum of the samples, how many)
 
-_second = itemgetter(0)
 _set = object.__setattr__
 
 
@@ -40,55 +40,77 @@ def _index(t: float) -> int:
     return math.floor(t / BUCKET_S)
 
 
+def _busy(buckets: list[Bucket]) -> int | None:
+    return next((i for i, s, _ in reversed(buckets) if s > 0), None)
+
+
+class _Closed:
+    """Closed buckets, oldest first, in parallel lists: the buckets, their seconds (bisected by
+    `average`) and their means (summed by `average`). Only appended to while windows share it."""
+
+    __slots__ = ("buckets", "seconds", "means")
+
+    def __init__(self, buckets: list[Bucket]) -> None:
+        self.buckets = buckets
+        self.seconds = [i for i, _, _ in buckets]
+        self.means = [s / c for _, s, c in buckets]
+
+    def append(self, b: Bucket) -> None:
+        self.buckets.append(b)
+        self.seconds.append(b[0])
+        self.means.append(b[1] / b[2])
+
+
 class MetricWindow:
     """Buckets `(second, sum, count)` in ascending order, kept for `horizon_s` seconds."""
 
-    __slots__ = ("horizon_s", "first", "_span", "_closed", "_lo", "_hi", "_newest")
+    __slots__ = ("horizon_s", "first", "_span", "_closed", "_lo", "_hi", "_newest", "_busy")
 
     horizon_s: float
     first: int | None  # the second of the first sample ever recorded (None: no sample yet)
-    _span: int
-    _closed: list[Bucket]
-    _lo: int
+    _span: int  # how many buckets are kept
+    _closed: _Closed  # shared with the windows recorded from this one
+    _lo: int  # this window's buckets are _closed[_lo:_hi] and then _newest
     _hi: int
     _newest: Bucket | None
+    _busy: int | None  # the latest second kept with a sample above zero
 
     def __init__(self, horizon_s: float = 60.0, buckets: Iterable[Bucket] = (), first: int | None = None) -> None:
         if not horizon_s >= BUCKET_S:
             raise ValueError(f"horizon_s must be >= {BUCKET_S}, got {horizon_s}")
-        span = math.ceil(horizon_s / BUCKET_S)  # buckets kept
+        span = math.ceil(horizon_s / BUCKET_S)
         closed = list(buckets)
         if any(a[0] >= b[0] for a, b in zip(closed, closed[1:], strict=False)) or (
                 closed and closed[0][0] <= closed[-1][0] - span):
             raise ValueError(f"buckets must be in ascending seconds within the horizon, got {closed}")
+        busy = _busy(closed)
         newest = closed.pop() if closed else None
-        self._init(horizon_s, first, span, closed, 0, len(closed), newest)
+        self._init(horizon_s, first, span, _Closed(closed), 0, len(closed), newest, busy)
 
-    def _init(self, horizon_s: float, first: int | None, span: int, closed: list[Bucket], lo: int, hi: int,
-              newest: Bucket | None) -> None:
+    def _init(self, horizon_s: float, first: int | None, span: int, closed: _Closed, lo: int, hi: int,
+              newest: Bucket | None, busy: int | None) -> None:
         _set(self, "horizon_s", horizon_s)
         _set(self, "first", first)
         _set(self, "_span", span)
-        _set(self, "_closed", closed)  # shared with the windows recorded from this one; append-only
-        _set(self, "_lo", lo)  # this window's buckets are _closed[_lo:_hi] and _newest
+        _set(self, "_closed", closed)
+        _set(self, "_lo", lo)
         _set(self, "_hi", hi)
         _set(self, "_newest", newest)
+        _set(self, "_busy", busy)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"MetricWindow is immutable: cannot set {name}")
 
-    @classmethod
-    def _of(cls, base: MetricWindow, closed: list[Bucket], lo: int, hi: int, newest: Bucket,
-            first: int) -> MetricWindow:
-        w = cls.__new__(cls)
-        w._init(base.horizon_s, first, base._span, closed, lo, hi, newest)
+    def _of(self, closed: _Closed, lo: int, hi: int, newest: Bucket, first: int, busy: int | None) -> MetricWindow:
+        w = MetricWindow.__new__(MetricWindow)
+        w._init(self.horizon_s, first, self._span, closed, lo, hi, newest, busy)
         return w
 
     @property
     def buckets(self) -> tuple[Bucket, ...]:
         """All the buckets kept, oldest first (a copy: O(horizon))."""
         tail = (self._newest,) if self._newest is not None else ()
-        return tuple(self._closed[self._lo:self._hi]) + tail
+        return tuple(self._closed.buckets[self._lo:self._hi]) + tail
 
     def record(self, t: float, value: float) -> MetricWindow:
         """A window with `value` observed at time `t` (seconds). Samples older than the horizon
@@ -101,22 +123,29 @@ class MetricWindow:
         newest = self._newest
         first = idx if self.first is None else min(self.first, idx)
         if newest is None:
-            return self._of(self, [], 0, 0, (idx, value, 1), first)
+            return self._of(_Closed([]), 0, 0, (idx, value, 1), first, idx if value > 0 else None)
         if idx == newest[0]:
-            return self._of(self, self._closed, self._lo, self._hi, (idx, newest[1] + value, newest[2] + 1), first)
+            return self._of(self._closed, self._lo, self._hi, (idx, newest[1] + value, newest[2] + 1), first,
+                            idx if value > 0 else self._busy)
         if idx < newest[0]:
             return self._record_late(idx, value, first)
         closed, lo, hi = self._closed, self._lo, self._hi
-        if hi != len(closed):  # a window recorded from this one appended already: fork
-            closed, lo, hi = closed[lo:hi], 0, hi - lo
+        if hi != len(closed.buckets):  # a window recorded from this one appended already: fork
+            closed, lo, hi = _Closed(closed.buckets[lo:hi]), 0, hi - lo
         closed.append(newest)
         hi += 1
         oldest_kept = idx - self._span + 1
-        while lo < hi and closed[lo][0] < oldest_kept:
+        seconds = closed.seconds
+        while lo < hi and seconds[lo] < oldest_kept:
             lo += 1
         if lo > 2 * self._span and lo > hi - lo:  # mostly dropped: copy what is kept down
-            closed, lo, hi = closed[lo:hi], 0, hi - lo
-        return self._of(self, closed, lo, hi, (idx, value, 1), first)
+            closed, lo, hi = _Closed(closed.buckets[lo:hi]), 0, hi - lo
+        busy = self._busy
+        if value > 0:
+            busy = idx
+        elif busy is not None and busy < oldest_kept:
+            busy = None
+        return self._of(closed, lo, hi, (idx, value, 1), first, busy)
 
     def _record_late(self, idx: int, value: float, first: int) -> MetricWindow:
         """A sample before the newest second: merged into a copy of the buckets, O(horizon)."""
@@ -124,14 +153,15 @@ class MetricWindow:
         if idx < self._newest[0] - self._span + 1:
             return self
         merged = list(self.buckets)
-        at = bisect_left(merged, idx, key=_second)
+        at = bisect_left([i for i, _, _ in merged], idx)
         if at < len(merged) and merged[at][0] == idx:
             _, s, c = merged[at]
             merged[at] = (idx, s + value, c + 1)
         else:
             merged.insert(at, (idx, value, 1))
+        busy = _busy(merged)
         newest = merged.pop()
-        return self._of(self, merged, 0, len(merged), newest, first)
+        return self._of(_Closed(merged), 0, len(merged), newest, first, busy)
 
     def average(self, now: float, window_s: float) -> float | None:
         """The average over the `window_s` seconds ending at `now`; None with no sample in it."""
@@ -141,24 +171,22 @@ class MetricWindow:
         n = _index(now)
         width = max(1, round(window_s / BUCKET_S))
         start = n - width + 1
-        closed, lo, hi = self._closed, self._lo, self._hi
-        inside = closed[bisect_left(closed, start, lo, hi, key=_second):bisect_right(closed, n, lo, hi, key=_second)]
+        seconds = self._closed.seconds
+        i = bisect_left(seconds, start, self._lo, self._hi)
+        j = bisect_right(seconds, n, i, self._hi)
+        means = self._closed.means[i:j]
+        last = seconds[j - 1] if j > i else None
         if start <= newest[0] <= n:
-            inside.append(newest)
-        if not inside:
+            means.append(newest[1] / newest[2])
+            last = newest[0]
+        if last is None:
             return None
-        total = sum(s / c for _, s, c in inside)  # as before, oldest first: the same float
-        return total / (inside[-1][0] - max(self.first, start) + 1)
+        # The means of the buckets inside, oldest first, as before: the same float.
+        return sum(means) / (last - max(self.first, start) + 1)
 
     def last_nonzero(self) -> float | None:
         """The end of the latest second with a non-zero sample (busy until at least then), if any is kept."""
-        if self._newest is not None and self._newest[1] > 0:
-            return (self._newest[0] + 1) * BUCKET_S
-        closed = self._closed
-        for i in range(self._hi - 1, self._lo - 1, -1):
-            if closed[i][1] > 0:
-                return (closed[i][0] + 1) * BUCKET_S
-        return None
+        return (self._busy + 1) * BUCKET_S if self._busy is not None else None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, MetricWindow):
