@@ -27,6 +27,7 @@ model.safetensors from the store directory, whose page cache is dropped first). 
 /health/ready answers, the instance is pushed to the activator, which forwards the held
 request. Not modelled, all in this profile's favour: Kubernetes scheduling, image pull, and a
 network between store and node (the store is a local directory read at disk speed).
+The fresh instance is bench/_fresh.py's (shared with bench/replay.py).
 
 Split of one cold start (wall clock; medians per field over the runs, so the fields of a row
 need not add up exactly to its median TTFT):
@@ -78,7 +79,6 @@ from typing import Any
 import httpx
 
 from bench._common import ensure_model, evict, machine, resident_fraction, save_figure, write_json
-from sllm_knative.api import activator as activator_api
 from sllm_knative.api import auth
 from sllm_knative.local.manifests import service_manifest
 
@@ -306,16 +306,12 @@ class Bench:
         return float(res["ttft_s"])
 
     def knative_default(self, index: int) -> dict[str, Any]:
+        from bench import _fresh
         from sllm_knative.commands.resources import invoke
-        from sllm_knative.local import procs
-        from sllm_knative.ports import free_port
 
         admin = self.cluster["activator_admin"]
-        url = f"{admin}{activator_api.SERVICES}/{NAMESPACE}/{KD_SERVICE}"
-        self.http.put(url, json={"container_concurrency": 1, "instances": []}).raise_for_status()
-        for f in self.hf_dir.iterdir():
-            evict(f)
-        resident = max(resident_fraction(f) for f in self.hf_dir.iterdir())
+        _fresh.set_endpoints(self.http, admin, NAMESPACE, KD_SERVICE, [])
+        resident = _fresh.drop_page_cache(self.hf_dir)
         result: dict[str, Any] = {}
         load = os.getloadavg()[0]
 
@@ -326,56 +322,37 @@ class Bench:
                 result["error"] = exc
 
         def held() -> bool:
-            stats = self.http.get(f"{admin}{activator_api.STATS}").json()["services"]
-            return any(s["name"] == KD_SERVICE and s["held"] > 0 for s in stats)
+            return _fresh.held(self.http, admin).get(KD_SERVICE, (0, 0))[0] > 0
 
         sent = time.time()
         thread = threading.Thread(target=client, name="kd-client")
         thread.start()
-        proc = None
+        inst = None
         try:
             _wait(held, 60, "the activator to hold the request", every=0.005)
             t0 = time.perf_counter()
             node = random.choice(self.cluster["nodes"])["name"]
             placement = time.perf_counter() - t0
-            port, internal = free_port(), free_port()
-            argv = [sys.executable, "-m", "functions.llm", "--model", str(self.hf_dir), "--served-model-name",
-                    KD_SERVICE, "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
-                    "--internal-host", "127.0.0.1", "--internal-port", str(internal), "--max-concurrency", "1"]
-            started = time.time()
-            proc = procs.spawn(argv, self.log_dir / f"knative-default-{index}.log",
-                               env={"SLLM_INSTANCE": f"{KD_SERVICE}-{index}", "SLLM_NODE": node})
-            report: dict[str, Any] = {}
-
-            def ready() -> bool:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the knative_default instance exited with {proc.returncode}")
-                with contextlib.suppress(httpx.TransportError):
-                    r = self.http.get(f"http://127.0.0.1:{port}/health/ready", timeout=2)
-                    if r.status_code == 200:
-                        report.update(r.json())
-                        return True
-                return False
-
-            _wait(ready, 300, "the knative_default instance", every=0.02)
-            ready_at = time.time()
-            self.http.put(url, json={"container_concurrency": 1, "instances": [
-                {"id": f"{KD_SERVICE}-{index}", "url": f"http://127.0.0.1:{port}", "node": node}]}).raise_for_status()
+            inst = _fresh.spawn(self.hf_dir, KD_SERVICE, f"{KD_SERVICE}-{index}", node,
+                                self.log_dir / f"knative-default-{index}.log")
+            report = inst.wait_ready(self.http, timeout=300)
+            _fresh.set_endpoints(self.http, admin, NAMESPACE, KD_SERVICE, [inst.endpoint()])
             thread.join(300)
             if thread.is_alive():
                 raise TimeoutError("the knative_default request did not finish within 300 s of the instance")
             if "error" in result:
                 raise RuntimeError(f"knative_default request failed: {result['error']}")
             res = result["res"]
-            warm = self.warm(KD_SERVICE, f"{KD_SERVICE}-{index}")
+            warm = self.warm(KD_SERVICE, inst.id)
         finally:
             with contextlib.suppress(httpx.HTTPError):
-                self.http.put(url, json={"container_concurrency": 1, "instances": []})
-            if proc is not None:
-                procs.stop(proc.pid, grace_s=10.0)
+                _fresh.set_endpoints(self.http, admin, NAMESPACE, KD_SERVICE, [])
+            if inst is not None:
+                inst.stop(grace_s=10.0)
             thread.join(60)
+        assert inst.ready_at is not None
         startup = report["startup"]
-        parts = split(sent=sent, ttft=res["ttft_s"], placement=placement, started=started, ready=ready_at,
+        parts = split(sent=sent, ttft=res["ttft_s"], placement=placement, started=inst.started, ready=inst.ready_at,
                       lease_s=0.0, model_load_s=startup["load_s"])
         return {**parts, "warm_ttft_s": warm, "overhead_s": parts["ttft_s"] - warm, "node": node, "report": startup,
                 "store_resident_max": round(resident, 4),
