@@ -9,7 +9,9 @@ policy code is copied: a change there changes the simulation.
     hardware.py   hardware profiles as data (this machine, 8 x H100, 8 x H200), with sources
     workload.py   model catalog and the Azure trace scaled to many models (a stated, seeded rule)
     policies.py   the policies compared, as data
-    engine.py     the event loop: nodes, tiers, loaders, instances, requests, the real policies
+    engine.py     the event loop, requests and the instance lifecycle (the model, stated)
+    cluster.py    the cluster's state: nodes, GPUs, DRAM/SSD tiers, loaders, instances, services
+    adapters.py   the calls into the real policy code: scaler, placement, preemption and drain
     runner.py     one run, a sweep over load, summaries and plots
     __main__.py   `python -m sim run|sweep|study`
 """

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sim.engine import SimConfig, Simulation
+from sim.cluster import SimConfig
+from sim.engine import Simulation
 from sim.hardware import get_profile
 from sim.policies import get_policy
 from sim.workload import DEFAULT_TRACE, SIZE_WEIGHTS, SIZES, catalog, read_trace, scale_trace

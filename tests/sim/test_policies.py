@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import pytest
 
-from sim.engine import SimConfig, Simulation
+from sim.cluster import SimConfig
+from sim.engine import Simulation
 from sim.hardware import GB, HardwareProfile
 from sim.policies import POLICIES, get_policy
 from sim.workload import Model, Request

@@ -1,0 +1,440 @@
+"""The policy adapters: where the simulator calls the real policy code, on views of its state.
+
+    tick, scale        the scaler: a concurrency sample every second per active service, and
+                       `autoscaler.decider.decide` every TICK_S (and at once for a request that
+                       finds its service at zero); scale-down victims from `choose_victims`
+    place_instance     placement: `sllm_knative.placement.place` on node inventories (load-time
+                       policies, with the calibration for calibrated ones), random, or the
+                       preemption-based ranking by `startup`; `view` and `_inventory` build the
+                       placement's views of instances and nodes
+    advance            a preemption (placement's EVICT/MIGRATE, `plan_preemption`) or a drain
+                       (`plan_drain`) run step by step; `migrated`, `timeout` and
+                       `destination_ready` resume one when its event comes
+
+Nothing here decides anything itself, except `_gang_evict` (a model over several GPUs when no
+single victim frees enough of them; stated in docs/evaluation.md) and the order in which
+services are scaled within one tick.
+
+At scale, placement is offered a shortlist of nodes (every node holding the checkpoint or
+loading it, the `SHORTLIST` free nodes with the shortest loader queues, and as many nodes with
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from autoscaler.backends.base import InstanceState
+from autoscaler.decider import DeciderInputs, decide
+from autoscaler.preemption import (
+    CallOff,
+    DrainView,
+    LeaveRotation,
+    Migrate,
+    MigrationAttempt,
+    PreemptionView,
+    StartDestination,
+    Step,
+    Stop,
+    VictimView,
+    WaitIdle,
+    plan_drain,
+    plan_preemption,
+)
+from sim.cluster import Process, Running, Service, SimInstance, SimNode, replace_progress
+from sim.policies import Placer
+from sim.workload import Model
+from sllm_knative.api import MigrationOutcome
+from sllm_knative.config.autoscaler import TICK_S
+from sllm_knative.placement import (
+    Action,
+    Instance,
+    MigrationObservation,
+    ModelRequest,
+    NodeInventory,
+    QueuedLoad,
+    Tier,
+    choose_victims,
+    displaceable,
+    observe_migration,
+    place,
+    startup,
+)
+
+if TYPE_CHECKING:
+    from sim.engine import Simulation
+
+SHORTLIST = 8
+SHORTLIST_ALL = 32
+
+
+# -- the scaler ------------------------------------------------------------------------------
+
+
+def tick(sim: Simulation, _a: object, _b: object) -> None:
+    """Every second: a concurrency sample per active service; every TICK_S, the decider too."""
+    decide_now = int(round(sim.now)) % int(TICK_S) == 0
+    services = list(sim.active.values())
+    if decide_now:
+        # The real autoscaler scales services concurrently, in no set order; here the service
+        # whose oldest request has waited longest places first, so that a fixed iteration
+        # order does not starve the same services every tick.
+        services.sort(key=lambda s: s.waiting[0].arrival if s.waiting else math.inf)
+    for svc in services:
+        # A zero sample is recorded only when the decider runs next: between two samples an
+        # absent second counts as zero in the window's average anyway (autoscaler/window.py),
+        # so the averages the decider sees are the same, at a fraction of the records.
+        value = sim.concurrency(svc)
+        if value or decide_now:
+            svc.window = svc.window.record(sim.now, value)
+        if decide_now:
+            scale(sim, svc)
+        if (not svc.instances and not svc.waiting and svc.state.scale == 0
+                and sim.now - (svc.last_request_at or 0.0) > svc.spec.stable_window):
+            svc.active = False
+            del sim.active[svc.name]
+    if sim.now < sim.horizon and (sim.active or sim.now < sim.last_arrival):
+        sim.push(sim.now + 1.0, "second")
+
+
+def scale(sim: Simulation, svc: Service) -> None:
+    """Run the decider for `svc` and act on its decision: place instances or drain some."""
+    ready = sum(1 for i in svc.instances if i.state == InstanceState.READY)
+    decision, svc.state = decide(svc.spec, DeciderInputs(svc.window, ready, svc.last_request_at),
+                                 svc.state, sim.now)
+    if not decision.valid or decision.desired is None:
+        return
+    svc.desired = decision.desired
+    current = [i for i in svc.instances if i.state in (InstanceState.STARTING, InstanceState.READY)]
+    if svc.desired > len(current):
+        for _ in range(svc.desired - len(current)):
+            if not place_instance(sim, svc):
+                sim.stats.unplaced += 1
+                break
+    elif svc.desired < len(current):
+        views = [view(sim, i) for i in current if i.state == InstanceState.READY and not i.claimed]
+        for victim in choose_victims(views, min(len(views), len(current) - svc.desired)):
+            inst = sim.instances[victim.name]
+            inst.claimed = True
+            advance(sim, Process("drain", inst))
+
+
+# -- placement -------------------------------------------------------------------------------
+
+
+def place_instance(sim: Simulation, svc: Service) -> bool:
+    """Place one instance of `svc` as the policy says; False when nothing could be placed."""
+    sim.stats.placements += 1
+    if sim.policy.placer == Placer.LOAD_TIME:
+        return _place_load_time(sim, svc)
+    if sim.policy.placer == Placer.PREEMPT:
+        return _place_preempt(sim, svc)
+    return _place_random(sim, svc)
+
+
+def _request(sim: Simulation, svc: Service) -> ModelRequest:
+    starving = bool(svc.waiting) and sim.now - svc.waiting[0].arrival >= sim.cfg.fair_share_after_s
+    return ModelRequest(svc.model.name, svc.model.size_bytes, service=svc.name,
+                        holding=len(svc.instances), starving=starving)
+
+
+def _shortlist(sim: Simulation, model: Model) -> list[SimNode]:
+    if len(sim.node_list) <= SHORTLIST_ALL:
+        return sim.node_list
+    chosen = {n: sim.nodes[n] for n in sorted(sim.holders.get(model.name, ()))}
+    free = [n for n in sim.node_list if n.free_gpus >= model.tp and n.name not in chosen]
+    free.sort(key=lambda n: (max(0.0, n.loader_free_at - sim.now), n.free_gpus, n.name))
+    for n in free[:SHORTLIST]:
+        chosen[n.name] = n
+    if len(free) < SHORTLIST:
+        busy = [n for n in sim.node_list if n.name not in chosen
+                and any(i.state == InstanceState.READY and i.model.tp + n.free_gpus >= model.tp
+                        for i in n.instances.values())]
+        busy.sort(key=lambda n: (sum(len(i.running) for i in n.instances.values()), n.name))
+        for n in busy[:SHORTLIST]:
+            chosen[n.name] = n
+    return list(chosen.values())
+
+
+def _place_load_time(sim: Simulation, svc: Service) -> bool:
+    nodes = _shortlist(sim, svc.model)
+    models = {svc.model.name} | {i.model.name for n in nodes for i in n.instances.values()}
+    invs = [_inventory(sim, n, svc.model, models) for n in nodes]
+    p = place(_request(sim, svc), invs, sim.calibration if sim.policy.calibrate else None)
+    if p.chosen is None or p.node is None:
+        return _gang_evict(sim, svc, nodes)
+    node = sim.nodes[p.node]
+    if p.action == Action.PLACE:
+        sim.start(svc, node)
+        return True
+    if p.action in (Action.EVICT, Action.MIGRATE):
+        victim = sim.instances[p.chosen.victim or ""]
+        victim.claimed = True
+        successor = sim.start(svc, node, wait_for_gpus=True)
+        advance(sim, Process("preempt", victim, p.chosen, successor=successor))
+        return True
+    return False  # WAIT: the scaler tries again on its next tick
+
+
+def _place_random(sim: Simulation, svc: Service) -> bool:
+    tp = svc.model.tp
+    free = [n for n in sim.node_list if n.free_gpus >= tp]
+    if free:
+        sim.start(svc, sim.rng.choice(free))
+        return True
+    if sim.policy.fresh_process:
+        return False  # Kubernetes: the pod stays pending until GPUs free up
+    req = _request(sim, svc)
+    idle = [i for i in sim.instances.values() if i.state == InstanceState.READY and not i.running
+            and not i.claimed and i.model.tp + sim.nodes[i.node].free_gpus >= tp
+            and displaceable(view(sim, i), req) is None]
+    if not idle:
+        return _gang_evict(sim, svc, sim.node_list)
+    victim = sim.rng.choice(idle)
+    sim.stats.evictions += 1
+    sim.stop(victim)
+    sim.start(svc, sim.nodes[victim.node])
+    return True
+
+
+def _place_preempt(sim: Simulation, svc: Service) -> bool:
+    """Shepherd*-like: the node where the model starts fastest (its fastest copy, its loader
+    queue) wins; with no free GPUs there, an instance of another service is preempted."""
+    req = _request(sim, svc)
+    tp = svc.model.tp
+    nodes = _shortlist(sim, svc.model)
+    ranked = sorted(nodes, key=lambda n: (startup(req, _inventory(sim, n, svc.model, {svc.model.name})).total_s,
+                                          n.name))
+    for node in ranked:
+        if node.free_gpus >= tp:
+            sim.start(svc, node)
+            return True
+        victims = [i for i in node.instances.values() if i.state == InstanceState.READY and not i.claimed
+                   and i.model.tp + node.free_gpus >= tp and displaceable(view(sim, i), req) is None]
+        if victims:
+            victim = min(victims, key=lambda i: (len(i.running), i.id))
+            if victim.running:
+                sim.stats.preemptions += 1
+            else:
+                sim.stats.evictions += 1
+            sim.kill(victim)
+            sim.start(svc, node)
+            return True
+    return _gang_evict(sim, svc, nodes)
+
+
+def _gang_evict(sim: Simulation, svc: Service, nodes: Sequence[SimNode]) -> bool:
+    """A model over several GPUs when no single instance frees enough of them: on the node
+    with the most GPUs free or held by idle instances that `displaceable` lets go (at least
+    `tp`), stop idle ones, the smallest first, until the model fits. Placement has one victim
+    per option, so this step is the simulator's (stated in docs/evaluation.md)."""
+    tp = svc.model.tp
+    if tp == 1 or sim.policy.fresh_process:
+        return False
+    req = _request(sim, svc)
+    best: tuple[int, str, list[SimInstance]] | None = None
+    for node in nodes:
+        idle = sorted((i for i in node.instances.values() if i.state == InstanceState.READY and not i.running
+                       and not i.claimed and displaceable(view(sim, i), req) is None),
+                      key=lambda i: (i.model.tp, i.id))
+        have = node.free_gpus + sum(i.model.tp for i in idle)
+        if have >= tp and (best is None or (have, node.name) > (best[0], best[1])):
+            best = (have, node.name, idle)
+    if best is None:
+        return False
+    node = sim.nodes[best[1]]
+    for victim in best[2]:
+        if node.free_gpus >= tp:
+            break
+        sim.stats.evictions += 1
+        sim.stop(victim)
+    sim.start(svc, node)
+    return True
+
+
+def _inventory(sim: Simulation, node: SimNode, model: Model, models: Iterable[str]) -> NodeInventory:
+    prestaged = sim.policy.prestaged_ssd
+    checkpoints = {m: t for m in models if (t := node.tier_of(m, prestaged)) != Tier.REMOTE}
+    queue = []
+    for j in node.pending_jobs(sim.now):
+        left = j.size if j.start >= sim.now else j.size * (j.end - sim.now) / (j.end - j.start)
+        queue.append(QueuedLoad(j.model, int(left), j.tier))
+    tp = model.tp
+    views = tuple(view(sim, i) for i in node.instances.values()
+                  if i.model.name != model.name and i.model.tp + node.free_gpus >= tp or i.service == model.name)
+    return NodeInventory(node.name, sim.bandwidth, checkpoints, tuple(queue), free_slots=node.free_gpus // tp,
+                         instances=views, instance_overhead_s=sim.overhead)
+
+
+def view(sim: Simulation, inst: SimInstance) -> Instance:
+    """Placement's view of an instance (`sllm_knative.placement.Instance`)."""
+    svc = sim.services[inst.service]
+    step = inst.step_s
+    return Instance(
+        inst.id, inst.model.name, inst.model.size_bytes, inflight=len(inst.running),
+        tokens=sum(r.tokens_at(sim.now, step) for r in inst.running.values()),
+        capacity=sim.cfg.capacity, migratable=sim.policy.migration,
+        ready=inst.state == InstanceState.READY and not inst.claimed,
+        protected=inst.ready_at is not None and sim.now - inst.ready_at < sim.cfg.min_residency_s,
+        service_waiting=len(svc.waiting), service_instances=max(1, len(svc.instances)), service=svc.name)
+
+
+# -- preemption and drain, as the real plans say ----------------------------------------------
+
+
+def migrated(sim: Simulation, proc: object, attempt: object) -> None:
+    """A migration's handoff time came: the process goes on with its outcome."""
+    assert isinstance(proc, Process) and isinstance(attempt, MigrationAttempt)
+    proc.progress = replace_progress(proc.progress, migration=attempt)
+    advance(sim, proc)
+
+
+def timeout(sim: Simulation, proc: object, _: object) -> None:
+    """WaitIdle's time is up: the victim still runs something (else it would have resumed)."""
+    assert isinstance(proc, Process)
+    if proc.done or proc.victim.waiter is not proc:
+        return
+    proc.victim.waiter = None
+    proc.progress = replace_progress(proc.progress, idle=False)
+    advance(sim, proc)
+
+
+def advance(sim: Simulation, proc: Process) -> None:
+    """Run the plan's steps until one needs time (an event resumes it) or the plan is empty."""
+    while not proc.done:
+        steps = _plan(sim, proc)
+        if not steps:
+            _finish(sim, proc)
+            return
+        if not _execute(sim, proc, steps[0]):
+            return
+
+
+def _plan(sim: Simulation, proc: Process) -> tuple[Step, ...]:
+    v = proc.victim
+    alive = v.state != InstanceState.STOPPED
+    view = VictimView(v.id, v.service, v.node, v.state, len(v.running)) if alive else None
+    if proc.kind == "drain":
+        return plan_drain(DrainView(view, proc.progress))
+    assert proc.option is not None
+    tier = Tier.REMOTE
+    if proc.option.destination and proc.option.starts_destination:
+        tier = sim.nodes[proc.option.destination].tier_of(v.model.name, sim.policy.prestaged_ssd)
+    return plan_preemption(PreemptionView(proc.option, view, tier, proc.progress))
+
+
+def _execute(sim: Simulation, proc: Process, step: Step) -> bool:
+    """Run one step; False when it takes time (the process resumes on an event)."""
+    v = proc.victim
+    if isinstance(step, LeaveRotation):
+        v.state = InstanceState.DRAINING
+        proc.progress = replace_progress(proc.progress, left_rotation=True)
+        return True
+    if isinstance(step, StartDestination):
+        svc = sim.services[step.service]
+        node = sim.nodes[step.node]
+        if node.free_gpus < v.model.tp:
+            proc.progress = replace_progress(proc.progress, destination_failed=True)
+            return True
+        proc.destination = sim.start(svc, node)
+        sim.waiting_destinations.append(proc)
+        return False
+    if isinstance(step, Migrate):
+        return _migrate(sim, proc, step)
+    if isinstance(step, WaitIdle):
+        if not v.running:
+            proc.progress = replace_progress(proc.progress, idle=True)
+            return True
+        v.waiter = proc
+        sim.push(sim.now + step.timeout_s, "timeout", proc)
+        return False
+    if isinstance(step, Stop):
+        if proc.kind == "preempt" and proc.option is not None and proc.option.action == Action.EVICT:
+            sim.stats.evictions += 1
+        sim.stop(v)
+        proc.progress = replace_progress(proc.progress, stopped=True)
+        return True
+    if isinstance(step, CallOff):
+        sim.stats.called_off += 1
+        v.claimed = False
+        if step.restore and v.state == InstanceState.DRAINING:
+            v.state = InstanceState.READY
+            sim.route(sim.services[v.service])
+        proc.done = True
+        if proc.successor is not None:  # the instance that waited for the slot is not started
+            _abandon(sim, proc.successor)
+        return False
+    raise AssertionError(f"unknown step {step}")
+
+
+def _migrate(sim: Simulation, proc: Process, step: Migrate) -> bool:
+    v = proc.victim
+    dest: SimInstance | None = None
+    if step.destination:
+        dest = sim.instances.get(step.destination)
+    elif step.started_on and proc.destination is not None:
+        dest = proc.destination
+    elif sim.policy.migration:
+        room = [i for i in sim.services[v.service].instances if i is not v and i.state == InstanceState.READY
+                and sim.cfg.capacity - len(i.running) >= len(v.running)]
+        dest = min(room, key=lambda i: (len(i.running), i.id)) if room else None
+    if dest is None or not sim.policy.migration or dest.state != InstanceState.READY:
+        proc.progress = replace_progress(proc.progress, migration=MigrationAttempt(refused=True))
+        return True
+    runs = list(v.running.values())
+    if not runs:
+        proc.progress = replace_progress(proc.progress, migration=MigrationAttempt(outcomes=()))
+        return True
+    tokens = sum(r.tokens_at(sim.now, v.step_s) for r in runs)
+    seconds = sim.hw.prefill_s(tokens, dest.model.params, dest.model.tp)
+    t_end = sim.now + seconds
+    outcomes = []
+    for r in runs:
+        if r.end <= t_end:
+            outcomes.append(MigrationOutcome.FINISHED_ON_SOURCE)
+            continue
+        del v.running[r.req.id]
+        moved = Running(r.req, t_end, r.first, r.end)
+        dest.running[r.req.id] = moved
+        sim.push(moved.end, "done", dest, moved)
+        outcomes.append(MigrationOutcome.MIGRATED)
+    sim.stats.migrations += outcomes.count(MigrationOutcome.MIGRATED)
+    sim.stats.migrated_tokens += tokens
+    if sim.policy.calibrate:
+        sim.calibration = observe_migration(sim.calibration, MigrationObservation(tokens, seconds))
+    # Generations that end before the handoff finish on the source; the others continue on
+    # the destination from the handoff (their end times do not change).
+    sim.push(t_end, "migrated", proc, MigrationAttempt(outcomes=tuple(outcomes)))
+    return False
+
+
+def _finish(sim: Simulation, proc: Process) -> None:
+    proc.done = True
+    succ = proc.successor
+    if succ is not None and succ.state == InstanceState.STARTING:
+        if sim.nodes[succ.node].free_gpus >= succ.model.tp:
+            sim.take_gpus(succ)
+        else:  # the node's other free GPUs went to someone else meanwhile
+            sim.stats.called_off += 1
+            _abandon(sim, succ)
+
+
+def _abandon(sim: Simulation, inst: SimInstance) -> None:
+    if inst.state == InstanceState.STOPPED:
+        return
+    sim.stop(inst)
+
+
+def destination_ready(sim: Simulation, inst: SimInstance) -> None:
+    """A migration's destination is ready: the preemptions waiting for it go on."""
+    for proc in [p for p in sim.waiting_destinations if p.destination is inst]:
+        sim.waiting_destinations.remove(proc)
+        proc.progress = replace_progress(proc.progress, destination=inst.id)
+        advance(sim, proc)
+
+
+def victim_idle(sim: Simulation, proc: Process) -> None:
+    """The victim a process waits for (WaitIdle) runs nothing any more: the process goes on."""
+    proc.progress = replace_progress(proc.progress, idle=True)
+    advance(sim, proc)
