@@ -52,7 +52,14 @@ from loader_sidecar.tiers import TierStore
 from loader_sidecar.watermarks import Watermarks
 from sllm_knative import format as fmt
 from sllm_knative import loading  # noqa: F401  (installs the extension's error types)
-from sllm_knative.loader.errors import CorruptData, DiskError, LoaderError, NotFound, StoreUnavailable
+from sllm_knative.loader.errors import (
+    CorruptData,
+    DiskError,
+    LoaderError,
+    NotFound,
+    StoreUnavailable,
+    TierFull,
+)
 from sllm_knative.log import get_logger
 
 # Small files that travel with the weights; probed by name so every store kind (even plain
@@ -285,7 +292,10 @@ class Fetcher:
     async def _fetch_checkpoint(self, store: Store, ref: ModelRef, raw: bytes, index: fmt.Index,
                                 aux: dict[str, bytes], fill: Fill | None) -> None:
         """Download into DRAM when an instance waits (then copy DRAM -> SSD off the critical
-        path), else straight into the SSD staging directory; publish each copy once verified."""
+        path), else straight into the SSD staging directory; publish each copy once verified.
+        With an instance waiting, an SSD tier that has no room (its disk full of other data, or
+        every entry in use) costs the SSD copy, not the cold start: the checkpoint goes to DRAM
+        only, and so does one whose SSD copy fails to write (ENOSPC)."""
         key = ref.key
         small = {fmt.INDEX_NAME: raw, **aux}
         files = {**{n: len(d) for n, d in small.items()}, **{p.file: p.size for p in index.partitions}}
@@ -294,18 +304,25 @@ class Fetcher:
         if fill is not None:
             fill.attach(await self.dram.reserve_when_free(key, ref.uri, total, self.config.timeout_s))
             dram_dir = self.dram.path(key)
+        staging: Path | None = None
         try:
             self.ssd.reserve(key, ref.uri, total)
+            staging = self.ssd.staging_dir(key)
+        except TierFull as exc:
+            if fill is None:
+                raise
+            _log.warning("no room in the SSD tier: the checkpoint goes to DRAM only", checkpoint=ref.uri,
+                         bytes=total, error=str(exc)[:300])
         except BaseException:
             if fill is not None:
                 self.dram.abort(key)
             raise
-        staging = self.ssd.staging_dir(key)
         target_dir = dram_dir or staging
+        assert target_dir is not None  # no DRAM fill means an SSD reservation (or a raise above)
         fds: list[int] = []
         dram_done = False
         try:
-            for d in {staging, target_dir}:
+            for d in {d for d in (staging, target_dir) if d is not None}:
                 d.mkdir(parents=True, exist_ok=True)
                 for name, data in small.items():
                     _write_file(d / name, data)
@@ -333,11 +350,23 @@ class Fetcher:
                 self.dram.publish(key, dram_dir, files)
                 dram_done = True
                 fill.finish()
-                await self._copy_to_ssd(ref, dram_dir, staging, [p.file for p in parts])
-            await in_thread(_fsync_all, [staging / n for n in files])
-            self.ssd.publish(key, staging, files)
+                if staging is not None:
+                    await self._copy_to_ssd(ref, dram_dir, staging, [p.file for p in parts])
+            if staging is not None:
+                await in_thread(_fsync_all, [staging / n for n in files])
+                self.ssd.publish(key, staging, files)
+        except DiskError as exc:
+            if staging is not None:
+                self.ssd.abort(key, staging)
+            if not dram_done:
+                if fill is not None:
+                    self.dram.abort(key)
+                raise
+            _log.warning("the SSD copy failed: the checkpoint stays in DRAM only", checkpoint=ref.uri,
+                         error=str(exc)[:300])
         except BaseException:
-            self.ssd.abort(key, staging)
+            if staging is not None:
+                self.ssd.abort(key, staging)
             if fill is not None and not dram_done:
                 self.dram.abort(key)
             raise
@@ -364,7 +393,7 @@ class Fetcher:
 
     def _block_done(self, wm: Watermarks, partition: int, block: int, *, key: str, to_dram: bool) -> None:
         wm.mark_block(partition, block)
-        self.ssd.progress(key, wm.total)
+        self.ssd.progress(key, wm.total)  # (no-op without an SSD entry: a DRAM-only fetch)
         if to_dram:
             self.dram.progress(key, wm.total)
         self._on_progress()

@@ -37,6 +37,7 @@ from sllm_knative.loader.errors import InUse, TierFull
 from sllm_knative.log import get_logger
 
 MARKER = ".sllm-entry.json"
+BUDGET = "its whole budget"  # what limits a tier's entries, unless its disk has less room
 STAGING = ".staging"
 MARKER_VERSION = 1
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}-[0-9a-f]{12}$")
@@ -71,8 +72,10 @@ def _describe(e: Entry) -> str:
     return f"{e.model} ({e.size} bytes, {why})"
 
 
-def plan_eviction(entries: Iterable[Entry], budget: int, need: int, tier: str = "tier") -> list[str]:
-    """Keys to evict, least recently used first, so that `need` more bytes fit in `budget`.
+def plan_eviction(entries: Iterable[Entry], budget: int, need: int, tier: str = "tier",
+                  what: str = BUDGET) -> list[str]:
+    """Keys to evict, least recently used first, so that `need` more bytes fit in `budget`
+    (`what` names that limit in errors: the configured budget, or the room its disk has).
 
     Raises TierFull (naming what holds the space) when even evicting every idle entry is not enough.
     """
@@ -81,7 +84,7 @@ def plan_eviction(entries: Iterable[Entry], budget: int, need: int, tier: str = 
     if need <= free:
         return []
     if need > budget:
-        raise TierFull(f"{tier} tier: needs {need} bytes but its whole budget is {budget} bytes")
+        raise TierFull(f"{tier} tier: needs {need} bytes but {what} is {budget} bytes")
     victims: list[str] = []
     for e in sorted((e for e in entries if e.evictable), key=lambda e: (e.last_use, e.key)):
         victims.append(e.key)
@@ -92,7 +95,8 @@ def plan_eviction(entries: Iterable[Entry], budget: int, need: int, tier: str = 
     # Entries that are only being read (a fill's source, the SSD copy of a fresh fetch) free up
     # by themselves soon: a caller may wait and try again.
     reading = sum(e.size for e in held if e.state is State.READY and e.leases == 0)
-    err = TierFull(f"{tier} tier: needs {need} bytes, only {free} of {budget} can be freed; in use: "
+    err = TierFull(f"{tier} tier: needs {need} bytes, only {free} of {budget} can be freed"
+                   f"{'' if what == BUDGET else f' ({what})'}; in use: "
                    + "; ".join(_describe(e) for e in held))
     err.transient = free + reading >= need
     raise err
@@ -124,15 +128,23 @@ def read_marker(entry_dir: Path) -> dict | None:
     return doc
 
 
+def disk_free_bytes(root: Path) -> int:
+    """Bytes an unprivileged writer may still put on the filesystem holding `root`."""
+    st = os.statvfs(root)
+    return st.f_bavail * st.f_frsize
+
+
 class TierStore:
     """One tier's directory, budget and entries. Not thread-safe: used from the event loop."""
 
     def __init__(self, name: str, root: Path, budget: int, *, clock: Callable[[], float] = time.time,
                  on_change: Callable[[], None] = lambda: None,
-                 on_evict: Callable[[str, Entry], None] = lambda tier, e: None) -> None:
+                 on_evict: Callable[[str, Entry], None] = lambda tier, e: None,
+                 disk_free: Callable[[Path], int] | None = None) -> None:
         self.name = name
         self.root = root
         self.budget = budget
+        self._disk_free = disk_free or disk_free_bytes
         self.entries: dict[str, Entry] = {}
         self._clock = clock
         self._on_change = on_change
@@ -166,6 +178,22 @@ class TierStore:
     @property
     def free(self) -> int:
         return max(0, self.budget - self.used)
+
+    def limit(self) -> tuple[int, str]:
+        """The bytes the entries may take, and what sets that: the budget, or less when the
+        filesystem under the tier has less room (a disk shared with other data, or smaller than
+        the budget says). The room is what the entries already hold on it (a filling entry its
+        bytes written so far) plus the filesystem's free bytes: reserving within it never
+        meets ENOSPC while nothing else writes there."""
+        try:
+            free = self._disk_free(self.root)
+        except OSError:
+            return self.budget, BUDGET
+        held = sum(e.size if e.state is State.READY else min(e.filled, e.size) for e in self.entries.values())
+        room = held + free
+        if room >= self.budget:
+            return self.budget, BUDGET
+        return room, f"the room on its disk ({free} bytes free under {self.root})"
 
     def path(self, key: str) -> Path:
         return self.root / key
@@ -212,7 +240,8 @@ class TierStore:
         """Make room for `size` bytes (evicting idle entries, LRU first) and add a FILLING entry."""
         if key in self.entries:
             raise InUse(f"{self.name} tier: {model} already has an entry ({self.entries[key].state.value})")
-        for victim in plan_eviction(self.entries.values(), self.budget, size, self.name):
+        limit, what = self.limit()
+        for victim in plan_eviction(self.entries.values(), limit, size, self.name, what):
             self._remove(victim, reason="evicted for room")
         entry = Entry(key, model, size, State.FILLING, self._clock())
         self.entries[key] = entry
@@ -223,7 +252,8 @@ class TierStore:
         """Change a FILLING entry's reservation (e.g. once a conversion's output size is known)."""
         entry = self.entries[key]
         others = [e for e in self.entries.values() if e.key != key]
-        for victim in plan_eviction(others, self.budget, size, self.name):
+        limit, what = self.limit()
+        for victim in plan_eviction(others, limit, size, self.name, what):
             self._remove(victim, reason="evicted for room")
         entry.size = size
         self._notify()

@@ -222,13 +222,23 @@ def test_checksum_mismatch_is_never_served(nginx, sidecar):
     assert_nothing_kept(client, thread)
 
 
-def test_full_ssd_budget(nginx, sidecar):
+def test_a_checkpoint_over_the_ssd_budget_goes_to_dram_only(nginx, sidecar):
+    """An instance waiting on a checkpoint the SSD tier cannot hold gets it from DRAM: the SSD
+    copy is what is given up, not the cold start. A prefetch into the SSD tier alone fails with
+    the reason."""
     thread, client = sidecar([f"{nginx.url}/models"], "--ssd-bytes", "1MiB")
-    with pytest.raises(errors.TierFull, match=r"ssd tier: needs 4\d+ bytes but its whole budget is 1048576"):
-        client.acquire("small")
-    assert_nothing_kept(client, thread)
-    with client.acquire("tiny") as lease:  # what fits still works
+    with client.acquire("small") as lease:
         lease.wait_complete(timeout=30)
+        assert lease.source == "remote"
+    inv = client.inventory()
+    assert [e.model for e in tier(inv, "ssd").entries] == []
+    assert [e.state for e in tier(inv, "dram").entries] == ["ready"]
+    assert [p for p in thread.config.ssd_dir.rglob("*") if p.is_file()] == []
+    with pytest.raises(errors.TierFull, match=r"ssd tier: needs 4\d+ bytes but its whole budget is 1048576"):
+        client.prefetch("small", tier="ssd", wait=True)
+    with client.acquire("tiny") as lease:  # what fits goes to both tiers
+        lease.wait_complete(timeout=30)
+    wait_for(lambda: ssd_states(client) == ["ready"])
 
 
 def test_full_dram_budget_of_leased_checkpoints(nginx, sidecar):

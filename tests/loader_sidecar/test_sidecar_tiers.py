@@ -131,3 +131,34 @@ def test_recover_keeps_lru_order_and_budget(tmp_path):
     smaller = TierStore("ssd", tmp_path, 60)   # restarted with a smaller budget
     smaller.recover()
     assert sorted(smaller.entries) == ["a-000000000000", "c-000000000000"]  # b was least recently used
+
+
+# The filesystem under a tier may hold less than its budget (a disk shared with other data, or
+# smaller than configured): the room is what the entries hold on it plus its free bytes.
+@pytest.mark.parametrize("disk_free, entries, want", [
+    pytest.param(10_000, [], (1000, "its whole budget"), id="a-large-disk-leaves-the-budget"),
+    pytest.param(300, [], (300, "the room on its disk (300 bytes free under {root})"), id="a-small-disk"),
+    pytest.param(300, [("a", 400, 400, State.READY)], (700, "the room on its disk (300 bytes free under {root})"),
+                 id="ready-entries-count-whole"),
+    pytest.param(300, [("a", 400, 100, State.FILLING)], (400, "the room on its disk (300 bytes free under {root})"),
+                 id="a-fill-counts-what-it-wrote"),
+    pytest.param(900, [("a", 400, 400, State.READY)], (1000, "its whole budget"), id="room-over-the-budget"),
+])
+def test_limit(tmp_path, disk_free, entries, want):
+    tier = TierStore("ssd", tmp_path, 1000, disk_free=lambda root: disk_free)
+    for key, size, filled, state in entries:
+        tier.entries[key] = Entry(key, f"file:///m/{key}", size, state, 1.0, filled=filled)
+    assert tier.limit() == (want[0], want[1].format(root=tmp_path))
+
+
+def test_reserve_evicts_for_the_disk_not_only_the_budget(tmp_path):
+    free = [1000]
+    tier = TierStore("ssd", tmp_path, 10_000, disk_free=lambda root: free[0])
+    _fill(tier, "a-000000000000", 600)
+    free[0] = 400  # the disk: a's 600 bytes, 400 free
+    tier.reserve("b-000000000000", "file:///m/b", 700)  # fits the budget, not the disk: a goes
+    assert set(tier.entries) == {"b-000000000000"} and not tier.path("a-000000000000").exists()
+    free[0] = 100
+    with pytest.raises(TierFull, match=r"ssd tier: needs 900 bytes but the room on its disk \(100 bytes free under "
+                                       r".*\) is 100 bytes"):
+        tier.reserve("c-000000000000", "file:///m/c", 900)
