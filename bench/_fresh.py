@@ -92,11 +92,15 @@ def spawn(hf_dir: Path, service: str, instance_id: str, node: str, log: Path, ma
 
 
 def set_endpoints(http: httpx.Client, admin: str, namespace: str, service: str,
-                  instances: list[dict[str, str]], container_concurrency: int = 1) -> None:
+                  instances: list[dict[str, str]], container_concurrency: int = 1,
+                  hold_timeout_s: float | None = None) -> None:
     """Register `service` on the activator's admin API with exactly these instances (none: the
-    activator holds its requests)."""
+    activator holds its requests, for `hold_timeout_s` at most; None: the activator's default)."""
     url = f"{admin}{activator_api.SERVICES}/{namespace}/{service}"
-    http.put(url, json={"container_concurrency": container_concurrency, "instances": instances}).raise_for_status()
+    body: dict[str, Any] = {"container_concurrency": container_concurrency, "instances": instances}
+    if hold_timeout_s is not None:
+        body["hold_timeout_s"] = hold_timeout_s
+    http.put(url, json=body).raise_for_status()
 
 
 def held(http: httpx.Client, admin: str) -> dict[str, tuple[int, int]]:
