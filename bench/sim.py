@@ -10,9 +10,10 @@ Runs `sim` (the discrete-event simulator on the real policy code) on the 8-GPU H
           target: a simulated hour in under 10 minutes on these 2 cores.
 
 Each runs for 10 simulated minutes of arrivals, or a full hour with --hour. Writes DIR/sim.json
-(the summaries, with `sim_s_per_wall_s`, `events_per_s`, `wall_s`, and the machine's load
-average before and after) and prints one line per run. Speed depends on what else the two cores
-run: the load average is recorded beside each number.
+(the summaries, with `sim_s_per_wall_s`, `events_per_s`, `wall_s`, `cpu_s` and `sim_s_per_cpu_s`,
+and the machine's load average before and after) and prints one line per run. Speed depends on
+what else the two cores run: the load average is recorded beside each number, and the process's
+CPU seconds beside the wall seconds (less sensitive to the others' work than the wall clock).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def run(name: str, s: Scenario) -> dict[str, Any]:
            "met": met if (name == "small" or s.duration_s >= 3600) else None, **row}
     print(f"{name}: {s.nodes} nodes x 8 GPUs, {s.models} models, {row['requests']} requests over "
           f"{s.duration_s:g} s (simulated {row['simulated_s']:.0f} s): wall {row['wall_s']:.1f} s, "
-          f"{row['sim_s_per_wall_s']:.0f}x real time, {row['events_per_s']:.0f} events/s, "
+          f"{row['sim_s_per_wall_s']:.0f}x real time ({row['sim_s_per_cpu_s']:.0f}x per CPU second, "
+          f"cpu {row['cpu_s']:.1f} s), {row['events_per_s']:.0f} events/s, "
           f"load average {before:.1f} -> {out['load_after']:.1f}; target {out['target']}: "
           f"{'met' if met else 'not met'}", flush=True)
     return out

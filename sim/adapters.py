@@ -21,6 +21,7 @@ loading it, the `SHORTLIST` free nodes with the shortest loader queues, and as m
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -143,16 +144,18 @@ def _shortlist(sim: Simulation, model: Model) -> list[SimNode]:
     if len(sim.node_list) <= SHORTLIST_ALL:
         return sim.node_list
     chosen = {n: sim.nodes[n] for n in sorted(sim.holders.get(model.name, ()))}
+    now = sim.now
     free = [n for n in sim.node_list if n.free_gpus >= model.tp and n.name not in chosen]
-    free.sort(key=lambda n: (max(0.0, n.loader_free_at - sim.now), n.free_gpus, n.name))
-    for n in free[:SHORTLIST]:
+    # The SHORTLIST first in (loader busy for, free GPUs, name) order: nsmallest is sorted()[:k].
+    for n in heapq.nsmallest(SHORTLIST, free, key=lambda n: (
+            n.loader_free_at - now if n.loader_free_at > now else 0.0, n.free_gpus, n.name)):
         chosen[n.name] = n
     if len(free) < SHORTLIST:
         busy = [n for n in sim.node_list if n.name not in chosen
                 and any(i.state == InstanceState.READY and i.model.tp + n.free_gpus >= model.tp
                         for i in n.instances.values())]
-        busy.sort(key=lambda n: (sum(len(i.running) for i in n.instances.values()), n.name))
-        for n in busy[:SHORTLIST]:
+        for n in heapq.nsmallest(SHORTLIST, busy, key=lambda n: (
+                sum(len(i.running) for i in n.instances.values()), n.name)):
             chosen[n.name] = n
     return list(chosen.values())
 

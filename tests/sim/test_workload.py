@@ -86,7 +86,7 @@ def test_percentile() -> None:
 def test_a_seeded_run_is_deterministic(tmp_path: Path) -> None:
     s = Scenario(policy="sllm", nodes=3, models=12, rate=0.5, duration_s=240.0, seed=5)
     one, two = simulate(s), simulate(s)
-    speed = {"wall_s", "sim_s_per_wall_s", "events_per_s"}
+    speed = {"wall_s", "sim_s_per_wall_s", "events_per_s", "cpu_s", "sim_s_per_cpu_s"}
     assert {k: v for k, v in one.items() if k not in speed} == {k: v for k, v in two.items() if k not in speed}
     other = simulate(dataclasses.replace(s, seed=6))
     assert other["requests"] != one["requests"] or other["ttft_p99_s"] != one["ttft_p99_s"]
