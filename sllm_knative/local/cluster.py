@@ -87,12 +87,19 @@ def _tag(state_dir: Path) -> str:
 
 
 def _dram_dir(opts: UpOptions) -> Path:
-    return opts.dram_root / f"sllm-knative-{_tag(opts.state_dir)}"
+    return runtime_dirs(opts.state_dir, opts.dram_root)[1]
 
 
 def _socket_dir(state_dir: Path) -> Path:
     """Unix socket paths are limited to 107 bytes: keep them short, outside the state dir."""
-    return Path("/tmp") / f"sllm-knative-{_tag(state_dir)}"
+    return runtime_dirs(state_dir)[0]
+
+
+def runtime_dirs(state_dir: Path, dram_root: Path = Path("/dev/shm")) -> tuple[Path, Path]:
+    """(the sockets' directory, the DRAM tiers' directory) of the cluster kept in `state_dir`:
+    outside it, named by a hash of its path."""
+    tag = _tag(state_dir)
+    return Path("/tmp") / f"sllm-knative-{tag}", dram_root / f"sllm-knative-{tag}"
 
 
 def clean_stale(state_dir: Path, dram: Path) -> None:
