@@ -121,8 +121,10 @@ class Simulation:
         heapq.heappush(self.heap, (t, self.seq, kind, a, b))
 
     def run(self) -> Simulation:
-        for r in self.requests:
-            self.push(r.arrival, "arrival", r)
+        for r in self.requests:  # every arrival at once: one heapify, not a push each
+            self.seq += 1
+            self.heap.append((r.arrival, self.seq, "arrival", r, None))
+        heapq.heapify(self.heap)  # (time, seq) is unique: the events come out in the same order
         self.push(0.0, "second")
         handlers: dict[str, Callable[[object, object], None]] = {
             "arrival": self._arrival, "second": partial(adapters.tick, self), "done": self._done,
