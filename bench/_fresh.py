@@ -78,7 +78,9 @@ class FreshInstance:
 
 def spawn(hf_dir: Path, service: str, instance_id: str, node: str, log: Path, max_concurrency: int = 1,
           env: dict[str, str] | None = None) -> FreshInstance:
-    """Start `python -m functions.llm` on free loopback ports (its own process group)."""
+    """Start `python -m functions.llm` on free loopback ports (its own process group). It gets
+    PR_SET_PDEATHSIG (sllm_knative.local.procs), which Linux sends when the *thread* that
+    spawned it exits: call this from a thread that outlives the instance."""
     from sllm_knative.local import procs
     from sllm_knative.ports import free_port
 

@@ -94,9 +94,13 @@ def build_inputs(work: Path, checkpoints: int, model_mb: int) -> tuple[list[Path
 
 
 def summarize(name: str, res: Mapping[str, Any]) -> dict[str, Any]:
+    """One profile's row: latency statistics over the counted requests (not the warm-up's);
+    failed requests, cold starts and instance-seconds over the whole run."""
     outs: list[Outcome] = res["outcomes"]
-    return {"profile": name, "requests": len(outs), "failed": sum(1 for o in outs if not o.ok),
-            **ttft_stats([o.ttft_s if o.ok else None for o in outs]),
+    counted = [o for o in outs if not o.warmup]
+    return {"profile": name, "requests": len(counted), "warmup_requests": len(outs) - len(counted),
+            "failed": sum(1 for o in outs if not o.ok),
+            **ttft_stats([o.ttft_s if o.ok else None for o in counted]),
             "cold_starts": len(res["cold_starts"]), "cold_starts_by_tier": res["cold_starts_by_tier"],
             "instance_s": instance_seconds(res["samples"]),
             "instances_seen": len({o.instance for o in outs if o.instance}),
@@ -118,10 +122,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     start_s, length_s = args.window
     shots = plan(read_trace(DEFAULT_TRACE), start_s=start_s, length_s=length_s, sample=args.sample,
                  compress=args.compress, services=args.services, checkpoints=args.checkpoints, zipf=args.zipf,
-                 max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, seed=args.seed)
+                 max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, seed=args.seed,
+                 warmup_s=args.warmup)
     if not shots:
         raise SystemExit("the window and sample rate keep no request")
-    log(f"{len(shots)} requests over {shots[-1].at_s:.0f}s to {args.services} services "
+    log(f"{len(shots)} requests ({sum(1 for s in shots if s.warmup)} warm-up) over {shots[-1].at_s:.0f}s "
+        f"to {args.services} services "
         f"({sum(1 for s in shots if s.service == 's0')} to s0); building the model")
     hfs, store = build_inputs(work, args.checkpoints, args.model_mb)
     t_begin = time.monotonic()
@@ -161,7 +167,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "targets": check_targets(rows),
         "setup": {
             "trace": "sim/data/AzureLLMInferenceTrace_conv.csv (sim.workload.read_trace)",
-            "window_s": [start_s, length_s], "compress": args.compress, "sample": args.sample,
+            "window_s": [start_s, length_s], "warmup_s": args.warmup,
+            "warmup_requests": sum(1 for s in shots if s.warmup), "compress": args.compress, "sample": args.sample,
             "services": args.services, "checkpoints": args.checkpoints, "zipf": args.zipf, "seed": args.seed,
             "max_prompt_tokens": args.max_prompt_tokens, "max_tokens": args.max_tokens,
             "requests": len(shots), "replay_s": shots[-1].at_s, "keep_alive_s": args.keep_alive,
@@ -187,9 +194,10 @@ def plot(doc: Mapping[str, Any], out: Path) -> list[Path]:
     profiles = {n: p for n, p in doc["profiles"].items() if "outcomes" in p}
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, p in profiles.items():
-        ttfts = sorted(o["ttft_s"] for o in p["outcomes"] if o["ok"])
+        counted = [o for o in p["outcomes"] if not o["warmup"]]
+        ttfts = sorted(o["ttft_s"] for o in counted if o["ok"])
         if ttfts:
-            ax.step(ttfts, [(i + 1) / len(p["outcomes"]) for i in range(len(ttfts))], where="post", label=name)
+            ax.step(ttfts, [(i + 1) / len(counted) for i in range(len(ttfts))], where="post", label=name)
     for slo in (1.0, 5.0):
         ax.axvline(slo, ls=":", color="gray", lw=0.8)
     ax.set_xscale("log")
@@ -231,8 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--window", type=_window, default=(600.0, 360.0), help="START,LENGTH into the trace, seconds "
                    "(default 600,360)")
+    p.add_argument("--warmup", type=float, default=60.0, help="trace seconds before the window replayed first and "
+                   "not counted in the latency statistics (default 60)")
     p.add_argument("--compress", type=float, default=6.0, help="time compression factor (default 6)")
-    p.add_argument("--sample", type=float, default=0.03, help="fraction of the window's requests kept (default 0.03)")
+    p.add_argument("--sample", type=float, default=0.05, help="fraction of the window's requests kept (default 0.05)")
     p.add_argument("--services", type=int, default=6, help="services (default 6)")
     p.add_argument("--checkpoints", type=int, default=2, help="checkpoints the services share (default 2)")
     p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of service popularity (default 1)")

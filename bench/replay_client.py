@@ -35,13 +35,14 @@ class Outcome:
     tokens: int = 0
     instance: str | None = None
     error: str | None = None
+    warmup: bool = False  # a warm-up request (replay_core rule 6): not in the latency statistics
 
 
 def stream(base_url: str, shot: Shot, t0: float, timeout_s: float = 600.0) -> Outcome:
     """One streaming completion with the official openai client; ok when it ended with a finish reason."""
     from openai import OpenAI
 
-    out = Outcome(shot.index, shot.service, shot.at_s)
+    out = Outcome(shot.index, shot.service, shot.at_s, warmup=shot.warmup)
     client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=timeout_s)
     sent = time.monotonic()
     out.sent_s = round(sent - t0, 4)

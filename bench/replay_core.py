@@ -19,6 +19,10 @@ Rules, stated so that a run can be reproduced:
 5. Caps: prompt tokens `min(row.prompt, max_prompt_tokens)`, generated tokens
    `min(row.output, max_tokens)`; the prompt is token ids `(7 * k + j) % vocab + 1` for j in
    range(prompt tokens) (deterministic, not text; every profile sends the same ids).
+6. Warm-up: with `warmup_s`, rules 1-5 apply to the window `[start_s - warmup_s, start_s +
+   length_s)` and the shots before `start_s` are marked `warmup`: sent like the others (they
+   bring the cluster to the state a running system is in: checkpoints in the tiers, instances
+   up), but left out of the latency statistics (a failed one still counts as failed).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class Shot:
     prompt_tokens: int
     max_tokens: int
     trace_t: float  # its time in the trace (seconds since the trace's first row)
+    warmup: bool = False  # rule 6: sent, not counted in the latency statistics
 
     def prompt_ids(self, vocab: int) -> list[int]:
         return [(7 * self.index + j) % (vocab - 1) + 1 for j in range(self.prompt_tokens)]
@@ -84,20 +89,24 @@ def service_of(k: int, services: int, zipf: float, seed: int) -> int:
 
 def plan(rows: Sequence[TraceRow], *, start_s: float, length_s: float, sample: float, compress: float,
          services: int, checkpoints: int, zipf: float, max_prompt_tokens: int, max_tokens: int,
-         seed: int = 0) -> list[Shot]:
-    """Rules 1-5: the shots of one replay, in send order."""
+         seed: int = 0, warmup_s: float = 0.0) -> list[Shot]:
+    """Rules 1-6: the shots of one replay, in send order."""
     if not 0 < sample <= 1:
         raise ValueError(f"sample must be in (0, 1], got {sample}")
     if compress <= 0:
         raise ValueError(f"compress must be > 0, got {compress}")
     if checkpoints < 1 or max_prompt_tokens < 1 or max_tokens < 1:
         raise ValueError("checkpoints, max_prompt_tokens and max_tokens must be >= 1")
-    kept = [r for i, r in enumerate(window(rows, start_s, length_s)) if unit(seed, "sample", i) < sample]
+    if not 0 <= warmup_s <= start_s:
+        raise ValueError(f"warmup_s must be in [0, start_s = {start_s}], got {warmup_s}")
+    begin = start_s - warmup_s
+    kept = [r for i, r in enumerate(window(rows, begin, warmup_s + length_s)) if unit(seed, "sample", i) < sample]
     out = []
     for k, r in enumerate(kept):
         rank = service_of(k, services, zipf, seed)
         out.append(Shot(k, round(r.t / compress, 4), f"s{rank}", rank % checkpoints,
-                        min(r.prompt, max_prompt_tokens), min(r.output, max_tokens), round(r.t + start_s, 4)))
+                        min(r.prompt, max_prompt_tokens), min(r.output, max_tokens), round(r.t + begin, 4),
+                        warmup=r.t < warmup_s))
     return out
 
 

@@ -157,7 +157,10 @@ class FreshController:
         with self.lock:
             return {s: int(s in self.instances) for s in self.services}
 
-    def _start(self, service: str, node: str, index: int) -> None:
+    def _spawn(self, service: str, node: str, index: int) -> None:
+        """Start the process from the controller's own thread: PR_SET_PDEATHSIG (procs.spawn) fires
+        when the *thread* that forked the child exits, so a short-lived thread would take its
+        instance with it. Readiness is awaited on another thread."""
         from bench import _fresh
 
         try:
@@ -165,24 +168,36 @@ class FreshController:
             resident = _fresh.drop_page_cache(d) if self.drop_cache else None
             inst = _fresh.spawn(d, service, f"{service}-fresh-{index}", node, self.logs / f"{service}-{index}.log",
                                 max_concurrency=4)
+        except Exception as exc:  # noqa: BLE001 - recorded; the held requests wait for the next try
+            self.errors.append(f"spawn {service} on {node}: {type(exc).__name__}: {exc}"[:300])
             with self.lock:
-                self.instances[service] = inst
+                self.instances.pop(service, None)
+            return
+        with self.lock:
+            self.instances[service] = inst
+        t = threading.Thread(target=self._await, args=(service, inst, resident), daemon=True)
+        self._starts.append(t)
+        t.start()
+
+    def _await(self, service: str, inst: Any, resident: float | None) -> None:
+        from bench import _fresh
+
+        try:
             report = inst.wait_ready(self.http, timeout=300)
             _fresh.set_endpoints(self.http, self.doc["activator_admin"], NAMESPACE, service, [inst.endpoint()], 4,
                                   HOLD_S)
             with self.lock:
                 self.ready.add(service)
                 self.last_busy[service] = time.monotonic()
-            self.cold_starts.append({"service": service, "instance": inst.id, "node": node, "tier": self.tier,
+            self.cold_starts.append({"service": service, "instance": inst.id, "node": inst.node, "tier": self.tier,
                                      "page_cache_left": resident,
                                      "load_s": report.get("startup", {}).get("load_s"),
                                      "ready_s": round((inst.ready_at or 0) - inst.started, 3)})
-        except Exception as exc:  # noqa: BLE001 - recorded; the held requests fail and are counted
-            self.errors.append(f"start {service} on {node}: {type(exc).__name__}: {exc}"[:300])
+        except Exception as exc:  # noqa: BLE001 - recorded; the held requests wait for the next try
+            self.errors.append(f"start {service} on {inst.node}: {type(exc).__name__}: {exc}"[:300])
             with self.lock:
-                failed = self.instances.pop(service, None)
-            if failed is not None:
-                failed.stop(grace_s=2.0)
+                self.instances.pop(service, None)
+            inst.stop(grace_s=2.0)
 
     def _run(self) -> None:
         from bench import _fresh
@@ -192,7 +207,9 @@ class FreshController:
         while not self._stop.wait(0.05):
             try:
                 stats = _fresh.held(self.http, admin)
-            except httpx.HTTPError:
+            except Exception as exc:  # noqa: BLE001 - a missed poll; the loop must not die
+                if len(self.errors) < 50:
+                    self.errors.append(f"stats: {type(exc).__name__}: {exc}"[:300])
                 continue
             now = time.monotonic()
             for s in self.services:
@@ -207,11 +224,9 @@ class FreshController:
                     if free:
                         self._n += 1
                         node = self.rng.choice(free)
-                        with self.lock:  # claim the slot before the thread runs
+                        with self.lock:  # claim the slot
                             self.instances[s] = _Pending(node)
-                        t = threading.Thread(target=self._start, args=(s, node, self._n), daemon=True)
-                        self._starts.append(t)
-                        t.start()
+                        self._spawn(s, node, self._n)
                 elif (inst is not None and s in self.ready and held + inflight == 0
                       and now - self.last_busy.get(s, now) >= self.idle_s):
                     with contextlib.suppress(httpx.HTTPError):
@@ -219,7 +234,9 @@ class FreshController:
                     with self.lock:
                         self.instances.pop(s, None)
                         self.ready.discard(s)
-                    inst.stop(grace_s=5.0)
+                    stop = threading.Thread(target=inst.stop, kwargs={"grace_s": 5.0}, daemon=True)
+                    self._starts.append(stop)
+                    stop.start()
 
     def __enter__(self) -> FreshController:
         from bench import _fresh

@@ -148,3 +148,20 @@ def test_targets(rows: dict[str, dict[str, Any]], want: dict[str, bool | None]) 
 
 def test_p99_ratios() -> None:
     assert p99_ratios({"sllm": row(0.5), "x": row(2.0), "y": row(None)}) == {"sllm": 1.0, "x": 4.0, "y": None}
+
+
+@pytest.mark.parametrize("warmup,want", [
+    pytest.param(0.0, [(0.0, 2.5, False), (1.5, 4.0, False)], id="none"),
+    pytest.param(1.5, [(0.0, 1.0, True), (1.5, 2.5, False), (3.0, 4.0, False)], id="one-row-before-start"),
+    pytest.param(2.5, [(0.0, 0.0, True), (1.0, 1.0, True), (2.5, 2.5, False), (4.0, 4.0, False)],
+                 id="from-the-trace-start"),
+])
+def test_warmup_rows_are_sent_first_and_marked(warmup: float, want: list[tuple[float, float, bool]]) -> None:
+    shots = plan(ROWS, start_s=2.5, length_s=2.0, warmup_s=warmup, **KW)
+    assert [(s.at_s, s.trace_t, s.warmup) for s in shots] == want
+
+
+@pytest.mark.parametrize("warmup", [-1.0, 3.0])
+def test_warmup_must_fit_before_the_window(warmup: float) -> None:
+    with pytest.raises(ValueError, match="warmup_s"):
+        plan(ROWS, start_s=2.5, length_s=2.0, warmup_s=warmup, **KW)

@@ -30,10 +30,14 @@ def test_summary_row_counts_failures_and_instances() -> None:
     outs = [Outcome(0, "s0", 0.0, sent_s=0.01, ttft_s=0.3, ok=True, instance="a"),
             Outcome(1, "s1", 1.0, sent_s=1.2, ttft_s=2.0, ok=True, instance="b"),
             Outcome(2, "s0", 2.0, sent_s=2.0, ttft_s=None, ok=False, error="boom"),
-            Outcome(3, "s0", 3.0, sent_s=3.0, ttft_s=0.5, ok=False, instance="a", error="cut")]
+            Outcome(3, "s0", 3.0, sent_s=3.0, ttft_s=0.5, ok=False, instance="a", error="cut"),
+            Outcome(4, "s2", 0.0, sent_s=0.0, ttft_s=9.0, ok=True, instance="c", warmup=True),
+            Outcome(5, "s2", 0.0, sent_s=0.0, ttft_s=None, ok=False, warmup=True)]
     row = summarize("x", {"outcomes": outs, "cold_starts": [{}, {}], "cold_starts_by_tier": {"ssd": 2},
                           "samples": [{"t": 0.0, "s0": 1}, {"t": 4.0, "s0": 0}]})
-    assert (row["requests"], row["failed"], row["cold_starts"], row["instances_seen"]) == (4, 2, 2, 2)
+    # the warm-up's requests: out of the latency statistics, in the failures and the instances
+    assert (row["requests"], row["warmup_requests"], row["failed"]) == (4, 2, 3)
+    assert (row["cold_starts"], row["instances_seen"]) == (2, 3)
     assert (row["ttft_p50_s"], row["ttft_max_s"], row["slo_1s"], row["slo_5s"]) == (0.3, 2.0, 0.25, 0.5)
     assert row["instance_s"] == 4.0 and row["late_send_max_s"] == 0.2
 
