@@ -196,5 +196,9 @@ class MetricWindow:
     def __hash__(self) -> int:
         return hash((self.horizon_s, self.buckets, self.first))
 
+    def __reduce__(self) -> tuple[type[MetricWindow], tuple[float, tuple[Bucket, ...], int | None]]:
+        # copy, deepcopy and pickle rebuild it from its value (its attributes cannot be set).
+        return MetricWindow, (self.horizon_s, self.buckets, self.first)
+
     def __repr__(self) -> str:
         return f"MetricWindow(horizon_s={self.horizon_s!r}, buckets={self.buckets!r}, first={self.first!r})"

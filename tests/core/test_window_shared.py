@@ -4,7 +4,9 @@ straightforward window it replaced, for any sequence of samples, and windows lef
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 from dataclasses import dataclass
 
 import pytest
@@ -123,6 +125,8 @@ def test_immutable_and_compared_by_value() -> None:
     again = MetricWindow(10.0, [(0, 1.0, 1), (1, 2.0, 1)], 0)
     assert again == w and hash(again) == hash(w) and "buckets=((0, 1.0, 1), (1, 2.0, 1))" in repr(w)
     assert again.record(2.0, 1.0) == w.record(2.0, 1.0)
+    for twin in (copy.copy(w), copy.deepcopy(w), pickle.loads(pickle.dumps(w))):
+        assert twin == w and twin.average(1.0, 10.0) == w.average(1.0, 10.0)
 
 
 @pytest.mark.parametrize("buckets", [
