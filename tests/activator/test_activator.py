@@ -255,10 +255,12 @@ def test_requests_waiting_for_room_are_served_in_arrival_order(activator, upstre
                 r = await c.post(f"{public}/v1/completions", json={"model": "fifo", "delay": 0.1})
                 assert r.status_code == 200, r.text
                 done.append(i)
-            # Requests 0-4 50 ms apart, then 10 more every 20 ms (the activator holds a request 3 s
-            # here): a newcomer landing just as the slot frees must not take it from one that waited.
+            # Requests 0-4, then 10 more, every 50 ms; each holds the slot 100 ms, so the queue
+            # grows and newcomers keep landing as the slot frees: one must not take it from a
+            # request that waited (the activator holds a request 3 s here). 50 ms, not less: on a
+            # loaded machine the client's own sends 20 ms apart were seen to leave out of order.
             await asyncio.gather(*(one(i, 0.05 * i) for i in range(5)),
-                                 *(one(5 + k, 0.25 + 0.02 * k) for k in range(10)))
+                                 *(one(5 + k, 0.25 + 0.05 * k) for k in range(10)))
         return done
 
     order = asyncio.run(run())
