@@ -161,9 +161,11 @@ async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_name
         ticker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await ticker
+        # The Lease first: a standby leads as soon as it is released, and the grace period may
+        # end (SIGKILL) before the rest has stopped; the webhook needs no leadership.
+        await asyncio.to_thread(pa.stop)
         if webhook is not None:
             await asyncio.to_thread(webhook.stop)
-        await asyncio.to_thread(pa.stop)
         await asyncio.to_thread(source.stop)
         await activators.close()
         await backend.close()
