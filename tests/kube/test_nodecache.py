@@ -332,7 +332,8 @@ def test_the_loader_keeps_serving_while_the_api_server_is_unreachable(
         switch.up()
         until(lambda: (checkpoint(nodecache(api, node), model) or {}).get("state") == "Downloaded", RESYNC_S + 15,
               "what happened during the outage to be published once the API server is reachable")
-        assert "NodeCache published again" in loader.log()
+        # Logged once the write has returned: it may come a moment after the object shows it.
+        until(lambda: "NodeCache published again" in loader.log(), 15, "the loader to log the recovery")
     finally:
         switch.down()
 
