@@ -3,6 +3,7 @@
     python -m sim run   --policy sllm,knative-default --hardware h100x8 --nodes 100 --models 100 --rate 10
     python -m sim sweep --policy sllm,locality-blind --rates 0.5,1,2,4 --out out/sim-sweep
     python -m sim study --out out/sim-study          # the paper's scheduler study (docs/evaluation.md)
+    python -m sim validate --replay out/replay/replay.json --out out/sim-validate   # against a real replay
 
 `run` prints one summary per policy (and writes it as JSON with --out); `sweep` and `study`
 write `sweep.json` and `ttft_vs_load.png` under --out.
@@ -14,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from sim.policies import POLICIES, STUDY, get_policy
@@ -80,12 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--rates", type=_floats, default=list(STUDY_RATES))
     _scenario_args(st, STUDY_SCENARIO)
     st.add_argument("--out", type=Path, required=True)
+    va = sub.add_parser("validate", help="predict a bench/replay.py run's p50/p99 TTFT per profile (sim/validate.py)")
+    va.add_argument("--replay", type=Path, required=True, help="a replay.json (its replay-logs/ beside it)")
+    va.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
 
     def log(line: str) -> None:
         print(line, flush=True)
 
     try:
+        if a.cmd == "validate":
+            return _validate(a.replay, a.out, log)
         if a.cmd == "run":
             base = _scenario(a, Scenario())
             rows = [simulate(dataclasses.replace(base, policy=p, rate=a.rate)) for p in a.policy]
@@ -110,6 +117,29 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _validate(replay: Path, out: Path, log: Callable[[str], None]) -> int:
+    from sim import validate
+
+    try:
+        doc = json.loads(replay.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{replay}: cannot read a replay document: {e}") from None
+    result = validate.validate(doc, validate.logs_of(replay))
+    result["command"] = " ".join(["python -m sim", *sys.argv[1:]])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "validate.json").write_text(json.dumps(result, indent=1))
+    for r in result["rows"]:
+        if "p50" not in r:
+            log(f"{r['profile']:18s} skipped: {r['skipped']}")
+            continue
+        log(f"{r['profile']:18s} " + "  ".join(
+            f"{q} measured {r[q]['measured_s']:.3f} s predicted {r[q]['predicted_s']:.3f} s x{r[q]['ratio']}"
+            f" {'ok' if r[q]['within'] else 'MISS'}" for q in ("p50", "p99")))
+    log(f"wrote {validate.plot(result, out, f'simulator vs {replay}')}")
+    log(f"wrote {out / 'validate.json'}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -136,14 +136,14 @@ def place_instance(sim: Simulation, svc: Service) -> bool:
 
 def _request(sim: Simulation, svc: Service) -> ModelRequest:
     starving = bool(svc.waiting) and sim.now - svc.waiting[0].arrival >= sim.cfg.fair_share_after_s
-    return ModelRequest(svc.model.name, svc.model.size_bytes, service=svc.name,
+    return ModelRequest(svc.model.key, svc.model.size_bytes, service=svc.name,
                         holding=len(svc.instances), starving=starving)
 
 
 def _shortlist(sim: Simulation, model: Model) -> list[SimNode]:
     if len(sim.node_list) <= SHORTLIST_ALL:
         return sim.node_list
-    chosen = {n: sim.nodes[n] for n in sorted(sim.holders.get(model.name, ()))}
+    chosen = {n: sim.nodes[n] for n in sorted(sim.holders.get(model.key, ()))}
     now = sim.now
     free = [n for n in sim.node_list if n.free_gpus >= model.tp and n.name not in chosen]
     # The SHORTLIST first in (loader busy for, free GPUs, name) order: nsmallest is sorted()[:k].
@@ -162,7 +162,7 @@ def _shortlist(sim: Simulation, model: Model) -> list[SimNode]:
 
 def _place_load_time(sim: Simulation, svc: Service) -> bool:
     nodes = _shortlist(sim, svc.model)
-    models = {svc.model.name} | {i.model.name for n in nodes for i in n.instances.values()}
+    models = {svc.model.key} | {i.model.key for n in nodes for i in n.instances.values()}
     invs = [_inventory(sim, n, svc.model, models) for n in nodes]
     p = place(_request(sim, svc), invs, sim.calibration if sim.policy.calibrate else None)
     if p.chosen is None or p.node is None:
@@ -187,7 +187,11 @@ def _place_random(sim: Simulation, svc: Service) -> bool:
         sim.start(svc, sim.rng.choice(free))
         return True
     if sim.policy.fresh_process:
-        return False  # Kubernetes: the pod stays pending until GPUs free up
+        # Kubernetes: the pod stays pending and is scheduled the moment GPUs free up, in the
+        # order the pods were created (`schedule_pending`), before any later arrival's pod.
+        if svc not in sim.pending:
+            sim.pending.append(svc)
+        return False
     req = _request(sim, svc)
     idle = [i for i in sim.instances.values() if i.state == InstanceState.READY and not i.running
             and not i.claimed and i.model.tp + sim.nodes[i.node].free_gpus >= tp
@@ -201,13 +205,30 @@ def _place_random(sim: Simulation, svc: Service) -> bool:
     return True
 
 
+def schedule_pending(sim: Simulation) -> None:
+    """GPUs were freed: the pending pods (fresh-process policies) that still want an instance
+    are placed, oldest first, while a node has room (the scheduler reacts at once, not on the
+    next tick; a replay run showed a service waiting 68 s instead of 17 s without this)."""
+    while sim.pending:
+        svc = sim.pending[0]
+        current = sum(1 for i in svc.instances if i.state in (InstanceState.STARTING, InstanceState.READY))
+        if not svc.waiting or current >= max(1, svc.desired):
+            sim.pending.pop(0)
+            continue
+        if not any(n.free_gpus >= svc.model.tp for n in sim.node_list):
+            return
+        sim.pending.pop(0)
+        sim.stats.placements += 1
+        _place_random(sim, svc)
+
+
 def _place_preempt(sim: Simulation, svc: Service) -> bool:
     """Shepherd*-like: the node where the model starts fastest (its fastest copy, its loader
     queue) wins; with no free GPUs there, an instance of another service is preempted."""
     req = _request(sim, svc)
     tp = svc.model.tp
     nodes = _shortlist(sim, svc.model)
-    ranked = sorted(nodes, key=lambda n: (startup(req, _inventory(sim, n, svc.model, {svc.model.name})).total_s,
+    ranked = sorted(nodes, key=lambda n: (startup(req, _inventory(sim, n, svc.model, {svc.model.key})).total_s,
                                           n.name))
     for node in ranked:
         if node.free_gpus >= tp:
@@ -265,7 +286,7 @@ def _inventory(sim: Simulation, node: SimNode, model: Model, models: Iterable[st
         queue.append(QueuedLoad(j.model, int(left), j.tier))
     tp = model.tp
     views = tuple(view(sim, i) for i in node.instances.values()
-                  if i.model.name != model.name and i.model.tp + node.free_gpus >= tp or i.service == model.name)
+                  if i.model.key != model.key and i.model.tp + node.free_gpus >= tp or i.service == model.name)
     return NodeInventory(node.name, sim.bandwidth, checkpoints, tuple(queue), free_slots=node.free_gpus // tp,
                          instances=views, instance_overhead_s=sim.overhead)
 
@@ -275,7 +296,7 @@ def view(sim: Simulation, inst: SimInstance) -> Instance:
     svc = sim.services[inst.service]
     step = inst.step_s
     return Instance(
-        inst.id, inst.model.name, inst.model.size_bytes, inflight=len(inst.running),
+        inst.id, inst.model.key, inst.model.size_bytes, inflight=len(inst.running),
         tokens=sum(r.tokens_at(sim.now, step) for r in inst.running.values()),
         capacity=sim.cfg.capacity, migratable=sim.policy.migration,
         ready=inst.state == InstanceState.READY and not inst.claimed,
@@ -323,7 +344,7 @@ def _plan(sim: Simulation, proc: Process) -> tuple[Step, ...]:
     assert proc.option is not None
     tier = Tier.REMOTE
     if proc.option.destination and proc.option.starts_destination:
-        tier = sim.nodes[proc.option.destination].tier_of(v.model.name, sim.policy.prestaged_ssd)
+        tier = sim.nodes[proc.option.destination].tier_of(v.model.key, sim.policy.prestaged_ssd)
     return plan_preemption(PreemptionView(proc.option, view, tier, proc.progress))
 
 

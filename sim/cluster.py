@@ -36,6 +36,8 @@ class SimConfig:
     fair_share_after_s: float = 15.0  # ScalingPolicy fairShareAfter: a service waiting this long is starving
     tail_s: float = 1800.0  # after the last arrival, how long requests may still finish
     seed: int = 0
+    max_scale: int = 0  # instances per service at most (the max-scale annotation); 0: unbounded
+    stable_window_s: float | None = None  # the window annotation (KPA stable window); None: the default
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.capacity < 1:

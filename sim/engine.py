@@ -37,6 +37,7 @@ The simulator in three modules:
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import random
@@ -50,6 +51,7 @@ from sim.cluster import LoadJob, Lru, Process, Running, Service, SimConfig, SimI
 from sim.hardware import HardwareProfile
 from sim.policies import Policy
 from sim.workload import Model, Request
+from sllm_knative.config import AutoscalerConfig, panic_window
 from sllm_knative.placement import Calibration, LoadObservation, Tier, observe_load, observe_start
 
 __all__ = ["Simulation"]
@@ -85,7 +87,11 @@ class Simulation:
         self.calibration = Calibration()
         self.overhead = hw.fresh_process_s if policy.fresh_process else hw.overhead_s
         spec = DeciderSpec(target=config.capacity * config.target_utilization, total=float(config.capacity),
-                           keep_alive=config.keep_alive_s if policy.keep_alive else None)
+                           keep_alive=config.keep_alive_s if policy.keep_alive else None,
+                           max_scale=config.max_scale)
+        if config.stable_window_s is not None:
+            spec = dataclasses.replace(spec, stable_window=config.stable_window_s, panic_window=panic_window(
+                config.stable_window_s, AutoscalerConfig().panic_window_percentage))
         self.services = {m.name: Service(m.name, m, spec, initial_state(spec, 0.0)) for m in models}
         self.active: dict[str, Service] = {}
         self.instances: dict[str, SimInstance] = {}
@@ -97,6 +103,7 @@ class Simulation:
         self.end: dict[int, float] = {}
         self.stats = Stats()
         self.waiting_destinations: list[Process] = []
+        self.pending: list[Service] = []  # fresh-process policies: services whose pod waits for GPUs
         self.trace: list[tuple[str, str, str, str, float]] = []  # ("start", instance, node, tier, time)
         self.last_arrival = self.requests[-1].arrival if self.requests else 0.0
         self.horizon = self.last_arrival + config.tail_s
@@ -111,8 +118,9 @@ class Simulation:
         lru = {Tier.DRAM: n.dram, Tier.SSD: n.ssd}.get(tier)
         if lru is None:
             raise ValueError(f"preload: policy {self.policy.name} keeps no {tier} tier on {node}")
-        lru.add(model, self.models[model].size_bytes)
-        self.holders.setdefault(model, set()).add(node)
+        m = self.models[model]
+        lru.add(m.key, m.size_bytes)
+        self.holders.setdefault(m.key, set()).add(node)
 
     # -- the event loop ------------------------------------------------------------------------
 
@@ -200,14 +208,14 @@ class Simulation:
         m = svc.model
         self.ids += 1
         tier = Tier.REMOTE if not (self.policy.dram_tier or self.policy.ssd_cache or self.policy.prestaged_ssd) \
-            else node.tier_of(m.name, self.policy.prestaged_ssd)
+            else node.tier_of(m.key, self.policy.prestaged_ssd)
         inst = SimInstance(f"i{self.ids}", svc.name, m, node.name, InstanceState.STARTING, self.now, tier,
                            self.hw.decode_step_s(m.params, m.tp))
         self.instances[inst.id] = inst
         node.instances[inst.id] = inst
         self.trace.append(("start", inst.id, node.name, str(tier), self.now))
         svc.instances.append(inst)
-        joined = next((j for j in node.pending_jobs(self.now) if j.model == m.name), None)
+        joined = next((j for j in node.pending_jobs(self.now) if j.model == m.key), None)
         if joined is not None:
             inst.load_end = joined.end
             inst.tier = joined.tier
@@ -215,14 +223,14 @@ class Simulation:
         else:
             for lru in (node.dram, node.ssd):
                 if lru is not None:
-                    lru.touch(m.name)
+                    lru.touch(m.key)
             rate = self.actual[tier] if tier == Tier.DRAM else min(self.actual[tier], self.actual[Tier.DRAM])
             rate *= math.exp(self.noise.gauss(0.0, self.hw.load_noise)) if self.hw.load_noise else 1.0
             start = max(self.now, node.loader_free_at)
-            job = LoadJob(m.name, m.size_bytes, tier, start, start + m.size_bytes / rate)
+            job = LoadJob(m.key, m.size_bytes, tier, start, start + m.size_bytes / rate)
             node.loader_free_at = job.end
             node.jobs.append(job)
-            self.holders.setdefault(m.name, set()).add(node.name)
+            self.holders.setdefault(m.key, set()).add(node.name)
             inst.load_end = job.end
             self.push(job.end, "loaded", node, job)
             self.stats.cold_starts[str(tier)] = self.stats.cold_starts.get(str(tier), 0) + 1
@@ -280,6 +288,8 @@ class Simulation:
             self._restart(run, inst.step_s)
         inst.running.clear()
         self.route(svc)
+        if self.pending:
+            adapters.schedule_pending(self)
 
     def release(self, inst: SimInstance) -> None:
         if inst.gpus_held:

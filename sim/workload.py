@@ -60,10 +60,16 @@ class Model:
     kind: str  # the real checkpoint it is sized after
     params: float
     tp: int
+    checkpoint: str = ""  # the checkpoint it serves, when services share one (bench/replay); "": its own
 
     @property
     def size_bytes(self) -> int:
         return int(self.params * BYTES_PER_PARAM)
+
+    @property
+    def key(self) -> str:
+        """What the tiers, the loader and placement know it by: its checkpoint."""
+        return self.checkpoint or self.name
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,285 @@
+"""The simulator against a real trace replay (issue 16 §2, "Validated against reality").
+
+    python -m sim validate --replay out/replay/replay.json --out out/sim-validate
+
+`bench/replay.py` writes what it sent (`shots`: send time, service, checkpoint, prompt and
+output caps), the cluster's shape (`setup`), and per profile what came back (`outcomes`: when
+each request was really sent, its TTFT and end, the instance that served it; the fresh
+processes' cold starts). Its `replay-logs/` beside the JSON hold each sllm-type profile's
+autoscaler and instance logs: per instance, the tier its checkpoint came from, how long the
+lease (the load) took and how long from placement to ready.
+
+This module turns one such run into the simulator's inputs and compares:
+
+1. `measure`: this machine's numbers, from that run only (each one's source in `Measured.sources`):
+   load seconds per tier (median lease time of that tier in the instance logs), the instance
+   start overhead (median of ready time minus lease time per instance), the fresh-process start
+   (median `ready_s - load_s` of knative-default's and kserve-localcache's cold starts), the
+   per-token prefill (median TTFT of warm requests over the prompt length) and the decode step
+   (median gap between a warm request's tokens). `hardware` makes that a `HardwareProfile`.
+2. `inputs`: the same requests (arrival = the time the replay really sent each one in that
+   profile; warm-up requests simulated but not counted, as the replay does), one model per
+   service carrying the checkpoint it serves (services share checkpoints), the cluster's nodes
+   and slots, containerConcurrency, max-scale, window and keep-alive.
+3. `predict`: the real `Simulation` with the real policy (`REPLAY_POLICIES` maps a replay
+   profile to one; ray-serve has none). The replay gives every profile the same keep-alive
+   (its fresh-process controller stops an instance idle for `--keep-alive`), so the
+   fresh-process policies run with the keep-alive here too.
+4. `compare`: predicted over measured p50 and p99 TTFT, within `TOLERANCE` or not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.replay_core import ttft_stats
+from sim.cluster import SimConfig
+from sim.engine import Simulation
+from sim.hardware import GB, HardwareProfile
+from sim.policies import get_policy
+from sim.workload import BYTES_PER_PARAM, Model, Request
+from sllm_knative.placement import Tier
+
+#: Replay profile -> sim policy. ray-serve has none: Ray Serve's own autoscaler and proxy are
+#: not the decider and activator the simulator runs.
+REPLAY_POLICIES = {"sllm": "sllm", "no-dram-tier": "no-dram-tier", "no-locality": "no-locality",
+                   "no-migration": "no-migration", "knative-default": "knative-default",
+                   "kserve-localcache": "kserve-localcache"}
+TOLERANCE = 0.25  # issue 16 §2: predicted p50 and p99 TTFT within 25% of the measured ones
+#: The replay's cluster tiers: `sllm-knative up --dram-gb 2 --ssd-gb 4` (bench/replay_profiles.py cluster()).
+DRAM_TIER_BYTES = 2 * 2**30
+SSD_TIER_BYTES = 4 * 2**30
+SOURCES = {"dram": Tier.DRAM, "ssd": Tier.SSD, "remote": Tier.REMOTE}
+
+_KV = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
+
+
+def fields(line: str) -> dict[str, str]:
+    """The key=value fields of one log line (values may be double-quoted)."""
+    return {k: v[1:-1] if v.startswith('"') else v for k, v in _KV.findall(line)}
+
+
+def instance_timings(lines: Iterable[str]) -> list[dict[str, Any]]:
+    """Per instance, from the autoscaler's and the instances' log lines of one profile: the tier
+    its lease came from, the bytes, the lease seconds, and the seconds from placement to ready.
+    Instances without both a lease and a ready line are left out."""
+    lease: dict[str, dict[str, str]] = {}
+    ready: dict[str, float] = {}
+    for line in lines:
+        if 'msg="lease complete"' in line:
+            f = fields(line)
+            lease[f["instance"]] = f
+        elif 'msg="instance ready"' in line:
+            f = fields(line)
+            ready[f["instance"]] = float(f["seconds"])
+    return [{"instance": i, "source": f["source"], "bytes": int(f["bytes"]), "lease_s": float(f["seconds"]),
+             "ready_s": ready[i]} for i, f in sorted(lease.items()) if i in ready and f.get("source") in SOURCES]
+
+
+def read_logs(profile_dir: Path) -> list[str]:
+    lines: list[str] = []
+    for f in sorted(profile_dir.rglob("*.log")):
+        lines.extend(f.read_text(errors="replace").splitlines())
+    return lines
+
+
+def warm(outcomes: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The requests sent to an instance that had already produced a first token (no cold start
+    in their TTFT)."""
+    first: dict[str, float] = {}
+    out = []
+    for o in sorted((o for o in outcomes if o.get("ok") and o.get("instance")), key=lambda o: o["sent_s"]):
+        inst = o["instance"]
+        if inst in first and first[inst] < o["sent_s"]:
+            out.append(o)
+        first[inst] = min(first.get(inst, math.inf), o["sent_s"] + o["ttft_s"])
+    return out
+
+
+@dataclass(frozen=True)
+class Measured:
+    """This machine's numbers, measured in one replay run; `sources` says where each came from."""
+
+    checkpoint_bytes: int
+    load_s: Mapping[Tier, float]  # median seconds of one load from each tier
+    load_sigma: float  # the spread of log(load seconds) around each tier's median, pooled
+    overhead_s: float  # instance start beyond the load (zygote fork, server, warm-up)
+    fresh_process_s: float  # a fresh process's start beyond its load
+    prefill_s_per_token: float  # pooled over every profile
+    decode_step_s: float
+    sources: Mapping[str, str] = field(default_factory=dict)
+    #: per profile: (prefill s/token, decode step s) of its own warm requests: the machine's
+    #: speed while that profile ran (its CPU contention: fresh processes importing, other work)
+    compute: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def _median(xs: Sequence[float], what: str) -> float:
+    if not xs:
+        raise ValueError(f"the replay records no {what}")
+    return float(statistics.median(xs))
+
+
+def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measured:
+    """`doc`: a replay.json; `logs`: profile -> its log lines (replay-logs/<profile>/**.log)."""
+    profiles = doc["profiles"]
+    timings = [t for name in REPLAY_POLICIES if name in logs and not get_policy(name).fresh_process
+               for t in instance_timings(logs[name])]
+    if not timings:
+        raise ValueError("no instance timings: the replay's logs have no 'lease complete' and 'instance ready' "
+                         "lines for an sllm-type profile")
+    size = int(statistics.median(t["bytes"] for t in timings))
+    by_tier = {tier: [t["lease_s"] for t in timings if SOURCES[t["source"]] == tier] for tier in SOURCES.values()}
+    load_s = {tier: _median(xs, f"{tier} loads") for tier, xs in by_tier.items() if xs}
+    if Tier.SSD not in load_s and Tier.REMOTE in load_s:  # no SSD load seen: an SSD read is no slower than the store
+        load_s[Tier.SSD] = load_s[Tier.REMOTE]
+    if set(load_s) != set(SOURCES.values()):
+        raise ValueError(f"the replay's logs have loads from {sorted(map(str, load_s))} only; need dram and remote")
+    logs_dev = [math.log(x / load_s[tier]) for tier, xs in by_tier.items() for x in xs if x > 0]
+    sigma = statistics.pstdev(logs_dev) if len(logs_dev) > 1 else 0.0
+    overhead = _median([t["ready_s"] - t["lease_s"] for t in timings], "instance starts")
+    fresh = [c["ready_s"] - c["load_s"] for name, p in profiles.items()
+             if name in REPLAY_POLICIES and get_policy(name).fresh_process
+             for c in p.get("cold_starts", []) if c.get("ready_s") is not None and c.get("load_s") is not None]
+    fresh_s = _median(fresh, "fresh-process cold starts") if fresh else overhead
+    prompt = {s["index"]: s["prompt_tokens"] for s in doc["shots"]}
+
+    def speed(outs: Sequence[Mapping[str, Any]]) -> tuple[float, float]:
+        return (_median([o["ttft_s"] / prompt[o["index"]] for o in outs], "warm requests"),
+                _median([(o["end_s"] - o["sent_s"] - o["ttft_s"]) / (o["tokens"] - 1) for o in outs if o["tokens"] > 1],
+                        "warm requests of more than one token"))
+
+    per = {name: warm(p["outcomes"]) for name, p in profiles.items() if name in REPLAY_POLICIES and p.get("outcomes")}
+    warms = [o for outs in per.values() for o in outs]
+    prefill, step = speed(warms)
+    compute = {name: speed(outs) for name, outs in per.items() if len(outs) >= 5}
+    n_fresh = len(fresh)
+    return Measured(size, load_s, sigma, overhead, fresh_s, prefill, step, sources={
+        "checkpoint_bytes": f"median 'lease complete' bytes of {len(timings)} instances",
+        "load_s": "median 'lease complete' seconds per source: " + ", ".join(
+            f"{t} {len(by_tier[t])} loads" for t in SOURCES.values()),
+        "load_sigma": "population stdev of log(lease seconds / its tier's median)",
+        "overhead_s": f"median of autoscaler 'instance ready' seconds minus lease seconds, {len(timings)} instances",
+        "fresh_process_s": (f"median ready_s - load_s of {n_fresh} knative-default/kserve-localcache cold starts"
+                            if n_fresh else "no fresh-process cold start recorded: overhead_s"),
+        "prefill_s_per_token": f"median TTFT / prompt tokens of {len(warms)} warm requests (HTTP path included)",
+        "decode_step_s": "median (end - sent - TTFT) / (tokens - 1) of the same warm requests",
+        "compute": "per profile, the same two medians over that profile's own warm requests",
+    }, compute=compute)
+
+
+def hardware(m: Measured, profile: str | None = None) -> HardwareProfile:
+    """The this-machine profile from a replay's measurements (a slot is a "GPU"; rates are
+    achieved); with `profile`, the compute speed measured while that profile ran."""
+    params = m.checkpoint_bytes / BYTES_PER_PARAM
+    prefill, step = m.compute.get(profile or "", (m.prefill_s_per_token, m.decode_step_s))
+    return HardwareProfile(
+        name="this-machine (measured)", gpus_per_node=2, gpu_mem_bytes=4 * GB,
+        dram_tier_bytes=DRAM_TIER_BYTES, ssd_tier_bytes=SSD_TIER_BYTES,
+        nominal={t: m.checkpoint_bytes / s for t, s in m.load_s.items()},
+        efficiency={t: 1.0 for t in m.load_s},
+        overhead_s=m.overhead_s, fresh_process_s=m.fresh_process_s,
+        flops=2.0 * params / prefill, mfu=1.0,
+        hbm_bytes_s=2.0 * params / step, hbm_eff=1.0,
+        load_noise=m.load_sigma, notes=dict(m.sources))
+
+
+def inputs(doc: Mapping[str, Any], profile: str, size_bytes: int) -> tuple[list[Model], list[Request], SimConfig]:
+    """The simulator's models, requests and config for one replay profile's run."""
+    s = doc["setup"]
+    if s.get("slots_per_node") != 2:
+        raise ValueError(f"the measured profile has 2 slots per node; the replay had {s.get('slots_per_node')}")
+    ckpt = {sh["service"]: f"c{sh['checkpoint']}" for sh in doc["shots"]}
+    models = [Model(svc, "replay", size_bytes / BYTES_PER_PARAM, 1, checkpoint=c) for svc, c in sorted(ckpt.items())]
+    sent = {o["index"]: o["sent_s"] for o in doc["profiles"].get(profile, {}).get("outcomes", [])}
+    reqs = sorted(((sent.get(sh["index"], sh["at_s"]), sh) for sh in doc["shots"]), key=lambda x: (x[0], x[1]["index"]))
+    requests = [Request(sh["index"], t, sh["service"], sh["prompt_tokens"], sh["max_tokens"]) for t, sh in reqs]
+    cfg = SimConfig(nodes=int(s["nodes"]), capacity=int(s["container_concurrency"]), keep_alive_s=float(s["keep_alive_s"]),
+                    max_scale=int(s["max_scale"]), stable_window_s=6.0, seed=int(s.get("seed", 0)), tail_s=600.0)
+    return models, requests, cfg
+
+
+def predict(doc: Mapping[str, Any], profile: str, hw: HardwareProfile, size_bytes: int) -> dict[str, Any]:
+    """Simulate one replay profile; the TTFT statistics over the counted requests, as the replay computes them."""
+    models, requests, cfg = inputs(doc, profile, size_bytes)
+    policy = dataclasses.replace(get_policy(REPLAY_POLICIES[profile]), keep_alive=True)
+    sim = Simulation(hw, policy, models, requests, cfg).run()
+    warmup = {s["index"] for s in doc["shots"] if s.get("warmup")}
+    ttft = [t for r, t in zip(sim.requests, sim.ttfts(), strict=True) if r.id not in warmup]
+    return {**ttft_stats(ttft), "cold_starts": dict(sorted(sim.stats.cold_starts.items())),
+            "unserved": len(sim.requests) - len(sim.end)}
+
+
+def compare(measured: Mapping[str, Any], predicted: Mapping[str, Any]) -> dict[str, Any]:
+    """Per statistic (p50, p99): measured, predicted, predicted / measured, within TOLERANCE."""
+    out: dict[str, Any] = {}
+    for q in ("p50", "p99"):
+        m, p = measured.get(f"ttft_{q}_s"), predicted.get(f"ttft_{q}_s")
+        ratio = p / m if m and p is not None else None
+        out[q] = {"measured_s": m, "predicted_s": p, "ratio": None if ratio is None else round(ratio, 3),
+                  "within": ratio is not None and abs(ratio - 1.0) <= TOLERANCE}
+    out["within"] = all(out[q]["within"] for q in ("p50", "p99"))
+    return out
+
+
+def validate(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    m = measure(doc, logs)
+    rows = []
+    measured_rows = {r["profile"]: r for r in doc["rows"]}
+    for name, row in measured_rows.items():
+        if name not in REPLAY_POLICIES or row.get("ttft_p50_s") is None:
+            rows.append({"profile": name, "skipped": "no sim policy" if name not in REPLAY_POLICIES else "no numbers"})
+            continue
+        pred = predict(doc, name, hardware(m, name), m.checkpoint_bytes)
+        rows.append({"profile": name, "policy": REPLAY_POLICIES[name], **compare(row, pred),
+                     "measured_cold_starts": row.get("cold_starts_by_tier"), "predicted_cold_starts": pred["cold_starts"],
+                     "unserved": pred["unserved"]})
+    return {"tolerance": TOLERANCE, "measured": {
+                "checkpoint_bytes": m.checkpoint_bytes, "load_s": {str(t): round(v, 4) for t, v in m.load_s.items()},
+                "load_sigma": round(m.load_sigma, 3), "overhead_s": round(m.overhead_s, 4),
+                "fresh_process_s": round(m.fresh_process_s, 3), "prefill_s_per_token": round(m.prefill_s_per_token, 5),
+                "decode_step_s": round(m.decode_step_s, 4), "sources": dict(m.sources),
+                "compute_per_profile": {k: {"prefill_s_per_token": round(a, 5), "decode_step_s": round(b, 4)}
+                                        for k, (a, b) in m.compute.items()}},
+            "rows": rows}
+
+
+def logs_of(replay_json: Path) -> dict[str, list[str]]:
+    """replay-logs/<profile>/**.log beside the replay JSON, per profile."""
+    root = replay_json.parent / "replay-logs"
+    return {d.name: read_logs(d) for d in sorted(root.iterdir()) if d.is_dir()} if root.is_dir() else {}
+
+
+def plot(result: Mapping[str, Any], out: Path, title: str) -> Path:
+    """Measured and predicted p50 and p99 TTFT per profile, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "p50" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = range(len(rows))
+    for ax, q in zip(axes, ("p50", "p99"), strict=True):
+        ax.bar([i - 0.2 for i in x], [r[q]["measured_s"] for r in rows], 0.4, label="measured (replay)")
+        ax.bar([i + 0.2 for i in x], [r[q]["predicted_s"] for r in rows], 0.4, label="predicted (sim)")
+        for i, r in enumerate(rows):
+            ax.text(i, max(r[q]["measured_s"], r[q]["predicted_s"]), f"x{r[q]['ratio']}", ha="center",
+                    va="bottom", fontsize=8, color="black" if r[q]["within"] else "red")
+        ax.set_xticks(list(x), [r["profile"] for r in rows], rotation=25, ha="right", fontsize=8)
+        ax.set_ylabel(f"TTFT {q} (s)")
+        ax.legend(fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "validate.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,153 @@
+"""sim/validate.py's pure parts: log lines and a replay document into the simulator's inputs,
+and the comparison against the 25% bound. Numbers are small enough to check by hand."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sim import validate as v
+from sllm_knative.placement import Tier
+
+READY = '2026-12-06T04:04:10.371Z INFO autoscaler msg="instance ready" service=default/s0 instance={i} seconds={s}'
+LEASE = ('2026-12-06T04:04:10.016Z INFO functions.llm msg="lease complete" service=default/s0 instance={i} '
+         'source={src} bytes=200 seconds={s}')
+
+
+@pytest.mark.parametrize(("line", "want"), [
+    ('a=1 msg="lease complete" b=x', {"a": "1", "msg": "lease complete", "b": "x"}),
+    ('msg=ready reason="a \\"q\\" b" n=2', {"msg": "ready", "reason": 'a \\"q\\" b', "n": "2"}),
+    ("no fields here", {}),
+])
+def test_fields(line: str, want: dict[str, str]) -> None:
+    assert v.fields(line) == want
+
+
+@pytest.mark.parametrize(("lines", "want"), [
+    # lease and ready for one instance: one timing
+    ([LEASE.format(i="a", src="dram", s=0.1), READY.format(i="a", s=0.5)],
+     [{"instance": "a", "source": "dram", "bytes": 200, "lease_s": 0.1, "ready_s": 0.5}]),
+    # a lease without a ready line, a ready line without a lease: nothing
+    ([LEASE.format(i="a", src="dram", s=0.1), READY.format(i="b", s=0.5)], []),
+    # an unknown source is left out
+    ([LEASE.format(i="a", src="device", s=0.1), READY.format(i="a", s=0.5)], []),
+])
+def test_instance_timings(lines: list[str], want: list[dict[str, Any]]) -> None:
+    assert v.instance_timings(lines) == want
+
+
+def _o(index: int, sent: float, ttft: float, inst: str, end: float | None = None, tokens: int = 3) -> dict[str, Any]:
+    return {"index": index, "sent_s": sent, "ttft_s": ttft, "instance": inst, "ok": True, "tokens": tokens,
+            "end_s": sent + ttft + 0.2 if end is None else end}
+
+
+@pytest.mark.parametrize(("outcomes", "warm_indices"), [
+    # the first request of an instance is cold; one sent after its first token is warm
+    ([_o(0, 0.0, 1.0, "a"), _o(1, 2.0, 0.1, "a")], [1]),
+    # sent before the instance's first token came: still waiting for the cold start
+    ([_o(0, 0.0, 1.0, "a"), _o(1, 0.5, 0.6, "a")], []),
+    # another instance's first request is cold too
+    ([_o(0, 0.0, 1.0, "a"), _o(1, 2.0, 0.1, "b")], []),
+])
+def test_warm(outcomes: list[dict[str, Any]], warm_indices: list[int]) -> None:
+    assert [o["index"] for o in v.warm(outcomes)] == warm_indices
+
+
+def _doc() -> dict[str, Any]:
+    shots = [{"index": i, "at_s": float(i), "service": f"s{i % 3}", "checkpoint": i % 3 % 2, "prompt_tokens": 10,
+              "max_tokens": 3, "warmup": i == 0} for i in range(8)]
+    sllm = [_o(i, i + 0.01, 1.0 if i < 3 else 0.1, f"s{i % 3}-1", end=i + 0.01 + (1.0 if i < 3 else 0.1) + 0.2)
+            for i in range(8)]
+    fresh = {"outcomes": [], "cold_starts": [{"ready_s": 9.0, "load_s": 1.0}, {"ready_s": 11.0, "load_s": 1.0}]}
+    return {"setup": {"nodes": 2, "slots_per_node": 2, "container_concurrency": 4, "keep_alive_s": 6.0,
+                      "max_scale": 1, "seed": 0},
+            "shots": shots, "profiles": {"sllm": {"outcomes": sllm}, "knative-default": fresh},
+            "rows": [{"profile": "sllm", "ttft_p50_s": 0.1, "ttft_p99_s": 1.0}]}
+
+
+LOGS = {"sllm": [LEASE.format(i="x", src="dram", s=0.1), READY.format(i="x", s=0.3),
+                 LEASE.format(i="y", src="remote", s=0.4), READY.format(i="y", s=0.6),
+                 LEASE.format(i="z", src="dram", s=0.1), READY.format(i="z", s=0.4)]}
+
+
+def test_measure_by_hand() -> None:
+    m = v.measure(_doc(), LOGS)
+    assert m.checkpoint_bytes == 200
+    # no SSD load seen: an SSD read is taken as no slower than the store
+    assert m.load_s == {Tier.DRAM: 0.1, Tier.SSD: 0.4, Tier.REMOTE: 0.4}
+    assert m.overhead_s == pytest.approx(0.2)  # ready - lease: 0.2, 0.2, 0.3
+    assert m.fresh_process_s == pytest.approx(9.0)  # (8 + 10) / 2
+    # warm requests 3..7: TTFT 0.1 over 10 prompt tokens; 0.2 s for the 2 tokens after the first
+    assert m.prefill_s_per_token == pytest.approx(0.01)
+    assert m.decode_step_s == pytest.approx(0.1)
+    hw = v.hardware(m, "sllm")
+    assert hw.prefill_s(10, 100, 1) == pytest.approx(0.1)
+    assert hw.decode_step_s(100, 1) == pytest.approx(0.1)
+    assert 200 / hw.achieved(Tier.DRAM) == pytest.approx(0.1)
+
+
+def test_measure_needs_instance_logs() -> None:
+    with pytest.raises(ValueError, match="no instance timings"):
+        v.measure(_doc(), {})
+
+
+def test_inputs() -> None:
+    models, requests, cfg = v.inputs(_doc(), "sllm", 200)
+    assert [(m.name, m.key, m.size_bytes, m.tp) for m in models] == [
+        ("s0", "c0", 200, 1), ("s1", "c1", 200, 1), ("s2", "c0", 200, 1)]  # s2 shares s0's checkpoint
+    assert [(r.id, r.arrival, r.model, r.prompt, r.output) for r in requests][:2] == [
+        (0, 0.01, "s0", 10, 3), (1, 1.01, "s1", 10, 3)]  # arrivals: when the replay really sent them
+    assert (cfg.nodes, cfg.capacity, cfg.keep_alive_s, cfg.max_scale, cfg.stable_window_s) == (2, 4, 6.0, 1, 6.0)
+
+
+@pytest.mark.parametrize(("measured", "predicted", "p50", "p99", "within"), [
+    ((1.0, 10.0), (1.0, 10.0), (1.0, True), (1.0, True), True),
+    ((1.0, 10.0), (1.25, 7.5), (1.25, True), (0.75, True), True),  # the bound itself is within
+    ((1.0, 10.0), (1.26, 10.0), (1.26, False), (1.0, True), False),
+    ((1.0, 10.0), (1.0, 7.4), (1.0, True), (0.74, False), False),
+    ((None, None), (1.0, 1.0), (None, False), (None, False), False),  # nothing measured: not within
+])
+def test_compare(measured: tuple[float | None, float | None], predicted: tuple[float, float],
+                 p50: tuple[float | None, bool], p99: tuple[float | None, bool], within: bool) -> None:
+    got = v.compare({"ttft_p50_s": measured[0], "ttft_p99_s": measured[1]},
+                    {"ttft_p50_s": predicted[0], "ttft_p99_s": predicted[1]})
+    assert (got["p50"]["ratio"], got["p50"]["within"]) == p50
+    assert (got["p99"]["ratio"], got["p99"]["within"]) == p99
+    assert got["within"] is within
+
+
+def test_validate_skips_profiles_without_a_policy() -> None:
+    doc = _doc()
+    doc["rows"].append({"profile": "ray-serve", "ttft_p50_s": 1.0, "ttft_p99_s": 2.0})
+    rows = {r["profile"]: r for r in v.validate(doc, LOGS)["rows"]}
+    assert rows["ray-serve"] == {"profile": "ray-serve", "skipped": "no sim policy"}
+    assert rows["sllm"]["policy"] == "sllm" and rows["sllm"]["unserved"] == 0
+
+
+def test_pending_pod_takes_the_freed_slot_at_once() -> None:
+    """Fresh-process policies: a pod waiting for a slot is scheduled the moment one frees up
+    (sim.adapters.schedule_pending), not on the next tick, and before a later arrival's pod."""
+    import dataclasses
+
+    from sim.engine import Simulation
+    from sim.policies import get_policy
+    from sim.workload import Model, Request
+
+    hw = dataclasses.replace(v.hardware(v.measure(_doc(), LOGS)), gpus_per_node=1)
+    models = [Model(n, "replay", 100, 1) for n in ("a", "b")]
+    requests = [Request(0, 0.0, "a", 10, 3), Request(1, 0.5, "b", 10, 3)]
+    cfg = v.SimConfig(nodes=1, capacity=4, keep_alive_s=1.0, max_scale=1, stable_window_s=6.0)
+    sim = Simulation(hw, dataclasses.replace(get_policy("knative-default"), keep_alive=True), models, requests, cfg)
+    stops: list[float] = []
+    stop = sim.stop
+
+    def recording_stop(inst: Any) -> None:
+        stops.append(sim.now)
+        stop(inst)
+
+    sim.stop = recording_stop  # type: ignore[method-assign]
+    sim.run()
+    starts = [(i, t) for kind, i, _n, _tier, t in sim.trace if kind == "start"]
+    assert [i for i, _ in starts] == ["i1", "i2"]
+    assert starts[1][1] == stops[0]  # b's pod started when a's instance stopped
