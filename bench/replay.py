@@ -1,9 +1,10 @@
 """Trace replay on real processes: the Azure LLM inference trace, sent as streaming OpenAI calls,
 against ServerlessLLM, its ablations and its peers side by side (issue 16 §1).
 
-    .venv/bin/python -m bench.replay --out DIR [--window START,LENGTH] [--compress X] [--sample P]
-                                     [--services N] [--checkpoints K] [--max-prompt-tokens N]
-                                     [--max-tokens N] [--profiles a,b,...] [--work DIR]
+    .venv/bin/python -m bench.replay --out DIR [--window START,LENGTH] [--warmup S] [--compress X]
+                                     [--sample P] [--services N] [--checkpoints K] [--zipf A]
+                                     [--max-prompt-tokens N] [--max-tokens N] [--model-mb N]
+                                     [--keep-alive S] [--profiles a,b,...] [--work DIR]
 
 writes DIR/replay.json, DIR/replay-ttft.png (TTFT CDF per profile) and DIR/replay-instances.png
 (instances per service over time, per profile). The requests are bench/replay_core.py's (its
@@ -20,7 +21,10 @@ built once into --work with one copy per checkpoint. The same machine runs every
 after the other, on the same requests; each instance computes on one thread (OMP_NUM_THREADS=1,
 SLLM_NUMERICS=fast). Every profile's services scale to zero after the same idle time
 (`--keep-alive`, default 6 s: Knative's smallest stable window) and hold one instance at most,
-on 2 nodes x 2 slots: with more services than slots, a cold start may need a slot first.
+on 2 nodes x 2 slots. The default 4 services fit the 4 slots, so the tail is the cold starts
+themselves; with more (`--services 6`) a cold start may first need a slot, and the tail is the
+wait for one (the overload regime: sllm evicts an idle instance once its minResidency is over,
+the others wait for an instance to scale to zero).
 
 Profiles (each on a fresh local cluster, `sllm-knative up`, the store a file:// directory read
 at local-disk speed, the node tiers empty at the start):
@@ -243,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                    "not counted in the latency statistics (default 60)")
     p.add_argument("--compress", type=float, default=6.0, help="time compression factor (default 6)")
     p.add_argument("--sample", type=float, default=0.05, help="fraction of the window's requests kept (default 0.05)")
-    p.add_argument("--services", type=int, default=6, help="services (default 6)")
+    p.add_argument("--services", type=int, default=4, help="services (default 4, one per slot)")
     p.add_argument("--checkpoints", type=int, default=2, help="checkpoints the services share (default 2)")
     p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of service popularity (default 1)")
     p.add_argument("--seed", type=int, default=0)
