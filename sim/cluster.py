@@ -95,6 +95,10 @@ class SimNode:
     loader_free_at: float = 0.0
     jobs: deque[LoadJob] = field(default_factory=deque)
     instances: dict[str, SimInstance] = field(default_factory=dict)
+    #: with no DRAM tier (`dram` None): the loader still holds a checkpoint in host memory while
+    #: an instance leases it, so a second instance of it on this node loads from DRAM (the
+    #: replay's no-dram-tier evicts only unleased copies; loader policies only)
+    leased_in_dram: bool = False
 
     def pending_jobs(self, now: float) -> list[LoadJob]:
         while self.jobs and self.jobs[0].end <= now:
@@ -103,6 +107,8 @@ class SimNode:
 
     def tier_of(self, model: str, prestaged: bool) -> Tier:
         if self.dram is not None and model in self.dram:
+            return Tier.DRAM
+        if self.leased_in_dram and any(i.model.key == model for i in self.instances.values()):
             return Tier.DRAM
         if prestaged or (self.ssd is not None and model in self.ssd):
             return Tier.SSD

@@ -78,7 +78,8 @@ class Simulation:
         self.noise = random.Random(f"noise/{config.seed}")
         self.nodes = {f"n{i:04d}": SimNode(f"n{i:04d}", hw.gpus_per_node, hw.gpus_per_node,
                                            Lru(hw.dram_tier_bytes) if policy.dram_tier else None,
-                                           Lru(hw.ssd_tier_bytes) if policy.ssd_cache else None)
+                                           Lru(hw.ssd_tier_bytes) if policy.ssd_cache else None,
+                                           leased_in_dram=not policy.dram_tier and not policy.fresh_process)
                       for i in range(config.nodes)}
         self.node_list = list(self.nodes.values())
         self.holders: dict[str, set[str]] = {}  # model -> nodes holding it in a tier or loading it
@@ -181,7 +182,10 @@ class Simulation:
 
     def _admit(self, inst: SimInstance, req: Request) -> None:
         m = inst.model
-        first = self.now + self.hw.prefill_s(req.prompt, m.params, m.tp)
+        prefill = self.hw.prefill_s(req.prompt, m.params, m.tp)
+        if self.hw.compute_noise:
+            prefill *= math.exp(self.noise.gauss(0.0, self.hw.compute_noise))
+        first = self.now + prefill
         end = first + (req.output - 1) * inst.step_s
         run = Running(req, self.now, first, end)
         inst.running[req.id] = run
@@ -246,7 +250,11 @@ class Simulation:
         inst.gpus_held = True
         inst.placed_at = self.now
         assert inst.load_end is not None
-        self.push(max(self.now, inst.load_end) + self.overhead, "ready", inst)
+        overhead = self.overhead
+        if self.hw.shared_cores:  # the starts in progress (this one included) share the cores
+            starting = sum(1 for i in self.instances.values() if i.state == InstanceState.STARTING and i.gpus_held)
+            overhead *= max(1.0, starting / self.hw.shared_cores)
+        self.push(max(self.now, inst.load_end) + overhead, "ready", inst)
 
     def _loaded(self, node: object, job: object) -> None:
         assert isinstance(node, SimNode) and isinstance(job, LoadJob)

@@ -54,6 +54,13 @@ class HardwareProfile:
     hbm_bytes_s: float  # device memory bandwidth of one GPU
     hbm_eff: float  # fraction of it a decode step reaches
     load_noise: float = 0.1  # each load's achieved rate is scaled by a seeded lognormal of this sigma
+    #: > 0: the instances starting at once share this many CPU cores (this machine: every node's
+    #: starts run on the same 2 vCPUs), so a start's overhead is stretched by starting / cores
+    #: (at its start; 0: each start has its own CPU, the GPU servers' case)
+    shared_cores: int = 0
+    #: each request's prefill (its first token after admission) is scaled by a seeded lognormal
+    #: of this sigma (this machine: the spread of warm TTFTs on shared CPUs); 0: exactly the formula
+    compute_noise: float = 0.0
     notes: Mapping[str, str] = field(default_factory=dict)  # the source of each number
 
     def __post_init__(self) -> None:
@@ -72,7 +79,8 @@ class HardwareProfile:
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
                 raise ValueError(f"{where}: {what} must be a finite number > 0, got {v!r}")
         for what, v in (("overhead_s", self.overhead_s), ("fresh_process_s", self.fresh_process_s),
-                        ("load_noise", self.load_noise)):
+                        ("load_noise", self.load_noise), ("shared_cores", self.shared_cores),
+                        ("compute_noise", self.compute_noise)):
             if not (v >= 0 and math.isfinite(v)):
                 raise ValueError(f"{where}: {what} must be a finite number >= 0, got {v!r}")
         if self.mfu > 1 or self.hbm_eff > 1:

@@ -36,6 +36,7 @@ import re
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ REPLAY_POLICIES = {"sllm": "sllm", "no-dram-tier": "no-dram-tier", "no-locality"
                    "no-migration": "no-migration", "knative-default": "knative-default",
                    "kserve-localcache": "kserve-localcache"}
 TOLERANCE = 0.25  # issue 16 §2: predicted p50 and p99 TTFT within 25% of the measured ones
+SEEDS = 8  # simulated runs per profile; the prediction is their median
 #: The replay's cluster tiers: `sllm-knative up --dram-gb 2 --ssd-gb 4` (bench/replay_profiles.py cluster()).
 DRAM_TIER_BYTES = 2 * 2**30
 SSD_TIER_BYTES = 4 * 2**30
@@ -66,21 +68,59 @@ def fields(line: str) -> dict[str, str]:
     return {k: v[1:-1] if v.startswith('"') else v for k, v in _KV.findall(line)}
 
 
+def stamp(line: str) -> float:
+    """A log line's time (its leading ISO timestamp, UTC) in seconds; nan when it has none."""
+    try:
+        return datetime.fromisoformat(line[:23]).replace(tzinfo=timezone.utc).timestamp()
+    except ValueError:
+        return math.nan
+
+
 def instance_timings(lines: Iterable[str]) -> list[dict[str, Any]]:
     """Per instance, from the autoscaler's and the instances' log lines of one profile: the tier
-    its lease came from, the bytes, the lease seconds, and the seconds from placement to ready.
-    Instances without both a lease and a ready line are left out."""
+    its lease came from, the bytes, the lease seconds, the seconds from placement to ready, and
+    when it was ready (`end`, the autoscaler line's time). Instances without both a lease and a
+    ready line are left out."""
     lease: dict[str, dict[str, str]] = {}
-    ready: dict[str, float] = {}
+    ready: dict[str, tuple[float, float]] = {}
     for line in lines:
         if 'msg="lease complete"' in line:
             f = fields(line)
             lease[f["instance"]] = f
         elif 'msg="instance ready"' in line:
             f = fields(line)
-            ready[f["instance"]] = float(f["seconds"])
+            ready[f["instance"]] = (float(f["seconds"]), stamp(line))
     return [{"instance": i, "source": f["source"], "bytes": int(f["bytes"]), "lease_s": float(f["seconds"]),
-             "ready_s": ready[i]} for i, f in sorted(lease.items()) if i in ready and f.get("source") in SOURCES]
+             "ready_s": ready[i][0], "end": ready[i][1]}
+            for i, f in sorted(lease.items()) if i in ready and f.get("source") in SOURCES]
+
+
+def fresh_timings(lines: Iterable[str], since: float = -math.inf) -> list[dict[str, Any]]:
+    """Per fresh process (bench/_fresh.py's instances log `msg=ready ... seconds load_s` with no
+    lease), from its ready line at or after `since`: seconds from spawn to ready, its load
+    seconds, and when it was ready (`end`)."""
+    out = []
+    for line in lines:
+        if "msg=ready" in line and "load_s=" in line and "lease_s=" not in line:
+            f, t = fields(line), stamp(line)
+            if t >= since:
+                out.append({"instance": f["instance"], "ready_s": float(f["seconds"]), "load_s": float(f["load_s"]),
+                            "end": t})
+    return out
+
+
+def sharing(timings: Sequence[Mapping[str, Any]]) -> list[float]:
+    """Per start (`end - ready_s` to `end`), the time-averaged number of starts in progress
+    (itself included): how many shared the CPU with it."""
+    spans = [(t["end"] - t["ready_s"], t["end"]) for t in timings]
+    out = []
+    for a, b in spans:
+        if b <= a:
+            out.append(1.0)
+            continue
+        overlap = sum(max(0.0, min(b, d) - max(a, c)) for c, d in spans)
+        out.append(overlap / (b - a))
+    return out
 
 
 def read_logs(profile_dir: Path) -> list[str]:
@@ -114,10 +154,12 @@ class Measured:
     fresh_process_s: float  # a fresh process's start beyond its load
     prefill_s_per_token: float  # pooled over every profile
     decode_step_s: float
+    compute_sigma: float  # the spread of log(warm TTFT) around its median, pooled
+    shared_cores: int = 0  # the CPUs every start shares (meta.machine.cpus)
     sources: Mapping[str, str] = field(default_factory=dict)
-    #: per profile: (prefill s/token, decode step s) of its own warm requests: the machine's
-    #: speed while that profile ran (its CPU contention: fresh processes importing, other work)
-    compute: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    #: per profile: (prefill s/token, decode step s, sigma) of its own warm requests: the
+    #: machine's speed while that profile ran (its CPU contention: fresh processes importing, other work)
+    compute: Mapping[str, tuple[float, float, float]] = field(default_factory=dict)
 
 
 def _median(xs: Sequence[float], what: str) -> float:
@@ -129,8 +171,10 @@ def _median(xs: Sequence[float], what: str) -> float:
 def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measured:
     """`doc`: a replay.json; `logs`: profile -> its log lines (replay-logs/<profile>/**.log)."""
     profiles = doc["profiles"]
-    timings = [t for name in REPLAY_POLICIES if name in logs and not get_policy(name).fresh_process
-               for t in instance_timings(logs[name])]
+    cores = int(doc.get("meta", {}).get("machine", {}).get("cpus") or 0)
+    per_profile = {name: instance_timings(logs[name]) for name in REPLAY_POLICIES
+                   if name in logs and not get_policy(name).fresh_process}
+    timings = [t for ts in per_profile.values() for t in ts]
     if not timings:
         raise ValueError("no instance timings: the replay's logs have no 'lease complete' and 'instance ready' "
                          "lines for an sllm-type profile")
@@ -143,34 +187,48 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
         raise ValueError(f"the replay's logs have loads from {sorted(map(str, load_s))} only; need dram and remote")
     logs_dev = [math.log(x / load_s[tier]) for tier, xs in by_tier.items() for x in xs if x > 0]
     sigma = statistics.pstdev(logs_dev) if len(logs_dev) > 1 else 0.0
-    overhead = _median([t["ready_s"] - t["lease_s"] for t in timings], "instance starts")
-    fresh = [c["ready_s"] - c["load_s"] for name, p in profiles.items()
-             if name in REPLAY_POLICIES and get_policy(name).fresh_process
-             for c in p.get("cold_starts", []) if c.get("ready_s") is not None and c.get("load_s") is not None]
+
+    def work(ts: Sequence[Mapping[str, Any]], load: str) -> list[float]:
+        """Each start's overhead beyond its load, divided by how many starts shared the cores with it."""
+        return [(t["ready_s"] - t[load]) / (max(1.0, k / cores) if cores else 1.0) for t, k in zip(ts, sharing(ts), strict=True)]
+
+    overhead = _median([w for ts in per_profile.values() for w in work(ts, "lease_s")], "instance starts")
+    meta = doc.get("meta", {})
+    end = stamp(str(meta.get("machine", {}).get("time", "")))
+    since = end - float(meta.get("bench_seconds", math.inf)) if math.isfinite(end) else -math.inf
+    fresh_runs = [fresh_timings(logs.get(name, ()), since) for name in profiles
+                  if name in REPLAY_POLICIES and get_policy(name).fresh_process]
+    fresh = [w for ts in fresh_runs for w in work(ts, "load_s")]
     fresh_s = _median(fresh, "fresh-process cold starts") if fresh else overhead
     prompt = {s["index"]: s["prompt_tokens"] for s in doc["shots"]}
 
-    def speed(outs: Sequence[Mapping[str, Any]]) -> tuple[float, float]:
-        return (_median([o["ttft_s"] / prompt[o["index"]] for o in outs], "warm requests"),
-                _median([(o["end_s"] - o["sent_s"] - o["ttft_s"]) / (o["tokens"] - 1) for o in outs if o["tokens"] > 1],
-                        "warm requests of more than one token"))
+    def speed(outs: Sequence[Mapping[str, Any]]) -> tuple[float, float, float]:
+        per_token = [o["ttft_s"] / prompt[o["index"]] for o in outs if o["ttft_s"] > 0]
+        mid = _median(per_token, "warm requests")
+        return (mid, _median([(o["end_s"] - o["sent_s"] - o["ttft_s"]) / (o["tokens"] - 1) for o in outs
+                              if o["tokens"] > 1], "warm requests of more than one token"),
+                statistics.pstdev([math.log(x / mid) for x in per_token]) if len(per_token) > 1 else 0.0)
 
     per = {name: warm(p["outcomes"]) for name, p in profiles.items() if name in REPLAY_POLICIES and p.get("outcomes")}
     warms = [o for outs in per.values() for o in outs]
-    prefill, step = speed(warms)
+    prefill, step, spread = speed(warms)
     compute = {name: speed(outs) for name, outs in per.items() if len(outs) >= 5}
     n_fresh = len(fresh)
-    return Measured(size, load_s, sigma, overhead, fresh_s, prefill, step, sources={
+    return Measured(size, load_s, sigma, overhead, fresh_s, prefill, step, spread, shared_cores=cores, sources={
         "checkpoint_bytes": f"median 'lease complete' bytes of {len(timings)} instances",
         "load_s": "median 'lease complete' seconds per source: " + ", ".join(
             f"{t} {len(by_tier[t])} loads" for t in SOURCES.values()),
         "load_sigma": "population stdev of log(lease seconds / its tier's median)",
-        "overhead_s": f"median of autoscaler 'instance ready' seconds minus lease seconds, {len(timings)} instances",
-        "fresh_process_s": (f"median ready_s - load_s of {n_fresh} knative-default/kserve-localcache cold starts"
-                            if n_fresh else "no fresh-process cold start recorded: overhead_s"),
+        "overhead_s": (f"median of autoscaler 'instance ready' seconds minus lease seconds, {len(timings)} instances, "
+                       f"each over max(1, starts in progress / {cores} cores) (time-averaged over its start)"),
+        "fresh_process_s": (f"median of the fresh processes' ready 'seconds' minus 'load_s', {n_fresh} starts of "
+                            "knative-default/kserve-localcache in this run, each over the same sharing"
+                            if n_fresh else "no fresh-process start in the logs: overhead_s"),
+        "shared_cores": "meta.machine.cpus: every node's instances start on this machine's CPUs",
         "prefill_s_per_token": f"median TTFT / prompt tokens of {len(warms)} warm requests (HTTP path included)",
         "decode_step_s": "median (end - sent - TTFT) / (tokens - 1) of the same warm requests",
-        "compute": "per profile, the same two medians over that profile's own warm requests",
+        "compute_sigma": "population stdev of log(warm TTFT / its median) over the same warm requests",
+        "compute": "per profile, the same three numbers over that profile's own warm requests",
     }, compute=compute)
 
 
@@ -178,7 +236,7 @@ def hardware(m: Measured, profile: str | None = None) -> HardwareProfile:
     """The this-machine profile from a replay's measurements (a slot is a "GPU"; rates are
     achieved); with `profile`, the compute speed measured while that profile ran."""
     params = m.checkpoint_bytes / BYTES_PER_PARAM
-    prefill, step = m.compute.get(profile or "", (m.prefill_s_per_token, m.decode_step_s))
+    prefill, step, spread = m.compute.get(profile or "", (m.prefill_s_per_token, m.decode_step_s, m.compute_sigma))
     return HardwareProfile(
         name="this-machine (measured)", gpus_per_node=2, gpu_mem_bytes=4 * GB,
         dram_tier_bytes=DRAM_TIER_BYTES, ssd_tier_bytes=SSD_TIER_BYTES,
@@ -187,7 +245,7 @@ def hardware(m: Measured, profile: str | None = None) -> HardwareProfile:
         overhead_s=m.overhead_s, fresh_process_s=m.fresh_process_s,
         flops=2.0 * params / prefill, mfu=1.0,
         hbm_bytes_s=2.0 * params / step, hbm_eff=1.0,
-        load_noise=m.load_sigma, notes=dict(m.sources))
+        load_noise=m.load_sigma, shared_cores=m.shared_cores, compute_noise=spread, notes=dict(m.sources))
 
 
 def inputs(doc: Mapping[str, Any], profile: str, size_bytes: int) -> tuple[list[Model], list[Request], SimConfig]:
@@ -205,15 +263,27 @@ def inputs(doc: Mapping[str, Any], profile: str, size_bytes: int) -> tuple[list[
     return models, requests, cfg
 
 
-def predict(doc: Mapping[str, Any], profile: str, hw: HardwareProfile, size_bytes: int) -> dict[str, Any]:
-    """Simulate one replay profile; the TTFT statistics over the counted requests, as the replay computes them."""
+def predict(doc: Mapping[str, Any], profile: str, hw: HardwareProfile, size_bytes: int,
+            seeds: int = SEEDS) -> dict[str, Any]:
+    """Simulate one replay profile `seeds` times (seeds 0, 1, ...: the load noise and the random
+    placements differ); the TTFT statistics over the counted requests as the replay computes
+    them, the median over the seeds (with their range): one run's p99 is its second-largest
+    TTFT of about a hundred, so one seed's is mostly that seed's noise."""
     models, requests, cfg = inputs(doc, profile, size_bytes)
     policy = dataclasses.replace(get_policy(REPLAY_POLICIES[profile]), keep_alive=True)
-    sim = Simulation(hw, policy, models, requests, cfg).run()
     warmup = {s["index"] for s in doc["shots"] if s.get("warmup")}
-    ttft = [t for r, t in zip(sim.requests, sim.ttfts(), strict=True) if r.id not in warmup]
-    return {**ttft_stats(ttft), "cold_starts": dict(sorted(sim.stats.cold_starts.items())),
-            "unserved": len(sim.requests) - len(sim.end)}
+    runs = []
+    for seed in range(seeds):
+        sim = Simulation(hw, policy, models, requests, dataclasses.replace(cfg, seed=seed)).run()
+        ttft = [t for r, t in zip(sim.requests, sim.ttfts(), strict=True) if r.id not in warmup]
+        runs.append({**ttft_stats(ttft), "cold_starts": dict(sorted(sim.stats.cold_starts.items())),
+                     "unserved": len(sim.requests) - len(sim.end)})
+    out: dict[str, Any] = {}
+    for q in ("p50", "p99"):
+        xs = [r[f"ttft_{q}_s"] for r in runs]
+        out[f"ttft_{q}_s"] = round(statistics.median(xs), 4)
+        out[f"ttft_{q}_range_s"] = [min(xs), max(xs)]
+    return {**out, "cold_starts": runs[0]["cold_starts"], "unserved": max(r["unserved"] for r in runs)}
 
 
 def compare(measured: Mapping[str, Any], predicted: Mapping[str, Any]) -> dict[str, Any]:
@@ -238,15 +308,17 @@ def validate(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> dict[
             continue
         pred = predict(doc, name, hardware(m, name), m.checkpoint_bytes)
         rows.append({"profile": name, "policy": REPLAY_POLICIES[name], **compare(row, pred),
-                     "measured_cold_starts": row.get("cold_starts_by_tier"), "predicted_cold_starts": pred["cold_starts"],
-                     "unserved": pred["unserved"]})
-    return {"tolerance": TOLERANCE, "measured": {
+                     "predicted_range_s": {q: pred[f"ttft_{q}_range_s"] for q in ("p50", "p99")},
+                     "measured_cold_starts": row.get("cold_starts_by_tier"),
+                     "predicted_cold_starts_seed0": pred["cold_starts"], "unserved": pred["unserved"]})
+    return {"tolerance": TOLERANCE, "seeds": SEEDS, "measured": {
                 "checkpoint_bytes": m.checkpoint_bytes, "load_s": {str(t): round(v, 4) for t, v in m.load_s.items()},
                 "load_sigma": round(m.load_sigma, 3), "overhead_s": round(m.overhead_s, 4),
-                "fresh_process_s": round(m.fresh_process_s, 3), "prefill_s_per_token": round(m.prefill_s_per_token, 5),
+                "fresh_process_s": round(m.fresh_process_s, 3), "shared_cores": m.shared_cores, "prefill_s_per_token": round(m.prefill_s_per_token, 5),
                 "decode_step_s": round(m.decode_step_s, 4), "sources": dict(m.sources),
-                "compute_per_profile": {k: {"prefill_s_per_token": round(a, 5), "decode_step_s": round(b, 4)}
-                                        for k, (a, b) in m.compute.items()}},
+                "compute_sigma": round(m.compute_sigma, 3),
+                "compute_per_profile": {k: {"prefill_s_per_token": round(a, 5), "decode_step_s": round(b, 4),
+                                            "compute_sigma": round(c, 3)} for k, (a, b, c) in m.compute.items()}},
             "rows": rows}
 
 

@@ -10,7 +10,8 @@ import pytest
 from sim import validate as v
 from sllm_knative.placement import Tier
 
-READY = '2026-12-06T04:04:10.371Z INFO autoscaler msg="instance ready" service=default/s0 instance={i} seconds={s}'
+READY = '2026-12-06T04:04:{t}Z INFO autoscaler msg="instance ready" service=default/s0 instance={i} seconds={s}'
+T0 = 1796529840.0  # 2026-12-06T04:04:00Z
 LEASE = ('2026-12-06T04:04:10.016Z INFO functions.llm msg="lease complete" service=default/s0 instance={i} '
          'source={src} bytes=200 seconds={s}')
 
@@ -26,12 +27,12 @@ def test_fields(line: str, want: dict[str, str]) -> None:
 
 @pytest.mark.parametrize(("lines", "want"), [
     # lease and ready for one instance: one timing
-    ([LEASE.format(i="a", src="dram", s=0.1), READY.format(i="a", s=0.5)],
-     [{"instance": "a", "source": "dram", "bytes": 200, "lease_s": 0.1, "ready_s": 0.5}]),
+    ([LEASE.format(i="a", src="dram", s=0.1), READY.format(t="10.500", i="a", s=0.5)],
+     [{"instance": "a", "source": "dram", "bytes": 200, "lease_s": 0.1, "ready_s": 0.5, "end": T0 + 10.5}]),
     # a lease without a ready line, a ready line without a lease: nothing
-    ([LEASE.format(i="a", src="dram", s=0.1), READY.format(i="b", s=0.5)], []),
+    ([LEASE.format(i="a", src="dram", s=0.1), READY.format(t="10.500", i="b", s=0.5)], []),
     # an unknown source is left out
-    ([LEASE.format(i="a", src="device", s=0.1), READY.format(i="a", s=0.5)], []),
+    ([LEASE.format(i="a", src="device", s=0.1), READY.format(t="10.500", i="a", s=0.5)], []),
 ])
 def test_instance_timings(lines: list[str], want: list[dict[str, Any]]) -> None:
     assert v.instance_timings(lines) == want
@@ -59,16 +60,22 @@ def _doc() -> dict[str, Any]:
               "max_tokens": 3, "warmup": i == 0} for i in range(8)]
     sllm = [_o(i, i + 0.01, 1.0 if i < 3 else 0.1, f"s{i % 3}-1", end=i + 0.01 + (1.0 if i < 3 else 0.1) + 0.2)
             for i in range(8)]
-    fresh = {"outcomes": [], "cold_starts": [{"ready_s": 9.0, "load_s": 1.0}, {"ready_s": 11.0, "load_s": 1.0}]}
-    return {"setup": {"nodes": 2, "slots_per_node": 2, "container_concurrency": 4, "keep_alive_s": 6.0,
+    fresh = {"outcomes": []}
+    return {"meta": {"machine": {"cpus": 2, "time": "2026-12-06T04:10:00Z"}, "bench_seconds": 400.0},
+            "setup": {"nodes": 2, "slots_per_node": 2, "container_concurrency": 4, "keep_alive_s": 6.0,
                       "max_scale": 1, "seed": 0},
             "shots": shots, "profiles": {"sllm": {"outcomes": sllm}, "knative-default": fresh},
             "rows": [{"profile": "sllm", "ttft_p50_s": 0.1, "ttft_p99_s": 1.0}]}
 
 
-LOGS = {"sllm": [LEASE.format(i="x", src="dram", s=0.1), READY.format(i="x", s=0.3),
-                 LEASE.format(i="y", src="remote", s=0.4), READY.format(i="y", s=0.6),
-                 LEASE.format(i="z", src="dram", s=0.1), READY.format(i="z", s=0.4)]}
+# three starts far apart (no sharing), and two fresh processes of the run (and one of an earlier
+# run, before the run's start: meta.machine.time minus bench_seconds)
+FRESH = '2026-12-06T04:{t}Z INFO functions.llm msg=ready instance={i} seconds={s} imports_s=1 load_s=1.0'
+LOGS = {"sllm": [LEASE.format(i="x", src="dram", s=0.1), READY.format(t="10.000", i="x", s=0.3),
+                 LEASE.format(i="y", src="remote", s=0.4), READY.format(t="20.000", i="y", s=0.6),
+                 LEASE.format(i="z", src="dram", s=0.1), READY.format(t="30.000", i="z", s=0.4)],
+        "knative-default": [FRESH.format(t="01:00.000", i="old", s=30.0), FRESH.format(t="05:00.000", i="f1", s=9.0),
+                            FRESH.format(t="06:00.000", i="f2", s=11.0)]}
 
 
 def test_measure_by_hand() -> None:
@@ -77,7 +84,8 @@ def test_measure_by_hand() -> None:
     # no SSD load seen: an SSD read is taken as no slower than the store
     assert m.load_s == {Tier.DRAM: 0.1, Tier.SSD: 0.4, Tier.REMOTE: 0.4}
     assert m.overhead_s == pytest.approx(0.2)  # ready - lease: 0.2, 0.2, 0.3
-    assert m.fresh_process_s == pytest.approx(9.0)  # (8 + 10) / 2
+    assert m.fresh_process_s == pytest.approx(9.0)  # (8 + 10) / 2; the earlier run's 29 s left out
+    assert m.shared_cores == 2
     # warm requests 3..7: TTFT 0.1 over 10 prompt tokens; 0.2 s for the 2 tokens after the first
     assert m.prefill_s_per_token == pytest.approx(0.01)
     assert m.decode_step_s == pytest.approx(0.1)
@@ -99,6 +107,16 @@ def test_inputs() -> None:
     assert [(r.id, r.arrival, r.model, r.prompt, r.output) for r in requests][:2] == [
         (0, 0.01, "s0", 10, 3), (1, 1.01, "s1", 10, 3)]  # arrivals: when the replay really sent them
     assert (cfg.nodes, cfg.capacity, cfg.keep_alive_s, cfg.max_scale, cfg.stable_window_s) == (2, 4, 6.0, 1, 6.0)
+
+
+@pytest.mark.parametrize(("spans", "want"), [
+    ([(0.0, 1.0)], [1.0]),  # alone
+    ([(0.0, 1.0), (0.0, 1.0)], [2.0, 2.0]),  # side by side all along
+    ([(0.0, 2.0), (1.0, 2.0)], [1.5, 2.0]),  # the second shared all of its time, the first half
+    ([(0.0, 1.0), (1.0, 2.0)], [1.0, 1.0]),  # one after the other
+])
+def test_sharing(spans: list[tuple[float, float]], want: list[float]) -> None:
+    assert v.sharing([{"end": b, "ready_s": b - a} for a, b in spans]) == pytest.approx(want)
 
 
 @pytest.mark.parametrize(("measured", "predicted", "p50", "p99", "within"), [
@@ -151,3 +169,43 @@ def test_pending_pod_takes_the_freed_slot_at_once() -> None:
     starts = [(i, t) for kind, i, _n, _tier, t in sim.trace if kind == "start"]
     assert [i for i, _ in starts] == ["i1", "i2"]
     assert starts[1][1] == stops[0]  # b's pod started when a's instance stopped
+
+
+def _sim(policy: str, models: list[Any], requests: list[Any], **hw_changes: Any) -> Any:
+    import dataclasses
+
+    from sim.engine import Simulation
+    from sim.policies import get_policy
+
+    hw = dataclasses.replace(v.hardware(v.measure(_doc(), LOGS)), load_noise=0.0, compute_noise=0.0, **hw_changes)
+    cfg = v.SimConfig(nodes=1, capacity=4, keep_alive_s=6.0, max_scale=1, stable_window_s=6.0)
+    return Simulation(hw, dataclasses.replace(get_policy(policy), keep_alive=True), models, requests, cfg).run()
+
+
+@pytest.mark.parametrize(("cores", "ttft_b"), [
+    # b's load waits for a's (one loader per node): 0.4 to 0.8 s; then its start overhead 0.2 s,
+    # doubled when it shares one core with a's start; then 10 prompt tokens at 0.01 s
+    (0, 1.1),
+    (1, 1.3),
+    (2, 1.1),  # two starts on two cores: no stretch
+])
+def test_shared_cores_stretch_concurrent_starts(cores: int, ttft_b: float) -> None:
+    from sim.workload import Model, Request
+
+    models = [Model("a", "replay", 100, 1, checkpoint="c0"), Model("b", "replay", 100, 1, checkpoint="c1")]
+    sim = _sim("sllm", models, [Request(0, 0.0, "a", 10, 3), Request(1, 0.0, "b", 10, 3)], shared_cores=cores)
+    assert sim.ttfts() == pytest.approx([0.7, ttft_b])  # a: remote 0.4 + 0.2 + 0.1
+
+
+@pytest.mark.parametrize(("policy", "tiers"), [
+    # no DRAM tier, but a's checkpoint stays in host memory while a leases it: b loads from DRAM
+    ("no-dram-tier", ["remote", "dram"]),
+    ("sllm", ["remote", "dram"]),
+    ("knative-default", ["remote", "remote"]),  # a fresh process reads the store every time
+])
+def test_a_leased_checkpoint_is_in_dram(policy: str, tiers: list[str]) -> None:
+    from sim.workload import Model, Request
+
+    models = [Model("a", "replay", 100, 1, checkpoint="c0"), Model("b", "replay", 100, 1, checkpoint="c0")]
+    sim = _sim(policy, models, [Request(0, 0.0, "a", 10, 3), Request(1, 3.0, "b", 10, 3)])
+    assert [t for kind, _i, _n, t, _at in sim.trace if kind == "start"] == tiers
