@@ -138,7 +138,7 @@ class Simulation:
         handlers: dict[str, Callable[[object, object], None]] = {
             "arrival": self._arrival, "second": partial(adapters.tick, self), "done": self._done,
             "loaded": self._loaded, "ready": self._ready, "migrated": partial(adapters.migrated, self),
-            "timeout": partial(adapters.timeout, self)}
+            "timeout": partial(adapters.timeout, self), "idle": self._idle}
         heap, pop = self.heap, heapq.heappop
         while heap:
             t, _, kind, a, b = pop(heap)
@@ -165,6 +165,21 @@ class Simulation:
         if svc.waiting and not svc.instances:
             svc.window = svc.window.record(self.now, self.concurrency(svc))
             adapters.scale(self, svc)
+
+    def _idle(self, svc: object, _: object) -> None:
+        """`keep_alive_exact`: the keep-alive of a service may have run out: the scaler decides now."""
+        assert isinstance(svc, Service)
+        keep = svc.spec.keep_alive
+        if keep is None or svc.last_request_at is None or svc.waiting or not svc.instances:
+            return
+        # the decider counts idle time from the last request or the end of the window's last
+        # busy second, whichever is later
+        due = max(svc.last_request_at, svc.window.last_nonzero() or 0.0) + keep
+        if self.now < due:
+            self.push(due + 1e-6, "idle", svc)
+            return
+        svc.window = svc.window.record(self.now, self.concurrency(svc))
+        adapters.scale(self, svc)
 
     def concurrency(self, svc: Service) -> float:
         return len(svc.waiting) + sum(len(i.running) for i in svc.instances)
@@ -200,6 +215,8 @@ class Simulation:
         self.end[run.req.id] = self.now
         svc = self.services[inst.service]
         svc.last_request_at = self.now
+        if self.cfg.keep_alive_exact and svc.spec.keep_alive is not None:
+            self.push(self.now + svc.spec.keep_alive + 1e-6, "idle", svc)  # past it, whatever the rounding
         if inst.state == InstanceState.READY:
             self.route(svc)
         elif not inst.running and inst.waiter is not None:

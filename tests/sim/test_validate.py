@@ -60,7 +60,7 @@ def _doc() -> dict[str, Any]:
               "max_tokens": 3, "warmup": i == 0} for i in range(8)]
     sllm = [_o(i, i + 0.01, 1.0 if i < 3 else 0.1, f"s{i % 3}-1", end=i + 0.01 + (1.0 if i < 3 else 0.1) + 0.2)
             for i in range(8)]
-    fresh = {"outcomes": []}
+    fresh: dict[str, Any] = {"outcomes": []}
     return {"meta": {"machine": {"cpus": 2, "time": "2026-12-06T04:10:00Z"}, "bench_seconds": 400.0},
             "setup": {"nodes": 2, "slots_per_node": 2, "container_concurrency": 4, "keep_alive_s": 6.0,
                       "max_scale": 1, "seed": 0},
@@ -209,3 +209,32 @@ def test_a_leased_checkpoint_is_in_dram(policy: str, tiers: list[str]) -> None:
     models = [Model("a", "replay", 100, 1, checkpoint="c0"), Model("b", "replay", 100, 1, checkpoint="c0")]
     sim = _sim(policy, models, [Request(0, 0.0, "a", 10, 3), Request(1, 3.0, "b", 10, 3)])
     assert [t for kind, _i, _n, t, _at in sim.trace if kind == "start"] == tiers
+
+
+@pytest.mark.parametrize(("exact", "stopped_at"), [
+    # a's only request is done at 0.4 + 0.2 + 0.1 + 19 steps of 0.1 = 2.6 s; its last busy
+    # concurrency sample (at 2 s) counts to the end of its second: idle from 3 s, the keep-alive
+    # (6 s) runs out at 9 s: the exact scaler stops it then, the ticking one at its next tick (10 s)
+    (True, 9.0),
+    (False, 10.0),
+])
+def test_keep_alive_exact(exact: bool, stopped_at: float) -> None:
+    import dataclasses
+
+    from sim.engine import Simulation
+    from sim.policies import get_policy
+    from sim.workload import Model, Request
+
+    hw = dataclasses.replace(v.hardware(v.measure(_doc(), LOGS)), load_noise=0.0, compute_noise=0.0)
+    cfg = v.SimConfig(nodes=1, capacity=4, keep_alive_s=6.0, max_scale=1, stable_window_s=6.0, keep_alive_exact=exact)
+    sim = Simulation(hw, get_policy("sllm"), [Model("a", "replay", 100, 1)], [Request(0, 0.0, "a", 10, 20)], cfg)
+    stops: list[float] = []
+    stop = sim.stop
+
+    def recording_stop(inst: Any) -> None:
+        stops.append(sim.now)
+        stop(inst)
+
+    sim.stop = recording_stop  # type: ignore[method-assign]
+    sim.run()
+    assert stops == [pytest.approx(stopped_at)]
