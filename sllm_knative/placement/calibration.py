@@ -2,7 +2,10 @@
 
 - Bandwidths: an exponentially weighted moving average per (node, tier) of the rate each
   observed load achieved (bytes / seconds), seeded with the loader's startup profile.
-- Instance overhead: the same average per node, of observed instance start times.
+- Instance overhead: the same average per node, of observed instance start times, shrunk
+  towards the mean of all nodes until the node has a few observations of its own (`SHRINK`):
+  one slow start on a busy machine is noise, not a property of the node, and must not
+  outweigh a checkpoint in that node's DRAM.
 - Migration cost: `seconds = a * tokens + b`, refitted by least squares over the most recent
   observed migrations (a >= 0, b >= 0; a prior stands in until two different token counts
   have been seen).
@@ -21,6 +24,9 @@ from sllm_knative.placement.model import NodeInventory, Tier
 ALPHA = 0.3
 #: How many migrations the fit keeps (the most recent ones).
 MAX_MIGRATIONS = 256
+#: A node's own start overhead counts as this many observations of the all-node mean: with n
+#: observations of its own, its estimate is (n * own + SHRINK * mean) / (n + SHRINK).
+SHRINK = 3
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,7 @@ class Calibration:
 
     bandwidth: Mapping[tuple[str, Tier], float] = field(default_factory=dict)
     overhead: Mapping[str, float] = field(default_factory=dict)
+    starts: Mapping[str, int] = field(default_factory=dict)  # observed starts per node
     migrations: tuple[MigrationObservation, ...] = ()
     migration_cost: MigrationCost = field(default_factory=MigrationCost)
     prior: MigrationCost = field(default_factory=MigrationCost)
@@ -71,11 +78,9 @@ class Calibration:
     def apply(self, node: NodeInventory) -> NodeInventory:
         """`node` with its bandwidths and instance overhead replaced by the calibrated ones."""
         learnt = {tier: bw for (name, tier), bw in self.bandwidth.items() if name == node.name}
-        overhead = self.overhead.get(node.name)
-        if overhead is None and node.instance_overhead_s == 0 and self.overhead:
-            # Nodes run the same instance runtime: one with no observation (and no profile)
-            # starts instances about as fast as the others, not for free.
-            overhead = sum(self.overhead.values()) / len(self.overhead)
+        overhead = self.node_overhead(node.name)
+        if overhead is not None and node.name not in self.overhead and node.instance_overhead_s != 0:
+            overhead = None  # a node with no observation keeps its own profile, if it has one
         if not learnt and overhead is None:
             return node
         return dataclasses.replace(
@@ -83,6 +88,20 @@ class Calibration:
             bandwidth={**node.bandwidth, **learnt},
             instance_overhead_s=node.instance_overhead_s if overhead is None else overhead,
         )
+
+
+    def node_overhead(self, node: str) -> float | None:
+        """`node`'s start overhead: its own average shrunk towards the mean of every node's
+        (`SHRINK`); the mean alone for a node never seen starting an instance (nodes run the
+        same instance runtime: not for free); None before any start was observed."""
+        if not self.overhead:
+            return None
+        mean = sum(self.overhead.values()) / len(self.overhead)
+        own = self.overhead.get(node)
+        if own is None:
+            return mean
+        n = self.starts.get(node, 1)
+        return (n * own + SHRINK * mean) / (n + SHRINK)
 
 
 def ewma(old: float | None, new: float, alpha: float) -> float:
@@ -111,7 +130,8 @@ def observe_start(cal: Calibration, node: str, seconds: float, *, profile: float
     if not (seconds >= 0 and math.isfinite(seconds)):
         raise ValueError(f"seconds must be a finite number >= 0, got {seconds}")
     value = ewma(cal.overhead.get(node, profile), seconds, cal.alpha)
-    return dataclasses.replace(cal, overhead={**cal.overhead, node: value})
+    return dataclasses.replace(cal, overhead={**cal.overhead, node: value},
+                               starts={**cal.starts, node: cal.starts.get(node, 0) + 1})
 
 
 def observe_migration(cal: Calibration, obs: MigrationObservation, *, keep: int = MAX_MIGRATIONS) -> Calibration:

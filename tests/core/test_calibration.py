@@ -66,9 +66,32 @@ def test_calibration_changes_the_placement() -> None:
     assert cal.bandwidth[("a", Tier.SSD)] < 1.2 * GB
     p = place(request, nodes, cal)
     assert p.node == "b" and p.estimate_s == pytest.approx(2.0)
-    # Start times count too: b's instances are slow to start, a's fast.
-    cal = observe_start(observe_start(cal, "a", 0.1), "b", 4.0)
-    assert place(request, nodes, cal).node == "a"
+    # Start times count too, once they are a pattern: one slow start on b is not enough (it is
+    # shrunk towards the mean of both nodes), five are.
+    once = observe_start(observe_start(cal, "a", 0.1), "b", 4.0)
+    assert place(request, nodes, once).node == "b"
+    for _ in range(4):
+        once = observe_start(observe_start(once, "a", 0.1), "b", 4.0)
+    assert place(request, nodes, once).node == "a"
+
+
+@pytest.mark.parametrize("starts, node, want", [
+    pytest.param([], "a", None, id="nothing-observed"),
+    pytest.param([("a", 2.0)], "a", 2.0, id="one-node-its-own-mean"),
+    pytest.param([("a", 2.0)], "z", 2.0, id="unobserved-gets-the-mean"),
+    # a: 1 s once, b: 5 s once. Mean 3 s; a (1 * 1 + 3 * 3) / 4 = 2.5, b (1 * 5 + 3 * 3) / 4 = 3.5.
+    pytest.param([("a", 1.0), ("b", 5.0)], "a", 2.5, id="one-sample-moves-a-node-a-quarter"),
+    pytest.param([("a", 1.0), ("b", 5.0)], "b", 3.5, id="one-slow-start-is-mostly-noise"),
+    # Seen three times at 1 s (ewma 1 s): (3 * 1 + 3 * 3) / 6 = 2.
+    pytest.param([("a", 1.0)] * 3 + [("b", 5.0)] * 3, "a", 2.0, id="three-samples-move-it-half-way"),
+])
+def test_node_overhead_is_shrunk_towards_the_mean_of_all_nodes(
+        starts: list[tuple[str, float]], node: str, want: float | None) -> None:
+    cal = Calibration()
+    for name, seconds in starts:
+        cal = observe_start(cal, name, seconds)
+    got = cal.node_overhead(node)
+    assert got == (pytest.approx(want) if want is not None else None)
 
 
 def test_unobserved_node_gets_the_mean_start_overhead() -> None:
