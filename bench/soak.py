@@ -32,6 +32,8 @@ the idle sample (every service at zero) after the first cycle with the last one:
 - memory flat: at the last idle point each component's RSS is within RSS_GROWTH (relative) or
   RSS_GROWTH_MB (absolute) of its first idle point, whichever is larger. The slope of the idle
   points' RSS over time (least squares, MB per minute) is reported beside it;
+- the disk bounded at the last idle point: the instances' log files within what the local
+  backend keeps (LOGS_KEPT instances), the DRAM tiers within their budgets, no SSD staging file;
 - nothing left after `down`: no process of the cluster alive, no socket directory, no DRAM-tier
   files, no SSD staging directory left non-empty.
 
@@ -53,11 +55,13 @@ from typing import Any
 
 import psutil
 
+from autoscaler.backends.local import LOGS_KEPT
 from bench._common import machine, save_figure, write_json
 from bench.replay_core import plan
 from sim.workload import DEFAULT_TRACE, read_trace
 from sllm_knative.local.cluster import runtime_dirs
 from testkit.overload import (
+    NODES,
     SERVICES,
     Cluster,
     Outcome,
@@ -72,6 +76,7 @@ FD_GROWTH = 8
 THREAD_GROWTH = 4
 RSS_GROWTH = 0.10
 RSS_GROWTH_MB = 32.0
+DRAM_BUDGET = 1 << 30  # testkit.overload.local_cluster: up --dram-gb 1
 
 
 # -- pure: the load and the verdicts ---------------------------------------------------------------
@@ -105,9 +110,19 @@ def slope_mb_per_min(points: Sequence[tuple[float, float]]) -> float | None:
 
 
 def check(first: Mapping[str, Mapping[str, int]], last: Mapping[str, Mapping[str, int]], failed: int,
-          left_after_down: Sequence[str]) -> list[dict[str, Any]]:
-    """The soak's targets from the first and last idle samples (component -> stats)."""
+          left_after_down: Sequence[str], disk: Mapping[str, int] | None = None) -> list[dict[str, Any]]:
+    """The soak's targets from the first and last idle samples (component -> stats) and the
+    last idle sample's disk (`disk_stats`)."""
     out = [{"target": "zero failed requests", "value": failed, "met": failed == 0}]
+    if disk is not None:
+        out += [
+            {"target": f"instance log files <= {2 * LOGS_KEPT} (a log and a timing file each)",
+             "value": disk["instance_logs"], "met": disk["instance_logs"] <= 2 * LOGS_KEPT},
+            {"target": f"DRAM tiers within their budgets (<= {NODES} x {DRAM_BUDGET >> 30} GiB)",
+             "value": disk["dram_bytes"], "met": disk["dram_bytes"] <= NODES * DRAM_BUDGET},
+            {"target": "no SSD staging file at idle", "value": disk["ssd_staging_files"],
+             "met": disk["ssd_staging_files"] == 0},
+        ]
     for name in sorted(first):
         a, b = first[name], last.get(name)
         if b is None or b.get("pid") != a.get("pid"):
@@ -265,7 +280,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "errors": [o.error for o in outcomes if o.error][:20],
         "ttft_s": sorted(o.ttft_s for o in outcomes if o.ttft_s is not None),
         "first_idle": idle[0], "last_idle": idle[-1], "rss_slope_mb_per_min": slopes,
-        "left_after_down": left, "targets": check(first, last, failed, left), "samples": rec.rows,
+        "left_after_down": left, "targets": check(first, last, failed, left, idle[-1]["disk"]),
+        "samples": rec.rows,
     }
 
 

@@ -50,6 +50,16 @@ _log = get_logger("autoscaler.backend")
 
 READY_TIMEOUT_S = 300.0
 LIVENESS_PERIOD_S = 1.0
+LOGS_KEPT = 100  # the logs of the latest instances kept (a kubelet keeps a dead container's too)
+
+
+def logs_to_prune(logs: Mapping[str, float], live: set[str], keep: int = LOGS_KEPT) -> list[str]:
+    """The instance ids whose logs go (`logs`: instance id -> last write time): all but the
+    `keep` latest, never a live instance's. Scale-to-zero starts instances all day, and each
+    leaves a log and a timing file."""
+    done = sorted((t, i) for i, t in logs.items() if i not in live)
+    room = max(0, keep - sum(1 for i in logs if i in live))
+    return [i for _, i in done[:max(0, len(done) - room)]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +195,7 @@ class LocalBackend:
         argv += list(service.container.args)  # the user container's args, as Knative passes them
         log = n.logs / f"{instance_id}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self._prune_logs, n.logs)
         env = {e.name: e.value for e in service.container.env if e.value is not None}
         env.update(SLLM_SERVICE=service.key, SLLM_INSTANCE=instance_id, SLLM_NODE=node)
         # Its share of the node's cores (local nodes share this machine's), unless the service sets it.
@@ -304,6 +315,15 @@ class LocalBackend:
                 self._forget(rec)
                 await self._emit(InstanceEvent(EventKind.EXITED, rec.id, rec.node, "the process is gone"))
                 return
+
+    def _prune_logs(self, logs: Path) -> None:
+        found: dict[str, float] = {}
+        for p in logs.glob("*.log"):
+            with contextlib.suppress(OSError):
+                found[p.stem] = p.stat().st_mtime
+        for instance in logs_to_prune(found, set(self._instances)):
+            for p in (logs / f"{instance}.log", logs / f"{instance}.timing.json"):
+                p.unlink(missing_ok=True)
 
     def _why(self, rec: InstanceRecord) -> str:
         """Why an instance did not become ready: its log's last error line, else what is known."""

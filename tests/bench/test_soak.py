@@ -39,6 +39,20 @@ def test_check(last: dict[str, Any], failed: int, left: list[str], unmet: list[s
     assert [t["target"] for t in got if not t["met"]] == unmet
 
 
+@pytest.mark.parametrize("disk, unmet", [
+    pytest.param({"instance_logs": 200, "dram_bytes": 3 << 30, "ssd_staging_files": 0}, [], id="at-the-bounds"),
+    pytest.param({"instance_logs": 201, "dram_bytes": 0, "ssd_staging_files": 0},
+                 ["instance log files <= 200 (a log and a timing file each)"], id="logs-pile-up"),
+    pytest.param({"instance_logs": 0, "dram_bytes": (3 << 30) + 1, "ssd_staging_files": 0},
+                 ["DRAM tiers within their budgets (<= 3 x 1 GiB)"], id="dram-over-budget"),
+    pytest.param({"instance_logs": 0, "dram_bytes": 0, "ssd_staging_files": 2},
+                 ["no SSD staging file at idle"], id="staging-left"),
+])
+def test_check_disk(disk: dict[str, int], unmet: list[str]) -> None:
+    got = check({}, {}, 0, [], disk)
+    assert [t["target"] for t in got if not t["met"]] == unmet
+
+
 def test_a_zygote_with_instances_left_at_idle_is_a_finding() -> None:
     got = check({"zygote n1": stats()}, {"zygote n1": stats(children=1)}, 0, [])
     assert [t["target"] for t in got if not t["met"]] == ["zygote n1: no child process at idle"]
