@@ -126,10 +126,13 @@ def _validate(replay: Path, out: Path, log: Callable[[str], None]) -> int:
         doc = json.loads(replay.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{replay}: cannot read a replay document: {e}") from None
-    result = validate.validate(doc, validate.logs_of(replay))
+    logs = validate.logs_of(replay)
+    result = validate.validate(doc, logs)
     result["command"] = " ".join(["python -m sim", *sys.argv[1:]])
     out.mkdir(parents=True, exist_ok=True)
     (out / "validate.json").write_text(json.dumps(result, indent=1))
+    profile = validate.profile_document(validate.hardware(validate.measure(doc, logs)))
+    (out / "this-machine-measured.json").write_text(json.dumps({**profile, "name": "this-machine-measured"}, indent=1))
     for r in result["rows"]:
         if "p50" not in r:
             log(f"{r['profile']:18s} skipped: {r['skipped']}")
@@ -138,7 +141,7 @@ def _validate(replay: Path, out: Path, log: Callable[[str], None]) -> int:
             f"{q} measured {r[q]['measured_s']:.3f} s predicted {r[q]['predicted_s']:.3f} s x{r[q]['ratio']}"
             f" {'ok' if r[q]['within'] else 'MISS'}" for q in ("p50", "p99")))
     log(f"wrote {validate.plot(result, out, f'simulator vs {replay}')}")
-    log(f"wrote {out / 'validate.json'}")
+    log(f"wrote {out / 'validate.json'} and {out / 'this-machine-measured.json'} (--hardware)")
     return 0
 
 

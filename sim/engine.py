@@ -271,7 +271,7 @@ class Simulation:
         if self.hw.shared_cores:  # the starts in progress (this one included) share the cores
             starting = sum(1 for i in self.instances.values() if i.state == InstanceState.STARTING and i.gpus_held)
             overhead *= max(1.0, starting / self.hw.shared_cores)
-        self.push(max(self.now, inst.load_end) + overhead, "ready", inst)
+        self.push(max(self.now, inst.load_end) + overhead + self.hw.activation_s, "ready", inst)
 
     def _loaded(self, node: object, job: object) -> None:
         assert isinstance(node, SimNode) and isinstance(job, LoadJob)

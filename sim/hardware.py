@@ -61,6 +61,9 @@ class HardwareProfile:
     #: each request's prefill (its first token after admission) is scaled by a seeded lognormal
     #: of this sigma (this machine: the spread of warm TTFTs on shared CPUs); 0: exactly the formula
     compute_noise: float = 0.0
+    #: a cold-started instance takes its first request this long after it is ready (the demand
+    #: reaching the scaler, the endpoint reaching the activator); 0: at once
+    activation_s: float = 0.0
     notes: Mapping[str, str] = field(default_factory=dict)  # the source of each number
 
     def __post_init__(self) -> None:
@@ -80,7 +83,7 @@ class HardwareProfile:
                 raise ValueError(f"{where}: {what} must be a finite number > 0, got {v!r}")
         for what, v in (("overhead_s", self.overhead_s), ("fresh_process_s", self.fresh_process_s),
                         ("load_noise", self.load_noise), ("shared_cores", self.shared_cores),
-                        ("compute_noise", self.compute_noise)):
+                        ("compute_noise", self.compute_noise), ("activation_s", self.activation_s)):
             if not (v >= 0 and math.isfinite(v)):
                 raise ValueError(f"{where}: {what} must be a finite number >= 0, got {v!r}")
         if self.mfu > 1 or self.hbm_eff > 1:

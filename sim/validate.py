@@ -46,6 +46,7 @@ from sim.engine import Simulation
 from sim.hardware import GB, HardwareProfile
 from sim.policies import get_policy
 from sim.workload import BYTES_PER_PARAM, Model, Request
+from sllm_knative.config.autoscaler import TICK_S
 from sllm_knative.placement import Tier
 
 #: Replay profile -> sim policy. ray-serve has none: Ray Serve's own autoscaler and proxy are
@@ -155,6 +156,7 @@ class Measured:
     prefill_s_per_token: float  # pooled over every profile
     decode_step_s: float
     compute_sigma: float  # the spread of log(warm TTFT) around its median, pooled
+    activation_s: float  # a cold start's first request beyond placement-to-ready and its prefill
     shared_cores: int = 0  # the CPUs every start shares (meta.machine.cpus)
     sources: Mapping[str, str] = field(default_factory=dict)
     #: per profile: (prefill s/token, decode step s, sigma) of its own warm requests: the
@@ -213,8 +215,26 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
     warms = [o for outs in per.values() for o in outs]
     prefill, step, spread = speed(warms)
     compute = {name: speed(outs) for name, outs in per.items() if len(outs) >= 5}
+    ready = {**{t["instance"]: t["ready_s"] for ts in per_profile.values() for t in ts},
+             **{c["instance"]: c["ready_s"] for name, p in profiles.items() if name in REPLAY_POLICIES
+                for c in p.get("cold_starts", []) if c.get("instance") and c.get("ready_s") is not None}}
+    extras = []
+    for name, p in profiles.items():
+        if name not in REPLAY_POLICIES:
+            continue
+        seen: set[str] = set()
+        pre = compute.get(name, (prefill, step, spread))[0]
+        for o in sorted((o for o in p.get("outcomes", []) if o.get("ok") and o.get("instance")), key=lambda o: o["sent_s"]):
+            if o["instance"] in seen or o["instance"] not in ready:
+                continue
+            seen.add(o["instance"])
+            extra = o["ttft_s"] - ready[o["instance"]] - pre * prompt[o["index"]]
+            if 0 <= extra < TICK_S / 2:
+                extras.append(extra)
+    activation = statistics.median(extras) if extras else 0.0
     n_fresh = len(fresh)
-    return Measured(size, load_s, sigma, overhead, fresh_s, prefill, step, spread, shared_cores=cores, sources={
+    return Measured(size, load_s, sigma, overhead, fresh_s, prefill, step, spread, activation, shared_cores=cores,
+                    sources={
         "checkpoint_bytes": f"median 'lease complete' bytes of {len(timings)} instances",
         "load_s": "median 'lease complete' seconds per source: " + ", ".join(
             f"{t} {len(by_tier[t])} loads" for t in SOURCES.values()),
@@ -229,6 +249,9 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
         "decode_step_s": "median (end - sent - TTFT) / (tokens - 1) of the same warm requests",
         "compute_sigma": "population stdev of log(warm TTFT / its median) over the same warm requests",
         "compute": "per profile, the same three numbers over that profile's own warm requests",
+        "activation_s": ("median over instances of their first request's TTFT minus the instance's placement-to-ready "
+                         "seconds minus its prefill, those in [0, TICK_S / 2) (a first request that waited for a "
+                         "slot waited for the scaler's tick)"),
     }, compute=compute)
 
 
@@ -245,7 +268,17 @@ def hardware(m: Measured, profile: str | None = None) -> HardwareProfile:
         overhead_s=m.overhead_s, fresh_process_s=m.fresh_process_s,
         flops=2.0 * params / prefill, mfu=1.0,
         hbm_bytes_s=2.0 * params / step, hbm_eff=1.0,
-        load_noise=m.load_sigma, shared_cores=m.shared_cores, compute_noise=spread, notes=dict(m.sources))
+        load_noise=m.load_sigma, shared_cores=m.shared_cores, compute_noise=spread, activation_s=m.activation_s,
+        notes=dict(m.sources))
+
+
+def profile_document(hw: HardwareProfile) -> dict[str, Any]:
+    """`hw` as a profile file (`--hardware file.json`, sim/hardware.py `profile_from_json`)."""
+    doc: dict[str, Any] = {"base": "this-machine", **dataclasses.asdict(hw)}
+    for key in ("nominal", "efficiency"):
+        doc[key] = {str(t): v for t, v in getattr(hw, key).items()}
+    doc["notes"] = dict(hw.notes)
+    return doc
 
 
 def inputs(doc: Mapping[str, Any], profile: str, size_bytes: int) -> tuple[list[Model], list[Request], SimConfig]:
@@ -317,7 +350,7 @@ def validate(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> dict[
                 "load_sigma": round(m.load_sigma, 3), "overhead_s": round(m.overhead_s, 4),
                 "fresh_process_s": round(m.fresh_process_s, 3), "shared_cores": m.shared_cores, "prefill_s_per_token": round(m.prefill_s_per_token, 5),
                 "decode_step_s": round(m.decode_step_s, 4), "sources": dict(m.sources),
-                "compute_sigma": round(m.compute_sigma, 3),
+                "compute_sigma": round(m.compute_sigma, 3), "activation_s": round(m.activation_s, 4),
                 "compute_per_profile": {k: {"prefill_s_per_token": round(a, 5), "decode_step_s": round(b, 4),
                                             "compute_sigma": round(c, 3)} for k, (a, b, c) in m.compute.items()}},
             "rows": rows}

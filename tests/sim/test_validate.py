@@ -238,3 +238,27 @@ def test_keep_alive_exact(exact: bool, stopped_at: float) -> None:
     sim.stop = recording_stop  # type: ignore[method-assign]
     sim.run()
     assert stops == [pytest.approx(stopped_at)]
+
+
+@pytest.mark.parametrize(("extras", "want"), [
+    # instance x (ready 0.3 s after placement), y (0.6 s), z (0.4 s): each one's first request
+    # took ready + prefill (10 tokens at 0.01 s) + extra; the median extra under TICK_S / 2 counts
+    ((0.05, 0.07, 0.09), 0.07),
+    ((0.05, 0.07, 1.5), 0.06),  # z's first request waited 1.5 s for a slot: left out
+    ((-0.2, 1.5, 3.0), 0.0),  # none under a tick's half: no activation term
+])
+def test_activation(extras: tuple[float, float, float], want: float) -> None:
+    doc = _doc()
+    outs = doc["profiles"]["sllm"]["outcomes"]
+    for k, (inst, ready, extra) in enumerate(zip("xyz", (0.3, 0.6, 0.4), extras, strict=True)):
+        outs.append(_o(10 + k, 20.0 + 10 * k, ready + 0.1 + extra, inst))
+        doc["shots"].append({**doc["shots"][3], "index": 10 + k})
+    assert v.measure(doc, LOGS).activation_s == pytest.approx(want)
+
+
+def test_activation_delays_a_cold_start() -> None:
+    from sim.workload import Model, Request
+
+    models = [Model("a", "replay", 100, 1, checkpoint="c0")]
+    sim = _sim("sllm", models, [Request(0, 0.0, "a", 10, 3)], activation_s=0.5)
+    assert sim.ttfts() == pytest.approx([1.2])  # remote 0.4 + start 0.2 + activation 0.5 + prefill 0.1
