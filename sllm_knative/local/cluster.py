@@ -136,12 +136,15 @@ def _wait(what: str, check: Any, timeout: float, proc: subprocess.Popen[bytes], 
 
 def restartable(component: str) -> bool:
     """Whether `up` restarts a component that exits, as a kubelet restarts a crashed container.
-    The activator, the autoscaler and the loaders are: the activator learns the services again
-    from the autoscaler (which pushes every service's endpoints to an activator it has not heard
-    from), the autoscaler replays its journal of what was applied and adopts the instances still
-    running (autoscaler/journal.py, LocalBackend.adopt_running), a loader rebuilds its tiers'
-    index from disk. The zygotes are not: the instances they forked go with them."""
-    return component in ("activator", "autoscaler") or component.startswith("loader ")
+    Every component is: the activator learns the services again from the autoscaler (which
+    pushes every service's endpoints to an activator it has not heard from), the autoscaler
+    replays its journal of what was applied and adopts the instances still running
+    (autoscaler/journal.py, LocalBackend.adopt_running), a loader rebuilds its tiers' index from
+    disk, and a zygote imports again and listens on the same socket. The instances a zygote
+    forked go with it (they die with their parent), as a node's pods go with a crashed node: the
+    autoscaler sees them exit, their streams end with an error event, and the next demand starts
+    new ones."""
+    return component in ("activator", "autoscaler") or component.startswith(("loader ", "zygote "))
 
 
 def restart_delay(restarts: int) -> float:

@@ -28,7 +28,7 @@ def test_restart_delay_doubles_to_a_bound(restarts: int, want: float) -> None:
 
 
 @pytest.mark.parametrize(("component", "want"), [
-    ("activator", True), ("loader node-1", True), ("autoscaler", True), ("zygote node-1", False)])
+    ("activator", True), ("loader node-1", True), ("autoscaler", True), ("zygote node-1", True), ("up", False)])
 def test_what_is_restarted(component: str, want: bool) -> None:
     assert restartable(component) is want
 
@@ -180,3 +180,18 @@ def test_a_killed_instance_ends_its_stream_with_an_error_event_and_is_replaced(c
     wait_for(lambda: [i["id"] for i in services(doc)["default/tiny"]["instances"]] not in ([inst["id"]], []), 60,
              "a new instance of the service")
     assert invoke(doc["activator"], "tiny", "default", "Hello", 4, seed=1)["text"]
+
+
+def test_a_killed_zygote_is_restarted_its_instances_go_and_the_next_request_starts_one(cluster) -> None:
+    state, doc = cluster
+    first = invoke(doc["activator"], "tiny", "default", "Hello", 4, seed=1)  # warm: an instance of node-1's zygote
+    pid, restarts = component(state, "zygote node-1")
+    os.kill(pid, signal.SIGKILL)  # its instances die with it (PR_SET_PDEATHSIG)
+    wait_for(lambda: component(state, "zygote node-1")[1] == restarts + 1, 30, "the zygote restarted")
+    wait_for(lambda: first["instance"] not in {i["id"] for i in services(doc)["default/tiny"]["instances"]}, 30,
+             "the autoscaler to see the zygote's instance gone")
+    # The next request cold-starts an instance from the new zygote (once it has imported again).
+    again = invoke(doc["activator"], "tiny", "default", "Hello", 4, seed=1, timeout=180)
+    assert again["text"] == first["text"] and again["instance"] != first["instance"]
+    lines = (state / "up.log").read_text().splitlines()
+    assert any("component exited; restarting it" in ln and 'component="zygote node-1"' in ln for ln in lines)
