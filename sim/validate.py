@@ -47,6 +47,7 @@ from sim.hardware import GB, HardwareProfile
 from sim.policies import get_policy
 from sim.workload import BYTES_PER_PARAM, Model, Request
 from sllm_knative.config.autoscaler import TICK_S
+from sllm_knative.loader.hops import tier_rates
 from sllm_knative.placement import Tier
 
 #: Replay profile -> sim policy. ray-serve has none: Ray Serve's own autoscaler and proxy are
@@ -84,6 +85,7 @@ def instance_timings(lines: Iterable[str]) -> list[dict[str, Any]]:
     ready line are left out."""
     lease: dict[str, dict[str, str]] = {}
     ready: dict[str, tuple[float, float]] = {}
+    placed: dict[str, str] = {}
     for line in lines:
         if 'msg="lease complete"' in line:
             f = fields(line)
@@ -91,9 +93,12 @@ def instance_timings(lines: Iterable[str]) -> list[dict[str, Any]]:
         elif 'msg="instance ready"' in line:
             f = fields(line)
             ready[f["instance"]] = (float(f["seconds"]), stamp(line))
-    return [{"instance": i, "source": f["source"], "bytes": int(f["bytes"]), "lease_s": float(f["seconds"]),
-             "ready_s": ready[i][0], "end": ready[i][1]}
-            for i, f in sorted(lease.items()) if i in ready and f.get("source") in SOURCES]
+        elif "msg=placed" in line:
+            f = fields(line)
+            placed[f["instance"]] = f.get("tier", "")
+    return [{"instance": i, "source": f["source"], "placed": placed.get(i, f["source"]), "bytes": int(f["bytes"]),
+             "lease_s": float(f["seconds"]), "ready_s": ready[i][0], "end": ready[i][1]}
+            for i, f in sorted(lease.items()) if i in ready and placed.get(i, f["source"]) in SOURCES]
 
 
 def fresh_timings(lines: Iterable[str], since: float = -math.inf) -> list[dict[str, Any]]:
@@ -129,6 +134,25 @@ def read_logs(profile_dir: Path) -> list[str]:
     for f in sorted(profile_dir.rglob("*.log")):
         lines.extend(f.read_text(errors="replace").splitlines())
     return lines
+
+
+def probe(lines: Iterable[str]) -> dict[str, float]:
+    """A loader sidecar's bandwidth probe (`msg="bandwidth measured" hop=... bytes=... seconds=...`
+    lines) as hop -> bytes/s, the median over the lines of each hop."""
+    seen: dict[str, list[float]] = {}
+    for line in lines:
+        if 'msg="bandwidth measured"' in line:
+            f = fields(line)
+            if float(f.get("seconds", 0)) > 0:
+                seen.setdefault(f["hop"], []).append(int(f["bytes"]) / float(f["seconds"]))
+    return {hop: statistics.median(xs) for hop, xs in seen.items()}
+
+
+def work(timings: Sequence[Mapping[str, Any]], load: str, cores: int) -> list[float]:
+    """Each start's overhead beyond its load (`ready_s - timings[load]`), divided by how many
+    starts shared the `cores` with it (`sharing`; 0 cores: none)."""
+    return [(t["ready_s"] - t[load]) / (max(1.0, k / cores) if cores else 1.0)
+            for t, k in zip(timings, sharing(timings), strict=True)]
 
 
 def warm(outcomes: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -181,8 +205,19 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
         raise ValueError("no instance timings: the replay's logs have no 'lease complete' and 'instance ready' "
                          "lines for an sllm-type profile")
     size = int(statistics.median(t["bytes"] for t in timings))
-    by_tier = {tier: [t["lease_s"] for t in timings if SOURCES[t["source"]] == tier] for tier in SOURCES.values()}
+    overhead = _median([w for ts in per_profile.values() for w in work(ts, "lease_s", cores)], "instance starts")
+    # a load from a tier: placement to ready of the instances placed to load from it, less the
+    # start overhead (the lease's own `source` may say dram for a store load that reached the
+    # DRAM tier before the lease was granted)
+    by_tier = {tier: [max(0.0, t["ready_s"] - overhead) for t in timings if SOURCES[t["placed"]] == tier]
+               for tier in SOURCES.values()}
     load_s = {tier: _median(xs, f"{tier} loads") for tier, xs in by_tier.items() if xs}
+    # a tier no instance loaded from: the loader sidecars' own bandwidth probe of that run
+    probed = tier_rates(probe(line for name in per_profile for line in logs[name])).tiers
+    unseen = [t for t in SOURCES.values() if t not in load_s]
+    for tier in unseen:
+        if tier in probed:
+            load_s[tier] = size / probed[tier]
     if Tier.SSD not in load_s and Tier.REMOTE in load_s:  # no SSD load seen: an SSD read is no slower than the store
         load_s[Tier.SSD] = load_s[Tier.REMOTE]
     if set(load_s) != set(SOURCES.values()):
@@ -190,17 +225,12 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
     logs_dev = [math.log(x / load_s[tier]) for tier, xs in by_tier.items() for x in xs if x > 0]
     sigma = statistics.pstdev(logs_dev) if len(logs_dev) > 1 else 0.0
 
-    def work(ts: Sequence[Mapping[str, Any]], load: str) -> list[float]:
-        """Each start's overhead beyond its load, divided by how many starts shared the cores with it."""
-        return [(t["ready_s"] - t[load]) / (max(1.0, k / cores) if cores else 1.0) for t, k in zip(ts, sharing(ts), strict=True)]
-
-    overhead = _median([w for ts in per_profile.values() for w in work(ts, "lease_s")], "instance starts")
     meta = doc.get("meta", {})
     end = stamp(str(meta.get("machine", {}).get("time", "")))
     since = end - float(meta.get("bench_seconds", math.inf)) if math.isfinite(end) else -math.inf
     fresh_runs = [fresh_timings(logs.get(name, ()), since) for name in profiles
                   if name in REPLAY_POLICIES and get_policy(name).fresh_process]
-    fresh = [w for ts in fresh_runs for w in work(ts, "load_s")]
+    fresh = [w for ts in fresh_runs for w in work(ts, "load_s", cores)]
     fresh_s = _median(fresh, "fresh-process cold starts") if fresh else overhead
     prompt = {s["index"]: s["prompt_tokens"] for s in doc["shots"]}
 
@@ -236,8 +266,9 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
     return Measured(size, load_s, sigma, overhead, fresh_s, prefill, step, spread, activation, shared_cores=cores,
                     sources={
         "checkpoint_bytes": f"median 'lease complete' bytes of {len(timings)} instances",
-        "load_s": "median 'lease complete' seconds per source: " + ", ".join(
-            f"{t} {len(by_tier[t])} loads" for t in SOURCES.values()),
+        "load_s": "median placement-to-ready seconds less overhead_s of the instances placed per tier: " + ", ".join(
+            f"{t} {len(by_tier[t])} loads" for t in SOURCES.values()) + "".join(
+            f"; {t}: none, from the loaders' 'bandwidth measured' probe" for t in unseen if t in probed),
         "load_sigma": "population stdev of log(lease seconds / its tier's median)",
         "overhead_s": (f"median of autoscaler 'instance ready' seconds minus lease seconds, {len(timings)} instances, "
                        f"each over max(1, starts in progress / {cores} cores) (time-averaged over its start)"),

@@ -12,6 +12,7 @@ from sllm_knative.placement import Tier
 
 READY = '2026-12-06T04:04:{t}Z INFO autoscaler msg="instance ready" service=default/s0 instance={i} seconds={s}'
 T0 = 1796529840.0  # 2026-12-06T04:04:00Z
+PLACED = '2026-12-06T04:04:09.272Z INFO autoscaler msg=placed service=default/s0 instance={i} node=node-1 tier={tier}'
 LEASE = ('2026-12-06T04:04:10.016Z INFO functions.llm msg="lease complete" service=default/s0 instance={i} '
          'source={src} bytes=200 seconds={s}')
 
@@ -28,7 +29,12 @@ def test_fields(line: str, want: dict[str, str]) -> None:
 @pytest.mark.parametrize(("lines", "want"), [
     # lease and ready for one instance: one timing
     ([LEASE.format(i="a", src="dram", s=0.1), READY.format(t="10.500", i="a", s=0.5)],
-     [{"instance": "a", "source": "dram", "bytes": 200, "lease_s": 0.1, "ready_s": 0.5, "end": T0 + 10.5}]),
+     [{"instance": "a", "source": "dram", "placed": "dram", "bytes": 200, "lease_s": 0.1, "ready_s": 0.5,
+       "end": T0 + 10.5}]),
+    # the tier placement chose wins over the lease's source (a store load that reached DRAM first)
+    ([PLACED.format(i="a", tier="remote"), LEASE.format(i="a", src="dram", s=0.1), READY.format(t="10.500", i="a", s=0.5)],
+     [{"instance": "a", "source": "dram", "placed": "remote", "bytes": 200, "lease_s": 0.1, "ready_s": 0.5,
+       "end": T0 + 10.5}]),
     # a lease without a ready line, a ready line without a lease: nothing
     ([LEASE.format(i="a", src="dram", s=0.1), READY.format(t="10.500", i="b", s=0.5)], []),
     # an unknown source is left out
@@ -81,9 +87,10 @@ LOGS = {"sllm": [LEASE.format(i="x", src="dram", s=0.1), READY.format(t="10.000"
 def test_measure_by_hand() -> None:
     m = v.measure(_doc(), LOGS)
     assert m.checkpoint_bytes == 200
-    # no SSD load seen: an SSD read is taken as no slower than the store
-    assert m.load_s == {Tier.DRAM: 0.1, Tier.SSD: 0.4, Tier.REMOTE: 0.4}
     assert m.overhead_s == pytest.approx(0.2)  # ready - lease: 0.2, 0.2, 0.3
+    # a load: ready less the overhead, per placed tier (x 0.1, z 0.2; y 0.4); no SSD load seen
+    # and no loader probe: an SSD read is taken as no slower than the store
+    assert m.load_s == pytest.approx({Tier.DRAM: 0.15, Tier.SSD: 0.4, Tier.REMOTE: 0.4})
     assert m.fresh_process_s == pytest.approx(9.0)  # (8 + 10) / 2; the earlier run's 29 s left out
     assert m.shared_cores == 2
     # warm requests 3..7: TTFT 0.1 over 10 prompt tokens; 0.2 s for the 2 tokens after the first
@@ -92,7 +99,7 @@ def test_measure_by_hand() -> None:
     hw = v.hardware(m, "sllm")
     assert hw.prefill_s(10, 100, 1) == pytest.approx(0.1)
     assert hw.decode_step_s(100, 1) == pytest.approx(0.1)
-    assert 200 / hw.achieved(Tier.DRAM) == pytest.approx(0.1)
+    assert 200 / hw.achieved(Tier.DRAM) == pytest.approx(0.15)
 
 
 def test_measure_needs_instance_logs() -> None:
@@ -262,3 +269,15 @@ def test_activation_delays_a_cold_start() -> None:
     models = [Model("a", "replay", 100, 1, checkpoint="c0")]
     sim = _sim("sllm", models, [Request(0, 0.0, "a", 10, 3)], activation_s=0.5)
     assert sim.ttfts() == pytest.approx([1.2])  # remote 0.4 + start 0.2 + activation 0.5 + prefill 0.1
+
+
+@pytest.mark.parametrize(("lines", "want"), [
+    (['x INFO loader_sidecar.profile msg="bandwidth measured" hop=disk_read bytes=100 seconds=0.5 gbps=0.0'],
+     {"disk_read": 200.0}),
+    (['a msg="bandwidth measured" hop=dram_map bytes=100 seconds=0.1',
+      'b msg="bandwidth measured" hop=dram_map bytes=100 seconds=0.3',
+      'c msg="bandwidth measured" hop=dram_map bytes=100 seconds=0.2'], {"dram_map": 500.0}),  # the median
+    (['msg="bandwidth measured" hop=disk_read bytes=100 seconds=0', "unrelated line"], {}),
+])
+def test_probe(lines: list[str], want: dict[str, float]) -> None:
+    assert v.probe(lines) == pytest.approx(want)
