@@ -222,7 +222,10 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
         load_s[Tier.SSD] = load_s[Tier.REMOTE]
     if set(load_s) != set(SOURCES.values()):
         raise ValueError(f"the replay's logs have loads from {sorted(map(str, load_s))} only; need dram and remote")
-    logs_dev = [math.log(x / load_s[tier]) for tier, xs in by_tier.items() for x in xs if x > 0]
+    # the spread of a load: the loader's own lease times around their source's median
+    leases = {tier: [t["lease_s"] for t in timings if SOURCES[t["source"]] == tier and t["lease_s"] > 0]
+              for tier in SOURCES.values()}
+    logs_dev = [math.log(x / statistics.median(xs)) for xs in leases.values() if xs for x in xs]
     sigma = statistics.pstdev(logs_dev) if len(logs_dev) > 1 else 0.0
 
     meta = doc.get("meta", {})
@@ -269,7 +272,7 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
         "load_s": "median placement-to-ready seconds less overhead_s of the instances placed per tier: " + ", ".join(
             f"{t} {len(by_tier[t])} loads" for t in SOURCES.values()) + "".join(
             f"; {t}: none, from the loaders' 'bandwidth measured' probe" for t in unseen if t in probed),
-        "load_sigma": "population stdev of log(lease seconds / its tier's median)",
+        "load_sigma": "population stdev of log('lease complete' seconds / the median of its source)",
         "overhead_s": (f"median of autoscaler 'instance ready' seconds minus lease seconds, {len(timings)} instances, "
                        f"each over max(1, starts in progress / {cores} cores) (time-averaged over its start)"),
         "fresh_process_s": (f"median of the fresh processes' ready 'seconds' minus 'load_s', {n_fresh} starts of "
