@@ -43,7 +43,7 @@ from sllm_knative.kube.client import Kube, connect
 from sllm_knative.kube.leader import leader_identity
 from sllm_knative.kube.times import rfc3339
 from sllm_knative.log import get_logger
-from sllm_knative.serving import Server, serve_until_signalled
+from sllm_knative.serving import Server, serve_until_signalled, stop_all
 
 _log = get_logger("autoscaler")
 
@@ -155,15 +155,23 @@ async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_name
 
     ticker = asyncio.ensure_future(tick())
     _log.info("listening", port=port, mode="kubernetes", identity=pa.identity)
+    # On SIGTERM the Lease goes first, at once, while the server shuts down: a standby leads as
+    # soon as it is released, and the grace period may end (SIGKILL) before the rest has stopped.
+    releasing: list[asyncio.Future[None]] = []
+
+    def on_sigterm() -> None:
+        ticker.cancel()  # decide no more
+        if not releasing:
+            releasing.append(loop.run_in_executor(None, pa.stop))
+        stop_all([server])
+
     try:
-        await serve_until_signalled([(server, None)])  # returns on SIGTERM: the Lease is released below
+        await serve_until_signalled([(server, None)], on_sigterm=on_sigterm)
     finally:
         ticker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await ticker
-        # The Lease first: a standby leads as soon as it is released, and the grace period may
-        # end (SIGKILL) before the rest has stopped; the webhook needs no leadership.
-        await asyncio.to_thread(pa.stop)
+        await (releasing[0] if releasing else asyncio.to_thread(pa.stop))  # the webhook needs no leadership
         if webhook is not None:
             await asyncio.to_thread(webhook.stop)
         await asyncio.to_thread(source.stop)

@@ -87,7 +87,7 @@ def test_the_deployment_runs_one_leader_and_two_webhooks(api: Any, k: Any, make_
         # the lease's 15 s would run out); another replica takes it and becomes the one Ready
         # replica: the survivor, or the Deployment's replacement pod if that one asks first.
         gone = leader.metadata.name
-        k.core.delete_namespaced_pod(gone, NS, grace_period_seconds=0)
+        k.core.delete_namespaced_pod(gone, NS)  # its own grace period (20 s), as a rollout or a drain deletes it
         until(lambda: not k.coord.read_namespaced_lease(LEASE, NS).spec.holder_identity.startswith(gone), 10,
               "the deleted leader to release the Lease")
         new = until(lambda: (lambda rs: rs[0] if len(rs) == 1 and rs[0].metadata.name != gone else None)(
