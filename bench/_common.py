@@ -68,6 +68,20 @@ def ensure_model(out_dir: Path, spec: Any) -> bool:
     return True
 
 
+def down_keeping_logs(state: Path, logs: Path) -> None:
+    """Stop the local cluster kept in `state`, copy its logs under `logs` (for the report), and
+    remove `state`."""
+    from sllm_knative.local.cluster import down
+
+    down(state)
+    for f in (state / "logs").rglob("*.log") if (state / "logs").exists() else []:
+        dst = logs / f.relative_to(state / "logs")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            dst.write_bytes(f.read_bytes())
+    shutil.rmtree(state, ignore_errors=True)
+
+
 def save_figure(fig: Any, path: Path) -> Path:
     """Write a matplotlib figure to `path` through a temporary name (never a half-written PNG)."""
     import matplotlib.pyplot as plt

@@ -66,7 +66,6 @@ import json
 import os
 import random
 import secrets
-import shutil
 import statistics
 import sys
 import tempfile
@@ -78,7 +77,15 @@ from typing import Any
 
 import httpx
 
-from bench._common import ensure_model, evict, machine, resident_fraction, save_figure, write_json
+from bench._common import (
+    down_keeping_logs,
+    ensure_model,
+    evict,
+    machine,
+    resident_fraction,
+    save_figure,
+    write_json,
+)
 from sllm_knative.api import auth
 from sllm_knative.local.manifests import service_manifest
 
@@ -375,7 +382,7 @@ def build_inputs(work: Path) -> tuple[Path, Path]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from sllm_knative import format as fmt
-    from sllm_knative.local.cluster import down, up_detached
+    from sllm_knative.local.cluster import up_detached
     from sllm_knative.ports import free_port
     from testkit.servers import Nginx
 
@@ -424,13 +431,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 bench.close()
         finally:
-            down(state)
-            for f in (state / "logs").rglob("*.log") if (state / "logs").exists() else []:
-                dst = logs / f.relative_to(state / "logs")
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                with contextlib.suppress(OSError):
-                    dst.write_bytes(f.read_bytes())
-            shutil.rmtree(state, ignore_errors=True)
+            down_keeping_logs(state, logs)
     rows = [summarize(p, t, rs) for (p, t), rs in runs.items()]
     order = {("sllm", t): i for i, t in enumerate(("dram", "ssd", "remote"))} | {("knative_default", "remote"): 3}
     rows.sort(key=lambda r: order[(r["profile"], r["tier"])])

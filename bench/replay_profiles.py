@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from bench._common import down_keeping_logs
 from bench.replay_client import NAMESPACE, NODES, SLOTS, Sampler, drain, replay
 from bench.replay_core import Shot, tier_counts
 
@@ -31,7 +32,7 @@ PROFILES = (*SLLM_PROFILES, "knative-default", "kserve-localcache", "ray-serve")
 
 @contextlib.contextmanager
 def cluster(state: Path, store: Path, logs: Path, placement: str = "load-time") -> Any:
-    from sllm_knative.local.cluster import down, up_detached
+    from sllm_knative.local.cluster import up_detached
     from sllm_knative.ports import free_port
 
     try:
@@ -39,13 +40,7 @@ def cluster(state: Path, store: Path, logs: Path, placement: str = "load-time") 
                            "--dram-gb", "2", "--ssd-gb", "4", "--port", str(free_port()),
                            "--store", f"file://{store}", "--placement", placement], state)
     finally:
-        down(state)
-        for f in (state / "logs").rglob("*.log") if (state / "logs").exists() else []:
-            dst = logs / f.relative_to(state / "logs")
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(OSError):
-                dst.write_bytes(f.read_bytes())
-        shutil.rmtree(state, ignore_errors=True)
+        down_keeping_logs(state, logs)
 
 
 def manifests(store: Path, services: int, checkpoints: int, keep_alive: float,
