@@ -164,15 +164,7 @@ def test_pending_pod_takes_the_freed_slot_at_once() -> None:
     requests = [Request(0, 0.0, "a", 10, 3), Request(1, 0.5, "b", 10, 3)]
     cfg = v.SimConfig(nodes=1, capacity=4, keep_alive_s=1.0, max_scale=1, stable_window_s=6.0)
     sim = Simulation(hw, dataclasses.replace(get_policy("knative-default"), keep_alive=True), models, requests, cfg)
-    stops: list[float] = []
-    stop = sim.stop
-
-    def recording_stop(inst: Any) -> None:
-        stops.append(sim.now)
-        stop(inst)
-
-    sim.stop = recording_stop  # type: ignore[method-assign]
-    sim.run()
+    stops = _run_recording_stops(sim)
     starts = [(i, t) for kind, i, _n, _tier, t in sim.trace if kind == "start"]
     assert [i for i, _ in starts] == ["i1", "i2"]
     assert starts[1][1] == stops[0]  # b's pod started when a's instance stopped
@@ -235,15 +227,7 @@ def test_keep_alive_exact(exact: bool, stopped_at: float) -> None:
     hw = dataclasses.replace(v.hardware(v.measure(_doc(), LOGS)), load_noise=0.0, compute_noise=0.0)
     cfg = v.SimConfig(nodes=1, capacity=4, keep_alive_s=6.0, max_scale=1, stable_window_s=6.0, keep_alive_exact=exact)
     sim = Simulation(hw, get_policy("sllm"), [Model("a", "replay", 100, 1)], [Request(0, 0.0, "a", 10, 20)], cfg)
-    stops: list[float] = []
-    stop = sim.stop
-
-    def recording_stop(inst: Any) -> None:
-        stops.append(sim.now)
-        stop(inst)
-
-    sim.stop = recording_stop  # type: ignore[method-assign]
-    sim.run()
+    stops = _run_recording_stops(sim)
     assert stops == [pytest.approx(stopped_at)]
 
 
@@ -281,3 +265,17 @@ def test_activation_delays_a_cold_start() -> None:
 ])
 def test_probe(lines: list[str], want: dict[str, float]) -> None:
     assert v.probe(lines) == pytest.approx(want)
+
+
+def _run_recording_stops(sim: Any) -> list[float]:
+    """Run `sim`, returning the simulated times at which it stopped an instance."""
+    stops: list[float] = []
+    stop = sim.stop
+
+    def recording_stop(inst: Any) -> None:
+        stops.append(sim.now)
+        stop(inst)
+
+    sim.stop = recording_stop
+    sim.run()
+    return stops
