@@ -16,7 +16,8 @@ go straight to SSD staging. Either way a cold remote load costs one transfer, no
 
 A store holding a plain Hugging Face checkpoint, or a GGUF file (`model.gguf`, which brings
 its own config and tokenizer), is downloaded once to SSD staging and converted there
-(`sllm_knative.convert`), then filled into DRAM from SSD like any SSD hit.
+(which files to fetch and the conversion: `loader_sidecar.plain_import`), then filled into DRAM
+from SSD like any SSD hit.
 SSD -> DRAM fills are `loader_sidecar.ssd_copy` (direct reads into a staging buffer, verified
 there, then written to the tmpfs file).
 """
@@ -29,9 +30,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
-import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -42,6 +41,14 @@ from loader_sidecar.aio import all_or_first_error, in_thread
 from loader_sidecar.config import Config
 from loader_sidecar.fills import Fill, Layout
 from loader_sidecar.metrics import LoaderMetrics
+from loader_sidecar.plain_import import (
+    GGUF_FILE,
+    HF_SINGLE_WEIGHTS,
+    HF_WEIGHT_INDEXES,
+    convert_on_node,
+    gguf_output_bytes,
+    weight_files,
+)
 from loader_sidecar.profile import Profile
 from loader_sidecar.refs import ModelRef
 from loader_sidecar.spans import BadBlock, Span, SpanWriter, Target, create_file, plan_spans
@@ -67,14 +74,10 @@ from sllm_knative.log import get_logger
 AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
              "chat_template.jinja", "chat_template.json", "preprocessor_config.json")
-HF_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-HF_SINGLE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-GGUF_FILE = "model.gguf"  # a llama.cpp checkpoint: converted on the node, config and tokenizer from inside it
 MAX_META_BYTES = 64 << 20
 CORRUPT_RETRIES = 1
 MAX_FAILURES = 64  # failed checkpoints remembered (oldest forgotten first)
 TRANSFER_THREADS = 64  # range requests in worker threads, all fills together (threads start as needed)
-_PLAIN_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 
 T = TypeVar("T")
 _log = get_logger("loader_sidecar.fetch")
@@ -462,18 +465,7 @@ class Fetcher:
             raw = await self._meta(store, ref, idx_name)
             if raw is None:
                 continue
-            where = store.location(ref, idx_name)
-            try:
-                weight_map = json.loads(raw).get("weight_map")
-            except (ValueError, AttributeError) as exc:
-                raise CorruptData(f"{where}: not a JSON object with a weight_map") from exc
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CorruptData(f"{where}: 'weight_map' must be a non-empty object")
-            names = sorted(set(weight_map.values()))
-            bad = [n for n in names if not isinstance(n, str) or not _PLAIN_FILE.match(n)]
-            if bad:
-                raise CorruptData(f"{where}: weight file {bad[0]!r} is not a plain file name")
-            return {idx_name: raw, **dict.fromkeys(names)}
+            return {idx_name: raw, **dict.fromkeys(weight_files(raw, store.location(ref, idx_name)))}
         for name in (*HF_SINGLE_WEIGHTS, GGUF_FILE):
             if await self._retrying(store, functools.partial(store.size, ref, name)) is not None:
                 return {name: None}
@@ -522,8 +514,8 @@ class Fetcher:
             self.profile.observe(f"remote:{store.root.uri}", nbytes, seconds)
             self.metrics.transfer("remote", nbytes, seconds)
             if GGUF_FILE in weights:  # dequantized, the checkpoint outgrows twice the download
-                self.ssd.resize(key, source_bytes + await self._gguf_output_bytes(ref, src / GGUF_FILE))
-            await self._convert(ref, src, out)
+                self.ssd.resize(key, source_bytes + await gguf_output_bytes(ref, src / GGUF_FILE))
+            await convert_on_node(ref, src, out)
             shutil.rmtree(src)
             files = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file() and not p.name.startswith(".")}
             self.ssd.resize(key, sum(files.values()))
@@ -532,24 +524,5 @@ class Fetcher:
         except BaseException:
             self.ssd.abort(key, staging)
             raise
-
-    async def _gguf_output_bytes(self, ref: ModelRef, path: Path) -> int:
-        from sllm_knative import gguf_source
-
-        try:
-            return await in_thread(gguf_source.output_bytes, path)
-        except ValueError as exc:  # ConversionError
-            raise CorruptData(f"{ref.uri}: the GGUF checkpoint cannot be converted: {exc}") from exc
-
-    async def _convert(self, ref: ModelRef, src: Path, out: Path) -> None:
-        from sllm_knative import convert
-
-        t0 = time.perf_counter()
-        try:
-            await in_thread(convert.convert, src, out)
-        except (ValueError, OSError) as exc:  # ConversionError and FormatError are ValueErrors
-            raise CorruptData(f"{ref.uri}: the plain checkpoint (Hugging Face or GGUF) cannot be converted: "
-                              f"{exc}") from exc
-        _log.info("converted on the node", checkpoint=ref.uri, seconds=round(time.perf_counter() - t0, 3))
 
     # -- SSD -> DRAM ---------------------------------------------------------------------------
