@@ -156,18 +156,9 @@ def scale_down_migrates(stack: Any, client: openai.OpenAI, failure: Any, seeds: 
     until(lambda: len(stack.ready_pods(REV)) == 2, 120, "two ready pods")
     until(lambda: len(stack.rotation(REV)) == 2, 30, "both pods in the rotation")
     migrated_before = stack.migrated()
-    got: dict[int, str] = {}
-    started = {seed: threading.Event() for seed in seeds}
-    threads = [threading.Thread(target=lambda s=seed: got.__setitem__(s, stream_completion(client, s, started[s])))
-               for seed in seeds]
-    for t in threads:
-        t.start()
-    for seed in seeds:
-        assert started[seed].wait(60), f"stream {seed} did not start"
-    assert sorted(stack.rotation(REV).values()) == [1, 1]  # one stream per pod
     # The decision must see the streams (the activator reports once a second): with an idle
     # history and a 3 s keep-alive, a decision on older numbers would release both pods.
-    until(lambda: stack.in_flight(REV) == 2, 10, "the autoscaler to see both streams")
+    got, threads = stream_on_each_pod(stack, client, REV, seeds)
     stack.patch_policy("chat-keepalive", {"minScale": 0})
     for t in threads:
         t.join(120)
@@ -176,6 +167,24 @@ def scale_down_migrates(stack: Any, client: openai.OpenAI, failure: Any, seeds: 
     with ThreadPoolExecutor(len(seeds)) as pool:  # the same seeds on the one pod left, unmigrated
         want = dict(zip(seeds, pool.map(lambda s: stream_completion(client, s), seeds), strict=True))
     assert got == want, failure("a migrated stream's text differs from the unmigrated run")
+
+
+def stream_on_each_pod(stack: Any, client: openai.OpenAI, revision: str,
+                       seeds: tuple[int, ...]) -> tuple[dict[int, str], list[threading.Thread]]:
+    """A seeded stream per seed through `client`, one on each of the revision's two pods, each
+    running (past its first chunks) and seen by the autoscaler; (the texts, filled as they end;
+    the threads)."""
+    got: dict[int, str] = {}
+    started = {seed: threading.Event() for seed in seeds}
+    threads = [threading.Thread(target=lambda s=seed: got.__setitem__(s, stream_completion(client, s, started[s])))
+               for seed in seeds]
+    for t in threads:
+        t.start()
+    for seed in seeds:
+        assert started[seed].wait(60), f"stream {seed} did not start"
+    assert sorted(stack.rotation(revision).values()) == [1, 1], stack.rotation(revision)  # one per pod
+    until(lambda: stack.in_flight(revision) == len(seeds), 10, "the autoscaler to see every stream")
+    return got, threads
 
 
 def stream_completion(client: openai.OpenAI, seed: int, started: threading.Event | None = None,

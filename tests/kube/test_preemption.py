@@ -50,7 +50,7 @@ from testkit.kube.nodeagent import NodeAgent
 from testkit.kube.stack import Stack
 from testkit.servers import Nginx
 from tests.kube.conftest import start_agent, until
-from tests.kube.test_e2e import CONTEXT, SPEC, stream_chat, stream_completion
+from tests.kube.test_e2e import CONTEXT, SPEC, stream_chat, stream_completion, stream_on_each_pod
 
 LOW, HIGH = "batch", "chat"
 LOW_REV, HIGH_REV = f"{LOW}-00001", f"{HIGH}-00001"
@@ -194,16 +194,7 @@ def test_a_higher_priority_cold_start_migrates_a_stream_off_a_full_node_and_take
     # A seeded stream on each of batch's pods; the autoscaler must see both (reported each second).
     low = stack.client(LOW_REV)
     seeds = (11, 12)
-    got: dict[int, str] = {}
-    started = {s: threading.Event() for s in seeds}
-    threads = [threading.Thread(target=lambda s=s: got.__setitem__(s, stream_completion(low, s, started[s])))
-               for s in seeds]
-    for t in threads:
-        t.start()
-    for s in seeds:
-        assert started[s].wait(60), f"stream {s} did not start"
-    assert sorted(stack.rotation(LOW_REV).values()) == [1, 1], stack.rotation(LOW_REV)  # one per pod
-    until(lambda: stack.in_flight(LOW_REV) == 2, 10, "the autoscaler to see both streams")
+    got, threads = stream_on_each_pod(stack, low, LOW_REV, seeds)
     migrated_before = stack.migrated()
 
     # chat's Revision: its cold start finds both slots taken by a lower priority.
