@@ -195,7 +195,6 @@ class LocalBackend:
         argv += list(service.container.args)  # the user container's args, as Knative passes them
         log = n.logs / f"{instance_id}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(self._prune_logs, n.logs)
         env = {e.name: e.value for e in service.container.env if e.value is not None}
         env.update(SLLM_SERVICE=service.key, SLLM_INSTANCE=instance_id, SLLM_NODE=node)
         # Its share of the node's cores (local nodes share this machine's), unless the service sets it.
@@ -212,6 +211,10 @@ class LocalBackend:
         self._instances[rec.id] = rec
         self._keep(rec)
         self._follow(rec)  # its events come after this returns
+        # Old instances' logs go in the background, off the cold start's path.
+        pruning = asyncio.ensure_future(asyncio.to_thread(self._prune_logs, n.logs))
+        self._watchers.add(pruning)
+        pruning.add_done_callback(self._watchers.discard)
         return rec
 
     def _follow(self, rec: InstanceRecord) -> None:

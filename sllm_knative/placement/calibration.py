@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -90,13 +91,18 @@ class Calibration:
         )
 
 
+    @functools.cached_property
+    def _overhead_mean(self) -> float | None:
+        """The mean of every node's start overhead (once per value: `place` asks for each node)."""
+        return sum(self.overhead.values()) / len(self.overhead) if self.overhead else None
+
     def node_overhead(self, node: str) -> float | None:
         """`node`'s start overhead: its own average shrunk towards the mean of every node's
         (`SHRINK`); the mean alone for a node never seen starting an instance (nodes run the
         same instance runtime: not for free); None before any start was observed."""
-        if not self.overhead:
+        mean = self._overhead_mean
+        if mean is None:
             return None
-        mean = sum(self.overhead.values()) / len(self.overhead)
         own = self.overhead.get(node)
         if own is None:
             return mean
