@@ -148,6 +148,9 @@ def test_the_standby_takes_over_a_scale_up_from_a_killed_leader(
         services = {s["key"]: s for s in httpx.get(f"{base('b')}/v1/services", timeout=5).json()["services"]}
         assert {i["id"] for i in services[f"{namespace}/{REV}"]["instances"]} == {p.metadata.name for p in pods}
         assert services[f"{namespace}/{REV}"]["desired"] == 2
+    except AssertionError as exc:  # what each replica decided, for a failure that is intermittent
+        raise AssertionError(f"{exc}\n" + "\n".join(
+            f"--- autoscaler {who} ---\n{p.tail(6000)}" for who, p in procs.items())) from exc
     finally:
         stop_reports.set()
         for p in procs.values():
