@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "phase (0: only after --migration-rounds)")
     p.add_argument("--migration-follow", type=int, default=MigrationConfig.max_follow,
                    help="source steps at most in the follow phase before detaching regardless (0: no follow phase)")
+    p.add_argument("--export-interval", type=float, default=MigrationConfig.export_interval_s,
+                   help="seconds between exports of each relayed stream's state: a stream whose instance dies "
+                        "resumes from the last one on another instance (0: exports only during migrations)")
     k = p.add_argument_group("Kubernetes mode (Knative's activator)")
     k.add_argument("--kube", action="store_true", help="serve as Knative's activator, from the cluster's state")
     k.add_argument("--kubeconfig", default=None, help="kubeconfig (default $KUBECONFIG, else in-cluster)")
@@ -156,6 +159,7 @@ def _activator(args: argparse.Namespace, kube: KubeSettings | None) -> Activator
                                                               max_rounds=args.migration_rounds,
                                                               settle_gap=args.migration_settle_gap,
                                                               max_follow=args.migration_follow,
+                                                              export_interval_s=args.export_interval,
                                                               internal_token=token_from_env()),
                                      kube=kube))
 

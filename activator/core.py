@@ -35,7 +35,7 @@ class Activator:
                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
         self.reporter = Reporter(config, self.registry, self.client)
         self.capacity = Capacity(config, self.registry, self.reporter.demand)
-        self.migrations = Migrations(self.registry, InstanceClient(self.client, config.migration))
+        self.migrations = Migrations(self.registry, InstanceClient(self.client, config.migration), self.capacity)
         self._meters: dict[ServiceKey, ServiceMeters] = {}
         self.kube: KubeSource | None = None
         self.knative_stats: KnativeStats | None = None
@@ -64,10 +64,12 @@ class Activator:
 
     async def start(self) -> None:
         self.reporter.start()
+        self.migrations.start()
         if self.knative_stats is not None:
             self.knative_stats.start()
 
     async def stop(self) -> None:
+        await self.migrations.stop()
         await self.reporter.stop()
         if self.knative_stats is not None:
             await self.knative_stats.stop()

@@ -1,11 +1,15 @@
 """The activator's side of live migration: which requests can move (the stream table), the relay
-of a stream that may be switched, finishing a non-streaming request elsewhere, and the two
-triggers (`migrate`, `drain`) that the admin API exposes. The protocol itself is in
-activator/migration/."""
+of a stream that may be switched, finishing a non-streaming request elsewhere, the two triggers
+(`migrate`, `drain`) that the admin API exposes, and recovery: every relayed stream's state is
+exported from its instance every `--export-interval` seconds (`start`), so a stream whose
+instance dies (kill -9, a node lost) resumes from it on another instance, or on a new one once it
+is ready, instead of being cut. The protocol itself is in activator/migration/."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 import httpx
@@ -13,6 +17,8 @@ from starlette.types import Send
 
 from activator import errors, metrics
 from activator.balancer import RoutedInstance
+from activator.capacity import Capacity
+from activator.metrics import ServiceMeters
 from activator.migration import (
     InstanceClient,
     MigrationResult,
@@ -23,6 +29,7 @@ from activator.migration import (
     resume_whole,
     splice,
 )
+from activator.migration.client import SourceFailed, SourceFinished
 from activator.registry import Registry, RoutedService
 from activator.request import response_headers
 from activator.respond import prepend, send_whole
@@ -34,10 +41,56 @@ _log = get_logger("activator")
 
 
 class Migrations:
-    def __init__(self, registry: Registry, client: InstanceClient) -> None:
+    def __init__(self, registry: Registry, client: InstanceClient, capacity: Capacity) -> None:
         self.registry = registry
         self.client = client
+        self.capacity = capacity  # where a resume with no instance to go to waits for one
         self.streams = StreamTable()  # requests by generation id (what a migration can move)
+        self._export_loop: asyncio.Task[None] | None = None
+        self._exports: set[asyncio.Task[None]] = set()
+
+    # -- periodic exports ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Export every relayed stream's state every `export_interval_s` (0: only during migrations)."""
+        interval = self.client.cfg.export_interval_s
+        if interval > 0 and self._export_loop is None:
+            self._export_loop = asyncio.get_running_loop().create_task(self._exporting(interval))
+
+    async def stop(self) -> None:
+        tasks = [*self._exports, *([self._export_loop] if self._export_loop else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._export_loop = None
+
+    async def _exporting(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            for tracked in self.streams.exportable():
+                tracked.exporting = True
+                task = asyncio.get_running_loop().create_task(self._export(tracked))
+                self._exports.add(task)
+                task.add_done_callback(self._exports.discard)
+
+    async def _export(self, tracked: Tracked) -> None:
+        """One export of a stream's state from the instance it runs on (kept if it still runs there)."""
+        inst = tracked.instance
+        tracked.mark()
+        try:
+            state = await self.client.export(inst, tracked.id)
+        except SourceFinished:  # ended there (or several choices: they are not exported)
+            metrics.observe_export("finished")
+            return
+        except SourceFailed as exc:
+            metrics.observe_export("failed")
+            _log.debug("export failed", id=tracked.id, instance=inst.id, error=str(exc))
+            return
+        finally:
+            tracked.exporting = False
+        metrics.observe_export("ok")
+        if tracked.instance is inst and not tracked.ended:
+            tracked.checkpoint(state)
 
     # -- the request path ------------------------------------------------------------------
 
@@ -66,6 +119,7 @@ class Migrations:
         if tracked is None or tracked.id != gen_id:
             tracked = Tracked(gen_id, svc.key, inst, svc.breaker)
             self.streams.add(tracked)
+        tracked.streaming = True
         return tracked
 
     async def relay(self, first: bytes, rest: AsyncIterator[bytes], tracked: Tracked) -> AsyncGenerator[bytes, None]:
@@ -90,13 +144,20 @@ class Migrations:
                 yield chunk
         except httpx.HTTPError as exc:
             if not tracked.migrating:
-                _log.warning("upstream stream broke after the first byte", id=tracked.id,
-                             instance=tracked.instance.id, error=f"{type(exc).__name__}: {exc}")
-                yield errors.error_frame(errors.StreamCut(f"instance {tracked.instance.id} broke off the stream "
-                                                          f"and it was not being migrated"))
-                return
+                if tracked.last_state is None:
+                    _log.warning("upstream stream broke after the first byte", id=tracked.id,
+                                 instance=tracked.instance.id, error=f"{type(exc).__name__}: {exc}")
+                    yield errors.error_frame(errors.StreamCut(
+                        f"instance {tracked.instance.id} broke off the stream before any export of its state"))
+                    return
+                # The instance died (or its connection did): resume from the last export elsewhere.
+                _log.warning("upstream stream broke: resuming it from its last export", id=tracked.id,
+                             service=str(tracked.key), instance=tracked.instance.id, node=tracked.instance.node,
+                             position=tracked.last_state.position, error=f"{type(exc).__name__}: {exc}")
+                await self.registry.drop_instance(tracked.key, tracked.instance.id)
             broken = True
-        async for out in splice(self.client, tracked, prepend(held, rest), self.resume_candidates, broken=broken):
+        async for out in splice(self.client, tracked, prepend(held, rest), self.resume_candidates, broken=broken,
+                                wait=self.wait_for_destination):
             yield out
 
     async def finish_whole(self, send: Send, svc: RoutedService, tracked: Tracked, state: GenerationState | None) -> None:
@@ -121,6 +182,24 @@ class Migrations:
                 if inst.id not in tried and inst.internal_url and inst not in out and inst.id != tracked.instance.id:
                     out.append(inst)
         return out
+
+    async def wait_for_destination(self, tracked: Tracked, tried: frozenset[str]) -> RoutedInstance | None:
+        """An instance of the stream's service with room for its resume when none is there now:
+        waits as a held request does (the autoscaler hears of the demand; a cold start), up to the
+        service's hold. None past it."""
+        try:
+            svc = self.registry.get(tracked.key)
+        except KeyError:
+            return None
+        hold = svc.hold_timeout_s or self.capacity.config.cold_start_timeout_s
+        _log.info("no instance to resume the stream on: waiting for one", id=tracked.id, service=str(svc.key),
+                  hold_s=hold)
+        try:
+            return await self.capacity.wait_for_room(svc, tried | {tracked.instance.id}, time.monotonic() + hold,
+                                                     ServiceMeters.of(svc.key))
+        except errors.ActivatorError as exc:  # too many held, or the hold ran out
+            _log.warning("no instance to resume the stream on", id=tracked.id, service=str(svc.key), error=exc.message)
+            return None
 
     # -- the triggers ----------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 Per service: requests by status, the wait for an instance with room, cold starts, the time to the
 first body byte, requests in flight, retries. Migrations: how many by outcome, how long each
 took, and the gap each handoff left in a client's stream (from the source's last frame to the
-destination's first), with the largest one seen.
+destination's first), with the largest one seen. Recovery: the periodic exports of streams' states
+and what became of streams whose instance died.
 """
 
 from __future__ import annotations
@@ -47,10 +48,32 @@ for _outcome in MigrationOutcome:  # every outcome shows (at 0) before the first
     MIGRATIONS.labels(_outcome.value)
 _gap_max = 0.0
 
+EXPORTS = Counter("activator_stream_exports_total",
+                  "Periodic exports of relayed streams' generation states (--export-interval), by result",
+                  ["result"], registry=REGISTRY)
+RECOVERIES = Counter("activator_stream_recoveries_total",
+                     "Streams whose instance died, by what became of them: resumed from the last export, "
+                     "cut because the resumed text differed from what was sent (diverged), or cut because "
+                     "no instance took the resume (no_instance)", ["result"], registry=REGISTRY)
+EXPORT_RESULTS = ("ok", "finished", "failed")
+RECOVERY_RESULTS = ("resumed", "diverged", "no_instance")
+for _result in EXPORT_RESULTS:
+    EXPORTS.labels(_result)
+for _result in RECOVERY_RESULTS:
+    RECOVERIES.labels(_result)
+
 
 def observe_migration(outcome: MigrationOutcome, seconds: float) -> None:
     MIGRATIONS.labels(outcome.value).inc()
     MIGRATION_SECONDS.observe(seconds)
+
+
+def observe_export(result: str) -> None:
+    EXPORTS.labels(result).inc()
+
+
+def observe_recovery(result: str) -> None:
+    RECOVERIES.labels(result).inc()
 
 
 def observe_handoff_gap(seconds: float) -> None:

@@ -14,13 +14,13 @@ The activator holds the client connections, so it coordinates:
 from activator.migration.client import InstanceClient, state_of
 from activator.migration.config import MigrationConfig
 from activator.migration.coordinator import MigrationResult, migrate_generation, migrate_instance
-from activator.migration.frames import Frame, classify, frame_text, split_frames, trim_frame
+from activator.migration.frames import Frame, classify, frame_content, split_frames, trim_frame
 from activator.migration.planning import MigrationPhase, follow_done, next_action, pick_destination
 from activator.migration.splice import Candidates, resume_whole, splice
 from activator.migration.tracked import StreamTable, Tracked
 
 __all__ = [
     "Candidates", "Frame", "InstanceClient", "MigrationConfig", "MigrationPhase", "MigrationResult", "StreamTable",
-    "Tracked", "classify", "follow_done", "frame_text", "migrate_generation", "migrate_instance", "next_action",
+    "Tracked", "classify", "follow_done", "frame_content", "migrate_generation", "migrate_instance", "next_action",
     "pick_destination", "resume_whole", "splice", "split_frames", "state_of", "trim_frame",
 ]

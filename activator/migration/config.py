@@ -25,6 +25,10 @@ class MigrationConfig:
     # The instances' internal token (sllm_knative/api/auth.py), sent on every internal call.
     internal_token: str | None = dataclasses.field(default=None, repr=False)
     handoff_timeout_s: float = 60.0  # from the detach until the destination's stream is spliced in
+    # Seconds between exports of every relayed stream's state, so a stream whose instance dies
+    # resumes from the last one instead of being cut (0: exports only during migrations). Each is
+    # one internal call answered at the instance's next step boundary.
+    export_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.gap_threshold < 0:
@@ -35,6 +39,8 @@ class MigrationConfig:
             raise ValueError(f"max_rounds = {self.max_rounds}, must be >= 1")
         if self.max_follow < 0:
             raise ValueError(f"max_follow = {self.max_follow}, must be >= 0")
+        if self.export_interval_s < 0:
+            raise ValueError(f"export_interval_s = {self.export_interval_s}, must be >= 0")
         for name in ("request_timeout_s", "handoff_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} = {getattr(self, name)}, must be > 0")

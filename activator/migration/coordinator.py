@@ -84,7 +84,7 @@ async def migrate_generation(client: InstanceClient, tracked: Tracked, dest: Rou
             # An export is answered at the source's next step boundary: one loop per source step
             # at most, with the token that step made.
             state = await client.export(src, tracked.id)
-            tracked.last_state = state
+            tracked.checkpoint(state)
             tokens = state.position
             gap = tokens - cached
             if phase is not MigrationPhase.FOLLOW and rounds:
@@ -113,7 +113,7 @@ async def migrate_generation(client: InstanceClient, tracked: Tracked, dest: Rou
             if last is not None:
                 await last  # in order before a drop_prefill below
             raise
-        tracked.last_state = final
+        tracked.checkpoint(final)
         tokens = final.position
         tracked.handoff.set_result(Handoff(final))
     except SourceFinished:

@@ -2,9 +2,9 @@
 that never migrates is passed through unparsed).
 
 A frame is one `data:` event and its blank-line terminator. `classify` says what it is (an
-OpenAI chunk, `[DONE]`, the `sllm.detached` event that ends a detached stream); `frame_counts`
-counts the generated text and logprob entries a chunk carries (what the client has received);
-`trim_frame` drops text the client already has from a resumed stream's frame.
+OpenAI chunk, `[DONE]`, the `sllm.detached` event that ends a detached stream); `frame_content`
+gives the generated text and the count of logprob entries a chunk carries (what the client has
+received); `trim_frame` drops text the client already has from a resumed stream's frame.
 """
 
 from __future__ import annotations
@@ -96,20 +96,14 @@ def chunk_tokens(chunk: Any) -> int:
         return 0
 
 
-def frame_text(frame: bytes) -> int:
-    """Characters of generated text in one frame."""
+def frame_content(frame: bytes) -> tuple[str, int]:
+    """(the generated text, the tokens with logprob entries) of one frame."""
     kind, data = classify(frame)
-    return len(chunk_text(data)) if kind is Frame.DATA else 0
+    return (chunk_text(data), chunk_tokens(data)) if kind is Frame.DATA else ("", 0)
 
 
-def frame_counts(frame: bytes) -> tuple[int, int]:
-    """(characters of generated text, tokens with logprob entries) in one frame."""
-    kind, data = classify(frame)
-    return (len(chunk_text(data)), chunk_tokens(data)) if kind is Frame.DATA else (0, 0)
-
-
-def trim_frame(frame: bytes, skip: int) -> tuple[bytes | None, int]:
-    """Drop the first `skip` characters of a frame's text: (frame to send or None, characters dropped).
+def trim_frame(frame: bytes, skip: int) -> tuple[bytes | None, str]:
+    """Drop the first `skip` characters of a frame's text: (frame to send or None, the text dropped).
 
     Frames without text (finish, usage, [DONE]) pass unchanged; a frame whose whole text was
     already delivered is dropped; a frame that overlaps is re-encoded with the rest of its text.
@@ -117,13 +111,13 @@ def trim_frame(frame: bytes, skip: int) -> tuple[bytes | None, int]:
     kind, data = classify(frame)
     text = chunk_text(data) if kind is Frame.DATA else ""
     if skip <= 0 or not text:
-        return frame, 0
+        return frame, ""
     if len(text) <= skip:
-        return None, len(text)
+        return None, text
     choice = data["choices"][0]
     if isinstance(choice.get("text"), str):
         choice["text"] = text[skip:]
     else:
         choice["delta"]["content"] = text[skip:]
     body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
-    return b"data: " + body + b"\n\n", skip
+    return b"data: " + body + b"\n\n", text[:skip]
