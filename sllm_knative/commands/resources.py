@@ -98,12 +98,13 @@ def _get(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=1))
         return 0
     if args.kind in ("services", "revisions"):
-        rows = [["NAME", "MODEL", "DESIRED", "READY", "IN-FLIGHT", "URL"]]
+        rows = [["NAME", "MODEL", "DESIRED", "READY", "IN-FLIGHT", "URL", "LAST-FAILURE"]]
         for s in doc["services"]:
             ns, name = s["key"].split("/", 1)
+            failure = " ".join((s.get("last_failure") or "-").split())  # one line, however long
             rows.append([s["key"] if args.kind == "services" else f"{s['key']}-00001", s["model"] or "-",
                          str(s["desired"]), str(s["ready"]), str(s["in_flight"]),
-                         f"http://{name}.{ns}.example.com"])
+                         f"http://{name}.{ns}.example.com", failure])
     else:
         rows = [["INSTANCE", "SERVICE", "NODE", "STATE", "TIER", "READY-IN"]]
         for s in doc["services"]:

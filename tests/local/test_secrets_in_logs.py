@@ -100,7 +100,8 @@ def test_no_credential_appears_in_any_log_or_output(tmp_path: Path, creds: dict[
         # error goes to the service's status and the logs.
         wait_for(lambda: bool(services(doc)["default/missing"]["last_failure"]), 60, "the failed start's reason")
         printed.append(json.dumps(services(doc)))
-        cli("get", "services")
+        listed = cli("get", "services").stdout  # the CLI shows why the service has no instance
+        assert "ckpt/nope" in next(line for line in listed.splitlines() if line.startswith("default/missing")), listed
         cli("get", "instances")
     finally:
         cli("down", check=False)
