@@ -2,7 +2,8 @@
 (exact numerics), the activator as a process exporting every relayed stream's state. A stream
 whose instance dies resumes from its last export on another instance (or on one that becomes
 ready later), and its client sees exactly the text of an undisturbed run; a stream with no export
-to resume from (several choices) ends with a clean `stream_cut` error event, never a hang.
+to resume from (several choices) ends with a clean `stream_cut` error event, never a hang; a
+resume that regenerates different text is cut, not spliced.
 
 The pure parts (which text is kept, the check of the regenerated text) are in
 tests/activator/test_recovery_pure.py.
@@ -19,7 +20,7 @@ import pytest
 
 from sllm_knative.api import activator as admin_api
 from tests.migration.conftest import Activator, Function, running
-from tests.migration.test_handoff import Collected, assert_same, body, choices, reference, stream
+from tests.migration.test_handoff import Collected, assert_same, body, reference, stream
 
 
 @pytest.fixture(scope="module")
@@ -38,30 +39,37 @@ def counters(act: Activator, family: str) -> dict[str, float]:
             for s in fam.samples if s.name.endswith("_total")}
 
 
-def wait_for_export(act: Activator, before: float, out: Collected) -> None:
-    """Until the activator has exported a stream's state since `before` (its `ok` count)."""
+def wait_for_exports(act: Activator, count: int, outs: list[Collected]) -> None:
+    """Until the activator's `ok` exports reach `count`, none of the streams having ended."""
     deadline = time.monotonic() + 30
-    while counters(act, "activator_stream_exports")["ok"] <= before:
-        assert time.monotonic() < deadline, "no export of the stream's state within 30 s"
-        assert out.done == 0 and not out.errors, "the stream ended before its state was exported"
+    while counters(act, "activator_stream_exports")["ok"] < count:
+        assert time.monotonic() < deadline, "no export of the streams' states within 30 s"
+        assert all(o.done == 0 and not o.errors for o in outs), "a stream ended before its state was exported"
         time.sleep(0.01)
 
 
-def kill_mid_stream(act: Activator, victim: Function, req: dict, then: Function, add_later: float = 0.0) -> Collected:
-    """Stream `req` through `act` on `victim` alone, kill -9 the victim after an export of the
-    stream's state, and put `then` in rotation (`add_later` seconds after the kill; 0: before it)."""
+def started(outs: list[Collected], threads: list[threading.Thread], frames: int = 16) -> None:
+    """Until every stream has had `frames` frames (logprobs or not)."""
+    deadline = time.monotonic() + 60
+    while any(o.chunks < frames and t.is_alive() for o, t in zip(outs, threads, strict=True)):
+        assert time.monotonic() < deadline, "the streams did not start within 60 s"
+        time.sleep(0.002)
+
+
+def kill_mid_stream(act: Activator, victim: Function, reqs: list[dict], then: Function,
+                    add_later: float = 0.0) -> list[Collected]:
+    """Stream each of `reqs` through `act` on `victim` alone, at once; kill -9 the victim once every
+    stream's state has been exported (two export rounds after they all run), and put `then` in
+    rotation (`add_later` seconds after the kill; 0: before it)."""
     act.set_instances(victim)
-    exported = counters(act, "activator_stream_exports")["ok"]
-    recovered = counters(act, "activator_stream_recoveries")["resumed"]
-    out = Collected()
-    t = threading.Thread(target=stream, args=(act.url, req, out))
-    t.start()
+    outs = [Collected() for _ in reqs]
+    threads = [threading.Thread(target=stream, args=(act.url, req, out)) for req, out in zip(reqs, outs, strict=True)]
+    for t in threads:
+        t.start()
     try:
-        deadline = time.monotonic() + 60
-        while out.chunks < 16 and t.is_alive():  # 16 frames in (logprobs or not)
-            assert time.monotonic() < deadline, "the stream did not start within 60 s"
-            time.sleep(0.002)
-        wait_for_export(act, exported, out)
+        started(outs, threads)
+        exported = sum(1 for req in reqs if req.get("n", 1) == 1)  # several choices are not exported
+        wait_for_exports(act, counters(act, "activator_stream_exports")["ok"] + 2 * exported, outs)
         if not add_later:
             act.set_instances(victim, then)
         victim.kill()
@@ -69,35 +77,36 @@ def kill_mid_stream(act: Activator, victim: Function, req: dict, then: Function,
             time.sleep(add_later)
             act.set_instances(then)
     finally:
-        t.join(120)
-    assert not t.is_alive(), "the stream hung after its instance was killed"
-    assert counters(act, "activator_stream_recoveries")["resumed"] == recovered + 1, "the stream was not resumed"
-    return out
+        for t in threads:
+            t.join(120)
+    assert not any(t.is_alive() for t in threads), "a stream hung after its instance was killed"
+    return outs
 
 
-@pytest.mark.parametrize("seed", [pytest.param(None, id="greedy"), pytest.param(4242, id="seeded")])
-def test_a_killed_instance_s_streams_resume_from_the_last_export(exporting, functions, spare, seed):
+def test_a_killed_instance_s_streams_resume_from_the_last_export(exporting, functions, spare):
+    """Four streams on one instance, killed with kill -9: greedy and seeded with logprobs (the
+    regenerated tokens skipped frame by frame) and seeded text only (skipped by characters) each
+    resume on the other instance from their own last export, and each client sees, token by token,
+    the text of an undisturbed run. The fourth has two choices: those are neither migrated nor
+    exported, so it ends at once with a `stream_cut` error event, not a hang and not [DONE]."""
     _, b = functions
-    victim = spare(f"victim-{seed}")
-    want = reference(b, body(seed))
+    reqs = [body(None), body(4242), {k: v for k, v in body(77).items() if k != "logprobs"},
+            {**body(5), "n": 2}]
+    wants = [reference(b, req) for req in reqs[:3]]
     before = counters(exporting, "activator_stream_recoveries")
-    got = kill_mid_stream(exporting, victim, body(seed), then=b)
-    assert 16 <= len(want.tokens)
-    assert_same(got, want)  # token by token, logprob by logprob, text, finish, usage
+    got = kill_mid_stream(exporting, spare("victim"), reqs, then=b)
+    for g, w in zip(got[:2], wants[:2], strict=True):
+        assert 16 <= len(w.tokens)
+        assert_same(g, w)  # token by token, logprob by logprob, text, finish, usage
+    assert got[2].errors == [] and got[2].done == 1
+    assert (got[2].text, got[2].usage, got[2].finish) == (wants[2].text, wants[2].usage, wants[2].finish)
+    cut = got[3]
+    assert cut.done == 0, "a cut stream must not end with [DONE]"
+    assert [e["error"]["code"] for e in cut.errors] == ["stream_cut"], cut.errors
+    assert "before any export" in cut.errors[0]["error"]["message"]
     after = counters(exporting, "activator_stream_recoveries")
-    assert after["resumed"] == before["resumed"] + 1, (before, after)
+    assert after["resumed"] == before["resumed"] + 3, (before, after)
     assert after["diverged"] == before["diverged"] and after["no_instance"] == before["no_instance"]
-
-
-def test_a_stream_without_logprobs_is_checked_by_its_text(exporting, functions, spare):
-    """Without logprobs the resumed stream's already-sent text is skipped by characters (with
-    logprobs, by whole frames): both paths regenerate and compare what the client has."""
-    _, b = functions
-    req = {k: v for k, v in body(77).items() if k != "logprobs"}
-    want = reference(b, req)
-    got = kill_mid_stream(exporting, spare("victim-text"), req, then=b)
-    assert got.errors == [] and got.done == 1
-    assert got.text == want.text and got.usage == want.usage and got.finish == want.finish
 
 
 def test_the_resume_waits_for_an_instance_when_none_is_left(exporting, functions, spare):
@@ -107,32 +116,9 @@ def test_the_resume_waits_for_an_instance_when_none_is_left(exporting, functions
     _, b = functions
     victim = spare("victim-alone")
     want = reference(b, body(99))
-    got = kill_mid_stream(exporting, victim, body(99), then=b, add_later=1.5)
+    [got] = kill_mid_stream(exporting, victim, [body(99)], then=b, add_later=1.5)
     assert_same(got, want)
     assert "no instance to resume the stream on: waiting for one" in exporting.log_path.read_text()
-
-
-def test_a_stream_with_no_state_to_resume_from_ends_with_an_error_event(exporting, functions, spare):
-    """Several choices are not exported (nor migrated): the instance's death ends the client's
-    stream with a `stream_cut` error event at once, not a hang and not a clean end."""
-    _, b = functions
-    victim = spare("victim-choices")
-    exporting.set_instances(victim)
-    req = {**body(5, max_tokens=480), "n": 2}
-    started = threading.Event()
-    result: list[tuple[list[str], list[str], int]] = []
-    t = threading.Thread(target=lambda: result.append(choices(exporting.url, req, started)))
-    t.start()
-    try:
-        assert started.wait(60)
-        exporting.set_instances(victim, b)
-        victim.kill()
-    finally:
-        t.join(60)
-    assert not t.is_alive(), "the stream hung after its instance was killed"
-    [(texts, errors, done)] = result
-    assert done == 0, "a cut stream must not end with [DONE]"
-    assert len(errors) == 1 and "stream_cut" in errors[0] and "before any export" in errors[0], errors
 
 
 def test_a_resume_that_differs_from_what_was_sent_is_cut_not_spliced(exporting, functions, spare, tiny_model,
@@ -156,11 +142,8 @@ def test_a_resume_that_differs_from_what_was_sent_is_cut_not_spliced(exporting, 
         t = threading.Thread(target=stream, args=(exporting.url, req, out))
         t.start()
         try:
-            deadline = time.monotonic() + 60
-            while out.chunks < 16 and t.is_alive():
-                assert time.monotonic() < deadline, "the stream did not start within 60 s"
-                time.sleep(0.002)
-            wait_for_export(exporting, exported, out)
+            started([out], [t])
+            wait_for_exports(exporting, exported + 1, [out])
             # A few tokens after that export, before the next (0.25 s later): the kill leaves text
             # to regenerate (4 tokens take 10-250 ms here, idle to loaded).
             seen = out.chunks
