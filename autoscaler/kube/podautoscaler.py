@@ -128,13 +128,16 @@ def _is(status: dict[str, Any], type_: str, value: str) -> bool:
     return c is not None and c.get("status") == value
 
 
-class _Conditions:
-    """Knative's living condition set over a status dict: marking a dependent recomputes Ready."""
+class LivingConditions:
+    """Knative's living condition set (knative.dev/pkg apis.NewLivingConditionSet) over a status
+    dict: Ready is True when every dependent is, False when one is False (with its reason), else
+    Unknown; marking any condition recomputes it. The PA's dependents by default; the tests'
+    stand-in for Knative's revision reconciler passes the Revision's."""
 
-    def __init__(self, status: dict[str, Any], now: dt.datetime) -> None:
-        self.status, self.now = status, now
+    def __init__(self, status: dict[str, Any], now: dt.datetime, dependents: tuple[str, ...] = DEPENDENTS) -> None:
+        self.status, self.now, self.dependents = status, now, dependents
         status.setdefault("conditions", [])
-        for t in (*DEPENDENTS, READY):  # InitializeConditions
+        for t in (*dependents, READY):  # InitializeConditions
             if condition(status, t) is None:
                 self._set(t, "Unknown", "", "")
 
@@ -158,7 +161,7 @@ class _Conditions:
         self._ready()
 
     def _ready(self) -> None:
-        deps = [condition(self.status, t) or {} for t in DEPENDENTS]
+        deps = [condition(self.status, t) or {} for t in self.dependents]
         bad = next((c for c in deps if c.get("status") == "False"), None)
         unknown = next((c for c in deps if c.get("status") == "Unknown"), None)
         if bad:
@@ -200,7 +203,7 @@ def reconcile(pa: dict[str, Any], sks: dict[str, Any] | None, pods: Pods, replic
     Warning Event) and nothing scales, until the Revision is fixed."""
     meta = pa["metadata"]
     status = copy.deepcopy(pa.get("status") or {})
-    conds = _Conditions(status, now)
+    conds = LivingConditions(status, now)
     plan = Plan(status=status)
     initialized = _is(status, SCALE_TARGET_INITIALIZED, "True")
 
@@ -293,7 +296,7 @@ def _spec_differs(sks: dict[str, Any], want: dict[str, Any]) -> bool:
     return any(have.get(k) != v for k, v in want["spec"].items())
 
 
-def _compute_active(conds: _Conditions, status: dict[str, Any], pa: dict[str, Any], settings: Settings,
+def _compute_active(conds: LivingConditions, status: dict[str, Any], pa: dict[str, Any], settings: Settings,
                     want: int, pods: Pods, initialized: bool) -> None:
     """kpa.go computeActiveCondition."""
     lo, _, initial = bounds(pa, settings, initialized)

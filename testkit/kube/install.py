@@ -313,7 +313,7 @@ class InstalledStack(Stack):
         raise TypeError("the install's loaders are its DaemonSet's pods: start() runs them")
 
     def _start(self) -> None:
-        from testkit.kube.knative import PrivateServices, SksStatusWriter
+        from testkit.kube.knative import PrivateServices, RevisionStatusWriter, SksStatusWriter
 
         k, net, kc = self.k, self.cluster.network, self.cluster.kubeconfig
         assert net is not None
@@ -331,6 +331,8 @@ class InstalledStack(Stack):
         # What Knative's reconcilers would do and cannot here (testkit.kube.knative).
         standin = SksStatusWriter(k, self.namespace).start()
         self._exit.callback(standin.stop)
+        revisions = RevisionStatusWriter(k, self.namespace).start()
+        self._exit.callback(revisions.stop)
         private = PrivateServices(k, self.namespace).start()
         self._exit.callback(private.stop)
         # The two Service names the install's pods call, with no kube-proxy or DNS here.

@@ -13,6 +13,13 @@ see docs/kubernetes.md).
   The function container stands in for the user container; there is no queue-proxy.
 - `SksStatusWriter` writes the one thing our PA controller needs from Knative's
   serverlessservice reconciler: an SKS's status (`serviceName`, `privateServiceName`, Ready).
+- `RevisionStatusWriter` does the part of Knative's revision reconciler that reads our PA:
+  `propagate_autoscaler_status`, a port of `PropagateAutoscalerStatus`
+  (pkg/apis/serving/v1/revision_lifecycle.go), writes the Revision's conditions (`Active`,
+  `ResourcesAvailable`, `ContainerHealthy`, `Ready`) and replica counts from the PA's status, so
+  the tests can check what a Knative user sees on the Revision at each step. The Deployment half
+  of that reconciler (`PropagateDeploymentStatus`, the pods' scheduling and exit reasons) is not
+  ported: tests/kube/test_config_deployment.py checks the one part of it our gates touch.
 - `PrivateServices` makes, for each SKS, the private Service that reconciler makes
   (`pkg/reconciler/serverlessservice/serverlessservice.go: reconcilePrivateService`,
   `resources/services.go: MakePrivateService`): `<sks>-private`, selecting the scale target
@@ -24,9 +31,12 @@ see docs/kubernetes.md).
 
 from __future__ import annotations
 
+import copy
+import datetime as dt
 import threading
 from typing import Any
 
+from autoscaler.kube.podautoscaler import LivingConditions, condition
 from sllm_knative.kube.client import PODAUTOSCALERS, REVISIONS, SERVERLESSSERVICES, Kube, is_status
 from sllm_knative.kube.informer import Informer
 from sllm_knative.log import get_logger
@@ -121,6 +131,86 @@ class SksStatusWriter:
                 self.kube.replace_status(SERVERLESSSERVICES, name, {**sks, "status": want}, self.namespace)
             except Exception:
                 pass  # a stale copy: the next event or resync brings the fresh one
+
+
+# pkg/apis/serving/v1/revision_types.go and revision_lifecycle.go
+RESOURCES_AVAILABLE, CONTAINER_HEALTHY, ACTIVE = "ResourcesAvailable", "ContainerHealthy", "Active"
+REVISION_DEPENDENTS = (RESOURCES_AVAILABLE, CONTAINER_HEALTHY)  # Active is not one: a revision at zero is Ready
+DEPLOYING, PROGRESS_DEADLINE = "Deploying", "ProgressDeadlineExceeded"
+
+
+def _status_is(status: dict[str, Any], type_: str, value: str) -> bool:
+    return (condition(status, type_) or {}).get("status") == value
+
+
+def propagate_autoscaler_status(revision_status: dict[str, Any], pa_status: dict[str, Any],
+                                now: dt.datetime) -> dict[str, Any]:
+    """The Revision's status after Knative's revision reconciler reads its PA's status (a port of
+    `RevisionStatus.PropagateAutoscalerStatus`): replica counts, `Active` from the PA's Ready,
+    `ResourcesAvailable` and `ContainerHealthy` once the PA's scale target was initialized (never
+    over a False the Deployment half set), and Ready from those two."""
+    status = copy.deepcopy(revision_status)
+    conds = LivingConditions(status, now, REVISION_DEPENDENTS)
+    unavailable = _status_is(status, RESOURCES_AVAILABLE, "False") or _status_is(status, CONTAINER_HEALTHY, "False")
+    for ours, theirs in (("actualReplicas", "actualScale"), ("desiredReplicas", "desiredScale")):
+        status.pop(ours, None)
+        if isinstance(pa_status.get(theirs), int) and pa_status[theirs] >= 0:
+            status[ours] = pa_status[theirs]
+    ready = condition(pa_status, "Ready")
+    if ready is None:
+        conds.mark(ACTIVE, "Unknown", DEPLOYING)
+        if not unavailable:
+            conds.mark(RESOURCES_AVAILABLE, "Unknown", DEPLOYING)
+        return status
+    initialized = _status_is(pa_status, "ScaleTargetInitialized", "True")
+    if initialized and not unavailable:
+        conds.mark(RESOURCES_AVAILABLE, "True")
+        conds.mark(CONTAINER_HEALTHY, "True")
+    if _status_is(status, RESOURCES_AVAILABLE, "True") and (not pa_status.get("serviceName") or not initialized):
+        conds.mark(RESOURCES_AVAILABLE, "Unknown", DEPLOYING)
+    value, reason, message = ready.get("status"), ready.get("reason", ""), ready.get("message", "")
+    if value == "False":
+        if not initialized and not unavailable and pa_status.get("serviceName") and reason == "TimedOut":
+            conds.mark(RESOURCES_AVAILABLE, "False", PROGRESS_DEADLINE, "Initial scale was never achieved")
+        conds.mark(ACTIVE, "False", reason, message)
+    elif value == "True":
+        conds.mark(ACTIVE, "True")
+    else:
+        conds.mark(ACTIVE, "Unknown", reason, message)
+    return status
+
+
+class RevisionStatusWriter:
+    """For every PA in `namespace`: its Revision's status as Knative's revision reconciler derives
+    it from the PA (`propagate_autoscaler_status`), written through the status subresource."""
+
+    def __init__(self, kube: Kube, namespace: str, resync_s: float = 2.0) -> None:
+        self.kube, self.namespace = kube, namespace
+        self.informer = Informer("revision-standin", kube.custom.list_namespaced_custom_object,
+                                 PODAUTOSCALERS.group, PODAUTOSCALERS.version, namespace,
+                                 PODAUTOSCALERS.plural, resync_s=resync_s)
+        self.informer.add_handler(lambda kind, obj, old: self._fill(obj) if kind != "DELETED" else None)
+        self._lock = threading.Lock()
+
+    def start(self) -> RevisionStatusWriter:
+        self.informer.start()
+        return self
+
+    def stop(self) -> None:
+        self.informer.stop()
+
+    def _fill(self, pa: dict[str, Any]) -> None:
+        name = pa["metadata"]["name"]
+        with self._lock:
+            try:
+                rev = self.kube.get(REVISIONS, name, self.namespace)
+                old = rev.get("status") or {}
+                new = propagate_autoscaler_status(old, pa.get("status") or {}, dt.datetime.now(dt.UTC))
+                new["observedGeneration"] = rev["metadata"].get("generation", 1)
+                if new != old:
+                    self.kube.replace_status(REVISIONS, name, {**rev, "status": new}, self.namespace)
+            except Exception as exc:  # gone, or a stale copy: the next event or resync brings the fresh one
+                _log.info("revision status not written", revision=name, error=str(exc)[:200])
 
 
 # pkg/networking/constants.go, knative.dev/networking pkg/apis/networking/ports.go,

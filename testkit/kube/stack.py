@@ -156,7 +156,7 @@ class Stack:
         from autoscaler.kube.certs import WEBHOOK_CONFIG
         from autoscaler.kube.webhook import PATH as WEBHOOK_PATH
         from sllm_knative.ports import free_port
-        from testkit.kube.knative import PrivateServices, SksStatusWriter
+        from testkit.kube.knative import PrivateServices, RevisionStatusWriter, SksStatusWriter
 
         self.start_loaders()
         k, net = self.k, self.cluster.network
@@ -167,6 +167,8 @@ class Stack:
         self.probe_url = self.act_url
         standin = SksStatusWriter(k, self.namespace).start()
         self._exit.callback(standin.stop)
+        revisions = RevisionStatusWriter(k, self.namespace).start()
+        self._exit.callback(revisions.stop)
         private = PrivateServices(k, self.namespace).start()
         self._exit.callback(private.stop)
         k.admission.create_mutating_webhook_configuration(
@@ -310,6 +312,14 @@ class Stack:
 
     def ready_pod(self, revision: str) -> Any:
         return next(iter(self.ready_pods(revision)), None)
+
+    def revision_conditions(self, revision: str) -> dict[str, str]:
+        """The Revision's conditions as `type: status/reason` (written by the stand-in for Knative's
+        revision reconciler from our PA, testkit.kube.knative.RevisionStatusWriter)."""
+        from sllm_knative.kube.client import REVISIONS
+
+        status = self.k.get(REVISIONS, revision, self.namespace).get("status") or {}
+        return {c["type"]: f"{c['status']}/{c.get('reason', '')}" for c in status.get("conditions") or []}
 
     def replicas(self, revision: str) -> int:
         return int(self.k.apps.read_namespaced_deployment(f"{revision}-deployment", self.namespace).spec.replicas)

@@ -116,6 +116,20 @@ def web(store: Path) -> Iterator[Nginx]:
         yield nginx
 
 
+# The Revision's conditions (Knative's revision reconciler reads them from our PA; the tests'
+# stand-in does that part, testkit.kube.knative.RevisionStatusWriter): serving, and at zero.
+SERVING = {"Active": "True/", "ContainerHealthy": "True/", "Ready": "True/", "ResourcesAvailable": "True/"}
+AT_ZERO = {**SERVING, "Active": "False/NoTraffic"}
+
+
+def revision_is(stack: Any, want: dict[str, str], what: str) -> None:
+    """Until the Revision's conditions are `want` (30 s); the failure shows what they were."""
+    try:
+        until(lambda: stack.revision_conditions(REV) == want, 30, f"the Revision {what}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {stack.revision_conditions(REV)}") from None
+
+
 def to_zero_then_cold_start_on_n0(stack: Any, pa_status: Callable[[], dict[str, Any]], loaders: tuple[Any, Any],
                                   nodes: tuple[str, str], model: str, client: openai.OpenAI, text: str,
                                   failure: Any) -> Any:
@@ -129,6 +143,8 @@ def to_zero_then_cold_start_on_n0(stack: Any, pa_status: Callable[[], dict[str, 
     until(lambda: not stack.pods(REV), 90, "the pod to go")
     until(lambda: not lo1.leases(), 30, "the lease released on n1")
     assert (condition(pa_status(), "Active") or {}).get("status") == "False", pa_status()
+    # What a Knative user sees on the Revision at zero: inactive, and still Ready.
+    revision_is(stack, AT_ZERO, "inactive and Ready")
 
     with lo1.client() as c:
         c.evict(model)
@@ -145,6 +161,7 @@ def to_zero_then_cold_start_on_n0(stack: Any, pa_status: Callable[[], dict[str, 
     pod = until(lambda: stack.ready_pod(REV), 30, "the second cold start's pod ready")
     assert pod.spec.node_name == n0, failure(f"placed on {pod.spec.node_name}, not {n0}")
     assert lo0.leases() == [(model, pod.metadata.name)]
+    revision_is(stack, SERVING, "active again")
     return pod
 
 
@@ -296,6 +313,7 @@ def test_cold_starts_through_the_activator_lease_through_the_nodes_loader(
               "ScaleTargetInitialized True")
         until(lambda: (condition(pa_status(), "Ready") or {}).get("status") == "True", 60, "the PA Ready")
         assert (condition(pa_status(), "Active") or {}).get("status") == "True", pa_status()
+        revision_is(stack, SERVING, "Ready and Active")
         # Warm: served again at once, by the same pod.
         assert stream_chat(client) == text
 
