@@ -31,13 +31,14 @@ see docs/kubernetes.md).
 
 from __future__ import annotations
 
+import abc
 import copy
 import datetime as dt
 import threading
-from typing import Any
+from typing import Any, Self
 
 from autoscaler.kube.podautoscaler import LivingConditions, condition
-from sllm_knative.kube.client import PODAUTOSCALERS, REVISIONS, SERVERLESSSERVICES, Kube, is_status
+from sllm_knative.kube.client import PODAUTOSCALERS, REVISIONS, SERVERLESSSERVICES, Kube, Resource, is_status
 from sllm_knative.kube.informer import Informer
 from sllm_knative.log import get_logger
 
@@ -103,23 +104,34 @@ def create_revision(kube: Kube, name: str, namespace: str, annotations: dict[str
     return rev
 
 
-class SksStatusWriter:
-    def __init__(self, kube: Kube, namespace: str) -> None:
-        self.kube, self.namespace = kube, namespace
-        self.informer = Informer("sks-standin", kube.custom.list_namespaced_custom_object,
-                                 SERVERLESSSERVICES.group, SERVERLESSSERVICES.version, namespace,
-                                 SERVERLESSSERVICES.plural, resync_s=5)
-        self.informer.add_handler(lambda kind, obj, old: self._fill(obj) if kind != "DELETED" else None)
-        self._lock = threading.Lock()
+class _Standin(abc.ABC):
+    """A stand-in for one of Knative's reconcilers: `_reconcile` for every object of `resource` in
+    `namespace` that an informer (watch with resync) sees created or changed."""
 
-    def start(self) -> SksStatusWriter:
+    def __init__(self, name: str, resource: Resource, kube: Kube, namespace: str, resync_s: float) -> None:
+        self.kube, self.namespace = kube, namespace
+        self.informer = Informer(name, kube.custom.list_namespaced_custom_object, resource.group, resource.version,
+                                 namespace, resource.plural, resync_s=resync_s)
+        self.informer.add_handler(lambda kind, obj, old: self._reconcile(obj) if kind != "DELETED" else None)
+
+    @abc.abstractmethod
+    def _reconcile(self, obj: dict[str, Any]) -> None:
+        """Bring what stands in for Knative's reconciler in line with `obj`."""
+
+    def start(self) -> Self:
         self.informer.start()
         return self
 
     def stop(self) -> None:
         self.informer.stop()
 
-    def _fill(self, sks: dict[str, Any]) -> None:
+
+class SksStatusWriter(_Standin):
+    def __init__(self, kube: Kube, namespace: str) -> None:
+        super().__init__("sks-standin", SERVERLESSSERVICES, kube, namespace, resync_s=5)
+        self._lock = threading.Lock()
+
+    def _reconcile(self, sks: dict[str, Any]) -> None:
         name = sks["metadata"]["name"]
         want = {"serviceName": name, "privateServiceName": f"{name}-private", "observedGeneration":
                 sks["metadata"].get("generation", 1),
@@ -180,26 +192,15 @@ def propagate_autoscaler_status(revision_status: dict[str, Any], pa_status: dict
     return status
 
 
-class RevisionStatusWriter:
+class RevisionStatusWriter(_Standin):
     """For every PA in `namespace`: its Revision's status as Knative's revision reconciler derives
     it from the PA (`propagate_autoscaler_status`), written through the status subresource."""
 
     def __init__(self, kube: Kube, namespace: str, resync_s: float = 2.0) -> None:
-        self.kube, self.namespace = kube, namespace
-        self.informer = Informer("revision-standin", kube.custom.list_namespaced_custom_object,
-                                 PODAUTOSCALERS.group, PODAUTOSCALERS.version, namespace,
-                                 PODAUTOSCALERS.plural, resync_s=resync_s)
-        self.informer.add_handler(lambda kind, obj, old: self._fill(obj) if kind != "DELETED" else None)
+        super().__init__("revision-standin", PODAUTOSCALERS, kube, namespace, resync_s)
         self._lock = threading.Lock()
 
-    def start(self) -> RevisionStatusWriter:
-        self.informer.start()
-        return self
-
-    def stop(self) -> None:
-        self.informer.stop()
-
-    def _fill(self, pa: dict[str, Any]) -> None:
+    def _reconcile(self, pa: dict[str, Any]) -> None:
         name = pa["metadata"]["name"]
         with self._lock:
             try:
@@ -244,23 +245,12 @@ def private_service(sks: dict[str, Any], selector: dict[str, str]) -> dict[str, 
             {"name": f"{name}-istio", "protocol": "TCP", "port": target, "targetPort": target}]}}
 
 
-class PrivateServices:
+class PrivateServices(_Standin):
     """For every SKS in `namespace`: its private Service, selecting what its scale target's
     Deployment selects (`getSelector`), created or brought back to the template."""
 
     def __init__(self, kube: Kube, namespace: str, resync_s: float = 2.0) -> None:
-        self.kube, self.namespace = kube, namespace
-        self.informer = Informer("sks-private-standin", kube.custom.list_namespaced_custom_object,
-                                 SERVERLESSSERVICES.group, SERVERLESSSERVICES.version, namespace,
-                                 SERVERLESSSERVICES.plural, resync_s=resync_s)
-        self.informer.add_handler(lambda kind, obj, old: self._reconcile(obj) if kind != "DELETED" else None)
-
-    def start(self) -> PrivateServices:
-        self.informer.start()
-        return self
-
-    def stop(self) -> None:
-        self.informer.stop()
+        super().__init__("sks-private-standin", SERVERLESSSERVICES, kube, namespace, resync_s)
 
     def _reconcile(self, sks: dict[str, Any]) -> None:
         name = sks["metadata"]["name"]
