@@ -117,10 +117,16 @@ class Autoscaler:
             return
         now = self.clock()
         metrics = DeciderInputs(rt.window, len(rt.ready()), rt.last_request_at)
+        before = rt.state.scale
         decision, rt.state = decide(rt.spec, metrics, rt.state, now)
         rt.last_decision = decision.reason
         if not decision.valid or decision.desired is None:
             return
+        if not rt.decided or decision.desired != before:
+            # A change of the desired scale, and the first decision since this process started
+            # (on Kubernetes, a standby's first once it leads): what `desired` in /v1/services says.
+            _log.info("scale decided", service=key, desired=decision.desired, was=before, ready=metrics.ready,
+                      first=not rt.decided or None, reason=decision.reason)
         rt.decided, rt.excess_burst_capacity = True, decision.excess_burst_capacity
         await self.scaler.scale_to(rt, decision.desired)
 

@@ -127,6 +127,9 @@ class KubeBackend:
         self.leading: Callable[[], bool] = lambda: True
         # Whether this replica, leading, has adopted the pods already running (see `sync`).
         self.settled = False
+        # Called on the event loop when `settled` becomes True: the controller decides at once
+        # (its ticks while it was catching up decided nothing) rather than a tick later.
+        self.on_settled: Callable[[], None] = lambda: None
         # Why an instance is stopped, as (Event reason, message) for the Event on its pod: the
         # process that runs the placement sets it (a preemption names the service the slot goes
         # to); without it, a scale-down.
@@ -137,7 +140,7 @@ class KubeBackend:
     async def start_watching(self) -> KubeBackend:
         self._loop = asyncio.get_running_loop()
         for inf in (self.pods, self.nodes, self.caches):
-            inf.add_handler(lambda kind, obj, old: self._wake())
+            inf.add_handler(lambda kind, obj, old: self.wake())
             inf.start()
         for inf in (self.pods, self.nodes, self.caches):
             await asyncio.to_thread(inf.wait_synced)
@@ -149,7 +152,8 @@ class KubeBackend:
         """Run a binder pass soon (from the event loop)."""
         self._kick.set()
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """Run a binder pass soon (from any thread: an informer's, the leader elector's)."""
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._kick.set)
@@ -376,6 +380,7 @@ class KubeBackend:
                 await asyncio.wait(tasks, timeout=SETTLE_TIMEOUT_S)
             self.settled = True
             _log.info("caught up as the leader: deciding from here", adopted=len(adopting))
+            self.on_settled()
 
     async def _token_in(self, namespace: str, service: str, instance: str) -> bool:
         """Whether the internal token's Secret is in `namespace` (copied now if it was not seen there

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -53,6 +54,17 @@ def _log_failure(fut: Any) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         exc = fut.exception()
         _log.error("services not applied", error=f"{type(exc).__name__}: {exc}"[:500], exc_info=exc)
+
+
+def decide_when_leading(scaler: Autoscaler, backend: KubeBackend, is_leader: Callable[[], bool]) -> None:
+    """Only the leader pins pods and decides, and only once its backend has adopted the pods that
+    run already (`KubeBackend.settled`); it decides as soon as it has, without waiting for the next
+    tick. Its ticks before then decided nothing, so a standby that took over would otherwise go on
+    reporting its service table's initial scale (`desired` 1 in /v1/services) and leave the PA's
+    replicas undecided until one more tick, or more on a loaded machine."""
+    backend.leading = is_leader
+    scaler.may_decide = lambda: is_leader() and backend.settled
+    backend.on_settled = scaler.tick
 
 
 async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_namespace: str,
@@ -127,8 +139,8 @@ async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_name
         return "Preempted", f"preempted: its slot on {rec.node} goes to {', '.join(takers)} ({why})"
 
     backend.stop_reason = stop_reason
-    backend.leading = lambda: pa.elector.is_leader
-    scaler.may_decide = lambda: pa.elector.is_leader and backend.settled
+    decide_when_leading(scaler, backend, lambda: pa.elector.is_leader)
+    pa.on_lead = backend.wake  # the first pass as the leader (its adoptions) now, not at the next tick
     backend.nudge = pa.queue.add
     await backend.start_watching()
     await asyncio.to_thread(pa.start)

@@ -124,6 +124,9 @@ class PodAutoscalerController:
                                      on_stopped_leading=self._follow)
         self._threads: list[threading.Thread] = []
         self.reconciles = 0
+        # Called (on the elector's thread) each time this replica starts leading, after the workers
+        # started: the process's other leader-only work begins at once, not at its next tick.
+        self.on_lead: Callable[[], None] = lambda: None
 
     # -- enqueueing -------------------------------------------------------------------------
 
@@ -168,6 +171,7 @@ class PodAutoscalerController:
             t = threading.Thread(target=self._work, name=f"pa-worker-{i}", daemon=True)
             t.start()
             self._threads.append(t)
+        self.on_lead()
 
     def _follow(self) -> None:
         # Lost the lease: stop acting at once. A process should exit and restart as a candidate.

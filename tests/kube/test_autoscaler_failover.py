@@ -85,8 +85,10 @@ def test_the_standby_takes_over_a_scale_up_from_a_killed_leader(
     # ceil(5 / 0.7) = 8 instances, bounded to max-scale 2. The margin matters: a second with no
     # report counts as zero in the stable average (as in Knative), and while the new leader's
     # event loop is busy adopting and placing, reports wait. At 1.3 (needing 2 of every 4 seconds
-    # reported) CI once saw the new leader decide 1; the cause was not captured, and a stall is the
-    # one explanation the decider allows. At 5 it would take 6 seconds silent in every 7.
+    # reported) CI once saw `desired` 1 on the new leader: most likely no decision but the initial
+    # scale it reported before its first one, which came a tick or two after the takeover (see
+    # decide_when_leading in autoscaler/kube/main.py); now it decides as soon as it has adopted.
+    # At 5 a stall of the reports would need 6 seconds silent in every 7 to make it decide 1.
     busy = {"services": [{"namespace": namespace, "name": REV, "average_concurrency": 5.0, "requests": 10,
                           "in_flight": 5, "seconds": 1.0}]}
     reporting = {"to": "a"}
