@@ -45,6 +45,13 @@ def _ready(p: Any) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
 
 
+def _answers(url: str, status: int) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == status
+    except httpx.HTTPError:
+        return False
+
+
 def _tls_ok(ip: str) -> bool:
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # the certificate names the Service
@@ -73,7 +80,10 @@ def test_the_deployment_runs_one_leader_and_two_webhooks(api: Any, k: Any, make_
         holder = k.coord.read_namespaced_lease(LEASE, NS).spec.holder_identity
         assert holder.startswith(leader.metadata.name), (holder, leader.metadata.name)
         for p in pods:
-            assert httpx.get(f"http://{p.status.pod_ip}:8080/livez", timeout=5).status_code == 200
+            # Running is not listening yet (the standby is never Ready, so nothing else says it is):
+            # live within 30 s.
+            until(functools.partial(_answers, f"http://{p.status.pod_ip}:8080/livez", 200), 30,
+                  f"{p.metadata.name} live")
             assert httpx.get(f"http://{p.status.pod_ip}:8080/healthz", timeout=5).status_code == (
                 200 if p.metadata.name == leader.metadata.name else 503)
             until(functools.partial(_tls_ok, p.status.pod_ip), 30, f"the webhook's TLS on {p.metadata.name}")
