@@ -1,0 +1,240 @@
+// Runs the real sllm::read_to_device (device_reader.cu compiled as C++) against the fake CUDA
+// runtime in this directory. Built and run under ASan/UBSan and TSan by
+// tests/checkpoint/test_device_reader_fake.py. Usage: driver <scratch dir>. Exit 0 = all passed.
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+using namespace sllm;
+
+namespace {
+
+int g_failures = 0;
+std::string g_dir;
+std::vector<uint8_t> g_data;  // the test file's bytes
+std::string g_path;
+
+#define CHECK(cond, ...)                                                   \
+  do {                                                                     \
+    if (!(cond)) {                                                         \
+      std::fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+      std::fprintf(stderr, __VA_ARGS__);                                   \
+      std::fprintf(stderr, "\n");                                          \
+      g_failures++;                                                        \
+    }                                                                      \
+  } while (0)
+
+void make_file(size_t n) {
+  std::mt19937_64 rng(42);
+  g_data.resize(n);
+  for (auto& b : g_data) b = static_cast<uint8_t>(rng());
+  g_path = g_dir + "/data.bin";
+  std::ofstream f(g_path, std::ios::binary);
+  f.write(reinterpret_cast<const char*>(g_data.data()), static_cast<std::streamsize>(n));
+}
+
+std::vector<uint32_t> block_crcs(uint64_t off, uint64_t len, uint64_t block) {
+  std::vector<uint32_t> v;
+  for (uint64_t s = 0; s < len; s += block) v.push_back(crc32c(0, g_data.data() + off + s, std::min(block, len - s)));
+  return v;
+}
+
+void release() {
+#ifdef SLLM_HAS_RELEASE_PINNED
+  release_pinned();
+#endif
+}
+
+void check_no_leaks(const char* what) {
+  release();
+  CHECK(fake_cuda::live_host() == 0 && fake_cuda::live_events() == 0 && fake_cuda::live_streams() == 0,
+        "%s: leaked %d pinned buffers, %d events, %d streams", what, fake_cuda::live_host(),
+        fake_cuda::live_events(), fake_cuda::live_streams());
+}
+
+struct Case {
+  const char* name;
+  uint64_t off, len, chunk;
+  int threads, streams;
+  uint64_t pinned, block;
+  bool direct;
+};
+
+ReadStats run(const Case& c, std::vector<uint8_t>& dev, const std::vector<uint32_t>& crcs, CancelToken* cancel,
+              int device = 0) {
+  ReadOptions o;
+  o.chunk_bytes = c.chunk;
+  o.threads = c.threads;
+  o.direct = c.direct;
+  o.block_bytes = crcs.empty() ? 0 : c.block;
+  o.block_crcs = crcs;
+  dev.assign(c.len + 64, 0xEE);  // 64 guard bytes past the end must stay untouched
+  return read_to_device(g_path, c.off, device, dev.data(), c.len, o, c.pinned, c.streams, cancel);
+}
+
+const Case kIntact[] = {
+    // name, offset, length, chunk, threads, streams, pinned, block (0 = no checksums), direct
+    {"aligned, no checksums", 0, 3u << 20, 16384, 4, 3, 65536, 0, false},
+    // Direct reads need 4096-aligned file offsets (reader.cpp opens the file O_DIRECT): callers only
+    // read unaligned offsets buffered (the follow path).
+    {"unaligned offset and length, checksums, buffered", 12345, (1u << 20) + 777, 8192, 3, 2, 32768, 65536, false},
+    {"aligned offset, unaligned length, checksums, direct", 8192, (1u << 20) + 777, 8192, 3, 2, 32768, 65536, true},
+    {"4 KiB chunks, many blocks, slots = 2/thread", 20480, (2u << 20) + 4096 * 3 + 5, 4096, 8, 4, 0, 12288, true},
+    {"one thread, one stream", 4096, 700001, 4096, 1, 1, 8192, 0, true},
+    {"more threads than units", 7, 10000, 8192, 16, 4, 1u << 20, 8192, false},
+};
+
+void test_intact() {
+  for (const auto& c : kIntact) {
+    fake_cuda::reset();
+    std::vector<uint8_t> dev;
+    auto crcs = c.block ? block_crcs(c.off, c.len, c.block) : std::vector<uint32_t>{};
+    ReadStats st = run(c, dev, crcs, nullptr);
+    CHECK(st.bytes == c.len, "%s: bytes %llu", c.name, static_cast<unsigned long long>(st.bytes));
+    CHECK(std::memcmp(dev.data(), g_data.data() + c.off, c.len) == 0, "%s: data differs", c.name);
+    bool guard = true;
+    for (size_t i = c.len; i < dev.size(); i++) guard &= dev[i] == 0xEE;
+    CHECK(guard, "%s: wrote past the end", c.name);
+    uint64_t chunks = 0;
+    uint64_t unit = c.block ? c.block : c.chunk;
+    for (uint64_t s = 0; s < c.len; s += unit) chunks += (std::min(unit, c.len - s) + c.chunk - 1) / c.chunk;
+    CHECK(fake_cuda::calls("cudaMemcpyAsync") == static_cast<int>(chunks), "%s: %d copies, expected %llu", c.name,
+          fake_cuda::calls("cudaMemcpyAsync"), static_cast<unsigned long long>(chunks));
+    check_no_leaks(c.name);
+    std::printf("ok   intact: %s (%d copies)\n", c.name, fake_cuda::calls("cudaMemcpyAsync"));
+  }
+}
+
+const Case kSmall = {"small", 4096, (1u << 20) + 100, 8192, 4, 3, 32768, 32768, true};
+
+void test_checksum_mismatch() {
+  fake_cuda::reset();
+  std::vector<uint8_t> dev;
+  auto crcs = block_crcs(kSmall.off, kSmall.len, kSmall.block);
+  crcs[5] ^= 1;
+  bool thrown = false;
+  try {
+    run(kSmall, dev, crcs, nullptr);
+  } catch (const ChecksumMismatch& e) {
+    thrown = true;
+    CHECK(e.block == 5 && e.offset == kSmall.off + 5 * kSmall.block && e.expected == crcs[5] && e.actual != e.expected,
+          "mismatch fields: block %llu offset %llu", static_cast<unsigned long long>(e.block),
+          static_cast<unsigned long long>(e.offset));
+  }
+  CHECK(thrown, "a wrong block checksum did not raise ChecksumMismatch");
+  check_no_leaks("checksum mismatch");
+  std::printf("ok   checksum mismatch raises ChecksumMismatch(block 5)\n");
+}
+
+void test_cancel() {
+  for (int when : {0, 1, 20}) {
+    fake_cuda::reset();
+    CancelToken token;
+    if (when == 0) token.cancel();
+    else fake_cuda::on_memcpy([&, when](int k) { if (k == when) token.cancel(); });
+    std::vector<uint8_t> dev;
+    bool thrown = false;
+    try {
+      run(kSmall, dev, {}, &token);
+    } catch (const Cancelled&) {
+      thrown = true;
+    }
+    CHECK(thrown, "cancel at copy %d: no Cancelled", when);
+    int copies = fake_cuda::calls("cudaMemcpyAsync");
+    CHECK(copies < static_cast<int>(kSmall.len / kSmall.chunk), "cancel at copy %d: all %d copies ran", when, copies);
+    if (when == 0) CHECK(copies == 0, "cancelled before the read, yet %d copies", copies);
+    check_no_leaks("cancel");
+    fake_cuda::reset();
+    std::printf("ok   cancel %s copy %d stops the read after %d copies\n", when ? "at" : "before", when, copies);
+  }
+}
+
+struct Inject {
+  const char* api;
+  int nth;
+};
+
+const Inject kInject[] = {
+    {"cudaSetDevice", 1},        {"cudaSetDevice", 2},        {"cudaHostAlloc", 1},
+    {"cudaStreamCreate", 1},     {"cudaMemcpyAsync", 1},      {"cudaMemcpyAsync", 7},
+    {"cudaEventRecord", 1},      {"cudaEventRecord", 9},      {"cudaEventSynchronize", 1},
+    {"cudaEventSynchronize", 5},
+};
+
+void test_injected_failures() {
+  for (const auto& inj : kInject) {
+    fake_cuda::reset();
+    fake_cuda::fail_at(inj.api, inj.nth);
+    std::vector<uint8_t> dev;
+    std::string msg;
+    try {
+      run(kSmall, dev, {}, nullptr);
+    } catch (const std::runtime_error& e) {
+      msg = e.what();
+    }
+    std::string name = inj.api;
+    CHECK(msg.find("CUDA error in " + name) != std::string::npos, "%s #%d: error was '%s'", inj.api, inj.nth,
+          msg.c_str());
+    fake_cuda::reset();
+    check_no_leaks(inj.api);
+    std::printf("ok   injected failure of %s #%d raises and leaks nothing\n", inj.api, inj.nth);
+  }
+}
+
+void test_zero_length_and_range() {
+  fake_cuda::reset();
+  std::vector<uint8_t> dev;
+  Case z = kSmall;
+  z.len = 0;
+  ReadStats st = run(z, dev, {}, nullptr);
+  CHECK(st.bytes == 0, "zero-length read: %llu bytes", static_cast<unsigned long long>(st.bytes));
+  CHECK(fake_cuda::calls("cudaMemcpyAsync") == 0, "zero-length read made copies");
+  for (uint8_t b : dev) CHECK(b == 0xEE, "zero-length read wrote");
+  check_no_leaks("zero length");
+  std::printf("ok   zero-length read\n");
+
+  Case past = kSmall;
+  past.off = g_data.size() - 100;
+  past.len = 101;
+  bool thrown = false;
+  try {
+    run(past, dev, {}, nullptr);
+  } catch (const IoError& e) {
+    thrown = e.err == ENODATA;
+  }
+  CHECK(thrown, "a range past the end of the file did not raise IoError(ENODATA)");
+  check_no_leaks("range past end");
+  std::printf("ok   range past the end raises IoError(ENODATA)\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: %s <scratch dir>\n", argv[0]);
+    return 2;
+  }
+  g_dir = argv[1];
+  make_file((4u << 20) + 12345);
+  for (auto* t : {test_intact, test_checksum_mismatch, test_cancel, test_injected_failures, test_zero_length_and_range}) {
+    try {
+      t();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "FAIL: unexpected exception: %s\n", e.what());
+      g_failures++;
+    }
+  }
+  if (g_failures) {
+    std::fprintf(stderr, "%d check(s) failed\n", g_failures);
+    return 1;
+  }
+  std::printf("all fake-CUDA checks passed\n");
+  return 0;
+}
