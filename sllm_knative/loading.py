@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import mmap
 import os
 import time
@@ -133,14 +134,26 @@ def _device(device: Any) -> torch.device:
     return dev
 
 
+def _device_buffer(nbytes: int, dev: torch.device) -> torch.Tensor:
+    """A device buffer for the loader's own streams to write into.
+
+    It comes from torch's caching allocator, which may hand back a block that kernels queued on
+    torch's current stream still use. The extension copies on its own non-blocking streams, which
+    are not ordered after that stream, so torch's queued work is finished first.
+    """
+    import torch
+
+    buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    torch.cuda.current_stream(dev).synchronize()
+    return buf
+
+
 Follow = Callable[[int, int], int]  # (partition, nbytes) -> watermark >= nbytes, once filled
 
 
 def _read_partition(path: Path, part: fmt.Partition, dev: torch.device, opts: LoadOptions,
                     cancel: Any, follow: Follow | None = None, number: int = 0) -> tuple[Any, torch.Tensor,
                                                                                           PartitionLoad]:
-    import torch
-
     t0 = time.perf_counter()
     on_memory_fs = is_memory_fs(path)
     if follow is not None:
@@ -151,9 +164,9 @@ def _read_partition(path: Path, part: fmt.Partition, dev: torch.device, opts: Lo
     verify = (not on_memory_fs) if opts.verify is None else opts.verify
     crcs = list(part.checksums) if verify else []
     block = part.block_size if verify else 0
-    chunk = min(opts.chunk_bytes, part.block_size) if verify else opts.chunk_bytes
-    if verify and part.block_size % chunk:
-        chunk = fmt.PAGE  # block sizes are multiples of 4096 (validated)
+    # A verified read's chunks must tile its checksum blocks: the largest chunk up to chunk_bytes
+    # that divides the block size (both are multiples of 4096, validated), not 4 KiB.
+    chunk = math.gcd(part.block_size, opts.chunk_bytes) if verify else opts.chunk_bytes
     keep: Any
     if dev.type == "cpu" and on_memory_fs and opts.map_memory_files and not verify:
         keep, buf = _map(path, part.size)
@@ -177,7 +190,7 @@ def _read_partition(path: Path, part: fmt.Partition, dev: torch.device, opts: Lo
         if direct and not stats["direct"]:
             _log.debug("O_DIRECT refused by the file system, read buffered", file=str(path))
     else:
-        buf = torch.empty(part.size, dtype=torch.uint8, device=dev)
+        buf = _device_buffer(part.size, dev)
         keep = buf
         _C.read_to_device(str(path), 0, dev.index, buf.data_ptr(), part.size, chunk, opts.threads, direct,
                           opts.pinned_bytes, opts.streams, block, crcs, cancel)
@@ -193,9 +206,7 @@ def _follow_partition(path: Path, part: fmt.Partition, dev: torch.device, opts: 
     not checked again. A segment is at least `chunk_bytes` on the CPU; on a GPU at least
     DEVICE_SEGMENT, with the reader threads (and so the pinned ring, two chunks per thread, set
     up for every call) sized to the segment rather than to a whole partition."""
-    import torch
-
-    buf = aligned_empty(part.size) if dev.type == "cpu" else torch.empty(part.size, dtype=torch.uint8, device=dev)
+    buf = aligned_empty(part.size) if dev.type == "cpu" else _device_buffer(part.size, dev)
     least = opts.chunk_bytes if dev.type == "cpu" else max(opts.chunk_bytes, DEVICE_SEGMENT)
     done, segments = 0, 0
     while done < part.size:

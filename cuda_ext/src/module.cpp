@@ -33,6 +33,9 @@ py::dict to_dict(const ReadStats& s) {
 
 ReadOptions options(uint64_t chunk_bytes, int threads, bool direct, uint64_t block_bytes,
                     std::vector<uint32_t> crcs, bool prefault = false) {
+  // Validated before anything divides by it (chunk_bytes = 0 used to reach `%` below: SIGFPE).
+  if (chunk_bytes == 0 || chunk_bytes % kDirectAlign != 0)
+    throw std::invalid_argument("chunk_bytes must be a positive multiple of 4096");
   ReadOptions o;
   o.prefault = prefault;
   o.chunk_bytes = chunk_bytes;

@@ -277,6 +277,39 @@ def test_bad_options_are_rejected() -> None:
         load_state_dict("/nonexistent", device="mps")
 
 
+def test_raw_extension_rejects_chunk_bytes_zero_before_dividing(tmp_path: Path) -> None:
+    """chunk_bytes=0 with block checksums used to reach `block_bytes % chunk_bytes`: SIGFPE."""
+    p = tmp_path / "f"
+    p.write_bytes(bytes(8192))
+    buf = aligned_empty(8192)
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        _C.read_to_host(str(p), 0, buf.data_ptr(), 8192, 0, 1, False, 4096, [0, 0])
+
+
+def test_verified_reads_use_the_largest_chunk_that_tiles_the_blocks(tiny_src: Path, tiny_ckpt: Path,
+                                                                     tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 24 KiB block with 16 KiB chunks reads in 8 KiB chunks (their gcd), not 4 KiB ones."""
+    from sllm_knative import loading
+    from sllm_knative.convert import convert
+
+    ckpt = convert(tiny_src, tmp_path / "ckpt", block_size=24 << 10)
+    chunks: list[int] = []
+    real = _C.read_to_host
+
+    def spy(*args: object) -> object:
+        chunks.append(int(args[4]))  # type: ignore[call-overload]
+        return real(*args)
+
+    monkeypatch.setattr(loading._C, "read_to_host", spy)
+    opts = LoadOptions(chunk_bytes=16 << 10, verify=True, map_memory_files=False, direct=False)
+    got = load_checkpoint(ckpt, "cpu", options=opts).state_dict
+    assert chunks and set(chunks) == {8 << 10}
+    monkeypatch.undo()
+    for k, v in load_state_dict(tiny_ckpt).items():
+        assert torch.equal(got[k], v), k
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _C.cuda_available(), reason="no CUDA device visible to the loader extension")
 def test_cuda_load_matches_cpu(tiny_ckpt: Path) -> None:

@@ -166,6 +166,11 @@ const Inject kInject[] = {
     {"cudaStreamCreate", 1},     {"cudaMemcpyAsync", 1},      {"cudaMemcpyAsync", 7},
     {"cudaEventRecord", 1},      {"cudaEventRecord", 9},      {"cudaEventSynchronize", 1},
     {"cudaEventSynchronize", 5},
+    // Part-way through setting up the ring and the streams, and the final synchronize: the
+    // slots, events and streams made before the failure are released (review finding F4).
+    {"cudaGetDevice", 1},        {"cudaHostAlloc", 2},        {"cudaHostAlloc", 5},
+    {"cudaEventCreate", 1},      {"cudaEventCreate", 4},      {"cudaStreamCreate", 2},
+    {"cudaStreamCreate", 3},     {"cudaStreamSynchronize", 1}, {"cudaStreamSynchronize", 2},
 };
 
 void test_injected_failures() {
@@ -214,6 +219,44 @@ void test_zero_length_and_range() {
   std::printf("ok   range past the end raises IoError(ENODATA)\n");
 }
 
+int current_device() {
+  int d = -1;
+  cudaGetDevice(&d);
+  return d;
+}
+
+// The caller's current device is the same after a read on another device, failed or not (F5).
+void test_device_restored() {
+  fake_cuda::reset();
+  std::vector<uint8_t> dev;
+  cudaSetDevice(1);
+  run(kSmall, dev, {}, nullptr, 0);
+  CHECK(std::memcmp(dev.data(), g_data.data() + kSmall.off, kSmall.len) == 0, "read on device 0: data differs");
+  CHECK(current_device() == 1, "after a read on device 0 the caller is on device %d, was 1", current_device());
+  fake_cuda::fail_at("cudaMemcpyAsync", 3);
+  bool thrown = false;
+  try {
+    run(kSmall, dev, {}, nullptr, 0);
+  } catch (const std::runtime_error&) {
+    thrown = true;
+  }
+  CHECK(thrown && current_device() == 1, "after a failed read on device 0 the caller is on device %d", current_device());
+  fake_cuda::reset();
+  cudaSetDevice(0);
+  run(kSmall, dev, {}, nullptr, 1);
+  CHECK(std::memcmp(dev.data(), g_data.data() + kSmall.off, kSmall.len) == 0, "read on device 1: data differs");
+  CHECK(current_device() == 0, "after a read on device 1 the caller is on device %d, was 0", current_device());
+  thrown = false;
+  try {
+    run(kSmall, dev, {}, nullptr, 7);
+  } catch (const std::runtime_error& e) {
+    thrown = std::string(e.what()).find("cudaSetDevice") != std::string::npos;
+  }
+  CHECK(thrown && current_device() == 0, "a read on a missing device: thrown %d, device %d", thrown, current_device());
+  check_no_leaks("device");
+  std::printf("ok   the caller's current device is restored after reads on another device\n");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -223,7 +266,8 @@ int main(int argc, char** argv) {
   }
   g_dir = argv[1];
   make_file((4u << 20) + 12345);
-  for (auto* t : {test_intact, test_checksum_mismatch, test_cancel, test_injected_failures, test_zero_length_and_range}) {
+  for (auto* t : {test_intact, test_checksum_mismatch, test_cancel, test_injected_failures, test_zero_length_and_range,
+                 test_device_restored}) {
     try {
       t();
     } catch (const std::exception& e) {
