@@ -204,8 +204,9 @@ def _follow_partition(path: Path, part: fmt.Partition, dev: torch.device, opts: 
 
     The bytes under the watermark were verified by the sidecar as they arrived, so segments are
     not checked again. A segment is at least `chunk_bytes` on the CPU; on a GPU at least
-    DEVICE_SEGMENT, with the reader threads (and so the pinned ring, two chunks per thread, set
-    up for every call) sized to the segment rather than to a whole partition."""
+    DEVICE_SEGMENT, with the reader threads sized to the segment rather than to a whole partition.
+    The extension keeps its pinned ring between calls and caps it at the chunks a call copies, so
+    the segments share one ring instead of pinning one each."""
     buf = aligned_empty(part.size) if dev.type == "cpu" else _device_buffer(part.size, dev)
     least = opts.chunk_bytes if dev.type == "cpu" else max(opts.chunk_bytes, DEVICE_SEGMENT)
     done, segments = 0, 0
@@ -219,9 +220,8 @@ def _follow_partition(path: Path, part: fmt.Partition, dev: torch.device, opts: 
         else:
             chunks = -(-(mark - done) // opts.chunk_bytes)
             threads = max(1, min(opts.threads, chunks // 2))
-            pinned = min(opts.pinned_bytes, chunks * opts.chunk_bytes)
             _C.read_to_device(str(path), done, dev.index, buf.data_ptr() + done, mark - done, opts.chunk_bytes,
-                              threads, False, pinned, opts.streams, 0, [], cancel)
+                              threads, False, opts.pinned_bytes, opts.streams, 0, [], cancel)
         done, segments = mark, segments + 1
     _log.debug("partition copied behind the fill", file=str(path), bytes=part.size, segments=segments)
     return buf, buf, PartitionLoad(part.file, part.size, time.perf_counter() - t0, "follow")

@@ -108,6 +108,9 @@ int cuda_device_count();
 ReadStats read_to_device(const std::string& path, uint64_t file_offset, int device, void* dptr,
                          uint64_t length, const ReadOptions& o, uint64_t pinned_bytes, int streams,
                          CancelToken* cancel);
+// Frees the pinned rings read_to_device keeps between reads (one per device, allocated by the
+// first read on that device). The next read pins a new one.
+void release_pinned();
 #endif
 
 }  // namespace sllm

@@ -9,6 +9,8 @@
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <map>
+#include <memory>
 #include <mutex>
 
 #include "common.h"
@@ -16,9 +18,13 @@
 namespace sllm {
 namespace {
 
+// A failed CUDA call. After one, the pinned ring of that read is freed rather than kept.
+struct CudaError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("CUDA error in ") + what + ": " + cudaGetErrorString(e));
+  if (e != cudaSuccess) throw CudaError(std::string("CUDA error in ") + what + ": " + cudaGetErrorString(e));
 }
 
 struct Slot {
@@ -27,17 +33,22 @@ struct Slot {
   bool pending = false;  // an async copy out of this slot may still be running
 };
 
-// The pinned ring: slots are handed out one at a time and returned right after their
-// copy is enqueued; the next user waits on the slot's event before overwriting it.
+// The pinned ring: one cudaHostAlloc carved into slots of slot_bytes (a multiple of 4096, so
+// every slot is aligned for O_DIRECT). Slots are handed out one at a time and returned right
+// after their copy is enqueued; the next user waits on the slot's event before overwriting it.
 // A failure part-way through the constructor releases what was already made.
 class Ring {
  public:
-  Ring(size_t slots, uint64_t slot_bytes) : slots_(slots) {
+  Ring(size_t slots, uint64_t slot_bytes) : slot_bytes_(slot_bytes), slots_(slots) {
     try {
-      for (auto& s : slots_) {
-        check(cudaHostAlloc(reinterpret_cast<void**>(&s.host), slot_bytes, cudaHostAllocDefault), "cudaHostAlloc");
-        check(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming), "cudaEventCreate");
-        free_.push_back(&s);
+      check(cudaHostAlloc(reinterpret_cast<void**>(&base_), slots * slot_bytes, cudaHostAllocDefault),
+            "cudaHostAlloc");
+      if (reinterpret_cast<uintptr_t>(base_) % kDirectAlign != 0)
+        throw std::runtime_error("cudaHostAlloc returned memory that is not 4096-aligned (O_DIRECT needs it)");
+      for (size_t i = 0; i < slots; i++) {
+        slots_[i].host = base_ + i * slot_bytes;
+        check(cudaEventCreateWithFlags(&slots_[i].done, cudaEventDisableTiming), "cudaEventCreate");
+        free_.push_back(&slots_[i]);
       }
     } catch (...) {
       release();
@@ -47,6 +58,13 @@ class Ring {
   ~Ring() { release(); }
   Ring(const Ring&) = delete;
   Ring& operator=(const Ring&) = delete;
+  size_t size() const { return slots_.size(); }
+  uint64_t slot_bytes() const { return slot_bytes_; }
+  // Every slot is back (no read holds one): the ring may serve another read.
+  bool idle() {
+    std::lock_guard<std::mutex> g(mu_);
+    return free_.size() == slots_.size();
+  }
   Slot* take() {
     Slot* s;
     {
@@ -55,7 +73,14 @@ class Ring {
       s = free_.front();
       free_.pop_front();
     }
-    if (s->pending) check(cudaEventSynchronize(s->done), "cudaEventSynchronize");
+    if (s->pending) {
+      try {
+        check(cudaEventSynchronize(s->done), "cudaEventSynchronize");
+      } catch (...) {
+        give(s);
+        throw;
+      }
+    }
     s->pending = false;
     return s;
   }
@@ -68,12 +93,14 @@ class Ring {
   }
 
  private:
+  uint64_t slot_bytes_;
+  uint8_t* base_ = nullptr;
   std::vector<Slot> slots_;
   std::deque<Slot*> free_;
   std::mutex mu_;
   std::condition_variable cv_;
 
-  // Waits for every slot's last copy, then frees it. Errors are ignored: this is cleanup.
+  // Waits for every slot's last copy, then frees the ring. Errors are ignored: this is cleanup.
   void release() noexcept {
     for (auto& s : slots_) {
       if (s.done) {
@@ -81,10 +108,78 @@ class Ring {
         cudaEventDestroy(s.done);
         s.done = nullptr;
       }
-      if (s.host) cudaFreeHost(s.host);
       s.host = nullptr;
     }
+    if (base_) cudaFreeHost(base_);
+    base_ = nullptr;
   }
+};
+
+// One pinned ring per device, kept between reads: pinning hundreds of MiB costs far more than
+// most reads it serves (review finding F1). A read takes the device's ring when it is free and
+// large enough, else makes its own; the ring goes back to the cache after the read unless a CUDA
+// call failed (or another read already put one back: then it is freed). Never destroyed at exit
+// (the CUDA runtime may be gone by then); release_pinned() frees the cached rings.
+class RingCache {
+ public:
+  std::unique_ptr<Ring> acquire(int device, size_t slots, size_t min_slots, uint64_t slot_bytes) {
+    std::unique_ptr<Ring> r;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      auto it = rings_.find(device);
+      if (it != rings_.end()) r = std::move(it->second);
+    }
+    // Fits: slots at least as large, at least as many pinned bytes, enough slots for the threads.
+    if (r && r->slot_bytes() >= slot_bytes && r->size() >= min_slots && r->size() * r->slot_bytes() >= slots * slot_bytes)
+      return r;
+    r.reset();  // too small: freed before a new one is pinned
+    return std::make_unique<Ring>(slots, slot_bytes);
+  }
+  void give_back(int device, std::unique_ptr<Ring> r) {
+    if (!r->idle()) return;  // a slot was lost on an error path: free it
+    std::unique_ptr<Ring> extra;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      auto& cached = rings_[device];
+      if (cached) extra = std::move(r);  // freed below, outside the lock
+      else cached = std::move(r);
+    }
+  }
+  void clear() {
+    std::map<int, std::unique_ptr<Ring>> drop;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      drop.swap(rings_);
+    }
+  }
+
+ private:
+  std::mutex mu_;
+  std::map<int, std::unique_ptr<Ring>> rings_;
+};
+
+RingCache& ring_cache() {
+  static RingCache* c = new RingCache;  // deliberately leaked, see above
+  return *c;
+}
+
+// A read's use of a ring: back to the cache on the way out unless discard()ed.
+class RingLease {
+ public:
+  RingLease(int device, size_t slots, size_t min_slots, uint64_t slot_bytes)
+      : device_(device), ring_(ring_cache().acquire(device, slots, min_slots, slot_bytes)) {}
+  ~RingLease() {
+    if (keep_) ring_cache().give_back(device_, std::move(ring_));
+  }
+  RingLease(const RingLease&) = delete;
+  RingLease& operator=(const RingLease&) = delete;
+  Ring* operator->() { return ring_.get(); }
+  void discard() { keep_ = false; }
+
+ private:
+  int device_;
+  std::unique_ptr<Ring> ring_;
+  bool keep_ = true;
 };
 
 // The copy streams. A failure part-way through creating them destroys those already made;
@@ -151,6 +246,8 @@ class DeviceScope {
 
 }  // namespace
 
+void release_pinned() { ring_cache().clear(); }
+
 int cuda_device_count() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) {
@@ -174,60 +271,74 @@ ReadStats read_to_device(const std::string& path, uint64_t file_offset, int devi
                   path, file_offset);
   UnitPlan plan = plan_units(length, o);
   const uint64_t units = plan.count();
-  int threads = std::max(1, o.threads);
-  if (static_cast<uint64_t>(threads) > units) threads = units == 0 ? 1 : static_cast<int>(units);
-  streams = std::max(1, streams);
-  // At least two slots per thread so a thread reads its next chunk while the last copies.
-  size_t nslots = std::max<uint64_t>(2ull * threads, pinned_bytes / o.chunk_bytes);
-  Ring ring(nslots, o.chunk_bytes);
-  Streams ss(streams);  // destroyed (its work finished) before the ring is freed
-  std::atomic<uint64_t> next{0};
-  std::atomic<bool> failed{false};
-  auto* out = static_cast<uint8_t*>(dptr);
-  run_threads(
-      threads,
-      [&](int t) {
-        check(cudaSetDevice(device), "cudaSetDevice");
-        cudaStream_t st = ss[static_cast<size_t>(t % streams)];
-        for (;;) {
-          if (failed.load()) return;
-          if (cancel && cancel->is_cancelled()) throw Cancelled();
-          uint64_t u = next.fetch_add(1);
-          if (u >= units) return;
-          uint64_t start = plan.start(u), size = plan.size(u);
-          uint32_t crc = 0;
-          for (uint64_t off = 0; off < size; off += o.chunk_bytes) {
-            if (cancel && cancel->is_cancelled()) throw Cancelled();
-            uint64_t n = std::min(o.chunk_bytes, size - off);
-            Slot* s = ring.take();
-            bool recorded = false;
-            try {
-              f.read_exact(s->host, file_offset + start + off, n);
-              if (!o.block_crcs.empty()) crc = crc32c(crc, s->host, n);
-              check(cudaMemcpyAsync(out + start + off, s->host, n, cudaMemcpyHostToDevice, st), "cudaMemcpyAsync");
-              s->pending = true;  // the copy is queued, whether or not its event gets recorded
-              check(cudaEventRecord(s->done, st), "cudaEventRecord");
-              recorded = true;
-            } catch (...) {
-              // A queued copy without its event: wait for the stream so the next user of the
-              // slot cannot overwrite it while the copy still reads it.
-              if (s->pending && !recorded) cudaStreamSynchronize(st);
-              ring.give(s);
-              throw;
-            }
-            ring.give(s);
-          }
-          if (!o.block_crcs.empty() && crc != o.block_crcs[u])
-            throw ChecksumMismatch(path, u, file_offset + start, o.block_crcs[u], crc);
-        }
-      },
-      failed);
-  ss.finish();
   ReadStats r;
-  r.bytes = length;
   r.direct = f.direct;
-  r.threads = threads;
   r.chunk_bytes = o.chunk_bytes;
+  if (units == 0) {  // nothing to copy: no ring, no streams
+    r.threads = 1;
+    r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return r;
+  }
+  int threads = std::max(1, o.threads);
+  if (static_cast<uint64_t>(threads) > units) threads = static_cast<int>(units);
+  streams = std::max(1, streams);
+  // At least two slots per thread so a thread reads its next chunk while the last copies, and
+  // never more slots than the read has chunks (a small read pins only what it copies).
+  const uint64_t chunks = (length + o.chunk_bytes - 1) / o.chunk_bytes;
+  const size_t nslots =
+      static_cast<size_t>(std::min<uint64_t>(chunks, std::max<uint64_t>(2ull * threads, pinned_bytes / o.chunk_bytes)));
+  const size_t min_slots = static_cast<size_t>(std::min<uint64_t>(chunks, 2ull * threads));
+  RingLease ring(device, nslots, min_slots, o.chunk_bytes);
+  try {
+    Streams ss(streams);  // destroyed (its work finished) before the ring goes back or is freed
+    std::atomic<uint64_t> next{0};
+    std::atomic<bool> failed{false};
+    auto* out = static_cast<uint8_t*>(dptr);
+    run_threads(
+        threads,
+        [&](int t) {
+          check(cudaSetDevice(device), "cudaSetDevice");
+          cudaStream_t st = ss[static_cast<size_t>(t % streams)];
+          for (;;) {
+            if (failed.load()) return;
+            if (cancel && cancel->is_cancelled()) throw Cancelled();
+            uint64_t u = next.fetch_add(1);
+            if (u >= units) return;
+            uint64_t start = plan.start(u), size = plan.size(u);
+            uint32_t crc = 0;
+            for (uint64_t off = 0; off < size; off += o.chunk_bytes) {
+              if (cancel && cancel->is_cancelled()) throw Cancelled();
+              uint64_t n = std::min(o.chunk_bytes, size - off);
+              Slot* s = ring->take();
+              bool recorded = false;
+              try {
+                f.read_exact(s->host, file_offset + start + off, n);
+                if (!o.block_crcs.empty()) crc = crc32c(crc, s->host, n);
+                check(cudaMemcpyAsync(out + start + off, s->host, n, cudaMemcpyHostToDevice, st), "cudaMemcpyAsync");
+                s->pending = true;  // the copy is queued, whether or not its event gets recorded
+                check(cudaEventRecord(s->done, st), "cudaEventRecord");
+                recorded = true;
+              } catch (...) {
+                // A queued copy without its event: wait for the stream so the next user of the
+                // slot cannot overwrite it while the copy still reads it.
+                if (s->pending && !recorded) cudaStreamSynchronize(st);
+                ring->give(s);
+                throw;
+              }
+              ring->give(s);
+            }
+            if (!o.block_crcs.empty() && crc != o.block_crcs[u])
+              throw ChecksumMismatch(path, u, file_offset + start, o.block_crcs[u], crc);
+          }
+        },
+        failed);
+    ss.finish();
+  } catch (const CudaError&) {
+    ring.discard();
+    throw;
+  }
+  r.bytes = length;
+  r.threads = threads;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return r;
 }

@@ -123,6 +123,16 @@ PYBIND11_MODULE(_C, m) {
 #endif
   });
 
+  m.def(
+      "release_pinned",
+      [] {
+#ifdef SLLM_WITH_CUDA
+        py::gil_scoped_release nogil;
+        release_pinned();
+#endif
+      },
+      "Free the pinned host rings that read_to_device keeps between reads (one per device).");
+
 #ifdef SLLM_WITH_CUDA
   m.def(
       "read_to_device",
@@ -139,7 +149,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("chunk_bytes"), py::arg("threads"), py::arg("direct") = true, py::arg("pinned_bytes") = 256ull << 20,
       py::arg("streams") = 4, py::arg("block_bytes") = 0, py::arg("block_crcs") = std::vector<uint32_t>{},
       py::arg("cancel") = nullptr,
-      "Read a file range into device memory at dptr through a bounded ring of pinned buffers.");
+      "Read a file range into device memory at dptr through a bounded ring of pinned buffers.\n"
+      "The ring (pinned_bytes, capped at the read's chunks) is kept for the next read on the device.");
 #endif
 
   py::register_exception_translator([](std::exception_ptr p) {

@@ -277,6 +277,11 @@ def test_bad_options_are_rejected() -> None:
         load_state_dict("/nonexistent", device="mps")
 
 
+def test_release_pinned_is_safe_without_a_ring() -> None:
+    _C.release_pinned()  # nothing pinned yet (or no CUDA at all): a no-op
+    _C.release_pinned()
+
+
 def test_raw_extension_rejects_chunk_bytes_zero_before_dividing(tmp_path: Path) -> None:
     """chunk_bytes=0 with block checksums used to reach `block_bytes % chunk_bytes`: SIGFPE."""
     p = tmp_path / "f"

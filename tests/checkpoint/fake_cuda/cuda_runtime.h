@@ -63,6 +63,7 @@ void fail_at(const std::string& api, int n);
 void reset();
 // Live pinned allocations, events and streams (created and not yet destroyed).
 int live_host();
+size_t live_host_bytes();
 int live_events();
 int live_streams();
 // Calls made to an API since reset().

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common.h"
@@ -46,14 +47,9 @@ std::vector<uint32_t> block_crcs(uint64_t off, uint64_t len, uint64_t block) {
   return v;
 }
 
-void release() {
-#ifdef SLLM_HAS_RELEASE_PINNED
-  release_pinned();
-#endif
-}
-
+// The device's pinned ring is kept between reads (F1): free it, then nothing may be left.
 void check_no_leaks(const char* what) {
-  release();
+  release_pinned();
   CHECK(fake_cuda::live_host() == 0 && fake_cuda::live_events() == 0 && fake_cuda::live_streams() == 0,
         "%s: leaked %d pinned buffers, %d events, %d streams", what, fake_cuda::live_host(),
         fake_cuda::live_events(), fake_cuda::live_streams());
@@ -168,7 +164,7 @@ const Inject kInject[] = {
     {"cudaEventSynchronize", 5},
     // Part-way through setting up the ring and the streams, and the final synchronize: the
     // slots, events and streams made before the failure are released (review finding F4).
-    {"cudaGetDevice", 1},        {"cudaHostAlloc", 2},        {"cudaHostAlloc", 5},
+    {"cudaGetDevice", 1},
     {"cudaEventCreate", 1},      {"cudaEventCreate", 4},      {"cudaStreamCreate", 2},
     {"cudaStreamCreate", 3},     {"cudaStreamSynchronize", 1}, {"cudaStreamSynchronize", 2},
 };
@@ -257,6 +253,74 @@ void test_device_restored() {
   std::printf("ok   the caller's current device is restored after reads on another device\n");
 }
 
+// The pinned ring is allocated once (one allocation), reused by later reads on the device,
+// sized to the read when that is smaller than the budget, and safe to share between threads (F1).
+void test_ring_reused() {
+  release_pinned();
+  fake_cuda::reset();
+  std::vector<uint8_t> dev;
+  for (int i = 0; i < 3; i++) {
+    run(kSmall, dev, {}, nullptr);
+    CHECK(std::memcmp(dev.data(), g_data.data() + kSmall.off, kSmall.len) == 0, "read %d: data differs", i);
+  }
+  CHECK(fake_cuda::calls("cudaHostAlloc") == 1, "3 reads pinned %d times", fake_cuda::calls("cudaHostAlloc"));
+  CHECK(fake_cuda::live_host() == 1 && fake_cuda::live_streams() == 0, "between reads: %d rings, %d streams",
+        fake_cuda::live_host(), fake_cuda::live_streams());
+  // A checksum failure or a cancel keeps the ring; a CUDA failure frees it.
+  auto crcs = block_crcs(kSmall.off, kSmall.len, kSmall.block);
+  crcs[2] ^= 1;
+  try {
+    run(kSmall, dev, crcs, nullptr);
+  } catch (const ChecksumMismatch&) {
+  }
+  CHECK(fake_cuda::live_host() == 1 && fake_cuda::calls("cudaHostAlloc") == 1, "ring not kept after a bad checksum");
+  fake_cuda::fail_at("cudaMemcpyAsync", 2);
+  try {
+    run(kSmall, dev, {}, nullptr);
+  } catch (const std::runtime_error&) {
+  }
+  CHECK(fake_cuda::live_host() == 0, "ring kept after a CUDA error");
+  check_no_leaks("ring reuse");
+
+  // Small reads pin only their chunks: one 8 KiB chunk with a 1 MiB budget, then nothing for 0 bytes.
+  fake_cuda::reset();
+  Case one = {"one chunk", 0, 8192, 8192, 4, 2, 1u << 20, 0, false};
+  run(one, dev, {}, nullptr);
+  CHECK(fake_cuda::live_host_bytes() == 8192, "a one-chunk read pinned %zu bytes", fake_cuda::live_host_bytes());
+  release_pinned();
+  Case none = one;
+  none.len = 0;
+  run(none, dev, {}, nullptr);
+  CHECK(fake_cuda::calls("cudaHostAlloc") == 1 && fake_cuda::live_host() == 0, "a zero-length read pinned memory");
+  // A larger read replaces a ring that is too small.
+  run(kSmall, dev, {}, nullptr);
+  CHECK(fake_cuda::live_host() == 1 && fake_cuda::live_host_bytes() == 8 * kSmall.chunk,
+        "after a larger read: %d rings, %zu bytes", fake_cuda::live_host(), fake_cuda::live_host_bytes());
+  check_no_leaks("ring sizing");
+
+  // Concurrent reads on one device: one takes the cached ring, the others pin their own.
+  fake_cuda::reset();
+  std::vector<std::thread> ts;
+  std::atomic<int> bad{0};
+  for (int t = 0; t < 3; t++) {
+    ts.emplace_back([&, t] {
+      std::vector<uint8_t> d;
+      for (int i = 0; i < 3; i++) {
+        Case c = kSmall;
+        c.off = kSmall.off + 4096u * static_cast<unsigned>(t);
+        run(c, d, {}, nullptr);
+        if (std::memcmp(d.data(), g_data.data() + c.off, c.len) != 0) bad++;
+      }
+    });
+  }
+  for (auto& th : ts) th.join();
+  CHECK(bad == 0, "%d concurrent reads returned wrong data", bad.load());
+  CHECK(fake_cuda::live_host() == 1, "after concurrent reads %d rings are kept", fake_cuda::live_host());
+  check_no_leaks("concurrent reads");
+  std::printf("ok   the pinned ring is pinned once, reused, sized to the read, shared safely (%d allocations "
+              "for 9 concurrent reads)\n", fake_cuda::calls("cudaHostAlloc"));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -267,7 +331,7 @@ int main(int argc, char** argv) {
   g_dir = argv[1];
   make_file((4u << 20) + 12345);
   for (auto* t : {test_intact, test_checksum_mismatch, test_cancel, test_injected_failures, test_zero_length_and_range,
-                 test_device_restored}) {
+                 test_device_restored, test_ring_reused}) {
     try {
       t();
     } catch (const std::exception& e) {

@@ -292,6 +292,12 @@ int live_host() {
   std::lock_guard<std::mutex> g(g_mu);
   return static_cast<int>(g_host.size());
 }
+size_t live_host_bytes() {
+  std::lock_guard<std::mutex> g(g_mu);
+  size_t n = 0;
+  for (const auto& kv : g_host) n += kv.second;
+  return n;
+}
 int live_events() { return g_events.load(); }
 int live_streams() { return g_streams.load(); }
 int calls(const std::string& api) {
