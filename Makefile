@@ -45,8 +45,9 @@ demo: install
 
 # Tests marked `alone` saturate both cores for minutes (the overload burst): they run after the
 # parallel suite, on a quiet machine, so neither disturbs the other's timing.
+# The parallel suite is scheduled by whole modules, the longest first (tests/conftest.py says why).
 test: install kube-bins
-	$(VPY) -m pytest -q -n 2 -m 'not alone' --durations=25 tests
+	$(VPY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m 'not alone' --durations=25 tests
 	$(VPY) -m pytest -q -m alone tests
 
 # The real control plane for tests/kube: kube-apiserver, kube-controller-manager,

@@ -1,0 +1,42 @@
+"""The order `make test` runs the parallel suite in: the longest modules first.
+
+`make test` runs it with `--dist loadfile --no-loadscope-reorder`: pytest-xdist hands each of the
+two workers one whole module at a time, in collection order, and the next as one frees up
+(greedy list scheduling; a module's fixtures are never set up on both workers). In pytest's own
+order the long modules come late (`tests/kube/` after most of the tree, `tests/test_lint.py`'s
+mypy run last of all), so the suite could end with one worker on a minute of mypy or an
+end-to-end test while the other idled. Starting the longest modules first (the largest-first
+rule for list scheduling) leaves short modules for the end, where they even the two workers out.
+Whole modules move, each in its own order.
+
+`LONGEST` is from the durations `make test` prints (--durations=25), longest first; a module
+missing from it keeps its place after them. A stale entry costs balance, never correctness.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+LONGEST = (
+    "tests/kube/test_e2e.py",
+    "tests/local/test_preemption.py",
+    "tests/kube/test_install_e2e.py",
+    "tests/kube/test_preemption.py",
+    "tests/functions/test_fuzz_openapi.py",
+    "tests/bench/test_soak.py",
+    "tests/test_lint.py",
+    "tests/checkpoint/test_fuzz.py",
+    "tests/checkpoint/test_gguf.py",
+    "tests/realmodel/test_migration.py",
+    "tests/local/test_secrets_in_logs.py",
+    "tests/kube/test_activator_deployment.py",
+)
+
+
+def _rank(item: pytest.Item) -> int:
+    path = item.nodeid.split("::", 1)[0]
+    return LONGEST.index(path) if path in LONGEST else len(LONGEST)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=_rank)  # stable: each module's own order, and the rest's, are kept
