@@ -78,9 +78,13 @@ struct OpenFile {
   ~OpenFile();
   OpenFile(const OpenFile&) = delete;
   OpenFile& operator=(const OpenFile&) = delete;
-  // Read exactly n bytes at off into dst (dst aligned to 4096 when direct). Short reads at
-  // end of file raise IoError(ENODATA). Unaligned tails are read through a bounce buffer.
+  // Read exactly n bytes at off into dst. Short reads at end of file raise IoError(ENODATA).
+  // Direct: an aligned offset and destination are read in place, their unaligned tail through a
+  // bounce buffer; an unaligned offset or destination goes through the bounce buffer whole.
   void read_exact(void* dst, uint64_t off, uint64_t n) const;
+
+ private:
+  void bounce_read(uint8_t* out, uint64_t off, uint64_t n) const;
 };
 
 // Work distribution shared by the host and device readers: the range [0, length) is cut

@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdlib>
@@ -51,9 +52,52 @@ OpenFile::~OpenFile() {
   if (fd >= 0) ::close(fd);
 }
 
+// O_DIRECT refuses an unaligned file offset, length or destination: read the aligned blocks that
+// cover [off, off + n) into an aligned bounce buffer, a window at a time, and keep only the bytes
+// asked for.
+void OpenFile::bounce_read(uint8_t* out, uint64_t off, uint64_t n) const {
+  constexpr uint64_t kWindow = 1 << 20;  // a multiple of kDirectAlign
+  void* raw = nullptr;
+  if (posix_memalign(&raw, kDirectAlign, kWindow) != 0) throw std::bad_alloc();
+  std::unique_ptr<void, AlignedFree> bounce(raw);
+  auto* buf = static_cast<uint8_t*>(raw);
+  const uint64_t end = off + n;
+  uint64_t pos = off;  // the next byte wanted
+  while (pos < end) {
+    const uint64_t start = pos - pos % kDirectAlign;
+    const uint64_t want = std::min(kWindow, ((end - start + kDirectAlign - 1) / kDirectAlign) * kDirectAlign);
+    uint64_t got = 0;
+    while (got < want) {
+      ssize_t r = ::pread(fd, buf + got, want - got, static_cast<off_t>(start + got));
+      if (r < 0) {
+        if (errno == EINTR) continue;
+        int e = errno;
+        throw IoError(e, describe(std::string("read failed: ") + std::strerror(e), path, start + got), path,
+                      start + got);
+      }
+      if (r == 0) break;
+      got += static_cast<uint64_t>(r);
+      if (!aligned(got)) break;  // a short read off-alignment: the end of the file
+    }
+    if (start + got <= pos)
+      throw IoError(ENODATA,
+                    describe("unexpected end of file: file is " + std::to_string(size) + " bytes, needed " +
+                                 std::to_string(end) + " (truncated partition?)",
+                             path, pos),
+                    path, pos);
+    const uint64_t take = std::min(end, start + got) - pos;
+    std::memcpy(out + (pos - off), buf + (pos - start), take);
+    pos += take;
+  }
+}
+
 void OpenFile::read_exact(void* dst, uint64_t off, uint64_t n) const {
   auto* out = static_cast<uint8_t*>(dst);
-  const bool can_direct = direct && aligned(off) && aligned(reinterpret_cast<uintptr_t>(dst));
+  if (direct && !(aligned(off) && aligned(reinterpret_cast<uintptr_t>(dst)))) {
+    bounce_read(out, off, n);
+    return;
+  }
+  const bool can_direct = direct;
   uint64_t body = can_direct ? (n / kDirectAlign) * kDirectAlign : n;
   uint64_t done = 0;
   // Aligned body (or everything, buffered). pread may return short counts: loop.
@@ -77,34 +121,10 @@ void OpenFile::read_exact(void* dst, uint64_t off, uint64_t n) const {
       body = done;
     }
   }
-  // Unaligned tail of a direct read: read the whole aligned block through a bounce buffer
-  // and keep only the bytes asked for (never drop the tail).
-  if (done < n) {
-    uint64_t tail = n - done;
-    uint64_t span = ((tail + kDirectAlign - 1) / kDirectAlign) * kDirectAlign;
-    void* raw = nullptr;
-    if (posix_memalign(&raw, kDirectAlign, span) != 0) throw std::bad_alloc();
-    std::unique_ptr<void, AlignedFree> bounce(raw);
-    uint64_t got = 0;
-    while (got < tail) {
-      ssize_t r = ::pread(fd, static_cast<uint8_t*>(raw) + got, span - got, static_cast<off_t>(off + done + got));
-      if (r < 0) {
-        if (errno == EINTR) continue;
-        int e = errno;
-        throw IoError(e, describe(std::string("read failed: ") + std::strerror(e), path, off + done + got),
-                      path, off + done + got);
-      }
-      if (r == 0) break;
-      got += static_cast<uint64_t>(r);
-    }
-    if (got < tail)
-      throw IoError(ENODATA,
-                    describe("unexpected end of file: file is " + std::to_string(size) + " bytes, needed " +
-                                 std::to_string(off + n) + " (truncated partition?)",
-                             path, off + done + got),
-                    path, off + done + got);
-    std::memcpy(out + done, raw, tail);
-  }
+  // The unaligned tail of a direct read (or what is left after a short read at the end of the
+  // file): through the bounce buffer, which keeps only the bytes asked for (never drops the tail)
+  // and reports a file that ends too early.
+  if (done < n) bounce_read(out + done, off + done, n - done);
 }
 
 UnitPlan plan_units(uint64_t length, const ReadOptions& o) {
