@@ -56,16 +56,18 @@ OpenFile::~OpenFile() {
 // cover [off, off + n) into an aligned bounce buffer, a window at a time, and keep only the bytes
 // asked for.
 void OpenFile::bounce_read(uint8_t* out, uint64_t off, uint64_t n) const {
-  constexpr uint64_t kWindow = 1 << 20;  // a multiple of kDirectAlign
+  constexpr uint64_t kMaxWindow = 1 << 20;  // a multiple of kDirectAlign
+  const uint64_t cover = (off + n + kDirectAlign - 1) / kDirectAlign * kDirectAlign - off / kDirectAlign * kDirectAlign;
+  const uint64_t window = std::min(kMaxWindow, cover);  // a tail needs a block or two, not 1 MiB
   void* raw = nullptr;
-  if (posix_memalign(&raw, kDirectAlign, kWindow) != 0) throw std::bad_alloc();
+  if (posix_memalign(&raw, kDirectAlign, window) != 0) throw std::bad_alloc();
   std::unique_ptr<void, AlignedFree> bounce(raw);
   auto* buf = static_cast<uint8_t*>(raw);
   const uint64_t end = off + n;
   uint64_t pos = off;  // the next byte wanted
   while (pos < end) {
     const uint64_t start = pos - pos % kDirectAlign;
-    const uint64_t want = std::min(kWindow, ((end - start + kDirectAlign - 1) / kDirectAlign) * kDirectAlign);
+    const uint64_t want = std::min(window, ((end - start + kDirectAlign - 1) / kDirectAlign) * kDirectAlign);
     uint64_t got = 0;
     while (got < want) {
       ssize_t r = ::pread(fd, buf + got, want - got, static_cast<off_t>(start + got));
