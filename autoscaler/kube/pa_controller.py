@@ -38,6 +38,7 @@ from sllm_knative.kube.leader import LeaderElector
 from sllm_knative.kube.workqueue import ShutDown, WorkQueue
 from sllm_knative.log import get_logger
 
+LEASE = "sllm-knative-autoscaler"  # the Lease of the active replica (leader election)
 _log = get_logger("autoscaler.kube")
 
 REQUEST_TIMEOUT_S = 15.0  # a write the API server does not answer fails, and the key is retried
@@ -95,7 +96,7 @@ def ours(pa: dict[str, Any]) -> bool:
 class PodAutoscalerController:
     def __init__(self, kube: Kube, advisor: Advisor, *, settings: Settings | None = None,
                  prober: Prober | None = None, identity: str, lease_namespace: str,
-                 lease_name: str = "sllm-knative-autoscaler", workers: int = 2, resync_s: float = 30.0,
+                 lease_name: str = LEASE, workers: int = 2, resync_s: float = 30.0,
                  lease_duration_s: float = 15.0, renew_deadline_s: float = 10.0, retry_period_s: float = 2.0,
                  problem: Callable[[str], str] = lambda key: "",
                  clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)) -> None:

@@ -30,9 +30,11 @@ from autoscaler.kube.activators import NAMESPACE as KNATIVE_NS
 from autoscaler.kube.activators import KubeActivators
 from autoscaler.kube.admission import GATE, MODEL_ANNOTATION
 from autoscaler.kube.binding import DELETION_COST
+from autoscaler.kube.certs import LEASE as CERTS_LEASE
 from autoscaler.kube.certs import SECRET, WEBHOOK_CONFIG
 from autoscaler.kube.internal_token import SECRET as TOKEN_SECRET
 from autoscaler.kube.internal_token import copy_token, ensure_token
+from autoscaler.kube.pa_controller import LEASE as CONTROLLER_LEASE
 from autoscaler.kube.pa_controller import PodAutoscalerController
 from autoscaler.kube.podautoscaler import CLASS, CLASS_ANNOTATION, REVISION_LABEL, Advice, Settings
 from autoscaler.kube.services import ServiceSource, parse_revision
@@ -66,6 +68,9 @@ def test_the_autoscaler_role_is_exactly_what_it_calls(kube: KubeCluster, api: An
     ensure_namespace(admin.core, KNATIVE_NS)  # the activators' Role lives in Knative's namespace
     with contextlib.suppress(Exception):  # made again below, as the service account
         admin.core.delete_namespaced_secret(TOKEN_SECRET, KNATIVE_NS)
+    for lease in (CONTROLLER_LEASE, CERTS_LEASE):  # an earlier install's: created again below
+        with contextlib.suppress(Exception):
+            admin.coordination.delete_namespaced_lease(lease, SA[0])
     apply_docs(api, [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SA[0]}}, *docs])
     as_sa = Kube(kube.api_client_as(*SA))
     until(lambda: as_sa.custom.list_cluster_custom_object(PODAUTOSCALERS.group, PODAUTOSCALERS.version,
