@@ -85,6 +85,11 @@ struct OpenFile {
 
  private:
   void bounce_read(uint8_t* out, uint64_t off, uint64_t n) const;
+  // One pread at `at`, retried on EINTR; a failure is an IoError naming the file and offset.
+  // Returns the bytes read (0: end of file).
+  uint64_t pread_some(uint8_t* buf, uint64_t n, uint64_t at) const;
+  // The IoError(ENODATA) of a file that ends at `at`, before `end`.
+  [[noreturn]] void ended_early(uint64_t end, uint64_t at) const;
 };
 
 // Work distribution shared by the host and device readers: the range [0, length) is cut

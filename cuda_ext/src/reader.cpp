@@ -52,6 +52,24 @@ OpenFile::~OpenFile() {
   if (fd >= 0) ::close(fd);
 }
 
+uint64_t OpenFile::pread_some(uint8_t* buf, uint64_t n, uint64_t at) const {
+  for (;;) {
+    ssize_t r = ::pread(fd, buf, n, static_cast<off_t>(at));
+    if (r >= 0) return static_cast<uint64_t>(r);
+    if (errno == EINTR) continue;
+    int e = errno;
+    throw IoError(e, describe(std::string("read failed: ") + std::strerror(e), path, at), path, at);
+  }
+}
+
+void OpenFile::ended_early(uint64_t end, uint64_t at) const {
+  throw IoError(ENODATA,
+                describe("unexpected end of file: file is " + std::to_string(size) + " bytes, needed " +
+                             std::to_string(end) + " (truncated partition?)",
+                         path, at),
+                path, at);
+}
+
 // O_DIRECT refuses an unaligned file offset, length or destination: read the aligned blocks that
 // cover [off, off + n) into an aligned bounce buffer, a window at a time, and keep only the bytes
 // asked for.
@@ -70,23 +88,12 @@ void OpenFile::bounce_read(uint8_t* out, uint64_t off, uint64_t n) const {
     const uint64_t want = std::min(window, ((end - start + kDirectAlign - 1) / kDirectAlign) * kDirectAlign);
     uint64_t got = 0;
     while (got < want) {
-      ssize_t r = ::pread(fd, buf + got, want - got, static_cast<off_t>(start + got));
-      if (r < 0) {
-        if (errno == EINTR) continue;
-        int e = errno;
-        throw IoError(e, describe(std::string("read failed: ") + std::strerror(e), path, start + got), path,
-                      start + got);
-      }
+      uint64_t r = pread_some(buf + got, want - got, start + got);
       if (r == 0) break;
-      got += static_cast<uint64_t>(r);
+      got += r;
       if (!aligned(got)) break;  // a short read off-alignment: the end of the file
     }
-    if (start + got <= pos)
-      throw IoError(ENODATA,
-                    describe("unexpected end of file: file is " + std::to_string(size) + " bytes, needed " +
-                                 std::to_string(end) + " (truncated partition?)",
-                             path, pos),
-                    path, pos);
+    if (start + got <= pos) ended_early(end, pos);
     const uint64_t take = std::min(end, start + got) - pos;
     std::memcpy(out + (pos - off), buf + (pos - start), take);
     pos += take;
@@ -99,26 +106,14 @@ void OpenFile::read_exact(void* dst, uint64_t off, uint64_t n) const {
     bounce_read(out, off, n);
     return;
   }
-  const bool can_direct = direct;
-  uint64_t body = can_direct ? (n / kDirectAlign) * kDirectAlign : n;
+  uint64_t body = direct ? (n / kDirectAlign) * kDirectAlign : n;
   uint64_t done = 0;
   // Aligned body (or everything, buffered). pread may return short counts: loop.
   while (done < body) {
-    ssize_t r = ::pread(fd, out + done, body - done, static_cast<off_t>(off + done));
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      int e = errno;
-      throw IoError(e, describe(std::string("read failed: ") + std::strerror(e), path, off + done), path,
-                    off + done);
-    }
-    if (r == 0)
-      throw IoError(ENODATA,
-                    describe("unexpected end of file: file is " + std::to_string(size) + " bytes, needed " +
-                                 std::to_string(off + n) + " (truncated partition?)",
-                             path, off + done),
-                    path, off + done);
-    done += static_cast<uint64_t>(r);
-    if (can_direct && !aligned(done) && done < body) {
+    uint64_t r = pread_some(out + done, body - done, off + done);
+    if (r == 0) ended_early(off + n, off + done);
+    done += r;
+    if (direct && !aligned(done) && done < body) {
       // A short direct read that ends off-alignment can only happen at end of file.
       body = done;
     }
