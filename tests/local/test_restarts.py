@@ -21,6 +21,7 @@ from sllm_knative.local.manifests import ALLOW_ZERO_INITIAL_SCALE, service_manif
 from sllm_knative.ports import free_port
 from tests.local.test_cluster import cli, services
 from tests.local.util import wait_for
+from tests.migration.test_recovery import counters
 
 
 @pytest.mark.parametrize(("restarts", "want"), [(1, 0.5), (2, 1.0), (3, 2.0), (7, 30.0), (50, 30.0)])
@@ -156,15 +157,6 @@ def test_a_killed_autoscaler_is_restarted_adopts_its_instances_and_serves_held_r
     assert len(children) == len(records), (children, records)
 
 
-def exports_ok(doc: dict) -> float:
-    """How many stream-state exports the activator has made (its admin port's /metrics)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{doc['activator_admin']}/metrics", timeout=5).text
-    return sum(s.value for fam in text_string_to_metric_families(text) if fam.name == "activator_stream_exports"
-               for s in fam.samples if s.name.endswith("_total") and s.labels.get("result") == "ok")
-
-
 def test_a_killed_instance_s_stream_goes_on_from_its_last_export_on_the_replacement(cluster) -> None:
     """kill -9 of the service's only instance mid-stream (the official openai client, seeded
     sampling): the activator resumes the stream from its last export of the generation's state
@@ -187,7 +179,10 @@ def test_a_killed_instance_s_stream_goes_on_from_its_last_export_on_the_replacem
 
     want = run()  # undisturbed; warms the service
     [inst] = services(doc)["default/tiny"]["instances"]
-    exported = exports_ok(doc)
+    def exports() -> float:
+        return counters(doc["activator_admin"], "activator_stream_exports")["ok"]
+
+    exported = exports()
     outcome: dict = {"chunks": 0}
 
     def reader() -> None:
@@ -198,7 +193,7 @@ def test_a_killed_instance_s_stream_goes_on_from_its_last_export_on_the_replacem
 
     t = threading.Thread(target=reader)
     t.start()
-    wait_for(lambda: exports_ok(doc) > exported and outcome["chunks"] > 0, 60, "an export of the stream's state")
+    wait_for(lambda: exports() > exported and outcome["chunks"] > 0, 60, "an export of the stream's state")
     assert "text" not in outcome, "the stream ended before the kill: make it longer"
     os.kill(inst["pid"], signal.SIGKILL)
     t.join(240)

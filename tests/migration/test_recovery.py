@@ -30,11 +30,12 @@ def exporting(logs) -> Iterator[Activator]:
     yield from running(Activator(logs, "--export-interval", "0.25", name="exporting-activator"))
 
 
-def counters(act: Activator, family: str) -> dict[str, float]:
-    """One counter family's samples on the activator's /metrics, by its `result` label."""
+def counters(admin: str, family: str) -> dict[str, float]:
+    """One counter family's samples on an activator's /metrics (`admin`: its admin URL), by its
+    `result` label."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(f"{act.admin}{admin_api.METRICS}", timeout=5).text
+    text = httpx.get(f"{admin}{admin_api.METRICS}", timeout=5).text
     return {s.labels["result"]: s.value for fam in text_string_to_metric_families(text) if fam.name == family
             for s in fam.samples if s.name.endswith("_total")}
 
@@ -42,7 +43,7 @@ def counters(act: Activator, family: str) -> dict[str, float]:
 def wait_for_exports(act: Activator, count: int, outs: list[Collected]) -> None:
     """Until the activator's `ok` exports reach `count`, none of the streams having ended."""
     deadline = time.monotonic() + 30
-    while counters(act, "activator_stream_exports")["ok"] < count:
+    while counters(act.admin, "activator_stream_exports")["ok"] < count:
         assert time.monotonic() < deadline, "no export of the streams' states within 30 s"
         assert all(o.done == 0 and not o.errors for o in outs), "a stream ended before its state was exported"
         time.sleep(0.01)
@@ -69,7 +70,7 @@ def kill_mid_stream(act: Activator, victim: Function, reqs: list[dict], then: Fu
     try:
         started(outs, threads)
         exported = sum(1 for req in reqs if req.get("n", 1) == 1)  # several choices are not exported
-        wait_for_exports(act, counters(act, "activator_stream_exports")["ok"] + 2 * exported, outs)
+        wait_for_exports(act, counters(act.admin, "activator_stream_exports")["ok"] + 2 * exported, outs)
         if not add_later:
             act.set_instances(victim, then)
         victim.kill()
@@ -93,7 +94,7 @@ def test_a_killed_instance_s_streams_resume_from_the_last_export(exporting, func
     reqs = [body(None), body(4242), {k: v for k, v in body(77).items() if k != "logprobs"},
             {**body(5), "n": 2}]
     wants = [reference(b, req) for req in reqs[:3]]
-    before = counters(exporting, "activator_stream_recoveries")
+    before = counters(exporting.admin, "activator_stream_recoveries")
     got = kill_mid_stream(exporting, spare("victim"), reqs, then=b)
     for g, w in zip(got[:2], wants[:2], strict=True):
         assert 16 <= len(w.tokens)
@@ -104,7 +105,7 @@ def test_a_killed_instance_s_streams_resume_from_the_last_export(exporting, func
     assert cut.done == 0, "a cut stream must not end with [DONE]"
     assert [e["error"]["code"] for e in cut.errors] == ["stream_cut"], cut.errors
     assert "before any export" in cut.errors[0]["error"]["message"]
-    after = counters(exporting, "activator_stream_recoveries")
+    after = counters(exporting.admin, "activator_stream_recoveries")
     assert after["resumed"] == before["resumed"] + 3, (before, after)
     assert after["diverged"] == before["diverged"] and after["no_instance"] == before["no_instance"]
 
@@ -136,8 +137,8 @@ def test_a_resume_that_differs_from_what_was_sent_is_cut_not_spliced(exporting, 
         req = {k: v for k, v in body(None).items() if k != "logprobs"}
         assert reference(impostor, req).text != reference(victim, req).text
         exporting.set_instances(victim)
-        exported = counters(exporting, "activator_stream_exports")["ok"]
-        before = counters(exporting, "activator_stream_recoveries")
+        exported = counters(exporting.admin, "activator_stream_exports")["ok"]
+        before = counters(exporting.admin, "activator_stream_recoveries")
         out = Collected()
         t = threading.Thread(target=stream, args=(exporting.url, req, out))
         t.start()
@@ -156,7 +157,7 @@ def test_a_resume_that_differs_from_what_was_sent_is_cut_not_spliced(exporting, 
         assert not t.is_alive(), "the stream hung"
     finally:
         impostor.stop()
-    after = counters(exporting, "activator_stream_recoveries")
+    after = counters(exporting.admin, "activator_stream_recoveries")
     assert out.done == 0 and len(out.errors) == 1, (out.done, out.errors)
     assert out.errors[0]["error"]["code"] == "stream_cut" and "differs" in out.errors[0]["error"]["message"]
     assert after["diverged"] == before["diverged"] + 1, (before, after)
