@@ -104,6 +104,7 @@ def test_a_killed_loader_is_restarted_with_its_tiers(cluster) -> None:
 
     state, doc = cluster
     node = doc["nodes"][0]
+    invoke(doc["activator"], "tiny", "default", "Hello", 4, seed=1)  # its checkpoint is in the node's tiers
     with LoaderClient(node["loader"], timeout=10) as c:
         before = {(t.name, e.model) for t in c.inventory().tiers for e in t.entries if e.state == "ready"}
     assert ("dram", next(iter(m for _, m in before))) in before, before  # the checkpoint is in DRAM
