@@ -125,8 +125,12 @@ def _device(device: Any) -> torch.device:
     if dev.type == "cuda":
         if not _C.cuda_compiled():
             raise RuntimeError("cuda_ext was built without CUDA (nvcc was not found at install time)")
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r}: torch sees no CUDA device (torch {torch.__version__}, "
+                               f"built for CUDA {torch.version.cuda})")
         if not _C.cuda_available():
-            raise RuntimeError("no CUDA device is available to the loader extension")
+            raise RuntimeError(f"device {device!r}: torch sees a GPU but the loader extension does not: "
+                               f"{_C.cuda_error()}")
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
     elif dev.type != "cpu":
@@ -192,9 +196,12 @@ def _read_partition(path: Path, part: fmt.Partition, dev: torch.device, opts: Lo
     else:
         buf = _device_buffer(part.size, dev)
         keep = buf
-        _C.read_to_device(str(path), 0, dev.index, buf.data_ptr(), part.size, chunk, opts.threads, direct,
-                          opts.pinned_bytes, opts.streams, block, crcs, cancel)
+        stats = _C.read_to_device(str(path), 0, dev.index, buf.data_ptr(), part.size, chunk, opts.threads, direct,
+                                  opts.pinned_bytes, opts.streams, block, crcs, cancel)
         method = "device"
+        if stats["direct_fallback"]:
+            _log.warning("direct reads into pinned memory refused, read buffered", file=str(path),
+                         reason=stats["direct_fallback"])
     return keep, buf, PartitionLoad(part.file, part.size, time.perf_counter() - t0, method)
 
 

@@ -61,6 +61,8 @@ struct ReadStats {
   uint64_t bytes = 0;
   double seconds = 0;
   bool direct = false;
+  // Why a read asked to be direct went buffered part-way (device reads: F3); empty otherwise.
+  std::string direct_fallback;
   int threads = 0;
   uint64_t chunk_bytes = 0;
 };
@@ -114,6 +116,9 @@ ReadStats read_to_host(const std::string& path, uint64_t file_offset, void* dst,
 
 #ifdef SLLM_WITH_CUDA
 int cuda_device_count();
+// "" when the CUDA runtime sees a device; else why not: the CUDA error and the runtime and
+// driver versions (a driver too old for the static runtime is the usual cause).
+std::string cuda_error();
 ReadStats read_to_device(const std::string& path, uint64_t file_offset, int device, void* dptr,
                          uint64_t length, const ReadOptions& o, uint64_t pinned_bytes, int streams,
                          CancelToken* cancel);

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -34,7 +35,8 @@ struct Slot {
 };
 
 // The pinned ring: one cudaHostAlloc carved into slots of slot_bytes (a multiple of 4096, so
-// every slot is aligned for O_DIRECT). Slots are handed out one at a time and returned right
+// every slot is aligned for O_DIRECT when the allocation is; nothing documents that it is, and
+// aligned() says). Slots are handed out one at a time and returned right
 // after their copy is enqueued; the next user waits on the slot's event before overwriting it.
 // A failure part-way through the constructor releases what was already made.
 class Ring {
@@ -43,8 +45,6 @@ class Ring {
     try {
       check(cudaHostAlloc(reinterpret_cast<void**>(&base_), slots * slot_bytes, cudaHostAllocDefault),
             "cudaHostAlloc");
-      if (reinterpret_cast<uintptr_t>(base_) % kDirectAlign != 0)
-        throw std::runtime_error("cudaHostAlloc returned memory that is not 4096-aligned (O_DIRECT needs it)");
       for (size_t i = 0; i < slots; i++) {
         slots_[i].host = base_ + i * slot_bytes;
         check(cudaEventCreateWithFlags(&slots_[i].done, cudaEventDisableTiming), "cudaEventCreate");
@@ -60,6 +60,7 @@ class Ring {
   Ring& operator=(const Ring&) = delete;
   size_t size() const { return slots_.size(); }
   uint64_t slot_bytes() const { return slot_bytes_; }
+  bool aligned() const { return reinterpret_cast<uintptr_t>(base_) % kDirectAlign == 0; }
   // Every slot is back (no read holds one): the ring may serve another read.
   bool idle() {
     std::lock_guard<std::mutex> g(mu_);
@@ -244,6 +245,42 @@ class DeviceScope {
   int prev_ = 0;
 };
 
+// Where a read's bytes come from (review finding F3). Direct reads land in cudaHostAlloc memory:
+// if the ring is not 4096-aligned, or the kernel refuses a direct read into driver-pinned pages
+// (EINVAL or EFAULT), the read goes on buffered from then on, and says why (ReadStats).
+class Source {
+ public:
+  Source(const OpenFile& file, bool ring_aligned) : file_(file), direct_(file.direct && ring_aligned) {
+    if (file.direct) buffered_ = std::make_unique<OpenFile>(file.path, false);
+    if (file.direct && !ring_aligned) why_ = "the pinned ring is not 4096-aligned";
+  }
+  void read(uint8_t* dst, uint64_t off, uint64_t n) {
+    if (direct_.load()) {
+      try {
+        file_.read_exact(dst, off, n);
+        return;
+      } catch (const IoError& e) {
+        if (e.err != EINVAL && e.err != EFAULT) throw;
+        std::lock_guard<std::mutex> g(mu_);
+        if (direct_.exchange(false)) why_ = std::string("a direct read into pinned memory failed: ") + e.what();
+      }
+    }
+    (buffered_ ? *buffered_ : file_).read_exact(dst, off, n);
+  }
+  bool direct() const { return direct_.load(); }
+  std::string fallback() {
+    std::lock_guard<std::mutex> g(mu_);
+    return why_;
+  }
+
+ private:
+  const OpenFile& file_;
+  std::unique_ptr<OpenFile> buffered_;
+  std::atomic<bool> direct_;
+  std::mutex mu_;
+  std::string why_;
+};
+
 }  // namespace
 
 void release_pinned() { ring_cache().clear(); }
@@ -257,13 +294,29 @@ int cuda_device_count() {
   return n;
 }
 
+std::string cuda_error() {
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e == cudaSuccess && n > 0) return "";
+  cudaGetLastError();
+  int runtime = 0, driver = 0;
+  cudaRuntimeGetVersion(&runtime);
+  cudaDriverGetVersion(&driver);
+  auto version = [](int v) { return v ? std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10) : "none"; };
+  std::string why = e == cudaSuccess ? std::string("no CUDA device")
+                                     : std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
+  // The extension links the CUDA runtime statically: a driver older than it (CUDA 13 needs 580 or
+  // newer) shows up here as cudaErrorInsufficientDriver.
+  return why + " (the extension's CUDA runtime is " + version(runtime) + ", the driver supports " + version(driver) + ")";
+}
+
 ReadStats read_to_device(const std::string& path, uint64_t file_offset, int device, void* dptr, uint64_t length,
                          const ReadOptions& o, uint64_t pinned_bytes, int streams, CancelToken* cancel) {
   auto t0 = std::chrono::steady_clock::now();
   if (o.chunk_bytes == 0 || o.chunk_bytes % kDirectAlign != 0)
     throw std::invalid_argument("chunk_bytes must be a positive multiple of 4096");
   DeviceScope device_scope(device);
-  OpenFile f(path, o.direct);
+  OpenFile f(path, o.direct);  // for its size; Source below decides how the bytes are read
   if (file_offset + length > f.size)
     throw IoError(ENODATA,
                   "file is " + std::to_string(f.size) + " bytes, range ends at " +
@@ -289,6 +342,7 @@ ReadStats read_to_device(const std::string& path, uint64_t file_offset, int devi
       static_cast<size_t>(std::min<uint64_t>(chunks, std::max<uint64_t>(2ull * threads, pinned_bytes / o.chunk_bytes)));
   const size_t min_slots = static_cast<size_t>(std::min<uint64_t>(chunks, 2ull * threads));
   RingLease ring(device, nslots, min_slots, o.chunk_bytes);
+  Source source(f, ring->aligned());
   try {
     Streams ss(streams);  // destroyed (its work finished) before the ring goes back or is freed
     std::atomic<uint64_t> next{0};
@@ -312,7 +366,7 @@ ReadStats read_to_device(const std::string& path, uint64_t file_offset, int devi
               Slot* s = ring->take();
               bool recorded = false;
               try {
-                f.read_exact(s->host, file_offset + start + off, n);
+                source.read(s->host, file_offset + start + off, n);
                 if (!o.block_crcs.empty()) crc = crc32c(crc, s->host, n);
                 check(cudaMemcpyAsync(out + start + off, s->host, n, cudaMemcpyHostToDevice, st), "cudaMemcpyAsync");
                 s->pending = true;  // the copy is queued, whether or not its event gets recorded
@@ -338,6 +392,8 @@ ReadStats read_to_device(const std::string& path, uint64_t file_offset, int devi
     throw;
   }
   r.bytes = length;
+  r.direct = source.direct();
+  r.direct_fallback = source.fallback();
   r.threads = threads;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return r;

@@ -26,6 +26,7 @@ py::dict to_dict(const ReadStats& s) {
   d["bytes"] = s.bytes;
   d["seconds"] = s.seconds;
   d["direct"] = s.direct;
+  d["direct_fallback"] = s.direct_fallback;
   d["threads"] = s.threads;
   d["chunk_bytes"] = s.chunk_bytes;
   return d;
@@ -115,6 +116,16 @@ PYBIND11_MODULE(_C, m) {
     return false;
 #endif
   });
+  m.def(
+      "cuda_error",
+      []() -> std::string {
+#ifdef SLLM_WITH_CUDA
+        return cuda_error();
+#else
+        return "built without CUDA (nvcc was not found when the extension was built)";
+#endif
+      },
+      "'' when the extension's CUDA runtime sees a device, else why not (the CUDA error, runtime and driver).");
   m.def("cuda_compiled", [] {
 #ifdef SLLM_WITH_CUDA
     return true;

@@ -295,6 +295,16 @@ def test_bad_options_are_rejected() -> None:
         load_state_dict("/nonexistent", device="mps")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: tests/checkpoint/test_gpu.py loads on it")
+def test_cuda_without_a_gpu_says_why(tiny_ckpt: Path) -> None:
+    """F9: the error names what is missing, and the extension's own CUDA error text is exposed."""
+    with pytest.raises(RuntimeError, match="torch sees no CUDA device|built without CUDA"):
+        load_state_dict(tiny_ckpt, device="cuda")
+    why = _C.cuda_error()
+    assert why and not _C.cuda_available()
+    assert "built without CUDA" in why or "the driver supports" in why, why
+
+
 def test_release_pinned_is_safe_without_a_ring() -> None:
     _C.release_pinned()  # nothing pinned yet (or no CUDA at all): a no-op
     _C.release_pinned()

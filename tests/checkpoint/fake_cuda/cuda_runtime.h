@@ -39,6 +39,9 @@ typedef FakeCudaStream* cudaStream_t;
 typedef FakeCudaEvent* cudaEvent_t;
 
 const char* cudaGetErrorString(cudaError_t e);
+const char* cudaGetErrorName(cudaError_t e);
+cudaError_t cudaRuntimeGetVersion(int* v);
+cudaError_t cudaDriverGetVersion(int* v);
 cudaError_t cudaGetLastError();
 cudaError_t cudaGetDeviceCount(int* n);
 cudaError_t cudaSetDevice(int device);
@@ -70,6 +73,8 @@ int live_streams();
 int calls(const std::string& api);
 int device_count();
 void set_device_count(int n);
+// Offset added to every pointer cudaHostAlloc returns (0: 4096-aligned, as the real one seems to be).
+void set_host_misalign(size_t bytes);
 // Upper bound of the random delay before each queued copy runs, in microseconds.
 void set_max_delay_us(int us);
 // Called (on the caller's thread) by every successful cudaMemcpyAsync with its 1-based index.

@@ -321,6 +321,47 @@ void test_ring_reused() {
               "for 9 concurrent reads)\n", fake_cuda::calls("cudaHostAlloc"));
 }
 
+// Pinned memory that is not 4096-aligned cannot take direct reads: the read goes buffered, says
+// why, and the data is intact (F3). A refused direct read (EINVAL/EFAULT) takes the same switch.
+void test_misaligned_ring() {
+  const Case& c = kIntact[2];  // aligned offset, unaligned length, checksums, direct
+  auto crcs = block_crcs(c.off, c.len, c.block);
+  std::vector<uint8_t> dev;
+  release_pinned();
+  fake_cuda::reset();
+  ReadStats aligned = run(c, dev, crcs, nullptr);
+  CHECK(aligned.direct_fallback.empty(), "an aligned ring fell back: %s", aligned.direct_fallback.c_str());
+  release_pinned();
+  fake_cuda::set_host_misalign(512);
+  ReadStats st = run(c, dev, crcs, nullptr);
+  fake_cuda::set_host_misalign(0);
+  CHECK(std::memcmp(dev.data(), g_data.data() + c.off, c.len) == 0, "misaligned ring: data differs");
+  CHECK(!st.direct, "a misaligned ring still read direct");
+  if (aligned.direct)  // the scratch file system takes O_DIRECT: the fallback must say why
+    CHECK(st.direct_fallback.find("not 4096-aligned") != std::string::npos, "fallback reason: '%s'",
+          st.direct_fallback.c_str());
+  check_no_leaks("misaligned ring");
+  std::printf("ok   a misaligned pinned ring reads buffered (direct before: %d, reason: %s)\n", aligned.direct,
+              st.direct_fallback.c_str());
+}
+
+// cuda_error() is empty with a device and names the CUDA error and versions without one (F9).
+void test_cuda_error() {
+  fake_cuda::reset();
+  CHECK(cuda_error().empty(), "with devices: '%s'", cuda_error().c_str());
+  fake_cuda::set_device_count(0);
+  std::string none = cuda_error();
+  fake_cuda::set_device_count(2);
+  CHECK(none.find("cudaErrorNoDevice: ") == 0 && none.find("runtime is 13.0, the driver supports none") != std::string::npos,
+        "without devices: '%s'", none.c_str());
+  fake_cuda::fail_at("cudaGetDeviceCount", 1);
+  std::string failed = cuda_error();
+  CHECK(failed.find("cudaErrorUnknown: ") == 0, "a failing runtime: '%s'", failed.c_str());
+  CHECK(cuda_device_count() == 2, "the failure stuck: %d devices", cuda_device_count());
+  fake_cuda::reset();
+  std::printf("ok   cuda_error: '%s' / '%s'\n", none.c_str(), failed.c_str());
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -331,7 +372,7 @@ int main(int argc, char** argv) {
   g_dir = argv[1];
   make_file((4u << 20) + 12345);
   for (auto* t : {test_intact, test_checksum_mismatch, test_cancel, test_injected_failures, test_zero_length_and_range,
-                 test_device_restored, test_ring_reused}) {
+                 test_device_restored, test_ring_reused, test_misaligned_ring, test_cuda_error}) {
     try {
       t();
     } catch (const std::exception& e) {

@@ -24,6 +24,8 @@ std::map<const void*, std::shared_ptr<std::atomic<int>>> g_inflight;  // copies 
 std::atomic<int> g_events{0}, g_streams{0}, g_memcpys{0};
 std::atomic<int> g_devices{2};
 std::atomic<int> g_max_delay_us{200};
+std::atomic<size_t> g_host_misalign{0};
+std::map<const void*, void*> g_host_base;  // what cudaHostAlloc returned -> what aligned_alloc did
 std::function<void(int)> g_memcpy_hook;
 thread_local int t_device = 0;
 thread_local cudaError_t t_last = cudaSuccess;
@@ -125,6 +127,28 @@ const char* cudaGetErrorString(cudaError_t e) {
   }
 }
 
+const char* cudaGetErrorName(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorNoDevice: return "cudaErrorNoDevice";
+    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
+    default: return "cudaErrorUnknown";
+  }
+}
+
+cudaError_t cudaRuntimeGetVersion(int* v) {
+  *v = 13000;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDriverGetVersion(int* v) {
+  *v = g_devices.load() > 0 ? 13000 : 0;
+  return cudaSuccess;
+}
+
 cudaError_t cudaGetLastError() {
   cudaError_t e = t_last;
   t_last = cudaSuccess;
@@ -152,13 +176,16 @@ cudaError_t cudaGetDevice(int* device) {
 
 cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned int) {
   if (inject("cudaHostAlloc")) return ret(cudaErrorMemoryAllocation);
-  size_t n = ((bytes ? bytes : 1) + 4095) / 4096 * 4096;
+  const size_t skew = g_host_misalign.load();
+  size_t n = ((bytes ? bytes : 1) + skew + 4095) / 4096 * 4096;
   void* m = std::aligned_alloc(4096, n);
   if (!m) return ret(cudaErrorMemoryAllocation);
+  void* user = static_cast<char*>(m) + skew;
   std::lock_guard<std::mutex> g(g_mu);
-  g_host[m] = bytes;
-  g_inflight[m] = std::make_shared<std::atomic<int>>(0);
-  *p = m;
+  g_host[user] = bytes;
+  g_host_base[user] = m;
+  g_inflight[user] = std::make_shared<std::atomic<int>>(0);
+  *p = user;
   return cudaSuccess;
 }
 
@@ -171,7 +198,8 @@ cudaError_t cudaFreeHost(void* p) {
   if (g_inflight[p]->load() != 0) die("cudaFreeHost while a queued copy still reads the buffer");
   g_host.erase(it);
   g_inflight.erase(p);
-  std::free(p);
+  std::free(g_host_base[p]);
+  g_host_base.erase(p);
   return cudaSuccess;
 }
 
@@ -308,5 +336,6 @@ int calls(const std::string& api) {
 int device_count() { return g_devices.load(); }
 void set_device_count(int n) { g_devices = n; }
 void set_max_delay_us(int us) { g_max_delay_us = us; }
+void set_host_misalign(size_t bytes) { g_host_misalign = bytes; }
 void on_memcpy(std::function<void(int)> hook) { g_memcpy_hook = std::move(hook); }
 }  // namespace fake_cuda
