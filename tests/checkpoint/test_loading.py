@@ -342,17 +342,3 @@ def test_verified_reads_use_the_largest_chunk_that_tiles_the_blocks(tiny_src: Pa
     for k, v in load_state_dict(tiny_ckpt).items():
         assert torch.equal(got[k], v), k
 
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not _C.cuda_available(), reason="no CUDA device visible to the loader extension")
-def test_cuda_load_matches_cpu(tiny_ckpt: Path) -> None:
-    ref = load_state_dict(tiny_ckpt)
-    opts = LoadOptions(chunk_bytes=64 << 10, threads=4, pinned_bytes=256 << 10, streams=3)
-    on_gpu = load_checkpoint(tiny_ckpt, "cuda", options=opts)
-    assert on_gpu.partitions[0].method == "device"
-    for k, v in ref.items():
-        assert torch.equal(on_gpu.state_dict[k].cpu(), v), k
-    model = load_model(tiny_ckpt, "cuda")
-    ids = torch.tensor([[1, 2, 3]], device="cuda")
-    with torch.no_grad():
-        assert torch.isfinite(model(ids).logits).all()
