@@ -5,7 +5,7 @@ The loader measures hops (`Inventory.bandwidths`, see loader_sidecar/profile.py)
     disk_read        SSD tier -> host memory (direct reads)
     dram_copy        DRAM tier -> process memory (a copy)
     dram_map         DRAM tier mapped with its page tables populated (a CPU instance, no copy)
-    host_to_device   pinned host memory -> GPU
+    host_to_device   a DRAM-tier file -> GPU through the loader extension's pinned ring
     remote:<store>   a store's throughput, from its first transfer on
 
 Placement wants "bytes/s from tier t into the device": SSD is `disk_read`; DRAM is the pinned
