@@ -25,21 +25,11 @@ def probe(path: str, nbytes: int, device: str) -> dict[str, Any]:
     import torch
 
     from cuda_ext import _C
-    from sllm_knative.loading import LoadOptions
+    from sllm_knative.loading import LoadOptions, resolve_device
 
-    if not torch.cuda.is_available():
-        raise RuntimeError("torch sees no CUDA device")
-    if not _C.cuda_compiled():
-        raise RuntimeError("cuda_ext was built without CUDA")
-    if not _C.cuda_available():
-        cuda_error = getattr(_C, "cuda_error", None)
-        raise RuntimeError("the loader extension's CUDA runtime sees no device"
-                           + (f": {cuda_error()}" if cuda_error is not None else ""))
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type != "cuda":
         raise ValueError(f"--device {device!r}: expected cuda or cuda:N")
-    if dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
     opts = LoadOptions()
     buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     torch.cuda.synchronize(dev)

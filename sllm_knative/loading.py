@@ -118,7 +118,9 @@ def aligned_empty(nbytes: int, alignment: int = fmt.PAGE) -> torch.Tensor:
     return raw[pad: pad + nbytes]
 
 
-def _device(device: Any) -> torch.device:
+def resolve_device(device: Any) -> torch.device:
+    """torch.device of 'cpu' or 'cuda[:N]' ('cuda': the current device), checked to be usable by the
+    loader extension; a RuntimeError says what is missing (torch's GPU or the extension's)."""
     import torch
 
     dev = torch.device(device)
@@ -282,7 +284,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: Any = "cpu", *, option
     follow: the partitions are still being filled (see the module docstring)."""
     opts = options or LoadOptions()
     root = Path(path)
-    dev = _device(device)
+    dev = resolve_device(device)
     index = fmt.read_index(root)
     t0 = time.perf_counter()
     keep, buffers, parts = [], [], []

@@ -51,9 +51,7 @@ def extension_cuda_problem() -> str | None:
     if not _C.cuda_compiled():
         return "cuda_ext was built without CUDA (nvcc was not found when the extension was built)"
     if not _C.cuda_available():
-        cuda_error = getattr(_C, "cuda_error", None)  # added to the extension after this test was written
-        why = cuda_error() if cuda_error is not None else "this build does not report the CUDA error"
-        return f"the loader extension's CUDA runtime sees no device: {why or 'no error text'}"
+        return f"the loader extension's CUDA runtime sees no device: {_C.cuda_error() or 'no error text'}"
     return None
 
 
