@@ -8,9 +8,11 @@ most every `min_interval` seconds, with a trailing bump so the last value is alw
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -64,11 +66,38 @@ def _nvml() -> Any:
     return pynvml
 
 
+PROC_GPUS = Path("/proc/driver/nvidia/gpus")
+
+
+def proc_gpus(root: Path = PROC_GPUS) -> list[pb.Device]:
+    """The NVIDIA driver's GPUs from /proc (one folder per PCI address, in PCI order, as NVML and
+    CUDA's default order number them), without memory figures: the count when nvidia-ml-py is
+    not installed (it is the `gpu` extra; `make install` leaves it out). Every sidecar on a
+    machine sees all of its GPUs, so local nodes sharing one GPU each accept cuda:0."""
+    try:
+        folders = sorted(p for p in root.iterdir() if p.is_dir())
+    except OSError:
+        return []
+    out = []
+    for i, folder in enumerate(folders):
+        name = "NVIDIA GPU"
+        with contextlib.suppress(OSError):
+            for line in (folder / "information").read_text(errors="replace").splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() == "Model" and value.strip():
+                    name = value.strip()
+        out.append(pb.Device(kind="gpu", index=i, name=name))
+    return out
+
+
 def devices() -> list[pb.Device]:
-    """GPUs through nvidia-ml-py when present, and always the CPU with host memory (psutil)."""
+    """GPUs through nvidia-ml-py when present (else the driver's /proc listing), and always the
+    CPU with host memory (psutil)."""
     out: list[pb.Device] = []
     pynvml = _nvml()
-    if pynvml is not None:
+    if pynvml is None:
+        out += proc_gpus()
+    else:
         try:
             pynvml.nvmlInit()
             try:

@@ -6,6 +6,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sllm_knative.local.cluster import UpOptions
 
 DEFAULT_STATE = os.environ.get("SLLM_STATE_DIR", ".sllm-knative")
 
@@ -29,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--placement", choices=("load-time", "random"), default="load-time",
                    help="how a cold start picks its node: the load-time model (default), or at random among "
                         "nodes with a free slot (the no-locality ablation of bench/replay.py)")
+    p.add_argument("--device", default="cpu",
+                   help="where every instance computes: cpu (default), cuda or cuda:N (the nodes all run "
+                        "on this machine and share its GPUs); refused at once when no GPU can be used")
     p.add_argument("--detach", action="store_true", help="run in the background; return once ready")
     p.set_defaults(func=_up)
 
@@ -45,13 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from sllm_knative.local.cluster import UpOptions, up, up_detached
+    from sllm_knative.local.cluster import check_device_usable, up, up_detached
 
-    opts = UpOptions(state_dir=Path(args.state_dir), nodes=args.nodes, slots=args.slots,
-                     dram_bytes=int(args.dram_gb * 2**30), ssd_bytes=int(args.ssd_gb * 2**30),
-                     stores=tuple(args.store), port=args.port, dram_root=Path(args.dram_root),
-                     placement=args.placement)
+    opts = up_options(args)
     if args.detach:
+        check_device_usable(opts.device)  # here too: fail before a background `up` is started
         doc = up_detached(_argv_of(args), opts.state_dir)
         print(f"local cluster up: {len(doc['nodes'])} nodes, activator {doc['activator']} (pid {doc['pid']})")
         return 0
@@ -63,10 +68,20 @@ def _up(args: argparse.Namespace) -> int:
     return up(opts, on_ready=ready)
 
 
+def up_options(args: argparse.Namespace) -> UpOptions:
+    """`up`'s flags as UpOptions (ValueError for a bad value, e.g. --device tpu)."""
+    from sllm_knative.local.cluster import UpOptions
+
+    return UpOptions(state_dir=Path(args.state_dir), nodes=args.nodes, slots=args.slots,
+                     dram_bytes=int(args.dram_gb * 2**30), ssd_bytes=int(args.ssd_gb * 2**30),
+                     stores=tuple(args.store), port=args.port, dram_root=Path(args.dram_root),
+                     placement=args.placement, device=args.device)
+
+
 def _argv_of(args: argparse.Namespace) -> list[str]:
     argv = ["--state-dir", args.state_dir, "--nodes", str(args.nodes), "--slots", str(args.slots),
             "--dram-gb", str(args.dram_gb), "--ssd-gb", str(args.ssd_gb), "--port", str(args.port),
-            "--dram-root", args.dram_root, "--placement", args.placement]
+            "--dram-root", args.dram_root, "--placement", args.placement, "--device", args.device]
     for s in args.store:
         argv += ["--store", s]
     return argv

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -39,6 +40,40 @@ from sllm_knative.ports import free_port as _free_port
 
 _log = get_logger("sllm_knative.local")
 PY = sys.executable
+_DEVICE = re.compile(r"^(cpu|cuda(:[0-9]{1,3})?)$")
+
+
+def parse_device(text: str) -> str:
+    """`up --device`: 'cpu', 'cuda' or 'cuda:N', as given; ValueError otherwise. The same value
+    goes to every instance (`functions.llm --device`) and its lease; every local node runs on
+    this machine, so each may use any of its GPUs (the loader sidecars count the machine's)."""
+    if not _DEVICE.match(text):
+        raise ValueError(f"--device = {text!r}, must be cpu, cuda or cuda:N")
+    return text
+
+
+def check_device_usable(device: str) -> None:
+    """RuntimeError, saying why, unless `device` can compute here: a CUDA device needs torch to
+    see it and the loader extension to have been built with CUDA and to see a GPU (instances
+    load their leased checkpoint straight into GPU memory through it)."""
+    if device == "cpu":
+        return
+    import torch
+
+    from cuda_ext import _C
+
+    index = int(device.partition(":")[2] or 0)
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device}: torch sees no CUDA GPU here (torch {torch.__version__}, "
+                           f"CUDA build {torch.version.cuda or 'none'}; CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    if index >= torch.cuda.device_count():
+        raise RuntimeError(f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s)")
+    if not _C.cuda_compiled():
+        raise RuntimeError(f"--device {device}: the loader extension cuda_ext._C was built without CUDA "
+                           "(nvcc was not found at install time); rebuild it (make install)")
+    if not _C.cuda_available():
+        raise RuntimeError(f"--device {device}: the loader extension cuda_ext._C sees no CUDA GPU")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +92,7 @@ class UpOptions:
     def __post_init__(self) -> None:
         from sllm_knative.placement import PLACERS
 
+        parse_device(self.device)
         if self.placement not in PLACERS:
             raise ValueError(f"--placement = {self.placement!r}, must be one of {', '.join(PLACERS)}")
         if not 1 <= self.nodes <= 64:
@@ -161,6 +197,7 @@ def _http_ok(url: str) -> bool:
 
 def up(opts: UpOptions, on_ready: Any = None) -> int:
     """Start the cluster, block until SIGTERM/SIGINT, then stop everything."""
+    check_device_usable(opts.device)
     state = opts.state_dir.resolve()
     state.mkdir(parents=True, exist_ok=True)
     dram = _dram_dir(opts)
