@@ -88,6 +88,15 @@ class ModelSpec:
 
 TINY = ModelSpec()
 
+# Llama-3-like shapes (random weights, bfloat16; max_position_embeddings stays 2048): the sizes a
+# GPU benchmark loads (bench/coldstart.py --shape). Llama 3.2 1B (tied embeddings, about 1.24 B
+# parameters, 2.5 GB) and Llama 3.1 8B (untied, about 8.03 B parameters, 16 GB).
+LLAMA_1B = ModelSpec(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, dtype="bfloat16")
+LLAMA_8B = ModelSpec(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, dtype="bfloat16")
+SHAPES = {"llama-1b": LLAMA_1B, "llama-8b": LLAMA_8B}
+
 
 def spec_for_size(target_bytes: int, dtype: str = "bfloat16", vocab_size: int = 32000) -> ModelSpec:
     """A Llama-like shape (hidden 1024..2048, vocab 32000) of about target_bytes.
