@@ -77,8 +77,8 @@ class FreshInstance:
 
 
 def spawn(hf_dir: Path, service: str, instance_id: str, node: str, log: Path, max_concurrency: int = 1,
-          env: dict[str, str] | None = None) -> FreshInstance:
-    """Start `python -m functions.llm` on free loopback ports (its own process group). It gets
+          env: dict[str, str] | None = None, device: str = "cpu") -> FreshInstance:
+    """Start `python -m functions.llm --device DEVICE` on free loopback ports (its own process group). It gets
     PR_SET_PDEATHSIG (sllm_knative.local.procs), which Linux sends when the *thread* that
     spawned it exits: call this from a thread that outlives the instance."""
     from sllm_knative.local import procs
@@ -86,7 +86,7 @@ def spawn(hf_dir: Path, service: str, instance_id: str, node: str, log: Path, ma
 
     port, internal = free_port(), free_port()
     argv = [sys.executable, "-m", "functions.llm", "--model", str(hf_dir), "--served-model-name", service,
-            "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--internal-host", "127.0.0.1",
+            "--device", device, "--host", "127.0.0.1", "--port", str(port), "--internal-host", "127.0.0.1",
             "--internal-port", str(internal), "--max-concurrency", str(max_concurrency)]
     started = time.time()
     proc = procs.spawn(argv, log, env={"SLLM_INSTANCE": instance_id, "SLLM_NODE": node, **(env or {})})
