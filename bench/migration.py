@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.migration --out DIR [--runs 3] [--contexts 256,1024,2048]
                                         [--before 32] [--after 2000] [--work DIR]
                                         [--model-bytes 200000000] [--gap N] [--numerics exact|fast]
+                                        [--device cpu|cuda|cuda:N]
 
 writes DIR/migration.json and DIR/migration.png. It builds a random-weight float32 Llama of
 about `--model-bytes` (default 200 MB: hidden 1024, vocabulary 4096, max_position_embeddings
@@ -26,7 +27,9 @@ by N, the context when the migration is triggered; their restart_s resends the d
                 splice gap alone (the source's last token frame to the destination's first).
                 Reported per context (median over runs) and the maximum over all runs.
 
-`--gap` sets the activator's `--migration-gap`; `--numerics` the instances' numerics.
+`--gap` sets the activator's `--migration-gap`; `--numerics` the instances' numerics (exact by
+default on every device: the token-identical handoff); `--device` where both instances compute
+(`functions.llm --device`, default cpu), recorded in the JSON.
   cost_fit      `seconds = a * tokens + b` (sllm_knative.placement.fit_migration_cost, a, b >= 0)
                 over every run's (tokens, seconds) from the migrate result.
   vs_restart    migration_s: median of the migrate results' `seconds` at that context.
@@ -88,14 +91,14 @@ class Process(Proc):
 
 
 class Function(Process):
-    def __init__(self, name: str, model_dir: Path, logs: Path, numerics: str) -> None:
+    def __init__(self, name: str, model_dir: Path, logs: Path, numerics: str, device: str = "cpu") -> None:
         self.id = name
         port, internal = free_port(), free_port()
         self.url, self.internal_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{internal}"
         super().__init__(name, ["-m", "functions.llm", "--model", str(model_dir), "--served-model-name", MODEL,
                                 "--host", "127.0.0.1", "--internal-host", "127.0.0.1", "--port", str(port),
                                 "--internal-port", str(internal), "--max-model-len", str(MAX_LEN),
-                                "--max-concurrency", "4", "--numerics", numerics],
+                                "--max-concurrency", "4", "--numerics", numerics, "--device", device],
                          logs, f"{self.url}/health/ready", {"SLLM_INSTANCE": name})
 
     def endpoint(self) -> dict[str, str]:
@@ -289,7 +292,7 @@ def model_spec(model_bytes: int) -> tuple[Any, str]:
 
 
 def run(out: Path, work: Path, contexts: list[int], runs: int, before: int, after: int, model_bytes: int = 0,
-        gap: int | None = None, numerics: str = "exact") -> dict[str, Any]:
+        gap: int | None = None, numerics: str = "exact", device: str = "cpu") -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from sllm_knative.models import build_model
@@ -303,7 +306,7 @@ def run(out: Path, work: Path, contexts: list[int], runs: int, before: int, afte
     procs: list[Process] = []
     try:
         act_args = [] if gap is None else ["--migration-gap", str(gap)]
-        a, b = Function("a", model_dir, logs, numerics), Function("b", model_dir, logs, numerics)
+        a, b = Function("a", model_dir, logs, numerics, device), Function("b", model_dir, logs, numerics, device)
         act = Activator(logs, act_args)
         procs += [a, b, act]
         for p in procs:
@@ -339,8 +342,9 @@ def run(out: Path, work: Path, contexts: list[int], runs: int, before: int, afte
         "limits": {"target_max_gap_over_median_itl": TARGET_RATIO, "runs_per_context": runs,
                    "generated_before_trigger": before, "generated_after_trigger": after,
                    "model": model_desc, "migration_gap": "activator default" if gap is None else gap,
-                   "numerics": numerics, "device": "cpu",
-                   "note": "median of the runs per context on a shared 2-core machine; GPU numbers not measured"},
+                   "numerics": numerics, "device": device,
+                   "note": "median of the runs per context on a shared 2-core machine; GPU numbers not measured"
+                           if device == "cpu" else f"median of the runs per context on {device}"},
         "machine": machine(),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -364,7 +368,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gap", type=int, default=None, help="the activator's --migration-gap (default: its own)")
     p.add_argument("--numerics", choices=("exact", "fast"), default="exact",
                    help="the instances' numerics (exact: token-identical handoff; fast: batched kernels)")
+    p.add_argument("--device", default="cpu", help="where both instances compute: cpu (default), cuda or cuda:N")
     args = p.parse_args(argv)
+    from sllm_knative.local.cluster import check_device_usable, parse_device
+
+    try:
+        parse_device(args.device)
+        check_device_usable(args.device)  # before the model is built and the instances started
+    except (ValueError, RuntimeError) as exc:
+        p.error(str(exc))
     setup()
     # SIGTERM ends the run like Ctrl-C: the `finally` that stops the instances and the activator runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -375,11 +387,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"(got contexts {bad}, runs {args.runs})")
     if args.work:
         doc = run(args.out, args.work, contexts, args.runs, args.before, args.after, args.model_bytes, args.gap,
-                  args.numerics)
+                  args.numerics, args.device)
     else:
         with tempfile.TemporaryDirectory(prefix="bench-migration-") as tmp:
             doc = run(args.out, Path(tmp), contexts, args.runs, args.before, args.after, args.model_bytes, args.gap,
-                      args.numerics)
+                      args.numerics, args.device)
     print(json.dumps(doc["results"], indent=2))
     return 0
 
