@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import re
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -69,15 +70,22 @@ def _nvml() -> Any:
 PROC_GPUS = Path("/proc/driver/nvidia/gpus")
 
 
-def proc_gpus(root: Path = PROC_GPUS) -> list[pb.Device]:
-    """The NVIDIA driver's GPUs from /proc (one folder per PCI address, in PCI order, as NVML and
-    CUDA's default order number them), without memory figures: the count when nvidia-ml-py is
-    not installed (it is the `gpu` extra; `make install` leaves it out). Every sidecar on a
-    machine sees all of its GPUs, so local nodes sharing one GPU each accept cuda:0."""
+def proc_gpus(root: Path = PROC_GPUS, dev: Path = Path("/dev")) -> list[pb.Device]:
+    """The NVIDIA driver's GPUs from /proc (one folder per PCI address, in PCI order, as NVML
+    numbers them), else its device files (/dev/nvidia0, ...), without memory figures: the count
+    when nvidia-ml-py is not installed (it is the `gpu` extra; `make install` leaves it out).
+    Every sidecar on a machine sees all of its GPUs, so local nodes sharing one GPU each accept
+    cuda:0."""
     try:
         folders = sorted(p for p in root.iterdir() if p.is_dir())
     except OSError:
-        return []
+        folders = []
+    if not folders:
+        try:
+            count = sum(1 for p in dev.iterdir() if re.fullmatch(r"nvidia[0-9]+", p.name))
+        except OSError:
+            count = 0
+        return [pb.Device(kind="gpu", index=i, name="NVIDIA GPU") for i in range(count)]
     out = []
     for i, folder in enumerate(folders):
         name = "NVIDIA GPU"

@@ -82,7 +82,7 @@ def _fake_gpus(root: Path, models: list[str]) -> Path:
 def test_sidecar_counts_the_drivers_gpus(tmp_path: Path, models: list[str]) -> None:
     """Without nvidia-ml-py a sidecar counts the GPUs the driver lists; every local node's sidecar
     sees the same machine, so two nodes on one GPU each grant a lease on cuda:0."""
-    devs = inventory.proc_gpus(_fake_gpus(tmp_path / "gpus", models))
+    devs = inventory.proc_gpus(_fake_gpus(tmp_path / "gpus", models), dev=tmp_path / "no-dev")
     assert [(d.kind, d.index, d.name) for d in devs] == [("gpu", i, m) for i, m in enumerate(models)]
     gpus = inventory.gpu_count(devs)
     assert gpus == len(models)
@@ -91,5 +91,18 @@ def test_sidecar_counts_the_drivers_gpus(tmp_path: Path, models: list[str]) -> N
             assert lease_device("cuda", gpus) == "cuda:0"
 
 
+@pytest.mark.parametrize("files, gpus", [
+    pytest.param([], 0, id="none"),
+    pytest.param(["nvidia0", "nvidiactl", "nvidia-uvm", "nvidia-modeset"], 1, id="one"),
+    pytest.param(["nvidia0", "nvidia1", "nvidiactl", "null"], 2, id="two"),
+])
+def test_sidecar_counts_device_files_without_proc(tmp_path: Path, files: list[str], gpus: int) -> None:
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    for f in files:
+        (dev / f).touch()
+    assert inventory.gpu_count(inventory.proc_gpus(tmp_path / "absent", dev=dev)) == gpus
+
+
 def test_sidecar_without_a_driver(tmp_path: Path) -> None:
-    assert inventory.proc_gpus(tmp_path / "absent") == []
+    assert inventory.proc_gpus(tmp_path / "absent", dev=tmp_path / "absent") == []
