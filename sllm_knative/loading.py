@@ -135,6 +135,8 @@ def resolve_device(device: Any) -> torch.device:
                                f"{_C.cuda_error()}")
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {device!r}: torch sees {torch.cuda.device_count()} GPU(s)")
     elif dev.type != "cpu":
         raise ValueError(f"device {device!r}: only 'cpu' and 'cuda[:N]' are supported")
     return dev

@@ -58,22 +58,12 @@ def check_device_usable(device: str) -> None:
     load their leased checkpoint straight into GPU memory through it)."""
     if device == "cpu":
         return
-    import torch
+    from sllm_knative.loading import resolve_device
 
-    from cuda_ext import _C
-
-    index = int(device.partition(":")[2] or 0)
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device}: torch sees no CUDA GPU here (torch {torch.__version__}, "
-                           f"CUDA build {torch.version.cuda or 'none'}; CUDA_VISIBLE_DEVICES="
-                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
-    if index >= torch.cuda.device_count():
-        raise RuntimeError(f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s)")
-    if not _C.cuda_compiled():
-        raise RuntimeError(f"--device {device}: the loader extension cuda_ext._C was built without CUDA "
-                           "(nvcc was not found at install time); rebuild it (make install)")
-    if not _C.cuda_available():
-        raise RuntimeError(f"--device {device}: the loader extension cuda_ext._C sees no CUDA GPU")
+    try:
+        resolve_device(device)
+    except RuntimeError as exc:
+        raise RuntimeError(f"--device {device}: {exc}") from None
 
 
 @dataclasses.dataclass(frozen=True)
