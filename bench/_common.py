@@ -48,14 +48,17 @@ def write_json(out: Path, name: str, doc: dict[str, Any]) -> Path:
     return p
 
 
-def ensure_model(out_dir: Path, spec: Any) -> bool:
+def ensure_model(out_dir: Path, spec: Any, init_device: str = "cpu") -> bool:
     """Build the random model `spec` into out_dir unless the one there was built from the same
     spec by the current recipe (`sllm_knative.models.RECIPE`); True when it (re)built it, so
-    the caller converts again. The stamp lives beside the directory, not in it."""
+    the caller converts again. The stamp lives beside the directory, not in it. init_device:
+    where the random values are drawn (build_model); "cpu" keeps the stamps of earlier builds."""
     from sllm_knative.models import RECIPE, build_model
 
     stamp = out_dir.with_name(out_dir.name + ".recipe.json")
     want = {"recipe": RECIPE, "spec": dataclasses.asdict(spec)}
+    if init_device != "cpu":
+        want["init_device"] = init_device
     try:
         if (out_dir / "config.json").exists() and json.loads(stamp.read_text()) == want:
             return False
@@ -63,7 +66,7 @@ def ensure_model(out_dir: Path, spec: Any) -> bool:
         pass
     shutil.rmtree(out_dir, ignore_errors=True)
     print(f"building a random {spec.nbytes() / 2**30:.2f} GiB Llama-like model in {out_dir}", flush=True)
-    build_model(out_dir, spec)
+    build_model(out_dir, spec, init_device=init_device)
     stamp.write_text(json.dumps(want))
     return True
 

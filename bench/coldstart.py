@@ -426,13 +426,14 @@ class Bench:
                 "loadavg_1m": round(load, 2)}
 
 
-def build_inputs(work: Path, spec: Any) -> tuple[Path, Path]:
-    """(plain Hugging Face dir, converted checkpoint dir), both in work/store (kept between runs)."""
+def build_inputs(work: Path, spec: Any, init_device: str = "cpu") -> tuple[Path, Path]:
+    """(plain Hugging Face dir, converted checkpoint dir), both in work/store (kept between runs);
+    the random weights drawn on init_device (a GPU draws an 8B model's in a second)."""
     from sllm_knative import format as fmt
     from sllm_knative.convert import convert
 
     hf, ckpt = work / "store" / "llm-hf", work / "store" / "llm"
-    if ensure_model(hf, spec) or not fmt.is_checkpoint(ckpt):
+    if ensure_model(hf, spec, init_device) or not fmt.is_checkpoint(ckpt):
         convert(hf, ckpt, overwrite=True)
     for f in ckpt.iterdir():  # nginx serves them; build_model may leave 0600 files
         f.chmod(0o644)
@@ -457,7 +458,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     work = Path(args.work or REPO / ".bench" / "coldstart").resolve()
     spec, spec_desc = model_spec(args.shape, args.model_bytes, args.vocab)
-    hf, ckpt = build_inputs(work, spec)
+    hf, ckpt = build_inputs(work, spec, "cuda" if args.device.startswith("cuda") else "cpu")
     index = fmt.read_index(ckpt)
     dram_bytes, ssd_bytes = tier_budgets(index.total_bytes)
     targets = TARGETS_BY_DEVICE[device_kind(args.device)]
