@@ -28,7 +28,7 @@ KUBE_VERSION := $(shell awk '$$1 == "k8s.io/kubernetes" {print $$2}' hack/kube/g
 KUBE_LDFLAGS := -X k8s.io/component-base/version.gitVersion=$(KUBE_VERSION) \
   -X k8s.io/client-go/pkg/version.gitVersion=$(KUBE_VERSION) -X k8s.io/component-base/version.gitTreeState=clean
 
-.PHONY: install demo test lint fmt proto crds lock bench bench-deps clean kube-bins kube-up kube-down
+.PHONY: install demo test lint fmt proto crds lock bench bench-deps clean kube-bins kube-up kube-down gpu-wheels gpu-check
 
 install: $(STAMP)
 
@@ -46,7 +46,7 @@ demo: install
 # Tests marked `alone` saturate both cores for minutes (the overload burst): they run after the
 # parallel suite, on a quiet machine, so neither disturbs the other's timing.
 # The parallel suite is scheduled by whole modules, the longest first (tests/conftest.py says why).
-test: install kube-bins
+test: install kube-bins gpu-wheels
 	$(VPY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m 'not alone' --durations=25 tests
 	$(VPY) -m pytest -q -m alone tests
 
@@ -63,6 +63,20 @@ $(KUBE_STAMP): Makefile hack/kube/go.mod hack/kube/go.sum
 	cd hack/kube && go build -trimpath -ldflags '$(KUBE_LDFLAGS)' -o ../../$(KUBE_BINS)/ $(addprefix k8s.io/kubernetes/cmd/,$(KUBE_TOOLS))
 	cd hack/kube && go build -trimpath -o ../../$(KUBE_BINS)/etcd go.etcd.io/etcd/server/v3
 	touch $(KUBE_STAMP)
+
+# The GPU check (issue 18, docs/gpu.md): one prepared command for a lent H100/H200.
+# `make gpu-wheels` downloads, for the lent machine's Python 3.12, the wheels of every package the
+# project needs that its image lacks (bench/gpu/image-packages.txt), into .gpu-wheels (about 25 MiB;
+# redone only when pyproject.toml or the image list change). On the lent machine, which has no
+# network and no .venv, run `bash bench/gpu/run.sh` with .gpu-wheels carried. Here,
+# `make gpu-check DRY=1` runs its dry run (no GPU; make test runs it too, tests/bench/test_gpu_check.py).
+GPU_WHEELS := .gpu-wheels
+
+gpu-wheels: install
+	$(VPY) -m bench.gpu.wheels fetch --dest $(GPU_WHEELS)
+
+gpu-check: $(if $(DRY),gpu-wheels)
+	bash bench/gpu/run.sh $(if $(DRY),--dry)
 
 # A control plane on loopback, for debugging by hand: prints the kubeconfig path.
 kube-up: install kube-bins
@@ -102,4 +116,4 @@ bench: bench-deps
 	$(VPY) -m bench.loading --model-gb 2.5 --out out/bench
 
 clean:
-	rm -rf build $(VENV) *.egg-info cuda_ext/*.so $(KUBE_BINS)
+	rm -rf build $(VENV) *.egg-info cuda_ext/*.so $(KUBE_BINS) $(GPU_WHEELS)

@@ -35,10 +35,11 @@ def machine() -> dict[str, Any]:
 
 
 def median_runs(fn: Callable[[], float], runs: int) -> dict[str, Any]:
-    """Run fn `runs + 1` times: the first is reported apart, the median over the rest."""
+    """Run fn `runs + 1` times: the first is reported apart, the median over the rest (runs = 0:
+    the first run is the result, for runs too long to repeat)."""
     first = fn()
     rest = [fn() for _ in range(runs)]
-    return {"first_s": first, "seconds": statistics.median(rest), "runs_s": rest}
+    return {"first_s": first, "seconds": statistics.median(rest) if rest else first, "runs_s": rest}
 
 
 def write_json(out: Path, name: str, doc: dict[str, Any]) -> Path:

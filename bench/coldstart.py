@@ -600,7 +600,8 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line (bench/gpu/check.py's dry run parses its own argv with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--runs", type=int, default=5, help="cold starts per tier and profile (after one warm-up round)")
@@ -625,6 +626,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=None, help=f"the auto shape's vocabulary (default {VOCAB})")
     p.add_argument("--nodes", type=int, default=2,
                    help="local nodes (default 2); each may keep an SSD copy of the checkpoint")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if args.runs < 1:
         p.error(f"--runs = {args.runs}, must be at least 1")

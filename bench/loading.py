@@ -340,6 +340,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "runs_s": [round(x, 4) for x in r["runs_s"]], **(extra or {})})
         print(f"{loader:30s} {scenario:5s} {r['seconds']:7.3f} s {gbps:6.2f} GB/s (first {r['first_s']:.3f} s)"
               f" {extra or ''}", flush=True)
+        # What is measured so far, for a run stopped at a time limit (bench/gpu/check.py reads it).
+        write_json(Path(args.out), "loading", {"benchmark": "loading", "partial": True, "device": device,
+                                               "model_bytes": nbytes, "limits": limits, "rows": rows})
 
     for loader in args.loaders:
         for scenario in ("cold", "warm"):
@@ -353,7 +356,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # safetensors from the same tmpfs for reference. Two tmpfs set-ups: one mounted with
     # huge=always (the recommended DRAM tier, see docs/sidecar.md; needs root to mount) and the
     # machine's /dev/shm as it is.
-    for label, shm_root, mounted in _dram_dirs(args.shm, nbytes):
+    dram_dirs = _dram_dirs(args.shm, nbytes)
+    for label, shm_root, mounted in dram_dirs[:1] if args.one_dram_fs else dram_dirs:
         shm = shm_root / f"sllm-bench-{os.getpid()}"
         try:
             shutil.copytree(paths["sllm"], shm / "sllm")
@@ -478,11 +482,14 @@ def parser() -> argparse.ArgumentParser:
                    help="auto: spec_for_size(--model-gb); or a named Llama-3-like shape (llama-8b: about 16 GB)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where every loader puts the tensors")
     p.add_argument("--out", required=True)
-    p.add_argument("--runs", type=int, default=5, help="timed runs after the first (median reported)")
+    p.add_argument("--runs", type=int, default=5,
+                   help="timed runs after the first (median reported; 0: the first run is the result)")
     p.add_argument("--work", default=".bench/loading", help="where models are built and cached")
     p.add_argument("--shm", default="/dev/shm", help="tmpfs directory for the DRAM scenario")
     p.add_argument("--loaders", nargs="+", default=LOADERS, choices=LOADERS)
     p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the threads x chunk sweep")
+    p.add_argument("--one-dram-fs", action="store_true",
+                   help="the DRAM scenario on the huge-page tmpfs only (or /dev/shm where it cannot be mounted)")
     return p
 
 

@@ -353,7 +353,8 @@ def run(out: Path, work: Path, contexts: list[int], runs: int, before: int, afte
     return doc
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line (bench/gpu/check.py's dry run parses its own argv with it)."""
     p = argparse.ArgumentParser(prog="bench.migration", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--runs", type=int, default=3)
@@ -369,6 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--numerics", choices=("exact", "fast"), default="exact",
                    help="the instances' numerics (exact: token-identical handoff; fast: batched kernels)")
     p.add_argument("--device", default="cpu", help="where both instances compute: cpu (default), cuda or cuda:N")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     from sllm_knative.local.cluster import check_device_usable, parse_device
 
