@@ -41,7 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--admin-host", default="127.0.0.1",
                    help="admin listen address (loopback unless the autoscaler runs elsewhere, as on Kubernetes)")
     p.add_argument("--autoscaler-url", default=None, help="where demand and stats are reported")
-    p.add_argument("--cold-start-timeout", type=float, default=120.0, help="seconds a request may wait")
+    p.add_argument("--cold-start-timeout", type=float, default=ActivatorConfig.cold_start_timeout_s,
+                   help="seconds a request of a service that sets no timeoutSeconds may be held (default 300, "
+                        "Knative's revision-timeout-seconds)")
     p.add_argument("--max-body-bytes", type=int, default=10 << 20)
     p.add_argument("--max-held", type=int, default=1000, help="requests held per service at most")
     p.add_argument("--report-interval", type=float, default=1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from activator.migration.config import MigrationConfig
+from sllm_knative.config.service import REVISION_TIMEOUT_SECONDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +27,10 @@ class KubeSettings:
 @dataclasses.dataclass(frozen=True)
 class ActivatorConfig:
     autoscaler_url: str | None = None
-    cold_start_timeout_s: float = 120.0
+    # The hold of a service that sets neither responseStartTimeoutSeconds nor timeoutSeconds:
+    # Knative's own default timeoutSeconds (config-defaults revision-timeout-seconds, 300 s), so a
+    # local Service is held as long as the same Service on Knative.
+    cold_start_timeout_s: float = float(REVISION_TIMEOUT_SECONDS)
     max_body_bytes: int = 10 << 20
     max_held_per_service: int = 1000
     report_interval_s: float = 1.0

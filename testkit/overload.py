@@ -163,7 +163,7 @@ def build_store(root: Path) -> Path:
 def manifests(store: Path, policy: Mapping[str, object] | None = None, max_scale: int = 3,
               hold_s: int | None = None, keep_alive: str = "20s") -> str:
     """The four services' YAML; `hold_s`: their timeoutSeconds, how long the activator holds a
-    request (None: its --cold-start-timeout, 120 s)."""
+    request (None: its --cold-start-timeout, 300 s)."""
     docs = [service_manifest(s, f"file://{store}/{ckpt}", keep_alive=keep_alive, window="6s", max_scale=max_scale,
                              container_concurrency=1, initial_scale=0, args=ARGS, policy=policy,
                              timeout_seconds=hold_s)
