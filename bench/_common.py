@@ -15,6 +15,7 @@ import signal
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -32,6 +33,12 @@ def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
             "platform": platform.platform(), "python": platform.python_version(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM ends the run like Ctrl-C: the `finally` blocks that stop clusters and instances
+    and unmount tmpfs run (bench/gpu/check.py stops a benchmark past its time with SIGTERM)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def median_runs(fn: Callable[[], float], runs: int) -> dict[str, Any]:

@@ -96,6 +96,7 @@ from bench._common import (
     down_keeping_logs,
     ensure_model,
     evict,
+    exit_on_sigterm,
     machine,
     resident_fraction,
     save_figure,
@@ -632,6 +633,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
+    exit_on_sigterm()
     if args.runs < 1:
         p.error(f"--runs = {args.runs}, must be at least 1")
     if args.shape != "auto" and (args.model_bytes is not None or args.vocab is not None):

@@ -52,7 +52,6 @@ import argparse
 import dataclasses
 import json
 import random
-import signal
 import statistics
 import sys
 import tempfile
@@ -64,7 +63,7 @@ from typing import Any
 
 import httpx
 
-from bench._common import machine, save_figure, write_json
+from bench._common import exit_on_sigterm, machine, save_figure, write_json
 from sllm_knative.api import activator as activator_api
 from sllm_knative.log import get_logger, setup
 from sllm_knative.placement.calibration import MigrationCost, MigrationObservation, fit_migration_cost
@@ -384,8 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as exc:
         p.error(str(exc))
     setup()
-    # SIGTERM ends the run like Ctrl-C: the `finally` that stops the instances and the activator runs.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    exit_on_sigterm()  # the `finally` that stops the instances and the activator runs
     contexts = sorted({int(x) for x in args.contexts.split(",") if x.strip()})
     bad = [n for n in contexts if n <= args.before or n + args.after > MAX_LEN]
     if bad or args.runs < 1:

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import machine, save_figure, write_json
+from bench._common import exit_on_sigterm, machine, save_figure, write_json
 from testkit.overload import (
     NODES,
     SERVICES,
@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=400)
     p.add_argument("--work", type=Path, default=None, help="where the models and clusters live (kept)")
     args = p.parse_args(argv)
+    exit_on_sigterm()
     loads = [float(x) for x in args.loads.split(",")]
     root = args.work or Path(tempfile.mkdtemp(prefix="sllm-overload-"))
     store = build_store(root)

@@ -73,7 +73,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench._common import ensure_model, machine, save_figure, write_json
+from bench._common import ensure_model, exit_on_sigterm, machine, save_figure, write_json
 from bench.replay_client import NODES, SLOTS, VOCAB, Outcome, log
 from bench.replay_core import check_targets, instance_seconds, p99_ratios, plan, tier_counts, ttft_stats
 from bench.replay_profiles import PROFILES, SLLM_PROFILES, run_fresh, run_ray, run_sllm
@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profiles", default=",".join(PROFILES), help=f"comma list (default all: {','.join(PROFILES)})")
     p.add_argument("--work", default=None, help="where the models are built and kept (default .bench/replay)")
     args = p.parse_args(argv)
+    exit_on_sigterm()
     args.profiles = [x.strip() for x in args.profiles.split(",") if x.strip()]
     unknown = [x for x in args.profiles if x not in PROFILES]
     if unknown:

@@ -18,7 +18,8 @@ reported and the next one runs.
                 tmpfs -> GPU read against the pinned host-to-device copy limit
   tests         pytest -m gpu: tests/checkpoint/test_gpu.py, tests/loader_sidecar/test_h2d_probe.py
   loading       bench.loading --device cuda --shape llama-8b: ours from DRAM and cold disk against
-                safetensors, torch.load(mmap), from_pretrained, fastsafetensors, Run:ai streamer
+                safetensors, torch.load(mmap), from_pretrained, fastsafetensors, Run:ai streamer,
+                InstantTensor
   coldstart_8b  bench.coldstart --device cuda --shape llama-8b --tiers ssd dram (with knative_default)
   migration     bench.migration --device cuda --numerics fast at 256, 1024 and 2048 tokens
   coldstart_1b  bench.coldstart --device cuda --shape llama-1b --tiers ssd dram
@@ -62,7 +63,7 @@ MODULES = ("sllm_knative.cli", "sllm_knative.loading", "sllm_knative.convert", "
            "functions.zygote", "bench.loading", "bench.coldstart", "bench.migration", "grpc", "pydantic",
            "starlette", "uvicorn", "httpx", "prometheus_client", "jsonschema", "kubernetes", "cryptography", "gguf",
            "matplotlib", "pytest")
-OPTIONAL_MODULES = ("fastsafetensors", "runai_model_streamer")
+OPTIONAL_MODULES = ("fastsafetensors", "runai_model_streamer", "instanttensor")
 GPU_TESTS = ("tests/checkpoint/test_gpu.py", "tests/loader_sidecar/test_h2d_probe.py")
 
 
@@ -337,10 +338,18 @@ def _subprocess(ctx: Ctx, argv: list[str], budget_s: float) -> dict[str, Any]:
     timeout = max(10.0, min(budget_s, ctx.left_s()))
     print(f"$ {' '.join(argv)}   (at most {timeout:.0f} s)", flush=True)
     t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, *argv], cwd=REPO)
     try:
-        r = subprocess.run([sys.executable, *argv], cwd=REPO, timeout=timeout)
-        return {"rc": r.returncode, "seconds": round(time.monotonic() - t0, 1)}
+        return {"rc": proc.wait(timeout=timeout), "seconds": round(time.monotonic() - t0, 1)}
     except subprocess.TimeoutExpired:
+        # SIGTERM first: the benchmarks stop their clusters and instances on it (exit_on_sigterm),
+        # which hold GPU memory the next phase needs; SIGKILL only if that takes over a minute.
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         return {"rc": None, "timed_out_after_s": round(timeout, 1)}
 
 
@@ -394,7 +403,7 @@ def _dry_parse(module: str, argv: list[str]) -> dict[str, Any]:
 
 LOADING_ARGS = ["--device", "cuda", "--shape", "llama-8b", "--runs", "0", "--no-sweep", "--one-dram-fs",
                 "--loaders", "sllm_knative", "safetensors", "torch_load_mmap", "transformers_from_pretrained",
-                "fastsafetensors", "runai_model_streamer"]
+                "fastsafetensors", "runai_model_streamer", "instanttensor"]
 COLDSTART_8B = ["--device", "cuda", "--shape", "llama-8b", "--tiers", "ssd", "dram", "--runs", "1", "--nodes", "1",
                 "--numerics", "fast"]
 COLDSTART_1B = ["--device", "cuda", "--shape", "llama-1b", "--tiers", "ssd", "dram", "--runs", "2", "--nodes", "1",

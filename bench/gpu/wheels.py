@@ -46,8 +46,9 @@ CARRY_ANYWAY = {"grpcio", "protobuf"}
 # The torch of the image is the one to use (its CUDA build): never carried.
 NEVER = {"torch", "triton"}
 # Peers of bench/loading.py that run where their wheels can travel (pyproject's `bench` extra,
-# less tensorizer, whose boto3 tree is larger than the rest of the bundle).
-PEERS = ["fastsafetensors", "runai-model-streamer"]
+# less tensorizer, whose boto3 tree is larger than the rest of the bundle; plus InstantTensor,
+# GPU only, so not in that extra).
+PEERS = ["fastsafetensors", "runai-model-streamer", "instanttensor"]
 
 
 def target_environment() -> dict[str, str]:

@@ -148,3 +148,17 @@ def test_carried_stops_at_the_image() -> None:
     assert got == {"a": V("1"), "grpcio": V("1.85")}
     with pytest.raises(ValueError, match="no b"):
         wheels.carried({}, {}, [R("b")], wheels.target_environment())
+
+
+def test_a_benchmark_past_its_time_is_stopped_with_sigterm_and_cleans_up(tmp_path: Path) -> None:
+    """check._subprocess stops a benchmark at its time limit with SIGTERM, which exit_on_sigterm
+    turns into SystemExit, so the benchmark's `finally` (stopping its cluster) runs."""
+    marker = tmp_path / "cleaned"
+    program = ("import pathlib, time\nfrom bench._common import exit_on_sigterm\nexit_on_sigterm()\n"
+               f"try:\n    time.sleep(120)\nfinally:\n    pathlib.Path({str(marker)!r}).write_text('down')\n")
+    ctx = check.Ctx(out=tmp_path, work=tmp_path, dry=True, deadline=time.monotonic() + 1, results={})
+    t0 = time.monotonic()
+    run = check._subprocess(ctx, ["-c", program], budget_s=1)
+    assert run["rc"] is None and run["timed_out_after_s"] == 10.0  # the least a benchmark is given
+    assert marker.read_text() == "down"
+    assert time.monotonic() - t0 < 60  # stopped by SIGTERM, not waited out
