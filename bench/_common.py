@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sllm_knative import atomic
 from sllm_knative.pagecache import evict, resident_fraction  # noqa: F401 - re-exported for benchmarks
@@ -39,6 +39,34 @@ def exit_on_sigterm() -> None:
     """SIGTERM ends the run like Ctrl-C: the `finally` blocks that stop clusters and instances
     and unmount tmpfs run (bench/gpu/check.py stops a benchmark past its time with SIGTERM)."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+_P = TypeVar("_P", bound="Periodic")
+
+
+class Periodic:
+    """Calls `tick()` every `interval` seconds on a daemon thread while its `with` block runs (the
+    samplers and the DRAM evictor of the benchmarks); a tick that raises is the subclass's to catch."""
+
+    def __init__(self, interval: float, name: str) -> None:
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=name)
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.tick()
+
+    def __enter__(self: _P) -> _P:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
 
 
 def median_runs(fn: Callable[[], float], runs: int) -> dict[str, Any]:

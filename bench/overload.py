@@ -41,12 +41,11 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import exit_on_sigterm, machine, save_figure, write_json
+from bench._common import Periodic, exit_on_sigterm, machine, save_figure, write_json
 from testkit.overload import (
     NODES,
     SERVICES,
@@ -70,32 +69,27 @@ PROFILES: dict[str, dict[str, str]] = {
 }
 
 
-class Sampler:
+class Sampler(Periodic):
     """The ready and starting instances of each service, every `interval` seconds."""
 
     def __init__(self, c: Cluster, interval: float = 0.5) -> None:
-        self.c, self.interval = c, interval
+        super().__init__(interval, "sampler")
+        self.c = c
         self.rows: list[dict[str, Any]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.t0 = time.monotonic()
 
-    def _run(self) -> None:
-        t0 = time.monotonic()
-        while not self._stop.wait(self.interval):
-            try:
-                svcs = self.c.services()
-            except Exception:  # noqa: BLE001 - a missed sample
-                continue
-            self.rows.append({"t": round(time.monotonic() - t0, 2),
-                              **{k.split("/", 1)[1]: len(v["instances"]) for k, v in svcs.items()}})
+    def tick(self) -> None:
+        try:
+            svcs = self.c.services()
+        except Exception:  # noqa: BLE001 - a missed sample
+            return
+        self.rows.append({"t": round(time.monotonic() - self.t0, 2),
+                          **{k.split("/", 1)[1]: len(v["instances"]) for k, v in svcs.items()}})
 
     def __enter__(self) -> Sampler:
-        self._thread.start()
+        self.t0 = time.monotonic()
+        super().__enter__()
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
 
 def one_run(root: Path, store: Path, profile: str, rate: float, seconds: float, max_tokens: int,

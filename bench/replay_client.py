@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from bench._common import Periodic
 from bench.replay_core import Shot
 
 NAMESPACE = "default"
@@ -94,18 +95,18 @@ def replay(shots: Sequence[Shot], base_url: Callable[[str], str]) -> list[Outcom
     return sorted(outcomes, key=lambda o: o.index)
 
 
-class Sampler:
-    """Calls `probe()` (service -> instances) every `interval` s; keeps {"t": s, service: n} rows."""
+class Sampler(Periodic):
+    """Calls `probe()` (service -> instances) every `interval` s; keeps {"t": s, service: n} rows,
+    one more at the start and at the end of the block."""
 
     def __init__(self, probe: Callable[[], Mapping[str, int]], interval: float = 0.5) -> None:
-        self.probe, self.interval = probe, interval
+        super().__init__(interval, "sampler")
+        self.probe = probe
         self.rows: list[dict[str, float]] = []
         self.errors = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="sampler")
         self.t0 = time.monotonic()
 
-    def _sample(self) -> None:
+    def tick(self) -> None:
         try:
             counts = self.probe()
         except Exception:  # noqa: BLE001 - a missed sample, counted
@@ -113,20 +114,15 @@ class Sampler:
             return
         self.rows.append({"t": round(time.monotonic() - self.t0, 2), **counts})
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
     def __enter__(self) -> Sampler:
         self.t0 = time.monotonic()
-        self._sample()
-        self._thread.start()
+        self.tick()
+        super().__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        self._sample()
+        super().__exit__(*exc)
+        self.tick()
 
 
 def drain(sampler: Sampler, keep_alive: float, timeout: float = 90.0) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from bench._common import down_keeping_logs
+from bench._common import Periodic, down_keeping_logs
 from bench.replay_client import NAMESPACE, NODES, SLOTS, Sampler, drain, replay
 from bench.replay_core import Shot, tier_counts
 
@@ -55,39 +55,29 @@ def manifests(store: Path, services: int, checkpoints: int, keep_alive: float,
     return "---\n".join([*docs, ALLOW_ZERO_INITIAL_SCALE])
 
 
-class DramEvictor:
+class DramEvictor(Periodic):
     """no-dram-tier: every `every` s, evict each node's DRAM-tier copies that no instance leases."""
 
     def __init__(self, nodes: Sequence[Mapping[str, Any]], every: float = 0.2) -> None:
-        self.nodes, self.every = nodes, every
+        super().__init__(every, "dram-evictor")
+        self.nodes = nodes
         self.evicted = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="dram-evictor")
 
-    def _run(self) -> None:
+    def tick(self) -> None:
         from sllm_knative.loader.client import LoaderClient
         from sllm_knative.loader.errors import InUse, NotFound
 
-        while not self._stop.wait(self.every):
-            for node in self.nodes:
-                with contextlib.suppress(Exception), LoaderClient(node["loader"], timeout=5) as c:
-                    for t in c.inventory().tiers:
-                        if t.name != "dram":
+        for node in self.nodes:
+            with contextlib.suppress(Exception), LoaderClient(node["loader"], timeout=5) as c:
+                for t in c.inventory().tiers:
+                    if t.name != "dram":
+                        continue
+                    for e in t.entries:
+                        if e.state != "ready":
                             continue
-                        for e in t.entries:
-                            if e.state != "ready":
-                                continue
-                            with contextlib.suppress(InUse, NotFound):
-                                c.evict(e.model, "dram")
-                                self.evicted += 1
-
-    def __enter__(self) -> DramEvictor:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
+                        with contextlib.suppress(InUse, NotFound):
+                            c.evict(e.model, "dram")
+                            self.evicted += 1
 
 
 def run_sllm(name: str, shots: Sequence[Shot], store: Path, args: argparse.Namespace, logs: Path) -> dict[str, Any]:

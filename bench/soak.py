@@ -47,7 +47,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -56,7 +55,7 @@ from typing import Any
 import psutil
 
 from autoscaler.backends.local import LOGS_KEPT
-from bench._common import machine, save_figure, write_json
+from bench._common import Periodic, machine, save_figure, write_json
 from bench.replay_core import plan
 from sim.workload import DEFAULT_TRACE, read_trace
 from sllm_knative.local.cluster import runtime_dirs
@@ -175,15 +174,14 @@ def disk_stats(state: Path) -> dict[str, int]:
             "ssd_staging_files": len(staging), "instance_logs": len(logs)}
 
 
-class Recorder:
+class Recorder(Periodic):
     """Samples of every component, the instances and the disk, every `every` seconds, in a thread."""
 
     def __init__(self, c: Cluster, every: float) -> None:
-        self.c, self.every = c, every
+        super().__init__(every, "recorder")
+        self.c = c
         self.rows: list[dict[str, Any]] = []
         self.t0 = time.monotonic()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self, phase: str) -> dict[str, Any]:
         doc = json.loads((self.c.state / "cluster.json").read_text())
@@ -197,17 +195,8 @@ class Recorder:
         self.rows.append(row)
         return row
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            self.sample("run")
-
-    def __enter__(self) -> Recorder:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
+    def tick(self) -> None:
+        self.sample("run")
 
 
 def wait_zero(c: Cluster, timeout_s: float) -> None:
