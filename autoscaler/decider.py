@@ -341,6 +341,32 @@ def decide(spec: DeciderSpec, metrics: DeciderInputs, state: DeciderState, now: 
     return decision, new_state
 
 
+def keeps_one(spec: DeciderSpec, state: DeciderState, ready: int, last_busy: float | None, calm: bool,
+              now: float) -> bool:
+    """Whether `decide` at `now` would, without computing its averages, return a valid decision
+    for one instance and an unchanged state (`desired == state.scale == 1`, the new state equal
+    to `state`): a service at one instance (`ready` 0 or 1) under a ScalingPolicy keep-alive,
+    not panicking, within its keep-alive. False means "not known", not "it would change".
+
+    The window's averages enter only through the KPA step, which asks for at most one instance
+    and does not panic when `calm`: every sample in the window's last stable window is at most
+    `spec.target` (an average is at most its largest bucket's mean); the caller also knows that
+    the window has a sample in it (else decide has no data). `last_busy` is the later of the
+    last request and the window's `last_nonzero()`. A simulator that decides every service
+    every two seconds skips the averages nine times in ten with this (tests/core/test_decider.py
+    checks it against decide)."""
+    if not (calm and state.scale == 1 and ready <= 1 and spec.keep_alive is not None
+            and spec.min_scale == 0 and spec.enable_scale_to_zero and spec.activation_scale == 1
+            and spec.panic_threshold > 1 and spec.scale_down_delay <= 0
+            and state.initialized and state.panic.since is None and not state.recent
+            and state.inactive_since is None and state.zero_since is None
+            and (state.active_since is not None or ready == 0)):
+        return False
+    # _keep_alive's rule, on the same marks
+    marks = [t for t in (last_busy, state.active_since) if t is not None]
+    return not marks or now - max(marks) < spec.keep_alive
+
+
 def _last_busy(metrics: DeciderInputs) -> float | None:
     marks = [t for t in (metrics.last_request_at, metrics.window.last_nonzero()) if t is not None]
     return max(marks) if marks else None

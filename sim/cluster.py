@@ -15,6 +15,7 @@ policy adapters (adapters.py) read.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -161,6 +162,7 @@ class Service:
     last_request_at: float | None = None
     desired: int = 0
     active: bool = False
+    hot_at: float = -math.inf  # when a sample above the scaler's target was last recorded
 
 
 @dataclass

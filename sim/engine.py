@@ -163,7 +163,7 @@ class Simulation:
         svc.active = True
         self.route(svc)
         if svc.waiting and not svc.instances:
-            svc.window = svc.window.record(self.now, self.concurrency(svc))
+            self.sample(svc, self.concurrency(svc))
             adapters.scale(self, svc)
 
     def _idle(self, svc: object, _: object) -> None:
@@ -178,8 +178,14 @@ class Simulation:
         if self.now < due:
             self.push(due + 1e-6, "idle", svc)
             return
-        svc.window = svc.window.record(self.now, self.concurrency(svc))
+        self.sample(svc, self.concurrency(svc))
         adapters.scale(self, svc)
+
+    def sample(self, svc: Service, value: float) -> None:
+        """Record a concurrency sample in the service's window (and when it was above the target)."""
+        svc.window = svc.window.record(self.now, value)
+        if value > svc.spec.target:
+            svc.hot_at = self.now
 
     def concurrency(self, svc: Service) -> float:
         return len(svc.waiting) + sum(len(i.running) for i in svc.instances)

@@ -8,6 +8,8 @@ import math
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from autoscaler.decider import (
     DeciderInputs,
@@ -18,6 +20,7 @@ from autoscaler.decider import (
     decide,
     excess_burst_capacity,
     initial_state,
+    keeps_one,
     kpa_step,
     spec_for,
 )
@@ -363,3 +366,65 @@ def test_spec_rejects_inconsistent_values() -> None:
         spec(max_scale_up_rate=1.0)
     with pytest.raises(ValueError, match="panic window"):
         spec(panic_window=90.0)
+
+
+# -- keeps_one: decide's answer for a calm service at one instance, without the averages -------
+
+_PANICS = st.sampled_from([PanicState(), PanicState(None, 3), PanicState(NOW - 10.0, 2)])
+
+
+@st.composite
+def _case(draw: st.DrawFn) -> tuple[DeciderSpec, DeciderState, int, list[tuple[float, float]], float | None]:
+    s = spec(target=draw(st.sampled_from([1.0, 5.6, 10.0])),
+             keep_alive=draw(st.sampled_from([None, 0.0, 5.0, 60.0])),
+             min_scale=draw(st.sampled_from([0, 0, 0, 1])),
+             activation_scale=draw(st.sampled_from([1, 1, 1, 2])),
+             panic_threshold=draw(st.sampled_from([2.0, 2.0, 1.0, 0.5])),
+             scale_down_delay=draw(st.sampled_from([0.0, 0.0, 0.0, 30.0])),
+             enable_scale_to_zero=draw(st.sampled_from([True, True, True, False])),
+             stable_window=draw(st.sampled_from([60.0, 6.0, 6.6])), panic_window=6.0)
+    state = DeciderState(scale=draw(st.sampled_from([1, 1, 1, 0, 2])), panic=draw(_PANICS),
+                         recent=draw(st.sampled_from([(), (), ((NOW - 5.0, 2),)])),
+                         active_since=draw(st.sampled_from([None, NOW - 100.0, NOW - 30.0, NOW - 2.0])),
+                         inactive_since=draw(st.sampled_from([None, None, NOW - 5.0])),
+                         zero_since=draw(st.sampled_from([None, None, NOW - 50.0])),
+                         initialized=draw(st.sampled_from([True, True, False])))
+    ready = draw(st.integers(0, 3))
+    # samples over the last two minutes, in time order, the last one at NOW (as the simulator records)
+    ts = sorted(draw(st.lists(st.floats(NOW - 120.0, NOW - 0.01), max_size=30)))
+    values = [0.0, 1.0, 3.0, 5.0, 5.6, 6.0, 10.0, 20.0]
+    samples = [(t, draw(st.sampled_from(values))) for t in ts] + [(NOW, draw(st.sampled_from(values)))]
+    last_request = draw(st.sampled_from([None, NOW - 100.0, NOW - 40.0, NOW - 3.0]))
+    return s, state, ready, samples, last_request
+
+
+@settings(max_examples=2000, deadline=None)
+@given(_case())
+def test_keeps_one_agrees_with_decide(case: tuple[DeciderSpec, DeciderState, int, list[tuple[float, float]],
+                                                  float | None]) -> None:
+    s, state, ready, samples, last_request = case
+    w = MetricWindow()
+    for t, v in samples:
+        w = w.record(t, v)
+    inside = [v for t, v in samples if math.floor(t) >= math.floor(NOW) - round(s.stable_window) + 1]
+    calm = max(inside) <= s.target
+    marks = [t for t in (last_request, w.last_nonzero()) if t is not None]
+    if not keeps_one(s, state, ready, max(marks) if marks else None, calm, NOW):
+        return
+    decision, new = decide(s, DeciderInputs(w, ready, last_request), state, NOW)
+    assert decision.valid and decision.desired == state.scale == 1
+    assert new == state
+
+
+def test_keeps_one_says_so_for_a_calm_service_in_its_keep_alive() -> None:
+    s = spec(target=5.6, keep_alive=60.0)
+    state = DeciderState(scale=1, active_since=NOW - 100.0, initialized=True)
+    w = MetricWindow().record(NOW - 30.0, 2.0).record(NOW, 0.0)
+    assert keeps_one(s, state, 1, w.last_nonzero(), True, NOW)
+    decision, new = decide(s, DeciderInputs(w, 1, None), state, NOW)
+    assert (decision.desired, new) == (1, state)
+    # not when a sample was above the target, past the keep-alive, panicking, or under Knative's rules
+    assert not keeps_one(s, state, 1, w.last_nonzero(), False, NOW)
+    assert not keeps_one(s, state, 1, w.last_nonzero(), True, NOW + 60.0)
+    assert not keeps_one(s, dataclasses.replace(state, panic=PanicState(NOW - 1.0, 1)), 1, None, True, NOW)
+    assert not keeps_one(spec(target=5.6), state, 1, w.last_nonzero(), True, NOW)
