@@ -34,6 +34,7 @@ from sllm_knative.config.autoscaler import BUCKET_S
 Bucket = tuple[int, float, int]  # (second, sum of the samples, how many)
 
 _set = object.__setattr__
+_new = object.__new__
 
 
 def _index(t: float) -> int:
@@ -54,11 +55,6 @@ class _Closed:
         self.buckets = buckets
         self.seconds = [i for i, _, _ in buckets]
         self.means = [s / c for _, s, c in buckets]
-
-    def append(self, b: Bucket) -> None:
-        self.buckets.append(b)
-        self.seconds.append(b[0])
-        self.means.append(b[1] / b[2])
 
 
 class MetricWindow:
@@ -102,8 +98,15 @@ class MetricWindow:
         raise AttributeError(f"MetricWindow is immutable: cannot set {name}")
 
     def _of(self, closed: _Closed, lo: int, hi: int, newest: Bucket, first: int, busy: int | None) -> MetricWindow:
-        w = MetricWindow.__new__(MetricWindow)
-        w._init(self.horizon_s, first, self._span, closed, lo, hi, newest, busy)
+        w = _new(MetricWindow)  # _init's assignments, inline: record makes one window per sample
+        _set(w, "horizon_s", self.horizon_s)
+        _set(w, "first", first)
+        _set(w, "_span", self._span)
+        _set(w, "_closed", closed)
+        _set(w, "_lo", lo)
+        _set(w, "_hi", hi)
+        _set(w, "_newest", newest)
+        _set(w, "_busy", busy)
         return w
 
     @property
@@ -119,9 +122,11 @@ class MetricWindow:
             raise ValueError(f"metric value must be a finite number >= 0, got {value}")
         if not math.isfinite(t):
             raise ValueError(f"time must be finite, got {t}")
-        idx = _index(t)
+        idx = math.floor(t / BUCKET_S)  # _index
         newest = self._newest
-        first = idx if self.first is None else min(self.first, idx)
+        first = self.first
+        if first is None or idx < first:
+            first = idx
         if newest is None:
             return self._of(_Closed([]), 0, 0, (idx, value, 1), first, idx if value > 0 else None)
         if idx == newest[0]:
@@ -132,7 +137,9 @@ class MetricWindow:
         closed, lo, hi = self._closed, self._lo, self._hi
         if hi != len(closed.buckets):  # a window recorded from this one appended already: fork
             closed, lo, hi = _Closed(closed.buckets[lo:hi]), 0, hi - lo
-        closed.append(newest)
+        closed.buckets.append(newest)  # the three lists stay parallel
+        closed.seconds.append(newest[0])
+        closed.means.append(newest[1] / newest[2])
         hi += 1
         oldest_kept = idx - self._span + 1
         seconds = closed.seconds
