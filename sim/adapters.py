@@ -106,8 +106,8 @@ def scale(sim: Simulation, svc: Service) -> None:
     # Every caller has just recorded a sample at `now`. Nine evaluations in ten find a service
     # at one instance, under its target and inside its keep-alive: `keeps_one` says when decide
     # would return one instance and the same state, and the averages are not computed then.
-    marks = [t for t in (svc.last_request_at, svc.window.last_nonzero()) if t is not None]
-    if keeps_one(spec, svc.state, ready, max(marks) if marks else None,
+    last, busy = svc.last_request_at, svc.window.last_nonzero()
+    if keeps_one(spec, svc.state, ready, busy if last is None else last if busy is None else max(last, busy),
                  now - svc.hot_at > spec.stable_window + 2.0, now):
         svc.desired = svc.state.scale
     else:

@@ -57,6 +57,10 @@ from sllm_knative.placement import Calibration, LoadObservation, Tier, observe_l
 __all__ = ["Simulation"]
 
 
+def _load(inst: SimInstance) -> int:
+    return len(inst.running)
+
+
 class Simulation:
     """One run: build it, `preload` checkpoints if wanted, `run()`, then read `stats`, `ttfts()`,
     `latencies()` and `trace`. The methods without a leading underscore are also called by the
@@ -139,14 +143,15 @@ class Simulation:
             "arrival": self._arrival, "second": partial(adapters.tick, self), "done": self._done,
             "loaded": self._loaded, "ready": self._ready, "migrated": partial(adapters.migrated, self),
             "timeout": partial(adapters.timeout, self), "idle": self._idle}
-        heap, pop = self.heap, heapq.heappop
+        heap, pop, horizon, events = self.heap, heapq.heappop, self.horizon, 0
         while heap:
             t, _, kind, a, b = pop(heap)
-            if t > self.horizon:
+            if t > horizon:
                 break
             self.now = t
-            self.stats.events += 1
+            events += 1
             handlers[kind](a, b)
+        self.stats.events += events
         self.now = min(self.now, self.horizon) if heap else self.now
         for inst in list(self.instances.values()):
             self.release(inst)
@@ -194,11 +199,12 @@ class Simulation:
         """Admit waiting requests onto ready instances with room, the least loaded first."""
         if not svc.waiting:
             return
-        ready = [i for i in svc.instances if i.state == InstanceState.READY and len(i.running) < self.cfg.capacity]
+        capacity = self.cfg.capacity
+        ready = [i for i in svc.instances if i.state == InstanceState.READY and len(i.running) < capacity]
         while svc.waiting and ready:
-            inst = min(ready, key=lambda i: len(i.running))
+            inst = min(ready, key=_load) if len(ready) > 1 else ready[0]
             self._admit(inst, svc.waiting.popleft())
-            if len(inst.running) >= self.cfg.capacity:
+            if len(inst.running) >= capacity:
                 ready.remove(inst)
 
     def _admit(self, inst: SimInstance, req: Request) -> None:
