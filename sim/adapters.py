@@ -101,7 +101,10 @@ def tick(sim: Simulation, _a: object, _b: object) -> None:
 
 def scale(sim: Simulation, svc: Service) -> None:
     """Run the decider for `svc` and act on its decision: place instances or drain some."""
-    ready = sum(1 for i in svc.instances if i.state == InstanceState.READY)
+    ready = 0
+    for i in svc.instances:
+        if i.state == InstanceState.READY:
+            ready += 1
     spec, now = svc.spec, sim.now
     # Every caller has just recorded a sample at `now`. Nine evaluations in ten find a service
     # at one instance, under its target and inside its keep-alive: `keeps_one` says when decide

@@ -193,7 +193,10 @@ class Simulation:
             svc.hot_at = self.now
 
     def concurrency(self, svc: Service) -> float:
-        return len(svc.waiting) + sum(len(i.running) for i in svc.instances)
+        n = len(svc.waiting)
+        for i in svc.instances:  # a loop, not sum() over a generator: most services have one instance
+            n += len(i.running)
+        return n
 
     def route(self, svc: Service) -> None:
         """Admit waiting requests onto ready instances with room, the least loaded first."""
