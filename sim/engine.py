@@ -220,7 +220,8 @@ class Simulation:
         run = Running(req, self.now, first, end)
         inst.running[req.id] = run
         self.first.setdefault(req.id, first)
-        self.push(end, "done", inst, run)
+        self.seq += 1  # self.push, inline: one a request
+        heapq.heappush(self.heap, (end, self.seq, "done", inst, run))
 
     def _done(self, inst: object, run: object) -> None:
         assert isinstance(inst, SimInstance) and isinstance(run, Running)
@@ -233,7 +234,8 @@ class Simulation:
         if self.cfg.keep_alive_exact and svc.spec.keep_alive is not None:
             self.push(self.now + svc.spec.keep_alive + 1e-6, "idle", svc)  # past it, whatever the rounding
         if inst.state == InstanceState.READY:
-            self.route(svc)
+            if svc.waiting:
+                self.route(svc)
         elif not inst.running and inst.waiter is not None:
             proc, inst.waiter = inst.waiter, None
             adapters.victim_idle(self, proc)
