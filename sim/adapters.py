@@ -106,10 +106,13 @@ def tick(sim: Simulation, _a: object, _b: object) -> None:
 
 def scale(sim: Simulation, svc: Service) -> None:
     """Run the decider for `svc` and act on its decision: place instances or drain some."""
-    ready = 0
+    ready = live = 0  # instances ready, and ready or starting
     for i in svc.instances:
         if i.state == InstanceState.READY:
             ready += 1
+            live += 1
+        elif i.state == InstanceState.STARTING:
+            live += 1
     spec, now = svc.spec, sim.now
     # Every caller has just recorded a sample at `now`. Nine evaluations in ten find a service
     # at one instance, under its target and inside its keep-alive: `keeps_one` says when decide
@@ -123,15 +126,14 @@ def scale(sim: Simulation, svc: Service) -> None:
         if not decision.valid or decision.desired is None:
             return
         svc.desired = decision.desired
-    current = [i for i in svc.instances if i.state in (InstanceState.STARTING, InstanceState.READY)]
-    if svc.desired > len(current):
-        for _ in range(svc.desired - len(current)):
+    if svc.desired > live:
+        for _ in range(svc.desired - live):
             if not place_instance(sim, svc):
                 sim.stats.unplaced += 1
                 break
-    elif svc.desired < len(current):
-        views = [view(sim, i) for i in current if i.state == InstanceState.READY and not i.claimed]
-        for victim in choose_victims(views, min(len(views), len(current) - svc.desired)):
+    elif svc.desired < live:
+        views = [view(sim, i) for i in svc.instances if i.state == InstanceState.READY and not i.claimed]
+        for victim in choose_victims(views, min(len(views), live - svc.desired)):
             inst = sim.instances[victim.name]
             inst.claimed = True
             advance(sim, Process("drain", inst))
