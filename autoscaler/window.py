@@ -60,16 +60,18 @@ class _Closed:
 class MetricWindow:
     """Buckets `(second, sum, count)` in ascending order, kept for `horizon_s` seconds."""
 
-    __slots__ = ("horizon_s", "first", "_span", "_closed", "_lo", "_hi", "_newest", "_busy")
+    # One slot: a window is set with one assignment, not eight (through object.__setattr__,
+    # setting eight slots one by one took about 60% of `record`'s time). `_s` holds:
+    #   horizon_s  float
+    #   first      int | None: the second of the first sample ever recorded (None: no sample yet)
+    #   span       int: how many buckets are kept
+    #   closed     _Closed: shared with the windows recorded from this one
+    #   lo, hi     int: this window's buckets are closed[lo:hi] and then newest
+    #   newest     Bucket | None
+    #   busy       int | None: the latest second kept with a sample above zero
+    __slots__ = ("_s",)
 
-    horizon_s: float
-    first: int | None  # the second of the first sample ever recorded (None: no sample yet)
-    _span: int  # how many buckets are kept
-    _closed: _Closed  # shared with the windows recorded from this one
-    _lo: int  # this window's buckets are _closed[_lo:_hi] and then _newest
-    _hi: int
-    _newest: Bucket | None
-    _busy: int | None  # the latest second kept with a sample above zero
+    _s: tuple[float, int | None, int, _Closed, int, int, Bucket | None, int | None]
 
     def __init__(self, horizon_s: float = 60.0, buckets: Iterable[Bucket] = (), first: int | None = None) -> None:
         if not horizon_s >= BUCKET_S:
@@ -85,35 +87,32 @@ class MetricWindow:
 
     def _init(self, horizon_s: float, first: int | None, span: int, closed: _Closed, lo: int, hi: int,
               newest: Bucket | None, busy: int | None) -> None:
-        _set(self, "horizon_s", horizon_s)
-        _set(self, "first", first)
-        _set(self, "_span", span)
-        _set(self, "_closed", closed)
-        _set(self, "_lo", lo)
-        _set(self, "_hi", hi)
-        _set(self, "_newest", newest)
-        _set(self, "_busy", busy)
+        _set(self, "_s", (horizon_s, first, span, closed, lo, hi, newest, busy))
+
+    @property
+    def horizon_s(self) -> float:
+        return self._s[0]
+
+    @property
+    def first(self) -> int | None:
+        """The second of the first sample ever recorded (None: no sample yet)."""
+        return self._s[1]
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"MetricWindow is immutable: cannot set {name}")
 
     def _of(self, closed: _Closed, lo: int, hi: int, newest: Bucket, first: int, busy: int | None) -> MetricWindow:
-        w = _new(MetricWindow)  # _init's assignments, inline: record makes one window per sample
-        _set(w, "horizon_s", self.horizon_s)
-        _set(w, "first", first)
-        _set(w, "_span", self._span)
-        _set(w, "_closed", closed)
-        _set(w, "_lo", lo)
-        _set(w, "_hi", hi)
-        _set(w, "_newest", newest)
-        _set(w, "_busy", busy)
+        w = _new(MetricWindow)  # _init, inline: record makes one window per sample
+        s = self._s
+        _set(w, "_s", (s[0], first, s[2], closed, lo, hi, newest, busy))
         return w
 
     @property
     def buckets(self) -> tuple[Bucket, ...]:
         """All the buckets kept, oldest first (a copy: O(horizon))."""
-        tail = (self._newest,) if self._newest is not None else ()
-        return tuple(self._closed.buckets[self._lo:self._hi]) + tail
+        _, _, _, closed, lo, hi, newest, _ = self._s
+        tail = (newest,) if newest is not None else ()
+        return tuple(closed.buckets[lo:hi]) + tail
 
     def record(self, t: float, value: float) -> MetricWindow:
         """A window with `value` observed at time `t` (seconds). Samples older than the horizon
@@ -123,31 +122,28 @@ class MetricWindow:
         if not math.isfinite(t):
             raise ValueError(f"time must be finite, got {t}")
         idx = math.floor(t / BUCKET_S)  # _index
-        newest = self._newest
-        first = self.first
+        _, first, span, closed, lo, hi, newest, busy = self._s
         if first is None or idx < first:
             first = idx
         if newest is None:
             return self._of(_Closed([]), 0, 0, (idx, value, 1), first, idx if value > 0 else None)
         if idx == newest[0]:
-            return self._of(self._closed, self._lo, self._hi, (idx, newest[1] + value, newest[2] + 1), first,
-                            idx if value > 0 else self._busy)
+            return self._of(closed, lo, hi, (idx, newest[1] + value, newest[2] + 1), first,
+                            idx if value > 0 else busy)
         if idx < newest[0]:
             return self._record_late(idx, value, first)
-        closed, lo, hi = self._closed, self._lo, self._hi
         if hi != len(closed.buckets):  # a window recorded from this one appended already: fork
             closed, lo, hi = _Closed(closed.buckets[lo:hi]), 0, hi - lo
         closed.buckets.append(newest)  # the three lists stay parallel
         closed.seconds.append(newest[0])
         closed.means.append(newest[1] / newest[2])
         hi += 1
-        oldest_kept = idx - self._span + 1
+        oldest_kept = idx - span + 1
         seconds = closed.seconds
         while lo < hi and seconds[lo] < oldest_kept:
             lo += 1
-        if lo > 2 * self._span and lo > hi - lo:  # mostly dropped: copy what is kept down
+        if lo > 2 * span and lo > hi - lo:  # mostly dropped: copy what is kept down
             closed, lo, hi = _Closed(closed.buckets[lo:hi]), 0, hi - lo
-        busy = self._busy
         if value > 0:
             busy = idx
         elif busy is not None and busy < oldest_kept:
@@ -156,8 +152,9 @@ class MetricWindow:
 
     def _record_late(self, idx: int, value: float, first: int) -> MetricWindow:
         """A sample before the newest second: merged into a copy of the buckets, O(horizon)."""
-        assert self._newest is not None
-        if idx < self._newest[0] - self._span + 1:
+        newest, span = self._s[6], self._s[2]
+        assert newest is not None
+        if idx < newest[0] - span + 1:
             return self
         merged = list(self.buckets)
         at = bisect_left([i for i, _, _ in merged], idx)
@@ -172,16 +169,16 @@ class MetricWindow:
 
     def average(self, now: float, window_s: float) -> float | None:
         """The average over the `window_s` seconds ending at `now`; None with no sample in it."""
-        newest = self._newest
-        if newest is None or self.first is None:
+        _, first, _, closed, lo, hi, newest, _ = self._s
+        if newest is None or first is None:
             return None
         n = _index(now)
         width = max(1, round(window_s / BUCKET_S))
         start = n - width + 1
-        seconds = self._closed.seconds
-        i = bisect_left(seconds, start, self._lo, self._hi)
-        j = bisect_right(seconds, n, i, self._hi)
-        means = self._closed.means[i:j]
+        seconds = closed.seconds
+        i = bisect_left(seconds, start, lo, hi)
+        j = bisect_right(seconds, n, i, hi)
+        means = closed.means[i:j]
         last = seconds[j - 1] if j > i else None
         if start <= newest[0] <= n:
             means.append(newest[1] / newest[2])
@@ -189,11 +186,12 @@ class MetricWindow:
         if last is None:
             return None
         # The means of the buckets inside, oldest first, as before: the same float.
-        return sum(means) / (last - max(self.first, start) + 1)
+        return sum(means) / (last - max(first, start) + 1)
 
     def last_nonzero(self) -> float | None:
         """The end of the latest second with a non-zero sample (busy until at least then), if any is kept."""
-        return (self._busy + 1) * BUCKET_S if self._busy is not None else None
+        busy = self._s[7]
+        return (busy + 1) * BUCKET_S if busy is not None else None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, MetricWindow):
