@@ -362,9 +362,10 @@ def keeps_one(spec: DeciderSpec, state: DeciderState, ready: int, last_busy: flo
             and state.inactive_since is None and state.zero_since is None
             and (state.active_since is not None or ready == 0)):
         return False
-    # _keep_alive's rule, on the same marks
-    marks = [t for t in (last_busy, state.active_since) if t is not None]
-    return not marks or now - max(marks) < spec.keep_alive
+    # _keep_alive's rule, on the same marks (the later of the two that are known)
+    since = state.active_since
+    mark = since if last_busy is None else last_busy if since is None else max(last_busy, since)
+    return mark is None or now - mark < spec.keep_alive
 
 
 def _last_busy(metrics: DeciderInputs) -> float | None:
