@@ -66,7 +66,7 @@ $(KUBE_STAMP): Makefile hack/kube/go.mod hack/kube/go.sum
 
 # The GPU check (issue 18, docs/gpu.md): one prepared command for a lent H100/H200.
 # `make gpu-wheels` downloads, for the lent machine's Python 3.12, the wheels of every package the
-# project needs that its image lacks (bench/gpu/image-packages.txt), into .gpu-wheels (about 25 MiB;
+# project needs that its image lacks (bench/gpu/image-packages.txt), into .gpu-wheels (about 31 MiB;
 # redone only when pyproject.toml or the image list change). On the lent machine, which has no
 # network and no .venv, run `bash bench/gpu/run.sh` with .gpu-wheels carried. Here,
 # `make gpu-check DRY=1` runs its dry run (no GPU; make test runs it too, tests/bench/test_gpu_check.py).
