@@ -176,7 +176,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "services": args.services, "checkpoints": args.checkpoints, "zipf": args.zipf, "seed": args.seed,
             "max_prompt_tokens": args.max_prompt_tokens, "max_tokens": args.max_tokens,
             "requests": len(shots), "replay_s": shots[-1].at_s, "keep_alive_s": args.keep_alive,
-            "nodes": NODES, "slots_per_node": SLOTS, "max_scale": 1, "container_concurrency": 4,
+            "nodes": NODES, "slots_per_node": SLOTS, "dram_gb_per_node": args.dram_gb, "max_scale": 1,
+            "container_concurrency": 4,
             "model": f"spec_for_size({args.model_mb} MiB, vocab {VOCAB}), bf16, random weights",
             "per_service": tier_counts(s.service for s in shots),
             "instance_threads": 1, "numerics": "fast",
@@ -254,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-prompt-tokens", type=int, default=16, help="prompt cap (default 16)")
     p.add_argument("--max-tokens", type=int, default=4, help="generated tokens cap (default 4)")
     p.add_argument("--model-mb", type=int, default=256, help="size of the random model (default 256 MiB)")
+    p.add_argument("--dram-gb", type=float, default=2.0,
+                   help="each node's DRAM tier in GiB (default 2: every checkpoint fits; less makes the nodes "
+                        "hold different checkpoints, where placement by locality matters)")
     p.add_argument("--keep-alive", type=float, default=6.0, help="idle seconds before a service scales to zero, "
                    "every profile (default 6)")
     p.add_argument("--profiles", default=",".join(PROFILES), help=f"comma list (default all: {','.join(PROFILES)})")

@@ -31,13 +31,13 @@ PROFILES = (*SLLM_PROFILES, "knative-default", "kserve-localcache", "ray-serve")
 
 
 @contextlib.contextmanager
-def cluster(state: Path, store: Path, logs: Path, placement: str = "load-time") -> Any:
+def cluster(state: Path, store: Path, logs: Path, placement: str = "load-time", dram_gb: float = 2.0) -> Any:
     from sllm_knative.local.cluster import up_detached
     from sllm_knative.ports import free_port
 
     try:
         yield up_detached(["--state-dir", str(state), "--nodes", str(NODES), "--slots", str(SLOTS),
-                           "--dram-gb", "2", "--ssd-gb", "4", "--port", str(free_port()),
+                           "--dram-gb", f"{dram_gb:g}", "--ssd-gb", "4", "--port", str(free_port()),
                            "--store", f"file://{store}", "--placement", placement], state)
     finally:
         down_keeping_logs(state, logs)
@@ -83,7 +83,7 @@ class DramEvictor(Periodic):
 def run_sllm(name: str, shots: Sequence[Shot], store: Path, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     opts: Mapping[str, Any] = SLLM_PROFILES[name]
     state = Path(tempfile.mkdtemp(prefix=f"bench-replay-{name}-"))
-    with cluster(state, store, logs / name, opts.get("placement", "load-time")) as doc:
+    with cluster(state, store, logs / name, opts.get("placement", "load-time"), args.dram_gb) as doc:
         r = httpx.post(f"{doc['autoscaler']}/v1/apply", timeout=60,
                        content=manifests(store, args.services, args.checkpoints, args.keep_alive,
                                          opts.get("policy")).encode())
@@ -287,7 +287,7 @@ def run_fresh(name: str, shots: Sequence[Shot], store: Path, hfs: Sequence[Path]
         drop, tier = True, "store (page cache dropped)"
     state = Path(tempfile.mkdtemp(prefix=f"bench-replay-{name}-"))
     (logs / name).mkdir(parents=True, exist_ok=True)
-    with cluster(state, store, logs / name) as doc:
+    with cluster(state, store, logs / name, dram_gb=args.dram_gb) as doc:
         with FreshController(doc, model_dir, services, args.keep_alive, drop, tier, logs / name) as ctl, \
                 Sampler(ctl.counts) as sampler:
             outcomes = replay(shots, lambda _s: f"{doc['activator']}/v1")
