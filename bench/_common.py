@@ -4,6 +4,7 @@ client, nearest-rank percentiles, rotating rounds, a throughput run, nginx as a 
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import json
@@ -44,7 +45,7 @@ def exit_on_sigterm() -> None:
 _P = TypeVar("_P", bound="Periodic")
 
 
-class Periodic:
+class Periodic(abc.ABC):
     """Calls `tick()` every `interval` seconds on a daemon thread while its `with` block runs (the
     samplers and the DRAM evictor of the benchmarks); a tick that raises is the subclass's to catch."""
 
@@ -53,8 +54,9 @@ class Periodic:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name=name)
 
+    @abc.abstractmethod
     def tick(self) -> None:
-        raise NotImplementedError
+        """One sample (or eviction pass); called on the thread."""
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
