@@ -141,6 +141,7 @@ class SimInstance:
     placed_at: float
     tier: Tier
     step_s: float  # decode step
+    compute_free_at: float = 0.0  # serial_prefill: when the prefills admitted so far are done
     gpus_held: bool = False
     load_end: float | None = None
     ready_at: float | None = None

@@ -215,7 +215,11 @@ class Simulation:
         prefill = self.hw.prefill_s(req.prompt, m.params, m.tp)
         if self.hw.compute_noise:
             prefill *= math.exp(self.noise.gauss(0.0, self.hw.compute_noise))
-        first = self.now + prefill
+        if self.hw.serial_prefill:  # one forward at a time: after the prefills admitted before it
+            first = max(self.now, inst.compute_free_at) + prefill
+            inst.compute_free_at = first
+        else:
+            first = self.now + prefill
         end = first + (req.output - 1) * inst.step_s
         run = Running(req, self.now, first, end)
         inst.running[req.id] = run
@@ -264,6 +268,8 @@ class Simulation:
                     lru.touch(m.key)
             rate = self.actual[tier] if tier == Tier.DRAM else min(self.actual[tier], self.actual[Tier.DRAM])
             rate *= math.exp(self.noise.gauss(0.0, self.hw.load_noise)) if self.hw.load_noise else 1.0
+            if self.policy.fresh_process:
+                rate /= self.hw.fresh_load_factor
             start = max(self.now, node.loader_free_at)
             job = LoadJob(m.key, m.size_bytes, tier, start, start + m.size_bytes / rate)
             node.loader_free_at = job.end

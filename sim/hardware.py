@@ -9,8 +9,10 @@ efficiency), the instance start overhead, and the compute model of one GPU:
     decode step      = 2 * params (bf16 bytes) / (tp * hbm * hbm_eff)     (memory bound)
 
 Decode is one step per generated token whatever the batch (a memory-bound step reads the
-weights once for the whole batch); prefill is per request and does not slow the batch down.
-Both are simplifications, stated in docs/evaluation.md.
+weights once for the whole batch); prefill is per request and does not slow the batch down,
+unless the profile says `serial_prefill` (an instance computing one forward at a time, as this
+machine's one-thread CPU instances do: its prefills run one after another). Both are
+simplifications, stated in docs/evaluation.md.
 
 Every number's source is in the comment beside it (docs/evaluation.md has the same table).
 `measured_hops` turns a loader sidecar's measured bandwidth profile (its hop names, see
@@ -64,6 +66,14 @@ class HardwareProfile:
     #: a cold-started instance takes its first request this long after it is ready (the demand
     #: reaching the scaler, the endpoint reaching the activator); 0: at once
     activation_s: float = 0.0
+    #: an instance runs one forward at a time (this machine: one compute thread per instance), so
+    #: the prefills admitted to it run one after another: a request's first token waits for the
+    #: prefills admitted before it. False: each prefill runs beside the others (a GPU's batch)
+    serial_prefill: bool = False
+    #: a fresh process's load (knative-default, kserve-localcache) takes this many times the
+    #: loader's load from the same tier: it reads the checkpoint with its own path (a plain
+    #: safetensors/torch load), not the loader's pipelined reader
+    fresh_load_factor: float = 1.0
     notes: Mapping[str, str] = field(default_factory=dict)  # the source of each number
 
     def __post_init__(self) -> None:
@@ -72,6 +82,7 @@ class HardwareProfile:
             "gpus_per_node": self.gpus_per_node, "gpu_mem_bytes": self.gpu_mem_bytes,
             "dram_tier_bytes": self.dram_tier_bytes, "ssd_tier_bytes": self.ssd_tier_bytes,
             "flops": self.flops, "mfu": self.mfu, "hbm_bytes_s": self.hbm_bytes_s, "hbm_eff": self.hbm_eff,
+            "fresh_load_factor": self.fresh_load_factor,
         }
         for tier in LOAD_TIERS:
             if tier not in self.nominal:
@@ -130,6 +141,7 @@ THIS_MACHINE = HardwareProfile(
     flops=2.0 * 50e6 / 4.78e-3, mfu=1.0,
     hbm_bytes_s=2.0 * 50e6 / 0.017, hbm_eff=1.0,
     load_noise=0.05,
+    serial_prefill=True,  # an instance computes on one CPU thread: its prefills run one after another
     notes={"source": "docs/benchmarks.md: Cold start (loads, overheads), Migration (compute)"},
 )
 

@@ -15,8 +15,11 @@ This module turns one such run into the simulator's inputs and compares:
    load seconds per tier (median lease time of that tier in the instance logs), the instance
    start overhead (median of ready time minus lease time per instance), the fresh-process start
    (median `ready_s - load_s` of knative-default's and kserve-localcache's cold starts), the
-   per-token prefill (median TTFT of warm requests over the prompt length) and the decode step
-   (median gap between a warm request's tokens). `hardware` makes that a `HardwareProfile`.
+   fresh processes' own load (median `load_s`; `fresh_load_factor` compares it with the
+   loader's from the same tier), the per-token prefill (median TTFT of warm requests over the
+   prompt length) and the decode step (median gap between a warm request's tokens). `hardware`
+   makes that a `HardwareProfile`, with `serial_prefill` (an instance here computes on one
+   thread).
 2. `inputs`: the same requests (arrival = the time the replay really sent each one in that
    profile; warm-up requests simulated but not counted, as the replay does), one model per
    service carrying the checkpoint it serves (services share checkpoints), the cluster's nodes
@@ -182,6 +185,9 @@ class Measured:
     compute_sigma: float  # the spread of log(warm TTFT) around its median, pooled
     activation_s: float  # a cold start's first request beyond placement-to-ready and its prefill
     shared_cores: int = 0  # the CPUs every start shares (meta.machine.cpus)
+    #: per fresh-process profile: the median seconds its fresh processes took to load (their own
+    #: read of the checkpoint, slower than the loader's from the same tier)
+    fresh_load_s: Mapping[str, float] = field(default_factory=dict)
     sources: Mapping[str, str] = field(default_factory=dict)
     #: per profile: (prefill s/token, decode step s, sigma) of its own warm requests: the
     #: machine's speed while that profile ran (its CPU contention: fresh processes importing, other work)
@@ -235,6 +241,9 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
                   if name in REPLAY_POLICIES and get_policy(name).fresh_process]
     fresh = [w for ts in fresh_runs for w in work(ts, "load_s", cores)]
     fresh_s = _median(fresh, "fresh-process cold starts") if fresh else overhead
+    fresh_load = {name: float(statistics.median(xs)) for name, p in profiles.items()
+                  if name in REPLAY_POLICIES and get_policy(name).fresh_process
+                  and (xs := [c["load_s"] for c in p.get("cold_starts", []) if c.get("load_s") is not None])}
     prompt = {s["index"]: s["prompt_tokens"] for s in doc["shots"]}
 
     def speed(outs: Sequence[Mapping[str, Any]]) -> tuple[float, float, float]:
@@ -267,7 +276,7 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
     activation = statistics.median(extras) if extras else 0.0
     n_fresh = len(fresh)
     return Measured(size, load_s, sigma, overhead, fresh_s, prefill, step, spread, activation, shared_cores=cores,
-                    sources={
+                    fresh_load_s=fresh_load, sources={
         "checkpoint_bytes": f"median 'lease complete' bytes of {len(timings)} instances",
         "load_s": "median placement-to-ready seconds less overhead_s of the instances placed per tier: " + ", ".join(
             f"{t} {len(by_tier[t])} loads" for t in SOURCES.values()) + "".join(
@@ -278,6 +287,7 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
         "fresh_process_s": (f"median of the fresh processes' ready 'seconds' minus 'load_s', {n_fresh} starts of "
                             "knative-default/kserve-localcache in this run, each over the same sharing"
                             if n_fresh else "no fresh-process start in the logs: overhead_s"),
+        "fresh_load_s": "per fresh-process profile, the median 'load_s' of its cold starts (replay.json cold_starts)",
         "shared_cores": "meta.machine.cpus: every node's instances start on this machine's CPUs",
         "prefill_s_per_token": f"median TTFT / prompt tokens of {len(warms)} warm requests (HTTP path included)",
         "decode_step_s": "median (end - sent - TTFT) / (tokens - 1) of the same warm requests",
@@ -289,9 +299,22 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
     }, compute=compute)
 
 
+def fresh_load_factor(m: Measured, profile: str) -> float:
+    """How many times the loader's load from the tier `profile`'s fresh processes read from
+    (the store, or the prestaged SSD of kserve-localcache) their own measured loads took; 1
+    where the profile had no fresh-process load."""
+    if profile not in m.fresh_load_s or profile not in REPLAY_POLICIES:
+        return 1.0
+    tier = Tier.SSD if get_policy(REPLAY_POLICIES[profile]).prestaged_ssd else Tier.REMOTE
+    loader_s = max(m.load_s[tier], m.load_s[Tier.DRAM])  # the engine's rate: min(tier, DRAM)
+    return max(m.fresh_load_s[profile] / loader_s, 1e-3) if loader_s > 0 else 1.0
+
+
 def hardware(m: Measured, profile: str | None = None) -> HardwareProfile:
     """The this-machine profile from a replay's measurements (a slot is a "GPU"; rates are
-    achieved); with `profile`, the compute speed measured while that profile ran."""
+    achieved); with `profile`, the compute speed measured while that profile ran and its fresh
+    processes' load. An instance here computes on one thread (the replay's `instance_threads`),
+    so its prefills run one after another (`serial_prefill`)."""
     params = m.checkpoint_bytes / BYTES_PER_PARAM
     prefill, step, spread = m.compute.get(profile or "", (m.prefill_s_per_token, m.decode_step_s, m.compute_sigma))
     return HardwareProfile(
@@ -303,6 +326,7 @@ def hardware(m: Measured, profile: str | None = None) -> HardwareProfile:
         flops=2.0 * params / prefill, mfu=1.0,
         hbm_bytes_s=2.0 * params / step, hbm_eff=1.0,
         load_noise=m.load_sigma, shared_cores=m.shared_cores, compute_noise=spread, activation_s=m.activation_s,
+        serial_prefill=True, fresh_load_factor=fresh_load_factor(m, profile or ""),
         notes=dict(m.sources))
 
 
@@ -382,7 +406,8 @@ def validate(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> dict[
     return {"tolerance": TOLERANCE, "seeds": SEEDS, "measured": {
                 "checkpoint_bytes": m.checkpoint_bytes, "load_s": {str(t): round(v, 4) for t, v in m.load_s.items()},
                 "load_sigma": round(m.load_sigma, 3), "overhead_s": round(m.overhead_s, 4),
-                "fresh_process_s": round(m.fresh_process_s, 3), "shared_cores": m.shared_cores, "prefill_s_per_token": round(m.prefill_s_per_token, 5),
+                "fresh_process_s": round(m.fresh_process_s, 3),
+                "fresh_load_s": {k: round(v, 4) for k, v in m.fresh_load_s.items()}, "shared_cores": m.shared_cores, "prefill_s_per_token": round(m.prefill_s_per_token, 5),
                 "decode_step_s": round(m.decode_step_s, 4), "sources": dict(m.sources),
                 "compute_sigma": round(m.compute_sigma, 3), "activation_s": round(m.activation_s, 4),
                 "compute_per_profile": {k: {"prefill_s_per_token": round(a, 5), "decode_step_s": round(b, 4),

@@ -279,3 +279,44 @@ def _run_recording_stops(sim: Any) -> list[float]:
     sim.stop = recording_stop
     sim.run()
     return stops
+
+
+@pytest.mark.parametrize(("serial", "ttfts"), [
+    # three requests wait for a's cold start (remote 0.4 + start 0.2), then 10 prompt tokens each
+    # at 0.01 s: side by side (a GPU's batch) or one after another (one CPU thread per instance)
+    (False, [0.7, 0.7, 0.7]),
+    (True, [0.7, 0.8, 0.9]),
+])
+def test_serial_prefill(serial: bool, ttfts: list[float]) -> None:
+    from sim.workload import Model, Request
+
+    models = [Model("a", "replay", 100, 1, checkpoint="c0")]
+    sim = _sim("sllm", models, [Request(i, 0.0, "a", 10, 3) for i in range(3)], serial_prefill=serial)
+    assert sim.ttfts() == pytest.approx(ttfts)
+
+
+@pytest.mark.parametrize(("policy", "factor", "ttft"), [
+    ("knative-default", 1.0, 9.5),  # the store 0.4 + fresh process 9.0 + prefill 0.1
+    ("knative-default", 3.0, 10.3),  # its own read of the store takes 3x the loader's: 1.2
+    ("sllm", 3.0, 0.7),  # the loader's own loads are not a fresh process's: remote 0.4 + 0.2 + 0.1
+])
+def test_fresh_load_factor_slows_fresh_loads_only(policy: str, factor: float, ttft: float) -> None:
+    from sim.workload import Model, Request
+
+    sim = _sim(policy, [Model("a", "replay", 100, 1, checkpoint="c0")], [Request(0, 0.0, "a", 10, 3)],
+               fresh_load_factor=factor)
+    assert sim.ttfts() == pytest.approx([ttft])
+
+
+@pytest.mark.parametrize(("profile", "cold_loads", "want"), [
+    ("knative-default", [1.0, 1.2, 1.6], 3.0),  # median 1.2 s against the loader's 0.4 s from the store
+    ("knative-default", [], 1.0),  # no fresh load recorded: as the loader's
+    ("sllm", [1.2], 1.0),  # not a fresh-process profile
+])
+def test_fresh_load_factor_measured(profile: str, cold_loads: list[float], want: float) -> None:
+    doc = _doc()
+    doc["profiles"]["knative-default"]["cold_starts"] = [{"instance": f"f{k}", "load_s": s, "ready_s": 9.0 + s}
+                                                         for k, s in enumerate(cold_loads)]
+    m = v.measure(doc, LOGS)
+    assert v.fresh_load_factor(m, profile) == pytest.approx(want)
+    assert v.hardware(m, profile).fresh_load_factor == pytest.approx(want)
