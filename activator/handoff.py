@@ -114,7 +114,7 @@ class Migrations:
             self.streams.remove(tracked)
 
     def track_stream(self, gen_id: str, svc: RoutedService, inst: RoutedInstance, tracked: Tracked | None) -> Tracked:
-        """The stream of generation `gen_id` (`x-request-id`): the tracked request, or a new entry
+        """The stream of generation `gen_id` (its `x-sllm-generation-id` answer): the tracked request, or a new entry
         when the instance chose its own id."""
         if tracked is None or tracked.id != gen_id:
             tracked = Tracked(gen_id, svc.key, inst, svc.breaker)

@@ -23,7 +23,6 @@ from sllm_knative.api import instance as instance_api
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
                         b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect",
                         b"proxy-connection"})
-RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server"}
 # Paths of the internal APIs (an instance's migration API, the activator's admin API): never
 # forwarded from the public port.
 INTERNAL_PREFIXES = (instance_api.ROOT, admin_api.ROOT)
@@ -31,6 +30,9 @@ INTERNAL_PREFIXES = (instance_api.ROOT, admin_api.ROOT)
 # id), so a migration can find a non-streaming one before its response exists. Never taken
 # from a client.
 GENERATION_ID = instance_api.GENERATION_ID_HEADER.encode()
+# Not passed on to the client: hop-by-hop headers, the instance's date and server, and its
+# answer naming a movable generation (the activator's business; the id is the response's own).
+RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server", GENERATION_ID}
 
 
 class ClientGone(Exception):

@@ -124,7 +124,7 @@ class ProxyHandler:
         leave its one write for after the slot is given back; `resp` is released either way."""
         inst = slot.instance
         out = response_headers(resp.headers, inst.id)
-        gen_id = resp.get(b"x-request-id")
+        gen_id = resp.get(GENERATION_ID)
         if gen_id and resp.status == 200 and inst.internal_url and \
                 (resp.get(b"content-type") or b"").startswith(b"text/event-stream"):
             # A stream a migration may move: the slot and the response go with it (a migration

@@ -13,7 +13,9 @@ Stream frames: OpenAI chunks, then the usage chunk when `stream_options.include_
 `[DONE]`: the activator resumes that state on the destination at once and continues the stream.
 Only a one-choice generation is ever detached: the activator migrates the generation it named,
 and the choices of a request with `n` > 1 carry other names (`<name>-<index>`), so such a
-request finishes where it started.
+request finishes where it started. A one-choice stream says so with the `x-sllm-generation-id`
+response header (the generation's name); the activator exports and migrates only streams that
+carry it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from functions.llm.params import Output, TokenLogprob
 from functions.llm.responses import Formatter, total_usage
 from functions.llm.service import Permit
 from functions.llm.transport import DONE, ClientGone, EventStream, json_response, sse, until_disconnect
-from sllm_knative.api.instance import DETACHED_EVENT, DETACHED_HEADER
+from sllm_knative.api.instance import DETACHED_EVENT, DETACHED_HEADER, GENERATION_ID_HEADER
 
 
 class OutputQueue:
@@ -120,8 +122,11 @@ async def respond(request: Request, *, engine: Any, seqs: list[Any], queue: Outp
             service.log.warning("client stopped reading: stream ended", id=fmts[0].id,
                                 stall_timeout_s=service.cfg.stall_timeout_s)
 
+        headers = {"x-request-id": fmts[0].id}
+        if len(seqs) == 1:  # one generation, named as the request: what a migration can move
+            headers[GENERATION_ID_HEADER] = fmts[0].id
         return EventStream(_frames(queue, fmts, role_chunk, permit.release), close,
-                           headers={"x-request-id": fmts[0].id}, stall_timeout=service.cfg.stall_timeout_s,
+                           headers=headers, stall_timeout=service.cfg.stall_timeout_s,
                            on_stall=stalled)
     if prior_logprobs:
         fmts[0].add_logprobs(list(prior_logprobs))

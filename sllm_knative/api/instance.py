@@ -33,7 +33,10 @@ DETACH_ROUTE = GENERATION_ROUTE + "/detach"
 PREFILL_ROUTE = PREFILL + "/{id}"
 
 # Headers of the activator <-> instance contract on the instance's public port.
-GENERATION_ID_HEADER = "x-sllm-generation-id"  # the activator names each generation it forwards
+# The activator names each generation it forwards with it; the instance answers a stream with it
+# only where that stream is one generation a migration can move (one choice): the choices of a
+# request with n > 1 are generations of other names, which the activator must not export.
+GENERATION_ID_HEADER = "x-sllm-generation-id"
 DETACHED_HEADER = "x-sllm-detached"  # the 409 answer to a non-streaming request detached for migration
 DETACHED_EVENT = "sllm.detached"  # the SSE event that ends a detached stream (data: DetachedEvent)
 

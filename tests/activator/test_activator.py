@@ -425,7 +425,7 @@ def test_instance_dying_mid_body_is_a_502(activator, upstreams, tmp_path) -> Non
 def test_a_stream_cut_mid_way_ends_with_an_error_event(activator, tmp_path, migratable: bool) -> None:
     """An event stream whose instance dies mid-way ends with an error event, never silently like a
     whole answer: both on the plain relay and on a migratable stream's relay (an internal API and
-    an `x-request-id`) that no migration was moving."""
+    an `x-sllm-generation-id`) that no migration was moving."""
     public, admin = activator
     doomed = Upstream("cut", tmp_path)
     extra = {"internal_url": doomed.url} if migratable else {}

@@ -4,7 +4,7 @@ It streams `n` SSE chunks `delay` seconds apart, reports which instance answered
 target it received, and can be told to die before answering (`"die": "<its name>"`, the
 activator's retry), halfway through a body with a Content-Length (`"die_mid_body"`), or after
 two chunks of a stream (`"die_mid_stream"`: server-sent events, `"chunked": true` a plain chunked
-body). `"request_id"` is answered as the stream's `x-request-id` (what makes it migratable).
+body). `"request_id"` is answered as the stream's `x-sllm-generation-id` (what makes it migratable).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ async def completions(request: Request):
             yield b'data: {"i": 2, "inst'  # half a frame, then the connection drops
             await asyncio.sleep(0.1)
             os._exit(1)
-        ids = {"x-request-id": body["request_id"]} if body.get("request_id") else {}
+        ids = {"x-sllm-generation-id": body["request_id"]} if body.get("request_id") else {}
         return StreamingResponse(cut(), headers=ids,
                                  media_type="application/octet-stream" if body.get("chunked") else "text/event-stream")
     if not body.get("stream"):

@@ -340,7 +340,14 @@ def test_generation_id_header(server_pair):
     with httpx.stream("POST", f"{a.url}/v1/completions", json={**req, "stream": True},
                       headers={"x-sllm-generation-id": "cmpl-mine-67890"}) as s:
         assert s.headers["x-request-id"] == "cmpl-mine-67890"
+        assert s.headers["x-sllm-generation-id"] == "cmpl-mine-67890"  # one choice: movable
         assert consume(s, Collected()).id == "cmpl-mine-67890"
+    # n > 1: the choices are generations <id>-0, <id>-1, not <id>: the stream does not offer itself
+    with httpx.stream("POST", f"{a.url}/v1/completions", json={**req, "stream": True, "n": 2, "seed": 1},
+                      headers={"x-sllm-generation-id": "cmpl-mine-n2-000"}) as s:
+        assert s.status_code == 200 and s.headers["x-request-id"] == "cmpl-mine-n2-000"
+        assert "x-sllm-generation-id" not in s.headers
+        assert consume(s, Collected()).id == "cmpl-mine-n2-000"
     for bad in ("short", "-starts-with-dash", "has space in it", "x" * 129):
         r = httpx.post(f"{a.url}/v1/completions", json=req, headers={"x-sllm-generation-id": bad})
         assert r.status_code == 400 and r.json()["error"]["param"] == "x-sllm-generation-id", bad

@@ -88,8 +88,9 @@ def test_a_killed_instance_s_streams_resume_from_the_last_export(exporting, func
     """Four streams on one instance, killed with kill -9: greedy and seeded with logprobs (the
     regenerated tokens skipped frame by frame) and seeded text only (skipped by characters) each
     resume on the other instance from their own last export, and each client sees, token by token,
-    the text of an undisturbed run. The fourth has two choices: those are neither migrated nor
-    exported, so it ends at once with a `stream_cut` error event, not a hang and not [DONE]."""
+    the text of an undisturbed run. The fourth has two choices: its stream does not name a movable
+    generation, so it is neither exported nor migrated, and it ends at once with a `stream_cut`
+    error event, not a hang and not [DONE]."""
     _, b = functions
     reqs = [body(None), body(4242), {k: v for k, v in body(77).items() if k != "logprobs"},
             {**body(5), "n": 2}]
@@ -104,7 +105,7 @@ def test_a_killed_instance_s_streams_resume_from_the_last_export(exporting, func
     cut = got[3]
     assert cut.done == 0, "a cut stream must not end with [DONE]"
     assert [e["error"]["code"] for e in cut.errors] == ["stream_cut"], cut.errors
-    assert "before any export" in cut.errors[0]["error"]["message"]
+    assert "broke off the stream" in cut.errors[0]["error"]["message"]
     after = counters(exporting.admin, "activator_stream_recoveries")
     assert after["resumed"] == before["resumed"] + 3, (before, after)
     assert after["diverged"] == before["diverged"] and after["no_instance"] == before["no_instance"]
@@ -161,3 +162,20 @@ def test_a_resume_that_differs_from_what_was_sent_is_cut_not_spliced(exporting, 
     assert out.done == 0 and len(out.errors) == 1, (out.done, out.errors)
     assert out.errors[0]["error"]["code"] == "stream_cut" and "differs" in out.errors[0]["error"]["message"]
     assert after["diverged"] == before["diverged"] + 1, (before, after)
+
+
+def test_a_stream_of_several_choices_is_never_exported(exporting, functions):
+    """A two-choice stream runs for several export intervals and ends with [DONE]; the activator
+    tries no export of it (its choices are generations `<id>-0` and `<id>-1`, and the stream does
+    not name a movable generation). Before the instance said which streams it can move, this
+    stream was exported every interval and answered 404 each time, counted as `finished`."""
+    _, b = functions
+    exporting.set_instances(b)
+    before = counters(exporting.admin, "activator_stream_exports")
+    out = Collected()
+    t0 = time.monotonic()
+    stream(exporting.url, {**body(5), "n": 2}, out)
+    assert time.monotonic() - t0 > 4 * 0.25, "the stream ended before the activator's exports came round"
+    assert out.errors == [] and out.done == 1
+    after = counters(exporting.admin, "activator_stream_exports")
+    assert after == before, (before, after)
