@@ -66,6 +66,7 @@ from sllm_knative.placement import (
     Placement,
     Tier,
     choose_victims,
+    observe_stop,
     place,
     place_random,
 )
@@ -176,16 +177,20 @@ class Scaler:
                 _log.info("preempting", service=svc.key, checkpoint=rt.model, action=str(decision.action),
                           node=decision.node, victim=claim.option.victim, destination=claim.option.destination,
                           fair_share=starving, reason=decision.reasons[0])
+                t_freed = time.perf_counter()
                 freed = await self._preempt(claim, nodes)
                 if freed is None:
                     return
+                if decision.action == Action.EVICT:  # how long the victim's slot took to free: learnt
+                    freed["stop_s"] = round(time.perf_counter() - t_freed, 4)
+                    self.calibration = observe_stop(self.calibration, freed["stop_s"])
                 record.update(freed)
             rec = await self._start(rt, decision.node, str(claim.option.estimate.tier), record, claim.slot)
         finally:
             self._release(claim)
         _log.info("placed", service=svc.key, checkpoint=rt.model, instance=rec.id, node=decision.node,
                   tier=rec.tier, action=str(decision.action), estimate_s=round(decision.estimate_s, 3),
-                  reason=decision.reasons[0])
+                  stop_s=record.get("stop_s"), reason=decision.reasons[0])
 
     async def _generations_on_full_nodes(self) -> dict[str, list[dict[str, Any]] | None]:
         """The generations of the ready instances on nodes with no free slot (the only ones

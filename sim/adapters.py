@@ -59,6 +59,7 @@ from sllm_knative.placement import (
     choose_victims,
     displaceable,
     observe_migration,
+    observe_stop,
     place,
     startup,
 )
@@ -192,7 +193,8 @@ def _place_load_time(sim: Simulation, svc: Service) -> bool:
     if p.action in (Action.EVICT, Action.MIGRATE):
         victim = sim.instances[p.chosen.victim or ""]
         victim.claimed = True
-        successor = sim.start(svc, node, wait_for_gpus=True)
+        stop = sim.hw.stop_s if p.action == Action.EVICT else 0.0
+        successor = sim.start(svc, node, wait_for_gpus=True, load_from=sim.now + stop)
         advance(sim, Process("preempt", victim, p.chosen, successor=successor))
         return True
     return False  # WAIT: the scaler tries again on its next tick
@@ -332,6 +334,18 @@ def migrated(sim: Simulation, proc: object, attempt: object) -> None:
     advance(sim, proc)
 
 
+def stopped(sim: Simulation, proc: object, _: object) -> None:
+    """A Stop step's victim has stopped (`stop_s` after the step): its slot is free; a
+    calibrating policy learns how long an eviction's stop took, as the real autoscaler does."""
+    assert isinstance(proc, Process)
+    proc.stopping = False
+    sim.stop(proc.victim)
+    proc.progress = replace_progress(proc.progress, stopped=True)
+    if sim.policy.calibrate and proc.kind == "preempt":
+        sim.calibration = observe_stop(sim.calibration, sim.hw.stop_s)
+    advance(sim, proc)
+
+
 def timeout(sim: Simulation, proc: object, _: object) -> None:
     """WaitIdle's time is up: the victim still runs something (else it would have resumed)."""
     assert isinstance(proc, Process)
@@ -392,8 +406,14 @@ def _execute(sim: Simulation, proc: Process, step: Step) -> bool:
         sim.push(sim.now + step.timeout_s, "timeout", proc)
         return False
     if isinstance(step, Stop):
+        if proc.stopping:
+            return False  # the "stopped" event resumes it
         if proc.kind == "preempt" and proc.option is not None and proc.option.action == Action.EVICT:
             sim.stats.evictions += 1
+        if sim.hw.stop_s > 0:  # the victim's slot frees when its process has stopped
+            proc.stopping = True
+            sim.push(sim.now + sim.hw.stop_s, "stopped", proc)
+            return False
         sim.stop(v)
         proc.progress = replace_progress(proc.progress, stopped=True)
         return True

@@ -193,6 +193,7 @@ class Process:
     successor: SimInstance | None = None  # the instance waiting for the victim's GPUs
     destination: SimInstance | None = None
     done: bool = False
+    stopping: bool = False  # its Stop step waits for the victim's stop time (HardwareProfile.stop_s)
 
 
 def replace_progress(p: Progress, **changes: object) -> Progress:

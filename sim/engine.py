@@ -142,7 +142,7 @@ class Simulation:
         handlers: dict[str, Callable[[object, object], None]] = {
             "arrival": self._arrival, "second": partial(adapters.tick, self), "done": self._done,
             "loaded": self._loaded, "ready": self._ready, "migrated": partial(adapters.migrated, self),
-            "timeout": partial(adapters.timeout, self), "idle": self._idle}
+            "timeout": partial(adapters.timeout, self), "idle": self._idle, "stopped": partial(adapters.stopped, self)}
         heap, pop, horizon, events = self.heap, heapq.heappop, self.horizon, 0
         while heap:
             t, _, kind, a, b = pop(heap)
@@ -246,7 +246,9 @@ class Simulation:
 
     # -- instances -------------------------------------------------------------------------------
 
-    def start(self, svc: Service, node: SimNode, wait_for_gpus: bool = False) -> SimInstance:
+    def start(self, svc: Service, node: SimNode, wait_for_gpus: bool = False, load_from: float = 0.0) -> SimInstance:
+        """A new instance of `svc` on `node`; its load starts at `load_from` at the earliest (an
+        eviction's successor loads once the victim has stopped, as the autoscaler starts it)."""
         m = svc.model
         self.ids += 1
         tier = Tier.REMOTE if not (self.policy.dram_tier or self.policy.ssd_cache or self.policy.prestaged_ssd) \
@@ -270,7 +272,7 @@ class Simulation:
             rate *= math.exp(self.noise.gauss(0.0, self.hw.load_noise)) if self.hw.load_noise else 1.0
             if self.policy.fresh_process:
                 rate /= self.hw.fresh_load_factor
-            start = max(self.now, node.loader_free_at)
+            start = max(self.now, node.loader_free_at, load_from)
             job = LoadJob(m.key, m.size_bytes, tier, start, start + m.size_bytes / rate)
             node.loader_free_at = job.end
             node.jobs.append(job)

@@ -74,6 +74,9 @@ class HardwareProfile:
     #: loader's load from the same tier: it reads the checkpoint with its own path (a plain
     #: safetensors/torch load), not the loader's pipelined reader
     fresh_load_factor: float = 1.0
+    #: seconds a stopped instance holds its slot (an eviction's or a drain's Stop step: out of
+    #: rotation, checked idle, the process stopped); 0: the slot frees at once
+    stop_s: float = 0.0
     notes: Mapping[str, str] = field(default_factory=dict)  # the source of each number
 
     def __post_init__(self) -> None:
@@ -94,7 +97,8 @@ class HardwareProfile:
                 raise ValueError(f"{where}: {what} must be a finite number > 0, got {v!r}")
         for what, v in (("overhead_s", self.overhead_s), ("fresh_process_s", self.fresh_process_s),
                         ("load_noise", self.load_noise), ("shared_cores", self.shared_cores),
-                        ("compute_noise", self.compute_noise), ("activation_s", self.activation_s)):
+                        ("compute_noise", self.compute_noise), ("activation_s", self.activation_s),
+                        ("stop_s", self.stop_s)):
             if not (v >= 0 and math.isfinite(v)):
                 raise ValueError(f"{where}: {what} must be a finite number >= 0, got {v!r}")
         if self.mfu > 1 or self.hbm_eff > 1:

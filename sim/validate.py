@@ -118,6 +118,23 @@ def fresh_timings(lines: Iterable[str], since: float = -math.inf) -> list[dict[s
     return out
 
 
+def stop_times(lines: Iterable[str]) -> list[float]:
+    """Per eviction in the autoscaler's log, the seconds from its decision (`msg=preempting ...
+    action=evict`) to the new instance of that service starting (`msg="instance starting"`):
+    how long the victim's slot took to free. (Newer logs also carry it as `stop_s` on the
+    `placed` line; the timestamps serve older ones too.)"""
+    pending: dict[str, float] = {}
+    out = []
+    for line in lines:
+        if "msg=preempting" in line and "action=evict" in line:
+            pending[fields(line).get("service", "")] = stamp(line)
+        elif 'msg="instance starting"' in line:
+            t0 = pending.pop(fields(line).get("service", ""), None)
+            if t0 is not None and math.isfinite(t0):
+                out.append(stamp(line) - t0)
+    return out
+
+
 def sharing(timings: Sequence[Mapping[str, Any]]) -> list[float]:
     """Per start (`end - ready_s` to `end`), the time-averaged number of starts in progress
     (itself included): how many shared the CPU with it."""
@@ -185,6 +202,7 @@ class Measured:
     compute_sigma: float  # the spread of log(warm TTFT) around its median, pooled
     activation_s: float  # a cold start's first request beyond placement-to-ready and its prefill
     shared_cores: int = 0  # the CPUs every start shares (meta.machine.cpus)
+    stop_s: float = 0.0  # an eviction's decision to its victim's slot being free (median; 0: none seen)
     #: per fresh-process profile: the median seconds its fresh processes took to load (their own
     #: read of the checkpoint, slower than the loader's from the same tier)
     fresh_load_s: Mapping[str, float] = field(default_factory=dict)
@@ -275,8 +293,9 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
                 extras.append(extra)
     activation = statistics.median(extras) if extras else 0.0
     n_fresh = len(fresh)
+    stops = [s for name in per_profile for s in stop_times(logs[name])]
     return Measured(size, load_s, sigma, overhead, fresh_s, prefill, step, spread, activation, shared_cores=cores,
-                    fresh_load_s=fresh_load, sources={
+                    fresh_load_s=fresh_load, stop_s=statistics.median(stops) if stops else 0.0, sources={
         "checkpoint_bytes": f"median 'lease complete' bytes of {len(timings)} instances",
         "load_s": "median placement-to-ready seconds less overhead_s of the instances placed per tier: " + ", ".join(
             f"{t} {len(by_tier[t])} loads" for t in SOURCES.values()) + "".join(
@@ -287,6 +306,9 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
         "fresh_process_s": (f"median of the fresh processes' ready 'seconds' minus 'load_s', {n_fresh} starts of "
                             "knative-default/kserve-localcache in this run, each over the same sharing"
                             if n_fresh else "no fresh-process start in the logs: overhead_s"),
+        "stop_s": (f"median seconds from the autoscaler's 'preempting ... action=evict' to the service's "
+                   f"'instance starting', {len(stops)} evictions"
+                   if stops else "no eviction with a measured stop in the logs: 0"),
         "fresh_load_s": "per fresh-process profile, the median 'load_s' of its cold starts (replay.json cold_starts)",
         "shared_cores": "meta.machine.cpus: every node's instances start on this machine's CPUs",
         "prefill_s_per_token": f"median TTFT / prompt tokens of {len(warms)} warm requests (HTTP path included)",
@@ -326,7 +348,7 @@ def hardware(m: Measured, profile: str | None = None) -> HardwareProfile:
         flops=2.0 * params / prefill, mfu=1.0,
         hbm_bytes_s=2.0 * params / step, hbm_eff=1.0,
         load_noise=m.load_sigma, shared_cores=m.shared_cores, compute_noise=spread, activation_s=m.activation_s,
-        serial_prefill=True, fresh_load_factor=fresh_load_factor(m, profile or ""),
+        serial_prefill=True, fresh_load_factor=fresh_load_factor(m, profile or ""), stop_s=m.stop_s,
         notes=dict(m.sources))
 
 
@@ -407,7 +429,8 @@ def validate(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> dict[
                 "checkpoint_bytes": m.checkpoint_bytes, "load_s": {str(t): round(v, 4) for t, v in m.load_s.items()},
                 "load_sigma": round(m.load_sigma, 3), "overhead_s": round(m.overhead_s, 4),
                 "fresh_process_s": round(m.fresh_process_s, 3),
-                "fresh_load_s": {k: round(v, 4) for k, v in m.fresh_load_s.items()}, "shared_cores": m.shared_cores, "prefill_s_per_token": round(m.prefill_s_per_token, 5),
+                "fresh_load_s": {k: round(v, 4) for k, v in m.fresh_load_s.items()},
+                "stop_s": round(m.stop_s, 4), "shared_cores": m.shared_cores, "prefill_s_per_token": round(m.prefill_s_per_token, 5),
                 "decode_step_s": round(m.decode_step_s, 4), "sources": dict(m.sources),
                 "compute_sigma": round(m.compute_sigma, 3), "activation_s": round(m.activation_s, 4),
                 "compute_per_profile": {k: {"prefill_s_per_token": round(a, 5), "decode_step_s": round(b, 4),

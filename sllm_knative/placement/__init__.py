@@ -4,7 +4,7 @@
     place_random(request, nodes, pick)                   the no-locality ablation: any free node
     startup(request, node) -> Estimate                   the load-time model for one node
     choose_victims(instances, count)                     whom to remove on scale-down
-    observe_load / observe_start / observe_migration      online calibration updates
+    observe_load / observe_start / observe_stop / observe_migration   online calibration updates
 """
 
 from sllm_knative.placement.calibration import (
@@ -17,6 +17,7 @@ from sllm_knative.placement.calibration import (
     observe_load,
     observe_migration,
     observe_start,
+    observe_stop,
 )
 from sllm_knative.placement.decide import (
     PLACERS,
@@ -64,6 +65,7 @@ __all__ = [
     "observe_load",
     "observe_migration",
     "observe_start",
+    "observe_stop",
     "place",
     "place_random",
     "pool_store_rates",

@@ -6,6 +6,9 @@
   towards the mean of all nodes until the node has a few observations of its own (`SHRINK`):
   one slow start on a busy machine is noise, not a property of the node, and must not
   outweigh a checkpoint in that node's DRAM.
+- Instance stop: the same average, over all nodes (the stop path is the same everywhere), of
+  the observed time from an eviction's decision to the victim's slot being free; an eviction
+  is estimated as immediate until the first one is observed.
 - Migration cost: `seconds = a * tokens + b`, refitted by least squares over the most recent
   observed migrations (a >= 0, b >= 0; a prior stands in until two different token counts
   have been seen).
@@ -67,6 +70,7 @@ class Calibration:
     bandwidth: Mapping[tuple[str, Tier], float] = field(default_factory=dict)
     overhead: Mapping[str, float] = field(default_factory=dict)
     starts: Mapping[str, int] = field(default_factory=dict)  # observed starts per node
+    stop_s: float | None = None  # observed evictions' stop time (None: none observed)
     migrations: tuple[MigrationObservation, ...] = ()
     migration_cost: MigrationCost = field(default_factory=MigrationCost)
     prior: MigrationCost = field(default_factory=MigrationCost)
@@ -77,17 +81,18 @@ class Calibration:
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
 
     def apply(self, node: NodeInventory) -> NodeInventory:
-        """`node` with its bandwidths and instance overhead replaced by the calibrated ones."""
+        """`node` with its bandwidths, instance overhead and stop time replaced by the calibrated ones."""
         learnt = {tier: bw for (name, tier), bw in self.bandwidth.items() if name == node.name}
         overhead = self.node_overhead(node.name)
         if overhead is not None and node.name not in self.overhead and node.instance_overhead_s != 0:
             overhead = None  # a node with no observation keeps its own profile, if it has one
-        if not learnt and overhead is None:
+        if not learnt and overhead is None and self.stop_s is None:
             return node
         return dataclasses.replace(
             node,
             bandwidth={**node.bandwidth, **learnt},
             instance_overhead_s=node.instance_overhead_s if overhead is None else overhead,
+            instance_stop_s=node.instance_stop_s if self.stop_s is None else self.stop_s,
         )
 
 
@@ -138,6 +143,13 @@ def observe_start(cal: Calibration, node: str, seconds: float, *, profile: float
     value = ewma(cal.overhead.get(node, profile), seconds, cal.alpha)
     return dataclasses.replace(cal, overhead={**cal.overhead, node: value},
                                starts={**cal.starts, node: cal.starts.get(node, 0) + 1})
+
+
+def observe_stop(cal: Calibration, seconds: float) -> Calibration:
+    """Fold one observed eviction (its decision to the victim's slot being free) into the stop time."""
+    if not (seconds >= 0 and math.isfinite(seconds)):
+        raise ValueError(f"seconds must be a finite number >= 0, got {seconds}")
+    return dataclasses.replace(cal, stop_s=ewma(cal.stop_s, seconds, cal.alpha))
 
 
 def observe_migration(cal: Calibration, obs: MigrationObservation, *, keep: int = MAX_MIGRATIONS) -> Calibration:

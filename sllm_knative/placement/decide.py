@@ -4,7 +4,8 @@ Every node yields options, each with an estimated time until the instance is rea
 
 - PLACE: the node has a free slot: `startup(m, n)`.
 - EVICT: no free slot, but an idle instance of another model (kept alive, not serving) with a
-  priority no higher than the request's can stop at once: `startup(m, n)`.
+  priority no higher than the request's can be stopped: its slot frees after the node's
+  `instance_stop_s` (learnt from observed evictions): `max(stop, queue_wait) + load + overhead`.
 - MIGRATE: no free slot; a busy, migratable instance of another model with a priority no
   higher than the request's moves its in-flight generations away, either onto a ready
   instance of its own model with room for them (cost `a * tokens + b`) or onto a free slot of
@@ -200,8 +201,10 @@ def _options(request: ModelRequest, node: NodeInventory, nodes: Sequence[NodeInv
         if displaceable(inst, request) is not None:
             continue
         if inst.idle:
-            yield Option(Action.EVICT, e, victim=inst.name,
-                         reason=f"no free slot; stop idle instance {inst.name} ({inst.model}); {base}")
+            stop = node.instance_stop_s
+            yield Option(Action.EVICT, e, free_s=stop, victim=inst.name,
+                         reason=f"no free slot; stop idle instance {inst.name} ({inst.model})"
+                                f"{f' in {stop:.2f}s' if stop else ''}; {base}")
         elif inst.migratable:
             target = _migration_targets(inst, node, nodes, cost)
             if target is None:

@@ -134,6 +134,10 @@ class NodeInventory:
     free_slots: int = 1
     instances: tuple[Instance, ...] = ()
     instance_overhead_s: float = 0.0
+    # Seconds from the decision to stop an idle instance here to its slot being free (take it out
+    # of rotation, check it is still idle, stop the process): what an EVICT waits before the new
+    # instance starts. 0 until observed (calibration.observe_stop).
+    instance_stop_s: float = 0.0
     # Measured rates of individual stores (store URI -> bytes/s): a model under one of them
     # loads from the remote tier at its store's rate, not the node's `bandwidth[REMOTE]`.
     remote_bandwidth: Mapping[str, float] = field(default_factory=dict)
@@ -153,6 +157,8 @@ class NodeInventory:
             raise ValueError(f"node {self.name}: free_slots must be >= 0, got {self.free_slots}")
         if not (self.instance_overhead_s >= 0 and math.isfinite(self.instance_overhead_s)):
             raise ValueError(f"node {self.name}: instance_overhead_s must be >= 0, got {self.instance_overhead_s}")
+        if not (self.instance_stop_s >= 0 and math.isfinite(self.instance_stop_s)):
+            raise ValueError(f"node {self.name}: instance_stop_s must be >= 0, got {self.instance_stop_s}")
         for store, bw in self.remote_bandwidth.items():
             if not (bw > 0 and math.isfinite(bw)):
                 raise ValueError(f"node {self.name}: remote_bandwidth[{store}] must be a finite number > 0, got {bw}")

@@ -18,6 +18,7 @@ from sllm_knative.placement import (
     observe_load,
     observe_migration,
     observe_start,
+    observe_stop,
     place,
 )
 
@@ -152,3 +153,17 @@ def test_observe_migration_refits_over_the_most_recent() -> None:
 def test_bad_alpha() -> None:
     with pytest.raises(ValueError, match="alpha"):
         Calibration(alpha=0.0)
+
+
+def test_observe_stop_learns_one_stop_time_for_every_node() -> None:
+    node = NodeInventory("a", {Tier.REMOTE: GB}, instance_stop_s=0.25)
+    assert Calibration().apply(node).instance_stop_s == 0.25  # nothing observed: the node's own
+    cal = observe_stop(Calibration(), 0.5)
+    assert cal.stop_s == 0.5
+    cal = observe_stop(cal, 1.5)
+    assert cal.stop_s == pytest.approx(0.8)  # 0.5 moved by alpha 0.3 towards 1.5
+    assert cal.apply(node).instance_stop_s == pytest.approx(0.8)
+    assert cal.apply(NodeInventory("b", {Tier.REMOTE: GB})).instance_stop_s == pytest.approx(0.8)
+    for bad in (-0.1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="seconds"):
+            observe_stop(cal, bad)

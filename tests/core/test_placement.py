@@ -249,6 +249,8 @@ def test_startup_formula() -> None:
     pytest.param(lambda: NodeInventory("n", {Tier.REMOTE: 0.0}), "bandwidth", id="zero-bandwidth"),
     pytest.param(lambda: NodeInventory("n", {Tier.REMOTE: GB}, {M: Tier.SSD}), "no bandwidth for tier\\(s\\) ssd",
                  id="checkpoint-tier-without-bandwidth"),
+    pytest.param(lambda: NodeInventory("n", {Tier.REMOTE: GB}, instance_stop_s=math.nan), "instance_stop_s",
+                 id="stop-time-not-a-number"),
     pytest.param(lambda: ModelRequest(M, 0), "size_bytes", id="empty-model"),
     pytest.param(lambda: Instance("i", M, GB, remaining_s=-1.0), "remaining_s", id="negative-remaining"),
     pytest.param(lambda: QueuedLoad(M, -1, Tier.SSD), "remaining_bytes", id="negative-queue"),
@@ -335,3 +337,21 @@ def test_a_fast_store_never_beats_a_dram_copy() -> None:
     assert other.rate(Tier.SSD) == BW[Tier.SSD]  # slower than DRAM: unchanged
     got = place(model, [other, holder], Calibration())
     assert got.node == "holder" and got.chosen is not None and got.chosen.estimate.tier == Tier.DRAM, got.reasons
+
+
+@pytest.mark.parametrize("stop,want_node,action,want_s", [
+    # a's DRAM copy behind an idle instance of another model (0.5 + 0.3 s once the slot is free)
+    # against b's free slot and a load from the SSD (2.5 + 0.3 s)
+    pytest.param(0.0, "a", Action.EVICT, 0.8, id="a-stop-not-yet-observed-is-taken-as-immediate"),
+    pytest.param(1.0, "a", Action.EVICT, 1.8, id="the-stop-adds-to-the-eviction"),
+    pytest.param(3.0, "b", Action.PLACE, 2.8, id="a-slow-stop-loses-to-a-free-slot-elsewhere"),
+])
+def test_an_eviction_waits_for_the_victim_to_stop(stop: float, want_node: str, action: Action, want_s: float) -> None:
+    import dataclasses
+
+    a = dataclasses.replace(node("a", Tier.DRAM, free=0, instances=(idle("x"),)), instance_stop_s=stop)
+    p = place(REQ, [a, node("b", Tier.SSD)])
+    assert (p.node, p.action) == (want_node, action)
+    assert p.estimate_s == pytest.approx(want_s)
+    if action == Action.EVICT and stop:
+        assert f"stop idle instance x ({OTHER}) in {stop:.2f}s" in p.reasons[0]

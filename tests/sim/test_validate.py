@@ -170,14 +170,15 @@ def test_pending_pod_takes_the_freed_slot_at_once() -> None:
     assert starts[1][1] == stops[0]  # b's pod started when a's instance stopped
 
 
-def _sim(policy: str, models: list[Any], requests: list[Any], **hw_changes: Any) -> Any:
+def _sim(policy: str, models: list[Any], requests: list[Any], min_residency_s: float = 10.0, **hw_changes: Any) -> Any:
     import dataclasses
 
     from sim.engine import Simulation
     from sim.policies import get_policy
 
     hw = dataclasses.replace(v.hardware(v.measure(_doc(), LOGS)), load_noise=0.0, compute_noise=0.0, **hw_changes)
-    cfg = v.SimConfig(nodes=1, capacity=4, keep_alive_s=6.0, max_scale=1, stable_window_s=6.0)
+    cfg = v.SimConfig(nodes=1, capacity=4, keep_alive_s=6.0, max_scale=1, stable_window_s=6.0,
+                      min_residency_s=min_residency_s)
     return Simulation(hw, dataclasses.replace(get_policy(policy), keep_alive=True), models, requests, cfg).run()
 
 
@@ -320,3 +321,39 @@ def test_fresh_load_factor_measured(profile: str, cold_loads: list[float], want:
     m = v.measure(doc, LOGS)
     assert v.fresh_load_factor(m, profile) == pytest.approx(want)
     assert v.hardware(m, profile).fresh_load_factor == pytest.approx(want)
+
+
+PREEMPTING = ('2026-12-06T13:06:{t}Z INFO autoscaler msg=preempting service=default/{s} checkpoint=file:///c1 '
+              'action={a} node=node-1 victim=s0-6 fair_share=False reason="evict on node-1: 0.30s (no free slot)"')
+STARTING = ('2026-12-06T13:06:{t}Z INFO autoscaler.backend msg="instance starting" service=default/{s} '
+            'checkpoint=file:///c1 instance={s}-10 node=node-1 pid=24092 tier=dram')
+
+
+@pytest.mark.parametrize(("lines", "want"), [
+    ([PREEMPTING.format(t="37.094", s="s1", a="evict"), STARTING.format(t="37.659", s="s1")], [0.565]),
+    # s2's instance starts without an eviction; s1's eviction is paired with s1's start only
+    ([PREEMPTING.format(t="37.000", s="s1", a="evict"), STARTING.format(t="37.200", s="s2"),
+      STARTING.format(t="37.500", s="s1")], [0.5]),
+    ([PREEMPTING.format(t="37.000", s="s1", a="migrate"), STARTING.format(t="39.000", s="s1")], []),  # not an eviction
+    ([STARTING.format(t="37.659", s="s1")], []),
+])
+def test_stop_times(lines: list[str], want: list[float]) -> None:
+    assert v.stop_times(lines) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("stop", [0.0, 0.5])
+def test_an_eviction_waits_for_the_victims_stop(stop: float) -> None:
+    """Two services hold the node's two slots, idle (no minimum residency protects them); a third
+    arrives and evicts one of them: its instance starts `stop_s` later, and the calibrating
+    policy learns the stop time. (The evicted service, still wanted by its decider until its
+    keep-alive ends, then takes a slot back the same way.)"""
+    from sim.workload import Model, Request
+
+    models = [Model(n, "replay", 100, 1, checkpoint=f"c{k}") for k, n in enumerate("abc")]
+    requests = [Request(0, 0.0, "a", 10, 3), Request(1, 0.0, "b", 10, 3), Request(2, 3.0, "c", 10, 3)]
+    sim = _sim("sllm", models, requests, min_residency_s=0.0, stop_s=stop)
+    base = _sim("sllm", models, requests, min_residency_s=0.0)
+    assert sim.stats.evictions >= 1 and base.stats.evictions >= 1
+    assert sim.ttfts()[:2] == pytest.approx(base.ttfts()[:2])
+    assert sim.ttfts()[2] == pytest.approx(base.ttfts()[2] + stop)
+    assert sim.calibration.stop_s == (pytest.approx(stop) if stop else None)
