@@ -21,6 +21,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from autoscaler.activator_client import Activator
+from autoscaler.activator_stats import fresh, total
 from autoscaler.backends.base import Backend
 from autoscaler.decider import DeciderInputs, decide
 from autoscaler.scaling import Scaler
@@ -48,6 +49,8 @@ class Autoscaler:
         # count none of them and start them again).
         self.may_decide: Callable[[], bool] = lambda: True
         self._boots: set[str] = set()  # the activator processes heard from (StatsReport.boot)
+        # each activator replica's latest report and when it came (by boot; "" for one without)
+        self._latest: dict[str, tuple[float, StatsReport]] = {}
 
     @property
     def services(self) -> dict[str, ServiceRuntime]:
@@ -88,16 +91,21 @@ class Autoscaler:
                           services=len(self.table.services))
             for svc in list(self.table.services.values()):
                 self._spawn(self.scaler.push(svc))
+        # Each replica sees only what it proxies: its latest report joins the others' (activator_stats).
+        self._latest[report.boot or ""] = (now, report)
+        self._latest = fresh(self._latest, now)
+        loads = total(r for _, r in self._latest.values())
         for s in report.services:
             rt = self.table.get(str(s.key))
-            if rt is None:
+            load = loads.get(str(s.key))
+            if rt is None or load is None:
                 continue
-            rt.window = rt.window.record(now, s.average_concurrency)
-            rt.in_flight = s.in_flight
-            rt.held, rt.oldest_held_s, rt.stats_at = s.held, s.oldest_held_s, now
-            if s.in_flight or s.requests:
+            rt.window = rt.window.record(now, load.average_concurrency)
+            rt.in_flight = load.in_flight
+            rt.held, rt.oldest_held_s, rt.stats_at = load.held, load.oldest_held_s, now
+            if load.in_flight or load.requests:
                 rt.last_request_at = now
-            rt.outstanding = {i.id: i.outstanding for i in s.instances}
+            rt.outstanding = load.outstanding
 
     async def on_demand(self, key: str, in_flight: int) -> None:
         """A request waits for a service at zero: record it and decide now, not at the next tick."""
