@@ -373,7 +373,7 @@ def test_a_prefilled_resume_is_admitted_at_the_concurrency_limit(server_pair, ti
     try:
         full.wait_ready()
         with httpx.Client(timeout=60) as c, c.stream("POST", f"{a.url}/v1/completions",
-                                                     json=body(temperature=0, max_tokens=40)) as r:
+                                                     json=body(temperature=0, max_tokens=EXPORTED_TOKENS)) as r:
             reference = consume(r, Collected())
         state = export_at(a, 5)
         occupant = threading.Thread(target=Load._run, args=(full, body(max_tokens=600, logprobs=None)), daemon=True)
@@ -395,8 +395,14 @@ def test_a_prefilled_resume_is_admitted_at_the_concurrency_limit(server_pair, ti
         full.stop()
 
 
+# Long enough that the generation still runs when the client, reading the stream, asks for the
+# export: with 40 tokens the tiny model had finished (404) by the time a loaded CI machine's
+# client read the fifth chunk.
+EXPORTED_TOKENS = 300
+
+
 def export_at(server: Server, tokens: int) -> dict:
-    """A greedy generation of 40 tokens on `server`, exported once it has `tokens` of them."""
+    """A greedy generation of EXPORTED_TOKENS tokens on `server`, exported once it has `tokens` of them."""
     got: dict = {}
 
     def on_chunk(out: Collected) -> None:
@@ -404,7 +410,7 @@ def export_at(server: Server, tokens: int) -> dict:
             got.update(export(server, out.id))
 
     with httpx.Client(timeout=60) as c, c.stream("POST", f"{server.url}/v1/completions",
-                                                 json=body(temperature=0, max_tokens=40)) as r:
+                                                 json=body(temperature=0, max_tokens=EXPORTED_TOKENS)) as r:
         consume(r, Collected(), on_chunk)
     assert got, "never exported"
     return {**got, "id": got["id"] + "-copy"}
