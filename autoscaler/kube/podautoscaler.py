@@ -69,6 +69,10 @@ class Settings:
     initial_scale: int = 1
     allow_zero_initial_scale: bool = False
     probe_period_s: float = 1.0
+    # kpa/scaler.go handleScaleToZero: a PA still activating (Active Unknown) is not scaled to
+    # zero until this long after it began: config-deployment's progress-deadline (600 s by
+    # default) plus Knative's activationTimeoutBuffer (10 s).
+    activation_timeout_s: float = 610.0
 
 
 @dataclass
@@ -250,7 +254,14 @@ def reconcile(pa: dict[str, Any], sks: dict[str, Any] | None, pods: Pods, replic
         if hi:
             want = min(want, hi)
 
-    # 4. The way to zero: Proxy first, the activator's answer, the grace period, then 0.
+    # 4. The way to zero: Proxy first, the activator's answer, the grace period, then 0. Not while
+    # activating (kpa/scaler.go handleScaleToZero): a first pod that served its request and went
+    # idle before a reconcile saw it ready would otherwise mark the PA TimedOut, and Knative's
+    # Revision reconciler then fails the revision for good ("Initial scale was never achieved").
+    activating_for = _since(status, ACTIVE, "Unknown", now)
+    if want == 0 and activating_for is not None and activating_for < settings.activation_timeout_s:
+        want = UNKNOWN
+        plan.requeue_after_s = settings.activation_timeout_s - activating_for
     apply = want >= 0
     if want == 0 and (replicas or 0) > 0:
         inactive_for = _since(status, ACTIVE, "False", now)

@@ -165,6 +165,22 @@ def test_activation_that_never_happens_times_out() -> None:
     assert _c(plan.status, ACTIVE) == ("False", "TimedOut")
 
 
+@pytest.mark.parametrize(("ready", "active", "initialized"), [
+    # the first pod served its request and went idle before a reconcile saw it ready: the PA
+    # becomes Active and initialized (not TimedOut, which would fail the revision for good)
+    (1, ("True", ""), "True"),
+    (0, ("Unknown", "Queued"), "Unknown"),  # still starting: still activating
+])
+def test_no_scale_to_zero_while_activating(ready: int, active: tuple[str, str], initialized: str) -> None:
+    """kpa/scaler.go handleScaleToZero: within the activation timeout a desired 0 is not applied
+    while the PA is activating; the reconcile comes back when the timeout would run out."""
+    plan = reconcile(_pa(_status("Unknown", 5, initialized=False)), _sks(), Pods(ready=ready), 1, Advice(0), S, NOW)
+    assert _c(plan.status, ACTIVE) == active
+    assert _c(plan.status, SCALE_TARGET_INITIALIZED)[0] == initialized
+    assert plan.scale is None
+    assert plan.requeue_after_s == pytest.approx(S.activation_timeout_s - 5)
+
+
 def test_an_invalid_revision_is_reported_and_nothing_scales() -> None:
     """The autoscaler does not serve the revision (its configuration is invalid): the PA says why
     (Active and Ready False, InvalidConfiguration, the message naming the field), a Warning Event
