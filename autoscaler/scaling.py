@@ -45,7 +45,7 @@ from autoscaler.preemption import (
     plan_drain,
     plan_preemption,
 )
-from autoscaler.services import ServiceRuntime, ServiceTable
+from autoscaler.services import ServiceRuntime, ServiceTable, start_backoff_s
 from autoscaler.slots import Reservation, SlotLedger
 from autoscaler.view import (
     LoadInFlight,
@@ -75,14 +75,6 @@ _log = get_logger("autoscaler")
 DEFAULT_MODEL_BYTES = 1 << 30  # until a node has seen the checkpoint
 READY_WAIT_S = 330.0  # a backend reports FAILED after 300 s; this only guards against a lost event
 EARLY_EVENTS_KEPT = 256  # instances whose events came before their start() returned
-START_BACKOFF_S, START_BACKOFF_MAX_S = 5.0, 300.0  # after failed starts in a row: 5, 10, 20 s ... 5 min
-
-
-def start_backoff_s(failed_starts: int) -> float:
-    """How long a service waits before its next start after `failed_starts` failures in a row (pure)."""
-    if failed_starts <= 0:
-        return 0.0
-    return min(START_BACKOFF_MAX_S, START_BACKOFF_S * 2 ** min(failed_starts - 1, 16))
 
 
 @dataclasses.dataclass
@@ -177,13 +169,9 @@ class Scaler:
                 _log.info("preempting", service=svc.key, checkpoint=rt.model, action=str(decision.action),
                           node=decision.node, victim=claim.option.victim, destination=claim.option.destination,
                           fair_share=starving, reason=decision.reasons[0])
-                t_freed = time.perf_counter()
                 freed = await self._preempt(claim, nodes)
                 if freed is None:
                     return
-                if decision.action == Action.EVICT:  # how long the victim's slot took to free: learnt
-                    freed["stop_s"] = round(time.perf_counter() - t_freed, 4)
-                    self.calibration = observe_stop(self.calibration, freed["stop_s"])
                 record.update(freed)
             rec = await self._start(rt, decision.node, str(claim.option.estimate.tier), record, claim.slot)
         finally:
@@ -414,7 +402,7 @@ class Scaler:
     async def _preempt(self, claim: Claim, nodes: list[NodeInventory]) -> dict[str, Any] | None:
         """Free the victim's slot for the claim's EVICT or MIGRATE option: run the plan's first
         step, look again, plan again. None when it was called off."""
-        option, vrt = claim.option, claim.victim_service
+        option, vrt, t0 = claim.option, claim.victim_service, time.perf_counter()
         tier = claim.destination_slot.load.tier if claim.destination_slot else Tier.REMOTE
         view = PreemptionView(option, self._victim_view(option.victim or ""), tier, wait_s=self.preempt_wait_s)
         destination = option.destination if option.action == Action.MIGRATE else None
@@ -443,8 +431,12 @@ class Scaler:
         outcomes = [str(o) for o in migration.outcomes] if migration else []
         _log.info("preempted", service=vrt.key if vrt else None, instance=option.victim, node=option.node,
                   generations=len(outcomes), outcomes=",".join(outcomes))
-        return {"victim": option.victim, "victim_service": vrt.key if vrt else None, "destination": destination,
-                "migrations": outcomes}
+        freed: dict[str, Any] = {"victim": option.victim, "victim_service": vrt.key if vrt else None,
+                                 "destination": destination, "migrations": outcomes}
+        if option.action == Action.EVICT:  # how long the victim's slot took to free: learnt
+            freed["stop_s"] = round(time.perf_counter() - t0, 4)
+            self.calibration = observe_stop(self.calibration, freed["stop_s"])
+        return freed
 
     async def _start_destination(self, vrt: ServiceRuntime, step: StartDestination, claim: Claim) -> str | None:
         """StartDestination: the new instance's id once it is ready, None when it did not become ready."""

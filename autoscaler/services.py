@@ -20,6 +20,14 @@ from sllm_knative.config import Manifest, ScalingPolicy, ServiceConfig, policy_f
 MIGRATIONS_KEPT = 20  # the latest migration results of a service, for `sllm-knative get`
 MIN_RESIDENCY_S = 10.0  # a new instance is not displaced for another service this long (ScalingPolicy minResidency)
 FAIR_SHARE_AFTER_S = 15.0  # a request waiting this long takes an instance of a service holding two (fairShareAfter)
+START_BACKOFF_S, START_BACKOFF_MAX_S = 5.0, 300.0  # after failed starts in a row: 5, 10, 20 s ... 5 min
+
+
+def start_backoff_s(failed_starts: int) -> float:
+    """How long a service waits before its next start after `failed_starts` failures in a row (pure)."""
+    if failed_starts <= 0:
+        return 0.0
+    return min(START_BACKOFF_MAX_S, START_BACKOFF_S * 2 ** min(failed_starts - 1, 16))
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ import pytest
 from autoscaler.backends.base import Backend, InstanceState
 from autoscaler.backends.local import LocalBackend
 from autoscaler.backends.memory import MemoryBackend, MemoryNode
-from autoscaler.scaling import start_backoff_s
+from autoscaler.services import start_backoff_s
 from sllm_knative.api import MigrationOutcome
 from sllm_knative.placement import Tier
 from tests.autoscaler.cluster import Cluster, node, service, uri
