@@ -19,6 +19,7 @@ Knative sets `PORT`; everything else has an `SLLM_*` variable and a flag (flags 
 | --numerics            | SLLM_NUMERICS                                 | exact on cpu, fast on cuda |
 | --dtype               | SLLM_DTYPE                                    | auto: cpu bf16 if native, else float32; cuda the checkpoint's |
 | --tile-rows           | SLLM_TILE_ROWS                                | 16 in bf16 on cpu, else 2 |
+| --linear              | SLLM_LINEAR                                   | auto: avx512-bf16 on a cpu with it and no AMX (exact bf16), else torch |
 | --threads             | SLLM_THREADS                                  | fast: torch's (all cores); exact: 1 |
 | --forward             | SLLM_FORWARD                                  | auto (lean Llama-family path) |
 | --step-tokens         | SLLM_STEP_TOKENS                              | 256                      |
@@ -49,7 +50,9 @@ warm-up, while the warm-up itself took 0.3-0.5 s of every cold start; so `auto` 
 avx512_bf16 in /proc/cpuinfo) and in float32 on any other CPU; on CUDA in the checkpoint's dtype
 (functions/llm/dtypes.py). A checkpoint of another dtype is cast tensor by tensor at load.
 The default tile of exact numerics follows the dtype: 16 rows in bfloat16 on the CPU (one AMX
-tile; a 16-row bf16 product costs about what a 2-row one does), 2 otherwise.
+tile; a 16-row bf16 product costs about what a 2-row one does), 2 otherwise. `--linear auto`
+replaces the tiles by our batch-invariant AVX512-BF16 kernel on a CPU that has it and no AMX
+(functions/llm/kernels.py): there a 16-row tile costs 3x one row.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from functions.llm.dtypes import SETTINGS as DTYPE_SETTINGS
+from functions.llm.kernels import SETTINGS as LINEAR_SETTINGS
 from sllm_knative.api.auth import token_from_env
 from sllm_knative.loader.address import default_listen, default_node
 from sllm_knative.mounts import container_path, mount_root, unix_target
@@ -82,6 +86,7 @@ class ServeConfig:
     numerics: str = "exact"
     dtype: str = "auto"  # compute dtype setting (functions/llm/dtypes.py): auto or a dtype name
     tile_rows: int | None = None  # exact numerics' tile; None: by dtype (numerics.default_tile_rows)
+    linear: str = "auto"  # the linear layers' kernel (functions/llm/kernels.py): auto, torch or avx512-bf16
     # Intra-op compute threads in fast numerics (exact numerics always uses one). The autoscaler
     # sets the instance's share of its node (SLLM_THREADS, sllm_knative.config.compute_threads).
     threads: int | None = None
@@ -127,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="compute dtype; auto: bfloat16 on a CPU with a native bf16 multiply, else float32; "
                         "on cuda the checkpoint's")
     p.add_argument("--tile-rows", type=int)
+    p.add_argument("--linear", choices=list(LINEAR_SETTINGS),
+                   help="the linear layers' kernel; auto: our AVX512-BF16 kernel for exact bf16 on a CPU "
+                        "with avx512_bf16 and no AMX, else torch's products")
     p.add_argument("--threads", type=int)
     p.add_argument("--forward", choices=["auto", "transformers"])
     p.add_argument("--step-tokens", type=int)
@@ -215,6 +223,7 @@ def parse(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = Non
         numerics=pick(args.numerics, "SLLM_NUMERICS") or ("fast" if device.startswith("cuda") else "exact"),
         dtype=(pick(args.dtype, "SLLM_DTYPE") or "auto").lower(),
         tile_rows=args.tile_rows if args.tile_rows is not None else _env_int(env, "SLLM_TILE_ROWS"),
+        linear=(pick(args.linear, "SLLM_LINEAR") or "auto").lower(),
         threads=args.threads if args.threads is not None else _env_int(env, "SLLM_THREADS"),
         forward=pick(args.forward, "SLLM_FORWARD") or "auto",
         step_tokens=num(args.step_tokens, "SLLM_STEP_TOKENS", 256),
@@ -283,6 +292,8 @@ def validate(cfg: ServeConfig) -> None:
         at_least("tile-rows", cfg.tile_rows, 1)
     if cfg.dtype not in DTYPE_SETTINGS:
         problems.append(f"dtype = {cfg.dtype!r} (--dtype / SLLM_DTYPE), must be one of {', '.join(DTYPE_SETTINGS)}")
+    if cfg.linear not in LINEAR_SETTINGS:
+        problems.append(f"linear = {cfg.linear!r} (--linear / SLLM_LINEAR), must be one of {', '.join(LINEAR_SETTINGS)}")
     if cfg.threads is not None:
         at_least("threads", cfg.threads, 1)
     at_least("step-tokens", cfg.step_tokens, 1)

@@ -32,6 +32,11 @@ where the CPU has it, of one fixed shape): tested bit for bit like float32. Its 
 16 rows (`default_tile_rows`): one AMX tile, and a 16-row bf16 product costs about what a 2-row
 one does, so 8 decoding streams share one multiply per layer instead of four.
 
+On a CPU with AVX512-BF16 and no AMX, the linear layers use our own kernel instead of tiles
+(`functions/llm/kernels.py`, cuda_ext/src/cpu_linear.cpp): every output element has its own
+accumulator and a fixed instruction sequence, so a row's result is invariant for any row count
+and a decoding stream is not padded to a tile.
+
 `fast` uses the stock linear layers and scaled-dot-product attention: quicker on large
 models, deterministic for a fixed batch composition only. tests/functions/test_llm_numerics.py
 checks the exact mode bit for bit.
@@ -45,6 +50,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from functions.llm import kernels
 
 if TYPE_CHECKING:
     from functions.llm.runner import StepBatch
@@ -104,39 +111,47 @@ def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return y if padded == m else y[:m]
 
 
-def linear_function(mode: str, tile_rows: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None],
-                                                           torch.Tensor]:
-    """The linear layer of a numerics mode: (x [rows, in], weight, bias) -> [rows, out]."""
+def linear_function(mode: str, tile_rows: int, linear: str = "torch") -> Callable[
+        [torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """The linear layer of a numerics mode: (x [rows, in], weight, bias) -> [rows, out].
+
+    `linear` is the kernel (functions/llm/kernels.py): "torch" (tiles of `tile_rows` rows in exact
+    numerics, torch's own linear in fast) or "avx512-bf16" (invariant for any row count: no tiles).
+    """
+    if linear == kernels.AVX512_BF16:
+        return kernels.bf16_linear
     if mode == EXACT:
         return lambda x, w, b: tiled_linear(x, w, b, tile_rows)
     return nn.functional.linear
 
 
 class TiledLinear(nn.Module):
-    """nn.Linear through `tiled_linear`; shares the weight and bias of the module it replaces."""
+    """nn.Linear through an exact linear function (`linear_function`); shares the weight and bias
+    of the module it replaces."""
 
-    def __init__(self, linear: nn.Linear, tile_rows: int) -> None:
+    def __init__(self, linear: nn.Linear, tile_rows: int, kernel: str = "torch") -> None:
         super().__init__()
         self.weight = linear.weight
         self.bias = linear.bias
         self.tile_rows = tile_rows
         self.in_features = linear.in_features
         self.out_features = linear.out_features
+        self._linear = linear_function(EXACT, tile_rows, kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = tiled_linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias, self.tile_rows)
+        y = self._linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
         return y.view(*x.shape[:-1], self.out_features)
 
 
-def tile_linears(module: nn.Module, tile_rows: int) -> int:
+def tile_linears(module: nn.Module, tile_rows: int, kernel: str = "torch") -> int:
     """Replace every nn.Linear under module with a TiledLinear; returns how many."""
     count = 0
     for name, child in list(module.named_children()):
         if type(child) is nn.Linear:
-            setattr(module, name, TiledLinear(child, tile_rows))
+            setattr(module, name, TiledLinear(child, tile_rows, kernel))
             count += 1
         else:
-            count += tile_linears(child, tile_rows)
+            count += tile_linears(child, tile_rows, kernel)
     return count
 
 

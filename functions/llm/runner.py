@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
-from functions.llm import decoder, numerics
+from functions.llm import decoder, kernels, numerics
 
 _ATTN_NAME = "sllm_packed"
 FORWARDS = ("auto", "transformers")  # auto: the lean decoder forward when the model supports it
@@ -127,11 +127,18 @@ class ModelRunner:
     """
 
     def __init__(self, model: Any, *, slots: int, max_len: int, mode: str = numerics.EXACT,
-                 tile_rows: int | None = None, forward: str = "auto", threads: int | None = None) -> None:
+                 tile_rows: int | None = None, forward: str = "auto", threads: int | None = None,
+                 linear: str = kernels.TORCH) -> None:
         if mode not in numerics.MODES:
             raise ValueError(f"numerics = {mode!r}, must be one of {', '.join(numerics.MODES)}")
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype  # the compute dtype: the service casts the weights to it
+        if linear not in kernels.LINEARS:
+            raise ValueError(f"linear = {linear!r}, must be one of {', '.join(kernels.LINEARS)}")
+        if linear == kernels.AVX512_BF16:
+            if self.device.type != "cpu" or self.dtype != torch.bfloat16:
+                raise ValueError(f"linear = {linear} computes bfloat16 on the cpu, not {self.dtype} on {self.device}")
+            tile_rows = 1  # any row count is invariant: nothing to pad
         if tile_rows is None:
             tile_rows = numerics.default_tile_rows(self.dtype, self.device.type)
         if tile_rows < 1:
@@ -146,6 +153,7 @@ class ModelRunner:
         self.model = model
         self.mode = mode
         self.tile_rows = tile_rows
+        self.linear = linear
         heads = cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -164,14 +172,14 @@ class ModelRunner:
         why_not = decoder.unsupported(model)
         self.forward_kind = "decoder" if forward == "auto" and why_not is None else "transformers"
         if self.forward_kind == "decoder":
-            self._lean = decoder.DecoderForward(model, numerics.linear_function(mode, tile_rows))
+            self._lean = decoder.DecoderForward(model, numerics.linear_function(mode, tile_rows, linear))
         else:
             if not getattr(model, "_supports_attention_backend", False):
                 raise ValueError(f"{type(model).__name__} does not route attention through the transformers "
                                  "attention interface; it cannot be served with continuous batching")
             model.config._attn_implementation = _ATTN_NAME
-            if mode == numerics.EXACT:
-                numerics.tile_linears(model, tile_rows)
+            if mode == numerics.EXACT or linear != kernels.TORCH:
+                numerics.tile_linears(model, tile_rows, linear)
         self.bind_thread()
         self.cache = KVCache(cfg.num_hidden_layers, slots, kv_heads, self.max_len, head_dim, self.dtype,
                              self.device)
@@ -187,7 +195,7 @@ class ModelRunner:
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match between two instances for exact resumption (see docs/function.md)."""
-        return {"mode": self.mode, "tile_rows": self.tile_rows, "forward": self.forward_kind,
+        return {"mode": self.mode, "tile_rows": self.tile_rows, "linear": self.linear, "forward": self.forward_kind,
                 "device": self.device.type,
                 "dtype": str(self.dtype).removeprefix("torch."), "torch": torch.__version__.split("+")[0]}
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from functions.llm.config import ServeConfig
 from functions.llm.dtypes import DtypeChoice
 from functions.llm.errors import BadRequest, TooManyRequests, Unavailable
+from functions.llm.kernels import LinearChoice
 from functions.llm.metrics import FunctionMetrics, Stopwatch
 from functions.llm.params import MAX_SEED, Output
 from functions.llm.weights import LeasedCheckpoint, LeaseFailed, WeightsSource, source_for
@@ -91,6 +92,7 @@ class ModelHost:
         self.threads: int | None = None  # the engine's intra-op threads, once loaded
         self.dtype: DtypeChoice | None = None  # the compute dtype and why, once loaded
         self.tile_rows: int | None = None  # exact numerics' tile, once loaded
+        self.linear: LinearChoice | None = None  # the linear layers' kernel and why, once loaded
         self._resources = contextlib.ExitStack()
         self._thread: threading.Thread | None = None
         # Set by the server once its SIGTERM handler is installed: a load that fails before then
@@ -121,7 +123,7 @@ class ModelHost:
         self.source.request()
         import torch  # noqa: F401  (timed: the imports are a phase of the startup)
 
-        from functions.llm import dtypes, weights
+        from functions.llm import dtypes, kernels, weights
         from functions.llm.engine import Engine
         from functions.llm.runner import ModelRunner
         watch.lap("imports")
@@ -129,12 +131,15 @@ class ModelHost:
         if isinstance(self.source, LeasedCheckpoint):
             watch.lap("lease")  # granted; on the CPU also filled (on a GPU the load follows the fill)
         model, tokenizer = weights.load(path, self.cfg.device, follow=self.source.follow)
-        choice = dtypes.choose(self.cfg.dtype, self.cfg.device, weights.checkpoint_dtype(model), dtypes.cpu_flags())
+        flags = dtypes.cpu_flags()
+        choice = dtypes.choose(self.cfg.dtype, self.cfg.device, weights.checkpoint_dtype(model), flags)
+        linear = kernels.choose(self.cfg.linear, self.cfg.numerics, self.cfg.device, choice.dtype, flags,
+                                kernels.built())
         weights.cast_parameters(model, getattr(torch, choice.dtype))  # nothing to do when they agree
         watch.lap("load")
         runner = ModelRunner(model, slots=self.cfg.kv_slots, max_len=self.cfg.max_model_len,
                              mode=self.cfg.numerics, tile_rows=self.cfg.tile_rows, forward=self.cfg.forward,
-                             threads=self.cfg.threads)
+                             threads=self.cfg.threads, linear=linear.linear)
         engine = Engine(runner, tokenizer, eos_ids=weights.eos_ids(model, tokenizer),
                         step_tokens=self.cfg.step_tokens, parked_slots=self.cfg.parked_slots, log=self.log,
                         metrics=self.metrics)
@@ -146,6 +151,7 @@ class ModelHost:
         self.max_len = runner.max_len
         self.threads = runner.threads or torch.get_num_threads()
         self.dtype = choice
+        self.linear = linear
         self.tile_rows = runner.tile_rows if runner.mode == "exact" else None
         self.vocab_size = runner.vocab_size
         self.engine = engine
@@ -157,7 +163,8 @@ class ModelHost:
         self.log.info("ready", served_model=self.cfg.model_name, seconds=round(watch.total(), 3),
                       kv_slots=self.cfg.kv_slots, kv_cache_bytes=runner.cache.nbytes, numerics=runner.mode,
                       forward=runner.forward_kind, max_len=runner.max_len, dtype=choice.dtype,
-                      dtype_reason=choice.reason, tile_rows=self.tile_rows,
+                      dtype_reason=choice.reason, tile_rows=self.tile_rows, linear=linear.linear,
+                      linear_reason=linear.reason,
                       **{f"{k}_s": round(v, 3) for k, v in watch.phases.items()})
 
     def shutdown(self) -> None:
@@ -178,7 +185,9 @@ class ModelHost:
                 # the compute dtype, why it was chosen and the setting (once loaded); exact's tile
                 "compute": {"numerics": self.cfg.numerics, "threads": self.threads, "threads_setting": self.cfg.threads,
                             **(self.dtype.report() if self.dtype else {"dtype": None, "dtype_reason": None}),
-                            "dtype_setting": self.cfg.dtype, "tile_rows": self.tile_rows}}
+                            "dtype_setting": self.cfg.dtype, "tile_rows": self.tile_rows,
+                            **(self.linear.report() if self.linear else {"linear": None, "linear_reason": None}),
+                            "linear_setting": self.cfg.linear}}
 
     # -- requests (event-loop thread) ---------------------------------------------------
     def require_engine(self) -> Engine:

@@ -17,7 +17,7 @@ A JSON object (version 1), specified in docs/function.md:
       "logprobs": [[token, logprob, [[token, logprob], …]], …] | null
                                       entries not yet delivered (non-streaming requests)
       "finish_reason": null | "stop" | "length",
-      "numerics": {mode, tile_rows, device, dtype, torch}   of the instance that exported it
+      "numerics": {mode, tile_rows, linear, forward, device, dtype, torch}   of the exporting instance
       "detok": {"text": str, "prefix": int, "read": int} | null (optional)
                                       the exporter's detokenizer: generated text decoded so far and
                                       its incremental-decode offsets into the generated ids; without

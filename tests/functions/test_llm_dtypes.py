@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 
-from functions.llm import dtypes, numerics, weights
+from functions.llm import dtypes, kernels, numerics, weights
 from functions.llm.runner import Feed, ModelRunner
 from sllm_knative.loading import load_model
 from tests.functions.conftest import Server
@@ -95,13 +95,17 @@ def test_the_server_reports_its_dtype(tiny_model, tmp_path, extra, env, setting)
     import os
 
     want = dtypes.choose(setting, "cpu", "float32", dtypes.cpu_flags())
+    linear = kernels.choose("auto", "exact", "cpu", want.dtype, dtypes.cpu_flags(), kernels.built())
+    tile_rows = 1 if linear.linear == kernels.AVX512_BF16 else numerics.default_tile_rows(getattr(torch, want.dtype))
     log = tmp_path / "server.log"
     server = Server(tiny_model, log, *extra, env=None if env is None else {**os.environ, **env})
     try:
         compute = server.wait_ready()["compute"]
         assert compute["dtype"] == want.dtype and compute["dtype_reason"] == want.reason
         assert compute["dtype_setting"] == setting
-        assert compute["tile_rows"] == numerics.default_tile_rows(getattr(torch, want.dtype))
+        assert compute["tile_rows"] == tile_rows
+        assert (compute["linear"], compute["linear_reason"], compute["linear_setting"]) == (
+            linear.linear, linear.reason, "auto")
         r = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 4,
                                                             "temperature": 0, "ignore_eos": True}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
@@ -109,7 +113,8 @@ def test_the_server_reports_its_dtype(tiny_model, tmp_path, extra, env, setting)
         server.stop()
     ready = [line for line in log.read_text().splitlines() if "msg=ready " in line]
     assert len(ready) == 1, log.read_text()[-2000:]
-    assert f'dtype={want.dtype} dtype_reason="{want.reason}" tile_rows={compute["tile_rows"]} ' in ready[0], ready
+    assert (f'dtype={want.dtype} dtype_reason="{want.reason}" tile_rows={tile_rows} linear={linear.linear} '
+            f'linear_reason="{linear.reason}" ') in ready[0], ready
 
 
 @pytest.fixture(scope="module")
@@ -139,20 +144,27 @@ def _scrambled(runner: ModelRunner, seq: list[int], rng: random.Random) -> torch
     return torch.cat(got)
 
 
-def test_exact_bf16_is_bit_for_bit_on_the_real_model(smollm2):
+@pytest.mark.parametrize("linear", [
+    kernels.TORCH,
+    pytest.param(kernels.AVX512_BF16, marks=pytest.mark.skipif(
+        not kernels.built(), reason="this CPU has no AVX512-BF16 (or the extension was built without it)")),
+])
+def test_exact_bf16_is_bit_for_bit_on_the_real_model(smollm2, linear):
     """SmolLM2-135M in bf16 (its converted checkpoint's dtype): exact numerics gives every
-    position's logits bit for bit whatever the chunking and the company; fast numerics, on the
-    same feeds, does not (so the comparison can tell)."""
+    position's logits bit for bit whatever the chunking and the company, with torch's 16-row
+    tiles or our kernel; fast numerics, on the same feeds, does not (so the comparison can tell)."""
     rng = random.Random(7)
     seq = [rng.randrange(3, 49152) for _ in range(140)]  # across the first key-block boundary
     fast_differs = None
     for mode in (numerics.EXACT, numerics.FAST):
-        runner = ModelRunner(load_model(smollm2), slots=4, max_len=512, mode=mode, threads=1)
+        runner = ModelRunner(load_model(smollm2), slots=4, max_len=512, mode=mode, threads=1,
+                             linear=linear if mode == numerics.EXACT else kernels.TORCH)
         assert runner.dtype == torch.bfloat16
         whole = runner.step([Feed(0, 0, seq, 0)])[0]
         scrambled = _scrambled(runner, seq, random.Random(1))
         if mode == numerics.EXACT:
-            assert runner.tile_rows == 16
+            assert runner.tile_rows == (16 if linear == kernels.TORCH else 1)
+            assert runner.fingerprint()["linear"] == linear
             assert torch.equal(scrambled, whole)
         else:
             fast_differs = not torch.equal(scrambled, whole)

@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from functions.llm import numerics, weights
+from functions.llm import kernels, numerics, weights
 from functions.llm.runner import Feed, ModelRunner
 from sllm_knative.loading import load_model
 
@@ -39,9 +39,13 @@ def _model(tiny_model, dtype: torch.dtype = torch.float32):
 
 
 def _runner(tiny_model, mode: str, tile_rows: int | None = 2, forward: str = "auto",
-            dtype: torch.dtype = torch.float32) -> ModelRunner:
+            dtype: torch.dtype = torch.float32, linear: str = kernels.TORCH) -> ModelRunner:
     return ModelRunner(_model(tiny_model, dtype), slots=6, max_len=512, mode=mode, tile_rows=tile_rows,
-                       forward=forward)
+                       forward=forward, linear=linear)
+
+
+NEEDS_KERNEL = pytest.mark.skipif(not kernels.built(),
+                                  reason="this CPU has no AVX512-BF16 (or the extension was built without it)")
 
 
 def _scrambled_logits(runner: ModelRunner, seq: list[int], rng: random.Random) -> torch.Tensor:
@@ -66,18 +70,22 @@ def _scrambled_logits(runner: ModelRunner, seq: list[int], rng: random.Random) -
     return torch.cat(got)
 
 
-@pytest.mark.parametrize("forward,tile_rows,dtype", [
-    pytest.param("auto", 2, torch.float32, id="decoder"),
-    pytest.param("auto", 5, torch.float32, id="decoder-tile-5"),
-    pytest.param("transformers", 2, torch.float32, id="transformers"),
-    pytest.param("auto", None, torch.bfloat16, id="decoder-bf16"),  # the default tile: 16
-    pytest.param("auto", 2, torch.bfloat16, id="decoder-bf16-tile-2"),
-    pytest.param("transformers", None, torch.bfloat16, id="transformers-bf16"),
+@pytest.mark.parametrize("forward,tile_rows,dtype,linear", [
+    pytest.param("auto", 2, torch.float32, kernels.TORCH, id="decoder"),
+    pytest.param("auto", 5, torch.float32, kernels.TORCH, id="decoder-tile-5"),
+    pytest.param("transformers", 2, torch.float32, kernels.TORCH, id="transformers"),
+    pytest.param("auto", None, torch.bfloat16, kernels.TORCH, id="decoder-bf16"),  # the default tile: 16
+    pytest.param("auto", 2, torch.bfloat16, kernels.TORCH, id="decoder-bf16-tile-2"),
+    pytest.param("transformers", None, torch.bfloat16, kernels.TORCH, id="transformers-bf16"),
+    pytest.param("auto", None, torch.bfloat16, kernels.AVX512_BF16, id="decoder-bf16-kernel", marks=NEEDS_KERNEL),
+    pytest.param("transformers", None, torch.bfloat16, kernels.AVX512_BF16, id="transformers-bf16-kernel",
+                 marks=NEEDS_KERNEL),
 ])
-def test_exact_logits_are_batch_invariant(tiny_model, forward, tile_rows, dtype):
-    runner = _runner(tiny_model, numerics.EXACT, tile_rows, forward, dtype)
+def test_exact_logits_are_batch_invariant(tiny_model, forward, tile_rows, dtype, linear):
+    runner = _runner(tiny_model, numerics.EXACT, tile_rows, forward, dtype, linear)
     assert runner.forward_kind == ("decoder" if forward == "auto" else "transformers")
-    assert runner.dtype == dtype and runner.tile_rows == (tile_rows or numerics.default_tile_rows(dtype))
+    want_rows = 1 if linear == kernels.AVX512_BF16 else tile_rows or numerics.default_tile_rows(dtype)
+    assert runner.dtype == dtype and runner.tile_rows == want_rows
     rng = random.Random(tile_rows)
     seq = [rng.randrange(3, VOCAB) for _ in range(300)]  # across two key-block boundaries (128, 256)
     whole = runner.step([Feed(0, 0, seq, 0)])[0]
@@ -132,13 +140,14 @@ def test_runner_matches_transformers(tiny_model, hf_model, mode, forward):
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("linear", [kernels.TORCH, pytest.param(kernels.AVX512_BF16, marks=NEEDS_KERNEL)])
 @pytest.mark.parametrize("forward", ["auto", "transformers"])
 @pytest.mark.parametrize("mode", numerics.MODES)
-def test_bf16_runner_matches_transformers_in_bf16(tiny_model, mode, forward):
+def test_bf16_runner_matches_transformers_in_bf16(tiny_model, mode, forward, linear):
     """In bfloat16 the runner computes what transformers' own modules compute in bfloat16, within
     bf16 rounding (the two sum in different orders): its distance from the float32 logits is at
     most 1.5x transformers' own bf16 distance, and it picks the same tokens."""
-    runner = _runner(tiny_model, mode, None, forward=forward, dtype=torch.bfloat16)
+    runner = _runner(tiny_model, mode, None, forward=forward, dtype=torch.bfloat16, linear=linear)
     seq = list(range(3, 60))
     ours = runner.step([Feed(2, 0, seq, 0)])[0]
     ref_model = _model(tiny_model, torch.bfloat16)

@@ -1,0 +1,103 @@
+"""The linear layers' kernel: torch's products, or our batch-invariant AVX512-BF16 one.
+
+Exact numerics needs every row of a linear layer computed the same way whatever the other rows
+of the step. With torch's products that means one fixed row count per product (`numerics.
+tiled_linear`), so one decoding stream pays for a whole tile. On a CPU with AMX a 16-row bf16
+tile costs about what one row does, and that is the default there. Without AMX it does not
+([1, 576] @ [576, 1536], one thread: 151 us for one row, 471 us for 16 padded rows). There
+`avx512-bf16` (cuda_ext/src/cpu_linear.cpp) gives each output its own accumulator and the
+same instruction sequence for any row count. It is batch invariant by construction, needs no
+padding, and reads the weights once per call. On this project's CPU without AMX it computes one
+row in about 40 us and 32 rows in about what oneDNN takes.
+
+`--linear auto` (the default) picks it for exact numerics in bf16 on a CPU that lists
+`avx512_bf16` and not `amx_bf16`, when the extension was built with it. Otherwise it picks torch.
+`--linear torch|avx512-bf16` overrides. The choice is plain logic over its inputs (`choose`,
+table-tested). `bf16_linear` is the thin adapter over the extension.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+AUTO = "auto"
+TORCH = "torch"
+AVX512_BF16 = "avx512-bf16"
+LINEARS = (TORCH, AVX512_BF16)
+SETTINGS = (AUTO, *LINEARS)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearChoice:
+    """The linear kernel and why it was chosen (for logs and /health/ready)."""
+
+    linear: str
+    reason: str
+
+    def report(self) -> dict[str, str]:
+        return {"linear": self.linear, "linear_reason": self.reason}
+
+
+def built() -> bool:
+    """Whether the extension has the kernel and this CPU can run it."""
+    try:
+        from cuda_ext import _C
+    except ImportError:
+        return False
+    return bool(_C.bf16_linear_supported())
+
+
+def choose(setting: str, mode: str, device: str, dtype: str, flags: Iterable[str], supported: bool) -> LinearChoice:
+    """The kernel for `setting` under numerics `mode` ("exact", "fast"), on `device`, computing in
+    `dtype` (a torch dtype's name), given the CPU's flags and whether the kernel runs here."""
+    if setting not in SETTINGS:
+        raise ValueError(f"linear = {setting!r}, must be one of {', '.join(SETTINGS)}")
+    if setting == TORCH:
+        return LinearChoice(TORCH, "set by --linear / SLLM_LINEAR")
+    have = set(flags)
+    missing = [why for bad, why in ((not device.startswith("cpu"), f"the device is {device}, not the cpu"),
+                                    (dtype != "bfloat16", f"the compute dtype is {dtype}, not bfloat16"),
+                                    (not supported, "the loader extension cannot run it on this CPU "
+                                                    "(built without it, or no AVX512-BF16)")) if bad]
+    if setting == AVX512_BF16:
+        if missing:
+            raise ValueError(f"linear = {AVX512_BF16} cannot run: {'; '.join(missing)}")
+        return LinearChoice(AVX512_BF16, "set by --linear / SLLM_LINEAR")
+    if mode != "exact":
+        return LinearChoice(TORCH, "fast numerics: torch's own products, on every intra-op thread")
+    if missing:
+        return LinearChoice(TORCH, missing[0])
+    if "amx_bf16" in have:
+        return LinearChoice(TORCH, "the CPU has AMX (amx_bf16): a 16-row bf16 tile costs about one row")
+    if "avx512_bf16" not in have:
+        return LinearChoice(TORCH, "the CPU does not list avx512_bf16")
+    return LinearChoice(AVX512_BF16, "avx512_bf16 without AMX: one row need not pay for a 16-row tile")
+
+
+def bf16_linear(x: Any, weight: Any, bias: Any | None) -> Any:
+    """x [rows, in] @ weight [out, in]^T (+ bias [out]) with the AVX512-BF16 kernel, as a new
+    bf16 tensor [rows, out]. Every row is computed independently of the others."""
+    import torch
+
+    from cuda_ext import _C
+
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or (bias is not None and bias.dtype != torch.bfloat16):
+        raise ValueError(f"bf16_linear takes bfloat16 tensors, got x {x.dtype}, weight {weight.dtype}"
+                         f"{'' if bias is None else f', bias {bias.dtype}'}")
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        raise ValueError(f"bf16_linear runs on the cpu, got x on {x.device}, weight on {weight.device}")
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"bf16_linear: x {tuple(x.shape)} @ weight {tuple(weight.shape)}^T: need x [rows, in] "
+                         f"and weight [out, in] with the same in")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bf16_linear: bias {tuple(bias.shape)} for weight {tuple(weight.shape)}")
+    if not weight.is_contiguous():
+        raise ValueError("bf16_linear: the weight must be contiguous (a row-major [out, in] tensor)")
+    x = x.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    y = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.bfloat16)
+    _C.bf16_linear(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
+                   x.shape[0], weight.shape[0], weight.shape[1])
+    return y
