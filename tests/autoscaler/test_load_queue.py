@@ -76,7 +76,10 @@ def test_a_second_cold_start_sees_the_first_load(nodes: list[NodeInventory], wan
 ])
 def test_two_cold_starts_at_the_same_moment(nodes: list[MemoryNode], want: dict[str, str]) -> None:
     async def main() -> None:
-        c = Cluster(nodes)
+        # 0.1 real seconds a simulated one: the second start must come within the first's 0.5
+        # simulated seconds of load to queue behind it (at the default 1 ms a simulated second, a
+        # loaded machine let the first load end before the second start began: queue_s 0.0)
+        c = Cluster(nodes, time_scale=0.1)
         try:
             await c.deploy(service("x"), service("y"))
             await asyncio.gather(c.scaler.on_demand("default/x", 1), c.scaler.on_demand("default/y", 1))
