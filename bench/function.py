@@ -25,6 +25,9 @@ one, each ratio the median of per-run ratios):
 * ttft32: warm time to first token through HTTP for a 32-token prompt; target < 100 ms; with
   the bare forward pass over the same tokens.
 * startup: process start to ready, as the server measures it (median over fresh processes).
+* kernel_vs_tiles: where the server picked our AVX512-BF16 linear kernel (a CPU without AMX), the
+  same server with `--linear torch` (torch's 16-row tiles) beside it, alternating run by run:
+  one stream's decode, 8 streams and the warm 32-token TTFT, ours (kernel) against tiles.
 
 Prompts are token ids (exact lengths). Writes DIR/function.json and DIR/function.png.
 """
@@ -362,6 +365,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         concurrent = paired(ours.concurrent_tps, base.batch_tps, args.runs)
         prefill = paired(ours.prefill_tps, base.prefill_tps, args.runs)
         ttft = paired(ours.ttft_s, base.forward_s, max(args.runs, 10))
+        # With our AVX512-BF16 linear kernel chosen (functions/llm/kernels.py): the same server with
+        # torch's 16-row tiles (what it ran before the kernel), side by side, alternating.
+        tiles = None
+        if compute.get("linear") == "avx512-bf16":
+            other = Server(bf16, args.device, args.numerics, log, ("--linear", "torch"))
+            try:
+                tiles_compute = other.wait_ready()["compute"]
+                theirs = Ours(other.url, args.tokens)
+                tiles = {"compute": tiles_compute,
+                         "single_decode": paired(ours.decode_tps, theirs.decode_tps, args.runs),
+                         "concurrent8": paired(ours.concurrent_tps, theirs.concurrent_tps, args.runs),
+                         "ttft32": paired(ours.ttft_s, theirs.ttft_s, max(args.runs, 10))}
+            finally:
+                other.stop()
     finally:
         server.stop()
 
@@ -400,6 +417,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
          "runs_s": [s["startup"]["total_s"] for s in startups]},
         {"name": "roofline", **roof, "limits": limits},
     ]
+    if tiles is not None:
+        rows.append({"name": "kernel_vs_tiles", "tiles_compute": tiles["compute"],
+                     **{f"{k}_{side}": round(v[side] * (1e3 if k == "ttft32" else 1), 2)
+                        for k, v in tiles.items() if k != "compute" for side in ("ours", "theirs")},
+                     **{f"{k}_ratio": round(v["ratio"], 3) for k, v in tiles.items() if k != "compute"}})
     return {
         "rows": rows,
         "meta": {"device": args.device, "numerics": numerics, "compute": compute, "float16_compute": f16_compute,
@@ -410,7 +432,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  "cpu_model": cpu_model(), "generate_threads": base.threads, "load_average": os.getloadavg(),
                  "machine": machine(),
                  "raw": {"single_decode": single, "float16_decode_runs": f16_runs, "concurrent8": concurrent,
-                         "prefill": prefill, "ttft": ttft},
+                         "prefill": prefill, "ttft": ttft, "kernel_vs_tiles": tiles},
                  "command": " ".join([".venv/bin/python", "-m", "bench.function", *sys.argv[1:]])},
     }
 
@@ -428,13 +450,18 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     s, c, roof = rows["single_decode"], rows["concurrent8"], rows["roofline"]
     labels = ["1 stream", f"{CONCURRENT} streams"]
     xs = list(range(len(labels)))
-    ax.bar([x - 0.27 for x in xs], [s["tokens_per_s"], c["tokens_per_s"]], 0.27,
-           label=f"functions.llm ({meta['compute']['dtype']})")
-    ax.bar(xs, [s["generate_tokens_per_s"], c["generate_batch8_tokens_per_s"]], 0.27,
+    kt = rows.get("kernel_vs_tiles")
+    ax.bar([x - 0.3 for x in xs], [s["tokens_per_s"], c["tokens_per_s"]], 0.2,
+           label=f"functions.llm ({meta['compute']['dtype']}, linear {meta['compute'].get('linear', 'torch')})")
+    ax.bar([x - 0.1 for x in xs], [s["generate_tokens_per_s"], c["generate_batch8_tokens_per_s"]], 0.2,
            label=f"generate() ({meta['generate_dtype']}, {meta['generate_threads']} thread(s); 8: one batch)")
-    ax.bar([0.27], [s["float16_tokens_per_s"]], 0.27, label="functions.llm --dtype float16")
+    ax.bar([0.1], [s["float16_tokens_per_s"]], 0.2, label="functions.llm --dtype float16")
+    if kt:
+        ax.bar([x + 0.3 for x in xs], [kt["single_decode_theirs"], kt["concurrent8_theirs"]], 0.2,
+               label="functions.llm --linear torch (16-row tiles)")
     ax.axhline(roof["decode_ceiling_tokens_per_s"], color="grey", ls="--", lw=1, label="1-stream bandwidth ceiling")
     ax.set_xticks(xs, labels)
+    ax.set_ylim(0, 1.9 * max(c["tokens_per_s"], c["generate_batch8_tokens_per_s"], roof["decode_ceiling_tokens_per_s"]))
     ax.set_ylabel("tokens/s")
     ax.set_title("decode")
     ax.legend(fontsize=7, loc="upper left")
