@@ -130,21 +130,24 @@ bool bf16_linear_supported() {
 }
 
 void bf16_linear(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t M, int64_t N,
-                 int64_t K) {
+                 int64_t K, int64_t batch) {
   if (!bf16_linear_supported()) throw std::runtime_error("bf16_linear: this CPU has no AVX512-BF16");
   if (M == 0) return;
+  // Each of `batch` products in turn (x, w and y advance by one product each; the bias is shared).
   // One row streams 16 weight rows at once; two rows 8; more rows 4 by 4 (the weight rows stay in
   // L1 while every input row passes over them).
-  if (M == 1) columns<1, 16>(x, M, K, w, N, bias, y);
-  else if (M == 2) columns<2, 8>(x, M, K, w, N, bias, y);
-  else columns<4, 4>(x, M, K, w, N, bias, y);
+  for (int64_t b = 0; b < batch; b++, x += M * K, w += N * K, y += M * N) {
+    if (M == 1) columns<1, 16>(x, M, K, w, N, bias, y);
+    else if (M == 2) columns<2, 8>(x, M, K, w, N, bias, y);
+    else columns<4, 4>(x, M, K, w, N, bias, y);
+  }
 }
 
 #else  // no compiler support for the intrinsics: the function reports itself unsupported
 
 bool bf16_linear_supported() { return false; }
 
-void bf16_linear(const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t) {
+void bf16_linear(const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t, int64_t) {
   throw std::runtime_error("bf16_linear: built without AVX512-BF16 support");
 }
 

@@ -99,17 +99,19 @@ PYBIND11_MODULE(_C, m) {
         "Whether bf16_linear runs here: built with the intrinsics, and the CPU has AVX512-BF16.");
   m.def(
       "bf16_linear",
-      [](uint64_t x, uint64_t w, uint64_t bias, uint64_t y, int64_t m, int64_t n, int64_t k) {
-        if (m < 0 || n < 1 || k < 1)
+      [](uint64_t x, uint64_t w, uint64_t bias, uint64_t y, int64_t m, int64_t n, int64_t k, int64_t batch) {
+        if (m < 0 || n < 1 || k < 1 || batch < 0)
           throw std::invalid_argument("bf16_linear: m = " + std::to_string(m) + ", n = " + std::to_string(n) +
-                                      ", k = " + std::to_string(k) + ": need m >= 0, n >= 1, k >= 1");
+                                      ", k = " + std::to_string(k) + ", batch = " + std::to_string(batch) +
+                                      ": need m >= 0, n >= 1, k >= 1, batch >= 0");
         py::gil_scoped_release nogil;
         bf16_linear(reinterpret_cast<const uint16_t*>(x), reinterpret_cast<const uint16_t*>(w),
-                    reinterpret_cast<const uint16_t*>(bias), reinterpret_cast<uint16_t*>(y), m, n, k);
+                    reinterpret_cast<const uint16_t*>(bias), reinterpret_cast<uint16_t*>(y), m, n, k, batch);
       },
       py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"), py::arg("m"), py::arg("n"), py::arg("k"),
-      "y [m, n] = x [m, k] @ w [n, k]^T (+ bias [n]; 0 for none): contiguous bf16 at the given addresses, "
-      "float32 accumulation, each row independent of the others (batch invariant).");
+      py::arg("batch") = 1,
+      "y [batch, m, n] = x [batch, m, k] @ w [batch, n, k]^T (+ bias [n]; 0 for none): contiguous bf16 at the "
+      "given addresses, float32 accumulation, each row independent of the others (batch invariant).");
 
   m.def(
       "read_to_host",

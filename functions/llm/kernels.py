@@ -83,21 +83,46 @@ def bf16_linear(x: Any, weight: Any, bias: Any | None) -> Any:
 
     from cuda_ext import _C
 
-    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or (bias is not None and bias.dtype != torch.bfloat16):
-        raise ValueError(f"bf16_linear takes bfloat16 tensors, got x {x.dtype}, weight {weight.dtype}"
-                         f"{'' if bias is None else f', bias {bias.dtype}'}")
-    if x.device.type != "cpu" or weight.device.type != "cpu":
-        raise ValueError(f"bf16_linear runs on the cpu, got x on {x.device}, weight on {weight.device}")
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"bf16_linear: x {tuple(x.shape)} @ weight {tuple(weight.shape)}^T: need x [rows, in] "
-                         f"and weight [out, in] with the same in")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bf16_linear: bias {tuple(bias.shape)} for weight {tuple(weight.shape)}")
-    if not weight.is_contiguous():
-        raise ValueError("bf16_linear: the weight must be contiguous (a row-major [out, in] tensor)")
+    _check(x, weight, bias, 2)
     x = x.contiguous()
     bias = None if bias is None else bias.contiguous()
     y = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.bfloat16)
     _C.bf16_linear(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
                    x.shape[0], weight.shape[0], weight.shape[1])
     return y
+
+
+def bf16_bmm(x: Any, weight: Any) -> Any:
+    """x [batch, rows, in] @ weight [batch, out, in]^T, product by product, as bf16_linear (both
+    made contiguous first): a new bf16 tensor [batch, rows, out]. One call for many small
+    products (exact attention's, one per head)."""
+    import torch
+
+    from cuda_ext import _C
+
+    _check(x, weight, None, 3)
+    if x.shape[0] != weight.shape[0]:
+        raise ValueError(f"bf16_bmm: x {tuple(x.shape)} and weight {tuple(weight.shape)} differ in batch")
+    x, weight = x.contiguous(), weight.contiguous()
+    batch, rows, inner = x.shape
+    y = torch.empty((batch, rows, weight.shape[1]), dtype=torch.bfloat16)
+    _C.bf16_linear(x.data_ptr(), weight.data_ptr(), 0, y.data_ptr(), rows, weight.shape[1], inner, batch)
+    return y
+
+
+def _check(x: Any, weight: Any, bias: Any | None, dims: int) -> None:
+    import torch
+
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or (bias is not None and bias.dtype != torch.bfloat16):
+        raise ValueError(f"bf16_linear takes bfloat16 tensors, got x {x.dtype}, weight {weight.dtype}"
+                         f"{'' if bias is None else f', bias {bias.dtype}'}")
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        raise ValueError(f"bf16_linear runs on the cpu, got x on {x.device}, weight on {weight.device}")
+    if x.dim() != dims or weight.dim() != dims or x.shape[-1] != weight.shape[-1]:
+        shape = "[rows, in] and weight [out, in]" if dims == 2 else "[batch, rows, in] and weight [batch, out, in]"
+        raise ValueError(f"bf16_linear: x {tuple(x.shape)} @ weight {tuple(weight.shape)}^T: need x {shape} "
+                         f"with the same in")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bf16_linear: bias {tuple(bias.shape)} for weight {tuple(weight.shape)}")
+    if dims == 2 and not weight.is_contiguous():
+        raise ValueError("bf16_linear: the weight must be contiguous (a row-major [out, in] tensor)")

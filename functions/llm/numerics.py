@@ -35,7 +35,10 @@ one does, so 8 decoding streams share one multiply per layer instead of four.
 On a CPU with AVX512-BF16 and no AMX, the linear layers use our own kernel instead of tiles
 (`functions/llm/kernels.py`, cuda_ext/src/cpu_linear.cpp): every output element has its own
 accumulator and a fixed instruction sequence, so a row's result is invariant for any row count
-and a decoding stream is not padded to a tile.
+and a decoding stream is not padded to a tile. Attention's two products then go through the
+same kernel too (`kernel_attention`): the scores reduce over the head dimension, the output
+over the keys, each in the kernel's fixed order, so no fixed-shape blocks are needed and a
+prefill's shared keys are no longer copied once per row.
 
 `fast` uses the stock linear layers and scaled-dot-product attention: quicker on large
 models, deterministic for a fixed batch composition only. tests/functions/test_llm_numerics.py
@@ -204,6 +207,59 @@ def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: t
     return _attend_blocks(q, k, v, masked, scaling)
 
 
+def _kernel_softmax(scores: torch.Tensor, masked: torch.Tensor, scaling: float) -> torch.Tensor:
+    """exact attention's softmax (as _attend_blocks): scaled in bf16, masked to -inf, in float32."""
+    scores = scores * scaling
+    scores.masked_fill_(masked, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(torch.bfloat16)
+
+
+def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor,
+                     scaling: float) -> torch.Tensor:
+    """exact_attention's contract, with both products through our AVX512-BF16 kernel.
+
+    The kernel reduces each output in one fixed order whatever the number of rows and columns
+    (functions/llm/kernels.py), so a row's scores (a sum over the head dimension) and its output
+    (a sum over the keys, where masked and padded keys have probability exactly 0 and add exact
+    zeros) do not depend on the other rows or on the padded length: the same invariance as
+    _attend_blocks, without expanding a prefill's shared keys once per row (that broadcast copy
+    was a third of a 256-token prefill). One batched call per product: per kv head for a
+    prefill's rows that reach the same number of key blocks, per (row, kv head) for decode rows.
+    """
+    n, kvh, group, d = q.shape
+    if k.shape[0] == 1 and n > 1:  # a prefill's rows share their sequence's keys
+        visible = (~masked[:, 0, 0, :]).sum(-1).tolist()
+        ends = [round_up(max(count, 1), KEY_BLOCK) for count in visible]
+        out = torch.empty_like(q)
+        start = 0
+        for i in range(1, n + 1):
+            if i < n and ends[i] == ends[start]:
+                continue
+            end = ends[start]
+            out[start:i] = _kernel_heads(q[start:i].transpose(0, 1), k[0, :, :end], v[0, :, :end],
+                                         masked[start:i, :, :, :end].transpose(0, 1), scaling).transpose(0, 1)
+            start = i
+        return out
+    # decode rows, each with its own keys (or one row): (row, kv head) is the batch
+    length = k.shape[2]
+    keys = k.expand(n, -1, -1, -1).reshape(n * kvh, length, d)
+    values = v.expand(n, -1, -1, -1).reshape(n * kvh, length, d)
+    mask = masked.expand(n, kvh, 1, length).reshape(n * kvh, 1, 1, length)
+    return _kernel_heads(q.reshape(n * kvh, 1, group, d), keys, values, mask, scaling).view(n, kvh, group, d)
+
+
+def _kernel_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                  scaling: float) -> torch.Tensor:
+    """Attention of B independent heads: q [B, m, group, d] against k, v [B, L, d]; mask [B or 1,
+    m, 1, L] (True: not visible), the same for a row's whole group. Returns [B, m, group, d]."""
+    b, m, group, d = q.shape
+    length = k.shape[1]
+    scores = kernels.bf16_bmm(q.reshape(b, m * group, d), k)  # [B, m * group, L]
+    probs = _kernel_softmax(scores.view(b, m, group, length), mask, scaling)
+    out = kernels.bf16_bmm(probs.view(b, m * group, length), v.transpose(1, 2))  # [B, m * group, d]
+    return out.view(b, m, group, d)
+
+
 def fast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor,
                    scaling: float) -> torch.Tensor:
     """Same contract as exact_attention, with torch's scaled-dot-product attention."""
@@ -238,7 +294,8 @@ def attend_step(batch: StepBatch, layer: int, q: torch.Tensor, k: torch.Tensor, 
     cache_k[batch.slots, :, batch.positions] = k.to(cache_k.dtype)
     cache_v[batch.slots, :, batch.positions] = v.to(cache_v.dtype)
     q4 = q.view(t, kvh, heads // kvh, d)
-    attend = exact_attention if batch.mode == EXACT else fast_attention
+    attend = fast_attention if batch.mode != EXACT else (
+        kernel_attention if batch.linear == kernels.AVX512_BF16 else exact_attention)
     parts = []
     if batch.decode is not None:
         dec = batch.decode

@@ -84,6 +84,7 @@ class StepBatch:
     positions: torch.Tensor
     decode: DecodeGroup | None
     prefills: list[PrefillSegment]
+    linear: str = "torch"  # the kernel (functions/llm/kernels.py); avx512-bf16 computes exact attention too
 
 
 class KVCache:
@@ -249,7 +250,7 @@ class ModelRunner:
                 dec_slots = slice(first, first + n) if consecutive else slots_t[rows_t]
                 decode = DecodeGroup(rows_t, n, dec_slots, length, numerics.key_mask(pos_t[rows_t], length))
         batch = StepBatch(mode=self.mode, cache=self.cache, slots=slots_t, positions=pos_t, decode=decode,
-                          prefills=prefills)
+                          prefills=prefills, linear=self.linear)
         kept = len(keep)
         keep = keep or [0]
         keep += keep[-1:] * (numerics.round_up(len(keep), self.row_multiple) - len(keep))

@@ -117,3 +117,21 @@ def test_the_extension_checks_its_sizes():
 
     with pytest.raises(ValueError, match="need m >= 0, n >= 1, k >= 1"):
         _C.bf16_linear(0, 0, 0, 0, 1, 0, 8)
+
+
+@NEEDS_KERNEL
+def test_bmm_is_each_product_alone():
+    torch.manual_seed(3)
+    x = torch.randn(5, 6, 64).bfloat16()
+    w = torch.randn(5, 130, 64).bfloat16()
+    y = kernels.bf16_bmm(x, w)
+    assert y.shape == (5, 6, 130)
+    for b in range(5):
+        assert torch.equal(y[b], kernels.bf16_linear(x[b], w[b], None)), b
+    # strided views are made contiguous first (attention passes transposed values)
+    wt = torch.randn(5, 64, 130).bfloat16()
+    assert torch.equal(kernels.bf16_bmm(x, wt.transpose(1, 2)), kernels.bf16_bmm(x, wt.transpose(1, 2).contiguous()))
+    with pytest.raises(ValueError, match=r"differ in batch"):
+        kernels.bf16_bmm(x, w[:4])
+    with pytest.raises(ValueError, match=r"need x \[batch, rows, in\]"):
+        kernels.bf16_bmm(x[0], w[0])

@@ -93,15 +93,18 @@ def test_exact_logits_are_batch_invariant(tiny_model, forward, tile_rows, dtype,
         assert torch.equal(_scrambled_logits(runner, seq, random.Random(trial)), whole), f"trial {trial}"
 
 
-@pytest.mark.parametrize("kv_heads,group,dim,dtype", [
-    pytest.param(4, 2, 64, torch.float32, id="gqa"),
-    pytest.param(16, 1, 64, torch.float32, id="mha"),
-    pytest.param(2, 4, 128, torch.float32, id="wide-heads"),
-    pytest.param(4, 2, 64, torch.bfloat16, id="bfloat16"),
+@pytest.mark.parametrize("kv_heads,group,dim,dtype,attend", [
+    pytest.param(4, 2, 64, torch.float32, numerics.exact_attention, id="gqa"),
+    pytest.param(16, 1, 64, torch.float32, numerics.exact_attention, id="mha"),
+    pytest.param(2, 4, 128, torch.float32, numerics.exact_attention, id="wide-heads"),
+    pytest.param(4, 2, 64, torch.bfloat16, numerics.exact_attention, id="bfloat16"),
+    pytest.param(4, 2, 64, torch.bfloat16, numerics.kernel_attention, id="bfloat16-kernel", marks=NEEDS_KERNEL),
+    pytest.param(3, 3, 64, torch.bfloat16, numerics.kernel_attention, id="smollm2-kernel", marks=NEEDS_KERNEL),
 ])
-def test_exact_attention_is_invariant(kv_heads, group, dim, dtype):
+def test_exact_attention_is_invariant(kv_heads, group, dim, dtype, attend):
     """A row's attention output, bit for bit, whatever the padded key length, the other rows,
-    and the layout (a prefill's shared keys or a decode batch's keys per row)."""
+    and the layout (a prefill's shared keys or a decode batch's keys per row); with torch's fixed
+    block products or with our kernel."""
     torch.manual_seed(0)
     k = torch.randn(1, kv_heads, 1024, dim).to(dtype)
     v = torch.randn(1, kv_heads, 1024, dim).to(dtype)
@@ -111,17 +114,17 @@ def test_exact_attention_is_invariant(kv_heads, group, dim, dtype):
     for length in (512, 640, 1024):
         mask = numerics.key_mask(positions, length)
         keys, values = k[:, :, :length], v[:, :, :length]
-        shared = numerics.exact_attention(q, keys, values, mask, 0.125)
+        shared = attend(q, keys, values, mask, 0.125)
         want = shared if want is None else want
         assert torch.equal(shared, want), f"padded to {length}"
         per_row = (keys.expand(len(positions), -1, -1, -1).contiguous(),
                    values.expand(len(positions), -1, -1, -1).contiguous())
-        assert torch.equal(numerics.exact_attention(q, *per_row, mask, 0.125), want), "decode layout"
+        assert torch.equal(attend(q, *per_row, mask, 0.125), want), "decode layout"
         for rows in (slice(0, 1), slice(0, 3), slice(2, 7), slice(4, 5)):
-            assert torch.equal(numerics.exact_attention(q[rows], keys, values, mask[rows], 0.125), want[rows]), rows
+            assert torch.equal(attend(q[rows], keys, values, mask[rows], 0.125), want[rows]), rows
     for i, p in enumerate(positions.tolist()):  # each row alone at its shortest padded length
         end = numerics.round_up(p + 1, numerics.KEY_BLOCK)
-        alone = numerics.exact_attention(q[i:i + 1], k[:, :, :end], v[:, :, :end],
+        alone = attend(q[i:i + 1], k[:, :, :end], v[:, :, :end],
                                          numerics.key_mask(positions[i:i + 1], end), 0.125)
         assert torch.equal(alone[0], want[i]), f"row {i} alone"
     full = numerics.fast_attention(q.float(), k[:, :, :512].float(), v[:, :, :512].float(),
