@@ -118,7 +118,10 @@ def namespace(k: Clients) -> Iterator[str]:
 
 
 def start_agent(kube: KubeCluster, root: Path, nodes: int = 2, **kw: Any) -> NodeAgent:
-    tag = uuid.uuid4().hex[:6]
+    # A label value that reads as a string in every YAML: PyYAML (YAML 1.1) dumps hex such as
+    # "12e345" unquoted, and kubectl's Go YAML reads that back as a number (a nodeSelector of
+    # type number: the apply is refused). A leading letter rules it out.
+    tag = "t" + uuid.uuid4().hex[:6]
     specs = [NodeSpec(f"na-{tag}-{i}", cpu="4", memory="8Gi", gpus=1, labels={AGENT_LABEL: tag})
              for i in range(nodes)]
     assert kube.network is not None
