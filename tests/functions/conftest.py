@@ -9,8 +9,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from functions.llm import kernels
 from sllm_knative.ports import free_port
 from testkit.proc import Proc
+
+# Tests of our AVX512-BF16 kernel (functions/llm/kernels.py) run where this CPU can run it.
+NEEDS_KERNEL = pytest.mark.skipif(not kernels.built(),
+                                  reason="this CPU has no AVX512-BF16 (or the extension was built without it)")
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_MODEL_LEN = 1024

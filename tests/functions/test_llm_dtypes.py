@@ -14,7 +14,7 @@ import torch
 from functions.llm import dtypes, kernels, numerics, weights
 from functions.llm.runner import Feed, ModelRunner
 from sllm_knative.loading import load_model
-from tests.functions.conftest import Server
+from tests.functions.conftest import NEEDS_KERNEL, Server
 
 AMX = {"fpu", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
 AVX512_BF16 = {"fpu", "avx512f", "avx512_bf16"}
@@ -146,8 +146,7 @@ def _scrambled(runner: ModelRunner, seq: list[int], rng: random.Random) -> torch
 
 @pytest.mark.parametrize("linear", [
     kernels.TORCH,
-    pytest.param(kernels.AVX512_BF16, marks=pytest.mark.skipif(
-        not kernels.built(), reason="this CPU has no AVX512-BF16 (or the extension was built without it)")),
+    pytest.param(kernels.AVX512_BF16, marks=NEEDS_KERNEL),
 ])
 def test_exact_bf16_is_bit_for_bit_on_the_real_model(smollm2, linear):
     """SmolLM2-135M in bf16 (its converted checkpoint's dtype): exact numerics gives every

@@ -11,13 +11,11 @@ import pytest
 import torch
 
 from functions.llm import kernels
+from tests.functions.conftest import NEEDS_KERNEL
 
 AMX = {"fpu", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
 AVX512_BF16 = {"fpu", "avx512f", "avx512_bf16"}
 AVX2 = {"fpu", "avx", "avx2", "fma"}
-
-NEEDS_KERNEL = pytest.mark.skipif(not kernels.built(),
-                                  reason="this CPU has no AVX512-BF16 (or the extension was built without it)")
 
 
 @pytest.mark.parametrize("setting,mode,device,dtype,flags,supported,linear,why", [

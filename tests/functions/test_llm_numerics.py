@@ -15,6 +15,7 @@ import torch
 from functions.llm import kernels, numerics, weights
 from functions.llm.runner import Feed, ModelRunner
 from sllm_knative.loading import load_model
+from tests.functions.conftest import NEEDS_KERNEL
 
 VOCAB = 512
 
@@ -43,9 +44,6 @@ def _runner(tiny_model, mode: str, tile_rows: int | None = 2, forward: str = "au
     return ModelRunner(_model(tiny_model, dtype), slots=6, max_len=512, mode=mode, tile_rows=tile_rows,
                        forward=forward, linear=linear)
 
-
-NEEDS_KERNEL = pytest.mark.skipif(not kernels.built(),
-                                  reason="this CPU has no AVX512-BF16 (or the extension was built without it)")
 
 
 def _scrambled_logits(runner: ModelRunner, seq: list[int], rng: random.Random) -> torch.Tensor:
