@@ -373,9 +373,14 @@ class Scaler:
 
     async def _place_one(self, rt: ServiceRuntime, pod: str) -> None:
         async with rt.lock:
-            # A scale-up that held the lock meanwhile may have been paired with this very pod:
-            # then it is placed already, and another placement would ask for one pod too many.
+            # Placed already if a scale-up holding the lock meanwhile was paired with this very pod.
+            # A ReplicaSet's pod in place of one deleted while the count stayed (binding.stranded)
+            # stays gated for the next start's intent while the decider has what it wants already.
             if pod in rt.instances:
+                return
+            if rt.decided and len(rt.counted()) >= rt.state.scale:
+                _log.info("unplanned pod left gated: the service has the instances it wants", service=rt.key,
+                          instance=pod, desired=rt.state.scale)
                 return
             await self._scale_up(rt)
 

@@ -16,7 +16,10 @@ How the autoscaler's decisions become pods (docs/kubernetes.md):
 - `stop` marks the pod with the lowest `controller.kubernetes.io/pod-deletion-cost`, records an
   Event on it saying why (`stop_reason`: `Preempted` naming the service its slot goes to, or a
   scale-down), and takes it out of `wanted`, so the controller's next replica count removes
-  exactly that pod; its SIGTERM handoff happens in the pod. `stop` returns when the pod is gone.
+  exactly that pod; its SIGTERM handoff happens in the pod. Where the count does not go down
+  (a failed start while the PA holds its replicas, a stop beside a start of the same revision),
+  the PodAutoscaler controller deletes the marked pod itself (`stopping`, `binding.stranded`).
+  `stop` returns when the pod is gone.
 - Before it pins a pod, the internal token's Secret is put in the pod's namespace (`copy_token`):
   the webhook points the function container's SLLM_INTERNAL_TOKEN at it, and the backend's own
   calls on the pod's internal API (its generation list) carry that token.
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -111,6 +115,10 @@ class KubeBackend:
         self._records: dict[str, InstanceRecord] = {}  # pod name -> record
         self._unplanned: dict[str, float] = {}  # pods reported as UNPLANNED (when), not yet paired
         self._stopping: dict[str, asyncio.Future[None]] = {}
+        # The pods `stop` has marked (pod name -> service), read by the PodAutoscaler controller's
+        # workers on their threads (`stopping`): hence the lock.
+        self._marked: dict[str, str] = {}
+        self._marked_lock = threading.Lock()
         self._announced: set[tuple[str, str]] = set()  # (event kind, pod): each told once
         self._pending: list[InstanceEvent] = []
         self._event_tasks: dict[str, asyncio.Task[None]] = {}  # the latest delivery per instance
@@ -301,8 +309,11 @@ class KubeBackend:
         await asyncio.to_thread(self.events.record, {**pod, "apiVersion": "v1", "kind": "Pod"}, "Normal", reason,
                                 f"{why}; marked for deletion ({DELETION_COST}: -1000), so that the ReplicaSet "
                                 f"removes this pod when the replicas go down")
-        # Only now does it leave the replica count: the ReplicaSet deletes the lowest-cost pod.
+        # Only now does it leave the replica count: the ReplicaSet deletes the lowest-cost pod (or,
+        # where the count stays, the PA controller deletes it: see `stopping`).
         rec.state = InstanceState.STOPPING
+        with self._marked_lock:
+            self._marked[rec.id] = rec.service
         self.nudge(rec.service)
         self._kick.set()
         _log.info("instance stopping", service=rec.service, instance=rec.id, node=rec.node)
@@ -315,9 +326,17 @@ class KubeBackend:
                          waited_s=grace_s + 60.0)
         finally:
             self._stopping.pop(rec.id, None)
+            with self._marked_lock:
+                self._marked.pop(rec.id, None)
         rec.state = InstanceState.STOPPED
         self._records.pop(rec.id, None)
         _log.info("instance stopped", service=rec.service, instance=rec.id, node=rec.node)
+
+    def stopping(self, service: str) -> frozenset[str]:
+        """The pods of `service` that `stop` has marked and that are not gone yet (from any thread).
+        An instance is out of the replica count (`advice_for`) before its pod is listed here."""
+        with self._marked_lock:
+            return frozenset(pod for pod, svc in self._marked.items() if svc == service)
 
     def wanted(self, service: str, counted: int) -> int:
         """Pods the revision should have: the instances the controller counts plus open intents."""

@@ -81,6 +81,21 @@ def pair(gated: list[dict[str, Any]], intents: list[Intent]) -> tuple[list[tuple
     return list(zip(pods[:n], intents[:n], strict=True)), pods[n:]
 
 
+def stranded(pods: list[dict[str, Any]], replicas: int, stopping: frozenset[str]) -> list[str]:
+    """The pods in `stopping` (marked for deletion by `KubeBackend.stop`) that a ReplicaSet at
+    `replicas` would keep, so the autoscaler must delete them itself (their names, sorted).
+
+    The ReplicaSet removes `len(pods not terminating) - replicas` pods, the marked ones first.
+    When that is fewer than the marked pods, the count is not going down for them: a failed
+    start's pod while the PA holds its replicas during activation (want 0 -> UNKNOWN), or a
+    stop and a start of the same revision at once (the count stays). Then every marked pod is
+    deleted directly, and the ReplicaSet makes the pods the count still asks for, which the
+    next intents are paired with (gated until then)."""
+    active = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
+    marked = sorted(n for p in active if (n := (p.get("metadata") or {}).get("name", "")) in stopping)
+    return marked if len(active) - replicas < len(marked) else []
+
+
 def pod_ready(pod: dict[str, Any]) -> bool:
     return (pod.get("status") or {}).get("phase") == "Running" and condition_true(pod, "Ready")
 

@@ -118,7 +118,8 @@ async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_name
                                  identity=identity or leader_identity(),
                                  lease_namespace=lease_namespace, resync_s=resync_s,
                                  lease_duration_s=lease_duration_s, renew_deadline_s=renew_deadline_s,
-                                 retry_period_s=retry_period_s, problem=source.problem)
+                                 retry_period_s=retry_period_s, problem=source.problem,
+                                 stopping=backend.stopping)
     def stop_reason(rec: Any) -> tuple[str, str]:
         """The Event on a pod being stopped: a preemption (its service gives the instance up for
         a claim on its node: `leaving`) names who takes the slot and why it may."""

@@ -8,7 +8,8 @@ around the pure step in `autoscaler.kube.podautoscaler`.
 - Workers run only while this replica leads (a `coordination.k8s.io` Lease): each takes a key,
   reads the caches, asks the advisor (the decider) what the revision wants, calls `reconcile`, and
   applies the plan: create or update the SKS, patch the Deployment's `scale` subresource
-  (JSON patch of `/spec/replicas`, as Knative's scaler does), write the status through the status
+  (JSON patch of `/spec/replicas`, as Knative's scaler does), delete the pods the autoscaler
+  stopped that this count would keep (`binding.stranded`), write the status through the status
   subresource (only when it changed), record the plan's Events, and requeue when asked.
 - Conflicts (409) and failures retry the key with backoff; a PA that is gone is forgotten.
 """
@@ -20,7 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from autoscaler.kube.binding import pod_ready
+from autoscaler.kube.binding import pod_ready, stranded
 from autoscaler.kube.podautoscaler import (
     CLASS,
     CLASS_ANNOTATION,
@@ -45,6 +46,7 @@ REQUEST_TIMEOUT_S = 15.0  # a write the API server does not answer fails, and th
 
 Advisor = Callable[[str], Advice]  # "ns/revision" -> what the decider wants
 Prober = Callable[[dict[str, Any]], bool]  # PA -> does the activator answer for the revision?
+Stopping = Callable[[str], frozenset[str]]  # "ns/revision" -> its pods the autoscaler is stopping
 
 
 PROBE_URL = "http://{service}.{namespace}.svc.cluster.local"  # the revision's public Service
@@ -99,12 +101,14 @@ class PodAutoscalerController:
                  lease_name: str = LEASE, workers: int = 2, resync_s: float = 30.0,
                  lease_duration_s: float = 15.0, renew_deadline_s: float = 10.0, retry_period_s: float = 2.0,
                  problem: Callable[[str], str] = lambda key: "",
+                 stopping: Stopping = lambda key: frozenset(),
                  clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)) -> None:
         self.kube, self.advisor = kube, advisor
         self.settings = settings or Settings()
         self.prober = prober or (lambda pa: False)
         self.identity, self.workers, self.clock = identity, workers, clock
         self.problem = problem  # why the autoscaler does not serve a revision ('' when it does)
+        self.stopping = stopping  # the pods KubeBackend.stop marked for deletion
         self.events = EventRecorder(kube, "sllm-knative-autoscaler", identity)
         self.queue = WorkQueue()
         c = kube.custom
@@ -214,6 +218,8 @@ class PodAutoscalerController:
         target = ((pa.get("spec") or {}).get("scaleTargetRef") or {}).get("name", "")
         deployment = self.deployments.get(f"{ns}/{target}")
         replicas = ((deployment or {}).get("spec") or {}).get("replicas") if deployment else None
+        # Read before the advice: a pod listed here has already left the count the advice gives.
+        marked = self.stopping(key)
         advice = self.advisor(key)
         now = self.clock()
         problem = self.problem(key)
@@ -235,6 +241,10 @@ class PodAutoscalerController:
                 target, ns, [{"op": "add", "path": "/spec/replicas", "value": plan.scale}],
                 _request_timeout=REQUEST_TIMEOUT_S)
             _log.info("scaled", pa=key, replicas=plan.scale, was=replicas, want=advice.want, reason=advice.reason)
+        count = plan.scale if plan.scale is not None else replicas
+        if marked and deployment is not None and count is not None:
+            for pod in stranded(pods, count, marked):
+                self._delete_stopped(pa, pod, count)
         for type_, reason, message in plan.events:
             self.events.record(pa, type_, reason, message)
         if plan.status != (pa.get("status") or {}):
@@ -244,3 +254,17 @@ class PodAutoscalerController:
         if plan.error:
             raise RuntimeError(plan.error)
         return plan.requeue_after_s
+
+    def _delete_stopped(self, pa: dict[str, Any], pod: str, replicas: int) -> None:
+        """Delete a pod the autoscaler stopped that the ReplicaSet keeps at `replicas` (its
+        SIGTERM handoff runs as in any deletion; a pod already gone is fine)."""
+        ns, key = pa["metadata"]["namespace"], key_of(pa)
+        try:
+            self.kube.core.delete_namespaced_pod(pod, ns, _request_timeout=REQUEST_TIMEOUT_S)
+        except Exception as exc:
+            if is_status(exc, 404):
+                return
+            raise
+        why = f"its instance was stopped and the replica count ({replicas}) would keep it"
+        _log.info("stopped pod deleted", pa=key, instance=pod, replicas=replicas)
+        self.events.record(pa, "Normal", "StoppedPodDeleted", f"deleted pod {pod}: {why}")

@@ -25,6 +25,7 @@ from autoscaler.kube.binding import (
     pod_failed,
     pod_ready,
     selects,
+    stranded,
 )
 from autoscaler.kube.podautoscaler import UNKNOWN
 from autoscaler.kube.services import changes_services, policy_status
@@ -109,6 +110,33 @@ def test_pod_ready_and_failed(status: dict[str, Any], ready: bool, failed: str) 
 ])
 def test_node_slots(allocatable: dict[str, str], labels: dict[str, str], slots: int) -> None:
     assert node_slots({"metadata": {"labels": labels}, "status": {"allocatable": allocatable}}) == slots
+
+
+def _live(*names: str, terminating: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    return [{"metadata": {"name": n, **({"deletionTimestamp": "2026-12-06T00:00:00Z"} if n in terminating else {})}}
+            for n in names]
+
+
+@pytest.mark.parametrize("pods, replicas, stopping, deleted", [
+    # the ReplicaSet removes the marked pod: the count went down by one
+    (_live("a", "b"), 1, {"a"}, []),
+    (_live("a", "b", "c"), 1, {"a", "b"}, []),
+    # a failed start's pod while the PA holds the replicas (want 0 while activating): the count stays
+    (_live("a"), 1, {"a"}, ["a"]),
+    # a stop beside a start of the same revision: the count stays, so does the pod
+    (_live("a", "b"), 2, {"a"}, ["a"]),
+    # the count goes down by one for two marked pods: the ReplicaSet cannot be trusted with both
+    (_live("a", "b", "c"), 2, {"a", "c"}, ["a", "c"]),
+    # a marked pod already terminating is the ReplicaSet's (or ours) already: not counted, not deleted
+    (_live("a", "b", terminating=("a",)), 1, {"a"}, []),
+    (_live("a", "b", terminating=("b",)), 1, {"a"}, ["a"]),
+    # nothing marked, or the marked pod gone from the list
+    (_live("a"), 1, set(), []),
+    (_live("b"), 0, {"a"}, []),
+])
+def test_stranded_stopped_pods(pods: list[dict[str, Any]], replicas: int, stopping: set[str],
+                               deleted: list[str]) -> None:
+    assert stranded(pods, replicas, frozenset(stopping)) == deleted
 
 
 def _runtime(migration: bool = True) -> ServiceRuntime:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from autoscaler.kube.binding import DELETION_COST
 from autoscaler.kube.pa_controller import PodAutoscalerController
 from autoscaler.kube.podautoscaler import CLASS, Advice, Settings, condition
 from sllm_knative.kube.client import PODAUTOSCALERS, REVISIONS, SERVERLESSSERVICES, Kube
@@ -128,4 +129,88 @@ def test_pa_lifecycle_and_takeover(api: Any, namespace: str, node_agent: NodeAge
     finally:
         a.stop(release=False)
         b.stop()
+        standin.stop()
+
+
+def test_a_stopped_pod_the_replica_count_keeps_is_deleted(api: Any, namespace: str) -> None:
+    """A pod the autoscaler stops (marked with the lowest deletion cost) leaves through the
+    ReplicaSet when the count goes down. Where the count stays, the controller deletes it
+    itself and the ReplicaSet makes the pod the count asks for: here while the decider has no
+    advice (the replicas are held, as for a failed start during activation), then beside a count
+    that goes down by one for two stopped pods. The pods are never scheduled (no node matches)."""
+    kube = Kube(api)
+    key = f"{namespace}/{REV}"
+    rev = kube.create(REVISIONS, {"apiVersion": REVISIONS.api_version, "kind": "Revision",
+                                  "metadata": {"name": REV, "namespace": namespace},
+                                  "spec": {"containers": [{"image": "python:3.11"}]}}, namespace)
+    deployment, pa = revision_objects(REV, namespace, rev["metadata"]["uid"],
+                                      [{"name": "user-container", "image": "python:3.11"}],
+                                      {"nodeSelector": {"no-such-node": "x"}}, {"autoscaling.knative.dev/class": CLASS},
+                                      replicas=1)
+    advisor, marked_lock, marked = Advisor(), threading.Lock(), set[str]()
+
+    def stopping(k: str) -> frozenset[str]:
+        with marked_lock:
+            return frozenset(marked) if k == key else frozenset()
+
+    def pods() -> list[str]:
+        items = kube.core.list_namespaced_pod(namespace, label_selector=f"serving.knative.dev/revision={REV}").items
+        return sorted(p.metadata.name for p in items if p.metadata.deletion_timestamp is None)
+
+    def stop(*names: str) -> None:  # what KubeBackend.stop does before it nudges the controller
+        for name in names:
+            kube.core.patch_namespaced_pod(name, namespace, {"metadata": {"annotations": {DELETION_COST: "-1000"}}})
+        with marked_lock:
+            marked.update(names)
+        ctl.queue.add(key)
+
+    def deleted_events() -> list[str]:
+        evs = kube.core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={REV}").items
+        return sorted(e.message for e in evs if e.reason == "StoppedPodDeleted")
+
+    standin = SksStatusWriter(kube, namespace).start()
+    ctl = PodAutoscalerController(kube, advisor, settings=Settings(scale_to_zero_grace_s=2.0, probe_period_s=0.3),
+                                  prober=lambda pa: True, identity="a", lease_namespace=namespace, resync_s=5,
+                                  lease_duration_s=3.0, renew_deadline_s=2.0, retry_period_s=0.3,
+                                  stopping=stopping).start()
+    try:
+        assert ctl.elector.wait_leading(10)
+        kube.apps.create_namespaced_deployment(namespace, deployment)
+        kube.create(PODAUTOSCALERS, pa, namespace)
+        [first] = until(lambda: (p := pods()) and len(p) == 1 and p, 20, "the initial pod")
+
+        # No advice (the replicas are held): the stopped pod is deleted, a new one takes its place.
+        stop(first)
+        [second] = until(lambda: (p := pods()) and p != [first] and len(p) == 1 and p, 20,
+                         "the stopped pod replaced")
+        assert kube.apps.read_namespaced_deployment(f"{REV}-deployment", namespace).spec.replicas == 1
+        events = until(deleted_events, 10, "the StoppedPodDeleted Event")
+        assert events == [f"deleted pod {first}: its instance was stopped and the replica count (1) would keep it"]
+        with marked_lock:
+            marked.clear()
+
+        # Three pods; two stopped while the count goes 3 -> 2: the ReplicaSet removes at most one
+        # (the lowest deletion cost), the controller the other (or both), and the revision has two.
+        advisor.set(key, 3)
+        ctl.queue.add(key)
+        three = until(lambda: (p := pods()) and len(p) == 3 and p, 20, "three pods")
+        victims = [n for n in three if n != second]
+        advisor.set(key, 2)
+        stop(*victims)
+        left = until(lambda: (p := pods()) and len(p) == 2 and not set(p) & set(victims) and p, 20,
+                     "both stopped pods gone, two pods")
+        assert second in left
+        more = until(lambda: (e := set(deleted_events()) - set(events)) and e, 10, "one more Event at least")
+        assert all(any(f"deleted pod {v}:" in e for v in victims) for e in more), more
+
+        # One pod stopped as the count goes 2 -> 1: the ReplicaSet removes it (the lowest deletion
+        # cost); the controller deletes nothing.
+        with marked_lock:
+            marked.clear()
+        advisor.set(key, 1)
+        stop(second)
+        until(lambda: pods() == sorted(set(left) - {second}), 20, "the ReplicaSet removed the stopped pod")
+        assert not [e for e in deleted_events() if f"deleted pod {second}:" in e]
+    finally:
+        ctl.stop()
         standin.stop()

@@ -7,7 +7,7 @@ MutatingWebhookConfiguration by name, publish the caBundle, rotate (update the S
 admit a pod of our class (reading its Revision). The Kubernetes backend and the service source
 (what `python -m autoscaler --kube` adds around them): watch Revisions, ScalingPolicies, Pods,
 Nodes and NodeCaches, pin the gated pod to a node (an intent paired with it) and mark it for
-deletion; read or make the internal token's Secrets (the install's, Knative's copy, and the copy
+deletion (the controller deletes it, the count keeping it); read or make the internal token's Secrets (the install's, Knative's copy, and the copy
 in the namespace of the pod it pins), and list the activator replicas. The verbs
 they called are read back from the
 API server's audit log and compared with the rules, both ways: nothing they called was refused,
@@ -29,7 +29,6 @@ from autoscaler.backends.kube import KubeBackend
 from autoscaler.kube.activators import NAMESPACE as KNATIVE_NS
 from autoscaler.kube.activators import KubeActivators
 from autoscaler.kube.admission import GATE, MODEL_ANNOTATION
-from autoscaler.kube.binding import DELETION_COST
 from autoscaler.kube.certs import LEASE as CERTS_LEASE
 from autoscaler.kube.certs import SECRET, WEBHOOK_CONFIG
 from autoscaler.kube.internal_token import SECRET as TOKEN_SECRET
@@ -139,7 +138,9 @@ def test_the_autoscaler_role_is_exactly_what_it_calls(kube: KubeCluster, api: An
                               copy_token=lambda ns: copy_token(as_sa, ns, token)).start_watching())
     ctl = PodAutoscalerController(as_sa, advisor, settings=Settings(scale_to_zero_grace_s=1.0),
                                   identity="rbac-test", lease_namespace=SA[0], resync_s=5,
-                                  lease_duration_s=3.0, renew_deadline_s=2.0, retry_period_s=0.3).start()
+                                  lease_duration_s=3.0, renew_deadline_s=2.0, retry_period_s=0.3,
+                                  stopping=backend.stopping).start()
+    backend.nudge = ctl.queue.add
     try:
         webhook.start()
         assert ctl.elector.wait_leading(10)
@@ -176,17 +177,17 @@ def test_the_autoscaler_role_is_exactly_what_it_calls(kube: KubeCluster, api: An
         assert [g.name for g in pod.spec.scheduling_gates or []] == [GATE]
         assert admin.core.read_namespaced_secret(SECRET, SA[0]).type == "kubernetes.io/tls"
 
-        # The backend pins the gated pod to the node an intent names, then marks it for deletion.
+        # The backend pins the gated pod to the node an intent names, then marks it for deletion;
+        # the count stays (the advice wants three), so the controller deletes the marked pod itself.
         svc = parse_revision(admin.get(REVISIONS, "chat-00001", namespace))
         rec = run(backend.start(svc, "some-node", "chat-00001-1", "dram"))
         assert rec.id == "admitted"
         assert not admin.core.read_namespaced_pod("admitted", namespace).spec.scheduling_gates
         assert read_token(admin, namespace) == token  # copied into the pod's namespace before it was pinned
-        stopping = asyncio.run_coroutine_threadsafe(backend.stop(rec, grace_s=0), loop)
-        until(lambda: (admin.core.read_namespaced_pod("admitted", namespace).metadata.annotations or {}).get(
-            DELETION_COST) == "-1000", 10, "the pod marked for deletion")
-        admin.core.delete_namespaced_pod("admitted", namespace, grace_period_seconds=0)  # what the ReplicaSet does
-        stopping.result(30)
+        with lock:
+            advice[key] = Advice(3, ebc=0)
+        run(backend.stop(rec, grace_s=0))  # returns once the pod is gone (the audit log shows the patch)
+        assert "admitted" not in [p.metadata.name for p in admin.core.list_namespaced_pod(namespace).items]
 
         # The ScalingPolicies' status: one applied to chat-00001, one a rule across fields refuses.
         for name, spec in (("chat-policy", {"target": {"serviceName": "chat-00001"}, "keepAlive": "60s"}),
