@@ -72,10 +72,12 @@ bool crc32c_hardware();
 
 // The batch-invariant bf16 linear layer of exact numerics on CPUs with AVX512-BF16
 // (cpu_linear.cpp): y [M, N] = x [M, K] @ w [N, K]^T (+ bias [N]), all contiguous bf16; `batch`
-// such products one after another (x [batch, M, K], w [batch, N, K], y [batch, M, N]).
+// such products (x [batch, M, K], w [batch, N, K], y [batch, M, N]), on up to `threads` threads
+// (the caller's and a persistent pool's; the same bits for any count).
+constexpr int kMaxLinearThreads = 256;
 bool bf16_linear_supported();
 void bf16_linear(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t M, int64_t N,
-                 int64_t K, int64_t batch = 1);
+                 int64_t K, int64_t batch = 1, int threads = 1);
 
 // A file opened for the reader: O_DIRECT when the file system allows it.
 struct OpenFile {

@@ -14,8 +14,23 @@
 // (1 input row x 16 weight rows, 2 x 8, or 4 x 4), summed together by one shuffle tree; the
 // weight rows are the outer loop, so they stay in L1 while every input row passes over them,
 // and one decode row streams the weights once.
+//
+// Threads: a call may run on several (`threads`: the caller and up to threads - 1 workers of a
+// persistent pool, LinearPool below). The work is cut only into whole blocks of NB weight rows
+// (the same blocks, padded last block included, as on one thread) and into the products of a
+// batched call, never along k, so each output element still goes through its one block and
+// instruction sequence: the bits do not depend on the thread count or on which thread ran what.
+#include <pthread.h>
+#include <signal.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <thread>
 
 #include "common.h"
 
@@ -34,6 +49,11 @@ namespace sllm {
 namespace {
 
 #define SLLM_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+// Calls under this many flops (2 M N K batch) stay on the calling thread whatever `threads` says.
+constexpr double kParallelFlops = 1 << 18;
+// At most this many units (ranges of items) per thread of a call.
+constexpr int kUnitsPerThread = 8;
 
 inline float from_bf16(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
@@ -104,11 +124,13 @@ SLLM_BF16_TARGET inline void block(const uint16_t* const (&xr)[MB], int mvalid, 
     for (int j = 0; j < nvalid; j++) y[i * ldy + j] = out[lane_of(i * NB + j)];
 }
 
-// Every row of x against weight rows n .. n + NB - 1 (fewer at the end), MB rows at a time.
+// Every row of x against weight-row blocks nb0 .. nb1 - 1 of one product (block b: weight rows
+// b * NB .. b * NB + NB - 1, fewer in the last block of N), MB rows at a time. A thread's share is
+// a range of whole blocks, so every output goes through the block it has single-threaded.
 template <int MB, int NB>
 SLLM_BF16_TARGET void columns(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N,
-                              const uint16_t* bias, uint16_t* y) {
-  for (int64_t n = 0; n < N; n += NB) {
+                              const uint16_t* bias, uint16_t* y, int64_t nb0, int64_t nb1) {
+  for (int64_t n = nb0 * NB; n < nb1 * NB && n < N; n += NB) {
     const int nvalid = static_cast<int>(N - n < NB ? N - n : NB);
     const uint16_t* wr[NB];
     for (int j = 0; j < NB; j++) wr[j] = w + (n + (j < nvalid ? j : nvalid - 1)) * K;
@@ -121,6 +143,190 @@ SLLM_BF16_TARGET void columns(const uint16_t* x, int64_t M, int64_t K, const uin
   }
 }
 
+// One call: `batch` products y[b] = x[b] @ w[b]^T (+ bias), cut into items, one item a product's
+// block of NB weight rows (product-major). Any range of items can go to any thread: the items
+// write disjoint outputs and each is computed exactly as single-threaded.
+struct Problem {
+  const uint16_t* x;
+  const uint16_t* w;
+  const uint16_t* bias;
+  uint16_t* y;
+  int64_t M, N, K, batch;
+  int nb;           // weight rows per block: 16 for one input row, 8 for two, else 4
+  int64_t nblocks;  // blocks per product
+
+  // One input row streams 16 weight rows at once; two rows 8; more rows 4 by 4 (the weight rows
+  // stay in L1 while every input row passes over them).
+  Problem(const uint16_t* x_, const uint16_t* w_, const uint16_t* b_, uint16_t* y_, int64_t m, int64_t n, int64_t k,
+          int64_t batch_)
+      : x(x_), w(w_), bias(b_), y(y_), M(m), N(n), K(k), batch(batch_), nb(m == 1 ? 16 : m == 2 ? 8 : 4),
+        nblocks((n + nb - 1) / nb) {}
+
+  int64_t items() const { return batch * nblocks; }
+
+  // Items [i0, i1), product by product.
+  void run(int64_t i0, int64_t i1) const {
+    while (i0 < i1) {
+      const int64_t b = i0 / nblocks, nb0 = i0 % nblocks;
+      const int64_t nb1 = nb0 + (i1 - i0) < nblocks ? nb0 + (i1 - i0) : nblocks;
+      const uint16_t* xb = x + b * M * K;
+      const uint16_t* wb = w + b * N * K;
+      uint16_t* yb = y + b * M * N;
+      if (M == 1) columns<1, 16>(xb, M, K, wb, N, bias, yb, nb0, nb1);
+      else if (M == 2) columns<2, 8>(xb, M, K, wb, N, bias, yb, nb0, nb1);
+      else columns<4, 4>(xb, M, K, wb, N, bias, yb, nb0, nb1);
+      i0 += nb1 - nb0;
+    }
+  }
+};
+
+// The worker threads of multi-threaded calls: a small persistent pool (std::thread, not OpenMP:
+// torch brings its own OpenMP runtime). A call publishes its Problem under a new generation and
+// computes with the workers: each claims units (ranges of items) from one atomic word that holds
+// the generation, the next unit and the unit count, so a worker late for a generation can never
+// claim a unit of the next one; the caller returns when every unit is done. A worker spins for
+// kSpin after its last unit (back-to-back calls of a step find it awake), then sleeps on a
+// condition variable: an idle engine leaves the cores alone. The caller computes too and never
+// waits for a worker to wake, only for claimed units to finish.
+//
+// One call at a time (dispatch(), a mutex: two Python threads may call at once). The pool is
+// created on first use and never destroyed (no exit-time ordering; its threads are detached and
+// end with the process). Fork: the child has none of the pool's threads, so a pthread_atfork
+// handler holds the dispatch mutex across fork() (no call is half-published) and, in the child,
+// forgets the pool; the child's first multi-threaded call starts a new one.
+class LinearPool {
+ public:
+  static constexpr auto kSpin = std::chrono::microseconds(50);
+
+  // Runs `units` units of problem p, unit u = items [u * items / units, (u + 1) * items / units),
+  // on the caller and parts - 1 workers. Called with dispatch() held.
+  void run(const Problem& p, int64_t units, int parts) {
+    grow(parts - 1);
+    job_ = &p;
+    done_.store(0, std::memory_order_relaxed);
+    participants_.store(parts - 1, std::memory_order_relaxed);
+    const uint64_t g = gen_.load(std::memory_order_relaxed) + 1;
+    claim_.store((g << 32) | static_cast<uint64_t>(units), std::memory_order_release);
+    gen_.store(g, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      { std::lock_guard<std::mutex> lk(mu_); }
+      cv_.notify_all();
+    }
+    work(g);
+    // The units other threads claimed: spin, then sleep (a worker preempted mid-unit may need
+    // this core, and an idle core pulls it over sooner than a busy one).
+    const auto start = std::chrono::steady_clock::now();
+    for (int spins = 0; done_.load(std::memory_order_acquire) < units;) {
+      _mm_pause();
+      if (++spins % 64 == 0 && std::chrono::steady_clock::now() - start > kSpin) {
+        std::unique_lock<std::mutex> lk(mu_);
+        caller_waits_.store(true, std::memory_order_seq_cst);
+        while (done_.load(std::memory_order_seq_cst) < units) done_cv_.wait(lk);
+        caller_waits_.store(false, std::memory_order_relaxed);
+        break;
+      }
+    }
+  }
+
+  static std::mutex& dispatch() {
+    static std::mutex* m = new std::mutex;  // never destroyed: a worker or atfork may outlive statics
+    return *m;
+  }
+
+  static LinearPool& get() {
+    static std::once_flag once;
+    std::call_once(once, [] { pthread_atfork([] { dispatch().lock(); }, [] { dispatch().unlock(); }, [] {
+                                current() = nullptr;  // its threads did not survive the fork (leaked)
+                                dispatch().unlock();
+                              }); });
+    if (!current()) current() = new LinearPool;
+    return *current();
+  }
+
+ private:
+  static LinearPool*& current() {
+    static LinearPool* p = nullptr;
+    return p;
+  }
+
+  // Claim word: generation (high 32 bits), next unit (bits 16..31), unit count (low 16 bits).
+  static constexpr uint64_t kNext = 1ull << 16;
+
+  // Claims and computes units of generation g until none is left.
+  void work(uint64_t g) {
+    uint64_t c = claim_.load(std::memory_order_acquire);
+    for (;;) {
+      if ((c >> 32) != (g & 0xffffffffull)) return;
+      const uint64_t u = (c >> 16) & 0xffff, units = c & 0xffff;
+      if (u >= units) return;
+      if (!claim_.compare_exchange_weak(c, c + kNext, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+      // The unit is ours and not done, so the caller of g is still waiting: job_ is g's problem.
+      const Problem& p = *job_;
+      const int64_t items = p.items();
+      p.run(static_cast<int64_t>(u) * items / static_cast<int64_t>(units),
+            static_cast<int64_t>(u + 1) * items / static_cast<int64_t>(units));
+      done_.fetch_add(1, std::memory_order_seq_cst);
+      if (caller_waits_.load(std::memory_order_seq_cst)) {
+        { std::lock_guard<std::mutex> lk(mu_); }
+        done_cv_.notify_one();
+      }
+      c = claim_.load(std::memory_order_acquire);
+    }
+  }
+
+  void grow(int workers) {
+    while (static_cast<int>(count_) < workers) {
+      const int index = static_cast<int>(count_);
+      // Workers block every signal: Python's handlers run on its own threads.
+      sigset_t all, old;
+      sigfillset(&all);
+      pthread_sigmask(SIG_SETMASK, &all, &old);
+      try {
+        std::thread worker([this, index] { loop(index); });
+        pthread_setname_np(worker.native_handle(), "sllm-linear");  // named before the call returns
+        worker.detach();
+      } catch (...) {
+        pthread_sigmask(SIG_SETMASK, &old, nullptr);
+        throw;
+      }
+      pthread_sigmask(SIG_SETMASK, &old, nullptr);
+      count_++;
+    }
+  }
+
+  void loop(int index) {
+    uint64_t seen = gen_.load(std::memory_order_acquire);
+    for (;;) {
+      uint64_t g = gen_.load(std::memory_order_acquire);
+      const auto start = std::chrono::steady_clock::now();
+      for (int spins = 0; g == seen; g = gen_.load(std::memory_order_acquire)) {
+        _mm_pause();
+        if (++spins % 64 == 0 && std::chrono::steady_clock::now() - start > kSpin) {
+          std::unique_lock<std::mutex> lk(mu_);
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          while ((g = gen_.load(std::memory_order_seq_cst)) == seen) cv_.wait(lk);
+          sleepers_.fetch_sub(1, std::memory_order_relaxed);
+          break;
+        }
+      }
+      seen = g;
+      if (index < participants_.load(std::memory_order_relaxed)) work(g);
+    }
+  }
+
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<uint64_t> claim_{0};
+  std::atomic<int64_t> done_{0};
+  std::atomic<int> participants_{0};
+  std::atomic<int> sleepers_{0};
+  std::atomic<bool> caller_waits_{false};
+  const Problem* job_ = nullptr;  // written before gen_ is published, read after a claim
+  size_t count_ = 0;  // workers started (under dispatch())
+  std::mutex mu_;
+  std::condition_variable cv_;       // a new generation, for sleeping workers
+  std::condition_variable done_cv_;  // the last unit done, for a sleeping caller
+};
+
 }  // namespace
 
 bool bf16_linear_supported() {
@@ -130,24 +336,32 @@ bool bf16_linear_supported() {
 }
 
 void bf16_linear(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t M, int64_t N,
-                 int64_t K, int64_t batch) {
+                 int64_t K, int64_t batch, int threads) {
   if (!bf16_linear_supported()) throw std::runtime_error("bf16_linear: this CPU has no AVX512-BF16");
-  if (M == 0) return;
-  // Each of `batch` products in turn (x, w and y advance by one product each; the bias is shared).
-  // One row streams 16 weight rows at once; two rows 8; more rows 4 by 4 (the weight rows stay in
-  // L1 while every input row passes over them).
-  for (int64_t b = 0; b < batch; b++, x += M * K, w += N * K, y += M * N) {
-    if (M == 1) columns<1, 16>(x, M, K, w, N, bias, y);
-    else if (M == 2) columns<2, 8>(x, M, K, w, N, bias, y);
-    else columns<4, 4>(x, M, K, w, N, bias, y);
+  if (M == 0 || batch == 0) return;
+  const Problem p(x, w, bias, y, M, N, K, batch);
+  const int64_t items = p.items();
+  // Threads only for calls worth it (a decode step makes about 400 calls, many of them small), and
+  // at most kUnitsPerThread units per thread: enough to balance a busy core, few enough to share
+  // one claim word.
+  const double flops = 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) *
+                       static_cast<double>(batch);
+  int parts = threads > 1 && flops >= kParallelFlops ? threads : 1;
+  const int64_t units = std::min<int64_t>({items, int64_t{kUnitsPerThread} * parts, 0xffff});
+  if (units < parts) parts = static_cast<int>(units);
+  if (parts <= 1) {
+    p.run(0, items);
+    return;
   }
+  std::lock_guard<std::mutex> lk(LinearPool::dispatch());
+  LinearPool::get().run(p, units, parts);
 }
 
 #else  // no compiler support for the intrinsics: the function reports itself unsupported
 
 bool bf16_linear_supported() { return false; }
 
-void bf16_linear(const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t, int64_t) {
+void bf16_linear(const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t, int64_t, int) {
   throw std::runtime_error("bf16_linear: built without AVX512-BF16 support");
 }
 

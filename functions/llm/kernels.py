@@ -13,12 +13,21 @@ row in about 40 us and 32 rows in about what oneDNN takes.
 `--linear auto` (the default) picks it for exact numerics in bf16 on a CPU that lists
 `avx512_bf16` and not `amx_bf16`, when the extension was built with it. Otherwise it picks torch.
 `--linear torch|avx512-bf16` overrides. The choice is plain logic over its inputs (`choose`,
-table-tested). `bf16_linear` is the thin adapter over the extension.
+table-tested). `bf16_linear` and `bf16_bmm` are the thin adapters over the extension.
+
+Threads: unlike torch's products, the kernel may use several threads in exact numerics. It
+splits a call by whole blocks of weight rows (output columns) and by products of a batched call,
+never along k, so every output element keeps its accumulator and instruction sequence and the
+result is the same bits for any thread count. The runner passes the instance's compute share
+(`default_threads`: the `threads` setting, else every usable core) while torch keeps one intra-op
+thread. The threads are the caller's plus a persistent pool of workers in the extension, which
+spin briefly between calls and then sleep; calls under about 0.25 MFLOP stay on the caller.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -76,9 +85,16 @@ def choose(setting: str, mode: str, device: str, dtype: str, flags: Iterable[str
     return LinearChoice(AVX512_BF16, "avx512_bf16 without AMX: one row need not pay for a 16-row tile")
 
 
-def bf16_linear(x: Any, weight: Any, bias: Any | None) -> Any:
+def default_threads(setting: int | None) -> int:
+    """The kernel's threads: the `threads` setting (the instance's compute share, SLLM_THREADS)
+    when given, else every core this process may run on."""
+    return setting if setting is not None else len(os.sched_getaffinity(0))
+
+
+def bf16_linear(x: Any, weight: Any, bias: Any | None, threads: int = 1) -> Any:
     """x [rows, in] @ weight [out, in]^T (+ bias [out]) with the AVX512-BF16 kernel, as a new
-    bf16 tensor [rows, out]. Every row is computed independently of the others."""
+    bf16 tensor [rows, out], on up to `threads` threads. Every row is computed independently of
+    the others, and the bits do not depend on `threads`."""
     import torch
 
     from cuda_ext import _C
@@ -88,14 +104,14 @@ def bf16_linear(x: Any, weight: Any, bias: Any | None) -> Any:
     bias = None if bias is None else bias.contiguous()
     y = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.bfloat16)
     _C.bf16_linear(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
-                   x.shape[0], weight.shape[0], weight.shape[1])
+                   x.shape[0], weight.shape[0], weight.shape[1], threads=threads)
     return y
 
 
-def bf16_bmm(x: Any, weight: Any) -> Any:
+def bf16_bmm(x: Any, weight: Any, threads: int = 1) -> Any:
     """x [batch, rows, in] @ weight [batch, out, in]^T, product by product, as bf16_linear (both
     made contiguous first): a new bf16 tensor [batch, rows, out]. One call for many small
-    products (exact attention's, one per head)."""
+    products (exact attention's, one per head), on up to `threads` threads."""
     import torch
 
     from cuda_ext import _C
@@ -106,7 +122,8 @@ def bf16_bmm(x: Any, weight: Any) -> Any:
     x, weight = x.contiguous(), weight.contiguous()
     batch, rows, inner = x.shape
     y = torch.empty((batch, rows, weight.shape[1]), dtype=torch.bfloat16)
-    _C.bf16_linear(x.data_ptr(), weight.data_ptr(), 0, y.data_ptr(), rows, weight.shape[1], inner, batch)
+    _C.bf16_linear(x.data_ptr(), weight.data_ptr(), 0, y.data_ptr(), rows, weight.shape[1], inner, batch,
+                   threads=threads)
     return y
 
 

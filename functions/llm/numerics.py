@@ -25,7 +25,9 @@ token ids alone (bit for bit, for one torch build, device type and set of option
   to a multiple of `row_multiple(...)` rows (1 for the usual model shapes; the vectorized loop
   takes 32 float32 or 64 bfloat16/float16 elements per pass).
 * Intra-op threads are fixed to one (set by the runner): a parallel split point that depends on
-  the number of rows would otherwise move elements between vector and scalar code.
+  the number of rows would otherwise move elements between vector and scalar code. (Our kernel
+  below is the exception: it splits only by whole blocks of output columns and by products, so
+  it runs on the instance's share of the cores with the same bits as on one.)
 
 The same construction holds in bfloat16 (on the CPU the tiles are oneDNN matrix multiplies, AMX
 where the CPU has it, of one fixed shape): tested bit for bit like float32. Its default tile is
@@ -47,6 +49,7 @@ checks the exact mode bit for bit.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -114,15 +117,16 @@ def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return y if padded == m else y[:m]
 
 
-def linear_function(mode: str, tile_rows: int, linear: str = "torch") -> Callable[
+def linear_function(mode: str, tile_rows: int, linear: str = "torch", threads: int = 1) -> Callable[
         [torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """The linear layer of a numerics mode: (x [rows, in], weight, bias) -> [rows, out].
 
     `linear` is the kernel (functions/llm/kernels.py): "torch" (tiles of `tile_rows` rows in exact
-    numerics, torch's own linear in fast) or "avx512-bf16" (invariant for any row count: no tiles).
+    numerics, torch's own linear in fast) or "avx512-bf16" (invariant for any row count: no tiles;
+    on `threads` threads, the same bits for any count).
     """
     if linear == kernels.AVX512_BF16:
-        return kernels.bf16_linear
+        return functools.partial(kernels.bf16_linear, threads=threads)
     if mode == EXACT:
         return lambda x, w, b: tiled_linear(x, w, b, tile_rows)
     return nn.functional.linear
@@ -132,29 +136,29 @@ class TiledLinear(nn.Module):
     """nn.Linear through an exact linear function (`linear_function`); shares the weight and bias
     of the module it replaces."""
 
-    def __init__(self, linear: nn.Linear, tile_rows: int, kernel: str = "torch") -> None:
+    def __init__(self, linear: nn.Linear, tile_rows: int, kernel: str = "torch", threads: int = 1) -> None:
         super().__init__()
         self.weight = linear.weight
         self.bias = linear.bias
         self.tile_rows = tile_rows
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        self._linear = linear_function(EXACT, tile_rows, kernel)
+        self._linear = linear_function(EXACT, tile_rows, kernel, threads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
         return y.view(*x.shape[:-1], self.out_features)
 
 
-def tile_linears(module: nn.Module, tile_rows: int, kernel: str = "torch") -> int:
+def tile_linears(module: nn.Module, tile_rows: int, kernel: str = "torch", threads: int = 1) -> int:
     """Replace every nn.Linear under module with a TiledLinear; returns how many."""
     count = 0
     for name, child in list(module.named_children()):
         if type(child) is nn.Linear:
-            setattr(module, name, TiledLinear(child, tile_rows, kernel))
+            setattr(module, name, TiledLinear(child, tile_rows, kernel, threads))
             count += 1
         else:
-            count += tile_linears(child, tile_rows, kernel)
+            count += tile_linears(child, tile_rows, kernel, threads)
     return count
 
 
@@ -215,7 +219,7 @@ def _kernel_softmax(scores: torch.Tensor, masked: torch.Tensor, scaling: float) 
 
 
 def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor,
-                     scaling: float) -> torch.Tensor:
+                     scaling: float, threads: int = 1) -> torch.Tensor:
     """exact_attention's contract, with both products through our AVX512-BF16 kernel.
 
     The kernel reduces each output in one fixed order whatever the number of rows and columns
@@ -225,6 +229,7 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: 
     _attend_blocks, without expanding a prefill's shared keys once per row (that broadcast copy
     was a third of a 256-token prefill). One batched call per product: per kv head for a
     prefill's rows that reach the same number of key blocks, per (row, kv head) for decode rows.
+    `threads`: the kernel's (the same bits for any count).
     """
     n, kvh, group, d = q.shape
     if k.shape[0] == 1 and n > 1:  # a prefill's rows share their sequence's keys
@@ -237,7 +242,8 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: 
                 continue
             end = ends[start]
             out[start:i] = _kernel_heads(q[start:i].transpose(0, 1), k[0, :, :end], v[0, :, :end],
-                                         masked[start:i, :, :, :end].transpose(0, 1), scaling).transpose(0, 1)
+                                         masked[start:i, :, :, :end].transpose(0, 1), scaling,
+                                         threads).transpose(0, 1)
             start = i
         return out
     # decode rows, each with its own keys (or one row): (row, kv head) is the batch
@@ -245,18 +251,19 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: 
     keys = k.expand(n, -1, -1, -1).reshape(n * kvh, length, d)
     values = v.expand(n, -1, -1, -1).reshape(n * kvh, length, d)
     mask = masked.expand(n, kvh, 1, length).reshape(n * kvh, 1, 1, length)
-    return _kernel_heads(q.reshape(n * kvh, 1, group, d), keys, values, mask, scaling).view(n, kvh, group, d)
+    return _kernel_heads(q.reshape(n * kvh, 1, group, d), keys, values, mask, scaling, threads).view(
+        n, kvh, group, d)
 
 
 def _kernel_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                  scaling: float) -> torch.Tensor:
+                  scaling: float, threads: int) -> torch.Tensor:
     """Attention of B independent heads: q [B, m, group, d] against k, v [B, L, d]; mask [B or 1,
     m, 1, L] (True: not visible), the same for a row's whole group. Returns [B, m, group, d]."""
     b, m, group, d = q.shape
     length = k.shape[1]
-    scores = kernels.bf16_bmm(q.reshape(b, m * group, d), k)  # [B, m * group, L]
+    scores = kernels.bf16_bmm(q.reshape(b, m * group, d), k, threads)  # [B, m * group, L]
     probs = _kernel_softmax(scores.view(b, m, group, length), mask, scaling)
-    out = kernels.bf16_bmm(probs.view(b, m * group, length), v.transpose(1, 2))  # [B, m * group, d]
+    out = kernels.bf16_bmm(probs.view(b, m * group, length), v.transpose(1, 2), threads)  # [B, m * group, d]
     return out.view(b, m, group, d)
 
 
@@ -294,8 +301,9 @@ def attend_step(batch: StepBatch, layer: int, q: torch.Tensor, k: torch.Tensor, 
     cache_k[batch.slots, :, batch.positions] = k.to(cache_k.dtype)
     cache_v[batch.slots, :, batch.positions] = v.to(cache_v.dtype)
     q4 = q.view(t, kvh, heads // kvh, d)
-    attend = fast_attention if batch.mode != EXACT else (
-        kernel_attention if batch.linear == kernels.AVX512_BF16 else exact_attention)
+    attend: Callable[..., torch.Tensor] = fast_attention if batch.mode != EXACT else (
+        functools.partial(kernel_attention, threads=batch.kernel_threads) if batch.linear == kernels.AVX512_BF16
+        else exact_attention)
     parts = []
     if batch.decode is not None:
         dec = batch.decode

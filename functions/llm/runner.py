@@ -85,6 +85,7 @@ class StepBatch:
     decode: DecodeGroup | None
     prefills: list[PrefillSegment]
     linear: str = "torch"  # the kernel (functions/llm/kernels.py); avx512-bf16 computes exact attention too
+    kernel_threads: int = 1  # the avx512-bf16 kernel's threads (the same bits for any count)
 
 
 class KVCache:
@@ -167,20 +168,26 @@ class ModelRunner:
             self.row_multiple = math.lcm(tile_rows, numerics.row_multiple(
                 [cfg.hidden_size, getattr(cfg, "intermediate_size", cfg.hidden_size), head_dim, heads * head_dim],
                 self.dtype.itemsize))
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads = {threads}, must be at least 1")
         # exact: one intra-op thread (see numerics: a thread split point must not depend on the batch);
         # fast: `threads` (the instance's share of its node), else torch's default (every core)
         self.threads = 1 if mode == numerics.EXACT else threads
+        # Our kernel's threads, in either mode: the instance's share (`threads`), else every usable
+        # core. Its split never changes a result bit (numerics.py), so exact numerics may use them.
+        self.kernel_threads = kernels.default_threads(threads) if linear == kernels.AVX512_BF16 else None
+        kthreads = self.kernel_threads or 1
         why_not = decoder.unsupported(model)
         self.forward_kind = "decoder" if forward == "auto" and why_not is None else "transformers"
         if self.forward_kind == "decoder":
-            self._lean = decoder.DecoderForward(model, numerics.linear_function(mode, tile_rows, linear))
+            self._lean = decoder.DecoderForward(model, numerics.linear_function(mode, tile_rows, linear, kthreads))
         else:
             if not getattr(model, "_supports_attention_backend", False):
                 raise ValueError(f"{type(model).__name__} does not route attention through the transformers "
                                  "attention interface; it cannot be served with continuous batching")
             model.config._attn_implementation = _ATTN_NAME
             if mode == numerics.EXACT or linear != kernels.TORCH:
-                numerics.tile_linears(model, tile_rows, linear)
+                numerics.tile_linears(model, tile_rows, linear, kthreads)
         self.bind_thread()
         self.cache = KVCache(cfg.num_hidden_layers, slots, kv_heads, self.max_len, head_dim, self.dtype,
                              self.device)
@@ -195,7 +202,10 @@ class ModelRunner:
         return self.cache.slots
 
     def fingerprint(self) -> dict[str, Any]:
-        """What must match between two instances for exact resumption (see docs/function.md)."""
+        """What must match between two instances for exact resumption (see docs/function.md).
+
+        Not the kernel's thread count: the kernel computes the same bits on any number of threads
+        (tests/functions/test_llm_kernels.py checks it on the real model)."""
         return {"mode": self.mode, "tile_rows": self.tile_rows, "linear": self.linear, "forward": self.forward_kind,
                 "device": self.device.type,
                 "dtype": str(self.dtype).removeprefix("torch."), "torch": torch.__version__.split("+")[0]}
@@ -250,7 +260,7 @@ class ModelRunner:
                 dec_slots = slice(first, first + n) if consecutive else slots_t[rows_t]
                 decode = DecodeGroup(rows_t, n, dec_slots, length, numerics.key_mask(pos_t[rows_t], length))
         batch = StepBatch(mode=self.mode, cache=self.cache, slots=slots_t, positions=pos_t, decode=decode,
-                          prefills=prefills, linear=self.linear)
+                          prefills=prefills, linear=self.linear, kernel_threads=self.kernel_threads or 1)
         kept = len(keep)
         keep = keep or [0]
         keep += keep[-1:] * (numerics.round_up(len(keep), self.row_multiple) - len(keep))

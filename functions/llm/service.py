@@ -90,6 +90,7 @@ class ModelHost:
         self.max_len = 0
         self.vocab_size = 0
         self.threads: int | None = None  # the engine's intra-op threads, once loaded
+        self.kernel_threads: int | None = None  # the avx512-bf16 kernel's threads (None: not used), once loaded
         self.dtype: DtypeChoice | None = None  # the compute dtype and why, once loaded
         self.tile_rows: int | None = None  # exact numerics' tile, once loaded
         self.linear: LinearChoice | None = None  # the linear layers' kernel and why, once loaded
@@ -150,6 +151,7 @@ class ModelHost:
         self.tokenizer = tokenizer
         self.max_len = runner.max_len
         self.threads = runner.threads or torch.get_num_threads()
+        self.kernel_threads = runner.kernel_threads
         self.dtype = choice
         self.linear = linear
         self.tile_rows = runner.tile_rows if runner.mode == "exact" else None
@@ -164,7 +166,7 @@ class ModelHost:
                       kv_slots=self.cfg.kv_slots, kv_cache_bytes=runner.cache.nbytes, numerics=runner.mode,
                       forward=runner.forward_kind, max_len=runner.max_len, dtype=choice.dtype,
                       dtype_reason=choice.reason, tile_rows=self.tile_rows, linear=linear.linear,
-                      linear_reason=linear.reason,
+                      linear_reason=linear.reason, kernel_threads=self.kernel_threads,
                       **{f"{k}_s": round(v, 3) for k, v in watch.phases.items()})
 
     def shutdown(self) -> None:
@@ -182,12 +184,13 @@ class ModelHost:
         total = round(self.stopwatch.total(), 4) if self.status == "ready" else None
         return {"status": self.status, "model": self.cfg.model_name, "startup": {"total_s": total, **phases},
                 # the engine's intra-op threads (exact numerics: always 1), and the setting it got;
-                # the compute dtype, why it was chosen and the setting (once loaded); exact's tile
+                # the compute dtype, why it was chosen and the setting (once loaded); exact's tile;
+                # the linear kernel, and the avx512-bf16 kernel's threads (null when torch's)
                 "compute": {"numerics": self.cfg.numerics, "threads": self.threads, "threads_setting": self.cfg.threads,
                             **(self.dtype.report() if self.dtype else {"dtype": None, "dtype_reason": None}),
                             "dtype_setting": self.cfg.dtype, "tile_rows": self.tile_rows,
                             **(self.linear.report() if self.linear else {"linear": None, "linear_reason": None}),
-                            "linear_setting": self.cfg.linear}}
+                            "linear_setting": self.cfg.linear, "kernel_threads": self.kernel_threads}}
 
     # -- requests (event-loop thread) ---------------------------------------------------
     def require_engine(self) -> Engine:

@@ -3,14 +3,23 @@
 The choice is plain logic, tested table-driven. The AVX512-BF16 kernel is tested where this CPU
 runs it (otherwise skipped, with the reason): each row's output is the same bits whatever the
 other rows, whatever the shape's remainders, and it is the product (against float64, within bf16
-rounding, and as close as torch's own bf16 product)."""
+rounding, and as close as torch's own bf16 product). Its threads change no bit either: odd
+shapes, two Python threads calling at once, a forked child, and the real model's steps."""
 
 from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from functions.llm import kernels
+from functions.llm import kernels, numerics
+from functions.llm.runner import Feed, ModelRunner
+from sllm_knative.loading import load_model
 from tests.functions.conftest import NEEDS_KERNEL
 
 AMX = {"fpu", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
@@ -115,6 +124,175 @@ def test_the_extension_checks_its_sizes():
 
     with pytest.raises(ValueError, match="need m >= 0, n >= 1, k >= 1"):
         _C.bf16_linear(0, 0, 0, 0, 1, 0, 8)
+
+
+@NEEDS_KERNEL
+@pytest.mark.parametrize("threads", [0, -1, -(2 ** 40), 257])
+def test_a_bad_thread_count_is_refused_with_the_value(threads):
+    from cuda_ext import _C
+
+    x, w = torch.zeros(2, 64).bfloat16(), torch.zeros(4, 64).bfloat16()
+    message = rf"threads = {threads}: need 1 <= threads <= 256"
+    with pytest.raises(ValueError, match=message):
+        kernels.bf16_linear(x, w, None, threads=threads)
+    with pytest.raises(ValueError, match=message):
+        kernels.bf16_bmm(x[None], w[None], threads=threads)
+    with pytest.raises(ValueError, match=message):
+        _C.bf16_linear(x.data_ptr(), w.data_ptr(), 0, 0, 2, 4, 64, 1, threads=threads)
+
+
+def _operands(rows: int, out: int, inner: int, batch: int, bias: bool, seed: int) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, rows, inner, generator=g).bfloat16()
+    w = (torch.randn(batch, out, inner, generator=g) / inner ** 0.5).bfloat16()
+    return x, w, torch.randn(out, generator=g).bfloat16() if bias else None
+
+
+def _product(x, w, b, threads):
+    """kernels.bf16_linear for one product, bf16_bmm for a batch."""
+    return kernels.bf16_linear(x[0], w[0], b, threads=threads)[None] if x.shape[0] == 1 else kernels.bf16_bmm(
+        x, w, threads=threads)
+
+
+# The kernel calls a shape under 2^18 flops (2 rows out in batch) small and keeps it on the caller;
+# the others are split: by blocks of 16 weight rows for one input row, 8 for two, 4 for more.
+@NEEDS_KERNEL
+@pytest.mark.parametrize("rows,out,inner,batch,bias", [
+    pytest.param(1, 1537, 576, 1, True, id="one-row-lm-head-like"),    # out % 16 = 1: a padded last block
+    pytest.param(2, 1000, 333, 1, False, id="two-rows"),               # out % 8, inner % 32
+    pytest.param(3, 250, 576, 1, True, id="three-rows"),               # rows % 4, out % 4
+    pytest.param(5, 999, 64, 1, False, id="five-rows"),
+    pytest.param(33, 575, 1536, 1, True, id="33-rows"),                # one row in the last row block
+    pytest.param(33, 1, 4096, 1, False, id="one-weight-row"),           # one block: nothing to split
+    pytest.param(3, 130, 64, 27, False, id="batch-decode-attention"),  # batches split by products
+    pytest.param(96, 128, 64, 3, False, id="batch-prefill-attention"),  # 3 products, split by blocks too
+    pytest.param(1, 77, 95, 2, False, id="small-stays-on-the-caller"),
+])
+def test_the_same_bits_on_any_number_of_threads(rows, out, inner, batch, bias):
+    x, w, b = _operands(rows, out, inner, batch, bias, seed=rows * out + inner)
+    one = _product(x, w, b, threads=1)
+    assert one.shape == (batch, rows, out)
+    for threads in (2, 3, 4, 7):
+        got = _product(x, w, b, threads=threads)
+        assert torch.equal(got.view(torch.int16), one.view(torch.int16)), threads
+    # and each row is still its own: a row alone, on two threads, is the same bits
+    assert torch.equal(_product(x[:, -1:], w, b, threads=2), one[:, -1:])
+
+
+def _workers() -> int:
+    """The kernel pool's threads in this process (named sllm-linear)."""
+    return sum((task / "comm").read_text().strip() == "sllm-linear" for task in Path("/proc/self/task").iterdir())
+
+
+@NEEDS_KERNEL
+def test_two_python_threads_at_once():
+    """Calls from two Python threads at once (the GIL is released in the kernel) each get their own
+    product, bit for bit; the pool serves one multi-threaded call at a time."""
+    shapes = [(32, 576, 576), (1, 1536, 576), (7, 333, 1536)]
+    cases = []
+    for i, (rows, out, inner) in enumerate(shapes):
+        x, w, b = _operands(rows, out, inner, 1, True, seed=i)
+        cases.append((x[0], w[0], b, kernels.bf16_linear(x[0], w[0], b)))
+    errors: list[str] = []
+    start = threading.Barrier(2)
+
+    def hammer(name: str, order: list[int]) -> None:
+        start.wait()
+        for n in range(60):
+            x, w, b, want = cases[order[n % len(order)]]
+            if not torch.equal(kernels.bf16_linear(x, w, b, threads=2), want):
+                errors.append(f"{name}: call {n}")
+
+    threads = [threading.Thread(target=hammer, args=(f"t{i}", order)) for i, order in enumerate(([0, 1, 2], [2, 0, 1]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a call never returned"
+    assert errors == []
+    assert _workers() >= 1
+
+
+def _wait_child(pid: int, timeout: float) -> int | None:
+    """The child's exit code, or None if it is still running after timeout (then it is killed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return None
+
+
+@NEEDS_KERNEL
+def test_a_forked_child_runs_the_kernel_on_threads():
+    """The pool's threads do not survive fork(): the child (the zygote forks instances) gets a new
+    pool on its first call instead of waiting forever for the old one. Forked while another thread
+    is making multi-threaded calls too, so a fork can land in the middle of one."""
+    x, w, b = _operands(32, 576, 576, 1, True, seed=5)
+    x, w = x[0], w[0]
+    want = kernels.bf16_linear(x, w, b, threads=2)
+    assert _workers() >= 1
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            kernels.bf16_linear(x, w, b, threads=2)
+
+    background = threading.Thread(target=busy)
+    background.start()
+    try:
+        for _ in range(5):
+            pid = os.fork()
+            if pid == 0:  # the child: only our kernel, no torch op that could start OpenMP threads
+                code = 1
+                try:
+                    ok = all(torch.equal(kernels.bf16_linear(x, w, b, threads=2), want) for _ in range(3))
+                    code = 0 if ok and _workers() >= 1 else 2
+                finally:
+                    os._exit(code)
+            assert _wait_child(pid, timeout=60) == 0
+    finally:
+        stop.set()
+        background.join()
+
+
+# The real model: the same logits bit for bit with the kernel on 1, 2 or 3 threads.
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    from tests.checkpoint.gguf_files import converted_smollm2
+
+    return converted_smollm2(tmp_path_factory)[0]
+
+
+@NEEDS_KERNEL
+def test_the_real_model_is_the_same_bits_on_any_number_of_kernel_threads(smollm2):
+    """SmolLM2-135M in exact bf16 with our kernel: a prefill, chunked prefills among decode rows, and
+    eight decode rows, with the kernel on 1, 2 and 3 threads (torch on one intra-op thread): the
+    logits are equal bit for bit, and the numerics fingerprint does not name the thread count."""
+    rng = random.Random(11)
+    prompts = [[rng.randrange(3, 49152) for _ in range(n)] for n in (140, 33, 9, 20, 20, 20, 20, 20)]
+    results = {}
+    fingerprints = {}
+    model = load_model(smollm2)
+    for threads in (1, 2, 3):
+        runner = ModelRunner(model, slots=8, max_len=512, mode=numerics.EXACT, threads=threads,
+                             linear=kernels.AVX512_BF16)
+        assert (runner.threads, runner.kernel_threads) == (1, threads)
+        got = [runner.step([Feed(0, 0, prompts[0], 0)])[0]]                      # a 140-row prefill
+        got += runner.step([Feed(s, 0, prompts[s], len(prompts[s]) - 1) for s in range(1, 8)])
+        for i in range(3):                                                       # decode rows among a chunk
+            got += runner.step([Feed(s, len(prompts[s]) + i, [prompts[s][i]], 0) for s in range(1, 8)]
+                               + [Feed(0, 140 + 5 * i, prompts[1][5 * i:5 * i + 5], 0)])
+        results[threads] = got
+        fingerprints[threads] = runner.fingerprint()
+    assert len(results[1]) == 1 + 7 + 3 * 8
+    for threads in (2, 3):
+        assert all(torch.equal(a, b) for a, b in zip(results[1], results[threads], strict=True)), threads
+        assert fingerprints[threads] == fingerprints[1]
+    assert not any("thread" in key for key in fingerprints[1])
 
 
 @NEEDS_KERNEL
