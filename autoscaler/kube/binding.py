@@ -83,17 +83,32 @@ def pair(gated: list[dict[str, Any]], intents: list[Intent]) -> tuple[list[tuple
 
 def stranded(pods: list[dict[str, Any]], replicas: int, stopping: frozenset[str]) -> list[str]:
     """The pods in `stopping` (marked for deletion by `KubeBackend.stop`) that a ReplicaSet at
-    `replicas` would keep, so the autoscaler must delete them itself (their names, sorted).
+    `replicas` would not remove, so the autoscaler must delete them itself: all the marked pods
+    (sorted) when any of them would stay, else none.
 
-    The ReplicaSet removes `len(pods not terminating) - replicas` pods, the marked ones first.
-    When that is fewer than the marked pods, the count is not going down for them: a failed
-    start's pod while the PA holds its replicas during activation (want 0 -> UNKNOWN), or a
-    stop and a start of the same revision at once (the count stays). Then every marked pod is
-    deleted directly, and the ReplicaSet makes the pods the count still asks for, which the
-    next intents are paired with (gated until then)."""
+    The ReplicaSet removes `len(pods not terminating) - replicas` pods in the order of its
+    ranking (`_deletion_rank`), where the deletion cost comes only after being unscheduled,
+    pending and not ready. A marked pod stays when the count does not go down for it: a failed
+    start's pod while the PA holds its replicas during activation (want 0 -> UNKNOWN), or a stop
+    beside a start of the same revision. It would also stay if an unmarked pod ranked before it,
+    a pod still starting, which the ReplicaSet would remove in its place. Deleted first (before
+    the count goes down), every marked pod goes and no other: the ReplicaSet makes the pods the
+    count still asks for, which the next intents are paired with (gated until then)."""
     active = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
     marked = sorted(n for p in active if (n := (p.get("metadata") or {}).get("name", "")) in stopping)
-    return marked if len(active) - replicas < len(marked) else []
+    ranked = sorted(active, key=lambda p: _deletion_rank(p, stopping))
+    chosen = {(p.get("metadata") or {}).get("name", "") for p in ranked[:max(0, len(active) - replicas)]}
+    return [] if chosen >= set(marked) else marked
+
+
+def _deletion_rank(pod: dict[str, Any], stopping: frozenset[str]) -> tuple[bool, int, bool, int]:
+    """Which pods a ReplicaSet scaling down removes first, lowest first (kubernetes
+    pkg/controller/controller_utils.go, ActivePodsWithRanks): unscheduled, then Pending before
+    Unknown before Running, then not ready, then the lower pod-deletion-cost (the marked pods')."""
+    status = pod.get("status") or {}
+    phase = {"Pending": 0, "Unknown": 1, "Running": 2}.get(status.get("phase", "Pending"), 0)
+    marked = (pod.get("metadata") or {}).get("name", "") in stopping
+    return bool((pod.get("spec") or {}).get("nodeName")), phase, pod_ready(pod), -1 if marked else 0
 
 
 def pod_ready(pod: dict[str, Any]) -> bool:

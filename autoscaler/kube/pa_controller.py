@@ -236,15 +236,17 @@ class PodAutoscalerController:
             else:
                 self.kube.replace(SERVERLESSSERVICES, sks_name(name), plan.sks, ns, _request_timeout=REQUEST_TIMEOUT_S)
                 _log.info("sks updated", pa=key, mode=plan.sks["spec"]["mode"])
+        # The stopped pods this count would keep go first: before the count goes down, so that the
+        # ReplicaSet does not remove a starting pod in their place (binding.stranded).
+        count = plan.scale if plan.scale is not None else replicas
+        if marked and deployment is not None and count is not None:
+            for pod in stranded(pods, count, marked):
+                self._delete_stopped(pa, pod, count)
         if plan.scale is not None and deployment is not None:
             self.kube.apps.patch_namespaced_deployment_scale(
                 target, ns, [{"op": "add", "path": "/spec/replicas", "value": plan.scale}],
                 _request_timeout=REQUEST_TIMEOUT_S)
             _log.info("scaled", pa=key, replicas=plan.scale, was=replicas, want=advice.want, reason=advice.reason)
-        count = plan.scale if plan.scale is not None else replicas
-        if marked and deployment is not None and count is not None:
-            for pod in stranded(pods, count, marked):
-                self._delete_stopped(pa, pod, count)
         for type_, reason, message in plan.events:
             self.events.record(pa, type_, reason, message)
         if plan.status != (pa.get("status") or {}):
@@ -265,6 +267,6 @@ class PodAutoscalerController:
             if is_status(exc, 404):
                 return
             raise
-        why = f"its instance was stopped and the replica count ({replicas}) would keep it"
+        why = f"its instance was stopped and the replica count ({replicas}) would keep it or remove another"
         _log.info("stopped pod deleted", pa=key, instance=pod, replicas=replicas)
         self.events.record(pa, "Normal", "StoppedPodDeleted", f"deleted pod {pod}: {why}")

@@ -112,8 +112,13 @@ def test_node_slots(allocatable: dict[str, str], labels: dict[str, str], slots: 
     assert node_slots({"metadata": {"labels": labels}, "status": {"allocatable": allocatable}}) == slots
 
 
-def _live(*names: str, terminating: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    return [{"metadata": {"name": n, **({"deletionTimestamp": "2026-12-06T00:00:00Z"} if n in terminating else {})}}
+def _live(*names: str, terminating: tuple[str, ...] = (), starting: tuple[str, ...] = (),
+          unscheduled: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Pods (ready and running on a node unless said otherwise)."""
+    ready = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+    return [{"metadata": {"name": n, **({"deletionTimestamp": "2026-12-06T00:00:00Z"} if n in terminating else {})},
+             "spec": {} if n in unscheduled else {"nodeName": "node-a"},
+             "status": {"phase": "Pending"} if n in unscheduled else {"phase": "Running"} if n in starting else ready}
             for n in names]
 
 
@@ -122,11 +127,19 @@ def _live(*names: str, terminating: tuple[str, ...] = ()) -> list[dict[str, Any]
     (_live("a", "b"), 1, {"a"}, []),
     (_live("a", "b", "c"), 1, {"a", "b"}, []),
     # a failed start's pod while the PA holds the replicas (want 0 while activating): the count stays
-    (_live("a"), 1, {"a"}, ["a"]),
+    (_live("a", starting=("a",)), 1, {"a"}, ["a"]),
     # a stop beside a start of the same revision: the count stays, so does the pod
     (_live("a", "b"), 2, {"a"}, ["a"]),
-    # the count goes down by one for two marked pods: the ReplicaSet cannot be trusted with both
+    # the count goes down by one for two marked pods: one would stay, both are deleted
     (_live("a", "b", "c"), 2, {"a", "c"}, ["a", "c"]),
+    # a starting pod ranks before a ready one (then an unscheduled one before both): the
+    # ReplicaSet would remove it instead of the marked pod, so the marked pod is deleted first
+    (_live("a", "b", starting=("b",)), 1, {"a"}, ["a"]),
+    (_live("a", "b", "c", starting=("b",), unscheduled=("c",)), 1, {"a"}, ["a"]),
+    # ... unless the count removes those too
+    (_live("a", "b", "c", starting=("b",), unscheduled=("c",)), 0, {"a"}, []),
+    # a marked pod that is itself starting (a failed start) ranks with the starting ones, first by its cost
+    (_live("a", "b", starting=("a", "b")), 1, {"a"}, []),
     # a marked pod already terminating is the ReplicaSet's (or ours) already: not counted, not deleted
     (_live("a", "b", terminating=("a",)), 1, {"a"}, []),
     (_live("a", "b", terminating=("b",)), 1, {"a"}, ["a"]),
