@@ -81,10 +81,12 @@ def pair(gated: list[dict[str, Any]], intents: list[Intent]) -> tuple[list[tuple
     return list(zip(pods[:n], intents[:n], strict=True)), pods[n:]
 
 
-def stranded(pods: list[dict[str, Any]], replicas: int, stopping: frozenset[str]) -> list[str]:
+def stranded(pods: list[dict[str, Any]], replicas: int, stopping: frozenset[str], to_zero: bool = False) -> list[str]:
     """The pods in `stopping` (marked for deletion by `KubeBackend.stop`) that a ReplicaSet at
     `replicas` would not remove, so the autoscaler must delete them itself: all the marked pods
-    (sorted) when any of them would stay, else none.
+    (sorted) when any of them would stay, else none. On the way to zero (`to_zero`: the
+    decider wants no instance) only those not ready: Knative's way to zero (Proxy, the
+    activator's probe, the grace period, then 0 replicas) removes a ready one.
 
     The ReplicaSet removes `len(pods not terminating) - replicas` pods in the order of its
     ranking (`_deletion_rank`), where the deletion cost comes only after being unscheduled,
@@ -98,7 +100,10 @@ def stranded(pods: list[dict[str, Any]], replicas: int, stopping: frozenset[str]
     marked = sorted(n for p in active if (n := (p.get("metadata") or {}).get("name", "")) in stopping)
     ranked = sorted(active, key=lambda p: _deletion_rank(p, stopping))
     chosen = {(p.get("metadata") or {}).get("name", "") for p in ranked[:max(0, len(active) - replicas)]}
-    return [] if chosen >= set(marked) else marked
+    if chosen >= set(marked):
+        return []
+    ready = {(p.get("metadata") or {}).get("name", "") for p in active if pod_ready(p)}
+    return [n for n in marked if n not in ready] if to_zero else marked
 
 
 def _deletion_rank(pod: dict[str, Any], stopping: frozenset[str]) -> tuple[bool, int, bool, int]:

@@ -240,7 +240,7 @@ class PodAutoscalerController:
         # ReplicaSet does not remove a starting pod in their place (binding.stranded).
         count = plan.scale if plan.scale is not None else replicas
         if marked and deployment is not None and count is not None:
-            for pod in stranded(pods, count, marked):
+            for pod in stranded(pods, count, marked, to_zero=advice.want == 0):
                 self._delete_stopped(pa, pod, count)
         if plan.scale is not None and deployment is not None:
             self.kube.apps.patch_namespaced_deployment_scale(

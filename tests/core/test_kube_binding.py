@@ -152,6 +152,20 @@ def test_stranded_stopped_pods(pods: list[dict[str, Any]], replicas: int, stoppi
     assert stranded(pods, replicas, frozenset(stopping)) == deleted
 
 
+@pytest.mark.parametrize("pods, replicas, stopping, deleted", [
+    # scaled to zero, the count held (the grace period, or the activation hold): a ready pod
+    # waits for Knative's way to zero; one that never became ready (a failed start) goes now
+    (_live("a"), 1, {"a"}, []),
+    (_live("a", starting=("a",)), 1, {"a"}, ["a"]),
+    (_live("a", "b", starting=("b",)), 2, {"a", "b"}, ["b"]),
+    # the count is 0 already: the ReplicaSet removes them all
+    (_live("a", starting=("a",)), 0, {"a"}, []),
+])
+def test_on_the_way_to_zero_only_pods_that_serve_nothing_are_deleted(
+        pods: list[dict[str, Any]], replicas: int, stopping: set[str], deleted: list[str]) -> None:
+    assert stranded(pods, replicas, frozenset(stopping), to_zero=True) == deleted
+
+
 def _runtime(migration: bool = True) -> ServiceRuntime:
     svc = parse_service({"apiVersion": "serving.knative.dev/v1", "kind": "Service",
                          "metadata": {"name": "chat-00001", "namespace": "ns"},
