@@ -48,19 +48,12 @@ namespace sllm {
 #ifdef SLLM_BF16_KERNEL
 namespace {
 
-#define SLLM_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+#define SLLM_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 // Calls under this many flops (2 M N K batch) stay on the calling thread whatever `threads` says.
 constexpr double kParallelFlops = 1 << 18;
 // At most this many units (ranges of items) per thread of a call.
 constexpr int kUnitsPerThread = 8;
-
-inline float from_bf16(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 // The lane where reduce16 puts accumulator p's sum.
 constexpr int lane_of(int p) { return 4 * (p % 4) + p / 4; }
@@ -82,6 +75,11 @@ SLLM_BF16_TARGET inline __m512 reduce16(const __m512 (&v)[16]) {
                           _mm512_shuffle_ps(s2[2 * t], s2[2 * t + 1], 0xEE));
   return _mm512_add_ps(_mm512_shuffle_ps(s3[0], s3[1], 0x88), _mm512_shuffle_ps(s3[0], s3[1], 0xDD));
 }
+
+// The weight row j (of NB) of the accumulator whose sum reduce16 puts in lane L: accumulator
+// p = lane_of(L) (the map is its own inverse), j = p % NB.
+template <int NB>
+constexpr int bias_lane(int L) { return lane_of(L) % NB; }
 
 // MB input rows x NB weight rows of outputs (MB * NB == 16), accumulator p = i * NB + j. Rows
 // past the valid ones repeat the last valid row (x_rows, w_rows), and their outputs are not
@@ -119,17 +117,29 @@ SLLM_BF16_TARGET inline void block(const uint16_t* const (&xr)[MB], int mvalid, 
     }
   }
   __m512 sums = reduce16(acc);
-  if (bias) {
-    alignas(64) float b[16] = {};
-    for (int i = 0; i < MB; i++)
-      for (int j = 0; j < nvalid; j++) b[lane_of(i * NB + j)] = from_bf16(bias[j]);
-    sums = _mm512_add_ps(sums, _mm512_load_ps(b));
+  if (bias) {  // bias[j] as float32 (exact) in the lanes of accumulators i * NB + j; 0 past nvalid
+    const __m512i lanes = _mm512_set_epi32(
+        bias_lane<NB>(15), bias_lane<NB>(14), bias_lane<NB>(13), bias_lane<NB>(12), bias_lane<NB>(11),
+        bias_lane<NB>(10), bias_lane<NB>(9), bias_lane<NB>(8), bias_lane<NB>(7), bias_lane<NB>(6), bias_lane<NB>(5),
+        bias_lane<NB>(4), bias_lane<NB>(3), bias_lane<NB>(2), bias_lane<NB>(1), bias_lane<NB>(0));
+    const __m256i b16 = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << nvalid) - 1), bias);
+    const __m512 b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b16), 16));
+    sums = _mm512_add_ps(sums, _mm512_permutexvar_ps(lanes, b));
   }
-  // float32 -> bf16, round to nearest even (denormals flushed to zero, a NaN stays a NaN)
+  // float32 -> bf16, round to nearest even (denormals flushed to zero, a NaN stays a NaN); then the
+  // outputs in row-major order (accumulator p from lane lane_of(p)), a row's NB at once
+  const __m256i order = _mm256_set_epi16(lane_of(15), lane_of(14), lane_of(13), lane_of(12), lane_of(11), lane_of(10),
+                                         lane_of(9), lane_of(8), lane_of(7), lane_of(6), lane_of(5), lane_of(4),
+                                         lane_of(3), lane_of(2), lane_of(1), lane_of(0));
   alignas(32) uint16_t out[16];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(sums));
-  for (int i = 0; i < mvalid; i++)
-    for (int j = 0; j < nvalid; j++) y[i * ldy + j] = out[lane_of(i * NB + j)];
+  const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(sums);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(out), _mm256_permutexvar_epi16(order, rounded));
+  if (nvalid == NB) {
+    for (int i = 0; i < mvalid; i++) std::memcpy(y + i * ldy, out + i * NB, NB * sizeof(uint16_t));
+  } else {
+    for (int i = 0; i < mvalid; i++)
+      for (int j = 0; j < nvalid; j++) y[i * ldy + j] = out[i * NB + j];
+  }
 }
 
 // Every row of x against weight-row blocks nb0 .. nb1 - 1 of one product (block b: weight rows
@@ -348,7 +358,7 @@ class LinearPool {
 
 bool bf16_linear_supported() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512bf16");
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
   return ok;
 }
 
@@ -378,7 +388,8 @@ void bf16_linear(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uin
 
 bool bf16_linear_supported() { return false; }
 
-void bf16_linear(const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t, int64_t, int) {
+void bf16_linear(const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t, int64_t,
+                 int) {
   throw std::runtime_error("bf16_linear: built without AVX512-BF16 support");
 }
 
