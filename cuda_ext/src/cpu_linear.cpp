@@ -212,9 +212,10 @@ struct Problem {
 // computes with the workers: each claims units (ranges of items) from one atomic word that holds
 // the generation, the next unit and the unit count, so a worker late for a generation can never
 // claim a unit of the next one; the caller returns when every unit is done. A worker spins for
-// kSpin after its last unit (back-to-back calls of a step find it awake), then sleeps on a
+// kSpin (200 us) after its last unit, so the calls of a step find it awake, then sleeps on a
 // condition variable: an idle engine leaves the cores alone. The caller computes too and never
-// waits for a worker to wake, only for claimed units to finish.
+// waits for a worker to wake, only for units a worker claimed (spinning, then sleeping: a worker
+// preempted mid-unit may need the caller's core).
 //
 // One call at a time (dispatch(), a mutex: two Python threads may call at once). The pool is
 // created on first use and never destroyed (no exit-time ordering; its threads are detached and
@@ -223,7 +224,10 @@ struct Problem {
 // forgets the pool; the child's first multi-threaded call starts a new one.
 class LinearPool {
  public:
-  static constexpr auto kSpin = std::chrono::microseconds(50);
+  // Measured on SmolLM2-135M's steps with 2 threads (interleaved, one process): with 50 us the
+  // workers often slept between a step's calls (the gaps are torch's ops on the caller), and a
+  // decode step took 29-31 ms (8 streams 58 ms); with 100-1000 us, 26-30 ms (48-53 ms).
+  static constexpr auto kSpin = std::chrono::microseconds(200);
 
   // Runs `units` units of problem p, unit u = items [u * items / units, (u + 1) * items / units),
   // on the caller and parts - 1 workers. Called with dispatch() held.
@@ -341,8 +345,9 @@ class LinearPool {
     }
   }
 
-  std::atomic<uint64_t> gen_{0};
-  std::atomic<uint64_t> claim_{0};
+  // The word the idle workers poll, apart from the words a call's threads write.
+  alignas(64) std::atomic<uint64_t> gen_{0};
+  alignas(64) std::atomic<uint64_t> claim_{0};
   std::atomic<int64_t> done_{0};
   std::atomic<int> participants_{0};
   std::atomic<int> sleepers_{0};

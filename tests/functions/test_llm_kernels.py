@@ -213,6 +213,20 @@ def test_two_python_threads_at_once():
     assert _workers() >= 1
 
 
+@NEEDS_KERNEL
+def test_an_idle_pool_leaves_the_cores_alone():
+    """Workers spin a moment after a call (the next call of a step finds them awake), then sleep:
+    half a second without calls costs this process almost no CPU (a spinning worker: 0.5 s)."""
+    x, w, b = _operands(32, 576, 576, 1, False, seed=9)
+    for _ in range(20):
+        kernels.bf16_linear(x[0], w[0], b, threads=3)
+    assert _workers() >= 2
+    time.sleep(0.05)
+    before = time.process_time()
+    time.sleep(0.5)
+    assert time.process_time() - before < 0.05
+
+
 def _wait_child(pid: int, timeout: float) -> int | None:
     """The child's exit code, or None if it is still running after timeout (then it is killed)."""
     deadline = time.monotonic() + timeout
