@@ -67,8 +67,8 @@ from sllm_knative.placement import (
     Tier,
     choose_victims,
     observe_stop,
-    place,
     place_random,
+    place_within,
 )
 
 _log = get_logger("autoscaler")
@@ -145,11 +145,14 @@ class Scaler:
         generations = await self._generations_on_full_nodes()
         async with self.slots.lock:  # no await inside: read the slots, place, reserve
             nodes = self._occupied(nodes, generations)
-            starving = rt.starving(self.clock())
-            request = ModelRequest(rt.model, self.model_size(rt.model), rt.priority, starving=starving,
-                                   service=rt.key, holding=len(rt.counted()))
-            decision = (place_random(request, nodes, self._rng.random(), self.calibration)
-                        if self.placer == "random" else place(request, nodes, self.calibration))
+            request = ModelRequest(rt.model, self.model_size(rt.model), rt.priority, service=rt.key,
+                                   holding=len(rt.counted()))
+            if self.placer == "random" and any(n.free_slots > 0 for n in nodes):
+                decision = place_random(request, nodes, self._rng.random(), self.calibration)
+            else:  # fair share in time for the bound (the random placer decides so too without a free slot)
+                decision = place_within(request, nodes, self.calibration, rt.waited_s(self.clock()),
+                                        rt.fair_share_after_s)
+            starving = decision.fair_share
             claim = self._claim(rt, decision, nodes)
         placement_s = time.perf_counter() - t0
         metrics.PLACEMENT_SECONDS.observe(placement_s)
@@ -233,7 +236,7 @@ class Scaler:
         now = time.time()
         load = LoadInFlight(decision.node, rt.model, self.model_size(rt.model), chosen.estimate.tier,
                             now + chosen.free_s)
-        claim = Claim(chosen, slot=self.slots.reserve(rt.key, load))
+        claim = Claim(chosen, slot=self.slots.reserve(rt.key, load, decision.fair_share))
         if decision.action == Action.PLACE:
             return claim
         found = self.table.find(chosen.victim or "")

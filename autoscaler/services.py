@@ -95,10 +95,6 @@ class ServiceRuntime:
             return 0.0
         return self.oldest_held_s + max(0.0, now - self.stats_at)
 
-    def starving(self, now: float) -> bool:
-        """Its requests have waited past its fair-share bound: it may take an instance of a service holding two."""
-        return self.waited_s(now) >= self.fair_share_after_s
-
     def ready(self) -> list[InstanceRecord]:
         return [i for i in self.instances.values() if i.state == InstanceState.READY]
 

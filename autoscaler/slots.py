@@ -21,6 +21,7 @@ class Reservation:
     id: int
     service: str  # for whom: namespace/name
     load: LoadInFlight  # the node, and the checkpoint that will load there
+    fair_share: bool = False  # taken by fair share (the placement's `fair_share`): said in the victim's Event
 
     @property
     def node(self) -> str:
@@ -33,9 +34,9 @@ class SlotLedger:
         self._reserved: dict[int, Reservation] = {}
         self._ids = itertools.count(1)
 
-    def reserve(self, service: str, load: LoadInFlight) -> Reservation:
+    def reserve(self, service: str, load: LoadInFlight, fair_share: bool = False) -> Reservation:
         """Hold a slot on `load.node` (call it under `lock`, in the section that chose the node)."""
-        r = Reservation(next(self._ids), service, load)
+        r = Reservation(next(self._ids), service, load, fair_share)
         self._reserved[r.id] = r
         return r
 

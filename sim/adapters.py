@@ -60,7 +60,7 @@ from sllm_knative.placement import (
     displaceable,
     observe_migration,
     observe_stop,
-    place,
+    place_within,
     startup,
 )
 
@@ -153,8 +153,15 @@ def place_instance(sim: Simulation, svc: Service) -> bool:
     return _place_random(sim, svc)
 
 
-def _request(sim: Simulation, svc: Service) -> ModelRequest:
-    starving = bool(svc.waiting) and sim.now - svc.waiting[0].arrival >= sim.cfg.fair_share_after_s
+def _waited(sim: Simulation, svc: Service) -> float:
+    """How long the service's oldest waiting request has waited (0 with none waiting)."""
+    return sim.now - svc.waiting[0].arrival if svc.waiting else 0.0
+
+
+def _request(sim: Simulation, svc: Service, starving: bool | None = None) -> ModelRequest:
+    """The request to place; starving once waited past the bound unless `starving` says."""
+    if starving is None:
+        starving = bool(svc.waiting) and _waited(sim, svc) >= sim.cfg.fair_share_after_s
     return ModelRequest(svc.model.key, svc.model.size_bytes, service=svc.name,
                         holding=len(svc.instances), starving=starving)
 
@@ -183,7 +190,9 @@ def _place_load_time(sim: Simulation, svc: Service) -> bool:
     nodes = _shortlist(sim, svc.model)
     models = {svc.model.key} | {i.model.key for n in nodes for i in n.instances.values()}
     invs = [_inventory(sim, n, svc.model, models) for n in nodes]
-    p = place(_request(sim, svc), invs, sim.calibration if sim.policy.calibrate else None)
+    # Fair share in time for the bound, as the autoscaler places (placement.place_within).
+    p = place_within(_request(sim, svc, starving=False), invs, sim.calibration if sim.policy.calibrate else None,
+                     _waited(sim, svc), sim.cfg.fair_share_after_s)
     if p.chosen is None or p.node is None:
         return _gang_evict(sim, svc, nodes)
     node = sim.nodes[p.node]

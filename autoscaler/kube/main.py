@@ -126,15 +126,16 @@ async def serve_kube(*, port: int, host: str, kubeconfig: str | None, lease_name
         rt = scaler.table.get(rec.service)
         if rt is None or rec.id not in rt.leaving:
             return "Stopping", "scaled down"
-        takers = sorted({r.service for r in scaler.scaler.slots.reservations()
-                         if r.load.node == rec.node and r.service != rec.service})
+        claims = [r for r in scaler.scaler.slots.reservations() if r.load.node == rec.node and r.service != rec.service]
+        takers = sorted({r.service for r in claims})
         if not takers:
             return "Preempted", f"preempted on {rec.node}"
         other = scaler.table.get(takers[0])
         if other is not None and other.priority > rt.priority:
             why = f"priority {other.priority} over {rt.priority}"
-        elif other is not None and other.starving(scaler.clock()):
-            why = f"fair share: its request has waited past fairShareAfter ({other.fair_share_after_s:g}s)"
+        elif other is not None and any(r.fair_share for r in claims if r.service == other.key):
+            why = (f"fair share: its request has waited {other.waited_s(scaler.clock()):.1f}s, its first instance "
+                   f"due within fairShareAfter ({other.fair_share_after_s:g}s)")
         else:
             why = f"the same priority ({rt.priority}), and nothing protects this instance"
         return "Preempted", f"preempted: its slot on {rec.node} goes to {', '.join(takers)} ({why})"

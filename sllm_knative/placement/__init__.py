@@ -1,6 +1,7 @@
 """Load-time model and placement (pure functions; see docs/placement.md).
 
     place(request, nodes, calibration) -> Placement      where to start a new instance
+    place_within(request, nodes, calibration, waited, bound)   the same, fair share taken in time
     place_random(request, nodes, pick)                   the no-locality ablation: any free node
     startup(request, node) -> Estimate                   the load-time model for one node
     choose_victims(instances, count)                     whom to remove on scale-down
@@ -28,6 +29,7 @@ from sllm_knative.placement.decide import (
     displaceable,
     place,
     place_random,
+    place_within,
 )
 from sllm_knative.placement.model import (
     TIERS,
@@ -68,6 +70,7 @@ __all__ = [
     "observe_stop",
     "place",
     "place_random",
+    "place_within",
     "pool_store_rates",
     "startup",
     "store_of",

@@ -29,10 +29,15 @@ a starving request (its service waited past its bound) a service holding more th
 instance, and at least two more than the asking service, gives one up, its generations
 migrated onto a sibling with room: the counts even out instead of trading one slot back and
 forth between services that all wait.
+
+`place_within` decides when a request counts as starving: once its service has waited past its
+bound, or earlier, at the last moment a fair-share placement (by its own estimate) still brings
+the first instance up within the bound while without it the request could only wait.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -96,6 +101,7 @@ class Placement:
     chosen: Option | None
     options: tuple[Option, ...]
     reasons: tuple[str, ...]
+    fair_share: bool = False  # decided for a starving request (`place_within`)
 
     @property
     def estimates(self) -> tuple[Option, ...]:
@@ -227,12 +233,33 @@ def place(request: ModelRequest, nodes: Sequence[NodeInventory], calibration: Ca
     if not options:
         why = "no nodes" if not nodes else (
             "no free slot, no instance that can be stopped or migrated, and no instance with a known end")
-        return Placement(Action.WAIT, None, math.inf, None, (), (f"wait for capacity: {why}",))
+        return Placement(Action.WAIT, None, math.inf, None, (), (f"wait for capacity: {why}",), request.starving)
     best = options[0]
     reasons = [f"{best.action} on {best.node}: {best.total_s:.2f}s ({best.reason})"]
     for o in _best_per_node(options)[1:]:
         reasons.append(f"not {o.node}: {o.total_s:.2f}s, {o.total_s - best.total_s:.2f}s slower ({o.action}: {o.reason})")
-    return Placement(best.action, best.node, best.total_s, best, tuple(options), tuple(reasons))
+    return Placement(best.action, best.node, best.total_s, best, tuple(options), tuple(reasons), request.starving)
+
+
+def place_within(request: ModelRequest, nodes: Sequence[NodeInventory], calibration: Calibration | None,
+                 waited_s: float, bound_s: float) -> Placement:
+    """`place` for a service whose oldest waiting request has waited `waited_s` (0: none waits),
+    under its fair-share bound `bound_s`. The request is starving (fair share may take an
+    instance of a service holding more than one) once it has waited past the bound, and sooner
+    when waiting on would miss it: a placement without fair share cannot have the instance up
+    by the bound, and what is left of the bound is no more than the fair-share placement's own
+    estimate. Before that moment the queue may still drain, and nothing is taken. A placement
+    that can act now (a free slot, an idle instance nobody protects) is taken as it is."""
+    if waited_s >= bound_s:
+        return place(dataclasses.replace(request, starving=True), nodes, calibration)
+    plain = place(request, nodes, calibration)
+    if (request.starving or waited_s <= 0.0 or plain.action != Action.WAIT
+            or waited_s + plain.estimate_s < bound_s):
+        return plain
+    eager = place(dataclasses.replace(request, starving=True), nodes, calibration)
+    if eager.node is not None and eager.estimate_s < plain.estimate_s and waited_s + eager.estimate_s >= bound_s:
+        return eager
+    return plain
 
 
 PLACERS = ("load-time", "random")  # `sllm-knative up --placement`: how a cold start picks its node

@@ -276,8 +276,9 @@ def test_an_instance_whose_service_has_requests_waiting_is_not_displaced() -> No
 @pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy-migrated-onto-its-sibling"])
 def test_a_starving_service_takes_one_of_two_instances(busy: bool) -> None:
     """Both of a's instances are protected and a has requests waiting; once b's oldest request has
-    waited past its fair-share bound (15 s by default), a gives one up (its generation moves to
-    the sibling) and b starts in the freed slot. a keeps the other."""
+    waited so long that its start (about 10 s, from the store) would only just end within its
+    fair-share bound (15 s by default), a gives one up (its generation moves to the sibling) and
+    b starts in the freed slot, before the bound. a keeps the other."""
     async def scenario(c: Cluster) -> None:
         await c.deploy(service("a", minResidency="10m", minScale=2), service("b"))
         await c.tick()
@@ -285,14 +286,15 @@ def test_a_starving_service_takes_one_of_two_instances(busy: bool) -> None:
         if busy:  # both: with one idle, placement would stop that one instead (less disruptive)
             for inst in c.instances("a"):
                 c.backend.add_generation(inst.id, 300)
-        await c.tick(held={"default/a": (1, 0.5), "default/b": (1, 5.0)})
+        await c.tick(held={"default/a": (1, 0.5), "default/b": (1, 2.0)})
         await c.demand("b")
-        assert c.instances("b") == [], "b has waited 5 s: not starving yet"
-        await c.tick(held={"default/a": (1, 0.5), "default/b": (1, 16.0)})
+        assert c.instances("b") == [], "b has waited 2 s: its start fits the bound later"
+        await c.tick(held={"default/a": (1, 0.5), "default/b": (1, 6.0)})
         await c.demand("b")
         assert c.ready_on("b") == ["n1"] and c.ready_on("a") == ["n1"]
         placed = c.rt("b").placements[-1]
         assert placed["action"] == ("migrate" if busy else "evict"), placed
+        assert 6.0 + placed["estimate_s"] >= 15.0 > 2.0 + placed["estimate_s"], placed
         if busy:
             assert [m["outcome"] for m in c.rt("a").migrations] == [str(MigrationOutcome.MIGRATED)]
             [kept] = c.instances("a")

@@ -19,6 +19,7 @@ from sllm_knative.placement import (
     Tier,
     choose_victims,
     place,
+    place_within,
     pool_store_rates,
     startup,
     store_of,
@@ -355,3 +356,33 @@ def test_an_eviction_waits_for_the_victim_to_stop(stop: float, want_node: str, a
     assert p.estimate_s == pytest.approx(want_s)
     if action == Action.EVICT and stop:
         assert f"stop idle instance x ({OTHER}) in {stop:.2f}s" in p.reasons[0]
+
+
+TWO_IDLE = [node("a", Tier.DRAM, free=0, instances=(inst("x", node_waiting=1, instances=2),))]  # EVICT x: 0.8 s
+
+
+@pytest.mark.parametrize("nodes,waited,action,fair_share", [
+    pytest.param(TWO_IDLE, 0.0, Action.WAIT, False, id="nobody-waits"),
+    pytest.param(TWO_IDLE, 10.0, Action.WAIT, False, id="slack-left-the-queue-may-drain"),
+    pytest.param(TWO_IDLE, 14.1, Action.WAIT, False, id="still-0.1s-more-than-the-start-takes"),
+    pytest.param(TWO_IDLE, 14.2, Action.EVICT, True, id="the-last-moment-the-start-meets-the-bound"),
+    pytest.param(TWO_IDLE, 15.0, Action.EVICT, True, id="past-the-bound"),
+    pytest.param(TWO_IDLE, 40.0, Action.EVICT, True, id="long-past-the-bound"),
+    pytest.param([*TWO_IDLE, node("b", Tier.SSD)], 14.5, Action.PLACE, False, id="a-free-slot-meets-the-bound"),
+    pytest.param([node("a", Tier.DRAM, free=0, instances=(inst("x", protected=True),))], 14.5, Action.WAIT, False,
+                 id="nothing-to-take-from-an-only-instance"),
+    pytest.param([node("a", Tier.DRAM, free=0, instances=(inst("x", protected=True, remaining_s=1.0),
+                                                          inst("y", node_waiting=1, instances=2)))],
+                 13.5, Action.WAIT, False, id="an-instance-ending-in-time-is-waited-for"),
+    pytest.param([node("a", Tier.DRAM, free=0, instances=(inst("x", protected=True, remaining_s=3.0),
+                                                          inst("y", node_waiting=1, instances=2)))],
+                 13.5, Action.WAIT, False, id="one-ending-too-late-waits-while-slack-is-left"),
+    pytest.param([node("a", Tier.DRAM, free=0, instances=(inst("x", protected=True, remaining_s=3.0),
+                                                          inst("y", node_waiting=1, instances=2)))],
+                 14.5, Action.EVICT, True, id="then-it-is-not-waited-for"),
+])
+def test_fair_share_is_taken_in_time_for_the_bound(nodes: list[NodeInventory], waited: float, action: Action,
+                                                   fair_share: bool) -> None:
+    p = place_within(REQ, nodes, COST, waited, 15.0)
+    assert (p.action, p.fair_share) == (action, fair_share), p.reasons
+    assert place_within(STARVING, nodes, COST, 0.0, 15.0).fair_share  # a request marked starving stays so
