@@ -21,7 +21,8 @@ never along k, so every output element keeps its accumulator and instruction seq
 result is the same bits for any thread count. The runner passes the instance's compute share
 (`default_threads`: the `threads` setting, else every usable core) while torch keeps one intra-op
 thread. The threads are the caller's plus a persistent pool of workers in the extension, which
-spin briefly between calls and then sleep; calls under about 0.25 MFLOP stay on the caller.
+spin for 200 us after a call (a step's next call finds them awake) and then sleep; calls under
+2^18 flops stay on the caller. A forked child gets a new pool. docs/function.md has the numbers.
 """
 
 from __future__ import annotations
