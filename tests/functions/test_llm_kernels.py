@@ -20,7 +20,7 @@ import torch
 from functions.llm import kernels, numerics
 from functions.llm.runner import Feed, ModelRunner
 from sllm_knative.loading import load_model
-from tests.functions.conftest import NEEDS_KERNEL
+from tests.functions.conftest import NEEDS_KERNEL, Server
 
 AMX = {"fpu", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
 AVX512_BF16 = {"fpu", "avx512f", "avx512_bf16"}
@@ -271,6 +271,24 @@ def test_a_forked_child_runs_the_kernel_on_threads():
     finally:
         stop.set()
         background.join()
+
+
+@NEEDS_KERNEL
+def test_health_ready_reports_the_kernel_threads(tiny_model, tmp_path):
+    """/health/ready's compute section: the kernel runs on --threads when given, else on every
+    usable core; torch stays on one intra-op thread in exact numerics; null with torch's products."""
+    cases = {("--threads", "2"): 2, (): len(os.sched_getaffinity(0)), ("--threads", "3", "--linear", "torch"): None}
+    servers = {extra: Server(tiny_model, tmp_path / f"{i}.log", "--dtype", "bfloat16", *extra)
+               for i, extra in enumerate(cases)}
+    try:
+        for extra, server in servers.items():
+            compute = server.wait_ready()["compute"]
+            assert compute["linear"] == (kernels.TORCH if "torch" in extra else kernels.AVX512_BF16), compute
+            assert (compute["numerics"], compute["threads"]) == ("exact", 1), compute
+            assert compute["kernel_threads"] == cases[extra], (extra, compute)
+    finally:
+        for server in servers.values():
+            server.stop()
 
 
 # The real model: the same logits bit for bit with the kernel on 1, 2 or 3 threads.
