@@ -20,7 +20,7 @@ Knative sets `PORT`; everything else has an `SLLM_*` variable and a flag (flags 
 | --dtype               | SLLM_DTYPE                                    | auto: cpu bf16 if native, else float32; cuda the checkpoint's |
 | --tile-rows           | SLLM_TILE_ROWS                                | 16 in bf16 on cpu, else 2 |
 | --linear              | SLLM_LINEAR                                   | auto: avx512-bf16 on a cpu with it and no AMX (exact bf16), else torch |
-| --threads             | SLLM_THREADS                                  | fast: torch's (all cores); exact: 1 |
+| --threads             | SLLM_THREADS                                  | fast: torch's (all cores); exact: torch 1, the avx512-bf16 kernel the usable cores |
 | --forward             | SLLM_FORWARD                                  | auto (lean Llama-family path) |
 | --step-tokens         | SLLM_STEP_TOKENS                              | 256                      |
 | --max-body-bytes      | SLLM_MAX_BODY_BYTES                           | 4194304                  |
@@ -87,8 +87,10 @@ class ServeConfig:
     dtype: str = "auto"  # compute dtype setting (functions/llm/dtypes.py): auto or a dtype name
     tile_rows: int | None = None  # exact numerics' tile; None: by dtype (numerics.default_tile_rows)
     linear: str = "auto"  # the linear layers' kernel (functions/llm/kernels.py): auto, torch or avx512-bf16
-    # Intra-op compute threads in fast numerics (exact numerics always uses one). The autoscaler
-    # sets the instance's share of its node (SLLM_THREADS, sllm_knative.config.compute_threads).
+    # The instance's compute threads: torch's intra-op threads in fast numerics (exact numerics
+    # keeps torch on one), and the avx512-bf16 kernel's in both (its split never changes a bit).
+    # None: every usable core. The autoscaler sets the instance's share of its node (SLLM_THREADS,
+    # sllm_knative.config.compute_threads).
     threads: int | None = None
     forward: str = "auto"
     step_tokens: int = 256
