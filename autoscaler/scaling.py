@@ -55,6 +55,7 @@ from autoscaler.view import (
     parse_tier,
     running_generations,
 )
+from sllm_knative.config.autoscaler import TICK_S
 from sllm_knative.log import Repeats, get_logger
 from sllm_knative.placement import (
     Action,
@@ -151,7 +152,7 @@ class Scaler:
                 decision = place_random(request, nodes, self._rng.random(), self.calibration)
             else:  # fair share in time for the bound (the random placer decides so too without a free slot)
                 decision = place_within(request, nodes, self.calibration, rt.waited_s(self.clock()),
-                                        rt.fair_share_after_s)
+                                        rt.fair_share_after_s, TICK_S)
             starving = decision.fair_share
             claim = self._claim(rt, decision, nodes)
         placement_s = time.perf_counter() - t0

@@ -192,7 +192,7 @@ def _place_load_time(sim: Simulation, svc: Service) -> bool:
     invs = [_inventory(sim, n, svc.model, models) for n in nodes]
     # Fair share in time for the bound, as the autoscaler places (placement.place_within).
     p = place_within(_request(sim, svc, starving=False), invs, sim.calibration if sim.policy.calibrate else None,
-                     _waited(sim, svc), sim.cfg.fair_share_after_s)
+                     _waited(sim, svc), sim.cfg.fair_share_after_s, TICK_S)
     if p.chosen is None or p.node is None:
         return _gang_evict(sim, svc, nodes)
     node = sim.nodes[p.node]

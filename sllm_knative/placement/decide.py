@@ -242,14 +242,15 @@ def place(request: ModelRequest, nodes: Sequence[NodeInventory], calibration: Ca
 
 
 def place_within(request: ModelRequest, nodes: Sequence[NodeInventory], calibration: Calibration | None,
-                 waited_s: float, bound_s: float) -> Placement:
+                 waited_s: float, bound_s: float, period_s: float = 0.0) -> Placement:
     """`place` for a service whose oldest waiting request has waited `waited_s` (0: none waits),
-    under its fair-share bound `bound_s`. The request is starving (fair share may take an
-    instance of a service holding more than one) once it has waited past the bound, and sooner
-    when waiting on would miss it: a placement without fair share cannot have the instance up
-    by the bound, and what is left of the bound is no more than the fair-share placement's own
-    estimate. Before that moment the queue may still drain, and nothing is taken. A placement
-    that can act now (a free slot, an idle instance nobody protects) is taken as it is."""
+    under its fair-share bound `bound_s`, by a caller that decides again `period_s` later. The
+    request is starving (fair share may take an instance of a service holding more than one)
+    once it has waited past the bound, and sooner when waiting on would miss it: a placement
+    without fair share could only wait, and the next decision would come too late for the
+    fair-share placement, by its own estimate, to have the instance up within the bound. Before
+    that moment the queue may still drain, and nothing is taken. A placement that can act now
+    (a free slot, an idle instance nobody protects) is taken as it is."""
     if waited_s >= bound_s:
         return place(dataclasses.replace(request, starving=True), nodes, calibration)
     plain = place(request, nodes, calibration)
@@ -257,7 +258,8 @@ def place_within(request: ModelRequest, nodes: Sequence[NodeInventory], calibrat
             or waited_s + plain.estimate_s < bound_s):
         return plain
     eager = place(dataclasses.replace(request, starving=True), nodes, calibration)
-    if eager.node is not None and eager.estimate_s < plain.estimate_s and waited_s + eager.estimate_s >= bound_s:
+    if (eager.node is not None and eager.estimate_s < plain.estimate_s
+            and waited_s + period_s + eager.estimate_s >= bound_s):
         return eager
     return plain
 
