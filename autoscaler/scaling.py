@@ -68,8 +68,7 @@ from sllm_knative.placement import (
     Tier,
     choose_victims,
     observe_stop,
-    place_random,
-    place_within,
+    place_by,
 )
 
 _log = get_logger("autoscaler")
@@ -148,21 +147,17 @@ class Scaler:
             nodes = self._occupied(nodes, generations)
             request = ModelRequest(rt.model, self.model_size(rt.model), rt.priority, service=rt.key,
                                    holding=len(rt.counted()))
-            if self.placer == "random" and any(n.free_slots > 0 for n in nodes):
-                decision = place_random(request, nodes, self._rng.random(), self.calibration)
-            else:  # fair share in time for the bound (the random placer decides so too without a free slot)
-                decision = place_within(request, nodes, self.calibration, rt.waited_s(self.clock()),
-                                        rt.fair_share_after_s, TICK_S)
-            starving = decision.fair_share
+            decision = place_by(self.placer, request, nodes, self.calibration, self._rng.random,
+                                rt.waited_s(self.clock()), rt.fair_share_after_s, TICK_S)
             claim = self._claim(rt, decision, nodes)
         placement_s = time.perf_counter() - t0
         metrics.PLACEMENT_SECONDS.observe(placement_s)
         if claim is None or decision.node is None:
             # Every tick while it lasts: logged when the reason changes (numbers aside), else every 30 s.
-            shape = re.sub(r"\d+(\.\d+)?", "#", f"{starving} {decision.reasons[0] if decision.reasons else ''}")
+            shape = re.sub(r"\d+(\.\d+)?", "#", f"{decision.fair_share} {decision.reasons[0] if decision.reasons else ''}")
             if (skipped := self._repeats.check(f"capacity {svc.key}", shape)) is not None:
                 _log.info("no free slot: waiting for capacity", service=svc.key, checkpoint=rt.model,
-                          waiting=rt.held, waited_s=round(rt.waited_s(self.clock()), 1), starving=starving,
+                          waiting=rt.held, waited_s=round(rt.waited_s(self.clock()), 1), starving=decision.fair_share,
                           reasons="; ".join(decision.reasons), repeated=skipped or None)
             return
         self._repeats.clear(f"capacity {svc.key}")
@@ -172,7 +167,7 @@ class Scaler:
             if decision.action in (Action.EVICT, Action.MIGRATE):
                 _log.info("preempting", service=svc.key, checkpoint=rt.model, action=str(decision.action),
                           node=decision.node, victim=claim.option.victim, destination=claim.option.destination,
-                          fair_share=starving, reason=decision.reasons[0])
+                          fair_share=decision.fair_share, reason=decision.reasons[0])
                 freed = await self._preempt(claim, nodes)
                 if freed is None:
                     return

@@ -97,13 +97,16 @@ def stranded(pods: list[dict[str, Any]], replicas: int, stopping: frozenset[str]
     the count goes down), every marked pod goes and no other: the ReplicaSet makes the pods the
     count still asks for, which the next intents are paired with (gated until then)."""
     active = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
-    marked = sorted(n for p in active if (n := (p.get("metadata") or {}).get("name", "")) in stopping)
+    marked = sorted(n for p in active if (n := _name(p)) in stopping)
     ranked = sorted(active, key=lambda p: _deletion_rank(p, stopping))
-    chosen = {(p.get("metadata") or {}).get("name", "") for p in ranked[:max(0, len(active) - replicas)]}
-    if chosen >= set(marked):
+    if {_name(p) for p in ranked[:max(0, len(active) - replicas)]} >= set(marked):
         return []
-    ready = {(p.get("metadata") or {}).get("name", "") for p in active if pod_ready(p)}
+    ready = {_name(p) for p in active if pod_ready(p)}
     return [n for n in marked if n not in ready] if to_zero else marked
+
+
+def _name(pod: dict[str, Any]) -> str:
+    return (pod.get("metadata") or {}).get("name", "")
 
 
 def _deletion_rank(pod: dict[str, Any], stopping: frozenset[str]) -> tuple[bool, int, bool, int]:
@@ -112,7 +115,7 @@ def _deletion_rank(pod: dict[str, Any], stopping: frozenset[str]) -> tuple[bool,
     Unknown before Running, then not ready, then the lower pod-deletion-cost (the marked pods')."""
     status = pod.get("status") or {}
     phase = {"Pending": 0, "Unknown": 1, "Running": 2}.get(status.get("phase", "Pending"), 0)
-    marked = (pod.get("metadata") or {}).get("name", "") in stopping
+    marked = _name(pod) in stopping
     return bool((pod.get("spec") or {}).get("nodeName")), phase, pod_ready(pod), -1 if marked else 0
 
 

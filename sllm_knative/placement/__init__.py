@@ -2,6 +2,7 @@
 
     place(request, nodes, calibration) -> Placement      where to start a new instance
     place_within(request, nodes, calibration, waited, bound)   the same, fair share taken in time
+    place_by(placer, ...)                                the placer's choice: random or place_within
     place_random(request, nodes, pick)                   the no-locality ablation: any free node
     startup(request, node) -> Estimate                   the load-time model for one node
     choose_victims(instances, count)                     whom to remove on scale-down
@@ -28,6 +29,7 @@ from sllm_knative.placement.decide import (
     choose_victims,
     displaceable,
     place,
+    place_by,
     place_random,
     place_within,
 )
@@ -69,6 +71,7 @@ __all__ = [
     "observe_start",
     "observe_stop",
     "place",
+    "place_by",
     "place_random",
     "place_within",
     "pool_store_rates",

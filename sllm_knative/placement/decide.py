@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -265,6 +265,16 @@ def place_within(request: ModelRequest, nodes: Sequence[NodeInventory], calibrat
 
 
 PLACERS = ("load-time", "random")  # `sllm-knative up --placement`: how a cold start picks its node
+
+
+def place_by(placer: str, request: ModelRequest, nodes: Sequence[NodeInventory], calibration: Calibration | None,
+             pick: Callable[[], float], waited_s: float, bound_s: float, period_s: float) -> Placement:
+    """The placement `placer` (one of PLACERS) makes: "random" draws among the free nodes
+    (`place_random`, `pick()` the draw, called only then); otherwise, and for "random" with no
+    free slot, `place_within` (fair share in time for the bound)."""
+    if placer == "random" and any(n.free_slots > 0 for n in nodes):
+        return place_random(request, nodes, pick(), calibration)
+    return place_within(request, nodes, calibration, waited_s, bound_s, period_s)
 
 
 def place_random(request: ModelRequest, nodes: Sequence[NodeInventory], pick: float,

@@ -19,6 +19,7 @@ from sllm_knative.placement import (
     Tier,
     choose_victims,
     place,
+    place_by,
     place_within,
     pool_store_rates,
     startup,
@@ -389,3 +390,23 @@ def test_fair_share_is_taken_in_time_for_the_bound(nodes: list[NodeInventory], w
     # A caller that decides again 2 s later acts 2 s sooner: its next decision would be too late.
     early = place_within(REQ, nodes, COST, waited - 2.0, 15.0, period_s=2.0) if waited >= 2.0 else p
     assert (early.action, early.fair_share) == (action, fair_share), early.reasons
+
+
+@pytest.mark.parametrize("placer,nodes,waited,action,node_,draws", [
+    pytest.param("random", [node("dram", Tier.DRAM), node("remote")], 0.0, Action.PLACE, "remote", 1,
+                 id="random-draws-among-free-nodes"),
+    pytest.param("random", TWO_IDLE, 14.5, Action.EVICT, "a", 0, id="random-without-a-free-slot-places-within"),
+    pytest.param("load-time", [node("dram", Tier.DRAM), node("remote")], 0.0, Action.PLACE, "dram", 0,
+                 id="load-time-never-draws"),
+    pytest.param("load-time", TWO_IDLE, 14.5, Action.EVICT, "a", 0, id="load-time-takes-fair-share-in-time"),
+])
+def test_place_by_the_placer(placer: str, nodes: list[NodeInventory], waited: float, action: Action, node_: str,
+                             draws: int) -> None:
+    drawn: list[float] = []
+
+    def pick() -> float:
+        drawn.append(0.9)
+        return 0.9
+
+    p = place_by(placer, REQ, nodes, COST, pick, waited, 15.0, 0.0)
+    assert (p.action, p.node, len(drawn)) == (action, node_, draws), p.reasons
