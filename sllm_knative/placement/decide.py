@@ -10,7 +10,7 @@ Every node yields options, each with an estimated time until the instance is rea
   higher than the request's moves its in-flight generations away, either onto a ready
   instance of its own model with room for them (cost `a * tokens + b`) or onto a free slot of
   another node (that node's startup time for its model, plus the same cost). The slot frees
-  when the migration ends: `max(migration, queue_wait) + load + overhead`.
+  when the emptied victim has stopped: `max(migration + stop, queue_wait) + load + overhead`.
 - WAIT: no free slot; the node's instance expected to finish first frees its slot after
   `remaining_s`: `max(remaining, queue_wait) + load + overhead`.
 
@@ -215,10 +215,13 @@ def _options(request: ModelRequest, node: NodeInventory, nodes: Sequence[NodeInv
             target = _migration_targets(inst, node, nodes, cost)
             if target is None:
                 continue
-            yield Option(Action.MIGRATE, e, free_s=target.seconds, victim=inst.name, destination=target.destination,
-                         starts_destination=target.starts,
+            # The slot frees when the emptied victim has stopped, as after an eviction.
+            stop = node.instance_stop_s
+            yield Option(Action.MIGRATE, e, free_s=target.seconds + stop, victim=inst.name,
+                         destination=target.destination, starts_destination=target.starts,
                          reason=f"no free slot; migrate {inst.name} ({inst.inflight} generation(s), "
-                                f"{inst.tokens} tokens) {target.how} in {target.seconds:.2f}s; {base}")
+                                f"{inst.tokens} tokens) {target.how} in {target.seconds:.2f}s"
+                                f"{f', then stop it in {stop:.2f}s' if stop else ''}; {base}")
 
 
 def place(request: ModelRequest, nodes: Sequence[NodeInventory], calibration: Calibration | None = None) -> Placement:

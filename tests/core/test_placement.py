@@ -359,6 +359,26 @@ def test_an_eviction_waits_for_the_victim_to_stop(stop: float, want_node: str, a
         assert f"stop idle instance x ({OTHER}) in {stop:.2f}s" in p.reasons[0]
 
 
+@pytest.mark.parametrize("stop,want_node,action,want_s", [
+    # a's DRAM copy (0.5 + 0.3 s) behind busy x, whose generations move onto y on b (2.5 s for
+    # 10,000 tokens), then x stops; against b's free slot and a remote load at 1.25 GB/s (4.0 + 0.3 s)
+    pytest.param(0.0, "a", Action.MIGRATE, 2.5 + 0.8, id="a-stop-not-yet-observed-is-taken-as-immediate"),
+    pytest.param(0.5, "a", Action.MIGRATE, 2.5 + 0.5 + 0.8, id="the-stop-adds-to-the-migration"),
+    pytest.param(1.5, "b", Action.PLACE, 4.3, id="a-slow-stop-loses-to-a-free-slot-elsewhere"),
+])
+def test_a_migration_frees_the_slot_when_its_emptied_victim_has_stopped(stop: float, want_node: str, action: Action,
+                                                                       want_s: float) -> None:
+    import dataclasses
+
+    a = dataclasses.replace(node("a", Tier.DRAM, free=0, instances=(busy("x"),)), instance_stop_s=stop)
+    b = node("b", instances=(busy("y", remaining=30.0),), bw={**BW, Tier.REMOTE: 1.25 * GB})
+    p = place(REQ, [a, b], COST)
+    assert (p.node, p.action) == (want_node, action), p.reasons
+    assert p.estimate_s == pytest.approx(want_s)
+    migrate = [r for r in p.reasons if "migrate x" in r]
+    assert migrate and (f"then stop it in {stop:.2f}s" in migrate[0]) == bool(stop), migrate
+
+
 TWO_IDLE = [node("a", Tier.DRAM, free=0, instances=(inst("x", node_waiting=1, instances=2),))]  # EVICT x: 0.8 s
 
 
