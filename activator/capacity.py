@@ -25,6 +25,9 @@ from activator.balancer import RoutedInstance
 from activator.config import ActivatorConfig
 from activator.metrics import ServiceMeters
 from activator.registry import Registry, RoutedService
+from sllm_knative.log import get_logger
+
+_log = get_logger("activator")
 
 Demand = Callable[[RoutedService], Awaitable[None]]
 
@@ -87,22 +90,20 @@ class Capacity:
         if inst is not None:  # warm: no wait
             meters.queue_seconds.observe(0.0)
             return inst
-        if not svc.instances:
-            meters.cold_starts.inc()
-            await self.demand(svc)
         if svc.held >= self.config.max_held_per_service:
             raise errors.Overloaded(f"{svc.key}: {svc.held} requests already waiting")
         t0 = time.monotonic()
-        svc.held += 1
-        svc.held_since.append(t0)
-        try:
-            found = await self.registry.wait_for_instance(svc, deadline, exclude)
-        finally:
-            svc.held -= 1
-            svc.held_since.remove(t0)
-        meters.queue_seconds.observe(time.monotonic() - t0)
+        with svc.hold(exclude) as me:  # in line from now: the demand below may take a while
+            if not svc.instances:
+                meters.cold_starts.inc()
+                await self.demand(svc)
+            found = await self.registry.wait_for_instance(svc, deadline, me)
+        waited = time.monotonic() - t0
+        meters.queue_seconds.observe(waited)
         if found is None:
             held = svc.hold_timeout_s or self.config.cold_start_timeout_s
             raise errors.ColdStartTimeout(f"{svc.key}: no instance with room within {held:g}s",
                                           retry_after=max(1, int(held // 10)))
+        _log.info("held request routed", service=str(svc.key), instance=found.id, node=found.node,
+                  waited_s=round(waited, 3), still_held=svc.held)
         return found

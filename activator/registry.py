@@ -9,9 +9,10 @@ counts survive an endpoint refresh.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from activator.balancer import Breaker, RoutedInstance, pick
 from activator.stats import ConcurrencyWindow
@@ -77,6 +78,24 @@ class RoutedService:
                 out.append(inst)
                 ids.add(inst.id)
         return out
+
+    @contextlib.contextmanager
+    def hold(self, exclude: frozenset[str]) -> Iterator[Waiter]:
+        """A request's place in line, taken when it arrives (before the autoscaler hears of a
+        cold start, which may take a while) and counted in `held` and `oldest_held_s` until it
+        leaves the line, with an instance or without."""
+        since = time.monotonic()
+        me = Waiter(exclude)
+        self.held += 1
+        self.held_since.append(since)
+        self.waiters.append(me)
+        try:
+            yield me
+        finally:
+            self.held -= 1
+            self.held_since.remove(since)
+            self.waiters.remove(me)
+            self.breaker.poke_soon()  # the next in line looks again
 
     def oldest_held_s(self, now: float) -> float:
         """How long the longest-waiting held request has waited (0 with none)."""
@@ -163,21 +182,16 @@ class Registry:
         self._rotate(svc)
         await svc.breaker.poke()
 
-    async def wait_for_instance(self, svc: RoutedService, deadline: float, exclude: frozenset[str]) -> RoutedInstance | None:
-        """An instance with room, waiting (cold start or full breakers) until the deadline, in
-        arrival order: room goes to the longest-waiting request that can use it. The caller
-        takes the slot before it awaits anything (the room is still there)."""
-        me = Waiter(exclude)
-        svc.waiters.append(me)
-        try:
-            while True:
-                inst = svc.turn(exclude, me)
-                if inst is not None:
-                    return inst
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                await svc.breaker.wait_for_change(min(left, 1.0))
-        finally:
-            svc.waiters.remove(me)
-            svc.breaker.poke_soon()  # the next in line looks again
+    async def wait_for_instance(self, svc: RoutedService, deadline: float, me: Waiter) -> RoutedInstance | None:
+        """An instance with room for `me` (a place in `svc.hold`'s line), waiting (cold start or
+        full breakers) until the deadline, in arrival order: room goes to the longest-waiting
+        request that can use it. The caller takes the slot before it awaits anything (the room is
+        still there)."""
+        while True:
+            inst = svc.turn(me.exclude, me)
+            if inst is not None:
+                return inst
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            await svc.breaker.wait_for_change(min(left, 1.0))

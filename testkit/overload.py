@@ -207,6 +207,22 @@ class Cluster:
                 out[name] = float(value)
         return out
 
+    def timeline(self, service: str, limit: int = 40) -> str:
+        """What the autoscaler and the activator logged about `service`'s instances: its
+        placements and preemptions (as asker or victim), readiness and where its held requests
+        went, in time order; for a failure message."""
+        keys = ("msg=preempting", "msg=placed", "msg=preempted", 'msg="instance ready"', 'msg="held request routed"',
+                'msg="scale decided"')
+        lines = []
+        for log in ("autoscaler.log", "activator.log"):
+            path = self.state / "logs" / log
+            if path.exists():
+                lines += [line[:300] for line in path.read_text(errors="replace").splitlines()
+                          if any(k in line for k in keys)
+                          and (f"service=default/{service} " in line or f"victim={service}-" in line)]
+        lines.sort()
+        return "\n".join(lines[:limit])
+
 
 @contextmanager
 def local_cluster(state: Path, store: Path) -> Iterator[Cluster]:

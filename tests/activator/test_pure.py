@@ -306,6 +306,47 @@ def test_slot_waits_for_room_then_times_out() -> None:
     asyncio.run(run())
 
 
+def test_a_cold_request_keeps_its_place_in_line_while_the_autoscaler_hears_of_it() -> None:
+    """The first request's demand call is slow (the autoscaler places the first instance before
+    it answers); a second request's is quick. The first is held, and first in line, from its
+    arrival: the instance's one slot goes to it."""
+    async def run() -> None:
+        registry = Registry()
+        svc = registry.set_service(ServiceKey("default", "cold"))
+        meters = ServiceMeters.of(svc.key)
+        answer_first = asyncio.Event()
+        calls = 0
+
+        async def demand(s: RoutedService) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                await answer_first.wait()
+
+        cap = Capacity(ActivatorConfig(), registry, demand)
+
+        async def request(name: str) -> tuple[str, str]:
+            async with cap.slot(svc, frozenset(), time.monotonic() + 5, meters) as slot:
+                order.append(name)
+                await asyncio.sleep(0.05)  # holds the one slot a while
+                return name, slot.instance.id
+
+        order: list[str] = []
+        first = asyncio.ensure_future(request("first"))
+        await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(request("second"))
+        await asyncio.sleep(0.01)
+        assert calls == 2 and svc.held == 2 and svc.oldest_held_s(time.monotonic()) >= 0.02
+        svc.instances = [RoutedInstance("i", "http://i", capacity=1)]
+        svc.breaker.poke_soon()
+        await asyncio.sleep(0.01)
+        answer_first.set()
+        assert [await first, await second] == [("first", "i"), ("second", "i")] and order == ["first", "second"]
+        assert svc.held == 0 and not svc.waiters
+
+    asyncio.run(run())
+
+
 def test_endpoints_keep_instances_across_updates() -> None:
     async def run() -> None:
         registry = Registry()
