@@ -19,17 +19,27 @@ import pytest
 
 LONGEST = (
     "tests/kube/test_e2e.py",
-    "tests/local/test_preemption.py",
-    "tests/kube/test_install_e2e.py",
     "tests/kube/test_preemption.py",
+    "tests/kube/test_install_e2e.py",
+    "tests/migration/test_handoff.py",
     "tests/functions/test_fuzz_openapi.py",
+    "tests/local/test_preemption.py",
     "tests/bench/test_soak.py",
     "tests/test_lint.py",
-    "tests/checkpoint/test_fuzz.py",
+    "tests/migration/test_recovery.py",
+    "tests/functions/test_llm_dtypes.py",
+    "tests/local/test_cluster.py",
     "tests/checkpoint/test_gguf.py",
+    "tests/migration/test_non_streaming.py",
+    "tests/checkpoint/test_fuzz.py",
+    "tests/bench/test_gpu_check.py",
+    "tests/local/test_restarts.py",
+    "tests/functions/test_llm_migration.py",
     "tests/realmodel/test_migration.py",
-    "tests/local/test_secrets_in_logs.py",
-    "tests/kube/test_activator_deployment.py",
+    "tests/realmodel/test_openai.py",
+    "tests/kube/test_nodeagent.py",
+    "tests/realmodel/test_cluster.py",
+    "tests/kube/test_autoscaler_failover.py",
 )
 
 
