@@ -6,8 +6,8 @@ arrives a third of the way in, when the others hold every slot.
 Nothing is lost: no request fails, no stream is cut, every seeded answer is the one the same
 request gets on an unloaded cluster (exact numerics: migrated generations continue exactly),
 no instance is stopped while it runs generations, and every service gets its first token
-within its fair-share bound (plus the time a preemption and a cold start take here) of its
-first request. bench/overload.py runs the same at 1x, 2x and 3x for 60 s; this test's burst is
+within its fair-share bound (plus START_ALLOWANCE_S for the estimate's error) of its first
+request. bench/overload.py runs the same at 1x, 2x and 3x for 60 s; this test's burst is
 20 s, so that it fits `make test` (its backlog alone is a minute of compute on 2 cores). It is
 marked `alone`: `make test` runs it after the parallel suite, by itself.
 """
@@ -32,7 +32,11 @@ from testkit.overload import (
 )
 
 FAIR_SHARE_S = 10.0
-START_ALLOWANCE_S = 15.0  # a preemption's migration and a cold start, on this loaded 2-core machine
+# Fair share is decided in time for the bound by the load-time model's estimate of the preemption
+# and the start (placement.place_within); this covers that estimate's error: a first preemption's
+# stop not yet observed (about 1 s), a start slower under load. Five runs on 2026-12-06 (after the
+# held requests kept their place from arrival) gave s4 its first instance 9.5-11.0 s in.
+START_ALLOWANCE_S = 5.0
 MAX_TOKENS = 400
 BURST_S = 20.0
 LOAD = 3.0
