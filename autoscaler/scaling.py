@@ -406,7 +406,7 @@ class Scaler:
     async def _preempt(self, claim: Claim, nodes: list[NodeInventory]) -> dict[str, Any] | None:
         """Free the victim's slot for the claim's EVICT or MIGRATE option: run the plan's first
         step, look again, plan again. None when it was called off."""
-        option, vrt, t0 = claim.option, claim.victim_service, time.perf_counter()
+        option, vrt, freed_from = claim.option, claim.victim_service, time.perf_counter()
         tier = claim.destination_slot.load.tier if claim.destination_slot else Tier.REMOTE
         view = PreemptionView(option, self._victim_view(option.victim or ""), tier, wait_s=self.preempt_wait_s)
         destination = option.destination if option.action == Action.MIGRATE else None
@@ -423,6 +423,8 @@ class Scaler:
                 destination = started or destination
                 done = dataclasses.replace(done, destination=started, destination_failed=started is None)
             elif victim is not None:
+                if isinstance(step, Stop) and option.action == Action.MIGRATE:
+                    freed_from = time.perf_counter()  # its migration is timed (and learnt) apart
                 done = await self._run_step(vrt, victim, step, done)
                 if isinstance(step, LeaveRotation):
                     # An EVICT victim was idle when placement looked; a request may have landed since.
@@ -435,12 +437,10 @@ class Scaler:
         outcomes = [str(o) for o in migration.outcomes] if migration else []
         _log.info("preempted", service=vrt.key if vrt else None, instance=option.victim, node=option.node,
                   generations=len(outcomes), outcomes=",".join(outcomes))
-        freed: dict[str, Any] = {"victim": option.victim, "victim_service": vrt.key if vrt else None,
-                                 "destination": destination, "migrations": outcomes}
-        if option.action == Action.EVICT:  # how long the victim's slot took to free: learnt
-            freed["stop_s"] = round(time.perf_counter() - t0, 4)
-            self.calibration = observe_stop(self.calibration, freed["stop_s"])
-        return freed
+        stop_s = round(time.perf_counter() - freed_from, 4)  # EVICT: all of it; MIGRATE: its Stop
+        self.calibration = observe_stop(self.calibration, stop_s)  # placement's instance_stop_s
+        return {"victim": option.victim, "victim_service": vrt.key if vrt else None, "destination": destination,
+                "migrations": outcomes, "stop_s": stop_s}
 
     async def _start_destination(self, vrt: ServiceRuntime, step: StartDestination, claim: Claim) -> str | None:
         """StartDestination: the new instance's id once it is ready, None when it did not become ready."""

@@ -233,6 +233,7 @@ def a_cold_model_preempts_a_busy_instance_on_its_dram_node_and_the_stream_migrat
     assert (placed["action"], placed["node"], placed["tier"]) == ("migrate", node, "dram"), report
     assert (placed["victim"], placed["destination"], placed["migrations"]) == (victim, other, ["migrated"]), report
     assert placed["reasons"][0].startswith(f"migrate on {node}"), report
+    assert placed["stop_s"] > 0, report  # the emptied victim's stop, timed and learnt (instance_stop_s)
     # The victim's tokens come from the instance itself (its internal API, with the cluster's token).
     tokens = re.search(r"\(1 generation\(s\), (\d+) tokens\)", placed["reasons"][0])
     assert tokens and int(tokens.group(1)) > 0, report
@@ -279,6 +280,7 @@ def the_victims_model_starts_on_a_free_node_first_when_it_has_no_instance_with_r
     report = json.dumps(placed, indent=1)
     assert (placed["action"], placed["node"], placed["tier"]) == ("migrate", busy, "dram"), report
     assert placed["victim"] == a_inst["id"] and placed["migrations"] == ["migrated"], report
+    assert ", then stop it in " in placed["reasons"][0], report  # the first migration's stop, learnt
     assert any(line.startswith(f"not {free}") and "(place: " in line for line in placed["reasons"]), report
     started = snap["default/a"]["placements"][-1]
     assert (started["instance"], started["action"], started["node"], started["tier"]) == (
