@@ -92,13 +92,12 @@ class Capacity:
             return inst
         if svc.held >= self.config.max_held_per_service:
             raise errors.Overloaded(f"{svc.key}: {svc.held} requests already waiting")
-        t0 = time.monotonic()
         with svc.hold(exclude) as me:  # in line from now: the demand below may take a while
             if not svc.instances:
                 meters.cold_starts.inc()
                 await self.demand(svc)
             found = await self.registry.wait_for_instance(svc, deadline, me)
-        waited = time.monotonic() - t0
+        waited = time.monotonic() - me.since
         meters.queue_seconds.observe(waited)
         if found is None:
             held = svc.hold_timeout_s or self.config.cold_start_timeout_s

@@ -22,9 +22,11 @@ from sllm_knative.api.keys import ServiceKey
 
 @dataclasses.dataclass(eq=False)
 class Waiter:
-    """A request waiting for an instance with room (`exclude`: instances it must not use)."""
+    """A request waiting for an instance with room (`exclude`: instances it must not use), since
+    `since` (monotonic seconds)."""
 
     exclude: frozenset[str]
+    since: float = dataclasses.field(default_factory=time.monotonic)
 
 
 @dataclasses.dataclass
@@ -39,7 +41,6 @@ class RoutedService:
     instances: list[RoutedInstance] = dataclasses.field(default_factory=list)
     breaker: Breaker = dataclasses.field(default_factory=Breaker)
     window: ConcurrencyWindow = dataclasses.field(default_factory=lambda: ConcurrencyWindow(time.monotonic()))
-    held: int = 0
     # Whether our autoscaler scales it (demand and stats go to it). Always in local mode; in
     # Kubernetes mode, revisions of the class llm.autoscaling.sllm-knative.io (activator/kube/).
     ours: bool = True
@@ -52,9 +53,7 @@ class RoutedService:
     # reported) until those end: a preemption must not take an instance for idle while a request
     # the activator sent it is still on its way.
     departed: dict[str, RoutedInstance] = dataclasses.field(default_factory=dict)
-    # When each request waiting for an instance with room began to wait (monotonic seconds).
-    held_since: list[float] = dataclasses.field(default_factory=list)
-    # The requests waiting for room, in arrival order: room goes to the first that can use it.
+    # The requests waiting for room (held), in arrival order: room goes to the first that can use it.
     waiters: list[Waiter] = dataclasses.field(default_factory=list)
 
     def turn(self, exclude: frozenset[str], me: Waiter | None = None) -> RoutedInstance | None:
@@ -84,22 +83,22 @@ class RoutedService:
         """A request's place in line, taken when it arrives (before the autoscaler hears of a
         cold start, which may take a while) and counted in `held` and `oldest_held_s` until it
         leaves the line, with an instance or without."""
-        since = time.monotonic()
         me = Waiter(exclude)
-        self.held += 1
-        self.held_since.append(since)
         self.waiters.append(me)
         try:
             yield me
         finally:
-            self.held -= 1
-            self.held_since.remove(since)
             self.waiters.remove(me)
             self.breaker.poke_soon()  # the next in line looks again
 
+    @property
+    def held(self) -> int:
+        """How many requests wait for room."""
+        return len(self.waiters)
+
     def oldest_held_s(self, now: float) -> float:
         """How long the longest-waiting held request has waited (0 with none)."""
-        return max(0.0, now - min(self.held_since)) if self.held_since else 0.0
+        return max(0.0, now - self.waiters[0].since) if self.waiters else 0.0
 
 
 class Registry:

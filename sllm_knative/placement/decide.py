@@ -203,11 +203,11 @@ def _options(request: ModelRequest, node: NodeInventory, nodes: Sequence[NodeInv
         first = min(ending, key=lambda i: (i.remaining_s, i.name))
         yield Option(Action.WAIT, e, free_s=first.remaining_s or 0.0, victim=first.name,
                      reason=f"no free slot; {first.name} expected to finish in {first.remaining_s:.2f}s; {base}")
+    stop = node.instance_stop_s  # a victim's slot frees once it has stopped, emptied by a migration or idle
     for inst in node.instances:
         if displaceable(inst, request) is not None:
             continue
         if inst.idle:
-            stop = node.instance_stop_s
             yield Option(Action.EVICT, e, free_s=stop, victim=inst.name,
                          reason=f"no free slot; stop idle instance {inst.name} ({inst.model})"
                                 f"{f' in {stop:.2f}s' if stop else ''}; {base}")
@@ -215,8 +215,6 @@ def _options(request: ModelRequest, node: NodeInventory, nodes: Sequence[NodeInv
             target = _migration_targets(inst, node, nodes, cost)
             if target is None:
                 continue
-            # The slot frees when the emptied victim has stopped, as after an eviction.
-            stop = node.instance_stop_s
             yield Option(Action.MIGRATE, e, free_s=target.seconds + stop, victim=inst.name,
                          destination=target.destination, starts_destination=target.starts,
                          reason=f"no free slot; migrate {inst.name} ({inst.inflight} generation(s), "
