@@ -3,6 +3,7 @@ free slot weighs waiting, evicting an idle instance and migrating a busy one."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
@@ -349,8 +350,6 @@ def test_a_fast_store_never_beats_a_dram_copy() -> None:
     pytest.param(3.0, "b", Action.PLACE, 2.8, id="a-slow-stop-loses-to-a-free-slot-elsewhere"),
 ])
 def test_an_eviction_waits_for_the_victim_to_stop(stop: float, want_node: str, action: Action, want_s: float) -> None:
-    import dataclasses
-
     a = dataclasses.replace(node("a", Tier.DRAM, free=0, instances=(idle("x"),)), instance_stop_s=stop)
     p = place(REQ, [a, node("b", Tier.SSD)])
     assert (p.node, p.action) == (want_node, action)
@@ -368,8 +367,6 @@ def test_an_eviction_waits_for_the_victim_to_stop(stop: float, want_node: str, a
 ])
 def test_a_migration_frees_the_slot_when_its_emptied_victim_has_stopped(stop: float, want_node: str, action: Action,
                                                                        want_s: float) -> None:
-    import dataclasses
-
     a = dataclasses.replace(node("a", Tier.DRAM, free=0, instances=(busy("x"),)), instance_stop_s=stop)
     b = node("b", instances=(busy("y", remaining=30.0),), bw={**BW, Tier.REMOTE: 1.25 * GB})
     p = place(REQ, [a, b], COST)
