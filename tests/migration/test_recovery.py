@@ -131,35 +131,42 @@ def test_a_resume_that_differs_from_what_was_sent_is_cut_not_spliced(exporting, 
     event instead of an answer spliced from two different generations."""
     from sllm_knative.models import build_model
 
-    victim = spare("victim-diverged")
     impostor = Function("impostor", build_model(tmp_path / "other", seed=1), logs)
     try:
         impostor.wait_ready()
         req = {k: v for k, v in body(None).items() if k != "logprobs"}
-        assert reference(impostor, req).text != reference(victim, req).text
-        exporting.set_instances(victim)
-        exported = counters(exporting.admin, "activator_stream_exports")["ok"]
-        before = counters(exporting.admin, "activator_stream_recoveries")
-        out = Collected()
-        t = threading.Thread(target=stream, args=(exporting.url, req, out))
-        t.start()
-        try:
-            started([out], [t])
-            wait_for_exports(exporting, exported + 1, [out])
-            # A few tokens after that export, before the next (0.25 s later): the kill leaves text
-            # to regenerate (4 tokens take 10-250 ms here, idle to loaded).
-            seen = out.chunks
-            while out.chunks < seen + 4 and t.is_alive():
-                time.sleep(0.002)
-            exporting.set_instances(victim, impostor)
-            victim.kill()
-        finally:
-            t.join(60)
-        assert not t.is_alive(), "the stream hung"
+        # On a loaded machine the stream can end in the few tokens between the export and the
+        # kill: then nothing was cut and nothing resumed, and the scenario is tried again with a
+        # new victim. A clean end after a resume would be a splice, and fails below.
+        for attempt in range(3):
+            victim = spare(f"victim-diverged-{attempt}")
+            if attempt == 0:
+                assert reference(impostor, req).text != reference(victim, req).text
+            exporting.set_instances(victim)
+            exported = counters(exporting.admin, "activator_stream_exports")["ok"]
+            before = counters(exporting.admin, "activator_stream_recoveries")
+            out = Collected()
+            t = threading.Thread(target=stream, args=(exporting.url, req, out))
+            t.start()
+            try:
+                started([out], [t])
+                wait_for_exports(exporting, exported + 1, [out])
+                # A few tokens after that export, before the next (0.25 s later): the kill leaves
+                # text to regenerate (4 tokens take 10-250 ms here, idle to loaded).
+                seen = out.chunks
+                while out.chunks < seen + 4 and t.is_alive():
+                    time.sleep(0.002)
+                exporting.set_instances(victim, impostor)
+                victim.kill()
+            finally:
+                t.join(60)
+            assert not t.is_alive(), "the stream hung"
+            after = counters(exporting.admin, "activator_stream_recoveries")
+            if not (out.done == 1 and out.errors == [] and after == before):
+                break
     finally:
         impostor.stop()
-    after = counters(exporting.admin, "activator_stream_recoveries")
-    assert out.done == 0 and len(out.errors) == 1, (out.done, out.errors)
+    assert out.done == 0 and len(out.errors) == 1, (out.done, out.errors, attempt)
     assert out.errors[0]["error"]["code"] == "stream_cut" and "differs" in out.errors[0]["error"]["message"]
     assert after["diverged"] == before["diverged"] + 1, (before, after)
 
