@@ -4,7 +4,8 @@ against ServerlessLLM, its ablations and its peers side by side (issue 16 §1).
     .venv/bin/python -m bench.replay --out DIR [--window START,LENGTH] [--warmup S] [--compress X]
                                      [--sample P] [--services N] [--checkpoints K] [--zipf A]
                                      [--max-prompt-tokens N] [--max-tokens N] [--model-mb N]
-                                     [--keep-alive S] [--profiles a,b,...] [--work DIR]
+                                     [--keep-alive S] [--max-scale N] [--profiles a,b,...]
+                                     [--work DIR]
 
 writes DIR/replay.json, DIR/replay-ttft.png (TTFT CDF per profile) and DIR/replay-instances.png
 (instances per service over time, per profile). The requests are bench/replay_core.py's (its
@@ -20,11 +21,14 @@ The model: a random-weight Llama of `--model-mb` MiB (`spec_for_size`, vocab 819
 built once into --work with one copy per checkpoint. The same machine runs every profile, one
 after the other, on the same requests; each instance computes on one thread (OMP_NUM_THREADS=1,
 SLLM_NUMERICS=fast). Every profile's services scale to zero after the same idle time
-(`--keep-alive`, default 6 s: Knative's smallest stable window) and hold one instance at most,
+(`--keep-alive`, default 6 s: Knative's smallest stable window) and hold one instance at most (`--max-scale`, default 1),
 on 2 nodes x 2 slots. The default 4 services fit the 4 slots, so the tail is the cold starts
 themselves; with more (`--services 6`) a cold start may first need a slot, and the tail is the
 wait for one (the overload regime: sllm evicts an idle instance once its minResidency is over,
-the others wait for an instance to scale to zero).
+the others wait for an instance to scale to zero). With `--max-scale N` (the sllm-type profiles
+only) a busy service scales out to N instances, and a cold start that finds no free slot may
+move an instance's generations onto a sibling with room and take its slot (live migration):
+the setup where `no-migration` can differ.
 
 Profiles (each on a fresh local cluster, `sllm-knative up`, the store a file:// directory read
 at local-disk speed, the node tiers empty at the start):
@@ -176,7 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "services": args.services, "checkpoints": args.checkpoints, "zipf": args.zipf, "seed": args.seed,
             "max_prompt_tokens": args.max_prompt_tokens, "max_tokens": args.max_tokens,
             "requests": len(shots), "replay_s": shots[-1].at_s, "keep_alive_s": args.keep_alive,
-            "nodes": NODES, "slots_per_node": SLOTS, "dram_gb_per_node": args.dram_gb, "max_scale": 1,
+            "nodes": NODES, "slots_per_node": SLOTS, "dram_gb_per_node": args.dram_gb, "max_scale": args.max_scale,
             "container_concurrency": 4,
             "model": f"spec_for_size({args.model_mb} MiB, vocab {VOCAB}), bf16, random weights",
             "per_service": tier_counts(s.service for s in shots),
@@ -260,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
                         "hold different checkpoints, where placement by locality matters)")
     p.add_argument("--keep-alive", type=float, default=6.0, help="idle seconds before a service scales to zero, "
                    "every profile (default 6)")
+    p.add_argument("--max-scale", type=int, default=1,
+                   help="instances per service at most (default 1); above 1 a busy instance has siblings "
+                        "its generations can move to, so the no-migration ablation can differ. The "
+                        "fresh-process and Ray profiles start one instance per service, so only the "
+                        "sllm-type profiles run with more")
     p.add_argument("--profiles", default=",".join(PROFILES), help=f"comma list (default all: {','.join(PROFILES)})")
     p.add_argument("--work", default=None, help="where the models are built and kept (default .bench/replay)")
     args = p.parse_args(argv)
@@ -270,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown profiles {unknown}; known: {', '.join(PROFILES)}")
     if args.keep_alive < 1:
         p.error("--keep-alive must be at least 1 s")
+    if args.max_scale < 1:
+        p.error(f"--max-scale must be at least 1, got {args.max_scale}")
+    peers = [x for x in args.profiles if x not in SLLM_PROFILES]
+    if args.max_scale > 1 and peers:
+        p.error(f"--max-scale {args.max_scale} runs only the sllm-type profiles ({', '.join(SLLM_PROFILES)}): "
+                f"{', '.join(peers)} start one instance per service; pass --profiles")
     doc = run(args)
     out = Path(args.out)
     path = write_json(out, "replay", doc)

@@ -44,11 +44,11 @@ def cluster(state: Path, store: Path, logs: Path, placement: str = "load-time", 
 
 
 def manifests(store: Path, services: int, checkpoints: int, keep_alive: float,
-              policy: Mapping[str, object] | None) -> str:
+              policy: Mapping[str, object] | None, max_scale: int = 1) -> str:
     from sllm_knative.local.manifests import ALLOW_ZERO_INITIAL_SCALE, service_manifest
 
     docs = [service_manifest(f"s{r}", f"file://{store}/c{r % checkpoints}", namespace=NAMESPACE,
-                             keep_alive=f"{keep_alive:g}s", window="6s", max_scale=1, container_concurrency=4,
+                             keep_alive=f"{keep_alive:g}s", window="6s", max_scale=max_scale, container_concurrency=4,
                              initial_scale=0, args=("--max-model-len", "512"), policy=policy,
                              timeout_seconds=HOLD_S)
             for r in range(services)]
@@ -86,7 +86,7 @@ def run_sllm(name: str, shots: Sequence[Shot], store: Path, args: argparse.Names
     with cluster(state, store, logs / name, opts.get("placement", "load-time"), args.dram_gb) as doc:
         r = httpx.post(f"{doc['autoscaler']}/v1/apply", timeout=60,
                        content=manifests(store, args.services, args.checkpoints, args.keep_alive,
-                                         opts.get("policy")).encode())
+                                         opts.get("policy"), args.max_scale).encode())
         r.raise_for_status()
         placements: dict[str, dict[str, Any]] = {}
 

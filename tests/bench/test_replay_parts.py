@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.replay import _window, summarize
+from bench.replay import _window, main, summarize
 from bench.replay_client import Outcome
 from bench.replay_profiles import SLLM_PROFILES, manifests
 from sllm_knative.config import parse_manifest
@@ -24,6 +24,24 @@ def test_manifests_parse_and_carry_the_profile(profile: str, migration: bool) ->
         f"file:///store/c{r % 2}" for r in range(5)]
     assert len(m.policies) == 5
     assert all(p.keep_alive == 6.0 and p.migration is migration for p in m.policies)
+    assert all(s.autoscaling.max_scale == 1 for s in m.services)
+
+
+def test_manifests_carry_max_scale() -> None:
+    m = parse_manifest(manifests(Path("/store"), 3, 2, 6.0, None, max_scale=2))
+    assert [s.autoscaling.max_scale for s in m.services] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--max-scale", "2"], "runs only the sllm-type profiles"),
+    (["--max-scale", "2", "--profiles", "sllm,knative-default"], "knative-default start one instance"),
+    (["--max-scale", "0", "--profiles", "sllm"], "--max-scale must be at least 1, got 0"),
+])
+def test_max_scale_refused_where_a_profile_cannot_honour_it(argv: list[str], says: str,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--out", "/nonexistent/never-written", *argv])
+    assert e.value.code == 2 and says in capsys.readouterr().err
 
 
 def test_summary_row_counts_failures_and_instances() -> None:
