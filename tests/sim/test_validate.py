@@ -61,6 +61,21 @@ def test_warm(outcomes: list[dict[str, Any]], warm_indices: list[int]) -> None:
     assert [o["index"] for o in v.warm(outcomes)] == warm_indices
 
 
+# instance a serves 2 at a time; request 0's first token at 1.0, each later one sent after it
+FULL = [_o(0, 0.0, 1.0, "a", end=10.0), _o(1, 2.0, 0.1, "a", end=5.0), _o(2, 3.0, 2.1, "a", end=8.0),
+        _o(3, 6.0, 0.1, "a", end=7.0), _o(4, 9.0, 0.1, "a", end=9.5)]
+
+
+@pytest.mark.parametrize(("concurrency", "warm_indices"), [
+    (0, [1, 2, 3, 4]),  # no limit given: every request after the first token
+    (2, [1, 4]),  # 2 was sent while 0 and 1 ran, 3 while 0 and 2 ran: each waited for a slot
+    (3, [1, 2, 3, 4]),
+    (1, []),  # 0 runs until 10.0: every later request shared the instance with it
+])
+def test_warm_leaves_out_requests_that_found_their_instance_full(concurrency: int, warm_indices: list[int]) -> None:
+    assert [o["index"] for o in v.warm(FULL, concurrency)] == warm_indices
+
+
 def _doc() -> dict[str, Any]:
     shots = [{"index": i, "at_s": float(i), "service": f"s{i % 3}", "checkpoint": i % 3 % 2, "prompt_tokens": 10,
               "max_tokens": 3, "warmup": i == 0} for i in range(8)]
