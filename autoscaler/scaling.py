@@ -5,10 +5,9 @@ once and one service's preemption (a migration can take minutes) holds up no oth
 Slots are shared through `SlotLedger`: reading what holds slots, placing and reserving the
 chosen slot happen in one short section with no I/O inside (`_decide`).
 
-With no free slot, placement may name a victim on the node where the model starts soonest: an
-idle instance of another model is stopped (EVICT), a busy one first has its generations
-migrated by the activator (MIGRATE), then the new instance starts in its slot. The steps come
-from the pure plan in `autoscaler.preemption`; `_preempt` only runs them.
+With no free slot, placement may name a victim where the model starts soonest: an idle instance of
+another model is stopped (EVICT), a busy one first has its generations migrated by the activator
+(MIGRATE), then the new instance starts in its slot. `_preempt` runs `autoscaler.preemption`'s plan.
 """
 
 from __future__ import annotations
@@ -118,10 +117,9 @@ class Scaler:
     async def scale_to(self, rt: ServiceRuntime, desired: int) -> None:
         async with rt.lock:
             live = rt.counted()
-            if desired > len(live):
-                for _ in range(desired - len(live)):
-                    await self._scale_up(rt)
-            elif desired < len(live):
+            for _ in range(desired - len(live)):  # none when scaling down
+                await self._scale_up(rt)
+            if desired < len(live):
                 await self._scale_down(rt, len(live) - desired)
 
     # -- scale-up --------------------------------------------------------------------------
@@ -139,8 +137,7 @@ class Scaler:
             return
         t0 = time.perf_counter()
         nodes = await self.backend.inventories()
-        allowed = self.backend.nodes_for(svc)
-        if allowed is not None:  # the service's nodeSelector
+        if (allowed := self.backend.nodes_for(svc)) is not None:  # the service's nodeSelector
             nodes = [n for n in nodes if n.name in allowed]
         generations = await self._generations_on_full_nodes()
         async with self.slots.lock:  # no await inside: read the slots, place, reserve
@@ -475,7 +472,10 @@ class Scaler:
                 metrics.STOPPED_BUSY.inc()
                 _log.warning("stopping an instance that still runs generations", service=rt.key, instance=rec.id,
                              node=rec.node)
+            began = time.perf_counter()
             await self.stop(rt, rec)
+            if drain:  # a scale-down's stop is a stop too: placement learns it before any preemption
+                self.calibration = observe_stop(self.calibration, time.perf_counter() - began)
             return dataclasses.replace(done, stopped=True)
         raise AssertionError(f"not a step on an instance: {step}")
 

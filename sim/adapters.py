@@ -345,12 +345,13 @@ def migrated(sim: Simulation, proc: object, attempt: object) -> None:
 
 def stopped(sim: Simulation, proc: object, _: object) -> None:
     """A Stop step's victim has stopped (`stop_s` after the step): its slot is free; a
-    calibrating policy learns how long an eviction's stop took, as the real autoscaler does."""
+    calibrating policy learns how long the stop took, a preemption's or a scale-down's, as the
+    real autoscaler does."""
     assert isinstance(proc, Process)
     proc.stopping = False
     sim.stop(proc.victim)
     proc.progress = replace_progress(proc.progress, stopped=True)
-    if sim.policy.calibrate and proc.kind == "preempt":
+    if sim.policy.calibrate:
         sim.calibration = observe_stop(sim.calibration, sim.hw.stop_s)
     advance(sim, proc)
 

@@ -59,7 +59,8 @@ class SimulatedStart:
 
 class MemoryBackend:
     def __init__(self, nodes: Sequence[MemoryNode], model_sizes: Mapping[str, int], *,
-                 time_scale: float = 0.001, fail: Sequence[str] = (), eager_events: bool = False) -> None:
+                 time_scale: float = 0.001, fail: Sequence[str] = (), eager_events: bool = False,
+                 stop_s: float = 0.0) -> None:
         self.nodes = {n.name: n for n in nodes}
         self.checkpoints: dict[str, dict[str, Tier]] = {n.name: dict(n.checkpoints) for n in nodes}
         self.model_sizes = dict(model_sizes)
@@ -68,6 +69,7 @@ class MemoryBackend:
         # READY or FAILED is told before start() returns, as a Kubernetes pod can be ready (or
         # gone) before the caller of start() runs again.
         self.eager_events = eager_events
+        self.stop_s = stop_s  # simulated seconds an instance takes to stop
         self.starts: list[SimulatedStart] = []
         self.warmed: list[tuple[str, str]] = []
         self.stopped: list[str] = []
@@ -184,6 +186,7 @@ class MemoryBackend:
 
     async def stop(self, rec: InstanceRecord, grace_s: float = 10.0) -> None:
         rec.state = InstanceState.STOPPING
+        await asyncio.sleep(self.stop_s * self.time_scale)
         self._instances.pop(rec.id, None)
         self.generations_of.pop(rec.id, None)
         rec.state = InstanceState.STOPPED

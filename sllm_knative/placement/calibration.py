@@ -70,7 +70,7 @@ class Calibration:
     bandwidth: Mapping[tuple[str, Tier], float] = field(default_factory=dict)
     overhead: Mapping[str, float] = field(default_factory=dict)
     starts: Mapping[str, int] = field(default_factory=dict)  # observed starts per node
-    stop_s: float | None = None  # observed preemptions' stop time (None: none observed)
+    stop_s: float | None = None  # observed stop time, preemptions' and scale-downs' (None: none observed)
     migrations: tuple[MigrationObservation, ...] = ()
     migration_cost: MigrationCost = field(default_factory=MigrationCost)
     prior: MigrationCost = field(default_factory=MigrationCost)
@@ -147,7 +147,7 @@ def observe_start(cal: Calibration, node: str, seconds: float, *, profile: float
 
 def observe_stop(cal: Calibration, seconds: float) -> Calibration:
     """Fold one observed stop into the stop time: an eviction's decision to the victim's slot being
-    free, or a migration's emptied victim stopping."""
+    free, a migration's emptied victim stopping, or a scale-down's instance stopping."""
     if not (seconds >= 0 and math.isfinite(seconds)):
         raise ValueError(f"seconds must be a finite number >= 0, got {seconds}")
     return dataclasses.replace(cal, stop_s=ewma(cal.stop_s, seconds, cal.alpha))

@@ -136,7 +136,7 @@ class NodeInventory:
     instance_overhead_s: float = 0.0
     # Seconds from the decision to stop an idle instance here to its slot being free (take it out
     # of rotation, check it is still idle, stop the process): what an EVICT waits before the new
-    # instance starts. 0 until observed (calibration.observe_stop).
+    # instance starts. 0 until a stop is observed (calibration.observe_stop: preemptions and scale-downs).
     instance_stop_s: float = 0.0
     # Measured rates of individual stores (store URI -> bytes/s): a model under one of them
     # loads from the remote tier at its store's rate, not the node's `bandwidth[REMOTE]`.

@@ -79,6 +79,34 @@ def test_scale_down_after_keep_alive_then_cold_start_on_the_dram_copy(keep_alive
     run([node("n1"), node("n2")], scenario)
 
 
+def test_a_scale_down_teaches_placement_the_stop_before_any_preemption() -> None:
+    """A scales to zero after its keep-alive; that stop (20 simulated seconds, 20 ms here) is
+    timed and learnt, so the first eviction's estimate already waits for its victim to stop
+    (before, only preemptions were timed, and a run's first one was estimated as immediate)."""
+    async def scenario(c: Cluster) -> None:
+        await c.deploy(service("a", keep_alive="2s"), service("b"))
+        assert c.scaler.scaler.calibration.stop_s is None
+        await c.demand("a")
+        for _ in range(4):
+            await c.tick()
+        assert c.instances("a") == []
+        learnt = c.scaler.scaler.calibration.stop_s
+        assert learnt is not None and 0.02 <= learnt < 1.0, learnt
+        await c.demand("a")  # back on n1, its only slot
+        await c.demand("b")  # B's copy is on n1 too: evict the idle A, and wait for its stop
+        placed = c.rt("b").placements[-1]
+        assert placed["action"] == "evict" and f" in {learnt:.2f}s;" in placed["reasons"][0], placed["reasons"]
+
+    async def main() -> None:
+        c = Cluster([node("n1", a=Tier.DRAM, b=Tier.DRAM)], stop_s=20.0)
+        try:
+            await scenario(c)
+        finally:
+            await c.close()
+
+    asyncio.run(main())
+
+
 def test_preemption_of_an_idle_victim() -> None:
     """Every slot is taken; B's checkpoint is in n1's DRAM, where an idle A runs: A is stopped
     and B starts there, rather than evicting C on n2 and loading B from the store."""
