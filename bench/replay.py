@@ -21,11 +21,11 @@ The model: a random-weight Llama of `--model-mb` MiB (`spec_for_size`, vocab 819
 built once into --work with one copy per checkpoint. The same machine runs every profile, one
 after the other, on the same requests; each instance computes on one thread (OMP_NUM_THREADS=1,
 SLLM_NUMERICS=fast). Every profile's services scale to zero after the same idle time
-(`--keep-alive`, default 6 s: Knative's smallest stable window) and hold one instance at most (`--max-scale`, default 1),
-on 2 nodes x 2 slots. The default 4 services fit the 4 slots, so the tail is the cold starts
-themselves; with more (`--services 6`) a cold start may first need a slot, and the tail is the
-wait for one (the overload regime: sllm evicts an idle instance once its minResidency is over,
-the others wait for an instance to scale to zero). With `--max-scale N` (the sllm-type profiles
+(`--keep-alive`, default 6 s: Knative's smallest stable window) and hold one instance at most
+(`--max-scale`, default 1), on 2 nodes x 2 slots. The default 4 services fit the 4 slots, so the
+tail is the cold starts themselves; with more (`--services 6`) a cold start may first need a
+slot, and the tail is the wait for one (the overload regime: sllm evicts an idle instance once
+its minResidency is over, the others wait for an instance to scale to zero). With `--max-scale N` (the sllm-type profiles
 only) a busy service scales out to N instances, and a cold start that finds no free slot may
 move an instance's generations onto a sibling with room and take its slot (live migration):
 the setup where `no-migration` can differ.
