@@ -25,10 +25,10 @@ SLLM_NUMERICS=fast). Every profile's services scale to zero after the same idle 
 (`--max-scale`, default 1), on 2 nodes x 2 slots. The default 4 services fit the 4 slots, so the
 tail is the cold starts themselves; with more (`--services 6`) a cold start may first need a
 slot, and the tail is the wait for one (the overload regime: sllm evicts an idle instance once
-its minResidency is over, the others wait for an instance to scale to zero). With `--max-scale N` (the sllm-type profiles
-only) a busy service scales out to N instances, and a cold start that finds no free slot may
-move an instance's generations onto a sibling with room and take its slot (live migration):
-the setup where `no-migration` can differ.
+its minResidency is over, the others wait for an instance to scale to zero). With `--max-scale
+N` (the sllm-type profiles only) a busy service scales out to N instances, and a cold start that
+finds no free slot may move an instance's generations onto a sibling with room and take its slot
+(live migration): the setup where `no-migration` can differ.
 
 Profiles (each on a fresh local cluster, `sllm-knative up`, the store a file:// directory read
 at local-disk speed, the node tiers empty at the start):

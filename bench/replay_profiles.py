@@ -48,9 +48,9 @@ def manifests(store: Path, services: int, checkpoints: int, keep_alive: float,
     from sllm_knative.local.manifests import ALLOW_ZERO_INITIAL_SCALE, service_manifest
 
     docs = [service_manifest(f"s{r}", f"file://{store}/c{r % checkpoints}", namespace=NAMESPACE,
-                             keep_alive=f"{keep_alive:g}s", window="6s", max_scale=max_scale, container_concurrency=4,
-                             initial_scale=0, args=("--max-model-len", "512"), policy=policy,
-                             timeout_seconds=HOLD_S)
+                             keep_alive=f"{keep_alive:g}s", window="6s", max_scale=max_scale,
+                             container_concurrency=4, initial_scale=0, args=("--max-model-len", "512"),
+                             policy=policy, timeout_seconds=HOLD_S)
             for r in range(services)]
     return "---\n".join([*docs, ALLOW_ZERO_INITIAL_SCALE])
 

@@ -276,7 +276,9 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
                               if o["tokens"] > 1], "warm requests of more than one token"),
                 statistics.pstdev([math.log(x / mid) for x in per_token]) if len(per_token) > 1 else 0.0)
 
-    per = {name: warm(p["outcomes"], int(doc["setup"].get("container_concurrency", 0))) for name, p in profiles.items() if name in REPLAY_POLICIES and p.get("outcomes")}
+    concurrency = int(doc["setup"].get("container_concurrency", 0))
+    per = {name: warm(p["outcomes"], concurrency) for name, p in profiles.items()
+           if name in REPLAY_POLICIES and p.get("outcomes")}
     warms = [o for outs in per.values() for o in outs]
     prefill, step, spread = speed(warms)
     compute = {name: speed(outs) for name, outs in per.items() if len(outs) >= 5}

@@ -186,7 +186,8 @@ class MemoryBackend:
 
     async def stop(self, rec: InstanceRecord, grace_s: float = 10.0) -> None:
         rec.state = InstanceState.STOPPING
-        await asyncio.sleep(self.stop_s * self.time_scale)
+        if self.stop_s:  # only then a yield point: a stop of no time stays one step
+            await asyncio.sleep(self.stop_s * self.time_scale)
         self._instances.pop(rec.id, None)
         self.generations_of.pop(rec.id, None)
         rec.state = InstanceState.STOPPED
