@@ -20,9 +20,9 @@ from tests.autoscaler.cluster import Cluster, node, service, uri
 READY = InstanceState.READY
 
 
-def run(nodes: list[MemoryNode], scenario: Callable[[Cluster], Awaitable[None]]) -> Cluster:
+def run(nodes: list[MemoryNode], scenario: Callable[[Cluster], Awaitable[None]], **backend: Any) -> Cluster:
     async def main() -> Cluster:
-        c = Cluster(nodes)
+        c = Cluster(nodes, **backend)
         try:
             await scenario(c)
         finally:
@@ -97,14 +97,7 @@ def test_a_scale_down_teaches_placement_the_stop_before_any_preemption() -> None
         placed = c.rt("b").placements[-1]
         assert placed["action"] == "evict" and f" in {learnt:.2f}s;" in placed["reasons"][0], placed["reasons"]
 
-    async def main() -> None:
-        c = Cluster([node("n1", a=Tier.DRAM, b=Tier.DRAM)], stop_s=20.0)
-        try:
-            await scenario(c)
-        finally:
-            await c.close()
-
-    asyncio.run(main())
+    run([node("n1", a=Tier.DRAM, b=Tier.DRAM)], scenario, stop_s=20.0)
 
 
 def test_preemption_of_an_idle_victim() -> None:
