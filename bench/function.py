@@ -25,9 +25,10 @@ one, each ratio the median of per-run ratios):
 * ttft32: warm time to first token through HTTP for a 32-token prompt; target < 100 ms; with
   the bare forward pass over the same tokens.
 * startup: process start to ready, as the server measures it (median over fresh processes).
-* kernel_vs_tiles: where the server picked our AVX512-BF16 linear kernel (a CPU without AMX), the
-  same server with `--linear torch` (torch's 16-row tiles) beside it, alternating run by run:
-  one stream's decode, 8 streams and the warm 32-token TTFT, ours (kernel) against tiles.
+* kernel_vs_tiles: where the server picked one of our linear kernels (amx-bf16 on a CPU with AMX,
+  avx512-bf16 on one with AVX512-BF16 only), the same server with `--linear torch` (torch's 16-row
+  tiles) beside it, alternating run by run: one stream's decode, 8 streams and the warm 32-token
+  TTFT, ours (kernel) against tiles.
 
 Prompts are token ids (exact lengths). Writes DIR/function.json and DIR/function.png.
 """
@@ -365,10 +366,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         concurrent = paired(ours.concurrent_tps, base.batch_tps, args.runs)
         prefill = paired(ours.prefill_tps, base.prefill_tps, args.runs)
         ttft = paired(ours.ttft_s, base.forward_s, max(args.runs, 10))
-        # With our AVX512-BF16 linear kernel chosen (functions/llm/kernels.py): the same server with
-        # torch's 16-row tiles (what it ran before the kernel), side by side, alternating.
+        # With one of our linear kernels chosen (functions/llm/kernels.py): the same server with
+        # torch's 16-row tiles (what it ran before the kernels), side by side, alternating.
         tiles = None
-        if compute.get("linear") == "avx512-bf16":
+        if compute.get("linear") in ("avx512-bf16", "amx-bf16"):
             other = Server(bf16, args.device, args.numerics, log, ("--linear", "torch"))
             try:
                 tiles_compute = other.wait_ready()["compute"]

@@ -75,9 +75,11 @@ bool crc32c_hardware();
 // such products (x [batch, M, K], w [batch, N, K], y [batch, M, N]), on up to `threads` threads
 // (the caller's and a persistent pool's; the same bits for any count).
 constexpr int kMaxLinearThreads = 256;
+// With `amx`, the same contract computed with AMX tiles (other bits: see cpu_linear.cpp).
 bool bf16_linear_supported();
+bool amx_linear_supported();
 void bf16_linear(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t M, int64_t N,
-                 int64_t K, int64_t batch = 1, int threads = 1);
+                 int64_t K, int64_t batch = 1, int threads = 1, bool amx = false);
 
 // A file opened for the reader: O_DIRECT when the file system allows it.
 struct OpenFile {

@@ -1,4 +1,4 @@
-// A batch-invariant bf16 linear layer for CPUs with AVX512-BF16 and no AMX.
+// Batch-invariant bf16 linear layers for CPUs with AVX512-BF16, and with AMX.
 //
 // y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]): bf16 inputs, float32 accumulation, one rounding
 // to bf16 at the end. Every output element has its own accumulator and goes through the same
@@ -10,10 +10,21 @@
 //
 // Why it exists: on a CPU without AMX, oneDNN's bf16 product costs about as much for 1 row as
 // torch charges for 16 padded rows (measured: [1, 576] @ [576, 1536] 151 us, 16 rows 471 us),
-// and exact numerics needs one fixed row count for every call. Blocking: 16 zmm accumulators
+// and exact numerics needs one fixed row count for every call (with AMX oneDNN re-lays the
+// weight out on every call, and the AMX form below is 2-4x faster than its tiles). Blocking: 16 zmm accumulators
 // (1 input row x 16 weight rows, 2 x 8, or 4 x 4), summed together by one shuffle tree; the
 // weight rows are the outer loop, so they stay in L1 while every input row passes over them,
 // and one decode row streams the weights once.
+//
+// AMX (amx_columns below, `amx` in bf16_linear): on a CPU with AMX-BF16 the same contract, computed by tile products.
+// The weight is the A operand as it lies in memory (16 weight rows x 32 values of k per tile,
+// loaded with the row stride), the input rows are the B operand (packed once per call into
+// AMX's pair layout, 16 input rows per tile, zero past M and past K), and each output element
+// accumulates one TDPBF16PS per 32 values of k, in k order, in its own float32 lane of a C tile;
+// then the bias and the same rounding as above. An element's sequence depends on K only, never
+// on M, on the tile it shares or on the thread, so it is batch invariant by construction too.
+// Its bits differ from the AVX512 kernel's (another summation order): the two are separate
+// `linear` choices, and the numerics fingerprint names which one ran.
 //
 // Threads: a call may run on several (`threads`: the caller and up to threads - 1 workers of a
 // persistent pool, LinearPool below). The work is cut only into whole blocks of NB weight rows
@@ -22,6 +33,8 @@
 // instruction sequence: the bits do not depend on the thread count or on which thread ran what.
 #include <pthread.h>
 #include <signal.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -31,6 +44,7 @@
 #include <cstring>
 #include <mutex>
 #include <thread>
+#include <vector>
 
 #include "common.h"
 
@@ -170,6 +184,144 @@ SLLM_BF16_TARGET void columns(const uint16_t* x, int64_t M, int64_t K, const uin
   }
 }
 
+#define SLLM_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// AMX tiles: 0-3 the C tiles (2 weight-row halves x 2 input-row blocks, c = 2 * half + block),
+// 4-5 the A tiles (the two halves of 32 weight rows), 6-7 the B tiles (two blocks of 16 input
+// rows); every tile 16 rows of 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+SLLM_AMX_TARGET inline void amx_configure() {
+  TileConfig c;
+  for (int t = 0; t < 8; t++) {
+    c.colsb[t] = 64;
+    c.rows[t] = 16;
+  }
+  _tile_loadconfig(&c);
+}
+
+// x [M, K] into B tiles: [ceil(M / 16) blocks][ceil(K / 32) k tiles][16 pairs of k][16 rows], one
+// 32-bit word per (pair, row): x[m][2p] in its low half, x[m][2p + 1] in its high half. Zero past M
+// and past K, so the padding multiplies to exact zeros.
+void amx_pack(const uint16_t* x, int64_t M, int64_t K, uint32_t* out) {
+  const int64_t mblocks = (M + 15) / 16, ktiles = (K + 31) / 32;
+  std::memset(out, 0, static_cast<size_t>(mblocks * ktiles * 256) * sizeof(uint32_t));
+  for (int64_t m = 0; m < M; m++) {
+    const uint16_t* row = x + m * K;
+    uint32_t* base = out + (m / 16) * ktiles * 256 + (m % 16);
+    for (int64_t k = 0; k < K; k += 2) {
+      const uint32_t hi = k + 1 < K ? row[k + 1] : 0;
+      base[(k / 32) * 256 + ((k % 32) / 2) * 16] = row[k] | (hi << 16);
+    }
+  }
+}
+
+// Weight rows n0 .. n0 + 15 (those under N; zero rows past it), k values from k0 (zero past K),
+// as one A tile's 16 x 32 values in `tile`.
+inline void amx_a_scratch(const uint16_t* w, int64_t N, int64_t K, int64_t n0, int64_t k0, uint16_t* tile) {
+  std::memset(tile, 0, 16 * 32 * sizeof(uint16_t));
+  const int64_t kn = K - k0 < 32 ? K - k0 : 32;
+  for (int r = 0; r < 16 && n0 + r < N; r++) std::memcpy(tile + r * 32, w + (n0 + r) * K + k0, kn * sizeof(uint16_t));
+}
+
+// The four C tiles (c[2 * half + block] [16 weight rows][16 input rows], float32), plus the bias,
+// rounded to bf16 and stored as y rows: input row b0 * 16 + j, weight row n0 + 16 * half + i.
+SLLM_AMX_TARGET inline void amx_store(const float (&c)[4][16][16], int halves, int blocks, int64_t b0, int64_t n0,
+                                      int64_t M, int64_t N, const uint16_t* bias, uint16_t* y) {
+  for (int h = 0; h < halves; h++) {
+    const int64_t n = n0 + 16 * h;
+    const int nvalid = static_cast<int>(N - n < 16 ? N - n : 16);
+    for (int bl = 0; bl < blocks; bl++) {
+      const int64_t m0 = (b0 + bl) * 16;
+      const int mvalid = static_cast<int>(M - m0 < 16 ? M - m0 : 16);
+      alignas(32) uint16_t out[16][16];  // [weight row i][input row j]
+      for (int i = 0; i < nvalid; i++) {
+        __m512 sums = _mm512_load_ps(c[2 * h + bl][i]);
+        if (bias) {
+          const uint32_t b = static_cast<uint32_t>(bias[n + i]) << 16;
+          float bf;
+          std::memcpy(&bf, &b, sizeof(bf));
+          sums = _mm512_add_ps(sums, _mm512_set1_ps(bf));
+        }
+        _mm256_store_si256(reinterpret_cast<__m256i*>(out[i]), (__m256i)_mm512_cvtneps_pbh(sums));
+      }
+      for (int j = 0; j < mvalid; j++)
+        for (int i = 0; i < nvalid; i++) y[(m0 + j) * N + n + i] = out[i][j];
+    }
+  }
+}
+
+// Every input row against weight-row blocks nb0 .. nb1 - 1 of one product (block b: weight rows
+// 32 b .. 32 b + 31), 32 input rows at a time. A full half of 16 weight rows is loaded straight
+// from the weight (stride K); a half past N, and the last k tile when K % 32 != 0, from a zero-
+// padded copy. The first pass over a block prefetches the next block's rows into L2.
+SLLM_AMX_TARGET void amx_columns(const uint32_t* packed, int64_t M, int64_t K, const uint16_t* w, int64_t N,
+                                 const uint16_t* bias, uint16_t* y, int64_t nb0, int64_t nb1) {
+  const int64_t mblocks = (M + 15) / 16, ktiles = (K + 31) / 32, kfull = K / 32;
+  const int64_t stride = K * static_cast<int64_t>(sizeof(uint16_t));
+  alignas(64) uint16_t scratch[2][16 * 32];
+  alignas(64) float c[4][16][16];
+  for (int64_t blk = nb0; blk < nb1; blk++) {
+    const int64_t n0 = blk * 32;
+    const int halves = N - n0 > 16 ? 2 : 1;
+    const bool whole[2] = {N - n0 >= 16, N - n0 >= 32};  // the half's 16 rows all exist
+    for (int64_t b0 = 0; b0 < mblocks; b0 += 2) {
+      const int blocks = mblocks - b0 > 1 ? 2 : 1;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      const uint32_t* p0 = packed + b0 * ktiles * 256;
+      const uint32_t* p1 = p0 + ktiles * 256;
+      for (int64_t t = 0; t < ktiles; t++) {
+        if (b0 == 0 && n0 + 32 < N)
+          for (int r = 0; r < 32 && n0 + 32 + r < N; r++)
+            _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + 32 + r) * K + t * 32), _MM_HINT_T1);
+        for (int h = 0; h < halves; h++) {
+          if (whole[h] && t < kfull) continue;
+          amx_a_scratch(w, N, K, n0 + 16 * h, t * 32, scratch[h]);
+        }
+        if (whole[0] && t < kfull) _tile_loadd(4, w + n0 * K + t * 32, stride);
+        else _tile_loadd(4, scratch[0], 64);
+        _tile_loadd(6, p0 + t * 256, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (halves == 2) {
+          if (whole[1] && t < kfull) _tile_loadd(5, w + (n0 + 16) * K + t * 32, stride);
+          else _tile_loadd(5, scratch[1], 64);
+          _tile_dpbf16ps(2, 5, 6);
+        }
+        if (blocks == 2) {
+          _tile_loadd(7, p1 + t * 256, 64);
+          _tile_dpbf16ps(1, 4, 7);
+          if (halves == 2) _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, c[0], 64);
+      _tile_stored(1, c[1], 64);
+      _tile_stored(2, c[2], 64);
+      _tile_stored(3, c[3], 64);
+      amx_store(c, halves, blocks, b0, n0, M, N, bias, y);
+    }
+  }
+}
+
+// Whether this process may use AMX tiles: the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7, EDX
+// bits 24 and 22), and Linux grants the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM; the
+// permission is the process's, kept by its threads and by a forked child).
+bool amx_permitted() {
+  unsigned a, b, c, d;
+  __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+  if (!((d >> 24) & 1) || !((d >> 22) & 1)) return false;
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
 // One call: `batch` products y[b] = x[b] @ w[b]^T (+ bias), cut into items, one item a product's
 // block of NB weight rows (product-major). Any range of items can go to any thread: the items
 // write disjoint outputs and each is computed exactly as single-threaded.
@@ -179,8 +331,10 @@ struct Problem {
   const uint16_t* bias;
   uint16_t* y;
   int64_t M, N, K, batch;
-  int nb;           // weight rows per block: 16 for one input row, 8 for two, else 4
+  int nb;           // weight rows per block: 16 for one input row, 8 for two, else 4; 32 with AMX
   int64_t nblocks;  // blocks per product
+  const uint32_t* packed = nullptr;  // AMX: x as B tiles (amx_pack), `pstride` words per product
+  int64_t pstride = 0;
 
   // One input row streams 16 weight rows at once; two rows 8; more rows 4 by 4 (the weight rows
   // stay in L1 while every input row passes over them).
@@ -189,10 +343,20 @@ struct Problem {
       : x(x_), w(w_), bias(b_), y(y_), M(m), N(n), K(k), batch(batch_), nb(m == 1 ? 16 : m == 2 ? 8 : 4),
         nblocks((n + nb - 1) / nb) {}
 
+  // The AMX form: blocks of 32 weight rows, x already packed (pstride words per product).
+  Problem(const uint32_t* packed_, int64_t pstride_, const uint16_t* w_, const uint16_t* b_, uint16_t* y_, int64_t m,
+          int64_t n, int64_t k, int64_t batch_)
+      : x(nullptr), w(w_), bias(b_), y(y_), M(m), N(n), K(k), batch(batch_), nb(32), nblocks((n + 31) / 32),
+        packed(packed_), pstride(pstride_) {}
+
   int64_t items() const { return batch * nblocks; }
 
   // Items [i0, i1), product by product.
   void run(int64_t i0, int64_t i1) const {
+    if (packed) {
+      run_amx(i0, i1);
+      return;
+    }
     while (i0 < i1) {
       const int64_t b = i0 / nblocks, nb0 = i0 % nblocks;
       const int64_t nb1 = nb0 + (i1 - i0) < nblocks ? nb0 + (i1 - i0) : nblocks;
@@ -204,6 +368,18 @@ struct Problem {
       else columns<4, 4>(xb, M, K, wb, N, bias, yb, nb0, nb1);
       i0 += nb1 - nb0;
     }
+  }
+
+  // The same with AMX: this thread's tiles are configured for the range and released after it.
+  SLLM_AMX_TARGET void run_amx(int64_t i0, int64_t i1) const {
+    amx_configure();
+    while (i0 < i1) {
+      const int64_t b = i0 / nblocks, nb0 = i0 % nblocks;
+      const int64_t nb1 = nb0 + (i1 - i0) < nblocks ? nb0 + (i1 - i0) : nblocks;
+      amx_columns(packed + b * pstride, M, K, w + b * N * K, N, bias, y + b * M * N, nb0, nb1);
+      i0 += nb1 - nb0;
+    }
+    _tile_release();
   }
 };
 
@@ -367,17 +543,19 @@ bool bf16_linear_supported() {
   return ok;
 }
 
-void bf16_linear(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t M, int64_t N,
-                 int64_t K, int64_t batch, int threads) {
-  if (!bf16_linear_supported()) throw std::runtime_error("bf16_linear: this CPU has no AVX512-BF16");
-  if (M == 0 || batch == 0) return;
-  const Problem p(x, w, bias, y, M, N, K, batch);
+bool amx_linear_supported() {
+  static const bool ok = bf16_linear_supported() && amx_permitted();
+  return ok;
+}
+
+namespace {
+
+// Runs a call's problem on up to `threads` threads (see bf16_linear).
+void dispatch_problem(const Problem& p, double flops, int threads) {
   const int64_t items = p.items();
   // Threads only for calls worth it (a decode step makes about 400 calls, many of them small), and
   // at most kUnitsPerThread units per thread: enough to balance a busy core, few enough to share
   // one claim word.
-  const double flops = 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) *
-                       static_cast<double>(batch);
   int parts = threads > 1 && flops >= kParallelFlops ? threads : 1;
   const int64_t units = std::min<int64_t>({items, int64_t{kUnitsPerThread} * parts, 0xffff});
   if (units < parts) parts = static_cast<int>(units);
@@ -389,12 +567,35 @@ void bf16_linear(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uin
   LinearPool::get().run(p, units, parts);
 }
 
+}  // namespace
+
+void bf16_linear(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t M, int64_t N,
+                 int64_t K, int64_t batch, int threads, bool amx) {
+  if (!bf16_linear_supported()) throw std::runtime_error("bf16_linear: this CPU has no AVX512-BF16");
+  if (amx && !amx_linear_supported())
+    throw std::runtime_error("bf16_linear: amx: this CPU has no AMX-BF16, or Linux did not grant its tiles");
+  if (M == 0 || batch == 0) return;
+  const double flops = 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) *
+                       static_cast<double>(batch);
+  if (!amx) {
+    dispatch_problem(Problem(x, w, bias, y, M, N, K, batch), flops, threads);
+    return;
+  }
+  // x as B tiles, once per call, on the caller (the workers read it while the caller waits)
+  thread_local std::vector<uint32_t> packed;
+  const int64_t pstride = ((M + 15) / 16) * ((K + 31) / 32) * 256;
+  packed.resize(static_cast<size_t>(pstride * batch));
+  for (int64_t b = 0; b < batch; b++) amx_pack(x + b * M * K, M, K, packed.data() + b * pstride);
+  dispatch_problem(Problem(packed.data(), pstride, w, bias, y, M, N, K, batch), flops, threads);
+}
+
 #else  // no compiler support for the intrinsics: the function reports itself unsupported
 
 bool bf16_linear_supported() { return false; }
+bool amx_linear_supported() { return false; }
 
 void bf16_linear(const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t, int64_t,
-                 int) {
+                 int, bool) {
   throw std::runtime_error("bf16_linear: built without AVX512-BF16 support");
 }
 

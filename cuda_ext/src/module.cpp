@@ -97,10 +97,13 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("bf16_linear_supported", &bf16_linear_supported,
         "Whether bf16_linear runs here: built with the intrinsics, and the CPU has AVX512-BF16.");
+  m.def("amx_linear_supported", &amx_linear_supported,
+        "Whether bf16_linear(amx=True) runs here: the kernel runs, the CPU has AMX-BF16, and Linux grants "
+        "this process the tiles.");
   m.def(
       "bf16_linear",
       [](uint64_t x, uint64_t w, uint64_t bias, uint64_t y, int64_t m, int64_t n, int64_t k, int64_t batch,
-         int64_t threads) {
+         int64_t threads, bool amx) {
         if (m < 0 || n < 1 || k < 1 || batch < 0)
           throw std::invalid_argument("bf16_linear: m = " + std::to_string(m) + ", n = " + std::to_string(n) +
                                       ", k = " + std::to_string(k) + ", batch = " + std::to_string(batch) +
@@ -111,14 +114,15 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release nogil;
         bf16_linear(reinterpret_cast<const uint16_t*>(x), reinterpret_cast<const uint16_t*>(w),
                     reinterpret_cast<const uint16_t*>(bias), reinterpret_cast<uint16_t*>(y), m, n, k, batch,
-                    static_cast<int>(threads));
+                    static_cast<int>(threads), amx);
       },
       py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"), py::arg("m"), py::arg("n"), py::arg("k"),
-      py::arg("batch") = 1, py::kw_only(), py::arg("threads") = 1,
+      py::arg("batch") = 1, py::kw_only(), py::arg("threads") = 1, py::arg("amx") = false,
       "y [batch, m, n] = x [batch, m, k] @ w [batch, n, k]^T (+ bias [n]; 0 for none): contiguous bf16 at the "
       "given addresses, float32 accumulation, each row independent of the others (batch invariant).\n"
       "threads: the calling thread plus up to threads - 1 workers of a persistent pool, split by whole blocks of "
-      "weight rows and by products; the result is the same bits for any count (small calls use one).");
+      "weight rows and by products; the result is the same bits for any count (small calls use one).\n"
+      "amx: computed with AMX tiles (see amx_linear_supported): batch invariant too, other bits.");
 
   m.def(
       "read_to_host",

@@ -19,8 +19,8 @@ Knative sets `PORT`; everything else has an `SLLM_*` variable and a flag (flags 
 | --numerics            | SLLM_NUMERICS                                 | exact on cpu, fast on cuda |
 | --dtype               | SLLM_DTYPE                                    | auto: cpu bf16 if native, else float32; cuda the checkpoint's |
 | --tile-rows           | SLLM_TILE_ROWS                                | 16 in bf16 on cpu, else 2 |
-| --linear              | SLLM_LINEAR                                   | auto: avx512-bf16 on a cpu with it and no AMX (exact bf16), else torch |
-| --threads             | SLLM_THREADS                                  | fast: torch's (all cores); exact: torch 1, the avx512-bf16 kernel the usable cores |
+| --linear              | SLLM_LINEAR                                   | auto: exact bf16 on a cpu: amx-bf16 with AMX, else avx512-bf16 with it, else torch |
+| --threads             | SLLM_THREADS                                  | fast: torch's (all cores); exact: torch 1, our kernels the usable cores |
 | --forward             | SLLM_FORWARD                                  | auto (lean Llama-family path) |
 | --step-tokens         | SLLM_STEP_TOKENS                              | 256                      |
 | --max-body-bytes      | SLLM_MAX_BODY_BYTES                           | 4194304                  |
@@ -51,8 +51,8 @@ avx512_bf16 in /proc/cpuinfo) and in float32 on any other CPU; on CUDA in the ch
 (functions/llm/dtypes.py). A checkpoint of another dtype is cast tensor by tensor at load.
 The default tile of exact numerics follows the dtype: 16 rows in bfloat16 on the CPU (one AMX
 tile; a 16-row bf16 product costs about what a 2-row one does), 2 otherwise. `--linear auto`
-replaces the tiles by our batch-invariant AVX512-BF16 kernel on a CPU that has it and no AMX
-(functions/llm/kernels.py): there a 16-row tile costs 3x one row.
+replaces the tiles by one of our batch-invariant kernels (functions/llm/kernels.py): `amx-bf16`
+on a CPU with AMX whose tiles Linux grants, else `avx512-bf16` on one with AVX512-BF16.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class ServeConfig:
     tile_rows: int | None = None  # exact numerics' tile; None: by dtype (numerics.default_tile_rows)
     linear: str = "auto"  # the linear layers' kernel (functions/llm/kernels.py): auto, torch or avx512-bf16
     # The instance's compute threads: torch's intra-op threads in fast numerics (exact numerics
-    # keeps torch on one), and the avx512-bf16 kernel's in both (its split never changes a bit).
+    # keeps torch on one), and our kernels' in both (their split never changes a bit).
     # None: every usable core. The autoscaler sets the instance's share of its node (SLLM_THREADS,
     # sllm_knative.config.compute_threads).
     threads: int | None = None
@@ -135,8 +135,8 @@ def _parser() -> argparse.ArgumentParser:
                         "on cuda the checkpoint's")
     p.add_argument("--tile-rows", type=int)
     p.add_argument("--linear", choices=list(LINEAR_SETTINGS),
-                   help="the linear layers' kernel; auto: our AVX512-BF16 kernel for exact bf16 on a CPU "
-                        "with avx512_bf16 and no AMX, else torch's products")
+                   help="the linear layers' kernel; auto, for exact bf16 on the CPU: our amx-bf16 kernel "
+                        "with AMX, else avx512-bf16 with AVX512-BF16, else torch's products")
     p.add_argument("--threads", type=int)
     p.add_argument("--forward", choices=["auto", "transformers"])
     p.add_argument("--step-tokens", type=int)

@@ -34,10 +34,10 @@ where the CPU has it, of one fixed shape): tested bit for bit like float32. Its 
 16 rows (`default_tile_rows`): one AMX tile, and a 16-row bf16 product costs about what a 2-row
 one does, so 8 decoding streams share one multiply per layer instead of four.
 
-On a CPU with AVX512-BF16 and no AMX, the linear layers use our own kernel instead of tiles
-(`functions/llm/kernels.py`, cuda_ext/src/cpu_linear.cpp): every output element has its own
-accumulator and a fixed instruction sequence, so a row's result is invariant for any row count
-and a decoding stream is not padded to a tile. Attention's two products then go through the
+On a CPU with AMX or AVX512-BF16, the linear layers use one of our own kernels instead of tiles
+(`functions/llm/kernels.py`, cuda_ext/src/cpu_linear.cpp: `amx-bf16` or `avx512-bf16`): every
+output element has its own accumulator and a fixed instruction sequence, so a row's result is
+invariant for any row count and a decoding stream is not padded to a tile. Attention's two products then go through the
 same kernel too (`kernel_attention`): the scores reduce over the head dimension, the output
 over the keys, each in the kernel's fixed order, so no fixed-shape blocks are needed and a
 prefill's shared keys are no longer copied once per row.
@@ -122,11 +122,11 @@ def linear_function(mode: str, tile_rows: int, linear: str = "torch", threads: i
     """The linear layer of a numerics mode: (x [rows, in], weight, bias) -> [rows, out].
 
     `linear` is the kernel (functions/llm/kernels.py): "torch" (tiles of `tile_rows` rows in exact
-    numerics, torch's own linear in fast) or "avx512-bf16" (invariant for any row count: no tiles;
-    on `threads` threads, the same bits for any count).
+    numerics, torch's own linear in fast) or one of ours, "avx512-bf16" or "amx-bf16" (invariant
+    for any row count: no tiles; on `threads` threads, the same bits for any count).
     """
-    if linear == kernels.AVX512_BF16:
-        return functools.partial(kernels.bf16_linear, threads=threads)
+    if linear in kernels.OURS:
+        return functools.partial(kernels.bf16_linear, threads=threads, kernel=linear)
     if mode == EXACT:
         return lambda x, w, b: tiled_linear(x, w, b, tile_rows)
     return nn.functional.linear
@@ -219,7 +219,7 @@ def _kernel_softmax(scores: torch.Tensor, masked: torch.Tensor, scaling: float) 
 
 
 def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor,
-                     scaling: float, threads: int = 1) -> torch.Tensor:
+                     scaling: float, threads: int = 1, kernel: str = kernels.AVX512_BF16) -> torch.Tensor:
     """exact_attention's contract, with both products through our AVX512-BF16 kernel.
 
     The kernel reduces each output in one fixed order whatever the number of rows and columns
@@ -229,7 +229,7 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: 
     _attend_blocks, without expanding a prefill's shared keys once per row (that broadcast copy
     was a third of a 256-token prefill). One batched call per product: per kv head for a
     prefill's rows that reach the same number of key blocks, per (row, kv head) for decode rows.
-    `threads`: the kernel's (the same bits for any count).
+    `threads`: the kernel's (the same bits for any count); `kernel`: which of ours.
     """
     n, kvh, group, d = q.shape
     if k.shape[0] == 1 and n > 1:  # a prefill's rows share their sequence's keys
@@ -243,7 +243,7 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: 
             end = ends[start]
             out[start:i] = _kernel_heads(q[start:i].transpose(0, 1), k[0, :, :end], v[0, :, :end],
                                          masked[start:i, :, :, :end].transpose(0, 1), scaling,
-                                         threads).transpose(0, 1)
+                                         threads, kernel).transpose(0, 1)
             start = i
         return out
     # decode rows, each with its own keys (or one row): (row, kv head) is the batch
@@ -251,19 +251,19 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: 
     keys = k.expand(n, -1, -1, -1).reshape(n * kvh, length, d)
     values = v.expand(n, -1, -1, -1).reshape(n * kvh, length, d)
     mask = masked.expand(n, kvh, 1, length).reshape(n * kvh, 1, 1, length)
-    return _kernel_heads(q.reshape(n * kvh, 1, group, d), keys, values, mask, scaling, threads).view(
+    return _kernel_heads(q.reshape(n * kvh, 1, group, d), keys, values, mask, scaling, threads, kernel).view(
         n, kvh, group, d)
 
 
 def _kernel_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                  scaling: float, threads: int) -> torch.Tensor:
+                  scaling: float, threads: int, kernel: str) -> torch.Tensor:
     """Attention of B independent heads: q [B, m, group, d] against k, v [B, L, d]; mask [B or 1,
     m, 1, L] (True: not visible), the same for a row's whole group. Returns [B, m, group, d]."""
     b, m, group, d = q.shape
     length = k.shape[1]
-    scores = kernels.bf16_bmm(q.reshape(b, m * group, d), k, threads)  # [B, m * group, L]
+    scores = kernels.bf16_bmm(q.reshape(b, m * group, d), k, threads, kernel)  # [B, m * group, L]
     probs = _kernel_softmax(scores.view(b, m, group, length), mask, scaling)
-    out = kernels.bf16_bmm(probs.view(b, m * group, length), v.transpose(1, 2), threads)  # [B, m * group, d]
+    out = kernels.bf16_bmm(probs.view(b, m * group, length), v.transpose(1, 2), threads, kernel)  # [B, m*group, d]
     return out.view(b, m, group, d)
 
 
@@ -302,8 +302,8 @@ def attend_step(batch: StepBatch, layer: int, q: torch.Tensor, k: torch.Tensor, 
     cache_v[batch.slots, :, batch.positions] = v.to(cache_v.dtype)
     q4 = q.view(t, kvh, heads // kvh, d)
     attend: Callable[..., torch.Tensor] = fast_attention if batch.mode != EXACT else (
-        functools.partial(kernel_attention, threads=batch.kernel_threads) if batch.linear == kernels.AVX512_BF16
-        else exact_attention)
+        functools.partial(kernel_attention, threads=batch.kernel_threads, kernel=batch.linear)
+        if batch.linear in kernels.OURS else exact_attention)
     parts = []
     if batch.decode is not None:
         dec = batch.decode

@@ -85,7 +85,7 @@ class StepBatch:
     decode: DecodeGroup | None
     prefills: list[PrefillSegment]
     linear: str = "torch"  # the kernel (functions/llm/kernels.py); avx512-bf16 computes exact attention too
-    kernel_threads: int = 1  # the avx512-bf16 kernel's threads (the same bits for any count)
+    kernel_threads: int = 1  # our kernel's threads (the same bits for any count)
 
 
 class KVCache:
@@ -137,7 +137,7 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype  # the compute dtype: the service casts the weights to it
         if linear not in kernels.LINEARS:
             raise ValueError(f"linear = {linear!r}, must be one of {', '.join(kernels.LINEARS)}")
-        if linear == kernels.AVX512_BF16:
+        if linear in kernels.OURS:
             if self.device.type != "cpu" or self.dtype != torch.bfloat16:
                 raise ValueError(f"linear = {linear} computes bfloat16 on the cpu, not {self.dtype} on {self.device}")
             tile_rows = 1  # any row count is invariant: nothing to pad
@@ -175,7 +175,7 @@ class ModelRunner:
         self.threads = 1 if mode == numerics.EXACT else threads
         # Our kernel's threads, in either mode: the instance's share (`threads`), else every usable
         # core. Its split never changes a result bit (numerics.py), so exact numerics may use them.
-        self.kernel_threads = kernels.default_threads(threads) if linear == kernels.AVX512_BF16 else None
+        self.kernel_threads = kernels.default_threads(threads) if linear in kernels.OURS else None
         kthreads = self.kernel_threads or 1
         why_not = decoder.unsupported(model)
         self.forward_kind = "decoder" if forward == "auto" and why_not is None else "transformers"

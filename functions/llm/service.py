@@ -90,7 +90,7 @@ class ModelHost:
         self.max_len = 0
         self.vocab_size = 0
         self.threads: int | None = None  # the engine's intra-op threads, once loaded
-        self.kernel_threads: int | None = None  # the avx512-bf16 kernel's threads (None: not used), once loaded
+        self.kernel_threads: int | None = None  # our kernel's threads (None: torch's products), once loaded
         self.dtype: DtypeChoice | None = None  # the compute dtype and why, once loaded
         self.tile_rows: int | None = None  # exact numerics' tile, once loaded
         self.linear: LinearChoice | None = None  # the linear layers' kernel and why, once loaded
@@ -135,7 +135,7 @@ class ModelHost:
         flags = dtypes.cpu_flags()
         choice = dtypes.choose(self.cfg.dtype, self.cfg.device, weights.checkpoint_dtype(model), flags)
         linear = kernels.choose(self.cfg.linear, self.cfg.numerics, self.cfg.device, choice.dtype, flags,
-                                kernels.built())
+                                kernels.runnable())
         weights.cast_parameters(model, getattr(torch, choice.dtype))  # nothing to do when they agree
         watch.lap("load")
         runner = ModelRunner(model, slots=self.cfg.kv_slots, max_len=self.cfg.max_model_len,
@@ -185,7 +185,7 @@ class ModelHost:
         return {"status": self.status, "model": self.cfg.model_name, "startup": {"total_s": total, **phases},
                 # the engine's intra-op threads (exact numerics: always 1), and the setting it got;
                 # the compute dtype, why it was chosen and the setting (once loaded); exact's tile;
-                # the linear kernel, and the avx512-bf16 kernel's threads (null when torch's)
+                # the linear kernel, and our kernel's threads (null when torch's)
                 "compute": {"numerics": self.cfg.numerics, "threads": self.threads, "threads_setting": self.cfg.threads,
                             **(self.dtype.report() if self.dtype else {"dtype": None, "dtype_reason": None}),
                             "dtype_setting": self.cfg.dtype, "tile_rows": self.tile_rows,

@@ -16,6 +16,11 @@ from testkit.proc import Proc
 # Tests of our AVX512-BF16 kernel (functions/llm/kernels.py) run where this CPU can run it.
 NEEDS_KERNEL = pytest.mark.skipif(not kernels.built(),
                                   reason="this CPU has no AVX512-BF16 (or the extension was built without it)")
+NEEDS_AMX = pytest.mark.skipif(kernels.AMX_BF16 not in kernels.runnable(),
+                               reason="this CPU has no AMX-BF16, or Linux does not grant this process its tiles")
+# Our kernels, each skipped with its reason where it cannot run.
+OUR_KERNELS = [pytest.param(kernels.AVX512_BF16, marks=NEEDS_KERNEL, id="avx512"),
+               pytest.param(kernels.AMX_BF16, marks=NEEDS_AMX, id="amx")]
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_MODEL_LEN = 1024

@@ -14,7 +14,7 @@ import torch
 from functions.llm import dtypes, kernels, numerics, weights
 from functions.llm.runner import Feed, ModelRunner
 from sllm_knative.loading import load_model
-from tests.functions.conftest import NEEDS_KERNEL, Server
+from tests.functions.conftest import OUR_KERNELS, Server
 
 AMX = {"fpu", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
 AVX512_BF16 = {"fpu", "avx512f", "avx512_bf16"}
@@ -95,8 +95,8 @@ def test_the_server_reports_its_dtype(tiny_model, tmp_path, extra, env, setting)
     import os
 
     want = dtypes.choose(setting, "cpu", "float32", dtypes.cpu_flags())
-    linear = kernels.choose("auto", "exact", "cpu", want.dtype, dtypes.cpu_flags(), kernels.built())
-    tile_rows = 1 if linear.linear == kernels.AVX512_BF16 else numerics.default_tile_rows(getattr(torch, want.dtype))
+    linear = kernels.choose("auto", "exact", "cpu", want.dtype, dtypes.cpu_flags(), kernels.runnable())
+    tile_rows = 1 if linear.linear in kernels.OURS else numerics.default_tile_rows(getattr(torch, want.dtype))
     log = tmp_path / "server.log"
     server = Server(tiny_model, log, *extra, env=None if env is None else {**os.environ, **env})
     try:
@@ -144,10 +144,7 @@ def _scrambled(runner: ModelRunner, seq: list[int], rng: random.Random) -> torch
     return torch.cat(got)
 
 
-@pytest.mark.parametrize("linear", [
-    kernels.TORCH,
-    pytest.param(kernels.AVX512_BF16, marks=NEEDS_KERNEL),
-])
+@pytest.mark.parametrize("linear", [kernels.TORCH, *OUR_KERNELS])
 def test_exact_bf16_is_bit_for_bit_on_the_real_model(smollm2, linear):
     """SmolLM2-135M in bf16 (its converted checkpoint's dtype): exact numerics gives every
     position's logits bit for bit whatever the chunking and the company, with torch's 16-row

@@ -7,6 +7,7 @@ other lengths, at other positions) share the steps.
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 from functions.llm import kernels, numerics, weights
 from functions.llm.runner import Feed, ModelRunner
 from sllm_knative.loading import load_model
-from tests.functions.conftest import NEEDS_KERNEL
+from tests.functions.conftest import NEEDS_AMX, NEEDS_KERNEL, OUR_KERNELS
 
 VOCAB = 512
 
@@ -78,11 +79,13 @@ def _scrambled_logits(runner: ModelRunner, seq: list[int], rng: random.Random) -
     pytest.param("auto", None, torch.bfloat16, kernels.AVX512_BF16, id="decoder-bf16-kernel", marks=NEEDS_KERNEL),
     pytest.param("transformers", None, torch.bfloat16, kernels.AVX512_BF16, id="transformers-bf16-kernel",
                  marks=NEEDS_KERNEL),
+    pytest.param("auto", None, torch.bfloat16, kernels.AMX_BF16, id="decoder-bf16-amx", marks=NEEDS_AMX),
+    pytest.param("transformers", None, torch.bfloat16, kernels.AMX_BF16, id="transformers-bf16-amx", marks=NEEDS_AMX),
 ])
 def test_exact_logits_are_batch_invariant(tiny_model, forward, tile_rows, dtype, linear):
     runner = _runner(tiny_model, numerics.EXACT, tile_rows, forward, dtype, linear)
     assert runner.forward_kind == ("decoder" if forward == "auto" else "transformers")
-    want_rows = 1 if linear == kernels.AVX512_BF16 else tile_rows or numerics.default_tile_rows(dtype)
+    want_rows = 1 if linear in kernels.OURS else tile_rows or numerics.default_tile_rows(dtype)
     assert runner.dtype == dtype and runner.tile_rows == want_rows
     rng = random.Random(tile_rows)
     seq = [rng.randrange(3, VOCAB) for _ in range(300)]  # across two key-block boundaries (128, 256)
@@ -98,6 +101,8 @@ def test_exact_logits_are_batch_invariant(tiny_model, forward, tile_rows, dtype,
     pytest.param(4, 2, 64, torch.bfloat16, numerics.exact_attention, id="bfloat16"),
     pytest.param(4, 2, 64, torch.bfloat16, numerics.kernel_attention, id="bfloat16-kernel", marks=NEEDS_KERNEL),
     pytest.param(3, 3, 64, torch.bfloat16, numerics.kernel_attention, id="smollm2-kernel", marks=NEEDS_KERNEL),
+    pytest.param(3, 3, 64, torch.bfloat16, functools.partial(numerics.kernel_attention, kernel=kernels.AMX_BF16),
+                 id="smollm2-amx", marks=NEEDS_AMX),
 ])
 def test_exact_attention_is_invariant(kv_heads, group, dim, dtype, attend):
     """A row's attention output, bit for bit, whatever the padded key length, the other rows,
@@ -141,7 +146,7 @@ def test_runner_matches_transformers(tiny_model, hf_model, mode, forward):
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("linear", [kernels.TORCH, pytest.param(kernels.AVX512_BF16, marks=NEEDS_KERNEL)])
+@pytest.mark.parametrize("linear", [kernels.TORCH, *OUR_KERNELS])
 @pytest.mark.parametrize("forward", ["auto", "transformers"])
 @pytest.mark.parametrize("mode", numerics.MODES)
 def test_bf16_runner_matches_transformers_in_bf16(tiny_model, mode, forward, linear):
