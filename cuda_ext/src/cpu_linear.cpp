@@ -48,7 +48,9 @@
 
 #include "common.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && (__GNUC__ >= 10 || defined(__clang__))
+// GCC 11 is the first with the AMX intrinsics (the AVX512-BF16 ones came in 10); an older
+// compiler builds neither kernel, and both report themselves unsupported.
+#if defined(__x86_64__) && defined(__GNUC__) && (__GNUC__ >= 11 || defined(__clang__))
 #define SLLM_BF16_KERNEL 1
 // GCC 12's AVX-512 headers initialize a temporary from itself (`__m256d __Y = __Y;`, GCC bug
 // 105593), which -Wuninitialized reports at every inlined use; the warning is about the header.
