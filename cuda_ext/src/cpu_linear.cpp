@@ -589,6 +589,9 @@ void bf16_linear(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uin
   packed.resize(static_cast<size_t>(pstride * batch));
   for (int64_t b = 0; b < batch; b++) amx_pack(x + b * M * K, M, K, packed.data() + b * pstride);
   dispatch_problem(Problem(packed.data(), pstride, w, bias, y, M, N, K, batch), flops, threads);
+  // A long context's attention packs a few rows as 16 (a decode row's keys at 64k positions: 2 MiB
+  // per head); kept between calls up to 64 MiB, given back above that.
+  if (packed.capacity() > (size_t{16} << 20)) std::vector<uint32_t>().swap(packed);
 }
 
 #else  // no compiler support for the intrinsics: the function reports itself unsupported

@@ -21,7 +21,7 @@ import torch
 from functions.llm import kernels, numerics
 from functions.llm.runner import Feed, ModelRunner
 from sllm_knative.loading import load_model
-from tests.functions.conftest import NEEDS_KERNEL, OUR_KERNELS, Server
+from tests.functions.conftest import NEEDS_AMX, NEEDS_KERNEL, OUR_KERNELS, Server
 
 AMX = {"fpu", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
 AVX512_BF16 = {"fpu", "avx512f", "avx512_bf16"}
@@ -391,3 +391,22 @@ def test_bmm_is_each_product_alone(kernel):
         kernels.bf16_bmm(x, w[:4])
     with pytest.raises(ValueError, match=r"need x \[batch, rows, in\]"):
         kernels.bf16_bmm(x[0], w[0])
+
+
+def _rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@NEEDS_AMX
+def test_a_long_context_product_gives_its_packed_rows_back():
+    """AMX packs the rows of a call 16 at a time, zero-padded (a decode row's attention over 64k
+    keys packs 2 MiB per head); the packing is kept between calls up to 64 MiB and given back
+    above that, and such a call is still each row on its own."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(17, 17, 65536, generator=g).bfloat16()  # packed: 17 x 2 x 2048 x 1 KiB = 68 MiB
+    w = (torch.randn(17, 16, 65536, generator=g) / 256).bfloat16()
+    before = _rss_bytes()
+    y = kernels.bf16_bmm(x, w, kernel=kernels.AMX_BF16)
+    grown = _rss_bytes() - before
+    assert grown < 32 << 20, f"the call kept {grown >> 20} MiB"
+    assert torch.equal(kernels.bf16_linear(x[3, 5:6], w[3], None, kernel=kernels.AMX_BF16), y[3, 5:6])
