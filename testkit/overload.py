@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import statistics
@@ -289,7 +290,9 @@ class Summary:
     mismatched: int
     ttft_p50_s: float | None
     ttft_p99_s: float | None
-    first_token_s: dict[str, float | None]  # per service: its first request's time to first token
+    # per service: from its first request sent to its first token (of whichever request; None when
+    # none of its requests got one)
+    first_token_s: dict[str, float | None]
     errors: list[str]
 
 
@@ -311,14 +314,27 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, int(round(q / 100 * len(ordered) + 0.5)) - 1))]
 
 
+def first_tokens(outcomes: Sequence[Outcome]) -> dict[str, float | None]:
+    """Per service, the seconds from its first request sent to its first token, whichever request
+    that token answered (pure). With containerConcurrency 1 the activator serves a service's held
+    requests in the order they arrived, and two sent a moment apart may arrive in either order:
+    the first request scheduled is not always the first served."""
+    sent: dict[str, float] = {}
+    token: dict[str, float] = {}
+    for o in outcomes:
+        svc = o.shot.service
+        sent[svc] = min(sent.get(svc, math.inf), o.sent_s)
+        if o.ttft_s is not None:
+            token[svc] = min(token.get(svc, math.inf), o.sent_s + o.ttft_s)
+    return {svc: token[svc] - t0 if svc in token else None for svc, t0 in sent.items()}
+
+
 def summarize(outcomes: Sequence[Outcome], want: dict[tuple[str, int], str]) -> Summary:
     """What a user sees of a burst (pure)."""
     ttfts = [o.ttft_s for o in outcomes if o.ttft_s is not None]
     mismatched = [o for o in outcomes if not o.failed and not o.cut
                   and o.text != want.get((SERVICES[o.shot.service], o.shot.seed))]
-    first: dict[str, float | None] = {}
-    for o in sorted(outcomes, key=lambda o: o.shot.at_s):
-        first.setdefault(o.shot.service, o.ttft_s)
+    first = first_tokens(outcomes)
     errors = [f"{o.shot.service} @{o.shot.at_s:.1f}s: {o.error or 'no finish reason'}"
               for o in outcomes if o.failed or o.cut]
     return Summary(len(outcomes), sum(o.failed for o in outcomes), sum(o.cut for o in outcomes), len(mismatched),
