@@ -100,13 +100,13 @@ def choose(setting: str, mode: str, device: str, dtype: str, flags: Iterable[str
             (kernel not in ok, f"the loader extension cannot run it on this CPU ({_CANNOT[kernel]})")) if bad]
 
     if setting in OURS:
-        if missing(setting):
-            raise ValueError(f"linear = {setting} cannot run: {'; '.join(missing(setting))}")
+        if why_not := missing(setting):
+            raise ValueError(f"linear = {setting} cannot run: {'; '.join(why_not)}")
         return LinearChoice(setting, "set by --linear / SLLM_LINEAR")
     if mode != "exact":
         return LinearChoice(TORCH, "fast numerics: torch's own products, on every intra-op thread")
-    if missing(AVX512_BF16):
-        return LinearChoice(TORCH, missing(AVX512_BF16)[0])
+    if why_not := missing(AVX512_BF16):
+        return LinearChoice(TORCH, why_not[0])
     if "amx_bf16" in have and not missing(AMX_BF16):
         return LinearChoice(AMX_BF16, "amx_bf16: tile products, 4x avx512-bf16 on a prefill and about as fast "
                                       "on one row")

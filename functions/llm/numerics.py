@@ -37,10 +37,10 @@ one does, so 8 decoding streams share one multiply per layer instead of four.
 On a CPU with AMX or AVX512-BF16, the linear layers use one of our own kernels instead of tiles
 (`functions/llm/kernels.py`, cuda_ext/src/cpu_linear.cpp: `amx-bf16` or `avx512-bf16`): every
 output element has its own accumulator and a fixed instruction sequence, so a row's result is
-invariant for any row count and a decoding stream is not padded to a tile. Attention's two products then go through the
-same kernel too (`kernel_attention`): the scores reduce over the head dimension, the output
-over the keys, each in the kernel's fixed order, so no fixed-shape blocks are needed and a
-prefill's shared keys are no longer copied once per row.
+invariant for any row count and a decoding stream is not padded to a tile. Attention's two
+products then go through the same kernel too (`kernel_attention`): the scores reduce over the
+head dimension, the output over the keys, each in the kernel's fixed order, so no fixed-shape
+blocks are needed and a prefill's shared keys are no longer copied once per row.
 
 `fast` uses the stock linear layers and scaled-dot-product attention: quicker on large
 models, deterministic for a fixed batch composition only. tests/functions/test_llm_numerics.py
@@ -220,7 +220,7 @@ def _kernel_softmax(scores: torch.Tensor, masked: torch.Tensor, scaling: float) 
 
 def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor,
                      scaling: float, threads: int = 1, kernel: str = kernels.AVX512_BF16) -> torch.Tensor:
-    """exact_attention's contract, with both products through our AVX512-BF16 kernel.
+    """exact_attention's contract, with both products through our `kernel` (avx512-bf16, amx-bf16).
 
     The kernel reduces each output in one fixed order whatever the number of rows and columns
     (functions/llm/kernels.py), so a row's scores (a sum over the head dimension) and its output

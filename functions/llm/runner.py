@@ -84,7 +84,7 @@ class StepBatch:
     positions: torch.Tensor
     decode: DecodeGroup | None
     prefills: list[PrefillSegment]
-    linear: str = "torch"  # the kernel (functions/llm/kernels.py); avx512-bf16 computes exact attention too
+    linear: str = "torch"  # the kernel (functions/llm/kernels.py); ours compute exact attention too
     kernel_threads: int = 1  # our kernel's threads (the same bits for any count)
 
 
