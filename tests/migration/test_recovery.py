@@ -136,9 +136,11 @@ def test_a_resume_that_differs_from_what_was_sent_is_cut_not_spliced(exporting, 
         impostor.wait_ready()
         req = {k: v for k, v in body(None).items() if k != "logprobs"}
         # On a loaded machine the stream can end in the few tokens between the export and the
-        # kill: then nothing was cut and nothing resumed, and the scenario is tried again with a
-        # new victim. A clean end after a resume would be a splice, and fails below.
-        for attempt in range(3):
+        # kill (nothing was cut and nothing resumed), or a later export can land before the kill
+        # (nothing to regenerate): then the scenario is tried again with a new victim. A clean end
+        # after a resume with text to regenerate would be a splice, and fails below.
+        covered = False
+        for attempt in range(4):
             victim = spare(f"victim-diverged-{attempt}")
             if attempt == 0:
                 assert reference(impostor, req).text != reference(victim, req).text
@@ -158,11 +160,16 @@ def test_a_resume_that_differs_from_what_was_sent_is_cut_not_spliced(exporting, 
                     time.sleep(0.002)
                 exporting.set_instances(victim, impostor)
                 victim.kill()
+                # Read at once after the kill (the victim exports nothing more; the impostor only
+                # after a resume and its prefill): if an export later than the one waited for
+                # succeeded, it holds what the client has, nothing is regenerated, and the resume is
+                # a clean continuation: not this scenario (seen in CI on a loaded machine).
+                covered = counters(exporting.admin, "activator_stream_exports")["ok"] > exported + 1
             finally:
                 t.join(60)
             assert not t.is_alive(), "the stream hung"
             after = counters(exporting.admin, "activator_stream_recoveries")
-            if not (out.done == 1 and out.errors == [] and after == before):
+            if not covered and not (out.done == 1 and out.errors == [] and after == before):
                 break
     finally:
         impostor.stop()
