@@ -23,6 +23,7 @@ the disk, >= 6.5x faster than safetensors to cuda, no slower than InstantTensor 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -271,6 +272,8 @@ def _dram_dirs(default_shm: str, nbytes: int = 0) -> list[tuple[str, Path, bool]
                        capture_output=True)
     if r.returncode == 0:
         out.append(("tmpfs huge=always", mnt, True))
+    else:
+        mnt.rmdir()  # not mounted (not root): leave no empty directory behind
     out.append((f"{default_shm} (as configured)", Path(default_shm), False))
     return out
 
@@ -385,6 +388,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(shm, ignore_errors=True)
             if mounted:
                 subprocess.run(["umount", "-l", str(shm_root)], check=False)
+                with contextlib.suppress(OSError):  # detached lazily; left where still in use
+                    shm_root.rmdir()
     if not on_gpu:
         rows.append({"loader": "sllm_knative", "scenario": "dram", "device": "cuda",
                      "skipped": "this run is on the CPU (--device cuda on a GPU machine: bench/gpu/run.sh)"})

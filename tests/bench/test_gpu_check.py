@@ -27,7 +27,9 @@ def test_dry_run_of_the_prepared_command(tmp_path: Path) -> None:
     bundle = REPO / ".gpu-wheels"
     assert (bundle / wheels.STAMP).is_file(), "no wheel bundle: run `make gpu-wheels` (make test does)"
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), SITE=str(tmp_path / "site"))
+    tmp = tmp_path / "tmp"  # its own temporary directory: nothing of ours may be left in it
+    tmp.mkdir()
+    env = dict(os.environ, OUT=str(out), SITE=str(tmp_path / "site"), TMPDIR=str(tmp))
     r = subprocess.run(["bash", "bench/gpu/run.sh", "--dry"], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
@@ -47,6 +49,8 @@ def test_dry_run_of_the_prepared_command(tmp_path: Path) -> None:
     log = (out / "log.txt").read_text()
     assert "the wheel bundle is complete" in log and "gpu check: 10 of 10 phases without failure" in log
     assert len(list(out.iterdir())) <= 8  # what the device tool brings back from $OUT
+    # (pytest's and torch's caches may stay; bench/loading.py once left its tmpfs mount point)
+    assert [p.name for p in tmp.iterdir() if p.name.startswith("sllm")] == []
 
 
 # -- run_phases: the fail-fast order -----------------------------------------------------------------
