@@ -139,7 +139,10 @@ def _validate(replay: Path, out: Path, log: Callable[[str], None]) -> int:
             continue
         log(f"{r['profile']:18s} " + "  ".join(
             f"{q} measured {r[q]['measured_s']:.3f} s predicted {r[q]['predicted_s']:.3f} s x{r[q]['ratio']}"
-            f" {'ok' if r[q]['within'] else 'MISS'}" for q in ("p50", "p99")))
+            f" {'ok' if r[q]['within'] else 'MISS'}"
+            + (f" (measured 95% band {r[q]['band_s'][0]:.3f}-{r[q]['band_s'][1]:.3f} s:"
+               f" {'in' if r[q]['within_band'] else 'out'})" if "band_s" in r[q] else "")
+            for q in ("p50", "p99")))
     log(f"wrote {validate.plot(result, out, f'simulator vs {replay}')}")
     log(f"wrote {out / 'validate.json'} and {out / 'this-machine-measured.json'} (--hardware)")
     return 0

@@ -60,6 +60,9 @@ REPLAY_POLICIES = {"sllm": "sllm", "no-dram-tier": "no-dram-tier", "no-locality"
                    "kserve-localcache": "kserve-localcache"}
 TOLERANCE = 0.25  # issue 16 §2: predicted p50 and p99 TTFT within 25% of the measured ones
 SEEDS = 8  # simulated runs per profile; the prediction is their median
+#: a measured quantile is one run's sample of it: `band` gives where the system's quantile lies with
+#: this probability (order statistics), for runs too small for a 25% check of the point (the tiny test)
+BAND_CONFIDENCE = 0.95
 #: The replay's cluster tiers: `sllm-knative up --dram-gb 2 --ssd-gb 4` (bench/replay_profiles.py cluster()).
 DRAM_TIER_BYTES = 2 * 2**30
 SSD_TIER_BYTES = 4 * 2**30
@@ -215,6 +218,8 @@ class Measured:
     #: per profile: (prefill s/token, decode step s, sigma) of its own warm requests: the
     #: machine's speed while that profile ran (its CPU contention: fresh processes importing, other work)
     compute: Mapping[str, tuple[float, float, float]] = field(default_factory=dict)
+    #: per profile: its own activation_s (the median over its own cold starts' first requests)
+    activation: Mapping[str, float] = field(default_factory=dict)
 
 
 def _median(xs: Sequence[float], what: str) -> float:
@@ -285,7 +290,7 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
     ready = {**{t["instance"]: t["ready_s"] for ts in per_profile.values() for t in ts},
              **{c["instance"]: c["ready_s"] for name, p in profiles.items() if name in REPLAY_POLICIES
                 for c in p.get("cold_starts", []) if c.get("instance") and c.get("ready_s") is not None}}
-    extras = []
+    extras: dict[str, list[float]] = {}
     for name, p in profiles.items():
         if name not in REPLAY_POLICIES:
             continue
@@ -297,8 +302,9 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
             seen.add(o["instance"])
             extra = o["ttft_s"] - ready[o["instance"]] - pre * prompt[o["index"]]
             if 0 <= extra < TICK_S / 2:
-                extras.append(extra)
-    activation = statistics.median(extras) if extras else 0.0
+                extras.setdefault(name, []).append(extra)
+    pooled = [x for xs in extras.values() for x in xs]
+    activation = statistics.median(pooled) if pooled else 0.0
     n_fresh = len(fresh)
     stops = [s for name in per_profile for s in stop_times(logs[name])]
     return Measured(size, load_s, sigma, overhead, fresh_s, prefill, step, spread, activation, shared_cores=cores,
@@ -326,7 +332,10 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
         "activation_s": ("median over instances of their first request's TTFT minus the instance's placement-to-ready "
                          "seconds minus its prefill, those in [0, TICK_S / 2) (a first request that waited for a "
                          "slot waited for the scaler's tick)"),
-    }, compute=compute)
+        "activation": ("per profile with at least 2 such instances, the same median over its own: the paths differ "
+                       "(sllm: the activator's poke, placement, the zygote's fork; the fresh-process profiles: the "
+                       "controller's poll, a new process)"),
+    }, compute=compute, activation={name: float(statistics.median(xs)) for name, xs in extras.items() if len(xs) >= 2})
 
 
 def fresh_load_factor(m: Measured, profile: str) -> float:
@@ -355,7 +364,8 @@ def hardware(m: Measured, profile: str | None = None) -> HardwareProfile:
         overhead_s=m.overhead_s, fresh_process_s=m.fresh_process_s,
         flops=2.0 * params / prefill, mfu=1.0,
         hbm_bytes_s=2.0 * params / step, hbm_eff=1.0,
-        load_noise=m.load_sigma, shared_cores=m.shared_cores, compute_noise=spread, activation_s=m.activation_s,
+        load_noise=m.load_sigma, shared_cores=m.shared_cores, compute_noise=spread,
+        activation_s=m.activation.get(profile or "", m.activation_s),
         serial_prefill=True, fresh_load_factor=fresh_load_factor(m, profile or ""), stop_s=m.stop_s,
         notes=dict(m.sources))
 
@@ -408,14 +418,46 @@ def predict(doc: Mapping[str, Any], profile: str, hw: HardwareProfile, size_byte
     return {**out, "cold_starts": runs[0]["cold_starts"], "unserved": max(r["unserved"] for r in runs)}
 
 
-def compare(measured: Mapping[str, Any], predicted: Mapping[str, Any]) -> dict[str, Any]:
-    """Per statistic (p50, p99): measured, predicted, predicted / measured, within TOLERANCE."""
+def rank_band(n: int, q: float, confidence: float = BAND_CONFIDENCE) -> tuple[int, int]:
+    """The 1-based ranks (lo, hi) among `n` sorted samples between which the population's
+    q-quantile lies with probability at least `confidence`: the number of samples below it is
+    Binomial(n, q), and each side leaves out at most (1 - confidence) / 2 (clipped to 1..n, where
+    that side cannot leave out so little)."""
+    if n < 1 or not 0 < q < 1:
+        raise ValueError(f"rank_band needs n >= 1 and 0 < q < 1, got n={n}, q={q}")
+    tail = (1.0 - confidence) / 2
+    cdf, acc = [], 0.0
+    for k in range(n + 1):
+        acc += math.comb(n, k) * q**k * (1 - q) ** (n - k)
+        cdf.append(acc)  # P(X <= k)
+    lo = max([k + 1 for k in range(n + 1) if cdf[k] <= tail], default=1)  # P(X < lo) <= tail
+    hi = min([u for u in range(1, n + 1) if 1.0 - cdf[u - 1] <= tail], default=n)  # P(X >= hi) <= tail
+    return max(1, min(lo, n)), max(1, min(hi, n))
+
+
+def band(ttfts: Sequence[float], q: float) -> tuple[float, float]:
+    """`rank_band`'s samples of `ttfts`: where the q-quantile of the system that produced them
+    lies (95%), given that they are only len(ttfts) samples of it."""
+    xs = sorted(ttfts)
+    lo, hi = rank_band(len(xs), q)
+    return xs[lo - 1], xs[hi - 1]
+
+
+def compare(measured: Mapping[str, Any], predicted: Mapping[str, Any],
+            bands: Mapping[str, tuple[float, float]] | None = None) -> dict[str, Any]:
+    """Per statistic (p50, p99): measured, predicted, predicted / measured, within TOLERANCE; and
+    with `bands` (the measured quantile's 95% band, `band`), whether the prediction lies in that
+    band widened by TOLERANCE (`within_band`)."""
     out: dict[str, Any] = {}
     for q in ("p50", "p99"):
         m, p = measured.get(f"ttft_{q}_s"), predicted.get(f"ttft_{q}_s")
         ratio = p / m if m and p is not None else None
         out[q] = {"measured_s": m, "predicted_s": p, "ratio": None if ratio is None else round(ratio, 3),
                   "within": ratio is not None and abs(ratio - 1.0) <= TOLERANCE}
+        if bands is not None and q in bands:
+            lo, hi = bands[q]
+            out[q]["band_s"] = [lo, hi]
+            out[q]["within_band"] = p is not None and lo * (1 - TOLERANCE) <= p <= hi * (1 + TOLERANCE)
     out["within"] = all(out[q]["within"] for q in ("p50", "p99"))
     return out
 
@@ -429,7 +471,10 @@ def validate(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> dict[
             rows.append({"profile": name, "skipped": "no sim policy" if name not in REPLAY_POLICIES else "no numbers"})
             continue
         pred = predict(doc, name, hardware(m, name), m.checkpoint_bytes)
-        rows.append({"profile": name, "policy": REPLAY_POLICIES[name], **compare(row, pred),
+        counted = [o["ttft_s"] for o in doc["profiles"].get(name, {}).get("outcomes", [])
+                   if o.get("ok") and not o.get("warmup") and o.get("ttft_s") is not None]
+        bands = {f"p{round(q * 100)}": band(counted, q) for q in (0.5, 0.99)} if counted else None
+        rows.append({"profile": name, "policy": REPLAY_POLICIES[name], **compare(row, pred, bands),
                      "predicted_range_s": {q: pred[f"ttft_{q}_range_s"] for q in ("p50", "p99")},
                      "measured_cold_starts": row.get("cold_starts_by_tier"),
                      "predicted_cold_starts_seed0": pred["cold_starts"], "unserved": pred["unserved"]})
@@ -441,6 +486,7 @@ def validate(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> dict[
                 "stop_s": round(m.stop_s, 4), "shared_cores": m.shared_cores, "prefill_s_per_token": round(m.prefill_s_per_token, 5),
                 "decode_step_s": round(m.decode_step_s, 4), "sources": dict(m.sources),
                 "compute_sigma": round(m.compute_sigma, 3), "activation_s": round(m.activation_s, 4),
+                "activation_per_profile": {k: round(a, 4) for k, a in m.activation.items()},
                 "compute_per_profile": {k: {"prefill_s_per_token": round(a, 5), "decode_step_s": round(b, 4),
                                             "compute_sigma": round(c, 3)} for k, (a, b, c) in m.compute.items()}},
             "rows": rows}

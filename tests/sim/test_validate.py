@@ -263,6 +263,33 @@ def test_activation(extras: tuple[float, float, float], want: float) -> None:
     assert v.measure(doc, LOGS).activation_s == pytest.approx(want)
 
 
+@pytest.mark.parametrize(("fresh_extras", "fresh_want", "pooled"), [
+    # the fresh processes' first requests came 0.5 and 0.6 s after ready, sllm's 0.05-0.09 s:
+    # each profile takes its own median; the pooled one (of five) stays for any other
+    ((0.5, 0.6), 0.55, 0.09),
+    ((0.5,), None, 0.08),  # one cold start of its own is no median: the pooled one (of four)
+])
+def test_activation_per_profile(fresh_extras: tuple[float, ...], fresh_want: float | None, pooled: float) -> None:
+    doc = _doc()
+    outs = doc["profiles"]["sllm"]["outcomes"]
+    for k, (inst, ready, extra) in enumerate(zip("xyz", (0.3, 0.6, 0.4), (0.05, 0.07, 0.09), strict=True)):
+        outs.append(_o(10 + k, 20.0 + 10 * k, ready + 0.1 + extra, inst))
+        doc["shots"].append({**doc["shots"][3], "index": 10 + k})
+    fresh = doc["profiles"]["knative-default"]
+    fresh["cold_starts"] = []
+    for k, extra in enumerate(fresh_extras):
+        fresh["cold_starts"].append({"instance": f"f{k}", "ready_s": 8.0, "load_s": 0.5})
+        fresh["outcomes"].append(_o(20 + k, 50.0 + 20 * k, 8.0 + 0.1 + extra, f"f{k}"))
+        doc["shots"].append({**doc["shots"][3], "index": 20 + k})
+    m = v.measure(doc, LOGS)
+    assert m.activation_s == pytest.approx(pooled)
+    assert m.activation.get("sllm") == pytest.approx(0.07)
+    assert m.activation.get("knative-default") == (None if fresh_want is None else pytest.approx(fresh_want))
+    assert v.hardware(m, "sllm").activation_s == pytest.approx(0.07)
+    assert v.hardware(m, "knative-default").activation_s == pytest.approx(fresh_want or pooled)
+    assert v.hardware(m).activation_s == pytest.approx(pooled)
+
+
 def test_activation_delays_a_cold_start() -> None:
     from sim.workload import Model, Request
 
@@ -372,3 +399,40 @@ def test_an_eviction_waits_for_the_victims_stop(stop: float) -> None:
     assert sim.ttfts()[:2] == pytest.approx(base.ttfts()[:2])
     assert sim.ttfts()[2] == pytest.approx(base.ttfts()[2] + stop)
     assert sim.calibration.stop_s == (pytest.approx(stop) if stop else None)
+
+
+@pytest.mark.parametrize(("n", "q", "want"), [
+    (39, 0.5, (13, 27)),  # the tables' 95% ranks for a median of 39
+    (100, 0.5, (40, 61)),
+    (39, 0.99, (37, 39)),  # no rank above the largest: clipped to n
+    (5, 0.5, (1, 5)),  # too few to leave out 2.5% on either side: the whole sample
+    (1, 0.5, (1, 1)),
+])
+def test_rank_band(n: int, q: float, want: tuple[int, int]) -> None:
+    assert v.rank_band(n, q) == want
+
+
+@pytest.mark.parametrize(("n", "q"), [(0, 0.5), (10, 0.0), (10, 1.0)])
+def test_rank_band_refuses(n: int, q: float) -> None:
+    with pytest.raises(ValueError, match="rank_band"):
+        v.rank_band(n, q)
+
+
+@pytest.mark.parametrize(("predicted", "within", "within_band"), [
+    (0.032, True, True),
+    (0.5, False, True),  # far from the point, inside the band: the sample cannot tell
+    (2.0 * 1.25, False, True),  # the band's top, widened by the tolerance, is in
+    (2.0 * 1.26, False, False),
+    (0.01 * 0.74, False, False),
+])
+def test_compare_with_a_band(predicted: float, within: bool, within_band: bool) -> None:
+    got = v.compare({"ttft_p50_s": 0.032, "ttft_p99_s": 5.0}, {"ttft_p50_s": predicted, "ttft_p99_s": 5.0},
+                    {"p50": (0.01, 2.0)})
+    assert (got["p50"]["within"], got["p50"]["within_band"]) == (within, within_band)
+    assert "band_s" not in got["p99"]  # no band given for it
+
+
+def test_band_of_a_sample() -> None:
+    xs = [float(k) for k in range(39, 0, -1)]  # 1..39, unsorted
+    assert v.band(xs, 0.5) == (13.0, 27.0)
+    assert v.band(xs, 0.99) == (37.0, 39.0)
