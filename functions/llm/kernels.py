@@ -135,7 +135,7 @@ def bf16_linear(x: Any, weight: Any, bias: Any | None, threads: int = 1, kernel:
     bias = None if bias is None else bias.contiguous()
     y = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.bfloat16)
     _C.bf16_linear(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
-                   x.shape[0], weight.shape[0], weight.shape[1], threads=threads, amx=kernel == AMX_BF16)
+                   x.shape[0], weight.shape[0], weight.shape[1], threads=threads, amx=_amx(kernel, "bf16_linear"))
     return y
 
 
@@ -154,8 +154,18 @@ def bf16_bmm(x: Any, weight: Any, threads: int = 1, kernel: str = AVX512_BF16) -
     batch, rows, inner = x.shape
     y = torch.empty((batch, rows, weight.shape[1]), dtype=torch.bfloat16)
     _C.bf16_linear(x.data_ptr(), weight.data_ptr(), 0, y.data_ptr(), rows, weight.shape[1], inner, batch,
-                   threads=threads, amx=kernel == AMX_BF16)
+                   threads=threads, amx=_amx(kernel, "bf16_bmm"))
     return y
+
+
+def _amx(kernel: str, what: str) -> bool:
+    """Whether `kernel` (one of OURS) is the AMX one; any other name is refused (torch's tiles
+    are not computed here: `kernel="torch"` once ran the AVX512 kernel without a word)."""
+    if kernel == AMX_BF16:
+        return True
+    if kernel == AVX512_BF16:
+        return False
+    raise ValueError(f"{what}: kernel = {kernel!r}, must be one of {', '.join(sorted(OURS))}")
 
 
 def _check(x: Any, weight: Any, bias: Any | None, dims: int) -> None:

@@ -161,6 +161,15 @@ def test_bad_input_is_refused_with_what_is_wrong(x, w, b, message):
         kernels.bf16_linear(x, w, b)
 
 
+@pytest.mark.parametrize("kernel", [kernels.TORCH, "amx", ""])
+def test_a_kernel_that_is_not_ours_is_refused(kernel):
+    x, w = torch.zeros(2, 64).bfloat16(), torch.zeros(4, 64).bfloat16()
+    with pytest.raises(ValueError, match=rf"bf16_linear: kernel = {kernel!r}, must be one of"):
+        kernels.bf16_linear(x, w, None, kernel=kernel)
+    with pytest.raises(ValueError, match=rf"bf16_bmm: kernel = {kernel!r}, must be one of"):
+        kernels.bf16_bmm(x[None], w[None], kernel=kernel)
+
+
 @NEEDS_KERNEL
 def test_the_extension_checks_its_sizes():
     from cuda_ext import _C
