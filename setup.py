@@ -97,7 +97,8 @@ class BuildExt(build_ext):
 
 ext = Pybind11Extension(
     "cuda_ext._C",
-    sources=[str(SRC / "module.cpp"), str(SRC / "reader.cpp"), str(SRC / "crc32c.cpp"), str(SRC / "cpu_linear.cpp")],
+    sources=[str(SRC / "module.cpp"), str(SRC / "reader.cpp"), str(SRC / "crc32c.cpp"), str(SRC / "cpu_linear.cpp"),
+             str(SRC / "cpu_norm.cpp")],
     include_dirs=[str(SRC)],
     cxx_std=17,
     extra_compile_args=["-O3", "-Wall", "-Wextra"],  # builds with no warnings; keep it so

@@ -80,6 +80,13 @@ bool bf16_linear_supported();
 bool amx_linear_supported();
 void bf16_linear(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t M, int64_t N,
                  int64_t K, int64_t batch = 1, int threads = 1, bool amx = false);
+// A decoder layer's elementwise steps beside it (cpu_norm.cpp), where bf16_linear_supported():
+// RMSNorm of `rows` rows of n (y = w * bf16(x * rsqrt(mean(x^2) + eps))), and the rotary
+// embedding of x [rows, heads, d] with cos, sin [rows, d] (d a multiple of 32); contiguous bf16,
+// each row computed on its own (batch invariant).
+void rms_norm_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t rows, int64_t n, float eps);
+void rotary_bf16(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, uint16_t* y, int64_t rows,
+                 int64_t heads, int64_t d);
 
 // A file opened for the reader: O_DIRECT when the file system allows it.
 struct OpenFile {

@@ -125,6 +125,34 @@ PYBIND11_MODULE(_C, m) {
       "amx: computed with AMX tiles (see amx_linear_supported): batch invariant too, other bits.");
 
   m.def(
+      "rms_norm_bf16",
+      [](uint64_t x, uint64_t w, uint64_t y, int64_t rows, int64_t n, double eps) {
+        if (rows < 0 || n < 1)
+          throw std::invalid_argument("rms_norm_bf16: rows = " + std::to_string(rows) + ", n = " + std::to_string(n) +
+                                      ": need rows >= 0, n >= 1");
+        py::gil_scoped_release nogil;
+        rms_norm_bf16(reinterpret_cast<const uint16_t*>(x), reinterpret_cast<const uint16_t*>(w),
+                      reinterpret_cast<uint16_t*>(y), rows, n, static_cast<float>(eps));
+      },
+      py::arg("x"), py::arg("w"), py::arg("y"), py::arg("rows"), py::arg("n"), py::arg("eps"),
+      "y [rows, n] = w [n] * bf16(x * rsqrt(mean(x^2) + eps)), per row of x [rows, n]: contiguous bf16 at the "
+      "given addresses, float32 inside, each row on its own (batch invariant). Where bf16_linear_supported().");
+  m.def(
+      "rotary_bf16",
+      [](uint64_t x, uint64_t cos, uint64_t sin, uint64_t y, int64_t rows, int64_t heads, int64_t d) {
+        if (rows < 0 || heads < 1 || d < 32 || d % 32 != 0)
+          throw std::invalid_argument("rotary_bf16: rows = " + std::to_string(rows) + ", heads = " +
+                                      std::to_string(heads) + ", d = " + std::to_string(d) +
+                                      ": need rows >= 0, heads >= 1, d a positive multiple of 32");
+        py::gil_scoped_release nogil;
+        rotary_bf16(reinterpret_cast<const uint16_t*>(x), reinterpret_cast<const uint16_t*>(cos),
+                    reinterpret_cast<const uint16_t*>(sin), reinterpret_cast<uint16_t*>(y), rows, heads, d);
+      },
+      py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("y"), py::arg("rows"), py::arg("heads"), py::arg("d"),
+      "y = bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)) for x, y [rows, heads, d] and cos, sin [rows, d]: "
+      "contiguous bf16 at the given addresses, each row on its own. Where bf16_linear_supported().");
+
+  m.def(
       "read_to_host",
       [](const std::string& path, uint64_t file_offset, uint64_t dst, uint64_t length, uint64_t chunk_bytes,
          int threads, bool direct, uint64_t block_bytes, std::vector<uint32_t> crcs, CancelToken* cancel,

@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from functions.llm import numerics
+from functions.llm import kernels, numerics
 
 if TYPE_CHECKING:
     from functions.llm.runner import StepBatch
 
 FAMILY = ("llama", "mistral", "qwen2")
+TORCH, OURS = "torch", "ours"
+ELEMENTWISE = (TORCH, OURS)  # who computes RMSNorm and the rotary embedding
 Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
@@ -64,12 +66,20 @@ def _wb(linear: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 class DecoderForward:
-    """logits = forward(tokens [T], positions [T], batch, keep [K]) for a packed step."""
+    """logits = forward(tokens [T], positions [T], batch, keep [K]) for a packed step.
 
-    def __init__(self, model: Any, linear: Linear) -> None:
+    `elementwise`: "torch" (RMSNorm and the rotary embedding as torch ops, as transformers writes
+    them) or "ours" (each one call of the extension, `kernels.rms_norm` and `kernels.rotary`: the
+    same roundings, about 900 fewer torch ops per decode step of a 30-layer model; bf16 on a CPU
+    where our linear kernels run, and a head size that is a multiple of 32)."""
+
+    def __init__(self, model: Any, linear: Linear, elementwise: str = "torch") -> None:
         cfg = model.config
         inner = model.model
         self.linear = linear
+        if elementwise not in ELEMENTWISE:
+            raise ValueError(f"elementwise = {elementwise!r}, must be one of {', '.join(ELEMENTWISE)}")
+        self.elementwise = elementwise
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
@@ -90,6 +100,8 @@ class DecoderForward:
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """LlamaRMSNorm: in float32, then back to the input dtype, then scaled."""
+        if self.elementwise == OURS:
+            return kernels.rms_norm(x, weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -102,8 +114,9 @@ class DecoderForward:
         sin = (emb.sin() * self.rope_scale).to(dtype)[:, None, :]
         return cos, sin
 
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.elementwise == OURS:
+            return kernels.rotary(x, cos, sin)
         half = x.shape[-1] // 2
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 

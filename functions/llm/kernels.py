@@ -19,7 +19,9 @@ batch invariant by construction, no padding, the weights read in place once per 
 CPU lists `amx_bf16` and this process may use the tiles, else `avx512-bf16` where it lists
 `avx512_bf16`, when the extension runs them (`runnable`); otherwise torch. `--linear
 torch|avx512-bf16|amx-bf16` overrides. The choice is plain logic over its inputs (`choose`,
-table-tested). `bf16_linear` and `bf16_bmm` are the thin adapters over the extension.
+table-tested). `bf16_linear` and `bf16_bmm` are the thin adapters over the extension, and
+`rms_norm` and `rotary` those over its elementwise steps, which the lean decoder runs beside our
+kernels (cuda_ext/src/cpu_norm.cpp).
 
 Threads: unlike torch's products, the kernel may use several threads in exact numerics. It
 splits a call by whole blocks of weight rows (output columns) and by products of a batched call,
@@ -155,6 +157,44 @@ def bf16_bmm(x: Any, weight: Any, threads: int = 1, kernel: str = AVX512_BF16) -
     y = torch.empty((batch, rows, weight.shape[1]), dtype=torch.bfloat16)
     _C.bf16_linear(x.data_ptr(), weight.data_ptr(), 0, y.data_ptr(), rows, weight.shape[1], inner, batch,
                    threads=threads, amx=_amx(kernel, "bf16_bmm"))
+    return y
+
+
+def rms_norm(x: Any, weight: Any, eps: float) -> Any:
+    """LlamaRMSNorm of bf16 rows x [rows, n] with weight [n] in one call of the extension
+    (`_C.rms_norm_bf16`: float32 inside, torch's roundings, each row on its own): a new bf16
+    tensor. Where our linear kernels run (`runnable()`); the decoder uses it beside them."""
+    import torch
+
+    from cuda_ext import _C
+
+    if not (x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and x.is_cpu and x.dim() == 2
+            and weight.shape == x.shape[1:]):
+        raise ValueError(f"rms_norm takes bf16 cpu x [rows, n] and weight [n], got x {tuple(x.shape)} {x.dtype} "
+                         f"on {x.device}, weight {tuple(weight.shape)} {weight.dtype}")
+    x, weight = x.contiguous(), weight.contiguous()
+    y = torch.empty_like(x)
+    _C.rms_norm_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], eps)
+    return y
+
+
+def rotary(x: Any, cos: Any, sin: Any) -> Any:
+    """The rotary position embedding of bf16 x [rows, heads, d] with cos, sin [rows, 1, d] (or
+    [rows, d]), x * cos + rotate_half(x) * sin with each product and the sum rounded to bf16 as
+    torch's ops round them, in one call of the extension (`_C.rotary_bf16`); d a multiple of 32."""
+    import torch
+
+    from cuda_ext import _C
+
+    rows, heads, d = x.shape
+    if not (x.dtype is torch.bfloat16 and cos.dtype is torch.bfloat16 and sin.dtype is torch.bfloat16 and x.is_cpu
+            and cos.numel() == sin.numel() == rows * d and d % 32 == 0):
+        raise ValueError(f"rotary takes bf16 cpu x [rows, heads, d] (d a multiple of 32) and cos, sin of rows x d, "
+                         f"got x {tuple(x.shape)} {x.dtype}, cos {tuple(cos.shape)} {cos.dtype}, "
+                         f"sin {tuple(sin.shape)} {sin.dtype}")
+    x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+    y = torch.empty_like(x)
+    _C.rotary_bf16(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), rows, heads, d)
     return y
 
 

@@ -179,8 +179,13 @@ class ModelRunner:
         kthreads = self.kernel_threads or 1
         why_not = decoder.unsupported(model)
         self.forward_kind = "decoder" if forward == "auto" and why_not is None else "transformers"
+        # RMSNorm and the rotary embedding: one call of the extension each beside our linear kernels
+        # (the same roundings as torch's ops; docs/function.md, "The elementwise steps")
+        self.elementwise = (decoder.OURS if self.forward_kind == "decoder" and linear in kernels.OURS
+                            and head_dim % 32 == 0 else decoder.TORCH)
         if self.forward_kind == "decoder":
-            self._lean = decoder.DecoderForward(model, numerics.linear_function(mode, tile_rows, linear, kthreads))
+            self._lean = decoder.DecoderForward(model, numerics.linear_function(mode, tile_rows, linear, kthreads),
+                                                self.elementwise)
         else:
             if not getattr(model, "_supports_attention_backend", False):
                 raise ValueError(f"{type(model).__name__} does not route attention through the transformers "
@@ -207,6 +212,7 @@ class ModelRunner:
         Not the kernel's thread count: the kernel computes the same bits on any number of threads
         (tests/functions/test_llm_kernels.py checks it on the real model)."""
         return {"mode": self.mode, "tile_rows": self.tile_rows, "linear": self.linear, "forward": self.forward_kind,
+                "elementwise": self.elementwise,
                 "device": self.device.type,
                 "dtype": str(self.dtype).removeprefix("torch."), "torch": torch.__version__.split("+")[0]}
 
