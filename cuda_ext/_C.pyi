@@ -15,7 +15,18 @@ def crc32c_hardware() -> bool: ...
 def bf16_linear_supported() -> bool: ...
 def amx_linear_supported() -> bool: ...
 def bf16_linear(
-    x: int, w: int, bias: int, y: int, m: int, n: int, k: int, batch: int = 1, *, threads: int = 1, amx: bool = False
+    x: int,
+    w: int,
+    bias: int,
+    y: int,
+    m: int,
+    n: int,
+    k: int,
+    batch: int = 1,
+    *,
+    threads: int = 1,
+    amx: bool = False,
+    w_stride: int = 0,
 ) -> None: ...
 def rms_norm_bf16(x: int, w: int, y: int, rows: int, n: int, eps: float) -> None: ...
 def rotary_bf16(x: int, cos: int, sin: int, y: int, rows: int, heads: int, d: int) -> None: ...

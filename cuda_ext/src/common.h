@@ -72,14 +72,15 @@ bool crc32c_hardware();
 
 // The batch-invariant bf16 linear layer of exact numerics on CPUs with AVX512-BF16
 // (cpu_linear.cpp): y [M, N] = x [M, K] @ w [N, K]^T (+ bias [N]), all contiguous bf16; `batch`
-// such products (x [batch, M, K], w [batch, N, K], y [batch, M, N]), on up to `threads` threads
-// (the caller's and a persistent pool's; the same bits for any count).
+// such products (x [batch, M, K], w [batch, N, K], y [batch, M, N]; product b's weight at
+// w + b * w_stride, 0 for N * K), on up to `threads` threads (the caller's and a persistent
+// pool's; the same bits for any count).
 constexpr int kMaxLinearThreads = 256;
 // With `amx`, the same contract computed with AMX tiles (other bits: see cpu_linear.cpp).
 bool bf16_linear_supported();
 bool amx_linear_supported();
 void bf16_linear(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t M, int64_t N,
-                 int64_t K, int64_t batch = 1, int threads = 1, bool amx = false);
+                 int64_t K, int64_t batch = 1, int threads = 1, bool amx = false, int64_t w_stride = 0);
 // A decoder layer's elementwise steps beside it (cpu_norm.cpp), where bf16_linear_supported():
 // RMSNorm of `rows` rows of n (y = w * bf16(x * rsqrt(mean(x^2) + eps))), and the rotary
 // embedding of x [rows, heads, d] with cos, sin [rows, d] (d a multiple of 32); contiguous bf16,

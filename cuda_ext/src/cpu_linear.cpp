@@ -335,21 +335,22 @@ struct Problem {
   int64_t M, N, K, batch;
   int nb;           // weight rows per block: 16 for one input row, 8 for two, else 4; 32 with AMX
   int64_t nblocks;  // blocks per product
+  int64_t wstride;  // elements from one product's weight to the next (N * K when they are packed)
   const uint32_t* packed = nullptr;  // AMX: x as B tiles (amx_pack), `pstride` words per product
   int64_t pstride = 0;
 
   // One input row streams 16 weight rows at once; two rows 8; more rows 4 by 4 (the weight rows
   // stay in L1 while every input row passes over them).
   Problem(const uint16_t* x_, const uint16_t* w_, const uint16_t* b_, uint16_t* y_, int64_t m, int64_t n, int64_t k,
-          int64_t batch_)
+          int64_t batch_, int64_t wstride_)
       : x(x_), w(w_), bias(b_), y(y_), M(m), N(n), K(k), batch(batch_), nb(m == 1 ? 16 : m == 2 ? 8 : 4),
-        nblocks((n + nb - 1) / nb) {}
+        nblocks((n + nb - 1) / nb), wstride(wstride_) {}
 
   // The AMX form: blocks of 32 weight rows, x already packed (pstride words per product).
   Problem(const uint32_t* packed_, int64_t pstride_, const uint16_t* w_, const uint16_t* b_, uint16_t* y_, int64_t m,
-          int64_t n, int64_t k, int64_t batch_)
+          int64_t n, int64_t k, int64_t batch_, int64_t wstride_)
       : x(nullptr), w(w_), bias(b_), y(y_), M(m), N(n), K(k), batch(batch_), nb(32), nblocks((n + 31) / 32),
-        packed(packed_), pstride(pstride_) {}
+        wstride(wstride_), packed(packed_), pstride(pstride_) {}
 
   int64_t items() const { return batch * nblocks; }
 
@@ -363,7 +364,7 @@ struct Problem {
       const int64_t b = i0 / nblocks, nb0 = i0 % nblocks;
       const int64_t nb1 = nb0 + (i1 - i0) < nblocks ? nb0 + (i1 - i0) : nblocks;
       const uint16_t* xb = x + b * M * K;
-      const uint16_t* wb = w + b * N * K;
+      const uint16_t* wb = w + b * wstride;
       uint16_t* yb = y + b * M * N;
       if (M == 1) columns<1, 16>(xb, M, K, wb, N, bias, yb, nb0, nb1);
       else if (M == 2) columns<2, 8>(xb, M, K, wb, N, bias, yb, nb0, nb1);
@@ -378,7 +379,7 @@ struct Problem {
     while (i0 < i1) {
       const int64_t b = i0 / nblocks, nb0 = i0 % nblocks;
       const int64_t nb1 = nb0 + (i1 - i0) < nblocks ? nb0 + (i1 - i0) : nblocks;
-      amx_columns(packed + b * pstride, M, K, w + b * N * K, N, bias, y + b * M * N, nb0, nb1);
+      amx_columns(packed + b * pstride, M, K, w + b * wstride, N, bias, y + b * M * N, nb0, nb1);
       i0 += nb1 - nb0;
     }
     _tile_release();
@@ -572,7 +573,8 @@ void dispatch_problem(const Problem& p, double flops, int threads) {
 }  // namespace
 
 void bf16_linear(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t M, int64_t N,
-                 int64_t K, int64_t batch, int threads, bool amx) {
+                 int64_t K, int64_t batch, int threads, bool amx, int64_t w_stride) {
+  if (w_stride == 0) w_stride = N * K;
   if (!bf16_linear_supported()) throw std::runtime_error("bf16_linear: this CPU has no AVX512-BF16");
   if (amx && !amx_linear_supported())
     throw std::runtime_error("bf16_linear: amx: this CPU has no AMX-BF16, or Linux did not grant its tiles");
@@ -580,7 +582,7 @@ void bf16_linear(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uin
   const double flops = 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) *
                        static_cast<double>(batch);
   if (!amx) {
-    dispatch_problem(Problem(x, w, bias, y, M, N, K, batch), flops, threads);
+    dispatch_problem(Problem(x, w, bias, y, M, N, K, batch, w_stride), flops, threads);
     return;
   }
   // x as B tiles, once per call, on the caller (the workers read it while the caller waits)
@@ -588,7 +590,7 @@ void bf16_linear(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uin
   const int64_t pstride = ((M + 15) / 16) * ((K + 31) / 32) * 256;
   packed.resize(static_cast<size_t>(pstride * batch));
   for (int64_t b = 0; b < batch; b++) amx_pack(x + b * M * K, M, K, packed.data() + b * pstride);
-  dispatch_problem(Problem(packed.data(), pstride, w, bias, y, M, N, K, batch), flops, threads);
+  dispatch_problem(Problem(packed.data(), pstride, w, bias, y, M, N, K, batch, w_stride), flops, threads);
   // A long context's attention packs a few rows as 16 (a decode row's keys at 64k positions: 2 MiB
   // per head); kept between calls up to 64 MiB, given back above that.
   if (packed.capacity() > (size_t{16} << 20)) std::vector<uint32_t>().swap(packed);
@@ -600,7 +602,7 @@ bool bf16_linear_supported() { return false; }
 bool amx_linear_supported() { return false; }
 
 void bf16_linear(const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t, int64_t,
-                 int, bool) {
+                 int, bool, int64_t) {
   throw std::runtime_error("bf16_linear: built without AVX512-BF16 support");
 }
 

@@ -103,7 +103,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "bf16_linear",
       [](uint64_t x, uint64_t w, uint64_t bias, uint64_t y, int64_t m, int64_t n, int64_t k, int64_t batch,
-         int64_t threads, bool amx) {
+         int64_t threads, bool amx, int64_t w_stride) {
         if (m < 0 || n < 1 || k < 1 || batch < 0)
           throw std::invalid_argument("bf16_linear: m = " + std::to_string(m) + ", n = " + std::to_string(n) +
                                       ", k = " + std::to_string(k) + ", batch = " + std::to_string(batch) +
@@ -111,18 +111,23 @@ PYBIND11_MODULE(_C, m) {
         if (threads < 1 || threads > kMaxLinearThreads)
           throw std::invalid_argument("bf16_linear: threads = " + std::to_string(threads) + ": need 1 <= threads <= " +
                                       std::to_string(kMaxLinearThreads));
+        if (w_stride != 0 && (w_stride < n * k || batch < 2))
+          throw std::invalid_argument("bf16_linear: w_stride = " + std::to_string(w_stride) +
+                                      ": need 0 (packed) or, for batch >= 2, at least n * k = " +
+                                      std::to_string(n * k));
         py::gil_scoped_release nogil;
         bf16_linear(reinterpret_cast<const uint16_t*>(x), reinterpret_cast<const uint16_t*>(w),
                     reinterpret_cast<const uint16_t*>(bias), reinterpret_cast<uint16_t*>(y), m, n, k, batch,
-                    static_cast<int>(threads), amx);
+                    static_cast<int>(threads), amx, w_stride);
       },
       py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"), py::arg("m"), py::arg("n"), py::arg("k"),
-      py::arg("batch") = 1, py::kw_only(), py::arg("threads") = 1, py::arg("amx") = false,
+      py::arg("batch") = 1, py::kw_only(), py::arg("threads") = 1, py::arg("amx") = false, py::arg("w_stride") = 0,
       "y [batch, m, n] = x [batch, m, k] @ w [batch, n, k]^T (+ bias [n]; 0 for none): contiguous bf16 at the "
       "given addresses, float32 accumulation, each row independent of the others (batch invariant).\n"
       "threads: the calling thread plus up to threads - 1 workers of a persistent pool, split by whole blocks of "
       "weight rows and by products; the result is the same bits for any count (small calls use one).\n"
-      "amx: computed with AMX tiles (see amx_linear_supported): batch invariant too, other bits.");
+      "amx: computed with AMX tiles (see amx_linear_supported): batch invariant too, other bits.\n"
+      "w_stride: elements from product b's weight to product b + 1's (each [n, k] contiguous); 0: n * k.");
 
   m.def(
       "rms_norm_bf16",

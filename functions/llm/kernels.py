@@ -142,9 +142,11 @@ def bf16_linear(x: Any, weight: Any, bias: Any | None, threads: int = 1, kernel:
 
 
 def bf16_bmm(x: Any, weight: Any, threads: int = 1, kernel: str = AVX512_BF16) -> Any:
-    """x [batch, rows, in] @ weight [batch, out, in]^T, product by product, as bf16_linear (both
-    made contiguous first): a new bf16 tensor [batch, rows, out]. One call for many small
-    products (exact attention's, one per head), on up to `threads` threads."""
+    """x [batch, rows, in] @ weight [batch, out, in]^T, product by product, as bf16_linear: a new
+    bf16 tensor [batch, rows, out]. One call for many small products (exact attention's, one per
+    head), on up to `threads` threads. x is made contiguous; the weight is read where it lies when
+    each product's [out, in] is (any distance between products: a decode row's keys in the KV
+    cache), else copied first."""
     import torch
 
     from cuda_ext import _C
@@ -152,11 +154,14 @@ def bf16_bmm(x: Any, weight: Any, threads: int = 1, kernel: str = AVX512_BF16) -
     _check(x, weight, None, 3)
     if x.shape[0] != weight.shape[0]:
         raise ValueError(f"bf16_bmm: x {tuple(x.shape)} and weight {tuple(weight.shape)} differ in batch")
-    x, weight = x.contiguous(), weight.contiguous()
+    x = x.contiguous()
     batch, rows, inner = x.shape
-    y = torch.empty((batch, rows, weight.shape[1]), dtype=torch.bfloat16)
-    _C.bf16_linear(x.data_ptr(), weight.data_ptr(), 0, y.data_ptr(), rows, weight.shape[1], inner, batch,
-                   threads=threads, amx=_amx(kernel, "bf16_bmm"))
+    out = weight.shape[1]
+    if weight.stride(2) != 1 or (out > 1 and weight.stride(1) != inner) or batch < 2 or weight.stride(0) < out * inner:
+        weight = weight.contiguous()
+    y = torch.empty((batch, rows, out), dtype=torch.bfloat16)
+    _C.bf16_linear(x.data_ptr(), weight.data_ptr(), 0, y.data_ptr(), rows, out, inner, batch,
+                   threads=threads, amx=_amx(kernel, "bf16_bmm"), w_stride=weight.stride(0) if batch > 1 else 0)
     return y
 
 

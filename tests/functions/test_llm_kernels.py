@@ -402,6 +402,28 @@ def test_bmm_is_each_product_alone(kernel):
         kernels.bf16_bmm(x[0], w[0])
 
 
+@pytest.mark.parametrize("kernel", OUR_KERNELS)
+def test_bmm_reads_products_apart_in_place(kernel):
+    """A decode row's keys in the KV cache: per (slot, head) the first `length` rows of a longer
+    block. The kernel reads each product where it lies (w_stride) and computes the bits of the
+    contiguous copy; a stride under one product's size is refused by the extension."""
+    from cuda_ext import _C
+
+    torch.manual_seed(4)
+    cache = torch.randn(3, 2, 96, 64).bfloat16()  # [slots, kv heads, max len, d]
+    keys = cache[:, :, :40].reshape(6, 40, 64)  # a view: products 96 * 64 elements apart
+    assert keys.data_ptr() == cache.data_ptr() and keys.stride(0) == 96 * 64
+    x = torch.randn(6, 3, 64).bfloat16()
+    assert torch.equal(kernels.bf16_bmm(x, keys, kernel=kernel), kernels.bf16_bmm(x, keys.contiguous(), kernel=kernel))
+    overlapping = torch.randn(64 * 64).bfloat16().as_strided((6, 40, 64), (64, 64, 1))  # products overlap: copied
+    assert torch.equal(kernels.bf16_bmm(x, overlapping, kernel=kernel),
+                       kernels.bf16_bmm(x, overlapping.contiguous(), kernel=kernel))
+    y = torch.empty(6, 3, 40).bfloat16()
+    for stride, batch in ((40 * 64 - 1, 6), (96 * 64, 1)):
+        with pytest.raises(ValueError, match=rf"w_stride = {stride}: need 0 \(packed\) or, for batch >= 2"):
+            _C.bf16_linear(x.data_ptr(), keys.data_ptr(), 0, y.data_ptr(), 3, 40, 64, batch, w_stride=stride)
+
+
 def _rss_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
