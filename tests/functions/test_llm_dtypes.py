@@ -161,6 +161,8 @@ def test_exact_bf16_is_bit_for_bit_on_the_real_model(smollm2, linear):
         if mode == numerics.EXACT:
             assert runner.tile_rows == (16 if linear == kernels.TORCH else 1)
             assert runner.fingerprint()["linear"] == linear
+            # with our kernels, RMSNorm and the rotary embedding are the extension's too
+            assert runner.elementwise == ("torch" if linear == kernels.TORCH else "ours")
             assert torch.equal(scrambled, whole)
         else:
             fast_differs = not torch.equal(scrambled, whole)
