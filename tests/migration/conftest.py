@@ -130,13 +130,18 @@ def functions(tiny_model, logs) -> Iterator[list[Function]]:
             f.stop()
 
 
+#: the tests that migrate one generation twice run it this long on instances with room for it: 480
+#: tokens took 0.9 s on a fast host, less than two migrations may take under load
+TWICE_TOKENS, TWICE_LEN = 1500, 2048
+
+
 @pytest.fixture
 def spare(tiny_model, logs):
     """Start extra instances (for tests that kill or terminate one); stopped after the test."""
     made: list[Function] = []
 
-    def start(name: str, env: dict[str, str] | None = None) -> Function:
-        f = Function(name, tiny_model, logs, env)
+    def start(name: str, env: dict[str, str] | None = None, max_model_len: int = 512) -> Function:
+        f = Function(name, tiny_model, logs, env, max_model_len=max_model_len)
         made.append(f)
         f.wait_ready()
         return f

@@ -16,7 +16,14 @@ import pytest
 from activator.migration import MigrationConfig, follow_done
 from sllm_knative.api import activator as admin_api
 from sllm_knative.api import instance as instance_api
-from tests.migration.conftest import MODEL, Activator, Function, kill_source_between_rounds
+from tests.migration.conftest import (
+    MODEL,
+    TWICE_LEN,
+    TWICE_TOKENS,
+    Activator,
+    Function,
+    kill_source_between_rounds,
+)
 
 PROMPT = "The activator holds the client connection while the instance"
 
@@ -224,18 +231,17 @@ def test_official_openai_client_sees_one_stream(activator, functions):
     assert finishes[-1] == "length" and finishes.count("length") == 1
 
 
-def test_stream_migrates_twice(activator, functions, spare):
+def test_stream_migrates_twice(activator, spare):
     """A -> B, then, while the client still reads, B -> C (a scale-down, then a preemption of the
     new host): after the first migration the stream is registered against B, so the second finds
     it. The client sees one stream with exactly the text of an unmigrated run."""
-    a, b = functions
-    c = spare("c")
+    a, b, c = (spare(f"twice-{n}", max_model_len=TWICE_LEN) for n in "abc")
     seed = 808
-    want = reference(c, body(seed))
+    want = reference(c, body(seed, TWICE_TOKENS))
     activator.set_instances(a)
     before = migration_metrics(activator)
     out = Collected()
-    t = threading.Thread(target=stream, args=(activator.url, body(seed), out, 8))
+    t = threading.Thread(target=stream, args=(activator.url, body(seed, TWICE_TOKENS), out, 8))
     t.start()
     try:
         assert out.started.wait(60)
@@ -244,7 +250,8 @@ def test_stream_migrates_twice(activator, functions, spare):
         on_b = len(out.tokens)
         deadline = time.monotonic() + 30
         # B's first frame reaches the client: the stream runs on B now. Not more: B must not finish
-        # its ~470 tokens before the second migration starts (on a loaded machine it once did).
+        # the generation before the second migration starts (with 480 tokens, on a loaded machine,
+        # it once did).
         while len(out.tokens) <= on_b and time.monotonic() < deadline:
             time.sleep(0.002)
         loads = instance_loads(activator)
@@ -254,10 +261,10 @@ def test_stream_migrates_twice(activator, functions, spare):
         t.join(120)
     assert_same(out, want)
     [g1], [g2] = first["generations"], second["generations"]
-    assert g1["outcome"] == "migrated" and g1["destination"] == "b", first
-    assert g2["outcome"] == "migrated" and g2["destination"] == "c", second
+    assert g1["outcome"] == "migrated" and g1["destination"] == "twice-b", first
+    assert g2["outcome"] == "migrated" and g2["destination"] == "twice-c", second
     assert g2["id"] == g1["id"] and g2["tokens"] > g1["tokens"], (first, second)
-    assert loads == {"b": 1, "c": 0}, loads  # the stream's slot moved to b with it
+    assert loads == {"twice-b": 1, "twice-c": 0}, loads  # the stream's slot moved to b with it
     after = migration_metrics(activator)
     assert after["activator_migrations_total[migrated]"] == before["activator_migrations_total[migrated]"] + 2
     for outcome in ("failed", "recovered", "stayed_on_source", "finished_on_source"):
@@ -265,9 +272,9 @@ def test_stream_migrates_twice(activator, functions, spare):
     assert after["activator_migration_seconds_count"] == before["activator_migration_seconds_count"] + 2
     assert after["activator_migration_gap_seconds_count"] == before["activator_migration_gap_seconds_count"] + 2
     deadline = time.monotonic() + 5  # the stream is over: c's slot is given back
-    while (left := instance_loads(activator)) != {"c": 0} and time.monotonic() < deadline:
+    while (left := instance_loads(activator)) != {"twice-c": 0} and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert left == {"c": 0}, left
+    assert left == {"twice-c": 0}, left
 
 
 def test_source_finishing_first_is_left_alone(activator, functions):

@@ -13,7 +13,14 @@ import httpx
 import pytest
 
 from sllm_knative.api import instance as instance_api
-from tests.migration.conftest import MODEL, Activator, Function, kill_source_between_rounds
+from tests.migration.conftest import (
+    MODEL,
+    TWICE_LEN,
+    TWICE_TOKENS,
+    Activator,
+    Function,
+    kill_source_between_rounds,
+)
 
 PROMPT = "The activator holds the client connection while the instance"
 
@@ -170,14 +177,13 @@ def test_sigterm_migrates_a_waiting_non_streaming_request(activator: Activator, 
     assert "drained before exit" in log and "outcomes=migrated" in log, log[-2000:]
 
 
-def test_non_streaming_request_migrates_twice(activator: Activator, functions: list[Function], spare: Any) -> None:
+def test_non_streaming_request_migrates_twice(activator: Activator, spare: Any) -> None:
     """A -> B, then B -> C while the client still waits: B, resuming the request, is migrated in
     turn and answers the activator with the newer state, which C finishes."""
-    a, b = functions
-    c = spare("ns-c")
-    want = httpx.post(f"{c.url}/v1/completions", json=request(29), timeout=120).json()
+    a, b, c = (spare(f"ns-twice-{n}", max_model_len=TWICE_LEN) for n in "abc")
+    want = httpx.post(f"{c.url}/v1/completions", json=request(29, TWICE_TOKENS), timeout=120).json()
     activator.set_instances(a)
-    t, result = in_background(activator.url, request(29))
+    t, result = in_background(activator.url, request(29, TWICE_TOKENS))
     try:
         wait_running(a)
         activator.set_instances(b, c)
@@ -191,7 +197,7 @@ def test_non_streaming_request_migrates_twice(activator: Activator, functions: l
     assert r.status_code == 200, r.text
     same_completion(r.json(), want)
     [g1], [g2] = first["generations"], second["generations"]
-    assert g1["outcome"] == "migrated" and g1["destination"] == "b", first
-    assert g2["outcome"] == "migrated" and g2["destination"] == "ns-c", second
+    assert g1["outcome"] == "migrated" and g1["destination"] == "ns-twice-b", first
+    assert g2["outcome"] == "migrated" and g2["destination"] == "ns-twice-c", second
     assert g1["id"] == g2["id"] == r.json()["id"] and g2["tokens"] > g1["tokens"], (first, second)
-    assert r.headers["x-sllm-instance"] == "ns-c"
+    assert r.headers["x-sllm-instance"] == "ns-twice-c"
