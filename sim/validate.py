@@ -332,9 +332,10 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
         "activation_s": ("median over instances of their first request's TTFT minus the instance's placement-to-ready "
                          "seconds minus its prefill, those in [0, TICK_S / 2) (a first request that waited for a "
                          "slot waited for the scaler's tick)"),
-        "activation": ("per profile with at least 2 such instances, the same median over its own: the paths differ "
-                       "(sllm: the activator's poke, placement, the zygote's fork; the fresh-process profiles: the "
-                       "controller's poll, a new process)"),
+        "activation": ("per profile with at least 2 such instances, the same median over its own: the sllm-type "
+                       "and fresh-process paths differ (the activator's poke, placement, the zygote's fork; the "
+                       "controller's poll, a new process); among the sllm-type profiles it is that profile's "
+                       "measured condition, as `compute` is"),
     }, compute=compute, activation={name: float(statistics.median(xs)) for name, xs in extras.items() if len(xs) >= 2})
 
 
@@ -421,8 +422,8 @@ def predict(doc: Mapping[str, Any], profile: str, hw: HardwareProfile, size_byte
 def rank_band(n: int, q: float, confidence: float = BAND_CONFIDENCE) -> tuple[int, int]:
     """The 1-based ranks (lo, hi) among `n` sorted samples between which the population's
     q-quantile lies with probability at least `confidence`: the number of samples below it is
-    Binomial(n, q), and each side leaves out at most (1 - confidence) / 2 (clipped to 1..n, where
-    that side cannot leave out so little)."""
+    Binomial(n, q), and each side leaves out at most (1 - confidence) / 2 (1 or n where that
+    side cannot leave out so little)."""
     if n < 1 or not 0 < q < 1:
         raise ValueError(f"rank_band needs n >= 1 and 0 < q < 1, got n={n}, q={q}")
     tail = (1.0 - confidence) / 2
@@ -432,7 +433,7 @@ def rank_band(n: int, q: float, confidence: float = BAND_CONFIDENCE) -> tuple[in
         cdf.append(acc)  # P(X <= k)
     lo = max([k + 1 for k in range(n + 1) if cdf[k] <= tail], default=1)  # P(X < lo) <= tail
     hi = min([u for u in range(1, n + 1) if 1.0 - cdf[u - 1] <= tail], default=n)  # P(X >= hi) <= tail
-    return max(1, min(lo, n)), max(1, min(hi, n))
+    return lo, hi
 
 
 def band(ttfts: Sequence[float], q: float) -> tuple[float, float]:

@@ -157,7 +157,8 @@ def bf16_bmm(x: Any, weight: Any, threads: int = 1, kernel: str = AVX512_BF16) -
     x = x.contiguous()
     batch, rows, inner = x.shape
     out = weight.shape[1]
-    if weight.stride(2) != 1 or (out > 1 and weight.stride(1) != inner) or batch < 2 or weight.stride(0) < out * inner:
+    rows_in_place = weight.stride(2) == 1 and (out == 1 or weight.stride(1) == inner)
+    if not rows_in_place or (batch > 1 and weight.stride(0) < out * inner):  # overlapping products: copied
         weight = weight.contiguous()
     y = torch.empty((batch, rows, out), dtype=torch.bfloat16)
     _C.bf16_linear(x.data_ptr(), weight.data_ptr(), 0, y.data_ptr(), rows, out, inner, batch,
