@@ -97,7 +97,7 @@ class Scaler:
         self.activator = activator
         self.table = table
         self.slots = SlotLedger()
-        self.calibration = Calibration()
+        self.calibration = Calibration(pooled=backend.one_machine)
         # "load-time" (place) or "random" (place_random: the no-locality ablation, `up --placement`)
         self.placer = "load-time"
         self._rng = random.Random(0)
@@ -174,7 +174,8 @@ class Scaler:
             self._release(claim)
         _log.info("placed", service=svc.key, checkpoint=rt.model, instance=rec.id, node=decision.node,
                   tier=rec.tier, action=str(decision.action), estimate_s=round(decision.estimate_s, 3),
-                  stop_s=record.get("stop_s"), reason=decision.reasons[0])
+                  stop_s=record.get("stop_s"), reason=decision.reasons[0],
+                  others="; ".join(decision.reasons[1:]) or None)
 
     async def _generations_on_full_nodes(self) -> dict[str, list[dict[str, Any]] | None]:
         """The generations of the ready instances on nodes with no free slot (the only ones

@@ -116,6 +116,10 @@ EventHandler = Callable[[InstanceEvent], Awaitable[None]]
 
 @runtime_checkable
 class Backend(Protocol):
+    #: Every node is a process group on one machine (the local backend): the nodes' measured
+    #: rates and start times are that machine's, pooled across nodes (`Calibration.pooled`).
+    one_machine: bool
+
     def node_slots(self) -> Mapping[str, int]:
         """Instance slots per node, every node the backend has."""
         ...

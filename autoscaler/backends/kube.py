@@ -93,6 +93,8 @@ def service_key(pod: dict[str, Any]) -> str:
 
 
 class KubeBackend:
+    one_machine = False  # nodes are machines of their own: each keeps its measured rates
+
     def __init__(self, kube: Kube, *, resync_s: float = 30.0, pair_timeout_s: float = PAIR_TIMEOUT_S,
                  ready_timeout_s: float = READY_TIMEOUT_S, internal_token: str | None = None,
                  copy_token: Callable[[str], bool] | None = None) -> None:

@@ -58,6 +58,8 @@ class SimulatedStart:
 
 
 class MemoryBackend:
+    one_machine = False  # each node is given its own bandwidths
+
     def __init__(self, nodes: Sequence[MemoryNode], model_sizes: Mapping[str, int], *,
                  time_scale: float = 0.001, fail: Sequence[str] = (), eager_events: bool = False,
                  stop_s: float = 0.0) -> None:

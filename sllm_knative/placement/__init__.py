@@ -42,6 +42,7 @@ from sllm_knative.placement.model import (
     QueuedLoad,
     Tier,
     pool_store_rates,
+    pool_tier_rates,
     startup,
     store_of,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "place_random",
     "place_within",
     "pool_store_rates",
+    "pool_tier_rates",
     "startup",
     "store_of",
 ]

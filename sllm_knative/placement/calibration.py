@@ -9,6 +9,9 @@
 - Instance stop: the same average, over all nodes (the stop path is the same everywhere), of
   the observed time from an eviction's decision to the victim's slot being free; an eviction
   is estimated as immediate until the first one is observed.
+- One machine (`pooled`, the local backend): its nodes are processes of one host, so a load or
+  start observed on any node is learnt for all of them (keyed by `ONE_MACHINE`); kept per node,
+  one slow observation would rank one node's DRAM below another node's remote fetch.
 - Migration cost: `seconds = a * tokens + b`, refitted by least squares over the most recent
   observed migrations (a >= 0, b >= 0; a prior stands in until two different token counts
   have been seen).
@@ -26,6 +29,8 @@ from sllm_knative.placement.model import NodeInventory, Tier
 
 #: Default weight of a new observation in the moving averages.
 ALPHA = 0.3
+#: The node key every observation is learnt under when the nodes are one machine (`pooled`).
+ONE_MACHINE = "*"
 #: How many migrations the fit keeps (the most recent ones).
 MAX_MIGRATIONS = 256
 #: A node's own start overhead counts as this many observations of the all-node mean: with n
@@ -75,16 +80,22 @@ class Calibration:
     migration_cost: MigrationCost = field(default_factory=MigrationCost)
     prior: MigrationCost = field(default_factory=MigrationCost)
     alpha: float = ALPHA
+    pooled: bool = False  # every node is the same machine: observations are learnt for all of them
 
     def __post_init__(self) -> None:
         if not 0 < self.alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
 
+    def key(self, node: str) -> str:
+        """The name `node`'s observations are learnt under: its own, or `ONE_MACHINE` when pooled."""
+        return ONE_MACHINE if self.pooled else node
+
     def apply(self, node: NodeInventory) -> NodeInventory:
         """`node` with its bandwidths, instance overhead and stop time replaced by the calibrated ones."""
-        learnt = {tier: bw for (name, tier), bw in self.bandwidth.items() if name == node.name}
+        key = self.key(node.name)
+        learnt = {tier: bw for (name, tier), bw in self.bandwidth.items() if name == key}
         overhead = self.node_overhead(node.name)
-        if overhead is not None and node.name not in self.overhead and node.instance_overhead_s != 0:
+        if overhead is not None and key not in self.overhead and node.instance_overhead_s != 0:
             overhead = None  # a node with no observation keeps its own profile, if it has one
         if not learnt and overhead is None and self.stop_s is None:
             return node
@@ -108,10 +119,10 @@ class Calibration:
         mean = self._overhead_mean
         if mean is None:
             return None
-        own = self.overhead.get(node)
+        own = self.overhead.get(self.key(node))
         if own is None:
             return mean
-        n = self.starts.get(node, 1)
+        n = self.starts.get(self.key(node), 1)
         return (n * own + SHRINK * mean) / (n + SHRINK)
 
 
@@ -130,7 +141,7 @@ def observe_load(cal: Calibration, obs: LoadObservation, *, profile_bandwidth: f
     observation blends with `profile_bandwidth` (the loader's profile) when given."""
     _positive("size_bytes", obs.size_bytes)
     _positive("seconds", obs.seconds)
-    key = (obs.node, obs.tier)
+    key = (cal.key(obs.node), obs.tier)
     old = cal.bandwidth.get(key, profile_bandwidth)
     bw = ewma(old, obs.size_bytes / obs.seconds, cal.alpha)
     return dataclasses.replace(cal, bandwidth={**cal.bandwidth, key: bw})
@@ -140,9 +151,10 @@ def observe_start(cal: Calibration, node: str, seconds: float, *, profile: float
     """Fold one observed instance start (process start to ready, load excluded) into `node`'s overhead."""
     if not (seconds >= 0 and math.isfinite(seconds)):
         raise ValueError(f"seconds must be a finite number >= 0, got {seconds}")
-    value = ewma(cal.overhead.get(node, profile), seconds, cal.alpha)
-    return dataclasses.replace(cal, overhead={**cal.overhead, node: value},
-                               starts={**cal.starts, node: cal.starts.get(node, 0) + 1})
+    key = cal.key(node)
+    value = ewma(cal.overhead.get(key, profile), seconds, cal.alpha)
+    return dataclasses.replace(cal, overhead={**cal.overhead, key: value},
+                               starts={**cal.starts, key: cal.starts.get(key, 0) + 1})
 
 
 def observe_stop(cal: Calibration, seconds: float) -> Calibration:

@@ -202,6 +202,27 @@ def pool_store_rates(nodes: Sequence[NodeInventory]) -> list[NodeInventory]:
             else replace(n, remote_bandwidth={**pooled, **n.remote_bandwidth}) for n in nodes]
 
 
+#: The tiers whose rates are the machine's own (memory, disk, the device's link), pooled by
+#: `pool_tier_rates` where every node is the same machine.
+MACHINE_TIERS = (Tier.SSD, Tier.DRAM, Tier.DEVICE)
+
+
+def pool_tier_rates(nodes: Sequence[NodeInventory]) -> list[NodeInventory]:
+    """Every node with the mean of the nodes' SSD, DRAM and device rates: for nodes that are
+    one machine (the local backend), whose loaders each probe the same memory and disk once at
+    start, while they start together on the same cores. Each probe is noise around one value:
+    compared across nodes, a slow probe on the node that holds a checkpoint in DRAM would make a
+    remote fetch on another node look faster than that DRAM hit, which on one machine it never
+    is (the fetch passes through the same DRAM). Store rates are pooled by `pool_store_rates`."""
+    seen: dict[Tier, list[float]] = {}
+    for n in nodes:
+        for tier in MACHINE_TIERS:
+            if tier in n.bandwidth:
+                seen.setdefault(tier, []).append(n.bandwidth[tier])
+    pooled = {tier: sum(v) / len(v) for tier, v in seen.items()}
+    return [replace(n, bandwidth={**n.bandwidth, **pooled}) for n in nodes]
+
+
 def store_of(model: str, stores: Mapping[str, float]) -> str | None:
     """The most specific store URI that `model` (a checkpoint URI) lies under, at a path
     segment boundary (`http://h/ckpt` holds `http://h/ckpt/a`, not `http://h/ckptx/a`)."""

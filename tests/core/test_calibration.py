@@ -167,3 +167,49 @@ def test_observe_stop_learns_one_stop_time_for_every_node() -> None:
     for bad in (-0.1, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="seconds"):
             observe_stop(cal, bad)
+
+
+def _demo_nodes() -> tuple[ModelRequest, list[NodeInventory]]:
+    """The demo's flake (step 6, after scale-to-zero): node-1 holds the checkpoint in DRAM, node-2
+    holds nothing; both free. One machine, so the store (`file://`, in the page cache) measures
+    1.56 GB/s and each loader's DRAM probe is noise around one value."""
+    store = "file:///demo/store"
+    request = ModelRequest(f"{store}/llama-a", int(0.53 * GB))
+    one = NodeInventory("node-1", {Tier.DRAM: 4.2 * GB, Tier.SSD: 0.65 * GB, Tier.REMOTE: 1.56 * GB},
+                        {request.model: Tier.DRAM}, remote_bandwidth={store: 1.56 * GB})
+    two = NodeInventory("node-2", {Tier.DRAM: 5.5 * GB, Tier.SSD: 0.69 * GB, Tier.REMOTE: 1.56 * GB},
+                        remote_bandwidth={store: 1.56 * GB})
+    return request, [one, two]
+
+
+@pytest.mark.parametrize("pooled,slow_leases,starts,want", [
+    # Two DRAM leases on node-1 took 0.5 s on a busy host (1.06 GB/s): kept per node, node-1's
+    # DRAM ranks below node-2's remote fetch, which on one machine goes through the same DRAM.
+    pytest.param(False, 2, {}, "node-2", id="per-node-a-slow-lease-sends-the-load-to-the-store"),
+    pytest.param(True, 2, {}, "node-1", id="one-machine-the-dram-hit-wins"),
+    # Starts observed on node-1 only slower than on node-2: per node, node-2's quick starts win;
+    # one machine, a start is a start wherever it ran.
+    pytest.param(False, 0, {"node-1": [0.6] * 6, "node-2": [0.15] * 6}, "node-2", id="per-node-slow-starts"),
+    pytest.param(True, 0, {"node-1": [0.6] * 6, "node-2": [0.15] * 6}, "node-1", id="one-machine-starts-pooled"),
+])
+def test_one_machine_pools_what_it_learns(pooled: bool, slow_leases: int, starts: dict[str, list[float]],
+                                           want: str) -> None:
+    request, nodes = _demo_nodes()
+    cal = Calibration(pooled=pooled)
+    for _ in range(slow_leases):
+        cal = observe_load(cal, LoadObservation("node-1", Tier.DRAM, request.size_bytes, 0.5))
+    for name, seconds in starts.items():
+        for s in seconds:
+            cal = observe_start(cal, name, s)
+    p = place(request, nodes, cal)
+    assert p.node == want, p.reasons
+    if pooled:
+        assert p.chosen is not None and p.chosen.estimate.tier == Tier.DRAM, p.reasons
+
+
+def test_pooled_keys_every_node_alike() -> None:
+    cal = observe_load(Calibration(pooled=True), LoadObservation("node-3", Tier.SSD, 2 * GB, 1.0))
+    applied = [cal.apply(NodeInventory(n, {Tier.SSD: GB, Tier.REMOTE: GB})) for n in ("node-1", "node-3")]
+    assert [a.bandwidth[Tier.SSD] for a in applied] == [pytest.approx(2 * GB)] * 2
+    per_node = observe_load(Calibration(), LoadObservation("node-3", Tier.SSD, 2 * GB, 1.0))
+    assert per_node.apply(NodeInventory("node-1", {Tier.SSD: GB, Tier.REMOTE: GB})).bandwidth[Tier.SSD] == GB
