@@ -106,11 +106,12 @@ crds: install
 lock: install
 	$(VPY) images/lock.py
 
-# Benchmarks need fio (the disk limit) and nginx (the HTTP store / proxy baseline).
+# Benchmarks need fio (the disk limit), nginx (the HTTP store / proxy baseline) and Ray Serve
+# (bench/replay.py's ray-serve profile: the `ray` extra, kept out of `make install`).
 bench-deps: install
 	@command -v fio >/dev/null || (apt-get update -qq && apt-get install -y -qq fio)
 	@command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx-light || apt-get install -y -qq nginx)
-	$(VPY) -m pip install -q --no-build-isolation -e '.[dev,bench]'
+	$(VPY) -m pip install -q --no-build-isolation -e '.[dev,bench,ray]'
 
 bench: bench-deps
 	$(VPY) -m bench.loading --model-gb 2.5 --out out/bench
