@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from autoscaler.activator_client import Activator
 from autoscaler.activator_stats import fresh, total
@@ -27,10 +27,16 @@ from autoscaler.decider import DeciderInputs, decide
 from autoscaler.scaling import Scaler
 from autoscaler.services import ServiceRuntime, ServiceTable
 from sllm_knative.api.autoscaler import StatsReport
-from sllm_knative.config import TICK_S, Manifest
+from sllm_knative.config import RECHECK_LATE_S, TICK_S, Manifest
 from sllm_knative.log import get_logger
 
 _log = get_logger("autoscaler")
+
+
+class Cancellable(Protocol):
+    """What `Autoscaler.call_later` returns: an asyncio.TimerHandle, or a test's timer."""
+
+    def cancel(self) -> None: ...
 
 
 class Autoscaler:
@@ -42,6 +48,12 @@ class Autoscaler:
         self.table = ServiceTable()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._evaluating: dict[str, asyncio.Task[Any]] = {}  # the tick's evaluation of each service
+        # Each service's next evaluation before the tick, where its decision changes by itself
+        # then (the end of a keep-alive: `Decision.recheck_in_s`).
+        self._rechecks: dict[str, Cancellable] = {}
+        # How a recheck is scheduled: the event loop's timer (tests step a clock of their own).
+        self.call_later: Callable[[float, Callable[[], None]], Cancellable] = (
+            lambda delay, fn: asyncio.get_running_loop().call_later(delay, fn))
         self.scaler = Scaler(backend, activator, self.table, self._spawn, clock=lambda: self.clock())
         backend.subscribe(self.scaler.on_event)
         # Whether scaling decisions may be taken now. On Kubernetes: only on the leader, and only
@@ -136,7 +148,16 @@ class Autoscaler:
             _log.info("scale decided", service=key, desired=decision.desired, was=before, ready=metrics.ready,
                       first=not rt.decided or None, reason=decision.reason)
         rt.decided, rt.excess_burst_capacity = True, decision.excess_burst_capacity
+        self._recheck(key, decision.recheck_in_s)
         await self.scaler.scale_to(rt, decision.desired)
+
+    def _recheck(self, key: str, delay_s: float | None) -> None:
+        """Evaluate `key` again `delay_s` from now (replacing one already set; None: at the tick)."""
+        if (old := self._rechecks.pop(key, None)) is not None:
+            old.cancel()
+        if delay_s is not None and delay_s < TICK_S:  # a later one: a tick comes first
+            # A hair past the end, so that the clock has passed it when the decider reads it.
+            self._rechecks[key] = self.call_later(delay_s + RECHECK_LATE_S, lambda: self._evaluate_soon(key))
 
     def slots_in_use(self) -> dict[str, int]:
         return self.table.slots_in_use()
@@ -163,11 +184,16 @@ class Autoscaler:
         """Evaluate every service, each in its own task: a service still busy with its last
         evaluation (a preemption can take minutes) is skipped, and holds up no other."""
         for key in list(self.table.services):
-            running = self._evaluating.get(key)
-            if running is None or running.done():
-                self._evaluating[key] = self._spawn(self._evaluate_logged(key))
+            self._evaluate_soon(key)
         for key in [k for k in self._evaluating if k not in self.table.services]:
             del self._evaluating[key]
+
+    def _evaluate_soon(self, key: str) -> None:
+        """Evaluate `key` in a task of its own, unless its last evaluation is still running."""
+        self._rechecks.pop(key, None)
+        running = self._evaluating.get(key)
+        if key in self.table.services and (running is None or running.done()):
+            self._evaluating[key] = self._spawn(self._evaluate_logged(key))
 
     async def _evaluate_logged(self, key: str) -> None:
         try:
@@ -179,6 +205,9 @@ class Autoscaler:
         return self.table.snapshot()
 
     async def close(self) -> None:
+        for handle in self._rechecks.values():
+            handle.cancel()
+        self._rechecks.clear()
         for rt in self.table:
             for inst in rt.live():
                 await self.scaler.stop(rt, inst, grace_s=3.0)

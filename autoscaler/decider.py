@@ -205,6 +205,10 @@ class Decision:
     panic: float = 0.0
     panicking: bool = False
     reason: str = ""
+    # Seconds from now until this decision changes by itself if nothing else happens: the end of
+    # a keep-alive (None: only new data changes it). The adapter decides again then, not at its
+    # next tick, so the last instance goes when its keep-alive ends, not up to a tick later.
+    recheck_in_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -301,9 +305,10 @@ def decide(spec: DeciderSpec, metrics: DeciderInputs, state: DeciderState, now: 
 
     active_since = state.active_since if state.active_since is not None or metrics.ready == 0 else now
     inactive_since = None
+    recheck_in_s = None
     if state.scale > 0 and lo == 0 and desired <= 1:
         if spec.keep_alive is not None:
-            desired, note = _keep_alive(spec, metrics, active_since, now)
+            desired, note, recheck_in_s = _keep_alive(spec, metrics, active_since, now)
             notes.append(note)
         elif desired == 0:
             desired, inactive_since, note = _knative_to_zero(spec, state, active_since, now)
@@ -328,6 +333,7 @@ def decide(spec: DeciderSpec, metrics: DeciderInputs, state: DeciderState, now: 
         panic=panic,
         panicking=kpa.panicking,
         reason="; ".join(notes),
+        recheck_in_s=recheck_in_s if desired == 1 else None,
     )
     new_state = DeciderState(
         scale=desired,
@@ -362,10 +368,16 @@ def keeps_one(spec: DeciderSpec, state: DeciderState, ready: int, last_busy: flo
             and state.inactive_since is None and state.zero_since is None
             and (state.active_since is not None or ready == 0)):
         return False
-    # _keep_alive's rule, on the same marks (the later of the two that are known)
-    since = state.active_since
-    mark = since if last_busy is None else last_busy if since is None else max(last_busy, since)
+    mark = keep_alive_mark(state.active_since, last_busy)
     return mark is None or now - mark < spec.keep_alive
+
+
+def keep_alive_mark(active_since: float | None, last_busy: float | None) -> float | None:
+    """Where a keep-alive counts from: the later of the last time the service was busy and the
+    time it became active, of those known (None: neither)."""
+    if last_busy is None or active_since is None:
+        return active_since if last_busy is None else last_busy
+    return max(last_busy, active_since)
 
 
 def _last_busy(metrics: DeciderInputs) -> float | None:
@@ -381,16 +393,18 @@ def _new_demand(metrics: DeciderInputs, zero_since: float | None) -> bool:
     return busy is not None and busy > zero_since
 
 
-def _keep_alive(spec: DeciderSpec, metrics: DeciderInputs, active_since: float | None, now: float) -> tuple[int, str]:
-    """ServerlessLLM: keep the last instance until `keep_alive` seconds after the last request."""
+def _keep_alive(spec: DeciderSpec, metrics: DeciderInputs, active_since: float | None,
+                now: float) -> tuple[int, str, float | None]:
+    """ServerlessLLM: keep the last instance until `keep_alive` seconds after the last request.
+    (desired, note, seconds until the keep-alive ends while idle: when to decide again)."""
     assert spec.keep_alive is not None
-    marks = [t for t in (_last_busy(metrics), active_since) if t is not None]
-    idle = now - max(marks) if marks else 0.0
+    mark = keep_alive_mark(active_since, _last_busy(metrics))
+    idle = now - mark if mark is not None else 0.0
     if idle <= 0:
-        return 1, "keep-alive: serving"
+        return 1, "keep-alive: serving", None
     if idle >= spec.keep_alive:
-        return 0, f"keep-alive over: idle {idle:.1f}s >= {spec.keep_alive:g}s"
-    return 1, f"keep-alive: idle {idle:.1f}s < {spec.keep_alive:g}s"
+        return 0, f"keep-alive over: idle {idle:.1f}s >= {spec.keep_alive:g}s", None
+    return 1, f"keep-alive: idle {idle:.1f}s < {spec.keep_alive:g}s", spec.keep_alive - idle
 
 
 def _knative_to_zero(spec: DeciderSpec, state: DeciderState, active_since: float | None,

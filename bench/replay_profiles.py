@@ -131,6 +131,10 @@ class FreshController:
         self.instances: dict[str, Any] = {}  # service -> FreshInstance (starting or ready)
         self.ready: set[str] = set()
         self.last_busy: dict[str, float] = {}
+        # Instances stopped but whose process has not exited yet, per service: they still hold
+        # their slot's memory (a GPU), so they count in the instance-seconds, as the sllm-type
+        # profiles' instances count until their process is gone.
+        self.stopping: dict[str, int] = {}
         self.cold_starts: list[dict[str, Any]] = []
         self.errors: list[str] = []
         self._n = 0
@@ -140,7 +144,14 @@ class FreshController:
 
     def counts(self) -> dict[str, int]:
         with self.lock:
-            return {s: int(s in self.instances) for s in self.services}
+            return {s: int(s in self.instances) + self.stopping.get(s, 0) for s in self.services}
+
+    def _stop_counted(self, service: str, inst: Any) -> None:
+        try:
+            inst.stop(grace_s=5.0)
+        finally:
+            with self.lock:
+                self.stopping[service] -= 1
 
     def _spawn(self, service: str, node: str, index: int) -> None:
         """Start the process from the controller's own thread: PR_SET_PDEATHSIG (procs.spawn) fires
@@ -219,7 +230,8 @@ class FreshController:
                     with self.lock:
                         self.instances.pop(s, None)
                         self.ready.discard(s)
-                    stop = threading.Thread(target=inst.stop, kwargs={"grace_s": 5.0}, daemon=True)
+                        self.stopping[s] = self.stopping.get(s, 0) + 1
+                    stop = threading.Thread(target=self._stop_counted, args=(s, inst), daemon=True)
                     self._starts.append(stop)
                     stop.start()
 

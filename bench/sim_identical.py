@@ -6,7 +6,7 @@ that a speed-up of the simulator (or of the policy code it runs) changed nothing
 
 Runs every policy on 4 nodes (two loads), the load-time and preemption policies on 40 nodes
 (where placement gets a shortlist), the 100-node run of bench.sim for 10 minutes, and a
-replay-like configuration (max-scale 1, a 6 s window, exact keep-alive). Each run's file holds
+replay-like configuration (max-scale 1, a 6 s window). Each run's file holds
 the summary without the speed fields, every request's TTFT and end-to-end latency (repr: every
 bit), the start trace, and each service's final decider state and metric window. Exit status
 1 when a run's file differs from the one in --against (the first differing line is printed).
@@ -39,8 +39,7 @@ def _replay_like(policy: str) -> Simulation:
     models = catalog(s.models, s.seed, hw.gpu_mem_bytes, hw.gpus_per_node, *sizes_of(s.kinds))
     requests = scale_trace(read_trace(Path(s.trace)), [m.name for m in models], rate=s.rate,
                            duration_s=s.duration_s, zipf=s.zipf, seed=s.seed)
-    cfg = SimConfig(nodes=s.nodes, capacity=4, keep_alive_s=20.0, max_scale=1, stable_window_s=6.0, tail_s=600.0,
-                    keep_alive_exact=True)
+    cfg = SimConfig(nodes=s.nodes, capacity=4, keep_alive_s=20.0, max_scale=1, stable_window_s=6.0, tail_s=600.0)
     return Simulation(hw, get_policy(policy), models, requests, cfg)
 
 

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from autoscaler.backends.base import InstanceState
-from autoscaler.decider import DeciderInputs, decide, keeps_one
+from autoscaler.decider import DeciderInputs, decide, keep_alive_mark, keeps_one
 from autoscaler.preemption import (
     CallOff,
     DrainView,
@@ -47,7 +47,7 @@ from sim.cluster import Process, Running, Service, SimInstance, SimNode, replace
 from sim.policies import Placer
 from sim.workload import Model
 from sllm_knative.api import MigrationOutcome
-from sllm_knative.config.autoscaler import TICK_S
+from sllm_knative.config.autoscaler import RECHECK_LATE_S, TICK_S
 from sllm_knative.placement import (
     Action,
     Instance,
@@ -119,14 +119,20 @@ def scale(sim: Simulation, svc: Service) -> None:
     # at one instance, under its target and inside its keep-alive: `keeps_one` says when decide
     # would return one instance and the same state, and the averages are not computed then.
     last, busy = svc.last_request_at, svc.window.last_nonzero()
-    if keeps_one(spec, svc.state, ready, busy if last is None else last if busy is None else max(last, busy),
-                 now - svc.hot_at > spec.stable_window + 2.0, now):
+    last_busy = busy if last is None else last if busy is None else max(last, busy)
+    if keeps_one(spec, svc.state, ready, last_busy, now - svc.hot_at > spec.stable_window + 2.0, now):
         svc.desired = svc.state.scale
+        # decide's `recheck_in_s` for this decision, from the same marks
+        mark = keep_alive_mark(svc.state.active_since, last_busy)
+        recheck = None if mark is None or spec.keep_alive is None else mark + spec.keep_alive - now
     else:
         decision, svc.state = decide(spec, DeciderInputs(svc.window, ready, svc.last_request_at), svc.state, now)
         if not decision.valid or decision.desired is None:
             return
         svc.desired = decision.desired
+        recheck = decision.recheck_in_s
+    if recheck is not None and 0 < recheck < TICK_S:  # as the autoscaler: decide again when the keep-alive ends
+        sim.push(now + recheck + RECHECK_LATE_S, "recheck", svc)
     if svc.desired > live:
         for _ in range(svc.desired - live):
             if not place_instance(sim, svc):

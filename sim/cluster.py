@@ -39,9 +39,6 @@ class SimConfig:
     seed: int = 0
     max_scale: int = 0  # instances per service at most (the max-scale annotation); 0: unbounded
     stable_window_s: float | None = None  # the window annotation (KPA stable window); None: the default
-    #: the scaler also runs the moment a service's keep-alive runs out, not only on its tick
-    #: (bench/replay_profiles.py's fresh-process controller polls every 50 ms)
-    keep_alive_exact: bool = False
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.capacity < 1:

@@ -15,7 +15,8 @@ What is simulated (the model, stated; docs/evaluation.md explains the choices):
 - Requests wait in their service's queue until a ready instance has room (the activator), in
   arrival order.
 - The scaler (`autoscaler.decider.decide`) runs per service every TICK_S on a concurrency
-  sample taken every second, and at once when a request finds its service at zero.
+  sample taken every second, at once when a request finds its service at zero, and where its
+  last decision said it changes by itself (a keep-alive's end), as the autoscaler does.
 - Placement is `sllm_knative.placement.place` (load-time policies), with the calibration
   (`observe_load`, `observe_start`, `observe_migration`) folded in for calibrated ones; EVICT
   and MIGRATE run `autoscaler.preemption.plan_preemption` step by step, scale-down victims
@@ -142,7 +143,7 @@ class Simulation:
         handlers: dict[str, Callable[[object, object], None]] = {
             "arrival": self._arrival, "second": partial(adapters.tick, self), "done": self._done,
             "loaded": self._loaded, "ready": self._ready, "migrated": partial(adapters.migrated, self),
-            "timeout": partial(adapters.timeout, self), "idle": self._idle, "stopped": partial(adapters.stopped, self)}
+            "timeout": partial(adapters.timeout, self), "recheck": self._recheck, "stopped": partial(adapters.stopped, self)}
         heap, pop, horizon, events = self.heap, heapq.heappop, self.horizon, 0
         while heap:
             t, _, kind, a, b = pop(heap)
@@ -171,17 +172,11 @@ class Simulation:
             self.sample(svc, self.concurrency(svc))
             adapters.scale(self, svc)
 
-    def _idle(self, svc: object, _: object) -> None:
-        """`keep_alive_exact`: the keep-alive of a service may have run out: the scaler decides now."""
+    def _recheck(self, svc: object, _: object) -> None:
+        """Where the scaler's last decision said it changes by itself (the end of a keep-alive,
+        `Decision.recheck_in_s`), it decides again, between its ticks, as the autoscaler does."""
         assert isinstance(svc, Service)
-        keep = svc.spec.keep_alive
-        if keep is None or svc.last_request_at is None or svc.waiting or not svc.instances:
-            return
-        # the decider counts idle time from the last request or the end of the window's last
-        # busy second, whichever is later
-        due = max(svc.last_request_at, svc.window.last_nonzero() or 0.0) + keep
-        if self.now < due:
-            self.push(due + 1e-6, "idle", svc)
+        if svc.name not in self.active:
             return
         self.sample(svc, self.concurrency(svc))
         adapters.scale(self, svc)
@@ -235,8 +230,6 @@ class Simulation:
         self.end[run.req.id] = self.now
         svc = self.services[inst.service]
         svc.last_request_at = self.now
-        if self.cfg.keep_alive_exact and svc.spec.keep_alive is not None:
-            self.push(self.now + svc.spec.keep_alive + 1e-6, "idle", svc)  # past it, whatever the rounding
         if inst.state == InstanceState.READY:
             if svc.waiting:
                 self.route(svc)

@@ -13,6 +13,7 @@ problem with its path. See docs/configuration.md.
 from sllm_knative.config.autoscaler import (
     HPA_CLASS,
     KPA_CLASS,
+    RECHECK_LATE_S,
     SLLM_CLASS,
     TICK_S,
     AutoscalerConfig,
@@ -52,6 +53,7 @@ __all__ = [
     "KPA_CLASS",
     "MODEL_ANNOTATION",
     "SLLM_CLASS",
+    "RECHECK_LATE_S",
     "TICK_S",
     "AutoscalerConfig",
     "Autoscaling",

@@ -28,6 +28,9 @@ SCALE_DOWN_DELAY_MAX_S = 3600.0
 RETENTION_MAX_S = 3600.0
 #: The autoscaler's evaluation period (not configurable in Knative either).
 TICK_S = 2.0
+#: How far past the moment a decision changes by itself (`Decision.recheck_in_s`: a keep-alive's
+#: end) the autoscaler evaluates the service again, between ticks.
+RECHECK_LATE_S = 0.01
 
 KPA_CLASS = "kpa.autoscaling.knative.dev"
 HPA_CLASS = "hpa.autoscaling.knative.dev"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from autoscaler.backends.base import InstanceRecord, InstanceState
@@ -45,12 +45,43 @@ class Clock:
         return self.t
 
 
+class Timer:
+    def __init__(self, at: float, fn: Callable[[], None]) -> None:
+        self.at, self.fn, self.cancelled = at, fn, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Timers:
+    """The autoscaler's `call_later` on the test clock: `Cluster.tick` runs what falls due."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.pending: list[Timer] = []
+
+    def __call__(self, delay: float, fn: Callable[[], None]) -> Timer:
+        timer = Timer(self.clock.t + delay, fn)
+        self.pending.append(timer)
+        return timer
+
+    def next_due(self, by: float) -> Timer | None:
+        """The earliest timer due by `by`, taken off the list (cancelled ones are dropped)."""
+        self.pending = [t for t in self.pending if not t.cancelled]
+        due = min((t for t in self.pending if t.at <= by), key=lambda t: t.at, default=None)
+        if due is not None:
+            self.pending.remove(due)
+        return due
+
+
 class Cluster:
     def __init__(self, nodes: list[MemoryNode], sizes: Mapping[str, int] = SIZES, **backend: Any) -> None:
         self.backend = MemoryBackend(nodes, sizes, **backend)
         self.activator = MemoryActivator(self.backend)
         self.clock = Clock()
         self.scaler = Autoscaler(self.backend, self.activator, clock=self.clock)
+        self.timers = Timers(self.clock)
+        self.scaler.call_later = self.timers
 
     async def deploy(self, *services: str) -> None:
         await self.scaler.apply(parse_manifest("---\n".join((*services, ALLOW_ZERO_INITIAL_SCALE))))
@@ -91,8 +122,14 @@ class Cluster:
 
     async def tick(self, seconds: float = 1.0, concurrency: Mapping[str, float] | None = None,
                    held: Mapping[str, tuple[int, float]] | None = None) -> None:
-        """`seconds` later: a report, then the decider for every service."""
-        self.clock.t += seconds
+        """`seconds` later: the evaluations the autoscaler set for before then (each at its time),
+        a report, then the decider for every service."""
+        end = self.clock.t + seconds
+        while (due := self.timers.next_due(end)) is not None:
+            self.clock.t = max(self.clock.t, due.at)
+            due.fn()
+            await self.settle()
+        self.clock.t = end
         self.report(concurrency, held)
         self.scaler.tick()
         await self.settle()

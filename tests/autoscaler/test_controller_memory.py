@@ -4,6 +4,7 @@ placement, real plans; simulated nodes (slots, tiers, loader queue) and instance
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ from autoscaler.backends.local import LocalBackend
 from autoscaler.backends.memory import MemoryBackend, MemoryNode
 from autoscaler.services import start_backoff_s
 from sllm_knative.api import MigrationOutcome
+from sllm_knative.config import TICK_S
 from sllm_knative.placement import Tier
 from tests.autoscaler.cluster import Cluster, node, service, uri
 
@@ -77,6 +79,32 @@ def test_scale_down_after_keep_alive_then_cold_start_on_the_dram_copy(keep_alive
         assert (again.node, again.tier) == ("n1", "dram")
 
     run([node("n1"), node("n2")], scenario)
+
+
+@pytest.mark.parametrize("keep_alive", ["3s", "5s", "7s"])
+def test_the_last_instance_goes_when_its_keep_alive_ends_not_at_the_next_tick(
+        keep_alive: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The ticks come every 2 s (TICK_S) and the keep-alive counts from the first tick that saw
+    the instance ready: it ends between two ticks. Decided only on the ticks, the instance would
+    go at the first tick past its end (idle 4.0 s for a 3 s keep-alive); the decision says when
+    it changes by itself, and the autoscaler decides again right then."""
+    caplog.set_level(logging.INFO, logger="autoscaler")
+
+    async def scenario(c: Cluster) -> None:
+        await c.deploy(service("a", keep_alive=keep_alive))
+        await c.demand("a")
+        [first] = c.instances("a")
+        start = c.clock.t
+        while c.instances("a"):
+            await c.tick(TICK_S)
+            assert c.clock.t - start < 30, "never scaled to zero"
+        assert c.backend.stopped == [first.id]
+
+    run([node("n1")], scenario)
+    to_zero = [r.fields["reason"] for r in caplog.records  # type: ignore[attr-defined]
+               if r.getMessage() == "scale decided" and r.fields.get("desired") == 0]  # type: ignore[attr-defined]
+    assert len(to_zero) == 1 and f"keep-alive over: idle {float(keep_alive[:-1]):.1f}s >= {keep_alive}" in to_zero[0], \
+        to_zero
 
 
 def test_a_scale_down_teaches_placement_the_stop_before_any_preemption() -> None:

@@ -286,6 +286,32 @@ def test_keep_alive_counts_from_the_activators_last_request() -> None:
     assert d.desired == 0
 
 
+@pytest.mark.parametrize("last_request,ready,want_desired,want_recheck", [
+    pytest.param(-10.0, 1, 1, 20.0, id="idle-decide-again-when-it-ends"),
+    pytest.param(-29.5, 1, 1, 0.5, id="about-to-end"),
+    pytest.param(-40.0, 1, 0, None, id="over-nothing-to-recheck"),
+    pytest.param(0.0, 1, 1, None, id="serving-the-end-is-not-known-yet"),
+])
+def test_keep_alive_says_when_its_decision_changes(last_request: float, ready: int, want_desired: int,
+                                                  want_recheck: float | None) -> None:
+    s = spec(target=7.0, keep_alive=30.0)
+    window = MetricWindow(horizon_s=60.0).record(0.0, 0.0)
+    state = DeciderState(scale=1, active_since=-500.0, initialized=True)
+    d, _ = decide(s, DeciderInputs(window, ready=ready, last_request_at=last_request), state, 0.0)
+    assert d.desired == want_desired
+    assert d.recheck_in_s == (None if want_recheck is None else pytest.approx(want_recheck))
+
+
+def test_knatives_rules_and_more_than_one_instance_set_no_recheck() -> None:
+    window = MetricWindow(horizon_s=60.0).record(0.0, 0.0)
+    state = DeciderState(scale=1, active_since=-500.0, initialized=True)
+    d, _ = decide(spec(target=7.0), DeciderInputs(window, ready=1, last_request_at=-10.0), state, 0.0)
+    assert d.recheck_in_s is None
+    busy = MetricWindow(horizon_s=60.0).record(0.0, 30.0)
+    d, _ = decide(spec(target=7.0, keep_alive=30.0), DeciderInputs(busy, ready=1, last_request_at=-1.0), state, 0.0)
+    assert d.desired > 1 and d.recheck_in_s is None
+
+
 def test_keep_alive_does_not_hold_more_than_one_instance() -> None:
     s = spec(target=10.0, keep_alive=300.0)
     sim = Sim(s, ready=1, scale=1)

@@ -226,22 +226,21 @@ def test_a_leased_checkpoint_is_in_dram(policy: str, tiers: list[str]) -> None:
     assert [t for kind, _i, _n, t, _at in sim.trace if kind == "start"] == tiers
 
 
-@pytest.mark.parametrize(("exact", "stopped_at"), [
-    # a's only request is done at 0.4 + 0.2 + 0.1 + 19 steps of 0.1 = 2.6 s; its last busy
-    # concurrency sample (at 2 s) counts to the end of its second: idle from 3 s, the keep-alive
-    # (6 s) runs out at 9 s: the exact scaler stops it then, the ticking one at its next tick (10 s)
-    (True, 9.0),
-    (False, 10.0),
-])
-def test_keep_alive_exact(exact: bool, stopped_at: float) -> None:
+def test_the_keep_alive_ends_between_ticks() -> None:
+    """a's only request is done at 0.4 + 0.2 + 0.1 + 19 steps of 0.1 = 2.6 s; its last busy
+    concurrency sample (at 2 s) counts to the end of its second: idle from 3 s, the keep-alive
+    (6 s) runs out at 9 s, between two ticks: the scaler decides again then (the decision's
+    `recheck_in_s`, as the autoscaler does, RECHECK_LATE_S past it), not at its next tick (10 s)."""
     import dataclasses
 
     from sim.engine import Simulation
     from sim.policies import get_policy
     from sim.workload import Model, Request
+    from sllm_knative.config import RECHECK_LATE_S
 
+    stopped_at = 9.0 + RECHECK_LATE_S
     hw = dataclasses.replace(v.hardware(v.measure(_doc(), LOGS)), load_noise=0.0, compute_noise=0.0)
-    cfg = v.SimConfig(nodes=1, capacity=4, keep_alive_s=6.0, max_scale=1, stable_window_s=6.0, keep_alive_exact=exact)
+    cfg = v.SimConfig(nodes=1, capacity=4, keep_alive_s=6.0, max_scale=1, stable_window_s=6.0)
     sim = Simulation(hw, get_policy("sllm"), [Model("a", "replay", 100, 1)], [Request(0, 0.0, "a", 10, 20)], cfg)
     stops = _run_recording_stops(sim)
     assert stops == [pytest.approx(stopped_at)]
