@@ -115,6 +115,12 @@ def scale(sim: Simulation, svc: Service) -> None:
         elif i.state == InstanceState.STARTING:
             live += 1
     spec, now = svc.spec, sim.now
+    if sim.cfg.kpa_stand_in:
+        svc.desired, recheck = stand_in(svc, live, now, sim.cfg.keep_alive_s)
+        if recheck is not None:
+            sim.push(now + recheck, "recheck", svc)
+        _act(sim, svc, live)
+        return
     # Every caller has just recorded a sample at `now`. Nine evaluations in ten find a service
     # at one instance, under its target and inside its keep-alive: `keeps_one` says when decide
     # would return one instance and the same state, and the averages are not computed then.
@@ -133,6 +139,23 @@ def scale(sim: Simulation, svc: Service) -> None:
         recheck = decision.recheck_in_s
     if recheck is not None and 0 < recheck < TICK_S:  # as the autoscaler: decide again when the keep-alive ends
         sim.push(now + recheck + RECHECK_LATE_S, "recheck", svc)
+    _act(sim, svc, live)
+
+
+def stand_in(svc: Service, live: int, now: float, keep_alive_s: float) -> tuple[int, float | None]:
+    """bench/replay_profiles.FreshController's decision (`SimConfig.kpa_stand_in`): one instance
+    while a request of the service waits or runs, and for `keep_alive_s` after the last one
+    ended; (desired, seconds until it changes by itself, None: when a request comes or goes)."""
+    if svc.waiting or any(i.running for i in svc.instances):
+        return 1, None
+    if not live or svc.last_request_at is None:
+        return 0, None
+    left = svc.last_request_at + keep_alive_s - now
+    return (1, left) if left > 1e-9 else (0, None)  # not a rounding error's worth of time again
+
+
+def _act(sim: Simulation, svc: Service, live: int) -> None:
+    """Start instances up to `svc.desired`, or drain the ones above it."""
     if svc.desired > live:
         for _ in range(svc.desired - live):
             if not place_instance(sim, svc):

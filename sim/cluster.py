@@ -39,6 +39,11 @@ class SimConfig:
     seed: int = 0
     max_scale: int = 0  # instances per service at most (the max-scale annotation); 0: unbounded
     stable_window_s: float | None = None  # the window annotation (KPA stable window); None: the default
+    #: the replay's fresh-process controller scales instead of the decider (the validation sets it
+    #: for knative-default and kserve-localcache): bench/replay_profiles.FreshController keeps one
+    #: instance while a request waits or runs and stops it once `keep_alive_s` have passed since
+    #: the last one ended, timed by its 50 ms poll, not by the decider's per-second metric window
+    kpa_stand_in: bool = False
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.capacity < 1:

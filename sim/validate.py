@@ -391,7 +391,8 @@ def inputs(doc: Mapping[str, Any], profile: str, size_bytes: int) -> tuple[list[
     reqs = sorted(((sent.get(sh["index"], sh["at_s"]), sh) for sh in doc["shots"]), key=lambda x: (x[0], x[1]["index"]))
     requests = [Request(sh["index"], t, sh["service"], sh["prompt_tokens"], sh["max_tokens"]) for t, sh in reqs]
     cfg = SimConfig(nodes=int(s["nodes"]), capacity=int(s["container_concurrency"]), keep_alive_s=float(s["keep_alive_s"]),
-                    max_scale=int(s["max_scale"]), stable_window_s=6.0, seed=int(s.get("seed", 0)), tail_s=600.0)
+                    max_scale=int(s["max_scale"]), stable_window_s=6.0, seed=int(s.get("seed", 0)), tail_s=600.0,
+                    kpa_stand_in=get_policy(REPLAY_POLICIES[profile]).fresh_process)
     return models, requests, cfg
 
 

@@ -246,6 +246,41 @@ def test_the_keep_alive_ends_between_ticks() -> None:
     assert stops == [pytest.approx(stopped_at)]
 
 
+def test_the_replays_fresh_process_controller_counts_idle_time_from_the_last_requests_end() -> None:
+    """The same request under `kpa_stand_in` (the validation's knative-default and
+    kserve-localcache): bench/replay_profiles.FreshController stops the instance 6 s after the
+    request ended (2.6 s), not after the decider's busy second ended (3 s)."""
+    import dataclasses
+
+    from sim.engine import Simulation
+    from sim.policies import get_policy
+    from sim.workload import Model, Request
+
+    hw = dataclasses.replace(v.hardware(v.measure(_doc(), LOGS)), load_noise=0.0, compute_noise=0.0)
+    cfg = v.SimConfig(nodes=1, capacity=4, keep_alive_s=6.0, max_scale=1, stable_window_s=6.0, kpa_stand_in=True)
+    policy = dataclasses.replace(get_policy("sllm"), keep_alive=True)
+    sim = Simulation(hw, policy, [Model("a", "replay", 100, 1)], [Request(0, 0.0, "a", 10, 20)], cfg)
+    assert _run_recording_stops(sim) == [pytest.approx(8.6)]
+
+
+@pytest.mark.parametrize(("waiting", "running", "live", "last", "want"), [
+    pytest.param(1, 0, 0, None, (1, None), id="a-request-waits-at-zero"),
+    pytest.param(0, 1, 1, 5.0, (1, None), id="a-request-runs"),
+    pytest.param(0, 0, 1, 8.0, (1, 4.0), id="idle-for-2s-of-6"),
+    pytest.param(0, 0, 1, 4.0, (0, None), id="idle-for-6s"),
+    pytest.param(0, 0, 0, 8.0, (0, None), id="nothing-to-keep"),
+])
+def test_stand_in(waiting: int, running: int, live: int, last: float | None, want: tuple[int, float | None]) -> None:
+    from types import SimpleNamespace
+
+    from sim.adapters import stand_in
+
+    inst = SimpleNamespace(running={"r": object()} if running else {})
+    svc = SimpleNamespace(waiting=[object()] * waiting, instances=[inst] if live else [], last_request_at=last)
+    desired, left = stand_in(svc, live, 10.0, 6.0)  # type: ignore[arg-type]
+    assert (desired, None if left is None else pytest.approx(left)) == want
+
+
 @pytest.mark.parametrize(("extras", "want"), [
     # instance x (ready 0.3 s after placement), y (0.6 s), z (0.4 s): each one's first request
     # took ready + prefill (10 tokens at 0.01 s) + extra; the median extra under TICK_S / 2 counts
