@@ -92,6 +92,12 @@ class Simulation:
         self.actual = {t: hw.achieved(t) for t in (Tier.DRAM, Tier.SSD, Tier.REMOTE)}
         self.calibration = Calibration()
         self.overhead = hw.fresh_process_s if policy.fresh_process else hw.overhead_s
+        # Fresh processes on shared cores (`_share`): the start work left of each, when it was
+        # last brought up to date, and the generation of the "shared" events that are current.
+        self.sharing = bool(hw.shared_cores) and policy.fresh_process
+        self.work_left: dict[str, float] = {}
+        self.work_at = 0.0
+        self.work_gen = 0
         spec = DeciderSpec(target=config.capacity * config.target_utilization, total=float(config.capacity),
                            keep_alive=config.keep_alive_s if policy.keep_alive else None,
                            max_scale=config.max_scale)
@@ -143,7 +149,7 @@ class Simulation:
         handlers: dict[str, Callable[[object, object], None]] = {
             "arrival": self._arrival, "second": partial(adapters.tick, self), "done": self._done,
             "loaded": self._loaded, "ready": self._ready, "migrated": partial(adapters.migrated, self),
-            "timeout": partial(adapters.timeout, self), "recheck": self._recheck, "stopped": partial(adapters.stopped, self)}
+            "timeout": partial(adapters.timeout, self), "recheck": self._recheck, "shared": self._shared, "stopped": partial(adapters.stopped, self)}
         heap, pop, horizon, events = self.heap, heapq.heappop, self.horizon, 0
         while heap:
             t, _, kind, a, b = pop(heap)
@@ -286,10 +292,46 @@ class Simulation:
         inst.placed_at = self.now
         assert inst.load_end is not None
         overhead = self.overhead
+        if self.sharing:
+            self._share(add=inst.id)
+            return
         if self.hw.shared_cores:  # the starts in progress (this one included) share the cores
             starting = sum(1 for i in self.instances.values() if i.state == InstanceState.STARTING and i.gpus_held)
             overhead *= max(1.0, starting / self.hw.shared_cores)
         self.push(max(self.now, inst.load_end) + overhead + self.hw.activation_s, "ready", inst)
+
+    def _share(self, add: str | None = None, remove: str | None = None) -> None:
+        """Processor sharing of the fresh processes' start work (`self.sharing`): every start in
+        its work phase runs at min(1, cores / starts in that phase), so a start slows down when
+        another begins beside it and speeds up when one ends, as the imports of processes
+        started together do (each is `fresh_process_s` of work alone). Brings every start's work
+        up to now, adds or removes one, and schedules when each will be done at the new rate."""
+        if self.work_left:
+            rate = min(1.0, self.hw.shared_cores / len(self.work_left))
+            spent = (self.now - self.work_at) * rate
+            for k in self.work_left:
+                self.work_left[k] -= spent
+        self.work_at = self.now
+        if add is not None:
+            self.work_left[add] = self.overhead
+        if remove is not None:
+            self.work_left.pop(remove, None)
+        self.work_gen += 1
+        if self.work_left:
+            rate = min(1.0, self.hw.shared_cores / len(self.work_left))
+            for k, left in self.work_left.items():
+                self.push(self.now + max(0.0, left) / rate, "shared", self.instances[k], self.work_gen)
+
+    def _shared(self, inst: object, gen: object) -> None:
+        """A fresh process's start work is done (if `gen` is still current): it loads its
+        checkpoint (the imports come before `from_pretrained`) and is ready after that."""
+        assert isinstance(inst, SimInstance)
+        if gen != self.work_gen or inst.id not in self.work_left:
+            return
+        self._share(remove=inst.id)
+        assert inst.load_end is not None
+        load = max(0.0, inst.load_end - inst.placed_at)
+        self.push(self.now + load + self.hw.activation_s, "ready", inst)
 
     def _loaded(self, node: object, job: object) -> None:
         assert isinstance(node, SimNode) and isinstance(job, LoadJob)
@@ -322,6 +364,8 @@ class Simulation:
         if inst.state == InstanceState.STOPPED:
             return
         self.release(inst)
+        if inst.id in self.work_left:
+            self._share(remove=inst.id)
         svc = self.services[inst.service]
         svc.instances.remove(inst)
         del self.nodes[inst.node].instances[inst.id]

@@ -470,3 +470,44 @@ def test_band_of_a_sample() -> None:
     xs = [float(k) for k in range(39, 0, -1)]  # 1..39, unsorted
     assert v.band(xs, 0.5) == (13.0, 27.0)
     assert v.band(xs, 0.99) == (37.0, 39.0)
+
+
+@pytest.mark.parametrize(("arrivals", "want"), [
+    # 4 fresh processes of 2 s of start work each on 2 cores (2 nodes x 2 slots). All at once:
+    # each runs at half speed, all are done at 4 s (stretched by the starts in progress when
+    # each began, they were done at 2, 2, 3 and 4 s).
+    pytest.param((0.0, 0.0, 0.0, 0.0), [4.0, 4.0, 4.0, 4.0], id="four-at-once"),
+    # one alone for 1 s (1 s of work left), then three join: 4 share 2 cores at half speed; the
+    # first is done 2 s later (3 s), when the other three have 1 s left each: 3 s of work on 2
+    # cores, 1.5 s more (4.5 s)
+    pytest.param((0.0, 1.0, 1.0, 1.0), [3.0, 4.5, 4.5, 4.5], id="three-join-one"),
+    pytest.param((0.0, 5.0, 10.0, 15.0), [2.0, 7.0, 12.0, 17.0], id="one-at-a-time-alone"),
+])
+def test_fresh_starts_share_the_cores(arrivals: tuple[float, ...], want: list[float]) -> None:
+    """Processor sharing of the fresh processes' start work on this machine's cores (the
+    validation's knative-default and kserve-localcache): when each one's work is done."""
+    import dataclasses
+
+    from sim.engine import Simulation
+    from sim.policies import get_policy
+    from sim.workload import Model, Request
+
+    hw = dataclasses.replace(v.hardware(v.measure(_doc(), LOGS)), load_noise=0.0, compute_noise=0.0,
+                             fresh_process_s=2.0, shared_cores=2)
+    cfg = v.SimConfig(nodes=2, capacity=4, keep_alive_s=60.0, max_scale=1, stable_window_s=6.0, kpa_stand_in=True)
+    policy = dataclasses.replace(get_policy("knative-default"), keep_alive=True)
+    models = [Model(m, "replay", 100, 1) for m in "abcd"]
+    requests = [Request(k, t, m, 10, 2) for k, (t, m) in enumerate(zip(arrivals, "abcd", strict=True))]
+    sim = Simulation(hw, policy, models, requests, cfg)
+    done: list[float] = []
+    shared = sim._shared
+
+    def record(inst: object, gen: object) -> None:
+        n = len(sim.work_left)
+        shared(inst, gen)
+        if len(sim.work_left) < n:
+            done.append(sim.now)
+
+    sim._shared = record  # type: ignore[method-assign]
+    sim.run()
+    assert sorted(done) == [pytest.approx(w) for w in want]
