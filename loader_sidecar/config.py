@@ -53,6 +53,9 @@ class Config:
     fill_segment_bytes: int = 64 << 20
     read_threads: int = 8
     timeout_s: float = 30.0
+    # How long a DRAM fill waits for other instances' leases to end when only they hold the room
+    # (a stopped instance's lease ends when its process exits, within its stop's 10 s grace).
+    lease_wait_s: float = 10.0
     retries: int = 5
     retry_backoff_s: float = 0.5
     profile_bytes: int = 64 << 20
@@ -80,6 +83,7 @@ class Config:
              self.fill_segment_bytes, "must be a positive multiple of 4096"),
             (1 <= self.read_threads <= 256, "read-threads", self.read_threads, "must be in [1, 256]"),
             (self.timeout_s > 0, "timeout", self.timeout_s, "must be greater than 0"),
+            (self.lease_wait_s >= 0, "lease-wait", self.lease_wait_s, "must not be negative"),
             (0 <= self.retries <= 100, "retries", self.retries, "must be in [0, 100]"),
             (self.retry_backoff_s >= 0, "retry-backoff", self.retry_backoff_s, "must not be negative"),
             (self.profile_bytes >= 4096 and self.profile_bytes % 4096 == 0, "profile-bytes", self.profile_bytes,
@@ -135,6 +139,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fill-segment-bytes", default="64MiB", help="SSD->DRAM watermark step")
     p.add_argument("--read-threads", type=int, default=8, help="threads of the direct SSD reads")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds without bytes before a request stalls")
+    p.add_argument("--lease-wait", type=float, default=10.0,
+                   help="seconds a DRAM fill for an instance waits for other instances' leases to end when only "
+                        "they hold the room (default 10: a stopped instance's process exits within its grace)")
     p.add_argument("--retries", type=int, default=5, help="attempts per range after a transient failure")
     p.add_argument("--retry-backoff", type=float, default=0.5, help="first retry delay in seconds (doubles)")
     p.add_argument("--profile-bytes", default="64MiB", help="scratch file size of the start-up bandwidth probe")
@@ -169,7 +176,7 @@ def from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> Co
         dram_dir=dram_dir, dram_bytes=dram_bytes, stores=stores, connections=args.connections,
         chunk_bytes=parse_size(args.chunk_bytes, "chunk-bytes"),
         fill_segment_bytes=parse_size(args.fill_segment_bytes, "fill-segment-bytes"),
-        read_threads=args.read_threads, timeout_s=args.timeout, retries=args.retries,
+        read_threads=args.read_threads, timeout_s=args.timeout, lease_wait_s=args.lease_wait, retries=args.retries,
         retry_backoff_s=args.retry_backoff, profile_bytes=parse_size(args.profile_bytes, "profile-bytes"),
         metrics_addr=args.metrics, s3_endpoint=args.s3_endpoint or env.get("AWS_ENDPOINT_URL_S3")
         or env.get("AWS_ENDPOINT_URL"), hf_endpoint=(env.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/"),

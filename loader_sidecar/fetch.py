@@ -305,7 +305,8 @@ class Fetcher:
         total = sum(files.values())
         dram_dir: Path | None = None
         if fill is not None:
-            fill.attach(await self.dram.reserve_when_free(key, ref.uri, total, self.config.timeout_s))
+            fill.attach(await self.dram.reserve_when_free(key, ref.uri, total, self.config.timeout_s,
+                                                          self.config.lease_wait_s))
             dram_dir = self.dram.path(key)
         staging: Path | None = None
         try:

@@ -74,7 +74,8 @@ class SsdToDram:
             except (fmt.FormatError, OSError) as exc:
                 raise CorruptData(f"SSD copy of {ref.uri}: {exc}") from exc
             files = dict(src_entry.files)
-            fill.attach(await self.dram.reserve_when_free(key, ref.uri, sum(files.values()), self.config.timeout_s))
+            fill.attach(await self.dram.reserve_when_free(key, ref.uri, sum(files.values()), self.config.timeout_s,
+                                                          self.config.lease_wait_s))
             reserved = True
             dst = self.dram.path(key)
             dst.mkdir(parents=True, exist_ok=True)

@@ -95,10 +95,12 @@ def plan_eviction(entries: Iterable[Entry], budget: int, need: int, tier: str = 
     # Entries that are only being read (a fill's source, the SSD copy of a fresh fetch) free up
     # by themselves soon: a caller may wait and try again.
     reading = sum(e.size for e in held if e.state is State.READY and e.leases == 0)
+    leased = sum(e.size for e in held if e.state is State.READY and e.leases > 0)
     err = TierFull(f"{tier} tier: needs {need} bytes, only {free} of {budget} can be freed"
                    f"{'' if what == BUDGET else f' ({what})'}; in use: "
                    + "; ".join(_describe(e) for e in held))
     err.transient = free + reading >= need
+    err.leased = free + reading + leased >= need
     raise err
 
 
@@ -156,15 +158,26 @@ class TierStore:
         self._changed = asyncio.Event()
         self._on_change()
 
-    async def reserve_when_free(self, key: str, model: str, size: int, timeout: float) -> Entry:
-        """`reserve`, waiting up to `timeout` s while the room is held only by entries being read."""
-        deadline = time.monotonic() + timeout
+    async def reserve_when_free(self, key: str, model: str, size: int, timeout: float,
+                                lease_wait: float = 0.0) -> Entry:
+        """`reserve`, waiting up to `timeout` s while the room is held only by entries being read,
+        and up to `lease_wait` s (at most `timeout`) while it is held by leased entries too. An
+        instance's slot is free to the autoscaler once the instance is told to stop, and its lease
+        ends when its process has exited, a moment later: a fill for the instance that takes the
+        slot waits for that instead of failing its start."""
+        start = time.monotonic()
         while True:
             try:
                 return self.reserve(key, model, size)
             except TierFull as exc:
-                left = deadline - time.monotonic()
-                if not exc.transient or left <= 0:
+                if exc.transient:
+                    budget = timeout
+                elif exc.leased:
+                    budget = min(timeout, lease_wait)
+                else:
+                    raise
+                left = budget - (time.monotonic() - start)
+                if left <= 0:
                     raise
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), left)

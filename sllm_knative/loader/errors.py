@@ -51,9 +51,12 @@ class CorruptData(LoaderError):
 
 
 class TierFull(LoaderError):
-    """`transient`: the room is held only by entries being read, so it frees up by itself."""
+    """`transient`: the room is held only by entries being read, so it frees up by itself.
+    `leased`: it would fit once the leases on it end too (an instance that stopped releases its
+    lease when its process has exited)."""
 
     transient = False
+    leased = False
 
 
 class DiskError(LoaderError):

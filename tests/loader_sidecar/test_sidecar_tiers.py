@@ -29,18 +29,50 @@ def test_plan_eviction(entries, budget, need, victims):
     assert plan_eviction(entries, budget, need) == victims
 
 
-@pytest.mark.parametrize("entries, budget, need, message, transient", [
-    pytest.param([], 100, 101, "whole budget is 100", False, id="larger-than-budget"),
-    pytest.param([E("a", 60, 1, leases=1)], 100, 50, r"only 40 of 100 can be freed.*1 leases", False, id="leased"),
-    pytest.param([E("a", 60, 1, state=State.FILLING)], 100, 50, "filling", False, id="filling"),
-    pytest.param([E("a", 60, 1, readers=1)], 100, 50, "1 readers", True, id="only-read-frees-soon"),
-    pytest.param([E("a", 30, 1, readers=1), E("b", 30, 1, leases=1)], 100, 80, "readers", False,
+@pytest.mark.parametrize("entries, budget, need, message, transient, leased", [
+    pytest.param([], 100, 101, "whole budget is 100", False, False, id="larger-than-budget"),
+    pytest.param([E("a", 60, 1, leases=1)], 100, 50, r"only 40 of 100 can be freed.*1 leases", False, True,
+                 id="leased"),
+    pytest.param([E("a", 60, 1, state=State.FILLING)], 100, 50, "filling", False, False, id="filling"),
+    pytest.param([E("a", 60, 1, readers=1)], 100, 50, "1 readers", True, True, id="only-read-frees-soon"),
+    pytest.param([E("a", 30, 1, readers=1), E("b", 30, 1, leases=1)], 100, 80, "readers", False, True,
                  id="read-and-leased"),
+    pytest.param([E("a", 30, 1, leases=1), E("b", 40, 1, state=State.FILLING)], 100, 70, "filling", False, False,
+                 id="leased-and-filling-too-much"),
 ])
-def test_plan_eviction_full(entries, budget, need, message, transient):
+def test_plan_eviction_full(entries, budget, need, message, transient, leased):
     with pytest.raises(TierFull, match=message) as err:
         plan_eviction(entries, budget, need, "dram")
-    assert err.value.transient is transient
+    assert (err.value.transient, err.value.leased) == (transient, leased)
+
+
+@pytest.mark.parametrize("lease_wait, released_after, want", [
+    # An instance stopped: its lease ends a moment later, and the fill for the next one waits.
+    pytest.param(5.0, 0.1, "b-000000000000", id="waits-for-the-lease-to-end"),
+    pytest.param(0.0, 0.1, "TierFull", id="no-lease-wait-fails-at-once"),
+    pytest.param(0.2, None, "TierFull", id="a-lease-that-stays-fails-after-the-wait"),
+])
+def test_reserve_waits_for_a_lease_to_end_up_to_lease_wait(tmp_path, lease_wait, released_after, want):
+    import asyncio
+    import time
+
+    async def run() -> tuple[str, float]:
+        tier = TierStore("dram", tmp_path, 100)
+        _fill(tier, "a-000000000000", 60)
+        tier.add_lease("a-000000000000", 1)
+        if released_after is not None:
+            asyncio.get_running_loop().call_later(released_after, tier.add_lease, "a-000000000000", -1)
+        t0 = time.monotonic()
+        try:
+            got = (await tier.reserve_when_free("b-000000000000", "file:///m/b", 50, timeout=30,
+                                                lease_wait=lease_wait)).key
+        except TierFull:
+            got = "TierFull"
+        return got, time.monotonic() - t0
+
+    got, took = asyncio.run(run())
+    assert got == want
+    assert took < max(lease_wait, 0.1) + 1.0  # never the 30 s timeout
 
 
 def test_reserve_waits_for_readers_not_for_fills(tmp_path):
