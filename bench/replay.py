@@ -20,7 +20,12 @@ end, success, and the instance that served it (the `x-sllm-instance` response he
 The model: a random-weight Llama of `--model-mb` MiB (`spec_for_size`, vocab 8192, bf16),
 built once into --work with one copy per checkpoint. The same machine runs every profile, one
 after the other, on the same requests; each instance computes on one thread (OMP_NUM_THREADS=1,
-SLLM_NUMERICS=fast). Every profile's services scale to zero after the same idle time
+SLLM_NUMERICS=fast). By default each of the 4 services has its own checkpoint and each node's
+DRAM tier holds two of them (`--checkpoints 4 --dram-gb 0.6`): more models than one node's
+host memory holds, ServerlessLLM's setting, where the tier a cold start finds depends on the
+node (with `--checkpoints 2 --dram-gb 2`, the default before 2026-12-07, every node's DRAM held
+every checkpoint after the warm-up and placement had nothing to choose). Every profile's
+services scale to zero after the same idle time
 (`--keep-alive`, default 6 s: Knative's smallest stable window) and hold one instance at most
 (`--max-scale`, default 1), on 2 nodes x 2 slots. The default 4 services fit the 4 slots, so the
 tail is the cold starts themselves; with more (`--services 6`) a cold start may first need a
@@ -253,15 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compress", type=float, default=6.0, help="time compression factor (default 6)")
     p.add_argument("--sample", type=float, default=0.05, help="fraction of the window's requests kept (default 0.05)")
     p.add_argument("--services", type=int, default=4, help="services (default 4, one per slot)")
-    p.add_argument("--checkpoints", type=int, default=2, help="checkpoints the services share (default 2)")
+    p.add_argument("--checkpoints", type=int, default=4,
+                   help="checkpoints the services share (default 4: one per service)")
     p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of service popularity (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-prompt-tokens", type=int, default=16, help="prompt cap (default 16)")
     p.add_argument("--max-tokens", type=int, default=4, help="generated tokens cap (default 4)")
     p.add_argument("--model-mb", type=int, default=256, help="size of the random model (default 256 MiB)")
-    p.add_argument("--dram-gb", type=float, default=2.0,
-                   help="each node's DRAM tier in GiB (default 2: every checkpoint fits; less makes the nodes "
-                        "hold different checkpoints, where placement by locality matters)")
+    p.add_argument("--dram-gb", type=float, default=0.6,
+                   help="each node's DRAM tier in GiB (default 0.6: two of the four 256 MiB checkpoints, so the "
+                        "nodes hold different ones and placement by locality matters; 2 holds every one)")
     p.add_argument("--keep-alive", type=float, default=6.0, help="idle seconds before a service scales to zero, "
                    "every profile (default 6)")
     p.add_argument("--max-scale", type=int, default=1,

@@ -34,7 +34,7 @@ def test_simulator_predicts_a_tiny_replay(tmp_path: Path) -> None:
     out = tmp_path / "replay"
     cmd = [sys.executable, "-m", "bench.replay", "--out", str(out), "--window", "600,60", "--warmup", "0",
            "--sample", "0.1", "--services", "2", "--checkpoints", "1", "--profiles", "sllm,knative-default",
-           "--model-mb", "64", "--work", str(tmp_path / "work")]
+           "--model-mb", "64", "--dram-gb", "2", "--work", str(tmp_path / "work")]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=420)
     assert run.returncode == 0, run.stderr[-3000:]
     path = out / "replay.json"
