@@ -45,7 +45,7 @@ from autoscaler.preemption import (
     plan_preemption,
 )
 from autoscaler.services import ServiceRuntime, ServiceTable, start_backoff_s
-from autoscaler.slots import Reservation, SlotLedger
+from autoscaler.slots import Claim, Reservation, SlotLedger
 from autoscaler.view import (
     LoadInFlight,
     instance_view,
@@ -62,8 +62,6 @@ from sllm_knative.placement import (
     Instance,
     ModelRequest,
     NodeInventory,
-    Option,
-    Placement,
     Tier,
     choose_victims,
     observe_stop,
@@ -74,18 +72,6 @@ _log = get_logger("autoscaler")
 DEFAULT_MODEL_BYTES = 1 << 30  # until a node has seen the checkpoint
 READY_WAIT_S = 330.0  # a backend reports FAILED after 300 s; this only guards against a lost event
 EARLY_EVENTS_KEPT = 256  # instances whose events came before their start() returned
-
-
-@dataclasses.dataclass
-class Claim:
-    """What one scale-up holds while it runs: the slot placement chose (reserved), and for a
-    preemption the victim, the migration destination and a reserved destination slot."""
-
-    option: Option
-    slot: Reservation | None = None
-    destination_slot: Reservation | None = None
-    victim_service: ServiceRuntime | None = None
-    pinned: list[str] = dataclasses.field(default_factory=list)
 
 
 class Scaler:
@@ -146,7 +132,7 @@ class Scaler:
                                    holding=len(rt.counted()))
             decision = place_by(self.placer, request, nodes, self.calibration, self._rng.random,
                                 rt.waited_s(self.clock()), rt.fair_share_after_s, TICK_S)
-            claim = self._claim(rt, decision, nodes)
+            claim = self.slots.claim(self.table, rt, decision, nodes, self.model_size)
         placement_s = time.perf_counter() - t0
         metrics.PLACEMENT_SECONDS.observe(placement_s)
         if claim is None or decision.node is None:
@@ -171,7 +157,7 @@ class Scaler:
                 record.update(freed)
             rec = await self._start(rt, decision.node, str(claim.option.estimate.tier), record, claim.slot)
         finally:
-            self._release(claim)
+            self.slots.release_claim(claim)
         _log.info("placed", service=svc.key, checkpoint=rt.model, instance=rec.id, node=decision.node,
                   tier=rec.tier, action=str(decision.action), estimate_s=round(decision.estimate_s, 3),
                   stop_s=record.get("stop_s"), reason=decision.reasons[0],
@@ -221,43 +207,6 @@ class Scaler:
         return occupy_all(nodes, self.backend.node_slots(), self._slots_used(),
                           {node: tuple(v) for node, v in instances.items()}, loads, time.time(),
                           self.calibration.apply)
-
-    def _claim(self, rt: ServiceRuntime, decision: Placement, nodes: list[NodeInventory]) -> Claim | None:
-        """Reserve what the decision needs (called in the slot section); None for WAIT."""
-        chosen = decision.chosen
-        if decision.node is None or chosen is None or decision.action == Action.WAIT:
-            return None
-        now = time.time()
-        load = LoadInFlight(decision.node, rt.model, self.model_size(rt.model), chosen.estimate.tier,
-                            now + chosen.free_s)
-        claim = Claim(chosen, slot=self.slots.reserve(rt.key, load, decision.fair_share))
-        if decision.action == Action.PLACE:
-            return claim
-        found = self.table.find(chosen.victim or "")
-        if found is None:
-            return claim  # the plan calls it off
-        vrt, victim = found
-        claim.victim_service = vrt
-        vrt.leaving.add(victim.id)
-        if decision.action == Action.MIGRATE and chosen.destination:
-            if chosen.starts_destination:
-                tier = next((n.tier_of(vrt.model) for n in nodes if n.name == chosen.destination), Tier.REMOTE)
-                claim.destination_slot = self.slots.reserve(
-                    vrt.key, LoadInFlight(chosen.destination, vrt.model, self.model_size(vrt.model), tier, now))
-            else:
-                vrt.pinned.add(chosen.destination)
-                claim.pinned.append(chosen.destination)
-        return claim
-
-    def _release(self, claim: Claim | None) -> None:
-        if claim is None:
-            return
-        self.slots.release(claim.slot)
-        self.slots.release(claim.destination_slot)
-        if claim.victim_service is not None:
-            claim.victim_service.leaving.discard(claim.option.victim or "")
-            for pinned in claim.pinned:
-                claim.victim_service.pinned.discard(pinned)
 
     async def _start(self, rt: ServiceRuntime, node: str, tier: str, record: dict[str, Any],
                      reservation: Reservation | None = None) -> InstanceRecord:

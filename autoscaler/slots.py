@@ -12,8 +12,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import time
+from collections.abc import Callable, Sequence
 
+from autoscaler.services import ServiceRuntime, ServiceTable
 from autoscaler.view import LoadInFlight
+from sllm_knative.placement import Action, NodeInventory, Option, Placement, Tier
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +30,18 @@ class Reservation:
     @property
     def node(self) -> str:
         return self.load.node
+
+
+@dataclasses.dataclass
+class Claim:
+    """What one scale-up holds while it runs: the slot placement chose (reserved), and for a
+    preemption the victim, the migration destination and a reserved destination slot."""
+
+    option: Option
+    slot: Reservation | None = None
+    destination_slot: Reservation | None = None
+    victim_service: ServiceRuntime | None = None
+    pinned: list[str] = dataclasses.field(default_factory=list)
 
 
 class SlotLedger:
@@ -52,3 +68,43 @@ class SlotLedger:
         for r in self._reserved.values():
             out[r.node] = out.get(r.node, 0) + 1
         return out
+
+    def claim(self, table: ServiceTable, rt: ServiceRuntime, decision: Placement, nodes: Sequence[NodeInventory],
+              model_size: Callable[[str], int]) -> Claim | None:
+        """Reserve what `decision` for `rt` needs (call it under `lock`, in the section that
+        placed): its slot, and for a preemption the victim (leaving its service) and the
+        migration destination (a reserved slot, or an instance pinned); None for WAIT."""
+        chosen = decision.chosen
+        if decision.node is None or chosen is None or decision.action == Action.WAIT:
+            return None
+        now = time.time()
+        load = LoadInFlight(decision.node, rt.model, model_size(rt.model), chosen.estimate.tier, now + chosen.free_s)
+        claim = Claim(chosen, slot=self.reserve(rt.key, load, decision.fair_share))
+        if decision.action == Action.PLACE:
+            return claim
+        found = table.find(chosen.victim or "")
+        if found is None:
+            return claim  # the plan calls it off
+        vrt, victim = found
+        claim.victim_service = vrt
+        vrt.leaving.add(victim.id)
+        if decision.action == Action.MIGRATE and chosen.destination:
+            if chosen.starts_destination:
+                tier = next((n.tier_of(vrt.model) for n in nodes if n.name == chosen.destination), Tier.REMOTE)
+                claim.destination_slot = self.reserve(
+                    vrt.key, LoadInFlight(chosen.destination, vrt.model, model_size(vrt.model), tier, now))
+            else:
+                vrt.pinned.add(chosen.destination)
+                claim.pinned.append(chosen.destination)
+        return claim
+
+    def release_claim(self, claim: Claim | None) -> None:
+        """Give back everything `claim` holds."""
+        if claim is None:
+            return
+        self.release(claim.slot)
+        self.release(claim.destination_slot)
+        if claim.victim_service is not None:
+            claim.victim_service.leaving.discard(claim.option.victim or "")
+            for pinned in claim.pinned:
+                claim.victim_service.pinned.discard(pinned)
