@@ -157,7 +157,11 @@ class Autoscaler:
             old.cancel()
         if delay_s is not None and delay_s < TICK_S:  # a later one: a tick comes first
             # A hair past the end, so that the clock has passed it when the decider reads it.
-            self._rechecks[key] = self.call_later(delay_s + RECHECK_LATE_S, lambda: self._evaluate_soon(key))
+            self._rechecks[key] = self.call_later(delay_s + RECHECK_LATE_S, lambda: self._fire_recheck(key))
+
+    def _fire_recheck(self, key: str) -> None:
+        self._rechecks.pop(key, None)
+        self._evaluate_soon(key)
 
     def slots_in_use(self) -> dict[str, int]:
         return self.table.slots_in_use()
@@ -190,7 +194,6 @@ class Autoscaler:
 
     def _evaluate_soon(self, key: str) -> None:
         """Evaluate `key` in a task of its own, unless its last evaluation is still running."""
-        self._rechecks.pop(key, None)
         running = self._evaluating.get(key)
         if key in self.table.services and (running is None or running.done()):
             self._evaluating[key] = self._spawn(self._evaluate_logged(key))

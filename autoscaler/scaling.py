@@ -66,6 +66,7 @@ from sllm_knative.placement import (
     choose_victims,
     observe_stop,
     place_by,
+    pool_tier_rates,
 )
 
 _log = get_logger("autoscaler")
@@ -123,6 +124,8 @@ class Scaler:
             return
         t0 = time.perf_counter()
         nodes = await self.backend.inventories()
+        if self.backend.one_machine:  # one machine's probes: noise around one value each (as `calibration`)
+            nodes = pool_tier_rates(nodes)
         if (allowed := self.backend.nodes_for(svc)) is not None:  # the service's nodeSelector
             nodes = [n for n in nodes if n.name in allowed]
         generations = await self._generations_on_full_nodes()

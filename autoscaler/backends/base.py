@@ -117,7 +117,8 @@ EventHandler = Callable[[InstanceEvent], Awaitable[None]]
 @runtime_checkable
 class Backend(Protocol):
     #: Every node is a process group on one machine (the local backend): the nodes' measured
-    #: rates and start times are that machine's, pooled across nodes (`Calibration.pooled`).
+    #: rates and start times are that machine's, and the scaler pools them across nodes (the
+    #: probes with `pool_tier_rates`, what it learns with `Calibration.pooled`).
     one_machine: bool
 
     def node_slots(self) -> Mapping[str, int]:

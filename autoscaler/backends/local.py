@@ -43,7 +43,7 @@ from sllm_knative.config import ServiceConfig
 from sllm_knative.loader.hops import tier_rates
 from sllm_knative.local import procs, zygote
 from sllm_knative.log import get_logger
-from sllm_knative.placement import Instance, NodeInventory, Tier, pool_store_rates, pool_tier_rates
+from sllm_knative.placement import Instance, NodeInventory, Tier, pool_store_rates
 from sllm_knative.ports import free_port
 
 _log = get_logger("autoscaler.backend")
@@ -155,7 +155,7 @@ class LocalBackend:
                 _log.warning("node inventory unavailable", node=name, error=str(exc))
                 continue
             out.append(inventory_to_node(node, inv, 0, self.model_sizes))
-        return pool_tier_rates(pool_store_rates(out))
+        return pool_store_rates(out)
 
     def nodes_for(self, service: ServiceConfig) -> set[str] | None:
         return None  # local nodes carry no labels: a nodeSelector has nothing to select on
