@@ -154,11 +154,16 @@ class Scaler:
                 _log.info("preempting", service=svc.key, checkpoint=rt.model, action=str(decision.action),
                           node=decision.node, victim=claim.option.victim, destination=claim.option.destination,
                           fair_share=decision.fair_share, reason=decision.reasons[0])
+                # The checkpoint moves into the node's DRAM while the victim is emptied and stops
+                # (placement's estimate counts on it: `Option.total_s`); the fill waits for room
+                # the victim's lease holds (the loader's lease wait).
+                await self.backend.warm(decision.node, svc.model.uri)
                 freed = await self._preempt(claim, nodes)
                 if freed is None:
                     return
                 record.update(freed)
-            rec = await self._start(rt, decision.node, str(claim.option.estimate.tier), record, claim.slot)
+            rec = await self._start(rt, decision.node, str(claim.option.estimate.tier), record, claim.slot,
+                                    warmed=decision.action in (Action.EVICT, Action.MIGRATE))
         finally:
             self.slots.release_claim(claim)
         _log.info("placed", service=svc.key, checkpoint=rt.model, instance=rec.id, node=decision.node,
@@ -212,11 +217,12 @@ class Scaler:
                           self.calibration.apply)
 
     async def _start(self, rt: ServiceRuntime, node: str, tier: str, record: dict[str, Any],
-                     reservation: Reservation | None = None) -> InstanceRecord:
+                     reservation: Reservation | None = None, warmed: bool = False) -> InstanceRecord:
         """Start an instance of rt's service on `node` (in `reservation`'s slot) and record the
-        placement that put it there. READY or FAILED comes as a backend event (`on_event`)."""
+        placement that put it there (`warmed`: its checkpoint was warmed at the decision).
+        READY or FAILED comes as a backend event (`on_event`)."""
         svc = rt.config
-        if svc.model is not None:
+        if svc.model is not None and not warmed:
             await self.backend.warm(node, svc.model.uri)  # start moving the checkpoint in now
         taken = {r.id for r in self.backend.instances()}  # adopted ones keep their names
         name = next(n for n in (f"{svc.name}-{i}" for i in self._ids) if n not in taken)

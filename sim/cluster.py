@@ -146,6 +146,7 @@ class SimInstance:
     compute_free_at: float = 0.0  # serial_prefill: when the prefills admitted so far are done
     gpus_held: bool = False
     load_end: float | None = None
+    hop_s: float = 0.0  # a warmed successor's last hop (DRAM to device): after its GPUs are taken
     ready_at: float | None = None
     stopped_at: float | None = None
     running: dict[int, Running] = field(default_factory=dict)

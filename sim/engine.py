@@ -246,8 +246,11 @@ class Simulation:
     # -- instances -------------------------------------------------------------------------------
 
     def start(self, svc: Service, node: SimNode, wait_for_gpus: bool = False, load_from: float = 0.0) -> SimInstance:
-        """A new instance of `svc` on `node`; its load starts at `load_from` at the earliest (an
-        eviction's successor loads once the victim has stopped, as the autoscaler starts it)."""
+        """A new instance of `svc` on `node`. A preemption's successor (`wait_for_gpus`) has its
+        checkpoint warmed at the decision, as the autoscaler does: a fill from the SSD or the
+        store starts now, and only its last hop (DRAM to device, `hop_s`) waits for the GPUs; a
+        load from DRAM is that hop alone and starts at `load_from` at the earliest (an
+        eviction's successor: once the victim has stopped)."""
         m = svc.model
         self.ids += 1
         tier = Tier.REMOTE if not (self.policy.dram_tier or self.policy.ssd_cache or self.policy.prestaged_ssd) \
@@ -271,8 +274,11 @@ class Simulation:
             rate *= math.exp(self.noise.gauss(0.0, self.hw.load_noise)) if self.hw.load_noise else 1.0
             if self.policy.fresh_process:
                 rate /= self.hw.fresh_load_factor
-            start = max(self.now, node.loader_free_at, load_from)
+            warmed = wait_for_gpus and tier in (Tier.SSD, Tier.REMOTE)
+            start = max(self.now, node.loader_free_at, self.now if warmed else load_from)
             job = LoadJob(m.key, m.size_bytes, tier, start, start + m.size_bytes / rate)
+            if warmed:
+                inst.hop_s = m.size_bytes / self.actual[Tier.DRAM]
             node.loader_free_at = job.end
             node.jobs.append(job)
             self.holders.setdefault(m.key, set()).add(node.name)
@@ -298,7 +304,7 @@ class Simulation:
         if self.hw.shared_cores:  # the starts in progress (this one included) share the cores
             starting = sum(1 for i in self.instances.values() if i.state == InstanceState.STARTING and i.gpus_held)
             overhead *= max(1.0, starting / self.hw.shared_cores)
-        self.push(max(self.now, inst.load_end) + overhead + self.hw.activation_s, "ready", inst)
+        self.push(max(self.now + inst.hop_s, inst.load_end) + overhead + self.hw.activation_s, "ready", inst)
 
     def _share(self, add: str | None = None, remove: str | None = None) -> None:
         """Processor sharing of the fresh processes' start work (`self.sharing`): every start in

@@ -5,12 +5,16 @@ Every node yields options, each with an estimated time until the instance is rea
 - PLACE: the node has a free slot: `startup(m, n)`.
 - EVICT: no free slot, but an idle instance of another model (kept alive, not serving) with a
   priority no higher than the request's can be stopped: its slot frees after the node's
-  `instance_stop_s` (learnt from observed evictions): `max(stop, queue_wait) + load + overhead`.
+  `instance_stop_s` (learnt from observed evictions). The successor's checkpoint is warmed at
+  the decision, so its fill into DRAM runs during the stop and only the last hop (DRAM to
+  device, `Estimate.last_hop_s`) waits for it: `max(stop + hop, queue_wait + load) + overhead`
+  (`max(stop, queue_wait) + load + overhead` for a checkpoint already in DRAM).
 - MIGRATE: no free slot; a busy, migratable instance of another model with a priority no
   higher than the request's moves its in-flight generations away, either onto a ready
   instance of its own model with room for them (cost `a * tokens + b`) or onto a free slot of
   another node (that node's startup time for its model, plus the same cost). The slot frees
-  when the emptied victim has stopped: `max(migration + stop, queue_wait) + load + overhead`.
+  when the emptied victim has stopped: `max(migration + stop + hop, queue_wait + load) + overhead`,
+  warmed as EVICT's.
 - WAIT: no free slot; the node's instance expected to finish first frees its slot after
   `remaining_s`: `max(remaining, queue_wait) + load + overhead`.
 
@@ -83,6 +87,11 @@ class Option:
     @property
     def total_s(self) -> float:
         e = self.estimate
+        if self.action in (Action.EVICT, Action.MIGRATE):
+            # The successor's checkpoint is warmed at the decision (the autoscaler's
+            # `Scaler._scale_up`): its fill into DRAM runs while the victim is emptied and
+            # stops, and only the last hop waits for the slot.
+            return max(self.free_s + e.last_hop_s, e.queue_wait_s + e.load_s) + e.overhead_s
         return max(self.free_s, e.queue_wait_s) + e.load_s + e.overhead_s
 
     def _key(self) -> tuple[float, int, int, str]:

@@ -261,7 +261,14 @@ class ModelRequest:
 @dataclass(frozen=True)
 class Estimate:
     """startup(m, n) split into its terms. When `joined` is true the model is already in the
-    node's load queue: `queue_wait_s` runs until that load ends and `load_s` is 0."""
+    node's load queue: `queue_wait_s` runs until that load ends and `load_s` is 0.
+
+    `hop_s` is the part of `load_s` that only the started instance can do: the last hop, from
+    the DRAM tier into the device. A load from the SSD or the store fills the DRAM tier first,
+    and that fill needs no slot: a checkpoint warmed while a victim stops (a preemption's
+    successor, `decide.Option.total_s`) is only the hop away once the slot is free. For a
+    checkpoint already in DRAM (or on the device) the hop is the whole load, as it is when
+    `hop_s` is None."""
 
     node: str
     tier: Tier
@@ -269,6 +276,11 @@ class Estimate:
     load_s: float
     overhead_s: float
     joined: bool = False
+    hop_s: float | None = None
+
+    @property
+    def last_hop_s(self) -> float:
+        return self.load_s if self.hop_s is None else self.hop_s
 
     @property
     def total_s(self) -> float:
@@ -285,5 +297,8 @@ def startup(request: ModelRequest, node: NodeInventory) -> Estimate:
     tier = node.tier_of(request.model)
     # A resident checkpoint needs no I/O, so it does not queue behind the loader.
     queue = 0.0 if tier == Tier.DEVICE else waited
-    return Estimate(node.name, tier, queue, node.load_seconds(request.size_bytes, tier, request.model),
-                    node.instance_overhead_s)
+    load = node.load_seconds(request.size_bytes, tier, request.model)
+    hop = load
+    if tier in (Tier.SSD, Tier.REMOTE) and Tier.DRAM in node.bandwidth:  # filled into DRAM, then the hop
+        hop = min(load, node.load_seconds(request.size_bytes, Tier.DRAM))
+    return Estimate(node.name, tier, queue, load, node.instance_overhead_s, hop_s=hop)

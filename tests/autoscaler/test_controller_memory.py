@@ -148,6 +148,31 @@ def test_preemption_of_an_idle_victim() -> None:
     run([node("n1", a=Tier.DRAM, b=Tier.DRAM), node("n2", c=Tier.DRAM)], scenario)
 
 
+def test_the_successors_checkpoint_is_warmed_while_its_victim_stops() -> None:
+    """B's checkpoint is on n1's SSD, behind an idle A in n1's only slot: A is evicted, and n1's
+    loader is told to move B into DRAM at the decision, while A still stops (20 simulated
+    seconds), not once it has stopped: placement's estimate counts the fill as running during
+    the stop (`Option.total_s`)."""
+    async def scenario(c: Cluster) -> None:
+        await c.deploy(service("a"), service("b"))
+        await c.demand("a")
+        [a] = c.instances("a")
+        seen: list[tuple[str, str, list[str]]] = []
+        warm = c.backend.warm
+
+        async def spy(node: str, model: str) -> None:
+            seen.append((node, model, list(c.backend.stopped)))
+            await warm(node, model)
+
+        c.backend.warm = spy  # type: ignore[method-assign]
+        await c.demand("b")
+        assert c.ready_on("b") == ["n1"] and c.backend.stopped == [a.id]
+        assert c.rt("b").placements[-1]["action"] == "evict"
+        assert seen and seen[0] == ("n1", uri("b"), []), seen  # before A had stopped
+
+    run([node("n1", a=Tier.DRAM, b=Tier.SSD)], scenario, stop_s=20.0)
+
+
 @pytest.mark.parametrize("nodes,want_destination_node,starts", [
     pytest.param([node("n1", a=Tier.DRAM, b=Tier.DRAM), node("n2", a=Tier.DRAM)], "n2", False,
                  id="onto-the-other-instance-of-its-model"),

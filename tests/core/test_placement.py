@@ -377,6 +377,31 @@ def test_a_migration_frees_the_slot_when_its_emptied_victim_has_stopped(stop: fl
     assert migrate and (f"then stop it in {stop:.2f}s" in migrate[0]) == bool(stop), migrate
 
 
+@pytest.mark.parametrize("action,stop,a_tier,b_store,want_node,want_s", [
+    # a holds M on its SSD (2.5 s: a 2.0 s fill into DRAM, then the 0.5 s hop to the device)
+    # behind x; b has a free slot and loads M from the store (5 GB at b_store GB/s, + 0.3 s). The
+    # successor's checkpoint is warmed at the decision: the fill runs while x is stopped.
+    pytest.param(Action.EVICT, 1.0, Tier.SSD, 1.25, "a", max(1.0 + 0.5, 2.5) + 0.3, id="the-fill-hides-the-stop"),
+    pytest.param(Action.EVICT, 3.0, Tier.SSD, 1.25, "a", max(3.0 + 0.5, 2.5) + 0.3, id="a-stop-longer-than-the-fill"),
+    pytest.param(Action.EVICT, 3.0, Tier.DRAM, 1.25, "a", 3.0 + 0.5 + 0.3, id="a-dram-copy-is-the-hop-alone"),
+    # 2.8 s against b's 3.3 s: without the warm (stop, then the whole load: 3.8 s) b would win
+    pytest.param(Action.EVICT, 1.0, Tier.SSD, 5 / 3, "a", 2.8, id="the-warm-wins-against-a-free-slot"),
+    pytest.param(Action.EVICT, 4.0, Tier.SSD, 5 / 3, "b", 3.3, id="a-long-stop-loses-to-a-free-slot"),
+    # busy x's 10,000 tokens move onto y on b (2.5 s), then x stops (0.5 s); the fill ran meanwhile
+    pytest.param(Action.MIGRATE, 0.5, Tier.SSD, 1.25, "a", max(2.5 + 0.5 + 0.5, 2.5) + 0.3, id="migrate-and-stop-hide-the-fill"),
+])
+def test_a_preemptions_successor_is_warmed_during_the_stop(action: Action, stop: float, a_tier: Tier, b_store: float,
+                                                          want_node: str, want_s: float) -> None:
+    a = dataclasses.replace(node("a", a_tier, free=0, instances=(idle("x") if action == Action.EVICT else busy("x"),)),
+                            instance_stop_s=stop)
+    b = node("b", instances=(busy("y", remaining=30.0),), bw={**BW, Tier.REMOTE: b_store * GB})
+    p = place(REQ, [a, b], COST)
+    assert (p.node, p.action) == (want_node, action if want_node == "a" else Action.PLACE), p.reasons
+    assert p.estimate_s == pytest.approx(want_s)
+    e = startup(REQ, a)
+    assert (e.load_s, e.last_hop_s) == pytest.approx((2.5 if a_tier == Tier.SSD else 0.5, 0.5))
+
+
 TWO_IDLE = [node("a", Tier.DRAM, free=0, instances=(inst("x", node_waiting=1, instances=2),))]  # EVICT x: 0.8 s
 
 

@@ -417,21 +417,28 @@ def test_stop_times(lines: list[str], want: list[float]) -> None:
     assert v.stop_times(lines) == pytest.approx(want)
 
 
-@pytest.mark.parametrize("stop", [0.0, 0.5])
+@pytest.mark.parametrize("stop", [0.0, 0.1, 0.5])
 def test_an_eviction_waits_for_the_victims_stop(stop: float) -> None:
     """Two services hold the node's two slots, idle (no minimum residency protects them); a third
-    arrives and evicts one of them: its instance starts `stop_s` later, and the calibrating
-    policy learns the stop time. (The evicted service, still wanted by its decider until its
-    keep-alive ends, then takes a slot back the same way.)"""
+    arrives and evicts one of them, and the calibrating policy learns the stop time. The third
+    one's checkpoint comes from the store, warmed at the decision: its fill into DRAM runs
+    during the stop, and only the last hop (DRAM to device) waits for the slot, so the stop
+    delays its first token by the part of it the fill does not cover. (The evicted service,
+    still wanted by its decider until its keep-alive ends, then takes a slot back the same way.)"""
     from sim.workload import Model, Request
+    from sllm_knative.placement import Tier
 
     models = [Model(n, "replay", 100, 1, checkpoint=f"c{k}") for k, n in enumerate("abc")]
     requests = [Request(0, 0.0, "a", 10, 3), Request(1, 0.0, "b", 10, 3), Request(2, 3.0, "c", 10, 3)]
     sim = _sim("sllm", models, requests, min_residency_s=0.0, stop_s=stop)
     base = _sim("sllm", models, requests, min_residency_s=0.0)
     assert sim.stats.evictions >= 1 and base.stats.evictions >= 1
+    assert [t[3] for t in sim.trace][:3] == ["remote"] * 3
+    size = sim.models["c"].size_bytes
+    fill = size / min(sim.actual[Tier.REMOTE], sim.actual[Tier.DRAM]) - size / sim.actual[Tier.DRAM]
+    assert 0.1 < fill < 0.5  # so that one stop is hidden by the fill and the other is not
     assert sim.ttfts()[:2] == pytest.approx(base.ttfts()[:2])
-    assert sim.ttfts()[2] == pytest.approx(base.ttfts()[2] + stop)
+    assert sim.ttfts()[2] == pytest.approx(base.ttfts()[2] + max(0.0, stop - fill))
     assert sim.calibration.stop_s == (pytest.approx(stop) if stop else None)
 
 
