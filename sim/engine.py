@@ -216,6 +216,8 @@ class Simulation:
         prefill = self.hw.prefill_s(req.prompt, m.params, m.tp)
         if self.hw.compute_noise:
             prefill *= math.exp(self.noise.gauss(0.0, self.hw.compute_noise))
+        if self.sharing and self.work_left:  # fresh processes importing share the cores with this prefill
+            prefill *= max(1.0, (len(self.work_left) + 1) / self.hw.shared_cores)
         if self.hw.serial_prefill:  # one forward at a time: after the prefills admitted before it
             first = max(self.now, inst.compute_free_at) + prefill
             inst.compute_free_at = first
@@ -271,7 +273,8 @@ class Simulation:
                 if lru is not None:
                     lru.touch(m.key)
             rate = self.actual[tier] if tier == Tier.DRAM else min(self.actual[tier], self.actual[Tier.DRAM])
-            rate *= math.exp(self.noise.gauss(0.0, self.hw.load_noise)) if self.hw.load_noise else 1.0
+            sigma = self.hw.tier_noise.get(tier, self.hw.load_noise)
+            rate *= math.exp(self.noise.gauss(0.0, sigma)) if sigma else 1.0
             if self.policy.fresh_process:
                 rate /= self.hw.fresh_load_factor
             warmed = wait_for_gpus and tier in (Tier.SSD, Tier.REMOTE)

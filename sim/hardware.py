@@ -56,6 +56,9 @@ class HardwareProfile:
     hbm_bytes_s: float  # device memory bandwidth of one GPU
     hbm_eff: float  # fraction of it a decode step reaches
     load_noise: float = 0.1  # each load's achieved rate is scaled by a seeded lognormal of this sigma
+    #: per tier, that sigma where it differs from `load_noise` (this machine: a 0.04 s map of a
+    #: DRAM copy jitters by a third, a 0.25 s SSD read by a seventh)
+    tier_noise: Mapping[Tier, float] = field(default_factory=dict)
     #: > 0: the instances starting at once share this many CPU cores (this machine: every node's
     #: starts run on the same 2 vCPUs), so a start's overhead is stretched by starting / cores
     #: (at its start; 0: each start has its own CPU, the GPU servers' case)
@@ -101,6 +104,9 @@ class HardwareProfile:
                         ("stop_s", self.stop_s)):
             if not (v >= 0 and math.isfinite(v)):
                 raise ValueError(f"{where}: {what} must be a finite number >= 0, got {v!r}")
+        for tier, v in self.tier_noise.items():
+            if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+                raise ValueError(f"{where}: tier_noise[{tier}] must be a finite number >= 0, got {v!r}")
         if self.mfu > 1 or self.hbm_eff > 1:
             raise ValueError(f"{where}: mfu and hbm_eff are fractions (<= 1), got {self.mfu}, {self.hbm_eff}")
 
@@ -214,7 +220,7 @@ def profile_from_json(path: Path) -> HardwareProfile:
     for key, value in raw.items():
         if key not in fields:
             raise ValueError(f"{path}: unknown field {key!r}; known: {', '.join(sorted(fields))}")
-        if key in ("nominal", "efficiency"):
+        if key in ("nominal", "efficiency", "tier_noise"):
             try:
                 changes[key] = {**getattr(base, key), **{Tier(t): float(v) for t, v in value.items()}}
             except (ValueError, AttributeError, TypeError) as e:

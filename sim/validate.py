@@ -60,6 +60,7 @@ REPLAY_POLICIES = {"sllm": "sllm", "no-dram-tier": "no-dram-tier", "no-locality"
                    "kserve-localcache": "kserve-localcache"}
 TOLERANCE = 0.25  # issue 16 §2: predicted p50 and p99 TTFT within 25% of the measured ones
 SEEDS = 8  # simulated runs per profile; the prediction is their median
+SIGMA_LOADS = 5  # a tier's own load spread is measured from at least this many of its leases
 #: a measured quantile is one run's sample of it: `band` gives where the system's quantile lies with
 #: this probability (order statistics), for runs too small for a 25% check of the point (the tiny test)
 BAND_CONFIDENCE = 0.95
@@ -220,6 +221,9 @@ class Measured:
     compute: Mapping[str, tuple[float, float, float]] = field(default_factory=dict)
     #: per profile: its own activation_s (the median over its own cold starts' first requests)
     activation: Mapping[str, float] = field(default_factory=dict)
+    #: per tier with at least SIGMA_LOADS leases from it: that tier's own spread (a DRAM map's
+    #: jitter is a larger share of its time than an SSD read's); the others take `load_sigma`
+    load_sigma_by_tier: Mapping[Tier, float] = field(default_factory=dict)
 
 
 def _median(xs: Sequence[float], what: str) -> float:
@@ -259,8 +263,10 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
     # the spread of a load: the loader's own lease times around their source's median
     leases = {tier: [t["lease_s"] for t in timings if SOURCES[t["source"]] == tier and t["lease_s"] > 0]
               for tier in SOURCES.values()}
-    logs_dev = [math.log(x / statistics.median(xs)) for xs in leases.values() if xs for x in xs]
+    devs = {tier: [math.log(x / statistics.median(xs)) for x in xs] for tier, xs in leases.items() if xs}
+    logs_dev = [d for ds in devs.values() for d in ds]
     sigma = statistics.pstdev(logs_dev) if len(logs_dev) > 1 else 0.0
+    tier_sigma = {tier: statistics.pstdev(ds) for tier, ds in devs.items() if len(ds) >= SIGMA_LOADS}
 
     meta = doc.get("meta", {})
     end = stamp(str(meta.get("machine", {}).get("time", "")))
@@ -287,13 +293,14 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
     warms = [o for outs in per.values() for o in outs]
     prefill, step, spread = speed(warms)
     compute = {name: speed(outs) for name, outs in per.items() if len(outs) >= 5}
-    ready = {**{t["instance"]: t["ready_s"] for ts in per_profile.values() for t in ts},
-             **{c["instance"]: c["ready_s"] for name, p in profiles.items() if name in REPLAY_POLICIES
-                for c in p.get("cold_starts", []) if c.get("instance") and c.get("ready_s") is not None}}
     extras: dict[str, list[float]] = {}
     for name, p in profiles.items():
         if name not in REPLAY_POLICIES:
             continue
+        # each profile's own instances: every profile's cluster names them s0-1, s0-2, ... again
+        ready = {t["instance"]: t["ready_s"] for t in per_profile.get(name, ())}
+        ready.update({c["instance"]: c["ready_s"] for c in p.get("cold_starts", [])
+                      if c.get("instance") and c.get("ready_s") is not None})
         seen: set[str] = set()
         pre = compute.get(name, (prefill, step, spread))[0]
         for o in sorted((o for o in p.get("outcomes", []) if o.get("ok") and o.get("instance")), key=lambda o: o["sent_s"]):
@@ -308,12 +315,15 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
     n_fresh = len(fresh)
     stops = [s for name in per_profile for s in stop_times(logs[name])]
     return Measured(size, load_s, sigma, overhead, fresh_s, prefill, step, spread, activation, shared_cores=cores,
-                    fresh_load_s=fresh_load, stop_s=statistics.median(stops) if stops else 0.0, sources={
+                    fresh_load_s=fresh_load, stop_s=statistics.median(stops) if stops else 0.0,
+                    load_sigma_by_tier=tier_sigma, sources={
         "checkpoint_bytes": f"median 'lease complete' bytes of {len(timings)} instances",
         "load_s": "median placement-to-ready seconds less overhead_s of the instances placed per tier: " + ", ".join(
             f"{t} {len(by_tier[t])} loads" for t in SOURCES.values()) + "".join(
             f"; {t}: none, from the loaders' 'bandwidth measured' probe" for t in unseen if t in probed),
         "load_sigma": "population stdev of log('lease complete' seconds / the median of its source)",
+        "load_sigma_by_tier": (f"the same per source with at least {SIGMA_LOADS} leases: " + ", ".join(
+            f"{t} {len(devs[t])} leases" for t in tier_sigma) if tier_sigma else f"no source with {SIGMA_LOADS} leases"),
         "overhead_s": (f"median of autoscaler 'instance ready' seconds minus lease seconds, {len(timings)} instances, "
                        f"each over max(1, starts in progress / {cores} cores) (time-averaged over its start)"),
         "fresh_process_s": (f"median of the fresh processes' ready 'seconds' minus 'load_s', {n_fresh} starts of "
@@ -365,7 +375,8 @@ def hardware(m: Measured, profile: str | None = None) -> HardwareProfile:
         overhead_s=m.overhead_s, fresh_process_s=m.fresh_process_s,
         flops=2.0 * params / prefill, mfu=1.0,
         hbm_bytes_s=2.0 * params / step, hbm_eff=1.0,
-        load_noise=m.load_sigma, shared_cores=m.shared_cores, compute_noise=spread,
+        load_noise=m.load_sigma, tier_noise=dict(m.load_sigma_by_tier), shared_cores=m.shared_cores,
+        compute_noise=spread,
         activation_s=m.activation.get(profile or "", m.activation_s),
         serial_prefill=True, fresh_load_factor=fresh_load_factor(m, profile or ""), stop_s=m.stop_s,
         notes=dict(m.sources))
@@ -374,7 +385,7 @@ def hardware(m: Measured, profile: str | None = None) -> HardwareProfile:
 def profile_document(hw: HardwareProfile) -> dict[str, Any]:
     """`hw` as a profile file (`--hardware file.json`, sim/hardware.py `profile_from_json`)."""
     doc: dict[str, Any] = {"base": "this-machine", **dataclasses.asdict(hw)}
-    for key in ("nominal", "efficiency"):
+    for key in ("nominal", "efficiency", "tier_noise"):
         doc[key] = {str(t): v for t, v in getattr(hw, key).items()}
     doc["notes"] = dict(hw.notes)
     return doc
@@ -481,7 +492,9 @@ def validate(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> dict[
                      "predicted_cold_starts_seed0": pred["cold_starts"], "unserved": pred["unserved"]})
     return {"tolerance": TOLERANCE, "seeds": SEEDS, "measured": {
                 "checkpoint_bytes": m.checkpoint_bytes, "load_s": {str(t): round(v, 4) for t, v in m.load_s.items()},
-                "load_sigma": round(m.load_sigma, 3), "overhead_s": round(m.overhead_s, 4),
+                "load_sigma": round(m.load_sigma, 3),
+                "load_sigma_by_tier": {str(t): round(v, 3) for t, v in m.load_sigma_by_tier.items()},
+                "overhead_s": round(m.overhead_s, 4),
                 "fresh_process_s": round(m.fresh_process_s, 3),
                 "fresh_load_s": {k: round(v, 4) for k, v in m.fresh_load_s.items()},
                 "stop_s": round(m.stop_s, 4), "shared_cores": m.shared_cores, "prefill_s_per_token": round(m.prefill_s_per_token, 5),

@@ -61,6 +61,8 @@ def test_a_profile_with_a_negative_bandwidth_names_the_file_and_the_field(tmp_pa
     ({"nominal": {"tape": 1e9}}, "'tape' is not a valid Tier"),
     ({"gpus": 8}, "unknown field 'gpus'"),
     ({"efficiency": {"remote": 0}}, "efficiency[remote] must be a finite number > 0"),
+    ({"tier_noise": {"ssd": -0.1}}, "tier_noise[ssd] must be a finite number >= 0"),
+    ({"tier_noise": {"floppy": 0.1}}, "'floppy' is not a valid Tier"),
 ])
 def test_other_bad_profiles(tmp_path: Path, body: dict[str, object], what: str) -> None:
     path = tmp_path / "p.json"
@@ -83,3 +85,10 @@ def test_measured_hops_become_the_profile_rates(tmp_path: Path) -> None:
     p = get_profile(str(path))
     assert (p.achieved(Tier.SSD), p.achieved(Tier.DRAM), p.achieved(Tier.REMOTE)) == (2.05e9, 27.4e9, 46e6)
     assert p.name == "node"
+
+
+def test_a_profile_file_gives_a_tiers_own_load_noise(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"base": "this-machine", "load_noise": 0.3, "tier_noise": {"ssd": 0.15}}))
+    p = get_profile(str(path))
+    assert (p.load_noise, dict(p.tier_noise)) == (0.3, {Tier.SSD: 0.15})

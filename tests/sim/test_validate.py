@@ -191,7 +191,8 @@ def _sim(policy: str, models: list[Any], requests: list[Any], min_residency_s: f
     from sim.engine import Simulation
     from sim.policies import get_policy
 
-    hw = dataclasses.replace(v.hardware(v.measure(_doc(), LOGS)), load_noise=0.0, compute_noise=0.0, **hw_changes)
+    hw = dataclasses.replace(v.hardware(v.measure(_doc(), LOGS)), **{"load_noise": 0.0, "compute_noise": 0.0,
+                                                                      **hw_changes})
     cfg = v.SimConfig(nodes=1, capacity=4, keep_alive_s=6.0, max_scale=1, stable_window_s=6.0,
                       min_residency_s=min_residency_s)
     return Simulation(hw, dataclasses.replace(get_policy(policy), keep_alive=True), models, requests, cfg).run()
@@ -518,3 +519,73 @@ def test_fresh_starts_share_the_cores(arrivals: tuple[float, ...], want: list[fl
     sim._shared = record  # type: ignore[method-assign]
     sim.run()
     assert sorted(done) == [pytest.approx(w) for w in want]
+
+
+def _timings(instances: dict[str, float], lease_s: float = 0.1, source: str = "dram", at: int = 10) -> list[str]:
+    """LEASE and READY lines for instances (name -> placement-to-ready seconds), ready 5 s apart from `at`."""
+    lines = []
+    for k, (name, ready_s) in enumerate(instances.items()):
+        lines += [LEASE.format(i=name, src=source, s=lease_s), READY.format(t=f"{at + 5 * k:02d}.000", i=name, s=ready_s)]
+    return lines
+
+
+def test_each_profile_measures_its_activation_on_its_own_instances() -> None:
+    """Every profile's cluster names its instances s0-1, s1-1, ... again: a first request's
+    activation (TTFT - placement-to-ready - prefill) must use its own profile's instance. Here
+    s0-1 and s1-1 were ready after 0.5 s under sllm and 0.8 s under no-migration, and both
+    profiles' first requests took 1.0 s with a 0.1 s prefill: 0.4 and 0.1 s."""
+    doc = _doc()
+    doc["profiles"]["no-migration"] = {"outcomes": [dict(o) for o in doc["profiles"]["sllm"]["outcomes"]]}
+    remote = _timings({"r": 0.6}, lease_s=0.4, source="remote", at=40)  # every run has a store load
+    logs = {**LOGS, "sllm": _timings({"s0-1": 0.5, "s1-1": 0.5}) + remote,
+            "no-migration": _timings({"s0-1": 0.8, "s1-1": 0.8}) + remote}
+    m = v.measure(doc, logs)
+    assert m.activation["sllm"] == pytest.approx(0.4)
+    assert m.activation["no-migration"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(("leases", "want"), [
+    # five DRAM leases around 0.1 s: DRAM has its own spread; one remote lease is too few
+    ({"dram": [0.1, 0.1, 0.1, 0.2, 0.2], "remote": [0.4]}, {Tier.DRAM: 0.3396}),  # pstdev(0, 0, 0, ln 2, ln 2)
+    ({"dram": [0.1, 0.1, 0.1, 0.1], "remote": [0.4]}, {}),  # four: none
+])
+def test_each_tier_with_enough_loads_has_its_own_spread(leases: dict[str, list[float]],
+                                                       want: dict[Tier, float]) -> None:
+    lines: list[str] = []
+    k = 0
+    for source, times in leases.items():
+        for s in times:
+            lines += _timings({f"i{k}": s + 0.2}, lease_s=s, source=source, at=10 + 5 * k)
+            k += 1
+    m = v.measure(_doc(), {**LOGS, "sllm": lines})
+    assert m.load_sigma_by_tier == pytest.approx(want, abs=1e-4)
+    assert v.hardware(m).tier_noise == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.parametrize(("tier_noise", "exact"), [
+    ({}, False),  # every tier takes load_noise: the store load is drawn
+    ({Tier.REMOTE: 0.0}, True),  # the store's own spread, none here
+])
+def test_a_tiers_own_noise_replaces_the_pooled_one(tier_noise: dict[Tier, float], exact: bool) -> None:
+    from sim.workload import Model, Request
+
+    models = [Model("a", "replay", 100, 1)]
+    requests = [Request(0, 0.0, "a", 10, 3)]
+    base = _sim("sllm", models, requests)
+    noisy = _sim("sllm", models, requests, load_noise=0.5, tier_noise=tier_noise)
+    assert (noisy.ttfts() == base.ttfts()) is exact
+
+
+def test_fresh_processes_importing_slow_a_warm_prefill_on_the_shared_cores() -> None:
+    """knative-default on 2 shared cores: a's warm request at 12.0 s prefills alone (0.1 s); b's
+    and c's fresh processes start importing at 12.5 s, so a's request at 13.0 s shares the 2
+    cores with two imports: its prefill takes 3/2 as long."""
+    from sim.workload import Model, Request
+
+    models = [Model(n, "replay", 100, 1, checkpoint=f"c{k}") for k, n in enumerate("abc")]
+    requests = [Request(0, 0.0, "a", 10, 3), Request(1, 12.0, "a", 10, 3), Request(2, 12.5, "b", 10, 3),
+                Request(3, 12.5, "c", 10, 3), Request(4, 13.0, "a", 10, 3)]
+    sim = _sim("knative-default", models, requests, gpus_per_node=3)
+    t = sim.ttfts()
+    assert t[1] == pytest.approx(0.1)
+    assert t[4] == pytest.approx(0.15)
