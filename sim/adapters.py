@@ -73,6 +73,10 @@ SHORTLIST_ALL = 32
 
 # -- the scaler ------------------------------------------------------------------------------
 
+#: tick() skips a scaler decision whose outcome is known (`Service.quiet_until`); a test turns
+#: this off to check that the skip changes nothing the simulation computes
+SKIP_QUIET = True
+
 
 def tick(sim: Simulation, _a: object, _b: object) -> None:
     """Every second: a concurrency sample per active service; every TICK_S, the decider too."""
@@ -96,7 +100,11 @@ def tick(sim: Simulation, _a: object, _b: object) -> None:
             if value > svc.spec.target:
                 svc.hot_at = now
         if decide_now:
-            scale(sim, svc)
+            if (SKIP_QUIET and now < svc.quiet_until and svc.state is svc.quiet_state and svc.hot_at == svc.quiet_hot
+                    and len(svc.instances) == 1 and svc.instances[0].state == InstanceState.READY):
+                sim.stats.quiet_skips += 1  # scale() would keep the one instance and change nothing
+            else:
+                scale(sim, svc)
         if (not svc.instances and not svc.waiting and svc.state.scale == 0
                 and sim.now - (svc.last_request_at or 0.0) > svc.spec.stable_window):
             svc.active = False
@@ -131,6 +139,13 @@ def scale(sim: Simulation, svc: Service) -> None:
         # decide's `recheck_in_s` for this decision, from the same marks
         mark = keep_alive_mark(svc.state.active_since, last_busy)
         recheck = None if mark is None or spec.keep_alive is None else mark + spec.keep_alive - now
+        # Until the keep-alive can run out (its mark only moves later: the state's active_since
+        # is fixed and the last request only grows), with the same state, the same one ready
+        # instance and no new sample above the target (so still calm), keeps_one stays true and
+        # no recheck falls due within a tick: tick() skips this call until then.
+        floor = keep_alive_mark(svc.state.active_since, last)
+        if ready == live == 1 == svc.desired and floor is not None and spec.keep_alive is not None:
+            svc.quiet_until, svc.quiet_state, svc.quiet_hot = floor + spec.keep_alive - TICK_S, svc.state, svc.hot_at
     else:
         decision, svc.state = decide(spec, DeciderInputs(svc.window, ready, svc.last_request_at), svc.state, now)
         if not decision.valid or decision.desired is None:

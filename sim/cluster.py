@@ -167,6 +167,11 @@ class Service:
     desired: int = 0
     active: bool = False
     hot_at: float = -math.inf  # when a sample above the scaler's target was last recorded
+    #: `adapters.scale` found `keeps_one` true for one ready instance with this state and hot mark,
+    #: and it stays true (with no keep-alive recheck due) until this time: the decision is skipped
+    quiet_until: float = -math.inf
+    quiet_state: DeciderState | None = None
+    quiet_hot: float = -math.inf
 
 
 @dataclass
@@ -183,6 +188,7 @@ class Stats:
     unplaced: int = 0  # placement attempts that found nothing
     gpu_seconds: float = 0.0
     events: int = 0
+    quiet_skips: int = 0  # scaler decisions skipped as known (`Service.quiet_until`)
 
 
 @dataclass(eq=False)
