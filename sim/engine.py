@@ -26,14 +26,16 @@ What is simulated (the model, stated; docs/evaluation.md explains the choices):
   source's GPUs are free when the last one moved. Preemption (preemption-based policy) kills
   the victim; its generations restart from scratch in their service's queue.
 
-The simulator in three modules:
+The simulator in four modules:
 
     engine.py     this: the event loop (`Simulation.run`), requests (arrival, admission,
                   completion) and the instance lifecycle (load, ready, stop, GPU accounting)
     cluster.py    the cluster's state as data: nodes with GPUs, DRAM/SSD tiers (LRU) and a
                   loader queue; instances, services, running generations, counters
-    adapters.py   the calls into the real policy code: the scaler tick (`decide`), placement
-                  (`place`, `startup`, `choose_victims`) and the preemption and drain plans
+    adapters.py   the calls into the real policy code: the scaler tick (`decide`) and placement
+                  (`place`, `startup`, `choose_victims`)
+    plans.py      preemptions and drains run step by step by the real plans (`plan_preemption`,
+                  `plan_drain`)
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from functools import partial
 
 from autoscaler.backends.base import InstanceState
 from autoscaler.decider import DeciderSpec, initial_state
-from sim import adapters
+from sim import adapters, plans
 from sim.cluster import LoadJob, Lru, Process, Running, Service, SimConfig, SimInstance, SimNode, Stats
 from sim.hardware import HardwareProfile
 from sim.policies import Policy
@@ -148,8 +150,8 @@ class Simulation:
         self.push(0.0, "second")
         handlers: dict[str, Callable[[object, object], None]] = {
             "arrival": self._arrival, "second": partial(adapters.tick, self), "done": self._done,
-            "loaded": self._loaded, "ready": self._ready, "migrated": partial(adapters.migrated, self),
-            "timeout": partial(adapters.timeout, self), "recheck": self._recheck, "shared": self._shared, "stopped": partial(adapters.stopped, self)}
+            "loaded": self._loaded, "ready": self._ready, "migrated": partial(plans.migrated, self),
+            "timeout": partial(plans.timeout, self), "recheck": self._recheck, "shared": self._shared, "stopped": partial(plans.stopped, self)}
         heap, pop, horizon, events = self.heap, heapq.heappop, self.horizon, 0
         while heap:
             t, _, kind, a, b = pop(heap)
@@ -243,7 +245,7 @@ class Simulation:
                 self.route(svc)
         elif not inst.running and inst.waiter is not None:
             proc, inst.waiter = inst.waiter, None
-            adapters.victim_idle(self, proc)
+            plans.victim_idle(self, proc)
 
     # -- instances -------------------------------------------------------------------------------
 
@@ -366,7 +368,7 @@ class Simulation:
         if self.policy.calibrate:
             self.calibration = observe_start(self.calibration, inst.node, self.overhead)
         self.route(self.services[inst.service])
-        adapters.destination_ready(self, inst)
+        plans.destination_ready(self, inst)
 
     def stop(self, inst: SimInstance) -> None:
         """Stop an instance: its GPUs are free (handed to the instance waiting for them, if any)."""
