@@ -150,20 +150,21 @@ class Scaler:
         record: dict[str, Any] = {"action": str(decision.action), "estimate_s": decision.estimate_s,
                                   "placement_s": placement_s, "reasons": list(decision.reasons)}
         try:
+            # The checkpoint starts moving into the node's DRAM now: for a preemption, while the
+            # victim is emptied and stops (placement's estimate counts on it: `Option.total_s`;
+            # a fill that needs the room the victim's lease holds waits for it, the loader's
+            # lease wait).
+            await self.backend.warm(decision.node, svc.model.uri)
             if decision.action in (Action.EVICT, Action.MIGRATE):
                 _log.info("preempting", service=svc.key, checkpoint=rt.model, action=str(decision.action),
                           node=decision.node, victim=claim.option.victim, destination=claim.option.destination,
                           fair_share=decision.fair_share, reason=decision.reasons[0])
-                # The checkpoint moves into the node's DRAM while the victim is emptied and stops
-                # (placement's estimate counts on it: `Option.total_s`); the fill waits for room
-                # the victim's lease holds (the loader's lease wait).
-                await self.backend.warm(decision.node, svc.model.uri)
                 freed = await self._preempt(claim, nodes)
                 if freed is None:
                     return
                 record.update(freed)
             rec = await self._start(rt, decision.node, str(claim.option.estimate.tier), record, claim.slot,
-                                    warmed=decision.action in (Action.EVICT, Action.MIGRATE))
+                                    warmed=True)
         finally:
             self.slots.release_claim(claim)
         _log.info("placed", service=svc.key, checkpoint=rt.model, instance=rec.id, node=decision.node,
