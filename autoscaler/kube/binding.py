@@ -95,14 +95,26 @@ def stranded(pods: list[dict[str, Any]], replicas: int, stopping: frozenset[str]
     beside a start of the same revision. It would also stay if an unmarked pod ranked before it,
     a pod still starting, which the ReplicaSet would remove in its place. Deleted first (before
     the count goes down), every marked pod goes and no other: the ReplicaSet makes the pods the
-    count still asks for, which the next intents are paired with (gated until then)."""
+    count still asks for, which the next intents are paired with (gated until then).
+
+    A pod no ReplicaSet controls (made by hand with the revision's label, or orphaned) is never
+    removed by one, whatever the count: marked, it is deleted here, on the way to zero too once
+    it serves nothing or the count is 0."""
     active = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
     marked = sorted(n for p in active if (n := _name(p)) in stopping)
-    ranked = sorted(active, key=lambda p: _deletion_rank(p, stopping))
-    if {_name(p) for p in ranked[:max(0, len(active) - replicas)]} >= set(marked):
+    owned = [p for p in active if _replicaset_controls(p)]
+    ranked = sorted(owned, key=lambda p: _deletion_rank(p, stopping))
+    if {_name(p) for p in ranked[:max(0, len(owned) - replicas)]} >= set(marked):
         return []
-    ready = {_name(p) for p in active if pod_ready(p)}
-    return [n for n in marked if n not in ready] if to_zero else marked
+    if not to_zero:
+        return marked
+    ready = {_name(p) for p in active if pod_ready(p) and (replicas > 0 or _replicaset_controls(p))}
+    return [n for n in marked if n not in ready]
+
+
+def _replicaset_controls(pod: dict[str, Any]) -> bool:
+    return any(ref.get("kind") == "ReplicaSet" and ref.get("controller")
+               for ref in (pod.get("metadata") or {}).get("ownerReferences") or [])
 
 
 def _name(pod: dict[str, Any]) -> str:

@@ -113,10 +113,13 @@ def test_node_slots(allocatable: dict[str, str], labels: dict[str, str], slots: 
 
 
 def _live(*names: str, terminating: tuple[str, ...] = (), starting: tuple[str, ...] = (),
-          unscheduled: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """Pods (ready and running on a node unless said otherwise)."""
+          unscheduled: tuple[str, ...] = (), bare: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Pods (ready, running on a node and controlled by the revision's ReplicaSet unless said otherwise)."""
     ready = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
-    return [{"metadata": {"name": n, **({"deletionTimestamp": "2026-12-06T00:00:00Z"} if n in terminating else {})},
+    owner = {"ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "rev-1-deployment-7d9f",
+                                  "uid": "u", "controller": True}]}
+    return [{"metadata": {"name": n, **({"deletionTimestamp": "2026-12-06T00:00:00Z"} if n in terminating else {}),
+                          **({} if n in bare else owner)},
              "spec": {} if n in unscheduled else {"nodeName": "node-a"},
              "status": {"phase": "Pending"} if n in unscheduled else {"phase": "Running"} if n in starting else ready}
             for n in names]
@@ -146,6 +149,16 @@ def _live(*names: str, terminating: tuple[str, ...] = (), starting: tuple[str, .
     # nothing marked, or the marked pod gone from the list
     (_live("a"), 1, set(), []),
     (_live("b"), 0, {"a"}, []),
+    # a pod no ReplicaSet controls is never removed by one: marked, it is deleted whatever the
+    # count, and it takes no place in the ReplicaSet's (the count went up to 3 before the mark)
+    (_live("a", "b", "c", "d", bare=("a",)), 3, {"a"}, ["a"]),
+    (_live("a", "b", bare=("a",)), 0, {"a"}, ["a"]),
+    (_live("a", "b", bare=("a",)), 0, {"a", "b"}, ["a", "b"]),
+    # one that is merely not marked stays, and an owned pod's rank ignores it
+    (_live("a", "b", "c", bare=("c",)), 1, {"a"}, []),
+    # a controller reference of another kind does not count
+    ([{**p, "metadata": {**p["metadata"], "ownerReferences": [{"kind": "Job", "name": "j", "controller": True}]}}
+      for p in _live("a", "b")], 1, {"a"}, ["a"]),
 ])
 def test_stranded_stopped_pods(pods: list[dict[str, Any]], replicas: int, stopping: set[str],
                                deleted: list[str]) -> None:
@@ -160,6 +173,10 @@ def test_stranded_stopped_pods(pods: list[dict[str, Any]], replicas: int, stoppi
     (_live("a", "b", starting=("b",)), 2, {"a", "b"}, ["b"]),
     # the count is 0 already: the ReplicaSet removes them all
     (_live("a", starting=("a",)), 0, {"a"}, []),
+    # ... but not a pod it does not control: that one goes once the count is 0, or once it serves nothing
+    (_live("a", "b", bare=("a",)), 1, {"a"}, []),
+    (_live("a", "b", bare=("a",)), 0, {"a"}, ["a"]),
+    (_live("a", "b", bare=("a",), starting=("a",)), 1, {"a"}, ["a"]),
 ])
 def test_on_the_way_to_zero_only_pods_that_serve_nothing_are_deleted(
         pods: list[dict[str, Any]], replicas: int, stopping: set[str], deleted: list[str]) -> None:

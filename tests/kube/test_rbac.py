@@ -126,7 +126,11 @@ def test_the_autoscaler_role_is_exactly_what_it_calls(kube: KubeCluster, api: An
     threading.Thread(target=loop.run_forever, daemon=True).start()
 
     def run(coro: Any, timeout_s: float = 30.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout_s)
+        name = getattr(coro, "__qualname__", repr(coro))
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout_s)
+        except TimeoutError:
+            raise AssertionError(f"{name} did not return within {timeout_s} s") from None
 
     source = ServiceSource(as_sa, lambda manifest, removed: None, resync_s=5).start()
     # The internal token: read (or made) in the install's namespace, copied into Knative's; the
