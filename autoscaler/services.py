@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
-from autoscaler.backends.base import OCCUPYING, InstanceRecord, InstanceState
+from autoscaler.backends.base import HOLDING_SLOT, OCCUPYING, InstanceRecord, InstanceState
 from autoscaler.decider import DeciderSpec, DeciderState, initial_state, spec_for
 from autoscaler.window import MetricWindow
 from sllm_knative.config import Manifest, ScalingPolicy, ServiceConfig, policy_for
@@ -178,10 +178,13 @@ class ServiceTable:
         return [(rt, rec) for rt in self.services.values() for rec in rt.instances.values() if rec.state in OCCUPYING]
 
     def slots_in_use(self) -> dict[str, int]:
-        """Instances holding a slot, per node."""
+        """Slots taken, per node: the instances holding one, and the stopping ones until their
+        processes exit (`HOLDING_SLOT`)."""
         out: dict[str, int] = {}
-        for _, rec in self.occupying():
-            out[rec.node] = out.get(rec.node, 0) + 1
+        for rt in self.services.values():
+            for rec in rt.instances.values():
+                if rec.state in HOLDING_SLOT:
+                    out[rec.node] = out.get(rec.node, 0) + 1
         return out
 
     def snapshot(self) -> dict[str, Any]:

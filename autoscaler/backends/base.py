@@ -48,8 +48,15 @@ class InstanceState(str, Enum):
 #: start; a remote store is measured on its first transfer). Bytes per second.
 FALLBACK_BANDWIDTH = {Tier.REMOTE: 100e6, Tier.SSD: 500e6, Tier.DRAM: 5e9}
 
-#: States in which an instance holds a slot of its node.
+#: States in which an instance holds a slot of its node: it counts among its service's instances,
+#: and placement may see it as a victim or a migration destination.
 OCCUPYING = (InstanceState.STARTING, InstanceState.READY, InstanceState.DRAINING)
+
+#: States in which an instance's process still takes up its node's slot: the above, and a stopping
+#: one until its process has exited. It holds its device memory and DRAM lease until then, and on
+#: Kubernetes its pod's GPU request (the scheduler counts it until the pod is gone). Out of its
+#: service's count and nobody's victim, a stopping instance still leaves no slot free.
+HOLDING_SLOT = (*OCCUPYING, InstanceState.STOPPING)
 
 
 @dataclasses.dataclass

@@ -173,6 +173,35 @@ def test_the_successors_checkpoint_is_warmed_while_its_victim_stops() -> None:
     run([node("n1", a=Tier.DRAM, b=Tier.SSD)], scenario, stop_s=20.0)
 
 
+def test_a_stopping_instance_keeps_its_slot_until_its_process_exits() -> None:
+    """A's instance on n1 (one slot) scales down at the end of its keep-alive, and its stop takes
+    500 simulated seconds: its process holds its device memory and DRAM lease until it exits.
+    B's demand meanwhile finds no free slot and no victim (a stopping instance is nobody's), so
+    nothing of B starts on n1 beside it. Once A has exited, B's next evaluation starts it there."""
+    async def scenario(c: Cluster) -> None:
+        await c.deploy(service("a"), service("b"))
+        await c.demand("a")
+        [a] = c.instances("a")
+        for _ in range(20):  # ticks without settling: the stop stays under way
+            c.clock.t += 1.0
+            c.report()
+            c.scaler.tick()
+            await asyncio.sleep(0.01)
+            if a.state == InstanceState.STOPPING:
+                break
+        assert a.state == InstanceState.STOPPING and c.backend.stopped == []
+        assert c.scaler.table.slots_in_use() == {"n1": 1}
+        await c.scaler.on_demand("default/b", 1)
+        await asyncio.sleep(0.05)  # the scale-up's turn (the stop takes 0.5 s of real time)
+        assert c.backend.stopped == [] and c.instances("b") == [], c.instances("b")
+        await c.settle()  # A's stop ends
+        assert c.backend.stopped == [a.id] and c.scaler.table.slots_in_use() == {}
+        await c.tick(TICK_S, held={"default/b": (1, 3.0)})
+        assert c.ready_on("b") == ["n1"] and c.instances("a") == []
+
+    run([node("n1", a=Tier.DRAM, b=Tier.DRAM)], scenario, stop_s=500.0)
+
+
 @pytest.mark.parametrize("nodes,want_destination_node,starts", [
     pytest.param([node("n1", a=Tier.DRAM, b=Tier.DRAM), node("n2", a=Tier.DRAM)], "n2", False,
                  id="onto-the-other-instance-of-its-model"),
