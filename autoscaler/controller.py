@@ -127,6 +127,7 @@ class Autoscaler:
         now = self.clock()
         rt.window = rt.window.record(now, float(max(1, in_flight)))
         rt.last_request_at = now
+        rt.in_flight = max(rt.in_flight, in_flight, 1)  # until the next report: a request waits (not `idle`)
         await self.evaluate(key)
 
     # -- decisions -------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from sllm_knative.placement import (
     Tier,
     choose_victims,
     displaceable,
-    place_within,
+    place_by,
     startup,
 )
 
@@ -171,7 +171,7 @@ def _act(sim: Simulation, svc: Service, live: int) -> None:
 def place_instance(sim: Simulation, svc: Service) -> bool:
     """Place one instance of `svc` as the policy says; False when nothing could be placed."""
     sim.stats.placements += 1
-    if sim.policy.placer == Placer.LOAD_TIME:
+    if sim.policy.placer in (Placer.LOAD_TIME, Placer.RANDOM_FREE):
         return _place_load_time(sim, svc)
     if sim.policy.placer == Placer.PREEMPT:
         return _place_preempt(sim, svc)
@@ -187,8 +187,9 @@ def _request(sim: Simulation, svc: Service, starving: bool | None = None) -> Mod
     """The request to place; starving once waited past the bound unless `starving` says."""
     if starving is None:
         starving = bool(svc.waiting) and _waited(sim, svc) >= sim.cfg.fair_share_after_s
+    idle = not svc.waiting and not any(i.running for i in svc.instances)
     return ModelRequest(svc.model.key, svc.model.size_bytes, service=svc.name,
-                        holding=len(svc.instances), starving=starving)
+                        holding=len(svc.instances), starving=starving, idle=idle)
 
 
 def _shortlist(sim: Simulation, model: Model) -> list[SimNode]:
@@ -212,12 +213,17 @@ def _shortlist(sim: Simulation, model: Model) -> list[SimNode]:
 
 
 def _place_load_time(sim: Simulation, svc: Service) -> bool:
-    nodes = _shortlist(sim, svc.model)
+    """As the autoscaler places (`placement.place_by`): the load-time model with fair share in
+    time for the bound, or for RANDOM_FREE a random node among the free ones (all of them, not a
+    shortlist: the draw is among every free node), and the load-time model when none is free."""
+    blind = sim.policy.placer == Placer.RANDOM_FREE
+    free = [n for n in sim.node_list if n.free_gpus >= svc.model.tp] if blind else []
+    nodes = free or _shortlist(sim, svc.model)
     models = {svc.model.key} | {i.model.key for n in nodes for i in n.instances.values()}
     invs = [_inventory(sim, n, svc.model, models) for n in nodes]
-    # Fair share in time for the bound, as the autoscaler places (placement.place_within).
-    p = place_within(_request(sim, svc, starving=False), invs, sim.calibration if sim.policy.calibrate else None,
-                     _waited(sim, svc), sim.cfg.fair_share_after_s, TICK_S)
+    p = place_by("random" if blind else "load-time", _request(sim, svc, starving=False), invs,
+                 sim.calibration if sim.policy.calibrate else None, sim.rng.random,
+                 _waited(sim, svc), sim.cfg.fair_share_after_s, TICK_S)
     if p.chosen is None or p.node is None:
         return _gang_evict(sim, svc, nodes)
     node = sim.nodes[p.node]

@@ -9,7 +9,7 @@
 | locality-blind | decider + keep-alive | random node with free GPUs | DRAM, SSD, remote | none |
 | preemption-based | decider + keep-alive | the node with the fastest copy; preempts | DRAM, SSD, remote | preemption (restart) |
 | no-dram-tier | as sllm | as sllm | SSD, remote | live |
-| no-locality | as sllm | random node with free GPUs | DRAM, SSD, remote | live |
+| no-locality | as sllm | random node with free GPUs, else as sllm (`place_by("random")`) | DRAM, SSD, remote | live |
 | no-migration | as sllm | `place`, calibrated, without MIGRATE | DRAM, SSD, remote | none |
 
 "decider" is `autoscaler.decider.decide` (Knative's KPA); keep-alive is its ScalingPolicy
@@ -25,7 +25,10 @@ from enum import Enum
 
 class Placer(str, Enum):
     LOAD_TIME = "load-time"  # sllm_knative.placement.place
-    RANDOM = "random"  # a seeded random node among those with enough free GPUs
+    # sllm_knative.placement.place_by("random"), the autoscaler's `--placement random`: a seeded
+    # random node among those with free GPUs; with none, as LOAD_TIME (wait, evict or migrate)
+    RANDOM_FREE = "random-free"
+    RANDOM = "random"  # a seeded random node among those with enough free GPUs; with none, a random idle victim
     PREEMPT = "preempt"  # the node with the fastest copy (startup()), preempting a displaceable instance
 
     def __str__(self) -> str:
@@ -60,7 +63,7 @@ _POLICIES = (
     Policy("preemption-based", Placer.PREEMPT, migration=False,
            description="Shepherd*-like: places for locality, preempting running inference (restarted later)"),
     Policy("no-dram-tier", Placer.LOAD_TIME, calibrate=True, dram_tier=False, description="ours without the DRAM tier"),
-    Policy("no-locality", Placer.RANDOM, calibrate=True, description="ours with random placement among free nodes"),
+    Policy("no-locality", Placer.RANDOM_FREE, calibrate=True, description="ours with random placement among free nodes"),
     Policy("no-migration", Placer.LOAD_TIME, calibrate=True, migration=False, description="ours without live migration"),
 )
 

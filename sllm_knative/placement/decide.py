@@ -28,7 +28,10 @@ its own generation list answered empty; one whose list did not answer can only b
 A protected instance (fresh: started for waiting requests, within its minimum residency) and
 an instance whose own service has requests waiting are not displaced for another service of
 the same priority, so two services cannot keep evicting each other's new instances (a higher
-priority still displaces them). Fair share overrides both: for
+priority still displaces them). A request of a service with no request waiting or running
+(`ModelRequest.idle`: only its keep-alive or minScale wants the instance, as after its own
+instance was evicted) displaces nobody, whatever its priority: it takes a free slot or
+waits. Fair share overrides the protections: for
 a starving request (its service waited past its bound) a service holding more than one
 instance, and at least two more than the asking service, gives one up, its generations
 migrated onto a sibling with room: the counts even out instead of trading one slot back and
@@ -185,6 +188,8 @@ def displaceable(inst: Instance, request: ModelRequest) -> str | None:
     """Why `inst` may not be stopped or migrated to start `request` (None: it may)."""
     if inst.owner == request.owner:
         return "an instance of the requesting service (requests go to it instead)"
+    if request.idle:
+        return "the requesting service has no request waiting or running (its keep-alive takes only a free slot)"
     if inst.priority > request.priority:
         return f"priority {inst.priority} over the request's {request.priority}"
     if not inst.ready:

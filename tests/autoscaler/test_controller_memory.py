@@ -202,6 +202,28 @@ def test_a_stopping_instance_keeps_its_slot_until_its_process_exits() -> None:
     run([node("n1", a=Tier.DRAM, b=Tier.DRAM)], scenario, stop_s=500.0)
 
 
+def test_two_keep_alives_do_not_evict_each_other() -> None:
+    """One slot, two services with a 60 s keep-alive and no minimum residency: a's instance is
+    evicted for b's request, and a, whose keep-alive still runs but which has no request, does not
+    take the slot back (placement's `ModelRequest.idle`). Before, the two evicted each other's
+    instance every second until their keep-alives ended: 49 evictions in 50 s."""
+    async def scenario(c: Cluster) -> None:
+        await c.deploy(service("a", keep_alive="60s"), service("b", keep_alive="60s"))
+        await c.demand("a")
+        [a] = c.instances("a")
+        await c.tick(12.0)
+        await c.demand("b")
+        for _ in range(50):
+            await c.tick(1.0)
+        assert c.backend.stopped == [a.id]
+        assert c.ready_on("b") == ["n1"] and c.instances("a") == []
+        assert [p["action"] for p in c.rt("a").placements + c.rt("b").placements] == ["place", "evict"]
+        await c.demand("a")  # a request of a: now it displaces b's idle instance
+        assert c.ready_on("a") == ["n1"] and c.rt("a").placements[-1]["action"] == "evict"
+
+    run([node("n1", a=Tier.DRAM, b=Tier.DRAM)], scenario, stop_s=1.0)
+
+
 @pytest.mark.parametrize("nodes,want_destination_node,starts", [
     pytest.param([node("n1", a=Tier.DRAM, b=Tier.DRAM), node("n2", a=Tier.DRAM)], "n2", False,
                  id="onto-the-other-instance-of-its-model"),

@@ -200,6 +200,20 @@ def inst(name: str, *, node_waiting: int = 0, instances: int = 1, **kw: object) 
     pytest.param(ModelRequest(OTHER, 1 * GB, service="s2"),
                  [node("a", Tier.DRAM, free=0, instances=(inst("x", service="s1"),))],
                  Action.EVICT, "a", "x", id="another-service-of-the-same-checkpoint-is-displaced"),
+    # a service with no request waiting or running (its keep-alive wants back the instance it
+    # was evicted from) displaces nobody, whatever the priorities: the ping-pong of two keep-alives
+    pytest.param(ModelRequest(M, 5 * GB, idle=True), [node("a", Tier.DRAM, free=0, instances=(inst("x"),))],
+                 Action.WAIT, None, None, id="a-service-with-no-request-displaces-no-idle-instance"),
+    pytest.param(ModelRequest(M, 5 * GB, idle=True, priority=1),
+                 [node("a", Tier.DRAM, free=0, instances=(inst("x", inflight=1, tokens=100),)),
+                  node("b", free=0, instances=(inst("sib", service="s2"),))],
+                 Action.WAIT, None, None, id="nor-for-a-higher-priority"),
+    pytest.param(ModelRequest(M, 5 * GB, idle=True, starving=True, holding=1),
+                 [node("a", Tier.DRAM, free=0, instances=(inst("x", instances=3),))],
+                 Action.WAIT, None, None, id="nor-by-fair-share"),
+    pytest.param(ModelRequest(M, 5 * GB, idle=True), [node("a", Tier.DRAM, free=0, instances=(inst("x"),)),
+                                                     node("b", Tier.SSD)],
+                 Action.PLACE, "b", None, id="it-takes-a-free-slot"),
 ])
 def test_overload_rules(request_: ModelRequest, nodes: list[NodeInventory], action: Action, want_node: str | None,
                         victim: str | None) -> None:

@@ -13,6 +13,8 @@ TTFT is load + start + prefill.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from sim.cluster import SimConfig
@@ -93,6 +95,46 @@ def test_random_placement_ignores_where_the_checkpoint_is(policy: str) -> None:
         nodes.add(node)
         assert s.ttfts() == [pytest.approx(HAND[node], abs=1e-9)], (seed, node)
     assert nodes - {N1}, nodes
+
+
+@pytest.mark.parametrize(("policy", "ttft"), [
+    # placement's EVICT: the idle b stops (1 s), a's DRAM copy (0.2 s) is warmed meanwhile, then
+    # its hop (the whole load, from DRAM) follows the stop: 1 + 0.2 + 0.5 + 0.01
+    ("sllm", 1.0 + 0.2 + 0.5 + PREFILL_100),
+    # random only among free nodes, as the autoscaler's `--placement random`: with none free it
+    # decides as sllm (`place_by`), so it waits for the stop the same way
+    ("no-locality", 1.0 + 0.2 + 0.5 + PREFILL_100),
+    # the baseline's own rule: a random idle victim goes at once, its stop not waited for
+    ("locality-blind", 0.2 + 0.5 + PREFILL_100),
+])
+def test_with_no_free_gpu_random_placement_decides_as_its_policy_says(policy: str, ttft: float) -> None:
+    """One node of one GPU holding both checkpoints in DRAM; b's instance, idle since its answer
+    at 0.71 s, holds the GPU past its minimum residency when a arrives at 15 s. b's keep-alive
+    (20 s) is over before a's instance could be displaced in turn (protected until 26.7 s)."""
+    hw = dataclasses.replace(TINY, stop_s=1.0)
+    s = Simulation(hw, get_policy(policy), [A, B], [Request(0, 0.0, "b", 100, 1), Request(1, 15.0, "a", 100, 1)],
+                   SimConfig(nodes=1, seed=0, tail_s=120.0, keep_alive_s=20.0))
+    s.preload(N0, "a", Tier.DRAM)
+    s.preload(N0, "b", Tier.DRAM)
+    s.run()
+    assert s.ttfts() == [pytest.approx(0.2 + 0.5 + PREFILL_100, abs=1e-9), pytest.approx(ttft, abs=1e-9)]
+    assert s.stats.evictions == 1 and s.stats.cold_starts == {"dram": 2}
+
+
+@pytest.mark.parametrize("policy", ["sllm", "no-locality", "locality-blind", "preemption-based"])
+def test_an_evicted_service_with_no_request_does_not_evict_back(policy: str) -> None:
+    """As above with the default 60 s keep-alive: b's keep-alive still runs after its instance
+    was evicted for a, but b has no request, so it takes no slot back from a (placement's
+    `ModelRequest.idle`). Before, b re-placed itself every time a's instance was past its minimum
+    residency, and a in turn: 4 evictions and 6 cold starts for two requests."""
+    hw = dataclasses.replace(TINY, stop_s=1.0)
+    s = Simulation(hw, get_policy(policy), [A, B], [Request(0, 0.0, "b", 100, 1), Request(1, 15.0, "a", 100, 1)],
+                   SimConfig(nodes=1, seed=0, tail_s=120.0))
+    s.preload(N0, "a", Tier.DRAM)
+    s.preload(N0, "b", Tier.DRAM)
+    s.run()
+    assert s.stats.evictions + s.stats.preemptions == 1 and s.stats.cold_starts == {"dram": 2}
+    assert [e[4] for e in s.trace if e[0] == "start"] == [0.0, 15.0]
 
 
 def test_every_policy_has_a_hand_checked_test() -> None:
