@@ -29,9 +29,9 @@ A protected instance (fresh: started for waiting requests, within its minimum re
 an instance whose own service has requests waiting are not displaced for another service of
 the same priority, so two services cannot keep evicting each other's new instances (a higher
 priority still displaces them). A request of a service with no request waiting or running
-(`ModelRequest.idle`: only its keep-alive or minScale wants the instance, as after its own
-instance was evicted) displaces nobody, whatever its priority: it takes a free slot or
-waits. Fair share overrides the protections: for
+(`ModelRequest.idle`: only its keep-alive, initialScale or minScale wants the instance, as
+after its own instance was evicted) displaces no instance of its own priority: it takes a free
+slot or waits, as a pending pod does on Kubernetes. Fair share overrides the protections: for
 a starving request (its service waited past its bound) a service holding more than one
 instance, and at least two more than the asking service, gives one up, its generations
 migrated onto a sibling with room: the counts even out instead of trading one slot back and
@@ -188,14 +188,14 @@ def displaceable(inst: Instance, request: ModelRequest) -> str | None:
     """Why `inst` may not be stopped or migrated to start `request` (None: it may)."""
     if inst.owner == request.owner:
         return "an instance of the requesting service (requests go to it instead)"
-    if request.idle:
-        return "the requesting service has no request waiting or running (its keep-alive takes only a free slot)"
     if inst.priority > request.priority:
         return f"priority {inst.priority} over the request's {request.priority}"
     if not inst.ready:
         return "not ready (starting or draining)"
     if inst.priority < request.priority:
         return None  # a strict order between services: no ping-pong to guard against
+    if request.idle:
+        return "the requesting service has no request waiting or running (its keep-alive takes only a free slot)"
     if request.starving and inst.service_instances > max(1, request.holding + 1):
         return None  # fair share: a service holding more than one instance, and more than the asker, gives one up
     if inst.protected:

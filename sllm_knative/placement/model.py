@@ -241,9 +241,9 @@ class ModelRequest:
     `starving`: its service has waited past its fair-share bound, so a service holding more
     than one instance, and more than one more than the asking service holds (`holding`), gives
     one up for it (decide.py, "Overload"). `idle`: its service has no request waiting or
-    running, and only its keep-alive or minScale asks for the instance: it takes a free slot
-    and displaces nobody (else two services whose keep-alives both run evict each other's
-    instance in turn, each re-created for no request)."""
+    running, and only its keep-alive, initialScale or minScale asks for the instance: it takes a
+    free slot and displaces no instance of its own priority (else two services whose
+    keep-alives both run evict each other's instance in turn, each re-created for no request)."""
 
     model: str
     size_bytes: int
@@ -251,7 +251,7 @@ class ModelRequest:
     starving: bool = False
     service: str = ""  # the service asking (empty: the model names it; see Instance.service)
     holding: int = 0  # instances the asking service holds already (fair share evens the counts out)
-    idle: bool = False  # no request of the asking service waits or runs: free slots only
+    idle: bool = False  # no request of the asking service waits or runs: no displacing its own priority
 
     @property
     def owner(self) -> str:

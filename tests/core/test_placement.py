@@ -201,13 +201,13 @@ def inst(name: str, *, node_waiting: int = 0, instances: int = 1, **kw: object) 
                  [node("a", Tier.DRAM, free=0, instances=(inst("x", service="s1"),))],
                  Action.EVICT, "a", "x", id="another-service-of-the-same-checkpoint-is-displaced"),
     # a service with no request waiting or running (its keep-alive wants back the instance it
-    # was evicted from) displaces nobody, whatever the priorities: the ping-pong of two keep-alives
+    # was evicted from) displaces no instance of its priority: the ping-pong of two keep-alives
     pytest.param(ModelRequest(M, 5 * GB, idle=True), [node("a", Tier.DRAM, free=0, instances=(inst("x"),))],
                  Action.WAIT, None, None, id="a-service-with-no-request-displaces-no-idle-instance"),
-    pytest.param(ModelRequest(M, 5 * GB, idle=True, priority=1),
-                 [node("a", Tier.DRAM, free=0, instances=(inst("x", inflight=1, tokens=100),)),
-                  node("b", free=0, instances=(inst("sib", service="s2"),))],
-                 Action.WAIT, None, None, id="nor-for-a-higher-priority"),
+    # a strict order between priorities has no ping-pong: a higher one still displaces (a pending
+    # pod of a higher PriorityClass preempts on Kubernetes too)
+    pytest.param(ModelRequest(M, 5 * GB, idle=True, priority=1), [node("a", Tier.DRAM, free=0, instances=(inst("x"),))],
+                 Action.EVICT, "a", "x", id="a-higher-priority-with-no-request-still-displaces"),
     pytest.param(ModelRequest(M, 5 * GB, idle=True, starving=True, holding=1),
                  [node("a", Tier.DRAM, free=0, instances=(inst("x", instances=3),))],
                  Action.WAIT, None, None, id="nor-by-fair-share"),

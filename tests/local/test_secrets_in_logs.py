@@ -84,7 +84,9 @@ def test_no_credential_appears_in_any_log_or_output(tmp_path: Path, creds: dict[
             raise AssertionError(f"{args}: {r.returncode}\n{r.stdout}\n{r.stderr}")
         return r
 
-    cli("up", "--detach", "--nodes", "1", "--slots", "2", "--store", f"s3://{BUCKET}/ckpt", "--store", "hf://",
+    # Three slots: `missing` starts beside the other two (a start for initialScale alone, with no
+    # request, takes a free slot and displaces no idle instance).
+    cli("up", "--detach", "--nodes", "1", "--slots", "3", "--store", f"s3://{BUCKET}/ckpt", "--store", "hf://",
         "--port", str(free_port()), "--dram-gb", "1", "--ssd-gb", "1")
     try:
         doc = json.loads((state / "cluster.json").read_text())
