@@ -173,18 +173,16 @@ class ServiceTable:
                 return rt, rec
         return None
 
-    def occupying(self) -> list[tuple[ServiceRuntime, InstanceRecord]]:
-        """Every instance holding a slot, with its service."""
-        return [(rt, rec) for rt in self.services.values() for rec in rt.instances.values() if rec.state in OCCUPYING]
+    def occupying(self, states: tuple[InstanceState, ...] = OCCUPYING) -> list[tuple[ServiceRuntime, InstanceRecord]]:
+        """Every instance holding a slot (in one of `states`), with its service."""
+        return [(rt, rec) for rt in self.services.values() for rec in rt.instances.values() if rec.state in states]
 
     def slots_in_use(self) -> dict[str, int]:
         """Slots taken, per node: the instances holding one, and the stopping ones until their
         processes exit (`HOLDING_SLOT`)."""
         out: dict[str, int] = {}
-        for rt in self.services.values():
-            for rec in rt.instances.values():
-                if rec.state in HOLDING_SLOT:
-                    out[rec.node] = out.get(rec.node, 0) + 1
+        for _, rec in self.occupying(HOLDING_SLOT):
+            out[rec.node] = out.get(rec.node, 0) + 1
         return out
 
     def snapshot(self) -> dict[str, Any]:

@@ -187,9 +187,8 @@ def _request(sim: Simulation, svc: Service, starving: bool | None = None) -> Mod
     """The request to place; starving once waited past the bound unless `starving` says."""
     if starving is None:
         starving = bool(svc.waiting) and _waited(sim, svc) >= sim.cfg.fair_share_after_s
-    idle = not svc.waiting and not any(i.running for i in svc.instances)
     return ModelRequest(svc.model.key, svc.model.size_bytes, service=svc.name,
-                        holding=len(svc.instances), starving=starving, idle=idle)
+                        holding=len(svc.instances), starving=starving, idle=not sim.concurrency(svc))
 
 
 def _shortlist(sim: Simulation, model: Model) -> list[SimNode]:

@@ -108,8 +108,9 @@ def stranded(pods: list[dict[str, Any]], replicas: int, stopping: frozenset[str]
         return []
     if not to_zero:
         return marked
-    ready = {_name(p) for p in active if pod_ready(p) and (replicas > 0 or _replicaset_controls(p))}
-    return [n for n in marked if n not in ready]
+    # a ready pod waits for Knative's way to zero, which the ReplicaSet ends: not a bare one at 0
+    waits = {_name(p) for p in (active if replicas > 0 else owned) if pod_ready(p)}
+    return [n for n in marked if n not in waits]
 
 
 def _replicaset_controls(pod: dict[str, Any]) -> bool:

@@ -97,6 +97,17 @@ def test_random_placement_ignores_where_the_checkpoint_is(policy: str) -> None:
     assert nodes - {N1}, nodes
 
 
+def b_then_a_on_one_gpu(policy: str, **cfg: float) -> Simulation:
+    """One node of one GPU holding both checkpoints in DRAM, stops taking 1 s: b's 1-token request
+    at 0 s, then a's at 15 s (b's instance is idle and past its minimum residency)."""
+    s = Simulation(dataclasses.replace(TINY, stop_s=1.0), get_policy(policy), [A, B],
+                   [Request(0, 0.0, "b", 100, 1), Request(1, 15.0, "a", 100, 1)],
+                   SimConfig(nodes=1, seed=0, tail_s=120.0, **cfg))
+    s.preload(N0, "a", Tier.DRAM)
+    s.preload(N0, "b", Tier.DRAM)
+    return s.run()
+
+
 @pytest.mark.parametrize(("policy", "ttft"), [
     # placement's EVICT: the idle b stops (1 s), a's DRAM copy (0.2 s) is warmed meanwhile, then
     # its hop (the whole load, from DRAM) follows the stop: 1 + 0.2 + 0.5 + 0.01
@@ -111,12 +122,7 @@ def test_with_no_free_gpu_random_placement_decides_as_its_policy_says(policy: st
     """One node of one GPU holding both checkpoints in DRAM; b's instance, idle since its answer
     at 0.71 s, holds the GPU past its minimum residency when a arrives at 15 s. b's keep-alive
     (20 s) is over before a's instance could be displaced in turn (protected until 26.7 s)."""
-    hw = dataclasses.replace(TINY, stop_s=1.0)
-    s = Simulation(hw, get_policy(policy), [A, B], [Request(0, 0.0, "b", 100, 1), Request(1, 15.0, "a", 100, 1)],
-                   SimConfig(nodes=1, seed=0, tail_s=120.0, keep_alive_s=20.0))
-    s.preload(N0, "a", Tier.DRAM)
-    s.preload(N0, "b", Tier.DRAM)
-    s.run()
+    s = b_then_a_on_one_gpu(policy, keep_alive_s=20.0)
     assert s.ttfts() == [pytest.approx(0.2 + 0.5 + PREFILL_100, abs=1e-9), pytest.approx(ttft, abs=1e-9)]
     assert s.stats.evictions == 1 and s.stats.cold_starts == {"dram": 2}
 
@@ -127,12 +133,7 @@ def test_an_evicted_service_with_no_request_does_not_evict_back(policy: str) -> 
     was evicted for a, but b has no request, so it takes no slot back from a (placement's
     `ModelRequest.idle`). Before, b re-placed itself every time a's instance was past its minimum
     residency, and a in turn: 4 evictions and 6 cold starts for two requests."""
-    hw = dataclasses.replace(TINY, stop_s=1.0)
-    s = Simulation(hw, get_policy(policy), [A, B], [Request(0, 0.0, "b", 100, 1), Request(1, 15.0, "a", 100, 1)],
-                   SimConfig(nodes=1, seed=0, tail_s=120.0))
-    s.preload(N0, "a", Tier.DRAM)
-    s.preload(N0, "b", Tier.DRAM)
-    s.run()
+    s = b_then_a_on_one_gpu(policy)
     assert s.stats.evictions + s.stats.preemptions == 1 and s.stats.cold_starts == {"dram": 2}
     assert [e[4] for e in s.trace if e[0] == "start"] == [0.0, 15.0]
 
