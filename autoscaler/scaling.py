@@ -132,7 +132,7 @@ class Scaler:
         async with self.slots.lock:  # no await inside: read the slots, place, reserve
             nodes = self._occupied(nodes, generations)
             request = ModelRequest(rt.model, self.model_size(rt.model), rt.priority, service=rt.key,
-                                   holding=len(rt.counted()), idle=not (rt.in_flight or rt.held))
+                                   holding=len(rt.counted()), idle=not rt.in_flight)  # held ones included
             decision = place_by(self.placer, request, nodes, self.calibration, self._rng.random,
                                 rt.waited_s(self.clock()), rt.fair_share_after_s, TICK_S)
             claim = self.slots.claim(self.table, rt, decision, nodes, self.model_size)
