@@ -15,7 +15,11 @@ missing from it keeps its place after them. A stale entry costs balance, never c
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+from sllm_knative import ports
 
 LONGEST = (
     "tests/kube/test_e2e.py",
@@ -50,3 +54,16 @@ def _rank(item: pytest.Item) -> int:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=_rank)  # stable: each module's own order, and the rest's, are kept
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each pytest-xdist worker draws ports from its own slice of the range below the ephemeral
+    one (sllm_knative/ports.py), and so do the processes its tests start (they inherit it)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
+    if not worker.startswith("gw") or os.environ.get(ports.ENV):
+        return
+    span = ports.port_range()
+    if span is not None:
+        count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        lo, hi = ports.split_range(span, int(worker[2:]), count)
+        os.environ[ports.ENV] = f"{lo}-{hi}"
