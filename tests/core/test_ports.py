@@ -10,7 +10,12 @@ import pytest
 
 from sllm_knative import ports
 from sllm_knative.ports import (
-    default_range, ephemeral_range, free_port, parse_range, port_range, split_range,
+    default_range,
+    ephemeral_range,
+    free_port,
+    parse_range,
+    port_range,
+    split_range,
 )
 
 
