@@ -1,4 +1,5 @@
-"""The discrete-event cluster simulator: virtual time on an event heap, the real policy code.
+"""The discrete-event cluster simulator: virtual time on an event heap (the arrivals, known up
+front, in a sorted list merged with it), the real policy code.
 
 What is simulated (the model, stated; docs/evaluation.md explains the choices):
 
@@ -60,8 +61,8 @@ from sllm_knative.placement import Calibration, LoadObservation, Tier, observe_l
 __all__ = ["Simulation"]
 
 
-def _load(inst: SimInstance) -> int:
-    return len(inst.running)
+def _arrival_time(req: Request) -> float:
+    return req.arrival
 
 
 class Simulation:
@@ -143,25 +144,40 @@ class Simulation:
         heapq.heappush(self.heap, (t, self.seq, kind, a, b))
 
     def run(self) -> Simulation:
-        for r in self.requests:  # every arrival at once: one heapify, not a push each
-            self.seq += 1
-            self.heap.append((r.arrival, self.seq, "arrival", r, None))
-        heapq.heapify(self.heap)  # (time, seq) is unique: the events come out in the same order
+        # The arrivals are known up front: they stay in one sorted list, merged with the heap as
+        # the loop goes, instead of 200,000 entries in it (a heap of the events in flight pops in
+        # fewer, cache-warm steps). An arrival comes first at a tie, as it did when every arrival
+        # was pushed first (lower sequence numbers): the order of events is unchanged.
+        arrivals = sorted(self.requests, key=_arrival_time)  # stable: ties in request order
+        self.seq += len(arrivals)
         self.push(0.0, "second")
         handlers: dict[str, Callable[[object, object], None]] = {
-            "arrival": self._arrival, "second": partial(adapters.tick, self), "done": self._done,
+            "second": partial(adapters.tick, self), "done": self._done,
             "loaded": self._loaded, "ready": self._ready, "migrated": partial(plans.migrated, self),
             "timeout": partial(plans.timeout, self), "recheck": self._recheck, "shared": self._shared, "stopped": partial(plans.stopped, self)}
-        heap, pop, horizon, events = self.heap, heapq.heappop, self.horizon, 0
-        while heap:
-            t, _, kind, a, b = pop(heap)
-            if t > horizon:
+        heap, pop, horizon, events, arrival = self.heap, heapq.heappop, self.horizon, 0, self._arrival
+        nxt = iter(arrivals)
+        req = next(nxt, None)
+        due = req.arrival if req is not None else math.inf
+        while True:
+            if heap and heap[0][0] < due:
+                t, _, kind, a, b = pop(heap)
+                if t > horizon:
+                    break
+                self.now = t
+                events += 1
+                handlers[kind](a, b)
+            elif req is not None:
+                if due > horizon:
+                    break
+                self.now = due
+                events += 1
+                r, req = req, next(nxt, None)
+                due = req.arrival if req is not None else math.inf
+                arrival(r, None)
+            else:
                 break
-            self.now = t
-            events += 1
-            handlers[kind](a, b)
         self.stats.events += events
-        self.now = min(self.now, self.horizon) if heap else self.now
         for inst in list(self.instances.values()):
             self.release(inst)
         return self
@@ -202,16 +218,19 @@ class Simulation:
         return n
 
     def route(self, svc: Service) -> None:
-        """Admit waiting requests onto ready instances with room, the least loaded first."""
-        if not svc.waiting:
-            return
-        capacity = self.cfg.capacity
-        ready = [i for i in svc.instances if i.state == InstanceState.READY and len(i.running) < capacity]
-        while svc.waiting and ready:
-            inst = min(ready, key=_load) if len(ready) > 1 else ready[0]
-            self._admit(inst, svc.waiting.popleft())
-            if len(inst.running) >= capacity:
-                ready.remove(inst)
+        """Admit waiting requests onto ready instances with room, the least loaded first (the
+        first of equals, in the service's order)."""
+        waiting = svc.waiting
+        capacity, ready = self.cfg.capacity, InstanceState.READY
+        while waiting:
+            best, least = None, capacity
+            for i in svc.instances:
+                n = len(i.running)
+                if n < least and i.state == ready:
+                    best, least = i, n
+            if best is None:
+                return
+            self._admit(best, waiting.popleft())
 
     def _admit(self, inst: SimInstance, req: Request) -> None:
         m = inst.model
