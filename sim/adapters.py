@@ -171,11 +171,11 @@ def _act(sim: Simulation, svc: Service, live: int) -> None:
 def place_instance(sim: Simulation, svc: Service) -> bool:
     """Place one instance of `svc` as the policy says; False when nothing could be placed."""
     sim.stats.placements += 1
-    if sim.policy.placer in (Placer.LOAD_TIME, Placer.RANDOM_FREE):
-        return _place_load_time(sim, svc)
+    if sim.policy.placer in (Placer.LOAD_TIME, Placer.RANDOM):
+        return _place_by(sim, svc)
     if sim.policy.placer == Placer.PREEMPT:
         return _place_preempt(sim, svc)
-    return _place_random(sim, svc)
+    return _place_blind(sim, svc)
 
 
 def _waited(sim: Simulation, svc: Service) -> float:
@@ -211,16 +211,17 @@ def _shortlist(sim: Simulation, model: Model) -> list[SimNode]:
     return list(chosen.values())
 
 
-def _place_load_time(sim: Simulation, svc: Service) -> bool:
-    """As the autoscaler places (`placement.place_by`): the load-time model with fair share in
-    time for the bound, or for RANDOM_FREE a random node among the free ones (all of them, not a
-    shortlist: the draw is among every free node), and the load-time model when none is free."""
-    blind = sim.policy.placer == Placer.RANDOM_FREE
+def _place_by(sim: Simulation, svc: Service) -> bool:
+    """As the autoscaler places (`placement.place_by`, the policy's placer by its name): the
+    load-time model with fair share in time for the bound, or for RANDOM a random node among the
+    free ones (all of them, not a shortlist: the draw is among every free node), and the
+    load-time model when none is free."""
+    blind = sim.policy.placer == Placer.RANDOM
     free = [n for n in sim.node_list if n.free_gpus >= svc.model.tp] if blind else []
     nodes = free or _shortlist(sim, svc.model)
     models = {svc.model.key} | {i.model.key for n in nodes for i in n.instances.values()}
     invs = [_inventory(sim, n, svc.model, models) for n in nodes]
-    p = place_by("random" if blind else "load-time", _request(sim, svc, starving=False), invs,
+    p = place_by(sim.policy.placer.value, _request(sim, svc, starving=False), invs,
                  sim.calibration if sim.policy.calibrate else None, sim.rng.random,
                  _waited(sim, svc), sim.cfg.fair_share_after_s, TICK_S)
     if p.chosen is None or p.node is None:
@@ -239,7 +240,9 @@ def _place_load_time(sim: Simulation, svc: Service) -> bool:
     return False  # WAIT: the scaler tries again on its next tick
 
 
-def _place_random(sim: Simulation, svc: Service) -> bool:
+def _place_blind(sim: Simulation, svc: Service) -> bool:
+    """The locality-blind baselines (BLIND): a random node with enough free GPUs; with none, a
+    fresh-process policy's pod waits (`schedule_pending`), the others stop a random idle victim."""
     tp = svc.model.tp
     free = [n for n in sim.node_list if n.free_gpus >= tp]
     if free:
@@ -278,7 +281,7 @@ def schedule_pending(sim: Simulation) -> None:
             return
         sim.pending.pop(0)
         sim.stats.placements += 1
-        _place_random(sim, svc)
+        _place_blind(sim, svc)
 
 
 def _place_preempt(sim: Simulation, svc: Service) -> bool:

@@ -24,11 +24,15 @@ from enum import Enum
 
 
 class Placer(str, Enum):
-    LOAD_TIME = "load-time"  # sllm_knative.placement.place
-    # sllm_knative.placement.place_by("random"), the autoscaler's `--placement random`: a seeded
-    # random node among those with free GPUs; with none, as LOAD_TIME (wait, evict or migrate)
-    RANDOM_FREE = "random-free"
-    RANDOM = "random"  # a seeded random node among those with enough free GPUs; with none, a random idle victim
+    """How a policy picks the node for a cold start. LOAD_TIME and RANDOM are the autoscaler's own
+    placers, by the names of `sllm_knative.placement.PLACERS` (`sllm-knative up --placement`), and
+    run its `place_by`; BLIND and PREEMPT are the baselines' schedulers."""
+
+    LOAD_TIME = "load-time"  # place_by("load-time"): sllm_knative.placement.place_within
+    # place_by("random"), the autoscaler's `--placement random`: a seeded random node among those
+    # with free GPUs; with none, as LOAD_TIME (wait, evict or migrate)
+    RANDOM = "random"
+    BLIND = "blind"  # a seeded random node among those with enough free GPUs; with none, a random idle victim
     PREEMPT = "preempt"  # the node with the fastest copy (startup()), preempting a displaceable instance
 
     def __str__(self) -> str:
@@ -53,17 +57,17 @@ _POLICIES = (
     Policy("sllm", Placer.LOAD_TIME, calibrate=True, description="ours: load-time placement, calibrated online"),
     Policy("serverlessllm", Placer.LOAD_TIME, calibrate=False,
            description="the paper's scheduler: load-time estimates from static bandwidths, live migration"),
-    Policy("knative-default", Placer.RANDOM, dram_tier=False, ssd_cache=False, migration=False, keep_alive=False,
+    Policy("knative-default", Placer.BLIND, dram_tier=False, ssd_cache=False, migration=False, keep_alive=False,
            fresh_process=True, description="Knative KPA, a fresh process loading from the store every cold start"),
-    Policy("kserve-localcache", Placer.RANDOM, dram_tier=False, ssd_cache=False, prestaged_ssd=True,
+    Policy("kserve-localcache", Placer.BLIND, dram_tier=False, ssd_cache=False, prestaged_ssd=True,
            migration=False, keep_alive=False, fresh_process=True,
            description="KServe LocalModelCache: checkpoint pre-staged on every node's SSD, locality-blind"),
-    Policy("locality-blind", Placer.RANDOM, migration=False,
+    Policy("locality-blind", Placer.BLIND, migration=False,
            description="Serverless / Ray-Serve-like: any node with a free GPU, loads from wherever it is"),
     Policy("preemption-based", Placer.PREEMPT, migration=False,
            description="Shepherd*-like: places for locality, preempting running inference (restarted later)"),
     Policy("no-dram-tier", Placer.LOAD_TIME, calibrate=True, dram_tier=False, description="ours without the DRAM tier"),
-    Policy("no-locality", Placer.RANDOM_FREE, calibrate=True, description="ours with random placement among free nodes"),
+    Policy("no-locality", Placer.RANDOM, calibrate=True, description="ours with random placement among free nodes"),
     Policy("no-migration", Placer.LOAD_TIME, calibrate=True, migration=False, description="ours without live migration"),
 )
 

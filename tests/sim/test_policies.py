@@ -17,12 +17,13 @@ import dataclasses
 
 import pytest
 
+from sim import adapters
 from sim.cluster import SimConfig
 from sim.engine import Simulation
 from sim.hardware import GB, HardwareProfile
 from sim.policies import POLICIES, get_policy
 from sim.workload import Model, Request
-from sllm_knative.placement import Tier
+from sllm_knative.placement import PLACERS, Tier
 
 TINY = HardwareProfile(
     name="tiny", gpus_per_node=1, gpu_mem_bytes=10 * GB, dram_tier_bytes=10 * GB, ssd_tier_bytes=100 * GB,
@@ -142,6 +143,27 @@ def test_every_policy_has_a_hand_checked_test() -> None:
     covered = {"sllm", "serverlessllm", "no-migration", "no-dram-tier", "knative-default", "kserve-localcache",
                "preemption-based", "locality-blind", "no-locality"}
     assert covered == set(POLICIES)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_a_policy_named_for_an_autoscaler_placer_runs_that_placer(policy: str, monkeypatch) -> None:
+    # `sllm-knative up --placement X` and a sim policy whose Placer is X run the same place_by(X);
+    # the baselines' schedulers (BLIND, PREEMPT) have names no autoscaler placer has.
+    called: list[str] = []
+    real = adapters.place_by
+
+    def spy(placer, *args):
+        called.append(placer)
+        return real(placer, *args)
+
+    monkeypatch.setattr(adapters, "place_by", spy)
+    sim(policy, [Request(0, 0.0, "a", 100, 1)], []).run()
+    placer = POLICIES[policy].placer.value
+    assert set(called) == ({placer} if placer in PLACERS else set())
+
+
+def test_every_autoscaler_placer_has_a_sim_policy() -> None:
+    assert {p.placer.value for p in POLICIES.values()} >= set(PLACERS)
 
 
 # -- a busy GPU holds the DRAM copy: migrate, preempt, or go elsewhere ----------------------------
