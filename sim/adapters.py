@@ -70,12 +70,20 @@ def tick(sim: Simulation, _a: object, _b: object) -> None:
         services.sort(key=lambda s: s.waiting[0].arrival if s.waiting else math.inf)
     now = sim.now
     for svc in services:
+        # The activator's report of the second that ends now, as the autoscaler records it: the
+        # time-weighted average concurrency (a request shorter than a second counts too), and
+        # the service as busy now if a request started in it or is in flight.
         # A zero sample is recorded only when the decider runs next: between two samples an
         # absent second counts as zero in the window's average anyway (autoscaler/window.py),
         # so the averages the decider sees are the same, at a fraction of the records.
-        value = len(svc.waiting)  # sim.concurrency(svc) and sim.sample, inline: once a second per service
+        current = len(svc.waiting)  # sim.concurrency(svc), inline: once a second per service
         for i in svc.instances:
-            value += len(i.running)
+            current += len(i.running)
+        value = svc.area + current * (now - svc.area_at)  # over REPORT_S = 1 s
+        svc.area, svc.area_at = 0.0, now
+        if current or svc.started:
+            svc.last_request_at = now
+            svc.started = False
         if value or decide_now:
             svc.window = svc.window.record(now, value)
             if value > svc.spec.target:
@@ -144,9 +152,9 @@ def stand_in(svc: Service, live: int, now: float, keep_alive_s: float) -> tuple[
     ended; (desired, seconds until it changes by itself, None: when a request comes or goes)."""
     if svc.waiting or any(i.running for i in svc.instances):
         return 1, None
-    if not live or svc.last_request_at is None:
+    if not live or svc.last_end_at is None:
         return 0, None
-    left = svc.last_request_at + keep_alive_s - now
+    left = svc.last_end_at + keep_alive_s - now
     return (1, left) if left > 1e-9 else (0, None)  # not a rounding error's worth of time again
 
 

@@ -163,7 +163,8 @@ class Service:
     window: MetricWindow = field(default_factory=MetricWindow)
     waiting: deque[Request] = field(default_factory=deque)
     instances: list[SimInstance] = field(default_factory=list)
-    last_request_at: float | None = None
+    last_request_at: float | None = None  # as the autoscaler knows it: the last report that showed a request
+    last_end_at: float | None = None  # when the last request ended (the replay's fresh-process controller counts from it)
     desired: int = 0
     active: bool = False
     hot_at: float = -math.inf  # when a sample above the scaler's target was last recorded
@@ -172,6 +173,12 @@ class Service:
     quiet_until: float = -math.inf
     quiet_state: DeciderState | None = None
     quiet_hot: float = -math.inf
+    #: The activator's report, kept as it goes: the concurrency integral since the last report
+    #: (`area`, up to `area_at`) and whether a request started since then (`started`); the tick
+    #: records the second's average, as the autoscaler does from each report
+    area: float = 0.0
+    area_at: float = 0.0
+    started: bool = False
 
 
 @dataclass

@@ -187,14 +187,23 @@ class Simulation:
     def _arrival(self, req: object, _: object) -> None:
         assert isinstance(req, Request)
         svc = self.services[req.model]
+        self._integrate(svc)
         svc.waiting.append(req)
-        svc.last_request_at = self.now
+        svc.started = True
         self.active[svc.name] = svc
         svc.active = True
         self.route(svc)
         if svc.waiting and not svc.instances:
+            # the activator's demand: the autoscaler hears of the request now, not at the next report
+            svc.last_request_at = self.now
             self.sample(svc, self.concurrency(svc))
             adapters.scale(self, svc)
+
+    def _integrate(self, svc: Service) -> None:
+        """Bring the service's concurrency integral up to now (before its concurrency changes:
+        a request arrives or completes)."""
+        svc.area += self.concurrency(svc) * (self.now - svc.area_at)
+        svc.area_at = self.now
 
     def _recheck(self, svc: object, _: object) -> None:
         """Where the scaler's last decision said it changes by itself (the end of a keep-alive,
@@ -255,10 +264,11 @@ class Simulation:
         assert isinstance(inst, SimInstance) and isinstance(run, Running)
         if inst.running.get(run.req.id) is not run:
             return  # moved by a migration (a new event was pushed) or restarted
+        svc = self.services[inst.service]
+        self._integrate(svc)
         del inst.running[run.req.id]
         self.end[run.req.id] = self.now
-        svc = self.services[inst.service]
-        svc.last_request_at = self.now
+        svc.last_end_at = self.now
         if inst.state == InstanceState.READY:
             if svc.waiting:
                 self.route(svc)

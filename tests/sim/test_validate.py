@@ -228,10 +228,11 @@ def test_a_leased_checkpoint_is_in_dram(policy: str, tiers: list[str]) -> None:
 
 
 def test_the_keep_alive_ends_between_ticks() -> None:
-    """a's only request is done at 0.4 + 0.2 + 0.1 + 19 steps of 0.1 = 2.6 s; its last busy
-    concurrency sample (at 2 s) counts to the end of its second: idle from 3 s, the keep-alive
-    (6 s) runs out at 9 s, between two ticks: the scaler decides again then (the decision's
-    `recheck_in_s`, as the autoscaler does, RECHECK_LATE_S past it), not at its next tick (10 s)."""
+    """a's only request is done at 0.4 + 0.2 + 0.1 + 27 steps of 0.1 = 3.4 s. The activator's
+    report at 4 s (the average over the second before it, 0.4) is the last with load; the
+    autoscaler records it in second 4, which counts to its end: idle from 5 s, and the keep-alive
+    (6 s) runs out at 11 s, between two ticks: the scaler decides again then (the decision's
+    `recheck_in_s`, as the autoscaler does, RECHECK_LATE_S past it), not at its next tick (12 s)."""
     import dataclasses
 
     from sim.engine import Simulation
@@ -239,10 +240,10 @@ def test_the_keep_alive_ends_between_ticks() -> None:
     from sim.workload import Model, Request
     from sllm_knative.config import RECHECK_LATE_S
 
-    stopped_at = 9.0 + RECHECK_LATE_S
+    stopped_at = 11.0 + RECHECK_LATE_S
     hw = dataclasses.replace(v.hardware(v.measure(_doc(), LOGS)), load_noise=0.0, compute_noise=0.0)
     cfg = v.SimConfig(nodes=1, capacity=4, keep_alive_s=6.0, max_scale=1, stable_window_s=6.0)
-    sim = Simulation(hw, get_policy("sllm"), [Model("a", "replay", 100, 1)], [Request(0, 0.0, "a", 10, 20)], cfg)
+    sim = Simulation(hw, get_policy("sllm"), [Model("a", "replay", 100, 1)], [Request(0, 0.0, "a", 10, 28)], cfg)
     stops = _run_recording_stops(sim)
     assert stops == [pytest.approx(stopped_at)]
 
@@ -250,7 +251,7 @@ def test_the_keep_alive_ends_between_ticks() -> None:
 def test_the_replays_fresh_process_controller_counts_idle_time_from_the_last_requests_end() -> None:
     """The same request under `kpa_stand_in` (the validation's knative-default and
     kserve-localcache): bench/replay_profiles.FreshController stops the instance 6 s after the
-    request ended (2.6 s), not after the decider's busy second ended (3 s)."""
+    request ended (2.6 s), not after the autoscaler's last busy second ended (4 s)."""
     import dataclasses
 
     from sim.engine import Simulation
@@ -277,7 +278,7 @@ def test_stand_in(waiting: int, running: int, live: int, last: float | None, wan
     from sim.adapters import stand_in
 
     inst = SimpleNamespace(running={"r": object()} if running else {})
-    svc = SimpleNamespace(waiting=[object()] * waiting, instances=[inst] if live else [], last_request_at=last)
+    svc = SimpleNamespace(waiting=[object()] * waiting, instances=[inst] if live else [], last_end_at=last)
     desired, left = stand_in(svc, live, 10.0, 6.0)  # type: ignore[arg-type]
     assert (desired, None if left is None else pytest.approx(left)) == want
 
