@@ -15,8 +15,9 @@ What is simulated (the model, stated; docs/evaluation.md explains the choices):
   token (hardware.py's compute model).
 - Requests wait in their service's queue until a ready instance has room (the activator), in
   arrival order.
-- The scaler (`autoscaler.decider.decide`) runs per service every TICK_S on a concurrency
-  sample taken every second, at once when a request finds its service at zero, and where its
+- The scaler (`autoscaler.decider.decide`) runs per service every TICK_S on the activator's
+  report of every second (the second's time-weighted average concurrency, and busy when a
+  request started in it or is in flight), at once when a request finds its service at zero, and where its
   last decision said it changes by itself (a keep-alive's end), as the autoscaler does.
 - Placement is `sllm_knative.placement.place` (load-time policies), with the calibration
   (`observe_load`, `observe_start`, `observe_migration`) folded in for calibrated ones; EVICT
