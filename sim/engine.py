@@ -194,8 +194,9 @@ class Simulation:
         self.active[svc.name] = svc
         svc.active = True
         self.route(svc)
-        if svc.waiting and not svc.instances:
-            # the activator's demand: the autoscaler hears of the request now, not at the next report
+        if svc.waiting and not any(i.state == InstanceState.READY for i in svc.instances):
+            # The activator's demand: it holds the request with no instance of the service in
+            # rotation (none, or only starting or draining ones) and tells the autoscaler now.
             svc.last_request_at = self.now
             self.sample(svc, self.concurrency(svc))
             adapters.scale(self, svc)

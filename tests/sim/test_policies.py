@@ -98,6 +98,24 @@ def test_random_placement_ignores_where_the_checkpoint_is(policy: str) -> None:
     assert nodes - {N1}, nodes
 
 
+def test_a_request_while_its_only_instance_drains_starts_one_at_once() -> None:
+    """The activator tells the autoscaler of a request it holds with no instance in rotation, and a
+    draining one is not. a's request at 0 s (DRAM copy on n0001) is served at 0.71 s; the report
+    at 1 s is the last with load, so the keep-alive (5 s) counts from the end of second 1 and runs
+    out at 7 s, and the instance drains, its stop taking 1 s (to 8.01 s). a's next request at
+    7.5 s starts an instance on the free n0002 (its SSD copy: 1 s + 0.5 s + 0.01 s) then, not at
+    the next tick (8 s)."""
+    s = Simulation(dataclasses.replace(TINY, stop_s=1.0), get_policy("sllm"), [A, B],
+                   [Request(0, 0.0, "a", 100, 1), Request(1, 7.5, "a", 100, 1)],
+                   SimConfig(nodes=3, seed=0, tail_s=60.0, keep_alive_s=5.0))
+    for node, model, tier in LOCAL:
+        s.preload(node, model, tier)
+    s.run()
+    assert [(e[2], e[4]) for e in s.trace if e[0] == "start"] == [(N1, 0.0), (N2, 7.5)]
+    assert s.ttfts() == [pytest.approx(0.2 + 0.5 + PREFILL_100, abs=1e-9),
+                         pytest.approx(1.0 + 0.5 + PREFILL_100, abs=1e-9)]
+
+
 def b_then_a_on_one_gpu(policy: str, **cfg: float) -> Simulation:
     """One node of one GPU holding both checkpoints in DRAM, stops taking 1 s: b's 1-token request
     at 0 s, then a's at 15 s (b's instance is idle and past its minimum residency)."""
