@@ -147,10 +147,8 @@ class Simulation:
     def run(self) -> Simulation:
         # The arrivals are known up front: they stay in one sorted list, merged with the heap as
         # the loop goes, instead of 200,000 entries in it (a heap of the events in flight pops in
-        # fewer, cache-warm steps). An arrival comes first at a tie, as it did when every arrival
-        # was pushed first (lower sequence numbers): the order of events is unchanged.
+        # fewer, cache-warm steps). An arrival comes first at a tie with a heap event.
         arrivals = sorted(self.requests, key=_arrival_time)  # stable: ties in request order
-        self.seq += len(arrivals)
         self.push(0.0, "second")
         handlers: dict[str, Callable[[object, object], None]] = {
             "second": partial(adapters.tick, self), "done": self._done,

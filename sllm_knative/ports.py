@@ -12,6 +12,7 @@ same port.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import random
 import socket
@@ -43,8 +44,10 @@ def parse_range(text: str, source: str = ENV) -> tuple[int, int]:
     return lo, hi
 
 
+@functools.cache
 def ephemeral_range(path: Path = EPHEMERAL_FILE) -> tuple[int, int]:
-    """The kernel's ephemeral port range, or Linux's default where it cannot be read."""
+    """The kernel's ephemeral port range, or Linux's default where it cannot be read (read once
+    per path: `free_port` asks on every call)."""
     try:
         return parse_range("-".join(path.read_text().split()), str(path))
     except (OSError, ValueError):
@@ -79,6 +82,13 @@ def split_range(span: tuple[int, int], index: int, count: int) -> tuple[int, int
     return start, (hi if index == count - 1 else start + width - 1)
 
 
+def _os_port(host: str) -> int:
+    """The port the OS gives `bind(port 0)` (from its ephemeral range)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
 def _bindable(host: str, port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -95,15 +105,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     span = port_range()
     with _LOCK:
         for _ in range(256):
-            if span is None:
-                with socket.socket() as s:
-                    s.bind((host, 0))
-                    port = int(s.getsockname()[1])
-            else:
-                port = _RANDOM.randint(*span)
-                if port in _RECENT or not _bindable(host, port):
-                    continue
-            if port not in _RECENT:
+            port = _os_port(host) if span is None else _RANDOM.randint(*span)
+            if port not in _RECENT and (span is None or _bindable(host, port)):
                 _RECENT.append(port)
                 return port
         where = "from the OS" if span is None else f"in {span[0]}-{span[1]}"
