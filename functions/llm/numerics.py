@@ -169,14 +169,22 @@ def _attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: to
     length = k.shape[2]
     nb, kb = length // KEY_BLOCK, k.shape[0]
     # Scores: one [KEY_BLOCK, d] @ [d, group] matrix multiply per (row, kv head, key block).
-    s = torch.matmul(k.reshape(kb, kvh, nb, KEY_BLOCK, d), q.reshape(n, kvh, 1, group, d).transpose(-1, -2))
+    # The query is made contiguous first: torch.matmul copies an operand it broadcasts (the
+    # query over the key blocks) and views one it does not, so a transposed query would reach
+    # the BLAS as a transposed matrix in one call and a plain one in another, and MKL on an AMD
+    # CPU rounds the two differently. A one-column product (group 1: no grouped-query heads)
+    # takes another MKL path for a single matrix than for a batch: it gets a zero second column.
+    qt = q.reshape(n, kvh, 1, group, d).transpose(-1, -2)
+    if group == 1:
+        qt = torch.cat([qt, torch.zeros_like(qt)], dim=-1)
+    s = torch.matmul(k.reshape(kb, kvh, nb, KEY_BLOCK, d), qt.contiguous())[..., :group]
     scores = s.permute(0, 1, 4, 2, 3).reshape(n, kvh, group, length) * scaling
     scores.masked_fill_(masked, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     # Values: one [group, KEY_BLOCK] @ [KEY_BLOCK, d] per (row, kv head, key block), then the
     # blocks' partial sums added in order (cumsum is a sequential scan; a block past the row's
     # position adds an exact zero). torch.sum over the blocks would pick its grouping by count.
-    parts = torch.matmul(probs.reshape(n, kvh, group, nb, KEY_BLOCK).permute(0, 1, 3, 2, 4),
+    parts = torch.matmul(probs.reshape(n, kvh, group, nb, KEY_BLOCK).permute(0, 1, 3, 2, 4).contiguous(),
                          v.reshape(kb, kvh, nb, KEY_BLOCK, d))
     return parts.cumsum(dim=2)[:, :, -1].contiguous()
 
