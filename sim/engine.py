@@ -99,6 +99,7 @@ class Simulation:
         # Fresh processes on shared cores (`_share`): the start work left of each, when it was
         # last brought up to date, and the generation of the "shared" events that are current.
         self.sharing = bool(hw.shared_cores) and policy.fresh_process
+        self.start_cores = hw.start_cores or float(hw.shared_cores)
         self.work_left: dict[str, float] = {}
         self.work_at = 0.0
         self.work_gen = 0
@@ -347,7 +348,7 @@ class Simulation:
         started together do (each is `fresh_process_s` of work alone). Brings every start's work
         up to now, adds or removes one, and schedules when each will be done at the new rate."""
         if self.work_left:
-            rate = min(1.0, self.hw.shared_cores / len(self.work_left))
+            rate = min(1.0, self.start_cores / len(self.work_left))
             spent = (self.now - self.work_at) * rate
             for k in self.work_left:
                 self.work_left[k] -= spent
@@ -358,7 +359,7 @@ class Simulation:
             self.work_left.pop(remove, None)
         self.work_gen += 1
         if self.work_left:
-            rate = min(1.0, self.hw.shared_cores / len(self.work_left))
+            rate = min(1.0, self.start_cores / len(self.work_left))
             for k, left in self.work_left.items():
                 self.push(self.now + max(0.0, left) / rate, "shared", self.instances[k], self.work_gen)
 

@@ -63,6 +63,10 @@ class HardwareProfile:
     #: starts run on the same 2 vCPUs), so a start's overhead is stretched by starting / cores
     #: (at its start; 0: each start has its own CPU, the GPU servers' case)
     shared_cores: int = 0
+    #: > 0: the cores that fresh processes starting side by side share in effect (processor
+    #: sharing, `Simulation._share`), where it is fewer than `shared_cores`: this machine's fresh
+    #: starts progressed as if on 1.3 of its 2 vCPUs (sim/validate.py `start_cores`); 0: `shared_cores`
+    start_cores: float = 0.0
     #: each request's prefill (its first token after admission) is scaled by a seeded lognormal
     #: of this sigma (this machine: the spread of warm TTFTs on shared CPUs); 0: exactly the formula
     compute_noise: float = 0.0
@@ -100,6 +104,7 @@ class HardwareProfile:
                 raise ValueError(f"{where}: {what} must be a finite number > 0, got {v!r}")
         for what, v in (("overhead_s", self.overhead_s), ("fresh_process_s", self.fresh_process_s),
                         ("load_noise", self.load_noise), ("shared_cores", self.shared_cores),
+                        ("start_cores", self.start_cores),
                         ("compute_noise", self.compute_noise), ("activation_s", self.activation_s),
                         ("stop_s", self.stop_s)):
             if not (v >= 0 and math.isfinite(v)):

@@ -172,11 +172,41 @@ def probe(lines: Iterable[str]) -> dict[str, float]:
     return {hop: statistics.median(xs) for hop, xs in seen.items()}
 
 
-def work(timings: Sequence[Mapping[str, Any]], load: str, cores: int) -> list[float]:
+def work(timings: Sequence[Mapping[str, Any]], load: str, cores: float) -> list[float]:
     """Each start's overhead beyond its load (`ready_s - timings[load]`), divided by how many
     starts shared the `cores` with it (`sharing`; 0 cores: none)."""
     return [(t["ready_s"] - t[load]) / (max(1.0, k / cores) if cores else 1.0)
             for t, k in zip(timings, sharing(timings), strict=True)]
+
+
+def shared_work(timings: Sequence[Mapping[str, Any]], load: str, cores: float) -> list[float]:
+    """Each start's work beyond its load under processor sharing of `cores`, as the simulator
+    runs fresh processes (`Simulation._share`): over its work phase (from `end - ready_s` to its
+    load, the last `timings[load]` seconds), each moment counts min(1, cores / the starts in
+    their work phase then)."""
+    spans = [(t["end"] - t["ready_s"], t["end"] - t[load]) for t in timings]
+    cuts = sorted({x for span in spans for x in span})
+    pieces = [(a, b, sum(1 for c, d in spans if c <= a and b <= d)) for a, b in zip(cuts, cuts[1:], strict=False)]
+    return [sum((b - a) * min(1.0, cores / n) for a, b, n in pieces if n and c <= a and b <= d) for c, d in spans]
+
+
+def start_cores(runs: Sequence[Sequence[Mapping[str, Any]]], load: str, cpus: int, step: float = 0.05) -> float:
+    """The cores that starts sharing the CPU got in effect: the count in [1, `cpus`] (in `step`s)
+    under which their work (`shared_work`, over each run of `runs` in turn) is the most alike from start
+    to start: the least spread of log(work). A start alone fixes the work; the starts that
+    overlapped others then say how much of the CPU they shared. Those took longer than sharing
+    all `cpus` says, where other work (the replay's clients, the serving instances) took its
+    share. `cpus` when no start overlapped another (every count fits alike) or no run has two."""
+    if cpus <= 1 or sum(len(ts) for ts in runs) < 2:
+        return float(cpus)
+    best, least = float(cpus), math.inf
+    for k in range(int(round((cpus - 1) / step)), -1, -1):  # from all the CPUs down: a tie keeps the most
+        cores = 1.0 + k * step
+        logs = [math.log(w) for ts in runs for w in shared_work(ts, load, cores) if w > 0]
+        spread = statistics.pstdev(logs) if len(logs) > 1 else 0.0
+        if spread < least - 1e-9:
+            best, least = cores, spread
+    return round(best, 2)
 
 
 def warm(outcomes: Sequence[Mapping[str, Any]], concurrency: int = 0) -> list[Mapping[str, Any]]:
@@ -211,6 +241,7 @@ class Measured:
     compute_sigma: float  # the spread of log(warm TTFT) around its median, pooled
     activation_s: float  # a cold start's first request beyond placement-to-ready and its prefill
     shared_cores: int = 0  # the CPUs every start shares (meta.machine.cpus)
+    start_cores: float = 0.0  # the cores the fresh processes' starts shared in effect (`start_cores`)
     stop_s: float = 0.0  # an eviction's decision to its victim's slot being free (median; 0: none seen)
     #: per fresh-process profile: the median seconds its fresh processes took to load (their own
     #: read of the checkpoint, slower than the loader's from the same tier)
@@ -236,6 +267,14 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
     """`doc`: a replay.json; `logs`: profile -> its log lines (replay-logs/<profile>/**.log)."""
     profiles = doc["profiles"]
     cores = int(doc.get("meta", {}).get("machine", {}).get("cpus") or 0)
+    meta = doc.get("meta", {})
+    end = stamp(str(meta.get("machine", {}).get("time", "")))
+    since = end - float(meta.get("bench_seconds", math.inf)) if math.isfinite(end) else -math.inf
+    fresh_runs = [fresh_timings(logs.get(name, ()), since) for name in profiles
+                  if name in REPLAY_POLICIES and get_policy(name).fresh_process]
+    # the fresh processes' starts (python, torch's import, from_pretrained) side by side: how
+    # many cores they shared in effect (the sllm-type starts are forks, too short to say)
+    fresh_cores = start_cores(fresh_runs, "load_s", cores)
     per_profile = {name: instance_timings(logs[name]) for name in REPLAY_POLICIES
                    if name in logs and not get_policy(name).fresh_process}
     timings = [t for ts in per_profile.values() for t in ts]
@@ -268,12 +307,7 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
     sigma = statistics.pstdev(logs_dev) if len(logs_dev) > 1 else 0.0
     tier_sigma = {tier: statistics.pstdev(ds) for tier, ds in devs.items() if len(ds) >= SIGMA_LOADS}
 
-    meta = doc.get("meta", {})
-    end = stamp(str(meta.get("machine", {}).get("time", "")))
-    since = end - float(meta.get("bench_seconds", math.inf)) if math.isfinite(end) else -math.inf
-    fresh_runs = [fresh_timings(logs.get(name, ()), since) for name in profiles
-                  if name in REPLAY_POLICIES and get_policy(name).fresh_process]
-    fresh = [w for ts in fresh_runs for w in work(ts, "load_s", cores)]
+    fresh = [w for ts in fresh_runs for w in shared_work(ts, "load_s", fresh_cores)]
     fresh_s = _median(fresh, "fresh-process cold starts") if fresh else overhead
     fresh_load = {name: float(statistics.median(xs)) for name, p in profiles.items()
                   if name in REPLAY_POLICIES and get_policy(name).fresh_process
@@ -315,6 +349,7 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
     n_fresh = len(fresh)
     stops = [s for name in per_profile for s in stop_times(logs[name])]
     return Measured(size, load_s, sigma, overhead, fresh_s, prefill, step, spread, activation, shared_cores=cores,
+                    start_cores=fresh_cores if n_fresh else 0.0,
                     fresh_load_s=fresh_load, stop_s=statistics.median(stops) if stops else 0.0,
                     load_sigma_by_tier=tier_sigma, sources={
         "checkpoint_bytes": f"median 'lease complete' bytes of {len(timings)} instances",
@@ -327,13 +362,15 @@ def measure(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> Measur
         "overhead_s": (f"median of autoscaler 'instance ready' seconds minus lease seconds, {len(timings)} instances, "
                        f"each over max(1, starts in progress / {cores} cores) (time-averaged over its start)"),
         "fresh_process_s": (f"median of the fresh processes' ready 'seconds' minus 'load_s', {n_fresh} starts of "
-                            "knative-default/kserve-localcache in this run, each over the same sharing"
+                            "knative-default/kserve-localcache in this run, each under processor sharing of start_cores (shared_work)"
                             if n_fresh else "no fresh-process start in the logs: overhead_s"),
         "stop_s": (f"median seconds from the autoscaler's 'preempting ... action=evict' to the service's "
                    f"'instance starting', {len(stops)} evictions"
                    if stops else "no eviction with a measured stop in the logs: 0"),
         "fresh_load_s": "per fresh-process profile, the median 'load_s' of its cold starts (replay.json cold_starts)",
         "shared_cores": "meta.machine.cpus: every node's instances start on this machine's CPUs",
+        "start_cores": (f"the cores in [1, {cores}] under which the fresh processes' start work (shared_work) is the "
+                        "most alike, start to start (start_cores)" if n_fresh else "no fresh-process start: shared_cores"),
         "prefill_s_per_token": f"median TTFT / prompt tokens of {len(warms)} warm requests (HTTP path included; "
                                "sent to an instance with a free slot)",
         "decode_step_s": "median (end - sent - TTFT) / (tokens - 1) of the same warm requests",
@@ -376,6 +413,7 @@ def hardware(m: Measured, profile: str | None = None) -> HardwareProfile:
         flops=2.0 * params / prefill, mfu=1.0,
         hbm_bytes_s=2.0 * params / step, hbm_eff=1.0,
         load_noise=m.load_sigma, tier_noise=dict(m.load_sigma_by_tier), shared_cores=m.shared_cores,
+        start_cores=m.start_cores,
         compute_noise=spread,
         activation_s=m.activation.get(profile or "", m.activation_s),
         serial_prefill=True, fresh_load_factor=fresh_load_factor(m, profile or ""), stop_s=m.stop_s,
@@ -497,7 +535,8 @@ def validate(doc: Mapping[str, Any], logs: Mapping[str, Sequence[str]]) -> dict[
                 "overhead_s": round(m.overhead_s, 4),
                 "fresh_process_s": round(m.fresh_process_s, 3),
                 "fresh_load_s": {k: round(v, 4) for k, v in m.fresh_load_s.items()},
-                "stop_s": round(m.stop_s, 4), "shared_cores": m.shared_cores, "prefill_s_per_token": round(m.prefill_s_per_token, 5),
+                "stop_s": round(m.stop_s, 4), "shared_cores": m.shared_cores,
+                "start_cores": m.start_cores, "prefill_s_per_token": round(m.prefill_s_per_token, 5),
                 "decode_step_s": round(m.decode_step_s, 4), "sources": dict(m.sources),
                 "compute_sigma": round(m.compute_sigma, 3), "activation_s": round(m.activation_s, 4),
                 "activation_per_profile": {k: round(a, 4) for k, a in m.activation.items()},

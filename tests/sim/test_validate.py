@@ -481,20 +481,26 @@ def test_band_of_a_sample() -> None:
     assert v.band(xs, 0.99) == (37.0, 39.0)
 
 
-@pytest.mark.parametrize(("arrivals", "want"), [
+@pytest.mark.parametrize(("arrivals", "want", "start_cores"), [
     # 4 fresh processes of 2 s of start work each on 2 cores (2 nodes x 2 slots). All at once:
     # each runs at half speed, all are done at 4 s (stretched by the starts in progress when
     # each began, they were done at 2, 2, 3 and 4 s).
-    pytest.param((0.0, 0.0, 0.0, 0.0), [4.0, 4.0, 4.0, 4.0], id="four-at-once"),
+    pytest.param((0.0, 0.0, 0.0, 0.0), [4.0, 4.0, 4.0, 4.0], 0.0, id="four-at-once"),
     # one alone for 1 s (1 s of work left), then three join: 4 share 2 cores at half speed; the
     # first is done 2 s later (3 s), when the other three have 1 s left each: 3 s of work on 2
     # cores, 1.5 s more (4.5 s)
-    pytest.param((0.0, 1.0, 1.0, 1.0), [3.0, 4.5, 4.5, 4.5], id="three-join-one"),
-    pytest.param((0.0, 5.0, 10.0, 15.0), [2.0, 7.0, 12.0, 17.0], id="one-at-a-time-alone"),
+    pytest.param((0.0, 1.0, 1.0, 1.0), [3.0, 4.5, 4.5, 4.5], 0.0, id="three-join-one"),
+    pytest.param((0.0, 5.0, 10.0, 15.0), [2.0, 7.0, 12.0, 17.0], 0.0, id="one-at-a-time-alone"),
+    # the starts get 1 core in effect (start_cores) of the 2: all at once, 8 s of work at 1 s a second
+    pytest.param((0.0, 0.0, 0.0, 0.0), [8.0, 8.0, 8.0, 8.0], 1.0, id="four-at-once-on-one-core"),
+    # one alone, at full speed; the second alone for 1 s, then both at half speed: the second's
+    # last second takes 2 (done at 8), the third has 1 s left then and runs alone (9)
+    pytest.param((0.0, 5.0, 6.0, 15.0), [2.0, 8.0, 9.0, 17.0], 1.0, id="a-pair-on-one-core"),
 ])
-def test_fresh_starts_share_the_cores(arrivals: tuple[float, ...], want: list[float]) -> None:
+def test_fresh_starts_share_the_cores(arrivals: tuple[float, ...], want: list[float], start_cores: float) -> None:
     """Processor sharing of the fresh processes' start work on this machine's cores (the
-    validation's knative-default and kserve-localcache): when each one's work is done."""
+    validation's knative-default and kserve-localcache), or on `start_cores` of them where
+    set: when each one's work is done."""
     import dataclasses
 
     from sim.engine import Simulation
@@ -502,7 +508,7 @@ def test_fresh_starts_share_the_cores(arrivals: tuple[float, ...], want: list[fl
     from sim.workload import Model, Request
 
     hw = dataclasses.replace(v.hardware(v.measure(_doc(), LOGS)), load_noise=0.0, compute_noise=0.0,
-                             fresh_process_s=2.0, shared_cores=2)
+                             fresh_process_s=2.0, shared_cores=2, start_cores=start_cores)
     cfg = v.SimConfig(nodes=2, capacity=4, keep_alive_s=60.0, max_scale=1, stable_window_s=6.0, kpa_stand_in=True)
     policy = dataclasses.replace(get_policy("knative-default"), keep_alive=True)
     models = [Model(m, "replay", 100, 1) for m in "abcd"]
@@ -590,3 +596,34 @@ def test_fresh_processes_importing_slow_a_warm_prefill_on_the_shared_cores() -> 
     t = sim.ttfts()
     assert t[1] == pytest.approx(0.1)
     assert t[4] == pytest.approx(0.15)
+
+
+def _spans(*spans: tuple[float, float], load: float = 0.5) -> list[dict[str, float]]:
+    """Fresh-process timings that worked from `a` to `b` and then loaded for `load` seconds."""
+    return [{"end": b + load, "ready_s": b + load - a, "load_s": load} for a, b in spans]
+
+
+@pytest.mark.parametrize(("spans", "cores", "want"), [
+    pytest.param(_spans((0.0, 2.0)), 2.0, [2.0], id="alone"),
+    pytest.param(_spans((0.0, 2.0), (0.0, 2.0)), 2.0, [2.0, 2.0], id="two-on-two-cores"),
+    pytest.param(_spans((0.0, 4.0), (0.0, 4.0)), 1.0, [2.0, 2.0], id="two-on-one-core"),
+    # the second overlaps the first's last second: 3 + 0.5 and 0.5 + 2
+    pytest.param(_spans((0.0, 4.0), (3.0, 6.0)), 1.0, [3.5, 2.5], id="overlapping-by-one-second"),
+    pytest.param(_spans((0.0, 4.0), (0.0, 4.0), (0.0, 4.0)), 1.5, [2.0, 2.0, 2.0], id="three-on-one-and-a-half"),
+])
+def test_shared_work_is_each_start_s_share_of_the_cores(spans: list[dict[str, float]], cores: float,
+                                                       want: list[float]) -> None:
+    assert v.shared_work(spans, "load_s", cores) == [pytest.approx(w) for w in want]
+
+
+@pytest.mark.parametrize(("spans", "want"), [
+    # 2 s of work each: alone at 0 and 10; a pair that took 3 s each (on 4/3 cores); a trio 4 s
+    pytest.param(_spans((0.0, 2.0), (10.0, 12.0), (20.0, 23.0), (20.0, 23.0)), 1.35, id="a-pair-on-4/3-cores"),
+    pytest.param(_spans((0.0, 2.0), (10.0, 12.0), (20.0, 22.0), (20.0, 22.0)), 2.0, id="a-pair-on-both"),
+    pytest.param(_spans((0.0, 2.0), (10.0, 12.0), (20.0, 24.0), (20.0, 24.0)), 1.0, id="a-pair-on-one"),
+    pytest.param(_spans((0.0, 2.0), (10.0, 12.0)), 2.0, id="never-together"),
+    pytest.param([], 2.0, id="none"),
+])
+def test_start_cores_is_the_share_under_which_the_starts_work_alike(spans: list[dict[str, float]],
+                                                                    want: float) -> None:
+    assert v.start_cores([spans], "load_s", 2) == pytest.approx(want, abs=0.03)
