@@ -121,12 +121,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _validate(replay: Path, out: Path, log: Callable[[str], None]) -> int:
     from sim import validate
+    from sim.replay_logs import logs_of
 
     try:
         doc = json.loads(replay.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{replay}: cannot read a replay document: {e}") from None
-    logs = validate.logs_of(replay)
+    logs = logs_of(replay)
     result = validate.validate(doc, logs)
     result["command"] = " ".join(["python -m sim", *sys.argv[1:]])
     out.mkdir(parents=True, exist_ok=True)

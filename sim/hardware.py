@@ -65,7 +65,7 @@ class HardwareProfile:
     shared_cores: int = 0
     #: > 0: the cores that fresh processes starting side by side share in effect (processor
     #: sharing, `Simulation._share`), where it is fewer than `shared_cores`: this machine's fresh
-    #: starts progressed as if on 1.3 of its 2 vCPUs (sim/validate.py `start_cores`); 0: `shared_cores`
+    #: starts progressed as if on 1.3 of its 2 vCPUs (sim/replay_logs.py `start_cores`); 0: `shared_cores`
     start_cores: float = 0.0
     #: each request's prefill (its first token after admission) is scaled by a seeded lognormal
     #: of this sigma (this machine: the spread of warm TTFTs on shared CPUs); 0: exactly the formula

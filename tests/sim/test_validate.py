@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from sim import replay_logs as rl
 from sim import validate as v
 from sllm_knative.placement import Tier
 
@@ -23,7 +24,7 @@ LEASE = ('2026-12-06T04:04:10.016Z INFO functions.llm msg="lease complete" servi
     ("no fields here", {}),
 ])
 def test_fields(line: str, want: dict[str, str]) -> None:
-    assert v.fields(line) == want
+    assert rl.fields(line) == want
 
 
 @pytest.mark.parametrize(("lines", "want"), [
@@ -41,7 +42,7 @@ def test_fields(line: str, want: dict[str, str]) -> None:
     ([LEASE.format(i="a", src="device", s=0.1), READY.format(t="10.500", i="a", s=0.5)], []),
 ])
 def test_instance_timings(lines: list[str], want: list[dict[str, Any]]) -> None:
-    assert v.instance_timings(lines) == want
+    assert rl.instance_timings(lines) == want
 
 
 def _o(index: int, sent: float, ttft: float, inst: str, end: float | None = None, tokens: int = 3) -> dict[str, Any]:
@@ -58,7 +59,7 @@ def _o(index: int, sent: float, ttft: float, inst: str, end: float | None = None
     ([_o(0, 0.0, 1.0, "a"), _o(1, 2.0, 0.1, "b")], []),
 ])
 def test_warm(outcomes: list[dict[str, Any]], warm_indices: list[int]) -> None:
-    assert [o["index"] for o in v.warm(outcomes)] == warm_indices
+    assert [o["index"] for o in rl.warm(outcomes)] == warm_indices
 
 
 # instance a serves 2 at a time; request 0's first token at 1.0, each later one sent after it
@@ -73,7 +74,7 @@ FULL = [_o(0, 0.0, 1.0, "a", end=10.0), _o(1, 2.0, 0.1, "a", end=5.0), _o(2, 3.0
     (1, []),  # 0 runs until 10.0: every later request shared the instance with it
 ])
 def test_warm_leaves_out_requests_that_found_their_instance_full(concurrency: int, warm_indices: list[int]) -> None:
-    assert [o["index"] for o in v.warm(FULL, concurrency)] == warm_indices
+    assert [o["index"] for o in rl.warm(FULL, concurrency)] == warm_indices
 
 
 def _doc() -> dict[str, Any]:
@@ -138,7 +139,7 @@ def test_inputs() -> None:
     ([(0.0, 1.0), (1.0, 2.0)], [1.0, 1.0]),  # one after the other
 ])
 def test_sharing(spans: list[tuple[float, float]], want: list[float]) -> None:
-    assert v.sharing([{"end": b, "ready_s": b - a} for a, b in spans]) == pytest.approx(want)
+    assert rl.sharing([{"end": b, "ready_s": b - a} for a, b in spans]) == pytest.approx(want)
 
 
 @pytest.mark.parametrize(("measured", "predicted", "p50", "p99", "within"), [
@@ -343,7 +344,7 @@ def test_activation_delays_a_cold_start() -> None:
     (['msg="bandwidth measured" hop=disk_read bytes=100 seconds=0', "unrelated line"], {}),
 ])
 def test_probe(lines: list[str], want: dict[str, float]) -> None:
-    assert v.probe(lines) == pytest.approx(want)
+    assert rl.probe(lines) == pytest.approx(want)
 
 
 def _run_recording_stops(sim: Any) -> list[float]:
@@ -416,7 +417,7 @@ STARTING = ('2026-12-06T13:06:{t}Z INFO autoscaler.backend msg="instance startin
     ([STARTING.format(t="37.659", s="s1")], []),
 ])
 def test_stop_times(lines: list[str], want: list[float]) -> None:
-    assert v.stop_times(lines) == pytest.approx(want)
+    assert rl.stop_times(lines) == pytest.approx(want)
 
 
 @pytest.mark.parametrize("stop", [0.0, 0.1, 0.5])
@@ -613,7 +614,7 @@ def _spans(*spans: tuple[float, float], load: float = 0.5) -> list[dict[str, flo
 ])
 def test_shared_work_is_each_start_s_share_of_the_cores(spans: list[dict[str, float]], cores: float,
                                                        want: list[float]) -> None:
-    assert v.shared_work(spans, "load_s", cores) == [pytest.approx(w) for w in want]
+    assert rl.shared_work(spans, "load_s", cores) == [pytest.approx(w) for w in want]
 
 
 @pytest.mark.parametrize(("spans", "want"), [
@@ -626,4 +627,4 @@ def test_shared_work_is_each_start_s_share_of_the_cores(spans: list[dict[str, fl
 ])
 def test_start_cores_is_the_share_under_which_the_starts_work_alike(spans: list[dict[str, float]],
                                                                     want: float) -> None:
-    assert v.start_cores([spans], "load_s", 2) == pytest.approx(want, abs=0.03)
+    assert rl.start_cores([spans], "load_s", 2) == pytest.approx(want, abs=0.03)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from sim import validate
+from sim.replay_logs import logs_of
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.alone]
@@ -40,7 +41,7 @@ def test_simulator_predicts_a_tiny_replay(tmp_path: Path) -> None:
     path = out / "replay.json"
     doc = json.loads(path.read_text())
     assert all(r.get("failed") == 0 for r in doc["rows"]), doc["rows"]
-    result = validate.validate(doc, validate.logs_of(path))
+    result = validate.validate(doc, logs_of(path))
     rows = {r["profile"]: r for r in result["rows"]}
     assert set(rows) == {"sllm", "knative-default"}
     # 39 requests are one small sample of each profile's TTFT distribution: knative-default's p50
