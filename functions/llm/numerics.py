@@ -184,7 +184,7 @@ def _attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: to
     # Values: one [group, KEY_BLOCK] @ [KEY_BLOCK, d] per (row, kv head, key block), then the
     # blocks' partial sums added in order (cumsum is a sequential scan; a block past the row's
     # position adds an exact zero). torch.sum over the blocks would pick its grouping by count.
-    parts = torch.matmul(probs.reshape(n, kvh, group, nb, KEY_BLOCK).permute(0, 1, 3, 2, 4).contiguous(),
+    parts = torch.matmul(probs.reshape(n, kvh, group, nb, KEY_BLOCK).permute(0, 1, 3, 2, 4),
                          v.reshape(kb, kvh, nb, KEY_BLOCK, d))
     return parts.cumsum(dim=2)[:, :, -1].contiguous()
 
